@@ -1,0 +1,139 @@
+"""The one frame type of vhostvpn: an Ethernet frame plus its virtio-net offload metadata.
+
+Every hop (vhost-user rings, the switch, TUN/TAP with IFF_VNET_HDR, the wire) speaks this
+shape, so a 64 KiB TSO frame from one guest can reach another guest unsegmented.  The
+metadata mirrors `struct virtio_net_hdr` (virtio 1.x, 5.1.6); the frame bytes are never
+parsed here.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+
+ETH_HEADER_LEN = 14
+ETH_ADDR_LEN = 6
+
+# struct virtio_net_hdr (with num_buffers: 12 bytes whenever VERSION_1 or MRG_RXBUF).
+VIRTIO_NET_HDR = struct.Struct("<BBHHHHH")
+VIRTIO_NET_HDR_LEN = VIRTIO_NET_HDR.size
+
+# virtio_net_hdr.flags
+HDR_F_NEEDS_CSUM = 1
+HDR_F_DATA_VALID = 2
+HDR_F_RSC_INFO = 4
+
+# virtio_net_hdr.gso_type
+GSO_NONE = 0
+GSO_TCPV4 = 1
+GSO_UDP = 3
+GSO_TCPV6 = 4
+GSO_UDP_L4 = 5
+GSO_ECN = 0x80
+
+
+class Offload(enum.IntFlag):
+    """What a receiving port accepts beyond a plain, fully checksummed frame."""
+
+    NONE = 0
+    CSUM = 1  # partial checksums (NEEDS_CSUM with csum_start/csum_offset)
+    TSO4 = 2
+    TSO6 = 4
+    ECN = 8
+    UFO = 16
+    USO = 32
+
+
+ALL_OFFLOADS = Offload.CSUM | Offload.TSO4 | Offload.TSO6 | Offload.ECN | Offload.UFO | Offload.USO
+
+_GSO_REQUIRES = {
+    GSO_NONE: Offload.NONE,
+    GSO_TCPV4: Offload.TSO4 | Offload.CSUM,
+    GSO_TCPV6: Offload.TSO6 | Offload.CSUM,
+    GSO_UDP: Offload.UFO | Offload.CSUM,
+    GSO_UDP_L4: Offload.USO | Offload.CSUM,
+}
+
+
+class Frame:
+    """An Ethernet frame (bytes-like, never mutated) and the offload metadata travelling with it."""
+
+    __slots__ = ("csum_offset", "csum_start", "data", "flags", "gso_size", "gso_type", "hdr_len")
+
+    def __init__(
+        self,
+        data: bytes | memoryview,
+        flags: int = 0,
+        gso_type: int = GSO_NONE,
+        hdr_len: int = 0,
+        gso_size: int = 0,
+        csum_start: int = 0,
+        csum_offset: int = 0,
+    ) -> None:
+        self.data = data
+        self.flags = flags
+        self.gso_type = gso_type
+        self.hdr_len = hdr_len
+        self.gso_size = gso_size
+        self.csum_start = csum_start
+        self.csum_offset = csum_offset
+
+    @classmethod
+    def from_virtio(cls, header: bytes | memoryview, data: bytes | memoryview) -> Frame:
+        """Build a frame from a raw 10- or 12-byte virtio_net_hdr and the frame bytes after it."""
+        flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = struct.unpack_from(
+            "<BBHHHH", header
+        )
+        return cls(data, flags, gso_type, hdr_len, gso_size, csum_start, csum_offset)
+
+    def pack_virtio_header(self, into: memoryview, offset: int, num_buffers: int) -> None:
+        """Write this frame's 12-byte virtio_net_hdr at `offset` of `into`."""
+        VIRTIO_NET_HDR.pack_into(
+            into, offset, self.flags, self.gso_type, self.hdr_len, self.gso_size,
+            self.csum_start, self.csum_offset, num_buffers,
+        )
+
+    @property
+    def required_offloads(self) -> Offload:
+        """What a receiver must accept to take this frame as it is."""
+        need = _GSO_REQUIRES.get(self.gso_type & ~GSO_ECN)
+        if need is None:
+            return ALL_OFFLOADS  # an unknown GSO type: nobody can take it
+        if self.gso_type & GSO_ECN:
+            need |= Offload.ECN
+        if self.flags & HDR_F_NEEDS_CSUM:
+            need |= Offload.CSUM
+        return need
+
+    @property
+    def dst_mac(self) -> bytes:
+        return bytes(self.data[0:6])
+
+    @property
+    def src_mac(self) -> bytes:
+        return bytes(self.data[6:12])
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __repr__(self) -> str:
+        return (
+            f"Frame(len={len(self.data)}, flags={self.flags:#x}, gso_type={self.gso_type}, "
+            f"gso_size={self.gso_size}, csum_start={self.csum_start}, "
+            f"csum_offset={self.csum_offset})"
+        )
+
+
+def format_mac(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+def parse_mac(text: str) -> bytes:
+    """Parse 'aa:bb:cc:dd:ee:ff'; raise ValueError naming the bad input."""
+    parts = text.split(":")
+    if len(parts) != ETH_ADDR_LEN or not all(len(p) == 2 for p in parts):
+        raise ValueError(f"not a MAC address (want aa:bb:cc:dd:ee:ff): {text!r}")
+    try:
+        return bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raise ValueError(f"not a MAC address (want aa:bb:cc:dd:ee:ff): {text!r}") from None
