@@ -1,0 +1,159 @@
+"""Guest memory as the back-end sees it: regions mmap'd from the fds QEMU passes in
+SET_MEM_TABLE, and bounds-checked translation of guest addresses to memoryviews.
+
+Two address spaces meet here (vhost-user spec, "Memory regions"): ring addresses from
+SET_VRING_ADDR are QEMU virtual addresses (`uva`), descriptor buffer addresses are
+guest-physical (`gpa`).  Every translation checks the whole [addr, addr+len) range against one
+region explicitly -- memoryview slicing would clamp silently -- and raises GuestMemoryError
+otherwise.  Nothing here trusts the guest or the front-end.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+
+from virtio.spec import MAX_MEM_REGIONS
+
+log = logging.getLogger(__name__)
+
+# One region of SET_MEM_TABLE: u64 guest_phys_addr, memory_size, userspace_addr, mmap_offset.
+REGION = struct.Struct("<QQQQ")
+U64_MAX = (1 << 64) - 1
+
+
+class GuestMemoryError(Exception):
+    """A guest or front-end supplied address or length that maps to no guest memory."""
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    """One region as the front-end described it (before mapping)."""
+
+    gpa: int
+    size: int
+    uva: int
+    mmap_offset: int
+
+    def check(self) -> None:
+        if self.size == 0:
+            raise GuestMemoryError(f"memory region at gpa {self.gpa:#x} has size 0")
+        for name, base in (("gpa", self.gpa), ("uva", self.uva), ("mmap_offset", self.mmap_offset)):
+            if base + self.size > U64_MAX + 1:
+                raise GuestMemoryError(
+                    f"memory region {name} {base:#x} + size {self.size:#x} overflows 64 bits"
+                )
+
+
+def parse_regions(payload: bytes, count: int, offset: int) -> list[RegionSpec]:
+    """Decode `count` packed region descriptions starting at `offset` of `payload`."""
+    return [
+        RegionSpec(*REGION.unpack_from(payload, offset + i * REGION.size)) for i in range(count)
+    ]
+
+
+class Region:
+    """One mapped region.  `view` covers exactly the guest's bytes (mmap_offset already added)."""
+
+    __slots__ = ("gpa", "mm", "size", "uva", "view")
+
+    def __init__(self, spec: RegionSpec, fd: int) -> None:
+        spec.check()
+        # Map from file offset 0 and skip mmap_offset ourselves: a hugetlbfs fd only maps at
+        # huge-page aligned offsets, and mmap_offset need not be one (libvhost-user does this).
+        try:
+            self.mm = mmap.mmap(
+                fd,
+                spec.size + spec.mmap_offset,
+                flags=mmap.MAP_SHARED,
+                prot=mmap.PROT_READ | mmap.PROT_WRITE,
+            )
+        except (OSError, ValueError, OverflowError) as exc:
+            raise GuestMemoryError(
+                f"cannot map region gpa={spec.gpa:#x} size={spec.size:#x} "
+                f"offset={spec.mmap_offset:#x}: {exc}"
+            ) from exc
+        self.gpa = spec.gpa
+        self.size = spec.size
+        self.uva = spec.uva
+        self.view = memoryview(self.mm)[spec.mmap_offset : spec.mmap_offset + spec.size]
+
+    def close(self) -> None:
+        self.view.release()
+        try:
+            self.mm.close()
+        except BufferError:
+            # A ring or frame still holds a view; the mapping goes when that view does.
+            log.warning("region gpa=%#x still referenced; unmapped when released", self.gpa)
+
+
+class GuestMemory:
+    """The guest's memory table.  Owns the mappings; `close()` unmaps them."""
+
+    def __init__(self, specs: list[RegionSpec], fds: list[int]) -> None:
+        if len(specs) != len(fds):
+            raise GuestMemoryError(f"{len(specs)} memory regions but {len(fds)} fds")
+        if not 0 < len(specs) <= MAX_MEM_REGIONS:
+            raise GuestMemoryError(f"{len(specs)} memory regions (want 1 to {MAX_MEM_REGIONS})")
+        self.specs = list(specs)
+        self.regions: list[Region] = []
+        try:
+            for spec, fd in zip(specs, fds, strict=True):
+                self.regions.append(Region(spec, fd))
+        except GuestMemoryError:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for region in self.regions:
+            region.close()
+        self.regions = []
+
+    @property
+    def total_size(self) -> int:
+        return sum(r.size for r in self.regions)
+
+    def gpa(self, addr: int, length: int) -> memoryview:
+        """The `length` bytes at guest-physical `addr`, which must lie within one region."""
+        for region in self.regions:
+            offset = addr - region.gpa
+            if offset >= 0 and offset + length <= region.size:
+                return region.view[offset : offset + length]
+        raise GuestMemoryError(f"guest address {addr:#x}+{length:#x} is outside guest memory")
+
+    def gpa_buffers(self, addr: int, length: int, out: list[memoryview]) -> None:
+        """Append views covering [addr, addr+length) to `out`, split where regions meet."""
+        while length:
+            for region in self.regions:
+                offset = addr - region.gpa
+                if 0 <= offset < region.size:
+                    take = min(length, region.size - offset)
+                    out.append(region.view[offset : offset + take])
+                    addr += take
+                    length -= take
+                    break
+            else:
+                raise GuestMemoryError(
+                    f"guest address {addr:#x}+{length:#x} is outside guest memory"
+                )
+
+    def uva(self, addr: int, length: int) -> memoryview:
+        """The `length` bytes at front-end virtual address `addr` (ring addresses)."""
+        for region in self.regions:
+            offset = addr - region.uva
+            if offset >= 0 and offset + length <= region.size:
+                return region.view[offset : offset + length]
+        raise GuestMemoryError(
+            f"ring address {addr:#x}+{length:#x} is outside the front-end's memory table"
+        )
+
+
+def close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            log.debug("closing fd %d failed", fd)

@@ -1,0 +1,269 @@
+"""A split virtqueue seen from the device side, over guest memory (virtio 1.x, 2.7).
+
+Theory of operation.  The driver (guest) owns the descriptor table and the avail ring; the
+device (us) owns the used ring.  `pop()` reads avail.idx once, then walks each new chain from
+its head, translating every buffer through GuestMemory into bounds-checked memoryviews.
+`push_used()` writes used elements and publishes them with ONE used.idx store per batch;
+`should_notify()` then decides whether the driver wants an interrupt (EVENT_IDX or the
+NO_INTERRUPT flag).  `arm_kicks()` asks the driver to kick on its next addition and re-checks
+for work that raced in.
+
+The guest is hostile.  Every index, length and address is checked; each descriptor field is
+read exactly once into a local (a guest may rewrite memory under us); indirect tables are
+copied before they are walked.  A violation raises RingError, and the device that owns the
+queue latches itself broken: no more work on its rings, nothing else disturbed.
+
+Memory ordering.  On x86-64 loads are not reordered with loads nor stores with stores, and
+every CPython access to the mapping is an opaque C call, so read barriers and write barriers
+cost nothing here.  Two places need a store->load fence, which x86 does reorder: after
+publishing used.idx and before reading used_event/avail.flags, and after writing
+avail_event/clearing NO_NOTIFY and before re-reading avail.idx.  `full_fence` (virtio._fence,
+an mfence) is called at exactly those two points, once per batch.  Other architectures would
+also need real rmb/wmb; vhostvpn supports x86-64 only.
+"""
+
+from __future__ import annotations
+
+from virtio import _fence
+from virtio.memory import GuestMemory, GuestMemoryError
+from virtio.spec import (
+    AVAIL_ALIGN,
+    AVAIL_F_NO_INTERRUPT,
+    DESC_ALIGN,
+    DESC_F_INDIRECT,
+    DESC_F_NEXT,
+    DESC_F_WRITE,
+    DESC_SIZE,
+    MAX_CHAIN_BUFFERS,
+    MAX_CHAIN_BYTES,
+    MAX_INDIRECT_ENTRIES,
+    MAX_QUEUE_SIZE,
+    USED_ALIGN,
+    USED_F_NO_NOTIFY,
+)
+
+full_fence = _fence.full_fence
+
+
+class RingError(Exception):
+    """The driver broke the ring protocol; the device must stop using this ring."""
+
+
+class Chain:
+    """One descriptor chain popped from the avail ring: its head and its buffers."""
+
+    __slots__ = ("head", "readable", "writable")
+
+    def __init__(self, head: int, readable: list[memoryview], writable: list[memoryview]) -> None:
+        self.head = head
+        self.readable = readable
+        self.writable = writable
+
+
+def _table_views(table: memoryview) -> tuple[memoryview, memoryview, memoryview]:
+    """Typed views of a descriptor table: addr at q[2i], len at w[4i+2], flags/next at h[8i+6/7]."""
+    return table.cast("Q"), table.cast("I"), table.cast("H")
+
+
+class SplitQueue:
+    """Device side of one split virtqueue.  Plain class: no I/O, no Trio."""
+
+    def __init__(
+        self,
+        index: int,
+        size: int,
+        memory: GuestMemory,
+        desc_uva: int,
+        avail_uva: int,
+        used_uva: int,
+        last_avail_idx: int,
+        *,
+        event_idx: bool,
+        indirect: bool,
+    ) -> None:
+        if size <= 0 or size > MAX_QUEUE_SIZE or size & (size - 1):
+            raise RingError(f"queue {index}: size {size} is not a power of two <= {MAX_QUEUE_SIZE}")
+        for name, addr, align in (
+            ("descriptor table", desc_uva, DESC_ALIGN),
+            ("avail ring", avail_uva, AVAIL_ALIGN),
+            ("used ring", used_uva, USED_ALIGN),
+        ):
+            if addr % align:
+                raise RingError(f"queue {index}: {name} at {addr:#x} is not {align}-byte aligned")
+        self.index = index
+        self.size = size
+        self.memory = memory
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.addresses = (desc_uva, avail_uva, used_uva)
+        try:
+            desc = memory.uva(desc_uva, DESC_SIZE * size)
+            avail = memory.uva(avail_uva, 4 + 2 * size + 2)
+            used = memory.uva(used_uva, 4 + 8 * size + 2)
+        except GuestMemoryError as exc:
+            raise RingError(f"queue {index}: {exc}") from exc
+        self._desc_q, self._desc_w, self._desc_h = _table_views(desc)
+        self._avail = avail.cast("H")  # [0] flags, [1] idx, [2+slot] ring, [2+size] used_event
+        self._used_h = used.cast("H")  # [0] flags, [1] idx, [2+4*size] avail_event
+        self._used_w = used[: 4 + 8 * size].cast("I")  # element i: id [1+2i], len [2+2i]
+        self._used_event_at = 2 + size
+        self._avail_event_at = 2 + 4 * size
+        self.last_avail_idx = last_avail_idx & 0xFFFF
+        # The used index lives in guest memory; after a reboot or reconnect it is re-read there.
+        self.used_idx = self._used_h[1]
+        self._signalled_used = self.used_idx
+        self._signalled_valid = False
+
+    def release(self) -> None:
+        """Drop every view into guest memory (before the memory is unmapped)."""
+        for view in (self._desc_q, self._desc_w, self._desc_h, self._avail, self._used_h,
+                     self._used_w):
+            view.release()
+
+    # -- the driver's side: what is available -------------------------------------------
+
+    def avail_count(self) -> int:
+        """How many chains the driver has made available beyond what we consumed."""
+        count = (self._avail[1] - self.last_avail_idx) & 0xFFFF
+        if count > self.size:
+            raise RingError(
+                f"queue {self.index}: avail index moved {count} entries ahead of "
+                f"{self.last_avail_idx} in a ring of {self.size}"
+            )
+        return count
+
+    def pop(self, limit: int) -> list[Chain]:
+        """Take up to `limit` available chains, walked and translated."""
+        count = min(self.avail_count(), limit)
+        chains = []
+        avail = self._avail
+        mask = self.size - 1
+        idx = self.last_avail_idx
+        for _ in range(count):
+            head = avail[2 + (idx & mask)]
+            chains.append(self._walk(head))
+            idx = (idx + 1) & 0xFFFF
+        self.last_avail_idx = idx
+        return chains
+
+    def unpop(self, count: int) -> None:
+        """Give back the last `count` popped chains (not yet used) to be popped again."""
+        self.last_avail_idx = (self.last_avail_idx - count) & 0xFFFF
+
+    def _walk(self, head: int) -> Chain:
+        size = self.size
+        if head >= size:
+            raise RingError(f"queue {self.index}: head {head} outside ring of {size}")
+        desc_q, desc_w, desc_h = self._desc_q, self._desc_w, self._desc_h
+        table_size = size
+        gpa_buffers = self.memory.gpa_buffers
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        total = 0
+        hops = 0
+        in_indirect = False
+        i = head
+        while True:
+            hops += 1
+            if hops > table_size:
+                raise RingError(f"queue {self.index}: descriptor chain from {head} loops")
+            addr = desc_q[2 * i]
+            length = desc_w[4 * i + 2]
+            flags = desc_h[8 * i + 6]
+            next_i = desc_h[8 * i + 7]
+            if flags & DESC_F_INDIRECT:
+                if in_indirect or not self.indirect:
+                    raise RingError(f"queue {self.index}: unexpected indirect descriptor {i}")
+                if flags & DESC_F_NEXT:
+                    raise RingError(f"queue {self.index}: indirect descriptor {i} has NEXT set")
+                entries, rest = divmod(length, DESC_SIZE)
+                if rest or not 0 < entries <= MAX_INDIRECT_ENTRIES:
+                    raise RingError(
+                        f"queue {self.index}: indirect table of {length} bytes "
+                        f"(want a multiple of {DESC_SIZE}, at most {MAX_INDIRECT_ENTRIES} entries)"
+                    )
+                table: list[memoryview] = []
+                try:
+                    gpa_buffers(addr, length, table)
+                except GuestMemoryError as exc:
+                    raise RingError(f"queue {self.index}: indirect table: {exc}") from exc
+                # A private copy: the guest cannot change the table while we walk it.
+                desc_q, desc_w, desc_h = _table_views(memoryview(b"".join(table)))
+                table_size = entries
+                in_indirect = True
+                hops = 0
+                i = 0
+                continue
+            if length == 0:
+                raise RingError(f"queue {self.index}: zero-length descriptor {i} in chain {head}")
+            total += length
+            if total >= MAX_CHAIN_BYTES:
+                raise RingError(f"queue {self.index}: chain {head} is longer than 4 GiB")
+            try:
+                if flags & DESC_F_WRITE:
+                    gpa_buffers(addr, length, writable)
+                elif writable:
+                    raise RingError(
+                        f"queue {self.index}: readable descriptor {i} after a writable one"
+                    )
+                else:
+                    gpa_buffers(addr, length, readable)
+            except GuestMemoryError as exc:
+                raise RingError(f"queue {self.index}: descriptor {i}: {exc}") from exc
+            if len(readable) + len(writable) > MAX_CHAIN_BUFFERS:
+                raise RingError(f"queue {self.index}: chain {head} has too many buffers")
+            if not flags & DESC_F_NEXT:
+                return Chain(head, readable, writable)
+            if next_i >= table_size:
+                raise RingError(
+                    f"queue {self.index}: descriptor {i} links to {next_i} outside table of "
+                    f"{table_size}"
+                )
+            i = next_i
+
+    # -- our side: returning buffers -----------------------------------------------------
+
+    def push_used(self, entries: list[tuple[int, int]]) -> None:
+        """Return chains as (head, bytes written) and publish them with one used.idx store."""
+        if not entries:
+            return
+        used_w = self._used_w
+        mask = self.size - 1
+        idx = self.used_idx
+        for head, written in entries:
+            slot = 1 + 2 * (idx & mask)
+            used_w[slot] = head
+            used_w[slot + 1] = written
+            idx = (idx + 1) & 0xFFFF
+        self._used_h[1] = idx  # elements before index: x86 keeps store order
+        self.used_idx = idx
+
+    def should_notify(self) -> bool:
+        """After publishing: does the driver want an interrupt for what we added?"""
+        full_fence()  # used.idx store -> used_event / avail.flags load
+        if self.event_idx:
+            new = self.used_idx
+            old = self._signalled_used
+            valid = self._signalled_valid
+            self._signalled_used = new
+            self._signalled_valid = True
+            if not valid:
+                return True
+            used_event = self._avail[self._used_event_at]
+            return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+        return not self._avail[0] & AVAIL_F_NO_INTERRUPT
+
+    def arm_kicks(self) -> bool:
+        """Ask the driver to kick when it adds work.  Returns True if work is already there."""
+        if self.event_idx:
+            self._used_h[self._avail_event_at] = self.last_avail_idx
+        else:
+            self._used_h[0] = 0
+        full_fence()  # avail_event / flags store -> avail.idx load
+        return self._avail[1] != self.last_avail_idx
+
+    def mute_kicks(self) -> None:
+        """Tell the driver not to kick while we are polling anyway."""
+        if not self.event_idx:
+            self._used_h[0] = USED_F_NO_NOTIFY
+        # With EVENT_IDX a stale avail_event already means "no kicks for now".
