@@ -1,4 +1,4 @@
-"""Shared pytest configuration: the repository root on sys.path so tests can import tests.support."""
+"""Shared pytest configuration: the repository root on sys.path, so tests import tests.support."""
 
 import sys
 from pathlib import Path

@@ -1,1 +1,1 @@
-"""Test support: real peers for the code under test (QEMU guests, DPDK testpmd, a virtio driver model)."""
+"""Test support: real peers for the code under test (QEMU, DPDK testpmd, a virtio driver model)."""

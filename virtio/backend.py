@@ -1,0 +1,379 @@
+"""The Trio shell around the vhost-user device: one socket, one task tree per connection.
+
+Who calls it: `vhostvpn hub` and `vhostvpn vm` run one VhostUserServer per --socket.  What it
+does: waits on fds and moves bytes.  Every decision is made by the sans-I/O cores
+(virtio.protocol.VhostUserDevice for messages, virtio.net.NetQueues and virtio.vring for ring
+work).  What it must never do: await between popping descriptors and publishing them, or close
+an fd without first waking whoever waits on it (trio.lowlevel.notify_closing).
+
+Tasks of one connection:
+  * the control loop reads a message, lets the device handle it, sends the reply, then
+    reconciles ring tasks with the device's rings (`_apply`);
+  * one TX task per live TX ring: pop a batch -> switch -> notify; when empty, arm kicks,
+    re-check, wait for a kick (with a slow re-poll as a lost-kick safety net);
+  * one RX task: frames the switch queued on this port -> the first live RX ring; when the
+    guest has no buffers, arm kicks on that ring and wait.  It never waits for a kick after
+    (re)start: it tries the ring first.
+Because Trio is cooperative and ring work never awaits mid-batch, a control message is applied
+between batches, never during one: SET_MEM_TABLE or GET_VRING_BASE cannot race ring work.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+from collections.abc import Callable
+
+import trio
+
+from netstack.frame import Frame, Offload
+from netstack.port import QueuedPort
+from virtio.protocol import Message, ProtocolError, VhostUserDevice, parse_header, request_name
+from virtio.spec import HEADER_SIZE, MAX_FDS
+from virtio.vring import RingError, SplitQueue
+
+log = logging.getLogger(__name__)
+
+# Chains handled per wake-up before yielding to other tasks.
+BATCH = 256
+# Re-check rings this often even without a kick: a safety net, not the data path.
+REPOLL_SECONDS = 0.25
+# A kick fd the front-end said it would not provide (NOFD): poll this often.
+NOFD_POLL_SECONDS = 0.001
+# Client mode: how long to wait between attempts to reach a listening front-end.
+CONNECT_RETRY_SECONDS = (0.1, 2.0)
+
+_CALL = (1).to_bytes(8, "little")
+
+
+class VirtioNetPort(QueuedPort):
+    """The switch port of one vhost-user socket.  Lives as long as the socket, across guest
+    connections, so its counters survive reconnects."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, Offload.NONE)
+        self.device: VhostUserDevice | None = None
+        self.link_up = False
+        self.connections = 0
+
+    def deliver(self, frames: list[Frame]) -> None:
+        if not self.link_up:
+            self.counters.drop("link_down", len(frames))
+            return
+        super().deliver(frames)
+
+    def status(self) -> dict[str, object]:
+        status = super().status()
+        device = self.device
+        status["kind"] = "vhost-user"
+        status["connected"] = device is not None
+        status["connections"] = self.connections
+        status["link_up"] = self.link_up
+        if device is not None:
+            status["features"] = f"{device.features:#x}"
+            status["protocol_features"] = f"{device.protocol_features:#x}"
+            status["broken"] = device.broken
+            status["live_queues"] = [q.index for q in device.live_queues()]
+            if device.net is not None:
+                status["guest_drops"] = dict(device.net.drops)
+        return status
+
+
+def _drain_eventfd(fd: int) -> None:
+    try:
+        os.read(fd, 8)
+    except BlockingIOError:
+        pass
+
+
+def _signal(fd: int | None) -> None:
+    if fd is None:
+        return
+    try:
+        os.write(fd, _CALL)
+    except BlockingIOError:
+        pass  # counter saturated: the guest has a pending interrupt anyway
+
+
+class VhostUserServer:
+    """Serves one vhost-user socket path.  `forward(port, frames)` is where guest frames go."""
+
+    def __init__(
+        self,
+        path: str,
+        forward: Callable[[VirtioNetPort, list[Frame]], None],
+        *,
+        client: bool = False,
+        queue_pairs: int = 4,
+        port: VirtioNetPort | None = None,
+    ) -> None:
+        self.path = path
+        self.forward = forward
+        self.client = client
+        self.queue_pairs = queue_pairs
+        self.port = port or VirtioNetPort(os.path.basename(path))
+        self._frames_ready = trio.Event()
+        self.port.on_ready = self._frames_ready.set
+
+    # -- connections -------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        if self.client:
+            await self._run_client(task_status)
+        else:
+            await self._run_server(task_status)
+
+    async def _run_server(self, task_status: trio.TaskStatus[None]) -> None:
+        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        await listener.bind(self.path)
+        listener.listen(1)
+        log.info("%s: listening on %s", self.port.name, self.path)
+        task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                while True:
+                    conn, _ = await listener.accept()
+                    if self.port.device is not None:
+                        log.warning("%s: second front-end refused: one guest per socket",
+                                    self.port.name)
+                        conn.close()
+                        continue
+                    self.port.device = VhostUserDevice(self.port.name, self.queue_pairs)
+                    nursery.start_soon(self._serve, conn)
+        finally:
+            listener.close()
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+    async def _run_client(self, task_status: trio.TaskStatus[None]) -> None:
+        task_status.started()
+        delay = CONNECT_RETRY_SECONDS[0]
+        while True:
+            conn = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                await conn.connect(self.path)
+            except OSError as exc:
+                conn.close()
+                if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED):
+                    log.warning("%s: connecting to %s: %s", self.port.name, self.path, exc)
+                await trio.sleep(delay)
+                delay = min(delay * 2, CONNECT_RETRY_SECONDS[1])
+                continue
+            delay = CONNECT_RETRY_SECONDS[0]
+            log.info("%s: connected to front-end at %s", self.port.name, self.path)
+            self.port.device = VhostUserDevice(self.port.name, self.queue_pairs)
+            await self._serve(conn)
+
+    async def _serve(self, conn: trio.socket.SocketType) -> None:
+        device = self.port.device
+        assert device is not None
+        self.port.connections += 1
+        log.info("%s: front-end connected (connection %d)", self.port.name,
+                 self.port.connections)
+        ring_scopes: dict[int, trio.CancelScope] = {}
+        try:
+            async with trio.open_nursery() as nursery:
+                try:
+                    while True:
+                        msg = await _read_message(conn)
+                        if msg is None:
+                            log.info("%s: front-end disconnected", self.port.name)
+                            break
+                        log.debug("%s: %s flags=%#x size=%d fds=%d", self.port.name,
+                                  request_name(msg.request), msg.flags, len(msg.payload),
+                                  len(msg.fds))
+                        reply = device.handle(msg)
+                        self._apply(device, nursery, ring_scopes)
+                        if reply is not None:
+                            await conn.send(reply)
+                except ProtocolError as exc:
+                    log.error("%s: closing connection: %s", self.port.name, exc)
+                except OSError as exc:
+                    log.warning("%s: connection failed: %s", self.port.name, exc)
+                nursery.cancel_scope.cancel()
+        finally:
+            conn.close()
+            device.close()
+            self._apply(device, None, ring_scopes)
+            self.port.device = None
+            self.port.link_up = False
+            self.port.accepts = Offload.NONE
+            self.port.queue.clear()
+
+    # -- reconciling ring tasks with the device -----------------------------------------------
+
+    def _apply(
+        self,
+        device: VhostUserDevice,
+        nursery: trio.Nursery | None,
+        ring_scopes: dict[int, trio.CancelScope],
+    ) -> None:
+        """Stop tasks of changed rings, close retired fds, start tasks for live rings."""
+        changed = device.take_changed()
+        rx_changed = False
+        for index in changed:
+            scope = ring_scopes.pop(index if index % 2 else -1, None)
+            if index % 2 == 0:
+                rx_changed = True
+            if scope is not None:
+                scope.cancel()
+        for fd in device.take_closing():
+            trio.lowlevel.notify_closing(fd)
+            os.close(fd)
+        rx_queue = self._rx_queue(device)
+        self.port.link_up = rx_queue is not None
+        self.port.accepts = device.net.rx_offloads if device.net is not None else Offload.NONE
+        if nursery is None:
+            return
+        for index in changed:
+            vring = device.vrings[index]
+            if index % 2 and vring.queue is not None and index not in ring_scopes:
+                scope = trio.CancelScope()
+                ring_scopes[index] = scope
+                _signal(vring.call_fd)  # a call after (re)start: the guest may be waiting
+                nursery.start_soon(self._tx_loop, device, vring.queue, scope)
+        if rx_changed and rx_queue is not None and -1 not in ring_scopes:
+            scope = trio.CancelScope()
+            ring_scopes[-1] = scope
+            _signal(device.vrings[rx_queue.index].call_fd)
+            nursery.start_soon(self._rx_loop, device, rx_queue, scope)
+            self._frames_ready.set()
+
+    @staticmethod
+    def _rx_queue(device: VhostUserDevice) -> SplitQueue | None:
+        for vring in device.vrings[0::2]:
+            if vring.queue is not None:
+                return vring.queue
+        return None
+
+    async def _wait_kick(self, device: VhostUserDevice, queue: SplitQueue) -> None:
+        """Sleep until the ring's kick fd fires (or the safety-net re-poll)."""
+        vring = device.vrings[queue.index]
+        fd = vring.kick_fd
+        if fd is None:
+            await trio.sleep(NOFD_POLL_SECONDS)
+            return
+        with trio.move_on_after(REPOLL_SECONDS):
+            await trio.lowlevel.wait_readable(fd)
+            _drain_eventfd(fd)
+
+    async def _tx_loop(
+        self, device: VhostUserDevice, queue: SplitQueue, scope: trio.CancelScope
+    ) -> None:
+        """Guest TX ring -> switch."""
+        net = device.net
+        vring = device.vrings[queue.index]
+        assert net is not None
+        port = self.port
+        forward = self.forward
+        with scope:
+            try:
+                while True:
+                    before = queue.last_avail_idx
+                    frames = net.pop_tx(queue, BATCH)
+                    popped = (queue.last_avail_idx - before) & 0xFFFF
+                    if popped:
+                        if queue.should_notify():
+                            _signal(vring.call_fd)
+                        if frames:
+                            forward(port, frames)
+                        if popped == BATCH:
+                            await trio.lowlevel.checkpoint()
+                            continue
+                    if queue.arm_kicks():
+                        continue
+                    await self._wait_kick(device, queue)
+                    queue.mute_kicks()
+            except RingError as exc:
+                device.latch_broken(str(exc))
+                self._after_break(device)
+            except trio.ClosedResourceError:
+                return
+
+    async def _rx_loop(
+        self, device: VhostUserDevice, queue: SplitQueue, scope: trio.CancelScope
+    ) -> None:
+        """Frames the switch queued for this port -> the guest's RX ring."""
+        net = device.net
+        vring = device.vrings[queue.index]
+        assert net is not None
+        port = self.port
+        pending = port.queue
+        counters = port.counters
+        with scope:
+            try:
+                while True:
+                    if not pending:
+                        self._frames_ready = trio.Event()
+                        port.on_ready = self._frames_ready.set
+                        await self._frames_ready.wait()
+                        continue
+                    used_before = queue.used_idx
+                    delivered, nbytes = net.push_rx(queue, pending, BATCH)
+                    counters.out_frames += delivered
+                    counters.out_bytes += nbytes
+                    if queue.used_idx != used_before and queue.should_notify():
+                        _signal(vring.call_fd)
+                    if not pending:
+                        continue
+                    if delivered:
+                        await trio.lowlevel.checkpoint()
+                        continue
+                    # The guest has no buffers for the next frame: wait until it posts some.
+                    if queue.arm_kicks():
+                        await trio.lowlevel.checkpoint()
+                        continue
+                    await self._wait_kick(device, queue)
+                    queue.mute_kicks()
+            except RingError as exc:
+                device.latch_broken(str(exc))
+                self._after_break(device)
+            except trio.ClosedResourceError:
+                return
+
+    def _after_break(self, device: VhostUserDevice) -> None:
+        self.port.link_up = False
+        self.port.queue.clear()
+        # Ring tasks exit on their own; the control loop keeps serving messages.
+
+
+async def _read_message(conn: trio.socket.SocketType) -> Message | None:
+    """One vhost-user message with its fds, or None at end of stream."""
+    data, ancdata, msg_flags, _ = await conn.recvmsg(
+        HEADER_SIZE, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
+    )
+    fds: list[int] = []
+    for level, kind, cdata in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(cdata) - len(cdata) % 4
+            fds.extend(int.from_bytes(cdata[i : i + 4], "little") for i in range(0, usable, 4))
+    try:
+        if msg_flags & socket.MSG_CTRUNC:
+            raise ProtocolError("message carried more fds than any request may (truncated)")
+        if not data:
+            return None
+        while len(data) < HEADER_SIZE:
+            more = await conn.recv(HEADER_SIZE - len(data))
+            if not more:
+                raise ProtocolError("connection closed inside a message header")
+            data += more
+        request, flags, size = parse_header(data)
+        payload = b""
+        while len(payload) < size:
+            more = await conn.recv(size - len(payload))
+            if not more:
+                raise ProtocolError(f"connection closed inside {request_name(request)} payload")
+            payload += more
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return Message(request, flags, payload, fds)
