@@ -94,7 +94,7 @@ def test_runts_and_multicast_sources_are_dropped_and_counted():
 
 
 def test_frame_to_own_port_is_not_reflected():
-    switch, (a, b, c) = three_ports()
+    switch, (a, b, _c) = three_ports()
     switch.forward(a, [eth(B, A)])
     switch.forward(b, [eth(C, B)])
     b.got.clear()

@@ -140,6 +140,9 @@ class TestpmdConfig:
     total_num_mbufs: int = 8192
     no_lsc_interrupt: bool = False
     flowgen_flows: int | None = None
+    # Send one burst (txonly engine, to eth_peers) before the forward mode starts; with
+    # rxonly this lets a learning switch see the receiver's MAC.
+    tx_first: bool = False
     extra_eal_args: Sequence[str] = ()
     extra_app_args: Sequence[str] = ()
     file_prefix: str = field(default_factory=lambda: f"vhostvpn-{uuid.uuid4().hex[:12]}")
@@ -174,6 +177,8 @@ class TestpmdConfig:
             app.append("--no-lsc-interrupt")
         if self.flowgen_flows is not None:
             app.append(f"--flowgen-flows={self.flowgen_flows}")
+        if self.tx_first:
+            app.append("--tx-first")
         app += list(self.extra_app_args)
         return [*eal, "--", *app]
 
