@@ -161,9 +161,10 @@ class NetQueues:
                     break
                 reserved = chains
                 if sum(len(b) for b in chains[0].writable) < need:
+                    # The guest's buffer cannot hold it: drop the frame, keep the buffer.
+                    queue.unpop(1)
                     frames.popleft()
                     self.drops["rx_buffer_too_small"] += 1
-                    used.append((chains[0].head, 0))
                     continue
             frames.popleft()
             self._write_frame(frame, reserved, need, used)

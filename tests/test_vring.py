@@ -1,0 +1,373 @@
+"""The split virtqueue and the virtio-net data path against a model guest driver on a memfd
+(tests/support/virtio_driver.py): layouts, wrap at 65535, EVENT_IDX, indirect tables,
+mergeable RX, offload checks, and hostile rings (hypothesis): no crash, no hang, RingError."""
+
+import os
+from collections import deque
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from netstack.frame import GSO_TCPV4, HDR_F_NEEDS_CSUM, Frame
+from tests.support.virtio_driver import (
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    DriverQueue,
+    GuestRam,
+    NetDriver,
+    NetHdr,
+    Segment,
+    TxLayout,
+    pack_net_hdr,
+)
+from virtio.memory import GuestMemory, RegionSpec
+from virtio.net import NetQueues
+from virtio.spec import Feature, bit
+from virtio.vring import RingError, SplitQueue
+
+RING = 64
+FEATURES = (bit(Feature.VERSION_1) | bit(Feature.NET_MRG_RXBUF) | bit(Feature.RING_EVENT_IDX)
+            | bit(Feature.RING_INDIRECT_DESC) | bit(Feature.NET_CSUM)
+            | bit(Feature.NET_GUEST_CSUM) | bit(Feature.NET_HOST_TSO4)
+            | bit(Feature.NET_GUEST_TSO4))
+
+
+def backend_memory(ram: GuestRam) -> GuestMemory:
+    specs = [RegionSpec(*r) for r in ram.memory_table()]
+    return GuestMemory(specs, [os.dup(fd) for fd in ram.region_fds()])
+
+
+def device_queue(memory: GuestMemory, q: DriverQueue, index: int, *, event_idx=True,
+                 indirect=True, base=0) -> SplitQueue:
+    return SplitQueue(index, q.size, memory, q.desc_uva, q.avail_uva, q.used_uva, base,
+                      event_idx=event_idx, indirect=indirect)
+
+
+class Pair:
+    """A guest NIC (NetDriver) and the device side of its two queues."""
+
+    def __init__(self, *, mrg=True, event_idx=True, start_idx=0, ram=None, features=FEATURES):
+        self.ram = ram or GuestRam(1 << 22)
+        self.rx_q = DriverQueue(self.ram, RING, event_idx=event_idx, indirect=True,
+                                start_idx=start_idx)
+        self.tx_q = DriverQueue(self.ram, RING, event_idx=event_idx, indirect=True,
+                                start_idx=start_idx)
+        self.driver = NetDriver(self.rx_q, self.tx_q, mrg_rxbuf=mrg)
+        self.memory = backend_memory(self.ram)
+        self.rx = device_queue(self.memory, self.rx_q, 0, event_idx=event_idx, base=start_idx)
+        self.tx = device_queue(self.memory, self.tx_q, 1, event_idx=event_idx, base=start_idx)
+        if not mrg:
+            features &= ~bit(Feature.NET_MRG_RXBUF)
+        self.net = NetQueues(features)
+
+    def close(self):
+        self.rx.release()
+        self.tx.release()
+        self.memory.close()
+        self.ram.close()
+
+
+@pytest.fixture
+def pair():
+    p = Pair()
+    yield p
+    p.close()
+
+
+def eth(n: int, size: int = 60) -> bytes:
+    body = bytes([n & 0xFF]) * (size - 14)
+    return b"\x02\0\0\0\0\x02" + b"\x02\0\0\0\0\x01" + b"\x08\x00" + body
+
+
+@pytest.mark.parametrize("layout", list(TxLayout))
+@pytest.mark.parametrize("indirect", [False, True])
+def test_tx_frames_come_out_whole_whatever_the_descriptor_layout(pair, layout, indirect):
+    frames = [eth(i, 60 + i * 37) for i in range(10)]
+    pair.driver.send(frames, layout=layout, indirect=indirect, chunk_size=97)
+    out = pair.net.pop_tx(pair.tx, 256)
+    assert [bytes(f.data) for f in out] == frames
+    used = pair.driver.reclaim_tx()
+    assert [u.len for u in used] == [0] * 10  # TX used len is 0: the device wrote nothing
+
+
+def test_tx_offload_metadata_travels_with_the_frame(pair):
+    hdr = NetHdr(HDR_F_NEEDS_CSUM, GSO_TCPV4, 54, 1448, 34, 16, 0)
+    pair.driver.send([(hdr, eth(1, 3000))])
+    (frame,) = pair.net.pop_tx(pair.tx, 8)
+    assert (frame.flags, frame.gso_type, frame.hdr_len, frame.gso_size, frame.csum_start,
+            frame.csum_offset) == (HDR_F_NEEDS_CSUM, GSO_TCPV4, 54, 1448, 34, 16)
+
+
+@pytest.mark.parametrize(
+    ("hdr", "reason"),
+    [
+        (NetHdr(0, GSO_TCPV4, 54, 0, 34, 16, 0), "tx_gso_size_zero"),
+        (NetHdr(HDR_F_NEEDS_CSUM, 0, 0, 0, 58, 2, 0), "tx_bad_csum_offsets"),
+        (NetHdr(0, 4, 54, 1440, 54, 16, 0), "tx_gso_not_negotiated"),  # TSO6 not offered
+        (NetHdr(0, 0x33, 54, 1440, 54, 16, 0), "tx_gso_not_negotiated"),
+    ],
+)
+def test_tx_frames_with_bad_offload_metadata_are_dropped_and_counted(pair, hdr, reason):
+    pair.driver.send([(hdr, eth(1, 60)), eth(2)])
+    out = pair.net.pop_tx(pair.tx, 8)
+    assert [bytes(f.data) for f in out] == [eth(2)]
+    assert pair.net.drops[reason] == 1
+    assert len(pair.driver.reclaim_tx()) == 2  # both chains returned
+
+
+def test_tx_chain_shorter_than_the_header_breaks_the_ring(pair):
+    pair.tx_q.add_chain([b"\0" * 11], [])
+    pair.tx_q.publish()
+    with pytest.raises(RingError, match="less than the 12-byte"):
+        pair.net.pop_tx(pair.tx, 8)
+
+
+@pytest.mark.parametrize("mrg", [True, False])
+def test_rx_delivers_frames_with_headers(mrg):
+    p = Pair(mrg=mrg)
+    try:
+        p.driver.post_rx(8, 2048)
+        frames = deque(Frame(eth(i, 100 + i)) for i in range(5))
+        delivered, _nbytes = p.net.push_rx(p.rx, frames, 64)
+        assert delivered == 5 and not frames
+        got = p.driver.receive()
+        assert [f for _, f in got] == [eth(i, 100 + i) for i in range(5)]
+        assert all(h.num_buffers == 1 for h, _ in got)
+    finally:
+        p.close()
+
+
+def test_rx_mergeable_spreads_a_large_frame_over_several_buffers(pair):
+    pair.driver.post_rx(40, 1536)
+    big = Frame(eth(7, 60000), HDR_F_NEEDS_CSUM, GSO_TCPV4, 54, 1448, 34, 16)
+    frames = deque([big])
+    assert pair.net.push_rx(pair.rx, frames, 8)[0] == 1
+    ((hdr, data),) = pair.driver.receive()
+    assert data == eth(7, 60000)
+    assert hdr.num_buffers == -(-(60000 + 12) // 1536)
+    assert (hdr.flags, hdr.gso_type, hdr.gso_size) == (HDR_F_NEEDS_CSUM, GSO_TCPV4, 1448)
+
+
+def test_rx_mergeable_waits_instead_of_half_publishing(pair):
+    pair.driver.post_rx(3, 1536)
+    frames = deque([Frame(eth(1, 6000))])
+    assert pair.net.push_rx(pair.rx, frames, 8) == (0, 0)
+    assert len(frames) == 1 and pair.rx.used_idx == 0
+    pair.driver.post_rx(2, 1536)
+    assert pair.net.push_rx(pair.rx, frames, 8)[0] == 1
+    assert pair.driver.receive()[0][1] == eth(1, 6000)
+
+
+def test_rx_split_header_buffers(pair):
+    pair.driver.post_rx(4, 2048, split_header=True)
+    frames = deque([Frame(eth(3, 1500))])
+    pair.net.push_rx(pair.rx, frames, 8)
+    assert pair.driver.receive()[0][1] == eth(3, 1500)
+
+
+def test_rx_without_mergeable_drops_frames_larger_than_the_buffer():
+    p = Pair(mrg=False)
+    try:
+        p.driver.post_rx(2, 1526)
+        frames = deque([Frame(eth(1, 3000)), Frame(eth(2, 1000))])
+        delivered, _ = p.net.push_rx(p.rx, frames, 8)
+        assert delivered == 1 and p.net.drops["rx_buffer_too_small"] == 1
+        got = p.driver.receive()
+        assert [f for _, f in got] == [eth(2, 1000)]
+    finally:
+        p.close()
+
+
+def test_indices_wrap_at_65535():
+    p = Pair(start_idx=65530)
+    try:
+        for round_ in range(4):
+            frames = [eth(round_ * 10 + i) for i in range(5)]
+            p.driver.send(frames)
+            assert [bytes(f.data) for f in p.net.pop_tx(p.tx, 64)] == frames
+            p.driver.reclaim_tx()
+            p.driver.post_rx(5)
+            p.net.push_rx(p.rx, deque(Frame(f) for f in frames), 64)
+            assert [f for _, f in p.driver.receive()] == frames
+        assert p.tx.last_avail_idx == (65530 + 20) & 0xFFFF
+    finally:
+        p.close()
+
+
+def test_event_idx_notifies_once_when_the_driver_asks(pair):
+    pair.driver.post_rx(16)
+    pair.net.push_rx(pair.rx, deque([Frame(eth(1))]), 8)
+    assert pair.rx.should_notify()  # first notification after start is unconditional
+    pair.rx_q.set_used_event(pair.rx.used_idx + 2)  # driver: wake me after 3 more
+    pair.net.push_rx(pair.rx, deque([Frame(eth(2)), Frame(eth(3))]), 8)
+    assert not pair.rx.should_notify()
+    pair.net.push_rx(pair.rx, deque([Frame(eth(4))]), 8)
+    assert pair.rx.should_notify()
+    assert not pair.rx.should_notify()  # nothing new since
+
+
+def test_arm_kicks_writes_avail_event_and_sees_raced_work(pair):
+    assert not pair.tx.arm_kicks()
+    assert pair.tx_q.avail_event() == pair.tx.last_avail_idx
+    pair.driver.send([eth(1)])
+    assert pair.tx_q.needs_kick()  # the driver kicks because we asked at this index
+    assert pair.tx.arm_kicks()  # work is there: do not sleep
+    pair.net.pop_tx(pair.tx, 8)
+    assert not pair.tx.arm_kicks()
+    assert pair.tx_q.avail_event() == pair.tx.last_avail_idx
+
+
+def test_without_event_idx_no_notify_flag_suppresses_kicks():
+    p = Pair(event_idx=False)
+    try:
+        p.tx.mute_kicks()
+        p.driver.send([eth(1)])
+        assert not p.tx_q.needs_kick()
+        p.net.pop_tx(p.tx, 8)
+        assert not p.tx.arm_kicks()
+        p.driver.send([eth(2)])
+        assert p.tx_q.needs_kick()
+        p.rx_q.set_avail_flags(1)  # NO_INTERRUPT
+        p.driver.post_rx(1)
+        p.net.push_rx(p.rx, deque([Frame(eth(1))]), 8)
+        assert not p.rx.should_notify()
+    finally:
+        p.close()
+
+
+def test_buffers_straddling_two_regions_are_gathered():
+    ram = GuestRam.multi([1 << 20, 1 << 20])
+    p = Pair(ram=ram)
+    try:
+        boundary = ram.regions[1].gpa
+        frame = pack_net_hdr() + eth(9, 1000)
+        ram.reserve(boundary - 500, len(frame))
+        ram.write(boundary - 500, frame)
+        p.tx_q.add_segments([Segment(boundary - 500, len(frame), False)])
+        p.tx_q.publish()
+        (out,) = p.net.pop_tx(p.tx, 8)
+        assert bytes(out.data) == eth(9, 1000)
+    finally:
+        p.close()
+
+
+# -- the hostile guest --------------------------------------------------------------------
+
+def hostile_pop(pair: Pair) -> None:
+    """Popping must either succeed or raise RingError: never hang, never another error."""
+    for _ in range(4):
+        try:
+            pair.net.pop_tx(pair.tx, 256)
+        except RingError:
+            return
+
+
+def test_head_outside_the_ring_breaks_it(pair):
+    pair.tx_q.set_avail_entry(0, RING + 3)
+    pair.tx_q.set_avail_idx(1)
+    with pytest.raises(RingError, match="head"):
+        pair.net.pop_tx(pair.tx, 8)
+
+
+def test_avail_index_jump_beyond_ring_size_breaks_it(pair):
+    pair.tx_q.set_avail_idx(RING + 1)
+    with pytest.raises(RingError, match="avail index"):
+        pair.net.pop_tx(pair.tx, 8)
+
+
+def test_descriptor_loop_breaks_it(pair):
+    gpa = pair.ram.alloc(64)
+    pair.tx_q.write_desc(0, gpa, 16, VIRTQ_DESC_F_NEXT, 1)
+    pair.tx_q.write_desc(1, gpa, 16, VIRTQ_DESC_F_NEXT, 0)
+    pair.tx_q.set_avail_entry(0, 0)
+    pair.tx_q.set_avail_idx(1)
+    with pytest.raises(RingError, match="loops"):
+        pair.net.pop_tx(pair.tx, 8)
+
+
+def test_zero_length_and_out_of_memory_buffers_break_it(pair):
+    pair.tx_q.write_desc(0, 0, 0, 0, 0)
+    pair.tx_q.set_avail_entry(0, 0)
+    pair.tx_q.set_avail_idx(1)
+    with pytest.raises(RingError, match="zero-length"):
+        pair.net.pop_tx(pair.tx, 8)
+    p = Pair()
+    try:
+        p.tx_q.write_desc(0, p.ram.size - 8, 64, 0, 0)
+        p.tx_q.set_avail_entry(0, 0)
+        p.tx_q.set_avail_idx(1)
+        with pytest.raises(RingError, match="outside guest memory"):
+            p.net.pop_tx(p.tx, 8)
+    finally:
+        p.close()
+
+
+def test_nested_and_malformed_indirect_tables_break_it(pair):
+    table = pair.ram.alloc(32, 16)
+    pair.ram.write(table, b"\0" * 8 + (32).to_bytes(4, "little")
+                   + VIRTQ_DESC_F_INDIRECT.to_bytes(2, "little") + b"\0\0" + b"\0" * 16)
+    pair.tx_q.write_desc(0, table, 32, VIRTQ_DESC_F_INDIRECT, 0)
+    pair.tx_q.set_avail_entry(0, 0)
+    pair.tx_q.set_avail_idx(1)
+    with pytest.raises(RingError, match="indirect"):
+        pair.net.pop_tx(pair.tx, 8)
+    p = Pair()
+    try:
+        p.tx_q.write_desc(0, table, 20, VIRTQ_DESC_F_INDIRECT, 0)  # not a multiple of 16
+        p.tx_q.set_avail_entry(0, 0)
+        p.tx_q.set_avail_idx(1)
+        with pytest.raises(RingError, match="indirect table"):
+            p.net.pop_tx(p.tx, 8)
+    finally:
+        p.close()
+
+
+def test_readable_after_writable_breaks_it(pair):
+    gpa = pair.ram.alloc(64)
+    pair.tx_q.write_desc(0, gpa, 16, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, 1)
+    pair.tx_q.write_desc(1, gpa + 16, 16, 0, 0)
+    pair.tx_q.set_avail_entry(0, 0)
+    pair.tx_q.set_avail_idx(1)
+    with pytest.raises(RingError, match="after a writable"):
+        pair.net.pop_tx(pair.tx, 8)
+
+
+descriptor = st.tuples(
+    st.one_of(st.integers(0, (1 << 22) + 4096), st.integers(0, (1 << 64) - 1)),
+    st.one_of(st.integers(0, 4096), st.integers(0, (1 << 32) - 1)),
+    st.integers(0, 7),
+    st.integers(0, RING + 2),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    descs=st.lists(descriptor, min_size=1, max_size=RING),
+    heads=st.lists(st.integers(0, RING + 2), min_size=1, max_size=8),
+    avail_idx=st.integers(0, 0xFFFF),
+    indirect_table=st.binary(max_size=128),
+)
+def test_hostile_rings_never_crash_or_hang(descs, heads, avail_idx, indirect_table):
+    p = Pair()
+    try:
+        table = p.ram.alloc(128, 16)
+        p.ram.write(table, indirect_table)
+        for i, (addr, length, flags, nxt) in enumerate(descs):
+            if addr == 0 and flags & VIRTQ_DESC_F_INDIRECT:
+                addr = table
+            p.tx_q.write_desc(i, addr, length, flags, nxt)
+        for slot, head in enumerate(heads):
+            p.tx_q.set_avail_entry(slot, head)
+        p.tx_q.set_avail_idx(avail_idx)
+        hostile_pop(p)
+        p.driver.rx.set_avail_idx(avail_idx)
+        for i, (addr, length, flags, nxt) in enumerate(descs):
+            p.rx_q.write_desc(i, addr, length, flags | VIRTQ_DESC_F_WRITE, nxt)
+        try:
+            p.net.push_rx(p.rx, deque([Frame(eth(1, 1500)), Frame(eth(2, 9000))]), 8)
+        except RingError:
+            pass
+    finally:
+        p.close()
