@@ -42,6 +42,9 @@ BATCH = 256
 REPOLL_SECONDS = 0.25
 # A kick fd the front-end said it would not provide (NOFD): poll this often.
 NOFD_POLL_SECONDS = 0.001
+# A front-end arriving while the previous one is being torn down waits this long before it
+# is refused (one guest per socket).
+BUSY_GRACE_SECONDS = 1.0
 # Client mode: how long to wait between attempts to reach a listening front-end.
 CONNECT_RETRY_SECONDS = (0.1, 2.0)
 
@@ -116,6 +119,8 @@ class VhostUserServer:
         self.port = port or VirtioNetPort(os.path.basename(path))
         self._frames_ready = trio.Event()
         self.port.on_ready = self._frames_ready.set
+        self._idle = trio.Event()  # set while no front-end is connected
+        self._idle.set()
 
     # -- connections -------------------------------------------------------------------------
 
@@ -140,11 +145,16 @@ class VhostUserServer:
                 while True:
                     conn, _ = await listener.accept()
                     if self.port.device is not None:
+                        # Maybe the old connection is ending right now (a quick reconnect).
+                        with trio.move_on_after(BUSY_GRACE_SECONDS):
+                            await self._idle.wait()
+                    if self.port.device is not None:
                         log.warning("%s: second front-end refused: one guest per socket",
                                     self.port.name)
                         conn.close()
                         continue
                     self.port.device = VhostUserDevice(self.port.name, self.queue_pairs)
+                    self._idle = trio.Event()
                     nursery.start_soon(self._serve, conn)
         finally:
             listener.close()
@@ -170,6 +180,7 @@ class VhostUserServer:
             delay = CONNECT_RETRY_SECONDS[0]
             log.info("%s: connected to front-end at %s", self.port.name, self.path)
             self.port.device = VhostUserDevice(self.port.name, self.queue_pairs)
+            self._idle = trio.Event()
             await self._serve(conn)
 
     async def _serve(self, conn: trio.socket.SocketType) -> None:
@@ -204,6 +215,7 @@ class VhostUserServer:
             device.close()
             self._apply(device, None, ring_scopes)
             self.port.device = None
+            self._idle.set()
             self.port.link_up = False
             self.port.accepts = Offload.NONE
             self.port.queue.clear()
