@@ -195,7 +195,7 @@ async def test_hostile_ring_latches_only_its_device_broken(tmp_path):
             await trio.testing.wait_all_tasks_blocked()
             assert port_a.counters.drops["link_down"] >= 1
             state = await trio.to_thread.run_sync(query, str(tmp_path / "control"))
-            assert [p["broken"] for p in state["ports"] if p["name"] == "a.sock"][0]
+            assert next(p["broken"] for p in state["ports"] if p["name"] == "a.sock")
             # the driver resets the device (reboot): the latch clears and traffic resumes
             await a.reboot()
             a.net.post_rx(16)
