@@ -126,14 +126,17 @@ class GuestMemory:
 
     def gpa_buffers(self, addr: int, length: int, out: list[memoryview]) -> None:
         """Append views covering [addr, addr+length) to `out`, split where regions meet."""
+        regions = self.regions
         while length:
-            for region in self.regions:
+            for position, region in enumerate(regions):
                 offset = addr - region.gpa
                 if 0 <= offset < region.size:
                     take = min(length, region.size - offset)
                     out.append(region.view[offset : offset + take])
                     addr += take
                     length -= take
+                    if position:  # most recently used first: the ring fast path looks there
+                        regions.insert(0, regions.pop(position))
                     break
             else:
                 raise GuestMemoryError(

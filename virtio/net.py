@@ -84,30 +84,28 @@ class NetQueues:
             return []
         frames = []
         used = []
-        for chain in chains:
-            used.append((chain.head, 0))
-            buffers = chain.readable
+        unpack_header = _HDR.unpack_from
+        for head, buffers, _ in chains:
+            used.append((head, 0))
             if len(buffers) == 1:
-                buf = buffers[0]
-                if len(buf) < NET_HDR_LEN:
-                    raise RingError(
-                        f"queue {queue.index}: TX chain {chain.head} holds {len(buf)} bytes, "
-                        f"less than the {NET_HDR_LEN}-byte virtio-net header"
-                    )
-                header = _HDR.unpack_from(buf, 0)
-                data: bytes | memoryview = bytes(buf[NET_HDR_LEN:])
+                whole = buffers[0]
+                data: bytes | memoryview = bytes(whole[NET_HDR_LEN:])  # the one copy
             else:
-                whole = b"".join(buffers)
-                if len(whole) < NET_HDR_LEN:
-                    raise RingError(
-                        f"queue {queue.index}: TX chain {chain.head} holds {len(whole)} bytes, "
-                        f"less than the {NET_HDR_LEN}-byte virtio-net header"
-                    )
-                header = _HDR.unpack_from(whole, 0)
+                whole = b"".join(buffers)  # the one copy
                 data = memoryview(whole)[NET_HDR_LEN:]
-            frame = Frame(data, *header)
-            if (frame.flags or frame.gso_type) and not self._tx_header_ok(frame):
-                continue
+            if len(whole) < NET_HDR_LEN:
+                queue.push_used(used)
+                raise RingError(
+                    f"queue {queue.index}: TX chain {head} holds {len(whole)} bytes, "
+                    f"less than the {NET_HDR_LEN}-byte virtio-net header"
+                )
+            header = unpack_header(whole, 0)  # read once; the frame bytes were copied above
+            if header[0] or header[1]:
+                frame = Frame(data, *header)
+                if not self._tx_header_ok(frame):
+                    continue
+            else:
+                frame = Frame(data)
             frames.append(frame)
         queue.push_used(used)
         return frames
@@ -148,64 +146,69 @@ class NetQueues:
         delivered = 0
         nbytes = 0
         mergeable = self.mergeable
+        # Chains popped ahead for the frames at hand; what is left over is given back.
+        ready: deque = deque(queue.pop(min(len(frames), limit)))
         while frames and delivered < limit:
             frame = frames[0]
             need = NET_HDR_LEN + len(frame.data)
-            if mergeable:
-                reserved = self._reserve(queue, need)
-                if reserved is None:
+            if not ready:
+                ready.extend(queue.pop(1 if mergeable else min(len(frames), limit)))
+                if not ready:
                     break
+            chain = ready[0]
+            writable = chain[2]
+            room = len(writable[0]) if len(writable) == 1 else sum(map(len, writable))
+            if room >= need:
+                ready.popleft()
+                frames.popleft()
+                if len(writable) == 1:  # the common case: one buffer holds it all
+                    buf = writable[0]
+                    frame.pack_virtio_header(buf, 0, 1)
+                    buf[NET_HDR_LEN:need] = frame.data  # the one copy
+                    used.append((chain[0], need))
+                else:
+                    self._write_frame(frame, [chain], need, used)
+            elif mergeable:
+                taken = [ready.popleft()]
+                while room < need:
+                    if not ready:
+                        ready.extend(queue.pop(1))
+                        if not ready:
+                            break
+                    more = ready.popleft()
+                    taken.append(more)
+                    room += sum(map(len, more[2]))
+                if room < need:  # not enough buffers yet: give them back, keep the frame
+                    queue.unpop(len(taken) + len(ready))
+                    ready.clear()
+                    break
+                frames.popleft()
+                self._write_frame(frame, taken, need, used)
             else:
-                chains = queue.pop(1)
-                if not chains:
-                    break
-                reserved = chains
-                if sum(len(b) for b in chains[0].writable) < need:
-                    # The guest's buffer cannot hold it: drop the frame, keep the buffer.
-                    queue.unpop(1)
-                    frames.popleft()
-                    self.drops["rx_buffer_too_small"] += 1
-                    continue
-            frames.popleft()
-            self._write_frame(frame, reserved, need, used)
+                # The guest's buffer cannot hold it: drop the frame, keep the buffer.
+                frames.popleft()
+                self.drops["rx_buffer_too_small"] += 1
+                continue
             delivered += 1
-            nbytes += len(frame.data)
+            nbytes += need - NET_HDR_LEN
+        if ready:
+            queue.unpop(len(ready))
         queue.push_used(used)
         return delivered, nbytes
-
-    def _reserve(self, queue: SplitQueue, need: int) -> list | None:
-        """Pop chains until their writable space holds `need` bytes, or give them all back."""
-        taken = []
-        room = 0
-        while room < need:
-            chains = queue.pop(1)
-            if not chains:
-                queue.unpop(len(taken))
-                return None
-            taken.append(chains[0])
-            room += sum(len(b) for b in chains[0].writable)
-        return taken
 
     @staticmethod
     def _write_frame(frame: Frame, chains: list, need: int, used: list[tuple[int, int]]) -> None:
         """Header then frame bytes, scattered over the chains' writable buffers."""
         data = frame.data
-        first = chains[0].writable
-        if len(chains) == 1 and len(first) == 1 and len(first[0]) >= need:
-            buf = first[0]
-            frame.pack_virtio_header(buf, 0, 1)
-            buf[NET_HDR_LEN:need] = data
-            used.append((chains[0].head, need))
-            return
         header = bytearray(NET_HDR_LEN)
         frame.pack_virtio_header(header, 0, len(chains))
         source = memoryview(header)
         src_off = 0
         in_header = True
         remaining = need
-        for chain in chains:
+        for head, _, writable in chains:
             written = 0
-            for buf in chain.writable:
+            for buf in writable:
                 buf_off = 0
                 space = len(buf)
                 while space and remaining:
@@ -222,4 +225,4 @@ class NetQueues:
                         in_header = False
                 if not remaining:
                     break
-            used.append((chain.head, written))
+            used.append((head, written))

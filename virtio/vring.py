@@ -49,15 +49,9 @@ class RingError(Exception):
     """The driver broke the ring protocol; the device must stop using this ring."""
 
 
-class Chain:
-    """One descriptor chain popped from the avail ring: its head and its buffers."""
-
-    __slots__ = ("head", "readable", "writable")
-
-    def __init__(self, head: int, readable: list[memoryview], writable: list[memoryview]) -> None:
-        self.head = head
-        self.readable = readable
-        self.writable = writable
+# One descriptor chain popped from the avail ring: (head, readable buffers, writable buffers).
+# A plain tuple: this is made once per frame on the hot path.
+Chain = tuple[int, list[memoryview], list[memoryview]]
 
 
 def _table_views(table: memoryview) -> tuple[memoryview, memoryview, memoryview]:
@@ -135,14 +129,34 @@ class SplitQueue:
     def pop(self, limit: int) -> list[Chain]:
         """Take up to `limit` available chains, walked and translated."""
         count = min(self.avail_count(), limit)
-        chains = []
+        chains: list[Chain] = []
         avail = self._avail
-        mask = self.size - 1
+        size = self.size
+        mask = size - 1
         idx = self.last_avail_idx
+        desc_q, desc_w, desc_h = self._desc_q, self._desc_w, self._desc_h
+        region = self.memory.regions[0]
+        region_gpa, region_size, region_view = region.gpa, region.size, region.view
+        walk = self._walk
         for _ in range(count):
             head = avail[2 + (idx & mask)]
-            chains.append(self._walk(head))
             idx = (idx + 1) & 0xFFFF
+            # Fast path: one direct descriptor inside the most recently used region.  Anything
+            # else -- or anything odd -- goes through the full walk, which reads and checks
+            # the descriptor afresh (nothing read here is used then).
+            if head < size:
+                flags = desc_h[8 * head + 6]
+                if not flags & (DESC_F_NEXT | DESC_F_INDIRECT):
+                    length = desc_w[4 * head + 2]
+                    offset = desc_q[2 * head] - region_gpa
+                    if length and offset >= 0 and offset + length <= region_size:
+                        view = region_view[offset : offset + length]
+                        if flags & DESC_F_WRITE:
+                            chains.append((head, [], [view]))
+                        else:
+                            chains.append((head, [view], []))
+                        continue
+            chains.append(walk(head))
         self.last_avail_idx = idx
         return chains
 
@@ -213,7 +227,7 @@ class SplitQueue:
             if len(readable) + len(writable) > MAX_CHAIN_BUFFERS:
                 raise RingError(f"queue {self.index}: chain {head} has too many buffers")
             if not flags & DESC_F_NEXT:
-                return Chain(head, readable, writable)
+                return head, readable, writable
             if next_i >= table_size:
                 raise RingError(
                     f"queue {self.index}: descriptor {i} links to {next_i} outside table of "
