@@ -1,0 +1,48 @@
+# vhostvpn: the two commands a fresh machine needs are `make demo` and `make test`.
+# Everything they need is installed here (as root): Debian packages, a virtualenv with the
+# project, and the guest image (Debian cloud kernel + busybox initramfs) built under qemu/build.
+
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := qemu-system-x86 busybox-static iperf3 dpdk-dev cpio gzip xz-utils zstd \
+                iproute2 procps python3-venv gcc
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-quick lint bench image setup apt clean
+
+demo: setup image
+	$(PY) qemu/demo.py
+
+test: setup image
+	$(VENV)/bin/pytest -q
+
+test-quick: setup
+	$(VENV)/bin/pytest -q -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench: setup image
+	$(PY) bench/vhost_switch.py
+
+image: setup
+	$(PY) qemu/build_image.py
+
+setup: apt $(STAMP)
+
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:" $$missing; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+
+$(STAMP): pyproject.toml setup.py virtio/_fence.c
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q -U pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) qemu/build build *.egg-info virtio/*.so
