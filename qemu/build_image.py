@@ -120,7 +120,11 @@ def sha256_file(path: Path) -> str:
 
 def apt_candidate(package: str) -> dict[str, str]:
     """Version and Depends of the candidate version of `package`, from the local apt cache."""
-    out = run(["apt-cache", "show", "--no-all-versions", package], quiet=True)
+    try:
+        out = run(["apt-cache", "show", "--no-all-versions", package], quiet=True)
+    except BuildError as exc:
+        raise BuildError(f"apt-cache has no package {package} (run apt-get update?): "
+                         f"{exc}") from exc
     fields: dict[str, str] = {}
     for line in out.splitlines():
         key, sep, value = line.partition(": ")

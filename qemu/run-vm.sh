@@ -75,8 +75,9 @@ probe_kvm() {
     fi
     verdict=tcg
     if [ -r /dev/kvm ] && [ -w /dev/kvm ]; then
-        out=$(timeout 10 "$qemu" -accel kvm -cpu host -m 128M -nodefaults -display none \
-            -serial stdio -kernel "$kernel" -initrd "$initrd" \
+        # --foreground: stay in our process group, so whoever kills the group kills the probe.
+        out=$(timeout --foreground -k 2 10 "$qemu" -accel kvm -cpu host -m 128M -nodefaults \
+            -display none -serial stdio -kernel "$kernel" -initrd "$initrd" \
             -append "console=ttyS0 quiet vv.cmd=$(printf 'echo kvm-ok' | base64 -w0)" \
             </dev/null 2>&1 || true)
         case "$out" in *kvm-ok*) verdict=kvm ;; esac
