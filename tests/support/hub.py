@@ -1,0 +1,90 @@
+"""Run `vhostvpn hub` as a real process for the slow tests: start it, wait for its sockets,
+ask its control socket for status, kill -9 it and start it again.  Only the PID it started is
+ever signalled."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+
+from tunnel.control import query
+
+START_TIMEOUT = 15.0
+STOP_TIMEOUT = 10.0
+
+
+class HubProcess:
+    def __init__(self, workdir: Path, sockets: list[str], extra_args: list[str]) -> None:
+        self.workdir = workdir
+        self.sockets = [str(workdir / s) for s in sockets]
+        self.control = str(workdir / "hub.control")
+        self.extra_args = extra_args
+        self.process: trio.Process | None = None
+        self.starts = 0
+
+    def socket(self, name: str) -> str:
+        return str(self.workdir / name)
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"hub.{self.starts}.log"
+
+    async def start(self) -> None:
+        self.starts += 1
+        argv = [sys.executable, "-m", "tunnel.cli", "hub", "--control", self.control,
+                "--log-level", "debug", *self.extra_args]
+        for path in self.sockets:
+            argv += ["--socket", path]
+        for path in [*self.sockets, self.control]:  # left behind by a killed hub
+            if os.path.exists(path):
+                os.unlink(path)
+        with open(self.log_path, "wb") as log:
+            self.process = await trio.lowlevel.open_process(
+                argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        with trio.fail_after(START_TIMEOUT):
+            while not all(os.path.exists(p) for p in [*self.sockets, self.control]):
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"hub exited early:\n{self.log_path.read_text()}")
+                await trio.sleep(0.05)
+
+    async def kill(self) -> None:
+        """kill -9, as a crash would."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        await self.process.wait()
+
+    async def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        with trio.move_on_after(STOP_TIMEOUT):
+            await self.process.wait()
+            return
+        self.process.send_signal(signal.SIGKILL)
+        await self.process.wait()
+
+    async def status(self) -> dict:
+        return await trio.to_thread.run_sync(query, self.control)
+
+    async def port(self, name: str) -> dict:
+        state = await self.status()
+        return next(p for p in state["ports"] if p["name"] == name)
+
+
+@asynccontextmanager
+async def hub_process(workdir: Path, sockets: list[str],
+                      extra_args: list[str] | None = None) -> AsyncIterator[HubProcess]:
+    hub = HubProcess(workdir, sockets, extra_args or [])
+    await hub.start()
+    try:
+        yield hub
+    finally:
+        await hub.stop()
