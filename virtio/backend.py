@@ -74,10 +74,10 @@ class VirtioNetPort(QueuedPort):
         status["connected"] = device is not None
         status["connections"] = self.connections
         status["link_up"] = self.link_up
+        status["broken"] = device.broken if device is not None else None
         if device is not None:
             status["features"] = f"{device.features:#x}"
             status["protocol_features"] = f"{device.protocol_features:#x}"
-            status["broken"] = device.broken
             status["live_queues"] = [q.index for q in device.live_queues()]
             if device.net is not None:
                 status["guest_drops"] = dict(device.net.drops)
