@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from typing import NamedTuple
 
 ETH_HEADER_LEN = 14
 ETH_ADDR_LEN = 6
@@ -55,53 +56,72 @@ _GSO_REQUIRES = {
 }
 
 
+class OffloadInfo(NamedTuple):
+    """The offload half of a virtio_net_hdr, exactly as it is laid out there."""
+
+    flags: int = 0
+    gso_type: int = GSO_NONE
+    hdr_len: int = 0
+    gso_size: int = 0
+    csum_start: int = 0
+    csum_offset: int = 0
+
+
+# A frame with complete checksums and no segmentation: the metadata of most frames, shared.
+PLAIN = OffloadInfo()
+
+
 class Frame:
-    """An Ethernet frame (bytes-like, never mutated) and the offload metadata travelling with it."""
+    """An Ethernet frame (bytes-like, never mutated) and the offload metadata travelling with it.
 
-    __slots__ = ("csum_offset", "csum_start", "data", "flags", "gso_size", "gso_type", "hdr_len")
+    `offload` is an OffloadInfo (or the plain 6-tuple unpacked from a virtio_net_hdr, which is
+    the same thing): the hot path hands the unpacked header over without rebuilding it.
+    """
 
-    def __init__(
-        self,
-        data: bytes | memoryview,
-        flags: int = 0,
-        gso_type: int = GSO_NONE,
-        hdr_len: int = 0,
-        gso_size: int = 0,
-        csum_start: int = 0,
-        csum_offset: int = 0,
-    ) -> None:
+    __slots__ = ("data", "offload")
+
+    def __init__(self, data: bytes | memoryview, offload: tuple = PLAIN) -> None:
         self.data = data
-        self.flags = flags
-        self.gso_type = gso_type
-        self.hdr_len = hdr_len
-        self.gso_size = gso_size
-        self.csum_start = csum_start
-        self.csum_offset = csum_offset
+        self.offload = offload
 
-    @classmethod
-    def from_virtio(cls, header: bytes | memoryview, data: bytes | memoryview) -> Frame:
-        """Build a frame from a raw 10- or 12-byte virtio_net_hdr and the frame bytes after it."""
-        flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = struct.unpack_from(
-            "<BBHHHH", header
-        )
-        return cls(data, flags, gso_type, hdr_len, gso_size, csum_start, csum_offset)
+    @property
+    def flags(self) -> int:
+        return self.offload[0]
+
+    @property
+    def gso_type(self) -> int:
+        return self.offload[1]
+
+    @property
+    def hdr_len(self) -> int:
+        return self.offload[2]
+
+    @property
+    def gso_size(self) -> int:
+        return self.offload[3]
+
+    @property
+    def csum_start(self) -> int:
+        return self.offload[4]
+
+    @property
+    def csum_offset(self) -> int:
+        return self.offload[5]
 
     def pack_virtio_header(self, into: memoryview, offset: int, num_buffers: int) -> None:
         """Write this frame's 12-byte virtio_net_hdr at `offset` of `into`."""
-        VIRTIO_NET_HDR.pack_into(
-            into, offset, self.flags, self.gso_type, self.hdr_len, self.gso_size,
-            self.csum_start, self.csum_offset, num_buffers,
-        )
+        VIRTIO_NET_HDR.pack_into(into, offset, *self.offload, num_buffers)
 
     @property
     def required_offloads(self) -> Offload:
         """What a receiver must accept to take this frame as it is."""
-        need = _GSO_REQUIRES.get(self.gso_type & ~GSO_ECN)
+        flags, gso_type = self.offload[0], self.offload[1]
+        need = _GSO_REQUIRES.get(gso_type & ~GSO_ECN)
         if need is None:
             return ALL_OFFLOADS  # an unknown GSO type: nobody can take it
-        if self.gso_type & GSO_ECN:
+        if gso_type & GSO_ECN:
             need |= Offload.ECN
-        if self.flags & HDR_F_NEEDS_CSUM:
+        if flags & HDR_F_NEEDS_CSUM:
             need |= Offload.CSUM
         return need
 
@@ -117,11 +137,7 @@ class Frame:
         return len(self.data)
 
     def __repr__(self) -> str:
-        return (
-            f"Frame(len={len(self.data)}, flags={self.flags:#x}, gso_type={self.gso_type}, "
-            f"gso_size={self.gso_size}, csum_start={self.csum_start}, "
-            f"csum_offset={self.csum_offset})"
-        )
+        return f"Frame(len={len(self.data)}, {OffloadInfo(*self.offload)})"
 
 
 def format_mac(mac: bytes) -> str:

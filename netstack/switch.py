@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from netstack.frame import ETH_HEADER_LEN, Frame, format_mac
+from netstack.frame import ETH_HEADER_LEN, PLAIN, Frame, format_mac
 from netstack.port import Port
 
 log = logging.getLogger(__name__)
@@ -73,18 +73,19 @@ class Switch:
             if len(data) < ETH_HEADER_LEN:
                 counters.drop("runt")
                 continue
-            src = bytes(data[6:12])
-            if not src[0] & 1:
-                entry = table.get(src)
-                if entry is None or entry[0] is not ingress or now - entry[1] > _REFRESH_SECONDS:
-                    if entry is not None and entry[0] is not ingress:
-                        log.debug("mac %s moved from %s to %s",
-                                  format_mac(src), entry[0].name, ingress.name)
-                    table[src] = (ingress, now)
-            else:
+            # Slices of bytes are bytes; slices of a memoryview hash and compare like bytes,
+            # so lookups need no copy.  Only a newly learned key is made bytes.
+            src = data[6:12]
+            if src[0] & 1:
                 counters.drop("multicast_source")
                 continue
-            dst = bytes(data[0:6])
+            entry = table.get(src)
+            if entry is None or entry[0] is not ingress or now - entry[1] > _REFRESH_SECONDS:
+                if entry is not None and entry[0] is not ingress:
+                    log.debug("mac %s moved from %s to %s",
+                              format_mac(bytes(src)), entry[0].name, ingress.name)
+                table[bytes(src)] = (ingress, now)
+            dst = data[0:6]
             if dst[0] & 1:
                 flood.append(frame)
                 continue
@@ -114,7 +115,8 @@ class Switch:
     @staticmethod
     def _deliver(egress: Port, batch: list[Frame]) -> None:
         accepts = egress.accepts
-        fitting = [f for f in batch if not (f.flags or f.gso_type)
+        fitting = [f for f in batch if f.offload is PLAIN
+                   or not (f.offload[0] or f.offload[1])
                    or not (f.required_offloads & ~accepts)]
         if len(fitting) != len(batch):
             egress.counters.drop("offload", len(batch) - len(fitting))

@@ -1,6 +1,6 @@
 """The learning switch: learning, flooding, aging, offload filtering, per-port counters."""
 
-from netstack.frame import GSO_TCPV4, HDR_F_NEEDS_CSUM, Frame, Offload
+from netstack.frame import GSO_TCPV4, HDR_F_NEEDS_CSUM, Frame, Offload, OffloadInfo
 from netstack.port import Port, QueuedPort
 from netstack.switch import Switch
 
@@ -108,10 +108,9 @@ def test_frames_needing_offloads_reach_only_ports_that_accept_them():
                                                                       | Offload.TSO4)
     for p in (sender, plain, capable):
         switch.attach(p)
-    tso = eth(BROADCAST, A, b"y" * 3000)
-    tso.flags, tso.gso_type, tso.gso_size = HDR_F_NEEDS_CSUM, GSO_TCPV4, 1448
-    partial = eth(BROADCAST, A)
-    partial.flags = HDR_F_NEEDS_CSUM
+    tso = Frame(eth(BROADCAST, A, b"y" * 3000).data,
+                OffloadInfo(HDR_F_NEEDS_CSUM, GSO_TCPV4, 54, 1448, 34, 16))
+    partial = Frame(eth(BROADCAST, A).data, OffloadInfo(flags=HDR_F_NEEDS_CSUM))
     switch.forward(sender, [tso, partial, eth(BROADCAST, A)])
     assert len(capable.got) == 3
     assert len(plain.got) == 1
@@ -119,8 +118,7 @@ def test_frames_needing_offloads_reach_only_ports_that_accept_them():
 
 
 def test_unknown_gso_type_is_accepted_by_nobody():
-    frame = eth(BROADCAST, A)
-    frame.gso_type = 0x42
+    frame = Frame(eth(BROADCAST, A).data, OffloadInfo(gso_type=0x42))
     assert frame.required_offloads & ~(Offload.CSUM | Offload.TSO4 | Offload.TSO6)
 
 

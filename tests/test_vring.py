@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from netstack.frame import GSO_TCPV4, HDR_F_NEEDS_CSUM, Frame
+from netstack.frame import GSO_TCPV4, HDR_F_NEEDS_CSUM, Frame, OffloadInfo
 from tests.support.virtio_driver import (
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
@@ -141,7 +141,7 @@ def test_rx_delivers_frames_with_headers(mrg):
 
 def test_rx_mergeable_spreads_a_large_frame_over_several_buffers(pair):
     pair.driver.post_rx(40, 1536)
-    big = Frame(eth(7, 60000), HDR_F_NEEDS_CSUM, GSO_TCPV4, 54, 1448, 34, 16)
+    big = Frame(eth(7, 60000), OffloadInfo(HDR_F_NEEDS_CSUM, GSO_TCPV4, 54, 1448, 34, 16))
     frames = deque([big])
     assert pair.net.push_rx(pair.rx, frames, 8)[0] == 1
     ((hdr, data),) = pair.driver.receive()

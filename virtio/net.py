@@ -25,6 +25,7 @@ from netstack.frame import (
     GSO_UDP,
     GSO_UDP_L4,
     HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR,
     Frame,
     Offload,
 )
@@ -87,21 +88,25 @@ class NetQueues:
         unpack_header = _HDR.unpack_from
         for head, buffers, _ in chains:
             used.append((head, 0))
-            if len(buffers) == 1:
-                whole = buffers[0]
-                data: bytes | memoryview = bytes(whole[NET_HDR_LEN:])  # the one copy
-            else:
-                whole = b"".join(buffers)  # the one copy
-                data = memoryview(whole)[NET_HDR_LEN:]
-            if len(whole) < NET_HDR_LEN:
-                queue.push_used(used)
-                raise RingError(
-                    f"queue {queue.index}: TX chain {head} holds {len(whole)} bytes, "
-                    f"less than the {NET_HDR_LEN}-byte virtio-net header"
-                )
-            header = unpack_header(whole, 0)  # read once; the frame bytes were copied above
+            first = buffers[0]
+            if len(first) >= NET_HDR_LEN:
+                header = unpack_header(first, 0)  # read once, before the copy
+                if len(buffers) == 1:
+                    data = bytes(first[NET_HDR_LEN:])  # the one copy
+                else:
+                    data = b"".join([first[NET_HDR_LEN:], *buffers[1:]])  # the one copy
+            else:  # the header itself is split over descriptors (rare)
+                whole = b"".join(buffers)
+                if len(whole) < NET_HDR_LEN:
+                    queue.push_used(used)
+                    raise RingError(
+                        f"queue {queue.index}: TX chain {head} holds {len(whole)} bytes, "
+                        f"less than the {NET_HDR_LEN}-byte virtio-net header"
+                    )
+                header = unpack_header(whole, 0)
+                data = whole[NET_HDR_LEN:]
             if header[0] or header[1]:
-                frame = Frame(data, *header)
+                frame = Frame(data, header)
                 if not self._tx_header_ok(frame):
                     continue
             else:
@@ -146,55 +151,73 @@ class NetQueues:
         delivered = 0
         nbytes = 0
         mergeable = self.mergeable
+        pack_header = VIRTIO_NET_HDR.pack_into
         # Chains popped ahead for the frames at hand; what is left over is given back.
-        ready: deque = deque(queue.pop(min(len(frames), limit)))
+        ready = queue.pop(min(len(frames), limit))
+        next_ready = 0
         while frames and delivered < limit:
-            frame = frames[0]
-            need = NET_HDR_LEN + len(frame.data)
-            if not ready:
-                ready.extend(queue.pop(1 if mergeable else min(len(frames), limit)))
+            if next_ready == len(ready):
+                ready = queue.pop(min(len(frames), limit - delivered))
+                next_ready = 0
                 if not ready:
                     break
-            chain = ready[0]
-            writable = chain[2]
-            room = len(writable[0]) if len(writable) == 1 else sum(map(len, writable))
-            if room >= need:
-                ready.popleft()
-                frames.popleft()
-                if len(writable) == 1:  # the common case: one buffer holds it all
-                    buf = writable[0]
-                    frame.pack_virtio_header(buf, 0, 1)
-                    buf[NET_HDR_LEN:need] = frame.data  # the one copy
-                    used.append((chain[0], need))
-                else:
-                    self._write_frame(frame, [chain], need, used)
-            elif mergeable:
-                taken = [ready.popleft()]
-                while room < need:
-                    if not ready:
-                        ready.extend(queue.pop(1))
-                        if not ready:
-                            break
-                    more = ready.popleft()
-                    taken.append(more)
-                    room += sum(map(len, more[2]))
-                if room < need:  # not enough buffers yet: give them back, keep the frame
-                    queue.unpop(len(taken) + len(ready))
-                    ready.clear()
-                    break
-                frames.popleft()
-                self._write_frame(frame, taken, need, used)
+            frame = frames[0]
+            data = frame.data
+            need = NET_HDR_LEN + len(data)
+            head, _, writable = ready[next_ready]
+            if len(writable) == 1 and len(writable[0]) >= need:
+                # The common case: one buffer holds header and frame.
+                buf = writable[0]
+                pack_header(buf, 0, *frame.offload, 1)
+                buf[NET_HDR_LEN:need] = data  # the one copy
+                used.append((head, need))
+                next_ready += 1
             else:
-                # The guest's buffer cannot hold it: drop the frame, keep the buffer.
-                frames.popleft()
-                self.drops["rx_buffer_too_small"] += 1
-                continue
+                room = sum(map(len, writable))
+                if room >= need:
+                    self._write_frame(frame, [ready[next_ready]], need, used)
+                    next_ready += 1
+                elif mergeable:
+                    taken = self._gather(queue, ready, next_ready, room, need)
+                    if taken is None:  # not enough buffers yet: keep the frame queued
+                        ready, next_ready = [], 0
+                        break
+                    self._write_frame(frame, taken, need, used)
+                    ready, next_ready = [], 0
+                else:
+                    # The guest's buffer cannot hold it: drop the frame, keep the buffer.
+                    frames.popleft()
+                    self.drops["rx_buffer_too_small"] += 1
+                    continue
+            frames.popleft()
             delivered += 1
             nbytes += need - NET_HDR_LEN
-        if ready:
-            queue.unpop(len(ready))
+        if next_ready < len(ready):
+            queue.unpop(len(ready) - next_ready)
         queue.push_used(used)
         return delivered, nbytes
+
+    @staticmethod
+    def _gather(
+        queue: SplitQueue, ready: list, start: int, room: int, need: int
+    ) -> list | None:
+        """Mergeable RX: chains from `ready[start:]` (then the ring) until `need` bytes fit.
+
+        On success the chains not used are given back to the ring; on failure all are.
+        """
+        taken = [ready[start]]
+        rest = ready[start + 1 :]
+        while room < need:
+            if not rest:
+                rest = queue.pop(1)
+                if not rest:
+                    queue.unpop(len(taken))
+                    return None
+            chain = rest.pop(0)
+            taken.append(chain)
+            room += sum(map(len, chain[2]))
+        queue.unpop(len(rest))
+        return taken
 
     @staticmethod
     def _write_frame(frame: Frame, chains: list, need: int, used: list[tuple[int, int]]) -> None:
