@@ -216,3 +216,46 @@ async def test_unexpected_fds_are_closed(tmp_path):
             after = len(os.listdir(f"/proc/{os.getpid()}/fd"))
             assert after <= before + 2
             assert struct.unpack("<Q", await a.request(VhostUserRequest.GET_QUEUE_NUM))[0] == 4
+
+
+def _open_fds() -> int:
+    return len(os.listdir(f"/proc/{os.getpid()}/fd"))
+
+
+def _guest_mappings() -> int:
+    with open(f"/proc/{os.getpid()}/maps") as maps:
+        return sum(1 for line in maps if "memfd:" in line)
+
+
+async def test_disconnects_free_every_mapping_and_fd(tmp_path):
+    async with running_hub(tmp_path):
+        async with guest(tmp_path / "a.sock") as a:
+            await send(a, [eth(BROADCAST, MAC_A, 0)])
+        await trio.testing.wait_all_tasks_blocked()
+        fds, mappings = _open_fds(), _guest_mappings()
+        for round_ in range(5):
+            async with guest(tmp_path / "a.sock") as a:
+                await send(a, [eth(BROADCAST, MAC_A, round_)])
+                await trio.testing.wait_all_tasks_blocked()
+                assert _guest_mappings() > mappings  # the hub mapped this guest's memory
+            await trio.testing.wait_all_tasks_blocked()
+        assert _open_fds() == fds
+        assert _guest_mappings() == mappings
+
+
+async def test_memory_table_change_while_rings_run(tmp_path):
+    """Memory hotplug: a second region appears while traffic flows; rings keep their place."""
+    async with running_hub(tmp_path):
+        async with guest(tmp_path / "a.sock") as a, guest(tmp_path / "b.sock") as b:
+            await learn(a, b)
+            with GuestRam(1 << 20, gpa_base=1 << 30, uva_base=0x7E00_0000_0000) as extra:
+                table = a.ram.memory_table() + extra.memory_table()
+                payload = struct.pack("<II", len(table), 0) + b"".join(
+                    struct.pack("<QQQQ", *region) for region in table)
+                await a.request(VhostUserRequest.SET_MEM_TABLE, payload,
+                                fds=a.ram.region_fds() + extra.region_fds(), need_reply=True)
+                frames = [eth(MAC_B, MAC_A, i) for i in range(20)]
+                await send(a, frames)
+                assert await receive(b, 20) == frames
+                await send(b, [eth(MAC_A, MAC_B, 1)])
+                assert len(await receive(a, 1)) == 1
