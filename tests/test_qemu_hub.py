@@ -109,3 +109,19 @@ async def test_frames_needing_offloads_never_reach_a_guest_without_them(tmp_path
             await ga.run("iperf3 -c 10.77.0.2 -t 1 --connect-timeout 2000", timeout=30)
             port = await hub.port("gb.sock")
             assert port["drops"].get("offload", 0) > 0
+
+
+async def test_multiqueue_guest_with_two_vcpus(tmp_path):
+    async with hub_process(tmp_path, ["ga.sock", "gb.sock"]) as hub:
+        async with guest("ga", hub, "10.77.0.1/24", tmp_path, smp=2, queues=2) as ga, \
+                guest("gb", hub, "10.77.0.2/24", tmp_path) as gb:
+            await wait_all_booted([ga, gb])
+            await ping(ga, "10.77.0.2")
+            _rc, out = await ga.run("ls /sys/class/net/eth0/queues/")
+            assert "tx-1" in out, out
+            # both CPUs send: pin a ping to each so frames leave on both TX queues
+            await ga.check("taskset 1 ping -c 2 10.77.0.2 && taskset 2 ping -c 2 10.77.0.2")
+            gbits = await iperf(gb, ga, "10.77.0.1")
+            assert gbits > 0
+            port = await hub.port("ga.sock")
+            assert len(port["live_queues"]) >= 2 and not port["broken"]
