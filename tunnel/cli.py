@@ -8,6 +8,7 @@ beyond that.
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import logging
@@ -94,6 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def tune_gc() -> None:
+    """The data path makes and drops short-lived, acyclic objects for every frame (frames,
+    spans, tuples), and reference counting frees them.  At the default first-generation
+    threshold (700) the cyclic collector runs several times per batch and walks the batch
+    still in flight: about 0.5 us per frame, measured in bench/.  Move what exists at start
+    out of its way and let it run every 100 000 allocations instead."""
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 50)
+
+
 def _cmd_hub(args: argparse.Namespace) -> int:
     from tunnel.hub import Hub, HubConfig
 
@@ -110,6 +121,7 @@ def _cmd_hub(args: argparse.Namespace) -> int:
             raise SystemExit(f"vhostvpn hub: --socket {path}: folder {folder} does not exist")
     config = HubConfig(sockets=args.socket, client_sockets=args.client_socket,
                        control=args.control, queue_pairs=args.queues)
+    tune_gc()
     trio.run(Hub(config).run)
     return 0
 

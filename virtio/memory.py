@@ -1,6 +1,11 @@
 """Guest memory as the back-end sees it: regions mmap'd from the fds QEMU passes in
 SET_MEM_TABLE, and bounds-checked translation of guest addresses to memoryviews.
 
+Buffers are handed out as spans, `(mmap, start, stop)` triples of absolute offsets into a
+region's mapping: slicing an mmap copies straight into a new bytes object (or from one on
+assignment), with no memoryview in between -- the cheapest copy CPython offers.  A span is
+checked when it is made; the mmap itself would clamp silently.
+
 Two address spaces meet here (vhost-user spec, "Memory regions"): ring addresses from
 SET_VRING_ADDR are QEMU virtual addresses (`uva`), descriptor buffer addresses are
 guest-physical (`gpa`).  Every translation checks the whole [addr, addr+len) range against one
@@ -55,10 +60,15 @@ def parse_regions(payload: bytes, count: int, offset: int) -> list[RegionSpec]:
     ]
 
 
-class Region:
-    """One mapped region.  `view` covers exactly the guest's bytes (mmap_offset already added)."""
+# A guest buffer: (mapping, start, stop), absolute offsets into the mapping.
+Span = tuple[mmap.mmap, int, int]
 
-    __slots__ = ("gpa", "mm", "size", "uva", "view")
+
+class Region:
+    """One mapped region.  `view` covers exactly the guest's bytes (mmap_offset already added);
+    `base` is where they start in `mm`."""
+
+    __slots__ = ("base", "gpa", "mm", "size", "uva", "view")
 
     def __init__(self, spec: RegionSpec, fd: int) -> None:
         spec.check()
@@ -76,6 +86,7 @@ class Region:
                 f"cannot map region gpa={spec.gpa:#x} size={spec.size:#x} "
                 f"offset={spec.mmap_offset:#x}: {exc}"
             ) from exc
+        self.base = spec.mmap_offset
         self.gpa = spec.gpa
         self.size = spec.size
         self.uva = spec.uva
@@ -124,15 +135,16 @@ class GuestMemory:
                 return region.view[offset : offset + length]
         raise GuestMemoryError(f"guest address {addr:#x}+{length:#x} is outside guest memory")
 
-    def gpa_buffers(self, addr: int, length: int, out: list[memoryview]) -> None:
-        """Append views covering [addr, addr+length) to `out`, split where regions meet."""
+    def gpa_buffers(self, addr: int, length: int, out: list[Span]) -> None:
+        """Append spans covering [addr, addr+length) to `out`, split where regions meet."""
         regions = self.regions
         while length:
             for position, region in enumerate(regions):
                 offset = addr - region.gpa
                 if 0 <= offset < region.size:
                     take = min(length, region.size - offset)
-                    out.append(region.view[offset : offset + take])
+                    start = region.base + offset
+                    out.append((region.mm, start, start + take))
                     addr += take
                     length -= take
                     if position:  # most recently used first: the ring fast path looks there
@@ -160,3 +172,11 @@ def close_fds(fds: list[int]) -> None:
             os.close(fd)
         except OSError:
             log.debug("closing fd %d failed", fd)
+
+
+def read_spans(spans: list[Span]) -> bytes:
+    """The bytes of `spans`, in order (one copy)."""
+    if len(spans) == 1:
+        mm, start, stop = spans[0]
+        return mm[start:stop]
+    return b"".join([mm[start:stop] for mm, start, stop in spans])

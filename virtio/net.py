@@ -25,18 +25,20 @@ from netstack.frame import (
     GSO_UDP,
     GSO_UDP_L4,
     HDR_F_NEEDS_CSUM,
+    PLAIN,
     VIRTIO_NET_HDR,
     Frame,
     Offload,
 )
+from virtio.memory import Span, read_spans
 from virtio.spec import NET_HDR_LEN, Feature, has
-from virtio.vring import RingError, SplitQueue
+from virtio.vring import Chain, RingError, SplitQueue
 
 log = logging.getLogger(__name__)
 
 _HDR = struct.Struct("<BBHHHH")  # the offload part; num_buffers is ignored on TX
-_NUM_BUFFERS = struct.Struct("<H")
-_ZERO_HDR = bytes(NET_HDR_LEN)
+# The header of a plain frame in a single RX buffer: no offloads, num_buffers = 1.
+_PLAIN_HEADER = VIRTIO_NET_HDR.pack(0, 0, 0, 0, 0, 0, 1)
 
 
 def offloads_from_features(features: int, *, guest: bool) -> Offload:
@@ -86,17 +88,24 @@ class NetQueues:
         frames = []
         used = []
         unpack_header = _HDR.unpack_from
-        for head, buffers, _ in chains:
+        for head, spans, _ in chains:
             used.append((head, 0))
-            first = buffers[0]
-            if len(first) >= NET_HDR_LEN:
-                header = unpack_header(first, 0)  # read once, before the copy
-                if len(buffers) == 1:
-                    data = bytes(first[NET_HDR_LEN:])  # the one copy
+            mm, start, stop = spans[0]
+            if stop - start >= NET_HDR_LEN:
+                # Two header bytes say whether there is offload metadata at all; each field is
+                # read once, and the frame bytes are copied once, straight into a bytes object.
+                if mm[start] or mm[start + 1]:
+                    header = unpack_header(mm, start)
+                    if not self._tx_header_ok(header, stop - start - NET_HDR_LEN):
+                        continue
                 else:
-                    data = b"".join([first[NET_HDR_LEN:], *buffers[1:]])  # the one copy
+                    header = PLAIN
+                if len(spans) == 1:
+                    data = mm[start + NET_HDR_LEN : stop]
+                else:
+                    data = read_spans([(mm, start + NET_HDR_LEN, stop), *spans[1:]])
             else:  # the header itself is split over descriptors (rare)
-                whole = b"".join(buffers)
+                whole = read_spans(spans)
                 if len(whole) < NET_HDR_LEN:
                     queue.push_used(used)
                     raise RingError(
@@ -104,37 +113,37 @@ class NetQueues:
                         f"less than the {NET_HDR_LEN}-byte virtio-net header"
                     )
                 header = unpack_header(whole, 0)
-                data = whole[NET_HDR_LEN:]
-            if header[0] or header[1]:
-                frame = Frame(data, header)
-                if not self._tx_header_ok(frame):
+                if (header[0] or header[1]) and not self._tx_header_ok(header, len(whole)):
                     continue
-            else:
-                frame = Frame(data)
-            frames.append(frame)
+                data = whole[NET_HDR_LEN:]
+            frames.append(Frame(data, header))
         queue.push_used(used)
         return frames
 
-    def _tx_header_ok(self, frame: Frame) -> bool:
-        """Check offload metadata from the guest against what it negotiated; count refusals."""
-        length = len(frame.data)
-        if frame.flags & HDR_F_NEEDS_CSUM:
+    def _tx_header_ok(self, header: tuple, length: int) -> bool:
+        """Check offload metadata from the guest against what it negotiated; count refusals.
+
+        `length` bounds the frame; a chain's later buffers only add to it, so a header that
+        fits the first buffer's frame bytes fits the frame.
+        """
+        flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = header
+        if flags & HDR_F_NEEDS_CSUM:
             if not self.tx_offloads & Offload.CSUM:
                 self.drops["tx_csum_not_negotiated"] += 1
                 return False
-            if frame.csum_start + frame.csum_offset + 2 > length:
+            if csum_start + csum_offset + 2 > length:
                 self.drops["tx_bad_csum_offsets"] += 1
                 return False
-        gso = frame.gso_type & ~GSO_ECN
+        gso = gso_type & ~GSO_ECN
         if gso != GSO_NONE:
             need = _GSO_OFFLOAD.get(gso)
             if need is None or not self.tx_offloads & need:
                 self.drops["tx_gso_not_negotiated"] += 1
                 return False
-            if frame.gso_type & GSO_ECN and not self.tx_offloads & Offload.ECN:
+            if gso_type & GSO_ECN and not self.tx_offloads & Offload.ECN:
                 self.drops["tx_gso_not_negotiated"] += 1
                 return False
-            if frame.gso_size == 0:
+            if gso_size == 0:
                 self.drops["tx_gso_size_zero"] += 1
                 return False
         return True
@@ -165,25 +174,30 @@ class NetQueues:
             data = frame.data
             need = NET_HDR_LEN + len(data)
             head, _, writable = ready[next_ready]
-            if len(writable) == 1 and len(writable[0]) >= need:
-                # The common case: one buffer holds header and frame.
-                buf = writable[0]
-                pack_header(buf, 0, *frame.offload, 1)
-                buf[NET_HDR_LEN:need] = data  # the one copy
+            mm, start, stop = writable[0]
+            if stop - start >= need:
+                # The common case: the first buffer holds header and frame.
+                offload = frame.offload
+                if offload is PLAIN:
+                    mm[start : start + NET_HDR_LEN] = _PLAIN_HEADER
+                else:
+                    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = offload
+                    pack_header(mm, start, flags, gso_type, hdr_len, gso_size, csum_start,
+                                csum_offset, 1)
+                mm[start + NET_HDR_LEN : start + need] = data  # the one copy
                 used.append((head, need))
                 next_ready += 1
             else:
-                room = sum(map(len, writable))
+                room = _room(writable)
                 if room >= need:
-                    self._write_frame(frame, [ready[next_ready]], need, used)
+                    self._scatter(frame, [ready[next_ready]], used)
                     next_ready += 1
                 elif mergeable:
                     taken = self._gather(queue, ready, next_ready, room, need)
-                    if taken is None:  # not enough buffers yet: keep the frame queued
-                        ready, next_ready = [], 0
-                        break
-                    self._write_frame(frame, taken, need, used)
                     ready, next_ready = [], 0
+                    if taken is None:  # not enough buffers yet: keep the frame queued
+                        break
+                    self._scatter(frame, taken, used)
                 else:
                     # The guest's buffer cannot hold it: drop the frame, keep the buffer.
                     frames.popleft()
@@ -199,11 +213,12 @@ class NetQueues:
 
     @staticmethod
     def _gather(
-        queue: SplitQueue, ready: list, start: int, room: int, need: int
-    ) -> list | None:
+        queue: SplitQueue, ready: list[Chain], start: int, room: int, need: int
+    ) -> list[Chain] | None:
         """Mergeable RX: chains from `ready[start:]` (then the ring) until `need` bytes fit.
 
-        On success the chains not used are given back to the ring; on failure all are.
+        All or nothing: on success the chains not needed go back to the ring; on failure,
+        all of them do.
         """
         taken = [ready[start]]
         rest = ready[start + 1 :]
@@ -215,37 +230,36 @@ class NetQueues:
                     return None
             chain = rest.pop(0)
             taken.append(chain)
-            room += sum(map(len, chain[2]))
+            room += _room(chain[2])
         queue.unpop(len(rest))
         return taken
 
     @staticmethod
-    def _write_frame(frame: Frame, chains: list, need: int, used: list[tuple[int, int]]) -> None:
-        """Header then frame bytes, scattered over the chains' writable buffers."""
-        data = frame.data
+    def _scatter(frame: Frame, chains: list[Chain], used: list[tuple[int, int]]) -> None:
+        """Header then frame bytes, spread over the chains' writable spans in order."""
         header = bytearray(NET_HDR_LEN)
         frame.pack_virtio_header(header, 0, len(chains))
-        source = memoryview(header)
-        src_off = 0
-        in_header = True
-        remaining = need
+        sources = (memoryview(header), memoryview(frame.data))
+        source_index = 0
+        source_offset = 0
         for head, _, writable in chains:
             written = 0
-            for buf in writable:
-                buf_off = 0
-                space = len(buf)
-                while space and remaining:
-                    take = min(space, len(source) - src_off)
-                    buf[buf_off : buf_off + take] = source[src_off : src_off + take]
-                    buf_off += take
-                    space -= take
-                    src_off += take
+            for mm, start, stop in writable:
+                position = start
+                while position < stop and source_index < len(sources):
+                    source = sources[source_index]
+                    take = min(stop - position, len(source) - source_offset)
+                    mm[position : position + take] = source[source_offset : source_offset + take]
+                    position += take
+                    source_offset += take
                     written += take
-                    remaining -= take
-                    if src_off == len(source) and in_header:
-                        source = memoryview(data)
-                        src_off = 0
-                        in_header = False
-                if not remaining:
+                    if source_offset == len(source):
+                        source_index += 1
+                        source_offset = 0
+                if source_index == len(sources):
                     break
             used.append((head, written))
+
+
+def _room(spans: list[Span]) -> int:
+    return sum(stop - start for _, start, stop in spans)

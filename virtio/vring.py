@@ -2,7 +2,7 @@
 
 Theory of operation.  The driver (guest) owns the descriptor table and the avail ring; the
 device (us) owns the used ring.  `pop()` reads avail.idx once, then walks each new chain from
-its head, translating every buffer through GuestMemory into bounds-checked memoryviews.
+its head, translating every buffer through GuestMemory into bounds-checked spans.
 `push_used()` writes used elements and publishes them with ONE used.idx store per batch;
 `should_notify()` then decides whether the driver wants an interrupt (EVENT_IDX or the
 NO_INTERRUPT flag).  `arm_kicks()` asks the driver to kick on its next addition and re-checks
@@ -25,7 +25,7 @@ also need real rmb/wmb; vhostvpn supports x86-64 only.
 from __future__ import annotations
 
 from virtio import _fence
-from virtio.memory import GuestMemory, GuestMemoryError
+from virtio.memory import GuestMemory, GuestMemoryError, Span, read_spans
 from virtio.spec import (
     AVAIL_ALIGN,
     AVAIL_F_NO_INTERRUPT,
@@ -49,9 +49,9 @@ class RingError(Exception):
     """The driver broke the ring protocol; the device must stop using this ring."""
 
 
-# One descriptor chain popped from the avail ring: (head, readable buffers, writable buffers).
+# One descriptor chain popped from the avail ring: (head, readable spans, writable spans).
 # A plain tuple: this is made once per frame on the hot path.
-Chain = tuple[int, list[memoryview], list[memoryview]]
+Chain = tuple[int, list[Span], list[Span]]
 
 
 def _table_views(table: memoryview) -> tuple[memoryview, memoryview, memoryview]:
@@ -136,11 +136,16 @@ class SplitQueue:
         idx = self.last_avail_idx
         desc_q, desc_w, desc_h = self._desc_q, self._desc_w, self._desc_h
         region = self.memory.regions[0]
-        region_gpa, region_size, region_view = region.gpa, region.size, region.view
+        region_gpa, region_size = region.gpa, region.size
+        region_mm, region_base = region.mm, region.base
         walk = self._walk
-        for _ in range(count):
-            head = avail[2 + (idx & mask)]
-            idx = (idx + 1) & 0xFFFF
+        # The heads, read in one go (one or two slices of the ring: it may wrap).
+        first = 2 + (idx & mask)
+        heads = avail[first : min(first + count, 2 + size)].tolist()
+        if len(heads) < count:
+            heads += avail[2 : 2 + count - len(heads)].tolist()
+        self.last_avail_idx = (idx + count) & 0xFFFF
+        for head in heads:
             # Fast path: one direct descriptor inside the most recently used region.  Anything
             # else -- or anything odd -- goes through the full walk, which reads and checks
             # the descriptor afresh (nothing read here is used then).
@@ -150,14 +155,14 @@ class SplitQueue:
                     length = desc_w[4 * head + 2]
                     offset = desc_q[2 * head] - region_gpa
                     if length and offset >= 0 and offset + length <= region_size:
-                        view = region_view[offset : offset + length]
+                        start = region_base + offset
+                        span = (region_mm, start, start + length)
                         if flags & DESC_F_WRITE:
-                            chains.append((head, [], [view]))
+                            chains.append((head, [], [span]))
                         else:
-                            chains.append((head, [view], []))
+                            chains.append((head, [span], []))
                         continue
             chains.append(walk(head))
-        self.last_avail_idx = idx
         return chains
 
     def unpop(self, count: int) -> None:
@@ -171,8 +176,8 @@ class SplitQueue:
         desc_q, desc_w, desc_h = self._desc_q, self._desc_w, self._desc_h
         table_size = size
         gpa_buffers = self.memory.gpa_buffers
-        readable: list[memoryview] = []
-        writable: list[memoryview] = []
+        readable: list[Span] = []
+        writable: list[Span] = []
         total = 0
         hops = 0
         in_indirect = False
@@ -196,13 +201,13 @@ class SplitQueue:
                         f"queue {self.index}: indirect table of {length} bytes "
                         f"(want a multiple of {DESC_SIZE}, at most {MAX_INDIRECT_ENTRIES} entries)"
                     )
-                table: list[memoryview] = []
+                table: list[Span] = []
                 try:
                     gpa_buffers(addr, length, table)
                 except GuestMemoryError as exc:
                     raise RingError(f"queue {self.index}: indirect table: {exc}") from exc
                 # A private copy: the guest cannot change the table while we walk it.
-                desc_q, desc_w, desc_h = _table_views(memoryview(b"".join(table)))
+                desc_q, desc_w, desc_h = _table_views(memoryview(read_spans(table)))
                 table_size = entries
                 in_indirect = True
                 hops = 0
