@@ -64,6 +64,7 @@ class Switch:
         table = self.mac_table
         aging = self.aging
         counters = ingress.counters
+        debug = log.isEnabledFor(logging.DEBUG)
         by_port: dict[Port, list[Frame]] = {}
         flood: list[Frame] = []
         nbytes = 0
@@ -81,7 +82,7 @@ class Switch:
                 continue
             entry = table.get(src)
             if entry is None or entry[0] is not ingress or now - entry[1] > _REFRESH_SECONDS:
-                if entry is not None and entry[0] is not ingress:
+                if entry is not None and entry[0] is not ingress and debug:
                     log.debug("mac %s moved from %s to %s",
                               format_mac(bytes(src)), entry[0].name, ingress.name)
                 table[bytes(src)] = (ingress, now)

@@ -86,10 +86,10 @@ class NetQueues:
         if not chains:
             return []
         frames = []
-        used = []
+        used: list[int] = []  # flat: head, length, head, length, ...
         unpack_header = _HDR.unpack_from
         for head, spans, _ in chains:
-            used.append((head, 0))
+            used += (head, 0)
             mm, start, stop = spans[0]
             if stop - start >= NET_HDR_LEN:
                 # Two header bytes say whether there is offload metadata at all; each field is
@@ -156,7 +156,7 @@ class NetQueues:
         Stops early, leaving the rest queued, when the guest has no buffers left.
         Returns (frames delivered, bytes delivered).
         """
-        used: list[tuple[int, int]] = []
+        used: list[int] = []  # flat: head, length, head, length, ...
         delivered = 0
         nbytes = 0
         mergeable = self.mergeable
@@ -185,7 +185,7 @@ class NetQueues:
                     pack_header(mm, start, flags, gso_type, hdr_len, gso_size, csum_start,
                                 csum_offset, 1)
                 mm[start + NET_HDR_LEN : start + need] = data  # the one copy
-                used.append((head, need))
+                used += (head, need)
                 next_ready += 1
             else:
                 room = _room(writable)
@@ -235,7 +235,7 @@ class NetQueues:
         return taken
 
     @staticmethod
-    def _scatter(frame: Frame, chains: list[Chain], used: list[tuple[int, int]]) -> None:
+    def _scatter(frame: Frame, chains: list[Chain], used: list[int]) -> None:
         """Header then frame bytes, spread over the chains' writable spans in order."""
         header = bytearray(NET_HDR_LEN)
         frame.pack_virtio_header(header, 0, len(chains))
@@ -258,7 +258,7 @@ class NetQueues:
                         source_offset = 0
                 if source_index == len(sources):
                     break
-            used.append((head, written))
+            used += (head, written)
 
 
 def _room(spans: list[Span]) -> int:

@@ -24,6 +24,8 @@ also need real rmb/wmb; vhostvpn supports x86-64 only.
 
 from __future__ import annotations
 
+from array import array
+
 from virtio import _fence
 from virtio.memory import GuestMemory, GuestMemoryError, Span, read_spans
 from virtio.spec import (
@@ -242,18 +244,23 @@ class SplitQueue:
 
     # -- our side: returning buffers -----------------------------------------------------
 
-    def push_used(self, entries: list[tuple[int, int]]) -> None:
-        """Return chains as (head, bytes written) and publish them with one used.idx store."""
-        if not entries:
+    def push_used(self, used: list[int]) -> None:
+        """Return chains and publish them with one used.idx store.
+
+        `used` is flat: head, bytes written, head, bytes written, ... (the used ring's own
+        layout, so the elements go in with one or two slice stores).
+        """
+        count = len(used) // 2
+        if not count:
             return
-        used_w = self._used_w
-        mask = self.size - 1
         idx = self.used_idx
-        for head, written in entries:
-            slot = 1 + 2 * (idx & mask)
-            used_w[slot] = head
-            used_w[slot + 1] = written
-            idx = (idx + 1) & 0xFFFF
+        slot = idx & (self.size - 1)
+        first = min(count, self.size - slot)
+        used_w = self._used_w
+        used_w[1 + 2 * slot : 1 + 2 * (slot + first)] = array("I", used[: 2 * first])
+        if first < count:  # the batch wraps around the end of the ring
+            used_w[1 : 1 + 2 * (count - first)] = array("I", used[2 * first :])
+        idx = (idx + count) & 0xFFFF
         self._used_h[1] = idx  # elements before index: x86 keeps store order
         self.used_idx = idx
 
