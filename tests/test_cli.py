@@ -1,0 +1,65 @@
+"""The command line: QEMU options, bad flags refused with a clear message, status rendering."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tunnel.cli import default_mac, format_status, main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tunnel.cli", *args], capture_output=True,
+                          text=True, timeout=30)
+
+
+def test_qemu_args_attach_a_nic_to_the_socket(capsys):
+    assert main(["qemu-args", "--socket", "/run/vm1.sock", "--mem", "2G", "--queues", "2",
+                 "--vectors", "0", "--mac", "52:54:00:00:00:01"]) == 0
+    out = capsys.readouterr().out.split()
+    assert "memory-backend-memfd,id=net0-mem,size=2G,share=on" in out
+    assert "socket,id=net0,path=/run/vm1.sock,reconnect=1" in out
+    assert "vhost-user,id=net0,chardev=net0,queues=2" in out
+    assert "virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01,mq=on,vectors=0" in out
+
+
+def test_default_mac_is_stable_and_locally_qemu_like():
+    assert default_mac("/run/a.sock") == default_mac("/run/a.sock")
+    assert default_mac("/run/a.sock") != default_mac("/run/b.sock")
+    assert default_mac("/run/a.sock").startswith("52:54:00:")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["qemu-args", "--socket", "x", "--mac", "zz"], "not a MAC address"),
+        (["qemu-args", "--socket", "x", "--queues", "0"], "--queues 0"),
+        (["hub"], "at least one --socket"),
+        (["hub", "--socket", "/nonexistent/dir/a.sock"], "does not exist"),
+        (["hub", "--socket", "/tmp/a.sock", "--socket", "/tmp/a.sock"], "twice"),
+        (["hub", "--socket", "/tmp/a.sock", "--log-level", "loud"], "invalid choice"),
+        (["status", "--control", "/nonexistent.ctl"], "cannot reach"),
+    ],
+)
+def test_bad_flags_get_a_clear_error(args, message):
+    result = run_cli(*args)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_status_rendering_names_links_drops_and_broken_devices():
+    text = format_status({
+        "role": "hub", "pid": 7,
+        "ports": [
+            {"name": "vm1.sock", "link_up": True, "features": "0x1", "in_frames": 3,
+             "in_bytes": 300, "out_frames": 2, "out_bytes": 200, "drops": {"queue_full": 4},
+             "guest_drops": {"tx_gso_size_zero": 1}, "broken": None},
+            {"name": "vm2.sock", "link_up": False, "in_frames": 0, "in_bytes": 0,
+             "out_frames": 0, "out_bytes": 0, "drops": {}, "broken": "queue 1: loops"},
+        ],
+        "macs": [{"mac": "52:54:00:00:00:01", "port": "vm1.sock", "age": 1.5}],
+    })
+    assert "vm1.sock: link up" in text and "queue_full=4" in text
+    assert "tx_gso_size_zero=1" in text
+    assert "vm2.sock: link down BROKEN: queue 1: loops" in text
+    assert "52:54:00:00:00:01 -> vm1.sock" in text
