@@ -259,3 +259,27 @@ async def test_memory_table_change_while_rings_run(tmp_path):
                 assert await receive(b, 20) == frames
                 await send(b, [eth(MAC_A, MAC_B, 1)])
                 assert len(await receive(a, 1)) == 1
+
+
+async def test_hostile_rx_ring_breaks_its_device_while_frames_flow(tmp_path):
+    async with running_hub(tmp_path) as hub:
+        async with guest(tmp_path / "a.sock") as a, guest(tmp_path / "b.sock") as b:
+            await learn(a, b)
+            rx = a.queues[0]
+            avail_idx = a.ram.read_u16(rx.avail_gpa + 2)
+            # Everything posted so far is still available (only one frame was delivered):
+            # turn the next head into a descriptor whose buffer lies outside guest memory.
+            head = a.ram.read_u16(rx.avail_gpa + 4 + 2 * ((avail_idx - 127) % rx.size))
+            rx.write_desc(head, a.ram.size + 4096, 2048, 2, 0)
+            await send(b, [eth(MAC_A, MAC_B, i) for i in range(50)])
+            port_a = next(p for p in hub.switch.ports if p.name == "a.sock")
+            with trio.fail_after(5):
+                while port_a.device.broken is None:
+                    await trio.sleep(0.01)
+            assert "outside guest memory" in port_a.device.broken
+            # the TX side of the broken device is stopped too, and the hub serves b
+            await send(a, [eth(MAC_B, MAC_A, 1)])
+            await send(b, [eth(BROADCAST, MAC_B, 2)])
+            await trio.testing.wait_all_tasks_blocked()
+            assert not port_a.link_up
+            assert port_a.device.live_queues() == []

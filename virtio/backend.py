@@ -24,7 +24,7 @@ import errno
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -121,6 +121,9 @@ class VhostUserServer:
         self.port.on_ready = self._frames_ready.set
         self._idle = trio.Event()  # set while no front-end is connected
         self._idle.set()
+        # The current connection's task tree: ring tasks by TX ring index (-1: the RX task).
+        self._nursery: trio.Nursery | None = None
+        self._ring_scopes: dict[int, trio.CancelScope] = {}
 
     # -- connections -------------------------------------------------------------------------
 
@@ -189,9 +192,10 @@ class VhostUserServer:
         self.port.connections += 1
         log.info("%s: front-end connected (connection %d)", self.port.name,
                  self.port.connections)
-        ring_scopes: dict[int, trio.CancelScope] = {}
+        self._ring_scopes = {}
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 try:
                     while True:
                         msg = await _read_message(conn)
@@ -202,18 +206,21 @@ class VhostUserServer:
                                   request_name(msg.request), msg.flags, len(msg.payload),
                                   len(msg.fds))
                         reply = device.handle(msg)
-                        self._apply(device, nursery, ring_scopes)
+                        self._apply(device)
                         if reply is not None:
                             await conn.send(reply)
                 except ProtocolError as exc:
                     log.error("%s: closing connection: %s", self.port.name, exc)
                 except OSError as exc:
                     log.warning("%s: connection failed: %s", self.port.name, exc)
+                except Exception:  # a bug must not take the other guests down
+                    log.exception("%s: internal error; closing connection", self.port.name)
                 nursery.cancel_scope.cancel()
         finally:
+            self._nursery = None
             conn.close()
             device.close()
-            self._apply(device, None, ring_scopes)
+            self._apply(device)
             self.port.device = None
             self._idle.set()
             self.port.link_up = False
@@ -222,13 +229,10 @@ class VhostUserServer:
 
     # -- reconciling ring tasks with the device -----------------------------------------------
 
-    def _apply(
-        self,
-        device: VhostUserDevice,
-        nursery: trio.Nursery | None,
-        ring_scopes: dict[int, trio.CancelScope],
-    ) -> None:
+    def _apply(self, device: VhostUserDevice) -> None:
         """Stop tasks of changed rings, close retired fds, start tasks for live rings."""
+        ring_scopes = self._ring_scopes
+        nursery = self._nursery
         changed = device.take_changed()
         rx_changed = False
         for index in changed:
@@ -251,12 +255,12 @@ class VhostUserServer:
                 scope = trio.CancelScope()
                 ring_scopes[index] = scope
                 _signal(vring.call_fd)  # a call after (re)start: the guest may be waiting
-                nursery.start_soon(self._tx_loop, device, vring.queue, scope)
+                nursery.start_soon(self._run_ring, self._tx_loop, device, vring.queue, scope)
         if rx_changed and rx_queue is not None and -1 not in ring_scopes:
             scope = trio.CancelScope()
             ring_scopes[-1] = scope
             _signal(device.vrings[rx_queue.index].call_fd)
-            nursery.start_soon(self._rx_loop, device, rx_queue, scope)
+            nursery.start_soon(self._run_ring, self._rx_loop, device, rx_queue, scope)
             self._frames_ready.set()
 
     @staticmethod
@@ -277,42 +281,53 @@ class VhostUserServer:
             await trio.lowlevel.wait_readable(fd)
             _drain_eventfd(fd)
 
-    async def _tx_loop(
-        self, device: VhostUserDevice, queue: SplitQueue, scope: trio.CancelScope
+    async def _run_ring(
+        self,
+        loop: Callable[[VhostUserDevice, SplitQueue], Awaitable[None]],
+        device: VhostUserDevice,
+        queue: SplitQueue,
+        scope: trio.CancelScope,
     ) -> None:
+        """Run one ring's loop; a guest that breaks the ring breaks only its own device."""
+        with scope:
+            try:
+                await loop(device, queue)
+            except trio.ClosedResourceError:
+                return  # its kick fd was retired: the ring changed, a new task takes over
+            except RingError as exc:
+                device.latch_broken(str(exc))
+            except Exception:
+                log.exception("%s: internal error on queue %d", self.port.name, queue.index)
+                device.latch_broken(f"internal error on queue {queue.index}")
+            # Stop the device's other ring tasks before they touch released rings.
+            self._apply(device)
+            self.port.queue.clear()
+
+    async def _tx_loop(self, device: VhostUserDevice, queue: SplitQueue) -> None:
         """Guest TX ring -> switch."""
         net = device.net
         vring = device.vrings[queue.index]
         assert net is not None
         port = self.port
         forward = self.forward
-        with scope:
-            try:
-                while True:
-                    before = queue.last_avail_idx
-                    frames = net.pop_tx(queue, BATCH)
-                    popped = (queue.last_avail_idx - before) & 0xFFFF
-                    if popped:
-                        if queue.should_notify():
-                            _signal(vring.call_fd)
-                        if frames:
-                            forward(port, frames)
-                        if popped == BATCH:
-                            await trio.lowlevel.checkpoint()
-                            continue
-                    if queue.arm_kicks():
-                        continue
-                    await self._wait_kick(device, queue)
-                    queue.mute_kicks()
-            except RingError as exc:
-                device.latch_broken(str(exc))
-                self._after_break(device)
-            except trio.ClosedResourceError:
-                return
+        while True:
+            before = queue.last_avail_idx
+            frames = net.pop_tx(queue, BATCH)
+            popped = (queue.last_avail_idx - before) & 0xFFFF
+            if popped:
+                if queue.should_notify():
+                    _signal(vring.call_fd)
+                if frames:
+                    forward(port, frames)
+                if popped == BATCH:
+                    await trio.lowlevel.checkpoint()
+                    continue
+            if queue.arm_kicks():
+                continue
+            await self._wait_kick(device, queue)
+            queue.mute_kicks()
 
-    async def _rx_loop(
-        self, device: VhostUserDevice, queue: SplitQueue, scope: trio.CancelScope
-    ) -> None:
+    async def _rx_loop(self, device: VhostUserDevice, queue: SplitQueue) -> None:
         """Frames the switch queued for this port -> the guest's RX ring."""
         net = device.net
         vring = device.vrings[queue.index]
@@ -320,41 +335,29 @@ class VhostUserServer:
         port = self.port
         pending = port.queue
         counters = port.counters
-        with scope:
-            try:
-                while True:
-                    if not pending:
-                        self._frames_ready = trio.Event()
-                        port.on_ready = self._frames_ready.set
-                        await self._frames_ready.wait()
-                        continue
-                    used_before = queue.used_idx
-                    delivered, nbytes = net.push_rx(queue, pending, BATCH)
-                    counters.out_frames += delivered
-                    counters.out_bytes += nbytes
-                    if queue.used_idx != used_before and queue.should_notify():
-                        _signal(vring.call_fd)
-                    if not pending:
-                        continue
-                    if delivered:
-                        await trio.lowlevel.checkpoint()
-                        continue
-                    # The guest has no buffers for the next frame: wait until it posts some.
-                    if queue.arm_kicks():
-                        await trio.lowlevel.checkpoint()
-                        continue
-                    await self._wait_kick(device, queue)
-                    queue.mute_kicks()
-            except RingError as exc:
-                device.latch_broken(str(exc))
-                self._after_break(device)
-            except trio.ClosedResourceError:
-                return
-
-    def _after_break(self, device: VhostUserDevice) -> None:
-        self.port.link_up = False
-        self.port.queue.clear()
-        # Ring tasks exit on their own; the control loop keeps serving messages.
+        while True:
+            if not pending:
+                self._frames_ready = trio.Event()
+                port.on_ready = self._frames_ready.set
+                await self._frames_ready.wait()
+                continue
+            used_before = queue.used_idx
+            delivered, nbytes = net.push_rx(queue, pending, BATCH)
+            counters.out_frames += delivered
+            counters.out_bytes += nbytes
+            if queue.used_idx != used_before and queue.should_notify():
+                _signal(vring.call_fd)
+            if not pending:
+                continue
+            if delivered:
+                await trio.lowlevel.checkpoint()
+                continue
+            # The guest has no buffers for the next frame: wait until it posts some.
+            if queue.arm_kicks():
+                await trio.lowlevel.checkpoint()
+                continue
+            await self._wait_kick(device, queue)
+            queue.mute_kicks()
 
 
 async def _read_message(conn: trio.socket.SocketType) -> Message | None:
