@@ -12,6 +12,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 
 from netstack.frame import Frame, Offload
+from netstack.policy import PortPolicy
 
 
 class PortCounters:
@@ -45,12 +46,16 @@ class Port:
     """Base class of switch ports.  Subclasses implement `deliver`.
 
     `accepts` lists the offloads this port can take (see `Frame.required_offloads`); the switch
-    never hands a port a frame that needs more.
+    never hands a port a frame that needs more.  `policy` is what the switch enforces on frames
+    from this port (netstack.policy); None means trusted (the hub's own services).
     """
 
-    def __init__(self, name: str, accepts: Offload = Offload.NONE) -> None:
+    def __init__(
+        self, name: str, accepts: Offload = Offload.NONE, policy: PortPolicy | None = None
+    ) -> None:
         self.name = name
         self.accepts = accepts
+        self.policy = policy
         self.counters = PortCounters()
 
     def deliver(self, frames: list[Frame]) -> None:
@@ -77,8 +82,9 @@ class QueuedPort(Port):
         name: str,
         accepts: Offload = Offload.NONE,
         limit: int = DEFAULT_QUEUE_FRAMES,
+        policy: PortPolicy | None = None,
     ) -> None:
-        super().__init__(name, accepts)
+        super().__init__(name, accepts, policy)
         self.limit = limit
         self.queue: deque[Frame] = deque()
         self.on_ready: Callable[[], None] | None = None

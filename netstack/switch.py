@@ -1,11 +1,16 @@
 """A learning Ethernet switch in userspace: the heart of `vhostvpn hub`.
 
-Frames arrive in batches from a port (`forward`).  For each frame the fast path reads only the
-Ethernet addresses: it learns the source MAC on the ingress port, then sends the frame to the
-port that owns the destination, or floods it (broadcast, multicast, unknown unicast) to every
-other port.  Frames are regrouped per egress port and each port gets one `deliver` call per
-batch.  A frame that needs an offload (TSO, partial checksum) the egress port does not accept
-is dropped there and counted as `offload` (software segmentation comes with the netstack issue).
+Path of a batch through `forward(ingress, frames)`:
+1. policy (netstack.policy), for ports that have one: MAC anti-spoofing and limit, the
+   broadcast/multicast token bucket, then the fixed-offset network-layer checks (IP source
+   binding, ARP sender, DHCP and RA guards).  Trusted ports (the hub's services) skip it.
+2. learning: the source MAC is (re)bound to the ingress port.
+3. lookup: the destination's port, or flooding (broadcast, multicast, unknown unicast) to
+   every other port; frames are regrouped per egress port.
+4. delivery: each egress port gets one `deliver` call per batch, with frames it can take as
+   they are; frames needing an offload it did not accept go through `netstack.offload.adapt`
+   (segmented or checksummed in software), or are dropped as `offload` if they are malformed.
+Every drop is counted on a port, by reason.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import time
 from collections.abc import Callable
 
 from netstack.frame import ETH_HEADER_LEN, PLAIN, Frame, format_mac
+from netstack.policy import AddressBook, PortPolicy, check_l3
 from netstack.port import Port
 
 log = logging.getLogger(__name__)
@@ -37,31 +43,60 @@ class Switch:
         self.aging = aging
         self.ports: list[Port] = []
         self.mac_table: dict[bytes, tuple[Port, float]] = {}
+        self.mac_counts: dict[Port, int] = {}
+        self.addresses = AddressBook(aging)
 
     def attach(self, port: Port) -> None:
         if port in self.ports:
             raise ValueError(f"port {port.name} is already attached")
         self.ports.append(port)
+        self.mac_counts[port] = 0
         log.info("port %s attached", port.name)
 
     def detach(self, port: Port) -> None:
         if port not in self.ports:
             return
         self.ports.remove(port)
+        forgotten = self.forget(port)
+        del self.mac_counts[port]
+        log.info("port %s detached, %d MACs forgotten", port.name, forgotten)
+
+    def forget(self, port: Port) -> int:
+        """Drop what was learned on `port`, MACs and IP claims (its guest went away)."""
         stale = [mac for mac, (owner, _) in self.mac_table.items() if owner is port]
         for mac in stale:
             del self.mac_table[mac]
-        log.info("port %s detached, %d MACs forgotten", port.name, len(stale))
+        self.mac_counts[port] = 0
+        self.addresses.forget(port)
+        return len(stale)
 
-    def forget(self, port: Port) -> None:
-        """Drop what was learned on `port` (its guest rebooted or its peer reconnected)."""
-        for mac in [m for m, (owner, _) in self.mac_table.items() if owner is port]:
-            del self.mac_table[mac]
+    def expire(self) -> None:
+        """Sweep aged MACs and IP claims (the hub calls this every few seconds)."""
+        now = self.clock()
+        for mac, (owner, seen) in list(self.mac_table.items()):
+            if now - seen > self.aging:
+                del self.mac_table[mac]
+                self.mac_counts[owner] -= 1
+        self.addresses.expire(now)
+
+    def bind_lease(self, ip: bytes, mac: bytes) -> None:
+        """The hub's DHCP server leased `ip` to `mac`: only the port behind `mac` may use it."""
+        entry = self.mac_table.get(mac)
+        if entry is None:
+            log.warning("lease of %s to %s, a MAC on no port", ip.hex(), format_mac(mac))
+            return
+        self.addresses.bind(ip, entry[0], self.clock())
+
+    def unbind_lease(self, ip: bytes) -> None:
+        self.addresses.unbind(ip)
 
     def forward(self, ingress: Port, frames: list[Frame]) -> None:
         """Switch a batch of frames that arrived on `ingress`."""
         now = self.clock()
+        if ingress.policy is not None:
+            frames = self._police(ingress, ingress.policy, frames, now)
         table = self.mac_table
+        counts = self.mac_counts
         aging = self.aging
         counters = ingress.counters
         debug = log.isEnabledFor(logging.DEBUG)
@@ -82,9 +117,13 @@ class Switch:
                 continue
             entry = table.get(src)
             if entry is None or entry[0] is not ingress or now - entry[1] > _REFRESH_SECONDS:
-                if entry is not None and entry[0] is not ingress and debug:
-                    log.debug("mac %s moved from %s to %s",
-                              format_mac(bytes(src)), entry[0].name, ingress.name)
+                if entry is None or entry[0] is not ingress:
+                    counts[ingress] += 1
+                    if entry is not None:
+                        counts[entry[0]] -= 1
+                        if debug:
+                            log.debug("mac %s moved from %s to %s",
+                                      format_mac(bytes(src)), entry[0].name, ingress.name)
                 table[bytes(src)] = (ingress, now)
             dst = data[0:6]
             if dst[0] & 1:
@@ -112,6 +151,42 @@ class Switch:
                     by_port[port] = flood if batch is None else batch + flood
         for egress, batch in by_port.items():
             self._deliver(egress, batch)
+
+    def _police(
+        self, ingress: Port, policy: PortPolicy, frames: list[Frame], now: float
+    ) -> list[Frame]:
+        """The frames of a batch that `ingress`'s policy admits; the rest counted by reason."""
+        admitted = []
+        table = self.mac_table
+        aging = self.aging
+        addresses = self.addresses
+        drop = ingress.counters.drop
+        known = self.mac_counts[ingress]
+        new_macs: set[bytes] = set()  # learned only after policing: count them here
+        for frame in frames:
+            data = frame.data
+            if len(data) < ETH_HEADER_LEN:
+                admitted.append(frame)  # counted as a runt by forward
+                continue
+            src = data[6:12]
+            entry = table.get(src)
+            if (entry is None or entry[0] is not ingress) and src not in new_macs:
+                if entry is not None and now - entry[1] <= aging:
+                    drop("mac_spoof")
+                    continue
+                if known + len(new_macs) >= policy.mac_limit:
+                    drop("mac_limit")
+                    continue
+                new_macs.add(bytes(src))
+            if data[0] & 1 and not policy.take_flood_token(now):
+                drop("flood_rate")
+                continue
+            reason = check_l3(data, ingress, addresses, now)
+            if reason is not None:
+                drop(reason)
+                continue
+            admitted.append(frame)
+        return admitted
 
     @staticmethod
     def _deliver(egress: Port, batch: list[Frame]) -> None:
