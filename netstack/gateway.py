@@ -1,0 +1,256 @@
+"""The hub's own host on the segment: one MAC address, the gateway's IPv4 and IPv6 addresses,
+and the services that live there, as one switch port (trusted, not policed).
+
+What it answers (everything else is ignored; malformed frames are dropped and counted):
+  ARP       requests for the gateway's IPv4 address
+  ICMP      echo requests to the gateway's IPv4 address
+  NDP       neighbour solicitations for its IPv6 addresses (link-local and prefix::1)
+  ICMPv6    echo requests to those addresses
+  RS        router solicitations -> a router advertisement (netstack.ra)
+  DHCPv4    requests to UDP port 67 -> the DHCP server (netstack.dhcp)
+Why one port for all of them: a port is a MAC address on the switch, and the services share
+the gateway's MAC and addresses -- a DHCP client renews by unicast to the address ARP gave it.
+
+Sans-I/O: `deliver()` (called by the switch) answers at once into `outbox` and calls
+`on_ready`; `tick(now)` does the timed work (periodic advertisements, lease expiry);
+`next_deadline()` says when.  The hub's shell moves `outbox` into the switch.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import struct
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import dpkt
+
+from netstack.frame import Frame, Offload
+from netstack.port import Port
+from netstack.ra import HOP_LIMIT_ND, RouterAdvertiser, link_local_from_mac
+
+log = logging.getLogger(__name__)
+
+ETH_P_IPV4 = 0x0800
+ETH_P_ARP = 0x0806
+ETH_P_IPV6 = 0x86DD
+BROADCAST_MAC = b"\xff" * 6
+IPV6_MULTICAST_MAC_PREFIX = 0x33
+ICMP_ECHO_REQUEST = 8
+ICMP_ECHO_REPLY = 0
+ICMPV6_ECHO_REQUEST = 128
+ICMPV6_ECHO_REPLY = 129
+ICMPV6_ROUTER_SOLICITATION = 133
+ICMPV6_NEIGHBOR_SOLICITATION = 135
+ICMPV6_NEIGHBOR_ADVERTISEMENT = 136
+NA_FLAG_ROUTER = 0x80
+NA_FLAG_SOLICITED = 0x40
+NA_FLAG_OVERRIDE = 0x20
+OPT_TARGET_LINK_ADDRESS = 2
+DHCP_SERVER_PORT = 67
+DEFAULT_TTL = 64
+
+
+class DhcpService:
+    """What the gateway needs of a DHCP server (netstack.dhcp.DhcpServer)."""
+
+    counters: Counter[str]
+
+    def handle(self, frame: bytes) -> list[bytes]: ...
+    def expire(self, now: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    mac: bytes
+    ipv4: ipaddress.IPv4Interface | None = None  # gateway address and the subnet's prefix
+    ipv6_prefix: ipaddress.IPv6Network | None = None  # a /64; the gateway is prefix::1
+    mtu: int = 1500
+    dns6: tuple[ipaddress.IPv6Address, ...] = ()
+
+
+# How often the timed work runs at the least (DHCP lease expiry).
+HOUSEKEEPING_SECONDS = 10.0
+
+
+class GatewayPort(Port):
+    def __init__(
+        self,
+        config: GatewayConfig,
+        dhcp: DhcpService | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        super().__init__("gateway", Offload.NONE, policy=None)
+        self.config = config
+        self.clock = clock or time.monotonic
+        self.mac = config.mac
+        self.ipv4 = config.ipv4.ip.packed if config.ipv4 else None
+        self.ipv6: set[bytes] = set()
+        self.ra: RouterAdvertiser | None = None
+        if config.ipv6_prefix is not None:
+            router = config.ipv6_prefix.network_address + 1
+            self.ipv6 = {link_local_from_mac(self.mac).packed, router.packed}
+            self.ra = RouterAdvertiser(self.mac, config.ipv6_prefix, config.mtu, config.dns6)
+        self.dhcp = dhcp
+        self.services: Counter[str] = Counter()
+        self.outbox: list[Frame] = []
+        self.on_ready: Callable[[], None] | None = None
+        self._next_housekeeping = 0.0
+
+    # -- frames from the switch -------------------------------------------------------------
+
+    def deliver(self, frames: list[Frame]) -> None:
+        replies: list[Frame] = []
+        for frame in frames:
+            data = bytes(frame.data)
+            dst = data[0:6]
+            if dst != self.mac and dst != BROADCAST_MAC and data[0] != IPV6_MULTICAST_MAC_PREFIX:
+                continue  # flooded unicast for someone else
+            try:
+                replies.extend(self._answer(data))
+            except (dpkt.UnpackError, struct.error, IndexError, ValueError):
+                self.counters.drop("malformed")
+        self.counters.out_frames += len(frames)
+        self.counters.out_bytes += sum(len(f.data) for f in frames)
+        if replies:
+            self._send(replies)
+
+    def _send(self, frames: list[Frame]) -> None:
+        was_empty = not self.outbox
+        self.outbox.extend(frames)
+        if was_empty and self.on_ready is not None:
+            self.on_ready()
+
+    def take_outbox(self) -> list[Frame]:
+        frames, self.outbox = self.outbox, []
+        return frames
+
+    def _answer(self, data: bytes) -> list[Frame]:
+        eth = dpkt.ethernet.Ethernet(data)
+        if eth.type == ETH_P_ARP and self.ipv4 is not None:
+            return self._arp(eth)
+        if eth.type == ETH_P_IPV4 and self.ipv4 is not None:
+            return self._ipv4(eth, data)
+        if eth.type == ETH_P_IPV6 and self.ipv6:
+            return self._ipv6(eth)
+        return []
+
+    # -- IPv4 ------------------------------------------------------------------------------
+
+    def _arp(self, eth: dpkt.ethernet.Ethernet) -> list[Frame]:
+        arp = eth.data
+        if not isinstance(arp, dpkt.arp.ARP) or arp.op != dpkt.arp.ARP_OP_REQUEST:
+            return []
+        if arp.tpa != self.ipv4 or arp.hln != 6 or arp.pln != 4:
+            return []
+        self.services["arp_reply"] += 1
+        reply = dpkt.arp.ARP(op=dpkt.arp.ARP_OP_REPLY, sha=self.mac, spa=self.ipv4,
+                             tha=arp.sha, tpa=arp.spa)
+        return [self._ethernet(eth.src, ETH_P_ARP, reply)]
+
+    def _ipv4(self, eth: dpkt.ethernet.Ethernet, data: bytes) -> list[Frame]:
+        ip = eth.data
+        if not isinstance(ip, dpkt.ip.IP):
+            raise ValueError("truncated IPv4 header")
+        if ip.p == dpkt.ip.IP_PROTO_UDP and isinstance(ip.data, dpkt.udp.UDP) \
+                and ip.data.dport == DHCP_SERVER_PORT:
+            if self.dhcp is None:
+                return []
+            return [Frame(reply) for reply in self.dhcp.handle(data)]
+        if ip.dst != self.ipv4 or ip.p != dpkt.ip.IP_PROTO_ICMP:
+            return []
+        icmp = ip.data
+        if not isinstance(icmp, dpkt.icmp.ICMP) or icmp.type != ICMP_ECHO_REQUEST:
+            return []
+        if dpkt.in_cksum(bytes(icmp)) != 0:
+            self.counters.drop("bad_checksum")
+            return []
+        self.services["icmp_echo"] += 1
+        reply_icmp = dpkt.icmp.ICMP(type=ICMP_ECHO_REPLY, code=0, data=icmp.data)
+        reply = dpkt.ip.IP(src=self.ipv4, dst=ip.src, p=dpkt.ip.IP_PROTO_ICMP, ttl=DEFAULT_TTL,
+                           data=reply_icmp)
+        reply.len = len(reply)
+        return [self._ethernet(eth.src, ETH_P_IPV4, reply)]
+
+    # -- IPv6 ------------------------------------------------------------------------------
+
+    def _ipv6(self, eth: dpkt.ethernet.Ethernet) -> list[Frame]:
+        ip = eth.data
+        if not isinstance(ip, dpkt.ip6.IP6):
+            raise ValueError("truncated IPv6 header")
+        if ip.nxt != dpkt.ip.IP_PROTO_ICMP6 or not isinstance(ip.data, dpkt.icmp6.ICMP6):
+            return []
+        icmp = ip.data
+        if icmp.type == ICMPV6_ROUTER_SOLICITATION and self.ra is not None:
+            if ip.hlim != HOP_LIMIT_ND:
+                self.counters.drop("nd_hop_limit")
+                return []
+            return self.ra.solicited(self.clock())
+        if icmp.type == ICMPV6_NEIGHBOR_SOLICITATION:
+            return self._neighbour_solicitation(eth, ip, icmp)
+        if icmp.type == ICMPV6_ECHO_REQUEST and ip.dst in self.ipv6:
+            self.services["icmpv6_echo"] += 1
+            reply = dpkt.icmp6.ICMP6(type=ICMPV6_ECHO_REPLY, code=0, data=bytes(icmp.data))
+            return [self._ip6(eth.src, ip.dst, ip.src, reply, DEFAULT_TTL)]
+        return []
+
+    def _neighbour_solicitation(self, eth, ip, icmp) -> list[Frame]:
+        body = bytes(icmp.data)
+        if len(body) < 20 or ip.hlim != HOP_LIMIT_ND:
+            raise ValueError("short neighbour solicitation")
+        target = body[4:20]
+        if target not in self.ipv6:
+            return []
+        self.services["neighbour_advertisement"] += 1
+        if ip.src == bytes(16):  # duplicate address detection: answer to all nodes
+            dst, dst_mac, flags = ipaddress.IPv6Address("ff02::1").packed, \
+                bytes.fromhex("333300000001"), NA_FLAG_ROUTER | NA_FLAG_OVERRIDE
+        else:
+            dst, dst_mac = ip.src, eth.src
+            flags = NA_FLAG_ROUTER | NA_FLAG_SOLICITED | NA_FLAG_OVERRIDE
+        advert = struct.pack("!B3x16sBB6s", flags, target, OPT_TARGET_LINK_ADDRESS, 1, self.mac)
+        icmp_out = dpkt.icmp6.ICMP6(type=ICMPV6_NEIGHBOR_ADVERTISEMENT, code=0, data=advert)
+        return [self._ip6(dst_mac, target, dst, icmp_out, HOP_LIMIT_ND)]
+
+    # -- building ---------------------------------------------------------------------------
+
+    def _ethernet(self, dst: bytes, ethertype: int, payload) -> Frame:
+        return Frame(bytes(dpkt.ethernet.Ethernet(dst=dst, src=self.mac, type=ethertype,
+                                                  data=payload)))
+
+    def _ip6(self, dst_mac: bytes, src: bytes, dst: bytes, icmp, hop_limit: int) -> Frame:
+        ip = dpkt.ip6.IP6(src=src, dst=dst, nxt=dpkt.ip.IP_PROTO_ICMP6, hlim=hop_limit,
+                          data=icmp, plen=len(bytes(icmp)))
+        return self._ethernet(dst_mac, ETH_P_IPV6, ip)
+
+    # -- timed work ---------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Do what is due: periodic router advertisements, DHCP lease expiry."""
+        now = self.clock()
+        frames = self.ra.tick(now) if self.ra is not None else []
+        if now >= self._next_housekeeping:
+            self._next_housekeeping = now + HOUSEKEEPING_SECONDS
+            if self.dhcp is not None:
+                self.dhcp.expire(time.time())  # leases live in wall-clock time
+        if frames:
+            self._send(frames)
+
+    def next_deadline(self) -> float:
+        deadline = self._next_housekeeping
+        if self.ra is not None and self.ra.next_deadline() is not None:
+            deadline = min(deadline, self.ra.next_deadline())
+        return deadline
+
+    def status(self) -> dict[str, object]:
+        status = super().status()
+        status["kind"] = "gateway"
+        status["services"] = dict(self.services)
+        if self.ra is not None:
+            status["services"] |= {f"ra_{k}": v for k, v in self.ra.counters.items()}
+        if self.dhcp is not None:
+            status["dhcp"] = dict(self.dhcp.counters)
+        return status

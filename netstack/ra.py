@@ -1,0 +1,121 @@
+"""IPv6 router advertisements (RFC 4861 section 6, RFC 8106 for DNS): the hub tells guests
+the segment's prefix (SLAAC), its MTU and itself as the default router.
+
+Sans-I/O: `solicited(now)` answers a router solicitation, `tick(now)` sends the periodic
+advertisements (a few quickly after start, RFC 4861 6.2.4, then every MAX_INTERVAL or so
+with jitter), `next_deadline()` says when to call `tick` again.  It builds frames, never
+sends them.  Router solicitations are rate limited (MIN_DELAY_BETWEEN_RAS).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import struct
+from collections import Counter
+
+import dpkt
+
+from netstack.frame import Frame
+
+ALL_NODES = ipaddress.IPv6Address("ff02::1")
+ALL_NODES_MAC = bytes.fromhex("333300000001")
+ETH_P_IPV6 = 0x86DD
+ICMPV6_ROUTER_ADVERTISEMENT = 134
+HOP_LIMIT_ND = 255  # RFC 4861: ND messages are sent, and accepted, only with hop limit 255
+
+# RFC 4861 section 6.2.1 and 10 defaults.
+MAX_INTERVAL = 600.0
+MIN_INTERVAL = 200.0
+INITIAL_ADVERTISEMENTS = 3
+INITIAL_INTERVAL = 4.0  # a little faster than MAX_INITIAL_RTR_ADVERT_INTERVAL (16 s)
+MIN_DELAY_BETWEEN_RAS = 0.5  # answering solicitations
+ROUTER_LIFETIME = 1800
+VALID_LIFETIME = 86400
+PREFERRED_LIFETIME = 14400
+CUR_HOP_LIMIT = 64
+DNS_LIFETIME = 1800
+
+OPT_SOURCE_LINK_ADDRESS = 1
+OPT_PREFIX_INFORMATION = 3
+OPT_MTU = 5
+OPT_RDNSS = 25
+PREFIX_FLAG_ON_LINK = 0x80
+PREFIX_FLAG_AUTONOMOUS = 0x40
+
+
+def link_local_from_mac(mac: bytes) -> ipaddress.IPv6Address:
+    """fe80::/64 with the modified EUI-64 interface identifier of `mac` (RFC 4291 App. A)."""
+    eui = bytes([mac[0] ^ 0x02]) + mac[1:3] + b"\xff\xfe" + mac[3:6]
+    return ipaddress.IPv6Address(b"\xfe\x80" + bytes(6) + eui)
+
+
+class RouterAdvertiser:
+    def __init__(
+        self,
+        mac: bytes,
+        prefix: ipaddress.IPv6Network,
+        mtu: int,
+        dns: tuple[ipaddress.IPv6Address, ...] = (),
+        rng: random.Random | None = None,
+    ) -> None:
+        if prefix.prefixlen != 64:
+            raise ValueError(f"SLAAC needs a /64 prefix, got {prefix}")
+        self.mac = mac
+        self.prefix = prefix
+        self.mtu = mtu
+        self.dns = dns
+        self.source = link_local_from_mac(mac)
+        self.rng = rng or random.Random()
+        self.counters: Counter[str] = Counter()
+        self._frame = self._build()
+        self._sent_initial = 0
+        self._next: float | None = None  # set at the first tick
+        self._last_sent = float("-inf")
+
+    def _build(self) -> bytes:
+        options = struct.pack("!BB6s", OPT_SOURCE_LINK_ADDRESS, 1, self.mac)
+        options += struct.pack("!BBHI", OPT_MTU, 1, 0, self.mtu)
+        options += struct.pack(
+            "!BBBBIII16s", OPT_PREFIX_INFORMATION, 4, 64,
+            PREFIX_FLAG_ON_LINK | PREFIX_FLAG_AUTONOMOUS, VALID_LIFETIME, PREFERRED_LIFETIME, 0,
+            self.prefix.network_address.packed,
+        )
+        if self.dns:
+            options += struct.pack("!BBHI", OPT_RDNSS, 1 + 2 * len(self.dns), 0, DNS_LIFETIME)
+            options += b"".join(address.packed for address in self.dns)
+        body = struct.pack("!BBHII", CUR_HOP_LIMIT, 0, ROUTER_LIFETIME, 0, 0) + options
+        icmp = dpkt.icmp6.ICMP6(type=ICMPV6_ROUTER_ADVERTISEMENT, code=0, data=body)
+        ip = dpkt.ip6.IP6(src=self.source.packed, dst=ALL_NODES.packed, nxt=dpkt.ip.IP_PROTO_ICMP6,
+                          hlim=HOP_LIMIT_ND, data=icmp, plen=len(bytes(icmp)))
+        return bytes(dpkt.ethernet.Ethernet(dst=ALL_NODES_MAC, src=self.mac, type=ETH_P_IPV6,
+                                            data=ip))
+
+    def advertisement(self) -> Frame:
+        return Frame(self._frame)
+
+    def solicited(self, now: float) -> list[Frame]:
+        """A router solicitation arrived: answer at once, unless we just did."""
+        if now - self._last_sent < MIN_DELAY_BETWEEN_RAS:
+            self.counters["rs_rate_limited"] += 1
+            return []
+        self.counters["rs_answered"] += 1
+        self._last_sent = now
+        return [self.advertisement()]
+
+    def tick(self, now: float) -> list[Frame]:
+        if self._next is None:
+            self._next = now
+        if now < self._next:
+            return []
+        if self._sent_initial < INITIAL_ADVERTISEMENTS:
+            self._sent_initial += 1
+            self._next = now + INITIAL_INTERVAL
+        else:
+            self._next = now + self.rng.uniform(MIN_INTERVAL, MAX_INTERVAL)
+        self._last_sent = now
+        self.counters["ra_periodic"] += 1
+        return [self.advertisement()]
+
+    def next_deadline(self) -> float | None:
+        return self._next

@@ -1,0 +1,193 @@
+"""The gateway port against scapy-built requests: ARP, ICMP echo, neighbour discovery, ICMPv6
+echo and router advertisements; replies re-parsed by scapy with their checksums verified;
+garbage dropped and counted, never raised."""
+
+import ipaddress
+import itertools
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scapy.layers.inet import ICMP, IP, UDP
+from scapy.layers.inet6 import (
+    ICMPv6EchoReply,
+    ICMPv6EchoRequest,
+    ICMPv6ND_NA,
+    ICMPv6ND_NS,
+    ICMPv6ND_RA,
+    ICMPv6ND_RS,
+    ICMPv6NDOptMTU,
+    ICMPv6NDOptPrefixInfo,
+    IPv6,
+)
+from scapy.layers.l2 import ARP, Ether
+
+from netstack.frame import Frame
+from netstack.gateway import GatewayConfig, GatewayPort
+from netstack.ra import link_local_from_mac
+
+GW_MAC = "02:76:76:00:00:01"
+GUEST = "52:54:00:00:00:01"
+CONFIG = GatewayConfig(
+    mac=bytes.fromhex(GW_MAC.replace(":", "")),
+    ipv4=ipaddress.IPv4Interface("10.77.0.1/24"),
+    ipv6_prefix=ipaddress.IPv6Network("fd77::/64"),
+    mtu=1400,
+)
+LINK_LOCAL = str(link_local_from_mac(CONFIG.mac))
+
+
+class Clock:
+    now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def gateway():
+    return GatewayPort(CONFIG, clock=Clock())
+
+
+def ask(gw, packet):
+    gw.deliver([Frame(bytes(packet))])
+    return [Ether(bytes(f.data)) for f in gw.take_outbox()]
+
+
+def checksums_valid(packet) -> bool:
+    """Rebuild with scapy's own checksums and compare."""
+    rebuilt = packet.copy()
+    for layer in (IP, ICMP, ICMPv6EchoReply, ICMPv6ND_NA, ICMPv6ND_RA):
+        if layer in rebuilt:
+            if layer in (IP, ICMP):
+                del rebuilt[layer].chksum
+            else:
+                del rebuilt[layer].cksum
+    return bytes(Ether(bytes(rebuilt))) == bytes(packet)
+
+
+def test_arp_request_for_the_gateway_is_answered():
+    (reply,) = ask(gateway(), Ether(src=GUEST, dst="ff:ff:ff:ff:ff:ff")
+                   / ARP(op=1, hwsrc=GUEST, psrc="10.77.0.5", pdst="10.77.0.1"))
+    assert reply[ARP].op == 2 and reply[ARP].hwsrc == GW_MAC and reply[ARP].psrc == "10.77.0.1"
+    assert reply.dst == GUEST and reply[ARP].pdst == "10.77.0.5"
+
+
+def test_arp_for_other_addresses_is_ignored():
+    assert ask(gateway(), Ether(src=GUEST, dst="ff:ff:ff:ff:ff:ff")
+               / ARP(op=1, hwsrc=GUEST, psrc="10.77.0.5", pdst="10.77.0.9")) == []
+
+
+def test_icmp_echo_is_answered_with_the_same_payload():
+    gw = gateway()
+    (reply,) = ask(gw, Ether(src=GUEST, dst=GW_MAC) / IP(src="10.77.0.5", dst="10.77.0.1")
+                   / ICMP(id=7, seq=3) / b"payload!")
+    assert reply[IP].src == "10.77.0.1" and reply[IP].dst == "10.77.0.5"
+    assert reply[ICMP].type == 0 and reply[ICMP].id == 7 and reply[ICMP].seq == 3
+    assert bytes(reply[ICMP].payload) == b"payload!"
+    assert checksums_valid(reply)
+    assert gw.services["icmp_echo"] == 1
+
+
+def test_icmp_with_a_bad_checksum_is_dropped_and_counted():
+    gw = gateway()
+    assert ask(gw, Ether(src=GUEST, dst=GW_MAC) / IP(src="10.77.0.5", dst="10.77.0.1")
+               / ICMP(chksum=0x1234)) == []
+    assert gw.counters.drops["bad_checksum"] == 1
+
+
+def test_neighbour_solicitation_for_the_router_address():
+    (reply,) = ask(gateway(), Ether(src=GUEST, dst="33:33:ff:00:00:01")
+                   / IPv6(src="fd77::5", dst="ff02::1:ff00:1", hlim=255)
+                   / ICMPv6ND_NS(tgt="fd77::1"))
+    na = reply[ICMPv6ND_NA]
+    assert na.tgt == "fd77::1" and na.R == 1 and na.S == 1 and na.O == 1
+    assert reply[IPv6].dst == "fd77::5" and reply[IPv6].hlim == 255
+    assert bytes(na.payload)[2:8] == CONFIG.mac  # target link-layer address option
+    assert checksums_valid(reply)
+
+
+def test_duplicate_address_detection_for_our_address_is_answered_to_all_nodes():
+    (reply,) = ask(gateway(), Ether(src=GUEST, dst="33:33:ff:00:00:01")
+                   / IPv6(src="::", dst="ff02::1:ff00:1", hlim=255) / ICMPv6ND_NS(tgt="fd77::1"))
+    assert reply[IPv6].dst == "ff02::1" and reply[ICMPv6ND_NA].S == 0
+
+
+def test_icmpv6_echo_to_link_local_and_router_address():
+    for address in (LINK_LOCAL, "fd77::1"):
+        (reply,) = ask(gateway(), Ether(src=GUEST, dst=GW_MAC) / IPv6(src="fd77::5", dst=address)
+                       / ICMPv6EchoRequest(id=1, seq=2, data=b"hi"))
+        assert reply[ICMPv6EchoReply].data == b"hi" and reply[IPv6].src == address
+        assert checksums_valid(reply)
+
+
+def test_router_solicitation_gets_an_advertisement_with_prefix_and_mtu():
+    gw = gateway()
+    (reply,) = ask(gw, Ether(src=GUEST, dst="33:33:00:00:00:02")
+                   / IPv6(src="fe80::5054:ff:fe00:1", dst="ff02::2", hlim=255) / ICMPv6ND_RS())
+    ra = reply[ICMPv6ND_RA]
+    assert reply[IPv6].src == LINK_LOCAL and reply[IPv6].hlim == 255
+    assert ra.routerlifetime > 0
+    assert reply[ICMPv6NDOptPrefixInfo].prefix == "fd77::"
+    assert reply[ICMPv6NDOptPrefixInfo].A == 1 and reply[ICMPv6NDOptPrefixInfo].L == 1
+    assert reply[ICMPv6NDOptMTU].mtu == 1400
+    assert checksums_valid(reply)
+    # a second solicitation right away is rate limited
+    assert ask(gw, Ether(src=GUEST, dst="33:33:00:00:00:02")
+               / IPv6(src="fe80::5054:ff:fe00:1", dst="ff02::2", hlim=255) / ICMPv6ND_RS()) == []
+
+
+def test_nd_messages_with_a_forwarded_hop_limit_are_refused():
+    gw = gateway()
+    assert ask(gw, Ether(src=GUEST, dst="33:33:00:00:00:02")
+               / IPv6(src="fe80::5054:ff:fe00:1", dst="ff02::2", hlim=64) / ICMPv6ND_RS()) == []
+    assert gw.counters.drops["nd_hop_limit"] == 1
+
+
+def test_periodic_advertisements_come_quickly_first_then_slowly():
+    gw = gateway()
+    clock = gw.clock
+    times = []
+    while len(times) < 6:
+        clock.now = gw.next_deadline()
+        gw.tick()
+        if gw.take_outbox():
+            times.append(clock.now)
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert gaps[0] <= 16 and max(gaps) >= 200
+
+
+def test_frames_for_other_hosts_are_ignored():
+    gw = gateway()
+    assert ask(gw, Ether(src=GUEST, dst="52:54:00:00:00:99") / IP(src="10.77.0.5",
+                                                                  dst="10.77.0.9") / ICMP()) == []
+    assert not gw.counters.drops
+
+
+def test_dhcp_frames_go_to_the_dhcp_service():
+    class FakeDhcp:
+        counters = {}
+
+        def __init__(self):
+            self.got = []
+
+        def handle(self, frame):
+            self.got.append(frame)
+            return [b"reply-frame"]
+
+        def expire(self, now):
+            pass
+
+    dhcp = FakeDhcp()
+    gw = GatewayPort(CONFIG, dhcp=dhcp, clock=Clock())
+    packet = Ether(src=GUEST, dst="ff:ff:ff:ff:ff:ff") / IP(src="0.0.0.0", dst="255.255.255.255") \
+        / UDP(sport=68, dport=67) / (b"x" * 10)
+    gw.deliver([Frame(bytes(packet))])
+    assert dhcp.got == [bytes(packet)]
+    assert [bytes(f.data) for f in gw.take_outbox()] == [b"reply-frame"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200), st.sampled_from([b"\x08\x00", b"\x08\x06", b"\x86\xdd"]))
+def test_garbage_is_dropped_never_raised(payload, ethertype):
+    gw = gateway()
+    gw.deliver([Frame(CONFIG.mac + bytes.fromhex("525400000001") + ethertype + payload)])
+    gw.take_outbox()
