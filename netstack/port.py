@@ -12,6 +12,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 
 from netstack.frame import Frame, Offload
+from netstack.pcap import PcapWriter
 from netstack.policy import PortPolicy
 
 
@@ -57,6 +58,8 @@ class Port:
         self.accepts = accepts
         self.policy = policy
         self.counters = PortCounters()
+        # A capture of what this port sends and receives (netstack.pcap.PcapWriter), if asked.
+        self.capture: PcapWriter | None = None
 
     def deliver(self, frames: list[Frame]) -> None:
         """Take a batch of frames from the switch.  Must not block."""

@@ -93,6 +93,8 @@ class Switch:
     def forward(self, ingress: Port, frames: list[Frame]) -> None:
         """Switch a batch of frames that arrived on `ingress`."""
         now = self.clock()
+        if ingress.capture is not None:
+            ingress.capture.write([frame.data for frame in frames], "in")
         if ingress.policy is not None:
             frames = self._police(ingress, ingress.policy, frames, now)
         table = self.mac_table
@@ -197,6 +199,8 @@ class Switch:
         if len(fitting) != len(batch):
             egress.counters.drop("offload", len(batch) - len(fitting))
         if fitting:
+            if egress.capture is not None:
+                egress.capture.write([frame.data for frame in fitting], "out")
             egress.deliver(fitting)
 
     def status(self) -> dict[str, object]:

@@ -371,3 +371,17 @@ def test_hostile_rings_never_crash_or_hang(descs, heads, avail_idx, indirect_tab
             pass
     finally:
         p.close()
+
+
+def test_chains_without_the_buffers_their_direction_needs_break_the_ring(pair):
+    gpa = pair.ram.alloc(64)
+    pair.tx_q.write_desc(0, gpa, 64, VIRTQ_DESC_F_WRITE, 0)  # TX chain, only writable
+    pair.tx_q.set_avail_entry(0, 0)
+    pair.tx_q.set_avail_idx(1)
+    with pytest.raises(RingError, match="no readable"):
+        pair.net.pop_tx(pair.tx, 8)
+    pair.rx_q.write_desc(0, gpa, 64, 0, 0)  # RX chain, only readable
+    pair.rx_q.set_avail_entry(0, 0)
+    pair.rx_q.set_avail_idx(1)
+    with pytest.raises(RingError, match="no writable"):
+        pair.net.push_rx(pair.rx, deque([Frame(eth(1))]), 8)

@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import gc
 import hashlib
+import ipaddress
 import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 import trio
 
@@ -75,6 +77,23 @@ def build_parser() -> argparse.ArgumentParser:
     hub.add_argument("--control", metavar="PATH", help="control socket for `vhostvpn status`")
     hub.add_argument("--queues", type=int, default=4, metavar="N",
                      help="queue pairs offered per socket (default 4)")
+    net = hub.add_argument_group("the segment's gateway services")
+    net.add_argument("--subnet", type=ipaddress.IPv4Network, metavar="CIDR",
+                     help="IPv4 subnet of the segment, e.g. 10.77.0.0/24: the hub answers "
+                          "ARP and ping at the gateway address and serves DHCP")
+    net.add_argument("--gateway", type=ipaddress.IPv4Address, metavar="ADDRESS",
+                     help="the gateway's address (default: the subnet's first address)")
+    net.add_argument("--no-dhcp", action="store_true", help="no DHCP server")
+    net.add_argument("--ipv6-prefix", type=ipaddress.IPv6Network, metavar="PREFIX/64",
+                     help="IPv6 /64 announced by router advertisements (SLAAC)")
+    net.add_argument("--mtu", type=int, default=1500,
+                     help="MTU announced by DHCP and router advertisements (default 1500)")
+    net.add_argument("--dns", type=ipaddress.ip_address, action="append", default=[],
+                     metavar="ADDRESS", help="DNS server handed out (DHCP, RDNSS); repeatable")
+    net.add_argument("--state-dir", type=Path, metavar="DIR",
+                     help="where leases are kept (default /var/lib/vhostvpn as root)")
+    hub.add_argument("--pcap", type=Path, metavar="DIR",
+                     help="write what every port sends and receives to DIR/<port>.pcapng")
     _add_common(hub)
 
     status = sub.add_parser("status", help="show a running hub's or endpoint's state")
@@ -119,8 +138,26 @@ def _cmd_hub(args: argparse.Namespace) -> int:
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
             raise SystemExit(f"vhostvpn hub: --socket {path}: folder {folder} does not exist")
+    if args.subnet is not None:
+        if args.subnet.num_addresses < 4:
+            raise SystemExit(f"vhostvpn hub: --subnet {args.subnet}: too small for a gateway "
+                             "and guests")
+        if args.gateway is not None and (args.gateway not in args.subnet
+                                         or args.gateway in (args.subnet.network_address,
+                                                             args.subnet.broadcast_address)):
+            raise SystemExit(f"vhostvpn hub: --gateway {args.gateway} is not a host address "
+                             f"of {args.subnet}")
+    elif args.gateway is not None:
+        raise SystemExit("vhostvpn hub: --gateway needs --subnet")
+    if args.ipv6_prefix is not None and args.ipv6_prefix.prefixlen != 64:
+        raise SystemExit(f"vhostvpn hub: --ipv6-prefix {args.ipv6_prefix}: SLAAC needs a /64")
+    if not 576 <= args.mtu <= 65535:
+        raise SystemExit(f"vhostvpn hub: --mtu {args.mtu}: want 576 to 65535")
     config = HubConfig(sockets=args.socket, client_sockets=args.client_socket,
-                       control=args.control, queue_pairs=args.queues)
+                       control=args.control, queue_pairs=args.queues, subnet=args.subnet,
+                       gateway=args.gateway, dhcp=not args.no_dhcp,
+                       ipv6_prefix=args.ipv6_prefix, mtu=args.mtu, dns=args.dns,
+                       state_dir=args.state_dir, pcap_dir=args.pcap)
     tune_gc()
     trio.run(Hub(config).run)
     return 0

@@ -1,24 +1,50 @@
-"""`vhostvpn hub`: one process, one learning switch, and a port per vhost-user socket.
+"""`vhostvpn hub`: one process, one learning switch, and its ports: one per vhost-user
+socket, and the gateway (the hub's own addresses and services: ARP, ICMP, NDP, router
+advertisements, DHCP).  The tunnel listener's sessions join the same switch as ports.
 
-Each --socket is served by a VhostUserServer (virtio.backend); guest frames go into the
-switch and out to the other ports' guests.  The hub also answers `vhostvpn status` on its
-control socket.  The tunnel listener and the gateway services join the same switch as ports.
+The Trio side is thin: each vhost-user socket has its server (virtio.backend), the gateway
+has a task that moves its replies into the switch and wakes it for timed work, and a
+housekeeping task ages the switch's tables.  The hub also answers `vhostvpn status`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import logging
 import os
 import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 
+from netstack.gateway import GatewayConfig, GatewayPort
+from netstack.pcap import PcapWriter
+from netstack.port import Port
 from netstack.switch import Switch
 from tunnel.control import serve_control
 from virtio.backend import VhostUserServer
 
 log = logging.getLogger(__name__)
+
+# How often learned MACs and IP claims are swept.
+HOUSEKEEPING_SECONDS = 10.0
+
+
+def default_state_dir() -> Path:
+    """Where leases live unless --state-dir says otherwise."""
+    if "STATE_DIRECTORY" in os.environ:  # systemd's StateDirectory=
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+    if os.geteuid() == 0:
+        return Path("/var/lib/vhostvpn")
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(base) / "vhostvpn"
+
+
+def gateway_mac(subnet: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bytes:
+    """A locally administered MAC, stable for a subnet (guests' ARP caches survive restarts)."""
+    return b"\x02\x76\x76" + hashlib.sha256(str(subnet).encode()).digest()[:3]
 
 
 @dataclass
@@ -27,6 +53,14 @@ class HubConfig:
     client_sockets: list[str] = field(default_factory=list)
     control: str | None = None
     queue_pairs: int = 4
+    subnet: ipaddress.IPv4Network | None = None
+    gateway: ipaddress.IPv4Address | None = None  # default: the subnet's first address
+    dhcp: bool = True
+    ipv6_prefix: ipaddress.IPv6Network | None = None
+    mtu: int = 1500
+    dns: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = field(default_factory=list)
+    state_dir: Path | None = None
+    pcap_dir: Path | None = None
 
 
 class Hub:
@@ -46,25 +80,98 @@ class Hub:
             if names.count(server.port.name) > 1:
                 server.port.name = server.path  # two sockets named alike in different folders
             self.switch.attach(server.port)
+        self.gateway = self._make_gateway(config)
+        if self.gateway is not None:
+            self.switch.attach(self.gateway)
+        if config.pcap_dir is not None:
+            config.pcap_dir.mkdir(parents=True, exist_ok=True)
+            for port in self.ports:
+                port.capture = PcapWriter(config.pcap_dir, port.name)
+
+    @property
+    def ports(self) -> list[Port]:
+        return list(self.switch.ports)
+
+    def _make_gateway(self, config: HubConfig) -> GatewayPort | None:
+        if config.subnet is None and config.ipv6_prefix is None:
+            return None
+        ipv4 = None
+        if config.subnet is not None:
+            address = config.gateway or next(config.subnet.hosts())
+            ipv4 = ipaddress.IPv4Interface(f"{address}/{config.subnet.prefixlen}")
+        mac = gateway_mac(config.subnet or config.ipv6_prefix)
+        dns6 = tuple(a for a in config.dns if isinstance(a, ipaddress.IPv6Address))
+        gateway_config = GatewayConfig(mac=mac, ipv4=ipv4, ipv6_prefix=config.ipv6_prefix,
+                                       mtu=config.mtu, dns6=dns6)
+        dhcp = None
+        if config.subnet is not None and config.dhcp:
+            dhcp = self._make_dhcp(config, ipv4, mac)
+        return GatewayPort(gateway_config, dhcp=dhcp)
+
+    def _make_dhcp(self, config: HubConfig, ipv4: ipaddress.IPv4Interface, mac: bytes):
+        from netstack.dhcp import DhcpConfig, DhcpServer
+
+        state_dir = config.state_dir or default_state_dir()
+        state_dir.mkdir(parents=True, exist_ok=True)
+        subnet_name = str(config.subnet).replace("/", "_")
+        dns4 = tuple(a for a in config.dns if isinstance(a, ipaddress.IPv4Address))
+        server = DhcpServer(DhcpConfig(
+            subnet=config.subnet, gateway=ipv4.ip, server_mac=mac, dns=dns4, mtu=config.mtu,
+            state_path=state_dir / f"leases-{subnet_name}.json",
+        ))
+        server.on_lease = lambda lease: self.switch.bind_lease(lease.ip.packed, lease.mac)
+        server.on_release = lambda lease: self.switch.unbind_lease(lease.ip.packed)
+        for lease in server.leases.values():  # from the state file: bound once MACs are seen
+            log.info("lease %s for %s restored", lease.ip, lease.mac.hex(":"))
+        return server
 
     def status(self) -> dict[str, object]:
-        return {
-            "role": "hub",
-            "pid": os.getpid(),
-            "ports": [s.port.status() | {"socket": s.path, "mode": "client" if s.client
-                                          else "server"} for s in self.servers],
-            **self.switch.status(),
-        }
+        ports = []
+        for port in self.ports:
+            entry = port.status()
+            server = next((s for s in self.servers if s.port is port), None)
+            if server is not None:
+                entry |= {"socket": server.path, "mode": "client" if server.client else "server"}
+            ports.append(entry)
+        return {"role": "hub", "pid": os.getpid(), "ports": ports, **self.switch.status()}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            for server in self.servers:
-                await nursery.start(server.run)
-            if self.config.control:
-                await nursery.start(serve_control, self.config.control, self.status)
-            log.info("hub ready: %d vhost-user sockets", len(self.servers))
-            task_status.started()
-            nursery.start_soon(_exit_on_signals, nursery.cancel_scope)
+        try:
+            async with trio.open_nursery() as nursery:
+                for server in self.servers:
+                    await nursery.start(server.run)
+                if self.config.control:
+                    await nursery.start(serve_control, self.config.control, self.status)
+                if self.gateway is not None:
+                    nursery.start_soon(self._run_gateway, self.gateway)
+                nursery.start_soon(self._housekeeping)
+                log.info("hub ready: %d vhost-user sockets%s", len(self.servers),
+                         f", gateway {self.config.subnet}" if self.gateway else "")
+                task_status.started()
+                nursery.start_soon(_exit_on_signals, nursery.cancel_scope)
+        finally:
+            for port in self.ports:
+                if port.capture is not None:
+                    port.capture.close()
+
+    async def _run_gateway(self, gateway: GatewayPort) -> None:
+        """Move the gateway's replies into the switch; wake it when timed work is due."""
+        while True:
+            gateway.tick()
+            frames = gateway.take_outbox()
+            if frames:
+                self.switch.forward(gateway, frames)
+                await trio.lowlevel.checkpoint()
+                continue
+            ready = trio.Event()
+            gateway.on_ready = ready.set
+            with trio.move_on_after(max(0.0, gateway.next_deadline() - gateway.clock())):
+                await ready.wait()
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await trio.sleep(HOUSEKEEPING_SECONDS)
+            self.switch.expire()
 
 
 async def _exit_on_signals(scope: trio.CancelScope) -> None:

@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from netstack.frame import Frame, Offload
+from netstack.policy import PortPolicy
 from netstack.port import QueuedPort
 from virtio.protocol import Message, ProtocolError, VhostUserDevice, parse_header, request_name
 from virtio.spec import HEADER_SIZE, MAX_FDS
@@ -55,8 +56,8 @@ class VirtioNetPort(QueuedPort):
     """The switch port of one vhost-user socket.  Lives as long as the socket, across guest
     connections, so its counters survive reconnects."""
 
-    def __init__(self, name: str) -> None:
-        super().__init__(name, Offload.NONE)
+    def __init__(self, name: str, policy: PortPolicy | None = None) -> None:
+        super().__init__(name, Offload.NONE, policy=policy or PortPolicy())
         self.device: VhostUserDevice | None = None
         self.link_up = False
         self.connections = 0

@@ -90,6 +90,9 @@ class NetQueues:
         unpack_header = _HDR.unpack_from
         for head, spans, _ in chains:
             used += (head, 0)
+            if not spans:
+                queue.push_used(used)
+                raise RingError(f"queue {queue.index}: TX chain {head} has no readable buffer")
             mm, start, stop = spans[0]
             if stop - start >= NET_HDR_LEN:
                 # Two header bytes say whether there is offload metadata at all; each field is
@@ -174,6 +177,8 @@ class NetQueues:
             data = frame.data
             need = NET_HDR_LEN + len(data)
             head, _, writable = ready[next_ready]
+            if not writable:
+                raise RingError(f"queue {queue.index}: RX chain {head} has no writable buffer")
             mm, start, stop = writable[0]
             if stop - start >= need:
                 # The common case: the first buffer holds header and frame.
