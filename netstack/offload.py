@@ -525,7 +525,12 @@ def _fragment_udp(data: memoryview, h: _Headers, gso_size: int) -> list[Frame]:
                           + _sum16(data[h.payload:]))
     _U16.pack_into(udp_hdr, UDP_CSUM_OFFSET, check)
     if udp_len <= gso_size:  # fits: one datagram, not fragmented
-        return [Frame(b"".join((data[:l4], udp_hdr, data[h.payload:])))]
+        hdr = bytearray(data[:l4])
+        if h.ipv4:
+            ip_base = _ipv4_header_base(hdr, l3, l4)
+            total_len, ip_id = _U16X2.unpack_from(hdr, l3 + IPV4_TOT_LEN_OFFSET)
+            _U16.pack_into(hdr, l3 + IPV4_CSUM_OFFSET, _checksum(ip_base + total_len + ip_id))
+        return [Frame(b"".join((hdr, udp_hdr, data[h.payload:])))]
 
     piece = gso_size - gso_size % IP_FRAG_UNIT  # every fragment but the last: 8-byte units
     if piece == 0:
