@@ -1,0 +1,83 @@
+"""The hub assembled: vhost-user ports, the gateway port and captures, in one process, driven
+by the model front-end; what status shows."""
+
+import ipaddress
+import shutil
+import subprocess
+
+import pytest
+import trio
+import trio.testing
+from scapy.layers.l2 import ARP, Ether
+
+from netstack.pcap import read_pcapng
+from tests.support.virtio_driver import GuestRam, VhostUserFrontend
+from tunnel.control import query
+from tunnel.hub import Hub, HubConfig
+
+GUEST_MAC = "52:54:00:00:00:01"
+
+
+async def test_gateway_answers_a_guest_and_captures_record_both_ports(tmp_path):
+    config = HubConfig(sockets=[str(tmp_path / "vm.sock")], control=str(tmp_path / "ctl"),
+                       subnet=ipaddress.IPv4Network("10.77.0.0/24"), state_dir=tmp_path,
+                       pcap_dir=tmp_path / "pcap")
+    hub = Hub(config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        with GuestRam(1 << 22) as ram:
+            async with VhostUserFrontend.connect(tmp_path / "vm.sock", ram) as fe:
+                fe.net.post_rx(16)
+                fe.kick(0)
+                await trio.testing.wait_all_tasks_blocked()
+                request = Ether(src=GUEST_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(
+                    op=1, hwsrc=GUEST_MAC, psrc="10.77.0.5", pdst="10.77.0.1")
+                fe.net.send([bytes(request)])
+                fe.kick(1)
+                with trio.fail_after(5):
+                    replies = []
+                    while not replies:
+                        await fe.wait_call(0)
+                        replies = fe.net.receive()
+                reply = Ether(replies[0][1])
+                assert reply[ARP].op == 2 and reply[ARP].psrc == "10.77.0.1"
+                state = await trio.to_thread.run_sync(query, str(tmp_path / "ctl"))
+        nursery.cancel_scope.cancel()
+    gateway = next(p for p in state["ports"] if p["name"] == "gateway")
+    assert gateway["services"]["arp_reply"] == 1
+    assert "dhcp" in gateway
+    guest_capture = read_pcapng(tmp_path / "pcap" / "vm.sock.pcapng")
+    assert [c.direction for c in guest_capture] == ["in", "out"]
+    assert guest_capture[0].data == bytes(request)
+    gateway_capture = read_pcapng(tmp_path / "pcap" / "gateway.pcapng")
+    assert [c.direction for c in gateway_capture] == ["out", "in"]
+    if shutil.which("tshark"):
+        out = subprocess.run(["tshark", "-r", str(tmp_path / "pcap" / "vm.sock.pcapng"),
+                              "-T", "fields", "-e", "arp.opcode"],
+                             capture_output=True, text=True, timeout=60).stdout.split()
+        assert out == ["1", "2"]
+
+
+def test_hub_without_a_subnet_has_no_gateway(tmp_path):
+    hub = Hub(HubConfig(sockets=[str(tmp_path / "a.sock")]))
+    assert hub.gateway is None and [p.name for p in hub.ports] == ["a.sock"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--subnet", "10.0.0.0/31"], "too small"),
+        (["--subnet", "10.0.0.0/24", "--gateway", "10.0.1.1"], "not a host address"),
+        (["--gateway", "10.0.0.1"], "needs --subnet"),
+        (["--ipv6-prefix", "fd00::/48"], "/64"),
+        (["--mtu", "100"], "576 to 65535"),
+        (["--subnet", "not-a-net"], "invalid IPv4Network"),
+    ],
+)
+def test_bad_network_flags_are_refused(tmp_path, args, message):
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "tunnel.cli", "hub", "--socket",
+                             str(tmp_path / "a.sock"), *args], capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode != 0 and message in result.stderr
