@@ -21,13 +21,14 @@ class PortCounters:
     `out_*` left through the port (counted when the port's device took them); `drops` counts
     frames lost at this port, by reason."""
 
-    __slots__ = ("drops", "in_bytes", "in_frames", "out_bytes", "out_frames")
+    __slots__ = ("drops", "in_bytes", "in_frames", "out_bytes", "out_frames", "software_offloads")
 
     def __init__(self) -> None:
         self.in_frames = 0
         self.in_bytes = 0
         self.out_frames = 0
         self.out_bytes = 0
+        self.software_offloads = 0  # frames checksummed or segmented for this port
         self.drops: Counter[str] = Counter()
 
     def drop(self, reason: str, count: int = 1) -> None:
@@ -39,6 +40,7 @@ class PortCounters:
             "in_bytes": self.in_bytes,
             "out_frames": self.out_frames,
             "out_bytes": self.out_bytes,
+            "software_offloads": self.software_offloads,
             "drops": dict(self.drops),
         }
 

@@ -9,7 +9,8 @@ Path of a batch through `forward(ingress, frames)`:
    every other port; frames are regrouped per egress port.
 4. delivery: each egress port gets one `deliver` call per batch, with frames it can take as
    they are; frames needing an offload it did not accept go through `netstack.offload.adapt`
-   (segmented or checksummed in software), or are dropped as `offload` if they are malformed.
+   (segmented or checksummed in software, counted as `software_offloads`), or are dropped as
+   `offload_<reason>` if they are malformed.
 Every drop is counted on a port, by reason.
 """
 
@@ -20,6 +21,7 @@ import time
 from collections.abc import Callable
 
 from netstack.frame import ETH_HEADER_LEN, PLAIN, Frame, format_mac
+from netstack.offload import OffloadError, adapt
 from netstack.policy import AddressBook, PortPolicy, check_l3
 from netstack.port import Port
 
@@ -192,16 +194,14 @@ class Switch:
 
     @staticmethod
     def _deliver(egress: Port, batch: list[Frame]) -> None:
-        accepts = egress.accepts
-        fitting = [f for f in batch if f.offload is PLAIN
-                   or not (f.offload[0] or f.offload[1])
-                   or not (f.required_offloads & ~accepts)]
-        if len(fitting) != len(batch):
-            egress.counters.drop("offload", len(batch) - len(fitting))
-        if fitting:
+        for frame in batch:
+            if frame.offload is not PLAIN:
+                batch = _fit(egress, batch)
+                break
+        if batch:
             if egress.capture is not None:
-                egress.capture.write([frame.data for frame in fitting], "out")
-            egress.deliver(fitting)
+                egress.capture.write([frame.data for frame in batch], "out")
+            egress.deliver(batch)
 
     def status(self) -> dict[str, object]:
         now = self.clock()
@@ -212,3 +212,22 @@ class Switch:
                 if now - seen <= self.aging
             ],
         }
+
+
+def _fit(egress: Port, batch: list[Frame]) -> list[Frame]:
+    """The batch as `egress` can take it: frames needing an offload it did not accept are
+    checksummed or segmented in software (netstack.offload); malformed ones are dropped."""
+    accepts = egress.accepts
+    counters = egress.counters
+    fitted: list[Frame] = []
+    for frame in batch:
+        if frame.offload is PLAIN or not frame.required_offloads & ~accepts:
+            fitted.append(frame)
+            continue
+        try:
+            fitted.extend(adapt(frame, accepts))
+        except OffloadError as exc:
+            counters.drop(f"offload_{exc.reason}")
+            continue
+        counters.software_offloads += 1
+    return fitted

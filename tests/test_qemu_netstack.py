@@ -138,4 +138,5 @@ async def test_guest_without_offloads_exchanges_a_stream_and_a_file_with_one_wit
             await trio.sleep(1)
             assert (await gb.check("sha256sum /tmp/got | cut -c1-64")).strip() == sent.strip()
             port_b = await hub.port("gb.sock")
-            assert port_b["drops"].get("offload", 0) == 0
+            assert port_b["software_offloads"] > 0  # ga's TSO frames were cut for gb
+            assert not any(reason.startswith("offload") for reason in port_b["drops"])

@@ -102,19 +102,35 @@ def test_frame_to_own_port_is_not_reflected():
     assert not b.got and b.counters.drops["same_port"] == 1
 
 
-def test_frames_needing_offloads_reach_only_ports_that_accept_them():
+def test_frames_needing_offloads_are_fitted_to_each_port():
+    """A TSO frame and a partial-checksum frame: passed as they are to a port that accepts
+    the offloads, segmented and checksummed for one that does not, dropped (counted) when
+    their headers are garbage."""
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.l2 import Ether
+
     switch = Switch()
     sender, plain, capable = Recorder("s"), Recorder("plain"), Recorder("tso", Offload.CSUM
                                                                       | Offload.TSO4)
     for p in (sender, plain, capable):
         switch.attach(p)
-    tso = Frame(eth(BROADCAST, A, b"y" * 3000).data,
-                OffloadInfo(HDR_F_NEEDS_CSUM, GSO_TCPV4, 54, 1448, 34, 16))
-    partial = Frame(eth(BROADCAST, A).data, OffloadInfo(flags=HDR_F_NEEDS_CSUM))
-    switch.forward(sender, [tso, partial, eth(BROADCAST, A)])
-    assert len(capable.got) == 3
-    assert len(plain.got) == 1
-    assert plain.counters.drops["offload"] == 2
+    packet = Ether(dst="ff:ff:ff:ff:ff:ff", src="02:00:00:00:00:01") / IP(
+        src="10.0.0.1", dst="10.0.0.2") / TCP(sport=1, dport=2, flags="PA") / (b"y" * 3000)
+    raw = bytes(packet)
+    tso = Frame(raw, OffloadInfo(0, GSO_TCPV4, 54, 1000, 0, 0))
+    garbage = Frame(eth(BROADCAST, A, b"y" * 3000).data,
+                    OffloadInfo(HDR_F_NEEDS_CSUM, GSO_TCPV4, 54, 1448, 34, 16))
+    switch.forward(sender, [tso, garbage, eth(BROADCAST, A)])
+    assert [len(f) for f in capable.got] == [len(raw), len(garbage), 60]
+    assert [len(f) for f in plain.got] == [1054, 1054, 1054, 60]
+    for segment in plain.got[:3]:
+        parsed = Ether(bytes(segment.data))
+        checksum = parsed[TCP].chksum
+        del parsed[TCP].chksum
+        assert Ether(bytes(parsed))[TCP].chksum == checksum
+    assert plain.counters.software_offloads == 1
+    assert sum(plain.counters.drops.values()) == 1
+    assert next(iter(plain.counters.drops)).startswith("offload_")
 
 
 def test_unknown_gso_type_is_accepted_by_nobody():
