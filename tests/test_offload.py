@@ -576,3 +576,12 @@ def test_random_bytes_give_only_offload_errors(data: bytes, offload: tuple) -> N
         assert err.reason in REASONS
         return
     assert all(isinstance(out, Frame) for out in outputs)
+
+
+@pytest.mark.parametrize("gso_type", [GSO_NONE, GSO_TCPV4, GSO_TCPV4 | GSO_ECN])
+@pytest.mark.parametrize("flags", [0, HDR_F_NEEDS_CSUM])
+def test_pass_through_agrees_with_frame_required_offloads(gso_type: int, flags: int) -> None:
+    frame = guest_form(tcp4(3000), gso_type, 1448 if gso_type else 0, flags=flags)
+    for accepts in range(int(ALL_OFFLOADS) + 1):
+        takes_it = not frame.required_offloads & ~Offload(accepts)
+        assert (adapt(frame, Offload(accepts))[0] is frame) == takes_it, accepts
