@@ -6,7 +6,7 @@ guest B's RX ring with buffers; the timer covers only the back-end's work:
   fwd   Switch.forward: learn, look up, regroup per egress port, queue on B's port;
   push  NetQueues.push_rx: reserve B's RX chains, write header + frame (copy 2), publish;
   note  should_notify on both rings (one fence each per batch).
-Run: .venv/bin/python bench/datapath.py [--frames 200] [--rounds 300] [--size 64]
+Run: .venv/bin/python bench/datapath.py [--frames 200] [--rounds 300] [--size 64] [--policy]
 Prints ns per frame for each stage; numbers are for one CPU, with the process's GC tuning.
 """
 
@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from netstack.frame import Frame
+from netstack.policy import PortPolicy
 from netstack.port import QueuedPort
 from netstack.switch import Switch
 from tests.support.virtio_driver import DriverQueue, GuestRam, NetDriver
@@ -58,18 +59,27 @@ def main() -> int:
     parser.add_argument("--frames", type=int, default=200, help="frames per batch (<= 256)")
     parser.add_argument("--rounds", type=int, default=300)
     parser.add_argument("--size", type=int, default=64, help="frame size in bytes, 60..1514")
+    parser.add_argument("--policy", action="store_true",
+                        help="police guest A's port (MAC/IP anti-spoofing, guards), as the hub "
+                             "does by default")
     args = parser.parse_args()
     if not 1 <= args.frames <= RING or not 60 <= args.size <= 1514:
         parser.error("--frames 1..256, --size 60..1514")
     tune_gc()
     a, b = Guest(), Guest()
     switch = Switch()
-    port_a, port_b = QueuedPort("a"), QueuedPort("b", limit=1 << 20)
+    port_a = QueuedPort("a", policy=PortPolicy() if args.policy else None)
+    port_b = QueuedPort("b", limit=1 << 20)
     switch.attach(port_a)
     switch.attach(port_b)
     switch.forward(port_b, [Frame(MAC_A + MAC_B + b"\x08\x00" + bytes(46))])  # learn B
     port_a.queue.clear()
-    frame = MAC_B + MAC_A + b"\x08\x00" + bytes(args.size - 14)
+    # An IPv4/UDP frame from A to B, so the IP policies have something to check.
+    ip_header = bytes.fromhex("4500") + (args.size - 14).to_bytes(2, "big") + bytes.fromhex(
+        "00004000401100000a0000010a000002")
+    udp = (4000).to_bytes(2, "big") + (5000).to_bytes(2, "big") + (args.size - 34).to_bytes(
+        2, "big") + b"\0\0"
+    frame = MAC_B + MAC_A + b"\x08\x00" + ip_header + udp + bytes(args.size - 42)
     spent = {"pop": 0.0, "fwd": 0.0, "push": 0.0, "note": 0.0}
     frames_timed = 0
     for round_ in range(args.rounds):
@@ -94,7 +104,8 @@ def main() -> int:
         a.driver.reclaim_tx()
         b.rx_q.used()
     total = sum(spent.values())
-    print(f"{args.size}-byte frames, batches of {args.frames}, {frames_timed} frames timed")
+    print(f"{args.size}-byte IPv4/UDP frames, batches of {args.frames}, {frames_timed} frames "
+          f"timed, port policy {'on' if args.policy else 'off'}")
     for stage, seconds in spent.items():
         print(f"  {stage:5s} {seconds / frames_timed * 1e9:6.0f} ns/frame")
     print(f"  total {total / frames_timed * 1e9:6.0f} ns/frame = "

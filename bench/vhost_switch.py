@@ -117,13 +117,19 @@ async def dpdk_backend(sock_a: Path, sock_b: Path, cpu: int, gen_cpu: int,
 @contextlib.asynccontextmanager
 async def vhostvpn_backend(sock_a: Path, sock_b: Path, cpu: int,
                            log_dir: Path) -> AsyncIterator[int]:
-    """`vhostvpn hub --socket A --socket B` pinned to `cpu`; it listens, testpmd connects."""
+    """`vhostvpn hub --socket A --socket B` pinned to `cpu`; it listens, testpmd connects.
+
+    Port policies are off (`--no-port-policy`), as the reference has none, and testpmd's
+    flowgen sends the same source IP on both ports (IP anti-spoofing would drop one direction).
+    Their cost is measured in-process by bench/datapath.py --policy.
+    """
     if not VHOSTVPN_BINARY.exists():
         raise RuntimeError(f"{VHOSTVPN_BINARY} not found (pip install -e . in the venv)")
     log_path = log_dir / "backend.log"
     with log_path.open("wb") as log:
         process = await trio.lowlevel.open_process(
-            [str(VHOSTVPN_BINARY), "hub", "--socket", str(sock_a), "--socket", str(sock_b)],
+            [str(VHOSTVPN_BINARY), "hub", "--socket", str(sock_a), "--socket", str(sock_b),
+             "--no-port-policy"],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     try:
         os.sched_setaffinity(process.pid, {cpu})  # threads started later inherit it

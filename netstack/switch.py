@@ -22,7 +22,13 @@ from collections.abc import Callable
 
 from netstack.frame import ETH_HEADER_LEN, PLAIN, Frame, format_mac
 from netstack.offload import OffloadError, adapt
-from netstack.policy import AddressBook, PortPolicy, check_l3
+from netstack.policy import (
+    DHCPV4_SERVER_PORT,
+    ETHERTYPE_IPV4,
+    IPPROTO_UDP,
+    AddressBook,
+    check_l3,
+)
 from netstack.port import Port
 
 log = logging.getLogger(__name__)
@@ -97,11 +103,11 @@ class Switch:
         now = self.clock()
         if ingress.capture is not None:
             ingress.capture.write([frame.data for frame in frames], "in")
-        if ingress.policy is not None:
-            frames = self._police(ingress, ingress.policy, frames, now)
+        policy = ingress.policy
         table = self.mac_table
         counts = self.mac_counts
         aging = self.aging
+        owners = self.addresses.owners
         counters = ingress.counters
         debug = log.isEnabledFor(logging.DEBUG)
         by_port: dict[Port, list[Frame]] = {}
@@ -120,6 +126,32 @@ class Switch:
                 counters.drop("multicast_source")
                 continue
             entry = table.get(src)
+            if policy is not None:
+                # 1. policy (netstack.policy): MAC first, then the network layer.
+                if entry is None or entry[0] is not ingress:
+                    if entry is not None and now - entry[1] <= aging:
+                        counters.drop("mac_spoof")
+                        continue
+                    if counts[ingress] >= policy.mac_limit:
+                        counters.drop("mac_limit")
+                        continue
+                if data[0] & 1 and not policy.take_flood_token(now):
+                    counters.drop("flood_rate")
+                    continue
+                # Fast path: plain IPv4 (no options, not a DHCP server's port) from an address
+                # this port owns and was seen with just now; it was checked when claimed.
+                owner = None
+                if len(data) >= 38 and data[12:14] == ETHERTYPE_IPV4 and data[14] == 0x45 \
+                        and not (data[23] == IPPROTO_UDP and data[34:36] == DHCPV4_SERVER_PORT):
+                    owner = owners.get(data[26:30])
+                if owner is None or owner[0] is not ingress or (
+                    not owner[2] and now - owner[1] > _REFRESH_SECONDS
+                ):
+                    reason = check_l3(data, ingress, self.addresses, now)
+                    if reason is not None:
+                        counters.drop(reason)
+                        continue
+            # 2. learning
             if entry is None or entry[0] is not ingress or now - entry[1] > _REFRESH_SECONDS:
                 if entry is None or entry[0] is not ingress:
                     counts[ingress] += 1
@@ -129,6 +161,7 @@ class Switch:
                             log.debug("mac %s moved from %s to %s",
                                       format_mac(bytes(src)), entry[0].name, ingress.name)
                 table[bytes(src)] = (ingress, now)
+            # 3. lookup
             dst = data[0:6]
             if dst[0] & 1:
                 flood.append(frame)
@@ -153,44 +186,9 @@ class Switch:
                 if port is not ingress:
                     batch = by_port.get(port)
                     by_port[port] = flood if batch is None else batch + flood
+        # 4. delivery
         for egress, batch in by_port.items():
             self._deliver(egress, batch)
-
-    def _police(
-        self, ingress: Port, policy: PortPolicy, frames: list[Frame], now: float
-    ) -> list[Frame]:
-        """The frames of a batch that `ingress`'s policy admits; the rest counted by reason."""
-        admitted = []
-        table = self.mac_table
-        aging = self.aging
-        addresses = self.addresses
-        drop = ingress.counters.drop
-        known = self.mac_counts[ingress]
-        new_macs: set[bytes] = set()  # learned only after policing: count them here
-        for frame in frames:
-            data = frame.data
-            if len(data) < ETH_HEADER_LEN:
-                admitted.append(frame)  # counted as a runt by forward
-                continue
-            src = data[6:12]
-            entry = table.get(src)
-            if (entry is None or entry[0] is not ingress) and src not in new_macs:
-                if entry is not None and now - entry[1] <= aging:
-                    drop("mac_spoof")
-                    continue
-                if known + len(new_macs) >= policy.mac_limit:
-                    drop("mac_limit")
-                    continue
-                new_macs.add(bytes(src))
-            if data[0] & 1 and not policy.take_flood_token(now):
-                drop("flood_rate")
-                continue
-            reason = check_l3(data, ingress, addresses, now)
-            if reason is not None:
-                drop(reason)
-                continue
-            admitted.append(frame)
-        return admitted
 
     @staticmethod
     def _deliver(egress: Port, batch: list[Frame]) -> None:

@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                      metavar="ADDRESS", help="DNS server handed out (DHCP, RDNSS); repeatable")
     net.add_argument("--state-dir", type=Path, metavar="DIR",
                      help="where leases are kept (default /var/lib/vhostvpn as root)")
+    hub.add_argument("--no-port-policy", action="store_true",
+                     help="trust every guest: no MAC/IP anti-spoofing, limits or guards "
+                          "(benchmarks, labs where every guest is yours)")
     hub.add_argument("--pcap", type=Path, metavar="DIR",
                      help="write what every port sends and receives to DIR/<port>.pcapng")
     _add_common(hub)
@@ -157,7 +160,8 @@ def _cmd_hub(args: argparse.Namespace) -> int:
                        control=args.control, queue_pairs=args.queues, subnet=args.subnet,
                        gateway=args.gateway, dhcp=not args.no_dhcp,
                        ipv6_prefix=args.ipv6_prefix, mtu=args.mtu, dns=args.dns,
-                       state_dir=args.state_dir, pcap_dir=args.pcap)
+                       state_dir=args.state_dir, pcap_dir=args.pcap,
+                       port_policy=not args.no_port_policy)
     tune_gc()
     trio.run(Hub(config).run)
     return 0

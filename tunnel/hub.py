@@ -61,6 +61,7 @@ class HubConfig:
     dns: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = field(default_factory=list)
     state_dir: Path | None = None
     pcap_dir: Path | None = None
+    port_policy: bool = True  # police guest ports (netstack.policy); off trusts every guest
 
 
 class Hub:
@@ -77,6 +78,8 @@ class Hub:
         ]
         names = [s.port.name for s in self.servers]
         for server in self.servers:
+            if not config.port_policy:
+                server.port.policy = None
             if names.count(server.port.name) > 1:
                 server.port.name = server.path  # two sockets named alike in different folders
             self.switch.attach(server.port)
