@@ -58,8 +58,19 @@ def test_status_rendering_names_links_drops_and_broken_devices():
              "out_frames": 0, "out_bytes": 0, "drops": {}, "broken": "queue 1: loops"},
         ],
         "macs": [{"mac": "52:54:00:00:00:01", "port": "vm1.sock", "age": 1.5}],
-    })
+    } | {"ports": [
+        {"name": "vm1.sock", "link_up": True, "features": "0x1", "in_frames": 3,
+         "in_bytes": 300, "out_frames": 2, "out_bytes": 200, "drops": {"queue_full": 4},
+         "guest_drops": {"tx_gso_size_zero": 1}, "broken": None, "software_offloads": 5},
+        {"name": "vm2.sock", "link_up": False, "in_frames": 0, "in_bytes": 0,
+         "out_frames": 0, "out_bytes": 0, "drops": {}, "broken": "queue 1: loops"},
+        {"name": "gateway", "kind": "gateway", "in_frames": 1, "in_bytes": 60,
+         "out_frames": 1, "out_bytes": 60, "drops": {}, "services": {"arp_reply": 1},
+         "dhcp": {"ack": 2}},
+    ]})
     assert "vm1.sock: link up" in text and "queue_full=4" in text
     assert "tx_gso_size_zero=1" in text
     assert "vm2.sock: link down BROKEN: queue 1: loops" in text
     assert "52:54:00:00:00:01 -> vm1.sock" in text
+    assert "5 offloaded in software" in text
+    assert "answered: arp_reply=1, dhcp_ack=2" in text

@@ -186,15 +186,24 @@ def format_status(state: dict) -> str:
     lines = [f"{state.get('role', '?')} (pid {state.get('pid', '?')})"]
     for port in state.get("ports", []):
         drops = port.get("drops", {}) | port.get("guest_drops", {})
+        traffic = (f"in {port['in_frames']} frames/{port['in_bytes']} B, "
+                   f"out {port['out_frames']} frames/{port['out_bytes']} B")
+        if port.get("software_offloads"):
+            traffic += f", {port['software_offloads']} offloaded in software"
+        if drops:
+            traffic += ", drops " + ", ".join(f"{k}={v}" for k, v in sorted(drops.items()))
+        if port.get("kind") == "gateway":
+            lines.append(f"  {port['name']}: {traffic}")
+            services = port.get("services", {}) | {
+                f"dhcp_{k}": v for k, v in port.get("dhcp", {}).items()}
+            if services:
+                lines.append("    answered: " + ", ".join(
+                    f"{k}={v}" for k, v in sorted(services.items())))
+            continue
         link = "up" if port.get("link_up") else "down"
         broken = f" BROKEN: {port['broken']}" if port.get("broken") else ""
-        lines.append(
-            f"  {port['name']}: link {link}{broken}, features {port.get('features', '-')}, "
-            f"in {port['in_frames']} frames/{port['in_bytes']} B, "
-            f"out {port['out_frames']} frames/{port['out_bytes']} B"
-            + (", drops " + ", ".join(f"{k}={v}" for k, v in sorted(drops.items()))
-               if drops else "")
-        )
+        lines.append(f"  {port['name']}: link {link}{broken}, features "
+                     f"{port.get('features', '-')}, {traffic}")
     macs = state.get("macs", [])
     if macs:
         lines.append("  MAC table:")
