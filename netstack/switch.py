@@ -219,13 +219,15 @@ def _fit(egress: Port, batch: list[Frame]) -> list[Frame]:
     counters = egress.counters
     fitted: list[Frame] = []
     for frame in batch:
-        if frame.offload is PLAIN or not frame.required_offloads & ~accepts:
+        if frame.offload is PLAIN:
             fitted.append(frame)
             continue
         try:
-            fitted.extend(adapt(frame, accepts))
+            adapted = adapt(frame, accepts)  # [frame] itself when the port takes it as it is
         except OffloadError as exc:
             counters.drop(f"offload_{exc.reason}")
             continue
-        counters.software_offloads += 1
+        if len(adapted) != 1 or adapted[0] is not frame:
+            counters.software_offloads += 1
+        fitted.extend(adapted)
     return fitted
