@@ -183,3 +183,13 @@ def test_forgetting_a_port_frees_its_macs_and_addresses(net):
     switch.forget(a)
     send(switch, b, ipv4(MAC_A, "10.0.0.1"))
     assert not b.counters.drops
+
+
+def test_a_lease_takes_an_address_from_a_guest_that_claimed_it_by_hand(net):
+    switch, a, b, gw, clock = net
+    send(switch, b, ipv4(MAC_B, "10.0.0.7"))  # b configured 10.0.0.7 by hand
+    send(switch, a, Ether(src=MAC_A, dst=BCAST) / ARP(hwsrc=MAC_A, psrc="0.0.0.0"))
+    switch.bind_lease(bytes([10, 0, 0, 7]), bytes.fromhex(MAC_A.replace(":", "")))
+    send(switch, b, ipv4(MAC_B, "10.0.0.7"))
+    send(switch, a, ipv4(MAC_A, "10.0.0.7"))
+    assert b.counters.drops["ip_spoof"] == 1 and not a.counters.drops
