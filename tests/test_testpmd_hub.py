@@ -25,6 +25,9 @@ async def test_testpmd_frames_cross_the_hub_and_are_counted(tmp_path, size):
         receiver = TestpmdConfig(
             ports=[VirtioUserPort(hub.socket("rx.sock"), mac=rx_mac)], forward_mode="rxonly",
             lcores="(0,1)@1", eth_peers={0: tx_mac}, tx_first=True,
+            # its first burst (so the switch learns it) from its own IP address: the hub's
+            # port policy binds a source address to the first port that uses it
+            extra_app_args=["--tx-ip=198.18.0.2,198.18.0.1"],
         )
         sender = TestpmdConfig(
             ports=[VirtioUserPort(hub.socket("tx.sock"), mac=tx_mac)], forward_mode="txonly",
