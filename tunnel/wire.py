@@ -1,0 +1,712 @@
+"""The vhostvpn wire protocol: records inside one TLS 1.3 stream, as a sans-I/O codec.
+
+Called by tunnel/endpoint.py and tunnel/hub.py (bytes from and to the TLS stream); it must
+never do I/O, read a clock, verify a signature or interpret a frame's contents.  The spec,
+with byte layouts, is docs/protocol.md.
+
+Rules of this file:
+* Bytes in (`receive_data`), events out (`next_events`); `send_*` return the bytes to write.
+  Everything that decides what may come next lives in the state table `_ACCEPTS` and the
+  transitions in `_on_hello`, `_on_auth`, `accept_auth` and the CLOSE branch.
+* Every length a peer sends is checked where it is read, against a named limit, before
+  anything is buffered for it: a record header is judged (type, flags, state, length) as soon
+  as its 8 bytes are here, so before authentication a peer can make us hold at most a few KiB.
+* A violation by the peer raises `WireError`; from then on the connection is dead (every call
+  raises it again) except `send_close`, so the application can say why.  Misuse by the
+  application (sending out of order) raises `WireUsageError`, a bug in our code, not the peer's.
+* Frame metadata is carried, never judged: the tunnel's switch port polices and adapts frames
+  exactly as it does a guest's.
+
+Theory of operation.  Both sides send HELLO first; each learns the other's version range and
+picks the highest common version (both compute the same answer).  The client then signs the
+server's challenge (tunnel/keys.py) and sends AUTH; the server's codec hands the `Auth` event
+up and *pauses*: it decodes nothing more until the application verified the proof and called
+`accept_auth()` (or sent CLOSE).  Pausing lets the client send FRAMES right behind AUTH
+without a round trip, while FRAMES sent *before* AUTH are refused ('unauthenticated') as soon
+as their header arrives.  Then FRAMES, PING and PONG flow both ways until one side sends
+CLOSE; after CLOSE nothing more is sent or accepted.  The record header, HELLO and CLOSE are
+frozen for every version: they are what two different releases must understand of each other.
+
+Path of a frame out (`send_frames`):
+1. length check: frames outside 14..MAX_FRAME are dropped and counted (`sent.dropped`),
+   since the peer would refuse the whole connection for one;
+2. per-frame header: a PLAIN frame's 14 bytes come from a cache keyed by length, any other
+   frame's are packed from its offload 6-tuple;
+3. records close at MAX_FRAMES_PER_RECORD frames or MAX_RECORD_PAYLOAD bytes; each gets its
+   8-byte header in the slot kept for it;
+4. one `b"".join` of headers and frame bytes: the frame bytes are copied once, into the
+   result (TLS copies them again when it encrypts).
+Path of a frame in (`receive_data`, `next_events`):
+1. `receive_data` keeps the bytes object it is given (no copy) or queues it behind the
+   unparsed rest;
+2. the record header is read with `unpack_from` and judged at once;
+3. when the whole record has arrived, queued chunks are joined once (only when a record
+   spans chunks);
+4. each frame header is read with one `unpack_from` (a fast path tells PLAIN metadata by two
+   zero integers, and then the frame gets the shared PLAIN object, so `offload is PLAIN`
+   holds downstream);
+5. the frame bytes are sliced out of the buffer: `bytes[a:b]`, the one copy.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from netstack.frame import ALL_OFFLOADS, ETH_HEADER_LEN, PLAIN, Frame, Offload
+
+# --- Limits and numbers (docs/protocol.md, "Records") ---------------------------------------
+
+PROTOCOL_VERSION = 1  # the only version this code speaks
+MIN_SUPPORTED_VERSION = 1
+MAX_SUPPORTED_VERSION = 1
+
+RECORD_HEADER = struct.Struct("!BBHI")  # type, flags (0), reserved (0), payload length
+RECORD_HEADER_LEN = RECORD_HEADER.size  # 8
+MAX_RECORD_PAYLOAD = 4 * 1024 * 1024
+# The most a connection buffers once `next_events` has run: one incomplete record.
+MAX_BUFFERED = RECORD_HEADER_LEN + MAX_RECORD_PAYLOAD
+
+# Record types (version 1).
+HELLO = 1
+AUTH = 2
+FRAMES = 3
+PING = 4
+PONG = 5
+CLOSE = 6
+RECORD_NAMES = {HELLO: "HELLO", AUTH: "AUTH", FRAMES: "FRAMES", PING: "PING", PONG: "PONG",
+                CLOSE: "CLOSE"}
+
+# HELLO: min version, max version, offloads accepted, MTU, challenge, name length; then the
+# name, then (from later versions) extensions a version-1 reader skips.
+HELLO_FIXED = struct.Struct("!HHIH32sB")
+CHALLENGE_LEN = 32
+MAX_NAME_BYTES = 64
+MAX_HELLO_PAYLOAD = 1024
+MIN_MTU = 68  # the IPv4 minimum (RFC 791)
+
+# AUTH: u16 length + certificate (DER), u16 length + signature.
+AUTH_LEN = struct.Struct("!H")
+MAX_CERTIFICATE_BYTES = 4096
+MAX_SIGNATURE_BYTES = 512
+MAX_AUTH_PAYLOAD = 2 + MAX_CERTIFICATE_BYTES + 2 + MAX_SIGNATURE_BYTES
+
+# FRAMES: per frame, length then the six virtio_net_hdr offload fields, then the frame.
+FRAME_HEADER = struct.Struct("!IBBHHHH")
+FRAME_HEADER_LEN = FRAME_HEADER.size  # 14
+# The same 14 bytes as length + two integers spanning the 10 metadata bytes: both zero is PLAIN.
+_FRAME_HEADER_FAST = struct.Struct("!IHQ")
+_OFFLOAD = struct.Struct("!BBHHHH")
+MIN_FRAME = ETH_HEADER_LEN
+# Largest frame: an IP datagram at its 16-bit limit (a full 64 KiB GSO super-frame; Linux
+# keeps a GSO skb under 64 KiB) + Ethernet header + two VLAN tags (802.1ad QinQ).
+MAX_FRAME = 65535 + ETH_HEADER_LEN + 4 + 4  # 65557
+MAX_FRAMES_PER_RECORD = 8192
+
+# PING / PONG: nonce, sender's monotonic clock in ns.
+PING_PAYLOAD = struct.Struct("!QQ")
+
+# CLOSE: u16 code, then the reason in UTF-8.
+CLOSE_CODE = struct.Struct("!H")
+MAX_REASON_BYTES = 256
+MAX_CLOSE_PAYLOAD = CLOSE_CODE.size + MAX_REASON_BYTES
+
+
+class CloseCode(enum.IntEnum):
+    """Why a side closes.  A receiver takes any u16; these are the ones version 1 sends."""
+
+    NORMAL = 0  # orderly shutdown
+    PROTOCOL_ERROR = 1  # the peer broke this spec; the reason is WireError.reason
+    VERSION = 2  # no common protocol version
+    AUTH_FAILED = 3  # the client's certificate or signature was refused
+
+
+# --- Events ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """The peer's HELLO.  `version` is the negotiated one; the peer's range comes with it."""
+
+    version: int
+    offloads: Offload
+    mtu: int
+    challenge: bytes
+    name: str
+    min_version: int
+    max_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """The client's proof, for the server to verify (tunnel/keys.py), then `accept_auth()`."""
+
+    certificate: bytes
+    signature: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Frames:
+    frames: list[Frame]
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    nonce: int
+    timestamp_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    nonce: int
+    timestamp_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Eof:
+    """The stream ended (receive_data(b"")) on a record boundary."""
+
+
+Event = Hello | Auth | Frames | Ping | Pong | Closed | Eof
+
+
+def rtt_from_pong(pong: Pong, now_ns: int) -> int:
+    """Round-trip time in ns of a PONG answering our PING stamped with our monotonic clock."""
+    return now_ns - pong.timestamp_ns
+
+
+def negotiate_version(our_min: int, our_max: int, peer_min: int, peer_max: int) -> int | None:
+    """The highest version both ranges hold, or None.  Both sides compute the same answer."""
+    version = min(our_max, peer_max)
+    return version if version >= max(our_min, peer_min) else None
+
+
+# --- Errors ---------------------------------------------------------------------------------
+
+
+class WireError(Exception):
+    """The peer broke the protocol.  `reason` is a short machine word (docs/protocol.md)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+    @property
+    def close_code(self) -> CloseCode:
+        """The code to put in the CLOSE that tells the peer about this error."""
+        return CloseCode.VERSION if self.reason == "version" else CloseCode.PROTOCOL_ERROR
+
+
+class WireUsageError(RuntimeError):
+    """The application called the codec out of order: a bug on our side, not the peer's."""
+
+
+@dataclass(slots=True)
+class Counters:
+    """One direction's traffic: records, frames in FRAMES records, bytes on the wire."""
+
+    records: int = 0
+    frames: int = 0
+    bytes: int = 0
+    dropped: int = 0  # frames send_frames refused to put on the wire (length out of range)
+
+
+# --- The receive state table ----------------------------------------------------------------
+# What the peer may send next, and the most payload each record type may announce there.
+# Every receive-side transition goes between these states; nothing else decides acceptance.
+
+
+class _Receive(enum.Enum):
+    HELLO = "awaiting HELLO"
+    AUTH = "awaiting AUTH"  # server only: HELLO came, the client has not proven itself yet
+    AUTH_PENDING = "AUTH received, awaiting accept_auth()"  # decoding paused
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+_ACCEPTS: dict[_Receive, dict[int, int]] = {
+    _Receive.HELLO: {HELLO: MAX_HELLO_PAYLOAD, CLOSE: MAX_CLOSE_PAYLOAD},
+    _Receive.AUTH: {AUTH: MAX_AUTH_PAYLOAD, PING: PING_PAYLOAD.size,
+                    PONG: PING_PAYLOAD.size, CLOSE: MAX_CLOSE_PAYLOAD},
+    _Receive.AUTH_PENDING: {},
+    _Receive.OPEN: {FRAMES: MAX_RECORD_PAYLOAD, PING: PING_PAYLOAD.size,
+                    PONG: PING_PAYLOAD.size, CLOSE: MAX_CLOSE_PAYLOAD},
+    _Receive.CLOSED: {},
+}
+
+# A PLAIN frame's header depends only on its length: cached (at most MAX_FRAME entries).
+_plain_headers: dict[int, bytes] = {}
+
+
+def _plain_header(length: int) -> bytes:
+    header = _plain_headers[length] = FRAME_HEADER.pack(length, 0, 0, 0, 0, 0, 0)
+    return header
+
+
+class WireConnection:
+    """One side of one tunnel connection.  No I/O: feed it bytes, take events and bytes out."""
+
+    def __init__(
+        self,
+        role: Literal["client", "server"],
+        *,
+        name: str,
+        offloads: int,
+        mtu: int,
+        min_version: int = MIN_SUPPORTED_VERSION,
+        max_version: int = MAX_SUPPORTED_VERSION,
+        challenge: bytes | None = None,
+    ) -> None:
+        if role not in ("client", "server"):
+            raise ValueError(f"role must be 'client' or 'server', not {role!r}")
+        if not MIN_SUPPORTED_VERSION <= min_version <= max_version <= MAX_SUPPORTED_VERSION:
+            raise ValueError(
+                f"versions {min_version}..{max_version}: this code speaks "
+                f"{MIN_SUPPORTED_VERSION}..{MAX_SUPPORTED_VERSION}")
+        self.name_bytes = name.encode()
+        if len(self.name_bytes) > MAX_NAME_BYTES:
+            raise ValueError(f"name is {len(self.name_bytes)} bytes of UTF-8, "
+                             f"at most {MAX_NAME_BYTES}: {name!r}")
+        if not MIN_MTU <= mtu <= 65535:
+            raise ValueError(f"mtu {mtu}: want {MIN_MTU}..65535")
+        if offloads & ~ALL_OFFLOADS:
+            raise ValueError(f"offloads {offloads:#x}: unknown bits outside {ALL_OFFLOADS:#x}")
+        if challenge is None:
+            challenge = os.urandom(CHALLENGE_LEN)
+        if len(challenge) != CHALLENGE_LEN:
+            raise ValueError(f"challenge is {len(challenge)} bytes, want {CHALLENGE_LEN}")
+        self.role = role
+        self.name = name
+        self.offloads = Offload(offloads)
+        self.mtu = mtu
+        self.min_version = min_version
+        self.max_version = max_version
+        self.challenge = bytes(challenge)
+
+        self.peer_hello: Hello | None = None
+        self.version: int | None = None  # negotiated, once the peer's HELLO arrived
+        # Server: the application accepted the client's AUTH.  Client: it sent AUTH.
+        self.authenticated = False
+        self.closed = False  # a CLOSE was sent or received
+        self.sent = Counters()
+        self.received = Counters()
+
+        self._state = _Receive.HELLO
+        self._accepts = _ACCEPTS[self._state]
+        self._error: WireError | None = None
+        self._eof = False
+        self._eof_reported = False
+        self._sent_hello = False
+        self._sent_auth = False
+        self._sent_close = False
+        # Receive buffer: `_buf[_pos:]` is contiguous and unparsed; `_chunks` came after it.
+        self._buf = b""
+        self._pos = 0
+        self._chunks: list[bytes] = []
+        self._chunks_len = 0
+
+    # --- sending: the path of a frame out ---------------------------------------------------
+
+    def send_frames(self, frames: Sequence[Frame]) -> bytes:
+        """All `frames` as FRAMES records: one, unless they pass a record's limits."""
+        if not self._may_send_data():
+            self._refuse_send("FRAMES")
+        parts: list[bytes | memoryview] = [b""]  # slot for the record header
+        append = parts.append
+        cache = _plain_headers
+        pack = FRAME_HEADER.pack
+        plain = PLAIN
+        lowest, highest = MIN_FRAME, MAX_FRAME
+        size = 0
+        for frame in frames:
+            data = frame.data
+            length = len(data)
+            if lowest <= length <= highest:
+                offload = frame.offload
+                if offload is plain:
+                    append(cache.get(length) or _plain_header(length))
+                else:
+                    append(pack(length, *offload))
+                append(data)
+                size += length
+        count = len(parts) >> 1
+        self.sent.dropped += len(frames) - count
+        if not count:
+            return b""
+        size += count * FRAME_HEADER_LEN
+        if count > MAX_FRAMES_PER_RECORD or size > MAX_RECORD_PAYLOAD:
+            return self._send_records(parts)
+        parts[0] = RECORD_HEADER.pack(FRAMES, 0, 0, size)
+        sent = self.sent
+        sent.records += 1
+        sent.frames += count
+        sent.bytes += RECORD_HEADER_LEN + size
+        return b"".join(parts)
+
+    def _send_records(self, parts: list[bytes | memoryview]) -> bytes:
+        """The rare batch past a record's limits: `parts` (slot, then header, data pairs)
+        regrouped into as many records as it takes."""
+        out: list[bytes | memoryview] = []
+        record_at = count = size = 0
+        for index in range(1, len(parts), 2):
+            entry = FRAME_HEADER_LEN + len(parts[index + 1])
+            if count == 0 or count == MAX_FRAMES_PER_RECORD or size + entry > MAX_RECORD_PAYLOAD:
+                if count:
+                    out[record_at] = RECORD_HEADER.pack(FRAMES, 0, 0, size)
+                    self._count_sent_record(count, size)
+                record_at = len(out)
+                out.append(b"")
+                count = size = 0
+            out.append(parts[index])
+            out.append(parts[index + 1])
+            count += 1
+            size += entry
+        out[record_at] = RECORD_HEADER.pack(FRAMES, 0, 0, size)
+        self._count_sent_record(count, size)
+        return b"".join(out)
+
+    def _count_sent_record(self, frames: int, size: int) -> None:
+        self.sent.records += 1
+        self.sent.frames += frames
+        self.sent.bytes += RECORD_HEADER_LEN + size
+
+    def send_hello(self) -> bytes:
+        """Our HELLO: the first record we send."""
+        if self._sent_hello or self._sent_close or self._error:
+            self._refuse_send("HELLO")
+        self._sent_hello = True
+        payload = HELLO_FIXED.pack(self.min_version, self.max_version, int(self.offloads),
+                                   self.mtu, self.challenge, len(self.name_bytes))
+        return self._record(HELLO, payload + self.name_bytes)
+
+    def send_auth(self, certificate: bytes, signature: bytes) -> bytes:
+        """Client: the certificate (DER) and the signature over the server's challenge."""
+        if (self.role != "client" or not self._sent_hello or self.version is None
+                or self._sent_auth or self._sent_close or self._error):
+            self._refuse_send("AUTH")
+        if not 0 < len(certificate) <= MAX_CERTIFICATE_BYTES:
+            raise ValueError(f"certificate is {len(certificate)} bytes, "
+                             f"want 1..{MAX_CERTIFICATE_BYTES}")
+        if not 0 < len(signature) <= MAX_SIGNATURE_BYTES:
+            raise ValueError(f"signature is {len(signature)} bytes, "
+                             f"want 1..{MAX_SIGNATURE_BYTES}")
+        self._sent_auth = True
+        self.authenticated = True
+        payload = b"".join((AUTH_LEN.pack(len(certificate)), certificate,
+                            AUTH_LEN.pack(len(signature)), signature))
+        return self._record(AUTH, payload)
+
+    def send_ping(self, nonce: int, timestamp_ns: int) -> bytes:
+        """A PING the peer echoes; `timestamp_ns` is our monotonic clock (see rtt_from_pong)."""
+        if not self._may_send_control():
+            self._refuse_send("PING")
+        return self._record(PING, PING_PAYLOAD.pack(nonce, timestamp_ns))
+
+    def send_pong(self, nonce: int, timestamp_ns: int) -> bytes:
+        """The answer to a Ping event: both fields echoed unchanged."""
+        if not self._may_send_control():
+            self._refuse_send("PONG")
+        return self._record(PONG, PING_PAYLOAD.pack(nonce, timestamp_ns))
+
+    def send_close(self, code: int, reason: str = "") -> bytes:
+        """CLOSE: the last record we send.  Allowed at any time, also after a WireError."""
+        if self._sent_close:
+            self._refuse_send("CLOSE")
+        reason_bytes = reason.encode()
+        if len(reason_bytes) > MAX_REASON_BYTES:
+            # Cut on a character boundary: the reason is for people, the code for programs.
+            reason_bytes = reason_bytes[:MAX_REASON_BYTES].decode(errors="ignore").encode()
+        self._sent_close = True
+        self.closed = True
+        return self._record(CLOSE, CLOSE_CODE.pack(code) + reason_bytes)
+
+    def _record(self, rtype: int, payload: bytes) -> bytes:
+        self.sent.records += 1
+        self.sent.bytes += RECORD_HEADER_LEN + len(payload)
+        return RECORD_HEADER.pack(rtype, 0, 0, len(payload)) + payload
+
+    def _may_send_control(self) -> bool:
+        return (self._sent_hello and self.version is not None and not self._sent_close
+                and self._error is None)
+
+    def _may_send_data(self) -> bool:
+        if not self._may_send_control():
+            return False
+        if self.role == "client":
+            return self._sent_auth
+        return self.authenticated
+
+    def _refuse_send(self, what: str) -> None:
+        if self._sent_close:
+            why = "after CLOSE"
+        elif self._error is not None:
+            why = f"after a protocol error ({self._error.reason})"
+        elif what == "HELLO":
+            why = "twice"
+        elif not self._sent_hello:
+            why = "before our HELLO"
+        elif what == "AUTH" and self.role != "client":
+            why = "as a server"
+        elif self.version is None:
+            why = "before the peer's HELLO"
+        elif what == "AUTH":
+            why = "twice"
+        elif self.role == "client":
+            why = "before AUTH"
+        else:
+            why = "before accept_auth()"
+        raise WireUsageError(f"{self.role}: cannot send {what} {why}")
+
+    # --- receiving: the path of a frame in --------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Bytes from the stream, in order; b"" means the peer closed it (EOF)."""
+        if self._error is not None:
+            raise self._error
+        if self._eof:
+            raise WireUsageError("receive_data after EOF")
+        if not data:
+            self._eof = True
+            return
+        data = bytes(data)  # no copy when it is bytes already
+        if self._pos == len(self._buf) and not self._chunks:
+            self._buf = data
+            self._pos = 0
+        else:
+            self._chunks.append(data)
+            self._chunks_len += len(data)
+            if self.buffered > MAX_BUFFERED + len(data):
+                # next_events() was not called in between: keep the bound anyway.
+                self._fail("too_large", f"{self.buffered} bytes buffered unparsed, "
+                           f"more than {MAX_BUFFERED} + one read")
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet decoded."""
+        return len(self._buf) - self._pos + self._chunks_len
+
+    def next_events(self) -> list[Event]:
+        """Every event the buffered bytes complete.  Empty: feed more bytes (or accept_auth).
+
+        On a violation, the events decoded before it are returned and the next call raises.
+        """
+        if self._error is not None:
+            raise self._error
+        events: list[Event] = []
+        try:
+            self._decode(events)
+        except WireError as error:
+            self._error = error
+            self._buf = b""
+            self._chunks.clear()
+            self._chunks_len = self._pos = 0
+            if not events:
+                raise
+        return events
+
+    def accept_auth(self) -> None:
+        """Server: the client's AUTH was verified; FRAMES flow and decoding resumes."""
+        if self.role != "server" or self._state is not _Receive.AUTH_PENDING:
+            raise WireUsageError(f"{self.role}: accept_auth() with no AUTH pending "
+                                 f"(state: {self._state.value})")
+        self.authenticated = True
+        self._enter(_Receive.OPEN)
+
+    def _enter(self, state: _Receive) -> None:
+        self._state = state
+        self._accepts = _ACCEPTS[state]
+
+    def _decode(self, events: list[Event]) -> None:
+        header = RECORD_HEADER.unpack_from
+        received = self.received
+        while True:
+            if self._state is _Receive.AUTH_PENDING:
+                return
+            buf = self._buf
+            pos = self._pos
+            available = len(buf) - pos
+            if self._state is _Receive.CLOSED and self.buffered:
+                self._fail("after_close", f"{self.buffered} bytes after the peer's CLOSE")
+            if available < RECORD_HEADER_LEN:
+                if not self._gather(RECORD_HEADER_LEN):
+                    break
+                buf, pos, available = self._buf, 0, len(self._buf)
+            rtype, flags, reserved, length = header(buf, pos)
+            limit = self._accepts.get(rtype)
+            if limit is None:
+                self._refuse_type(rtype)
+            if flags or reserved:
+                self._fail("bad_header", f"{RECORD_NAMES[rtype]} record with flags {flags:#x}"
+                           f" reserved {reserved:#x}, want 0 and 0")
+            if length > limit:
+                self._fail("too_large", f"{RECORD_NAMES[rtype]} record of {length} bytes, "
+                           f"at most {limit}")
+            end = pos + RECORD_HEADER_LEN + length
+            if end > len(buf):
+                if not self._gather(RECORD_HEADER_LEN + length):
+                    break
+                buf, pos, end = self._buf, 0, RECORD_HEADER_LEN + length
+            start = pos + RECORD_HEADER_LEN
+            self._pos = end
+            received.records += 1
+            received.bytes += RECORD_HEADER_LEN + length
+            if rtype == FRAMES:
+                frames = _decode_frames(buf, start, end)
+                received.frames += len(frames)
+                events.append(Frames(frames))
+            elif rtype == PING:
+                events.append(Ping(*self._fixed(PING_PAYLOAD, buf, start, length, "PING")))
+            elif rtype == PONG:
+                events.append(Pong(*self._fixed(PING_PAYLOAD, buf, start, length, "PONG")))
+            elif rtype == HELLO:
+                events.append(self._on_hello(buf[start:end]))
+            elif rtype == AUTH:
+                events.append(self._on_auth(buf[start:end]))
+            else:  # CLOSE
+                events.append(self._on_close(buf[start:end]))
+        if self._pos == len(self._buf) and not self._chunks:
+            self._buf = b""  # let go of the last chunk
+            self._pos = 0
+            if self._eof and not self._eof_reported:
+                self._eof_reported = True
+                events.append(Eof())
+        elif self._eof:
+            self._fail("truncated", f"EOF with {self.buffered} bytes of an incomplete record")
+
+    def _gather(self, need: int) -> bool:
+        """Make `need` bytes contiguous at `_buf[0:]`, if that many have arrived."""
+        available = len(self._buf) - self._pos
+        if available + self._chunks_len < need:
+            return False
+        self._buf = b"".join([memoryview(self._buf)[self._pos:], *self._chunks])
+        self._pos = 0
+        self._chunks.clear()
+        self._chunks_len = 0
+        return True
+
+    def _refuse_type(self, rtype: int) -> None:
+        state = self._state
+        if rtype not in RECORD_NAMES:
+            self._fail("bad_type", f"record type {rtype}, want 1..{max(RECORD_NAMES)}")
+        name = RECORD_NAMES[rtype]
+        if state is _Receive.AUTH and rtype == FRAMES:
+            self._fail("unauthenticated", "FRAMES before AUTH")
+        allowed = ", ".join(RECORD_NAMES[t] for t in _ACCEPTS[state])
+        self._fail("unexpected", f"{name} while {state.value} (allowed: {allowed})")
+
+    def _fixed(self, layout: struct.Struct, buf: bytes, start: int, length: int,
+               name: str) -> tuple:
+        if length != layout.size:
+            self._fail("bad_length", f"{name} payload of {length} bytes, want {layout.size}")
+        return layout.unpack_from(buf, start)
+
+    def _on_hello(self, payload: bytes) -> Hello:
+        if len(payload) < HELLO_FIXED.size:
+            self._fail("bad_length", f"HELLO payload of {len(payload)} bytes, "
+                       f"want at least {HELLO_FIXED.size}")
+        min_version, max_version, offloads, mtu, challenge, name_len = \
+            HELLO_FIXED.unpack_from(payload)
+        if not 1 <= min_version <= max_version:
+            self._fail("version", f"peer's version range {min_version}..{max_version} is empty")
+        version = negotiate_version(self.min_version, self.max_version, min_version, max_version)
+        if version is None:
+            self._fail("version", f"peer speaks {min_version}..{max_version}, "
+                       f"we speak {self.min_version}..{self.max_version}")
+        if mtu < MIN_MTU:
+            self._fail("bad_hello", f"mtu {mtu}, want at least {MIN_MTU}")
+        name_end = HELLO_FIXED.size + name_len
+        if name_len > MAX_NAME_BYTES or name_end > len(payload):
+            self._fail("bad_name", f"name of {name_len} bytes in a HELLO of {len(payload)}, "
+                       f"want at most {MAX_NAME_BYTES} and inside the record")
+        try:
+            name = payload[HELLO_FIXED.size:name_end].decode()
+        except UnicodeDecodeError as error:
+            self._fail("bad_name", f"name is not UTF-8: {error}")
+        # Bytes after the name are extensions of later versions: version 1 skips them.
+        hello = Hello(version, Offload(offloads & ALL_OFFLOADS), mtu, challenge, name,
+                      min_version, max_version)
+        self.peer_hello = hello
+        self.version = version
+        self._enter(_Receive.AUTH if self.role == "server" else _Receive.OPEN)
+        return hello
+
+    def _on_auth(self, payload: bytes) -> Auth:
+        cert_end = AUTH_LEN.size + (AUTH_LEN.unpack_from(payload)[0]
+                                    if len(payload) >= AUTH_LEN.size else 0)
+        sig_at = cert_end + AUTH_LEN.size
+        if sig_at > len(payload):
+            self._fail("bad_auth", f"AUTH payload of {len(payload)} bytes ends inside "
+                       f"the certificate or its length")
+        cert_len = cert_end - AUTH_LEN.size
+        sig_len = AUTH_LEN.unpack_from(payload, cert_end)[0]
+        if sig_at + sig_len != len(payload):
+            self._fail("bad_auth", f"AUTH payload of {len(payload)} bytes, the lengths in it "
+                       f"add up to {sig_at + sig_len}")
+        if not 0 < cert_len <= MAX_CERTIFICATE_BYTES or not 0 < sig_len <= MAX_SIGNATURE_BYTES:
+            self._fail("bad_auth", f"certificate of {cert_len} and signature of {sig_len} "
+                       f"bytes, want 1..{MAX_CERTIFICATE_BYTES} and 1..{MAX_SIGNATURE_BYTES}")
+        self._enter(_Receive.AUTH_PENDING)
+        return Auth(payload[AUTH_LEN.size:cert_end], payload[sig_at:])
+
+    def _on_close(self, payload: bytes) -> Closed:
+        if len(payload) < CLOSE_CODE.size:
+            self._fail("bad_close", f"CLOSE payload of {len(payload)} bytes, "
+                       f"want at least {CLOSE_CODE.size}")
+        (code,) = CLOSE_CODE.unpack_from(payload)
+        try:
+            reason = payload[CLOSE_CODE.size:].decode()
+        except UnicodeDecodeError as error:
+            self._fail("bad_close", f"reason is not UTF-8: {error}")
+        self.closed = True
+        self._enter(_Receive.CLOSED)
+        return Closed(code, reason)
+
+    def _fail(self, reason: str, detail: str) -> None:
+        raise WireError(reason, f"{self.role} receiving: {detail}")
+
+
+def _decode_frames(buf: bytes, start: int, end: int) -> list[Frame]:
+    """The frames of one FRAMES record, `buf[start:end]`: each checked, each copied once."""
+    frames: list[Frame] = []
+    append = frames.append
+    fast = _FRAME_HEADER_FAST.unpack_from
+    offload_at = _OFFLOAD.unpack_from
+    plain = PLAIN
+    make = Frame
+    lowest, highest = MIN_FRAME, MAX_FRAME
+    header_len = FRAME_HEADER_LEN
+    last_header_at = end - header_len
+    at = start
+    for _ in range(MAX_FRAMES_PER_RECORD):
+        if at > last_header_at:
+            break
+        length, meta_high, meta_low = fast(buf, at)
+        data_at = at + header_len
+        at = data_at + length
+        if not lowest <= length <= highest or at > end:
+            raise WireError("bad_frame", f"frame {len(frames)} of {length} bytes at offset "
+                            f"{data_at - FRAME_HEADER_LEN - start} of a {end - start}-byte "
+                            f"record, want {MIN_FRAME}..{MAX_FRAME} inside the record")
+        if meta_high or meta_low:
+            append(make(buf[data_at:at], offload_at(buf, data_at - 10)))
+        else:
+            append(make(buf[data_at:at], plain))
+    if at != end:
+        if len(frames) == MAX_FRAMES_PER_RECORD:
+            raise WireError("bad_frame", f"more than {MAX_FRAMES_PER_RECORD} frames in a record")
+        raise WireError("bad_frame", f"{end - at} bytes after frame {len(frames)}, "
+                        f"less than a frame header")
+    if not frames:
+        raise WireError("bad_frame", "FRAMES record without frames")
+    return frames
