@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import tomllib
 from pathlib import Path
 
 import trio
@@ -61,6 +62,30 @@ def qemu_args(socket_path: str, mac: str, mem: str, queues: int, vectors: int | 
     ]
 
 
+def host_port(text: str) -> tuple[str | None, int]:
+    """'HOST:PORT', '[v6]:PORT' or ':PORT' (all addresses)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"want HOST:PORT with a port 1-65535, got {text!r}")
+    host = host.strip("[]")
+    return (host or None), int(port)
+
+
+def fingerprint_arg(text: str) -> bytes:
+    from tunnel.keys import FingerprintError, parse_fingerprint
+
+    try:
+        return parse_fingerprint(text)
+    except FingerprintError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, metavar="FILE",
+                        help="TOML file holding any of these flags (names without the "
+                             "dashes; flags on the command line win)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vhostvpn",
@@ -92,12 +117,51 @@ def build_parser() -> argparse.ArgumentParser:
                      metavar="ADDRESS", help="DNS server handed out (DHCP, RDNSS); repeatable")
     net.add_argument("--state-dir", type=Path, metavar="DIR",
                      help="where leases are kept (default /var/lib/vhostvpn as root)")
+    tun = hub.add_argument_group("the tunnel: endpoints join over TLS")
+    tun.add_argument("--listen", type=host_port, metavar="HOST:PORT",
+                     help="accept endpoints on this TCP address (e.g. :7777)")
+    tun.add_argument("--identity", type=Path, metavar="DIR",
+                     help="the hub's key and certificate (vhostvpn keygen DIR)")
+    tun.add_argument("--peers", type=Path, metavar="FILE",
+                     help="'name fingerprint' lines: the endpoints allowed in (reread on "
+                          "SIGHUP)")
+    tun.add_argument("--name", default="hub", help="the hub's name in HELLO and logs")
     hub.add_argument("--no-port-policy", action="store_true",
                      help="trust every guest: no MAC/IP anti-spoofing, limits or guards "
                           "(benchmarks, labs where every guest is yours)")
     hub.add_argument("--pcap", type=Path, metavar="DIR",
                      help="write what every port sends and receives to DIR/<port>.pcapng")
     _add_common(hub)
+
+    _add_config(hub)
+
+    vm = sub.add_parser("vm", help="serve vhost-user sockets and join their guests to a hub")
+    vm.add_argument("--socket", action="append", default=[], metavar="PATH",
+                    help="serve a vhost-user socket (QEMU connects); repeatable")
+    vm.add_argument("--client-socket", action="append", default=[], metavar="PATH",
+                    help="connect to a vhost-user socket QEMU listens on; repeatable")
+    vm.add_argument("--hub", type=host_port, metavar="HOST:PORT", help="the hub's tunnel")
+    vm.add_argument("--identity", type=Path, metavar="DIR",
+                    help="this endpoint's key (vhostvpn keygen DIR)")
+    vm.add_argument("--hub-fingerprint", type=fingerprint_arg, metavar="FP",
+                    help="the hub's key fingerprint (vhostvpn fingerprint DIR on the hub)")
+    vm.add_argument("--name", default="", help="this endpoint's name (default: hostname)")
+    vm.add_argument("--control", metavar="PATH", help="control socket for `vhostvpn status`")
+    vm.add_argument("--queues", type=int, default=4, metavar="N",
+                    help="queue pairs offered per socket (default 4)")
+    vm.add_argument("--rekey-seconds", type=float, default=3600.0, metavar="S",
+                    help="make a fresh connection (new keys) this often (default 3600)")
+    _add_config(vm)
+    _add_common(vm)
+
+    keygen = sub.add_parser("keygen", help="create a key and certificate in DIR")
+    keygen.add_argument("directory", type=Path, metavar="DIR")
+    keygen.add_argument("--force", action="store_true", help="replace an existing key")
+    _add_common(keygen)
+
+    fingerprint = sub.add_parser("fingerprint", help="print the key fingerprint of DIR")
+    fingerprint.add_argument("directory", type=Path, metavar="DIR")
+    _add_common(fingerprint)
 
     status = sub.add_parser("status", help="show a running hub's or endpoint's state")
     status.add_argument("--control", required=True, metavar="PATH")
@@ -130,8 +194,11 @@ def tune_gc() -> None:
 def _cmd_hub(args: argparse.Namespace) -> int:
     from tunnel.hub import Hub, HubConfig
 
-    if not args.socket and not args.client_socket:
-        raise SystemExit("vhostvpn hub: give at least one --socket or --client-socket")
+    if not args.socket and not args.client_socket and not args.listen:
+        raise SystemExit("vhostvpn hub: give --listen, or at least one --socket or "
+                         "--client-socket")
+    if args.listen and (args.identity is None or args.peers is None):
+        raise SystemExit("vhostvpn hub: --listen needs --identity DIR and --peers FILE")
     if not 1 <= args.queues <= 64:
         raise SystemExit(f"vhostvpn hub: --queues {args.queues}: want 1 to 64")
     paths = args.socket + args.client_socket
@@ -161,9 +228,61 @@ def _cmd_hub(args: argparse.Namespace) -> int:
                        gateway=args.gateway, dhcp=not args.no_dhcp,
                        ipv6_prefix=args.ipv6_prefix, mtu=args.mtu, dns=args.dns,
                        state_dir=args.state_dir, pcap_dir=args.pcap,
-                       port_policy=not args.no_port_policy)
+                       port_policy=not args.no_port_policy, listen=args.listen,
+                       identity_dir=args.identity, peers_file=args.peers, name=args.name)
+    try:
+        hub = Hub(config)
+    except (OSError, ValueError) as exc:  # keys, peers file, state directory
+        raise SystemExit(f"vhostvpn hub: {exc}") from None
     tune_gc()
-    trio.run(Hub(config).run)
+    trio.run(hub.run)
+    return 0
+
+
+def _cmd_vm(args: argparse.Namespace) -> int:
+    from tunnel.endpoint import Endpoint, EndpointConfig
+
+    for flag in ("hub", "identity", "hub_fingerprint"):
+        if getattr(args, flag) is None:
+            raise SystemExit(f"vhostvpn vm: --{flag.replace('_', '-')} is required")
+    if not args.socket and not args.client_socket:
+        raise SystemExit("vhostvpn vm: give at least one --socket or --client-socket")
+    if not 1 <= args.queues <= 64:
+        raise SystemExit(f"vhostvpn vm: --queues {args.queues}: want 1 to 64")
+    if args.rekey_seconds < 10:
+        raise SystemExit("vhostvpn vm: --rekey-seconds: at least 10")
+    host, port = args.hub
+    config = EndpointConfig(
+        hub_host=host or "localhost", hub_port=port, identity_dir=args.identity,
+        hub_fingerprint=args.hub_fingerprint, sockets=args.socket,
+        client_sockets=args.client_socket, control=args.control, name=args.name,
+        queue_pairs=args.queues, rekey_seconds=args.rekey_seconds)
+    try:
+        endpoint = Endpoint(config)
+    except (OSError, ValueError) as exc:  # keys
+        raise SystemExit(f"vhostvpn vm: {exc}") from None
+    tune_gc()
+    trio.run(endpoint.run)
+    return 0
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from tunnel.keys import IdentityError, keygen
+
+    try:
+        print(keygen(args.directory, force=args.force))
+    except IdentityError as exc:
+        raise SystemExit(f"vhostvpn keygen: {exc}") from None
+    return 0
+
+
+def _cmd_fingerprint(args: argparse.Namespace) -> int:
+    from tunnel.keys import IdentityError, identity_fingerprint
+
+    try:
+        print(identity_fingerprint(args.directory))
+    except IdentityError as exc:
+        raise SystemExit(f"vhostvpn fingerprint: {exc}") from None
     return 0
 
 
@@ -223,11 +342,43 @@ def _cmd_qemu_args(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"hub": _cmd_hub, "status": _cmd_status, "qemu-args": _cmd_qemu_args}
+COMMANDS = {"hub": _cmd_hub, "vm": _cmd_vm, "status": _cmd_status,
+            "qemu-args": _cmd_qemu_args, "keygen": _cmd_keygen, "fingerprint": _cmd_fingerprint}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with a --config TOML file's values as defaults."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config_path = getattr(args, "config", None)
+    if config_path is None:
+        return args
+    try:
+        with open(config_path, "rb") as file:
+            values = tomllib.load(file)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        parser.error(f"--config {config_path}: {exc}")
+    subparser = parser._subparsers._group_actions[0].choices[args.command]
+    known = {action.dest: action for action in subparser._actions if action.dest != "help"}
+    command_line = []
+    for key, value in values.items():
+        dest = key.replace("-", "_")
+        if dest not in known or dest == "config":
+            parser.error(f"--config {config_path}: unknown setting {key!r}")
+        option = known[dest].option_strings[-1]
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, bool):
+                if item:
+                    command_line.append(option)
+            else:
+                command_line += [option, str(item)]
+    # The file first, the command line after it: later flags win, lists add up.
+    argv = sys.argv[1:] if argv is None else argv
+    return parser.parse_args([argv[0], *command_line, *argv[1:]])
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     try:
         return COMMANDS[args.command](args)

@@ -1,6 +1,6 @@
 """`vhostvpn hub`: one process, one learning switch, and its ports: one per vhost-user
-socket, and the gateway (the hub's own addresses and services: ARP, ICMP, NDP, router
-advertisements, DHCP).  The tunnel listener's sessions join the same switch as ports.
+socket, the gateway (the hub's own addresses and services: ARP, ICMP, NDP, router
+advertisements, DHCP), and one per endpoint connected through the tunnel (tunnel/listener.py).
 
 The Trio side is thin: each vhost-user socket has its server (virtio.backend), the gateway
 has a task that moves its replies into the switch and wakes it for timed work, and a
@@ -24,6 +24,8 @@ from netstack.pcap import PcapWriter
 from netstack.port import Port
 from netstack.switch import Switch
 from tunnel.control import serve_control
+from tunnel.keys import load_identity
+from tunnel.listener import TunnelListener
 from virtio.backend import VhostUserServer
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,10 @@ class HubConfig:
     state_dir: Path | None = None
     pcap_dir: Path | None = None
     port_policy: bool = True  # police guest ports (netstack.policy); off trusts every guest
+    listen: tuple[str | None, int] | None = None  # the tunnel: host (None: all), TCP port
+    identity_dir: Path | None = None
+    peers_file: Path | None = None
+    name: str = "hub"
 
 
 class Hub:
@@ -83,6 +89,14 @@ class Hub:
             if names.count(server.port.name) > 1:
                 server.port.name = server.path  # two sockets named alike in different folders
             self.switch.attach(server.port)
+        self.tunnel: TunnelListener | None = None
+        if config.listen is not None:
+            if config.identity_dir is None or config.peers_file is None:
+                raise ValueError("a tunnel listener needs an identity and a peers file")
+            self.tunnel = TunnelListener(
+                self.switch, load_identity(config.identity_dir), config.peers_file,
+                config.listen[0], config.listen[1], name=config.name, mtu=config.mtu,
+                port_policy=config.port_policy)
         self.gateway = self._make_gateway(config)
         if self.gateway is not None:
             self.switch.attach(self.gateway)
@@ -136,7 +150,10 @@ class Hub:
             if server is not None:
                 entry |= {"socket": server.path, "mode": "client" if server.client else "server"}
             ports.append(entry)
-        return {"role": "hub", "pid": os.getpid(), "ports": ports, **self.switch.status()}
+        state = {"role": "hub", "pid": os.getpid(), "ports": ports, **self.switch.status()}
+        if self.tunnel is not None:
+            state["tunnel"] = self.tunnel.status()
+        return state
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -147,11 +164,14 @@ class Hub:
                     await nursery.start(serve_control, self.config.control, self.status)
                 if self.gateway is not None:
                     nursery.start_soon(self._run_gateway, self.gateway)
+                if self.tunnel is not None:
+                    await nursery.start(self.tunnel.run)
+                    nursery.start_soon(self._reload_on_sighup, self.tunnel)
                 nursery.start_soon(self._housekeeping)
                 log.info("hub ready: %d vhost-user sockets%s", len(self.servers),
                          f", gateway {self.config.subnet}" if self.gateway else "")
                 task_status.started()
-                nursery.start_soon(_exit_on_signals, nursery.cancel_scope)
+                nursery.start_soon(exit_on_signals, nursery.cancel_scope)
         finally:
             for port in self.ports:
                 if port.capture is not None:
@@ -171,13 +191,19 @@ class Hub:
             with trio.move_on_after(max(0.0, gateway.next_deadline() - gateway.clock())):
                 await ready.wait()
 
+    @staticmethod
+    async def _reload_on_sighup(tunnel: TunnelListener) -> None:
+        with trio.open_signal_receiver(signal.SIGHUP) as signals:
+            async for _ in signals:
+                tunnel.reload()
+
     async def _housekeeping(self) -> None:
         while True:
             await trio.sleep(HOUSEKEEPING_SECONDS)
             self.switch.expire()
 
 
-async def _exit_on_signals(scope: trio.CancelScope) -> None:
+async def exit_on_signals(scope: trio.CancelScope) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info("%s: shutting down", signal.Signals(signum).name)

@@ -1,0 +1,229 @@
+"""`vhostvpn vm`: serves vhost-user sockets and joins their guests to a hub over one session.
+
+The endpoint is a small switch of its own: each local socket is a port, and so is the uplink
+to the hub (a SessionPort, trusted here; the hub polices it).  Guests on the same endpoint
+reach each other locally; everything else crosses the uplink.
+
+The uplink's life (`_uplink`): connect (TCP, TLS 1.3) -> check the hub's certificate against
+the pinned fingerprint (nothing is sent to a hub that fails) -> HELLO both ways -> AUTH, the
+endpoint's signature over the hub's challenge -> the link carries frames.  When it ends, the
+endpoint retries with exponential backoff and jitter (BACKOFF_SECONDS); the guests keep their
+NICs up meanwhile and what they send is dropped and counted (`link_down`).  Rekeying is make
+before break: after REKEY_SECONDS, or before the link's TLS record count nears REKEY_RECORDS,
+a new connection is made and takes over; the old one drains and closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from netstack.frame import ALL_OFFLOADS, Frame
+from netstack.switch import Switch
+from tunnel.control import serve_control
+from tunnel.keys import AuthError, check_server, client_ssl_context, load_identity, sign_client_auth
+from tunnel.session import Link, SessionPort, tune_tcp
+from tunnel.wire import Closed, Eof, Hello, WireConnection, WireError
+from virtio.backend import VhostUserServer
+
+log = logging.getLogger(__name__)
+
+CONNECT_SECONDS = 10.0
+BACKOFF_SECONDS = (0.25, 30.0)  # first retry, longest wait
+JITTER = 0.25  # +-25 %
+# A link that lived this long resets the backoff.
+STABLE_SECONDS = 30.0
+REKEY_SECONDS = 3600.0
+# TLS records on one key before we rekey: well under the 2^24.5 AES-GCM limit (RFC 8446 5.5).
+REKEY_RECORDS = 1 << 24
+TLS_RECORD_PLAINTEXT = 16384
+HANDSHAKE_READ = 16 * 1024
+
+
+@dataclass
+class EndpointConfig:
+    hub_host: str
+    hub_port: int
+    identity_dir: Path
+    hub_fingerprint: bytes
+    sockets: list[str] = field(default_factory=list)
+    client_sockets: list[str] = field(default_factory=list)
+    control: str | None = None
+    name: str = ""
+    queue_pairs: int = 4
+    mtu: int = 1500
+    rekey_seconds: float = REKEY_SECONDS
+
+
+class HandshakeError(Exception):
+    pass
+
+
+class Endpoint:
+    def __init__(self, config: EndpointConfig) -> None:
+        self.config = config
+        self.identity = load_identity(config.identity_dir)
+        self.ssl_context = client_ssl_context(self.identity)
+        self.name = config.name or os.uname().nodename.split(".")[0]
+        self.switch = Switch()
+        self.servers = [
+            VhostUserServer(path, self.switch.forward, queue_pairs=config.queue_pairs)
+            for path in config.sockets
+        ] + [
+            VhostUserServer(path, self.switch.forward, client=True,
+                            queue_pairs=config.queue_pairs)
+            for path in config.client_sockets
+        ]
+        for server in self.servers:
+            self.switch.attach(server.port)
+        self.uplink = SessionPort("hub", policy=None)
+        self.switch.attach(self.uplink)
+        self.reconnects = 0
+        self.last_error: str | None = None
+        self.rng = random.Random()
+
+    def status(self) -> dict[str, object]:
+        ports = []
+        for port in self.switch.ports:
+            entry = port.status()
+            server = next((s for s in self.servers if s.port is port), None)
+            if server is not None:
+                entry |= {"socket": server.path}
+            ports.append(entry)
+        return {
+            "role": "endpoint", "pid": os.getpid(), "name": self.name,
+            "hub": f"{self.config.hub_host}:{self.config.hub_port}",
+            "session": {"state": self.uplink.state, "rtt_ms": self.uplink.rtt_ms,
+                        "reconnects": self.reconnects, "last_error": self.last_error,
+                        "connections": self.uplink.connections},
+            "ports": ports, **self.switch.status(),
+        }
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        from tunnel.hub import exit_on_signals
+
+        async with trio.open_nursery() as nursery:
+            for server in self.servers:
+                await nursery.start(server.run)
+            if self.config.control:
+                await nursery.start(serve_control, self.config.control, self.status)
+            nursery.start_soon(self._uplink)
+            nursery.start_soon(self._housekeeping)
+            task_status.started()
+            nursery.start_soon(exit_on_signals, nursery.cancel_scope)
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await trio.sleep(10)
+            self.switch.expire()
+
+    # -- the uplink ---------------------------------------------------------------------------
+
+    async def _uplink(self) -> None:
+        delay = BACKOFF_SECONDS[0]
+        while True:
+            started = time.monotonic()
+            try:
+                link = await self._connect()
+            except (OSError, trio.BrokenResourceError, HandshakeError, AuthError,
+                    WireError, trio.TooSlowError) as exc:
+                self.last_error = str(exc)
+                log.warning("hub %s:%d: %s", self.config.hub_host, self.config.hub_port, exc)
+            else:
+                self.last_error = None
+                await self._session(link)
+                if self.uplink.connections > 1:
+                    self.reconnects += 1
+            if time.monotonic() - started > STABLE_SECONDS:
+                delay = BACKOFF_SECONDS[0]
+            wait = delay * self.rng.uniform(1 - JITTER, 1 + JITTER)
+            log.info("hub: reconnecting in %.2f s", wait)
+            await trio.sleep(wait)
+            delay = min(delay * 2, BACKOFF_SECONDS[1])
+
+    async def _session(self, link: Link) -> None:
+        """Run links until one ends without a successor; rekey by making a new one first."""
+        async with trio.open_nursery() as nursery:
+            current = link
+            ended = trio.Event()
+
+            async def run(one: Link) -> None:
+                result = await one.run()
+                log.info("hub link ended: %s", result.reason)
+                if one is current:
+                    self.last_error = result.reason
+                    ended.set()
+
+            link.activate()
+            nursery.start_soon(run, link)
+            while True:
+                with trio.move_on_after(1.0):
+                    await ended.wait()
+                if ended.is_set():
+                    break
+                wire = current.wire
+                records = wire.sent.records + wire.sent.bytes // TLS_RECORD_PLAINTEXT
+                age = time.monotonic() - current.started
+                if age < self.config.rekey_seconds and records < REKEY_RECORDS:
+                    continue
+                log.info("hub: rekeying (link %.0f s old, ~%d records)", age, records)
+                try:
+                    fresh = await self._connect()
+                except (OSError, trio.BrokenResourceError, HandshakeError, AuthError,
+                        WireError, trio.TooSlowError) as exc:
+                    log.warning("hub: rekey failed, keeping the current link: %s", exc)
+                    current.started = time.monotonic() - self.config.rekey_seconds + 30
+                    continue
+                current = fresh
+                # The old link stops sending but stays open until the hub, once it accepted
+                # the new one, closes it: frames the hub sends meanwhile are not lost.
+                fresh.activate(retire_previous=False)
+                nursery.start_soon(run, fresh)
+            nursery.cancel_scope.cancel()
+
+    async def _connect(self) -> Link:
+        config = self.config
+        with trio.fail_after(CONNECT_SECONDS):
+            stream = await trio.open_tcp_stream(config.hub_host, config.hub_port)
+            try:
+                tune_tcp(stream.socket)
+                tls = trio.SSLStream(stream, self.ssl_context, server_side=False)
+                await tls.do_handshake()
+                server_fp = config.hub_fingerprint
+                check_server(tls, server_fp)  # nothing is sent to a hub we do not trust
+                wire = WireConnection("client", name=self.name, offloads=int(ALL_OFFLOADS),
+                                      mtu=config.mtu)
+                await tls.send_all(wire.send_hello())
+                hello = await self._await_hello(tls, wire)
+                certificate, signature = sign_client_auth(self.identity, hello.challenge,
+                                                          server_fp, self.name)
+                await tls.send_all(wire.send_auth(certificate, signature))
+            except BaseException:
+                with trio.move_on_after(1) as cleanup:
+                    cleanup.shield = True
+                    await stream.aclose()
+                raise
+        self.uplink.peer_address = f"{config.hub_host}:{config.hub_port}"
+        log.info("hub %s: session up (hub %s)", self.uplink.peer_address, hello.name)
+        return Link(self.uplink, tls, wire, self._forward)
+
+    @staticmethod
+    async def _await_hello(tls: trio.SSLStream, wire: WireConnection) -> Hello:
+        while True:
+            wire.receive_data(await tls.receive_some(HANDSHAKE_READ))
+            for event in wire.next_events():
+                if isinstance(event, Hello):
+                    return event
+                if isinstance(event, Closed):
+                    raise HandshakeError(f"hub closed the connection: {event.reason}")
+                if isinstance(event, Eof):
+                    raise HandshakeError("hub closed the connection during the handshake")
+
+    def _forward(self, port: SessionPort, frames: list[Frame]) -> None:
+        self.switch.forward(port, frames)

@@ -1,0 +1,298 @@
+"""A remote peer as a switch port, and the Trio shell that moves its frames over TLS.
+
+Who uses it: the hub (one SessionPort per authenticated peer, by name) and the endpoint (its
+uplink to the hub).  A SessionPort outlives its connections: when an endpoint reconnects or
+rekeys, the new connection takes over the same port, so the MAC table and counters stay.
+
+Path of a batch out (Link._writer): the switch delivers frames into the port's bounded queue
+(a slow peer loses its own frames, counted `queue_full`) -> the active link's writer takes
+everything queued -> WireConnection.send_frames makes one record -> one send_all.  It flushes
+as soon as the queue is empty; it never waits on a timer to fill a batch.  TCP_NODELAY and
+TCP_NOTSENT_LOWAT keep the kernel from queueing more than a little unsent data, so frames
+wait in our bounded queue (where they can be dropped and counted) instead of bloating TCP.
+
+Path of a batch in (Link._reader): receive_some -> WireConnection.receive_data -> FRAMES
+events -> the switch (`forward`), PINGs answered, PONGs timed.  Keepalives go out every
+KEEPALIVE_SECONDS; a link that hears nothing for DEAD_SECONDS is closed.
+
+Make-before-break: when a new link of the same peer becomes active (a rekey or a quick
+reconnect), the old one stops taking frames from the queue, sends CLOSE and keeps reading
+until the peer closes too, so no frame in flight is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from netstack.frame import Frame, Offload
+from netstack.policy import PortPolicy
+from netstack.port import QueuedPort
+from tunnel.wire import CloseCode, Closed, Eof, Frames, Ping, Pong, WireConnection, WireError
+
+log = logging.getLogger(__name__)
+
+RECEIVE_SIZE = 256 * 1024
+KEEPALIVE_SECONDS = 5.0
+DEAD_SECONDS = 15.0
+# Frames a session queues toward a slow peer before dropping (about 3 MB of full frames).
+SESSION_QUEUE_FRAMES = 2048
+# Unsent bytes the kernel may hold per connection before send_all waits (TCP_NOTSENT_LOWAT).
+NOTSENT_LOWAT = 128 * 1024
+# How long a superseded link may take to finish (its peer's CLOSE) before it is cut.
+DRAIN_SECONDS = 5.0
+# A session's MAC limit: one endpoint carries several guests.
+SESSION_MAC_LIMIT = 256
+
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+
+
+def tune_tcp(sock: trio.socket.SocketType) -> None:
+    """Low latency over bufferbloat: no Nagle, little unsent data in the kernel."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
+    except OSError as exc:
+        log.debug("TCP_NOTSENT_LOWAT not set: %s", exc)
+
+
+class SessionPort(QueuedPort):
+    """A remote peer on the switch.  `links` are its live connections; `active` sends."""
+
+    def __init__(self, name: str, *, policy: PortPolicy | None = None,
+                 accepts: Offload = Offload.NONE) -> None:
+        super().__init__(name, accepts, SESSION_QUEUE_FRAMES, policy)
+        self.active: Link | None = None
+        self.links: list[Link] = []
+        self.connections = 0
+        self.peer_address: str | None = None
+        self.rtt_ms: float | None = None
+        self.state = "down"
+
+    def deliver(self, frames: list[Frame]) -> None:
+        if self.active is None:
+            self.counters.drop("link_down", len(frames))
+            return
+        super().deliver(frames)
+
+    def status(self) -> dict[str, object]:
+        status = super().status()
+        status.update(kind="session", state=self.state, link_up=self.active is not None,
+                      peer=self.peer_address, connections=self.connections,
+                      rtt_ms=None if self.rtt_ms is None else round(self.rtt_ms, 3),
+                      version=self.active.wire.version if self.active else None)
+        return status
+
+
+@dataclass
+class LinkResult:
+    reason: str
+    by_peer: bool
+
+
+class Link:
+    """One authenticated connection of a session.  `run()` returns when it is over."""
+
+    def __init__(
+        self,
+        port: SessionPort,
+        stream: trio.abc.Stream,
+        wire: WireConnection,
+        forward: Callable[[SessionPort, list[Frame]], None],
+    ) -> None:
+        self.port = port
+        self.stream = stream
+        self.wire = wire
+        self.forward = forward
+        self.started = time.monotonic()
+        self._control: list[bytes] = []
+        self._wake = trio.Event()
+        self._retiring = False
+        self._retire_reason = ""
+        self._dead = False
+        self._abort_reason = ""
+        self._muted_at: float | None = None
+        self._scope: trio.CancelScope | None = None
+        self._last_heard = trio.current_time()
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    def activate(self, *, retire_previous: bool = True) -> None:
+        """Make this link the one that sends.  The previous one stops sending frames and
+        either closes at once (`retire_previous`: the hub, which decides the switch) or waits
+        for its peer to close it (the endpoint, whose new link the hub may not have accepted
+        yet: the hub keeps sending on the old link until then)."""
+        port = self.port
+        previous = port.active
+        port.active = self
+        port.links.append(self)
+        port.connections += 1
+        port.state = "up"
+        port.accepts = self.wire.peer_hello.offloads if self.wire.peer_hello else Offload.NONE
+        port.on_ready = self._wake_writer
+        if previous is not None:
+            if retire_previous:
+                previous.retire("superseded")
+            else:
+                previous.mute()
+        if port.queue:
+            self._wake_writer()
+
+    def retire(self, reason: str) -> None:
+        """Stop taking frames; say CLOSE; keep reading until the peer closes."""
+        if self._retiring:
+            return
+        self._retiring = True
+        self._retire_reason = reason
+        self._wake_writer()
+
+    def mute(self) -> None:
+        """Send no more frames; close if the peer has not closed us within DRAIN_SECONDS."""
+        self._muted_at = trio.current_time()
+        self._wake_writer()
+
+    def abort(self, reason: str) -> None:
+        """End the link now (its peer is no longer allowed): nothing more in or out."""
+        self._abort_reason = reason
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def _wake_writer(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> LinkResult:
+        result = LinkResult("closed", by_peer=False)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._scope = nursery.cancel_scope
+                if self._abort_reason:
+                    nursery.cancel_scope.cancel()
+                nursery.start_soon(self._writer, nursery.cancel_scope)
+                nursery.start_soon(self._keepalive, nursery.cancel_scope)
+                result = await self._reader()
+                nursery.cancel_scope.cancel()
+            if self._dead:
+                result = LinkResult(f"nothing heard for {DEAD_SECONDS:.0f} s", by_peer=True)
+            if self._abort_reason:
+                result = LinkResult(self._abort_reason, by_peer=False)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            result = LinkResult(f"connection lost: {exc}", by_peer=True)
+        except WireError as exc:
+            result = LinkResult(f"protocol error: {exc}", by_peer=True)
+            with trio.move_on_after(1):
+                try:
+                    await self.stream.send_all(self.wire.send_close(exc.close_code, exc.reason))
+                except Exception:  # the peer is gone or the stream broke: nothing to tell
+                    pass
+        finally:
+            self._detach()
+            with trio.move_on_after(1) as cleanup:
+                cleanup.shield = True
+                try:
+                    await self.stream.aclose()
+                except Exception:
+                    pass
+        return result
+
+    def _detach(self) -> None:
+        port = self.port
+        if self in port.links:
+            port.links.remove(self)
+        if port.active is self:
+            port.active = None
+            port.state = "down"
+            port.accepts = Offload.NONE
+            port.queue.clear()
+
+    # -- the three tasks ------------------------------------------------------------------
+
+    async def _reader(self) -> LinkResult:
+        result = self._dispatch()  # what the codec buffered during the handshake
+        if result is not None:
+            return result
+        while True:
+            data = await self.stream.receive_some(RECEIVE_SIZE)
+            if data:
+                self._last_heard = trio.current_time()
+            self.wire.receive_data(data)  # b"" is the end of the stream
+            result = self._dispatch()
+            if result is not None:
+                return result
+
+    def _dispatch(self) -> LinkResult | None:
+        """Act on every event the codec has; a result when the link is over."""
+        wire = self.wire
+        port = self.port
+        for event in wire.next_events():
+            kind = type(event)
+            if kind is Frames:
+                self.forward(port, event.frames)
+            elif kind is Ping:
+                self._send_control(wire.send_pong(event.nonce, event.timestamp_ns))
+            elif kind is Pong:
+                port.rtt_ms = (time.monotonic_ns() - event.timestamp_ns) / 1e6
+            elif kind is Closed:
+                log.info("%s: peer closed (code %d%s)", port.name, event.code,
+                         f": {event.reason}" if event.reason else "")
+                return LinkResult(event.reason or "closed by peer", by_peer=True)
+            elif kind is Eof:
+                return LinkResult("connection closed", by_peer=True)
+        return None
+
+    async def _writer(self, cancel: trio.CancelScope) -> None:
+        wire = self.wire
+        port = self.port
+        queue = port.queue
+        stream = self.stream
+        counters = port.counters
+        while True:
+            if self._control:
+                out, self._control = b"".join(self._control), []
+                await stream.send_all(out)
+                continue
+            if self._retiring:
+                await stream.send_all(wire.send_close(CloseCode.NORMAL, self._retire_reason))
+                with trio.move_on_after(DRAIN_SECONDS):
+                    await trio.sleep_forever()  # the reader ends when the peer closes
+                cancel.cancel()
+                return
+            if queue and port.active is self:
+                frames = list(queue)
+                queue.clear()
+                counters.out_frames += len(frames)
+                counters.out_bytes += sum(len(f.data) for f in frames)
+                await stream.send_all(wire.send_frames(frames))
+                continue
+            self._wake = trio.Event()
+            if port.active is self:
+                port.on_ready = self._wake.set
+                await self._wake.wait()
+            elif self._muted_at is not None:
+                with trio.move_on_at(self._muted_at + DRAIN_SECONDS):
+                    await self._wake.wait()
+                if trio.current_time() >= self._muted_at + DRAIN_SECONDS:
+                    self.retire("superseded")
+            else:
+                await self._wake.wait()
+
+    def _send_control(self, data: bytes) -> None:
+        self._control.append(data)
+        self._wake.set()
+
+    async def _keepalive(self, cancel: trio.CancelScope) -> None:
+        nonce = 0
+        while True:
+            await trio.sleep(KEEPALIVE_SECONDS)
+            if trio.current_time() - self._last_heard > DEAD_SECONDS:
+                log.warning("%s: nothing heard for %.0f s; closing", self.port.name,
+                            DEAD_SECONDS)
+                self._dead = True
+                cancel.cancel()
+                return
+            nonce += 1
+            self._send_control(self.wire.send_ping(nonce, time.monotonic_ns()))
