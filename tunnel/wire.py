@@ -7,7 +7,7 @@ with byte layouts, is docs/protocol.md.
 Rules of this file:
 * Bytes in (`receive_data`), events out (`next_events`); `send_*` return the bytes to write.
   Everything that decides what may come next lives in the state table `_ACCEPTS` and the
-  transitions in `_on_hello`, `_on_auth`, `accept_auth` and the CLOSE branch.
+  transitions in `_on_hello`, `_on_auth`, `accept_auth` and `_on_close`.
 * Every length a peer sends is checked where it is read, against a named limit, before
   anything is buffered for it: a record header is judged (type, flags, state, length) as soon
   as its 8 bytes are here, so before authentication a peer can make us hold at most a few KiB.
@@ -32,16 +32,17 @@ Path of a frame out (`send_frames`):
    since the peer would refuse the whole connection for one;
 2. per-frame header: a PLAIN frame's 14 bytes come from a cache keyed by length, any other
    frame's are packed from its offload 6-tuple;
-3. records close at MAX_FRAMES_PER_RECORD frames or MAX_RECORD_PAYLOAD bytes; each gets its
-   8-byte header in the slot kept for it;
+3. the record's 8-byte header goes in the slot kept for it at the front; a batch past
+   MAX_FRAMES_PER_RECORD frames or MAX_RECORD_PAYLOAD bytes (rare) is regrouped into as many
+   records as it takes (`_send_records`);
 4. one `b"".join` of headers and frame bytes: the frame bytes are copied once, into the
    result (TLS copies them again when it encrypts).
 Path of a frame in (`receive_data`, `next_events`):
 1. `receive_data` keeps the bytes object it is given (no copy) or queues it behind the
    unparsed rest;
 2. the record header is read with `unpack_from` and judged at once;
-3. when the whole record has arrived, queued chunks are joined once (only when a record
-   spans chunks);
+3. only when a header or a record spans chunks are the queued chunks joined: once when its
+   header is complete, once when all of it is (so a byte is copied at most twice here);
 4. each frame header is read with one `unpack_from` (a fast path tells PLAIN metadata by two
    zero integers, and then the frame gets the shared PLAIN object, so `offload is PLAIN`
    holds downstream);
