@@ -117,6 +117,8 @@ class Link:
         self._dead = False
         self._abort_reason = ""
         self._muted_at: float | None = None
+        self._error: WireError | None = None  # the peer broke the protocol
+        self._failure: str | None = None  # the writer or keepalive lost the connection
         self._scope: trio.CancelScope | None = None
         self._last_heard = trio.current_time()
 
@@ -166,38 +168,56 @@ class Link:
         self._wake.set()
 
     async def run(self) -> LinkResult:
-        result = LinkResult("closed", by_peer=False)
+        """Carry frames until the link ends; never raises for anything the peer or the
+        network did (each task catches its own failure, so nothing leaves the nursery)."""
+        result: LinkResult | None = None
         try:
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
                 if self._abort_reason:
                     nursery.cancel_scope.cancel()
-                nursery.start_soon(self._writer, nursery.cancel_scope)
-                nursery.start_soon(self._keepalive, nursery.cancel_scope)
-                result = await self._reader()
+                nursery.start_soon(self._guarded, self._writer, nursery.cancel_scope)
+                nursery.start_soon(self._guarded, self._keepalive, nursery.cancel_scope)
+                result = await self._guarded_reader()
                 nursery.cancel_scope.cancel()
-            if self._dead:
-                result = LinkResult(f"nothing heard for {DEAD_SECONDS:.0f} s", by_peer=True)
-            if self._abort_reason:
-                result = LinkResult(self._abort_reason, by_peer=False)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            result = LinkResult(f"connection lost: {exc}", by_peer=True)
-        except WireError as exc:
-            result = LinkResult(f"protocol error: {exc}", by_peer=True)
-            with trio.move_on_after(1):
-                try:
-                    await self.stream.send_all(self.wire.send_close(exc.close_code, exc.reason))
-                except Exception:  # the peer is gone or the stream broke: nothing to tell
-                    pass
+            if self._error is not None:
+                await self._tell_peer(self._error)
         finally:
             self._detach()
             with trio.move_on_after(1) as cleanup:
                 cleanup.shield = True
                 try:
                     await self.stream.aclose()
-                except Exception:
+                except Exception:  # a broken TLS stream may not close cleanly; it is gone
                     pass
-        return result
+        if self._abort_reason:
+            return LinkResult(self._abort_reason, by_peer=False)
+        if self._dead:
+            return LinkResult(f"nothing heard for {DEAD_SECONDS:.0f} s", by_peer=True)
+        return result or LinkResult(self._failure or "closed", by_peer=True)
+
+    async def _guarded_reader(self) -> LinkResult | None:
+        try:
+            return await self._reader()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            return LinkResult(f"connection lost: {exc or type(exc).__name__}", by_peer=True)
+        except WireError as exc:
+            self._error = exc
+            return LinkResult(f"protocol error: {exc}", by_peer=True)
+
+    async def _guarded(self, task, cancel: trio.CancelScope) -> None:
+        try:
+            await task(cancel)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._failure = f"connection lost: {exc or type(exc).__name__}"
+            cancel.cancel()
+
+    async def _tell_peer(self, error: WireError) -> None:
+        with trio.move_on_after(1):
+            try:
+                await self.stream.send_all(self.wire.send_close(error.close_code, error.reason))
+            except Exception:  # the peer is gone or the stream broke: nothing to tell
+                pass
 
     def _detach(self) -> None:
         port = self.port
