@@ -74,3 +74,34 @@ def test_status_rendering_names_links_drops_and_broken_devices():
     assert "52:54:00:00:00:01 -> vm1.sock" in text
     assert "5 offloaded in software" in text
     assert "answered: arp_reply=1, dhcp_ack=2" in text
+
+
+def test_status_rendering_of_an_endpoint_and_a_session():
+    text = format_status({
+        "role": "endpoint", "pid": 9, "hub": "hub.example:7777",
+        "session": {"state": "up", "rtt_ms": 0.42, "reconnects": 2, "last_error": None},
+        "ports": [{"name": "hub", "kind": "session", "state": "up", "peer": "hub:7777",
+                   "rtt_ms": 0.42, "in_frames": 1, "in_bytes": 2, "out_frames": 3,
+                   "out_bytes": 4, "drops": {"link_down": 5}}],
+    })
+    assert "session to hub.example:7777: up, rtt 0.42 ms, 2 reconnects" in text
+    assert "hub: session up from hub:7777, rtt 0.42 ms" in text and "link_down=5" in text
+
+
+def test_config_file_values_are_defaults_the_command_line_overrides(tmp_path):
+    from tunnel.cli import parse_args
+
+    config = tmp_path / "vm.toml"
+    config.write_text('hub = "127.0.0.1:7777"\nsocket = ["/run/a.sock", "/run/b.sock"]\n'
+                      'name = "alice"\nqueues = 2\n')
+    args = parse_args(["vm", "--config", str(config), "--name", "bob"])
+    assert args.hub == ("127.0.0.1", 7777)
+    assert args.socket == ["/run/a.sock", "/run/b.sock"]
+    assert args.name == "bob" and args.queues == 2
+
+
+def test_config_file_with_an_unknown_setting_is_refused(tmp_path):
+    config = tmp_path / "vm.toml"
+    config.write_text('hubb = "x:1"\n')
+    result = run_cli("vm", "--config", str(config))
+    assert result.returncode == 2 and "unknown setting 'hubb'" in result.stderr

@@ -303,6 +303,19 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def format_status(state: dict) -> str:
     lines = [f"{state.get('role', '?')} (pid {state.get('pid', '?')})"]
+    session = state.get("session")
+    if session is not None:
+        rtt = session.get("rtt_ms")
+        lines.append(
+            f"  session to {state.get('hub')}: {session['state']}"
+            + (f", rtt {rtt:.2f} ms" if rtt is not None else "")
+            + f", {session.get('reconnects', 0)} reconnects"
+            + (f", last error: {session['last_error']}" if session.get("last_error") else ""))
+    tunnel = state.get("tunnel")
+    if tunnel is not None:
+        refused = ", ".join(f"{k}={v}" for k, v in sorted(tunnel.get("refused", {}).items()))
+        lines.append(f"  tunnel on {', '.join(tunnel['listen'])}: {tunnel['peers']} peers, "
+                     f"key {tunnel['fingerprint']}" + (f", refused {refused}" if refused else ""))
     for port in state.get("ports", []):
         drops = port.get("drops", {}) | port.get("guest_drops", {})
         traffic = (f"in {port['in_frames']} frames/{port['in_bytes']} B, "
@@ -318,6 +331,13 @@ def format_status(state: dict) -> str:
             if services:
                 lines.append("    answered: " + ", ".join(
                     f"{k}={v}" for k, v in sorted(services.items())))
+            continue
+        if port.get("kind") == "session":
+            rtt = port.get("rtt_ms")
+            lines.append(f"  {port['name']}: session {port.get('state')}"
+                         + (f" from {port['peer']}" if port.get("peer") else "")
+                         + (f", rtt {rtt:.2f} ms" if rtt is not None else "")
+                         + f", {traffic}")
             continue
         link = "up" if port.get("link_up") else "down"
         broken = f" BROKEN: {port['broken']}" if port.get("broken") else ""
