@@ -82,11 +82,11 @@ async def test_two_endpoints_through_a_hub_survive_kill_9(tmp_path):
             await trio.sleep(1)
             await hub.start()
             took = await ping_until(ga, ip_b, 20)
-            assert took < 10
+            assert took < 5, f"traffic came back {took:.1f} s after the hub did"
             # kill -9 an endpoint: QEMU reconnects to the new process, no reboot
             await ep2.kill()
             await ep2.start()
             took = await ping_until(ga, ip_b, 20)
-            assert took < 10
+            assert took < 5, f"traffic came back {took:.1f} s after the endpoint did"
             assert len(ga.boots) == 1 and len(gb.boots) == 1
             await ga.check("killall iperf3 || true")

@@ -281,3 +281,53 @@ async def test_removing_a_peer_disconnects_it(net):
                 await trio.sleep(0.05)
         assert net.hub.tunnel.sessions["alice"].active is None
         nursery.cancel_scope.cancel()
+
+
+async def test_bad_connections_leave_a_working_session_alone(net, monkeypatch):
+    """Garbage, an oversized record, a stalled handshake and an unknown key while a real
+    session carries frames: the session never notices."""
+    monkeypatch.setattr(listener_module, "HANDSHAKE_SECONDS", 1.0)
+    stranger_fp = keygen(net.tmp / "stranger")
+    assert stranger_fp
+    async with trio.open_nursery() as nursery:
+        net.hub = Hub(net.hub_config())
+        await nursery.start(net.hub.run)
+        net.endpoint = Endpoint(net.endpoint_config())
+        await nursery.start(net.endpoint.run)
+        await session_up(net.endpoint)
+        async with guest(net.tmp / "h.sock") as gh, guest(net.tmp / "e.sock") as ge:
+            await send(ge, [eth(BROADCAST, MAC_E, 0)])
+            assert len(await receive(gh, 1)) == 1
+
+            async def attacker(payload: bytes) -> None:
+                tls = await raw_tls(net.port)
+                if payload:
+                    await tls.send_all(payload)
+                await read_until_closed(tls)
+
+            config = net.endpoint_config()
+            config.identity_dir = net.tmp / "stranger"
+            config.sockets = [str(net.tmp / "s.sock")]
+            stranger = Endpoint(config)
+            async with trio.open_nursery() as attacks:
+                attacks.start_soon(attacker, b"\x00" * 100)
+                attacks.start_soon(attacker, b"\x03\x00\x00\x00\x7f\xff\xff\xff")
+                attacks.start_soon(attacker, b"")  # says nothing: cut at the deadline
+                await attacks.start(stranger.run)
+                frames = [eth(MAC_E, MAC_H, i) for i in range(100)]
+                for chunk in range(0, 100, 10):
+                    await send(gh, frames[chunk : chunk + 10])
+                    await trio.sleep(0.05)
+                assert await receive(ge, 100) == frames
+                with trio.fail_after(10):
+                    while not (net.hub.tunnel.refused.get("auth_unknown_key")
+                               and net.hub.tunnel.refused.get("handshake_timeout")):
+                        await trio.sleep(0.02)
+                attacks.cancel_scope.cancel()
+            refused = net.hub.tunnel.refused
+            assert refused.get("handshake_timeout") and refused.get("auth_unknown_key")
+            assert sum(v for k, v in refused.items() if k.startswith("protocol_")) >= 2
+            assert set(net.hub.tunnel.sessions) == {"alice"}
+            session = net.hub.tunnel.sessions["alice"]
+            assert session.connections == 1 and not session.counters.drops
+        nursery.cancel_scope.cancel()
