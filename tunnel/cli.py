@@ -230,9 +230,11 @@ def _cmd_hub(args: argparse.Namespace) -> int:
                        state_dir=args.state_dir, pcap_dir=args.pcap,
                        port_policy=not args.no_port_policy, listen=args.listen,
                        identity_dir=args.identity, peers_file=args.peers, name=args.name)
+    from tunnel.keys import IdentityError
+
     try:
         hub = Hub(config)
-    except (OSError, ValueError) as exc:  # keys, peers file, state directory
+    except (OSError, ValueError, IdentityError) as exc:  # keys, peers file, state directory
         raise SystemExit(f"vhostvpn hub: {exc}") from None
     tune_gc()
     trio.run(hub.run)
@@ -257,9 +259,11 @@ def _cmd_vm(args: argparse.Namespace) -> int:
         hub_fingerprint=args.hub_fingerprint, sockets=args.socket,
         client_sockets=args.client_socket, control=args.control, name=args.name,
         queue_pairs=args.queues, rekey_seconds=args.rekey_seconds)
+    from tunnel.keys import IdentityError
+
     try:
         endpoint = Endpoint(config)
-    except (OSError, ValueError) as exc:  # keys
+    except (OSError, ValueError, IdentityError) as exc:  # keys
         raise SystemExit(f"vhostvpn vm: {exc}") from None
     tune_gc()
     trio.run(endpoint.run)
