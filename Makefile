@@ -5,7 +5,7 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := qemu-system-x86 busybox-static iperf3 dpdk-dev cpio gzip xz-utils zstd \
+APT_PACKAGES := qemu-system-x86 iperf3 dpdk-dev cpio gzip xz-utils zstd \
                 iproute2 procps python3-venv gcc tshark
 STAMP := $(VENV)/.installed
 

@@ -250,7 +250,7 @@ class GatewayPort(Port):
         status["kind"] = "gateway"
         status["services"] = dict(self.services)
         if self.ra is not None:
-            status["services"] |= {f"ra_{k}": v for k, v in self.ra.counters.items()}
+            status["services"] |= dict(self.ra.counters)
         if self.dhcp is not None:
             status["dhcp"] = dict(self.dhcp.counters)
         return status

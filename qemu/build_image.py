@@ -16,7 +16,8 @@ Steps, in the order they run:
                ships no modules.dep; depmod runs at install time), take the virtio-net
                stack plus its dependencies, order them so dependencies load first,
                decompress .ko.xz/.ko.zst (busybox insmod loads plain .ko only).
-  4. rootfs  - busybox-static with a symlink per applet, /init (qemu/guest-init), the
+  4. rootfs  - busybox from the busybox-static .deb (never the host's /bin/busybox, which
+               may be the dynamic build) with a symlink per applet, /init (qemu/guest-init), the
                modules and their load order, iperf3 with every library ldd reports and
                the dynamic loader.
   5. archive - a cpio newc archive written here (device nodes without needing mknod;
@@ -47,7 +48,10 @@ BUILD_DIR = Path(os.environ.get("VV_BUILD_DIR", QEMU_DIR / "build"))
 GUEST_INIT = QEMU_DIR / "guest-init"
 
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
-BUSYBOX = Path("/bin/busybox")
+# busybox comes from Debian's busybox-static package itself, not from the host's /bin: a
+# host may have the dynamically linked `busybox` package installed instead (they conflict),
+# and a dynamic busybox cannot run as the initramfs's /init shell.
+BUSYBOX_PACKAGE = "busybox-static"
 IPERF3 = Path("/usr/bin/iperf3")
 
 # The virtio-net stack, by module name. Whatever of these the kernel builds as a module
@@ -166,8 +170,6 @@ def iperf3_files() -> list[Path]:
 
 
 def compute_inputs() -> dict[str, object]:
-    if not BUSYBOX.exists():
-        raise BuildError(f"{BUSYBOX} not found: apt-get install busybox-static")
     if not GUEST_INIT.exists():
         raise BuildError(f"{GUEST_INIT} is missing")
     package, version = kernel_package()
@@ -176,7 +178,7 @@ def compute_inputs() -> dict[str, object]:
         "kernel_version": version,
         "guest_init": sha256_file(GUEST_INIT),
         "builder": sha256_file(Path(__file__)),
-        "busybox": sha256_file(BUSYBOX),
+        "busybox": apt_candidate(BUSYBOX_PACKAGE)["Version"],
         "iperf3": {str(p): sha256_file(p) for p in iperf3_files()},
         "modules": list(WANTED_MODULES),
     }
@@ -375,7 +377,24 @@ class Cpio:
         return data + b"\0" * (-len(data) % 512)
 
 
-def build_initramfs(modules: list[tuple[str, bytes]], kernel_release: str) -> bytes:
+def extract_busybox(deb: Path, into: Path) -> Path:
+    """dpkg -x busybox-static; return its (statically linked) binary."""
+    if into.exists():
+        shutil.rmtree(into)
+    run(["dpkg", "-x", str(deb), str(into)])
+    binary = into / "bin" / "busybox"
+    if not binary.is_file():
+        raise BuildError(f"{deb.name}: no bin/busybox inside")
+    with open(binary, "rb") as elf:
+        head = elf.read(1 << 16)
+    if b"/lib64/ld-linux" in head or b"ld-linux-x86-64.so" in head:
+        raise BuildError(f"{deb.name}: bin/busybox is dynamically linked; the initramfs needs "
+                         "a static one")
+    return binary
+
+
+def build_initramfs(modules: list[tuple[str, bytes]], kernel_release: str,
+                    busybox: Path) -> bytes:
     archive = Cpio()
     for d in ("dev", "proc", "sys", "tmp", "run", "etc", "root", "var/log", "bin", "sbin",
               "usr/bin", "usr/sbin", "lib/modules"):
@@ -384,12 +403,12 @@ def build_initramfs(modules: list[tuple[str, bytes]], kernel_release: str) -> by
     archive.chardev("dev/console", 5, 1)
     archive.chardev("dev/null", 1, 3, 0o666)
 
-    archive.file("bin/busybox", BUSYBOX.read_bytes(), 0o755)
-    applets = set(run([str(BUSYBOX), "--list-full"], quiet=True).split())
+    archive.file("bin/busybox", busybox.read_bytes(), 0o755)
+    applets = set(run([str(busybox), "--list-full"], quiet=True).split())
     missing = [a for a in REQUIRED_APPLETS
                if not any(p.rsplit("/", 1)[-1] == a for p in applets)]
     if missing:
-        raise BuildError(f"{BUSYBOX} lacks applets: {' '.join(missing)}")
+        raise BuildError(f"{busybox} lacks applets: {' '.join(missing)}")
     for path in sorted(applets):
         if path != "bin/busybox":
             depth = path.count("/")
@@ -446,13 +465,16 @@ def build(force: bool = False) -> Path:
         log("load order: " + " ".join(name for name, _ in modules))
 
         log("[4/5] initramfs")
-        initramfs = build_initramfs(modules, moddir.name)
+        busybox_deb = download_deb(BUSYBOX_PACKAGE, str(inputs["busybox"]), BUILD_DIR / "debs")
+        busybox = extract_busybox(busybox_deb, BUILD_DIR / "busybox")
+        initramfs = build_initramfs(modules, moddir.name, busybox)
 
         log("[5/5] writing outputs")
         write_atomic(outputs[0], vmlinuz.read_bytes())
         write_atomic(outputs[1], initramfs)
         (BUILD_DIR / "modules.txt").write_text("".join(f"{n}\n" for n, _ in modules))
         shutil.rmtree(BUILD_DIR / "kernel")
+        shutil.rmtree(BUILD_DIR / "busybox")
         write_atomic(stamp, (digest + "\n" + json.dumps(inputs, indent=1, sort_keys=True)
                              + "\n").encode())
         log(f"done: {outputs[0]} ({outputs[0].stat().st_size / 1e6:.1f} MB), "
