@@ -30,7 +30,7 @@ from tunnel.control import serve_control
 from tunnel.keys import AuthError, check_server, client_ssl_context, load_identity, sign_client_auth
 from tunnel.session import Link, SessionPort, tune_tcp
 from tunnel.wire import Closed, Eof, Hello, WireConnection, WireError
-from virtio.backend import VhostUserServer
+from virtio.backend import attach_sockets
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +72,8 @@ class Endpoint:
         self.ssl_context = client_ssl_context(self.identity)
         self.name = config.name or os.uname().nodename.split(".")[0]
         self.switch = Switch()
-        self.servers = [
-            VhostUserServer(path, self.switch.forward, queue_pairs=config.queue_pairs)
-            for path in config.sockets
-        ] + [
-            VhostUserServer(path, self.switch.forward, client=True,
-                            queue_pairs=config.queue_pairs)
-            for path in config.client_sockets
-        ]
-        for server in self.servers:
-            self.switch.attach(server.port)
+        self.servers = attach_sockets(self.switch, config.sockets, config.client_sockets,
+                                      config.queue_pairs)
         self.uplink = SessionPort("hub", policy=None)
         self.switch.attach(self.uplink)
         self.reconnects = 0

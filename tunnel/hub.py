@@ -26,7 +26,7 @@ from netstack.switch import Switch
 from tunnel.control import serve_control
 from tunnel.keys import load_identity
 from tunnel.listener import TunnelListener
-from virtio.backend import VhostUserServer
+from virtio.backend import attach_sockets
 
 log = logging.getLogger(__name__)
 
@@ -74,21 +74,8 @@ class Hub:
     def __init__(self, config: HubConfig) -> None:
         self.config = config
         self.switch = Switch()
-        self.servers = [
-            VhostUserServer(path, self.switch.forward, queue_pairs=config.queue_pairs)
-            for path in config.sockets
-        ] + [
-            VhostUserServer(path, self.switch.forward, client=True,
-                            queue_pairs=config.queue_pairs)
-            for path in config.client_sockets
-        ]
-        names = [s.port.name for s in self.servers]
-        for server in self.servers:
-            if not config.port_policy:
-                server.port.policy = None
-            if names.count(server.port.name) > 1:
-                server.port.name = server.path  # two sockets named alike in different folders
-            self.switch.attach(server.port)
+        self.servers = attach_sockets(self.switch, config.sockets, config.client_sockets,
+                                      config.queue_pairs, policy=config.port_policy)
         self.tunnel: TunnelListener | None = None
         if config.listen is not None:
             if config.identity_dir is None or config.peers_file is None:

@@ -31,6 +31,7 @@ import trio
 from netstack.frame import Frame, Offload
 from netstack.policy import PortPolicy
 from netstack.port import QueuedPort
+from netstack.switch import Switch
 from virtio.protocol import Message, ProtocolError, VhostUserDevice, parse_header, request_name
 from virtio.spec import HEADER_SIZE, MAX_FDS
 from virtio.vring import RingError, SplitQueue
@@ -359,6 +360,30 @@ class VhostUserServer:
                 continue
             await self._wait_kick(device, queue)
             queue.mute_kicks()
+
+
+def attach_sockets(
+    switch: Switch,
+    sockets: list[str],
+    client_sockets: list[str],
+    queue_pairs: int,
+    *,
+    policy: bool = True,
+) -> list[VhostUserServer]:
+    """A server per socket path (listening ones, then ones QEMU listens on), each port
+    attached to `switch`; ports named after the socket, the full path where names clash."""
+    servers = [VhostUserServer(path, switch.forward, queue_pairs=queue_pairs)
+               for path in sockets]
+    servers += [VhostUserServer(path, switch.forward, client=True, queue_pairs=queue_pairs)
+                for path in client_sockets]
+    names = [server.port.name for server in servers]
+    for server in servers:
+        if not policy:
+            server.port.policy = None
+        if names.count(server.port.name) > 1:
+            server.port.name = server.path
+        switch.attach(server.port)
+    return servers
 
 
 async def _read_message(conn: trio.socket.SocketType) -> Message | None:
