@@ -6,7 +6,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := qemu-system-x86 iperf3 dpdk-dev cpio gzip xz-utils zstd \
-                iproute2 procps python3-venv gcc tshark
+                iproute2 iputils-ping ethtool procps python3-venv gcc tshark
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-quick lint bench image setup apt clean

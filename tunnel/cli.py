@@ -80,6 +80,22 @@ def fingerprint_arg(text: str) -> bytes:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _add_endpoint(parser: argparse.ArgumentParser) -> None:
+    """The flags `vhostvpn vm` and `vhostvpn host` share: how to reach and trust the hub."""
+    parser.add_argument("--hub", type=host_port, metavar="HOST:PORT", help="the hub's tunnel")
+    parser.add_argument("--identity", type=Path, metavar="DIR",
+                        help="this endpoint's key (vhostvpn keygen DIR)")
+    parser.add_argument("--hub-fingerprint", type=fingerprint_arg, metavar="FP",
+                        help="the hub's key fingerprint (vhostvpn fingerprint DIR on the hub)")
+    parser.add_argument("--name", default="", help="this endpoint's name (default: hostname)")
+    parser.add_argument("--control", metavar="PATH",
+                        help="control socket for `vhostvpn status`")
+    parser.add_argument("--rekey-seconds", type=float, default=3600.0, metavar="S",
+                        help="make a fresh connection (new keys) this often (default 3600)")
+    _add_config(parser)
+    _add_common(parser)
+
+
 def _add_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, metavar="FILE",
                         help="TOML file holding any of these flags (names without the "
@@ -140,19 +156,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="serve a vhost-user socket (QEMU connects); repeatable")
     vm.add_argument("--client-socket", action="append", default=[], metavar="PATH",
                     help="connect to a vhost-user socket QEMU listens on; repeatable")
-    vm.add_argument("--hub", type=host_port, metavar="HOST:PORT", help="the hub's tunnel")
-    vm.add_argument("--identity", type=Path, metavar="DIR",
-                    help="this endpoint's key (vhostvpn keygen DIR)")
-    vm.add_argument("--hub-fingerprint", type=fingerprint_arg, metavar="FP",
-                    help="the hub's key fingerprint (vhostvpn fingerprint DIR on the hub)")
-    vm.add_argument("--name", default="", help="this endpoint's name (default: hostname)")
-    vm.add_argument("--control", metavar="PATH", help="control socket for `vhostvpn status`")
     vm.add_argument("--queues", type=int, default=4, metavar="N",
                     help="queue pairs offered per socket (default 4)")
-    vm.add_argument("--rekey-seconds", type=float, default=3600.0, metavar="S",
-                    help="make a fresh connection (new keys) this often (default 3600)")
-    _add_config(vm)
-    _add_common(vm)
+    _add_endpoint(vm)
+
+    host = sub.add_parser("host", help="join this host to a hub through a TAP device")
+    host.add_argument("--tap", metavar="NAME", required=True,
+                      help="the TAP device to create (L2: the host sees an Ethernet NIC)")
+    host.add_argument("--address", type=ipaddress.ip_interface, action="append", default=[],
+                      metavar="CIDR", help="an address for the device, e.g. 10.77.0.9/24; "
+                                           "repeatable")
+    host.add_argument("--mtu", type=int, default=1500, help="the device's MTU (default 1500)")
+    _add_endpoint(host)
 
     keygen = sub.add_parser("keygen", help="create a key and certificate in DIR")
     keygen.add_argument("directory", type=Path, metavar="DIR")
@@ -241,33 +256,55 @@ def _cmd_hub(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_vm(args: argparse.Namespace) -> int:
-    from tunnel.endpoint import Endpoint, EndpointConfig
+def _endpoint_config(args: argparse.Namespace, command: str, **local: object):
+    from tunnel.endpoint import EndpointConfig
 
     for flag in ("hub", "identity", "hub_fingerprint"):
         if getattr(args, flag) is None:
-            raise SystemExit(f"vhostvpn vm: --{flag.replace('_', '-')} is required")
-    if not args.socket and not args.client_socket:
-        raise SystemExit("vhostvpn vm: give at least one --socket or --client-socket")
-    if not 1 <= args.queues <= 64:
-        raise SystemExit(f"vhostvpn vm: --queues {args.queues}: want 1 to 64")
+            raise SystemExit(f"vhostvpn {command}: --{flag.replace('_', '-')} is required")
     if args.rekey_seconds < 10:
-        raise SystemExit("vhostvpn vm: --rekey-seconds: at least 10")
+        raise SystemExit(f"vhostvpn {command}: --rekey-seconds: at least 10")
     host, port = args.hub
-    config = EndpointConfig(
+    return EndpointConfig(
         hub_host=host or "localhost", hub_port=port, identity_dir=args.identity,
-        hub_fingerprint=args.hub_fingerprint, sockets=args.socket,
-        client_sockets=args.client_socket, control=args.control, name=args.name,
-        queue_pairs=args.queues, rekey_seconds=args.rekey_seconds)
+        hub_fingerprint=args.hub_fingerprint, control=args.control, name=args.name,
+        rekey_seconds=args.rekey_seconds, **local)
+
+
+def _run_endpoint(config, command: str) -> int:
+    from tunnel.endpoint import Endpoint
     from tunnel.keys import IdentityError
 
     try:
         endpoint = Endpoint(config)
     except (OSError, ValueError, IdentityError) as exc:  # keys
-        raise SystemExit(f"vhostvpn vm: {exc}") from None
+        raise SystemExit(f"vhostvpn {command}: {exc}") from None
     tune_gc()
-    trio.run(endpoint.run)
+    try:
+        trio.run(endpoint.run)
+    except OSError as exc:  # the TAP device or its addresses
+        raise SystemExit(f"vhostvpn {command}: {exc}") from None
     return 0
+
+
+def _cmd_vm(args: argparse.Namespace) -> int:
+    if not args.socket and not args.client_socket:
+        raise SystemExit("vhostvpn vm: give at least one --socket or --client-socket")
+    if not 1 <= args.queues <= 64:
+        raise SystemExit(f"vhostvpn vm: --queues {args.queues}: want 1 to 64")
+    config = _endpoint_config(args, "vm", sockets=args.socket,
+                              client_sockets=args.client_socket, queue_pairs=args.queues)
+    return _run_endpoint(config, "vm")
+
+
+def _cmd_host(args: argparse.Namespace) -> int:
+    if not 68 <= args.mtu <= 65535:
+        raise SystemExit(f"vhostvpn host: --mtu {args.mtu}: want 68 to 65535")
+    if len(args.tap.encode()) > 15 or "/" in args.tap or not args.tap:
+        raise SystemExit(f"vhostvpn host: --tap {args.tap!r}: not a valid interface name")
+    config = _endpoint_config(args, "host", tap=args.tap, addresses=args.address,
+                              mtu=args.mtu)
+    return _run_endpoint(config, "host")
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
@@ -366,7 +403,7 @@ def _cmd_qemu_args(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"hub": _cmd_hub, "vm": _cmd_vm, "status": _cmd_status,
+COMMANDS = {"hub": _cmd_hub, "vm": _cmd_vm, "host": _cmd_host, "status": _cmd_status,
             "qemu-args": _cmd_qemu_args, "keygen": _cmd_keygen, "fingerprint": _cmd_fingerprint}
 
 

@@ -1,8 +1,10 @@
-"""`vhostvpn vm`: serves vhost-user sockets and joins their guests to a hub over one session.
+"""`vhostvpn vm` and `vhostvpn host`: join local guests, or this host, to a hub over one session.
 
-The endpoint is a small switch of its own: each local socket is a port, and so is the uplink
-to the hub (a SessionPort, trusted here; the hub polices it).  Guests on the same endpoint
-reach each other locally; everything else crosses the uplink.
+The endpoint is a small switch of its own: each local vhost-user socket is a port, so is the
+host's TAP device (`vhostvpn host --tap`, tunnel/tuntap.py) and so is the uplink to the hub (a
+SessionPort, trusted here; the hub polices it).  Guests on the same endpoint reach each other
+locally; everything else crosses the uplink.  A host's link, addresses and MTU are set through
+netlink (tunnel/hostnet.py) and removed again when the endpoint exits, even on SIGTERM.
 
 The uplink's life (`_uplink`): connect (TCP, TLS 1.3) -> check the hub's certificate against
 the pinned fingerprint (nothing is sent to a hub that fails) -> HELLO both ways -> AUTH, the
@@ -15,6 +17,7 @@ a new connection is made and takes over; the old one drains and closes.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import random
@@ -27,8 +30,10 @@ import trio
 from netstack.frame import ALL_OFFLOADS, Frame
 from netstack.switch import Switch
 from tunnel.control import serve_control
+from tunnel.hostnet import HostNetwork
 from tunnel.keys import AuthError, check_server, client_ssl_context, load_identity, sign_client_auth
 from tunnel.session import Link, SessionPort, tune_tcp
+from tunnel.tuntap import TapPort, TunTapDevice, run_device
 from tunnel.wire import Closed, Eof, Hello, WireConnection, WireError
 from virtio.backend import attach_sockets
 
@@ -59,6 +64,9 @@ class EndpointConfig:
     queue_pairs: int = 4
     mtu: int = 1500
     rekey_seconds: float = REKEY_SECONDS
+    tap: str | None = None  # host mode: the TAP device's name
+    addresses: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = field(
+        default_factory=list)
 
 
 class HandshakeError(Exception):
@@ -76,6 +84,9 @@ class Endpoint:
                                       config.queue_pairs)
         self.uplink = SessionPort("hub", policy=None)
         self.switch.attach(self.uplink)
+        self.device: TunTapDevice | None = None
+        self.device_port: TapPort | None = None
+        self.network: HostNetwork | None = None
         self.reconnects = 0
         self.last_error: str | None = None
         self.rng = random.Random()
@@ -98,11 +109,43 @@ class Endpoint:
         }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+
+        try:
+            if self.config.tap is not None:
+                self._open_tap(self.config.tap)
+            await self._run(task_status)
+        finally:
+            self._close_host()
+
+    def _open_tap(self, name: str) -> None:
+        """The host's TAP device, up, with its addresses; undone by `_close_host`."""
+        self.device = TunTapDevice.open(name, "tap")
+        self.device_port = TapPort(self.device.name, self.device)
+        self.switch.attach(self.device_port)
+        self.network = HostNetwork()
+        self.network.set_up(self.device.name, self.config.mtu)
+        for address in self.config.addresses:
+            self.network.add_address(self.device.name, address)
+        log.info("%s: up, mtu %d, addresses %s", self.device.name, self.config.mtu,
+                 ", ".join(map(str, self.config.addresses)) or "none")
+
+    def _close_host(self) -> None:
+        if self.network is not None:
+            self.network.undo()
+            self.network = None
+        if self.device is not None:
+            self.device.close()
+            self.device = None
+
+    async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         from tunnel.hub import exit_on_signals
 
         async with trio.open_nursery() as nursery:
             for server in self.servers:
                 await nursery.start(server.run)
+            if self.device is not None and self.device_port is not None:
+                nursery.start_soon(run_device, self.device, self.device_port,
+                                   self.switch.forward)
             if self.config.control:
                 await nursery.start(serve_control, self.config.control, self.status)
             nursery.start_soon(self._uplink)

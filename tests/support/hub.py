@@ -32,8 +32,9 @@ class VhostvpnProcess:
     """One `vhostvpn <command>` process with a control socket and vhost-user sockets."""
 
     def __init__(self, workdir: Path, command: str, sockets: list[str],
-                 extra_args: list[str], name: str) -> None:
+                 extra_args: list[str], name: str, prefix: list[str] | None = None) -> None:
         self.workdir = workdir
+        self.prefix = prefix or []  # e.g. ["ip", "netns", "exec", NS]
         self.command = command
         self.sockets = [str(workdir / s) for s in sockets]
         self.control = str(workdir / f"{name}.control")
@@ -51,7 +52,8 @@ class VhostvpnProcess:
 
     async def start(self) -> None:
         self.starts += 1
-        argv = [sys.executable, "-m", "tunnel.cli", self.command, "--control", self.control,
+        argv = [*self.prefix, sys.executable, "-m", "tunnel.cli", self.command,
+                "--control", self.control,
                 "--log-level", "debug", *self.extra_args]
         for path in self.sockets:
             argv += ["--socket", path]

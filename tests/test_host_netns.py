@@ -1,0 +1,120 @@
+"""Hosts join through TAP devices, each in a network namespace of its own, with the hub in a
+third namespace: they ping each other (IPv4 and IPv6), move a file checked by sha256, and
+leave their namespaces as they found them when the endpoint stops (SIGTERM)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import trio
+
+from tests.support.hub import VhostvpnProcess
+from tunnel.keys import keygen
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/net/tun")
+                       or shutil.which("ip") is None,
+                       reason="needs root, /dev/net/tun and iproute2"),
+]
+
+HUB_PORT = 7777
+
+
+def ip(*args: str) -> str:
+    return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture
+def namespaces() -> Iterator[dict[str, str]]:
+    """A hub namespace joined by veth pairs to two host namespaces (10.201.N.0/24)."""
+    tag = uuid.uuid4().hex[:6]
+    names = {"hub": f"vvhub{tag}", "h1": f"vvh1{tag}", "h2": f"vvh2{tag}"}
+    try:
+        for name in names.values():
+            ip("netns", "add", name)
+            ip("-n", name, "link", "set", "lo", "up")
+        for n, host in ((1, "h1"), (2, "h2")):
+            a, b = f"vva{n}{tag}", f"vvb{n}{tag}"
+            ip("link", "add", a, "netns", names["hub"], "type", "veth", "peer", "name", b,
+               "netns", names[host])
+            ip("-n", names["hub"], "addr", "add", f"10.201.{n}.1/24", "dev", a)
+            ip("-n", names[host], "addr", "add", f"10.201.{n}.2/24", "dev", b)
+            ip("-n", names["hub"], "link", "set", a, "up")
+            ip("-n", names[host], "link", "set", b, "up")
+        yield names
+    finally:
+        for name in names.values():
+            subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
+
+
+async def run_in(netns: str, *argv: str, timeout: float = 30) -> str:
+    result = await trio.run_process(["ip", "netns", "exec", netns, *argv], capture_stdout=True,
+                                    capture_stderr=True, check=False)
+    assert result.returncode == 0, result.stderr.decode() + result.stdout.decode()
+    return result.stdout.decode()
+
+
+async def test_two_tap_hosts_talk_through_a_hub_and_clean_up(tmp_path, namespaces):
+    hub_fp = keygen(tmp_path / "hub-id")
+    (tmp_path / "peers").write_text(
+        "".join(f"{n} {keygen(tmp_path / f'{n}-id')}\n" for n in ("h1", "h2")))
+    hub = VhostvpnProcess(tmp_path, "hub", [], [
+        "--listen", f"0.0.0.0:{HUB_PORT}", "--identity", str(tmp_path / "hub-id"),
+        "--peers", str(tmp_path / "peers"), "--subnet", "10.77.0.0/24",
+        "--ipv6-prefix", "fd77::/64", "--state-dir", str(tmp_path / "state")], "hub",
+        prefix=["ip", "netns", "exec", namespaces["hub"]])
+    hosts = {}
+    for n, name in ((1, "h1"), (2, "h2")):
+        hosts[name] = VhostvpnProcess(tmp_path, "host", [], [
+            "--tap", "vv0", "--address", f"10.77.0.1{n}/24", "--address", f"fd77::1{n}/64",
+            "--hub", f"10.201.{n}.1:{HUB_PORT}", "--identity", str(tmp_path / f"{name}-id"),
+            "--hub-fingerprint", hub_fp, "--name", name], name,
+            prefix=["ip", "netns", "exec", namespaces[name]])
+    await hub.start()
+    try:
+        for host in hosts.values():
+            await host.start()
+        with trio.fail_after(20):
+            for host in hosts.values():
+                while (await host.status())["session"]["state"] != "up":
+                    await trio.sleep(0.1)
+        h1, h2 = namespaces["h1"], namespaces["h2"]
+        assert "10.77.0.11/24" in await run_in(h1, "ip", "addr", "show", "vv0")
+        await run_in(h1, "ping", "-c", "2", "-W", "2", "10.77.0.12")
+        await run_in(h1, "ping", "-c", "2", "-W", "2", "10.77.0.1")  # the hub's gateway
+        await run_in(h2, "ping", "-6", "-c", "2", "-W", "2", "fd77::11")
+        # a file across, checked by sha256 (TCP: the TAPs pass 64 KiB TSO frames)
+        data = tmp_path / "data"
+        data.write_bytes(os.urandom(8 << 20))
+        digest_file = tmp_path / "received.sha256"
+        server = await trio.lowlevel.open_process(
+            ["ip", "netns", "exec", h2, sys.executable, "-c",
+             "import socket,sys,hashlib;s=socket.create_server(('10.77.0.12',5000));"
+             "c,_=s.accept();h=hashlib.sha256()\n"
+             "while (b:=c.recv(1<<16)): h.update(b)\n"
+             f"open({str(digest_file)!r},'w').write(h.hexdigest())"])
+        await trio.sleep(0.5)
+        await run_in(h1, sys.executable, "-c",
+                     "import socket,sys;c=socket.create_connection(('10.77.0.12',5000));"
+                     f"c.sendall(open({str(data)!r},'rb').read());c.close()")
+        with trio.fail_after(30):
+            await server.wait()
+        assert digest_file.read_text() == hashlib.sha256(data.read_bytes()).hexdigest()
+        tap = next(p for p in (await hosts["h2"].status())["ports"] if p.get("kind") == "tap")
+        assert tap["in_frames"] > 0 and tap["out_frames"] > 0
+        # SIGTERM: the endpoint removes its device and addresses
+        await hosts["h1"].stop()
+        links = await run_in(h1, "ip", "-o", "link")
+        assert "vv0" not in links
+    finally:
+        for host in hosts.values():
+            await host.stop()
+        await hub.stop()
