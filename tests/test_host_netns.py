@@ -1,6 +1,7 @@
-"""Hosts join through TAP devices, each in a network namespace of its own, with the hub in a
-third namespace: they ping each other (IPv4 and IPv6), move a file checked by sha256, and
-leave their namespaces as they found them when the endpoint stops (SIGTERM)."""
+"""Hosts join through TAP and TUN devices, each in a network namespace of its own, with the
+hub in another: they ping each other and a QEMU guest (IPv4 and IPv6), move files checked by
+sha256, the TUN host leases its address by DHCP, and every endpoint leaves its namespace as it
+found it when it stops (SIGTERM)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import trio
@@ -34,14 +36,14 @@ def ip(*args: str) -> str:
 
 @pytest.fixture
 def namespaces() -> Iterator[dict[str, str]]:
-    """A hub namespace joined by veth pairs to two host namespaces (10.201.N.0/24)."""
+    """A hub namespace joined by veth pairs to three endpoint namespaces (10.201.N.0/24)."""
     tag = uuid.uuid4().hex[:6]
-    names = {"hub": f"vvhub{tag}", "h1": f"vvh1{tag}", "h2": f"vvh2{tag}"}
+    names = {"hub": f"vvhub{tag}", "h1": f"vvh1{tag}", "h2": f"vvh2{tag}", "h3": f"vvh3{tag}"}
     try:
         for name in names.values():
             ip("netns", "add", name)
             ip("-n", name, "link", "set", "lo", "up")
-        for n, host in ((1, "h1"), (2, "h2")):
+        for n, host in ((1, "h1"), (2, "h2"), (3, "h3")):
             a, b = f"vva{n}{tag}", f"vvb{n}{tag}"
             ip("link", "add", a, "netns", names["hub"], "type", "veth", "peer", "name", b,
                "netns", names[host])
@@ -117,4 +119,111 @@ async def test_two_tap_hosts_talk_through_a_hub_and_clean_up(tmp_path, namespace
     finally:
         for host in hosts.values():
             await host.stop()
+        await hub.stop()
+
+
+async def send_file(tmp_path, sender_ns: str, receiver_ns: str, address: str,
+                    size: int = 4 << 20) -> None:
+    """A file from one namespace to another over TCP, its sha256 compared on arrival."""
+    data = tmp_path / f"data-{sender_ns}"
+    data.write_bytes(os.urandom(size))
+    digest_file = tmp_path / f"received-{receiver_ns}.sha256"
+    family = "socket.AF_INET6" if ":" in address else "socket.AF_INET"
+    server = await trio.lowlevel.open_process(
+        ["ip", "netns", "exec", receiver_ns, sys.executable, "-c",
+         f"import socket,hashlib;s=socket.create_server(({address!r},5001),family={family});"
+         "c,_=s.accept();h=hashlib.sha256()\n"
+         "while (b:=c.recv(1<<16)): h.update(b)\n"
+         f"open({str(digest_file)!r},'w').write(h.hexdigest())"])
+    await trio.sleep(0.5)
+    await run_in(sender_ns, sys.executable, "-c",
+                 f"import socket;c=socket.create_connection(({address!r},5001));"
+                 f"c.sendall(open({str(data)!r},'rb').read());c.close()")
+    with trio.fail_after(30):
+        await server.wait()
+    assert digest_file.read_text() == hashlib.sha256(data.read_bytes()).hexdigest()
+
+
+async def test_tap_host_tun_host_and_a_guest_on_one_hub(tmp_path, namespaces):
+    from tests.support.guest import Guest, ensure_image, qemu_available
+
+    if not qemu_available():
+        pytest.skip("qemu-system-x86_64 is not installed")
+    await trio.to_thread.run_sync(ensure_image)
+    hub_fp = keygen(tmp_path / "hub-id")
+    (tmp_path / "peers").write_text(
+        "".join(f"{n} {keygen(tmp_path / f'{n}-id')}\n" for n in ("tap", "tun", "vm")))
+    hub = VhostvpnProcess(tmp_path, "hub", [], [
+        "--listen", f"0.0.0.0:{HUB_PORT}", "--identity", str(tmp_path / "hub-id"),
+        "--peers", str(tmp_path / "peers"), "--subnet", "10.77.0.0/24",
+        "--ipv6-prefix", "fd77::/64", "--state-dir", str(tmp_path / "state")], "hub",
+        prefix=["ip", "netns", "exec", namespaces["hub"]])
+
+    def endpoint(n: int, name: str, command: str, sockets: list[str], local: list[str]):
+        return VhostvpnProcess(tmp_path, command, sockets, [
+            *local, "--hub", f"10.201.{n}.1:{HUB_PORT}",
+            "--identity", str(tmp_path / f"{name}-id"), "--hub-fingerprint", hub_fp,
+            "--name", name], name, prefix=["ip", "netns", "exec", namespaces[f"h{n}"]])
+
+    tap = endpoint(1, "tap", "host", [], ["--tap", "vv0", "--address", "10.77.0.201/24",
+                                          "--address", "fd77::201/64"])
+    tun = endpoint(2, "tun", "host", [], ["--tun", "vv0", "--dhcp"])
+    vm = endpoint(3, "vm", "vm", ["g.sock"], [])
+    await hub.start()
+    try:
+        for process in (tap, tun, vm):
+            await process.start()
+        guest = Guest("g", socket=Path(vm.socket("g.sock")), dhcp=True, stay=True,
+                      log_dir=tmp_path)
+        async with guest:
+            boot = await guest.wait_booted()
+            guest_ip = boot.ip.split("/")[0]
+            h1, h2 = namespaces["h1"], namespaces["h2"]
+            # the TUN host's lease, then its SLAAC address
+            with trio.fail_after(30):
+                while True:
+                    port = next(p for p in (await tun.status())["ports"]
+                                if p.get("kind") == "tun")
+                    if port["dhcp"]["address"]:
+                        break
+                    await trio.sleep(0.2)
+            tun_ip = port["dhcp"]["address"].split("/")[0]
+            assert tun_ip.startswith("10.77.0.")
+            assert f"inet {tun_ip}/" in await run_in(h2, "ip", "addr", "show", "vv0")
+            with trio.fail_after(30):
+                while "inet6 fd77::" not in (out := await run_in(
+                        h2, "ip", "-6", "addr", "show", "vv0", "scope", "global")):
+                    await trio.sleep(0.5)
+            tun_ip6 = out.split("inet6 ")[1].split("/")[0]
+            # everyone pings everyone, IPv4 and IPv6
+            await run_in(h1, "ping", "-c", "2", "-W", "2", tun_ip)
+            await run_in(h2, "ping", "-c", "2", "-W", "2", "10.77.0.201")
+            await run_in(h2, "ping", "-c", "2", "-W", "2", guest_ip)
+            await run_in(h1, "ping", "-c", "2", "-W", "2", guest_ip)
+            await guest.check(f"ping -c 2 -W 2 {tun_ip} && ping -c 2 -W 2 10.77.0.201")
+            await run_in(h1, "ping", "-6", "-c", "2", "-W", "2", tun_ip6)
+            await run_in(h2, "ping", "-6", "-c", "2", "-W", "2", "fd77::201")
+            # files both ways between the hosts, and from the guest to the TAP host
+            await send_file(tmp_path, h1, h2, tun_ip)
+            await send_file(tmp_path, h2, h1, "10.77.0.201")
+            await send_file(tmp_path, h2, h1, "fd77::201")
+            server = await trio.lowlevel.open_process(
+                ["ip", "netns", "exec", h1, sys.executable, "-c",
+                 "import socket,hashlib;s=socket.create_server(('10.77.0.201',5002));"
+                 "c,_=s.accept();h=hashlib.sha256()\n"
+                 "while (b:=c.recv(1<<16)): h.update(b)\n"
+                 f"open({str(tmp_path / 'from-guest')!r},'w').write(h.hexdigest())"])
+            await trio.sleep(0.5)
+            sent = await guest.check("dd if=/dev/urandom of=/tmp/f bs=1k count=2048 "
+                                     "2>/dev/null; sha256sum /tmp/f | cut -c1-64; "
+                                     "nc 10.77.0.201 5002 < /tmp/f")
+            with trio.fail_after(30):
+                await server.wait()
+            assert (tmp_path / "from-guest").read_text() == sent.strip()
+        # SIGTERM: the TUN endpoint removes its device and the addresses it added
+        await tun.stop()
+        assert "vv0" not in await run_in(namespaces["h2"], "ip", "-o", "link")
+    finally:
+        for process in (tap, tun, vm):
+            await process.stop()
         await hub.stop()

@@ -160,9 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="queue pairs offered per socket (default 4)")
     _add_endpoint(vm)
 
-    host = sub.add_parser("host", help="join this host to a hub through a TAP device")
-    host.add_argument("--tap", metavar="NAME", required=True,
-                      help="the TAP device to create (L2: the host sees an Ethernet NIC)")
+    host = sub.add_parser("host", help="join this host to a hub through a TAP or TUN device")
+    device = host.add_mutually_exclusive_group(required=True)
+    device.add_argument("--tap", metavar="NAME",
+                        help="create a TAP device (L2: the host sees an Ethernet NIC)")
+    device.add_argument("--tun", metavar="NAME",
+                        help="create a TUN device (L3: vhostvpn does ARP/NDP for the host)")
+    host.add_argument("--dhcp", action="store_true",
+                      help="TUN: lease the IPv4 address from the hub's DHCP server")
     host.add_argument("--address", type=ipaddress.ip_interface, action="append", default=[],
                       metavar="CIDR", help="an address for the device, e.g. 10.77.0.9/24; "
                                            "repeatable")
@@ -280,9 +285,11 @@ def _run_endpoint(config, command: str) -> int:
     except (OSError, ValueError, IdentityError) as exc:  # keys
         raise SystemExit(f"vhostvpn {command}: {exc}") from None
     tune_gc()
+    from tunnel.hostnet import HostNetworkError
+
     try:
         trio.run(endpoint.run)
-    except OSError as exc:  # the TAP device or its addresses
+    except (OSError, HostNetworkError) as exc:  # the TUN/TAP device or its addresses
         raise SystemExit(f"vhostvpn {command}: {exc}") from None
     return 0
 
@@ -300,10 +307,16 @@ def _cmd_vm(args: argparse.Namespace) -> int:
 def _cmd_host(args: argparse.Namespace) -> int:
     if not 68 <= args.mtu <= 65535:
         raise SystemExit(f"vhostvpn host: --mtu {args.mtu}: want 68 to 65535")
-    if len(args.tap.encode()) > 15 or "/" in args.tap or not args.tap:
-        raise SystemExit(f"vhostvpn host: --tap {args.tap!r}: not a valid interface name")
-    config = _endpoint_config(args, "host", tap=args.tap, addresses=args.address,
-                              mtu=args.mtu)
+    device = args.tap or args.tun
+    if len(device.encode()) > 15 or "/" in device or not device.strip():
+        raise SystemExit(f"vhostvpn host: {device!r}: not a valid interface name")
+    if args.dhcp and args.tap:
+        raise SystemExit("vhostvpn host: --dhcp goes with --tun (with --tap, run the host's "
+                         "own DHCP client on the device)")
+    if args.tun and sum(1 for a in args.address if a.version == 4) > 1:
+        raise SystemExit("vhostvpn host: --tun takes one IPv4 --address (and one IPv6)")
+    config = _endpoint_config(args, "host", tap=args.tap, tun=args.tun, dhcp=args.dhcp,
+                              addresses=args.address, mtu=args.mtu)
     return _run_endpoint(config, "host")
 
 

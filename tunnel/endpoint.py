@@ -1,7 +1,8 @@
 """`vhostvpn vm` and `vhostvpn host`: join local guests, or this host, to a hub over one session.
 
 The endpoint is a small switch of its own: each local vhost-user socket is a port, so is the
-host's TAP device (`vhostvpn host --tap`, tunnel/tuntap.py) and so is the uplink to the hub (a
+host's TAP device (`vhostvpn host --tap`, tunnel/tuntap.py) or its TUN device behind an L3 adapter
+(`vhostvpn host --tun`, tunnel/tunport.py), and so is the uplink to the hub (a
 SessionPort, trusted here; the hub polices it).  Guests on the same endpoint reach each other
 locally; everything else crosses the uplink.  A host's link, addresses and MTU are set through
 netlink (tunnel/hostnet.py) and removed again when the endpoint exits, even on SIGTERM.
@@ -33,6 +34,7 @@ from tunnel.control import serve_control
 from tunnel.hostnet import HostNetwork
 from tunnel.keys import AuthError, check_server, client_ssl_context, load_identity, sign_client_auth
 from tunnel.session import Link, SessionPort, tune_tcp
+from tunnel.tunport import TunPort
 from tunnel.tuntap import TapPort, TunTapDevice, run_device
 from tunnel.wire import Closed, Eof, Hello, WireConnection, WireError
 from virtio.backend import attach_sockets
@@ -64,7 +66,9 @@ class EndpointConfig:
     queue_pairs: int = 4
     mtu: int = 1500
     rekey_seconds: float = REKEY_SECONDS
-    tap: str | None = None  # host mode: the TAP device's name
+    tap: str | None = None  # host mode, L2: the TAP device's name
+    tun: str | None = None  # host mode, L3: the TUN device's name
+    dhcp: bool = False  # host mode, TUN: lease the IPv4 address from the hub
     addresses: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = field(
         default_factory=list)
 
@@ -86,6 +90,7 @@ class Endpoint:
         self.switch.attach(self.uplink)
         self.device: TunTapDevice | None = None
         self.device_port: TapPort | None = None
+        self.tun_port: TunPort | None = None
         self.network: HostNetwork | None = None
         self.reconnects = 0
         self.last_error: str | None = None
@@ -113,6 +118,8 @@ class Endpoint:
         try:
             if self.config.tap is not None:
                 self._open_tap(self.config.tap)
+            elif self.config.tun is not None:
+                self._open_tun(self.config.tun)
             await self._run(task_status)
         finally:
             self._close_host()
@@ -128,6 +135,23 @@ class Endpoint:
             self.network.add_address(self.device.name, address)
         log.info("%s: up, mtu %d, addresses %s", self.device.name, self.config.mtu,
                  ", ".join(map(str, self.config.addresses)) or "none")
+
+    def _open_tun(self, name: str) -> None:
+        """The host's TUN device, up, with L3Host speaking for it on the segment; static
+        addresses now, leased and SLAAC ones as they come; all undone by `_close_host`."""
+        self.device = TunTapDevice.open(name, "tun")
+        self.network = HostNetwork()
+        self.network.set_up(self.device.name, self.config.mtu)
+        ipv4 = next((a for a in self.config.addresses if a.version == 4), None)
+        ipv6 = next((a for a in self.config.addresses if a.version == 6), None)
+        self.tun_port = TunPort(self.device, self.network, ipv4=ipv4, ipv6=ipv6,
+                                dhcp=self.config.dhcp)
+        self.switch.attach(self.tun_port)
+        for address in self.config.addresses:
+            self.network.add_address(self.device.name, address)
+        log.info("%s: up (tun), mtu %d, addresses %s%s", self.device.name, self.config.mtu,
+                 ", ".join(map(str, self.config.addresses)) or "none",
+                 ", DHCP" if self.config.dhcp else "")
 
     def _close_host(self) -> None:
         if self.network is not None:
@@ -146,6 +170,8 @@ class Endpoint:
             if self.device is not None and self.device_port is not None:
                 nursery.start_soon(run_device, self.device, self.device_port,
                                    self.switch.forward)
+            if self.tun_port is not None:
+                nursery.start_soon(self.tun_port.run, self.switch.forward)
             if self.config.control:
                 await nursery.start(serve_control, self.config.control, self.status)
             nursery.start_soon(self._uplink)

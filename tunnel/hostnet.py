@@ -124,6 +124,21 @@ class HostNetwork:
         )
         return True
 
+    def remove_address(self, ifname: str, address: IPInterface) -> None:
+        """Take back an address this object added (a lease that ended); one it did not add
+        is left alone."""
+        what = f"remove address {address} from {ifname}"
+        for position, (recorded, action) in enumerate(self._undo):
+            if recorded == what:
+                del self._undo[position]
+                ipr = self._socket()
+                try:
+                    action(ipr)
+                except NetlinkError as exc:
+                    if exc.code not in _GONE_ERRNOS:
+                        raise HostNetworkError(f"{what}: {exc}") from None
+                return
+
     def add_route(
         self,
         dst: IPNetwork,

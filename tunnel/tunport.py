@@ -1,0 +1,219 @@
+"""`vhostvpn host --tun`: a host joins the segment through a TUN device (IP packets, no
+Ethernet), with netstack.l3host.L3Host doing ARP and neighbour discovery on its behalf and,
+with --dhcp, netstack.dhcp_client.DhcpClient leasing its address from the hub.
+
+The port's two directions:
+  segment -> host (`deliver`, called by the switch): DHCP replies go to the client; every
+    other frame goes through L3Host, which answers ARP/NDP (frames into `outbox`) and hands
+    back IP packets, queued for the TUN writer;
+  host -> segment (the reader task): packets read from the TUN in batches become frames
+    through L3Host (or wait for their neighbour) and enter the switch.
+Frames the port itself originates (ARP, NDP, DHCP, released packets) wait in `outbox`; the
+shell's task forwards them, as the hub does for its gateway, so the switch is never
+re-entered from inside `deliver`.  Addresses (static, leased, SLAAC) are put on the device
+through netlink (tunnel/hostnet.py) and removed on exit.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+
+import trio
+
+from netstack.dhcp_client import DhcpClient, DhcpLease, is_dhcp_reply
+from netstack.frame import Frame
+from netstack.l3host import L3Host, stable_mac
+from netstack.port import Port
+from tunnel.hostnet import HostNetwork, HostNetworkError
+from tunnel.tuntap import BATCH, TunTapDevice, describe
+
+log = logging.getLogger(__name__)
+
+# Packets waiting for the TUN writer before they are dropped (counted `queue_full`).
+TUN_QUEUE_PACKETS = 1024
+
+
+class TunPort(Port):
+    def __init__(
+        self,
+        device: TunTapDevice,
+        network: HostNetwork,
+        *,
+        ipv4: ipaddress.IPv4Interface | None = None,
+        ipv6: ipaddress.IPv6Interface | None = None,
+        dhcp: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(device.name, device.offloads, policy=None)
+        self.device = device
+        self.network = network
+        self.clock = clock
+        self.mac = stable_mac(f"vhostvpn tun {device.name}")
+        self.l3 = L3Host(self.mac, ipv4=ipv4, ipv6=ipv6, clock=clock)
+        self.l3.on_slaac = self._add_address
+        self.l3.on_slaac_lost = self._remove_address
+        self.dhcp = DhcpClient(self.mac, on_bound=self._bound, on_lost=self._lost) if dhcp \
+            else None
+        self.lease: DhcpLease | None = None
+        self.to_host: deque[Frame] = deque()
+        self.outbox: list[Frame] = []
+        self.on_ready: Callable[[], None] | None = None  # wakes the shell's outbox task
+        self._host_ready: trio.Event | None = None  # wakes the TUN writer
+        self._added: set[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = set()
+
+    # -- the switch's side --------------------------------------------------------------------
+
+    def deliver(self, frames: list[Frame]) -> None:
+        now = self.clock()
+        packets = self.to_host
+        was_empty = not packets
+        replies: list[Frame] = []
+        for frame in frames:
+            if self.dhcp is not None and is_dhcp_reply(frame):
+                replies += self.dhcp.handle(frame, now)
+                continue
+            for_host, for_segment = self.l3.from_segment(frame)
+            replies += for_segment
+            room = TUN_QUEUE_PACKETS - len(packets)
+            if len(for_host) > room:
+                self.counters.drop("queue_full", len(for_host) - room)
+                for_host = for_host[:room]
+            packets.extend(Frame(packet, offload) for packet, offload in for_host)
+        self._send(replies)
+        if was_empty and packets and self._host_ready is not None:
+            self._host_ready.set()
+
+    def _send(self, frames: list[Frame]) -> None:
+        if not frames:
+            return
+        was_empty = not self.outbox
+        self.outbox.extend(frames)
+        if was_empty and self.on_ready is not None:
+            self.on_ready()
+
+    def take_outbox(self) -> list[Frame]:
+        frames, self.outbox = self.outbox, []
+        return frames
+
+    # -- addresses ------------------------------------------------------------------------------
+
+    def _bound(self, lease: DhcpLease) -> None:
+        if self.lease is not None and self.lease.address == lease.address:
+            self.lease = lease
+            return  # a renewal
+        if self.lease is not None:
+            self._remove_address(self.lease.address)
+        self.lease = lease
+        log.info("%s: leased %s (router %s)", self.name, lease.address, lease.router)
+        self._send(self.l3.configure_ipv4(lease.address, lease.router))
+        self._add_address(lease.address)
+
+    def _lost(self) -> None:
+        if self.lease is not None:
+            log.warning("%s: lease of %s lost", self.name, self.lease.address)
+            self._remove_address(self.lease.address)
+            self.lease = None
+        self._send(self.l3.configure_ipv4(None))
+
+    def _add_address(self, address: ipaddress.IPv4Interface | ipaddress.IPv6Interface) -> None:
+        if address in self._added:
+            return
+        try:
+            self.network.add_address(self.device.name, address)
+        except (OSError, HostNetworkError) as exc:
+            log.error("%s: cannot add %s: %s", self.name, address, exc)
+            return
+        self._added.add(address)
+
+    def _remove_address(self, address: ipaddress.IPv4Interface | ipaddress.IPv6Interface) -> None:
+        if address not in self._added:
+            return
+        self._added.discard(address)
+        try:
+            self.network.remove_address(self.device.name, address)
+        except (OSError, HostNetworkError) as exc:
+            log.warning("%s: cannot remove %s: %s", self.name, address, exc)
+
+    def status(self) -> dict[str, object]:
+        status = super().status()
+        status.update(kind="tun", device=self.device.name, offloads=describe(self.device.offloads),
+                      mac=self.mac.hex(":"), host=self.l3.status(),
+                      device_counters=self.device.counters.as_dict())
+        if self.dhcp is not None:
+            status["dhcp"] = {"state": self.dhcp.state,
+                              "address": str(self.lease.address) if self.lease else None,
+                              **dict(self.dhcp.counters)}
+        return status
+
+    # -- the shell ------------------------------------------------------------------------------
+
+    async def run(self, forward: Callable[[Port, list[Frame]], None]) -> None:
+        """Move packets between the TUN and the switch, and the port's own frames, until
+        cancelled."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._read_loop, forward)
+            nursery.start_soon(self._write_loop)
+            nursery.start_soon(self._outbox_loop, forward)
+
+    async def _read_loop(self, forward: Callable[[Port, list[Frame]], None]) -> None:
+        """TUN -> L3Host -> switch."""
+        device = self.device
+        while True:
+            packets = device.read_batch(BATCH)
+            if packets:
+                frames: list[Frame] = []
+                for packet in packets:
+                    frames += self.l3.from_host(bytes(packet.data), packet.offload)
+                if frames:
+                    forward(self, frames)
+                if len(packets) == BATCH:
+                    await trio.lowlevel.checkpoint()
+                    continue
+            await device.wait_readable()
+
+    async def _write_loop(self) -> None:
+        """L3Host's packets -> TUN."""
+        device = self.device
+        packets = self.to_host
+        counters = device.counters
+        while True:
+            if not packets:
+                self._host_ready = trio.Event()
+                await self._host_ready.wait()
+                continue
+            batch = [packets.popleft() for _ in range(min(BATCH, len(packets)))]
+            before = counters.written_frames, counters.written_bytes
+            used = device.write_batch(batch)
+            self.counters.out_frames += counters.written_frames - before[0]
+            self.counters.out_bytes += counters.written_bytes - before[1]
+            if used < len(batch):
+                packets.extendleft(reversed(batch[used:]))
+                await device.wait_writable()
+            else:
+                await trio.lowlevel.checkpoint()
+
+    async def _outbox_loop(self, forward: Callable[[Port, list[Frame]], None]) -> None:
+        """The port's own frames (ARP, NDP, DHCP, released packets) -> switch; timers."""
+        if self.dhcp is not None:
+            self._send(self.dhcp.start(self.clock()))
+        while True:
+            now = self.clock()
+            self._send(self.l3.tick(now))
+            if self.dhcp is not None:
+                self._send(self.dhcp.tick(now))
+            frames = self.take_outbox()
+            if frames:
+                forward(self, frames)
+                await trio.lowlevel.checkpoint()
+                continue
+            deadlines = [d for d in (self.l3.next_deadline(),
+                                     self.dhcp.next_deadline() if self.dhcp else None)
+                         if d is not None]
+            ready = trio.Event()
+            self.on_ready = ready.set
+            with trio.move_on_after(max(0.0, min(deadlines, default=now + 1.0) - now)):
+                await ready.wait()
