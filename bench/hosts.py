@@ -209,6 +209,8 @@ def main() -> int:
     summary = {}
     for name, runs in rows.items():
         gbits = [r["gbits"] for r in runs if "gbits" in r]
+        gbits += [run["gbps_receiver"] for r in runs for run in r.get("runs", [])
+                  if run.get("gbps_receiver")]  # softether.measure() reports per direction
         if gbits:
             summary[name] = {"median_gbits": round(statistics.median(gbits), 3),
                              "runs": len(gbits)}

@@ -34,6 +34,7 @@ from tunnel.control import serve_control
 from tunnel.hostnet import HostNetwork
 from tunnel.keys import AuthError, check_server, client_ssl_context, load_identity, sign_client_auth
 from tunnel.session import Link, SessionPort, tune_tcp
+from tunnel.tls import TLSStream
 from tunnel.tunport import TunPort
 from tunnel.tuntap import TapPort, TunTapDevice, run_device
 from tunnel.wire import Closed, Eof, Hello, WireConnection, WireError
@@ -254,7 +255,7 @@ class Endpoint:
             stream = await trio.open_tcp_stream(config.hub_host, config.hub_port)
             try:
                 tune_tcp(stream.socket)
-                tls = trio.SSLStream(stream, self.ssl_context, server_side=False)
+                tls = TLSStream(stream, self.ssl_context, server_side=False)
                 await tls.do_handshake()
                 server_fp = config.hub_fingerprint
                 check_server(tls, server_fp)  # nothing is sent to a hub we do not trust
@@ -275,7 +276,7 @@ class Endpoint:
         return Link(self.uplink, tls, wire, self._forward)
 
     @staticmethod
-    async def _await_hello(tls: trio.SSLStream, wire: WireConnection) -> Hello:
+    async def _await_hello(tls: TLSStream, wire: WireConnection) -> Hello:
         while True:
             wire.receive_data(await tls.receive_some(HANDSHAKE_READ))
             for event in wire.next_events():

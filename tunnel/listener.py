@@ -35,6 +35,7 @@ from tunnel.keys import (
     verify_client_auth,
 )
 from tunnel.session import SESSION_MAC_LIMIT, Link, SessionPort, tune_tcp
+from tunnel.tls import TLSStream
 from tunnel.wire import Auth, CloseCode, Closed, Eof, Hello, WireConnection, WireError
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ class TunnelListener:
 
     async def _serve(self, stream: trio.SocketStream, source: str) -> None:
         tune_tcp(stream.socket)
-        tls = trio.SSLStream(stream, self.ssl_context, server_side=True)
+        tls = TLSStream(stream, self.ssl_context, server_side=True)
         link = None
         try:
             with trio.move_on_after(HANDSHAKE_SECONDS) as timeout:
@@ -174,7 +175,7 @@ class TunnelListener:
         result = await link.run()
         log.info("%s: link from %s ended: %s", link.port.name, source, result.reason)
 
-    async def _handshake(self, tls: trio.SSLStream, source: str) -> Link | None:
+    async def _handshake(self, tls: TLSStream, source: str) -> Link | None:
         await tls.do_handshake()
         wire = WireConnection("server", name=self.name, offloads=int(ALL_OFFLOADS), mtu=self.mtu)
         await tls.send_all(wire.send_hello())
@@ -200,7 +201,7 @@ class TunnelListener:
                 elif isinstance(event, Closed | Eof):
                     raise trio.BrokenResourceError(f"peer left during the handshake ({event})")
 
-    def _attach(self, name: str, tls: trio.SSLStream, wire: WireConnection,
+    def _attach(self, name: str, tls: TLSStream, wire: WireConnection,
                 source: str) -> Link:
         port = self.sessions.get(name)
         if port is None:
