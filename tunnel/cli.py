@@ -14,6 +14,7 @@ import ipaddress
 import json
 import logging
 import os
+import signal
 import sys
 import tomllib
 from pathlib import Path
@@ -201,6 +202,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+async def serve(run, on_sighup=None) -> None:
+    """Run a daemon's main task until SIGTERM or SIGINT; SIGHUP calls `on_sighup`.
+
+    Signals belong to the process, so they are handled here, once, and not by the Hub or
+    Endpoint objects (several of which may run in one process, in the tests).
+    """
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    if on_sighup is not None:
+                        on_sighup()
+                    continue
+                log.info("%s: shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                return
+
+
 def tune_gc() -> None:
     """The data path makes and drops short-lived, acyclic objects for every frame (frames,
     spans, tuples), and reference counting frees them.  At the default first-generation
@@ -257,7 +277,7 @@ def _cmd_hub(args: argparse.Namespace) -> int:
     except (OSError, ValueError, IdentityError) as exc:  # keys, peers file, state directory
         raise SystemExit(f"vhostvpn hub: {exc}") from None
     tune_gc()
-    trio.run(hub.run)
+    trio.run(serve, hub.run, hub.tunnel.reload if hub.tunnel is not None else None)
     return 0
 
 
@@ -288,7 +308,7 @@ def _run_endpoint(config, command: str) -> int:
     from tunnel.hostnet import HostNetworkError
 
     try:
-        trio.run(endpoint.run)
+        trio.run(serve, endpoint.run)
     except (OSError, HostNetworkError) as exc:  # the TUN/TAP device or its addresses
         raise SystemExit(f"vhostvpn {command}: {exc}") from None
     return 0

@@ -163,8 +163,6 @@ class Endpoint:
             self.device = None
 
     async def _run(self, task_status: trio.TaskStatus[None]) -> None:
-        from tunnel.hub import exit_on_signals
-
         async with trio.open_nursery() as nursery:
             for server in self.servers:
                 await nursery.start(server.run)
@@ -178,7 +176,6 @@ class Endpoint:
             nursery.start_soon(self._uplink)
             nursery.start_soon(self._housekeeping)
             task_status.started()
-            nursery.start_soon(exit_on_signals, nursery.cancel_scope)
 
     async def _housekeeping(self) -> None:
         while True:

@@ -13,7 +13,6 @@ import hashlib
 import ipaddress
 import logging
 import os
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,12 +152,10 @@ class Hub:
                     nursery.start_soon(self._run_gateway, self.gateway)
                 if self.tunnel is not None:
                     await nursery.start(self.tunnel.run)
-                    nursery.start_soon(self._reload_on_sighup, self.tunnel)
                 nursery.start_soon(self._housekeeping)
                 log.info("hub ready: %d vhost-user sockets%s", len(self.servers),
                          f", gateway {self.config.subnet}" if self.gateway else "")
                 task_status.started()
-                nursery.start_soon(exit_on_signals, nursery.cancel_scope)
         finally:
             for port in self.ports:
                 if port.capture is not None:
@@ -178,21 +175,7 @@ class Hub:
             with trio.move_on_after(max(0.0, gateway.next_deadline() - gateway.clock())):
                 await ready.wait()
 
-    @staticmethod
-    async def _reload_on_sighup(tunnel: TunnelListener) -> None:
-        with trio.open_signal_receiver(signal.SIGHUP) as signals:
-            async for _ in signals:
-                tunnel.reload()
-
     async def _housekeeping(self) -> None:
         while True:
             await trio.sleep(HOUSEKEEPING_SECONDS)
             self.switch.expire()
-
-
-async def exit_on_signals(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            log.info("%s: shutting down", signal.Signals(signum).name)
-            scope.cancel()
-            return
