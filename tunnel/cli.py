@@ -199,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="MSI-X vectors (use 0 for QEMU 7.2 under TCG; default: QEMU's)")
     qa.add_argument("--id", default="net0", help="QEMU object id prefix (default net0)")
     _add_common(qa)
+
+    from tunnel.lab import add_lab_parser
+
+    add_lab_parser(sub, _add_common)
     return parser
 
 
@@ -436,8 +440,15 @@ def _cmd_qemu_args(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_lab(args: argparse.Namespace) -> int:
+    from tunnel.lab import command
+
+    return command(args)
+
+
 COMMANDS = {"hub": _cmd_hub, "vm": _cmd_vm, "host": _cmd_host, "status": _cmd_status,
-            "qemu-args": _cmd_qemu_args, "keygen": _cmd_keygen, "fingerprint": _cmd_fingerprint}
+            "qemu-args": _cmd_qemu_args, "keygen": _cmd_keygen, "fingerprint": _cmd_fingerprint,
+            "lab": _cmd_lab}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -44,6 +44,16 @@ from typing import Self
 
 import trio
 
+from tunnel.console import (
+    BOOT_FAILED,
+    BOOTED,
+    begin_marker,
+    collect_output,
+    end_pattern,
+    parse_booted,
+    script_lines,
+)
+
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,15 +67,13 @@ BOOT_TIMEOUT = 90.0  # TCG, two guests and a busy-polling backend on two cores
 RUN_TIMEOUT = 30.0
 STOP_TIMEOUT = 5.0  # SIGTERM -> SIGKILL
 BUILD_TIMEOUT = 600.0
-# A console line is one tty line; the guest tty buffer holds 4095 bytes per line and the
-# kernel's serial flip buffers ~64 KiB in flight, so scripts are sent in chunks and capped.
-CHUNK_CHARS = 1024
-MAX_SCRIPT_BYTES = 16 * 1024
+# The console protocol (markers, chunking: CHUNK_CHARS, MAX_SCRIPT_BYTES) is tunnel/console.py,
+# shared with `vhostvpn lab`.
 LOG_TAIL_LINES = 40
 KERNEL_ARGS_LIMIT = 1700  # x86 COMMAND_LINE_SIZE is 2048; run-vm.sh adds ~200 bytes
 
-_BOOTED = "VV-BOOTED "
-_BOOT_FAILED = "VV-BOOT-FAILED "
+_BOOTED = BOOTED
+_BOOT_FAILED = BOOT_FAILED
 _CMD_END = re.compile(r"VV-CMD-END rc=(\d+)")
 
 
@@ -347,8 +355,7 @@ class Guest:
         self.lines.append(line)
         if line.startswith(_BOOT_FAILED):
             self._pending_failure = line[len(_BOOT_FAILED):].removeprefix("reason=")
-        elif line.startswith(_BOOTED):
-            fields = dict(word.split("=", 1) for word in line.split()[1:] if "=" in word)
+        elif (fields := parse_booted(line)) is not None:
             self.boots.append(BootInfo(len(self.boots) + 1, fields, self._pending_failure,
                                        trio.current_time()))
             self._pending_failure = None
@@ -442,14 +449,8 @@ class Guest:
         return f"{self._counter}{self._token}"
 
     async def _send_script(self, cmd_id: str, script: str) -> None:
-        encoded = base64.b64encode(script.encode()).decode()
-        if len(script.encode()) > MAX_SCRIPT_BYTES:
-            raise ValueError(f"command is {len(script.encode())} bytes; the console protocol "
-                             f"carries at most {MAX_SCRIPT_BYTES}")
-        chunks = [encoded[i:i + CHUNK_CHARS] for i in range(0, len(encoded), CHUNK_CHARS)]
-        for chunk in chunks[:-1]:
-            await self.send_line(f"VVDATA {cmd_id} {chunk}")
-        await self.send_line(f"VVRUN {cmd_id} {chunks[-1] if chunks else ''}")
+        for line in script_lines(cmd_id, script):
+            await self.send_line(line)
 
     async def run(self, cmd: str, timeout: float = RUN_TIMEOUT,
                   check: bool = False) -> tuple[int, str]:
@@ -463,34 +464,26 @@ class Guest:
             raise GuestError(f"guest {self.name}: run() before wait_booted()")
         async with self._run_lock:
             cmd_id = self._next_id()
-            begin = f"VVOUT-BEGIN {cmd_id}"
-            end = re.compile(rf"VVOUT-END {cmd_id} rc=(\d+)$")
             since = len(self.lines)
             await self._send_script(cmd_id, cmd)
-            span: list[int] = []
-            match: list[re.Match[str]] = []
+            result: list[tuple[int, str]] = []
+            begin, end = begin_marker(cmd_id), end_pattern(cmd_id)
             cursor = since
 
             def finished() -> bool:
+                # Scan only what arrived since the last wake-up, then collect once.
                 nonlocal cursor
                 while cursor < len(self.lines):
-                    line = self.lines[cursor]
-                    if not span and line == begin:
-                        span.append(cursor)
-                    elif span and (m := end.search(line)):
-                        span.append(cursor)
-                        match.append(m)
+                    if end.search(self.lines[cursor]) and (
+                            found := collect_output(self.lines, cmd_id, since)) is not None:
+                        result.append(found)
                         return True
                     cursor += 1
                 return False
 
-            await self._wait(finished, timeout, f"end of command {cmd!r} (id {cmd_id})")
-        first, last = span
-        output = self.lines[first + 1:last]
-        if tail := self.lines[last][:match[0].start()]:
-            output = [*output, tail]  # the command's last line had no newline
-        rc = int(match[0].group(1))
-        text = "\n".join(output)
+            await self._wait(finished, timeout, f"end of command {cmd!r} (id {cmd_id}, "
+                                                f"{begin!r})")
+        rc, text = result[0]
         if check and rc != 0:
             raise GuestError(f"guest {self.name}: {cmd!r} exited with rc={rc}:\n{text}")
         return rc, text

@@ -1,0 +1,185 @@
+"""`vhostvpn lab`: the lab file parser refuses bad input with a message naming the table and
+key (fast), and the example lab comes up, its members ping each other through `lab run`, and
+`lab down` leaves no namespace, link, process or state behind (slow: boots two guests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tunnel.lab import LabError, parse_lab
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "qemu" / "labs" / "two-guests-one-host.toml"
+
+GOOD = """
+[hub]
+subnet = "10.77.0.0/24"
+ipv6_prefix = "fd77::/64"
+[[guest]]
+name = "vm"
+count = 2
+memory = "256M"
+qemu_args = ["-rtc", "base=utc"]
+command = "iperf3 -s -D"
+[[guest]]
+name = "solo"
+[[host]]
+name = "h1"
+mode = "tap"
+address = ["10.77.0.50/24", "fd77::50/64"]
+[[host]]
+name = "t1"
+mode = "tun"
+dhcp = true
+"""
+
+
+def test_a_good_lab_file_expands_counts_and_keeps_settings():
+    spec = parse_lab(GOOD, "x/my-lab.toml")
+    assert [g.name for g in spec.guests] == ["vm1", "vm2", "solo"]
+    assert spec.guests[0].qemu_args == ("-rtc", "base=utc")
+    assert spec.guests[0].command == "iperf3 -s -D" and spec.guests[2].command is None
+    assert [(h.name, h.mode, h.dhcp) for h in spec.hosts] == [("h1", "tap", False),
+                                                                ("t1", "tun", True)]
+    assert spec.hosts[0].addresses == ("10.77.0.50/24", "fd77::50/64")
+    assert str(spec.subnet) == "10.77.0.0/24" and str(spec.ipv6_prefix) == "fd77::/64"
+    assert spec.state_dir.name.startswith("my-lab-")
+
+
+def test_the_example_lab_parses():
+    spec = parse_lab(EXAMPLE.read_text(), EXAMPLE)
+    assert [m.name for m in spec.members] == ["vm1", "vm2", "h1"]
+
+
+HUB = '[hub]\nsubnet = "10.77.0.0/24"\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[hub\n", "not valid TOML"),
+        (HUB + "[guests]\n", "unknown table 'guests'"),
+        (HUB + '[[guest]]\nname = "a"\nmemroy = "1G"\n', "[[guest]] #1: unknown key 'memroy'"),
+        (HUB + '[[host]]\nname = "h"\naddress = "10.77.0.5/24"\nip = 1\n',
+         "[[host]] #1: unknown key 'ip'"),
+        ('[hub]\nsubnet = "10.77.0.0/24"\ngateway = "x"\n[[guest]]\nname = "a"\n',
+         "[hub]: unknown key 'gateway'"),
+        (HUB + "[[guest]]\ncount = 2\n", "[[guest]] #1: missing name"),
+        (HUB + '[[host]]\nmode = "tap"\n', "[[host]] #1: missing name"),
+        (HUB + '[[guest]]\nname = "Bad_Name"\n', "name 'Bad_Name'"),
+        ('[[guest]]\nname = "a"\n', "[hub]: missing subnet"),
+        ('[hub]\nsubnet = "10.77.0.300/24"\n[[guest]]\nname = "a"\n', "subnet '10.77.0.300/24'"),
+        ('[hub]\nsubnet = "10.77.0.0/24"\nipv6_prefix = "fd77::/48"\n[[guest]]\nname = "a"\n',
+         "needs a /64"),
+        (HUB + '[[host]]\nname = "h"\naddress = "10.77.0.500/24"\n',
+         "[[host]] 'h': address '10.77.0.500/24'"),
+        (HUB + '[[host]]\nname = "h"\naddress = "10.78.0.5/24"\n',
+         "not a host address of the hub's subnet"),
+        (HUB + '[[host]]\nname = "h"\naddress = "10.77.0.5"\n', "give a prefix length"),
+        (HUB + '[[host]]\nname = "h"\naddress = "fd77::5/64"\n', "not in the hub's ipv6_prefix"),
+        (HUB + '[[host]]\nname = "h"\n', "give an IPv4 address"),
+        (HUB + '[[host]]\nname = "h"\nmode = "tap"\ndhcp = true\n', "needs mode = \"tun\""),
+        (HUB + '[[host]]\nname = "h"\nmode = "tep"\naddress = "10.77.0.5/24"\n', "mode 'tep'"),
+        (HUB + '[[guest]]\nname = "a"\ncount = "2"\n', "count must be a int"),
+        (HUB + '[[guest]]\nname = "a"\ncount = 0\n', "count 0"),
+        (HUB + '[[guest]]\nname = "a"\nmemory = "lots"\n', "memory 'lots'"),
+        (HUB + '[[guest]]\nname = "a"\nqemu_args = [1]\n', "qemu_args must be a list of str"),
+        (HUB + '[[guest]]\nname = "vm"\ncount = 2\n[[guest]]\nname = "vm1"\n', "used twice"),
+        (HUB + '[[guest]]\nname = "hub"\n', "'hub' is reserved"),
+        (HUB + '[guest]\nname = "a"\n', "write [[guest]]"),
+        (HUB, "nothing to start"),
+    ],
+)
+def test_bad_lab_files_are_refused_with_a_clear_message(text, message):
+    with pytest.raises(LabError) as info:
+        parse_lab(text, "lab.toml")
+    assert message in str(info.value)
+
+
+def test_the_cli_reports_a_bad_file_in_one_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(HUB + "[[guest]]\ncount = 2\n")
+    result = subprocess.run([sys.executable, "-m", "tunnel.cli", "lab", "status", str(bad)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "vhostvpn lab status: [[guest]] #1: missing name"
+
+
+# --- the example lab, up and down ---------------------------------------------------------
+
+def lab(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tunnel.cli", "lab", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def gone(pid: int) -> bool:
+    """No such process, or a zombie waiting for init to reap it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/net/tun")
+                    or shutil.which("ip") is None or shutil.which("qemu-system-x86_64") is None,
+                    reason="needs root, /dev/net/tun, iproute2 and QEMU")
+def test_example_lab_up_ping_down_leaves_nothing_behind(tmp_path):
+    from tests.support.guest import ensure_image
+
+    ensure_image()
+    lab_file = tmp_path / "two-guests-one-host.toml"
+    shutil.copy(EXAMPLE, lab_file)  # its own path: its own namespaces and state directory
+    spec = parse_lab(lab_file.read_text(), lab_file)
+    state_dir = spec.state_dir
+    prefix = f"vvlab-{spec.tag}-"
+    pids: list[int] = []
+    try:
+        up = lab("up", str(lab_file), timeout=240)
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert "lab is up" in up.stdout
+        state = json.loads((state_dir / "state.json").read_text())
+        pids = [state["hub"]["pid"], *(p["pid"] for m in state["members"]
+                                       for p in m["processes"].values())]
+        assert len(pids) == 1 + 2 * 2 + 1  # hub, 2 x (endpoint + QEMU), the host's endpoint
+        assert all(not gone(pid) for pid in pids)  # they outlived `lab up`
+        address = {m["name"]: m["address"].split("/")[0] for m in state["members"]}
+        assert address["h1"] == "10.77.0.50"
+
+        ping = lab("run", str(lab_file), "vm1", "--", "ping", "-c", "2", "-W", "2",
+                   address["vm2"])
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+        assert "2 packets received" in ping.stdout
+        ping = lab("run", str(lab_file), "vm2", "--", "ping", "-c", "1", "-W", "2", "10.77.0.50")
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+        ping = lab("run", str(lab_file), "h1", "--", "ping", "-c", "1", "-W", "2",
+                   address["vm1"])
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+        failing = lab("run", str(lab_file), "vm1", "--", "sh", "-c", "echo oops; exit 7")
+        assert failing.returncode == 7 and failing.stdout.strip() == "oops"
+        status = lab("status", str(lab_file))
+        assert status.returncode == 0 and address["vm1"] in status.stdout
+    finally:
+        down = lab("down", str(lab_file))
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert not any(ns.startswith(prefix)
+                   for ns in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                            text=True).stdout.split())
+    assert f"vh{spec.tag}" not in subprocess.run(["ip", "-o", "link"], capture_output=True,
+                                                 text=True).stdout
+    deadline = time.monotonic() + 5
+    while not all(gone(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [pid for pid in pids if not gone(pid)] == []
+    assert not state_dir.exists()
+    again = lab("down", str(lab_file))  # idempotent
+    assert again.returncode == 0 and "was not up" in again.stdout
