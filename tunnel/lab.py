@@ -686,6 +686,8 @@ def down_state(state: State) -> None:
         if netns in existing:
             _ip("netns", "del", netns, check=False)
     shutil.rmtree(state.dir, ignore_errors=True)
+    with contextlib.suppress(OSError):  # the parent too, once no other lab uses it
+        Path(state.dir).parent.rmdir()
 
 
 def load_state(spec: LabSpec) -> State:
