@@ -428,7 +428,7 @@ def main() -> int:
             for kind in kinds:
                 try:
                     vpn = kind(Path(tmp)).__enter__()
-                except Exception as error:  # noqa: BLE001 (reported, the others still run)
+                except Exception as error:  # reported; the others still run
                     errors[kind.name] = str(error)[-2000:]
                     continue
                 vpns.append(vpn)
