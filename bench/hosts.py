@@ -1,15 +1,18 @@
 """Host to host through the VPN: one iperf3 TCP stream between two network namespaces, each
 joined to a hub by `vhostvpn host --tap` (hub in a third namespace), next to a raw veth pair
-and SoftEther (bench/softether.py) measured in the same run, interleaved, median of N rounds.
-Also ping p50/p99 idle and under load, and CPU per vhostvpn process.
+and SoftEther (bench/softether.py), OpenVPN over TCP and wireguard-go (bench/baselines.py)
+measured in the same run, interleaved, median of N rounds.
+Also ping p50/p99 idle and under load, and CPU per VPN process.
 
 Run (root): .venv/bin/python bench/hosts.py [--rounds 3] [--seconds 5] [--no-softether]
+            [--no-openvpn] [--no-wireguard]
 Everything lives in namespaces it creates and removes; results in bench/results/hosts-*.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -181,13 +184,33 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--no-softether", action="store_true")
+    parser.add_argument("--no-openvpn", action="store_true")
+    parser.add_argument("--no-wireguard", action="store_true")
     args = parser.parse_args()
     if os.geteuid() != 0:
         parser.error("needs root (network namespaces)")
-    rows: dict[str, list[dict]] = {"veth": [], "vhostvpn tap": [], "softether": []}
+    from bench import baselines
+
+    kinds = [k for k, off in ((baselines.OpenVPN, args.no_openvpn),
+                              (baselines.WireGuardGo, args.no_wireguard)) if not off]
+    if kinds:
+        baselines.ensure_installed()
+    rows: dict[str, list[dict]] = {"veth": [], "vhostvpn tap": [], "softether": [],
+                                   **{k.name: [] for k in kinds}}
     idle: dict[str, object] = {}
-    with tempfile.TemporaryDirectory(prefix="vhostvpn-hosts-") as tmp, Namespaces() as ns:
+    errors: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="vhostvpn-hosts-") as tmp, Namespaces() as ns, \
+            contextlib.ExitStack() as stack:
         n = ns.names
+        others = []
+        for kind in kinds:
+            try:
+                other = stack.enter_context(kind(Path(tmp)))
+            except Exception as error:  # reported; the rest still runs
+                errors[kind.name] = str(error)[-2000:]
+                continue
+            others.append(other)
+            idle[other.name] = baselines.idle_ping(other.endpoints()[0], other.addr_b)
         with Vhostvpn(ns, Path(tmp)) as vpn:
             idle["vhostvpn tap"] = idle_ping(n["a"], "10.77.0.2")
             idle["veth"] = idle_ping(n["r1"], "10.202.0.2")
@@ -206,6 +229,8 @@ def main() -> int:
                     result = softether.measure(args.seconds)
                     data = softether.asdict(result) if hasattr(softether, "asdict") else {}
                     rows["softether"].append({"round": round_, **data})
+                for other in others:
+                    rows[other.name] += baselines.measure_round(other, round_, args.seconds)
     summary = {}
     for name, runs in rows.items():
         gbits = [r["gbits"] for r in runs if "gbits" in r]
@@ -214,11 +239,18 @@ def main() -> int:
         if gbits:
             summary[name] = {"median_gbits": round(statistics.median(gbits), 3),
                              "runs": len(gbits)}
-    report = {"rows": rows, "summary": summary, "idle_ping_ms": idle}
+    for name in ("openvpn", "wireguard-go"):
+        if name in summary:
+            summary[name] = baselines.summarize(rows[name])
+    report = {"rows": rows, "summary": summary, "idle_ping_ms": idle, "errors": errors}
     out = ROOT / "bench" / "results" / f"hosts-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     print(json.dumps({"summary": summary, "idle_ping_ms": idle}, indent=1))
+    print(baselines.table({k: v for k, v in summary.items() if k in ("openvpn", "wireguard-go")},
+                          idle))
+    if errors:
+        print(json.dumps({"errors": errors}, indent=1))
     print(f"JSON: {out}")
     return 0
 
