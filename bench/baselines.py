@@ -29,6 +29,10 @@ import time
 import uuid
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.softether import cpu_ticks, system_busy_ticks
+
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT = 30.0
@@ -47,21 +51,6 @@ def ip(*args: str) -> None:
 def in_ns(ns: str, *argv: str, timeout: float = 30.0) -> str:
     return subprocess.run(["ip", "netns", "exec", ns, *argv], check=True, capture_output=True,
                           text=True, timeout=timeout).stdout
-
-
-def cpu_ticks(pid: int) -> int:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0
-    fields = stat[stat.rindex(")") + 2:].split()
-    return int(fields[11]) + int(fields[12])
-
-
-def system_busy_ticks() -> int:
-    cpu = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in cpu[:8])
-    return user + nice + system + irq + softirq + steal
 
 
 def rtt_percentiles(ping_output: str) -> dict[str, float] | None:

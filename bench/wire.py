@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.segmentation import rate
 from netstack.frame import PLAIN, Frame
 from tunnel.wire import FRAME_HEADER, Frames, WireConnection, _plain_header, _plain_headers
 
@@ -40,19 +39,6 @@ def open_pair() -> tuple[WireConnection, WireConnection]:
     return client, server
 
 
-def rate(work: Callable[[], object], seconds: float) -> float:
-    """Calls per second, best of three runs."""
-    best = 0.0
-    for _ in range(3):
-        calls = 0
-        start = time.perf_counter()
-        deadline = start + seconds / 3
-        while (now := time.perf_counter()) < deadline:
-            for _ in range(20):
-                work()
-            calls += 20
-        best = max(best, calls / (now - start))
-    return best
 
 
 def report(name: str, size: int, calls_per_s: float) -> None:
