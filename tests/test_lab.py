@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tunnel.lab import LabError, parse_lab
+from tunnel.lab import LabError, host_flags, hub_flags, parse_lab
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "qemu" / "labs" / "two-guests-one-host.toml"
@@ -50,8 +50,75 @@ def test_a_good_lab_file_expands_counts_and_keeps_settings():
     assert [(h.name, h.mode, h.dhcp) for h in spec.hosts] == [("h1", "tap", False),
                                                                 ("t1", "tun", True)]
     assert spec.hosts[0].addresses == ("10.77.0.50/24", "fd77::50/64")
-    assert str(spec.subnet) == "10.77.0.0/24" and str(spec.ipv6_prefix) == "fd77::/64"
+    assert str(spec.hub.subnet) == "10.77.0.0/24" and str(spec.hub.ipv6_prefix) == "fd77::/64"
     assert spec.state_dir.name.startswith("my-lab-")
+
+
+def test_hub_settings_default_to_what_vhostvpn_hub_defaults_to(tmp_path):
+    spec = parse_lab(HUB + '[[guest]]\nname = "a"\n', "lab.toml")
+    hub = spec.hub
+    assert (str(hub.gateway), hub.ipv6_prefix, hub.dhcp, hub.mtu, hub.dns, hub.pcap,
+            hub.port_policy, hub.log_level) == ("10.77.0.1", None, True, 1500, (), None,
+                                                True, None)
+    flags = hub_flags(hub, tmp_path, "info")
+    assert flags[flags.index("--gateway") + 1] == "10.77.0.1"
+    assert flags[flags.index("--mtu") + 1] == "1500"
+    assert flags[flags.index("--log-level") + 1] == "info"
+    assert flags[flags.index("--control") + 1] == str(tmp_path / "hub.control")
+    for absent in ("--ipv6-prefix", "--no-dhcp", "--dns", "--pcap", "--no-port-policy"):
+        assert absent not in flags
+
+
+HUB_SETTINGS = """
+[hub]
+subnet = "10.77.0.0/24"
+gateway = "10.77.0.254"
+ipv6_prefix = "fd77::/64"
+dhcp = true
+mtu = 1400
+dns = ["10.77.0.53", "fd77::53"]
+pcap = "captures"
+port_policy = false
+log_level = "debug"
+[[host]]
+name = "h1"
+address = ["10.77.0.1/24", "fd77::1/64"]
+[[host]]
+name = "t1"
+mode = "tun"
+dhcp = true
+"""
+
+
+def test_hub_settings_become_the_hubs_flags_and_the_hosts_mtu(tmp_path):
+    spec = parse_lab(HUB_SETTINGS, tmp_path / "lab.toml")
+    hub = spec.hub
+    assert str(hub.gateway) == "10.77.0.254" and hub.mtu == 1400
+    assert hub.pcap == tmp_path / "captures"  # relative to the lab file
+    flags = hub_flags(hub, tmp_path / "state", "info")
+    pairs = list(zip(flags, [*flags[1:], None], strict=True))
+    for flag, value in [("--subnet", "10.77.0.0/24"), ("--gateway", "10.77.0.254"),
+                        ("--ipv6-prefix", "fd77::/64"), ("--mtu", "1400"),
+                        ("--dns", "10.77.0.53"), ("--dns", "fd77::53"),
+                        ("--pcap", str(tmp_path / "captures")), ("--log-level", "debug")]:
+        assert (flag, value) in pairs
+    assert "--no-port-policy" in flags and "--no-dhcp" not in flags
+    # the hub's flags parse as `vhostvpn hub` flags
+    from tunnel.cli import parse_args
+
+    args = parse_args(["hub", *flags])
+    assert args.mtu == 1400 and args.no_port_policy and str(args.gateway) == "10.77.0.254"
+    assert [str(a) for a in args.dns] == ["10.77.0.53", "fd77::53"]
+    assert host_flags(hub, spec.hosts[0]) == ["--tap", "vv0", "--mtu", "1400",
+                                              "--address", "10.77.0.1/24",
+                                              "--address", "fd77::1/64"]
+    assert host_flags(hub, spec.hosts[1]) == ["--tun", "vv0", "--mtu", "1400", "--dhcp"]
+
+
+def test_a_hub_without_dhcp_is_started_with_no_dhcp(tmp_path):
+    spec = parse_lab(HUB + 'dhcp = false\n[[host]]\nname = "h"\naddress = "10.77.0.9/24"\n',
+                     "lab.toml")
+    assert "--no-dhcp" in hub_flags(spec.hub, tmp_path, "info")
 
 
 def test_the_example_lab_parses():
@@ -70,8 +137,40 @@ HUB = '[hub]\nsubnet = "10.77.0.0/24"\n'
         (HUB + '[[guest]]\nname = "a"\nmemroy = "1G"\n', "[[guest]] #1: unknown key 'memroy'"),
         (HUB + '[[host]]\nname = "h"\naddress = "10.77.0.5/24"\nip = 1\n',
          "[[host]] #1: unknown key 'ip'"),
-        ('[hub]\nsubnet = "10.77.0.0/24"\ngateway = "x"\n[[guest]]\nname = "a"\n',
-         "[hub]: unknown key 'gateway'"),
+        ('[hub]\nsubnet = "10.77.0.0/24"\nlease_time = 60\n[[guest]]\nname = "a"\n',
+         "[hub]: unknown key 'lease_time'"),
+        (HUB + 'gateway = "10.77.1.1"\n[[guest]]\nname = "a"\n',
+         "[hub]: gateway 10.77.1.1 is not a host address of the subnet 10.77.0.0/24"),
+        (HUB + 'gateway = "10.77.0.255"\n[[guest]]\nname = "a"\n',
+         "[hub]: gateway 10.77.0.255 is not a host address"),
+        (HUB + 'gateway = "gw"\n[[guest]]\nname = "a"\n', "[hub]: gateway 'gw'"),
+        (HUB + 'gateway = 1\n[[guest]]\nname = "a"\n', "[hub]: gateway must be a str, got 1"),
+        (HUB + 'gateway = "10.77.0.9"\n[[host]]\nname = "h"\naddress = "10.77.0.9/24"\n',
+         "(other than the gateway 10.77.0.9)"),
+        (HUB + 'mtu = 1400.0\n[[guest]]\nname = "a"\n', "[hub]: mtu must be a int, got 1400.0"),
+        (HUB + 'mtu = true\n[[guest]]\nname = "a"\n', "[hub]: mtu must be a int, got True"),
+        (HUB + 'mtu = 100\n[[guest]]\nname = "a"\n', "[hub]: mtu 100: want 576 to 65535"),
+        (HUB + 'mtu = 70000\n[[guest]]\nname = "a"\n', "[hub]: mtu 70000: want 576 to 65535"),
+        (HUB + 'dhcp = "no"\n[[guest]]\nname = "a"\n', "[hub]: dhcp must be a bool, got 'no'"),
+        (HUB + 'dhcp = false\n[[guest]]\nname = "vm"\ncount = 2\n',
+         "[hub]: dhcp = false, but 'vm1', 'vm2' lease their address by DHCP"),
+        (HUB + 'dhcp = false\n[[host]]\nname = "t"\nmode = "tun"\ndhcp = true\n',
+         "[hub]: dhcp = false, but 't' lease"),
+        (HUB + 'dns = "dns.example"\n[[guest]]\nname = "a"\n', "[hub]: dns 'dns.example'"),
+        (HUB + 'dns = [53]\n[[guest]]\nname = "a"\n', "[hub]: dns 53: want an IPv4 or IPv6"),
+        (HUB + 'dns = {a = 1}\n[[guest]]\nname = "a"\n', "[hub]: dns must be a str or list"),
+        (HUB + 'dns = "fd77::53"\n[[guest]]\nname = "a"\n',
+         "[hub]: dns 'fd77::53': IPv6 servers are announced in router advertisements: "
+         "set ipv6_prefix"),
+        (HUB + 'dhcp = false\ndns = "10.77.0.53"\n[[host]]\nname = "h"\n'
+         'address = "10.77.0.9/24"\n', "[hub]: dns '10.77.0.53': IPv4 servers are handed out"),
+        (HUB + 'pcap = ""\n[[guest]]\nname = "a"\n', "[hub]: pcap: want a directory"),
+        (HUB + 'pcap = true\n[[guest]]\nname = "a"\n', "[hub]: pcap must be a str, got True"),
+        (HUB + 'port_policy = "off"\n[[guest]]\nname = "a"\n',
+         "[hub]: port_policy must be a bool"),
+        (HUB + 'log_level = "loud"\n[[guest]]\nname = "a"\n',
+         "[hub]: log_level 'loud': want one of debug, info, warning, error"),
+        ('[hub]\nsubnet = "10.77.0.0/24"\nmtu = 1400\nmtu = 1300\n', "not valid TOML"),
         (HUB + "[[guest]]\ncount = 2\n", "[[guest]] #1: missing name"),
         (HUB + '[[host]]\nmode = "tap"\n', "[[host]] #1: missing name"),
         (HUB + '[[guest]]\nname = "Bad_Name"\n', "name 'Bad_Name'"),

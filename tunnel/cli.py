@@ -26,13 +26,16 @@ from netstack.frame import format_mac, parse_mac
 log = logging.getLogger("vhostvpn")
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+HUB_MIN_MTU = 576  # the IPv4 minimum datagram every host must accept (RFC 791)
+MAX_MTU = 65535
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-level",
         default="info",
-        choices=["debug", "info", "warning", "error"],
+        choices=LOG_LEVELS,
         help="how much to log (default: info)",
     )
 
@@ -265,8 +268,8 @@ def _cmd_hub(args: argparse.Namespace) -> int:
         raise SystemExit("vhostvpn hub: --gateway needs --subnet")
     if args.ipv6_prefix is not None and args.ipv6_prefix.prefixlen != 64:
         raise SystemExit(f"vhostvpn hub: --ipv6-prefix {args.ipv6_prefix}: SLAAC needs a /64")
-    if not 576 <= args.mtu <= 65535:
-        raise SystemExit(f"vhostvpn hub: --mtu {args.mtu}: want 576 to 65535")
+    if not HUB_MIN_MTU <= args.mtu <= MAX_MTU:
+        raise SystemExit(f"vhostvpn hub: --mtu {args.mtu}: want {HUB_MIN_MTU} to {MAX_MTU}")
     config = HubConfig(sockets=args.socket, client_sockets=args.client_socket,
                        control=args.control, queue_pairs=args.queues, subnet=args.subnet,
                        gateway=args.gateway, dhcp=not args.no_dhcp,
@@ -329,8 +332,8 @@ def _cmd_vm(args: argparse.Namespace) -> int:
 
 
 def _cmd_host(args: argparse.Namespace) -> int:
-    if not 68 <= args.mtu <= 65535:
-        raise SystemExit(f"vhostvpn host: --mtu {args.mtu}: want 68 to 65535")
+    if not 68 <= args.mtu <= MAX_MTU:
+        raise SystemExit(f"vhostvpn host: --mtu {args.mtu}: want 68 to {MAX_MTU}")
     device = args.tap or args.tun
     if len(device.encode()) > 15 or "/" in device or not device.strip():
         raise SystemExit(f"vhostvpn host: {device!r}: not a valid interface name")

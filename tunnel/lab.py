@@ -34,6 +34,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tunnel.cli import HUB_MIN_MTU, LOG_LEVELS, MAX_MTU
 from tunnel.console import ConsoleError, UnixConsole
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,13 +73,26 @@ class HostSpec:
 
 
 @dataclass(frozen=True)
+class HubSpec:
+    """The [hub] table: the flags `vhostvpn hub` is started with (hub_flags)."""
+
+    subnet: ipaddress.IPv4Network
+    gateway: ipaddress.IPv4Address  # default: the subnet's first address
+    ipv6_prefix: ipaddress.IPv6Network | None = None
+    dhcp: bool = True
+    mtu: int = 1500  # announced by DHCP and RAs; also the hosts' device MTU
+    dns: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] = ()
+    pcap: Path | None = None  # absolute; kept by `down`
+    port_policy: bool = True  # false: the hub and the guests' endpoints do not police
+    log_level: str | None = None  # default: `lab up --log-level`
+
+
+@dataclass(frozen=True)
 class LabSpec:
     path: Path
-    subnet: ipaddress.IPv4Network
-    ipv6_prefix: ipaddress.IPv6Network | None
+    hub: HubSpec
     guests: tuple[GuestSpec, ...]
     hosts: tuple[HostSpec, ...]
-    port_policy: bool = True
 
     @property
     def tag(self) -> str:
@@ -94,7 +108,8 @@ class LabSpec:
         return [*self.guests, *self.hosts]
 
 
-_HUB_KEYS = {"subnet", "ipv6_prefix", "port_policy"}
+_HUB_KEYS = {"subnet", "gateway", "ipv6_prefix", "dhcp", "mtu", "dns", "pcap", "port_policy",
+             "log_level"}
 _GUEST_KEYS = {"name", "count", "memory", "smp", "qemu_args", "command"}
 _HOST_KEYS = {"name", "mode", "address", "dhcp"}
 
@@ -139,25 +154,7 @@ def parse_lab(text: str, path: Path | str = "lab.toml") -> LabSpec:
     if unknown:
         raise LabError(f"{path}: unknown table{'s' if len(unknown) > 1 else ''} "
                        f"{', '.join(map(repr, unknown))} (allowed: hub, [[guest]], [[host]])")
-    hub = _check_keys("[hub]", data.get("hub", {}), _HUB_KEYS)
-    subnet_text = _typed("[hub]", hub, "subnet", str)
-    if subnet_text is None:
-        raise LabError("[hub]: missing subnet (e.g. subnet = \"10.77.0.0/24\")")
-    try:
-        subnet = ipaddress.IPv4Network(subnet_text)
-    except ValueError as exc:
-        raise LabError(f"[hub]: subnet {subnet_text!r}: {exc}") from None
-    if subnet.num_addresses < 8:
-        raise LabError(f"[hub]: subnet {subnet}: too small")
-    prefix = None
-    if (prefix_text := _typed("[hub]", hub, "ipv6_prefix", str)) is not None:
-        try:
-            prefix = ipaddress.IPv6Network(prefix_text)
-        except ValueError as exc:
-            raise LabError(f"[hub]: ipv6_prefix {prefix_text!r}: {exc}") from None
-        if prefix.prefixlen != 64:
-            raise LabError(f"[hub]: ipv6_prefix {prefix}: SLAAC needs a /64")
-    port_policy = _typed("[hub]", hub, "port_policy", bool, True)
+    hub = _parse_hub(_check_keys("[hub]", data.get("hub", {}), _HUB_KEYS), path)
 
     guests: list[GuestSpec] = []
     for index, table in enumerate(_array(data, "guest")):
@@ -194,7 +191,7 @@ def parse_lab(text: str, path: Path | str = "lab.toml") -> LabSpec:
         address = _typed(where, table, "address", (str, list), [])
         addresses = [address] if isinstance(address, str) else address
         for text in addresses:
-            _check_address(where, text, subnet, prefix)
+            _check_address(where, text, hub)
         if dhcp and mode == "tap":
             raise LabError(f"{where}: dhcp = true needs mode = \"tun\"")
         if not dhcp and not any(ipaddress.ip_interface(a).version == 4 for a in addresses):
@@ -212,7 +209,73 @@ def parse_lab(text: str, path: Path | str = "lab.toml") -> LabSpec:
         seen.add(member.name)
     if not seen:
         raise LabError(f"{path}: no [[guest]] or [[host]]: nothing to start")
-    return LabSpec(path, subnet, prefix, tuple(guests), tuple(hosts), port_policy)
+    if not hub.dhcp:
+        leasing = [g.name for g in guests] + [h.name for h in hosts if h.dhcp]
+        if leasing:
+            raise LabError(f"[hub]: dhcp = false, but {', '.join(map(repr, leasing))} lease "
+                           "their address by DHCP (guests always do; hosts with dhcp = true)")
+    return LabSpec(path, hub, tuple(guests), tuple(hosts))
+
+
+def _parse_hub(hub: dict, path: Path) -> HubSpec:
+    subnet_text = _typed("[hub]", hub, "subnet", str)
+    if subnet_text is None:
+        raise LabError("[hub]: missing subnet (e.g. subnet = \"10.77.0.0/24\")")
+    try:
+        subnet = ipaddress.IPv4Network(subnet_text)
+    except ValueError as exc:
+        raise LabError(f"[hub]: subnet {subnet_text!r}: {exc}") from None
+    if subnet.num_addresses < 8:
+        raise LabError(f"[hub]: subnet {subnet}: too small")
+    gateway = subnet[1]
+    if (gateway_text := _typed("[hub]", hub, "gateway", str)) is not None:
+        try:
+            gateway = ipaddress.IPv4Address(gateway_text)
+        except ValueError as exc:
+            raise LabError(f"[hub]: gateway {gateway_text!r}: {exc}") from None
+        if gateway not in subnet or gateway in (subnet.network_address,
+                                                subnet.broadcast_address):
+            raise LabError(f"[hub]: gateway {gateway} is not a host address of the subnet "
+                           f"{subnet}")
+    prefix = None
+    if (prefix_text := _typed("[hub]", hub, "ipv6_prefix", str)) is not None:
+        try:
+            prefix = ipaddress.IPv6Network(prefix_text)
+        except ValueError as exc:
+            raise LabError(f"[hub]: ipv6_prefix {prefix_text!r}: {exc}") from None
+        if prefix.prefixlen != 64:
+            raise LabError(f"[hub]: ipv6_prefix {prefix}: SLAAC needs a /64")
+    dhcp = _typed("[hub]", hub, "dhcp", bool, True)
+    mtu = _typed("[hub]", hub, "mtu", int, 1500)
+    if not HUB_MIN_MTU <= mtu <= MAX_MTU:
+        raise LabError(f"[hub]: mtu {mtu}: want {HUB_MIN_MTU} to {MAX_MTU}")
+    dns_value = _typed("[hub]", hub, "dns", (str, list), [])
+    dns = []
+    for text in [dns_value] if isinstance(dns_value, str) else dns_value:
+        try:
+            if not isinstance(text, str):
+                raise ValueError
+            server = ipaddress.ip_address(text)
+        except ValueError:
+            raise LabError(f"[hub]: dns {text!r}: want an IPv4 or IPv6 address "
+                           "(a string or a list of strings)") from None
+        if server.version == 4 and not dhcp:
+            raise LabError(f"[hub]: dns {text!r}: IPv4 servers are handed out by DHCP, which "
+                           "dhcp = false turns off")
+        if server.version == 6 and prefix is None:
+            raise LabError(f"[hub]: dns {text!r}: IPv6 servers are announced in router "
+                           "advertisements: set ipv6_prefix")
+        dns.append(server)
+    pcap = None
+    if (pcap_text := _typed("[hub]", hub, "pcap", str)) is not None:
+        if not pcap_text.strip():
+            raise LabError("[hub]: pcap: want a directory, got an empty string")
+        pcap = path.resolve().parent / pcap_text  # relative to the lab file
+    port_policy = _typed("[hub]", hub, "port_policy", bool, True)
+    log_level = _typed("[hub]", hub, "log_level", str)
+    if log_level is not None and log_level not in LOG_LEVELS:
+        raise LabError(f"[hub]: log_level {log_level!r}: want one of {', '.join(LOG_LEVELS)}")
+    return HubSpec(subnet, gateway, prefix, dhcp, mtu, tuple(dns), pcap, port_policy, log_level)
 
 
 def _array(data: dict, key: str) -> list:
@@ -222,8 +285,7 @@ def _array(data: dict, key: str) -> list:
     return value
 
 
-def _check_address(where: str, text: object, subnet: ipaddress.IPv4Network,
-                   prefix: ipaddress.IPv6Network | None) -> None:
+def _check_address(where: str, text: object, hub: HubSpec) -> None:
     if not isinstance(text, str):
         raise LabError(f"{where}: address must be a string like \"10.77.0.50/24\", got {text!r}")
     if "/" not in text:
@@ -232,13 +294,15 @@ def _check_address(where: str, text: object, subnet: ipaddress.IPv4Network,
         iface = ipaddress.ip_interface(text)
     except ValueError as exc:
         raise LabError(f"{where}: address {text!r}: {exc}") from None
+    subnet = hub.subnet
     if iface.version == 4:
         if iface.ip not in subnet or iface.ip in (subnet.network_address,
-                                                  subnet.broadcast_address, subnet[1]):
+                                                  subnet.broadcast_address, hub.gateway):
             raise LabError(f"{where}: address {text!r} is not a host address of the hub's "
-                           f"subnet {subnet} (other than the gateway {subnet[1]})")
-    elif prefix is None or iface.ip not in prefix:
-        raise LabError(f"{where}: address {text!r} is not in the hub's ipv6_prefix {prefix}")
+                           f"subnet {subnet} (other than the gateway {hub.gateway})")
+    elif hub.ipv6_prefix is None or iface.ip not in hub.ipv6_prefix:
+        raise LabError(f"{where}: address {text!r} is not in the hub's ipv6_prefix "
+                       f"{hub.ipv6_prefix}")
 
 
 def load_lab(path: Path | str) -> LabSpec:
@@ -422,6 +486,37 @@ def _image_ready() -> None:
         raise LabError("guest image build failed")
 
 
+def hub_flags(hub: HubSpec, directory: Path, log_level: str) -> list[str]:
+    """The flags of the lab's `vhostvpn hub`, its files in the state directory `directory`."""
+    flags = ["--listen", f"0.0.0.0:{HUB_PORT}", "--identity", str(directory / "keys" / "hub"),
+             "--peers", str(directory / "peers"), "--subnet", str(hub.subnet),
+             "--gateway", str(hub.gateway), "--mtu", str(hub.mtu),
+             "--state-dir", str(directory / "hub-state"),
+             "--control", str(directory / "hub.control"),
+             "--log-level", hub.log_level or log_level]
+    if hub.ipv6_prefix is not None:
+        flags += ["--ipv6-prefix", str(hub.ipv6_prefix)]
+    if not hub.dhcp:
+        flags.append("--no-dhcp")
+    for server in hub.dns:
+        flags += ["--dns", str(server)]
+    if hub.pcap is not None:
+        flags += ["--pcap", str(hub.pcap)]
+    if not hub.port_policy:
+        flags.append("--no-port-policy")
+    return flags
+
+
+def host_flags(hub: HubSpec, host: HostSpec) -> list[str]:
+    """The device flags of a host's `vhostvpn host`: its device vv0 takes the hub's MTU."""
+    flags = [f"--{host.mode}", "vv0", "--mtu", str(hub.mtu)]
+    if host.dhcp:
+        flags.append("--dhcp")
+    for address in host.addresses:
+        flags += ["--address", address]
+    return flags
+
+
 def up(spec: LabSpec, log_level: str = "info") -> State:
     """Start the lab in the background; return once every member has its address."""
     from tunnel.keys import keygen
@@ -493,22 +588,18 @@ def _up(spec: LabSpec, state: State, directory: Path, log_level: str, keygen) ->
     # the hub
     vv = [sys.executable, "-m", "tunnel.cli"]
     hub_argv = ["ip", "netns", "exec", state.hub_netns, *vv, "hub",
-                "--listen", f"0.0.0.0:{HUB_PORT}", "--identity", str(directory / "keys" / "hub"),
-                "--peers", str(directory / "peers"), "--subnet", str(spec.subnet),
-                "--state-dir", str(directory / "hub-state"), "--control", state.hub_control,
-                "--log-level", log_level]
-    if spec.ipv6_prefix is not None:
-        hub_argv += ["--ipv6-prefix", str(spec.ipv6_prefix)]
-    if not spec.port_policy:
-        hub_argv.append("--no-port-policy")
+                *hub_flags(spec.hub, directory, log_level)]
     state.hub = _spawn(hub_argv, logs / "hub.log")
     state.save()
     try:
         _wait_paths(state.hub, [state.hub_control], str(logs / "hub.log"))
     except LabError as exc:
         raise LabError(f"hub: {exc}") from None
-    _say(f"hub: pid {state.hub.pid}, {spec.subnet}"
-         + (f", {spec.ipv6_prefix}" if spec.ipv6_prefix else "") + f", gateway {spec.subnet[1]}")
+    hub = spec.hub
+    _say(f"hub: pid {state.hub.pid}, {hub.subnet}"
+         + (f", {hub.ipv6_prefix}" if hub.ipv6_prefix else "") + f", gateway {hub.gateway}"
+         + ("" if hub.dhcp else ", no DHCP") + (f", mtu {hub.mtu}" if hub.mtu != 1500 else "")
+         + (f", pcap in {hub.pcap}" if hub.pcap else ""))
 
     # endpoints
     specs = {m.name: m for m in spec.members}
@@ -523,9 +614,7 @@ def _up(spec: LabSpec, state: State, directory: Path, log_level: str, keygen) ->
             argv += ["--socket", member.socket, "--queues", "1"]
         else:
             assert isinstance(s, HostSpec)
-            argv += [f"--{s.mode}", "vv0", *(["--dhcp"] if s.dhcp else [])]
-            for address in s.addresses:
-                argv += ["--address", address]
+            argv += host_flags(spec.hub, s)
         member.processes["endpoint"] = _spawn(argv, Path(member.log))
         state.save()
     for member in state.members:
