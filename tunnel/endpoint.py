@@ -146,7 +146,7 @@ class Endpoint:
         ipv4 = next((a for a in self.config.addresses if a.version == 4), None)
         ipv6 = next((a for a in self.config.addresses if a.version == 6), None)
         self.tun_port = TunPort(self.device, self.network, ipv4=ipv4, ipv6=ipv6,
-                                dhcp=self.config.dhcp)
+                                dhcp=self.config.dhcp, mac_seed=self.identity.fingerprint)
         self.switch.attach(self.tun_port)
         for address in self.config.addresses:
             self.network.add_address(self.device.name, address)

@@ -46,13 +46,17 @@ class TunPort(Port):
         ipv4: ipaddress.IPv4Interface | None = None,
         ipv6: ipaddress.IPv6Interface | None = None,
         dhcp: bool = False,
+        mac_seed: str = "",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`mac_seed` (the endpoint's identity fingerprint) makes the MAC this port speaks
+        with unique on the segment and the same on every run: hosts with equally named TUN
+        devices must not share one."""
         super().__init__(device.name, device.offloads, policy=None)
         self.device = device
         self.network = network
         self.clock = clock
-        self.mac = stable_mac(f"vhostvpn tun {device.name}")
+        self.mac = stable_mac(f"vhostvpn tun {mac_seed} {device.name}")
         self.l3 = L3Host(self.mac, ipv4=ipv4, ipv6=ipv6, clock=clock)
         self.l3.on_slaac = self._add_address
         self.l3.on_slaac_lost = self._remove_address
