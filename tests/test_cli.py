@@ -105,3 +105,24 @@ def test_config_file_with_an_unknown_setting_is_refused(tmp_path):
     config.write_text('hubb = "x:1"\n')
     result = run_cli("vm", "--config", str(config))
     assert result.returncode == 2 and "unknown setting 'hubb'" in result.stderr
+
+
+@pytest.mark.parametrize(("flags", "config_text", "port_policy"), [
+    ([], "", True),
+    (["--no-port-policy"], "", False),
+    ([], "no-port-policy = true\n", False),
+])
+def test_vm_no_port_policy_reaches_the_endpoint_config(tmp_path, monkeypatch, flags,
+                                                       config_text, port_policy):
+    import tunnel.cli
+
+    configs = []
+    monkeypatch.setattr(tunnel.cli, "_run_endpoint", lambda config, command: configs.append(
+        config) or 0)
+    config = tmp_path / "vm.toml"
+    config.write_text(config_text)
+    fingerprint = "SHA256:" + "A" * 43
+    assert main(["vm", "--socket", str(tmp_path / "a.sock"), "--hub", "127.0.0.1:7777",
+                 "--identity", str(tmp_path / "id"), "--hub-fingerprint", fingerprint,
+                 "--config", str(config), *flags]) == 0
+    assert configs[0].port_policy is port_policy

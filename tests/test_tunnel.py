@@ -126,6 +126,28 @@ async def test_frames_cross_the_tunnel_both_ways(net):
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize(("port_policy", "arrive"), [(True, 16), (False, 20)])
+async def test_vm_no_port_policy_lets_a_local_guest_past_the_mac_limit(net, port_policy,
+                                                                      arrive):
+    """A guest port on the endpoint learns at most 16 source MACs unless the endpoint trusts
+    its guests (`vhostvpn vm --no-port-policy`); the hub's session limit (256) is not hit."""
+    async with trio.open_nursery() as nursery:
+        net.hub = Hub(net.hub_config())
+        await nursery.start(net.hub.run)
+        net.endpoint = Endpoint(net.endpoint_config(port_policy=port_policy))
+        await nursery.start(net.endpoint.run)
+        await session_up(net.endpoint)
+        async with guest(net.tmp / "h.sock") as gh, guest(net.tmp / "e.sock") as ge:
+            sources = [bytes([2, 0, 0, 0, 1, n]) for n in range(20)]
+            await send(ge, [eth(MAC_H, source, n) for n, source in enumerate(sources)])
+            assert len(await receive(gh, arrive)) == arrive
+            port = next(p for p in net.endpoint.status()["ports"] if p["name"] == "e.sock")
+            assert port["drops"].get("mac_limit", 0) == 20 - arrive
+            await send(ge, [eth(MAC_H, sources[0], 99)])  # nothing else was on its way
+            assert await receive(gh, 1) == [eth(MAC_H, sources[0], 99)]
+        nursery.cancel_scope.cancel()
+
+
 async def test_unknown_key_and_wrong_hub_get_nothing_through(net):
     stranger_fp = keygen(net.tmp / "stranger")
     async with trio.open_nursery() as nursery:

@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="connect to a vhost-user socket QEMU listens on; repeatable")
     vm.add_argument("--queues", type=int, default=4, metavar="N",
                     help="queue pairs offered per socket (default 4)")
+    vm.add_argument("--no-port-policy", action="store_true",
+                    help="trust these guests: no MAC/IP anti-spoofing, limits or guards on "
+                         "their ports here (the hub still polices the session)")
     _add_endpoint(vm)
 
     host = sub.add_parser("host", help="join this host to a hub through a TAP or TUN device")
@@ -327,7 +330,8 @@ def _cmd_vm(args: argparse.Namespace) -> int:
     if not 1 <= args.queues <= 64:
         raise SystemExit(f"vhostvpn vm: --queues {args.queues}: want 1 to 64")
     config = _endpoint_config(args, "vm", sockets=args.socket,
-                              client_sockets=args.client_socket, queue_pairs=args.queues)
+                              client_sockets=args.client_socket, queue_pairs=args.queues,
+                              port_policy=not args.no_port_policy)
     return _run_endpoint(config, "vm")
 
 

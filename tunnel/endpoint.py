@@ -65,6 +65,7 @@ class EndpointConfig:
     control: str | None = None
     name: str = ""
     queue_pairs: int = 4
+    port_policy: bool = True  # police the local guests' ports (netstack.policy); off trusts them
     mtu: int = 1500
     rekey_seconds: float = REKEY_SECONDS
     tap: str | None = None  # host mode, L2: the TAP device's name
@@ -86,7 +87,7 @@ class Endpoint:
         self.name = config.name or os.uname().nodename.split(".")[0]
         self.switch = Switch()
         self.servers = attach_sockets(self.switch, config.sockets, config.client_sockets,
-                                      config.queue_pairs)
+                                      config.queue_pairs, policy=config.port_policy)
         self.uplink = SessionPort("hub", policy=None)
         self.switch.attach(self.uplink)
         self.device: TunTapDevice | None = None
