@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tunnel.lab import LabError, host_flags, hub_flags, parse_lab
+from tunnel.lab import LabError, guest_flags, host_flags, hub_flags, parse_lab
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "qemu" / "labs" / "two-guests-one-host.toml"
@@ -113,6 +113,14 @@ def test_hub_settings_become_the_hubs_flags_and_the_hosts_mtu(tmp_path):
                                               "--address", "10.77.0.1/24",
                                               "--address", "fd77::1/64"]
     assert host_flags(hub, spec.hosts[1]) == ["--tun", "vv0", "--mtu", "1400", "--dhcp"]
+
+
+@pytest.mark.parametrize(("port_policy", "extra"), [("true", []), ("false", ["--no-port-policy"])])
+def test_port_policy_false_trusts_the_guests_at_their_endpoints_too(port_policy, extra):
+    spec = parse_lab(HUB + f'port_policy = {port_policy}\n[[guest]]\nname = "a"\n', "lab.toml")
+    flags = guest_flags(spec.hub, "/run/a.sock")
+    assert flags == ["--socket", "/run/a.sock", "--queues", "1", *extra]
+    assert ("--no-port-policy" in hub_flags(spec.hub, Path("/run/x"), "info")) == bool(extra)
 
 
 def test_a_hub_without_dhcp_is_started_with_no_dhcp(tmp_path):

@@ -507,6 +507,13 @@ def hub_flags(hub: HubSpec, directory: Path, log_level: str) -> list[str]:
     return flags
 
 
+def guest_flags(hub: HubSpec, socket: str) -> list[str]:
+    """The flags of a guest's `vhostvpn vm`: one vhost-user socket, policed unless the hub's
+    port_policy is false."""
+    return ["--socket", socket, "--queues", "1",
+            *([] if hub.port_policy else ["--no-port-policy"])]
+
+
 def host_flags(hub: HubSpec, host: HostSpec) -> list[str]:
     """The device flags of a host's `vhostvpn host`: its device vv0 takes the hub's MTU."""
     flags = [f"--{host.mode}", "vv0", "--mtu", str(hub.mtu)]
@@ -611,7 +618,7 @@ def _up(spec: LabSpec, state: State, directory: Path, log_level: str, keygen) ->
                 "--hub-fingerprint", hub_fp, "--name", member.name,
                 "--control", member.control, "--log-level", log_level]
         if member.kind == "guest":
-            argv += ["--socket", member.socket, "--queues", "1"]
+            argv += guest_flags(spec.hub, member.socket)
         else:
             assert isinstance(s, HostSpec)
             argv += host_flags(spec.hub, s)
