@@ -1,0 +1,113 @@
+"""The speed-race plot for docs/benchmarks.md: host-to-host throughput (median bar, min-max
+whisker) and ping under load (p50; busybox's average for SoftEther) per VPN, from one
+bench/hosts.py result file.  Needs matplotlib (`pip install -e .[bench]`), nothing else does.
+
+Run: .venv/bin/python bench/plot_hosts.py bench/results/hosts-*.json -o docs/img/hosts.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+# Rows in the order they are drawn, with the label under each bar.
+LABELS = {
+    "vhostvpn tap": "vhostvpn\nTAP → hub → TAP",
+    "vhostvpn tun": "vhostvpn\nTUN → hub → TUN",
+    "softether": "SoftEther 5\nclient → server\n→ client",
+    "openvpn": "OpenVPN TCP\nclient → server\n→ client",
+    "wireguard-go": "wireguard-go\n(2022) peer → peer",
+    "veth": "raw veth\n(no VPN)",
+}
+VPN_COLOR = "#3b6ea8"
+OURS_COLOR = "#d1672a"
+REFERENCE_COLOR = "#9a9a9a"
+
+
+def bars(summary: dict[str, dict]) -> list[tuple[str, dict]]:
+    return [(name, summary[name]) for name in LABELS
+            if name in summary and summary[name].get("runs")]
+
+
+def loaded_ping(row: dict) -> float | None:
+    if row.get("ping_loaded_p50_ms"):
+        return sum(row["ping_loaded_p50_ms"]) / 2
+    if row.get("ping_loaded_avg_ms"):
+        return sum(row["ping_loaded_avg_ms"]) / 2
+    return None
+
+
+def plot(result: dict, title: str, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    rows = bars(result["summary"])
+    if not rows:
+        raise SystemExit("no measured rows in the result file")
+    names = [LABELS[n] for n, _ in rows]
+    colors = [OURS_COLOR if n.startswith("vhostvpn") else
+              REFERENCE_COLOR if n == "veth" else VPN_COLOR for n, _ in rows]
+    medians = [r["median_gbits"] for _, r in rows]
+    low = [r["median_gbits"] - r["min_gbits"] for _, r in rows]
+    high = [r["max_gbits"] - r["median_gbits"] for _, r in rows]
+
+    figure, (speed, latency) = pyplot.subplots(1, 2, figsize=(12, 4.8),
+                                               gridspec_kw={"width_ratios": [3, 2]})
+    positions = range(len(rows))
+    speed.bar(positions, medians, color=colors, yerr=[low, high], capsize=4)
+    speed.set_xticks(list(positions), names, fontsize=8)
+    speed.set_yscale("log")
+    speed.set_ylabel("Gbit/s, one iperf3 TCP stream (log scale)")
+    speed.set_title("Throughput: median of all runs, bar = min-max", fontsize=10)
+    for x, value in zip(positions, medians, strict=True):
+        speed.annotate(f"{value:.2f}", (x, value), textcoords="offset points",
+                       xytext=(14, 3), ha="left", fontsize=8)
+    softether = result["summary"].get("softether", {})
+    if softether.get("runs"):
+        target = 4 * softether["median_gbits"]
+        speed.axhline(target, color=OURS_COLOR, linestyle="--", linewidth=1)
+        speed.annotate(f"target: 4x SoftEther = {target:.1f}", (len(rows) - 0.5, target),
+                       textcoords="offset points", xytext=(-4, 4), ha="right", fontsize=8,
+                       color=OURS_COLOR)
+
+    vpn_rows = [(n, r) for n, r in rows if n != "veth" and loaded_ping(r) is not None]
+    ping_positions = range(len(vpn_rows))
+    ping_values = [loaded_ping(r) for _, r in vpn_rows]
+    latency.bar(ping_positions, ping_values,
+                color=[OURS_COLOR if n.startswith("vhostvpn") else VPN_COLOR
+                       for n, _ in vpn_rows])
+    latency.set_xticks(list(ping_positions), [LABELS[n] for n, _ in vpn_rows], fontsize=8)
+    latency.set_ylabel("ms")
+    latency.set_title("Ping during the stream (p50; SoftEther: average)", fontsize=10)
+    for x, value in zip(ping_positions, ping_values, strict=True):
+        latency.annotate(f"{value:.1f}", (x, value), textcoords="offset points",
+                         xytext=(0, 4), ha="center", fontsize=8)
+
+    figure.suptitle(title, fontsize=11)
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("result", type=Path, help="a bench/results/hosts-*.json file")
+    parser.add_argument("-o", "--output", type=Path, default=Path("docs/img/hosts.png"))
+    parser.add_argument("--title", default="Host ↔ host through each VPN, same run, "
+                        "2 vCPUs (bench/hosts.py)")
+    args = parser.parse_args()
+    try:
+        result = json.loads(args.result.read_text())
+    except (OSError, ValueError) as error:
+        parser.error(f"{args.result}: {error}")
+    plot(result, args.title, args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
