@@ -362,6 +362,7 @@ def summarize(rows: list[dict]) -> dict[str, object]:
     if not gbits:
         return {"runs": 0}
     loaded = [r["ping_loaded_ms"] for r in rows if r.get("ping_loaded_ms")]
+    loaded_avg = [r["ping_loaded_avg_ms"] for r in rows if r.get("ping_loaded_avg_ms")]
     cpu: dict[str, list[int]] = {}
     for r in rows:
         for n, v in r["cpu_percent"].items():
@@ -372,6 +373,7 @@ def summarize(rows: list[dict]) -> dict[str, object]:
             if loaded else None,
             "ping_loaded_p99_ms": [min(p["p99"] for p in loaded), max(p["p99"] for p in loaded)]
             if loaded else None,
+            "ping_loaded_avg_ms": [min(loaded_avg), max(loaded_avg)] if loaded_avg else None,
             "cpu_percent_range": {n: [min(v), max(v)] for n, v in cpu.items()},
             "other_cpu_percent_range": [min(r["other_cpu_percent"] for r in rows),
                                         max(r["other_cpu_percent"] for r in rows)]}
@@ -385,14 +387,17 @@ def table(summary: dict[str, dict], idle: dict[str, object]) -> str:
             lines.append(f"| {name} | failed | | | | |")
             continue
         i = idle.get(name) or {}
+        idle_text = f"{i['avg']} (avg)" if "avg" in i else f"{i.get('p50')} / {i.get('p99')}"
         lp50, lp99 = s.get("ping_loaded_p50_ms"), s.get("ping_loaded_p99_ms")
+        lavg = s.get("ping_loaded_avg_ms")
+        loaded = (f"{lp50[0]}-{lp50[1]} / {lp99[0]}-{lp99[1]}" if lp50
+                  else f"{lavg[0]}-{lavg[1]} (avg)" if lavg else "-")
         cpu = ", ".join(f"{n} {lo}-{hi}" for n, (lo, hi) in s.get("cpu_percent_range",
                                                                   {}).items())
         other = s.get("other_cpu_percent_range")
         lines.append(
             f"| {name} | {s['median_gbits']} ({s['min_gbits']}-{s['max_gbits']}) | "
-            f"{i.get('p50')} / {i.get('p99')} | "
-            f"{f'{lp50[0]}-{lp50[1]} / {lp99[0]}-{lp99[1]}' if lp50 else '-'} | {cpu or '-'} | "
+            f"{idle_text} | {loaded} | {cpu or '-'} | "
             f"{f'{other[0]}-{other[1]}' if other else '-'} |")
     return "\n".join(lines)
 
