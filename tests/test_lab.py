@@ -17,7 +17,8 @@ import pytest
 from tunnel.lab import LabError, guest_flags, host_flags, hub_flags, parse_lab
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = ROOT / "qemu" / "labs" / "two-guests-one-host.toml"
+LABS = ROOT / "qemu" / "labs"
+EXAMPLE = LABS / "guests-tap-tun.toml"
 
 GOOD = """
 [hub]
@@ -129,9 +130,13 @@ def test_a_hub_without_dhcp_is_started_with_no_dhcp(tmp_path):
     assert "--no-dhcp" in hub_flags(spec.hub, tmp_path, "info")
 
 
-def test_the_example_lab_parses():
-    spec = parse_lab(EXAMPLE.read_text(), EXAMPLE)
-    assert [m.name for m in spec.members] == ["vm1", "vm2", "h1"]
+@pytest.mark.parametrize(("example", "members"), [
+    ("two-guests-one-host.toml", ["vm1", "vm2", "h1"]),
+    ("guests-tap-tun.toml", ["vm1", "vm2", "h1", "t1"]),
+])
+def test_the_example_labs_parse(example, members):
+    spec = parse_lab((LABS / example).read_text(), LABS / example)
+    assert [m.name for m in spec.members] == members
 
 
 HUB = '[hub]\nsubnet = "10.77.0.0/24"\n'
@@ -236,57 +241,127 @@ def gone(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] == "Z"
 
 
+def processes_naming(text: str) -> list[int]:
+    """Live processes whose command line mentions `text`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(
+                    errors="replace")
+            except OSError:
+                continue
+            if text in cmdline and not gone(int(entry.name)):
+                pids.append(int(entry.name))
+    return pids
+
+
+def global_ipv6(lab_file: Path, member: str, device: str) -> list[str]:
+    """The member's global fd77:: addresses once none is tentative (DAD done), SLAAC ones
+    included; waits up to 30 s."""
+    deadline = time.monotonic() + 30
+    while True:
+        shown = lab("run", str(lab_file), member, "--", "ip", "-6", "addr", "show", "dev",
+                    device, "scope", "global")
+        lines = [line for line in shown.stdout.splitlines() if "inet6 fd77::" in line]
+        if lines and not any("tentative" in line for line in lines):
+            return [line.split("inet6 ")[1].split("/")[0] for line in lines]
+        assert time.monotonic() < deadline, f"{member}: no IPv6 address:\n{shown.stdout}"
+        time.sleep(0.5)
+
+
+def ping_all(lab_file: Path, member: str, targets: list[str]) -> None:
+    """Ping every target once from `member` in one `lab run`; fail naming those that did not
+    answer."""
+    script = "; ".join(f"ping -{6 if ':' in t else 4} -c 1 -W 3 {t} >/dev/null 2>&1 || "
+                       f"echo unreachable {t}" for t in targets)
+    result = lab("run", str(lab_file), member, "--", "sh", "-c", script)
+    assert result.returncode == 0 and "unreachable" not in result.stdout, (
+        f"{member}: {result.stdout}{result.stderr}")
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/net/tun")
                     or shutil.which("ip") is None or shutil.which("qemu-system-x86_64") is None,
                     reason="needs root, /dev/net/tun, iproute2 and QEMU")
-def test_example_lab_up_ping_down_leaves_nothing_behind(tmp_path):
+def test_example_lab_guests_tap_and_dhcp_tun_host_ping_over_ipv4_and_ipv6_then_nothing_left(
+        tmp_path):
     from tests.support.guest import ensure_image
+    from tunnel.control import query
 
     ensure_image()
-    lab_file = tmp_path / "two-guests-one-host.toml"
+    lab_file = tmp_path / EXAMPLE.name
     shutil.copy(EXAMPLE, lab_file)  # its own path: its own namespaces and state directory
     spec = parse_lab(lab_file.read_text(), lab_file)
     state_dir = spec.state_dir
     prefix = f"vvlab-{spec.tag}-"
     pids: list[int] = []
+    paths: list[str] = []
     try:
         up = lab("up", str(lab_file), timeout=240)
         assert up.returncode == 0, up.stdout + up.stderr
-        assert "lab is up" in up.stdout
+        assert "lab is up" in up.stdout and "mtu 1400" in up.stdout
         state = json.loads((state_dir / "state.json").read_text())
+        members = {m["name"]: m for m in state["members"]}
         pids = [state["hub"]["pid"], *(p["pid"] for m in state["members"]
                                        for p in m["processes"].values())]
-        assert len(pids) == 1 + 2 * 2 + 1  # hub, 2 x (endpoint + QEMU), the host's endpoint
+        assert len(pids) == 1 + 2 * 2 + 2  # hub, 2 x (endpoint + QEMU), two hosts' endpoints
         assert all(not gone(pid) for pid in pids)  # they outlived `lab up`
-        address = {m["name"]: m["address"].split("/")[0] for m in state["members"]}
+        paths = [state["hub_control"], *(m[key] for m in state["members"]
+                                         for key in ("control", "socket", "console") if m[key])]
+        assert all(os.path.exists(path) for path in paths)
+        address = {name: m["address"].split("/")[0] for name, m in members.items()}
         assert address["h1"] == "10.77.0.50"
 
-        ping = lab("run", str(lab_file), "vm1", "--", "ping", "-c", "2", "-W", "2",
-                   address["vm2"])
-        assert ping.returncode == 0, ping.stdout + ping.stderr
-        assert "2 packets received" in ping.stdout
-        ping = lab("run", str(lab_file), "vm2", "--", "ping", "-c", "1", "-W", "2", "10.77.0.50")
-        assert ping.returncode == 0, ping.stdout + ping.stderr
-        ping = lab("run", str(lab_file), "h1", "--", "ping", "-c", "1", "-W", "2",
-                   address["vm1"])
-        assert ping.returncode == 0, ping.stdout + ping.stderr
+        # t1 asked the hub's DHCP server for its address (it was given none)
+        tun = next(p for p in query(members["t1"]["control"])["ports"] if p.get("kind") == "tun")
+        assert tun["dhcp"]["state"] == "bound"
+        assert tun["dhcp"]["address"].split("/")[0] == address["t1"]
+        assert address["t1"].startswith("10.77.0.") and address["t1"] not in (
+            "10.77.0.1", "10.77.0.50", address["vm1"], address["vm2"])
+        shown = lab("run", str(lab_file), "t1", "--", "ip", "-4", "addr", "show", "dev", "vv0")
+        assert shown.returncode == 0 and f"inet {address['t1']}/24" in shown.stdout
+
+        # the hub's mtu = 1400: DHCP option 26 in the guests, the hosts' devices
+        mtu = lab("run", str(lab_file), "vm2", "--", "cat", "/sys/class/net/eth0/mtu")
+        assert mtu.returncode == 0 and mtu.stdout.strip() == "1400", mtu.stdout + mtu.stderr
+        for host in ("h1", "t1"):
+            mtu = lab("run", str(lab_file), host, "--", "cat", "/sys/class/net/vv0/mtu")
+            assert mtu.stdout.strip() == "1400", host
+
+        # IPv6: SLAAC from the hub's router advertisements, h1's static address
+        ipv6 = {"vm1": global_ipv6(lab_file, "vm1", "eth0")[0],
+                "vm2": global_ipv6(lab_file, "vm2", "eth0")[0],
+                "t1": global_ipv6(lab_file, "t1", "vv0")[0]}
+        assert "fd77::50" in global_ipv6(lab_file, "h1", "vv0")
+        ipv6["h1"] = "fd77::50"
+        # everyone pings everyone else, IPv4 and IPv6
+        for member in ("vm1", "vm2", "h1", "t1"):
+            ping_all(lab_file, member, [a for name in ("vm1", "vm2", "h1", "t1")
+                                        if name != member
+                                        for a in (address[name], ipv6[name])])
+
         failing = lab("run", str(lab_file), "vm1", "--", "sh", "-c", "echo oops; exit 7")
         assert failing.returncode == 7 and failing.stdout.strip() == "oops"
+        failing = lab("run", str(lab_file), "t1", "--", "sh", "-c", "echo tun; exit 3")
+        assert failing.returncode == 3 and failing.stdout.strip() == "tun"
         status = lab("status", str(lab_file))
         assert status.returncode == 0 and address["vm1"] in status.stdout
+        assert address["t1"] in status.stdout
     finally:
         down = lab("down", str(lab_file))
     assert down.returncode == 0, down.stdout + down.stderr
     assert not any(ns.startswith(prefix)
                    for ns in subprocess.run(["ip", "netns", "list"], capture_output=True,
                                             text=True).stdout.split())
-    assert f"vh{spec.tag}" not in subprocess.run(["ip", "-o", "link"], capture_output=True,
-                                                 text=True).stdout
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    assert f"vh{spec.tag}" not in links and f"vm{spec.tag}" not in links
     deadline = time.monotonic() + 5
     while not all(gone(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert [pid for pid in pids if not gone(pid)] == []
+    assert processes_naming(str(state_dir)) == []  # nor any child of theirs
+    assert [path for path in paths if os.path.exists(path)] == []  # sockets
     assert not state_dir.exists()
     again = lab("down", str(lab_file))  # idempotent
     assert again.returncode == 0 and "was not up" in again.stdout
