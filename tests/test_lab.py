@@ -4,6 +4,7 @@ key (fast), and the example lab comes up, its members ping each other through `l
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
@@ -14,7 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from tunnel.lab import LabError, guest_flags, host_flags, hub_flags, parse_lab
+from tunnel.lab import (
+    LabError,
+    guest_flags,
+    host_flags,
+    hub_flags,
+    ipv6_addresses,
+    parse_lab,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 LABS = ROOT / "qemu" / "labs"
@@ -128,6 +136,32 @@ def test_a_hub_without_dhcp_is_started_with_no_dhcp(tmp_path):
     spec = parse_lab(HUB + 'dhcp = false\n[[host]]\nname = "h"\naddress = "10.77.0.9/24"\n',
                      "lab.toml")
     assert "--no-dhcp" in hub_flags(spec.hub, tmp_path, "info")
+
+
+IPROUTE2 = """\
+5: vv0: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1400 state UNKNOWN qlen 1000
+    inet6 fd77::50/64 scope global tentative
+       valid_lft forever preferred_lft forever
+    inet6 fd77::8c1d:4ff:fe1a:9b2c/64 scope global dynamic mngtmpaddr
+       valid_lft 86397sec preferred_lft 14397sec
+    inet6 fd78::1/64 scope global
+       valid_lft forever preferred_lft forever
+"""
+BUSYBOX = """\
+2: eth0: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1400 qdisc pfifo_fast qlen 1000
+    link/ether 52:54:00:7a:01:02 brd ff:ff:ff:ff:ff:ff
+    inet6 fd77::5054:ff:fe7a:102/64 scope global dynamic flags 100
+       valid_lft 86395sec preferred_lft 14395sec
+    inet6 fd77::99/64 scope global dadfailed tentative
+"""
+
+
+def test_ipv6_addresses_are_those_in_the_prefix_with_dad_done():
+    prefix = ipaddress.IPv6Network("fd77::/64")
+    assert [str(a) for a in ipv6_addresses(IPROUTE2, prefix)] == [
+        "fd77::8c1d:4ff:fe1a:9b2c/64"]
+    assert [str(a) for a in ipv6_addresses(BUSYBOX, prefix)] == ["fd77::5054:ff:fe7a:102/64"]
+    assert ipv6_addresses("", prefix) == []
 
 
 @pytest.mark.parametrize(("example", "members"), [
@@ -256,20 +290,6 @@ def processes_naming(text: str) -> list[int]:
     return pids
 
 
-def global_ipv6(lab_file: Path, member: str, device: str) -> list[str]:
-    """The member's global fd77:: addresses once none is tentative (DAD done), SLAAC ones
-    included; waits up to 30 s."""
-    deadline = time.monotonic() + 30
-    while True:
-        shown = lab("run", str(lab_file), member, "--", "ip", "-6", "addr", "show", "dev",
-                    device, "scope", "global")
-        lines = [line for line in shown.stdout.splitlines() if "inet6 fd77::" in line]
-        if lines and not any("tentative" in line for line in lines):
-            return [line.split("inet6 ")[1].split("/")[0] for line in lines]
-        assert time.monotonic() < deadline, f"{member}: no IPv6 address:\n{shown.stdout}"
-        time.sleep(0.5)
-
-
 def ping_all(lab_file: Path, member: str, targets: list[str]) -> None:
     """Ping every target once from `member` in one `lab run`; fail naming those that did not
     answer."""
@@ -329,12 +349,15 @@ def test_example_lab_guests_tap_and_dhcp_tun_host_ping_over_ipv4_and_ipv6_then_n
             mtu = lab("run", str(lab_file), host, "--", "cat", "/sys/class/net/vv0/mtu")
             assert mtu.stdout.strip() == "1400", host
 
-        # IPv6: SLAAC from the hub's router advertisements, h1's static address
-        ipv6 = {"vm1": global_ipv6(lab_file, "vm1", "eth0")[0],
-                "vm2": global_ipv6(lab_file, "vm2", "eth0")[0],
-                "t1": global_ipv6(lab_file, "t1", "vv0")[0]}
-        assert "fd77::50" in global_ipv6(lab_file, "h1", "vv0")
-        ipv6["h1"] = "fd77::50"
+        # IPv6: h1's static address; SLAAC from the hub's router advertisements for the rest,
+        # DAD done before `lab up` returned
+        ipv6 = {name: m["address6"].split("/")[0] for name, m in members.items()}
+        assert ipv6["h1"] == "fd77::50"
+        assert all(ipv6[name].startswith("fd77::") for name in ("vm1", "vm2", "t1"))
+        assert f"{members['t1']['address6']} (SLAAC)" in up.stdout
+        shown = lab("run", str(lab_file), "vm1", "--", "ip", "-6", "addr", "show", "dev", "eth0")
+        assert f"inet6 {members['vm1']['address6']} " in shown.stdout
+        assert ipv6["t1"] in lab("status", str(lab_file)).stdout
         # everyone pings everyone else, IPv4 and IPv6
         for member in ("vm1", "vm2", "h1", "t1"):
             ping_all(lab_file, member, [a for name in ("vm1", "vm2", "h1", "t1")

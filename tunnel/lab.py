@@ -664,12 +664,12 @@ def _up(spec: LabSpec, state: State, directory: Path, log_level: str, keygen) ->
                 _say(f"{member.name}$ {command}  -> rc={rc}" + (f"\n{out}" if out else ""))
                 if rc != 0:
                     raise LabError(f"{member.name}: command {command!r} exited with rc={rc}")
+        _wait_hosts(state)
+        if spec.hub.ipv6_prefix is not None:
+            _wait_ipv6(state, spec, spec.hub.ipv6_prefix, consoles)
     finally:
         for console in consoles.values():
             console.close()
-
-    # hosts' addresses
-    _wait_hosts(state)
     state.save()
     _say("lab is up:")
     _say(format_status(state))
@@ -738,6 +738,54 @@ def _wait_hosts(state: State) -> None:
                 raise LabError(f"{member.name}: no session/address within {ADDRESS_TIMEOUT} s "
                                f"(session {status.get('session')}):\n{_tail(member.log)}")
             time.sleep(0.2)
+
+
+def _wait_ipv6(state: State, spec: LabSpec, prefix: ipaddress.IPv6Network,
+               consoles: dict[str, UnixConsole]) -> None:
+    """Every member's IPv6 address in the hub's prefix, DAD done: a host's static one if it
+    has one, else the one SLAAC made from the hub's router advertisements."""
+    specs = {m.name: m for m in spec.members}
+    deadline = time.monotonic() + ADDRESS_TIMEOUT
+    for member in state.members:
+        static = [ipaddress.ip_interface(a) for a in getattr(specs[member.name], "addresses", ())
+                  if ipaddress.ip_interface(a).version == 6]
+        while True:
+            if member.kind == "guest":
+                try:
+                    _, shown = consoles[member.name].run("ip -6 addr show dev eth0 scope global",
+                                                         timeout=10)
+                except ConsoleError as exc:
+                    raise LabError(f"{member.name}: {exc}\n{_tail(member.log)}") from None
+            else:
+                shown = _ip("-n", member.netns, "-6", "addr", "show", "dev", "vv0", "scope",
+                            "global", check=False).stdout
+            usable = [a for a in ipv6_addresses(shown, prefix) if not static or a in static]
+            if usable:
+                member.address6 = str(usable[0])
+                _say(f"{member.name}: IPv6 {member.address6}"
+                     + ("" if static else " (SLAAC)"))
+                break
+            if time.monotonic() > deadline:
+                raise LabError(f"{member.name}: no IPv6 address in {prefix} within "
+                               f"{ADDRESS_TIMEOUT} s; ip -6 addr said:\n{shown}")
+            time.sleep(0.2)
+
+
+def ipv6_addresses(shown: str, prefix: ipaddress.IPv6Network) -> list[ipaddress.IPv6Interface]:
+    """The addresses in `prefix` that `ip -6 addr show` (iproute2 or busybox) lists as
+    usable: neither tentative (DAD still running) nor dadfailed."""
+    found = []
+    for line in shown.splitlines():
+        words = line.split()
+        if "inet6" not in words or "tentative" in words or "dadfailed" in words:
+            continue
+        try:
+            address = ipaddress.IPv6Interface(words[words.index("inet6") + 1])
+        except (IndexError, ValueError):
+            continue
+        if address.ip in prefix:
+            found.append(address)
+    return found
 
 
 def _host_address(member: Member) -> str | None:
@@ -826,6 +874,7 @@ def format_status(state: State) -> str:
         dead = [k for k, p in member.processes.items() if not alive(p)]
         lines.append(f"  {member.name:<6} {member.kind:<5} {member.address or '-':<18} "
                      f"netns {member.netns}"
+                     + (f", ipv6 {member.address6}" if member.address6 else "")
                      + (f", console {member.console}" if member.console else "")
                      + (f" ({', '.join(dead)} not running)" if dead else ""))
     return "\n".join(lines)
