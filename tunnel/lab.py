@@ -525,7 +525,8 @@ def host_flags(hub: HubSpec, host: HostSpec) -> list[str]:
 
 
 def up(spec: LabSpec, log_level: str = "info") -> State:
-    """Start the lab in the background; return once every member has its address."""
+    """Start the lab in the background; return once every member has its addresses (IPv4,
+    and IPv6 with an ipv6_prefix)."""
     from tunnel.keys import keygen
 
     directory = spec.state_dir
@@ -888,7 +889,7 @@ def add_lab_parser(sub, add_common) -> None:
                                      "TAP/TUN hosts in network namespaces")
     actions = lab.add_subparsers(dest="lab_command", required=True)
     for name, text in (("up", "start the lab in the background; return once every member "
-                              "has its address"),
+                              "has its addresses"),
                        ("down", "stop the lab and remove all it created (idempotent)"),
                        ("status", "list the members, their addresses and processes"),
                        ("run", "run a command in a member: vhostvpn lab run FILE MEMBER -- CMD")):
