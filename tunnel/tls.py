@@ -5,13 +5,18 @@ hands the ciphertext to the socket in one write.
 
 Why not trio.SSLStream: it returns at most one 16 KiB TLS record per `receive_some`, so a
 64 KiB frame costs four trips through the Trio machinery, the codec and the reader loop;
-here it costs one.  Who uses it: the hub's listener and the endpoint (tunnel/listener.py,
-tunnel/endpoint.py).  Rules: only this class touches its SSLObject; sends to the socket are
-serialised by a lock (the reader may have to send too: TLS 1.3 post-handshake messages).
+here it costs one.  The socket is written and read directly (non-blocking `os.write` /
+`os.readv` into one preallocated buffer), waiting on the fd only when the kernel says
+EAGAIN: a send that fits the socket buffer costs no trip through Trio's scheduler, where
+trio's SocketStream and a lock around it cost two.  Who uses it: the hub's listener and the
+endpoint (tunnel/listener.py, tunnel/endpoint.py).  Rules: only this class touches its
+SSLObject; ciphertext leaves in the order OpenSSL made it (bytes the kernel did not take
+wait in `_unsent`, drained by one task at a time while the others wait for it).
 """
 
 from __future__ import annotations
 
+import os
 import ssl
 
 import trio
@@ -20,6 +25,18 @@ import trio
 READ_CHUNK = 1 << 20
 # Ciphertext to read from the socket per call.
 SOCKET_READ = 256 * 1024
+# One read buffer per Trio run, shared by every stream: a read is copied into its stream's
+# BIO before anything awaits, so a hub with many sessions holds one buffer, not one each.
+_READ_BUFFER: trio.lowlevel.RunVar[bytearray] = trio.lowlevel.RunVar("tls_read_buffer")
+
+
+def _read_buffer() -> bytearray:
+    try:
+        return _READ_BUFFER.get()
+    except LookupError:
+        buffer = bytearray(SOCKET_READ)
+        _READ_BUFFER.set(buffer)
+        return buffer
 
 
 class TLSStream(trio.abc.Stream):
@@ -29,7 +46,8 @@ class TLSStream(trio.abc.Stream):
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._ssl = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side)
-        self._send_lock = trio.Lock()
+        self._unsent = bytearray()  # ciphertext the kernel has not taken yet, in order
+        self._drained: trio.Event | None = None  # set while one task drains `_unsent`
         self._eof = False
 
     # -- what tunnel/keys.check_server reads ----------------------------------------------
@@ -86,6 +104,7 @@ class TLSStream(trio.abc.Stream):
             await self._fill()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
         try:
             self._ssl.write(data)  # a memory BIO takes it all: never SSLWantWriteError
         except ssl.SSLError as exc:
@@ -109,11 +128,46 @@ class TLSStream(trio.abc.Stream):
 
     # -- moving ciphertext --------------------------------------------------------------------
 
+    def _fileno(self) -> int:
+        fd = self.transport.socket.fileno()
+        if fd < 0:  # closed: never write to a number the kernel may have handed out again
+            raise trio.ClosedResourceError("the TLS stream's socket is closed")
+        return fd
+
+    def _write(self, data: bytes | bytearray | memoryview) -> int:
+        """Bytes of `data` the kernel took now (0 when its send buffer is full)."""
+        try:
+            return os.write(self._fileno(), data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"connection lost: {exc}") from exc
+
     async def _flush(self) -> None:
-        async with self._send_lock:
-            data = self._outgoing.read()
-            if data:
-                await self.transport.send_all(data)
+        """Hand everything OpenSSL wrote to the kernel, in order; returns when the kernel
+        has it (or, if another task is draining, when that task is done)."""
+        data = self._outgoing.read()
+        if self._drained is not None:  # another task is draining: queue behind it and wait
+            self._unsent += data
+            await self._drained.wait()
+            return
+        if not self._unsent:
+            if not data:
+                return
+            sent = self._write(data)
+            if sent == len(data):
+                return  # the common case: no wait, no trip through the scheduler
+            self._unsent += memoryview(data)[sent:]
+        else:
+            self._unsent += data
+        self._drained = trio.Event()
+        try:
+            while self._unsent:
+                await trio.lowlevel.wait_writable(self._fileno())
+                del self._unsent[:self._write(self._unsent)]
+        finally:
+            self._drained.set()
+            self._drained = None
 
     async def _flush_quietly(self) -> None:
         try:
@@ -122,9 +176,25 @@ class TLSStream(trio.abc.Stream):
             pass
 
     async def _fill(self) -> None:
-        data = await self.transport.receive_some(SOCKET_READ)
-        if data:
-            self._incoming.write(data)
+        """One read of whatever the socket holds into OpenSSL's incoming BIO; waits for
+        data only when there is none (and otherwise yields once, for fairness)."""
+        waited = False
+        buffer = _read_buffer()
+        while True:
+            fd = self._fileno()
+            try:
+                count = os.readv(fd, [buffer])
+                break
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(fd)
+                waited = True
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"connection lost: {exc}") from exc
+        if count:
+            with memoryview(buffer) as view:
+                self._incoming.write(view[:count])
         else:
             self._eof = True
             self._incoming.write_eof()
+        if not waited:
+            await trio.lowlevel.checkpoint()
