@@ -436,7 +436,8 @@ async def _write_loop(device: TunTapDevice, port: QueuedPort) -> None:
         port_counters.out_frames += device_counters.written_frames - frames_before
         port_counters.out_bytes += device_counters.written_bytes - bytes_before
         if consumed == len(batch):
-            await trio.lowlevel.checkpoint()
+            if pending:  # more to write: let the other tasks run first (an empty queue
+                await trio.lowlevel.checkpoint()  # waits on the event below, which yields)
             continue
         # The kernel pushed back: keep the rest, in order, and wait (bounded) for room.
         pending.extendleft(reversed(batch[consumed:]))
