@@ -107,12 +107,14 @@ def measure_direction(client_ns: str, server_ns: str, address: str, seconds: flo
                                   stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
         own = [*pids.values(), server.pid, client.pid, ping.pid, os.getpid()]
         before = {n: cpu_ticks(p) for n, p in pids.items()}
-        busy0 = system_busy_ticks() - sum(cpu_ticks(p) for p in own)
+        machine0 = system_busy_ticks()
+        busy0 = machine0 - sum(cpu_ticks(p) for p in own)
         started = time.monotonic()
         out, err = client.communicate(timeout=seconds + 30)
         elapsed = time.monotonic() - started
         after = {n: cpu_ticks(p) for n, p in pids.items()}
-        busy1 = system_busy_ticks() - sum(cpu_ticks(p) for p in own)
+        machine1 = system_busy_ticks()
+        busy1 = machine1 - sum(cpu_ticks(p) for p in own)
         ping_out = ping.communicate(timeout=seconds + 30)[0]
         server.wait(10)
     finally:
@@ -124,7 +126,8 @@ def measure_direction(client_ns: str, server_ns: str, address: str, seconds: flo
         "ping_loaded_ms": rtt_percentiles(ping_out),
         "cpu_percent": {n: round(100 * (after[n] - before[n]) / CLK_TCK / elapsed)
                         for n in pids},
-        "other_cpu_percent": round(100 * (busy1 - busy0) / CLK_TCK / elapsed)}
+        "other_cpu_percent": round(100 * (busy1 - busy0) / CLK_TCK / elapsed),
+        "machine_cpu_percent": round(100 * (machine1 - machine0) / CLK_TCK / elapsed)}
     try:
         end = json.loads(out)["end"]
         row["gbits"] = round(end["sum_received"]["bits_per_second"] / 1e9, 3)
@@ -367,7 +370,12 @@ def summarize(rows: list[dict]) -> dict[str, object]:
     for r in rows:
         for n, v in r["cpu_percent"].items():
             cpu.setdefault(n, []).append(v)
+    # CPU time the whole machine spent per gigabyte moved (VPN, iperf3, kernel, softirq):
+    # the cost that decides how fast a path can go once the CPUs are full.
+    per_gb = [r["machine_cpu_percent"] / 100 / (r["gbits"] / 8) for r in rows
+              if r.get("machine_cpu_percent") and r.get("gbits")]
     return {"median_gbits": round(statistics.median(gbits), 3),
+            "cpu_seconds_per_gb": round(statistics.median(per_gb), 2) if per_gb else None,
             "min_gbits": min(gbits), "max_gbits": max(gbits), "runs": len(gbits),
             "ping_loaded_p50_ms": [min(p["p50"] for p in loaded), max(p["p50"] for p in loaded)]
             if loaded else None,
@@ -380,11 +388,11 @@ def summarize(rows: list[dict]) -> dict[str, object]:
 
 
 def table(summary: dict[str, dict], idle: dict[str, object]) -> str:
-    lines = ["| path | Gbit/s median (range) | idle p50/p99 ms | loaded p50 / p99 ms | "
-             "VPN CPU % | other CPU % |", "|---|---|---|---|---|---|"]
+    lines = ["| path | Gbit/s median (range) | machine CPU s per GB | idle p50/p99 ms | "
+             "loaded p50 / p99 ms | VPN CPU % | other CPU % |", "|---|---|---|---|---|---|---|"]
     for name, s in summary.items():
         if not s.get("runs"):
-            lines.append(f"| {name} | failed | | | | |")
+            lines.append(f"| {name} | failed | | | | | |")
             continue
         i = idle.get(name) or {}
         idle_text = f"{i['avg']} (avg)" if "avg" in i else f"{i.get('p50')} / {i.get('p99')}"
@@ -397,7 +405,7 @@ def table(summary: dict[str, dict], idle: dict[str, object]) -> str:
         other = s.get("other_cpu_percent_range")
         lines.append(
             f"| {name} | {s['median_gbits']} ({s['min_gbits']}-{s['max_gbits']}) | "
-            f"{idle_text} | {loaded} | {cpu or '-'} | "
+            f"{s.get('cpu_seconds_per_gb') or '-'} | {idle_text} | {loaded} | {cpu or '-'} | "
             f"{f'{other[0]}-{other[1]}' if other else '-'} |")
     return "\n".join(lines)
 

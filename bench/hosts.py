@@ -143,7 +143,9 @@ def softether_rows(result: softether.SoftEtherResult, round_: int) -> list[dict]
              "retransmits": run.retransmits, "ping_loaded_avg_ms": run.ping_under_load_ms,
              "cpu_percent": {k: round(v) for k, v in run.cpu_percent.items()
                              if not k.startswith("iperf3")},
-             "other_cpu_percent": round(run.foreign_cpu_percent)}
+             "other_cpu_percent": round(run.foreign_cpu_percent),
+             "machine_cpu_percent": round(sum(run.cpu_percent.values())
+                                          + run.foreign_cpu_percent)}
             for run in result.runs if not run.error]
 
 
