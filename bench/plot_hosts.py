@@ -1,6 +1,7 @@
 """The speed-race plot for docs/benchmarks.md: host-to-host throughput (median bar, min-max
-whisker) and ping under load (p50; busybox's average for SoftEther) per VPN, from one
-bench/hosts.py result file.  Needs matplotlib (`pip install -e .[bench]`), nothing else does.
+whisker), ping under load (p50; busybox's average for SoftEther) and the machine's CPU
+seconds per gigabyte, per VPN, from one bench/hosts.py result file.  Needs matplotlib
+(`pip install -e .[bench]`); nothing else does.
 
 Run: .venv/bin/python bench/plot_hosts.py bench/results/hosts-*.json -o docs/img/hosts.png
 """
@@ -14,11 +15,11 @@ from pathlib import Path
 
 # Rows in the order they are drawn, with the label under each bar.
 LABELS = {
-    "vhostvpn tap": "vhostvpn\nTAP → hub → TAP",
-    "vhostvpn tun": "vhostvpn\nTUN → hub → TUN",
-    "softether": "SoftEther 5\nclient → server\n→ client",
-    "openvpn": "OpenVPN TCP\nclient → server\n→ client",
-    "wireguard-go": "wireguard-go\n(2022) peer → peer",
+    "vhostvpn tap": "vhostvpn TAP\nvia hub",
+    "vhostvpn tun": "vhostvpn TUN\nvia hub",
+    "softether": "SoftEther 5\nvia server",
+    "openvpn": "OpenVPN TCP\nvia server",
+    "wireguard-go": "wireguard-go\n(2022) direct",
     "veth": "raw veth\n(no VPN)",
 }
 VPN_COLOR = "#3b6ea8"
@@ -55,8 +56,8 @@ def plot(result: dict, title: str, out: Path) -> None:
     low = [r["median_gbits"] - r["min_gbits"] for _, r in rows]
     high = [r["max_gbits"] - r["median_gbits"] for _, r in rows]
 
-    figure, (speed, latency) = pyplot.subplots(1, 2, figsize=(12, 4.8),
-                                               gridspec_kw={"width_ratios": [3, 2]})
+    figure, (speed, latency, cost) = pyplot.subplots(
+        1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [3, 2, 2.4]})
     positions = range(len(rows))
     speed.bar(positions, medians, color=colors, yerr=[low, high], capsize=4)
     speed.set_xticks(list(positions), names, fontsize=8)
@@ -70,8 +71,8 @@ def plot(result: dict, title: str, out: Path) -> None:
     if softether.get("runs"):
         target = 4 * softether["median_gbits"]
         speed.axhline(target, color=OURS_COLOR, linestyle="--", linewidth=1)
-        speed.annotate(f"target: 4x SoftEther = {target:.1f}", (len(rows) - 0.5, target),
-                       textcoords="offset points", xytext=(-4, 4), ha="right", fontsize=8,
+        speed.annotate(f"target: 4x SoftEther = {target:.1f}", (-0.4, target),
+                       textcoords="offset points", xytext=(0, 4), ha="left", fontsize=8,
                        color=OURS_COLOR)
 
     vpn_rows = [(n, r) for n, r in rows if n != "veth" and loaded_ping(r) is not None]
@@ -80,12 +81,27 @@ def plot(result: dict, title: str, out: Path) -> None:
     latency.bar(ping_positions, ping_values,
                 color=[OURS_COLOR if n.startswith("vhostvpn") else VPN_COLOR
                        for n, _ in vpn_rows])
-    latency.set_xticks(list(ping_positions), [LABELS[n] for n, _ in vpn_rows], fontsize=8)
+    latency.set_xticks(list(ping_positions), [LABELS[n] for n, _ in vpn_rows], fontsize=7,
+                       rotation=25, ha="right")
     latency.set_ylabel("ms")
     latency.set_title("Ping during the stream (p50; SoftEther: average)", fontsize=10)
     for x, value in zip(ping_positions, ping_values, strict=True):
         latency.annotate(f"{value:.1f}", (x, value), textcoords="offset points",
                          xytext=(0, 4), ha="center", fontsize=8)
+
+    cost_rows = [(n, r) for n, r in rows if r.get("cpu_seconds_per_gb")]
+    cost_positions = range(len(cost_rows))
+    cost_values = [r["cpu_seconds_per_gb"] for _, r in cost_rows]
+    cost.bar(cost_positions, cost_values,
+             color=[OURS_COLOR if n.startswith("vhostvpn") else
+                    REFERENCE_COLOR if n == "veth" else VPN_COLOR for n, _ in cost_rows])
+    cost.set_xticks(list(cost_positions), [LABELS[n] for n, _ in cost_rows], fontsize=7,
+                    rotation=25, ha="right")
+    cost.set_ylabel("CPU seconds per GB, whole machine")
+    cost.set_title("What a gigabyte costs the machine (lower is better)", fontsize=10)
+    for x, value in zip(cost_positions, cost_values, strict=True):
+        cost.annotate(f"{value:.1f}", (x, value), textcoords="offset points",
+                      xytext=(0, 4), ha="center", fontsize=8)
 
     figure.suptitle(title, fontsize=11)
     figure.tight_layout()
