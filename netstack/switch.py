@@ -53,6 +53,8 @@ class Switch:
         self.mac_table: dict[bytes, tuple[Port, float]] = {}
         self.mac_counts: dict[Port, int] = {}
         self.addresses = AddressBook(aging)
+        # Called with each port as it is attached (the hub opens its capture there).
+        self.on_attach: Callable[[Port], None] | None = None
 
     def attach(self, port: Port) -> None:
         if port in self.ports:
@@ -60,6 +62,8 @@ class Switch:
         self.ports.append(port)
         self.mac_counts[port] = 0
         log.info("port %s attached", port.name)
+        if self.on_attach is not None:
+            self.on_attach(port)
 
     def detach(self, port: Port) -> None:
         if port not in self.ports:

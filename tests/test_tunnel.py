@@ -5,6 +5,7 @@ through; reconnect after a hub restart; rekey without losing frames; peers reloa
 
 from __future__ import annotations
 
+import dataclasses
 import ssl
 from contextlib import asynccontextmanager
 
@@ -12,6 +13,7 @@ import pytest
 import trio
 import trio.testing
 
+from netstack.pcap import read_pcapng
 from tests.support.virtio_driver import GuestRam, VhostUserFrontend
 from tunnel import listener as listener_module
 from tunnel.endpoint import Endpoint, EndpointConfig
@@ -124,6 +126,22 @@ async def test_frames_cross_the_tunnel_both_ways(net):
             status = net.endpoint.status()
             assert status["session"]["state"] == "up"
         nursery.cancel_scope.cancel()
+
+
+async def test_hub_captures_a_session_that_arrives_after_start(net):
+    async with trio.open_nursery() as nursery:
+        net.hub = Hub(dataclasses.replace(net.hub_config(), pcap_dir=net.tmp / "pcap"))
+        await nursery.start(net.hub.run)
+        net.endpoint = Endpoint(net.endpoint_config())
+        await nursery.start(net.endpoint.run)
+        await session_up(net.endpoint)
+        async with guest(net.tmp / "h.sock") as gh, guest(net.tmp / "e.sock") as ge:
+            frames = [eth(BROADCAST, MAC_E, i) for i in range(3)]
+            await send(ge, frames)
+            assert await receive(gh, 3) == frames
+        nursery.cancel_scope.cancel()
+    captured = read_pcapng(net.tmp / "pcap" / "alice.pcapng")
+    assert [(c.direction, c.data) for c in captured] == [("in", f) for f in frames]
 
 
 @pytest.mark.parametrize(("port_policy", "arrive"), [(True, 16), (False, 20)])

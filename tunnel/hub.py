@@ -89,7 +89,13 @@ class Hub:
         if config.pcap_dir is not None:
             config.pcap_dir.mkdir(parents=True, exist_ok=True)
             for port in self.ports:
-                port.capture = PcapWriter(config.pcap_dir, port.name)
+                self._capture(port)
+            self.switch.on_attach = self._capture  # sessions attach when their peer arrives
+
+    def _capture(self, port: Port) -> None:
+        """Record what `port` sends and receives in the pcap directory (from now on)."""
+        if port.capture is None and self.config.pcap_dir is not None:
+            port.capture = PcapWriter(self.config.pcap_dir, port.name)
 
     @property
     def ports(self) -> list[Port]:
