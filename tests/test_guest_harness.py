@@ -159,7 +159,7 @@ async def test_two_guests_ping_and_iperf3_through_testpmd(
                                  " done; sha256sum < /tmp/received", timeout=30)
         assert received == sent
 
-        await b.check("iperf3 -s -D -1 --logfile /tmp/iperf3.log")
+        await b.start_iperf3_server()
         output = await a.check(f"iperf3 -c {NET4}.2 -t 2 -f m", timeout=60)
         receiver = [line for line in output.splitlines() if line.endswith("receiver")]
         assert receiver, f"no receiver summary in iperf3 output:\n{output}"
@@ -185,7 +185,7 @@ async def test_guest_without_offloads_talks_to_guest_with_offloads(
         assert features_b[0] == features_b[1] == features_b[11] == "0", features_b
         assert features_a[0] == "1", features_a
 
-        await b.check("iperf3 -s -D -1 --logfile /tmp/iperf3.log")
+        await b.start_iperf3_server()
         output = await a.check(f"iperf3 -c {NET4}.2 -t 2 -f m", timeout=60)
         assert "receiver" in output
 

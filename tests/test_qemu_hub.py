@@ -36,7 +36,7 @@ async def ping(g: Guest, address: str, count: int = 3) -> None:
 
 async def iperf(client: Guest, server: Guest, server_ip: str, seconds: int = 2) -> float:
     """Gbit/s of a short TCP stream; also proves bytes cross intact (TCP checks them)."""
-    await server.check("iperf3 -s -D -1 >/dev/null 2>&1")
+    await server.start_iperf3_server()
     await trio.sleep(0.5)
     out = await client.check(f"iperf3 -c {server_ip} -t {seconds} -f g", timeout=60)
     match = re.search(r"([\d.]+) Gbits/sec\s+receiver", out)

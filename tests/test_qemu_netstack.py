@@ -126,7 +126,7 @@ async def test_guest_without_offloads_exchanges_a_stream_and_a_file_with_one_wit
             boots = await wait_all_booted([ga, gb])
             ip_a, ip_b = (b.ip.split("/")[0] for b in boots)
             for server, client, address in ((gb, ga, ip_b), (ga, gb, ip_a)):
-                await server.check("iperf3 -s -D -1 >/dev/null 2>&1")
+                await server.start_iperf3_server()
                 await trio.sleep(0.5)
                 out = await client.check(f"iperf3 -c {address} -t 2 -f m", timeout=60)
                 assert re.search(r"[\d.]+ Mbits/sec\s+receiver", out), out

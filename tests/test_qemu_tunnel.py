@@ -62,7 +62,7 @@ async def test_two_endpoints_through_a_hub_survive_kill_9(tmp_path):
             assert ip_a.startswith("10.77.0.") and ip_b.startswith("10.77.0.")
             await ga.check(f"ping -c 3 -W 2 {ip_b}")
             # iperf3 and a file, across both tunnels
-            await gb.check("iperf3 -s -D >/dev/null 2>&1")
+            await gb.start_iperf3_server(once=False)
             await trio.sleep(0.5)
             out = await ga.check(f"iperf3 -c {ip_b} -t 3 -f m", timeout=60)
             assert re.search(r"[\d.]+ Mbits/sec\s+receiver", out), out

@@ -492,6 +492,15 @@ class Guest:
         """run(cmd, check=True) and return only the output."""
         return (await self.run(cmd, timeout, check=True))[1]
 
+    async def start_iperf3_server(self, *, once: bool = True, timeout: float = 30) -> None:
+        """`iperf3 -s -D` in the guest, returning once it listens on port 5201: -D forks
+        before the listener binds, so a client started right away can be refused."""
+        await self.check(f"iperf3 -s -D {'-1 ' if once else ''}>/dev/null 2>&1; "
+                         "for i in $(seq 100); do"
+                         " grep -qE ':1451 [0-9A-F]+:[0-9A-F]+ 0A' /proc/net/tcp /proc/net/tcp6"
+                         " && exit 0; sleep 0.1; done; echo 'iperf3 is not listening'; exit 1",
+                         timeout=timeout)
+
     async def wait_cmd(self, timeout: float = BOOT_TIMEOUT) -> tuple[int, str]:
         """For a guest started with cmd=: wait for VV-CMD-END; return (exit code, output)."""
         await self._wait(lambda: any(_CMD_END.match(line) for line in self.lines), timeout,
