@@ -253,10 +253,30 @@ def test_bad_lab_files_are_refused_with_a_clear_message(text, message):
 def test_the_cli_reports_a_bad_file_in_one_line(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text(HUB + "[[guest]]\ncount = 2\n")
-    result = subprocess.run([sys.executable, "-m", "tunnel.cli", "lab", "status", str(bad)],
+    result = subprocess.run([sys.executable, "-m", "tunnel.cli", "lab", "up", str(bad)],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
-    assert result.stderr.strip() == "vhostvpn lab status: [[guest]] #1: missing name"
+    assert result.stderr.strip() == "vhostvpn lab up: [[guest]] #1: missing name"
+
+
+def test_status_run_and_down_need_only_the_path(tmp_path, monkeypatch):
+    """What `up` recorded is all they read: a file edited into garbage (or gone) after `up`
+    must not keep anyone from looking at or removing the lab."""
+    monkeypatch.setenv("VV_LAB_STATE_ROOT", str(tmp_path / "state"))
+    garbage = tmp_path / "edited.toml"
+    garbage.write_text("this is [not toml")
+
+    def lab(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "tunnel.cli", "lab", *args],
+                              capture_output=True, text=True, timeout=30)
+
+    status = lab("status", str(garbage))
+    assert status.returncode == 1 and "is not up" in status.stderr
+    run = lab("run", str(garbage), "vm1", "--", "true")
+    assert run.returncode == 1 and "is not up" in run.stderr
+    for path in (garbage, tmp_path / "deleted.toml"):
+        down = lab("down", str(path))
+        assert down.returncode == 0 and "was not up" in down.stdout
 
 
 # --- the example lab, up and down ---------------------------------------------------------
@@ -372,6 +392,7 @@ def test_example_lab_guests_tap_and_dhcp_tun_host_ping_over_ipv4_and_ipv6_then_n
         assert status.returncode == 0 and address["vm1"] in status.stdout
         assert address["t1"] in status.stdout
     finally:
+        lab_file.write_text("edited after up [")  # down reads only what up recorded
         down = lab("down", str(lab_file))
     assert down.returncode == 0, down.stdout + down.stderr
     assert not any(ns.startswith(prefix)

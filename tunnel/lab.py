@@ -96,16 +96,28 @@ class LabSpec:
 
     @property
     def tag(self) -> str:
-        return hashlib.sha256(str(self.path.resolve()).encode()).hexdigest()[:6]
+        return lab_tag(self.path)
 
     @property
     def state_dir(self) -> Path:
-        stem = re.sub(r"[^A-Za-z0-9_.-]", "_", self.path.stem)[:40]
-        return STATE_ROOT / f"{stem}-{self.tag}"
+        return lab_state_dir(self.path)
 
     @property
     def members(self) -> list[GuestSpec | HostSpec]:
         return [*self.guests, *self.hosts]
+
+
+def lab_tag(path: Path) -> str:
+    """6 hex digits of the lab file's absolute path: its namespaces' and state's names."""
+    return hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:6]
+
+
+def lab_state_dir(path: Path) -> Path:
+    """Where a running lab keeps its state; found from the file's path alone, so `down`,
+    `status` and `run` work even after the file was edited into something that no longer
+    parses (or was deleted)."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(path).stem)[:40]
+    return STATE_ROOT / f"{stem}-{lab_tag(path)}"
 
 
 _HUB_KEYS = {"subnet", "gateway", "ipv6_prefix", "dhcp", "mtu", "dns", "pcap", "port_policy",
@@ -800,16 +812,17 @@ def _host_address(member: Member) -> str | None:
 
 # --- down, run, status -------------------------------------------------------------------
 
-def down(spec: LabSpec) -> bool:
-    """Stop and remove the lab; False if there was nothing to remove. Idempotent."""
-    directory = spec.state_dir
+def down(path: Path) -> bool:
+    """Stop and remove the lab of the file at `path`; False if there was nothing to remove.
+    Idempotent; needs only the file's path, not its contents."""
+    directory, tag = lab_state_dir(path), lab_tag(path)
     state = State.load(directory)
     found = state is not None or directory.exists()
     if state is None:
-        state = State(lab=str(spec.path.resolve()), tag=spec.tag, dir=str(directory),
-                      hub_netns=f"vvlab-{spec.tag}-hub")
+        state = State(lab=str(Path(path).resolve()), tag=tag, dir=str(directory),
+                      hub_netns=f"vvlab-{tag}-hub")
     # Namespaces named after this lab's tag, also those a crashed `up` did not record.
-    stray = {ns for ns in netns_list() if ns.startswith(f"vvlab-{spec.tag}-")}
+    stray = {ns for ns in netns_list() if ns.startswith(f"vvlab-{tag}-")}
     found = found or bool(stray)
     state.namespaces = sorted(set(state.namespaces) | stray)
     down_state(state)
@@ -835,19 +848,21 @@ def down_state(state: State) -> None:
         Path(state.dir).parent.rmdir()
 
 
-def load_state(spec: LabSpec) -> State:
-    state = State.load(spec.state_dir)
+def load_state(path: Path) -> State:
+    """The state `lab up` recorded for the lab file at `path`."""
+    directory = lab_state_dir(path)
+    state = State.load(directory)
     if state is None:
-        raise LabError(f"lab {spec.path} is not up (no {spec.state_dir}/state.json)")
+        raise LabError(f"lab {path} is not up (no {directory}/state.json)")
     return state
 
 
-def run(spec: LabSpec, name: str, argv: list[str], timeout: float = 60.0) -> int:
-    """Run argv in a member (guest: its console; host: its namespace); print its output and
-    return its exit code."""
+def run(path: Path, name: str, argv: list[str], timeout: float = 60.0) -> int:
+    """Run argv in a member of the lab of `path` (guest: its console; host: its namespace);
+    print its output and return its exit code."""
     if not argv:
         raise LabError("give a command after --")
-    state = load_state(spec)
+    state = load_state(path)
     member = state.member(name)
     if member.kind != "guest":
         try:
@@ -906,25 +921,23 @@ def add_lab_parser(sub, add_common) -> None:
 def command(args) -> int:
     """Entry point of `vhostvpn lab`."""
     try:
-        spec = load_lab(args.file)
         if args.lab_command == "up":
+            spec = load_lab(args.file)
             if os.geteuid() != 0:
                 raise LabError("lab up needs root (network namespaces, TAP/TUN devices)")
             up(spec, log_level=args.log_level)
             return 0
+        # The others read only what `up` recorded: the file may have changed since.
         if args.lab_command == "down":
-            if down(spec):
-                print(f"lab {spec.path.name}: down")
-            else:
-                print(f"lab {spec.path.name}: was not up")
+            print(f"lab {args.file.name}: {'down' if down(args.file) else 'was not up'}")
             return 0
         if args.lab_command == "status":
-            state = load_state(spec)
-            print(f"lab {spec.path.name} ({state.dir})")
+            state = load_state(args.file)
+            print(f"lab {args.file.name} ({state.dir})")
             print(format_status(state))
             return 0
         cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
-        return run(spec, args.member, cmd, timeout=args.timeout)
+        return run(args.file, args.member, cmd, timeout=args.timeout)
     except LabError as exc:
         print(f"vhostvpn lab {args.lab_command}: {exc}", file=sys.stderr)
         return 1
