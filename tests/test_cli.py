@@ -39,6 +39,18 @@ def test_default_mac_is_stable_and_locally_qemu_like():
         (["hub", "--socket", "/tmp/a.sock", "--socket", "/tmp/a.sock"], "twice"),
         (["hub", "--socket", "/tmp/a.sock", "--log-level", "loud"], "invalid choice"),
         (["status", "--control", "/nonexistent.ctl"], "cannot reach"),
+        (["hub", "--socket", "/tmp/a.sock", "--subnet", "10.77.0.0/24", "--dhcp-range",
+          "10.77.0.9"], "want FIRST-LAST"),
+        (["hub", "--socket", "/tmp/a.sock", "--subnet", "10.77.0.0/24", "--dhcp-range",
+          "10.77.0.9-10.77.0.2"], "10.77.0.9 comes after 10.77.0.2"),
+        (["hub", "--socket", "/tmp/a.sock", "--subnet", "10.77.0.0/24", "--dhcp-range",
+          "10.77.0.9-10.78.0.2"], "is not a range of hosts of 10.77.0.0/24"),
+        (["hub", "--socket", "/tmp/a.sock", "--dhcp-range", "10.77.0.2-10.77.0.9"],
+         "--dhcp-range needs --subnet and DHCP"),
+        (["hub", "--socket", "/tmp/a.sock", "--subnet", "10.77.0.0/24", "--no-dhcp",
+          "--lease-time", "600"], "--lease-time needs --subnet and DHCP"),
+        (["hub", "--socket", "/tmp/a.sock", "--subnet", "10.77.0.0/24", "--lease-time", "5",
+          "--state-dir", "/tmp"], "--lease-time 5: want 60 to"),
     ],
 )
 def test_bad_flags_get_a_clear_error(args, message):

@@ -8,6 +8,8 @@ import subprocess
 import pytest
 import trio
 import trio.testing
+from scapy.layers.dhcp import BOOTP, DHCP
+from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import ARP, Ether
 
 from netstack.pcap import read_pcapng
@@ -16,6 +18,39 @@ from tunnel.control import query
 from tunnel.hub import Hub, HubConfig
 
 GUEST_MAC = "52:54:00:00:00:01"
+
+
+async def test_dhcp_range_lease_time_and_domain_reach_the_guest(tmp_path):
+    config = HubConfig(sockets=[str(tmp_path / "vm.sock")], state_dir=tmp_path,
+                       subnet=ipaddress.IPv4Network("10.77.0.0/24"),
+                       dhcp_range=(ipaddress.IPv4Address("10.77.0.200"),
+                                   ipaddress.IPv4Address("10.77.0.209")),
+                       lease_seconds=120, domain="lab.example")
+    hub = Hub(config)
+    discover = (Ether(src=GUEST_MAC, dst="ff:ff:ff:ff:ff:ff") / IP(src="0.0.0.0",
+                dst="255.255.255.255") / UDP(sport=68, dport=67) /
+                BOOTP(chaddr=bytes.fromhex(GUEST_MAC.replace(":", "")), xid=7) /
+                DHCP(options=[("message-type", "discover"), "end"]))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        with GuestRam(1 << 22) as ram:
+            async with VhostUserFrontend.connect(tmp_path / "vm.sock", ram) as fe:
+                fe.net.post_rx(16)
+                fe.kick(0)
+                await trio.testing.wait_all_tasks_blocked()
+                fe.net.send([bytes(discover)])
+                fe.kick(1)
+                with trio.fail_after(5):
+                    replies = []
+                    while not replies:
+                        await fe.wait_call(0)
+                        replies = fe.net.receive()
+        nursery.cancel_scope.cancel()
+    offer = Ether(replies[0][1])
+    options = dict(o for o in offer[DHCP].options if isinstance(o, tuple))
+    assert offer[BOOTP].yiaddr == "10.77.0.200"
+    assert options["message-type"] == 2 and options["lease_time"] == 120
+    assert options["domain"] == b"lab.example"
 
 
 async def test_gateway_answers_a_guest_and_captures_record_both_ports(tmp_path):

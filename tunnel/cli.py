@@ -21,6 +21,7 @@ from pathlib import Path
 
 import trio
 
+from netstack.dhcp import MAX_LEASE_SECONDS, MIN_LEASE_SECONDS
 from netstack.frame import format_mac, parse_mac
 
 log = logging.getLogger("vhostvpn")
@@ -64,6 +65,21 @@ def qemu_args(socket_path: str, mac: str, mem: str, queues: int, vectors: int | 
         "-netdev", netdev,
         "-device", device,
     ]
+
+
+def address_range(text: str) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]:
+    """FIRST-LAST, two IPv4 addresses, FIRST <= LAST (argparse type)."""
+    first, sep, last = text.partition("-")
+    try:
+        if not sep:
+            raise ValueError
+        start, end = ipaddress.IPv4Address(first.strip()), ipaddress.IPv4Address(last.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: want FIRST-LAST, e.g. 10.77.0.100-10.77.0.199") from None
+    if start > end:
+        raise argparse.ArgumentTypeError(f"{text!r}: {start} comes after {end}")
+    return start, end
 
 
 def host_port(text: str) -> tuple[str | None, int]:
@@ -129,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--gateway", type=ipaddress.IPv4Address, metavar="ADDRESS",
                      help="the gateway's address (default: the subnet's first address)")
     net.add_argument("--no-dhcp", action="store_true", help="no DHCP server")
+    net.add_argument("--dhcp-range", type=address_range, metavar="FIRST-LAST",
+                     help="addresses DHCP leases, e.g. 10.77.0.100-10.77.0.199 (default: "
+                          "every host address but the gateway); keep static ones outside it")
+    net.add_argument("--lease-time", type=int, default=3600, metavar="SECONDS",
+                     help="DHCP lease time (default 3600, at least 60)")
+    net.add_argument("--domain", metavar="NAME", help="DNS domain handed out by DHCP")
     net.add_argument("--ipv6-prefix", type=ipaddress.IPv6Network, metavar="PREFIX/64",
                      help="IPv6 /64 announced by router advertisements (SLAAC)")
     net.add_argument("--mtu", type=int, default=1500,
@@ -269,6 +291,14 @@ def _cmd_hub(args: argparse.Namespace) -> int:
                              f"of {args.subnet}")
     elif args.gateway is not None:
         raise SystemExit("vhostvpn hub: --gateway needs --subnet")
+    for flag, value, default in (("--dhcp-range", args.dhcp_range, None),
+                                 ("--lease-time", args.lease_time, 3600),
+                                 ("--domain", args.domain, None)):
+        if value != default and (args.subnet is None or args.no_dhcp):
+            raise SystemExit(f"vhostvpn hub: {flag} needs --subnet and DHCP (no --no-dhcp)")
+    if not MIN_LEASE_SECONDS <= args.lease_time <= MAX_LEASE_SECONDS:
+        raise SystemExit(f"vhostvpn hub: --lease-time {args.lease_time}: want "
+                         f"{MIN_LEASE_SECONDS} to {MAX_LEASE_SECONDS} seconds")
     if args.ipv6_prefix is not None and args.ipv6_prefix.prefixlen != 64:
         raise SystemExit(f"vhostvpn hub: --ipv6-prefix {args.ipv6_prefix}: SLAAC needs a /64")
     if not HUB_MIN_MTU <= args.mtu <= MAX_MTU:
@@ -276,6 +306,8 @@ def _cmd_hub(args: argparse.Namespace) -> int:
     config = HubConfig(sockets=args.socket, client_sockets=args.client_socket,
                        control=args.control, queue_pairs=args.queues, subnet=args.subnet,
                        gateway=args.gateway, dhcp=not args.no_dhcp,
+                       dhcp_range=args.dhcp_range, lease_seconds=args.lease_time,
+                       domain=args.domain,
                        ipv6_prefix=args.ipv6_prefix, mtu=args.mtu, dns=args.dns,
                        state_dir=args.state_dir, pcap_dir=args.pcap,
                        port_policy=not args.no_port_policy, listen=args.listen,

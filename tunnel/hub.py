@@ -57,6 +57,9 @@ class HubConfig:
     subnet: ipaddress.IPv4Network | None = None
     gateway: ipaddress.IPv4Address | None = None  # default: the subnet's first address
     dhcp: bool = True
+    dhcp_range: tuple[ipaddress.IPv4Address, ipaddress.IPv4Address] | None = None  # the pool
+    lease_seconds: int = 3600
+    domain: str | None = None  # DHCP option 15
     ipv6_prefix: ipaddress.IPv6Network | None = None
     mtu: int = 1500
     dns: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = field(default_factory=list)
@@ -126,6 +129,7 @@ class Hub:
         dns4 = tuple(a for a in config.dns if isinstance(a, ipaddress.IPv4Address))
         server = DhcpServer(DhcpConfig(
             subnet=config.subnet, gateway=ipv4.ip, server_mac=mac, dns=dns4, mtu=config.mtu,
+            pool=config.dhcp_range, lease_seconds=config.lease_seconds, domain=config.domain,
             state_path=state_dir / f"leases-{subnet_name}.json",
         ))
         server.on_lease = lambda lease: self.switch.bind_lease(lease.ip.packed, lease.mac)
