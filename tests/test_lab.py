@@ -74,7 +74,8 @@ def test_hub_settings_default_to_what_vhostvpn_hub_defaults_to(tmp_path):
     assert flags[flags.index("--mtu") + 1] == "1500"
     assert flags[flags.index("--log-level") + 1] == "info"
     assert flags[flags.index("--control") + 1] == str(tmp_path / "hub.control")
-    for absent in ("--ipv6-prefix", "--no-dhcp", "--dns", "--pcap", "--no-port-policy"):
+    for absent in ("--ipv6-prefix", "--no-dhcp", "--dns", "--pcap", "--no-port-policy",
+                   "--dhcp-range", "--lease-time", "--domain"):
         assert absent not in flags
 
 
@@ -86,6 +87,9 @@ ipv6_prefix = "fd77::/64"
 dhcp = true
 mtu = 1400
 dns = ["10.77.0.53", "fd77::53"]
+dhcp_range = "10.77.0.100-10.77.0.199"
+lease_time = 600
+domain = "lab.example"
 pcap = "captures"
 port_policy = false
 log_level = "debug"
@@ -109,7 +113,9 @@ def test_hub_settings_become_the_hubs_flags_and_the_hosts_mtu(tmp_path):
     for flag, value in [("--subnet", "10.77.0.0/24"), ("--gateway", "10.77.0.254"),
                         ("--ipv6-prefix", "fd77::/64"), ("--mtu", "1400"),
                         ("--dns", "10.77.0.53"), ("--dns", "fd77::53"),
-                        ("--pcap", str(tmp_path / "captures")), ("--log-level", "debug")]:
+                        ("--pcap", str(tmp_path / "captures")), ("--log-level", "debug"),
+                        ("--dhcp-range", "10.77.0.100-10.77.0.199"), ("--lease-time", "600"),
+                        ("--domain", "lab.example")]:
         assert (flag, value) in pairs
     assert "--no-port-policy" in flags and "--no-dhcp" not in flags
     # the hub's flags parse as `vhostvpn hub` flags
@@ -118,6 +124,8 @@ def test_hub_settings_become_the_hubs_flags_and_the_hosts_mtu(tmp_path):
     args = parse_args(["hub", *flags])
     assert args.mtu == 1400 and args.no_port_policy and str(args.gateway) == "10.77.0.254"
     assert [str(a) for a in args.dns] == ["10.77.0.53", "fd77::53"]
+    assert [str(a) for a in args.dhcp_range] == ["10.77.0.100", "10.77.0.199"]
+    assert args.lease_time == 600 and args.domain == "lab.example"
     assert host_flags(hub, spec.hosts[0]) == ["--tap", "vv0", "--mtu", "1400",
                                               "--address", "10.77.0.1/24",
                                               "--address", "fd77::1/64"]
@@ -184,37 +192,48 @@ HUB = '[hub]\nsubnet = "10.77.0.0/24"\n'
         (HUB + '[[guest]]\nname = "a"\nmemroy = "1G"\n', "[[guest]] #1: unknown key 'memroy'"),
         (HUB + '[[host]]\nname = "h"\naddress = "10.77.0.5/24"\nip = 1\n',
          "[[host]] #1: unknown key 'ip'"),
-        ('[hub]\nsubnet = "10.77.0.0/24"\nlease_time = 60\n[[guest]]\nname = "a"\n',
-         "[hub]: unknown key 'lease_time'"),
+        ('[hub]\nsubnet = "10.77.0.0/24"\nleases = 60\n[[guest]]\nname = "a"\n',
+         "[hub]: unknown key 'leases'"),
         (HUB + 'gateway = "10.77.1.1"\n[[guest]]\nname = "a"\n',
          "[hub]: gateway 10.77.1.1 is not a host address of the subnet 10.77.0.0/24"),
         (HUB + 'gateway = "10.77.0.255"\n[[guest]]\nname = "a"\n',
          "[hub]: gateway 10.77.0.255 is not a host address"),
         (HUB + 'gateway = "gw"\n[[guest]]\nname = "a"\n', "[hub]: gateway 'gw'"),
-        (HUB + 'gateway = 1\n[[guest]]\nname = "a"\n', "[hub]: gateway must be a str, got 1"),
+        (HUB + 'gateway = 1\n[[guest]]\nname = "a"\n', "[hub]: gateway must be a string, got 1"),
         (HUB + 'gateway = "10.77.0.9"\n[[host]]\nname = "h"\naddress = "10.77.0.9/24"\n',
          "(other than the gateway 10.77.0.9)"),
-        (HUB + 'mtu = 1400.0\n[[guest]]\nname = "a"\n', "[hub]: mtu must be a int, got 1400.0"),
-        (HUB + 'mtu = true\n[[guest]]\nname = "a"\n', "[hub]: mtu must be a int, got True"),
+        (HUB + 'mtu = 1400.0\n[[guest]]\nname = "a"\n',
+         "[hub]: mtu must be an integer, got 1400.0"),
+        (HUB + 'mtu = true\n[[guest]]\nname = "a"\n', "[hub]: mtu must be an integer, got True"),
         (HUB + 'mtu = 100\n[[guest]]\nname = "a"\n', "[hub]: mtu 100: want 576 to 65535"),
         (HUB + 'mtu = 70000\n[[guest]]\nname = "a"\n', "[hub]: mtu 70000: want 576 to 65535"),
-        (HUB + 'dhcp = "no"\n[[guest]]\nname = "a"\n', "[hub]: dhcp must be a bool, got 'no'"),
+        (HUB + 'dhcp = "no"\n[[guest]]\nname = "a"\n',
+         "[hub]: dhcp must be true or false, got 'no'"),
+        (HUB + 'dhcp_range = "10.77.0.9"\n[[guest]]\nname = "a"\n',
+         "[hub]: dhcp_range '10.77.0.9': want FIRST-LAST"),
+        (HUB + 'dhcp_range = "10.77.0.9-10.78.0.1"\n[[guest]]\nname = "a"\n',
+         "is not a range of host addresses of 10.77.0.0/24"),
+        (HUB + 'dhcp_range = "10.77.0.40-10.77.0.60"\n[[host]]\nname = "h"\n'
+         'address = "10.77.0.50/24"\n', "is inside the hub's dhcp_range"),
+        (HUB + 'lease_time = 10\n[[guest]]\nname = "a"\n', "[hub]: lease_time 10: want 60"),
+        (HUB + 'dhcp = false\nlease_time = 600\n[[host]]\nname = "h"\n'
+         'address = "10.77.0.50/24"\n', "[hub]: lease_time is a DHCP setting"),
         (HUB + 'dhcp = false\n[[guest]]\nname = "vm"\ncount = 2\n',
          "[hub]: dhcp = false, but 'vm1', 'vm2' lease their address by DHCP"),
         (HUB + 'dhcp = false\n[[host]]\nname = "t"\nmode = "tun"\ndhcp = true\n',
          "[hub]: dhcp = false, but 't' lease"),
         (HUB + 'dns = "dns.example"\n[[guest]]\nname = "a"\n', "[hub]: dns 'dns.example'"),
         (HUB + 'dns = [53]\n[[guest]]\nname = "a"\n', "[hub]: dns 53: want an IPv4 or IPv6"),
-        (HUB + 'dns = {a = 1}\n[[guest]]\nname = "a"\n', "[hub]: dns must be a str or list"),
+        (HUB + 'dns = {a = 1}\n[[guest]]\nname = "a"\n', "[hub]: dns must be a string or an array"),
         (HUB + 'dns = "fd77::53"\n[[guest]]\nname = "a"\n',
          "[hub]: dns 'fd77::53': IPv6 servers are announced in router advertisements: "
          "set ipv6_prefix"),
         (HUB + 'dhcp = false\ndns = "10.77.0.53"\n[[host]]\nname = "h"\n'
          'address = "10.77.0.9/24"\n', "[hub]: dns '10.77.0.53': IPv4 servers are handed out"),
         (HUB + 'pcap = ""\n[[guest]]\nname = "a"\n', "[hub]: pcap: want a directory"),
-        (HUB + 'pcap = true\n[[guest]]\nname = "a"\n', "[hub]: pcap must be a str, got True"),
+        (HUB + 'pcap = true\n[[guest]]\nname = "a"\n', "[hub]: pcap must be a string, got True"),
         (HUB + 'port_policy = "off"\n[[guest]]\nname = "a"\n',
-         "[hub]: port_policy must be a bool"),
+         "[hub]: port_policy must be true or false"),
         (HUB + 'log_level = "loud"\n[[guest]]\nname = "a"\n',
          "[hub]: log_level 'loud': want one of debug, info, warning, error"),
         ('[hub]\nsubnet = "10.77.0.0/24"\nmtu = 1400\nmtu = 1300\n', "not valid TOML"),
@@ -234,7 +253,7 @@ HUB = '[hub]\nsubnet = "10.77.0.0/24"\n'
         (HUB + '[[host]]\nname = "h"\n', "give an IPv4 address"),
         (HUB + '[[host]]\nname = "h"\nmode = "tap"\ndhcp = true\n', "needs mode = \"tun\""),
         (HUB + '[[host]]\nname = "h"\nmode = "tep"\naddress = "10.77.0.5/24"\n', "mode 'tep'"),
-        (HUB + '[[guest]]\nname = "a"\ncount = "2"\n', "count must be a int"),
+        (HUB + '[[guest]]\nname = "a"\ncount = "2"\n', "count must be an integer"),
         (HUB + '[[guest]]\nname = "a"\ncount = 0\n', "count 0"),
         (HUB + '[[guest]]\nname = "a"\nmemory = "lots"\n', "memory 'lots'"),
         (HUB + '[[guest]]\nname = "a"\nqemu_args = [1]\n', "qemu_args must be a list of str"),

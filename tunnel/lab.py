@@ -34,7 +34,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunnel.cli import HUB_MIN_MTU, LOG_LEVELS, MAX_MTU
+from netstack.dhcp import MAX_LEASE_SECONDS, MIN_LEASE_SECONDS
+from tunnel.cli import HUB_MIN_MTU, LOG_LEVELS, MAX_MTU, address_range
 from tunnel.console import ConsoleError, UnixConsole
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,6 +86,9 @@ class HubSpec:
     pcap: Path | None = None  # absolute; kept by `down`
     port_policy: bool = True  # false: the hub and the guests' endpoints do not police
     log_level: str | None = None  # default: `lab up --log-level`
+    dhcp_range: tuple[ipaddress.IPv4Address, ipaddress.IPv4Address] | None = None
+    lease_time: int | None = None  # seconds; default: the hub's
+    domain: str | None = None
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,8 @@ def lab_state_dir(path: Path) -> Path:
     return STATE_ROOT / f"{stem}-{lab_tag(path)}"
 
 
-_HUB_KEYS = {"subnet", "gateway", "ipv6_prefix", "dhcp", "mtu", "dns", "pcap", "port_policy",
+_HUB_KEYS = {"subnet", "gateway", "ipv6_prefix", "dhcp", "dhcp_range", "lease_time", "domain",
+             "mtu", "dns", "pcap", "port_policy",
              "log_level"}
 _GUEST_KEYS = {"name", "count", "memory", "smp", "qemu_args", "command"}
 _HOST_KEYS = {"name", "mode", "address", "dhcp"}
@@ -136,12 +141,18 @@ def _check_keys(where: str, table: object, allowed: set[str]) -> dict:
     return table
 
 
+# How a lab file's author calls each value type (TOML's words, not Python's).
+TOML_TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false",
+                   list: "an array", dict: "a table", float: "a number"}
+
+
 def _typed(where: str, table: dict, key: str, kind: type | tuple[type, ...], default=None):
     value = table.get(key, default)
     if value is not None and (not isinstance(value, kind) or
                               (isinstance(value, bool) and kind is int)):
-        name = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise LabError(f"{where}: {key} must be a {name}, got {value!r}")
+        kinds = (kind,) if isinstance(kind, type) else kind
+        name = " or ".join(TOML_TYPE_NAMES.get(k, k.__name__) for k in kinds)
+        raise LabError(f"{where}: {key} must be {name}, got {value!r}")
     return value
 
 
@@ -204,6 +215,12 @@ def parse_lab(text: str, path: Path | str = "lab.toml") -> LabSpec:
         addresses = [address] if isinstance(address, str) else address
         for text in addresses:
             _check_address(where, text, hub)
+            static = ipaddress.ip_interface(text).ip
+            if (hub.dhcp_range is not None and static.version == 4
+                    and hub.dhcp_range[0] <= static <= hub.dhcp_range[1]):
+                raise LabError(f"{where}: address {text!r} is inside the hub's dhcp_range "
+                               f"{hub.dhcp_range[0]}-{hub.dhcp_range[1]}: DHCP could lease it "
+                               "to another member")
         if dhcp and mode == "tap":
             raise LabError(f"{where}: dhcp = true needs mode = \"tun\"")
         if not dhcp and not any(ipaddress.ip_interface(a).version == 4 for a in addresses):
@@ -287,7 +304,30 @@ def _parse_hub(hub: dict, path: Path) -> HubSpec:
     log_level = _typed("[hub]", hub, "log_level", str)
     if log_level is not None and log_level not in LOG_LEVELS:
         raise LabError(f"[hub]: log_level {log_level!r}: want one of {', '.join(LOG_LEVELS)}")
-    return HubSpec(subnet, gateway, prefix, dhcp, mtu, tuple(dns), pcap, port_policy, log_level)
+    dhcp_range = None
+    if (range_text := _typed("[hub]", hub, "dhcp_range", str)) is not None:
+        try:
+            dhcp_range = address_range(range_text)
+        except argparse.ArgumentTypeError as exc:
+            raise LabError(f"[hub]: dhcp_range {exc}") from None
+        if not all(a in subnet and a not in (subnet.network_address, subnet.broadcast_address)
+                   for a in dhcp_range):
+            raise LabError(f"[hub]: dhcp_range {range_text!r} is not a range of host "
+                           f"addresses of {subnet}")
+    lease_time = _typed("[hub]", hub, "lease_time", int)
+    if lease_time is not None and not MIN_LEASE_SECONDS <= lease_time <= MAX_LEASE_SECONDS:
+        raise LabError(f"[hub]: lease_time {lease_time}: want {MIN_LEASE_SECONDS} to "
+                       f"{MAX_LEASE_SECONDS} seconds")
+    domain = _typed("[hub]", hub, "domain", str)
+    if domain is not None and not (0 < len(domain) <= 253 and domain.isascii()):
+        raise LabError(f"[hub]: domain {domain!r}: want an ASCII name of 1 to 253 characters")
+    if not dhcp:
+        for key, value in (("dhcp_range", dhcp_range), ("lease_time", lease_time),
+                           ("domain", domain)):
+            if value is not None:
+                raise LabError(f"[hub]: {key} is a DHCP setting, and dhcp = false")
+    return HubSpec(subnet, gateway, prefix, dhcp, mtu, tuple(dns), pcap, port_policy, log_level,
+                   dhcp_range, lease_time, domain)
 
 
 def _array(data: dict, key: str) -> list:
@@ -512,6 +552,12 @@ def hub_flags(hub: HubSpec, directory: Path, log_level: str) -> list[str]:
         flags.append("--no-dhcp")
     for server in hub.dns:
         flags += ["--dns", str(server)]
+    if hub.dhcp_range is not None:
+        flags += ["--dhcp-range", f"{hub.dhcp_range[0]}-{hub.dhcp_range[1]}"]
+    if hub.lease_time is not None:
+        flags += ["--lease-time", str(hub.lease_time)]
+    if hub.domain is not None:
+        flags += ["--domain", hub.domain]
     if hub.pcap is not None:
         flags += ["--pcap", str(hub.pcap)]
     if not hub.port_policy:
