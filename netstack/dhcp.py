@@ -502,6 +502,10 @@ class DhcpServer:
         self.counters: collections.Counter[str] = collections.Counter()
         self.on_lease: Callable[[Lease], None] | None = None
         self.on_release: Callable[[Lease], None] | None = None
+        # Is this address in use by someone other than this MAC (say, a host configured by
+        # hand that the switch saw sending from it)?  Such an address is not offered or
+        # granted: the lease would collide with it.  The hub asks its switch.
+        self.in_use: Callable[[IPv4Address, bytes], bool] | None = None
         self._records: dict[bytes, Lease] = {}  # MAC -> bound or remembered lease
         self._bound: set[bytes] = set()  # MACs whose lease runs
         self._by_ip: dict[IPv4Address, bytes] = {}  # address -> MAC of its record
@@ -721,6 +725,9 @@ class DhcpServer:
         offered_to = self._offered.get(ip)
         if offered_to is not None and offered_to != mac:
             return "taken"
+        if self.in_use is not None and self.in_use(ip, mac):
+            self.counters["in_use_elsewhere"] += 1
+            return "in_use"
         return None
 
     def _choose(self, request: DhcpRequest, now: float) -> IPv4Address | None:

@@ -102,6 +102,19 @@ class Switch:
     def unbind_lease(self, ip: bytes) -> None:
         self.addresses.unbind(ip)
 
+    def used_by_another_port(self, ip: bytes, mac: bytes) -> bool:
+        """Has a port other than the one behind `mac` sent from `ip` lately (a claim that has
+        not aged out)?  The DHCP server asks before it offers `ip` to `mac`.  Only policed
+        ports record claims; leases are the DHCP server's own business."""
+        entry = self.addresses.owners.get(ip)
+        if entry is None:
+            return False
+        owner, seen, leased = entry
+        if leased or self.clock() - seen > self.addresses.aging:
+            return False
+        learned = self.mac_table.get(mac)
+        return learned is None or learned[0] is not owner
+
     def forward(self, ingress: Port, frames: list[Frame]) -> None:
         """Switch a batch of frames that arrived on `ingress`."""
         now = self.clock()

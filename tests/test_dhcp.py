@@ -410,6 +410,21 @@ def test_inform_gets_options_but_no_lease():
     assert server.leases == {} and server.counters["inform"] == 1
 
 
+def test_an_address_someone_else_uses_is_neither_offered_nor_granted():
+    """A host configured by hand at .2 (the switch saw it send from there): the lease would
+    collide, so the server moves on, and NAKs a client that asks for .2 by name."""
+    server = make_server()
+    static_host = mac(9)
+    server.in_use = lambda address, m: address == ip(2) and m != static_host
+    offer = one(server.handle(client_frame(mac(1), "discover")))
+    assert offer[BOOTP].yiaddr == "10.77.0.3"
+    nak = one(server.handle(client_frame(mac(2), "request", [("requested_addr", "10.77.0.2")])))
+    assert options_of(nak)["message-type"] == 6
+    assert server.counters["in_use_elsewhere"] >= 2
+    # the host itself may lease the address it uses
+    assert dora(server, static_host)[BOOTP].yiaddr == "10.77.0.2"
+
+
 # --- Reservations and the pool ------------------------------------------------------------
 
 

@@ -53,6 +53,44 @@ async def test_dhcp_range_lease_time_and_domain_reach_the_guest(tmp_path):
     assert options["domain"] == b"lab.example"
 
 
+async def test_dhcp_skips_an_address_a_static_guest_uses(tmp_path):
+    """Guest A was configured by hand at 10.77.0.2 and has spoken (an ARP): guest B's DHCP
+    offer skips that address instead of colliding with it."""
+    config = HubConfig(sockets=[str(tmp_path / "a.sock"), str(tmp_path / "b.sock")],
+                       state_dir=tmp_path, subnet=ipaddress.IPv4Network("10.77.0.0/24"))
+    hub = Hub(config)
+    static_mac, dhcp_mac = "52:54:00:00:00:0a", "52:54:00:00:00:0b"
+    arp = Ether(src=static_mac, dst="ff:ff:ff:ff:ff:ff") / ARP(
+        op=1, hwsrc=static_mac, psrc="10.77.0.2", pdst="10.77.0.1")
+    discover = (Ether(src=dhcp_mac, dst="ff:ff:ff:ff:ff:ff") / IP(src="0.0.0.0",
+                dst="255.255.255.255") / UDP(sport=68, dport=67) /
+                BOOTP(chaddr=bytes.fromhex(dhcp_mac.replace(":", "")), xid=9) /
+                DHCP(options=[("message-type", "discover"), "end"]))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        with GuestRam(1 << 22) as ram_a, GuestRam(1 << 22) as ram_b:
+            async with VhostUserFrontend.connect(tmp_path / "a.sock", ram_a) as a, \
+                    VhostUserFrontend.connect(tmp_path / "b.sock", ram_b) as b:
+                for fe in (a, b):
+                    fe.net.post_rx(16)
+                    fe.kick(0)
+                await trio.testing.wait_all_tasks_blocked()
+                a.net.send([bytes(arp)])
+                a.kick(1)
+                await trio.testing.wait_all_tasks_blocked()
+                b.net.send([bytes(discover)])
+                b.kick(1)
+                with trio.fail_after(5):
+                    offers = []
+                    while not offers:  # B also gets A's broadcast ARP: look at everything
+                        await trio.sleep(0.01)
+                        offers = [Ether(f) for _, f in b.net.receive()
+                                  if Ether(f).haslayer(DHCP)]
+        nursery.cancel_scope.cancel()
+    assert offers[0][BOOTP].yiaddr == "10.77.0.3"
+    assert hub.gateway.dhcp.counters["in_use_elsewhere"] >= 1
+
+
 async def test_gateway_answers_a_guest_and_captures_record_both_ports(tmp_path):
     config = HubConfig(sockets=[str(tmp_path / "vm.sock")], control=str(tmp_path / "ctl"),
                        subnet=ipaddress.IPv4Network("10.77.0.0/24"), state_dir=tmp_path,

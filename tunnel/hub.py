@@ -134,6 +134,7 @@ class Hub:
         ))
         server.on_lease = lambda lease: self.switch.bind_lease(lease.ip.packed, lease.mac)
         server.on_release = lambda lease: self.switch.unbind_lease(lease.ip.packed)
+        server.in_use = lambda ip, mac: self.switch.used_by_another_port(ip.packed, mac)
         for lease in server.leases.values():  # from the state file: bound once MACs are seen
             log.info("lease %s for %s restored", lease.ip, lease.mac.hex(":"))
         return server
