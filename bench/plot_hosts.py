@@ -40,6 +40,29 @@ def loaded_ping(row: dict) -> float | None:
     return None
 
 
+def color_of(name: str) -> str:
+    return OURS_COLOR if name.startswith("vhostvpn") else \
+        REFERENCE_COLOR if name == "veth" else VPN_COLOR
+
+
+def draw_bars(axis, rows: list[tuple[str, dict]], value_of, label: str, *,
+              label_size: int = 7, whiskers: bool = False) -> None:
+    """One bar per row that has a value, labelled with it; whiskers from min/max_gbits."""
+    rows = [(n, r) for n, r in rows if value_of(r) is not None]
+    values = [value_of(r) for _, r in rows]
+    positions = list(range(len(rows)))
+    errors = ([[r["median_gbits"] - r["min_gbits"] for _, r in rows],
+               [r["max_gbits"] - r["median_gbits"] for _, r in rows]] if whiskers else None)
+    axis.bar(positions, values, color=[color_of(n) for n, _ in rows], yerr=errors,
+             capsize=4)
+    axis.set_xticks(positions, [LABELS[n] for n, _ in rows], fontsize=label_size,
+                    **({} if whiskers else {"rotation": 25, "ha": "right"}))
+    for x, value in zip(positions, values, strict=True):
+        axis.annotate(label.format(value), (x, value), textcoords="offset points",
+                      xytext=(14, 3) if whiskers else (0, 4),
+                      ha="left" if whiskers else "center", fontsize=8)
+
+
 def plot(result: dict, title: str, out: Path) -> None:
     import matplotlib
 
@@ -49,24 +72,13 @@ def plot(result: dict, title: str, out: Path) -> None:
     rows = bars(result["summary"])
     if not rows:
         raise SystemExit("no measured rows in the result file")
-    names = [LABELS[n] for n, _ in rows]
-    colors = [OURS_COLOR if n.startswith("vhostvpn") else
-              REFERENCE_COLOR if n == "veth" else VPN_COLOR for n, _ in rows]
-    medians = [r["median_gbits"] for _, r in rows]
-    low = [r["median_gbits"] - r["min_gbits"] for _, r in rows]
-    high = [r["max_gbits"] - r["median_gbits"] for _, r in rows]
-
     figure, (speed, latency, cost) = pyplot.subplots(
         1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [3, 2, 2.4]})
-    positions = range(len(rows))
-    speed.bar(positions, medians, color=colors, yerr=[low, high], capsize=4)
-    speed.set_xticks(list(positions), names, fontsize=8)
+
+    draw_bars(speed, rows, lambda r: r["median_gbits"], "{:.2f}", label_size=8, whiskers=True)
     speed.set_yscale("log")
     speed.set_ylabel("Gbit/s, one iperf3 TCP stream (log scale)")
     speed.set_title("Throughput: median of all runs, bar = min-max", fontsize=10)
-    for x, value in zip(positions, medians, strict=True):
-        speed.annotate(f"{value:.2f}", (x, value), textcoords="offset points",
-                       xytext=(14, 3), ha="left", fontsize=8)
     softether = result["summary"].get("softether", {})
     if softether.get("runs"):
         target = 4 * softether["median_gbits"]
@@ -75,33 +87,13 @@ def plot(result: dict, title: str, out: Path) -> None:
                        textcoords="offset points", xytext=(0, 4), ha="left", fontsize=8,
                        color=OURS_COLOR)
 
-    vpn_rows = [(n, r) for n, r in rows if n != "veth" and loaded_ping(r) is not None]
-    ping_positions = range(len(vpn_rows))
-    ping_values = [loaded_ping(r) for _, r in vpn_rows]
-    latency.bar(ping_positions, ping_values,
-                color=[OURS_COLOR if n.startswith("vhostvpn") else VPN_COLOR
-                       for n, _ in vpn_rows])
-    latency.set_xticks(list(ping_positions), [LABELS[n] for n, _ in vpn_rows], fontsize=7,
-                       rotation=25, ha="right")
+    draw_bars(latency, [(n, r) for n, r in rows if n != "veth"], loaded_ping, "{:.1f}")
     latency.set_ylabel("ms")
     latency.set_title("Ping during the stream (p50; SoftEther: average)", fontsize=10)
-    for x, value in zip(ping_positions, ping_values, strict=True):
-        latency.annotate(f"{value:.1f}", (x, value), textcoords="offset points",
-                         xytext=(0, 4), ha="center", fontsize=8)
 
-    cost_rows = [(n, r) for n, r in rows if r.get("cpu_seconds_per_gb")]
-    cost_positions = range(len(cost_rows))
-    cost_values = [r["cpu_seconds_per_gb"] for _, r in cost_rows]
-    cost.bar(cost_positions, cost_values,
-             color=[OURS_COLOR if n.startswith("vhostvpn") else
-                    REFERENCE_COLOR if n == "veth" else VPN_COLOR for n, _ in cost_rows])
-    cost.set_xticks(list(cost_positions), [LABELS[n] for n, _ in cost_rows], fontsize=7,
-                    rotation=25, ha="right")
+    draw_bars(cost, rows, lambda r: r.get("cpu_seconds_per_gb"), "{:.1f}")
     cost.set_ylabel("CPU seconds per GB, whole machine")
     cost.set_title("What a gigabyte costs the machine (lower is better)", fontsize=10)
-    for x, value in zip(cost_positions, cost_values, strict=True):
-        cost.annotate(f"{value:.1f}", (x, value), textcoords="offset points",
-                      xytext=(0, 4), ha="center", fontsize=8)
 
     figure.suptitle(title, fontsize=11)
     figure.tight_layout()

@@ -1,9 +1,11 @@
 """The hub assembled: vhost-user ports, the gateway port and captures, in one process, driven
 by the model front-end; what status shows."""
 
+import contextlib
 import ipaddress
 import shutil
 import subprocess
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -20,33 +22,54 @@ from tunnel.hub import Hub, HubConfig
 GUEST_MAC = "52:54:00:00:00:01"
 
 
+def dhcp_discover(mac: str, xid: int) -> Ether:
+    return (Ether(src=mac, dst="ff:ff:ff:ff:ff:ff") / IP(src="0.0.0.0", dst="255.255.255.255")
+            / UDP(sport=68, dport=67) / BOOTP(chaddr=bytes.fromhex(mac.replace(":", "")), xid=xid)
+            / DHCP(options=[("message-type", "discover"), "end"]))
+
+
+@asynccontextmanager
+async def hub_with_guests(config: HubConfig, count: int):
+    """The hub running with `count` model guests on its first sockets, RX buffers posted."""
+    async with trio.open_nursery() as nursery:
+        hub = Hub(config)
+        await nursery.start(hub.run)
+        with contextlib.ExitStack() as rams:
+            async with contextlib.AsyncExitStack() as guests:
+                fronts = []
+                for path in config.sockets[:count]:
+                    ram = rams.enter_context(GuestRam(1 << 22))
+                    fronts.append(await guests.enter_async_context(
+                        VhostUserFrontend.connect(path, ram)))
+                for fe in fronts:
+                    fe.net.post_rx(16)
+                    fe.kick(0)
+                await trio.testing.wait_all_tasks_blocked()
+                yield hub, fronts
+        nursery.cancel_scope.cancel()
+
+
+async def exchange(fe, frame: Ether, want: str) -> Ether:
+    """Send `frame` from the guest; the first frame with layer `want` that comes back (the
+    guest also sees others' broadcasts, so every arrival is looked at)."""
+    fe.net.send([bytes(frame)])
+    fe.kick(1)
+    with trio.fail_after(5):
+        while True:
+            await trio.sleep(0.01)
+            for _, data in fe.net.receive():
+                if Ether(data).haslayer(want):
+                    return Ether(data)
+
+
 async def test_dhcp_range_lease_time_and_domain_reach_the_guest(tmp_path):
     config = HubConfig(sockets=[str(tmp_path / "vm.sock")], state_dir=tmp_path,
                        subnet=ipaddress.IPv4Network("10.77.0.0/24"),
                        dhcp_range=(ipaddress.IPv4Address("10.77.0.200"),
                                    ipaddress.IPv4Address("10.77.0.209")),
                        lease_seconds=120, domain="lab.example")
-    hub = Hub(config)
-    discover = (Ether(src=GUEST_MAC, dst="ff:ff:ff:ff:ff:ff") / IP(src="0.0.0.0",
-                dst="255.255.255.255") / UDP(sport=68, dport=67) /
-                BOOTP(chaddr=bytes.fromhex(GUEST_MAC.replace(":", "")), xid=7) /
-                DHCP(options=[("message-type", "discover"), "end"]))
-    async with trio.open_nursery() as nursery:
-        await nursery.start(hub.run)
-        with GuestRam(1 << 22) as ram:
-            async with VhostUserFrontend.connect(tmp_path / "vm.sock", ram) as fe:
-                fe.net.post_rx(16)
-                fe.kick(0)
-                await trio.testing.wait_all_tasks_blocked()
-                fe.net.send([bytes(discover)])
-                fe.kick(1)
-                with trio.fail_after(5):
-                    replies = []
-                    while not replies:
-                        await fe.wait_call(0)
-                        replies = fe.net.receive()
-        nursery.cancel_scope.cancel()
-    offer = Ether(replies[0][1])
+    async with hub_with_guests(config, 1) as (_, [fe]):
+        offer = await exchange(fe, dhcp_discover(GUEST_MAC, 7), "DHCP")
     options = dict(o for o in offer[DHCP].options if isinstance(o, tuple))
     assert offer[BOOTP].yiaddr == "10.77.0.200"
     assert options["message-type"] == 2 and options["lease_time"] == 120
@@ -58,36 +81,12 @@ async def test_dhcp_skips_an_address_a_static_guest_uses(tmp_path):
     offer skips that address instead of colliding with it."""
     config = HubConfig(sockets=[str(tmp_path / "a.sock"), str(tmp_path / "b.sock")],
                        state_dir=tmp_path, subnet=ipaddress.IPv4Network("10.77.0.0/24"))
-    hub = Hub(config)
-    static_mac, dhcp_mac = "52:54:00:00:00:0a", "52:54:00:00:00:0b"
-    arp = Ether(src=static_mac, dst="ff:ff:ff:ff:ff:ff") / ARP(
-        op=1, hwsrc=static_mac, psrc="10.77.0.2", pdst="10.77.0.1")
-    discover = (Ether(src=dhcp_mac, dst="ff:ff:ff:ff:ff:ff") / IP(src="0.0.0.0",
-                dst="255.255.255.255") / UDP(sport=68, dport=67) /
-                BOOTP(chaddr=bytes.fromhex(dhcp_mac.replace(":", "")), xid=9) /
-                DHCP(options=[("message-type", "discover"), "end"]))
-    async with trio.open_nursery() as nursery:
-        await nursery.start(hub.run)
-        with GuestRam(1 << 22) as ram_a, GuestRam(1 << 22) as ram_b:
-            async with VhostUserFrontend.connect(tmp_path / "a.sock", ram_a) as a, \
-                    VhostUserFrontend.connect(tmp_path / "b.sock", ram_b) as b:
-                for fe in (a, b):
-                    fe.net.post_rx(16)
-                    fe.kick(0)
-                await trio.testing.wait_all_tasks_blocked()
-                a.net.send([bytes(arp)])
-                a.kick(1)
-                await trio.testing.wait_all_tasks_blocked()
-                b.net.send([bytes(discover)])
-                b.kick(1)
-                with trio.fail_after(5):
-                    offers = []
-                    while not offers:  # B also gets A's broadcast ARP: look at everything
-                        await trio.sleep(0.01)
-                        offers = [Ether(f) for _, f in b.net.receive()
-                                  if Ether(f).haslayer(DHCP)]
-        nursery.cancel_scope.cancel()
-    assert offers[0][BOOTP].yiaddr == "10.77.0.3"
+    static_mac = "52:54:00:00:00:0a"
+    async with hub_with_guests(config, 2) as (hub, [a, b]):
+        await exchange(a, Ether(src=static_mac, dst="ff:ff:ff:ff:ff:ff") / ARP(
+            op=1, hwsrc=static_mac, psrc="10.77.0.2", pdst="10.77.0.1"), "ARP")
+        offer = await exchange(b, dhcp_discover("52:54:00:00:00:0b", 9), "DHCP")
+    assert offer[BOOTP].yiaddr == "10.77.0.3"
     assert hub.gateway.dhcp.counters["in_use_elsewhere"] >= 1
 
 
@@ -95,27 +94,12 @@ async def test_gateway_answers_a_guest_and_captures_record_both_ports(tmp_path):
     config = HubConfig(sockets=[str(tmp_path / "vm.sock")], control=str(tmp_path / "ctl"),
                        subnet=ipaddress.IPv4Network("10.77.0.0/24"), state_dir=tmp_path,
                        pcap_dir=tmp_path / "pcap")
-    hub = Hub(config)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(hub.run)
-        with GuestRam(1 << 22) as ram:
-            async with VhostUserFrontend.connect(tmp_path / "vm.sock", ram) as fe:
-                fe.net.post_rx(16)
-                fe.kick(0)
-                await trio.testing.wait_all_tasks_blocked()
-                request = Ether(src=GUEST_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(
-                    op=1, hwsrc=GUEST_MAC, psrc="10.77.0.5", pdst="10.77.0.1")
-                fe.net.send([bytes(request)])
-                fe.kick(1)
-                with trio.fail_after(5):
-                    replies = []
-                    while not replies:
-                        await fe.wait_call(0)
-                        replies = fe.net.receive()
-                reply = Ether(replies[0][1])
-                assert reply[ARP].op == 2 and reply[ARP].psrc == "10.77.0.1"
-                state = await trio.to_thread.run_sync(query, str(tmp_path / "ctl"))
-        nursery.cancel_scope.cancel()
+    request = Ether(src=GUEST_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(
+        op=1, hwsrc=GUEST_MAC, psrc="10.77.0.5", pdst="10.77.0.1")
+    async with hub_with_guests(config, 1) as (_, [fe]):
+        reply = await exchange(fe, request, "ARP")
+        assert reply[ARP].op == 2 and reply[ARP].psrc == "10.77.0.1"
+        state = await trio.to_thread.run_sync(query, str(tmp_path / "ctl"))
     gateway = next(p for p in state["ports"] if p["name"] == "gateway")
     assert gateway["services"]["arp_reply"] == 1
     assert "dhcp" in gateway
