@@ -76,6 +76,18 @@ async def test_dhcp_range_lease_time_and_domain_reach_the_guest(tmp_path):
     assert options["domain"] == b"lab.example"
 
 
+async def test_a_dhcp_reservation_outside_the_range_is_what_the_guest_gets(tmp_path):
+    config = HubConfig(sockets=[str(tmp_path / "vm.sock")], state_dir=tmp_path,
+                       subnet=ipaddress.IPv4Network("10.77.0.0/24"),
+                       dhcp_range=(ipaddress.IPv4Address("10.77.0.200"),
+                                   ipaddress.IPv4Address("10.77.0.209")),
+                       dhcp_reservations={bytes.fromhex(GUEST_MAC.replace(":", "")):
+                                          ipaddress.IPv4Address("10.77.0.10")})
+    async with hub_with_guests(config, 1) as (_, [fe]):
+        offer = await exchange(fe, dhcp_discover(GUEST_MAC, 8), "DHCP")
+    assert offer[BOOTP].yiaddr == "10.77.0.10"
+
+
 async def test_dhcp_skips_an_address_a_static_guest_uses(tmp_path):
     """Guest A was configured by hand at 10.77.0.2 and has spoken (an ARP): guest B's DHCP
     offer skips that address instead of colliding with it."""

@@ -82,6 +82,18 @@ def address_range(text: str) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Addre
     return start, end
 
 
+def reservation(text: str) -> tuple[bytes, ipaddress.IPv4Address]:
+    """MAC=ADDRESS (argparse type)."""
+    mac, sep, address = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return parse_mac(mac.strip().lower()), ipaddress.IPv4Address(address.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: want MAC=ADDRESS, e.g. 52:54:00:12:34:56=10.77.0.10") from None
+
+
 def host_port(text: str) -> tuple[str | None, int]:
     """'HOST:PORT', '[v6]:PORT' or ':PORT' (all addresses)."""
     host, sep, port = text.rpartition(":")
@@ -151,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--lease-time", type=int, default=3600, metavar="SECONDS",
                      help="DHCP lease time (default 3600, at least 60)")
     net.add_argument("--domain", metavar="NAME", help="DNS domain handed out by DHCP")
+    net.add_argument("--dhcp-reserve", type=reservation, action="append", default=[],
+                     metavar="MAC=ADDRESS",
+                     help="always lease ADDRESS to MAC (it may lie outside --dhcp-range); "
+                          "repeatable")
     net.add_argument("--ipv6-prefix", type=ipaddress.IPv6Network, metavar="PREFIX/64",
                      help="IPv6 /64 announced by router advertisements (SLAAC)")
     net.add_argument("--mtu", type=int, default=1500,
@@ -293,9 +309,13 @@ def _cmd_hub(args: argparse.Namespace) -> int:
         raise SystemExit("vhostvpn hub: --gateway needs --subnet")
     for flag, value, default in (("--dhcp-range", args.dhcp_range, None),
                                  ("--lease-time", args.lease_time, 3600),
-                                 ("--domain", args.domain, None)):
+                                 ("--domain", args.domain, None),
+                                 ("--dhcp-reserve", args.dhcp_reserve, [])):
         if value != default and (args.subnet is None or args.no_dhcp):
             raise SystemExit(f"vhostvpn hub: {flag} needs --subnet and DHCP (no --no-dhcp)")
+    reservations = dict(args.dhcp_reserve)
+    if len(reservations) != len(args.dhcp_reserve):
+        raise SystemExit("vhostvpn hub: --dhcp-reserve: a MAC is reserved twice")
     if not MIN_LEASE_SECONDS <= args.lease_time <= MAX_LEASE_SECONDS:
         raise SystemExit(f"vhostvpn hub: --lease-time {args.lease_time}: want "
                          f"{MIN_LEASE_SECONDS} to {MAX_LEASE_SECONDS} seconds")
@@ -307,7 +327,7 @@ def _cmd_hub(args: argparse.Namespace) -> int:
                        control=args.control, queue_pairs=args.queues, subnet=args.subnet,
                        gateway=args.gateway, dhcp=not args.no_dhcp,
                        dhcp_range=args.dhcp_range, lease_seconds=args.lease_time,
-                       domain=args.domain,
+                       domain=args.domain, dhcp_reservations=reservations,
                        ipv6_prefix=args.ipv6_prefix, mtu=args.mtu, dns=args.dns,
                        state_dir=args.state_dir, pcap_dir=args.pcap,
                        port_policy=not args.no_port_policy, listen=args.listen,

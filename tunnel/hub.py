@@ -60,6 +60,7 @@ class HubConfig:
     dhcp_range: tuple[ipaddress.IPv4Address, ipaddress.IPv4Address] | None = None  # the pool
     lease_seconds: int = 3600
     domain: str | None = None  # DHCP option 15
+    dhcp_reservations: dict[bytes, ipaddress.IPv4Address] = field(default_factory=dict)
     ipv6_prefix: ipaddress.IPv6Network | None = None
     mtu: int = 1500
     dns: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = field(default_factory=list)
@@ -130,6 +131,7 @@ class Hub:
         server = DhcpServer(DhcpConfig(
             subnet=config.subnet, gateway=ipv4.ip, server_mac=mac, dns=dns4, mtu=config.mtu,
             pool=config.dhcp_range, lease_seconds=config.lease_seconds, domain=config.domain,
+            reservations=config.dhcp_reservations,
             state_path=state_dir / f"leases-{subnet_name}.json",
         ))
         server.on_lease = lambda lease: self.switch.bind_lease(lease.ip.packed, lease.mac)
