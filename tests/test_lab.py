@@ -79,6 +79,22 @@ def test_hub_settings_default_to_what_vhostvpn_hub_defaults_to(tmp_path):
         assert absent not in flags
 
 
+def test_guest_addresses_become_dhcp_reservations_for_their_macs(tmp_path):
+    spec = parse_lab(HUB + '[[guest]]\nname = "vm"\ncount = 2\n'
+                     'address = ["10.77.0.10", "10.77.0.11"]\n[[guest]]\nname = "free"\n',
+                     tmp_path / "lab.toml")
+    assert [str(g.address) if g.address else None for g in spec.guests] == [
+        "10.77.0.10", "10.77.0.11", None]
+    flags = hub_flags(spec.hub, tmp_path, "info", spec.reservations)
+    reserved = [flags[i + 1] for i, flag in enumerate(flags) if flag == "--dhcp-reserve"]
+    assert len(reserved) == 2 and [r.split("=")[1] for r in reserved] == ["10.77.0.10",
+                                                                          "10.77.0.11"]
+    from tunnel.cli import parse_args
+
+    args = parse_args(["hub", *flags])
+    assert sorted(str(ip) for _, ip in args.dhcp_reserve) == ["10.77.0.10", "10.77.0.11"]
+
+
 HUB_SETTINGS = """
 [hub]
 subnet = "10.77.0.0/24"
@@ -216,6 +232,14 @@ HUB = '[hub]\nsubnet = "10.77.0.0/24"\n'
         (HUB + 'dhcp_range = "10.77.0.40-10.77.0.60"\n[[host]]\nname = "h"\n'
          'address = "10.77.0.50/24"\n', "is inside the hub's dhcp_range"),
         (HUB + 'lease_time = 10\n[[guest]]\nname = "a"\n', "[hub]: lease_time 10: want 60"),
+        (HUB + '[[guest]]\nname = "vm"\ncount = 2\naddress = "10.77.0.10"\n',
+         "address: 1 given for 2 guests: want one each"),
+        (HUB + '[[guest]]\nname = "a"\naddress = "10.77.0.10/24"\n',
+         "want an IPv4 address like \"10.77.0.10\""),
+        (HUB + '[[guest]]\nname = "a"\naddress = "10.77.0.1"\n',
+         "is not a host address of the hub's subnet 10.77.0.0/24 (other than the gateway"),
+        (HUB + '[[guest]]\nname = "a"\naddress = "10.77.0.50"\n[[host]]\nname = "h"\n'
+         'address = "10.77.0.50/24"\n', "address 10.77.0.50 is given to both 'a' and 'h'"),
         (HUB + 'dhcp = false\nlease_time = 600\n[[host]]\nname = "h"\n'
          'address = "10.77.0.50/24"\n', "[hub]: lease_time is a DHCP setting"),
         (HUB + 'dhcp = false\n[[guest]]\nname = "vm"\ncount = 2\n',
@@ -371,6 +395,8 @@ def test_example_lab_guests_tap_and_dhcp_tun_host_ping_over_ipv4_and_ipv6_then_n
         assert all(os.path.exists(path) for path in paths)
         address = {name: m["address"].split("/")[0] for name, m in members.items()}
         assert address["h1"] == "10.77.0.50"
+        # the guests' `address`: reserved for their MACs in the hub's DHCP server
+        assert (address["vm1"], address["vm2"]) == ("10.77.0.10", "10.77.0.11")
 
         # t1 asked the hub's DHCP server for its address (it was given none)
         tun = next(p for p in query(members["t1"]["control"])["ports"] if p.get("kind") == "tun")

@@ -63,6 +63,7 @@ class GuestSpec:
     smp: int = 1
     qemu_args: tuple[str, ...] = ()
     command: str | None = None
+    address: ipaddress.IPv4Address | None = None  # reserved for its MAC in the hub's DHCP
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,12 @@ class LabSpec:
         return lab_state_dir(self.path)
 
     @property
+    def reservations(self) -> dict[str, ipaddress.IPv4Address]:
+        """Guest MAC -> the fixed address its `address` asks for."""
+        return {_mac(self.tag, g.name): g.address for g in self.guests
+                if g.address is not None}
+
+    @property
     def members(self) -> list[GuestSpec | HostSpec]:
         return [*self.guests, *self.hosts]
 
@@ -127,7 +134,7 @@ def lab_state_dir(path: Path) -> Path:
 _HUB_KEYS = {"subnet", "gateway", "ipv6_prefix", "dhcp", "dhcp_range", "lease_time", "domain",
              "mtu", "dns", "pcap", "port_policy",
              "log_level"}
-_GUEST_KEYS = {"name", "count", "memory", "smp", "qemu_args", "command"}
+_GUEST_KEYS = {"name", "count", "memory", "smp", "qemu_args", "command", "address"}
 _HOST_KEYS = {"name", "mode", "address", "dhcp"}
 
 
@@ -199,7 +206,9 @@ def parse_lab(text: str, path: Path | str = "lab.toml") -> LabSpec:
             raise LabError(f"{where}: qemu_args must be a list of strings")
         command = _typed(where, table, "command", str)
         names = [name] if count == 1 else [f"{name}{i}" for i in range(1, count + 1)]
-        guests += [GuestSpec(n, memory, smp, tuple(qemu_args), command) for n in names]
+        reserved = _guest_addresses(where, table, count, hub)
+        guests += [GuestSpec(n, memory, smp, tuple(qemu_args), command, address)
+                   for n, address in zip(names, reserved, strict=True)]
 
     hosts: list[HostSpec] = []
     for index, table in enumerate(_array(data, "host")):
@@ -230,6 +239,15 @@ def parse_lab(text: str, path: Path | str = "lab.toml") -> LabSpec:
             raise LabError(f"{where}: an IPv4 address and dhcp = true: choose one")
         hosts.append(HostSpec(name, mode, tuple(addresses), dhcp))
 
+    static = [(g.name, g.address) for g in guests if g.address is not None] + [
+        (h.name, ip) for h in hosts for ip in (ipaddress.ip_interface(a).ip for a in h.addresses)
+        if ip.version == 4]
+    owners: dict[ipaddress.IPv4Address, str] = {}
+    for name, address in static:
+        if address in owners:
+            raise LabError(f"{path}: address {address} is given to both {owners[address]!r} "
+                           f"and {name!r}")
+        owners[address] = name
     seen: set[str] = set()
     for member in [*guests, *hosts]:
         if member.name == "hub" or member.name in seen:
@@ -328,6 +346,35 @@ def _parse_hub(hub: dict, path: Path) -> HubSpec:
                 raise LabError(f"[hub]: {key} is a DHCP setting, and dhcp = false")
     return HubSpec(subnet, gateway, prefix, dhcp, mtu, tuple(dns), pcap, port_policy, log_level,
                    dhcp_range, lease_time, domain)
+
+
+def _guest_addresses(where: str, table: dict, count: int,
+                     hub: HubSpec) -> list[ipaddress.IPv4Address | None]:
+    """A guest's `address`: one IPv4 address per guest of the table (a string when there is
+    one), each reserved for that guest's MAC in the hub's DHCP server; None each if absent."""
+    value = _typed(where, table, "address", (str, list))
+    if value is None:
+        return [None] * count
+    texts = [value] if isinstance(value, str) else value
+    if len(texts) != count:
+        raise LabError(f"{where}: address: {len(texts)} given for {count} guest"
+                       f"{'s' if count > 1 else ''}: want one each")
+    addresses = []
+    subnet = hub.subnet
+    for text in texts:
+        try:
+            if not isinstance(text, str):
+                raise ValueError
+            address = ipaddress.IPv4Address(text)
+        except ValueError:
+            raise LabError(f"{where}: address {text!r}: want an IPv4 address like "
+                           "\"10.77.0.10\" (the prefix is the subnet's)") from None
+        if address not in subnet or address in (subnet.network_address,
+                                                subnet.broadcast_address, hub.gateway):
+            raise LabError(f"{where}: address {text!r} is not a host address of the hub's "
+                           f"subnet {subnet} (other than the gateway {hub.gateway})")
+        addresses.append(address)
+    return addresses
 
 
 def _array(data: dict, key: str) -> list:
@@ -538,8 +585,10 @@ def _image_ready() -> None:
         raise LabError("guest image build failed")
 
 
-def hub_flags(hub: HubSpec, directory: Path, log_level: str) -> list[str]:
-    """The flags of the lab's `vhostvpn hub`, its files in the state directory `directory`."""
+def hub_flags(hub: HubSpec, directory: Path, log_level: str,
+              reservations: dict[str, ipaddress.IPv4Address] | None = None) -> list[str]:
+    """The flags of the lab's `vhostvpn hub`, its files in the state directory `directory`;
+    `reservations` (MAC -> address) are the guests' fixed addresses."""
     flags = ["--listen", f"0.0.0.0:{HUB_PORT}", "--identity", str(directory / "keys" / "hub"),
              "--peers", str(directory / "peers"), "--subnet", str(hub.subnet),
              "--gateway", str(hub.gateway), "--mtu", str(hub.mtu),
@@ -558,6 +607,8 @@ def hub_flags(hub: HubSpec, directory: Path, log_level: str) -> list[str]:
         flags += ["--lease-time", str(hub.lease_time)]
     if hub.domain is not None:
         flags += ["--domain", hub.domain]
+    for mac, address in (reservations or {}).items():
+        flags += ["--dhcp-reserve", f"{mac}={address}"]
     if hub.pcap is not None:
         flags += ["--pcap", str(hub.pcap)]
     if not hub.port_policy:
@@ -654,7 +705,7 @@ def _up(spec: LabSpec, state: State, directory: Path, log_level: str, keygen) ->
     # the hub
     vv = [sys.executable, "-m", "tunnel.cli"]
     hub_argv = ["ip", "netns", "exec", state.hub_netns, *vv, "hub",
-                *hub_flags(spec.hub, directory, log_level)]
+                *hub_flags(spec.hub, directory, log_level, spec.reservations)]
     state.hub = _spawn(hub_argv, logs / "hub.log")
     state.save()
     try:
@@ -715,7 +766,8 @@ def _up(spec: LabSpec, state: State, directory: Path, log_level: str, keygen) ->
                     raise LabError(f"{member.name}: QEMU {exc}") from None
                 consoles[member.name] = UnixConsole(
                     member.console, log=Path(member.log).with_suffix(".console.log"))
-        _wait_booted(state, consoles)
+        _wait_booted(state, consoles,
+                     {g.name: g.address for g in spec.guests if g.address is not None})
         for member in state.members:
             command = getattr(specs[member.name], "command", None)
             if member.kind == "guest" and command:
@@ -734,7 +786,9 @@ def _up(spec: LabSpec, state: State, directory: Path, log_level: str, keygen) ->
     _say(format_status(state))
 
 
-def _wait_booted(state: State, consoles: dict[str, UnixConsole]) -> None:
+def _wait_booted(state: State, consoles: dict[str, UnixConsole],
+                 reserved: dict[str, ipaddress.IPv4Address]) -> None:
+    """Every guest booted with an IPv4 address (the one `reserved` names, for those it does)."""
     started = time.monotonic()
     deadline = started + BOOT_TIMEOUT
     waiting = dict(consoles)
@@ -764,6 +818,10 @@ def _wait_booted(state: State, consoles: dict[str, UnixConsole]) -> None:
                     if failed or member.address is None:
                         raise LabError(f"{name}: booted without an address (reason="
                                        f"{failed}); console:\n" + "\n".join(console.lines[-20:]))
+                    want = reserved.get(name)
+                    if want is not None and ipaddress.ip_interface(member.address).ip != want:
+                        raise LabError(f"{name}: DHCP gave {member.address}, but the lab file "
+                                       f"reserves {want} for it")
                     _say(f"{name}: booted, DHCP gave {member.address} "
                          f"({time.monotonic() - started:.1f} s)")
                     selector.unregister(console)
