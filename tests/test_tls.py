@@ -101,3 +101,17 @@ async def test_a_closed_stream_refuses_to_send(server_context):
     with pytest.raises(trio.BrokenResourceError):
         await server.receive_some()  # the peer vanished without a close_notify
     await server.aclose()
+
+
+async def test_send_now_leaves_what_the_kernel_refused_for_flush_in_order(server_context):
+    server, client = await connected_pair(server_context)
+    small, big = os.urandom(1000), os.urandom(2 << 20)
+    assert client.send_now(small) and not client.sending  # fits: the kernel took it all
+    assert not client.send_now(big)  # 16 KiB socket buffers: most of it must wait
+    assert client.sending
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.flush)
+        data = await receive_exactly(server, len(small) + len(big))
+    assert data == small + big and not client.sending
+    await client.aclose()
+    await server.aclose()

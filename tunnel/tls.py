@@ -111,6 +111,31 @@ class TLSStream(trio.abc.Stream):
             raise trio.BrokenResourceError(f"TLS: {exc}") from exc
         await self._flush()
 
+    @property
+    def sending(self) -> bool:
+        """Ciphertext waits for the kernel: a task is draining it, or one must."""
+        return bool(self._unsent) or self._drained is not None
+
+    def send_now(self, data: bytes | bytearray | memoryview) -> bool:
+        """`send_all` without waiting, for callers that cannot await (only when not
+        `sending`): True if the kernel took every byte; False if the rest waits in order for
+        the next `send_all` or `flush`, which the caller must see to."""
+        try:
+            self._ssl.write(data)
+        except ssl.SSLError as exc:
+            raise trio.BrokenResourceError(f"TLS: {exc}") from exc
+        out = self._outgoing.read()
+        sent = self._write(out)
+        if sent == len(out):
+            return True
+        self._unsent += memoryview(out)[sent:]
+        return False
+
+    async def flush(self) -> None:
+        """Return once the kernel has every byte made so far."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        await self._flush()
+
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport.wait_send_all_might_not_block()
 
