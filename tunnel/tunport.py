@@ -29,7 +29,7 @@ from netstack.frame import Frame
 from netstack.l3host import L3Host, stable_mac
 from netstack.port import Port
 from tunnel.hostnet import HostNetwork, HostNetworkError
-from tunnel.tuntap import BATCH, TunTapDevice, describe
+from tunnel.tuntap import BATCH, TunTapDevice, TunTapError, describe
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,37 @@ class TunPort(Port):
             packets.extend(Frame(packet, offload) for packet, offload in for_host)
         self._send(replies)
         if was_empty and packets and self._host_ready is not None:
+            self._write_now()
+
+    def _write_now(self) -> None:
+        """Packets arrived for the idle TUN writer (from the task that switched them): write
+        them from here, without a trip through Trio's scheduler; what the device does not
+        take, and any error, is left to the writer task."""
+        try:
+            if self._write_batch() and not self.to_host:
+                return
+        except TunTapError:
+            pass  # the writer meets it again, in its own task
+        if self._host_ready is not None:
             self._host_ready.set()
+
+    def _write_batch(self) -> bool:
+        """One batch of packets to the TUN device; False if the kernel pushed back (the rest
+        is back at the head of the queue, in order)."""
+        packets, counters = self.to_host, self.device.counters
+        batch = [packets.popleft() for _ in range(min(BATCH, len(packets)))]
+        before = counters.written_frames, counters.written_bytes
+        try:
+            used = self.device.write_batch(batch)
+        except TunTapError:
+            packets.extendleft(reversed(batch))
+            raise
+        self.counters.out_frames += counters.written_frames - before[0]
+        self.counters.out_bytes += counters.written_bytes - before[1]
+        if used == len(batch):
+            return True
+        packets.extendleft(reversed(batch[used:]))
+        return False
 
     def _send(self, frames: list[Frame]) -> None:
         if not frames:
@@ -181,23 +211,15 @@ class TunPort(Port):
 
     async def _write_loop(self) -> None:
         """L3Host's packets -> TUN."""
-        device = self.device
         packets = self.to_host
-        counters = device.counters
         while True:
             if not packets:
                 self._host_ready = trio.Event()
                 await self._host_ready.wait()
                 continue
-            batch = [packets.popleft() for _ in range(min(BATCH, len(packets)))]
-            before = counters.written_frames, counters.written_bytes
-            used = device.write_batch(batch)
-            self.counters.out_frames += counters.written_frames - before[0]
-            self.counters.out_bytes += counters.written_bytes - before[1]
-            if used < len(batch):
-                packets.extendleft(reversed(batch[used:]))
-                await device.wait_writable()
-            else:
+            if not self._write_batch():
+                await self.device.wait_writable()
+            elif packets:  # more to write: let the other tasks run first
                 await trio.lowlevel.checkpoint()
 
     async def _outbox_loop(self, forward: Callable[[Port, list[Frame]], None]) -> None:

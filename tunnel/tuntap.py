@@ -417,30 +417,55 @@ async def _read_loop(
         await device.wait_readable()
 
 
+def _write_batch(device: TunTapDevice, port: QueuedPort) -> bool:
+    """One batch from the port's queue to the device; False if the kernel pushed back (the
+    rest is back at the head of the queue, in order)."""
+    pending = port.queue
+    batch = [pending.popleft() for _ in range(min(BATCH, len(pending)))]
+    device_counters = device.counters
+    frames_before = device_counters.written_frames
+    bytes_before = device_counters.written_bytes
+    try:
+        consumed = device.write_batch(batch)
+    except TunTapError:
+        pending.extendleft(reversed(batch))
+        raise
+    port.counters.out_frames += device_counters.written_frames - frames_before
+    port.counters.out_bytes += device_counters.written_bytes - bytes_before
+    if consumed == len(batch):
+        return True
+    pending.extendleft(reversed(batch[consumed:]))
+    return False
+
+
 async def _write_loop(device: TunTapDevice, port: QueuedPort) -> None:
     """Frames the switch queued on `port` -> device."""
     pending = port.queue
     port_counters = port.counters
-    device_counters = device.counters
-    popleft = pending.popleft
+    ready = trio.Event()
+
+    def write_now() -> None:
+        """Frames arrived in the empty queue (called from the task that switched them):
+        write them from here, without a trip through Trio's scheduler to this loop; what the
+        device does not take, and any error, is left to the loop."""
+        try:
+            if _write_batch(device, port) and not pending:
+                return
+        except TunTapError:
+            pass  # the loop meets it again, in its own task
+        ready.set()
+
     while True:
         if not pending:
             ready = trio.Event()
-            port.on_ready = ready.set
+            port.on_ready = write_now
             await ready.wait()
             continue
-        batch = [popleft() for _ in range(min(BATCH, len(pending)))]
-        frames_before = device_counters.written_frames
-        bytes_before = device_counters.written_bytes
-        consumed = device.write_batch(batch)
-        port_counters.out_frames += device_counters.written_frames - frames_before
-        port_counters.out_bytes += device_counters.written_bytes - bytes_before
-        if consumed == len(batch):
+        if _write_batch(device, port):
             if pending:  # more to write: let the other tasks run first (an empty queue
-                await trio.lowlevel.checkpoint()  # waits on the event below, which yields)
+                await trio.lowlevel.checkpoint()  # waits on the event above, which yields)
             continue
-        # The kernel pushed back: keep the rest, in order, and wait (bounded) for room.
-        pending.extendleft(reversed(batch[consumed:]))
+        # The kernel pushed back (the rest is queued, in order): wait, bounded, for room.
         with trio.move_on_after(WRITE_STALL_SECONDS) as stall:
             await device.wait_writable()
         if stall.cancelled_caught:
