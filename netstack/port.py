@@ -79,7 +79,8 @@ class QueuedPort(Port):
     """A port whose frames wait in a bounded queue until its I/O shell drains them.
 
     `on_ready` is called (with no arguments) when frames arrive in an empty queue; the shell
-    uses it to wake its sender task.  Overflow is dropped and counted as `queue_full`.
+    uses it to wake its sender task, or to send them at once when that task is idle (it must
+    not block).  Overflow is dropped and counted as `queue_full`.
     """
 
     def __init__(
