@@ -28,10 +28,11 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Self
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.softether import cpu_ticks, system_busy_ticks
+from bench.softether import apt_install, cpu_ticks, system_busy_ticks
 
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -65,17 +66,6 @@ def idle_ping(ns: str, address: str, count: int = 20) -> dict[str, float] | None
     out = subprocess.run(["ip", "netns", "exec", ns, "ping", "-i", "0.2", "-c", str(count),
                           address], capture_output=True, text=True, timeout=count + 20).stdout
     return rtt_percentiles(out)
-
-
-def ensure_installed() -> list[str]:
-    missing = [p for p in PACKAGES if subprocess.run(
-        ["dpkg-query", "-W", "-f=${Status}", p], capture_output=True, text=True,
-        check=False).stdout.strip() != "install ok installed"]
-    if missing:
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *missing],
-                       capture_output=True, timeout=600, check=True, env=env)
-    return missing
 
 
 def stop(processes: dict[str, subprocess.Popen]) -> None:
@@ -185,7 +175,41 @@ def make_pki(d: Path) -> None:
              "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext")
 
 
-class OpenVPN:
+class Baseline:
+    """A VPN under test in namespaces of its own: `_start` builds it (on failure, what was
+    started is stopped again), `endpoints` names the namespaces of its two hosts A and B."""
+
+    name = ""
+    addr_a = addr_b = ""
+
+    def __init__(self, ns: Netns) -> None:
+        self.ns = ns
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.version = ""
+
+    def __enter__(self) -> Self:
+        try:
+            self._start()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def pids(self) -> dict[str, int]:
+        return {n: p.pid for n, p in self.processes.items()}  # `ip netns exec` execs
+
+    def endpoints(self) -> tuple[str, str]:
+        return self.ns.names["a"], self.ns.names["b"]
+
+    def __exit__(self, *exc: object) -> None:
+        stop(self.processes)  # on SIGTERM wireguard-go removes its socket and TUN itself
+        self.ns.remove()
+
+
+class OpenVPN(Baseline):
     """Server in namespace "s" (10.203.1.1 / 10.203.2.1), clients in "a" and "b"; tunnel
     10.8.0.0/24, A = 10.8.0.11, B = 10.8.0.12 (client-config-dir), client-to-client."""
 
@@ -193,18 +217,8 @@ class OpenVPN:
     addr_a, addr_b = "10.8.0.11", "10.8.0.12"
 
     def __init__(self, workdir: Path) -> None:
+        super().__init__(Netns("vvo", ("s", "a", "b")))
         self.dir = workdir / "openvpn"
-        self.ns = Netns("vvo", ("s", "a", "b"))
-        self.processes: dict[str, subprocess.Popen] = {}
-        self.version = ""
-
-    def __enter__(self) -> OpenVPN:
-        try:
-            self._start()
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
 
     def _start(self) -> None:
         d = self.dir
@@ -254,21 +268,10 @@ class OpenVPN:
             ["ip", "netns", "exec", self.ns.names[ns_key], "openvpn", "--config", conf],
             cwd=self.dir, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
-    def pids(self) -> dict[str, int]:
-        return {n: p.pid for n, p in self.processes.items()}  # `ip netns exec` execs
-
-    def endpoints(self) -> tuple[str, str]:
-        return self.ns.names["a"], self.ns.names["b"]
-
-    def __exit__(self, *exc: object) -> None:
-        stop(self.processes)
-        self.ns.remove()
-
-
 # --------------------------------------------------------------------------- wireguard-go
 
 
-class WireGuardGo:
+class WireGuardGo(Baseline):
     """wireguard-go in namespaces "a" and "b" joined by a veth (10.204.0.1/2); tunnel
     10.9.0.1 <-> 10.9.0.2.  Interface names carry the run's tag: the UAPI sockets live in
     /var/run/wireguard/<ifname>.sock, shared by all network namespaces."""
@@ -277,19 +280,9 @@ class WireGuardGo:
     addr_a, addr_b = "10.9.0.1", "10.9.0.2"
 
     def __init__(self, workdir: Path) -> None:
+        super().__init__(Netns("vvw", ("a", "b")))
         self.dir = workdir / "wireguard"
-        self.ns = Netns("vvw", ("a", "b"))
         self.ifname = {side: f"vwg{side}{self.ns.tag}" for side in "ab"}
-        self.processes: dict[str, subprocess.Popen] = {}
-        self.version = ""
-
-    def __enter__(self) -> WireGuardGo:
-        try:
-            self._start()
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
 
     def _start(self) -> None:
         d = self.dir
@@ -337,21 +330,12 @@ class WireGuardGo:
             if time.monotonic() > deadline:
                 raise RuntimeError("wireguard-go: A cannot ping B")
 
-    def pids(self) -> dict[str, int]:
-        return {n: p.pid for n, p in self.processes.items()}
-
-    def endpoints(self) -> tuple[str, str]:
-        return self.ns.names["a"], self.ns.names["b"]
-
-    def __exit__(self, *exc: object) -> None:
-        stop(self.processes)  # wireguard-go removes its socket and TUN on SIGTERM
-        self.ns.remove()
 
 
 # --------------------------------------------------------------------------- running
 
 
-def measure_round(vpn: OpenVPN | WireGuardGo, round_: int, seconds: float) -> list[dict]:
+def measure_round(vpn: Baseline, round_: int, seconds: float) -> list[dict]:
     a, b = vpn.endpoints()
     rows = []
     for direction, src, dst, addr in (("a->b", a, b, vpn.addr_b), ("b->a", b, a, vpn.addr_a)):
@@ -418,7 +402,7 @@ def main() -> int:
     args = parser.parse_args()
     if os.geteuid() != 0:
         parser.error("needs root (network namespaces)")
-    ensure_installed()
+    apt_install(PACKAGES)
     kinds = [k for k in (OpenVPN, WireGuardGo) if args.only in (None, k.name)]
     rows: dict[str, list[dict]] = {k.name: [] for k in kinds}
     idle: dict[str, object] = {}

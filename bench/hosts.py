@@ -162,7 +162,7 @@ def main() -> int:
     kinds = [k for k, off in ((baselines.OpenVPN, args.no_openvpn),
                               (baselines.WireGuardGo, args.no_wireguard)) if not off]
     if kinds:
-        baselines.ensure_installed()
+        softether.apt_install(baselines.PACKAGES)
     rows: dict[str, list[dict]] = {"veth": [], "vhostvpn tap": [], "vhostvpn tun": [],
                                    "softether": [], **{k.name: [] for k in kinds}}
     idle: dict[str, object] = {}

@@ -112,19 +112,21 @@ def run(argv: Sequence[str], timeout: float = 30.0, check: bool = True) -> str:
     return done.stdout + done.stderr
 
 
-def ensure_installed() -> list[str]:
-    """apt-get install what is missing; returns what was installed."""
-    missing = [p for p in PACKAGES if subprocess.run(
+def apt_install(packages: list[str]) -> list[str]:
+    """apt-get install (without recommends) those of `packages` that are missing, updating
+    the package lists once if that fails; returns what was installed."""
+    missing = [p for p in packages if subprocess.run(
         ["dpkg-query", "-W", "-f=${Status}", p], capture_output=True, text=True,
         check=False).stdout.strip() != "install ok installed"]
     if missing:
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        done = subprocess.run(["apt-get", "install", "-y", *missing], capture_output=True,
-                              text=True, timeout=APT_TIMEOUT, check=False, env=env)
+        install = ["apt-get", "install", "-y", "--no-install-recommends", *missing]
+        done = subprocess.run(install, capture_output=True, text=True, timeout=APT_TIMEOUT,
+                              check=False, env=env)
         if done.returncode != 0:
             run(["apt-get", "update"], timeout=APT_TIMEOUT)
-            subprocess.run(["apt-get", "install", "-y", *missing], capture_output=True,
-                           text=True, timeout=APT_TIMEOUT, check=True, env=env)
+            subprocess.run(install, capture_output=True, text=True, timeout=APT_TIMEOUT,
+                           check=True, env=env)
     return missing
 
 
@@ -372,7 +374,7 @@ def measure(seconds: float = 5.0, log_dir: Path | None = None) -> SoftEtherResul
     log_dir.mkdir(parents=True, exist_ok=True)
     result = SoftEtherResult(log_dir=str(log_dir))
     try:
-        ensure_installed()
+        apt_install(PACKAGES)
         result.version = subprocess.run(
             ["dpkg-query", "-W", "-f=${Version}", "softether-vpnserver"], capture_output=True,
             text=True, check=False).stdout.strip()

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import dpkt
 
 from netstack.frame import Frame, Offload
-from netstack.port import Port
+from netstack.port import SpeakingPort
 from netstack.ra import HOP_LIMIT_ND, RouterAdvertiser, link_local_from_mac
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class GatewayConfig:
 HOUSEKEEPING_SECONDS = 10.0
 
 
-class GatewayPort(Port):
+class GatewayPort(SpeakingPort):
     def __init__(
         self,
         config: GatewayConfig,
@@ -96,8 +96,6 @@ class GatewayPort(Port):
             self.ra = RouterAdvertiser(self.mac, config.ipv6_prefix, config.mtu, config.dns6)
         self.dhcp = dhcp
         self.services: Counter[str] = Counter()
-        self.outbox: list[Frame] = []
-        self.on_ready: Callable[[], None] | None = None
         self._next_housekeeping = 0.0
 
     # -- frames from the switch -------------------------------------------------------------
@@ -118,15 +116,6 @@ class GatewayPort(Port):
         if replies:
             self._send(replies)
 
-    def _send(self, frames: list[Frame]) -> None:
-        was_empty = not self.outbox
-        self.outbox.extend(frames)
-        if was_empty and self.on_ready is not None:
-            self.on_ready()
-
-    def take_outbox(self) -> list[Frame]:
-        frames, self.outbox = self.outbox, []
-        return frames
 
     def _answer(self, data: bytes) -> list[Frame]:
         eth = dpkt.ethernet.Ethernet(data)

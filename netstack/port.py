@@ -71,6 +71,31 @@ class Port:
         return {"name": self.name, "accepts": str(self.accepts), **self.counters.as_dict()}
 
 
+class SpeakingPort(Port):
+    """A port that also sends frames of its own (the gateway's replies, a TUN host's ARP and
+    DHCP): they wait in `outbox` until its shell takes them (`take_outbox`) and forwards
+    them; `on_ready` is called when the outbox stops being empty."""
+
+    def __init__(
+        self, name: str, accepts: Offload = Offload.NONE, policy: PortPolicy | None = None
+    ) -> None:
+        super().__init__(name, accepts, policy)
+        self.outbox: list[Frame] = []
+        self.on_ready: Callable[[], None] | None = None  # wakes the shell's outbox task
+
+    def _send(self, frames: list[Frame]) -> None:
+        if not frames:
+            return
+        was_empty = not self.outbox
+        self.outbox.extend(frames)
+        if was_empty and self.on_ready is not None:
+            self.on_ready()
+
+    def take_outbox(self) -> list[Frame]:
+        frames, self.outbox = self.outbox, []
+        return frames
+
+
 # Frames a QueuedPort holds before it drops: about one guest RX ring's worth, four times over.
 DEFAULT_QUEUE_FRAMES = 1024
 

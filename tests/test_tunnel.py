@@ -47,6 +47,14 @@ class Net:
         return HubConfig(sockets=[str(self.tmp / "h.sock")], listen=("127.0.0.1", port),
                          identity_dir=self.tmp / "hub-id", peers_file=self.peers)
 
+    async def start(self, nursery, hub_config: HubConfig | None = None, **endpoint_kw) -> None:
+        """The hub, then the endpoint, running in `nursery`; returns once the session is up."""
+        self.hub = Hub(hub_config or self.hub_config())
+        await nursery.start(self.hub.run)
+        self.endpoint = Endpoint(self.endpoint_config(**endpoint_kw))
+        await nursery.start(self.endpoint.run)
+        await session_up(self.endpoint)
+
     def endpoint_config(self, **kw) -> EndpointConfig:
         kw.setdefault("hub_fingerprint", parse_fingerprint(self.hub_fp))
         return EndpointConfig(hub_host="127.0.0.1", hub_port=self.port,
@@ -107,11 +115,7 @@ def net(tmp_path):
 
 async def test_frames_cross_the_tunnel_both_ways(net):
     async with trio.open_nursery() as nursery:
-        net.hub = Hub(net.hub_config())
-        await nursery.start(net.hub.run)
-        net.endpoint = Endpoint(net.endpoint_config())
-        await nursery.start(net.endpoint.run)
-        await session_up(net.endpoint)
+        await net.start(nursery)
         async with guest(net.tmp / "h.sock") as gh, guest(net.tmp / "e.sock") as ge:
             await send(ge, [eth(BROADCAST, MAC_E, 0)])
             assert len(await receive(gh, 1)) == 1
@@ -130,11 +134,7 @@ async def test_frames_cross_the_tunnel_both_ways(net):
 
 async def test_hub_captures_a_session_that_arrives_after_start(net):
     async with trio.open_nursery() as nursery:
-        net.hub = Hub(dataclasses.replace(net.hub_config(), pcap_dir=net.tmp / "pcap"))
-        await nursery.start(net.hub.run)
-        net.endpoint = Endpoint(net.endpoint_config())
-        await nursery.start(net.endpoint.run)
-        await session_up(net.endpoint)
+        await net.start(nursery, dataclasses.replace(net.hub_config(), pcap_dir=net.tmp / "pcap"))
         async with guest(net.tmp / "h.sock") as gh, guest(net.tmp / "e.sock") as ge:
             frames = [eth(BROADCAST, MAC_E, i) for i in range(3)]
             await send(ge, frames)
@@ -150,11 +150,7 @@ async def test_vm_no_port_policy_lets_a_local_guest_past_the_mac_limit(net, port
     """A guest port on the endpoint learns at most 16 source MACs unless the endpoint trusts
     its guests (`vhostvpn vm --no-port-policy`); the hub's session limit (256) is not hit."""
     async with trio.open_nursery() as nursery:
-        net.hub = Hub(net.hub_config())
-        await nursery.start(net.hub.run)
-        net.endpoint = Endpoint(net.endpoint_config(port_policy=port_policy))
-        await nursery.start(net.endpoint.run)
-        await session_up(net.endpoint)
+        await net.start(nursery, port_policy=port_policy)
         async with guest(net.tmp / "h.sock") as gh, guest(net.tmp / "e.sock") as ge:
             sources = [bytes([2, 0, 0, 0, 1, n]) for n in range(20)]
             await send(ge, [eth(MAC_H, source, n) for n, source in enumerate(sources)])
@@ -306,11 +302,7 @@ async def test_endpoint_comes_back_after_a_hub_restart_and_rekeys_without_loss(n
 
 async def test_removing_a_peer_disconnects_it(net):
     async with trio.open_nursery() as nursery:
-        net.hub = Hub(net.hub_config())
-        await nursery.start(net.hub.run)
-        net.endpoint = Endpoint(net.endpoint_config())
-        await nursery.start(net.endpoint.run)
-        await session_up(net.endpoint)
+        await net.start(nursery)
         net.peers.write_text("# nobody\n")
         net.hub.tunnel.reload()
         with trio.fail_after(10):
@@ -330,11 +322,7 @@ async def test_bad_connections_leave_a_working_session_alone(net, monkeypatch):
     stranger_fp = keygen(net.tmp / "stranger")
     assert stranger_fp
     async with trio.open_nursery() as nursery:
-        net.hub = Hub(net.hub_config())
-        await nursery.start(net.hub.run)
-        net.endpoint = Endpoint(net.endpoint_config())
-        await nursery.start(net.endpoint.run)
-        await session_up(net.endpoint)
+        await net.start(nursery)
         async with guest(net.tmp / "h.sock") as gh, guest(net.tmp / "e.sock") as ge:
             await send(ge, [eth(BROADCAST, MAC_E, 0)])
             assert len(await receive(gh, 1)) == 1

@@ -118,6 +118,12 @@ class LabSpec:
         return [*self.guests, *self.hosts]
 
 
+def _is_host(address: ipaddress.IPv4Address, subnet: ipaddress.IPv4Network) -> bool:
+    """`address` is one a host of `subnet` may have (not its network or broadcast address)."""
+    return address in subnet and address not in (subnet.network_address,
+                                                 subnet.broadcast_address)
+
+
 def lab_tag(path: Path) -> str:
     """6 hex digits of the lab file's absolute path: its namespaces' and state's names."""
     return hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:6]
@@ -280,8 +286,7 @@ def _parse_hub(hub: dict, path: Path) -> HubSpec:
             gateway = ipaddress.IPv4Address(gateway_text)
         except ValueError as exc:
             raise LabError(f"[hub]: gateway {gateway_text!r}: {exc}") from None
-        if gateway not in subnet or gateway in (subnet.network_address,
-                                                subnet.broadcast_address):
+        if not _is_host(gateway, subnet):
             raise LabError(f"[hub]: gateway {gateway} is not a host address of the subnet "
                            f"{subnet}")
     prefix = None
@@ -328,8 +333,7 @@ def _parse_hub(hub: dict, path: Path) -> HubSpec:
             dhcp_range = address_range(range_text)
         except argparse.ArgumentTypeError as exc:
             raise LabError(f"[hub]: dhcp_range {exc}") from None
-        if not all(a in subnet and a not in (subnet.network_address, subnet.broadcast_address)
-                   for a in dhcp_range):
+        if not all(_is_host(a, subnet) for a in dhcp_range):
             raise LabError(f"[hub]: dhcp_range {range_text!r} is not a range of host "
                            f"addresses of {subnet}")
     lease_time = _typed("[hub]", hub, "lease_time", int)
@@ -369,8 +373,7 @@ def _guest_addresses(where: str, table: dict, count: int,
         except ValueError:
             raise LabError(f"{where}: address {text!r}: want an IPv4 address like "
                            "\"10.77.0.10\" (the prefix is the subnet's)") from None
-        if address not in subnet or address in (subnet.network_address,
-                                                subnet.broadcast_address, hub.gateway):
+        if not _is_host(address, subnet) or address == hub.gateway:
             raise LabError(f"{where}: address {text!r} is not a host address of the hub's "
                            f"subnet {subnet} (other than the gateway {hub.gateway})")
         addresses.append(address)
@@ -395,8 +398,7 @@ def _check_address(where: str, text: object, hub: HubSpec) -> None:
         raise LabError(f"{where}: address {text!r}: {exc}") from None
     subnet = hub.subnet
     if iface.version == 4:
-        if iface.ip not in subnet or iface.ip in (subnet.network_address,
-                                                  subnet.broadcast_address, hub.gateway):
+        if not _is_host(iface.ip, subnet) or iface.ip == hub.gateway:
             raise LabError(f"{where}: address {text!r} is not a host address of the hub's "
                            f"subnet {subnet} (other than the gateway {hub.gateway})")
     elif hub.ipv6_prefix is None or iface.ip not in hub.ipv6_prefix:

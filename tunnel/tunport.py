@@ -27,9 +27,9 @@ import trio
 from netstack.dhcp_client import DhcpClient, DhcpLease, is_dhcp_reply
 from netstack.frame import Frame
 from netstack.l3host import L3Host, stable_mac
-from netstack.port import Port
+from netstack.port import Port, SpeakingPort
 from tunnel.hostnet import HostNetwork, HostNetworkError
-from tunnel.tuntap import BATCH, TunTapDevice, TunTapError, describe
+from tunnel.tuntap import BATCH, TunTapDevice, TunTapError, describe, write_queued
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 TUN_QUEUE_PACKETS = 1024
 
 
-class TunPort(Port):
+class TunPort(SpeakingPort):
     def __init__(
         self,
         device: TunTapDevice,
@@ -64,8 +64,6 @@ class TunPort(Port):
             else None
         self.lease: DhcpLease | None = None
         self.to_host: deque[Frame] = deque()
-        self.outbox: list[Frame] = []
-        self.on_ready: Callable[[], None] | None = None  # wakes the shell's outbox task
         self._host_ready: trio.Event | None = None  # wakes the TUN writer
         self._added: set[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = set()
 
@@ -96,42 +94,13 @@ class TunPort(Port):
         them from here, without a trip through Trio's scheduler; what the device does not
         take, and any error, is left to the writer task."""
         try:
-            if self._write_batch() and not self.to_host:
+            if write_queued(self.device, self.to_host, self.counters) and not self.to_host:
                 return
         except TunTapError:
             pass  # the writer meets it again, in its own task
         if self._host_ready is not None:
             self._host_ready.set()
 
-    def _write_batch(self) -> bool:
-        """One batch of packets to the TUN device; False if the kernel pushed back (the rest
-        is back at the head of the queue, in order)."""
-        packets, counters = self.to_host, self.device.counters
-        batch = [packets.popleft() for _ in range(min(BATCH, len(packets)))]
-        before = counters.written_frames, counters.written_bytes
-        try:
-            used = self.device.write_batch(batch)
-        except TunTapError:
-            packets.extendleft(reversed(batch))
-            raise
-        self.counters.out_frames += counters.written_frames - before[0]
-        self.counters.out_bytes += counters.written_bytes - before[1]
-        if used == len(batch):
-            return True
-        packets.extendleft(reversed(batch[used:]))
-        return False
-
-    def _send(self, frames: list[Frame]) -> None:
-        if not frames:
-            return
-        was_empty = not self.outbox
-        self.outbox.extend(frames)
-        if was_empty and self.on_ready is not None:
-            self.on_ready()
-
-    def take_outbox(self) -> list[Frame]:
-        frames, self.outbox = self.outbox, []
-        return frames
 
     # -- addresses ------------------------------------------------------------------------------
 
@@ -217,7 +186,7 @@ class TunPort(Port):
                 self._host_ready = trio.Event()
                 await self._host_ready.wait()
                 continue
-            if not self._write_batch():
+            if not write_queued(self.device, self.to_host, self.counters):
                 await self.device.wait_writable()
             elif packets:  # more to write: let the other tasks run first
                 await trio.lowlevel.checkpoint()

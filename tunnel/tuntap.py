@@ -39,7 +39,7 @@ import fcntl
 import logging
 import os
 import struct
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -53,7 +53,7 @@ from netstack.frame import (
     Offload,
 )
 from netstack.policy import PortPolicy
-from netstack.port import QueuedPort
+from netstack.port import PortCounters, QueuedPort
 
 log = logging.getLogger(__name__)
 
@@ -417,24 +417,24 @@ async def _read_loop(
         await device.wait_readable()
 
 
-def _write_batch(device: TunTapDevice, port: QueuedPort) -> bool:
-    """One batch from the port's queue to the device; False if the kernel pushed back (the
-    rest is back at the head of the queue, in order)."""
-    pending = port.queue
-    batch = [pending.popleft() for _ in range(min(BATCH, len(pending)))]
+def write_queued(device: TunTapDevice, queue: deque[Frame], counters: PortCounters) -> bool:
+    """One batch from the head of `queue` to the device, counted as the port's `out_*`
+    (`counters`); False if the kernel pushed back (the rest is back at the head of the
+    queue, in order).  Shared by the TAP writer here and the TUN port's (tunnel/tunport.py)."""
+    batch = [queue.popleft() for _ in range(min(BATCH, len(queue)))]
     device_counters = device.counters
     frames_before = device_counters.written_frames
     bytes_before = device_counters.written_bytes
     try:
         consumed = device.write_batch(batch)
     except TunTapError:
-        pending.extendleft(reversed(batch))
+        queue.extendleft(reversed(batch))
         raise
-    port.counters.out_frames += device_counters.written_frames - frames_before
-    port.counters.out_bytes += device_counters.written_bytes - bytes_before
+    counters.out_frames += device_counters.written_frames - frames_before
+    counters.out_bytes += device_counters.written_bytes - bytes_before
     if consumed == len(batch):
         return True
-    pending.extendleft(reversed(batch[consumed:]))
+    queue.extendleft(reversed(batch[consumed:]))
     return False
 
 
@@ -449,7 +449,7 @@ async def _write_loop(device: TunTapDevice, port: QueuedPort) -> None:
         write them from here, without a trip through Trio's scheduler to this loop; what the
         device does not take, and any error, is left to the loop."""
         try:
-            if _write_batch(device, port) and not pending:
+            if write_queued(device, pending, port_counters) and not pending:
                 return
         except TunTapError:
             pass  # the loop meets it again, in its own task
@@ -461,7 +461,7 @@ async def _write_loop(device: TunTapDevice, port: QueuedPort) -> None:
             port.on_ready = write_now
             await ready.wait()
             continue
-        if _write_batch(device, port):
+        if write_queued(device, pending, port_counters):
             if pending:  # more to write: let the other tasks run first (an empty queue
                 await trio.lowlevel.checkpoint()  # waits on the event above, which yields)
             continue
