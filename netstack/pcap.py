@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 import struct
 import time
@@ -81,6 +82,9 @@ MAX_SNAPLEN = 262144
 DEFAULT_SNAPLEN = MAX_SNAPLEN
 DEFAULT_MAX_FILE_BYTES = 64 << 20
 DEFAULT_MAX_FILES = 4
+# Capture files (the cleartext of every frame) and the folder the hub makes for them.
+CAPTURE_FILE_MODE = 0o600
+CAPTURE_DIR_MODE = 0o700
 # A file must hold its headers and at least one full-size record.
 MIN_FILE_BYTES = 4096
 # File names stay well under NAME_MAX (255) with ".pcapng.NNN" appended.
@@ -173,7 +177,7 @@ class PcapWriter:
         self.frames_dropped = 0
         self.error: str | None = None
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            self.directory.mkdir(mode=CAPTURE_DIR_MODE, parents=True, exist_ok=True)
             self._start_file()  # a capture left by an earlier run becomes <name>.pcapng.1
         except OSError as exc:
             self._fail("open", exc)
@@ -244,7 +248,12 @@ class PcapWriter:
             file, self._file = self._file, None
             file.close()
         self._shift_old_files()
-        self._file = open(self.path, "wb", buffering=0)  # noqa: SIM115 - lives across calls
+        # Captures hold the cleartext of every frame: readable by their owner only, from the
+        # moment they exist, whatever the umask.
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                     CAPTURE_FILE_MODE)
+        os.fchmod(fd, CAPTURE_FILE_MODE)
+        self._file = open(fd, "wb", buffering=0)  # noqa: SIM115 - lives across calls
         self._file_bytes = 0
         self._write_out(self._header)
 

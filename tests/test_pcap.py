@@ -4,7 +4,9 @@ reading what we write."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -276,3 +278,21 @@ def test_tshark_reads_every_frame_with_its_fields_and_direction(tmp_path: Path) 
         [str(len(frames[2])), str(len(frames[2])), mac_b, "6", "0x00000002", "peer alice"],
         [str(len(frames[3])), "2048", mac_b, "6", "0x00000002", "peer alice"],
     ]
+
+
+def test_captures_are_private_to_their_owner_whatever_the_umask(tmp_path: Path) -> None:
+    """Captures hold every frame's cleartext: the folder is 0700, every file 0600, rotated
+    ones included, even under a permissive umask."""
+    old_umask = os.umask(0)
+    try:
+        directory = tmp_path / "captures"
+        writer = PcapWriter(directory, "vm1", max_file_bytes=4096, max_files=3)
+        for tag in range(10):
+            writer.write([frame(tag, 1000)], "in")
+        writer.close()
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    files = capture_files(directory)
+    assert len(files) == 3
+    assert {stat.S_IMODE(path.stat().st_mode) for path in files} == {0o600}

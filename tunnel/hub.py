@@ -19,7 +19,7 @@ from pathlib import Path
 import trio
 
 from netstack.gateway import GatewayConfig, GatewayPort
-from netstack.pcap import PcapWriter
+from netstack.pcap import CAPTURE_DIR_MODE, PcapWriter
 from netstack.port import Port
 from netstack.switch import Switch
 from tunnel.control import serve_control
@@ -91,7 +91,7 @@ class Hub:
         if self.gateway is not None:
             self.switch.attach(self.gateway)
         if config.pcap_dir is not None:
-            config.pcap_dir.mkdir(parents=True, exist_ok=True)
+            config.pcap_dir.mkdir(mode=CAPTURE_DIR_MODE, parents=True, exist_ok=True)
             for port in self.ports:
                 self._capture(port)
             self.switch.on_attach = self._capture  # sessions attach when their peer arrives
