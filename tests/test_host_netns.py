@@ -8,9 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import pytest
 import trio
 
 from tests.support.hub import VhostvpnProcess
+from tests.support.netns import hub_and_hosts, run_in
 from tunnel.keys import keygen
 
 pytestmark = [
@@ -30,38 +29,11 @@ pytestmark = [
 HUB_PORT = 7777
 
 
-def ip(*args: str) -> str:
-    return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
-
-
 @pytest.fixture
 def namespaces() -> Iterator[dict[str, str]]:
     """A hub namespace joined by veth pairs to three endpoint namespaces (10.201.N.0/24)."""
-    tag = uuid.uuid4().hex[:6]
-    names = {"hub": f"vvhub{tag}", "h1": f"vvh1{tag}", "h2": f"vvh2{tag}", "h3": f"vvh3{tag}"}
-    try:
-        for name in names.values():
-            ip("netns", "add", name)
-            ip("-n", name, "link", "set", "lo", "up")
-        for n, host in ((1, "h1"), (2, "h2"), (3, "h3")):
-            a, b = f"vva{n}{tag}", f"vvb{n}{tag}"
-            ip("link", "add", a, "netns", names["hub"], "type", "veth", "peer", "name", b,
-               "netns", names[host])
-            ip("-n", names["hub"], "addr", "add", f"10.201.{n}.1/24", "dev", a)
-            ip("-n", names[host], "addr", "add", f"10.201.{n}.2/24", "dev", b)
-            ip("-n", names["hub"], "link", "set", a, "up")
-            ip("-n", names[host], "link", "set", b, "up")
+    with hub_and_hosts(3) as names:
         yield names
-    finally:
-        for name in names.values():
-            subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
-
-
-async def run_in(netns: str, *argv: str, timeout: float = 30) -> str:
-    result = await trio.run_process(["ip", "netns", "exec", netns, *argv], capture_stdout=True,
-                                    capture_stderr=True, check=False)
-    assert result.returncode == 0, result.stderr.decode() + result.stdout.decode()
-    return result.stdout.decode()
 
 
 @pytest.mark.parametrize("mode", ["tap", "tun"])
