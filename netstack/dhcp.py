@@ -598,6 +598,7 @@ class DhcpServer:
         self._generation = 0  # changes of the table so far
         self._saved_generation = 0  # changes in the state file
         self._persist_failing = False
+        self._exhausted = False  # the pool had no address for the last DISCOVER
         if config.state_path is not None:
             self._load(config.state_path)
         self._free_heap = sorted(self._free)
@@ -948,7 +949,11 @@ class DhcpServer:
         ip = self._lowest_free(request, now) or self._longest_remembered(request, now)
         if ip is None:
             self.counters["pool_exhausted"] += 1
-            log.warning("pool exhausted: no address for %s", format_mac(mac))
+            if not self._exhausted:  # once until an address is found again: clients retry
+                log.warning("pool exhausted: no address for %s", format_mac(mac))
+            self._exhausted = True
+        else:
+            self._exhausted = False
         return ip
 
     def _lowest_free(self, request: DhcpRequest, now: float) -> IPv4Address | None:
