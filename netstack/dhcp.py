@@ -1,9 +1,11 @@
 """The hub's DHCPv4 server (RFC 2131/2132): Ethernet frames in, Ethernet frames out, no sockets.
 
 The gateway port hands `DhcpServer.handle` every IPv4/UDP frame addressed to port 67 and puts
-the frames it returns into the switch; a timer calls `expire`.  It must never raise on what a
-guest sends, never hand one address to two MACs (not even across a hub restart), and never
-give a guest a lease for a MAC other than its own.
+the frames it returns into the switch; its timed work calls `expire`; the hub's shell writes
+the state file (`snapshot`, `Snapshot.write` in a worker thread, `persisted`).  It must never
+raise on what a guest sends, never hand one address to two MACs (not even across a hub
+restart), never give a guest a lease for a MAC other than its own, and never let one client
+(a switch port) take more than its budget of messages, declines, table entries or time.
 
 Rules
 -----
@@ -15,18 +17,26 @@ Rules
   dropped frame.
 * Every decision about who holds which address lives in the "Decisions" section below, one
   method per message type (`_TRANSITIONS` is the table), and every change of the binding
-  table goes through `_commit`.  `_available` is the one place that says whether an address
-  may be given to a client.
-* Nothing is acknowledged that is not on disk (when `state_path` is set): a grant or renewal
-  is written (temp file in the same directory, fsync, `os.replace`, fsync of the directory)
-  before its ACK is built, and dropped if the write fails.  Freeing an address (RELEASE,
-  DECLINE, expiry) is applied in memory even if the write fails: the file then still shows
-  the address as held, which errs on the safe side.
+  table goes through `_commit`, `_set_record`, `_forget`, `_bind`/`_unbind`, each of which
+  keeps the indexes (by address, by client identifier, the free set, the heaps) in step;
+  `_settle` is the one place that says whether a pool address is free.  `_available` is the
+  one place that says whether an address may be given to a client.
+* Nothing is acknowledged that is not on disk (when `state_path` is set): the ACK of a grant,
+  or of a renewal beyond what is on disk, is held until the shell reports the snapshot that
+  contains it written (`persisted`); if the write fails it keeps waiting.  Freeing an address
+  (RELEASE, DECLINE, expiry) needs no wait: until written, the file still shows the address
+  as held, which errs on the safe side.  So a crash loses at most the changes of the shell's
+  write interval (`PERSIST_INTERVAL_SECONDS`), none of them acknowledged.
+* No step costs the size of the pool or of a table: `handle` does a few dict lookups and at
+  most `MAX_PROBES` heap pops; `expire` pops what expired.  Every table a client can grow has
+  a named limit (below "Our own limits").
 
 Theory of operation
 -------------------
 The path of a frame:
 
+0. `_budget(source MAC).take_token`: a token from the client's bucket, else the frame is
+   ignored unparsed (`rate_limited`).
 1. `parse_request`: Ethernet II carrying IPv4 (no VLAN tag: the gateway port strips them),
    an IPv4 header with a valid checksum, not a fragment, UDP 68 -> 67.  The UDP checksum is
    not verified: a guest with virtio-net checksum offload leaves it partial, and the bytes we
@@ -66,8 +76,14 @@ Choice of an address on DISCOVER (`_choose`): the MAC's reservation (reservation
 lease from before the reservation still holds it, the reserved client waits, and that lease
 is NAKed at its next renewal); else the MAC's bound lease; else the address offered to it a
 moment ago; else the address last held by its client identifier; else its remembered
-address; else the requested address (option 50); else the lowest never-used address of the
-pool; else the address remembered longest.  None left: `pool_exhausted`.
+address; else the requested address (option 50); else the lowest free address of the
+pool (a set and a heap); else the address remembered longest (a heap by `expires`).  None
+left: `pool_exhausted`.
+
+Budgets (step 0, before parsing): each client -- the switch port behind the source MAC
+(`port_of`), else the MAC -- has a token bucket for messages and may decline at most
+`DECLINE_BUDGET` addresses per `DECLINE_WINDOW_SECONDS`; beyond, frames are ignored and
+counted (`rate_limited`, `decline_over_budget`).
 
 REQUEST (RFC 2131 4.3.2), told apart by its fields: *selecting* carries our server identifier
 and the requested address; a REQUEST for another server's identifier is ignored
