@@ -1,9 +1,11 @@
 """The hub's DHCPv4 server (RFC 2131/2132): Ethernet frames in, Ethernet frames out, no sockets.
 
 The gateway port hands `DhcpServer.handle` every IPv4/UDP frame addressed to port 67 and puts
-the frames it returns into the switch; a timer calls `expire`.  It must never raise on what a
-guest sends, never hand one address to two MACs (not even across a hub restart), and never
-give a guest a lease for a MAC other than its own.
+the frames it returns into the switch; its timed work calls `expire`; the hub's shell writes
+the state file (`snapshot`, `Snapshot.write` in a worker thread, `persisted`).  It must never
+raise on what a guest sends, never hand one address to two MACs (not even across a hub
+restart), never give a guest a lease for a MAC other than its own, and never let one client
+(a switch port) take more than its budget of messages, declines, table entries or time.
 
 Rules
 -----
@@ -15,18 +17,26 @@ Rules
   dropped frame.
 * Every decision about who holds which address lives in the "Decisions" section below, one
   method per message type (`_TRANSITIONS` is the table), and every change of the binding
-  table goes through `_commit`.  `_available` is the one place that says whether an address
-  may be given to a client.
-* Nothing is acknowledged that is not on disk (when `state_path` is set): a grant or renewal
-  is written (temp file in the same directory, fsync, `os.replace`, fsync of the directory)
-  before its ACK is built, and dropped if the write fails.  Freeing an address (RELEASE,
-  DECLINE, expiry) is applied in memory even if the write fails: the file then still shows
-  the address as held, which errs on the safe side.
+  table goes through `_commit`, `_set_record`, `_forget`, `_bind`/`_unbind`, each of which
+  keeps the indexes (by address, by client identifier, the free set, the heaps) in step;
+  `_settle` is the one place that says whether a pool address is free.  `_available` is the
+  one place that says whether an address may be given to a client.
+* Nothing is acknowledged that is not on disk (when `state_path` is set): the ACK of a grant,
+  or of a renewal beyond what is on disk, is held until the shell reports the snapshot that
+  contains it written (`persisted`); if the write fails it keeps waiting.  Freeing an address
+  (RELEASE, DECLINE, expiry) needs no wait: until written, the file still shows the address
+  as held, which errs on the safe side.  So a crash loses at most the changes of the shell's
+  write interval (`PERSIST_INTERVAL_SECONDS`), none of them acknowledged.
+* No step costs the size of the pool or of a table: `handle` does a few dict lookups and at
+  most `MAX_PROBES` heap pops; `expire` pops what expired.  Every table a client can grow has
+  a named limit (below "Our own limits").
 
 Theory of operation
 -------------------
 The path of a frame:
 
+0. `_budget(source MAC).take_token`: a token from the client's bucket, else the frame is
+   ignored unparsed (`rate_limited`).
 1. `parse_request`: Ethernet II carrying IPv4 (no VLAN tag: the gateway port strips them),
    an IPv4 header with a valid checksum, not a fragment, UDP 68 -> 67.  The UDP checksum is
    not verified: a guest with virtio-net checksum offload leaves it partial, and the bytes we
@@ -66,8 +76,14 @@ Choice of an address on DISCOVER (`_choose`): the MAC's reservation (reservation
 lease from before the reservation still holds it, the reserved client waits, and that lease
 is NAKed at its next renewal); else the MAC's bound lease; else the address offered to it a
 moment ago; else the address last held by its client identifier; else its remembered
-address; else the requested address (option 50); else the lowest never-used address of the
-pool; else the address remembered longest.  None left: `pool_exhausted`.
+address; else the requested address (option 50); else the lowest free address of the
+pool (a set and a heap); else the address remembered longest (a heap by `expires`).  None
+left: `pool_exhausted`.
+
+Budgets (step 0, before parsing): each client -- the switch port behind the source MAC
+(`port_of`), else the MAC -- has a token bucket for messages and may decline at most
+`DECLINE_BUDGET` addresses per `DECLINE_WINDOW_SECONDS`; beyond, frames are ignored and
+counted (`rate_limited`, `decline_over_budget`).
 
 REQUEST (RFC 2131 4.3.2), told apart by its fields: *selecting* carries our server identifier
 and the requested address; a REQUEST for another server's identifier is ignored
@@ -95,6 +111,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import heapq
 import ipaddress
 import json
 import logging
@@ -104,7 +121,7 @@ import struct
 import tempfile
 import time
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -192,7 +209,23 @@ PERSIST_SLACK_SECONDS = 60.0  # renewals extending a lease by less than this are
 MIN_LEASE_SECONDS = 60
 MAX_LEASE_SECONDS = 0xFFFFFFFE  # 0xffffffff means "infinite" (RFC 2132 9.2): not offered
 MAX_DNS_SERVERS = OPTION_MAX_LEN // 4
-MAX_POOL_SIZE = 1 << 16  # choosing an address scans the pool: keep that scan bounded
+MAX_POOL_SIZE = 1 << 16  # the free set holds a number per address: keep it bounded
+# The shell writes the state file at most this often, a batch of changes a write, in a worker
+# thread; a crash loses at most the changes of this long, and none of them was acknowledged.
+PERSIST_INTERVAL_SECONDS = 0.25
+
+# What one client -- a switch port, or a MAC on no known port -- may make the server do.
+RATE_PER_SECOND = 4.0  # DHCP messages a second, sustained...
+RATE_BURST = 16.0  # ...and at once (a boot: firmware's DORA, then the OS's, retransmissions)
+DECLINE_BUDGET = 4  # addresses it may decline...
+DECLINE_WINDOW_SECONDS = 600.0  # ...in this long; later DECLINEs are ignored
+MAX_CLIENTS_TRACKED = 1024  # budgets kept; the least recently used is dropped first
+# Tables of the server a client can grow (its records are bounded by the pool: one a MAC,
+# one an address).
+MAX_OFFERS = 4096  # offers outstanding; the oldest is dropped first
+MAX_DECLINED = 256  # addresses resting at once; DECLINEs beyond are ignored
+MAX_PROBES = 8  # free or remembered addresses tried per DISCOVER (others fail `in_use`)
+HEAP_SLACK = 1024  # stale heap entries tolerated before a heap is rebuilt
 STATE_VERSION = 1
 # What we keep of a client's hostname option (RFC 1123 names, and '_' as seen from Windows).
 HOSTNAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,252}")
@@ -493,8 +526,53 @@ def _internet_checksum(data: bytes) -> int:
 # --- The server ---------------------------------------------------------------------------
 
 
+class _ClientBudget:
+    """What one client (a switch port, or a MAC on no known port) may still do: a token
+    bucket for its messages, and the times of its last declines."""
+
+    __slots__ = ("declines", "refilled", "tokens")
+
+    def __init__(self, now: float) -> None:
+        self.tokens = RATE_BURST
+        self.refilled = now
+        self.declines: collections.deque[float] = collections.deque(maxlen=DECLINE_BUDGET)
+
+    def take_token(self, now: float) -> bool:
+        tokens = min(RATE_BURST, self.tokens + max(0.0, now - self.refilled) * RATE_PER_SECOND)
+        self.refilled = now
+        if tokens < 1.0:
+            self.tokens = tokens
+            return False
+        self.tokens = tokens - 1.0
+        return True
+
+    def may_decline(self, now: float) -> bool:
+        declines = self.declines
+        return len(declines) < DECLINE_BUDGET or declines[0] <= now - DECLINE_WINDOW_SECONDS
+
+
+@dataclass
+class Snapshot:
+    """The binding table at one moment (`DhcpServer.snapshot`), for the shell to write; the
+    records are immutable, so encoding and writing may run in a worker thread."""
+
+    path: Path
+    generation: int
+    records: dict[bytes, Lease]
+    encoded: dict[bytes, bytes]  # MAC -> its record as encoded by `encode_lease`
+    declined: dict[IPv4Address, float]
+    written: dict[bytes, float] = field(default_factory=dict)  # MAC -> expiry, once written
+
+    def write(self) -> None:
+        """Replace the state file (blocking: temp file, fsync, rename, fsync of the
+        directory).  Raises OSError."""
+        _write_atomically(self.path, encode_state(self.encoded.values(), self.declined))
+        self.written = {mac: lease.expires for mac, lease in self.records.items()}
+
+
 class DhcpServer:
-    """Leases for one segment.  No sockets; the clock is injectable; state_path is its file."""
+    """Leases for one segment.  No sockets, no file writes (the state file is read once, at
+    construction); the clock is injectable."""
 
     def __init__(self, config: DhcpConfig, clock: Callable[[], float] = time.time) -> None:
         self.config = config
@@ -506,16 +584,44 @@ class DhcpServer:
         # hand that the switch saw sending from it)?  Such an address is not offered or
         # granted: the lease would collide with it.  The hub asks its switch.
         self.in_use: Callable[[IPv4Address, bytes], bool] | None = None
+        # Which switch port is this MAC behind (None: unknown)?  Rate and decline budgets
+        # are per port, so that a guest changing MACs gains nothing; per MAC without it.
+        self.port_of: Callable[[bytes], object | None] | None = None
+        # Called when the table changed and should be written (`snapshot`, `persisted`).
+        self.on_dirty: Callable[[], None] | None = None
         self._records: dict[bytes, Lease] = {}  # MAC -> bound or remembered lease
+        # MAC -> its record encoded for the state file, made when it changes (so a snapshot
+        # of a /16 is joined in milliseconds, not encoded in a third of a second).
+        self._encoded: dict[bytes, bytes] = {}
         self._bound: set[bytes] = set()  # MACs whose lease runs
         self._by_ip: dict[IPv4Address, bytes] = {}  # address -> MAC of its record
+        self._by_client_id: dict[bytes, bytes] = {}  # identifier -> MAC of its latest record
         self._offers: dict[bytes, tuple[IPv4Address, float]] = {}  # MAC -> (address, until)
         self._offered: dict[IPv4Address, bytes] = {}  # address -> MAC it is offered to
         self._declined: dict[IPv4Address, float] = {}  # address -> until
-        self._written: dict[bytes, float] = {}  # MAC -> expiry in the state file
+        self._budgets: collections.OrderedDict[object, _ClientBudget] = (
+            collections.OrderedDict())  # port (or MAC) -> budget, least recently used first
         self._reserved_for = {ip: mac for mac, ip in config.reservations.items()}
+        first, last = config.pool  # type: ignore[misc]
+        self._pool_range = (int(first), int(last))
+        self._gateway_number = int(config.gateway)
+        excluded = {int(ip) for ip in self._reserved_for} | {self._gateway_number}
+        # Pool addresses nobody holds, is offered or rests: a set, and a heap of the same
+        # numbers for the lowest one (entries no longer in the set are skipped when popped).
+        self._free: set[int] = set(range(int(first), int(last) + 1)) - excluded
+        self._free_heap: list[int] = []
+        # (expires, MAC) of bound leases and of remembered records; stale entries skipped.
+        self._expiries: list[tuple[float, bytes]] = []
+        self._remembered: list[tuple[float, bytes]] = []
+        self._written: dict[bytes, float] = {}  # MAC -> expiry in the state file
+        self._held: dict[bytes, tuple[int, IPv4Address, bytes]] = {}  # ACKs waiting for disk
+        self._generation = 0  # changes of the table so far
+        self._saved_generation = 0  # changes in the state file
+        self._persist_failing = False
+        self._exhausted = False  # the pool had no address for the last DISCOVER
         if config.state_path is not None:
             self._load(config.state_path)
+        self._free_heap = sorted(self._free)
 
     # -- public view --
 
@@ -532,7 +638,12 @@ class DhcpServer:
         """One client frame in, the reply frames (zero or one) out.
 
         Never raises because of what the frame holds; exceptions from `on_lease`/`on_release`
-        (the caller's code) do propagate."""
+        (the caller's code) do propagate.  An ACK that grants or extends a lease beyond what
+        is on disk is not returned here but by `persisted`, once it is written."""
+        now = self.clock()
+        if not self._budget(bytes(frame[6:12]), now).take_token(now):
+            self.counters["rate_limited"] += 1
+            return []
         try:
             request = parse_request(frame)
         except MalformedRequest as error:
@@ -545,19 +656,29 @@ class DhcpServer:
             log.debug("DHCP %s from %s dropped: %s", CLIENT_MESSAGE_NAMES[request.msg_type],
                       format_mac(request.eth_src), refusal)
             return []
-        now = self.clock()
-        self.expire(now)
         self.counters[CLIENT_MESSAGE_NAMES[request.msg_type]] += 1
         return _TRANSITIONS[request.msg_type](self, request, now)
 
+    def table_sizes(self) -> dict[str, int]:
+        """How many entries each table holds (what clients made the server keep)."""
+        return {"records": len(self._records), "bound": len(self._bound),
+                "offers": len(self._offers), "declined": len(self._declined),
+                "budgets": len(self._budgets), "held_acks": len(self._held),
+                "free": len(self._free)}
+
     def expire(self, now: float | None = None) -> None:
-        """End leases, offers and declines whose time is up (call periodically).  `now` is on
-        the server's clock (wall time by default: expiries outlive the process)."""
+        """End leases, offers and declines whose time is up.  The gateway calls this every
+        few seconds, never per frame; `now` is on the server's clock (wall time by default:
+        expiries outlive the process).  Costs the expired entries, not the table."""
         if now is None:
             now = self.clock()
-        for mac in [m for m in self._bound if self._records[m].expires <= now]:
-            self._bound.discard(mac)
-            lease = self._records[mac]
+        heap = self._expiries
+        while heap and heap[0][0] <= now:
+            expires, mac = heapq.heappop(heap)
+            lease = self._records.get(mac)
+            if lease is None or mac not in self._bound or lease.expires != expires:
+                continue  # renewed, released or forgotten since
+            self._unbind(mac)
             self.counters["expired"] += 1
             log.info("lease expired: %s %s", format_mac(mac), lease.ip)
             if self.on_release is not None:
@@ -566,6 +687,67 @@ class DhcpServer:
             self._drop_offer(mac)
         for ip in [a for a, until in self._declined.items() if until <= now]:
             del self._declined[ip]
+            self._settle(ip)
+
+    # -- persistence, for the shell: snapshot, write it (off the event loop), persisted --
+
+    @property
+    def dirty(self) -> bool:
+        """Has the table changed since the last snapshot that was written?"""
+        return self.config.state_path is not None and self._generation != self._saved_generation
+
+    def snapshot(self) -> Snapshot:
+        """The table as it is now (copies of two dicts of immutable records)."""
+        assert self.config.state_path is not None, "no state file configured"
+        return Snapshot(self.config.state_path, self._generation, dict(self._records),
+                        dict(self._encoded), dict(self._declined))
+
+    def persisted(self, snapshot: Snapshot) -> list[bytes]:
+        """`snapshot` is on disk: the ACKs that waited for it, to be sent now."""
+        if self._persist_failing:
+            log.info("DHCP leases written to %s again", snapshot.path)
+            self._persist_failing = False
+        self._saved_generation = max(self._saved_generation, snapshot.generation)
+        self._written = snapshot.written
+        released = []
+        for mac, (generation, ip, ack) in list(self._held.items()):
+            if generation > snapshot.generation:
+                continue
+            del self._held[mac]
+            record = self._records.get(mac)
+            if record is None or record.ip != ip or mac not in self._bound:
+                continue  # declined, NAKed or expired while it waited
+            self.counters["ack"] += 1
+            released.append(ack)
+        return released
+
+    def persist_failed(self, snapshot: Snapshot, error: OSError) -> None:
+        """`snapshot` could not be written: its ACKs keep waiting (the shell tries again)."""
+        self.counters["persist_failed"] += 1
+        if not self._persist_failing:
+            log.error("could not write DHCP leases to %s: %s (%d ACKs wait)", snapshot.path,
+                      error, len(self._held))
+            self._persist_failing = True
+
+    def _mark_dirty(self) -> None:
+        self._generation += 1
+        if self.on_dirty is not None and self.config.state_path is not None:
+            self.on_dirty()
+
+    # -- step 0: what a client may do at all --
+
+    def _budget(self, mac: bytes, now: float) -> _ClientBudget:
+        port = self.port_of(mac) if self.port_of is not None else None
+        key = mac if port is None else port
+        budgets = self._budgets
+        budget = budgets.get(key)
+        if budget is None:
+            if len(budgets) >= MAX_CLIENTS_TRACKED:
+                budgets.popitem(last=False)
+            budget = budgets[key] = _ClientBudget(now)
+        else:
+            budgets.move_to_end(key)
+        return budget
 
     # -- step 2: frames we refuse whatever they ask --
 
@@ -590,9 +772,16 @@ class DhcpServer:
         ip = self._choose(request, now)
         if ip is None:
             return []
-        self._drop_offer(mac)
+        previous = self._offers.pop(mac, None)
+        if previous is not None and previous[0] != ip:
+            del self._offered[previous[0]]
+            self._settle(previous[0])
+        if previous is None and len(self._offers) >= MAX_OFFERS:
+            self._drop_offer(next(iter(self._offers)))  # the oldest: its REQUEST may still win
+            self.counters["offer_evicted"] += 1
         self._offers[mac] = (ip, now + OFFER_HOLD_SECONDS)
         self._offered[ip] = mac
+        self._settle(ip)
         log.debug("offer %s to %s", ip, format_mac(mac))
         self.counters["offer"] += 1
         return [self._reply(request, DHCPOFFER, yiaddr=ip, hostname=self._hostname_for(request))]
@@ -629,9 +818,11 @@ class DhcpServer:
                                           else None),
             client_id=request.client_id,
         )
-        if not self._commit(lease, now, write=not renewal or self._must_write(lease)):
-            return []
+        must_write = not renewal or self._must_write(lease)
+        self._commit(lease)
         self._drop_offer(mac)
+        if must_write:
+            self._mark_dirty()
         if renewal:
             log.debug("lease renewed: %s %s", format_mac(mac), ip)
         else:
@@ -639,8 +830,12 @@ class DhcpServer:
                      f" ({lease.hostname})" if lease.hostname else "")
         if self.on_lease is not None:
             self.on_lease(lease)
+        ack = self._reply(request, DHCPACK, yiaddr=ip, hostname=lease.hostname)
+        if must_write and self.config.state_path is not None:
+            self._held[mac] = (self._generation, ip, ack)  # sent by `persisted`
+            return []
         self.counters["ack"] += 1
-        return [self._reply(request, DHCPACK, yiaddr=ip, hostname=lease.hostname)]
+        return [ack]
 
     def _on_decline(self, request: DhcpRequest, now: float) -> list[bytes]:
         mac, ip = request.chaddr, request.requested_ip
@@ -654,12 +849,24 @@ class DhcpServer:
         if ip is None or not (held or (offered is not None and offered[0] == ip)):
             self.counters["decline_unknown"] += 1
             return []
-        self._drop_offer(mac)
+        budget = self._budget(mac, now)
+        if not budget.may_decline(now):
+            self.counters["decline_over_budget"] += 1
+            log.debug("DECLINE of %s by %s ignored: %d declines in %ds already", ip,
+                      format_mac(mac), DECLINE_BUDGET, DECLINE_WINDOW_SECONDS)
+            return []
+        if len(self._declined) >= MAX_DECLINED:
+            self.counters["decline_table_full"] += 1
+            log.debug("DECLINE of %s by %s ignored: %d addresses rest already", ip,
+                      format_mac(mac), MAX_DECLINED)
+            return []
+        budget.declines.append(now)
         self._declined[ip] = now + DECLINE_HOLD_SECONDS
+        self._drop_offer(mac)
         was_bound = record is not None and record.ip == ip and self._forget(mac)
+        self._mark_dirty()
         if was_bound and self.on_release is not None:
             self.on_release(record)
-        self._save()
         log.warning("address declined (in use on the segment?): %s %s, resting %ds",
                     format_mac(mac), ip, DECLINE_HOLD_SECONDS)
         return []
@@ -674,9 +881,9 @@ class DhcpServer:
             self.counters["release_unknown"] += 1
             return []
         released = replace(record, expires=now)
-        self._records[mac] = released  # remembered: the client gets it back next time
-        self._bound.discard(mac)
-        self._save()
+        self._set_record(released)  # remembered: the client gets it back next time
+        self._unbind(mac)
+        self._mark_dirty()
         log.info("lease released: %s %s", format_mac(mac), record.ip)
         if self.on_release is not None:
             self.on_release(released)
@@ -695,7 +902,7 @@ class DhcpServer:
         if record is not None and record.ip == ip:
             # The client must stop using it; if its lease ran, it ends now.
             was_bound = self._forget(mac)
-            self._save()
+            self._mark_dirty()
             if was_bound and self.on_release is not None:
                 self.on_release(record)
         self.counters["nak"] += 1
@@ -731,7 +938,8 @@ class DhcpServer:
         return None
 
     def _choose(self, request: DhcpRequest, now: float) -> IPv4Address | None:
-        """The address to offer (see the theory of operation for the order)."""
+        """The address to offer (see the theory of operation for the order).  A handful of
+        dict lookups and at most MAX_PROBES heap pops, whatever the size of the pool."""
         mac, config = request.chaddr, self.config
         reserved = config.reservations.get(mac)
         if reserved is not None:
@@ -748,8 +956,9 @@ class DhcpServer:
         if mac in self._offers:
             candidates.append(self._offers[mac][0])
         if request.client_id is not None:
-            candidates += [r.ip for r in self._records.values()
-                           if r.client_id == request.client_id and r.mac not in self._bound]
+            same_client = self._by_client_id.get(request.client_id)
+            if same_client is not None and same_client not in self._bound:
+                candidates.append(self._records[same_client].ip)
         if record is not None:
             candidates.append(record.ip)
         if request.requested_ip is not None:
@@ -757,21 +966,50 @@ class DhcpServer:
         for ip in candidates:
             if self._available(ip, request, now) is None:
                 return ip
-        first, last = config.pool  # type: ignore[misc]
-        for n in range(int(first), int(last) + 1):
-            ip = IPv4Address(n)
-            if ip not in self._by_ip and self._available(ip, request, now) is None:
-                return ip
-        remembered = sorted(
-            (r for m, r in self._records.items() if m not in self._bound),
-            key=lambda r: r.expires,
-        )
-        for r in remembered:
-            if self._available(r.ip, request, now) is None:
-                return r.ip
-        self.counters["pool_exhausted"] += 1
-        log.warning("pool exhausted: no address for %s", format_mac(mac))
-        return None
+        ip = self._lowest_free(request, now) or self._longest_remembered(request, now)
+        if ip is None:
+            self.counters["pool_exhausted"] += 1
+            if not self._exhausted:  # once until an address is found again: clients retry
+                log.warning("pool exhausted: no address for %s", format_mac(mac))
+            self._exhausted = True
+        else:
+            self._exhausted = False
+        return ip
+
+    def _lowest_free(self, request: DhcpRequest, now: float) -> IPv4Address | None:
+        heap, free = self._free_heap, self._free
+        tried: list[int] = []
+        found = None
+        while heap and len(tried) < MAX_PROBES:
+            number = heapq.heappop(heap)
+            if number not in free or number in tried:
+                continue  # taken since it was pushed, or a duplicate entry
+            tried.append(number)
+            if self._available(IPv4Address(number), request, now) is None:
+                found = IPv4Address(number)
+                break
+        for number in tried:  # still free until the caller takes it
+            heapq.heappush(heap, number)
+        return found
+
+    def _longest_remembered(self, request: DhcpRequest, now: float) -> IPv4Address | None:
+        heap = self._remembered
+        tried: list[tuple[float, bytes]] = []
+        found = None
+        while heap and len(tried) < MAX_PROBES:
+            entry = heapq.heappop(heap)
+            expires, mac = entry
+            record = self._records.get(mac)
+            if record is None or mac in self._bound or record.expires != expires \
+                    or entry in tried:
+                continue
+            tried.append(entry)
+            if self._available(record.ip, request, now) is None:
+                found = record.ip
+                break
+        for entry in tried:
+            heapq.heappush(heap, entry)
+        return found
 
     def _hostname_for(self, request: DhcpRequest) -> str | None:
         if request.hostname is not None:
@@ -781,41 +1019,84 @@ class DhcpServer:
 
     # -- the binding table: every change goes through here --
 
-    def _commit(self, lease: Lease, now: float, *, write: bool) -> bool:
-        """Make `lease` bound (written first when `write`); False if it could not be written."""
+    def _commit(self, lease: Lease) -> None:
+        """Make `lease` bound, forgetting the remembered record of its address if another's."""
         mac = lease.mac
-        records = dict(self._records)
         holder = self._by_ip.get(lease.ip)
         if holder is not None and holder != mac:
             assert holder not in self._bound, "_available let a running lease be taken"
-            del records[holder]  # a remembered record of another client: forgotten
-        records[mac] = lease
-        if write and not self._save(records):
-            return False
+            self._forget(holder)
         old = self._records.get(mac)
-        if holder is not None and holder != mac:
-            del self._by_ip[lease.ip]
+        was_bound = mac in self._bound
+        self._set_record(lease)
+        self._bind(mac)
+        if old is not None and old.ip != lease.ip and was_bound and self.on_release is not None:
+            self.on_release(old)
+
+    def _set_record(self, lease: Lease) -> None:
+        """Store `lease` as its MAC's record (its address has no other holder)."""
+        old = self._records.get(lease.mac)
+        if old is not None:
+            self._unindex(old)
+        self._records[lease.mac] = lease
+        if self.config.state_path is not None:
+            self._encoded[lease.mac] = encode_lease(lease)
+        self._by_ip[lease.ip] = lease.mac
+        if lease.client_id is not None:
+            self._by_client_id[lease.client_id] = lease.mac
+        self._settle(lease.ip)
         if old is not None and old.ip != lease.ip:
-            del self._by_ip[old.ip]
-            if mac in self._bound and self.on_release is not None:
-                self.on_release(old)
-        self._records = records
-        self._by_ip[lease.ip] = mac
-        self._bound.add(mac)
-        return True
+            self._settle(old.ip)
 
     def _forget(self, mac: bytes) -> bool:
         """Drop `mac`'s record altogether; True if its lease was running."""
         record = self._records.pop(mac)
-        del self._by_ip[record.ip]
+        self._encoded.pop(mac, None)
+        self._unindex(record)
         was_bound = mac in self._bound
         self._bound.discard(mac)
+        self._held.pop(mac, None)
+        self._settle(record.ip)
         return was_bound
+
+    def _bind(self, mac: bytes) -> None:
+        self._bound.add(mac)
+        _push_bounded(self._expiries, (self._records[mac].expires, mac), len(self._bound),
+                      lambda: [(self._records[m].expires, m) for m in self._bound])
+
+    def _unbind(self, mac: bytes) -> None:
+        self._bound.discard(mac)
+        self._held.pop(mac, None)
+        _push_bounded(self._remembered, (self._records[mac].expires, mac),
+                      len(self._records) - len(self._bound),
+                      lambda: [(r.expires, m) for m, r in self._records.items()
+                               if m not in self._bound])
+
+    def _unindex(self, record: Lease) -> None:
+        if self._by_ip.get(record.ip) == record.mac:
+            del self._by_ip[record.ip]
+        if record.client_id is not None and self._by_client_id.get(record.client_id) == record.mac:
+            del self._by_client_id[record.client_id]
+
+    def _settle(self, ip: IPv4Address) -> None:
+        """Put a pool address into the free set or take it out, after a change of the tables
+        that concerns it: free means no record, no offer, not resting, not reserved."""
+        number = int(ip)
+        first, last = self._pool_range
+        if not first <= number <= last or number == self._gateway_number \
+                or ip in self._reserved_for:
+            return
+        if ip in self._by_ip or ip in self._offered or ip in self._declined:
+            self._free.discard(number)
+        elif number not in self._free:
+            self._free.add(number)
+            _push_bounded(self._free_heap, number, len(self._free), lambda: list(self._free))
 
     def _drop_offer(self, mac: bytes) -> None:
         offer = self._offers.pop(mac, None)
         if offer is not None and self._offered.get(offer[0]) == mac:
             del self._offered[offer[0]]
+            self._settle(offer[0])
 
     def _must_write(self, lease: Lease) -> bool:
         return lease.expires >= self._written.get(lease.mac, 0.0) + PERSIST_SLACK_SECONDS
@@ -922,38 +1203,7 @@ class DhcpServer:
             return BROADCAST_MAC, IPV4_BROADCAST
         return request.chaddr, yiaddr
 
-    # -- persistence --
-
-    def _save(self, records: Mapping[bytes, Lease] | None = None) -> bool:
-        """Write the table (or `records`, a table about to be committed); False on failure."""
-        path = self.config.state_path
-        if records is None:
-            records = self._records
-        if path is None:
-            return True
-        document = {
-            "version": STATE_VERSION,
-            "leases": [
-                {
-                    "mac": format_mac(lease.mac),
-                    "ip": str(lease.ip),
-                    "expires": lease.expires,
-                    "hostname": lease.hostname,
-                    "client_id": None if lease.client_id is None else lease.client_id.hex(),
-                }
-                for lease in records.values()
-            ],
-            "declined": [{"ip": str(ip), "until": until} for ip, until in self._declined.items()],
-        }
-        data = json.dumps(document, indent=1, sort_keys=True).encode()
-        try:
-            _write_atomically(path, data)
-        except OSError as error:
-            self.counters["persist_failed"] += 1
-            log.error("could not write DHCP leases to %s: %s", path, error)
-            return False
-        self._written = {mac: lease.expires for mac, lease in records.items()}
-        return True
+    # -- loading the state file (once, at construction) --
 
     def _load(self, path: Path) -> None:
         try:
@@ -990,8 +1240,9 @@ class DhcpServer:
             except (ValueError, TypeError, KeyError) as error:
                 log.warning("%s: skipping declined entry %.200r: %s", path, entry, error)
                 continue
-            if until > now and ip in self.config.subnet:
+            if until > now and ip in self.config.subnet and len(self._declined) < MAX_DECLINED:
                 self._declined[ip] = until
+                self._settle(ip)
         log.info("%d DHCP leases loaded from %s (%d running)", len(self._records), path,
                  len(self._bound))
 
@@ -1031,11 +1282,12 @@ class DhcpServer:
                 self.counters["state_entry_skipped"] += 1
                 return
             self._forget(other_mac)
-        self._records[lease.mac] = lease
-        self._by_ip[lease.ip] = lease.mac
+        self._set_record(lease)
         self._written[lease.mac] = on_disk
         if bound:
-            self._bound.add(lease.mac)
+            self._bind(lease.mac)
+        else:
+            self._unbind(lease.mac)
 
     def _set_aside(self, path: Path, why: str) -> None:
         target = path.with_name(path.name + ".corrupt")
@@ -1052,6 +1304,35 @@ class DhcpServer:
             log.error("DHCP state file %s is %s; moved to %s, starting with no leases",
                       path, why, target)
         self.counters["state_corrupt"] += 1
+
+
+def encode_lease(lease: Lease) -> bytes:
+    """One entry of the state file's "leases" list."""
+    return json.dumps({
+        "mac": format_mac(lease.mac),
+        "ip": str(lease.ip),
+        "expires": lease.expires,
+        "hostname": lease.hostname,
+        "client_id": None if lease.client_id is None else lease.client_id.hex(),
+    }, sort_keys=True, separators=(",", ":")).encode()
+
+
+def encode_state(leases: Iterable[bytes], declined: Mapping[IPv4Address, float]) -> bytes:
+    """The state file's bytes (see "Persistence" above) from encoded leases (`encode_lease`)."""
+    rested = json.dumps([{"ip": str(ip), "until": until} for ip, until in declined.items()],
+                        separators=(",", ":")).encode()
+    return (b'{"declined":' + rested + b',"leases":[' + b",".join(leases)
+            + b'],"version":%d}' % STATE_VERSION)
+
+
+def _push_bounded(heap: list, entry: object, live_count: int,
+                  live: Callable[[], list]) -> None:
+    """Push `entry` on a heap whose stale entries are skipped when popped; once they make up
+    more than half of it, rebuild it from `live` (amortized O(log n) a push)."""
+    heapq.heappush(heap, entry)
+    if len(heap) > 2 * live_count + HEAP_SLACK:
+        heap[:] = live()
+        heapq.heapify(heap)
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -9,11 +9,14 @@ checksums verified.
 from __future__ import annotations
 
 import json
+import random
 import struct
+import time
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 import pytest
+import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scapy.layers.dhcp import BOOTP, DHCP
@@ -21,14 +24,22 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
 import netstack.dhcp as dhcp_module
+import tunnel.hub as hub_module
 from netstack.dhcp import (
+    DECLINE_BUDGET,
     DECLINE_HOLD_SECONDS,
+    DECLINE_WINDOW_SECONDS,
     OFFER_HOLD_SECONDS,
     PERSIST_SLACK_SECONDS,
+    RATE_BURST,
+    RATE_PER_SECOND,
     DhcpConfig,
     DhcpServer,
     Lease,
 )
+from tests.test_hub import exchange as guest_exchange
+from tests.test_hub import hub_with_guests
+from tunnel.hub import Hub, HubConfig
 
 SUBNET = IPv4Network("10.77.0.0/24")
 GATEWAY = IPv4Address("10.77.0.1")
@@ -157,6 +168,22 @@ def option_codes(packet: Ether) -> list[int]:
     return codes
 
 
+def persist(server: DhcpServer) -> list[bytes]:
+    """What the hub's shell does (the write in a worker thread): write a snapshot of the
+    table, then send the ACKs that waited for it."""
+    snapshot = server.snapshot()
+    snapshot.write()
+    return server.persisted(snapshot)
+
+
+def exchange(server: DhcpServer, frame: bytes) -> list[bytes]:
+    """`handle`, then the shell's write if the table changed: the replies a client sees."""
+    replies = server.handle(frame)
+    if server.dirty:
+        replies += persist(server)
+    return replies
+
+
 def one(replies: list[bytes]) -> Ether:
     assert len(replies) == 1, replies
     return check_reply(replies[0])
@@ -169,7 +196,7 @@ def dora(server: DhcpServer, m: bytes, extra: list | tuple = (), *, flags: int =
     assert options_of(offer)["message-type"] == 2
     assert offer[BOOTP].xid == xid
     offered = offer[BOOTP].yiaddr
-    ack = one(server.handle(client_frame(
+    ack = one(exchange(server, client_frame(
         m, "request",
         [("requested_addr", offered), ("server_id", str(GATEWAY)), *extra],
         flags=flags, xid=xid,
@@ -260,6 +287,7 @@ def test_offer_is_held_for_its_client_then_released():
     again = one(server.handle(client_frame(mac(1), "discover")))
     assert again[BOOTP].yiaddr == first[BOOTP].yiaddr
     clock.now += OFFER_HOLD_SECONDS + 1
+    server.expire(clock.now)
     server.handle(client_frame(mac(1), "release", ciaddr="10.77.0.2"))  # no lease: ignored
     third = one(server.handle(client_frame(mac(3), "discover")))
     assert third[BOOTP].yiaddr == "10.77.0.2"
@@ -383,6 +411,7 @@ def test_decline_rests_the_address_and_the_client_gets_another():
     nak = one(server.handle(client_frame(mac(2), "request", [("requested_addr", "10.77.0.2")])))
     assert options_of(nak)["error_message"] == b"declined"
     clock.now += DECLINE_HOLD_SECONDS + 1
+    server.expire(clock.now)
     assert dora(server, mac(2))[BOOTP].yiaddr == "10.77.0.2"
 
 
@@ -450,7 +479,7 @@ def test_reservation_added_over_an_old_lease_waits_for_it_and_naks_its_renewal(t
     server = make_server(clock, state_path=state, reservations={mac(9): ip(2)})
     assert server.handle(client_frame(mac(9), "discover")) == []
     assert server.counters["reservation_in_use"] == 1
-    nak = one(server.handle(client_frame(mac(1), "request", ciaddr="10.77.0.2")))
+    nak = one(exchange(server, client_frame(mac(1), "request", ciaddr="10.77.0.2")))
     assert options_of(nak)["error_message"] == b"reserved"
     assert server.lease_for_ip(ip(2)) is None
     assert dora(server, mac(9))[BOOTP].yiaddr == "10.77.0.2"
@@ -549,7 +578,9 @@ def test_expiry_frees_the_address_for_others_and_remembers_it_for_its_client():
     assert server.leases == {} and server.lease_for_ip(ip(2)) is None
     assert dora(server, mac(1))[BOOTP].yiaddr == "10.77.0.2"  # remembered
     clock.now += 3601
-    assert dora(server, mac(2))[BOOTP].yiaddr == "10.77.0.2"  # handle() expires by itself
+    assert server.handle(client_frame(mac(2), "discover")) == []  # until the timed work runs
+    server.expire(clock.now)
+    assert dora(server, mac(2))[BOOTP].yiaddr == "10.77.0.2"
     assert server.counters["expired"] == 2
 
 
@@ -558,6 +589,7 @@ def test_renewal_after_expiry_of_a_taken_address_is_naked():
     server = make_server(clock, pool=(ip(2), ip(2)))
     dora(server, mac(1))
     clock.now += 3601
+    server.expire(clock.now)
     dora(server, mac(2))
     nak = one(server.handle(client_frame(mac(1), "request", ciaddr="10.77.0.2")))
     assert options_of(nak)["error_message"] == b"taken"
@@ -573,7 +605,7 @@ def test_restart_with_state_file_keeps_leases(tmp_path):
     dora(server, mac(1), [("hostname", b"vm-one")])
     dora(server, mac(2), [("client_id", b"\x01" + mac(2))])
     dora(server, mac(3))
-    server.handle(client_frame(mac(3), "release", ciaddr="10.77.0.4"))
+    exchange(server, client_frame(mac(3), "release", ciaddr="10.77.0.4"))
     document = json.loads(state.read_text())
     assert document["version"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["leases.json"]  # no temp files
@@ -587,7 +619,7 @@ def test_restart_with_state_file_keeps_leases(tmp_path):
     assert restarted.leases[mac(2)].client_id == b"\x01" + mac(2)
     # A newcomer does not get a leased address; the old clients keep theirs.
     assert dora(restarted, mac(4))[BOOTP].yiaddr == "10.77.0.5"
-    renew = one(restarted.handle(client_frame(mac(1), "request", ciaddr="10.77.0.2")))
+    renew = one(exchange(restarted, client_frame(mac(1), "request", ciaddr="10.77.0.2")))
     assert options_of(renew)["message-type"] == 5
     assert dora(restarted, mac(3))[BOOTP].yiaddr == "10.77.0.4"  # remembered across restart
 
@@ -602,39 +634,75 @@ def test_lease_that_ran_out_while_down_is_not_running_after_restart(tmp_path):
     assert dora(restarted, mac(1))[BOOTP].yiaddr == "10.77.0.2"
 
 
-def test_request_flood_does_not_write_per_frame_and_restart_still_covers_the_lease(
-    tmp_path, monkeypatch
-):
+def test_request_flood_does_not_write_per_frame_and_restart_still_covers_the_lease(tmp_path):
     clock = Clock()
     state = tmp_path / "leases.json"
-    writes = []
-    real_write = dhcp_module._write_atomically
-    monkeypatch.setattr(dhcp_module, "_write_atomically",
-                        lambda path, data: (writes.append(data), real_write(path, data)))
     server = make_server(clock, state_path=state)
+    writes = []
+    server.on_dirty = lambda: writes.append(clock.now)
     dora(server, mac(1))
     assert len(writes) == 1
     for _ in range(100):
         clock.now += 0.5
-        one(server.handle(client_frame(mac(1), "request", ciaddr="10.77.0.2")))
+        one(exchange(server, client_frame(mac(1), "request", ciaddr="10.77.0.2")))
     assert len(writes) == 1
     clock.now += 20
-    one(server.handle(client_frame(mac(1), "request", ciaddr="10.77.0.2")))
+    one(exchange(server, client_frame(mac(1), "request", ciaddr="10.77.0.2")))
     assert len(writes) == 2
     clock.now += 59
-    one(server.handle(client_frame(mac(1), "request", ciaddr="10.77.0.2")))
+    one(exchange(server, client_frame(mac(1), "request", ciaddr="10.77.0.2")))
     given_until = server.leases[mac(1)].expires
     assert make_server(clock, state_path=state).leases[mac(1)].expires >= given_until
 
 
-def test_grant_that_cannot_be_written_is_not_acked(tmp_path):
-    server = make_server(state_path=tmp_path / "missing-dir" / "leases.json")
+def test_grants_and_declines_write_nothing_in_handle_and_ack_only_once_written(
+    tmp_path, monkeypatch
+):
+    """A burst of grants and declines: handle() never touches the disk; the ACKs wait for
+    the shell's one write of the batch, and what it wrote is what a restart sees."""
+    clock = Clock()
+    state = tmp_path / "leases.json"
+    monkeypatch.setattr(dhcp_module, "_write_atomically",
+                        lambda path, data: pytest.fail("handle() wrote the state file"))
+    server = make_server(clock, state_path=state)
+    dirty = []
+    server.on_dirty = lambda: dirty.append(1)
+    for n in range(1, 11):
+        offer = one(server.handle(client_frame(mac(n), "discover")))
+        assert server.handle(client_frame(mac(n), "request", [
+            ("requested_addr", offer[BOOTP].yiaddr), ("server_id", str(GATEWAY))])) == []
+    assert server.handle(client_frame(mac(1), "decline", [("requested_addr", "10.77.0.2")])) \
+        == []
+    assert server.dirty and len(dirty) == 11 and not state.exists()
+    monkeypatch.undo()
+    snapshot = server.snapshot()
+    snapshot.write()
+    acks = [check_reply(a) for a in server.persisted(snapshot)]
+    assert sorted(a[BOOTP].chaddr[:6] for a in acks) == [mac(n) for n in range(2, 11)]
+    assert not server.dirty
+    restarted = make_server(clock, state_path=state)
+    assert set(restarted.leases) == {mac(n) for n in range(2, 11)}
+    nak = one(restarted.handle(client_frame(mac(11), "request", [("requested_addr", "10.77.0.2")])))
+    assert options_of(nak)["error_message"] == b"declined"
+
+
+def test_grant_that_cannot_be_written_is_not_acked_until_a_write_succeeds(tmp_path):
+    directory = tmp_path / "not-yet"
+    server = make_server(state_path=directory / "leases.json")
     offer = one(server.handle(client_frame(mac(1), "discover")))
-    replies = server.handle(client_frame(mac(1), "request", [
-        ("requested_addr", offer[BOOTP].yiaddr), ("server_id", str(GATEWAY))]))
-    assert replies == []
-    assert server.counters["persist_failed"] == 1
-    assert server.leases == {}
+    assert server.handle(client_frame(mac(1), "request", [
+        ("requested_addr", offer[BOOTP].yiaddr), ("server_id", str(GATEWAY))])) == []
+    snapshot = server.snapshot()
+    with pytest.raises(OSError) as error:
+        snapshot.write()
+    server.persist_failed(snapshot, error.value)
+    assert server.counters["persist_failed"] == 1 and server.counters["ack"] == 0
+    assert server.dirty  # the shell tries again
+    # The address stays with the client (the safe side), and nobody else is offered it.
+    assert one(server.handle(client_frame(mac(2), "discover")))[BOOTP].yiaddr != offer[BOOTP].yiaddr
+    directory.mkdir()
+    assert options_of(one(persist(server)))["message-type"] == 5
+    assert server.counters["ack"] == 1
 
 
 @pytest.mark.parametrize(
@@ -819,6 +887,162 @@ def test_config_refuses_nonsense():
     assert config.pool == (IPv4Address("10.5.0.1"), IPv4Address("10.5.0.253"))
 
 
+# --- What one client may make the server do --------------------------------------------------
+
+
+def test_messages_beyond_a_clients_rate_are_ignored_and_counted_unicast_included():
+    clock = Clock()
+    server = make_server(clock)
+    dora(server, mac(1))
+    renew = client_frame(mac(1), "request", ciaddr="10.77.0.2", src_ip="10.77.0.2",
+                         dst_ip=str(GATEWAY), dst_mac=SERVER_MAC)
+    answered = sum(len(server.handle(renew)) for _ in range(40))
+    assert answered == RATE_BURST - 2  # the DORA took two tokens
+    assert server.counters["rate_limited"] == 40 - answered
+    clock.now += 1.0
+    assert sum(len(server.handle(renew)) for _ in range(40)) == RATE_PER_SECOND
+    # Another client is not affected.
+    assert dora(server, mac(2))[BOOTP].yiaddr == "10.77.0.3"
+
+
+def test_macs_behind_one_port_share_its_rate_budget():
+    server = make_server()
+    server.port_of = lambda m: "port-a" if m != mac(99) else None
+    offers = sum(len(server.handle(client_frame(mac(n % 8 + 1), "discover")))
+                 for n in range(40))
+    assert offers == RATE_BURST
+    assert server.counters["rate_limited"] == 40 - RATE_BURST
+    assert one(server.handle(client_frame(mac(99), "discover")))  # on no known port: its own
+
+
+def decline_cycle(server: DhcpServer, m: bytes) -> list[bytes]:
+    offer = one(server.handle(client_frame(m, "discover")))
+    return server.handle(client_frame(m, "decline", [
+        ("requested_addr", offer[BOOTP].yiaddr), ("server_id", str(GATEWAY))]))
+
+
+def test_declines_beyond_a_ports_budget_are_ignored_and_rested_addresses_come_back():
+    """The measured attack: DISCOVER/DECLINE pairs from one MAC, within the rate limit.  The
+    port rests DECLINE_BUDGET addresses per window, not the pool."""
+    clock = Clock()
+    server = make_server(clock)
+    for _ in range(100):
+        clock.now += 1.0
+        decline_cycle(server, mac(1))
+    assert server.counters["decline_over_budget"] == 100 - DECLINE_BUDGET
+    # Rested: the budget's addresses; offered to mac(1), whose DECLINE was ignored: one more.
+    offer = one(server.handle(client_frame(mac(2), "discover")))
+    assert offer[BOOTP].yiaddr == str(ip(2 + DECLINE_BUDGET + 1))
+    clock.now += max(DECLINE_WINDOW_SECONDS, DECLINE_HOLD_SECONDS)
+    server.expire(clock.now)
+    assert one(server.handle(client_frame(mac(3), "discover")))[BOOTP].yiaddr == "10.77.0.2"
+    decline_cycle(server, mac(1))  # a new window: one more DECLINE counts
+    assert server.counters["decline_over_budget"] == 100 - DECLINE_BUDGET
+
+
+def test_discover_on_an_exhausted_pool_does_not_walk_the_pool(tmp_path, monkeypatch):
+    """A /20 pool fully leased (from the state file): a DISCOVER looks at a handful of
+    addresses, not at every address of the pool, and expires nothing by itself."""
+    clock = Clock()
+    subnet = IPv4Network("10.80.0.0/20")
+    hosts = list(subnet.hosts())[1:]
+    state = tmp_path / "leases.json"
+    state.write_text(json.dumps({"version": 1, "leases": [
+        {"mac": (0x020000000000 + n).to_bytes(6, "big").hex(":"), "ip": str(address),
+         "expires": clock.now + 3600, "hostname": None, "client_id": None}
+        for n, address in enumerate(hosts)]}))
+    server = make_server(clock, subnet=subnet, gateway=next(subnet.hosts()), state_path=state,
+                         dns=())
+    assert len(server.leases) == len(hosts)
+    built = []
+    real = dhcp_module.IPv4Address
+    monkeypatch.setattr(dhcp_module, "IPv4Address", lambda *a: built.append(1) or real(*a))
+    monkeypatch.setattr(server, "expire", lambda now=None: pytest.fail("expire() per frame"))
+    assert server.handle(client_frame(mac(1), "discover", dst_ip=BROADCAST_IP)) == []
+    assert server.counters["pool_exhausted"] == 1
+    assert len(built) < 20
+
+
+def test_every_table_a_client_can_grow_is_bounded(monkeypatch):
+    """Offers, rested addresses and budgets have named limits: a flood from many MACs on
+    many ports leaves each table at its limit, and the server still serves."""
+    for name, limit in (("MAX_OFFERS", 16), ("MAX_DECLINED", 8), ("MAX_CLIENTS_TRACKED", 32)):
+        monkeypatch.setattr(dhcp_module, name, limit)
+    clock = Clock()
+    server = make_server(clock, subnet=IPv4Network("10.77.0.0/22"), pool=None)
+    server.port_of = lambda m: m[5] % 50  # 50 ports
+    macs = [bytes([0x52, 0x54, 0, 0, n >> 8, n & 0xFF]) for n in range(500)]
+    for m in macs:
+        clock.now += 0.01
+        decline_cycle(server, m)
+        server.handle(client_frame(m, "discover"))
+    sizes = server.table_sizes()
+    assert sizes["offers"] == 16 and sizes["declined"] == 8 and sizes["budgets"] == 32
+    assert server.counters["offer_evicted"] > 0 and server.counters["decline_table_full"] > 0
+    clock.now += 10
+    assert dora(server, mac(1))[BOOTP].yiaddr  # still serving
+
+
+# The reasons a frame may be ignored for: anything else is a bug.
+IGNORE_REASONS = {"rate_limited", "malformed", "not_for_us", "bad_checksum", "fragment",
+                  "not_request", "not_ethernet", "no_cookie", "bootp", "bad_message_type",
+                  "bad_option", "bad_mac", "chaddr_mismatch", "relayed"}
+FUZZ_SECONDS = 2.0
+OPTION_CODES = [0, 1, 3, 12, 50, 51, 52, 53, 54, 55, 57, 61, 255]
+
+
+def option_soup(rng: random.Random) -> bytes:
+    """Options as a hostile client writes them: known codes with any length and contents,
+    overload, split options, PAD and END anywhere, and sometimes a dangling length."""
+    soup = bytearray()
+    for _ in range(rng.randrange(12)):
+        code = rng.choice(OPTION_CODES) if rng.random() < 0.8 else rng.randrange(256)
+        if code in (0, 255):
+            soup.append(code)
+            continue
+        size = rng.choice([0, 1, 2, 4, 6, rng.randrange(256)])
+        value = bytes(rng.randrange(256) for _ in range(min(size, 40)))
+        if code == 53 and rng.random() < 0.7:
+            value, size = bytes([rng.randrange(1, 9)]), 1
+        soup += bytes([code, size]) + value
+    return bytes(soup)
+
+
+def test_option_soups_and_truncated_bootp_are_only_ever_ignored_and_counted():
+    """A bounded fuzzer (FUZZ_SECONDS, seeded): option soups in the main area, `file` and
+    `sname`; truncations anywhere in BOOTP; every frame gets a well-formed reply or an
+    ignore counted under a known reason, never an exception."""
+    seed = random.randrange(1 << 32)
+    rng = random.Random(seed)
+    clock = Clock()
+    server = make_server(clock, pool=(ip(2), ip(40)))
+    stop, runs = time.monotonic() + FUZZ_SECONDS, 0
+    while time.monotonic() < stop:
+        runs += 1
+        clock.now += rng.choice([0.0, 0.3, 5.0])
+        options = option_soup(rng)
+        if rng.random() < 0.8:
+            options = b"\x35\x01" + bytes([rng.randrange(1, 9)]) + options
+        message = bootp(options, chaddr=mac(rng.randrange(1, 20)),
+                        sname=option_soup(rng)[:64], file=option_soup(rng)[:128])
+        if rng.random() < 0.3:
+            message = message[: rng.randrange(len(message) + 1)]
+        frame = raw_frame(message, src=mac(rng.randrange(1, 20)))
+        before = server.counters.copy()
+        try:
+            replies = server.handle(frame)
+        except Exception as error:
+            raise AssertionError(f"seed {seed}, run {runs}: {frame.hex()}") from error
+        assert_well_formed(server, replies)
+        if not replies:
+            changed = {k for k in server.counters if server.counters[k] != before[k]}
+            assert changed & (IGNORE_REASONS | set(dhcp_module.CLIENT_MESSAGE_NAMES.values())), (
+                f"seed {seed}: ignored without a count: {frame.hex()}")
+        if runs % 100 == 0:
+            server.expire(clock.now)
+    assert runs > 100
+
+
 # --- Hostile input, at random -------------------------------------------------------------
 
 VALID_FRAMES = [
@@ -926,6 +1150,7 @@ def test_no_address_is_ever_held_by_two_macs(tmp_path_factory, actions):
 
     hook(server)
     for action, n, last, shared_id in actions:
+        clock.now += 1  # within every client's rate budget
         m, wanted = mac(n), str(ip(last))
         extra = [("client_id", b"\x01shared")] if shared_id and n <= 2 else []
         if action == "discover":
@@ -955,7 +1180,7 @@ def test_no_address_is_ever_held_by_two_macs(tmp_path_factory, actions):
             bound = {lease.ip: lease.mac for lease in server.leases.values()}
             frames = []
         for frame in frames:
-            assert_well_formed(server, server.handle(frame))
+            assert_well_formed(server, exchange(server, frame))
         leases = server.leases
         assert {lease.ip: mac_ for mac_, lease in leases.items()} == bound or action == "tick"
         reloaded = make_server(clock, state_path=state, pool=(ip(2), ip(5)),
@@ -965,3 +1190,52 @@ def test_no_address_is_ever_held_by_two_macs(tmp_path_factory, actions):
             assert running is None or running.mac == mac_
         for lease in leases.values():
             assert reloaded.lease_for_ip(lease.ip).mac == lease.mac
+
+
+# --- In the hub: the lease writer and per-port budgets -------------------------------------
+
+
+async def test_hub_acks_once_the_lease_is_written_and_writes_again_at_shutdown(
+    tmp_path, monkeypatch
+):
+    """The shell writes the lease before the guest sees its ACK; a release the periodic
+    writer has not got to yet (its period is an hour here) is written at shutdown."""
+    monkeypatch.setattr(hub_module, "PERSIST_INTERVAL_SECONDS", 3600.0)
+    config = HubConfig(sockets=[str(tmp_path / "dhcp-vm.sock")], state_dir=tmp_path,
+                       subnet=SUBNET)
+    state = tmp_path / "leases-10.77.0.0_24.json"
+    m = mac(1)
+    async with hub_with_guests(config, 1) as (hub, [fe]):
+        offer = await guest_exchange(fe, Ether(client_frame(m, "discover")), "DHCP")
+        ack = await guest_exchange(fe, Ether(client_frame(m, "request", [
+            ("requested_addr", offer[BOOTP].yiaddr), ("server_id", str(GATEWAY))])), "DHCP")
+        assert options_of(ack)["message-type"] == 5
+        on_disk = json.loads(state.read_text())["leases"]
+        assert [(e["mac"], e["ip"]) for e in on_disk] == [("52:54:00:12:34:01", "10.77.0.2")]
+        assert hub.dhcp.leases[m].ip == ip(2)
+        fe.net.send([client_frame(m, "release", ciaddr="10.77.0.2")])
+        fe.kick(1)
+        with trio.fail_after(5):
+            while hub.dhcp.counters["release"] == 0:
+                await trio.sleep(0.01)
+        assert hub.dhcp.dirty
+    restarted = Hub(config)
+    assert restarted.dhcp is not None and restarted.dhcp.leases == {}  # released
+    assert restarted.dhcp.lease_for_ip(ip(2)) is None
+
+
+async def test_hub_rate_limits_dhcp_per_port_whatever_the_source_mac(tmp_path):
+    """48 DISCOVERs from 8 MACs behind one port: one bucket (per MAC, each would pass)."""
+    config = HubConfig(sockets=[str(tmp_path / "dhcp-vm.sock")], state_dir=tmp_path,
+                       subnet=SUBNET)
+    async with hub_with_guests(config, 1) as (hub, [fe]):
+        for burst in range(3):
+            fe.net.send([client_frame(mac(n % 8 + 1), "discover", xid=burst * 16 + n)
+                         for n in range(16)])
+            fe.kick(1)
+            with trio.fail_after(5):
+                while sum(hub.dhcp.counters[k] for k in ("discover", "rate_limited")) \
+                        < 16 * (burst + 1):
+                    await trio.sleep(0.01)
+    assert hub.dhcp.counters["rate_limited"] >= 48 - RATE_BURST - 4
+    assert hub.dhcp.counters["discover"] <= RATE_BURST + 4

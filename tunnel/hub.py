@@ -3,7 +3,8 @@ socket, the gateway (the hub's own addresses and services: ARP, ICMP, NDP, route
 advertisements, DHCP), and one per endpoint connected through the tunnel (tunnel/listener.py).
 
 The Trio side is thin: each vhost-user socket has its server (virtio.backend), the gateway
-has a task that moves its replies into the switch and wakes it for timed work, and a
+has a task that moves its replies into the switch and wakes it for timed work, the DHCP
+server's leases are written by a task of their own (in a worker thread, batched), and a
 housekeeping task ages the switch's tables.  The hub also answers `vhostvpn status`.
 """
 
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import trio
 
+from netstack.dhcp import PERSIST_INTERVAL_SECONDS, DhcpConfig, DhcpServer
+from netstack.frame import Frame
 from netstack.gateway import GatewayConfig, GatewayPort
 from netstack.pcap import CAPTURE_DIR_MODE, PcapWriter
 from netstack.port import Port
@@ -87,6 +90,7 @@ class Hub:
                 self.switch, load_identity(config.identity_dir), config.peers_file,
                 config.listen[0], config.listen[1], name=config.name, mtu=config.mtu,
                 port_policy=config.port_policy)
+        self.dhcp: DhcpServer | None = None
         self.gateway = self._make_gateway(config)
         if self.gateway is not None:
             self.switch.attach(self.gateway)
@@ -118,12 +122,11 @@ class Hub:
                                        mtu=config.mtu, dns6=dns6)
         dhcp = None
         if config.subnet is not None and config.dhcp:
-            dhcp = self._make_dhcp(config, ipv4, mac)
+            dhcp = self.dhcp = self._make_dhcp(config, ipv4, mac)
         return GatewayPort(gateway_config, dhcp=dhcp)
 
-    def _make_dhcp(self, config: HubConfig, ipv4: ipaddress.IPv4Interface, mac: bytes):
-        from netstack.dhcp import DhcpConfig, DhcpServer
-
+    def _make_dhcp(self, config: HubConfig, ipv4: ipaddress.IPv4Interface,
+                   mac: bytes) -> DhcpServer:
         state_dir = config.state_dir or default_state_dir()
         state_dir.mkdir(parents=True, exist_ok=True)
         subnet_name = str(config.subnet).replace("/", "_")
@@ -137,9 +140,15 @@ class Hub:
         server.on_lease = lambda lease: self.switch.bind_lease(lease.ip.packed, lease.mac)
         server.on_release = lambda lease: self.switch.unbind_lease(lease.ip.packed)
         server.in_use = lambda ip, mac: self.switch.used_by_another_port(ip.packed, mac)
+        server.port_of = self._port_of
         for lease in server.leases.values():  # from the state file: bound once MACs are seen
             log.info("lease %s for %s restored", lease.ip, lease.mac.hex(":"))
         return server
+
+    def _port_of(self, mac: bytes) -> Port | None:
+        """The port the switch learned `mac` on (DHCP budgets are per port)."""
+        entry = self.switch.mac_table.get(mac)
+        return entry[0] if entry is not None else None
 
     def status(self) -> dict[str, object]:
         ports = []
@@ -163,6 +172,8 @@ class Hub:
                     await nursery.start(serve_control, self.config.control, self.status)
                 if self.gateway is not None:
                     nursery.start_soon(self._run_gateway, self.gateway)
+                if self.dhcp is not None:
+                    nursery.start_soon(self._persist_leases, self.dhcp)
                 if self.tunnel is not None:
                     await nursery.start(self.tunnel.run)
                 nursery.start_soon(self._housekeeping)
@@ -170,6 +181,9 @@ class Hub:
                          f", gateway {self.config.subnet}" if self.gateway else "")
                 task_status.started()
         finally:
+            if self.dhcp is not None and self.dhcp.dirty:  # once more at shutdown
+                with trio.CancelScope(shield=True):
+                    await self._write_leases(self.dhcp, send_acks=False)
             for port in self.ports:
                 if port.capture is not None:
                     port.capture.close()
@@ -187,6 +201,30 @@ class Hub:
             gateway.on_ready = ready.set
             with trio.move_on_after(max(0.0, gateway.next_deadline() - gateway.clock())):
                 await ready.wait()
+
+    async def _persist_leases(self, dhcp: DhcpServer) -> None:
+        """Write the lease table whenever it changed, at most every PERSIST_INTERVAL_SECONDS
+        (the changes of that time go in one write), and send the ACKs that waited for it."""
+        while True:
+            if not dhcp.dirty:
+                changed = trio.Event()
+                dhcp.on_dirty = changed.set
+                await changed.wait()
+            await self._write_leases(dhcp, send_acks=True)
+            await trio.sleep(PERSIST_INTERVAL_SECONDS)
+
+    async def _write_leases(self, dhcp: DhcpServer, *, send_acks: bool) -> None:
+        snapshot = dhcp.snapshot()
+        try:
+            # Encoding and the fsyncs run in a worker thread; not abandoned on cancellation,
+            # so a shutdown waits for a write under way.
+            await trio.to_thread.run_sync(snapshot.write)
+        except OSError as error:
+            dhcp.persist_failed(snapshot, error)
+            return
+        acks = dhcp.persisted(snapshot)
+        if acks and send_acks and self.gateway is not None:
+            self.switch.forward(self.gateway, [Frame(ack) for ack in acks])
 
     async def _housekeeping(self) -> None:
         while True:
