@@ -49,6 +49,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=100, help="rounds per victim")
     parser.add_argument("--out", type=Path, default=Path("bench/results/kill_loop.json"))
+    parser.add_argument("--victims", default=",".join(VICTIMS),
+                        help="comma-separated, from " + ",".join(VICTIMS))
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="keep the processes' logs in DIR (default: a temporary folder)")
     args = parser.parse_args()
     ensure_image()
     rounds: list[dict] = []
@@ -57,10 +61,15 @@ def main() -> None:
         rounds.append({"victim": victim, "seconds": round(seconds, 3)})
         print(f"round {index + 1:4d}: {victim:5s} back in {seconds:5.2f} s", flush=True)
 
-    with tempfile.TemporaryDirectory(prefix="vv-killloop-") as workdir, \
+    victims = tuple(args.victims.split(","))
+    if not set(victims) <= set(VICTIMS):
+        parser.error(f"--victims: choose from {','.join(VICTIMS)}")
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="vv-killloop-") as scratch, \
             hub_and_hosts(2) as namespaces:
-        loop = KillLoop(Path(workdir), namespaces)
-        result = trio.run(loop.run, args.rounds * len(VICTIMS), VICTIMS, progress)
+        loop = KillLoop(args.keep or Path(scratch), namespaces)
+        result = trio.run(loop.run, args.rounds * len(victims), victims, progress)
     report = {"rounds": rounds, "summary": summary(rounds),
               "stream_bytes": result.stream_bytes, "stream_intact": result.stream_intact,
               "target_seconds": TARGET_SECONDS}
