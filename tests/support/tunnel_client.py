@@ -1,0 +1,58 @@
+"""A raw tunnel client for attack tests: it authenticates like an endpoint (tunnel/keys.py,
+tunnel/wire.py, tunnel/tls.py) and then hands the TLS stream and the codec to the test, which
+sends whatever it likes (a PING flood, random records) and reads only if it wants to."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from netstack.frame import ALL_OFFLOADS
+from tunnel.keys import check_server, client_ssl_context, load_identity, sign_client_auth
+from tunnel.tls import TLSStream
+from tunnel.wire import Hello, WireConnection
+
+
+@dataclass
+class RawPeer:
+    tls: TLSStream
+    wire: WireConnection
+
+    async def read_until_closed(self, timeout: float) -> bool:
+        """Read (and drop) everything until the hub closes; False if it did not in time."""
+        with trio.move_on_after(timeout):
+            try:
+                while await self.tls.receive_some(1 << 16):
+                    pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            return True
+        return False
+
+
+async def connect_peer(port: int, identity_dir: Path, hub_fingerprint: bytes, name: str, *,
+                       host: str = "127.0.0.1", receive_buffer: int | None = None,
+                       timeout: float = 10.0) -> RawPeer:
+    """An authenticated connection to the hub at host:port; `receive_buffer` shrinks the
+    socket's SO_RCVBUF before connecting (a peer that reads nothing fills it sooner)."""
+    with trio.fail_after(timeout):
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if receive_buffer is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        await sock.connect((host, port))
+        tls = TLSStream(trio.SocketStream(sock), client_ssl_context(), server_side=False)
+        await tls.do_handshake()
+        check_server(tls, hub_fingerprint)
+        wire = WireConnection("client", name=name, offloads=int(ALL_OFFLOADS), mtu=1500)
+        await tls.send_all(wire.send_hello())
+        hello = None
+        while hello is None:
+            wire.receive_data(await tls.receive_some(1 << 16))
+            hello = next((e for e in wire.next_events() if isinstance(e, Hello)), None)
+        certificate, signature = sign_client_auth(load_identity(identity_dir), hello.challenge,
+                                                  hub_fingerprint, name)
+        await tls.send_all(wire.send_auth(certificate, signature))
+    return RawPeer(tls, wire)
