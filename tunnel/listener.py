@@ -37,6 +37,7 @@ import trio
 from netstack.frame import ALL_OFFLOADS, Frame
 from netstack.policy import PortPolicy
 from netstack.switch import Switch
+from tunnel.control import ACCEPT_RESOURCE_ERRORS, ACCEPT_RETRY_SECONDS
 from tunnel.keys import (
     AuthError,
     Identity,
@@ -64,10 +65,6 @@ HANDSHAKE_RATE = 5.0  # per second, sustained
 HANDSHAKE_BURST = 20.0
 MAX_TRACKED_SOURCES = 4096
 HANDSHAKE_READ = 16 * 1024
-# accept() failing for want of a resource (file descriptors, kernel memory): the loop waits
-# this long and accepts again; the connections meanwhile wait in the kernel's backlog.
-ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-ACCEPT_RETRY_SECONDS = 0.1
 
 
 def source_of(address: str) -> str:
