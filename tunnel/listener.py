@@ -224,11 +224,16 @@ class TunnelListener:
         """One connection under its guard: any exception closes it, counted and logged; the
         handshake slot is given back exactly once, when the handshake is over."""
         try:
+            tls = TLSStream(stream, self.ssl_context, server_side=True)
             try:
-                link = await self._handshake_phase(stream, address)
+                link = await self._handshake_phase(tls, address)
             finally:
                 self._release(source)
-            if link is not None:
+            if link is None:
+                with trio.move_on_after(1) as cleanup:
+                    cleanup.shield = True
+                    await _close_quietly(tls)
+            else:
                 result = await link.run()
                 self.links_ended[result.kind] = self.links_ended.get(result.kind, 0) + 1
                 log.info("%s: link from %s ended: %s", link.port.name, address, result.reason)
@@ -241,15 +246,15 @@ class TunnelListener:
                 cleanup.shield = True
                 await _close_quietly(stream)
 
-    async def _handshake_phase(self, stream: trio.SocketStream, source: str) -> Link | None:
-        """From accepted TCP to an authenticated Link, or None (refused: counted, closed)."""
-        tls = TLSStream(stream, self.ssl_context, server_side=True)
+    async def _handshake_phase(self, tls: TLSStream, source: str) -> Link | None:
+        """From accepted TCP to an authenticated Link, or None (refused and counted; the
+        caller closes it)."""
         link = None
         try:
             with trio.move_on_after(HANDSHAKE_SECONDS) as timeout:
-                tune_tcp(stream.socket)
+                tune_tcp(tls.socket)
                 with trio.move_on_after(FIRST_BYTES_SECONDS) as silent:
-                    await trio.lowlevel.wait_readable(stream.socket)
+                    await trio.lowlevel.wait_readable(tls.socket)
                 if silent.cancelled_caught:
                     self._refuse("silent")
                     log.info("tunnel: %s: sent nothing for %.0f s", source, FIRST_BYTES_SECONDS)
@@ -268,11 +273,6 @@ class TunnelListener:
         except AuthError as exc:
             self._refuse(f"auth_{exc.reason}")
             log.warning("tunnel: %s: refused: %s", source, exc)
-        finally:
-            if link is None:
-                with trio.move_on_after(1) as cleanup:
-                    cleanup.shield = True
-                    await _close_quietly(tls)
         return link
 
     async def _handshake(self, tls: TLSStream, source: str) -> Link | None:
