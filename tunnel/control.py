@@ -36,6 +36,29 @@ SOCKET_MODE = 0o600
 # listener (tunnel/listener.py) does the same.
 ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 ACCEPT_RETRY_SECONDS = 0.1
+ACCEPT_LOG_SECONDS = 10.0  # a burst of failures is one log line per this
+
+
+class AcceptFailures:
+    """What an accept loop does when accept() fails: wait ACCEPT_RETRY_SECONDS and go on,
+    logging at most once per ACCEPT_LOG_SECONDS (with how many failed since), with a
+    traceback only for errors that are not a resource running out."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.unreported = 0
+        self.next_report = float("-inf")
+
+    async def wait(self, exc: OSError) -> None:
+        self.unreported += 1
+        now = trio.current_time()
+        if now >= self.next_report:
+            log.error("%s: accept failed %d times: %s; retrying every %.1f s", self.what,
+                      self.unreported, exc, ACCEPT_RETRY_SECONDS,
+                      exc_info=exc.errno not in ACCEPT_RESOURCE_ERRORS)
+            self.unreported = 0
+            self.next_report = now + ACCEPT_LOG_SECONDS
+        await trio.sleep(ACCEPT_RETRY_SECONDS)
 
 
 async def bind_private(path: str) -> trio.socket.SocketType:
@@ -84,18 +107,13 @@ async def serve_control(
 
     try:
         async with trio.open_nursery() as nursery:
-            starved = False  # in a burst of accept errors: logged once
+            failures = AcceptFailures(f"control socket {path}")
             while True:
                 try:
                     conn, _ = await listener.accept()
                 except OSError as exc:
-                    if not starved:
-                        log.error("control socket %s: accept failed: %s; retrying", path, exc,
-                                  exc_info=exc.errno not in ACCEPT_RESOURCE_ERRORS)
-                    starved = True
-                    await trio.sleep(ACCEPT_RETRY_SECONDS)
+                    await failures.wait(exc)
                     continue
-                starved = False
                 if clients >= MAX_CLIENTS:
                     log.warning("control socket %s: %d clients being served, one refused",
                                 path, clients)

@@ -6,20 +6,21 @@ Path of a connection: accept -> admission (per-source token bucket, caps on conc
 handshakes in all and per source, on sessions; refused before any TLS work; a source is an
 IPv4 address or an IPv6 /64) -> the first bytes (a TLS ClientHello) within
 FIRST_BYTES_SECONDS -> TLS 1.3 handshake (bounded by HANDSHAKE_SECONDS, like the rest of the
-handshake) -> HELLO both ways -> the endpoint's AUTH
-is verified against the peers file (tunnel/keys.py) -> the connection becomes the active link
-of the SessionPort named after the peer (created and attached to the switch the first time;
-a reconnecting or rekeying endpoint takes its old port over).  No frame is accepted before
-AUTH is verified: the codec refuses FRAMES until `accept_auth()`.
+handshake) -> HELLO both ways -> the endpoint's AUTH is verified against the peers file
+(tunnel/keys.py) -> the connection becomes the active link of the SessionPort named after the
+peer (created and attached to the switch the first time; a reconnecting or rekeying endpoint
+takes its old port over).  No frame is accepted before AUTH is verified: the codec refuses
+FRAMES until `accept_auth()`.
 
 The peers file is reread on SIGHUP (`reload()`); a peer removed from it is disconnected.
 
 Containment: the accept loop never dies (a connection reset before we look at it is counted
-`gone_before_admission`; running out of file descriptors or memory is logged once per burst
-and waited out).  Each accepted connection runs under one guard (`_serve`): whatever it
-raises, expected or not, closes that connection only and is counted (`refused` for a
-handshake, `links_ended` by kind for a session's link; `internal_error` for the unexpected,
-logged with its traceback once).  The Link has its own guard inside (tunnel/session.py).
+`gone_before_admission`; accept() failing, e.g. out of file descriptors, is counted
+`accept_emfile` etc., logged once per burst and waited out: tunnel/control.AcceptFailures).
+Each accepted connection runs under one guard (`_serve`): whatever it raises, expected or
+not, closes that connection only and is counted (`refused` for a handshake, `links_ended` by
+kind for a session's link; `internal_error` for the unexpected, logged with its traceback
+once).  The Link has its own guard inside (tunnel/session.py).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import trio
 from netstack.frame import ALL_OFFLOADS, Frame
 from netstack.policy import PortPolicy
 from netstack.switch import Switch
-from tunnel.control import ACCEPT_RESOURCE_ERRORS, ACCEPT_RETRY_SECONDS
+from tunnel.control import AcceptFailures
 from tunnel.keys import (
     AuthError,
     Identity,
@@ -150,7 +151,7 @@ class TunnelListener:
 
     async def _accept_loop(self, listener: trio.SocketListener) -> None:
         """Accept until cancelled; nothing a connecting party does ends this loop."""
-        starved = False  # in a burst of resource errors: logged once
+        failures = AcceptFailures("tunnel")
         async with listener:
             while True:
                 try:
@@ -158,19 +159,9 @@ class TunnelListener:
                 except trio.ClosedResourceError:
                     return
                 except OSError as exc:
-                    if exc.errno in ACCEPT_RESOURCE_ERRORS:
-                        self._refuse("accept_" + (errno.errorcode.get(exc.errno, "?").lower()))
-                        if not starved:
-                            log.error("tunnel: accept failed: %s; retrying every %.1f s",
-                                      exc, ACCEPT_RETRY_SECONDS)
-                        starved = True
-                    else:
-                        log.exception("tunnel: accept failed unexpectedly; retrying")
-                    await trio.sleep(ACCEPT_RETRY_SECONDS)
+                    self._refuse(f"accept_{errno.errorcode.get(exc.errno, 'error').lower()}")
+                    await failures.wait(exc)
                     continue
-                if starved:
-                    log.info("tunnel: accepting again")
-                    starved = False
                 try:
                     self._admit(stream)
                 except Exception as exc:  # admission's own guard: never the loop's end

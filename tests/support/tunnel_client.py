@@ -4,16 +4,19 @@ sends whatever it likes (a PING flood, random records) and reads only if it want
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
+from scapy.layers.inet import ICMP, IP
+from scapy.layers.l2 import Ether
 
-from netstack.frame import ALL_OFFLOADS
+from netstack.frame import ALL_OFFLOADS, Frame
 from tunnel.keys import check_server, client_ssl_context, load_identity, sign_client_auth
 from tunnel.tls import TLSStream
-from tunnel.wire import Hello, WireConnection
+from tunnel.wire import Frames, Hello, WireConnection
 
 
 @dataclass
@@ -31,6 +34,26 @@ class RawPeer:
                 pass
             return True
         return False
+
+    async def echo(self, mac: bytes, address: str, gateway_mac: bytes,
+                   gateway: ipaddress.IPv4Interface, sequence: int,
+                   timeout: float = 5.0) -> None:
+        """An ICMP echo from `address` (a MAC behind this peer) to the hub's gateway, and its
+        reply: traffic through the hub's switch and services both ways."""
+        request = (Ether(src=mac, dst=gateway_mac) / IP(src=address, dst=str(gateway.ip))
+                   / ICMP(type=8, id=0x7575, seq=sequence))
+        await self.tls.send_all(self.wire.send_frames([Frame(bytes(request))]))
+        with trio.fail_after(timeout):
+            while True:
+                self.wire.receive_data(await self.tls.receive_some(1 << 16))
+                for event in self.wire.next_events():
+                    if not isinstance(event, Frames):
+                        continue
+                    for frame in event.frames:
+                        reply = Ether(bytes(frame.data))
+                        if (ICMP in reply and reply[ICMP].type == 0
+                                and reply[ICMP].seq == sequence):
+                            return
 
 
 async def connect_peer(port: int, identity_dir: Path, hub_fingerprint: bytes, name: str, *,
