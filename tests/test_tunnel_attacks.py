@@ -99,6 +99,23 @@ async def test_an_exception_in_one_sessions_forward_closes_only_that_link(net, c
         nursery.cancel_scope.cancel()
 
 
+async def test_a_ping_right_before_a_protocol_error_closes_only_that_link(net):
+    """The codec hands over the events decoded before a violation: the PING among them must
+    not be answered (the codec refuses to), and the error must end the link at once."""
+    async with trio.open_nursery() as nursery:
+        await net.start(nursery)
+        add_peer(net, "bob")
+        net.hub.tunnel.reload()
+        bob = await peer(net, "bob")
+        bad_header = RECORD_HEADER.pack(PING, 1, 0, PING_PAYLOAD.size) + bytes(16)
+        await bob.tls.send_all(PING_RECORD + bad_header)
+        assert await bob.read_until_closed(5), "bob's link was not closed"
+        await ended(net.hub.tunnel, "protocol_error")
+        assert net.endpoint.uplink.active is not None
+        assert net.hub.tunnel.sessions["alice"].active is not None
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_peer_that_floods_pings_and_never_reads_is_bounded_and_closed(net,
                                                                               monkeypatch):
     monkeypatch.setattr(session_module, "WRITE_STALL_SECONDS", 1.0)

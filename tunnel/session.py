@@ -302,7 +302,8 @@ class Link:
             if kind is Frames:
                 self.forward(port, event.frames)
             elif kind is Ping:
-                self._send_control(wire.send_pong(event.nonce, event.timestamp_ns))
+                if not wire.failed:  # else a WireError ends the link at the next call
+                    self._send_control(wire.send_pong(event.nonce, event.timestamp_ns))
             elif kind is Pong:
                 port.rtt_ms = (time.monotonic_ns() - event.timestamp_ns) / 1e6
             elif kind is Closed:
@@ -312,6 +313,8 @@ class Link:
                                   kind="peer_closed")
             elif kind is Eof:
                 return LinkResult("connection closed", by_peer=True, kind="peer_closed")
+        if wire.failed:
+            wire.next_events()  # raises the peer's WireError now, not at its next bytes
         return None
 
     async def _writer(self) -> None:
