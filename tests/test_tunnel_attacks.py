@@ -193,3 +193,14 @@ async def test_the_endpoint_rekeys_when_it_received_many_records(net):
                 await trio.sleep(0.05)
         await session_up(net.endpoint)
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(("address", "source"), [
+    ("192.0.2.7", "192.0.2.7"),
+    ("::ffff:192.0.2.7", "192.0.2.7"),
+    ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+    ("2001:db8:1:2:bbbb::9", "2001:db8:1:2::/64"),
+    ("fe80::1%eth0", "fe80::/64"),
+])
+def test_per_source_limits_count_an_ipv4_address_or_an_ipv6_64(address, source):
+    assert listener_module.source_of(address) == source
