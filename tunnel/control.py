@@ -3,14 +3,22 @@
 Protocol: the client connects to a unix socket, writes one request line ("status"), and reads
 one JSON document until the server closes.  The server side is a thin Trio loop around a
 `status()` callable; nothing here changes the process's state.
+
+Containment: the socket is created 0600 (its mode is set before bind, so it never exists
+wider); the accept loop never dies (out of file descriptors: logged once, waited out); at
+most MAX_CLIENTS are served at once, each for at most CLIENT_SECONDS, request and reply
+together (a client that never reads is cut); an exception while answering (a `status()`
+bug) is logged with its traceback and answered as an error, not raised.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import socket
+import stat
 from collections.abc import Callable
 
 import trio
@@ -19,6 +27,58 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST = 256
 REQUEST_TIMEOUT = 5.0
+# A client's whole exchange (request and reply) and how many are served at once.
+CLIENT_SECONDS = REQUEST_TIMEOUT
+MAX_CLIENTS = 16
+SOCKET_MODE = 0o600
+# accept() failing for want of a resource (file descriptors, kernel memory): wait this long,
+# then accept again; the connections meanwhile wait in the kernel's backlog.  The tunnel's
+# listener (tunnel/listener.py) does the same.
+ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+ACCEPT_RETRY_SECONDS = 0.1
+ACCEPT_LOG_SECONDS = 10.0  # a burst of failures is one log line per this
+
+
+class AcceptFailures:
+    """What an accept loop does when accept() fails: wait ACCEPT_RETRY_SECONDS and go on,
+    logging at most once per ACCEPT_LOG_SECONDS (with how many failed since), with a
+    traceback only for errors that are not a resource running out."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.unreported = 0
+        self.next_report = float("-inf")
+
+    async def wait(self, exc: OSError) -> None:
+        self.unreported += 1
+        now = trio.current_time()
+        if now >= self.next_report:
+            log.error("%s: accept failed %d times: %s; retrying every %.1f s", self.what,
+                      self.unreported, exc, ACCEPT_RETRY_SECONDS,
+                      exc_info=exc.errno not in ACCEPT_RESOURCE_ERRORS)
+            self.unreported = 0
+            self.next_report = now + ACCEPT_LOG_SECONDS
+        await trio.sleep(ACCEPT_RETRY_SECONDS)
+
+
+async def bind_private(path: str) -> trio.socket.SocketType:
+    """A unix stream socket bound at `path` with mode SOCKET_MODE from the start: Linux
+    creates the file with the socket's own mode (less the umask), set here before bind."""
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        os.fchmod(sock.fileno(), SOCKET_MODE)
+        if os.path.exists(path):
+            os.unlink(path)
+        await sock.bind(path)
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        if mode & ~SOCKET_MODE:
+            os.unlink(path)
+            raise OSError(errno.EPERM, f"control socket {path} was created {mode:#o}, "
+                          f"want {SOCKET_MODE:#o} (this kernel ignores the socket's mode)")
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 async def serve_control(
@@ -28,19 +88,39 @@ async def serve_control(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Answer status requests on `path` until cancelled."""
-    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    if os.path.exists(path):
-        os.unlink(path)
-    await listener.bind(path)
-    os.chmod(path, 0o600)
-    listener.listen(16)
+    listener = await bind_private(path)
+    listener.listen(MAX_CLIENTS)
     log.info("control socket on %s", path)
     task_status.started()
+    clients = 0
+
+    async def serve(conn: trio.socket.SocketType) -> None:
+        nonlocal clients
+        try:
+            with trio.move_on_after(CLIENT_SECONDS):
+                await _answer(trio.SocketStream(conn), status)
+        except Exception as exc:  # this client's guard: never the loop's end
+            log.error("control socket %s: client failed: %r", path, exc, exc_info=exc)
+        finally:
+            conn.close()
+            clients -= 1
+
     try:
         async with trio.open_nursery() as nursery:
+            failures = AcceptFailures(f"control socket {path}")
             while True:
-                conn, _ = await listener.accept()
-                nursery.start_soon(_answer, trio.SocketStream(conn), status)
+                try:
+                    conn, _ = await listener.accept()
+                except OSError as exc:
+                    await failures.wait(exc)
+                    continue
+                if clients >= MAX_CLIENTS:
+                    log.warning("control socket %s: %d clients being served, one refused",
+                                path, clients)
+                    conn.close()
+                    continue
+                clients += 1
+                nursery.start_soon(serve, conn)
     finally:
         listener.close()
         if os.path.exists(path):
@@ -48,23 +128,30 @@ async def serve_control(
 
 
 async def _answer(stream: trio.SocketStream, status: Callable[[], dict[str, object]]) -> None:
-    async with stream:
-        request = b""
-        with trio.move_on_after(REQUEST_TIMEOUT):
-            while b"\n" not in request and len(request) < MAX_REQUEST:
-                chunk = await stream.receive_some(MAX_REQUEST)
-                if not chunk:
-                    break
-                request += chunk
-        command = request.split(b"\n", 1)[0].strip().decode("ascii", "replace")
-        if command == "status":
-            reply = {"ok": True, **status()}
-        else:
-            reply = {"ok": False, "error": f"unknown request {command!r} (want 'status')"}
+    """Read one request line, send one reply."""
+    request = b""
+    try:
+        while b"\n" not in request and len(request) < MAX_REQUEST:
+            chunk = await stream.receive_some(MAX_REQUEST)
+            if not chunk:
+                break
+            request += chunk
+    except trio.BrokenResourceError:
+        return
+    command = request.split(b"\n", 1)[0].strip().decode("ascii", "replace")
+    if command == "status":
         try:
-            await stream.send_all(json.dumps(reply).encode() + b"\n")
-        except trio.BrokenResourceError:
-            pass
+            reply = json.dumps({"ok": True, **status()})
+        except Exception as exc:
+            log.error("control: status failed: %r", exc, exc_info=exc)
+            reply = json.dumps({"ok": False, "error": f"status failed: {exc!r}"})
+    else:
+        reply = json.dumps({"ok": False,
+                            "error": f"unknown request {command[:64]!r} (want 'status')"})
+    try:
+        await stream.send_all(reply.encode() + b"\n")
+    except trio.BrokenResourceError:
+        pass
 
 
 def query(path: str, command: str = "status", timeout: float = REQUEST_TIMEOUT) -> dict:

@@ -12,8 +12,10 @@ the pinned fingerprint (nothing is sent to a hub that fails) -> HELLO both ways 
 endpoint's signature over the hub's challenge -> the link carries frames.  When it ends, the
 endpoint retries with exponential backoff and jitter (BACKOFF_SECONDS); the guests keep their
 NICs up meanwhile and what they send is dropped and counted (`link_down`).  Rekeying is make
-before break: after REKEY_SECONDS, or before the link's TLS record count nears REKEY_RECORDS,
-a new connection is made and takes over; the old one drains and closes.
+before break: after REKEY_SECONDS, or before the TLS records on either direction's key near
+REKEY_RECORDS (`records_on_key`: TLS 1.3 keys each direction apart, and the hub never rekeys,
+so the endpoint counts what it receives too), a new connection is made and takes over; the
+old one drains and closes.
 """
 
 from __future__ import annotations
@@ -52,6 +54,14 @@ REKEY_SECONDS = 3600.0
 REKEY_RECORDS = 1 << 24
 TLS_RECORD_PLAINTEXT = 16384
 HANDSHAKE_READ = 16 * 1024
+
+
+def records_on_key(wire: WireConnection) -> int:
+    """An upper estimate of the TLS records the busier direction's key has protected: every
+    wire record is at least one TLS record, and a full TLS record carries
+    TLS_RECORD_PLAINTEXT bytes."""
+    return max(counters.records + counters.bytes // TLS_RECORD_PLAINTEXT
+               for counters in (wire.sent, wire.received))
 
 
 @dataclass
@@ -227,8 +237,7 @@ class Endpoint:
                     await ended.wait()
                 if ended.is_set():
                     break
-                wire = current.wire
-                records = wire.sent.records + wire.sent.bytes // TLS_RECORD_PLAINTEXT
+                records = records_on_key(current.wire)
                 age = time.monotonic() - current.started
                 if age < self.config.rekey_seconds and records < REKEY_RECORDS:
                     continue

@@ -3,18 +3,30 @@
 Who uses it: `vhostvpn hub --listen HOST:PORT --identity DIR --peers FILE` (tunnel/hub.py).
 
 Path of a connection: accept -> admission (per-source token bucket, caps on concurrent
-handshakes and on sessions; refused before any TLS work) -> TLS 1.3 handshake (bounded by
-HANDSHAKE_SECONDS, like the rest of the handshake) -> HELLO both ways -> the endpoint's AUTH
-is verified against the peers file (tunnel/keys.py) -> the connection becomes the active link
-of the SessionPort named after the peer (created and attached to the switch the first time;
-a reconnecting or rekeying endpoint takes its old port over).  No frame is accepted before
-AUTH is verified: the codec refuses FRAMES until `accept_auth()`.
+handshakes in all and per source, on sessions; refused before any TLS work; a source is an
+IPv4 address or an IPv6 /64) -> the first bytes (a TLS ClientHello) within
+FIRST_BYTES_SECONDS -> TLS 1.3 handshake (bounded by HANDSHAKE_SECONDS, like the rest of the
+handshake) -> HELLO both ways -> the endpoint's AUTH is verified against the peers file
+(tunnel/keys.py) -> the connection becomes the active link of the SessionPort named after the
+peer (created and attached to the switch the first time; a reconnecting or rekeying endpoint
+takes its old port over).  No frame is accepted before AUTH is verified: the codec refuses
+FRAMES until `accept_auth()`.
 
 The peers file is reread on SIGHUP (`reload()`); a peer removed from it is disconnected.
+
+Containment: the accept loop never dies (a connection reset before we look at it is counted
+`gone_before_admission`; accept() failing, e.g. out of file descriptors, is counted
+`accept_emfile` etc., logged once per burst and waited out: tunnel/control.AcceptFailures).
+Each accepted connection runs under one guard (`_serve`): whatever it raises, expected or
+not, closes that connection only and is counted (`refused` for a handshake, `links_ended` by
+kind for a session's link; `internal_error` for the unexpected, logged with its traceback
+once).  The Link has its own guard inside (tunnel/session.py).
 """
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import logging
 import time
 from collections import OrderedDict
@@ -26,6 +38,7 @@ import trio
 from netstack.frame import ALL_OFFLOADS, Frame
 from netstack.policy import PortPolicy
 from netstack.switch import Switch
+from tunnel.control import AcceptFailures
 from tunnel.keys import (
     AuthError,
     Identity,
@@ -41,13 +54,29 @@ from tunnel.wire import Auth, CloseCode, Closed, Eof, Hello, WireConnection, Wir
 log = logging.getLogger(__name__)
 
 HANDSHAKE_SECONDS = 10.0
+# A connection that sends nothing (no ClientHello) is cut after this, long before the above.
+FIRST_BYTES_SECONDS = 3.0
 MAX_HANDSHAKES = 64  # concurrent, all sources together
+# Concurrent handshakes from one source (an IPv4 address, an IPv6 /64): a few sources cannot
+# take every slot.
+MAX_HANDSHAKES_PER_SOURCE = 8
 MAX_SESSIONS = 1024
 # Handshakes a source address may start: a token bucket.
 HANDSHAKE_RATE = 5.0  # per second, sustained
 HANDSHAKE_BURST = 20.0
 MAX_TRACKED_SOURCES = 4096
 HANDSHAKE_READ = 16 * 1024
+
+
+def source_of(address: str) -> str:
+    """What the per-source limits count: an IPv4 address (also when mapped into IPv6), or the
+    /64 of an IPv6 address (one machine commonly holds a whole /64)."""
+    ip = ipaddress.ip_address(address.partition("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 class SourceLimiter:
@@ -98,7 +127,9 @@ class TunnelListener:
         self.sessions: dict[str, SessionPort] = {}
         self.limiter = SourceLimiter()
         self.handshakes = 0
+        self.handshakes_by_source: dict[str, int] = {}
         self.refused: dict[str, int] = {}
+        self.links_ended: dict[str, int] = {}  # by LinkResult.kind
         self.bound: list[tuple[str, int]] = []
         self._nursery: trio.Nursery | None = None
 
@@ -119,37 +150,106 @@ class TunnelListener:
                 nursery.start_soon(self._accept_loop, listener)
 
     async def _accept_loop(self, listener: trio.SocketListener) -> None:
+        """Accept until cancelled; nothing a connecting party does ends this loop."""
+        failures = AcceptFailures("tunnel")
         async with listener:
             while True:
-                stream = await listener.accept()
-                source = stream.socket.getpeername()[0]
-                if not self.limiter.allow(source):
-                    self._refuse("rate_limited")
-                    log.warning("tunnel: %s: too many handshakes, refused", source)
-                    await stream.aclose()
+                try:
+                    stream = await listener.accept()
+                except trio.ClosedResourceError:
+                    return
+                except OSError as exc:
+                    self._refuse(f"accept_{errno.errorcode.get(exc.errno, 'error').lower()}")
+                    await failures.wait(exc)
                     continue
-                if self.handshakes >= MAX_HANDSHAKES:
-                    self._refuse("too_many_handshakes")
-                    log.warning("tunnel: %s: %d handshakes in progress, refused", source,
-                                self.handshakes)
-                    await stream.aclose()
-                    continue
-                if sum(1 for s in self.sessions.values() if s.active) >= MAX_SESSIONS:
-                    self._refuse("too_many_sessions")
-                    await stream.aclose()
-                    continue
-                self.handshakes += 1
-                assert self._nursery is not None
-                self._nursery.start_soon(self._serve, stream, source)
+                try:
+                    self._admit(stream)
+                except Exception as exc:  # admission's own guard: never the loop's end
+                    self._refuse("internal_error")
+                    log.error("tunnel: internal error admitting a connection: %r", exc,
+                              exc_info=exc)
+                    stream.socket.close()
+
+    def _admit(self, stream: trio.SocketStream) -> None:
+        """Start serving `stream`, or close it (counted) when a limit says no."""
+        try:
+            address = stream.socket.getpeername()[0]
+        except OSError:  # reset between the kernel's accept and ours
+            self._refuse("gone_before_admission")
+            stream.socket.close()
+            return
+        source = source_of(address)
+        refusal = None
+        if not self.limiter.allow(source):
+            refusal = "rate_limited"
+        elif self.handshakes >= MAX_HANDSHAKES:
+            refusal = "too_many_handshakes"
+        elif self.handshakes_by_source.get(source, 0) >= MAX_HANDSHAKES_PER_SOURCE:
+            refusal = "too_many_from_source"
+        elif sum(1 for s in self.sessions.values() if s.active) >= MAX_SESSIONS:
+            refusal = "too_many_sessions"
+        if refusal is not None:
+            if self.refused.get(refusal, 0) % 100 == 0:  # a flood logs every hundredth
+                log.warning("tunnel: %s: refused (%s; %d handshakes in progress)", address,
+                            refusal, self.handshakes)
+            self._refuse(refusal)
+            stream.socket.close()
+            return
+        self.handshakes += 1
+        self.handshakes_by_source[source] = self.handshakes_by_source.get(source, 0) + 1
+        assert self._nursery is not None
+        self._nursery.start_soon(self._serve, stream, address, source)
+
+    def _release(self, source: str) -> None:
+        """A handshake slot is free again."""
+        self.handshakes -= 1
+        left = self.handshakes_by_source[source] - 1
+        if left:
+            self.handshakes_by_source[source] = left
+        else:
+            del self.handshakes_by_source[source]
 
     # -- one connection ------------------------------------------------------------------------
 
-    async def _serve(self, stream: trio.SocketStream, source: str) -> None:
-        tune_tcp(stream.socket)
-        tls = TLSStream(stream, self.ssl_context, server_side=True)
+    async def _serve(self, stream: trio.SocketStream, address: str, source: str) -> None:
+        """One connection under its guard: any exception closes it, counted and logged; the
+        handshake slot is given back exactly once, when the handshake is over."""
+        try:
+            tls = TLSStream(stream, self.ssl_context, server_side=True)
+            try:
+                link = await self._handshake_phase(tls, address)
+            finally:
+                self._release(source)
+            if link is None:
+                with trio.move_on_after(1) as cleanup:
+                    cleanup.shield = True
+                    await _close_quietly(tls)
+            else:
+                result = await link.run()
+                self.links_ended[result.kind] = self.links_ended.get(result.kind, 0) + 1
+                log.info("%s: link from %s ended: %s", link.port.name, address, result.reason)
+        except Exception as exc:
+            self._refuse("internal_error")
+            log.error("tunnel: %s: internal error, connection closed: %r", address, exc,
+                      exc_info=exc)
+        finally:
+            with trio.move_on_after(1) as cleanup:
+                cleanup.shield = True
+                await _close_quietly(stream)
+
+    async def _handshake_phase(self, tls: TLSStream, source: str) -> Link | None:
+        """From accepted TCP to an authenticated Link, or None (refused and counted; the
+        caller closes it)."""
         link = None
         try:
             with trio.move_on_after(HANDSHAKE_SECONDS) as timeout:
+                tune_tcp(tls.socket)
+                with trio.move_on_after(FIRST_BYTES_SECONDS) as silent:
+                    await trio.lowlevel.wait_readable(tls.socket)
+                if silent.cancelled_caught:
+                    self._refuse("silent")
+                    log.info("tunnel: %s: sent nothing for %.0f s", source, FIRST_BYTES_SECONDS)
+                    return None
                 link = await self._handshake(tls, source)
             if timeout.cancelled_caught:
                 self._refuse("handshake_timeout")
@@ -164,16 +264,7 @@ class TunnelListener:
         except AuthError as exc:
             self._refuse(f"auth_{exc.reason}")
             log.warning("tunnel: %s: refused: %s", source, exc)
-        finally:
-            self.handshakes -= 1
-            if link is None:
-                with trio.move_on_after(1) as cleanup:
-                    cleanup.shield = True
-                    await _close_quietly(tls)
-        if link is None:
-            return
-        result = await link.run()
-        log.info("%s: link from %s ended: %s", link.port.name, source, result.reason)
+        return link
 
     async def _handshake(self, tls: TLSStream, source: str) -> Link | None:
         await tls.do_handshake()
@@ -248,6 +339,7 @@ class TunnelListener:
     def status(self) -> dict[str, object]:
         return {"listen": [f"{h}:{p}" for h, p in self.bound], "peers": len(self.peers),
                 "handshakes": self.handshakes, "refused": dict(self.refused),
+                "links_ended": dict(self.links_ended),
                 "fingerprint": self.identity.fingerprint}
 
 

@@ -13,7 +13,15 @@ wait in our bounded queue (where they can be dropped and counted) instead of blo
 
 Path of a batch in (Link._reader): receive_some -> WireConnection.receive_data -> FRAMES
 events -> the switch (`forward`), PINGs answered, PONGs timed.  Keepalives go out every
-KEEPALIVE_SECONDS; a link that hears nothing for DEAD_SECONDS is closed.
+KEEPALIVE_SECONDS; a link that hears nothing for DEAD_SECONDS is closed, and so is a link whose
+ciphertext waited WRITE_STALL_SECONDS for the kernel without progress (a peer not reading).
+Answers wait in a list bounded by MAX_PENDING_CONTROL: a peer that sends PINGs faster than it
+reads loses the PONGs (counted `control_dropped`), never our memory.
+
+Containment: `run()` is the one guard of a link.  Whatever its tasks raise (a broken stream,
+a protocol error, or any other exception, such as a bug met in the switch by this peer's
+frames) ends this link with a reason and a `kind` (counted by the listener); an unexpected
+exception is logged with its traceback once, and nothing leaves `run()` but cancellation.
 
 Make-before-break: when a new link of the same peer becomes active (a rekey or a quick
 reconnect), the old one stops taking frames from the queue, sends CLOSE and keeps reading
@@ -25,7 +33,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -43,7 +51,6 @@ from tunnel.wire import (
     Pong,
     WireConnection,
     WireError,
-    WireUsageError,
 )
 
 log = logging.getLogger(__name__)
@@ -59,6 +66,10 @@ NOTSENT_LOWAT = 128 * 1024
 DRAIN_SECONDS = 5.0
 # A session's MAC limit: one endpoint carries several guests.
 SESSION_MAC_LIMIT = 256
+# Control records (PONGs, our PINGs) waiting for the writer; past this they are dropped.
+MAX_PENDING_CONTROL = 64
+# Ciphertext that waits this long for the kernel with no byte taken: the peer is not reading.
+WRITE_STALL_SECONDS = 20.0
 
 TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 
@@ -84,6 +95,7 @@ class SessionPort(QueuedPort):
         self.peer_address: str | None = None
         self.rtt_ms: float | None = None
         self.state = "down"
+        self.control_dropped = 0  # PONGs/PINGs not sent: the peer sent PINGs faster than it read
 
     def deliver(self, frames: list[Frame]) -> None:
         if self.active is None:
@@ -96,14 +108,18 @@ class SessionPort(QueuedPort):
         status.update(kind="session", state=self.state, link_up=self.active is not None,
                       peer=self.peer_address, connections=self.connections,
                       rtt_ms=None if self.rtt_ms is None else round(self.rtt_ms, 3),
+                      control_dropped=self.control_dropped,
                       version=self.active.wire.version if self.active else None)
         return status
 
 
 @dataclass
 class LinkResult:
-    reason: str
+    reason: str  # for people: the log line, the endpoint's last_error
     by_peer: bool
+    # For counting: peer_closed, connection_lost, protocol_error, dead, peer_not_reading,
+    # internal_error, aborted, closed.
+    kind: str = "closed"
 
 
 class Link:
@@ -125,11 +141,9 @@ class Link:
         self._wake = trio.Event()
         self._retiring = False
         self._retire_reason = ""
-        self._dead = False
-        self._abort_reason = ""
         self._muted_at: float | None = None
         self._error: WireError | None = None  # the peer broke the protocol
-        self._failure: str | None = None  # the writer or keepalive lost the connection
+        self._ended: LinkResult | None = None  # the first reason the link ends
         self._scope: trio.CancelScope | None = None
         self._last_heard = trio.current_time()
 
@@ -171,9 +185,20 @@ class Link:
 
     def abort(self, reason: str) -> None:
         """End the link now (its peer is no longer allowed): nothing more in or out."""
-        self._abort_reason = reason
+        self._end(LinkResult(reason, by_peer=False, kind="aborted"))
+
+    def _end(self, result: LinkResult) -> None:
+        """The link is over for `result` (the first reason given wins): stop its tasks."""
+        if self._ended is None:
+            self._ended = result
         if self._scope is not None:
             self._scope.cancel()
+
+    def _internal_error(self, exc: Exception) -> None:
+        """An exception nobody expected, met while serving this link: it ends this link only
+        (logged with its traceback, once), never the process or another link."""
+        log.error("%s: internal error, link closed: %r", self.port.name, exc, exc_info=exc)
+        self._end(LinkResult(f"internal error: {exc!r}", by_peer=False, kind="internal_error"))
 
     def _wake_writer(self) -> None:
         self._wake.set()
@@ -191,28 +216,29 @@ class Link:
             counters = port.counters
             counters.out_frames += len(frames)
             counters.out_bytes += sum(len(f.data) for f in frames)
+            # This link's failure, never the caller's (another session's task).
             try:
                 if stream.send_now(self.wire.send_frames(frames)):
                     return
-            except (trio.BrokenResourceError, trio.ClosedResourceError, WireUsageError) as exc:
-                self._failure = f"connection lost: {exc}"  # this link's failure, not the caller's
-                if self._scope is not None:
-                    self._scope.cancel()
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._end(_lost(exc))
+                return
+            except Exception as exc:
+                self._internal_error(exc)
                 return
         self._wake.set()
 
     async def run(self) -> LinkResult:
-        """Carry frames until the link ends; never raises for anything the peer or the
-        network did (each task catches its own failure, so nothing leaves the nursery)."""
-        result: LinkResult | None = None
+        """Carry frames until the link ends, and say why it ended; never raises (each task
+        turns whatever it meets into `_end`, so nothing leaves the nursery but Cancelled)."""
         try:
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
-                if self._abort_reason:
+                if self._ended is not None:
                     nursery.cancel_scope.cancel()
-                nursery.start_soon(self._guarded, self._writer, nursery.cancel_scope)
-                nursery.start_soon(self._guarded, self._keepalive, nursery.cancel_scope)
-                result = await self._guarded_reader()
+                nursery.start_soon(self._guarded, self._writer)
+                nursery.start_soon(self._guarded, self._keepalive)
+                await self._guarded(self._reader)
                 nursery.cancel_scope.cancel()
             if self._error is not None:
                 await self._tell_peer(self._error)
@@ -224,27 +250,19 @@ class Link:
                     await self.stream.aclose()
                 except Exception:  # a broken TLS stream may not close cleanly; it is gone
                     pass
-        if self._abort_reason:
-            return LinkResult(self._abort_reason, by_peer=False)
-        if self._dead:
-            return LinkResult(f"nothing heard for {DEAD_SECONDS:.0f} s", by_peer=True)
-        return result or LinkResult(self._failure or "closed", by_peer=True)
+        return self._ended or LinkResult("closed", by_peer=True)
 
-    async def _guarded_reader(self) -> LinkResult | None:
+    async def _guarded(self, task: Callable[[], Awaitable[None]]) -> None:
+        """The link's guard, around each of its tasks: any exception ends the link."""
         try:
-            return await self._reader()
+            await task()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            return LinkResult(f"connection lost: {exc or type(exc).__name__}", by_peer=True)
+            self._end(_lost(exc))
         except WireError as exc:
             self._error = exc
-            return LinkResult(f"protocol error: {exc}", by_peer=True)
-
-    async def _guarded(self, task, cancel: trio.CancelScope) -> None:
-        try:
-            await task(cancel)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            self._failure = f"connection lost: {exc or type(exc).__name__}"
-            cancel.cancel()
+            self._end(LinkResult(f"protocol error: {exc}", by_peer=True, kind="protocol_error"))
+        except Exception as exc:
+            self._internal_error(exc)
 
     async def _tell_peer(self, error: WireError) -> None:
         with trio.move_on_after(1):
@@ -265,18 +283,15 @@ class Link:
 
     # -- the three tasks ------------------------------------------------------------------
 
-    async def _reader(self) -> LinkResult:
+    async def _reader(self) -> None:
         result = self._dispatch()  # what the codec buffered during the handshake
-        if result is not None:
-            return result
-        while True:
+        while result is None:
             data = await self.stream.receive_some(RECEIVE_SIZE)
             if data:
                 self._last_heard = trio.current_time()
             self.wire.receive_data(data)  # b"" is the end of the stream
             result = self._dispatch()
-            if result is not None:
-                return result
+        self._end(result)
 
     def _dispatch(self) -> LinkResult | None:
         """Act on every event the codec has; a result when the link is over."""
@@ -287,18 +302,22 @@ class Link:
             if kind is Frames:
                 self.forward(port, event.frames)
             elif kind is Ping:
-                self._send_control(wire.send_pong(event.nonce, event.timestamp_ns))
+                if not wire.failed:  # else a WireError ends the link at the next call
+                    self._send_control(wire.send_pong(event.nonce, event.timestamp_ns))
             elif kind is Pong:
                 port.rtt_ms = (time.monotonic_ns() - event.timestamp_ns) / 1e6
             elif kind is Closed:
                 log.info("%s: peer closed (code %d%s)", port.name, event.code,
                          f": {event.reason}" if event.reason else "")
-                return LinkResult(event.reason or "closed by peer", by_peer=True)
+                return LinkResult(event.reason or "closed by peer", by_peer=True,
+                                  kind="peer_closed")
             elif kind is Eof:
-                return LinkResult("connection closed", by_peer=True)
+                return LinkResult("connection closed", by_peer=True, kind="peer_closed")
+        if wire.failed:
+            wire.next_events()  # raises the peer's WireError now, not at its next bytes
         return None
 
-    async def _writer(self, cancel: trio.CancelScope) -> None:
+    async def _writer(self) -> None:
         wire = self.wire
         port = self.port
         queue = port.queue
@@ -316,7 +335,7 @@ class Link:
                 await stream.send_all(wire.send_close(CloseCode.NORMAL, self._retire_reason))
                 with trio.move_on_after(DRAIN_SECONDS):
                     await trio.sleep_forever()  # the reader ends when the peer closes
-                cancel.cancel()
+                self._end(LinkResult(self._retire_reason, by_peer=False))
                 return
             if queue and port.active is self:
                 frames = list(queue)
@@ -338,18 +357,35 @@ class Link:
                 await self._wake.wait()
 
     def _send_control(self, data: bytes) -> None:
+        if len(self._control) >= MAX_PENDING_CONTROL:
+            self.port.control_dropped += 1  # the peer sends PINGs faster than it reads
+            return
         self._control.append(data)
         self._wake.set()
 
-    async def _keepalive(self, cancel: trio.CancelScope) -> None:
+    async def _keepalive(self) -> None:
         nonce = 0
         while True:
             await trio.sleep(KEEPALIVE_SECONDS)
-            if trio.current_time() - self._last_heard > DEAD_SECONDS:
+            now = trio.current_time()
+            if now - self._last_heard > DEAD_SECONDS:
                 log.warning("%s: nothing heard for %.0f s; closing", self.port.name,
                             DEAD_SECONDS)
-                self._dead = True
-                cancel.cancel()
+                self._end(LinkResult(f"nothing heard for {DEAD_SECONDS:.0f} s", by_peer=True,
+                                     kind="dead"))
+                return
+            waiting = self.stream.waiting_since
+            if waiting is not None and now - waiting > WRITE_STALL_SECONDS:
+                log.warning("%s: peer not reading: nothing sent for %.0f s; closing",
+                            self.port.name, now - waiting)
+                self._end(LinkResult(f"peer not reading (nothing sent for "
+                                     f"{WRITE_STALL_SECONDS:.0f} s)", by_peer=True,
+                                     kind="peer_not_reading"))
                 return
             nonce += 1
             self._send_control(self.wire.send_ping(nonce, time.monotonic_ns()))
+
+
+def _lost(exc: BaseException) -> LinkResult:
+    return LinkResult(f"connection lost: {exc or type(exc).__name__}", by_peer=True,
+                      kind="connection_lost")

@@ -11,7 +11,10 @@ EAGAIN: a send that fits the socket buffer costs no trip through Trio's schedule
 trio's SocketStream and a lock around it cost two.  Who uses it: the hub's listener and the
 endpoint (tunnel/listener.py, tunnel/endpoint.py).  Rules: only this class touches its
 SSLObject; ciphertext leaves in the order OpenSSL made it (bytes the kernel did not take
-wait in `_unsent`, drained by one task at a time while the others wait for it).
+wait in `_unsent`, drained by one task at a time while the others wait for it).  `_unsent`
+holds at most what each task wrote in its last call (every writer then waits for the drain);
+`waiting_since` tells the caller how long ciphertext has waited with no progress, so a peer
+that stops reading can be cut (tunnel/session.py, WRITE_STALL_SECONDS).
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ class TLSStream(trio.abc.Stream):
         self._ssl = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side)
         self._unsent = bytearray()  # ciphertext the kernel has not taken yet, in order
         self._drained: trio.Event | None = None  # set while one task drains `_unsent`
+        # trio.current_time() when `_unsent` last stopped being empty or last shrank;
+        # None while the kernel has every byte.
+        self.waiting_since: float | None = None
         self._eof = False
 
     # -- what tunnel/keys.check_server reads ----------------------------------------------
@@ -129,6 +135,7 @@ class TLSStream(trio.abc.Stream):
         if sent == len(out):
             return True
         self._unsent += memoryview(out)[sent:]
+        self.waiting_since = trio.current_time()
         return False
 
     async def flush(self) -> None:
@@ -183,13 +190,17 @@ class TLSStream(trio.abc.Stream):
             if sent == len(data):
                 return  # the common case: no wait, no trip through the scheduler
             self._unsent += memoryview(data)[sent:]
+            self.waiting_since = trio.current_time()
         else:
             self._unsent += data
         self._drained = trio.Event()
         try:
             while self._unsent:
                 await trio.lowlevel.wait_writable(self._fileno())
-                del self._unsent[:self._write(self._unsent)]
+                sent = self._write(self._unsent)
+                if sent:
+                    del self._unsent[:sent]
+                    self.waiting_since = trio.current_time() if self._unsent else None
         finally:
             self._drained.set()
             self._drained = None

@@ -493,6 +493,12 @@ class WireConnection:
                            f"more than {MAX_BUFFERED} + one read")
 
     @property
+    def failed(self) -> bool:
+        """The peer broke the protocol: only `send_close` is allowed now (events decoded
+        before the violation may still be in hand; answer none of them)."""
+        return self._error is not None
+
+    @property
     def buffered(self) -> int:
         """Bytes received and not yet decoded."""
         return len(self._buf) - self._pos + self._chunks_len
