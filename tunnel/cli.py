@@ -334,6 +334,7 @@ def _cmd_hub(args: argparse.Namespace) -> int:
                        identity_dir=args.identity, peers_file=args.peers, name=args.name)
     from tunnel.keys import IdentityError
 
+    claim_socket_paths("hub", args.socket, args.control)
     try:
         hub = Hub(config)
     except (OSError, ValueError, IdentityError) as exc:  # keys, peers file, state directory
@@ -341,6 +342,21 @@ def _cmd_hub(args: argparse.Namespace) -> int:
     tune_gc()
     trio.run(serve, hub.run, hub.tunnel.reload if hub.tunnel is not None else None)
     return 0
+
+
+def claim_socket_paths(command: str, sockets: list[str], control: str | None) -> None:
+    """Before a daemon starts: refuse (one line, exit status 1) when a process answers on
+    one of its --socket or --control paths; remove stale socket files (virtio/unixsock.py)."""
+    from virtio.unixsock import SocketPathBusy, claim
+
+    paths = [("--socket", path) for path in sockets]
+    if control:
+        paths.append(("--control", control))
+    for flag, path in paths:
+        try:
+            claim(path)
+        except SocketPathBusy as exc:
+            raise SystemExit(f"vhostvpn {command}: {flag} {exc}") from None
 
 
 def _endpoint_config(args: argparse.Namespace, command: str, **local: object):
@@ -384,6 +400,7 @@ def _cmd_vm(args: argparse.Namespace) -> int:
     config = _endpoint_config(args, "vm", sockets=args.socket,
                               client_sockets=args.client_socket, queue_pairs=args.queues,
                               port_policy=not args.no_port_policy)
+    claim_socket_paths("vm", args.socket, args.control)
     return _run_endpoint(config, "vm")
 
 
@@ -400,6 +417,7 @@ def _cmd_host(args: argparse.Namespace) -> int:
         raise SystemExit("vhostvpn host: --tun takes one IPv4 --address (and one IPv6)")
     config = _endpoint_config(args, "host", tap=args.tap, tun=args.tun, dhcp=args.dhcp,
                               addresses=args.address, mtu=args.mtu)
+    claim_socket_paths("host", [], args.control)
     return _run_endpoint(config, "host")
 
 

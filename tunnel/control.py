@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 import trio
 
+from virtio.unixsock import BoundPath, claim
+
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 256
@@ -29,9 +31,9 @@ async def serve_control(
 ) -> None:
     """Answer status requests on `path` until cancelled."""
     listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    if os.path.exists(path):
-        os.unlink(path)
+    claim(path)
     await listener.bind(path)
+    bound = BoundPath.after_bind(path)
     os.chmod(path, 0o600)
     listener.listen(16)
     log.info("control socket on %s", path)
@@ -42,9 +44,8 @@ async def serve_control(
                 conn, _ = await listener.accept()
                 nursery.start_soon(_answer, trio.SocketStream(conn), status)
     finally:
+        bound.remove()
         listener.close()
-        if os.path.exists(path):
-            os.unlink(path)
 
 
 async def _answer(stream: trio.SocketStream, status: Callable[[], dict[str, object]]) -> None:
