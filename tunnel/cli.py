@@ -119,7 +119,9 @@ def _add_endpoint(parser: argparse.ArgumentParser) -> None:
                         help="this endpoint's key (vhostvpn keygen DIR)")
     parser.add_argument("--hub-fingerprint", type=fingerprint_arg, metavar="FP",
                         help="the hub's key fingerprint (vhostvpn fingerprint DIR on the hub)")
-    parser.add_argument("--name", default="", help="this endpoint's name (default: hostname)")
+    parser.add_argument("--name", default="",
+                        help="check that the hub's peers file gives this endpoint's key this "
+                             "name (default: no check; the key alone says who it is)")
     parser.add_argument("--control", metavar="PATH",
                         help="control socket for `vhostvpn status`")
     parser.add_argument("--rekey-seconds", type=float, default=3600.0, metavar="S",
@@ -367,6 +369,11 @@ def _endpoint_config(args: argparse.Namespace, command: str, **local: object):
             raise SystemExit(f"vhostvpn {command}: --{flag.replace('_', '-')} is required")
     if args.rekey_seconds < 10:
         raise SystemExit(f"vhostvpn {command}: --rekey-seconds: at least 10")
+    from tunnel.keys import MAX_NAME_BYTES, NAME_PATTERN
+
+    if args.name and not NAME_PATTERN.fullmatch(args.name):
+        raise SystemExit(f"vhostvpn {command}: --name {args.name!r}: want 1-{MAX_NAME_BYTES} "
+                         f"characters of A-Z a-z 0-9 . _ @ + - starting with a letter or digit")
     host, port = args.hub
     return EndpointConfig(
         hub_host=host or "localhost", hub_port=port, identity_dir=args.identity,
@@ -457,7 +464,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def format_status(state: dict) -> str:
-    lines = [f"{state.get('role', '?')} (pid {state.get('pid', '?')})"]
+    lines = [f"{state.get('role', '?')} (pid {state.get('pid', '?')})"
+             + (f", key {state['fingerprint']}" if state.get("fingerprint") else "")]
     session = state.get("session")
     if session is not None:
         rtt = session.get("rtt_ms")
