@@ -94,6 +94,8 @@ class EndpointConfig:
 VERDICT_NONCE = 0xA5_7E_D0
 # The hub's CLOSE reason for a link another connection of the same peer took over.
 SUPERSEDED = "superseded"
+# How much of a refusal reason we did not expect goes into the log.
+MAX_REASON_SHOWN = 64
 
 
 class HandshakeError(Exception):
@@ -368,9 +370,9 @@ class Endpoint:
                                    f"(name_mismatch): its peers file lists this endpoint's key "
                                    f"{fingerprint} under another name; drop --name (the hub "
                                    f"then uses its peers-file name) or correct the peers file")
-        return Refused(reason or "auth_failed",
-                       f"the hub refused this endpoint's login ({reason or 'no reason given'}; "
-                       f"key {fingerprint})")
+        shown = reason[:MAX_REASON_SHOWN]  # the hub's words: quoted, cut, one line
+        return Refused(shown or "auth_failed",
+                       f"the hub refused this endpoint's login ({shown!r}; key {fingerprint})")
 
     def _wrong_hub(self, tls: TLSStream, error: AuthError) -> Refused:
         """check_server's AuthError as what the operator must do about it."""

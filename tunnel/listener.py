@@ -7,7 +7,8 @@ handshakes and on sessions; refused before any TLS work) -> TLS 1.3 handshake (b
 HANDSHAKE_SECONDS, like the rest of the handshake) -> HELLO both ways -> the endpoint's AUTH
 is verified against the peers file (tunnel/keys.py) -> the connection becomes the active link
 of the SessionPort named after the peer (created and attached to the switch the first time;
-a reconnecting or rekeying endpoint takes its old port over).  No frame is accepted before
+a reconnecting or rekeying endpoint takes its old port over; a live link taken over from
+another address is logged as the same key in two places).  No frame is accepted before
 AUTH is verified: the codec refuses FRAMES until `accept_auth()`.
 
 The peers file is reread on SIGHUP (`reload()`); a peer removed from it is disconnected.
