@@ -58,6 +58,9 @@ def test_default_mac_is_stable_and_locally_qemu_like():
           "52:54:00:00:00:01=10.78.0.10", "--state-dir", "/tmp"], "not a client address of"),
         (["hub", "--socket", "/tmp/a.sock", "--subnet", "10.77.0.0/24", "--lease-time", "5",
           "--state-dir", "/tmp"], "--lease-time 5: want 60 to"),
+        (["vm", "--socket", "/tmp/a.sock", "--hub", "h:1", "--identity", "/nonexistent",
+          "--hub-fingerprint", "SHA256:" + "A" * 43, "--name", "bad name"],
+         "--name 'bad name': want 1-64 characters"),
     ],
 )
 def test_bad_flags_get_a_clear_error(args, message):
@@ -97,12 +100,13 @@ def test_status_rendering_names_links_drops_and_broken_devices():
 
 def test_status_rendering_of_an_endpoint_and_a_session():
     text = format_status({
-        "role": "endpoint", "pid": 9, "hub": "hub.example:7777",
+        "role": "endpoint", "pid": 9, "hub": "hub.example:7777", "fingerprint": "SHA256:k",
         "session": {"state": "up", "rtt_ms": 0.42, "reconnects": 2, "last_error": None},
         "ports": [{"name": "hub", "kind": "session", "state": "up", "peer": "hub:7777",
                    "rtt_ms": 0.42, "in_frames": 1, "in_bytes": 2, "out_frames": 3,
                    "out_bytes": 4, "drops": {"link_down": 5}}],
     })
+    assert text.startswith("endpoint (pid 9), key SHA256:k\n")
     assert "session to hub.example:7777: up, rtt 0.42 ms, 2 reconnects" in text
     assert "hub: session up from hub:7777, rtt 0.42 ms" in text and "link_down=5" in text
 

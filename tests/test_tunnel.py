@@ -1,11 +1,16 @@
 """The tunnel end to end in one process over real loopback TCP and TLS: a hub with a guest,
 an endpoint with a guest (model front-ends), frames both ways; endpoints the hub must refuse
 (unknown key, wrong hub pinned, garbage, oversized record, stalled handshake) get nothing
-through; reconnect after a hub restart; rekey without losing frames; peers reloaded."""
+through, and are told what to do; the key names the endpoint (its hostname does not);
+one key from two places is a warning; reconnect after a hub restart; rekey without losing
+frames; peers reloaded."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
+import re
 import ssl
 from contextlib import asynccontextmanager
 
@@ -16,7 +21,7 @@ import trio.testing
 from netstack.pcap import read_pcapng
 from tests.support.virtio_driver import GuestRam, VhostUserFrontend
 from tunnel import listener as listener_module
-from tunnel.endpoint import Endpoint, EndpointConfig
+from tunnel.endpoint import BACKOFF_SECONDS, JITTER, Endpoint, EndpointConfig
 from tunnel.hub import Hub, HubConfig
 from tunnel.keys import client_ssl_context, keygen, parse_fingerprint
 
@@ -57,9 +62,10 @@ class Net:
 
     def endpoint_config(self, **kw) -> EndpointConfig:
         kw.setdefault("hub_fingerprint", parse_fingerprint(self.hub_fp))
-        return EndpointConfig(hub_host="127.0.0.1", hub_port=self.port,
-                              identity_dir=self.tmp / "ep-id", sockets=[str(self.tmp / "e.sock")],
-                              name="alice", **kw)
+        kw.setdefault("hub_host", "127.0.0.1")
+        kw.setdefault("hub_port", self.port)
+        kw.setdefault("sockets", [str(self.tmp / "e.sock")])
+        return EndpointConfig(identity_dir=self.tmp / "ep-id", **kw)
 
 
 @asynccontextmanager
@@ -358,4 +364,122 @@ async def test_bad_connections_leave_a_working_session_alone(net, monkeypatch):
             assert set(net.hub.tunnel.sessions) == {"alice"}
             session = net.hub.tunnel.sessions["alice"]
             assert session.connections == 1 and not session.counters.drops
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_key_names_the_endpoint_whatever_its_hostname(net):
+    assert os.uname().nodename.split(".")[0] != "alice"
+    async with trio.open_nursery() as nursery:
+        await net.start(nursery)  # no name given: the peers file's "alice" it is
+        assert net.hub.tunnel.sessions["alice"].active is not None
+        assert net.endpoint.status()["name"] is None
+        assert net.endpoint.status()["fingerprint"] == net.endpoint_fp
+        # a name given is a check the hub makes, and the right one passes
+        config = net.endpoint_config(name="alice", sockets=[str(net.tmp / "e2.sock")])
+        checked = Endpoint(config)
+        await nursery.start(checked.run)
+        await session_up(checked)
+        nursery.cancel_scope.cancel()
+
+
+def refusals(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "tunnel.endpoint" and r.levelno == logging.ERROR]
+
+
+async def refused_once(caplog, endpoint: Endpoint) -> str:
+    """The ERROR the endpoint logged for its first refusal; the wait it announced must be
+    the longest backoff."""
+    with trio.fail_after(10):
+        while not refusals(caplog):
+            await trio.sleep(0.02)
+    message = refusals(caplog)[0].getMessage()
+    wait = float(re.search(r"retrying in (\d+) s", message).group(1))
+    assert wait >= BACKOFF_SECONDS[1] * (1 - JITTER) - 1
+    assert endpoint.uplink.active is None and endpoint.uplink.connections == 0
+    return message
+
+
+@pytest.mark.parametrize("case", ["unknown_key", "name_mismatch", "wrong_hub"])
+async def test_a_refused_login_is_an_error_saying_what_to_do_and_waits_the_longest(
+        net, caplog, case):
+    caplog.set_level(logging.INFO)
+    stranger_fp = keygen(net.tmp / "stranger")
+    async with trio.open_nursery() as nursery:
+        net.hub = Hub(net.hub_config())
+        await nursery.start(net.hub.run)
+        config = net.endpoint_config()
+        if case == "unknown_key":
+            config.identity_dir = net.tmp / "stranger"
+        elif case == "name_mismatch":
+            config.name = "bob"
+        else:
+            config.hub_fingerprint = parse_fingerprint(stranger_fp)
+        endpoint = Endpoint(config)
+        await nursery.start(endpoint.run)
+        message = await refused_once(caplog, endpoint)
+        if case == "unknown_key":
+            assert f"give the hub this fingerprint: {stranger_fp}" in message
+        elif case == "name_mismatch":
+            assert "'bob'" in message and "drop --name" in message and net.endpoint_fp in message
+        else:
+            assert f"presented key {net.hub_fp} but --hub-fingerprint is {stranger_fp}" in message
+        # it does not hammer the hub: one try, then the long wait
+        await trio.sleep(1)
+        assert len(refusals(caplog)) == 1
+        assert not any("session up" in r.getMessage() for r in caplog.records
+                       if r.name == "tunnel.endpoint")
+        nursery.cancel_scope.cancel()
+
+
+def two_places(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno == logging.WARNING and "two places" in r.getMessage()]
+
+
+async def test_one_key_from_two_places_is_a_warning_naming_both_addresses(net, caplog):
+    caplog.set_level(logging.INFO)
+    async with trio.open_nursery() as nursery:
+        net.hub = Hub(dataclasses.replace(net.hub_config(), listen=(None, 0)))
+        await nursery.start(net.hub.run)
+        port_of = {host: port for host, port in net.hub.tunnel.bound}
+        first = Endpoint(net.endpoint_config(hub_host="127.0.0.1", hub_port=port_of["0.0.0.0"]))
+        await nursery.start(first.run)
+        await session_up(first)
+        assert not two_places(caplog)
+        second = Endpoint(net.endpoint_config(hub_host="::1", hub_port=port_of["::"],
+                                              sockets=[str(net.tmp / "e2.sock")]))
+        await nursery.start(second.run)
+        await session_up(second)
+        with trio.fail_after(10):
+            while first.uplink.active is not None:
+                await trio.sleep(0.02)
+        [warning] = two_places(caplog)
+        assert warning.startswith("alice:") and "127.0.0.1" in warning and "::1" in warning
+        # the endpoint that lost the session says why, and does not grab it straight back
+        with trio.fail_after(10):
+            while not any("took the session over" in r.getMessage() for r in caplog.records
+                          if r.name == "tunnel.endpoint" and r.levelno == logging.WARNING):
+                await trio.sleep(0.02)
+        await trio.sleep(1)
+        assert second.uplink.active is not None and first.uplink.active is None
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_rekey_from_the_same_address_stays_quiet(net, caplog):
+    caplog.set_level(logging.INFO)
+    async with trio.open_nursery() as nursery:
+        await net.start(nursery)
+        first = net.endpoint.uplink.active
+        net.endpoint.config.rekey_seconds = 0
+        with trio.fail_after(10):
+            while net.endpoint.uplink.active is first:
+                await trio.sleep(0.02)
+        net.endpoint.config.rekey_seconds = 3600
+        with trio.fail_after(10):
+            while len(net.hub.tunnel.sessions["alice"].links) > 1:
+                await trio.sleep(0.02)
+        await trio.sleep(0.5)
+        assert net.endpoint.uplink.active is not None
+        assert not two_places(caplog)
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
         nursery.cancel_scope.cancel()

@@ -119,7 +119,9 @@ def _add_endpoint(parser: argparse.ArgumentParser) -> None:
                         help="this endpoint's key (vhostvpn keygen DIR)")
     parser.add_argument("--hub-fingerprint", type=fingerprint_arg, metavar="FP",
                         help="the hub's key fingerprint (vhostvpn fingerprint DIR on the hub)")
-    parser.add_argument("--name", default="", help="this endpoint's name (default: hostname)")
+    parser.add_argument("--name", default="",
+                        help="check that the hub's peers file gives this endpoint's key this "
+                             "name (default: no check; the key alone says who it is)")
     parser.add_argument("--control", metavar="PATH",
                         help="control socket for `vhostvpn status`")
     parser.add_argument("--rekey-seconds", type=float, default=3600.0, metavar="S",
@@ -334,6 +336,7 @@ def _cmd_hub(args: argparse.Namespace) -> int:
                        identity_dir=args.identity, peers_file=args.peers, name=args.name)
     from tunnel.keys import IdentityError
 
+    claim_socket_paths("hub", args.socket, args.control)
     try:
         hub = Hub(config)
     except (OSError, ValueError, IdentityError) as exc:  # keys, peers file, state directory
@@ -341,6 +344,21 @@ def _cmd_hub(args: argparse.Namespace) -> int:
     tune_gc()
     trio.run(serve, hub.run, hub.tunnel.reload if hub.tunnel is not None else None)
     return 0
+
+
+def claim_socket_paths(command: str, sockets: list[str], control: str | None) -> None:
+    """Before a daemon starts: refuse (one line, exit status 1) when a process answers on
+    one of its --socket or --control paths; remove stale socket files (virtio/unixsock.py)."""
+    from virtio.unixsock import SocketPathBusy, claim
+
+    paths = [("--socket", path) for path in sockets]
+    if control:
+        paths.append(("--control", control))
+    for flag, path in paths:
+        try:
+            claim(path)
+        except SocketPathBusy as exc:
+            raise SystemExit(f"vhostvpn {command}: {flag} {exc}") from None
 
 
 def _endpoint_config(args: argparse.Namespace, command: str, **local: object):
@@ -351,6 +369,11 @@ def _endpoint_config(args: argparse.Namespace, command: str, **local: object):
             raise SystemExit(f"vhostvpn {command}: --{flag.replace('_', '-')} is required")
     if args.rekey_seconds < 10:
         raise SystemExit(f"vhostvpn {command}: --rekey-seconds: at least 10")
+    from tunnel.keys import MAX_NAME_BYTES, NAME_PATTERN
+
+    if args.name and not NAME_PATTERN.fullmatch(args.name):
+        raise SystemExit(f"vhostvpn {command}: --name {args.name!r}: want 1-{MAX_NAME_BYTES} "
+                         f"characters of A-Z a-z 0-9 . _ @ + - starting with a letter or digit")
     host, port = args.hub
     return EndpointConfig(
         hub_host=host or "localhost", hub_port=port, identity_dir=args.identity,
@@ -384,6 +407,7 @@ def _cmd_vm(args: argparse.Namespace) -> int:
     config = _endpoint_config(args, "vm", sockets=args.socket,
                               client_sockets=args.client_socket, queue_pairs=args.queues,
                               port_policy=not args.no_port_policy)
+    claim_socket_paths("vm", args.socket, args.control)
     return _run_endpoint(config, "vm")
 
 
@@ -400,6 +424,7 @@ def _cmd_host(args: argparse.Namespace) -> int:
         raise SystemExit("vhostvpn host: --tun takes one IPv4 --address (and one IPv6)")
     config = _endpoint_config(args, "host", tap=args.tap, tun=args.tun, dhcp=args.dhcp,
                               addresses=args.address, mtu=args.mtu)
+    claim_socket_paths("host", [], args.control)
     return _run_endpoint(config, "host")
 
 
@@ -439,7 +464,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def format_status(state: dict) -> str:
-    lines = [f"{state.get('role', '?')} (pid {state.get('pid', '?')})"]
+    lines = [f"{state.get('role', '?')} (pid {state.get('pid', '?')})"
+             + (f", key {state['fingerprint']}" if state.get("fingerprint") else "")]
     session = state.get("session")
     if session is not None:
         rtt = session.get("rtt_ms")

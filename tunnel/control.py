@@ -23,6 +23,8 @@ from collections.abc import Callable
 
 import trio
 
+from virtio.unixsock import BoundPath, claim
+
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 256
@@ -67,8 +69,7 @@ async def bind_private(path: str) -> trio.socket.SocketType:
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         os.fchmod(sock.fileno(), SOCKET_MODE)
-        if os.path.exists(path):
-            os.unlink(path)
+        claim(path)
         await sock.bind(path)
         mode = stat.S_IMODE(os.stat(path).st_mode)
         if mode & ~SOCKET_MODE:
@@ -89,6 +90,7 @@ async def serve_control(
 ) -> None:
     """Answer status requests on `path` until cancelled."""
     listener = await bind_private(path)
+    bound = BoundPath.after_bind(path)
     listener.listen(MAX_CLIENTS)
     log.info("control socket on %s", path)
     task_status.started()
@@ -122,9 +124,8 @@ async def serve_control(
                 clients += 1
                 nursery.start_soon(serve, conn)
     finally:
+        bound.remove()
         listener.close()
-        if os.path.exists(path):
-            os.unlink(path)
 
 
 async def _answer(stream: trio.SocketStream, status: Callable[[], dict[str, object]]) -> None:

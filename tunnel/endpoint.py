@@ -9,13 +9,20 @@ netlink (tunnel/hostnet.py) and removed again when the endpoint exits, even on S
 
 The uplink's life (`_uplink`): connect (TCP, TLS 1.3) -> check the hub's certificate against
 the pinned fingerprint (nothing is sent to a hub that fails) -> HELLO both ways -> AUTH, the
-endpoint's signature over the hub's challenge -> the link carries frames.  When it ends, the
-endpoint retries with exponential backoff and jitter (BACKOFF_SECONDS); the guests keep their
-NICs up meanwhile and what they send is dropped and counted (`link_down`).  Rekeying is make
-before break: after REKEY_SECONDS, or before the TLS records on either direction's key near
-REKEY_RECORDS (`records_on_key`: TLS 1.3 keys each direction apart, and the hub never rekeys,
-so the endpoint counts what it receives too), a new connection is made and takes over; the
-old one drains and closes.
+endpoint's signature over the hub's challenge, and a PING right behind it: the hub's codec
+holds the PING until it has accepted AUTH, so its PONG is the hub's "yes" and a CLOSE
+AUTH_FAILED its "no" (`_await_verdict`) -> the link carries frames.  The key is the
+endpoint's identity: the hub names the session after its peers file; `--name` only adds a
+claim the hub checks (with no `--name` the HELLO and the signed name are empty).  When a link
+ends, the endpoint retries with exponential backoff and jitter (BACKOFF_SECONDS); the guests
+keep their NICs up meanwhile and what they send is dropped and counted (`link_down`).  A
+refusal (the hub does not know this key or name, or the hub is not the pinned one) and a
+session taken over by another connection with the same key are not transient: they are
+logged as ERROR/WARNING saying what to do, and the next try waits the longest backoff.
+Rekeying is make before break: after REKEY_SECONDS, or before the TLS records on either
+direction's key near REKEY_RECORDS (`records_on_key`: TLS 1.3 keys each direction apart, and
+the hub never rekeys, so the endpoint counts what it receives too), a new connection is made
+and takes over; the old one drains and closes.
 """
 
 from __future__ import annotations
@@ -34,12 +41,20 @@ from netstack.frame import ALL_OFFLOADS, Frame
 from netstack.switch import Switch
 from tunnel.control import serve_control
 from tunnel.hostnet import HostNetwork
-from tunnel.keys import AuthError, check_server, client_ssl_context, load_identity, sign_client_auth
+from tunnel.keys import (
+    AuthError,
+    check_server,
+    client_ssl_context,
+    fingerprint_of_certificate,
+    format_fingerprint,
+    load_identity,
+    sign_client_auth,
+)
 from tunnel.session import Link, SessionPort, tune_tcp
 from tunnel.tls import TLSStream
 from tunnel.tunport import TunPort
 from tunnel.tuntap import TapPort, TunTapDevice, run_device
-from tunnel.wire import Closed, Eof, Hello, WireConnection, WireError
+from tunnel.wire import CloseCode, Closed, Eof, Frames, Hello, Ping, Pong, WireConnection, WireError
 from virtio.backend import attach_sockets
 
 log = logging.getLogger(__name__)
@@ -85,8 +100,26 @@ class EndpointConfig:
         default_factory=list)
 
 
+# The nonce of the PING sent right behind AUTH; its PONG says the hub accepted us.
+VERDICT_NONCE = 0xA5_7E_D0
+# The hub's CLOSE reason for a link another connection of the same peer took over.
+SUPERSEDED = "superseded"
+# How much of a refusal reason we did not expect goes into the log.
+MAX_REASON_SHOWN = 64
+
+
 class HandshakeError(Exception):
     pass
+
+
+class Refused(Exception):
+    """The hub, or this endpoint, will not go on with this login until an operator acts: the
+    message says what to do.  `reason` is the hub's word (unknown_key, name_mismatch, ...)
+    or server_mismatch."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class Endpoint:
@@ -94,7 +127,7 @@ class Endpoint:
         self.config = config
         self.identity = load_identity(config.identity_dir)
         self.ssl_context = client_ssl_context(self.identity)
-        self.name = config.name or os.uname().nodename.split(".")[0]
+        self.name = config.name  # a claim the hub checks; "" lets the peers file name us
         self.switch = Switch()
         self.servers = attach_sockets(self.switch, config.sockets, config.client_sockets,
                                       config.queue_pairs, policy=config.port_policy)
@@ -117,7 +150,8 @@ class Endpoint:
                 entry |= {"socket": server.path}
             ports.append(entry)
         return {
-            "role": "endpoint", "pid": os.getpid(), "name": self.name,
+            "role": "endpoint", "pid": os.getpid(), "name": self.name or None,
+            "fingerprint": self.identity.fingerprint,
             "hub": f"{self.config.hub_host}:{self.config.hub_port}",
             "session": {"state": self.uplink.state, "rtt_ms": self.uplink.rtt_ms,
                         "reconnects": self.reconnects, "last_error": self.last_error,
@@ -197,20 +231,34 @@ class Endpoint:
 
     async def _uplink(self) -> None:
         delay = BACKOFF_SECONDS[0]
+        where = f"hub {self.config.hub_host}:{self.config.hub_port}"
         while True:
             started = time.monotonic()
             try:
                 link = await self._connect()
-            except (OSError, trio.BrokenResourceError, HandshakeError, AuthError,
-                    WireError, trio.TooSlowError) as exc:
+            except Refused as exc:
+                self.last_error = f"refused: {exc.reason}"
+                delay = BACKOFF_SECONDS[1]
+                wait = delay * self.rng.uniform(1 - JITTER, 1 + JITTER)
+                log.error("%s: %s; retrying in %.0f s", where, exc, wait)
+                await trio.sleep(wait)
+                continue
+            except (OSError, trio.BrokenResourceError, HandshakeError, WireError,
+                    trio.TooSlowError) as exc:
                 self.last_error = str(exc)
-                log.warning("hub %s:%d: %s", self.config.hub_host, self.config.hub_port, exc)
+                log.warning("%s: %s", where, exc)
             else:
                 self.last_error = None
                 await self._session(link)
                 if self.uplink.connections > 1:
                     self.reconnects += 1
-            if time.monotonic() - started > STABLE_SECONDS:
+            if self.last_error == SUPERSEDED:
+                log.warning("%s: another connection with this endpoint's key (%s) took the "
+                            "session over: is the key in use on another machine too? Each "
+                            "endpoint needs its own (vhostvpn keygen DIR)", where,
+                            self.identity.fingerprint)
+                delay = BACKOFF_SECONDS[1]
+            elif time.monotonic() - started > STABLE_SECONDS:
                 delay = BACKOFF_SECONDS[0]
             wait = delay * self.rng.uniform(1 - JITTER, 1 + JITTER)
             log.info("hub: reconnecting in %.2f s", wait)
@@ -243,8 +291,8 @@ class Endpoint:
                     continue
                 log.info("hub: rekeying (link %.0f s old, ~%d records)", age, records)
                 try:
-                    fresh = await self._connect()
-                except (OSError, trio.BrokenResourceError, HandshakeError, AuthError,
+                    fresh = await self._connect(await_verdict=False)
+                except (OSError, trio.BrokenResourceError, HandshakeError, Refused,
                         WireError, trio.TooSlowError) as exc:
                     log.warning("hub: rekey failed, keeping the current link: %s", exc)
                     current.started = time.monotonic() - self.config.rekey_seconds + 30
@@ -256,8 +304,12 @@ class Endpoint:
                 nursery.start_soon(run, fresh)
             nursery.cancel_scope.cancel()
 
-    async def _connect(self) -> Link:
+    async def _connect(self, *, await_verdict: bool = True) -> Link:
+        """A new authenticated link.  With `await_verdict`, return only once the hub accepted
+        it (Refused if it says no); a rekey does not wait: its link is made current at once,
+        so the old one is not mistaken for the session's end when the hub supersedes it."""
         config = self.config
+        where = f"{config.hub_host}:{config.hub_port}"
         with trio.fail_after(CONNECT_SECONDS):
             stream = await trio.open_tcp_stream(config.hub_host, config.hub_port)
             try:
@@ -265,22 +317,84 @@ class Endpoint:
                 tls = TLSStream(stream, self.ssl_context, server_side=False)
                 await tls.do_handshake()
                 server_fp = config.hub_fingerprint
-                check_server(tls, server_fp)  # nothing is sent to a hub we do not trust
+                try:
+                    check_server(tls, server_fp)  # nothing is sent to a hub we do not trust
+                except AuthError as exc:
+                    raise self._wrong_hub(tls, exc) from None
                 wire = WireConnection("client", name=self.name, offloads=int(ALL_OFFLOADS),
                                       mtu=config.mtu)
                 await tls.send_all(wire.send_hello())
                 hello = await self._await_hello(tls, wire)
                 certificate, signature = sign_client_auth(self.identity, hello.challenge,
                                                           server_fp, self.name)
-                await tls.send_all(wire.send_auth(certificate, signature))
+                auth = wire.send_auth(certificate, signature)
+                if not await_verdict:
+                    await tls.send_all(auth)
+                else:
+                    await tls.send_all(auth + wire.send_ping(VERDICT_NONCE, time.monotonic_ns()))
+                    await self._await_verdict(tls, wire)
             except BaseException:
                 with trio.move_on_after(1) as cleanup:
                     cleanup.shield = True
                     await stream.aclose()
                 raise
-        self.uplink.peer_address = f"{config.hub_host}:{config.hub_port}"
-        log.info("hub %s: session up (hub %s)", self.uplink.peer_address, hello.name)
+        self.uplink.peer_address = where
+        if await_verdict:
+            log.info("hub %s: session up (hub %r), %s", where, hello.name,
+                     f"name {self.name!r} accepted" if self.name else
+                     f"named by the hub's peers file (key {self.identity.fingerprint})")
         return Link(self.uplink, tls, wire, self._forward)
+
+    async def _await_verdict(self, tls: TLSStream, wire: WireConnection) -> None:
+        """Wait for the PONG to the PING sent behind AUTH: the hub's codec holds that PING
+        until the hub has accepted us.  A CLOSE AUTH_FAILED instead is a refusal.  What the
+        hub sends along with the PONG (frames, PINGs) is forwarded or answered here."""
+        accepted = False
+        while not accepted:
+            wire.receive_data(await tls.receive_some(HANDSHAKE_READ))
+            for event in wire.next_events():
+                if isinstance(event, Pong) and event.nonce == VERDICT_NONCE:
+                    self.uplink.rtt_ms = (time.monotonic_ns() - event.timestamp_ns) / 1e6
+                    accepted = True
+                elif isinstance(event, Frames):
+                    self._forward(self.uplink, event.frames)
+                elif isinstance(event, Ping):
+                    await tls.send_all(wire.send_pong(event.nonce, event.timestamp_ns))
+                elif isinstance(event, Closed):
+                    if event.code == CloseCode.AUTH_FAILED and not accepted:
+                        raise self._refusal(event.reason)
+                    raise HandshakeError(f"hub closed the connection: {event.reason}")
+                elif isinstance(event, Eof):
+                    raise HandshakeError("hub closed the connection during the handshake")
+
+    def _refusal(self, reason: str) -> Refused:
+        """What the operator must do about the hub's AUTH_FAILED `reason`."""
+        fingerprint = self.identity.fingerprint
+        if reason == "unknown_key":
+            return Refused(reason, f"the hub does not know this endpoint's key (unknown_key): "
+                                   f"give the hub this fingerprint: {fingerprint} (a line "
+                                   f"'NAME {fingerprint}' in its peers file, then SIGHUP it)")
+        if reason == "name_mismatch":
+            return Refused(reason, f"the hub refused the name {self.name!r} given with --name "
+                                   f"(name_mismatch): its peers file lists this endpoint's key "
+                                   f"{fingerprint} under another name; drop --name (the hub "
+                                   f"then uses its peers-file name) or correct the peers file")
+        shown = reason[:MAX_REASON_SHOWN]  # the hub's words: quoted, cut, one line
+        return Refused(shown or "auth_failed",
+                       f"the hub refused this endpoint's login ({shown!r}; key {fingerprint})")
+
+    def _wrong_hub(self, tls: TLSStream, error: AuthError) -> Refused:
+        """check_server's AuthError as what the operator must do about it."""
+        if error.reason != "server_mismatch":
+            return Refused(error.reason, f"the hub's TLS is not usable: {error}")
+        der = tls.getpeercert(binary_form=True)
+        seen = fingerprint_of_certificate(der) if isinstance(der, bytes) else "?"
+        expected = format_fingerprint(self.config.hub_fingerprint)
+        return Refused(error.reason, f"the hub presented key {seen} but --hub-fingerprint is "
+                                     f"{expected}, so nothing was sent to it: if the hub's key "
+                                     f"changed, pin the new one (`vhostvpn fingerprint DIR` on "
+                                     f"the hub prints it); if not, something else answers at "
+                                     f"this address")
 
     @staticmethod
     async def _await_hello(tls: TLSStream, wire: WireConnection) -> Hello:

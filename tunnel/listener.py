@@ -9,8 +9,9 @@ FIRST_BYTES_SECONDS -> TLS 1.3 handshake (bounded by HANDSHAKE_SECONDS, like the
 handshake) -> HELLO both ways -> the endpoint's AUTH is verified against the peers file
 (tunnel/keys.py) -> the connection becomes the active link of the SessionPort named after the
 peer (created and attached to the switch the first time; a reconnecting or rekeying endpoint
-takes its old port over).  No frame is accepted before AUTH is verified: the codec refuses
-FRAMES until `accept_auth()`.
+takes its old port over; a live link taken over from another address is logged as the same key
+in two places).  No frame is accepted before AUTH is verified: the codec refuses FRAMES until
+`accept_auth()`.
 
 The peers file is reread on SIGHUP (`reload()`); a peer removed from it is disconnected.
 
@@ -44,6 +45,7 @@ from tunnel.keys import (
     Identity,
     Peers,
     PeersFileError,
+    format_fingerprint,
     server_ssl_context,
     verify_client_auth,
 )
@@ -66,6 +68,8 @@ HANDSHAKE_RATE = 5.0  # per second, sustained
 HANDSHAKE_BURST = 20.0
 MAX_TRACKED_SOURCES = 4096
 HANDSHAKE_READ = 16 * 1024
+# A key connected from two places: warn about it at most this often per peer.
+TWO_PLACES_LOG_SECONDS = 60.0
 
 
 def source_of(address: str) -> str:
@@ -131,6 +135,7 @@ class TunnelListener:
         self.refused: dict[str, int] = {}
         self.links_ended: dict[str, int] = {}  # by LinkResult.kind
         self.bound: list[tuple[str, int]] = []
+        self._two_places_logged: dict[str, float] = {}  # peer name -> when last warned
         self._nursery: trio.Nursery | None = None
 
     # -- admission ---------------------------------------------------------------------------
@@ -300,13 +305,32 @@ class TunnelListener:
             port = SessionPort(name, policy=policy)
             self.sessions[name] = port
             self.switch.attach(port)
+        if port.active is not None and port.peer_address != source:
+            self._two_places(port, source)
         port.peer_address = source
         link = Link(port, tls, wire, self._forward)
         reconnect = port.connections > 0
         link.activate()
-        log.info("%s: session %s from %s (%s)", name, "resumed" if reconnect else "up",
-                 source, wire.peer_hello.name if wire.peer_hello else "?")
+        digest = self.peers.fingerprint_of(name)
+        claimed = wire.peer_hello.name if wire.peer_hello else ""
+        log.info("%s: session %s from %s (key %s%s)", name, "resumed" if reconnect else "up",
+                 source, format_fingerprint(digest) if digest else "?",
+                 f", claimed name {claimed!r}" if claimed else ", no name claimed")
         return link
+
+    def _two_places(self, port: SessionPort, source: str) -> None:
+        """A peer's key connected from a second address while its link from the first is
+        live: the same key on two machines, which would take the session from each other
+        (a rekey or reconnect from the same address is normal and stays quiet).  Logged at
+        most once per TWO_PLACES_LOG_SECONDS per peer."""
+        now = time.monotonic()
+        last = self._two_places_logged.get(port.name)
+        if last is not None and now - last < TWO_PLACES_LOG_SECONDS:
+            return
+        self._two_places_logged[port.name] = now
+        log.warning("%s: its key is connected from two places, %s (until now) and %s (taking "
+                    "over): each machine needs its own key (vhostvpn keygen DIR, and a line "
+                    "for it in the peers file)", port.name, port.peer_address, source)
 
     def _forward(self, port: SessionPort, frames: list[Frame]) -> None:
         self.switch.forward(port, frames)

@@ -34,6 +34,7 @@ from netstack.port import QueuedPort
 from netstack.switch import Switch
 from virtio.protocol import Message, ProtocolError, VhostUserDevice, parse_header, request_name
 from virtio.spec import HEADER_SIZE, MAX_FDS
+from virtio.unixsock import BoundPath, claim
 from virtio.vring import RingError, SplitQueue
 
 log = logging.getLogger(__name__)
@@ -137,11 +138,9 @@ class VhostUserServer:
 
     async def _run_server(self, task_status: trio.TaskStatus[None]) -> None:
         listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        claim(self.path)
         await listener.bind(self.path)
+        bound = BoundPath.after_bind(self.path)
         listener.listen(1)
         log.info("%s: listening on %s", self.port.name, self.path)
         task_status.started()
@@ -162,11 +161,8 @@ class VhostUserServer:
                     self._idle = trio.Event()
                     nursery.start_soon(self._serve, conn)
         finally:
+            bound.remove()
             listener.close()
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
 
     async def _run_client(self, task_status: trio.TaskStatus[None]) -> None:
         task_status.started()
