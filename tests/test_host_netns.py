@@ -202,3 +202,25 @@ async def test_tap_host_tun_host_and_a_guest_on_one_hub(tmp_path, namespaces):
         for process in (tap, tun, vm):
             await process.stop()
         await hub.stop()
+
+
+async def test_a_tap_host_keeps_its_mac_across_restarts(tmp_path, namespaces):
+    """The TAP device's MAC comes from the endpoint's key and the device name, so after a
+    restart (kill -9 included) its neighbours' ARP caches still point at it: without this
+    traffic waited ~30 s for their caches to expire (found by the kill loop)."""
+    hub_fp = keygen(tmp_path / "hub-id")
+    (tmp_path / "peers").write_text(f"h1 {keygen(tmp_path / 'h1-id')}\n")
+    host = VhostvpnProcess(tmp_path, "host", [], [
+        "--tap", "vv0", "--address", "10.77.0.11/24", "--hub", f"10.201.1.1:{HUB_PORT}",
+        "--identity", str(tmp_path / "h1-id"), "--hub-fingerprint", hub_fp], "h1",
+        prefix=["ip", "netns", "exec", namespaces["h1"]])
+    macs = []
+    for _ in range(2):
+        await host.start()
+        try:
+            link = await run_in(namespaces["h1"], "ip", "-o", "link", "show", "vv0")
+            macs.append(link.split("link/ether ")[1].split()[0])
+        finally:
+            await host.kill()
+    assert macs[0] == macs[1]
+    assert int(macs[0].split(":")[0], 16) & 0x03 == 0x02  # unicast, locally administered

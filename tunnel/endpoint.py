@@ -38,6 +38,7 @@ from pathlib import Path
 import trio
 
 from netstack.frame import ALL_OFFLOADS, Frame
+from netstack.l3host import stable_mac
 from netstack.switch import Switch
 from tunnel.control import serve_control
 from tunnel.hostnet import HostNetwork
@@ -176,11 +177,16 @@ class Endpoint:
         self.device_port = TapPort(self.device.name, self.device)
         self.switch.attach(self.device_port)
         self.network = HostNetwork()
+        # The same MAC on every start: after a restart, the neighbours' ARP/ND caches (and
+        # the hub's DHCP lease) still point at this host, not at a random address the kernel
+        # picked for the new device (traffic would wait ~30 s for their caches to expire).
+        mac = stable_mac(f"vhostvpn tap {self.identity.fingerprint} {self.device.name}")
+        self.network.set_mac(self.device.name, mac)
         self.network.set_up(self.device.name, self.config.mtu)
         for address in self.config.addresses:
             self.network.add_address(self.device.name, address)
-        log.info("%s: up, mtu %d, addresses %s", self.device.name, self.config.mtu,
-                 ", ".join(map(str, self.config.addresses)) or "none")
+        log.info("%s: up, mac %s, mtu %d, addresses %s", self.device.name, mac.hex(":"),
+                 self.config.mtu, ", ".join(map(str, self.config.addresses)) or "none")
 
     def _open_tun(self, name: str) -> None:
         """The host's TUN device, up, with L3Host speaking for it on the segment; static

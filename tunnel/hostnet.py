@@ -83,6 +83,20 @@ class HostNetwork:
 
     # -- changes ----------------------------------------------------------------------------
 
+    def set_mac(self, ifname: str, mac: bytes) -> None:
+        """Give `ifname` the hardware address `mac` (the old one comes back on undo)."""
+        ipr = self._socket()
+        index = self._index(ipr, ifname)
+        old_mac = ipr.link("get", index=index)[0].get_attr("IFLA_ADDRESS")
+        wanted = mac.hex(":")
+        if old_mac == wanted:
+            return
+        self._call(f"set MAC {wanted} on {ifname}", ipr.link, "set", index=index, address=wanted)
+        self._record(
+            f"restore MAC {old_mac} on {ifname}",
+            lambda ipr: ipr.link("set", index=self._index(ipr, ifname), address=old_mac),
+        )
+
     def set_up(self, ifname: str, mtu: int | None = None) -> None:
         """Set the MTU (if given) and bring the link up."""
         ipr = self._socket()
