@@ -483,3 +483,21 @@ async def test_a_rekey_from_the_same_address_stays_quiet(net, caplog):
         assert not two_places(caplog)
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
         nursery.cancel_scope.cancel()
+
+
+async def test_a_session_the_hub_accepted_resets_the_backoff(net, caplog):
+    """A hub that goes away again and again (restarts, kill -9) is rejoined at the first
+    backoff step every time, not after a delay that doubled with each restart."""
+    caplog.set_level(logging.INFO, logger="tunnel.endpoint")
+    async with trio.open_nursery() as nursery:
+        await net.start(nursery)
+        for _ in range(6):
+            for link in list(net.hub.tunnel.sessions["alice"].links):
+                link.abort("the hub went away")
+            await trio.sleep(0.1)
+            await session_up(net.endpoint)
+        nursery.cancel_scope.cancel()
+    waits = [float(r.getMessage().split()[-2]) for r in caplog.records
+             if r.getMessage().startswith("hub: reconnecting in")]
+    assert len(waits) == 6
+    assert max(waits) <= BACKOFF_SECONDS[0] * (1 + JITTER)

@@ -63,8 +63,6 @@ log = logging.getLogger(__name__)
 CONNECT_SECONDS = 10.0
 BACKOFF_SECONDS = (0.25, 30.0)  # first retry, longest wait
 JITTER = 0.25  # +-25 %
-# A link that lived this long resets the backoff.
-STABLE_SECONDS = 30.0
 REKEY_SECONDS = 3600.0
 # TLS records on one key before we rekey: well under the 2^24.5 AES-GCM limit (RFC 8446 5.5).
 REKEY_RECORDS = 1 << 24
@@ -239,7 +237,6 @@ class Endpoint:
         delay = BACKOFF_SECONDS[0]
         where = f"hub {self.config.hub_host}:{self.config.hub_port}"
         while True:
-            started = time.monotonic()
             try:
                 link = await self._connect()
             except Refused as exc:
@@ -253,19 +250,23 @@ class Endpoint:
                     trio.TooSlowError) as exc:
                 self.last_error = str(exc)
                 log.warning("%s: %s", where, exc)
+            except Exception as exc:  # whatever the hub sent: this attempt fails, we go on
+                self.last_error = f"internal error: {exc!r}"
+                log.exception("%s: connecting failed unexpectedly", where)
             else:
                 self.last_error = None
                 await self._session(link)
                 if self.uplink.connections > 1:
                     self.reconnects += 1
+                # The hub took us: it is there, so the first retry comes soon (a hub that
+                # restarts is back within a second or two), then the backoff grows again.
+                delay = BACKOFF_SECONDS[0]
             if self.last_error == SUPERSEDED:
                 log.warning("%s: another connection with this endpoint's key (%s) took the "
                             "session over: is the key in use on another machine too? Each "
                             "endpoint needs its own (vhostvpn keygen DIR)", where,
                             self.identity.fingerprint)
                 delay = BACKOFF_SECONDS[1]
-            elif time.monotonic() - started > STABLE_SECONDS:
-                delay = BACKOFF_SECONDS[0]
             wait = delay * self.rng.uniform(1 - JITTER, 1 + JITTER)
             log.info("hub: reconnecting in %.2f s", wait)
             await trio.sleep(wait)
