@@ -109,10 +109,15 @@ class Port:
         return {"name": self.name, "accepts": str(self.accepts), **self.counters.as_dict()}
 
 
+# Frames a SpeakingPort's outbox holds until its shell takes them; beyond: `outbox_full`.
+OUTBOX_FRAMES = 1024
+
+
 class SpeakingPort(Port):
     """A port that also sends frames of its own (the gateway's replies, a TUN host's ARP and
-    DHCP): they wait in `outbox` until its shell takes them (`take_outbox`) and forwards
-    them; `on_ready` is called when the outbox stops being empty."""
+    DHCP): they wait in `outbox` (at most OUTBOX_FRAMES) until its shell takes them
+    (`take_outbox`) and forwards them; `on_ready` is called when the outbox stops being
+    empty."""
 
     def __init__(
         self, name: str, accepts: Offload = Offload.NONE, policy: PortPolicy | None = None
@@ -125,6 +130,10 @@ class SpeakingPort(Port):
         if not frames:
             return
         was_empty = not self.outbox
+        room = OUTBOX_FRAMES - len(self.outbox)
+        if len(frames) > room:
+            self.counters.drop("outbox_full", len(frames) - room)
+            frames = frames[:room]
         self.outbox.extend(frames)
         if was_empty and self.on_ready is not None:
             self.on_ready()

@@ -29,6 +29,7 @@ from scapy.layers.l2 import ARP, Dot1Q, Ether
 
 from netstack.frame import Frame
 from netstack.gateway import GatewayConfig, GatewayPort
+from netstack.port import OUTBOX_FRAMES
 from netstack.ra import link_local_from_mac
 
 GW_MAC = "02:76:76:00:00:01"
@@ -286,3 +287,12 @@ def test_the_gateway_lists_its_addresses_for_the_switch_to_reserve():
     assert sorted(gateway().addresses) == sorted([
         ipaddress.ip_address("10.77.0.1").packed, ipaddress.ip_address("fd77::1").packed,
         ipaddress.ip_address(LINK_LOCAL).packed])
+
+
+def test_replies_waiting_for_the_shell_are_bounded():
+    gw = gateway()
+    request = Frame(bytes(Ether(src=GUEST, dst="ff:ff:ff:ff:ff:ff")
+                          / ARP(op=1, hwsrc=GUEST, psrc="10.77.0.5", pdst="10.77.0.1")))
+    gw.deliver([request] * (OUTBOX_FRAMES + 10))
+    assert len(gw.take_outbox()) == OUTBOX_FRAMES
+    assert gw.counters.drops == {"outbox_full": 10}
