@@ -1,13 +1,18 @@
 """The hub's own host on the segment: one MAC address, the gateway's IPv4 and IPv6 addresses,
 and the services that live there, as one switch port (trusted, not policed).
 
-What it answers (everything else is ignored; malformed frames are dropped and counted):
+What it answers, in untagged frames only (everything else is ignored; malformed frames are
+dropped and counted):
   ARP       requests for the gateway's IPv4 address
-  ICMP      echo requests to the gateway's IPv4 address
+  ICMP      echo requests to the gateway's IPv4 address (not fragmented, checksums right)
   NDP       neighbour solicitations for its IPv6 addresses (link-local and prefix::1)
   ICMPv6    echo requests to those addresses
   RS        router solicitations -> a router advertisement (netstack.ra)
   DHCPv4    requests to UDP port 67 -> the DHCP server (netstack.dhcp)
+IPv6 is read at fixed offsets, its extension-header chain walked by netstack.ipv6: ICMPv6
+is answered behind a sane chain with a right checksum, never in a fragment (`fragment`).
+dpkt parses ARP and IPv4 requests and builds every reply.  Whatever one frame raises is
+that frame's: counted `malformed` (a traceback logged, rate limited, when unexpected).
 Why one port for all of them: a port is a MAC address on the switch, and the services share
 the gateway's MAC and addresses -- a DHCP client renews by unicast to the address ARP gave it.
 
@@ -28,7 +33,8 @@ from dataclasses import dataclass
 
 import dpkt
 
-from netstack.frame import Frame, Offload
+from netstack.frame import ETH_HEADER_LEN, Frame, Offload
+from netstack.ipv6 import IPPROTO_ICMPV6, IPV6_HEADER_LEN, icmpv6_checksum_ok, walk_chain
 from netstack.port import SpeakingPort
 from netstack.ra import HOP_LIMIT_ND, RouterAdvertiser, link_local_from_mac
 
@@ -37,6 +43,10 @@ log = logging.getLogger(__name__)
 ETH_P_IPV4 = 0x0800
 ETH_P_ARP = 0x0806
 ETH_P_IPV6 = 0x86DD
+ETHERTYPE_IPV4 = b"\x08\x00"
+ETHERTYPE_ARP = b"\x08\x06"
+ETHERTYPE_IPV6 = b"\x86\xdd"
+IPV6_ANY = bytes(16)
 BROADCAST_MAC = b"\xff" * 6
 IPV6_MULTICAST_MAC_PREFIX = 0x33
 ICMP_ECHO_REQUEST = 8
@@ -50,8 +60,17 @@ NA_FLAG_ROUTER = 0x80
 NA_FLAG_SOLICITED = 0x40
 NA_FLAG_OVERRIDE = 0x20
 OPT_TARGET_LINK_ADDRESS = 2
+ND_HEADER_LEN = 24  # ICMPv6 header, flags/reserved, target (RFC 4861 4.3)
 DHCP_SERVER_PORT = 67
 DEFAULT_TTL = 64
+
+
+class _Malformed(ValueError):
+    """A request the gateway cannot read (counted `malformed`)."""
+
+
+# What reading a hostile frame may raise: counted `malformed`, no traceback.
+_MALFORMED = (_Malformed, dpkt.UnpackError, struct.error, IndexError)
 
 
 class DhcpService:
@@ -100,32 +119,42 @@ class GatewayPort(SpeakingPort):
 
     # -- frames from the switch -------------------------------------------------------------
 
+    @property
+    def addresses(self) -> list[bytes]:
+        """The gateway's own IPv4 and IPv6 addresses (the switch reserves them for it)."""
+        return ([self.ipv4] if self.ipv4 is not None else []) + sorted(self.ipv6)
+
     def deliver(self, frames: list[Frame]) -> None:
         replies: list[Frame] = []
+        nbytes = 0
         for frame in frames:
-            data = bytes(frame.data)
-            dst = data[0:6]
-            if dst != self.mac and dst != BROADCAST_MAC and data[0] != IPV6_MULTICAST_MAC_PREFIX:
-                continue  # flooded unicast for someone else
+            data = frame.data
+            nbytes += len(data)
             try:
-                replies.extend(self._answer(data))
-            except (dpkt.UnpackError, struct.error, IndexError, ValueError):
+                dst = data[0:6]
+                if dst != self.mac and dst != BROADCAST_MAC \
+                        and data[0] != IPV6_MULTICAST_MAC_PREFIX:
+                    continue  # flooded unicast for someone else
+                replies.extend(self._answer(bytes(data)))
+            except _MALFORMED:
                 self.counters.drop("malformed")
+            except Exception:  # one frame's trouble is that frame's
+                self.drop_unexpected("malformed", 1, "answering a frame")
         self.counters.out_frames += len(frames)
-        self.counters.out_bytes += sum(len(f.data) for f in frames)
+        self.counters.out_bytes += nbytes
         if replies:
             self._send(replies)
 
-
     def _answer(self, data: bytes) -> list[Frame]:
+        ethertype = data[12:14]
+        if ethertype == ETHERTYPE_IPV6:
+            return self._ipv6(data) if self.ipv6 else []
+        if self.ipv4 is None or (ethertype != ETHERTYPE_ARP and ethertype != ETHERTYPE_IPV4):
+            return []  # VLAN-tagged and other frames: not on the gateway's segment
         eth = dpkt.ethernet.Ethernet(data)
-        if eth.type == ETH_P_ARP and self.ipv4 is not None:
+        if eth.type == ETH_P_ARP:
             return self._arp(eth)
-        if eth.type == ETH_P_IPV4 and self.ipv4 is not None:
-            return self._ipv4(eth, data)
-        if eth.type == ETH_P_IPV6 and self.ipv6:
-            return self._ipv6(eth)
-        return []
+        return self._ipv4(eth, data)
 
     # -- IPv4 ------------------------------------------------------------------------------
 
@@ -143,7 +172,13 @@ class GatewayPort(SpeakingPort):
     def _ipv4(self, eth: dpkt.ethernet.Ethernet, data: bytes) -> list[Frame]:
         ip = eth.data
         if not isinstance(ip, dpkt.ip.IP):
-            raise ValueError("truncated IPv4 header")
+            raise _Malformed("truncated IPv4 header")
+        header_len = ip.hl * 4
+        if ip.v != 4 or not header_len <= ip.len <= len(data) - ETH_HEADER_LEN:
+            raise _Malformed(f"IPv4 version {ip.v}, total length {ip.len}")
+        if ip.mf or ip.offset:
+            self.counters.drop("fragment")
+            return []
         if ip.p == dpkt.ip.IP_PROTO_UDP and isinstance(ip.data, dpkt.udp.UDP) \
                 and ip.data.dport == DHCP_SERVER_PORT:
             if self.dhcp is None:
@@ -154,9 +189,12 @@ class GatewayPort(SpeakingPort):
         icmp = ip.data
         if not isinstance(icmp, dpkt.icmp.ICMP) or icmp.type != ICMP_ECHO_REQUEST:
             return []
-        if dpkt.in_cksum(bytes(icmp)) != 0:
+        if dpkt.in_cksum(data[ETH_HEADER_LEN : ETH_HEADER_LEN + header_len]) != 0 \
+                or dpkt.in_cksum(bytes(icmp)) != 0:
             self.counters.drop("bad_checksum")
             return []
+        if ip.src[0] == 0 or ip.src[0] >= 224:
+            return []  # no answer to an unspecified, multicast or broadcast source
         self.services["icmp_echo"] += 1
         reply_icmp = dpkt.icmp.ICMP(type=ICMP_ECHO_REPLY, code=0, data=icmp.data)
         reply = dpkt.ip.IP(src=self.ipv4, dst=ip.src, p=dpkt.ip.IP_PROTO_ICMP, ttl=DEFAULT_TTL,
@@ -166,39 +204,59 @@ class GatewayPort(SpeakingPort):
 
     # -- IPv6 ------------------------------------------------------------------------------
 
-    def _ipv6(self, eth: dpkt.ethernet.Ethernet) -> list[Frame]:
-        ip = eth.data
-        if not isinstance(ip, dpkt.ip6.IP6):
-            raise ValueError("truncated IPv6 header")
-        if ip.nxt != dpkt.ip.IP_PROTO_ICMP6 or not isinstance(ip.data, dpkt.icmp6.ICMP6):
+    def _ipv6(self, data: bytes) -> list[Frame]:
+        ip_end = ETH_HEADER_LEN + IPV6_HEADER_LEN
+        if len(data) < ip_end or data[ETH_HEADER_LEN] >> 4 != 6:
+            raise _Malformed(f"IPv6 header in a {len(data)}-byte frame")
+        end = ip_end + int.from_bytes(data[18:20], "big")
+        if end == ip_end or end > len(data):
+            raise _Malformed(f"IPv6 payload ends at {end} of a {len(data)}-byte frame")
+        chain = walk_chain(data, ETH_HEADER_LEN, end)
+        if chain is None:
+            raise _Malformed("IPv6 extension headers")
+        if chain.fragmented:
+            self.counters.drop("fragment")
             return []
-        icmp = ip.data
-        if icmp.type == ICMPV6_ROUTER_SOLICITATION and self.ra is not None:
-            if ip.hlim != HOP_LIMIT_ND:
-                self.counters.drop("nd_hop_limit")
+        if chain.next_header != IPPROTO_ICMPV6:
+            return []
+        icmp = data[chain.position : end]
+        if len(icmp) < 4:
+            raise _Malformed(f"{len(icmp)}-byte ICMPv6 message")
+        kind = icmp[0]
+        if kind == ICMPV6_ROUTER_SOLICITATION:
+            if self.ra is None:
                 return []
-            return self.ra.solicited(self.clock())
-        if icmp.type == ICMPV6_NEIGHBOR_SOLICITATION:
-            return self._neighbour_solicitation(eth, ip, icmp)
-        if icmp.type == ICMPV6_ECHO_REQUEST and ip.dst in self.ipv6:
+        elif kind != ICMPV6_NEIGHBOR_SOLICITATION and kind != ICMPV6_ECHO_REQUEST:
+            return []
+        src, dst, hop_limit = data[22:38], data[38:54], data[21]
+        if not icmpv6_checksum_ok(src, dst, icmp):
+            self.counters.drop("bad_checksum")
+            return []
+        if kind == ICMPV6_ECHO_REQUEST:
+            if dst not in self.ipv6 or src == IPV6_ANY or src[0] == 0xFF:
+                return []
             self.services["icmpv6_echo"] += 1
-            reply = dpkt.icmp6.ICMP6(type=ICMPV6_ECHO_REPLY, code=0, data=bytes(icmp.data))
-            return [self._ip6(eth.src, ip.dst, ip.src, reply, DEFAULT_TTL)]
-        return []
+            reply = dpkt.icmp6.ICMP6(type=ICMPV6_ECHO_REPLY, code=0, data=icmp[4:])
+            return [self._ip6(data[6:12], dst, src, reply, DEFAULT_TTL)]
+        if hop_limit != HOP_LIMIT_ND:
+            self.counters.drop("nd_hop_limit")
+            return []
+        if kind == ICMPV6_ROUTER_SOLICITATION:
+            return self.ra.solicited(self.clock())
+        return self._neighbour_solicitation(data[6:12], src, icmp)
 
-    def _neighbour_solicitation(self, eth, ip, icmp) -> list[Frame]:
-        body = bytes(icmp.data)
-        if len(body) < 20 or ip.hlim != HOP_LIMIT_ND:
-            raise ValueError("short neighbour solicitation")
-        target = body[4:20]
+    def _neighbour_solicitation(self, src_mac: bytes, src: bytes, icmp: bytes) -> list[Frame]:
+        if len(icmp) < ND_HEADER_LEN or src[0] == 0xFF:
+            raise _Malformed("short neighbour solicitation, or from a multicast address")
+        target = icmp[8:24]
         if target not in self.ipv6:
             return []
         self.services["neighbour_advertisement"] += 1
-        if ip.src == bytes(16):  # duplicate address detection: answer to all nodes
+        if src == IPV6_ANY:  # duplicate address detection: answer to all nodes
             dst, dst_mac, flags = ipaddress.IPv6Address("ff02::1").packed, \
                 bytes.fromhex("333300000001"), NA_FLAG_ROUTER | NA_FLAG_OVERRIDE
         else:
-            dst, dst_mac = ip.src, eth.src
+            dst, dst_mac = src, src_mac
             flags = NA_FLAG_ROUTER | NA_FLAG_SOLICITED | NA_FLAG_OVERRIDE
         advert = struct.pack("!B3x16sBB6s", flags, target, OPT_TARGET_LINK_ADDRESS, 1, self.mac)
         icmp_out = dpkt.icmp6.ICMP6(type=ICMPV6_NEIGHBOR_ADVERTISEMENT, code=0, data=advert)

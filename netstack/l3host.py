@@ -38,7 +38,9 @@ consumed here and never reach the TUN: the host's kernel does no ND on a TUN dev
 
 What it refuses, counted in `counters` (never raised): short or inconsistent headers, ND
 with a hop limit other than 255, a bad ICMPv6 checksum, option lengths of 0 or past the
-end, a multicast or zero link-layer address, an ARP claim to our own address.
+end, a multicast or zero link-layer address, an ARP claim to our own address.  Anything
+else one frame makes `from_segment` raise is that frame's: counted `malformed`, its
+traceback logged (at most once a minute).
 
 Choices:
 * No duplicate address detection: the link-local and SLAAC addresses are EUI-64 of our
@@ -53,6 +55,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import logging
 import struct
 import time
 from collections import Counter, deque
@@ -68,7 +71,10 @@ from netstack.frame import (
     Frame,
     OffloadInfo,
 )
+from netstack.port import TracebackLog
 from netstack.ra import HOP_LIMIT_ND, link_local_from_mac
+
+log = logging.getLogger(__name__)
 
 # --- Numbers from the specs ---------------------------------------------------------------
 
@@ -228,6 +234,7 @@ class L3Host:
         self.clock = clock
         self.slaac = slaac
         self.counters: Counter[str] = Counter()
+        self.tracebacks = TracebackLog(log, f"L3 host {mac.hex(':')}")
         self.on_slaac: Callable[[IPv6Interface], None] | None = None
         self.on_slaac_lost: Callable[[IPv6Interface], None] | None = None
         self.mtu6: int | None = None  # from router advertisements
@@ -434,6 +441,10 @@ class L3Host:
             return self._dispatch(frame, bytes(data), to_us)
         except _Malformed as error:
             self.counters[f"malformed_{error.reason}"] += 1
+            return [], []
+        except Exception:  # one frame's trouble is that frame's
+            self.counters["malformed"] += 1
+            self.tracebacks.log("reading a frame from the segment")
             return [], []
 
     def _dispatch(self, frame: Frame, data: bytes, to_us: bool

@@ -2,44 +2,59 @@
 
 What it refuses, per frame from a policed port (guests and remote sessions; the hub's own
 services are trusted and not policed), each drop counted on the port by reason:
-  mac_spoof     source MAC learned, and still alive, on another port
+  mac_spoof     source MAC bound to another port: learned there and still alive, pinned
+                there by a running DHCP lease, or reserved (the gateway's)
   mac_limit     a new source MAC beyond the port's limit
   flood_rate    broadcast/multicast beyond the port's token bucket
-  ip_spoof      IPv4/IPv6 source (or ARP sender) bound to another port: leased there by the
-                hub's DHCP, or first claimed there and still alive
+  ip_spoof      IPv4/IPv6 source, ARP sender, or ND target (an NA's; a DAD probe's) bound
+                to another port: reserved (the gateway's), leased there by the hub's DHCP,
+                or first claimed there and still alive
+  claim_limit   a new address beyond the port's claim limit (claim_limit, default 4 per MAC)
   bad_source    a multicast/broadcast/loopback source address, or 0.0.0.0 / :: where only
-                address acquisition (DHCP, DAD, MLD) may use it
+                address acquisition (DHCP, DAD, MLD, RS) may use it
   arp_spoof     ARP sender hardware address differs from the Ethernet source
+  nd_spoof      an ND source/target link-layer address option differs from the Ethernet
+                source
   dhcp_guard    DHCPv4/DHCPv6 server traffic (UDP source port 67 / 547)
   ra_guard      IPv6 router advertisements and redirects (also behind extension headers)
-  malformed     an IP/ARP header too short to police
-How: fixed-offset reads of the Ethernet, VLAN, ARP, IPv4 and IPv6 headers -- no dpkt, no
-parsing beyond what a rule needs.  `AddressBook` keeps who owns which IP; `PortPolicy` keeps a
-port's limits and its token bucket.
+  vlan_stacked  a service tag (802.1ad 0x88a8, 0x9100) or a tag inside a tag: nothing a
+                guest needs, and what is behind it would skip every check below
+  malformed     an IP/ARP header too short to police, an IPv6 header chain or ND option
+                list that cannot be walked, a fragmented ND message (RFC 6980)
+How: fixed-offset reads of the Ethernet, VLAN, ARP, IPv4 and IPv6 headers (netstack.ipv6
+walks IPv6 extension headers and ND options) -- no dpkt, no parsing beyond what a rule
+needs.  `AddressBook` keeps who owns which IP; `PortPolicy` keeps a port's limits and its
+token bucket.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from netstack.frame import ETH_HEADER_LEN
+from netstack.frame import ETH_HEADER_LEN, VLAN_TAG_LEN
+from netstack.ipv6 import IPV6_HEADER_LEN, nd_link_addresses_match, walk_chain
 
 ETHERTYPE_IPV4 = b"\x08\x00"
 ETHERTYPE_ARP = b"\x08\x06"
 ETHERTYPE_IPV6 = b"\x86\xdd"
-ETHERTYPE_VLAN = b"\x81\x00"
-VLAN_TAG_LEN = 4
+ETHERTYPE_VLAN = b"\x81\x00"  # 802.1Q customer tag
+ETHERTYPE_QINQ = b"\x88\xa8"  # 802.1ad service tag
+ETHERTYPE_QINQ_LEGACY = b"\x91\x00"  # the pre-standard service tag
+_TAG_TYPES = (ETHERTYPE_VLAN, ETHERTYPE_QINQ, ETHERTYPE_QINQ_LEGACY)
 
 IPPROTO_UDP = 17
 IPPROTO_ICMPV6 = 58
-IPV6_EXTENSION_HEADERS = {0, 43, 60}  # hop-by-hop, routing, destination options
-IPV6_FRAGMENT = 44
-# How many IPv6 extension headers we walk before calling the chain malformed (RFC 7112 asks
-# the whole header chain to be in the first fragment).
-MAX_IPV6_EXTENSIONS = 8
+ICMPV6_ROUTER_SOLICITATION = 133
 ICMPV6_ROUTER_ADVERTISEMENT = 134
+ICMPV6_NEIGHBOR_SOLICITATION = 135
+ICMPV6_NEIGHBOR_ADVERTISEMENT = 136
 ICMPV6_REDIRECT = 137
-ROUTER_ONLY_ICMPV6 = {ICMPV6_ROUTER_ADVERTISEMENT, ICMPV6_REDIRECT}
+ROUTER_ONLY_ICMPV6 = frozenset({ICMPV6_ROUTER_ADVERTISEMENT, ICMPV6_REDIRECT})
+# What may come from :: -- DAD probes (RFC 4862 5.4.2), MLD reports and dones before the
+# link-local address exists (RFC 3590), router solicitations (RFC 4861 6.3.7).
+UNSPECIFIED_SOURCE_ICMPV6 = frozenset({ICMPV6_NEIGHBOR_SOLICITATION, 131, 132, 143,
+                                       ICMPV6_ROUTER_SOLICITATION})
+ND_HEADER_LEN = 24  # ICMPv6 header, flags/reserved, target (RFC 4861 4.3, 4.4)
 DHCPV4_SERVER_PORT = b"\x00\x43"  # 67
 DHCPV6_SERVER_PORT = b"\x02\x23"  # 547
 ARP_LEN = 28
@@ -48,8 +63,13 @@ IPV4_ANY = b"\x00\x00\x00\x00"
 IPV6_ANY = bytes(16)
 
 DEFAULT_MAC_LIMIT = 16
+# Addresses a port may claim per MAC it may have: IPv4, link-local, SLAAC and a temporary
+# address each; 64 for a guest's port, 1024 for a session's (netstack.switch counts them).
+CLAIMS_PER_MAC = 4
 DEFAULT_FLOOD_RATE = 1000.0  # broadcast/multicast frames per second, sustained
 DEFAULT_FLOOD_BURST = 2000.0
+# The `seen` time of an entry that never ages: reserved (the gateway's), or pinned by a lease.
+PERMANENT = float("inf")
 
 
 @dataclass
@@ -59,8 +79,13 @@ class PortPolicy:
     mac_limit: int = DEFAULT_MAC_LIMIT
     flood_rate: float = DEFAULT_FLOOD_RATE
     flood_burst: float = DEFAULT_FLOOD_BURST
+    claim_limit: int = 0  # IP addresses the port may hold at once; 0: CLAIMS_PER_MAC each
     tokens: float = field(default=DEFAULT_FLOOD_BURST, repr=False)
     refilled: float = field(default=0.0, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.claim_limit:
+            self.claim_limit = self.mac_limit * CLAIMS_PER_MAC
 
     def take_flood_token(self, now: float) -> bool:
         tokens = min(self.flood_burst, self.tokens + (now - self.refilled) * self.flood_rate)
@@ -74,41 +99,82 @@ class PortPolicy:
 
 class AddressBook:
     """IP address -> (owning port, last seen, leased).  Leased entries (from the hub's DHCP
-    server) do not age; claimed ones do, like learned MACs."""
+    server) do not age; claimed ones do, like learned MACs; reserved ones (seen PERMANENT,
+    the gateway's) never go and cannot be leased away.  `counts` is how many entries each
+    port holds, so the claim limit costs one lookup."""
 
     def __init__(self, aging: float) -> None:
         self.aging = aging
         self.owners: dict[bytes, tuple[object, float, bool]] = {}
+        self.counts: dict[object, int] = {}
 
-    def claim(self, ip: bytes, port: object, now: float) -> bool:
-        """May `port` use `ip` as a source?  Claims it if nobody (alive) owns it."""
+    def claim(self, ip: bytes, port: object, now: float, limit: int) -> str | None:
+        """May `port` use `ip` as a source?  Claims it if nobody (alive) owns it and the port
+        holds fewer than `limit` addresses.  Returns the drop reason, or None."""
         entry = self.owners.get(ip)
         if entry is not None:
             owner, seen, leased = entry
             if owner is port:
                 if not leased and now - seen > 1.0:
                     self.owners[bytes(ip)] = (port, now, False)
-                return True
+                return None
             if leased or now - seen <= self.aging:
-                return False
+                return "ip_spoof"
+        counts = self.counts
+        held = counts.get(port, 0)
+        if held >= limit:
+            return "claim_limit"
+        if entry is not None:
+            counts[entry[0]] -= 1  # an aged claim of another port, taken over
+        counts[port] = held + 1
         self.owners[bytes(ip)] = (port, now, False)
+        return None
+
+    def owned_elsewhere(self, ip: bytes, port: object, now: float) -> bool:
+        """Is `ip` bound to a port other than `port` (reserved, leased, or a live claim)?"""
+        entry = self.owners.get(ip)
+        if entry is None or entry[0] is port:
+            return False
+        return entry[2] or now - entry[1] <= self.aging
+
+    def _set(self, ip: bytes, port: object, seen: float, leased: bool) -> None:
+        entry = self.owners.get(ip)
+        if entry is not None:
+            self.counts[entry[0]] -= 1
+        self.counts[port] = self.counts.get(port, 0) + 1
+        self.owners[bytes(ip)] = (port, seen, leased)
+
+    def reserve(self, ip: bytes, port: object) -> None:
+        """`ip` is `port`'s for good (the gateway's own addresses)."""
+        self._set(ip, port, PERMANENT, True)
+
+    def reserved(self, ip: bytes) -> bool:
+        entry = self.owners.get(ip)
+        return entry is not None and entry[1] == PERMANENT
+
+    def bind(self, ip: bytes, port: object, now: float) -> bool:
+        """The hub leased `ip` to a client behind `port`.  False if `ip` is reserved."""
+        if self.reserved(ip):
+            return False
+        self._set(ip, port, now, True)
         return True
 
-    def bind(self, ip: bytes, port: object, now: float) -> None:
-        """The hub leased `ip` to a client behind `port`."""
-        self.owners[ip] = (port, now, True)
-
     def unbind(self, ip: bytes) -> None:
-        self.owners.pop(ip, None)
+        entry = self.owners.get(ip)
+        if entry is not None and entry[1] != PERMANENT:
+            del self.owners[ip]
+            self.counts[entry[0]] -= 1
 
     def forget(self, port: object) -> None:
         for ip in [ip for ip, (owner, _, _) in self.owners.items() if owner is port]:
             del self.owners[ip]
+        self.counts.pop(port, None)
 
     def expire(self, now: float) -> None:
-        for ip in [ip for ip, (_, seen, leased) in self.owners.items()
-                   if not leased and now - seen > self.aging]:
-            del self.owners[ip]
+        for ip, (owner, seen, leased) in list(self.owners.items()):
+            if not leased and now - seen > self.aging:
+                del self.owners[ip]
+                self.counts[owner] -= 1
 
 
 def _bad_ipv4_source(ip: bytes) -> bool:
@@ -120,26 +186,31 @@ def _bad_ipv6_source(ip: bytes) -> bool:
     return ip[0] == 0xFF or ip == b"\x00" * 15 + b"\x01"
 
 
-def check_l3(data: bytes | memoryview, port: object, book: AddressBook, now: float) -> str | None:
-    """Police the network-layer part of one frame from a policed port.
-
-    Returns the drop reason, or None to admit.  Reads fixed offsets only.
-    """
+def check_l3(data: bytes | memoryview, port: object, book: AddressBook, now: float,
+             claim_limit: int) -> str | None:
+    """Police the network-layer part of one frame from a policed port that may hold
+    `claim_limit` addresses.  Returns the drop reason, or None to admit.  Reads fixed
+    offsets only."""
     ethertype = data[12:14]
     offset = ETH_HEADER_LEN
     if ethertype == ETHERTYPE_VLAN:
         ethertype = data[16:18]
         offset += VLAN_TAG_LEN
+        if ethertype in _TAG_TYPES:
+            return "vlan_stacked"
+    elif ethertype in _TAG_TYPES:
+        return "vlan_stacked"
     if ethertype == ETHERTYPE_IPV4:
-        return _check_ipv4(data, offset, port, book, now)
+        return _check_ipv4(data, offset, port, book, now, claim_limit)
     if ethertype == ETHERTYPE_IPV6:
-        return _check_ipv6(data, offset, port, book, now)
+        return _check_ipv6(data, offset, port, book, now, claim_limit)
     if ethertype == ETHERTYPE_ARP:
-        return _check_arp(data, offset, port, book, now)
+        return _check_arp(data, offset, port, book, now, claim_limit)
     return None
 
 
-def _check_ipv4(data, offset: int, port: object, book: AddressBook, now: float) -> str | None:
+def _check_ipv4(data, offset: int, port: object, book: AddressBook, now: float,
+                claim_limit: int) -> str | None:
     if len(data) < offset + 20:
         return "malformed"
     ihl = (data[offset] & 0x0F) * 4
@@ -161,54 +232,73 @@ def _check_ipv4(data, offset: int, port: object, book: AddressBook, now: float) 
         return "bad_source"
     if _bad_ipv4_source(src) or src == b"\xff\xff\xff\xff":
         return "bad_source"
-    return None if book.claim(src, port, now) else "ip_spoof"
+    return book.claim(src, port, now, claim_limit)
 
 
-def _check_ipv6(data, offset: int, port: object, book: AddressBook, now: float) -> str | None:
-    if len(data) < offset + 40:
+def _check_ipv6(data, offset: int, port: object, book: AddressBook, now: float,
+                claim_limit: int) -> str | None:
+    if len(data) < offset + IPV6_HEADER_LEN:
         return "malformed"
-    src = data[offset + 8 : offset + 24]
-    next_header = data[offset + 6]
-    position = offset + 40
-    first_fragment = True
-    for _ in range(MAX_IPV6_EXTENSIONS):
-        if next_header in IPV6_EXTENSION_HEADERS:
-            if len(data) < position + 8:
-                return "malformed"
-            next_header = data[position]
-            position += (data[position + 1] + 1) * 8
-        elif next_header == IPV6_FRAGMENT:
-            if len(data) < position + 8:
-                return "malformed"
-            first_fragment = int.from_bytes(data[position + 2 : position + 4], "big") >> 3 == 0
-            next_header = data[position]
-            position += 8
-            if not first_fragment:
-                break  # later fragments carry no upper-layer header to police
-        else:
-            break
-    else:
+    chain = walk_chain(data, offset, len(data))
+    if chain is None:
         return "malformed"
+    next_header, position, fragmented, first_fragment = chain
+    icmp_type = -1
     if first_fragment:
         if next_header == IPPROTO_ICMPV6:
-            if len(data) < position + 1:
+            if len(data) < position + 4:
                 return "malformed"
-            if data[position] in ROUTER_ONLY_ICMPV6:
+            icmp_type = data[position]
+            if icmp_type in ROUTER_ONLY_ICMPV6:
                 return "ra_guard"
         elif next_header == IPPROTO_UDP:
             if len(data) < position + 4:
                 return "malformed"
             if data[position : position + 2] == DHCPV6_SERVER_PORT:
                 return "dhcp_guard"
+    src = data[offset + 8 : offset + 24]
     if src == IPV6_ANY:
-        # Duplicate address detection and MLD reports use the unspecified source.
-        return None if next_header == IPPROTO_ICMPV6 else "bad_source"
-    if _bad_ipv6_source(src):
+        if icmp_type not in UNSPECIFIED_SOURCE_ICMPV6:
+            return "bad_source"
+    elif _bad_ipv6_source(src):
         return "bad_source"
-    return None if book.claim(src, port, now) else "ip_spoof"
+    else:
+        reason = book.claim(src, port, now, claim_limit)
+        if reason is not None:
+            return reason
+    if icmp_type in (ICMPV6_NEIGHBOR_SOLICITATION, ICMPV6_NEIGHBOR_ADVERTISEMENT):
+        return _check_nd(data, offset, position, fragmented, icmp_type, src == IPV6_ANY, port,
+                         book, now, claim_limit)
+    return None
 
 
-def _check_arp(data, offset: int, port: object, book: AddressBook, now: float) -> str | None:
+def _check_nd(data, offset: int, position: int, fragmented: bool, icmp_type: int,
+              unspecified_source: bool, port: object, book: AddressBook, now: float,
+              claim_limit: int) -> str | None:
+    """A neighbour solicitation or advertisement: its link-layer address options must be
+    the frame's source MAC; an NA's target must be the port's to claim; a DAD probe may not
+    ask for an address another port holds (an NS from a claimed source for any target is
+    an ordinary lookup)."""
+    end = offset + IPV6_HEADER_LEN + int.from_bytes(data[offset + 4 : offset + 6], "big")
+    if fragmented or end > len(data) or end < position + ND_HEADER_LEN:
+        return "malformed"  # RFC 6980: ND messages are never fragmented
+    matches = nd_link_addresses_match(data, position + ND_HEADER_LEN, end, data[6:12])
+    if matches is None:
+        return "malformed"
+    if not matches:
+        return "nd_spoof"
+    target = data[position + 8 : position + 24]
+    if icmp_type == ICMPV6_NEIGHBOR_ADVERTISEMENT:
+        if target == IPV6_ANY or _bad_ipv6_source(target):
+            return "bad_source"
+        return book.claim(target, port, now, claim_limit)
+    if unspecified_source and book.owned_elsewhere(target, port, now):
+        return "ip_spoof"
+    return None
+
+
+def _check_arp(data, offset: int, port: object, book: AddressBook, now: float,
+               claim_limit: int) -> str | None:
     if len(data) < offset + ARP_LEN:
         return "malformed"
     if data[offset + 8 : offset + 14] != data[6:12]:
@@ -218,4 +308,4 @@ def _check_arp(data, offset: int, port: object, book: AddressBook, now: float) -
         return None  # an ARP probe (RFC 5227): allowed before the address is taken
     if _bad_ipv4_source(sender_ip):
         return "bad_source"
-    return None if book.claim(sender_ip, port, now) else "ip_spoof"
+    return book.claim(sender_ip, port, now, claim_limit)

@@ -3,17 +3,48 @@ a TAP device, a gateway service), with the counters `vhostvpn status` shows.
 
 A port is sans-I/O: `deliver()` never blocks and never awaits.  A port that moves frames to a
 device queues them (bounded) and lets its I/O shell drain the queue; what does not fit is
-dropped and counted by reason.
+dropped and counted by reason.  A port whose `deliver` parses frames catches what one frame
+raises, counts it and logs the traceback once in a while (`drop_unexpected`).
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import Counter, deque
 from collections.abc import Callable
+from itertools import islice
 
 from netstack.frame import Frame, Offload
 from netstack.pcap import PcapWriter
 from netstack.policy import PortPolicy
+
+log = logging.getLogger(__name__)
+
+# An unexpected exception's traceback is logged at most this often per port (or per L3
+# host); every frame it cost is counted.
+TRACEBACK_INTERVAL_SECONDS = 60.0
+
+
+class TracebackLog:
+    """Logs the traceback of the exception being handled at most once per interval: what a
+    data path does with an unexpected exception from one frame, which may recur per frame."""
+
+    __slots__ = ("logger", "name", "next_at")
+
+    def __init__(self, logger: logging.Logger, name: str) -> None:
+        self.logger = logger
+        self.name = name
+        self.next_at = 0.0
+
+    def log(self, what: str) -> None:
+        """Call from an `except` block."""
+        now = time.monotonic()
+        if now < self.next_at:
+            return
+        self.next_at = now + TRACEBACK_INTERVAL_SECONDS
+        self.logger.error("%s: unexpected error %s (the next %.0f s of these are only counted)",
+                          self.name, what, TRACEBACK_INTERVAL_SECONDS, exc_info=True)
 
 
 class PortCounters:
@@ -62,19 +93,31 @@ class Port:
         self.counters = PortCounters()
         # A capture of what this port sends and receives (netstack.pcap.PcapWriter), if asked.
         self.capture: PcapWriter | None = None
+        self.tracebacks = TracebackLog(log, name)
 
     def deliver(self, frames: list[Frame]) -> None:
         """Take a batch of frames from the switch.  Must not block."""
         raise NotImplementedError
 
+    def drop_unexpected(self, reason: str, count: int, what: str) -> None:
+        """Count `count` frames lost to the exception being handled, as `reason`, and log its
+        traceback (rate limited).  Call from an `except` block."""
+        self.counters.drop(reason, count)
+        self.tracebacks.log(f"{what}; {count} frame(s) dropped as {reason}")
+
     def status(self) -> dict[str, object]:
         return {"name": self.name, "accepts": str(self.accepts), **self.counters.as_dict()}
 
 
+# Frames a SpeakingPort's outbox holds until its shell takes them; beyond: `outbox_full`.
+OUTBOX_FRAMES = 1024
+
+
 class SpeakingPort(Port):
     """A port that also sends frames of its own (the gateway's replies, a TUN host's ARP and
-    DHCP): they wait in `outbox` until its shell takes them (`take_outbox`) and forwards
-    them; `on_ready` is called when the outbox stops being empty."""
+    DHCP): they wait in `outbox` (at most OUTBOX_FRAMES) until its shell takes them
+    (`take_outbox`) and forwards them; `on_ready` is called when the outbox stops being
+    empty."""
 
     def __init__(
         self, name: str, accepts: Offload = Offload.NONE, policy: PortPolicy | None = None
@@ -87,6 +130,10 @@ class SpeakingPort(Port):
         if not frames:
             return
         was_empty = not self.outbox
+        room = OUTBOX_FRAMES - len(self.outbox)
+        if len(frames) > room:
+            self.counters.drop("outbox_full", len(frames) - room)
+            frames = frames[:room]
         self.outbox.extend(frames)
         if was_empty and self.on_ready is not None:
             self.on_ready()
@@ -96,8 +143,10 @@ class SpeakingPort(Port):
         return frames
 
 
-# Frames a QueuedPort holds before it drops: about one guest RX ring's worth, four times over.
+# What a QueuedPort holds before it drops: about one guest RX ring's worth of frames, four
+# times over, or 4 MiB (64 maximal TSO frames), whichever comes first.
 DEFAULT_QUEUE_FRAMES = 1024
+DEFAULT_QUEUE_BYTES = 4 << 20
 
 
 class QueuedPort(Port):
@@ -105,7 +154,14 @@ class QueuedPort(Port):
 
     `on_ready` is called (with no arguments) when frames arrive in an empty queue; the shell
     uses it to wake its sender task, or to send them at once when that task is idle (it must
-    not block).  Overflow is dropped and counted as `queue_full`.
+    not block).  The queue holds at most `limit` frames and `limit_bytes` bytes; what does
+    not fit (the tail of a batch) is dropped and counted as `queue_full`.
+
+    The shell takes frames from the left of `queue` only (popleft, clear; putting back on
+    the left what it could not send), so the bytes queued are known without its help: each
+    delivered batch is remembered as [frames, bytes], oldest first, and the frames the shell
+    took since the last delivery are the oldest ones.  Only a batch it took part of is
+    counted again (what is left of it).
     """
 
     def __init__(
@@ -114,19 +170,73 @@ class QueuedPort(Port):
         accepts: Offload = Offload.NONE,
         limit: int = DEFAULT_QUEUE_FRAMES,
         policy: PortPolicy | None = None,
+        limit_bytes: int = DEFAULT_QUEUE_BYTES,
     ) -> None:
         super().__init__(name, accepts, policy)
         self.limit = limit
+        self.limit_bytes = limit_bytes
         self.queue: deque[Frame] = deque()
         self.on_ready: Callable[[], None] | None = None
+        self._batches: deque[list[int]] = deque()  # [frames, bytes] of each batch queued
+        self._held_frames = 0  # what those batches add up to
+        self._held_bytes = 0
+
+    @property
+    def queued_bytes(self) -> int:
+        self._account_taken()
+        return self._held_bytes
 
     def deliver(self, frames: list[Frame]) -> None:
         queue = self.queue
         was_empty = not queue
-        room = self.limit - len(queue)
-        if len(frames) > room:
-            self.counters.drop("queue_full", len(frames) - max(room, 0))
-            frames = frames[: max(room, 0)]
-        queue.extend(frames)
+        if len(queue) != self._held_frames:
+            self._account_taken()
+        nbytes = sum([len(frame.data) for frame in frames])
+        if len(queue) + len(frames) > self.limit or self._held_bytes + nbytes > self.limit_bytes:
+            frames, nbytes = self._fit(frames)
+        if frames:
+            queue.extend(frames)
+            self._batches.append([len(frames), nbytes])
+            self._held_frames += len(frames)
+            self._held_bytes += nbytes
         if was_empty and queue and self.on_ready is not None:
             self.on_ready()
+
+    def _fit(self, frames: list[Frame]) -> tuple[list[Frame], int]:
+        """The head of `frames` that fits in the queue, and its bytes; the rest is counted."""
+        room = max(self.limit - len(self.queue), 0)
+        budget = self.limit_bytes - self._held_bytes
+        fit = nbytes = 0
+        for frame in frames[:room]:
+            size = len(frame.data)
+            if nbytes + size > budget:
+                break
+            nbytes += size
+            fit += 1
+        self.counters.drop("queue_full", len(frames) - fit)
+        return frames[:fit], nbytes
+
+    def _account_taken(self) -> None:
+        """Forget what the shell took from the left of the queue since we last looked."""
+        queued = len(self.queue)
+        if not queued:
+            self._batches.clear()
+            self._held_frames = self._held_bytes = 0
+            return
+        taken = self._held_frames - queued
+        batches = self._batches
+        while taken > 0:
+            oldest = batches[0]
+            if oldest[0] <= taken:
+                batches.popleft()
+                taken -= oldest[0]
+                self._held_frames -= oldest[0]
+                self._held_bytes -= oldest[1]
+                continue
+            # Taken in part: what is left of it is at the head of the queue.
+            left = oldest[0] - taken
+            left_bytes = sum([len(frame.data) for frame in islice(self.queue, left)])
+            self._held_frames -= taken
+            self._held_bytes -= oldest[1] - left_bytes
+            oldest[0], oldest[1] = left, left_bytes
+            break

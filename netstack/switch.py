@@ -1,31 +1,40 @@
 """A learning Ethernet switch in userspace: the heart of `vhostvpn hub`.
 
 Path of a batch through `forward(ingress, frames)`:
+0. size: runts (shorter than an Ethernet header) and frames longer than MAX_FRAME_LEN are
+   dropped (`runt`, `oversize`), as are multicast sources.
 1. policy (netstack.policy), for ports that have one: MAC anti-spoofing and limit, the
    broadcast/multicast token bucket, then the fixed-offset network-layer checks (IP source
-   binding, ARP sender, DHCP and RA guards).  Trusted ports (the hub's services) skip it.
-2. learning: the source MAC is (re)bound to the ingress port.
+   and ND target binding, the claim limit, ARP sender, DHCP and RA guards, stacked VLAN
+   tags).  Trusted ports (the hub's services) skip it.
+2. learning: the source MAC is (re)bound to the ingress port -- unless it is bound for good
+   elsewhere: reserved (`reserve`, the gateway's MAC) or pinned by a running DHCP lease
+   (`bind_lease`); such MACs never age and cannot move (`mac_spoof`, policed or not).
 3. lookup: the destination's port, or flooding (broadcast, multicast, unknown unicast) to
    every other port; frames are regrouped per egress port.
 4. delivery: each egress port gets one `deliver` call per batch, with frames it can take as
    they are; frames needing an offload it did not accept go through `netstack.offload.adapt`
    (segmented or checksummed in software, counted as `software_offloads`), or are dropped as
    `offload_<reason>` if they are malformed.
-Every drop is counted on a port, by reason.
+Every drop is counted on a port, by reason.  Containment: an exception while switching one
+frame drops that frame (`malformed` on the ingress port); one raised by an egress port's
+`deliver` drops that batch (`internal_error` on the egress port) and the other ports still
+get theirs; either way the traceback is logged (rate limited) and `forward` returns normally.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
-from netstack.frame import ETH_HEADER_LEN, PLAIN, Frame, format_mac
+from netstack.frame import ETH_HEADER_LEN, MAX_FRAME_LEN, PLAIN, Frame, format_mac
 from netstack.offload import OffloadError, adapt
 from netstack.policy import (
     DHCPV4_SERVER_PORT,
     ETHERTYPE_IPV4,
     IPPROTO_UDP,
+    PERMANENT,
     AddressBook,
     check_l3,
 )
@@ -40,7 +49,11 @@ _REFRESH_SECONDS = 1.0
 
 
 class Switch:
-    """MAC learning and flooding among ports.  No I/O; `clock` is injectable for tests."""
+    """MAC learning and flooding among ports.  No I/O; `clock` is injectable for tests.
+
+    `mac_table` maps a MAC to (port, last seen); `seen` is PERMANENT for a reserved or pinned
+    MAC, which every aging test then finds alive and never stale.
+    """
 
     def __init__(
         self,
@@ -53,6 +66,11 @@ class Switch:
         self.mac_table: dict[bytes, tuple[Port, float]] = {}
         self.mac_counts: dict[Port, int] = {}
         self.addresses = AddressBook(aging)
+        self.reserved_macs: set[bytes] = set()
+        # Leases the DHCP server told us of: leased IP -> the MAC it is pinned for; and how
+        # many leases pin each MAC (as many entries as running leases: bounded by the pool).
+        self._lease_macs: dict[bytes, bytes] = {}
+        self._pins: dict[bytes, int] = {}
         # Called with each port as it is attached (the hub opens its capture there).
         self.on_attach: Callable[[Port], None] | None = None
 
@@ -78,9 +96,32 @@ class Switch:
         stale = [mac for mac, (owner, _) in self.mac_table.items() if owner is port]
         for mac in stale:
             del self.mac_table[mac]
+            self.reserved_macs.discard(mac)
         self.mac_counts[port] = 0
         self.addresses.forget(port)
         return len(stale)
+
+    def reserve(self, port: Port, mac: bytes, ips: Iterable[bytes]) -> None:
+        """Bind `mac` and `ips` to `port` for good (the gateway's): they never age, no other
+        port may send from them (`mac_spoof`, `ip_spoof`), and no lease takes them."""
+        if port not in self.ports:
+            raise ValueError(f"port {port.name} is not attached")
+        mac = bytes(mac)
+        addresses = [bytes(ip) for ip in ips]
+        self._move(mac, port, PERMANENT)
+        self.reserved_macs.add(mac)
+        for ip in addresses:
+            self.addresses.reserve(ip, port)
+        log.info("port %s: %s reserved with %d addresses", port.name, format_mac(mac),
+                 len(addresses))
+
+    def _move(self, mac: bytes, port: Port, seen: float) -> None:
+        entry = self.mac_table.get(mac)
+        if entry is None or entry[0] is not port:
+            self.mac_counts[port] += 1
+            if entry is not None:
+                self.mac_counts[entry[0]] -= 1
+        self.mac_table[mac] = (port, seen)
 
     def expire(self) -> None:
         """Sweep aged MACs and IP claims (the hub calls this every few seconds)."""
@@ -92,31 +133,61 @@ class Switch:
         self.addresses.expire(now)
 
     def bind_lease(self, ip: bytes, mac: bytes) -> None:
-        """The hub's DHCP server leased `ip` to `mac`: only the port behind `mac` may use it."""
+        """The hub's DHCP server leased `ip` to `mac`: only the port behind `mac` may use it,
+        and `mac` stays pinned to that port while the lease runs (until `unbind_lease`)."""
+        ip, mac = bytes(ip), bytes(mac)
         entry = self.mac_table.get(mac)
         if entry is None:
             log.warning("lease of %s to %s, a MAC on no port", ip.hex(), format_mac(mac))
             return
-        self.addresses.bind(ip, entry[0], self.clock())
+        port = entry[0]
+        if not self.addresses.bind(ip, port, self.clock()):
+            log.warning("port %s: lease of reserved address %s refused", port.name, ip.hex())
+            return
+        previous = self._lease_macs.get(ip)
+        if previous != mac:
+            if previous is not None:
+                self._unpin(previous)
+            self._lease_macs[ip] = mac
+            self._pins[mac] = self._pins.get(mac, 0) + 1
+        if entry[1] != PERMANENT:
+            self.mac_table[mac] = (port, PERMANENT)
 
     def unbind_lease(self, ip: bytes) -> None:
         self.addresses.unbind(ip)
+        mac = self._lease_macs.pop(ip, None)
+        if mac is not None:
+            self._unpin(mac)
+
+    def _unpin(self, mac: bytes) -> None:
+        """One lease of `mac` ended; with none left it ages again from now."""
+        pins = self._pins[mac] - 1
+        if pins:
+            self._pins[mac] = pins
+            return
+        del self._pins[mac]
+        entry = self.mac_table.get(mac)
+        if entry is not None and entry[1] == PERMANENT and mac not in self.reserved_macs:
+            self.mac_table[mac] = (entry[0], self.clock())
 
     def used_by_another_port(self, ip: bytes, mac: bytes) -> bool:
-        """Has a port other than the one behind `mac` sent from `ip` lately (a claim that has
-        not aged out)?  The DHCP server asks before it offers `ip` to `mac`.  Only policed
-        ports record claims; leases are the DHCP server's own business."""
+        """Is `ip` reserved, or has a port other than the one behind `mac` sent from it lately
+        (a claim that has not aged out)?  The DHCP server asks before it offers `ip` to
+        `mac`.  Only policed ports record claims; leases are the DHCP server's own business."""
         entry = self.addresses.owners.get(ip)
         if entry is None:
             return False
         owner, seen, leased = entry
+        if seen == PERMANENT:
+            return True
         if leased or self.clock() - seen > self.addresses.aging:
             return False
         learned = self.mac_table.get(mac)
         return learned is None or learned[0] is not owner
 
     def forward(self, ingress: Port, frames: list[Frame]) -> None:
-        """Switch a batch of frames that arrived on `ingress`."""
+        """Switch a batch of frames that arrived on `ingress`.  Never raises because of what
+        a frame holds or what an egress port does with it."""
         now = self.clock()
         if ingress.capture is not None:
             ingress.capture.write([frame.data for frame in frames], "in")
@@ -131,71 +202,79 @@ class Switch:
         flood: list[Frame] = []
         nbytes = 0
         for frame in frames:
-            data = frame.data
-            nbytes += len(data)
-            if len(data) < ETH_HEADER_LEN:
-                counters.drop("runt")
-                continue
-            # Slices of bytes are bytes; slices of a memoryview hash and compare like bytes,
-            # so lookups need no copy.  Only a newly learned key is made bytes.
-            src = data[6:12]
-            if src[0] & 1:
-                counters.drop("multicast_source")
-                continue
-            entry = table.get(src)
-            if policy is not None:
-                # 1. policy (netstack.policy): MAC first, then the network layer.
-                if entry is None or entry[0] is not ingress:
-                    if entry is not None and now - entry[1] <= aging:
-                        counters.drop("mac_spoof")
-                        continue
-                    if counts[ingress] >= policy.mac_limit:
-                        counters.drop("mac_limit")
-                        continue
-                if data[0] & 1 and not policy.take_flood_token(now):
-                    counters.drop("flood_rate")
+            try:
+                data = frame.data
+                size = len(data)
+                nbytes += size
+                if size < ETH_HEADER_LEN or size > MAX_FRAME_LEN:
+                    counters.drop("runt" if size < ETH_HEADER_LEN else "oversize")
                     continue
-                # Fast path: plain IPv4 (no options, not a DHCP server's port) from an address
-                # this port owns and was seen with just now; it was checked when claimed.
-                owner = None
-                if len(data) >= 38 and data[12:14] == ETHERTYPE_IPV4 and data[14] == 0x45 \
-                        and not (data[23] == IPPROTO_UDP and data[34:36] == DHCPV4_SERVER_PORT):
-                    owner = owners.get(data[26:30])
-                if owner is None or owner[0] is not ingress or (
-                    not owner[2] and now - owner[1] > _REFRESH_SECONDS
-                ):
-                    reason = check_l3(data, ingress, self.addresses, now)
-                    if reason is not None:
-                        counters.drop(reason)
+                # Slices of bytes are bytes; slices of a memoryview hash and compare like
+                # bytes, so lookups need no copy.  Only a newly learned key is made bytes.
+                src = data[6:12]
+                if src[0] & 1:
+                    counters.drop("multicast_source")
+                    continue
+                entry = table.get(src)
+                if policy is not None:
+                    # 1. policy (netstack.policy): MAC first, then the network layer.
+                    if entry is None or entry[0] is not ingress:
+                        if entry is not None and now - entry[1] <= aging:
+                            counters.drop("mac_spoof")
+                            continue
+                        if counts[ingress] >= policy.mac_limit:
+                            counters.drop("mac_limit")
+                            continue
+                    if data[0] & 1 and not policy.take_flood_token(now):
+                        counters.drop("flood_rate")
                         continue
-            # 2. learning
-            if entry is None or entry[0] is not ingress or now - entry[1] > _REFRESH_SECONDS:
-                if entry is None or entry[0] is not ingress:
-                    counts[ingress] += 1
-                    if entry is not None:
-                        counts[entry[0]] -= 1
-                        if debug:
-                            log.debug("mac %s moved from %s to %s",
-                                      format_mac(bytes(src)), entry[0].name, ingress.name)
-                table[bytes(src)] = (ingress, now)
-            # 3. lookup
-            dst = data[0:6]
-            if dst[0] & 1:
-                flood.append(frame)
-                continue
-            entry = table.get(dst)
-            if entry is None or now - entry[1] > aging:
-                flood.append(frame)
-                continue
-            egress = entry[0]
-            if egress is ingress:
-                counters.drop("same_port")
-                continue
-            batch = by_port.get(egress)
-            if batch is None:
-                by_port[egress] = [frame]
-            else:
-                batch.append(frame)
+                    # Fast path: plain IPv4 (no options, not a DHCP server's port) from an
+                    # address this port owns and was seen with just now; it was checked when
+                    # claimed.
+                    owner = None
+                    if size >= 38 and data[12:14] == ETHERTYPE_IPV4 and data[14] == 0x45 \
+                            and not (data[23] == IPPROTO_UDP and data[34:36] == DHCPV4_SERVER_PORT):
+                        owner = owners.get(data[26:30])
+                    if owner is None or owner[0] is not ingress or (
+                        not owner[2] and now - owner[1] > _REFRESH_SECONDS
+                    ):
+                        reason = check_l3(data, ingress, self.addresses, now, policy.claim_limit)
+                        if reason is not None:
+                            counters.drop(reason)
+                            continue
+                # 2. learning
+                if entry is None or entry[0] is not ingress or now - entry[1] > _REFRESH_SECONDS:
+                    if entry is None or entry[0] is not ingress:
+                        if entry is not None:
+                            if entry[1] == PERMANENT:  # reserved or pinned: never moves
+                                counters.drop("mac_spoof")
+                                continue
+                            counts[entry[0]] -= 1
+                            if debug:
+                                log.debug("mac %s moved from %s to %s",
+                                          format_mac(bytes(src)), entry[0].name, ingress.name)
+                        counts[ingress] += 1
+                    table[bytes(src)] = (ingress, now)
+                # 3. lookup
+                dst = data[0:6]
+                if dst[0] & 1:
+                    flood.append(frame)
+                    continue
+                entry = table.get(dst)
+                if entry is None or now - entry[1] > aging:
+                    flood.append(frame)
+                    continue
+                egress = entry[0]
+                if egress is ingress:
+                    counters.drop("same_port")
+                    continue
+                batch = by_port.get(egress)
+                if batch is None:
+                    by_port[egress] = [frame]
+                else:
+                    batch.append(frame)
+            except Exception:  # one frame's trouble is that frame's
+                ingress.drop_unexpected("malformed", 1, "switching a frame")
         counters.in_frames += len(frames)
         counters.in_bytes += nbytes
         if flood:
@@ -205,7 +284,11 @@ class Switch:
                     by_port[port] = flood if batch is None else batch + flood
         # 4. delivery
         for egress, batch in by_port.items():
-            self._deliver(egress, batch)
+            try:
+                self._deliver(egress, batch)
+            except Exception:  # one port's trouble is that port's
+                egress.drop_unexpected("internal_error", len(batch),
+                                       f"delivering frames from {ingress.name}")
 
     @staticmethod
     def _deliver(egress: Port, batch: list[Frame]) -> None:
@@ -222,7 +305,8 @@ class Switch:
         now = self.clock()
         return {
             "macs": [
-                {"mac": format_mac(mac), "port": port.name, "age": round(now - seen, 1)}
+                {"mac": format_mac(mac), "port": port.name,
+                 "age": None if seen == PERMANENT else round(now - seen, 1)}
                 for mac, (port, seen) in self.mac_table.items()
                 if now - seen <= self.aging
             ],
@@ -243,6 +327,9 @@ def _fit(egress: Port, batch: list[Frame]) -> list[Frame]:
             adapted = adapt(frame, accepts)  # [frame] itself when the port takes it as it is
         except OffloadError as exc:
             counters.drop(f"offload_{exc.reason}")
+            continue
+        except Exception:  # one frame's trouble is that frame's
+            egress.drop_unexpected("offload_internal_error", 1, "fitting a frame")
             continue
         if len(adapted) != 1 or adapted[0] is not frame:
             counters.software_offloads += 1

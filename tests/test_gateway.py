@@ -5,6 +5,7 @@ garbage dropped and counted, never raised."""
 import ipaddress
 import itertools
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, UDP
@@ -18,11 +19,17 @@ from scapy.layers.inet6 import (
     ICMPv6NDOptMTU,
     ICMPv6NDOptPrefixInfo,
     IPv6,
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrFragment,
+    IPv6ExtHdrHopByHop,
+    IPv6ExtHdrRouting,
 )
-from scapy.layers.l2 import ARP, Ether
+from scapy.layers.ipsec import AH, ESP
+from scapy.layers.l2 import ARP, Dot1Q, Ether
 
 from netstack.frame import Frame
 from netstack.gateway import GatewayConfig, GatewayPort
+from netstack.port import OUTBOX_FRAMES
 from netstack.ra import link_local_from_mac
 
 GW_MAC = "02:76:76:00:00:01"
@@ -191,3 +198,101 @@ def test_garbage_is_dropped_never_raised(payload, ethertype):
     gw = gateway()
     gw.deliver([Frame(CONFIG.mac + bytes.fromhex("525400000001") + ethertype + payload)])
     gw.take_outbox()
+
+
+def echo6(*extensions, dst="fd77::1"):
+    packet = Ether(src=GUEST, dst=GW_MAC) / IPv6(src="fd77::5", dst=dst)
+    for extension in extensions:
+        packet = packet / extension
+    return packet / ICMPv6EchoRequest(id=1, seq=2, data=b"hi")
+
+
+@pytest.mark.parametrize("extension", [
+    IPv6ExtHdrDestOpt(), IPv6ExtHdrHopByHop(), IPv6ExtHdrRouting(), AH(nh=58, payloadlen=1),
+    ESP(spi=1),
+], ids=["destination_options", "hop_by_hop", "routing", "ah", "esp"])
+def test_a_fragment_with_any_extension_header_behind_it_is_counted_not_answered(extension):
+    """Fragment + destination options made dpkt raise AttributeError, which killed the hub."""
+    gw = gateway()
+    for offset in (0, 5):
+        gw.deliver([Frame(bytes(echo6(IPv6ExtHdrFragment(offset=offset, m=1), extension)))])
+    assert gw.take_outbox() == []
+    assert gw.counters.drops == {"fragment": 2}
+
+
+def test_echo_behind_a_sane_extension_header_chain_is_answered():
+    (reply,) = ask(gateway(), echo6(IPv6ExtHdrHopByHop(), IPv6ExtHdrDestOpt()))
+    assert reply[ICMPv6EchoReply].data == b"hi" and checksums_valid(reply)
+
+
+@pytest.mark.parametrize("raw", [
+    # a destination options header running past the end of the payload
+    bytes(Ether(src=GUEST, dst=GW_MAC) / IPv6(src="fd77::5", dst="fd77::1", nh=60, plen=8))
+    + b"\x3a\x05" + bytes(6),
+    # nine hop-by-hop headers
+    bytes(Ether(src=GUEST, dst=GW_MAC) / IPv6(src="fd77::5", dst="fd77::1", nh=0, plen=80))
+    + bytes(80),
+    # two fragment headers
+    bytes(echo6(IPv6ExtHdrFragment(), IPv6ExtHdrFragment())),
+    # a payload length beyond the frame
+    bytes(Ether(src=GUEST, dst=GW_MAC) / IPv6(src="fd77::5", dst="fd77::1", plen=500)
+          / ICMPv6EchoRequest()),
+], ids=["header_past_the_end", "nine_extension_headers", "two_fragment_headers",
+        "payload_past_the_frame"])
+def test_unwalkable_ipv6_headers_are_counted_malformed(raw):
+    gw = gateway()
+    gw.deliver([Frame(raw)])
+    assert gw.take_outbox() == [] and gw.counters.drops == {"malformed": 1}
+
+
+def test_icmpv6_with_a_bad_checksum_is_not_answered():
+    gw = gateway()
+    assert ask(gw, Ether(src=GUEST, dst=GW_MAC) / IPv6(src="fd77::5", dst="fd77::1")
+               / ICMPv6EchoRequest(cksum=0x1234)) == []
+    assert gw.counters.drops == {"bad_checksum": 1}
+
+
+def test_ipv4_fragments_and_tagged_frames_are_not_answered():
+    gw = gateway()
+    assert ask(gw, Ether(src=GUEST, dst=GW_MAC) / IP(src="10.77.0.5", dst="10.77.0.1", flags="MF")
+               / ICMP() / b"part") == []
+    assert ask(gw, Ether(src=GUEST, dst="ff:ff:ff:ff:ff:ff") / Dot1Q(vlan=3)
+               / ARP(op=1, hwsrc=GUEST, psrc="10.77.0.5", pdst="10.77.0.1")) == []
+    assert gw.counters.drops == {"fragment": 1}
+
+
+def test_an_unexpected_exception_costs_one_frame_and_one_traceback(caplog):
+    class BrokenDhcp:
+        counters = {}
+
+        def handle(self, frame):
+            raise RuntimeError("a bug in a service")
+
+        def expire(self, now):
+            pass
+
+    gw = GatewayPort(CONFIG, dhcp=BrokenDhcp(), clock=Clock())
+    discover = Frame(bytes(Ether(src=GUEST, dst="ff:ff:ff:ff:ff:ff")
+                           / IP(src="0.0.0.0", dst="255.255.255.255") / UDP(sport=68, dport=67)
+                           / (b"x" * 10)))
+    ping = Frame(bytes(echo6()))
+    gw.deliver([discover, ping, discover, discover])
+    assert gw.counters.drops == {"malformed": 3}
+    assert len(gw.take_outbox()) == 1  # the ping in the same batch is answered
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1 and "gateway" in tracebacks[0].getMessage()
+
+
+def test_the_gateway_lists_its_addresses_for_the_switch_to_reserve():
+    assert sorted(gateway().addresses) == sorted([
+        ipaddress.ip_address("10.77.0.1").packed, ipaddress.ip_address("fd77::1").packed,
+        ipaddress.ip_address(LINK_LOCAL).packed])
+
+
+def test_replies_waiting_for_the_shell_are_bounded():
+    gw = gateway()
+    request = Frame(bytes(Ether(src=GUEST, dst="ff:ff:ff:ff:ff:ff")
+                          / ARP(op=1, hwsrc=GUEST, psrc="10.77.0.5", pdst="10.77.0.1")))
+    gw.deliver([request] * (OUTBOX_FRAMES + 10))
+    assert len(gw.take_outbox()) == OUTBOX_FRAMES
+    assert gw.counters.drops == {"outbox_full": 10}

@@ -127,6 +127,17 @@ async def test_gateway_answers_a_guest_and_captures_record_both_ports(tmp_path):
         assert out == ["1", "2"]
 
 
+def test_the_gateways_mac_and_addresses_are_reserved_on_the_switch(tmp_path):
+    hub = Hub(HubConfig(sockets=[str(tmp_path / "a.sock")], state_dir=tmp_path,
+                        subnet=ipaddress.IPv4Network("10.77.0.0/24"),
+                        ipv6_prefix=ipaddress.IPv6Network("fd77::/64")))
+    gateway, addresses = hub.gateway, hub.switch.addresses
+    assert hub.switch.mac_table[gateway.mac] == (gateway, float("inf"))
+    assert len(gateway.addresses) == 3
+    assert all(addresses.reserved(ip) and addresses.owners[ip][0] is gateway
+               for ip in gateway.addresses)
+
+
 def test_hub_without_a_subnet_has_no_gateway(tmp_path):
     hub = Hub(HubConfig(sockets=[str(tmp_path / "a.sock")]))
     assert hub.gateway is None and [p.name for p in hub.ports] == ["a.sock"]

@@ -1,5 +1,9 @@
 """The switch's port policies, frame by frame, with frames built by scapy: MAC and IP
-anti-spoofing, MAC limit, DHCP/RA guards, the flood token bucket, and trusted ports."""
+anti-spoofing (ND targets and link-layer options too), reservations and lease pinning, MAC
+and claim limits, stacked VLAN tags, DHCP/RA guards, the flood token bucket, and trusted
+ports."""
+
+from ipaddress import IPv6Address
 
 import pytest
 from scapy.layers.dhcp import BOOTP, DHCP
@@ -7,14 +11,18 @@ from scapy.layers.dhcp6 import DHCP6_Advertise
 from scapy.layers.inet import ICMP, IP, UDP
 from scapy.layers.inet6 import (
     ICMPv6EchoRequest,
+    ICMPv6ND_NA,
     ICMPv6ND_NS,
     ICMPv6ND_RA,
     ICMPv6ND_Redirect,
+    ICMPv6NDOptDstLLAddr,
+    ICMPv6NDOptSrcLLAddr,
     IPv6,
     IPv6ExtHdrDestOpt,
     IPv6ExtHdrFragment,
 )
-from scapy.layers.l2 import ARP, Dot1Q, Ether
+from scapy.layers.ipsec import AH
+from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 
 from netstack.frame import Frame
 from netstack.policy import PortPolicy
@@ -193,3 +201,185 @@ def test_a_lease_takes_an_address_from_a_guest_that_claimed_it_by_hand(net):
     send(switch, b, ipv4(MAC_B, "10.0.0.7"))
     send(switch, a, ipv4(MAC_A, "10.0.0.7"))
     assert b.counters.drops["ip_spoof"] == 1 and not a.counters.drops
+
+
+GW_MAC = "02:76:76:00:00:01"
+
+
+def reserve_gateway(switch, gw):
+    switch.reserve(gw, bytes.fromhex(GW_MAC.replace(":", "")),
+                   [bytes([10, 0, 0, 254]), IPv6Address("fd00::fe").packed])
+
+
+def ns(src_mac, src, target, options=()):
+    packet = Ether(src=src_mac, dst="33:33:ff:00:00:01") / IPv6(src=src, dst="ff02::1:ff00:1") \
+        / ICMPv6ND_NS(tgt=target)
+    for option in options:
+        packet = packet / option
+    return packet
+
+
+def na(src_mac, src, target, options=()):
+    packet = Ether(src=src_mac, dst=BCAST) / IPv6(src=src, dst="ff02::1") \
+        / ICMPv6ND_NA(tgt=target, R=0, S=0, O=1)
+    for option in options:
+        packet = packet / option
+    return packet
+
+
+def test_a_neighbour_advertisement_for_another_ports_address_is_dropped(net):
+    switch, a, b, gw, clock = net
+    reserve_gateway(switch, gw)
+    send(switch, a, na(MAC_A, "fd00::1", "fd00::1"))  # a's own address: fine
+    send(switch, b, na(MAC_B, "fd00::2", "fd00::1"))  # b says it has a's address
+    send(switch, b, na(MAC_B, "fd00::2", "fd00::fe"))  # ... or the gateway's
+    assert not a.counters.drops
+    assert b.counters.drops == {"ip_spoof": 2}
+    assert len(gw.got) == 1
+
+
+def test_duplicate_address_detection_for_another_ports_address_is_dropped(net):
+    switch, a, b, gw, clock = net
+    send(switch, a, na(MAC_A, "fd00::1", "fd00::1"))
+    send(switch, b, ns(MAC_B, "::", "fd00::1"))  # DAD probe for a's address
+    assert b.counters.drops == {"ip_spoof": 1}
+    send(switch, b, ns(MAC_B, "fd00::2", "fd00::1",  # an ordinary lookup of a's address
+                       [ICMPv6NDOptSrcLLAddr(lladdr=MAC_B)]))
+    send(switch, b, ns(MAC_B, "::", "fd00::3"))  # DAD for a free address
+    assert b.counters.drops == {"ip_spoof": 1}
+
+
+@pytest.mark.parametrize("packet", [
+    ns(MAC_A, "fd00::1", "fd00::2", [ICMPv6NDOptSrcLLAddr(lladdr=MAC_C)]),
+    na(MAC_A, "fd00::1", "fd00::1", [ICMPv6NDOptDstLLAddr(lladdr=MAC_C)]),
+    na(MAC_A, "fd00::1", "fd00::1", [ICMPv6NDOptDstLLAddr(lladdr=MAC_A),
+                                     ICMPv6NDOptDstLLAddr(lladdr=MAC_C)]),
+], ids=["ns_source_option", "na_target_option", "second_option"])
+def test_nd_link_layer_options_must_name_the_ethernet_source(net, packet):
+    switch, a, b, gw, clock = net
+    send(switch, a, packet)
+    assert a.counters.drops == {"nd_spoof": 1} and not gw.got
+
+
+@pytest.mark.parametrize("packet", [
+    Ether(src=MAC_A, dst=BCAST) / IPv6(src="fd00::1", dst="ff02::1")
+    / IPv6ExtHdrFragment(offset=0, m=1) / ICMPv6ND_NA(tgt="fd00::1"),
+    Ether(src=MAC_A, dst=BCAST) / IPv6(src="fd00::1", dst="ff02::1")
+    / ICMPv6ND_NA(tgt="fd00::1") / (b"\x02\x00" + bytes(6)),  # an option of length 0
+    Ether(src=MAC_A, dst=BCAST) / IPv6(src="fd00::1", dst="ff02::1")
+    / ICMPv6ND_NA(tgt="fd00::1") / (b"\x02\x02" + bytes(6)),  # running past the end
+], ids=["fragmented", "zero_length_option", "option_past_the_end"])
+def test_nd_messages_that_cannot_be_read_are_dropped(net, packet):
+    switch, a, b, gw, clock = net
+    send(switch, a, packet)
+    assert a.counters.drops == {"malformed": 1} and not gw.got
+
+
+def test_a_guest_cannot_claim_the_gateways_addresses(net):
+    switch, a, b, gw, clock = net
+    reserve_gateway(switch, gw)
+    clock.now += 10 * switch.aging
+    switch.expire()
+    send(switch, a, Ether(src=MAC_A, dst=BCAST) / ARP(op=2, hwsrc=MAC_A, psrc="10.0.0.254"),
+         ipv4(MAC_A, "10.0.0.254"),
+         Ether(src=MAC_A, dst=BCAST) / IPv6(src="fd00::fe", dst="ff02::1") / ICMPv6EchoRequest(),
+         ipv4(GW_MAC, "10.0.0.1"))
+    assert a.counters.drops == {"ip_spoof": 3, "mac_spoof": 1} and not gw.got
+    switch.bind_lease(bytes([10, 0, 0, 254]), bytes.fromhex(MAC_A.replace(":", "")))
+    send(switch, a, ipv4(MAC_A, "10.0.0.254"))
+    assert a.counters.drops["ip_spoof"] == 4  # not even by a lease
+
+
+def test_a_leased_mac_stays_pinned_to_its_port_while_the_lease_runs(net):
+    switch, a, b, gw, clock = net
+    mac_a = bytes.fromhex(MAC_A.replace(":", ""))
+    send(switch, a, Ether(src=MAC_A, dst=BCAST) / ARP(hwsrc=MAC_A, psrc="0.0.0.0"))
+    switch.bind_lease(bytes([10, 0, 0, 5]), mac_a)
+    clock.now += 10 * switch.aging  # a silent for much longer than the aging time
+    switch.expire()
+    send(switch, b, Ether(src=MAC_A, dst=BCAST) / ARP(hwsrc=MAC_A, psrc="0.0.0.0"))
+    assert b.counters.drops == {"mac_spoof": 1}
+    switch.unbind_lease(bytes([10, 0, 0, 5]))  # the lease ends: the MAC ages from now
+    send(switch, b, Ether(src=MAC_A, dst=BCAST) / ARP(hwsrc=MAC_A, psrc="0.0.0.0"))
+    assert b.counters.drops == {"mac_spoof": 2}
+    clock.now += switch.aging + 1
+    send(switch, b, Ether(src=MAC_A, dst=BCAST) / ARP(hwsrc=MAC_A, psrc="0.0.0.0"))
+    assert b.counters.drops == {"mac_spoof": 2} and len(gw.got) == 2
+
+
+def test_a_lease_moving_to_another_mac_unpins_the_old_one(net):
+    switch, a, b, gw, clock = net
+    mac_a, mac_c = (bytes.fromhex(m.replace(":", "")) for m in (MAC_A, MAC_C))
+    send(switch, a, Ether(src=MAC_A, dst=BCAST) / ARP(hwsrc=MAC_A, psrc="0.0.0.0"),
+         Ether(src=MAC_C, dst=BCAST) / ARP(hwsrc=MAC_C, psrc="0.0.0.0"))
+    switch.bind_lease(bytes([10, 0, 0, 5]), mac_a)
+    switch.bind_lease(bytes([10, 0, 0, 5]), mac_c)
+    clock.now += switch.aging + 1
+    send(switch, b, Ether(src=MAC_A, dst=BCAST) / ARP(hwsrc=MAC_A, psrc="0.0.0.0"),
+         Ether(src=MAC_C, dst=BCAST) / ARP(hwsrc=MAC_C, psrc="0.0.0.0"))
+    assert b.counters.drops == {"mac_spoof": 1}  # only the MAC holding the lease is pinned
+
+
+@pytest.mark.parametrize("tags", [
+    Dot1AD(vlan=5) / Dot1Q(vlan=6),
+    Dot1Q(vlan=5) / Dot1Q(vlan=6),
+    Dot1Q(vlan=5, type=0x88A8) / Dot1Q(vlan=6),
+    Dot1Q(vlan=5, type=0x9100) / Dot1Q(vlan=6),
+], ids=["802.1ad", "double_802.1q", "802.1ad_inside", "9100_inside"])
+def test_stacked_vlan_tags_are_dropped(net, tags):
+    switch, a, b, gw, clock = net
+    send(switch, a, Ether(src=MAC_A, dst=BCAST) / tags / IP(src="10.0.0.254", dst="10.0.0.1")
+         / UDP(sport=67, dport=68))
+    assert a.counters.drops == {"vlan_stacked": 1} and not gw.got
+
+
+def test_an_outer_9100_tag_is_dropped(net):
+    switch, a, b, gw, clock = net
+    send(switch, a, Ether(src=MAC_A, dst=BCAST, type=0x9100) / Dot1Q(vlan=6)
+         / IP(src="10.0.0.254", dst="10.0.0.1"))
+    assert a.counters.drops == {"vlan_stacked": 1} and not gw.got
+
+
+def test_a_single_tag_is_policed_like_an_untagged_frame(net):
+    switch, a, b, gw, clock = net
+    send(switch, a, ipv4(MAC_A, "10.0.0.1"))
+    send(switch, b, Ether(src=MAC_B, dst=BCAST) / Dot1Q(vlan=5) / IP(src="10.0.0.1")
+         / ICMP())
+    assert b.counters.drops == {"ip_spoof": 1}
+
+
+def test_claims_per_port_are_bounded(net):
+    switch, a, b, gw, clock = net
+    limit = a.policy.claim_limit
+    assert limit == 64
+    sources = [f"10.1.{i // 256}.{i % 256}" for i in range(limit + 50)]
+    send(switch, a, *[ipv4(MAC_A, source) for source in sources])
+    assert a.counters.drops == {"claim_limit": 50}
+    assert len(switch.addresses.owners) == limit == switch.addresses.counts[a]
+    send(switch, a, ipv4(MAC_A, sources[0]))  # addresses it holds still work
+    assert a.counters.drops == {"claim_limit": 50}
+    clock.now += switch.aging + 1
+    switch.expire()  # aged claims free the room
+    send(switch, a, ipv4(MAC_A, sources[-1]))
+    assert a.counters.drops == {"claim_limit": 50} and switch.addresses.counts[a] == 1
+
+
+def test_a_session_sized_policy_gets_claims_in_proportion():
+    assert PortPolicy(mac_limit=256).claim_limit == 1024
+    assert PortPolicy(claim_limit=5).claim_limit == 5
+
+
+def test_router_advertisements_behind_an_authentication_header_are_guarded(net):
+    switch, a, b, gw, clock = net
+    send(switch, a, Ether(src=MAC_A, dst=BCAST) / IPv6(src="fe80::1", dst="ff02::1")
+         / AH(nh=58, payloadlen=1) / ICMPv6ND_RA())
+    assert a.counters.drops == {"ra_guard": 1} and not gw.got
+
+
+def test_only_address_acquisition_may_use_the_unspecified_ipv6_source(net):
+    switch, a, b, gw, clock = net
+    send(switch, a, Ether(src=MAC_A, dst=BCAST) / IPv6(src="::", dst="ff02::1")
+         / ICMPv6EchoRequest(),
+         Ether(src=MAC_A, dst=BCAST) / IPv6(src="::", dst="ff02::1")
+         / ICMPv6ND_NA(tgt="fd00::9"))
+    assert a.counters.drops == {"bad_source": 2} and not gw.got

@@ -1,6 +1,15 @@
-"""The learning switch: learning, flooding, aging, offload filtering, per-port counters."""
+"""The learning switch: learning, flooding, aging, offload filtering, per-port counters,
+reservations, containment of exceptions, bounded queues."""
 
-from netstack.frame import GSO_TCPV4, HDR_F_NEEDS_CSUM, Frame, Offload, OffloadInfo
+from netstack.frame import (
+    GSO_TCPV4,
+    HDR_F_NEEDS_CSUM,
+    MAX_FRAME_LEN,
+    Frame,
+    Offload,
+    OffloadInfo,
+)
+from netstack.policy import PortPolicy
 from netstack.port import Port, QueuedPort
 from netstack.switch import Switch
 
@@ -155,3 +164,96 @@ def test_queued_port_drops_beyond_its_limit_and_wakes_once():
     assert len(port.queue) == 3
     assert port.counters.drops["queue_full"] == 1
     assert wakeups == [1]
+
+
+class Broken(Port):
+    """A port whose deliver fails: a bug in one port's shell or service."""
+
+    def deliver(self, frames: list[Frame]) -> None:
+        raise RuntimeError("a bug in this port")
+
+
+def test_an_egress_port_that_raises_costs_its_batch_not_the_others(caplog):
+    switch, (a, b, c) = three_ports()
+    broken = Broken("broken")
+    switch.attach(broken)
+    for _ in range(3):
+        switch.forward(a, [eth(BROADCAST, A), eth(BROADCAST, A)])
+    assert len(b.got) == len(c.got) == 6
+    assert broken.counters.drops == {"internal_error": 6}
+    assert not a.counters.drops
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1 and "broken" in tracebacks[0].getMessage()
+
+
+def test_a_frame_that_raises_while_switching_is_dropped_as_malformed(caplog):
+    class FailingPolicy(PortPolicy):
+        """Fails on one frame's flood token: a bug on the policy path."""
+
+        def take_flood_token(self, now: float) -> bool:
+            self.calls = getattr(self, "calls", 0) + 1
+            if self.calls == 2:
+                raise RuntimeError("a bug in the policy")
+            return True
+
+    switch = Switch()
+    sender, receiver = Recorder("s"), Recorder("r")
+    sender.policy = FailingPolicy()
+    switch.attach(sender)
+    switch.attach(receiver)
+    switch.forward(sender, [eth(BROADCAST, A), eth(BROADCAST, A), eth(BROADCAST, A)])
+    assert len(receiver.got) == 2
+    assert sender.counters.drops == {"malformed": 1}
+    assert sender.counters.in_frames == 3
+    assert len([r for r in caplog.records if r.exc_info]) == 1
+
+
+def test_frames_longer_than_the_largest_legal_frame_are_dropped():
+    switch, (a, b, c) = three_ports()
+    switch.forward(a, [eth(BROADCAST, A, bytes(MAX_FRAME_LEN - 14)),
+                       eth(BROADCAST, A, bytes(MAX_FRAME_LEN - 13))])
+    assert [len(f) for f in b.got] == [MAX_FRAME_LEN]
+    assert a.counters.drops == {"oversize": 1}
+
+
+def test_queued_port_bounds_bytes_as_well_as_frames():
+    port = QueuedPort("q", limit=100, limit_bytes=8100)
+    big = eth(B, A, bytes(3986))  # 4000 bytes
+    port.deliver([big, big, big])
+    assert len(port.queue) == 2 and port.queued_bytes == 8000
+    assert port.counters.drops["queue_full"] == 1
+    port.queue.popleft()  # the shell sends one
+    port.deliver([eth(B, A)] * 3 + [big])  # 3 x 60 bytes fit, the big one does not
+    assert len(port.queue) == 4 and port.queued_bytes == 4180
+    assert port.counters.drops["queue_full"] == 2
+    port.queue.clear()  # the shell sends everything
+    port.deliver([big, big])
+    assert port.queued_bytes == 8000 and port.counters.drops["queue_full"] == 2
+
+
+def test_queued_port_byte_count_survives_frames_put_back_on_the_left():
+    port = QueuedPort("q", limit=100, limit_bytes=1000)
+    port.deliver([eth(B, A, bytes(186))] * 4)  # 200 bytes each
+    taken = [port.queue.popleft(), port.queue.popleft()]
+    port.queue.extendleft(reversed(taken[1:]))  # the device took one, the other goes back
+    assert port.queued_bytes == 600
+    port.deliver([eth(B, A, bytes(186))] * 3)
+    assert len(port.queue) == 5 and port.counters.drops["queue_full"] == 1
+
+
+def test_a_reserved_mac_never_ages_and_no_port_can_take_it():
+    clock = Clock()
+    switch, (a, b, c) = three_ports(clock)
+    guest = Recorder("guest")
+    guest.policy = PortPolicy()
+    switch.attach(guest)
+    switch.reserve(a, A, [bytes([10, 0, 0, 1])])
+    clock.now += 10 * switch.aging
+    switch.expire()
+    switch.forward(guest, [eth(BROADCAST, A)])
+    switch.forward(b, [eth(BROADCAST, A)])  # an unpoliced port cannot move it either
+    assert guest.counters.drops == {"mac_spoof": 1} and b.counters.drops == {"mac_spoof": 1}
+    switch.forward(c, [eth(A, C)])
+    assert len(a.got) == 1 and not b.got  # still switched to a, not flooded
+    assert switch.used_by_another_port(bytes([10, 0, 0, 1]), C)
+    assert switch.status()["macs"][0] == {"mac": "02:00:00:00:00:01", "port": "a", "age": None}

@@ -94,6 +94,7 @@ class Hub:
         self.gateway = self._make_gateway(config)
         if self.gateway is not None:
             self.switch.attach(self.gateway)
+            self.switch.reserve(self.gateway, self.gateway.mac, self.gateway.addresses)
         if config.pcap_dir is not None:
             config.pcap_dir.mkdir(mode=CAPTURE_DIR_MODE, parents=True, exist_ok=True)
             for port in self.ports:

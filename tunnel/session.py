@@ -58,8 +58,10 @@ log = logging.getLogger(__name__)
 RECEIVE_SIZE = 256 * 1024
 KEEPALIVE_SECONDS = 5.0
 DEAD_SECONDS = 15.0
-# Frames a session queues toward a slow peer before dropping (about 3 MB of full frames).
+# Frames a session queues toward a slow peer before dropping (about 3 MB of full frames), and
+# bytes (TSO frames: 128 of 64 KiB), whichever comes first.
 SESSION_QUEUE_FRAMES = 2048
+SESSION_QUEUE_BYTES = 8 << 20
 # Unsent bytes the kernel may hold per connection before send_all waits (TCP_NOTSENT_LOWAT).
 NOTSENT_LOWAT = 128 * 1024
 # How long a superseded link may take to finish (its peer's CLOSE) before it is cut.
@@ -88,7 +90,7 @@ class SessionPort(QueuedPort):
 
     def __init__(self, name: str, *, policy: PortPolicy | None = None,
                  accepts: Offload = Offload.NONE) -> None:
-        super().__init__(name, accepts, SESSION_QUEUE_FRAMES, policy)
+        super().__init__(name, accepts, SESSION_QUEUE_FRAMES, policy, SESSION_QUEUE_BYTES)
         self.active: Link | None = None
         self.links: list[Link] = []
         self.connections = 0
