@@ -9,9 +9,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import resource
-import socket
-import ssl
-import struct
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +16,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from tests.support.attacks import PING_RECORD, client_hello, flood_pings, reset_from, rss
 from tests.support.hub import (
     VhostvpnProcess,
     endpoint_process,
@@ -28,7 +26,6 @@ from tests.support.hub import (
 from tests.support.tunnel_client import RawPeer, connect_peer
 from tunnel.hub import gateway_mac
 from tunnel.keys import keygen, parse_fingerprint
-from tunnel.wire import PING, PING_PAYLOAD, RECORD_HEADER
 
 SUBNET = ipaddress.IPv4Network("10.77.0.0/24")
 GATEWAY = ipaddress.IPv4Interface("10.77.0.1/24")
@@ -37,15 +34,6 @@ ALICE_IP = "10.77.0.50"
 # The most the hub's resident memory may grow under an attack: generous, an order of
 # magnitude under what the unbounded PONG list reached.
 RSS_GROWTH_LIMIT = 100 << 20
-PING_RECORD = RECORD_HEADER.pack(PING, 0, 0, PING_PAYLOAD.size) + PING_PAYLOAD.pack(1, 2)
-
-
-def rss(pid: int) -> int:
-    """The process's resident memory in bytes (VmRSS)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
 
 
 @dataclass
@@ -102,23 +90,6 @@ async def lab(tmp_path: Path):
         yield the_lab
 
 
-def reset_from(source: str, port: int) -> None:
-    """Connect from `source`, then close with SO_LINGER 0: the hub's socket is reset."""
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        sock.bind((source, 0))
-        sock.connect(("127.0.0.1", port))
-
-
-def client_hello() -> bytes:
-    """The first flight of a TLS 1.3 client, as bytes."""
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    client = ssl.create_default_context().wrap_bio(incoming, outgoing)
-    with pytest.raises(ssl.SSLWantReadError):
-        client.do_handshake()
-    return outgoing.read()
-
-
 async def test_connection_floods_leave_the_hub_process_serving(tmp_path):
     async with lab(tmp_path) as the_lab:
         port, pid = the_lab.port, the_lab.pid
@@ -160,15 +131,6 @@ async def test_connection_floods_leave_the_hub_process_serving(tmp_path):
         assert rss(pid) - before < RSS_GROWTH_LIMIT
         for stream in held:
             await stream.aclose()
-
-
-async def flood_pings(mallory: RawPeer, seconds: float) -> None:
-    """PING records as fast as the hub takes them, never reading an answer."""
-    flood = PING_RECORD * 4000
-    with trio.move_on_after(seconds):
-        while True:
-            await mallory.tls.send_all(flood)
-            await trio.sleep(0)
 
 
 async def test_a_peer_flooding_pings_without_reading_costs_the_hub_little(tmp_path):
