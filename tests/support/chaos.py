@@ -85,13 +85,17 @@ class LoopResult:
 
 
 class KillLoop:
-    def __init__(self, workdir: Path, namespaces: dict[str, str]) -> None:
+    """The topology above; `run` is the kill loop, `start`/`stop` let bench/soak.py use the
+    same processes for other work."""
+
+    def __init__(self, workdir: Path, namespaces: dict[str, str],
+                 extra_hub_sockets: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
         self.ns = namespaces
         hub_fp = keygen(workdir / "hub-id")
         (workdir / "peers").write_text(
             "".join(f"{n} {keygen(workdir / f'{n}-id')}\n" for n in ("h1", "h2")))
-        self.hub = VhostvpnProcess(workdir, "hub", ["g.sock"], [
+        self.hub = VhostvpnProcess(workdir, "hub", ["g.sock", *extra_hub_sockets], [
             "--listen", f"0.0.0.0:{HUB_PORT}", "--identity", str(workdir / "hub-id"),
             "--peers", str(workdir / "peers"), "--subnet", "10.77.0.0/24",
             "--state-dir", str(workdir / "state")], "hub",
@@ -106,6 +110,12 @@ class KillLoop:
         self.guest: Guest | None = None
         self.guest_ip = ""
         self.guest_boots = 0
+
+    async def reboot_guest(self, nursery: trio.Nursery) -> None:
+        """QEMU stopped and started again: a new vhost-user connection, the same lease."""
+        assert self.guest is not None
+        await self.guest.stop()
+        await self._boot_guest(nursery)
 
     async def _boot_guest(self, nursery: trio.Nursery) -> None:
         self.guest_boots += 1
@@ -125,18 +135,29 @@ class KillLoop:
                     await trio.sleep(0.05)
         return trio.current_time() - started
 
+    async def start(self, nursery: trio.Nursery) -> None:
+        """The hub, both hosts and the guest, up and answering pings from h1."""
+        await self.hub.start()
+        for host in self.hosts.values():
+            await host.start()
+        await self._boot_guest(nursery)
+        await self._traffic_back(trio.current_time())
+
+    async def stop(self) -> None:
+        if self.guest is not None:
+            await self.guest.stop()
+        for host in self.hosts.values():
+            await host.stop()
+        await self.hub.stop()
+
     async def run(self, rounds: int, victims: tuple[str, ...] = ("hub", "h1", "h2", "qemu"),
                   on_round=None) -> LoopResult:
         result = LoopResult()
         stop_file = self.workdir / "stop-stream"
         sent_file, received_file = self.workdir / "sent.json", self.workdir / "received.json"
-        await self.hub.start()
         async with trio.open_nursery() as nursery:
             try:
-                for host in self.hosts.values():
-                    await host.start()
-                await self._boot_guest(nursery)
-                await self._traffic_back(trio.current_time())
+                await self.start(nursery)
                 receiver = await trio.lowlevel.open_process(
                     ["ip", "netns", "exec", self.ns["h2"], sys.executable, "-c",
                      _RECEIVER.format(port=STREAM_PORT), str(received_file)])
@@ -160,11 +181,7 @@ class KillLoop:
                 result.stream_bytes = received["bytes"]
                 result.stream_intact = sent == received
             finally:
-                if self.guest is not None:
-                    await self.guest.stop()
-                for host in self.hosts.values():
-                    await host.stop()
-                await self.hub.stop()
+                await self.stop()
                 nursery.cancel_scope.cancel()
         return result
 
@@ -172,8 +189,7 @@ class KillLoop:
         if victim == "qemu":
             assert self.guest is not None and self.guest.process is not None
             self.guest.process.send_signal(signal.SIGKILL)
-            await self.guest.stop()
-            await self._boot_guest(nursery)
+            await self.reboot_guest(nursery)
             return await self._traffic_back(trio.current_time())
         process = self.hub if victim == "hub" else self.hosts[victim]
         started = trio.current_time()
