@@ -278,7 +278,7 @@ class VhostUserDevice:
             log.info("%s: features %#x", self.name, features)
             self.features = features
             self.features_set = True
-            self.net = NetQueues(features)
+            self.net = NetQueues(features, self.name)
             for vring in self.vrings:  # event_idx / indirect changed: rebuild live queues
                 self._drop_queue(vring)
         self._refresh_all()
