@@ -44,7 +44,8 @@ def one_round() -> tuple[float, float, int]:
     with GuestRam(32 << 20) as ram:
         driver = worst_ring(ram)
         specs = [RegionSpec(*region) for region in ram.memory_table()]
-        memory = GuestMemory(specs, [os.dup(fd) for fd in ram.region_fds()])
+        fds = [os.dup(fd) for fd in ram.region_fds()]
+        memory = GuestMemory(specs, fds)
         queue = SplitQueue(1, RING, memory, driver.desc_uva, driver.avail_uva, driver.used_uva,
                            0, event_idx=True, indirect=True)
         net = NetQueues(DEVICE_FEATURES)
@@ -59,6 +60,8 @@ def one_round() -> tuple[float, float, int]:
             calls += 1
         queue.release()
         memory.close()
+        for fd in fds:
+            os.close(fd)
         return longest, total, calls
 
 

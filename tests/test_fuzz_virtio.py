@@ -77,7 +77,8 @@ class Guest:
         self.ram.write(self.pool + 96 * KiB, rng.randbytes(96 * KiB))
         self.tables = [self.ram.alloc(MAX_INDIRECT_ENTRIES * 16, 16) for _ in range(4)]
         specs = [RegionSpec(*r) for r in self.ram.memory_table()]
-        self.memory = GuestMemory(specs, [os.dup(fd) for fd in self.ram.region_fds()])
+        self.fds = [os.dup(fd) for fd in self.ram.region_fds()]  # the back-end's copies
+        self.memory = GuestMemory(specs, self.fds)
         features = DEVICE_FEATURES
         if not mergeable:
             features &= ~bit(Feature.NET_MRG_RXBUF)
@@ -103,6 +104,8 @@ class Guest:
         self.tx.release()
         self.rx.release()
         self.memory.close()
+        for fd in self.fds:
+            os.close(fd)
         self.ram.close()
 
 

@@ -35,9 +35,10 @@ FEATURES = (bit(Feature.VERSION_1) | bit(Feature.NET_MRG_RXBUF) | bit(Feature.RI
             | bit(Feature.NET_GUEST_TSO4))
 
 
-def backend_memory(ram: GuestRam) -> GuestMemory:
-    specs = [RegionSpec(*r) for r in ram.memory_table()]
-    return GuestMemory(specs, [os.dup(fd) for fd in ram.region_fds()])
+def backend_memory(ram: GuestRam) -> tuple[GuestMemory, list[int]]:
+    """The back-end's mapping of `ram`, and its copies of the fds (the caller closes them)."""
+    fds = [os.dup(fd) for fd in ram.region_fds()]
+    return GuestMemory([RegionSpec(*r) for r in ram.memory_table()], fds), fds
 
 
 def device_queue(memory: GuestMemory, q: DriverQueue, index: int, *, event_idx=True,
@@ -56,7 +57,7 @@ class Pair:
         self.tx_q = DriverQueue(self.ram, RING, event_idx=event_idx, indirect=True,
                                 start_idx=start_idx)
         self.driver = NetDriver(self.rx_q, self.tx_q, mrg_rxbuf=mrg)
-        self.memory = backend_memory(self.ram)
+        self.memory, self.memory_fds = backend_memory(self.ram)
         self.rx = device_queue(self.memory, self.rx_q, 0, event_idx=event_idx, base=start_idx)
         self.tx = device_queue(self.memory, self.tx_q, 1, event_idx=event_idx, base=start_idx)
         if not mrg:
@@ -67,6 +68,8 @@ class Pair:
         self.rx.release()
         self.tx.release()
         self.memory.close()
+        for fd in self.memory_fds:
+            os.close(fd)
         self.ram.close()
 
 
