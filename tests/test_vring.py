@@ -104,6 +104,14 @@ def test_tx_offload_metadata_travels_with_the_frame(pair):
             frame.csum_offset) == (HDR_F_NEEDS_CSUM, GSO_TCPV4, 54, 1448, 34, 16)
 
 
+@pytest.mark.parametrize("layout", list(TxLayout))
+def test_tx_checksum_offsets_are_checked_against_the_whole_frame(pair, layout):
+    hdr = NetHdr(HDR_F_NEEDS_CSUM, 0, 0, 0, 34, 16, 0)  # TCP checksum at 50, past any 7-byte
+    pair.driver.send([(hdr, eth(1, 100))], layout=layout)  # chunk or lone header buffer
+    (frame,) = pair.net.pop_tx(pair.tx, 8)
+    assert bytes(frame.data) == eth(1, 100) and not pair.net.drops
+
+
 @pytest.mark.parametrize(
     ("hdr", "reason"),
     [
