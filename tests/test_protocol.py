@@ -201,10 +201,36 @@ def test_need_reply_is_acked_once_reply_ack_is_negotiated():
 def test_failed_memory_mapping_is_acked_with_an_error_and_the_connection_survives():
     dev = VhostUserDevice("t")
     dev.handle(msg(Request.SET_PROTOCOL_FEATURES, u64(PROTOCOL_FEATURES)))
-    r, w = os.pipe()  # a pipe cannot be mmap'd
-    os.close(w)
-    reply = dev.handle(mem_table(r))
+    fd = memfd()
+    read_only = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)  # cannot be mapped shared+writable
+    os.close(fd)
+    reply = dev.handle(mem_table(read_only))
     assert reply_payload(reply) != u64(0)
+    assert dev.memory is None
+    for fd in dev.take_closing():
+        os.close(fd)
+
+
+def pipe_reader() -> int:
+    r, w = os.pipe()
+    os.close(w)
+    return r
+
+
+@pytest.mark.parametrize(
+    ("make_fd", "size", "offset", "why"),
+    [
+        (memfd, RAM + 4096, 0, "beyond its file"),
+        (memfd, RAM, 4096, "beyond its file"),
+        (pipe_reader, RAM, 0, "not a regular file"),
+    ],
+)
+def test_memory_table_that_lies_about_its_files_closes_the_connection(make_fd, size, offset,
+                                                                       why):
+    dev = VhostUserDevice("t")
+    dev.handle(msg(Request.SET_PROTOCOL_FEATURES, u64(PROTOCOL_FEATURES)))
+    with pytest.raises(ProtocolError, match=why):
+        dev.handle(mem_table(make_fd(), size=size, offset=offset))
     assert dev.memory is None
     for fd in dev.take_closing():
         os.close(fd)

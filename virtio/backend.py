@@ -50,6 +50,11 @@ NOFD_POLL_SECONDS = 0.001
 BUSY_GRACE_SECONDS = 1.0
 # Client mode: how long to wait between attempts to reach a listening front-end.
 CONNECT_RETRY_SECONDS = (0.1, 2.0)
+# A failed accept() (fd table full...): wait this long before the next one.
+ACCEPT_RETRY_SECONDS = 0.1
+# Mode of the listening socket file: only its owner may connect (and so map its memory into
+# us and feed us rings).
+SOCKET_MODE = 0o600
 
 _CALL = (1).to_bytes(8, "little")
 
@@ -127,6 +132,7 @@ class VhostUserServer:
         # The current connection's task tree: ring tasks by TX ring index (-1: the RX task).
         self._nursery: trio.Nursery | None = None
         self._ring_scopes: dict[int, trio.CancelScope] = {}
+        self._forward_error_logged = False
 
     # -- connections -------------------------------------------------------------------------
 
@@ -139,6 +145,9 @@ class VhostUserServer:
     async def _run_server(self, task_status: trio.TaskStatus[None]) -> None:
         listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         claim(self.path)
+        # The socket file takes its mode from the socket's inode (minus the umask) at bind:
+        # set it first, so the file never exists with more access than its owner's.
+        os.fchmod(listener.fileno(), SOCKET_MODE)
         await listener.bind(self.path)
         bound = BoundPath.after_bind(self.path)
         listener.listen(1)
@@ -147,7 +156,16 @@ class VhostUserServer:
         try:
             async with trio.open_nursery() as nursery:
                 while True:
-                    conn, _ = await listener.accept()
+                    try:
+                        conn, _ = await listener.accept()
+                    except OSError as exc:
+                        # Out of fds or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM), or a peer
+                        # gone before we took it: the listener itself is fine.  Back off so
+                        # a full fd table does not become a busy loop, then serve on.
+                        log.warning("%s: accept failed: %s; retrying in %.1f s", self.port.name,
+                                    exc, ACCEPT_RETRY_SECONDS)
+                        await trio.sleep(ACCEPT_RETRY_SECONDS)
+                        continue
                     if self.port.device is not None:
                         # Maybe the old connection is ending right now (a quick reconnect).
                         with trio.move_on_after(BUSY_GRACE_SECONDS):
@@ -185,6 +203,8 @@ class VhostUserServer:
             await self._serve(conn)
 
     async def _serve(self, conn: trio.socket.SocketType) -> None:
+        """One front-end connection, start to end.  The guard of one connection: whatever
+        happens in it closes it, never the socket's server or the process."""
         device = self.port.device
         assert device is not None
         self.port.connections += 1
@@ -214,16 +234,26 @@ class VhostUserServer:
                 except Exception:  # a bug must not take the other guests down
                     log.exception("%s: internal error; closing connection", self.port.name)
                 nursery.cancel_scope.cancel()
+        except Exception:  # escaped a ring task's own guard
+            log.exception("%s: internal error in a ring task; closing connection",
+                          self.port.name)
         finally:
             self._nursery = None
-            conn.close()
-            device.close()
-            self._apply(device)
+            try:
+                conn.close()
+                device.close()
+                self._apply(device)
+            except Exception:
+                log.exception("%s: internal error while closing the connection", self.port.name)
             self.port.device = None
             self._idle.set()
             self.port.link_up = False
             self.port.accepts = Offload.NONE
             self.port.queue.clear()
+
+    def _close_connection(self) -> None:
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
 
     # -- reconciling ring tasks with the device -----------------------------------------------
 
@@ -274,10 +304,14 @@ class VhostUserServer:
         fd = vring.kick_fd
         if fd is None:
             await trio.sleep(NOFD_POLL_SECONDS)
-            return
-        with trio.move_on_after(REPOLL_SECONDS):
-            await trio.lowlevel.wait_readable(fd)
-            _drain_eventfd(fd)
+        else:
+            with trio.move_on_after(REPOLL_SECONDS):
+                await trio.lowlevel.wait_readable(fd)
+                # A task woken just before its ring was retired is not cancelled by that
+                # wake-up: check before touching the fd or the ring (released by then).
+                await trio.lowlevel.checkpoint_if_cancelled()
+                _drain_eventfd(fd)
+        await trio.lowlevel.checkpoint_if_cancelled()
 
     async def _run_ring(
         self,
@@ -286,9 +320,14 @@ class VhostUserServer:
         queue: SplitQueue,
         scope: trio.CancelScope,
     ) -> None:
-        """Run one ring's loop; a guest that breaks the ring breaks only its own device."""
+        """Run one ring's loop; a guest that breaks the ring breaks only its own device.
+
+        The guard of one ring: no exception leaves this task (cancellation aside).
+        """
         with scope:
             try:
+                # The ring may have been retired before this task first ran.
+                await trio.lowlevel.checkpoint_if_cancelled()
                 await loop(device, queue)
             except trio.ClosedResourceError:
                 return  # its kick fd was retired: the ring changed, a new task takes over
@@ -297,9 +336,14 @@ class VhostUserServer:
             except Exception:
                 log.exception("%s: internal error on queue %d", self.port.name, queue.index)
                 device.latch_broken(f"internal error on queue {queue.index}")
-            # Stop the device's other ring tasks before they touch released rings.
-            self._apply(device)
-            self.port.queue.clear()
+            try:
+                # Stop the device's other ring tasks before they touch released rings.
+                self._apply(device)
+                self.port.queue.clear()
+            except Exception:
+                log.exception("%s: internal error stopping queue %d; closing the connection",
+                              self.port.name, queue.index)
+                self._close_connection()
 
     async def _tx_loop(self, device: VhostUserDevice, queue: SplitQueue) -> None:
         """Guest TX ring -> switch."""
@@ -316,14 +360,28 @@ class VhostUserServer:
                 if queue.should_notify():
                     _signal(vring.call_fd)
                 if frames:
-                    forward(port, frames)
+                    try:
+                        forward(port, frames)
+                    except Exception:  # one frame must not break the port
+                        self._forward_failed(len(frames))
                 if popped == BATCH:
                     await trio.lowlevel.checkpoint()
                     continue
-            if queue.arm_kicks():
+            if queue.arm_kicks():  # more came, or the batch ended on WALK_BUDGET
+                await trio.lowlevel.checkpoint()
                 continue
             await self._wait_kick(device, queue)
             queue.mute_kicks()
+
+    def _forward_failed(self, count: int) -> None:
+        """The switch raised on a batch of this guest's frames: the frame that made it raise
+        and those after it in the batch are lost (counted as malformed), nothing else."""
+        port = self.port
+        port.counters.drop("malformed")
+        if not self._forward_error_logged:
+            self._forward_error_logged = True
+            log.exception("%s: the switch failed on a batch of %d frames; dropped (traceback "
+                          "logged once, then counted as malformed)", port.name, count)
 
     async def _rx_loop(self, device: VhostUserDevice, queue: SplitQueue) -> None:
         """Frames the switch queued for this port -> the guest's RX ring."""
@@ -338,7 +396,9 @@ class VhostUserServer:
                 self._frames_ready = trio.Event()
                 port.on_ready = self._frames_ready.set
                 await self._frames_ready.wait()
+                await trio.lowlevel.checkpoint_if_cancelled()  # woken, then the ring went
                 continue
+            queued = len(pending)
             used_before = queue.used_idx
             delivered, nbytes = net.push_rx(queue, pending, BATCH)
             counters.out_frames += delivered
@@ -347,11 +407,11 @@ class VhostUserServer:
                 _signal(vring.call_fd)
             if not pending:
                 continue
-            if delivered:
+            if len(pending) < queued:  # delivered or dropped some: more may follow
                 await trio.lowlevel.checkpoint()
                 continue
-            # The guest has no buffers for the next frame: wait until it posts some.
-            if queue.arm_kicks():
+            # The guest has no room for the next frame: wait until it posts more buffers.
+            if queue.arm_kicks_for_more():
                 await trio.lowlevel.checkpoint()
                 continue
             await self._wait_kick(device, queue)

@@ -11,13 +11,24 @@ SET_VRING_ADDR are QEMU virtual addresses (`uva`), descriptor buffer addresses a
 guest-physical (`gpa`).  Every translation checks the whole [addr, addr+len) range against one
 region explicitly -- memoryview slicing would clamp silently -- and raises GuestMemoryError
 otherwise.  Nothing here trusts the guest or the front-end.
+
+The front-end owns the files behind the regions and could shrink one under our mapping: the
+next access would be a SIGBUS, which kills the process.  So before mapping a region we seal
+its file against shrinking (F_SEAL_SHRINK, where the file supports seals: memfds made with
+MFD_ALLOW_SEALING; QEMU's memory-backend-memfd seals it already), then check that
+mmap_offset + size lies inside the file.  A file that cannot be sealed (DPDK's memfds,
+QEMU's memory-backend-file on tmpfs or hugetlbfs, memfd with seal=off) is still mapped:
+`Region.sealed` says so and the caller warns; the residual risk is in docs/architecture.md.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 
@@ -32,6 +43,10 @@ U64_MAX = (1 << 64) - 1
 
 class GuestMemoryError(Exception):
     """A guest or front-end supplied address or length that maps to no guest memory."""
+
+
+class RegionFileError(GuestMemoryError):
+    """The front-end described a region its file does not hold (or a file that is none)."""
 
 
 @dataclass(frozen=True)
@@ -68,10 +83,25 @@ class Region:
     """One mapped region.  `view` covers exactly the guest's bytes (mmap_offset already added);
     `base` is where they start in `mm`."""
 
-    __slots__ = ("base", "gpa", "mm", "size", "uva", "view")
+    __slots__ = ("base", "gpa", "mm", "sealed", "size", "uva", "view")
 
     def __init__(self, spec: RegionSpec, fd: int) -> None:
         spec.check()
+        self.sealed = seal_against_shrinking(fd)
+        try:
+            info = os.fstat(fd)
+        except OSError as exc:
+            raise RegionFileError(f"memory region fd {fd}: {exc}") from exc
+        if not stat.S_ISREG(info.st_mode):
+            raise RegionFileError(
+                f"memory region gpa={spec.gpa:#x}: its fd is not a regular file "
+                f"(mode {info.st_mode:#o})"
+            )
+        if spec.mmap_offset + spec.size > info.st_size:
+            raise RegionFileError(
+                f"memory region gpa={spec.gpa:#x} ends at file offset "
+                f"{spec.mmap_offset + spec.size:#x}, beyond its file of {info.st_size:#x} bytes"
+            )
         # Map from file offset 0 and skip mmap_offset ourselves: a hugetlbfs fd only maps at
         # huge-page aligned offsets, and mmap_offset need not be one (libvhost-user does this).
         try:
@@ -101,6 +131,30 @@ class Region:
             log.warning("region gpa=%#x still referenced; unmapped when released", self.gpa)
 
 
+def seal_against_shrinking(fd: int) -> bool:
+    """Make sure the file behind `fd` can no longer shrink; False if that cannot be had.
+
+    Adds F_SEAL_SHRINK unless present.  Fails (False) when the file takes no seals (EINVAL:
+    not shmem/hugetlbfs), when F_SEAL_SEAL forbids more, or when the fd is not writable.
+    """
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            log.debug("F_GET_SEALS on fd %d: %s", fd, exc)
+        return False
+    if seals & fcntl.F_SEAL_SHRINK:
+        return True
+    if seals & fcntl.F_SEAL_SEAL:
+        return False
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    except OSError as exc:
+        log.debug("F_ADD_SEALS on fd %d: %s", fd, exc)
+        return False
+    return True
+
+
 class GuestMemory:
     """The guest's memory table.  Owns the mappings; `close()` unmaps them."""
 
@@ -126,6 +180,11 @@ class GuestMemory:
     @property
     def total_size(self) -> int:
         return sum(r.size for r in self.regions)
+
+    @property
+    def unsealed(self) -> list[Region]:
+        """Regions whose file the front-end could still shrink under us (see the module doc)."""
+        return [r for r in self.regions if not r.sealed]
 
     def gpa(self, addr: int, length: int) -> memoryview:
         """The `length` bytes at guest-physical `addr`, which must lie within one region."""

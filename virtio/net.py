@@ -1,14 +1,20 @@
 """The virtio-net data path on split virtqueues: guest TX chains become netstack Frames, and
 Frames are written into guest RX buffers (virtio 1.x, 5.1.6).
 
-Path of a frame out of the guest (`pop_tx`): pop the TX chain -> read the 12-byte
-virtio_net_hdr once -> copy the frame bytes out of guest memory (the one copy) -> check the
-offload metadata against what was negotiated -> return the chain as used (len 0).
+Path of a frame out of the guest (`pop_tx`): pop the TX chain -> check its length (an
+Ethernet header up to MAX_FRAME, before anything is copied) -> read the 12-byte virtio_net_hdr
+once -> copy the frame bytes out of guest memory (the one copy) -> check the offload metadata
+against what was negotiated -> return the chain as used (len 0).
 
 Path of a frame into the guest (`push_rx`): reserve enough RX chains for header + frame (one
 chain, or several with MRG_RXBUF, all or nothing) -> write the header and scatter the frame
 (the one copy) -> record used entries; one used.idx store and at most one call per batch.
 The caller (the Trio shell) does the notifying: this module never touches an fd.
+
+One frame never breaks a port: a frame that is too short, too long, carries offload metadata
+that was not negotiated, or can never fit the guest's receive buffers is dropped and counted
+in `drops` by reason, and its chain goes back to the guest; only a broken ring (RingError)
+stops the device.  A batch ends early once its chains cost WALK_BUDGET descriptors.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import struct
 from collections import Counter, deque
 
 from netstack.frame import (
+    ETH_HEADER_LEN,
     GSO_ECN,
     GSO_NONE,
     GSO_TCPV4,
@@ -31,14 +38,19 @@ from netstack.frame import (
     Offload,
 )
 from virtio.memory import Span, read_spans
-from virtio.spec import NET_HDR_LEN, Feature, has
-from virtio.vring import Chain, RingError, SplitQueue
+from virtio.spec import MAX_FRAME, NET_HDR_LEN, Feature, has
+from virtio.vring import WALK_BUDGET, Chain, RingError, SplitQueue
 
 log = logging.getLogger(__name__)
 
 _HDR = struct.Struct("<BBHHHH")  # the offload part; num_buffers is ignored on TX
 # The header of a plain frame in a single RX buffer: no offloads, num_buffers = 1.
 _PLAIN_HEADER = VIRTIO_NET_HDR.pack(0, 0, 0, 0, 0, 0, 1)
+# A TX chain's bytes: the virtio-net header, then at least an Ethernet header, at most
+# MAX_FRAME.
+_TX_MIN = NET_HDR_LEN + ETH_HEADER_LEN
+_TX_MAX = NET_HDR_LEN + MAX_FRAME
+_NUM_BUFFERS = struct.Struct("<H")  # the header's last field
 
 
 def offloads_from_features(features: int, *, guest: bool) -> Offload:
@@ -72,62 +84,81 @@ _GSO_OFFLOAD = {
 class NetQueues:
     """The data path of one virtio-net device: offload policy plus per-frame ring work."""
 
-    def __init__(self, features: int) -> None:
+    def __init__(self, features: int, name: str = "virtio-net") -> None:
+        self.name = name
         self.mergeable = has(features, Feature.NET_MRG_RXBUF)
         self.tx_offloads = offloads_from_features(features, guest=False)
         self.rx_offloads = offloads_from_features(features, guest=True)
         self.drops: Counter[str] = Counter()
+        self._malformed_logged = False
 
     # -- guest -> us ---------------------------------------------------------------------
 
     def pop_tx(self, queue: SplitQueue, limit: int) -> list[Frame]:
-        """Pop up to `limit` TX chains, return their frames, and give the chains back as used."""
+        """Pop up to `limit` TX chains, return their frames, and give the chains back as used.
+
+        Fewer than `limit` when the chains cost WALK_BUDGET descriptors (`queue.walked`).
+        """
+        queue.walked = 0
         chains = queue.pop(limit)
         if not chains:
             return []
         frames = []
         used: list[int] = []  # flat: head, length, head, length, ...
         unpack_header = _HDR.unpack_from
+        drops = self.drops
         for head, spans, _ in chains:
-            used += (head, 0)
+            used += (head, 0)  # every chain goes back, whatever becomes of its frame
             if not spans:
                 queue.push_used(used)
                 raise RingError(f"queue {queue.index}: TX chain {head} has no readable buffer")
             mm, start, stop = spans[0]
-            if stop - start >= NET_HDR_LEN:
-                # Two header bytes say whether there is offload metadata at all; each field is
-                # read once, and the frame bytes are copied once, straight into a bytes object.
-                if mm[start] or mm[start + 1]:
-                    header = unpack_header(mm, start)
-                    if not self._tx_header_ok(header, stop - start - NET_HDR_LEN):
+            length = stop - start if len(spans) == 1 else _room(spans)
+            if not _TX_MIN <= length <= _TX_MAX:  # checked before a byte is copied
+                drops["tx_runt" if length < _TX_MIN else "tx_oversize"] += 1
+                continue
+            try:
+                if stop - start >= NET_HDR_LEN:
+                    # Two header bytes say whether there is offload metadata at all; each field
+                    # is read once, and the frame bytes are copied once, straight into bytes.
+                    if mm[start] or mm[start + 1]:
+                        header = unpack_header(mm, start)
+                        if not self._tx_header_ok(header, length - NET_HDR_LEN):
+                            continue
+                    else:
+                        header = PLAIN
+                    if len(spans) == 1:
+                        data = mm[start + NET_HDR_LEN : stop]
+                    else:
+                        data = read_spans([(mm, start + NET_HDR_LEN, stop), *spans[1:]])
+                else:  # the header itself is split over descriptors (rare)
+                    whole = read_spans(spans)
+                    header = unpack_header(whole, 0)
+                    if (header[0] or header[1]) and not self._tx_header_ok(
+                        header, length - NET_HDR_LEN
+                    ):
                         continue
-                else:
-                    header = PLAIN
-                if len(spans) == 1:
-                    data = mm[start + NET_HDR_LEN : stop]
-                else:
-                    data = read_spans([(mm, start + NET_HDR_LEN, stop), *spans[1:]])
-            else:  # the header itself is split over descriptors (rare)
-                whole = read_spans(spans)
-                if len(whole) < NET_HDR_LEN:
-                    queue.push_used(used)
-                    raise RingError(
-                        f"queue {queue.index}: TX chain {head} holds {len(whole)} bytes, "
-                        f"less than the {NET_HDR_LEN}-byte virtio-net header"
-                    )
-                header = unpack_header(whole, 0)
-                if (header[0] or header[1]) and not self._tx_header_ok(header, len(whole)):
-                    continue
-                data = whole[NET_HDR_LEN:]
+                    data = whole[NET_HDR_LEN:]
+            except Exception:  # a bug met by one frame: drop that frame, keep the port
+                self._malformed("tx")
+                continue
             frames.append(Frame(data, header))
         queue.push_used(used)
         return frames
 
+    def _malformed(self, direction: str) -> None:
+        """Count a frame that raised while being handled; the first traceback is logged."""
+        self.drops[f"{direction}_malformed"] += 1
+        if not self._malformed_logged:
+            self._malformed_logged = True
+            log.exception("%s: dropped a %s frame that could not be handled (traceback logged "
+                          "once, then counted as %s_malformed)", self.name, direction.upper(),
+                          direction)
+
     def _tx_header_ok(self, header: tuple, length: int) -> bool:
         """Check offload metadata from the guest against what it negotiated; count refusals.
 
-        `length` bounds the frame; a chain's later buffers only add to it, so a header that
-        fits the first buffer's frame bytes fits the frame.
+        `length` is the frame's (without the virtio-net header).
         """
         flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = header
         if flags & HDR_F_NEEDS_CSUM:
@@ -156,58 +187,89 @@ class NetQueues:
     def push_rx(self, queue: SplitQueue, frames: deque[Frame], limit: int) -> tuple[int, int]:
         """Move up to `limit` frames from the left of `frames` into RX buffers.
 
-        Stops early, leaving the rest queued, when the guest has no buffers left.
-        Returns (frames delivered, bytes delivered).
+        Stops early, leaving the rest queued, when the guest has no room for the next frame
+        yet or the batch has cost WALK_BUDGET descriptors.  A frame that can never be placed
+        is dropped and counted.  Returns (frames delivered, bytes delivered).
         """
         used: list[int] = []  # flat: head, length, head, length, ...
         delivered = 0
         nbytes = 0
         mergeable = self.mergeable
         pack_header = VIRTIO_NET_HDR.pack_into
+        drops = self.drops
         # Chains popped ahead for the frames at hand; what is left over is given back.
+        queue.walked = 0
         ready = queue.pop(min(len(frames), limit))
         next_ready = 0
         while frames and delivered < limit:
             if next_ready == len(ready):
+                if queue.walked >= WALK_BUDGET:
+                    break
                 ready = queue.pop(min(len(frames), limit - delivered))
                 next_ready = 0
                 if not ready:
                     break
             frame = frames[0]
-            data = frame.data
-            need = NET_HDR_LEN + len(data)
             head, _, writable = ready[next_ready]
             if not writable:
                 raise RingError(f"queue {queue.index}: RX chain {head} has no writable buffer")
             mm, start, stop = writable[0]
-            if stop - start >= need:
-                # The common case: the first buffer holds header and frame.
-                offload = frame.offload
-                if offload is PLAIN:
-                    mm[start : start + NET_HDR_LEN] = _PLAIN_HEADER
-                else:
-                    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = offload
-                    pack_header(mm, start, flags, gso_type, hdr_len, gso_size, csum_start,
-                                csum_offset, 1)
-                mm[start + NET_HDR_LEN : start + need] = data  # the one copy
-                used += (head, need)
-                next_ready += 1
-            else:
-                room = _room(writable)
-                if room >= need:
-                    self._scatter(frame, [ready[next_ready]], used)
+            # Anything the frame itself raises comes before a chain is consumed: the frame is
+            # dropped, the chain serves the next one.
+            try:
+                data = frame.data
+                need = NET_HDR_LEN + len(data)
+                if stop - start >= need:
+                    # The common case: the first buffer holds header and frame.
+                    offload = frame.offload
+                    if offload is PLAIN:
+                        mm[start : start + NET_HDR_LEN] = _PLAIN_HEADER
+                    else:
+                        flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = offload
+                        pack_header(mm, start, flags, gso_type, hdr_len, gso_size, csum_start,
+                                    csum_offset, 1)
+                    mm[start + NET_HDR_LEN : start + need] = data  # the one copy
+                    used += (head, need)
                     next_ready += 1
-                elif mergeable:
-                    taken = self._gather(queue, ready, next_ready, room, need)
-                    ready, next_ready = [], 0
-                    if taken is None:  # not enough buffers yet: keep the frame queued
-                        break
-                    self._scatter(frame, taken, used)
                 else:
-                    # The guest's buffer cannot hold it: drop the frame, keep the buffer.
-                    frames.popleft()
-                    self.drops["rx_buffer_too_small"] += 1
-                    continue
+                    header = bytearray(NET_HDR_LEN)
+                    frame.pack_virtio_header(header, 0, 1)
+                    source = memoryview(data).cast("B")
+                    room = _room(writable)
+                    if room >= need:
+                        _scatter(header, source, [ready[next_ready]], used)
+                        next_ready += 1
+                    elif need > NET_HDR_LEN + MAX_FRAME:
+                        drops["rx_oversize"] += 1
+                        frames.popleft()
+                        continue
+                    elif not mergeable:
+                        # The guest's buffer cannot hold it: drop the frame, keep the buffer.
+                        drops["rx_buffer_too_small"] += 1
+                        frames.popleft()
+                        continue
+                    else:
+                        walked = queue.walked
+                        taken = _gather(queue, ready, next_ready, room, need)
+                        ready, next_ready = [], 0
+                        if taken is None:
+                            if queue.walked - walked >= WALK_BUDGET:
+                                drops["rx_too_fragmented"] += 1
+                            elif queue.driver_descriptors_exhausted():
+                                # All the guest can offer is there and still too small.
+                                drops["rx_ring_too_small"] += 1
+                            else:
+                                break  # the guest may add buffers: keep the frame queued
+                            frames.popleft()
+                            continue
+                        _NUM_BUFFERS.pack_into(header, NET_HDR_LEN - 2, len(taken))
+                        _scatter(header, source, taken, used)
+            except RingError:
+                raise
+            except Exception:
+                frames.popleft()
+                self._malformed("rx")
+                continue
             frames.popleft()
             delivered += 1
             nbytes += need - NET_HDR_LEN
@@ -216,54 +278,53 @@ class NetQueues:
         queue.push_used(used)
         return delivered, nbytes
 
-    @staticmethod
-    def _gather(
-        queue: SplitQueue, ready: list[Chain], start: int, room: int, need: int
-    ) -> list[Chain] | None:
-        """Mergeable RX: chains from `ready[start:]` (then the ring) until `need` bytes fit.
 
-        All or nothing: on success the chains not needed go back to the ring; on failure,
-        all of them do.
-        """
-        taken = [ready[start]]
-        rest = ready[start + 1 :]
-        while room < need:
+def _gather(
+    queue: SplitQueue, ready: list[Chain], start: int, room: int, need: int
+) -> list[Chain] | None:
+    """Mergeable RX: chains from `ready[start:]` (then the ring) until `need` bytes fit.
+
+    All or nothing: on success the chains not needed go back to the ring; on failure (the
+    ring ran out, or the chains popped here cost WALK_BUDGET descriptors) all of them do.
+    """
+    taken = [ready[start]]
+    rest = ready[start + 1 :]
+    walked = queue.walked
+    while room < need:
+        if not rest:
+            rest = queue.pop(1) if queue.walked - walked < WALK_BUDGET else []
             if not rest:
-                rest = queue.pop(1)
-                if not rest:
-                    queue.unpop(len(taken))
-                    return None
-            chain = rest.pop(0)
-            taken.append(chain)
-            room += _room(chain[2])
-        queue.unpop(len(rest))
-        return taken
+                queue.unpop(len(taken))
+                return None
+        chain = rest.pop(0)
+        taken.append(chain)
+        room += _room(chain[2])
+    queue.unpop(len(rest))
+    return taken
 
-    @staticmethod
-    def _scatter(frame: Frame, chains: list[Chain], used: list[int]) -> None:
-        """Header then frame bytes, spread over the chains' writable spans in order."""
-        header = bytearray(NET_HDR_LEN)
-        frame.pack_virtio_header(header, 0, len(chains))
-        sources = (memoryview(header), memoryview(frame.data))
-        source_index = 0
-        source_offset = 0
-        for head, _, writable in chains:
-            written = 0
-            for mm, start, stop in writable:
-                position = start
-                while position < stop and source_index < len(sources):
-                    source = sources[source_index]
-                    take = min(stop - position, len(source) - source_offset)
-                    mm[position : position + take] = source[source_offset : source_offset + take]
-                    position += take
-                    source_offset += take
-                    written += take
-                    if source_offset == len(source):
-                        source_index += 1
-                        source_offset = 0
-                if source_index == len(sources):
-                    break
-            used += (head, written)
+
+def _scatter(header: bytearray, source: memoryview, chains: list[Chain], used: list[int]) -> None:
+    """Header then frame bytes, spread over the chains' writable spans in order."""
+    sources = (memoryview(header), source)
+    source_index = 0
+    source_offset = 0
+    for head, _, writable in chains:
+        written = 0
+        for mm, start, stop in writable:
+            position = start
+            while position < stop and source_index < len(sources):
+                source = sources[source_index]
+                take = min(stop - position, len(source) - source_offset)
+                mm[position : position + take] = source[source_offset : source_offset + take]
+                position += take
+                source_offset += take
+                written += take
+                if source_offset == len(source):
+                    source_index += 1
+                    source_offset = 0
+            if source_index == len(sources):
+                break
+        used += (head, written)
 
 
 def _room(spans: list[Span]) -> int:

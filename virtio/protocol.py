@@ -26,7 +26,7 @@ import logging
 import struct
 from dataclasses import dataclass, field
 
-from virtio.memory import GuestMemory, GuestMemoryError, parse_regions
+from virtio.memory import GuestMemory, GuestMemoryError, RegionFileError, parse_regions
 from virtio.net import NetQueues
 from virtio.spec import (
     FLAG_NEED_REPLY,
@@ -278,7 +278,7 @@ class VhostUserDevice:
             log.info("%s: features %#x", self.name, features)
             self.features = features
             self.features_set = True
-            self.net = NetQueues(features)
+            self.net = NetQueues(features, self.name)
             for vring in self.vrings:  # event_idx / indirect changed: rebuild live queues
                 self._drop_queue(vring)
         self._refresh_all()
@@ -325,9 +325,15 @@ class VhostUserDevice:
             return None  # the same table again (QEMU repeats it per queue pair)
         try:
             memory = GuestMemory(specs, msg.fds)
+        except RegionFileError as exc:  # the table lies about its files: close the connection
+            raise ProtocolError(f"{self.name}: memory table refused: {exc}") from exc
         except GuestMemoryError as exc:
             log.error("%s: memory table refused: %s", self.name, exc)
             return 1
+        for region in memory.unsealed:
+            log.warning("%s: memory region gpa %#x: its file cannot be sealed against "
+                        "shrinking; a front-end that truncates it would crash this process",
+                        self.name, region.gpa)
         live = [v for v in self.vrings if v.queue is not None]
         indices = {v.index: (v.queue.last_avail_idx, v.queue.used_idx) for v in live}
         for vring in live:

@@ -148,6 +148,12 @@ MAX_CHAIN_BUFFERS = 1024
 # A chain's total length must fit in 32 bits (virtio 1.x, 2.7.13.1).
 MAX_CHAIN_BYTES = 1 << 32
 
-# virtio-net: the 12-byte header (VERSION_1 or MRG_RXBUF) and the largest frame we build.
+# virtio-net: the 12-byte header (VERSION_1 or MRG_RXBUF).
 NET_HDR_LEN = 12
-MAX_GSO_FRAME = 65535 + 14 + 4  # IP datagram limit + Ethernet header + VLAN tag
+# The largest frame a virtio-net driver can send, TSO/UFO/USO frames included: a GSO frame is
+# one IP packet before segmentation, and the largest IP packet without jumbograms is IPv6's
+# (40-byte header + 65535-byte payload; IPv4's total length is at most 65535), behind an
+# Ethernet header with two VLAN tags (802.1ad).  A plain frame is bounded by the MTU: at most
+# 65535 without VIRTIO_NET_F_MTU (Linux ETH_MAX_MTU).  Longer from a guest: dropped; longer
+# toward a guest: it could never be placed, dropped too.
+MAX_FRAME = 14 + 2 * 4 + 40 + 65535

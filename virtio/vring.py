@@ -6,7 +6,13 @@ its head, translating every buffer through GuestMemory into bounds-checked spans
 `push_used()` writes used elements and publishes them with ONE used.idx store per batch;
 `should_notify()` then decides whether the driver wants an interrupt (EVENT_IDX or the
 NO_INTERRUPT flag).  `arm_kicks()` asks the driver to kick on its next addition and re-checks
-for work that raced in.
+for work that raced in; `arm_kicks_for_more()` does the same beyond what is available now (RX
+buffers too small for the next frame).
+
+Work per batch is bounded: `pop()` stops once the chains it walked cost WALK_BUDGET
+descriptors (the one-descriptor fast path is bounded by the batch size), so a guest that fills
+its ring with 1024-entry indirect tables gets ~2 ms per batch, and the shell yields between
+batches.
 
 The guest is hostile.  Every index, length and address is checked; each descriptor field is
 read exactly once into a local (a guest may rewrite memory under us); indirect tables are
@@ -49,6 +55,13 @@ full_fence = _fence.full_fence
 
 class RingError(Exception):
     """The driver broke the ring protocol; the device must stop using this ring."""
+
+
+# Descriptors walked (outside the one-descriptor fast path) in one batch before the batch
+# ends early: about 1.1 us each, so a batch holds the event loop for ~2 ms, plus at most one
+# more chain (1024 buffers + a 1024-entry indirect table).  A ring of 256 chains x 1024
+# indirect descriptors cost ~300 ms in one batch without it.  The caller resets `walked`.
+WALK_BUDGET = 2048
 
 
 # One descriptor chain popped from the avail ring: (head, readable spans, writable spans).
@@ -109,6 +122,8 @@ class SplitQueue:
         self.used_idx = self._used_h[1]
         self._signalled_used = self.used_idx
         self._signalled_valid = False
+        # Descriptors walked since the caller last reset this (see WALK_BUDGET).
+        self.walked = 0
 
     def release(self) -> None:
         """Drop every view into guest memory (before the memory is unmapped)."""
@@ -129,7 +144,10 @@ class SplitQueue:
         return count
 
     def pop(self, limit: int) -> list[Chain]:
-        """Take up to `limit` available chains, walked and translated."""
+        """Take up to `limit` available chains, walked and translated.
+
+        Fewer when `walked` reaches WALK_BUDGET, but always one if any is available.
+        """
         count = min(self.avail_count(), limit)
         chains: list[Chain] = []
         avail = self._avail
@@ -146,7 +164,6 @@ class SplitQueue:
         heads = avail[first : min(first + count, 2 + size)].tolist()
         if len(heads) < count:
             heads += avail[2 : 2 + count - len(heads)].tolist()
-        self.last_avail_idx = (idx + count) & 0xFFFF
         for head in heads:
             # Fast path: one direct descriptor inside the most recently used region.  Anything
             # else -- or anything odd -- goes through the full walk, which reads and checks
@@ -165,11 +182,42 @@ class SplitQueue:
                             chains.append((head, [span], []))
                         continue
             chains.append(walk(head))
+            if self.walked >= WALK_BUDGET:
+                break
+        self.last_avail_idx = (idx + len(chains)) & 0xFFFF
         return chains
 
     def unpop(self, count: int) -> None:
         """Give back the last `count` popped chains (not yet used) to be popped again."""
         self.last_avail_idx = (self.last_avail_idx - count) & 0xFFFF
+
+    def driver_descriptors_exhausted(self) -> bool:
+        """Do the chains now available use every descriptor of the table?
+
+        Then the driver cannot add a buffer until we return some: RX room that is too small
+        now stays too small.  Only the direct links of each chain are followed (an indirect
+        chain takes one descriptor), at most `size` of them in all; what the guest wrote here
+        decides nothing but the fate of its own frame.
+        """
+        count = self.avail_count()
+        size = self.size
+        if count == size:
+            return True
+        avail, desc_h = self._avail, self._desc_h
+        mask = size - 1
+        idx = self.last_avail_idx
+        taken = 0
+        for k in range(count):
+            i = avail[2 + ((idx + k) & mask)]
+            while i < size:
+                taken += 1
+                if taken >= size:
+                    return True
+                flags = desc_h[8 * i + 6]
+                if flags & DESC_F_INDIRECT or not flags & DESC_F_NEXT:
+                    break
+                i = desc_h[8 * i + 7]
+        return False
 
     def _walk(self, head: int) -> Chain:
         size = self.size
@@ -182,10 +230,12 @@ class SplitQueue:
         writable: list[Span] = []
         total = 0
         hops = 0
+        walked = self.walked
         in_indirect = False
         i = head
         while True:
             hops += 1
+            walked += 1
             if hops > table_size:
                 raise RingError(f"queue {self.index}: descriptor chain from {head} loops")
             addr = desc_q[2 * i]
@@ -234,6 +284,7 @@ class SplitQueue:
             if len(readable) + len(writable) > MAX_CHAIN_BUFFERS:
                 raise RingError(f"queue {self.index}: chain {head} has too many buffers")
             if not flags & DESC_F_NEXT:
+                self.walked = walked
                 return head, readable, writable
             if next_i >= table_size:
                 raise RingError(
@@ -281,12 +332,20 @@ class SplitQueue:
 
     def arm_kicks(self) -> bool:
         """Ask the driver to kick when it adds work.  Returns True if work is already there."""
+        return self._arm_kicks(self.last_avail_idx)
+
+    def arm_kicks_for_more(self) -> bool:
+        """Ask the driver to kick when it adds chains beyond those available now (RX: they
+        cannot hold the next frame).  Returns True if more arrived meanwhile."""
+        return self._arm_kicks(self._avail[1])
+
+    def _arm_kicks(self, avail_idx: int) -> bool:
         if self.event_idx:
-            self._used_h[self._avail_event_at] = self.last_avail_idx
+            self._used_h[self._avail_event_at] = avail_idx
         else:
             self._used_h[0] = 0
         full_fence()  # avail_event / flags store -> avail.idx load
-        return self._avail[1] != self.last_avail_idx
+        return self._avail[1] != avail_idx
 
     def mute_kicks(self) -> None:
         """Tell the driver not to kick while we are polling anyway."""

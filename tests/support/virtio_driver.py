@@ -397,7 +397,9 @@ class GuestRam:
         self._allocated: dict[int, int] = {}
 
     def _new_memfd(self, size: int) -> int:
-        fd = os.memfd_create("vhostvpn-guest-ram", os.MFD_CLOEXEC)
+        # Sealable but not sealed yet: what QEMU's memory-backend-memfd makes before its own
+        # seal=on seals grow/shrink, so a back-end's seal shows.
+        fd = os.memfd_create("vhostvpn-guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(fd, size)
         self._owned_fds.append(fd)
         return fd
