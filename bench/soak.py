@@ -147,7 +147,7 @@ async def run_stranger_burst(hub_netns: str) -> dict[str, int]:
     child process so this process's own sockets and fds stay out of the samples."""
     script = ("import sys, json, trio; sys.path.insert(0, %r); "
               "from tests.support.attacks import strangers; "
-              "print(json.dumps(trio.run(strangers, %d, 3.0))))")
+              "print(json.dumps(trio.run(strangers, %d, 3.0)))")
     result = await trio.run_process(
         ["ip", "netns", "exec", hub_netns, sys.executable, "-c",
          script % (str(Path(__file__).resolve().parent.parent), HUB_PORT)],
