@@ -125,6 +125,10 @@ def test_the_installed_wheel_runs_outside_the_checkout(installed_venv):
     assert keygen.returncode == 0 and keygen.stdout.startswith("SHA256:"), keygen.stderr
     assert (cwd / "key").is_dir()
 
+    completion = _run(bin_dir, cwd, "vhostvpn", "completion", "bash")
+    assert completion.returncode == 0 and "complete -F _vhostvpn vhostvpn" in completion.stdout
+    assert "two-guests-one-host" in completion.stdout  # the packaged example labs
+
     examples = _run(bin_dir, cwd, "vhostvpn", "lab", "examples")
     assert examples.returncode == 0
     listed = dict(line.split() for line in examples.stdout.splitlines())

@@ -247,6 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(qa)
 
     _add_capture_parser(sub)
+    completion = sub.add_parser("completion", help="print a shell completion script",
+                                description="Print the completion script for SHELL: "
+                                            "`vhostvpn completion bash > "
+                                            "/etc/bash_completion.d/vhostvpn`, or "
+                                            "`source <(vhostvpn completion bash)`.")
+    completion.add_argument("shell", choices=["bash"], metavar="SHELL", help="bash")
+    _add_common(completion)
 
     from tunnel.lab import add_lab_parser
 
@@ -575,6 +582,13 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_completion(args: argparse.Namespace) -> int:
+    from tunnel.completion import bash_script
+
+    sys.stdout.write(bash_script(build_parser()))
+    return 0
+
+
 def _cmd_lab(args: argparse.Namespace) -> int:
     from tunnel.lab import command
 
@@ -583,7 +597,7 @@ def _cmd_lab(args: argparse.Namespace) -> int:
 
 COMMANDS = {"hub": _cmd_hub, "vm": _cmd_vm, "host": _cmd_host, "status": _cmd_status,
             "qemu-args": _cmd_qemu_args, "keygen": _cmd_keygen, "fingerprint": _cmd_fingerprint,
-            "lab": _cmd_lab, "capture": _cmd_capture}
+            "lab": _cmd_lab, "capture": _cmd_capture, "completion": _cmd_completion}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
