@@ -246,10 +246,39 @@ def build_parser() -> argparse.ArgumentParser:
     qa.add_argument("--id", default="net0", help="QEMU object id prefix (default net0)")
     _add_common(qa)
 
+    _add_capture_parser(sub)
+    completion = sub.add_parser("completion", help="print a shell completion script",
+                                description="Print the completion script for SHELL: "
+                                            "`vhostvpn completion bash > "
+                                            "/etc/bash_completion.d/vhostvpn`, or "
+                                            "`source <(vhostvpn completion bash)`.")
+    completion.add_argument("shell", choices=["bash"], metavar="SHELL", help="bash")
+    _add_common(completion)
+
     from tunnel.lab import add_lab_parser
 
     add_lab_parser(sub, _add_common)
     return parser
+
+
+def _add_capture_parser(sub: argparse._SubParsersAction) -> None:
+    from netstack.pcap import DEFAULT_SNAPLEN, MAX_SNAPLEN
+
+    capture = sub.add_parser(
+        "capture", help="stream pcapng of one port of a running hub or endpoint to stdout",
+        description="Stream what PORT sends and receives as pcapng to stdout, e.g. "
+                    "`vhostvpn capture --control /run/hub.ctl vm1 | wireshark -k -i -`. "
+                    "PORT is a name `vhostvpn status` shows (a peer, gateway, a socket's "
+                    "file name with or without .sock).")
+    capture.add_argument("port", metavar="PORT")
+    capture.add_argument("--control", required=True, metavar="PATH",
+                         help="the hub's or endpoint's control socket")
+    capture.add_argument("--snaplen", type=int, default=DEFAULT_SNAPLEN, metavar="BYTES",
+                         help=f"keep at most BYTES of each frame (1-{MAX_SNAPLEN}, default "
+                              f"{DEFAULT_SNAPLEN}: whole frames)")
+    capture.add_argument("--count", type=int, metavar="N", help="stop after N frames")
+    capture.add_argument("--seconds", type=float, metavar="S", help="stop after S seconds")
+    _add_common(capture)
 
 
 async def serve(run, on_sighup=None) -> None:
@@ -525,6 +554,41 @@ def _cmd_qemu_args(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_capture(args: argparse.Namespace) -> int:
+    from netstack.pcap import MAX_SNAPLEN
+    from tunnel.capture import CaptureError, stream_capture
+
+    if not 1 <= args.snaplen <= MAX_SNAPLEN:
+        raise SystemExit(f"vhostvpn capture: --snaplen {args.snaplen}: want 1 to {MAX_SNAPLEN}")
+    if args.count is not None and args.count < 1:
+        raise SystemExit(f"vhostvpn capture: --count {args.count}: want at least 1")
+    if sys.stdout.isatty():
+        raise SystemExit("vhostvpn capture: stdout is a terminal: pipe it (| wireshark -k -i -"
+                         ", | tshark -r -) or redirect it (> FILE.pcapng)")
+    try:
+        port, frames = stream_capture(args.control, args.port, sys.stdout.buffer,
+                                      snaplen=args.snaplen, count=args.count,
+                                      seconds=args.seconds)
+    except CaptureError as exc:
+        raise SystemExit(f"vhostvpn capture: {exc}") from None
+    except BrokenPipeError:  # the reader (wireshark, head) went away: a normal end
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as exc:
+        raise SystemExit(f"vhostvpn capture: cannot reach {args.control}: {exc}") from None
+    except KeyboardInterrupt:
+        return 0
+    log.info("capture of %s: %d frames", port, frames)
+    return 0
+
+
+def _cmd_completion(args: argparse.Namespace) -> int:
+    from tunnel.completion import bash_script
+
+    sys.stdout.write(bash_script(build_parser()))
+    return 0
+
+
 def _cmd_lab(args: argparse.Namespace) -> int:
     from tunnel.lab import command
 
@@ -533,7 +597,7 @@ def _cmd_lab(args: argparse.Namespace) -> int:
 
 COMMANDS = {"hub": _cmd_hub, "vm": _cmd_vm, "host": _cmd_host, "status": _cmd_status,
             "qemu-args": _cmd_qemu_args, "keygen": _cmd_keygen, "fingerprint": _cmd_fingerprint,
-            "lab": _cmd_lab}
+            "lab": _cmd_lab, "capture": _cmd_capture, "completion": _cmd_completion}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -33,6 +33,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -221,7 +222,9 @@ class Endpoint:
             if self.tun_port is not None:
                 nursery.start_soon(self.tun_port.run, self.switch.forward)
             if self.config.control:
-                await nursery.start(serve_control, self.config.control, self.status)
+                ports = partial(list, self.switch.ports)  # `vhostvpn capture PORT`
+                await nursery.start(partial(serve_control, ports=ports),
+                                    self.config.control, self.status)
             nursery.start_soon(self._uplink)
             nursery.start_soon(self._housekeeping)
             task_status.started()

@@ -15,6 +15,7 @@ import ipaddress
 import logging
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -170,7 +171,9 @@ class Hub:
                 for server in self.servers:
                     await nursery.start(server.run)
                 if self.config.control:
-                    await nursery.start(serve_control, self.config.control, self.status)
+                    ports = partial(list, self.switch.ports)  # `vhostvpn capture PORT`
+                    await nursery.start(partial(serve_control, ports=ports),
+                                        self.config.control, self.status)
                 if self.gateway is not None:
                     nursery.start_soon(self._run_gateway, self.gateway)
                 if self.dhcp is not None:
