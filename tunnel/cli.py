@@ -425,10 +425,15 @@ def _run_endpoint(config, command: str, metrics_address: tuple[str | None, int] 
     from tunnel.daemon import run_daemon
     from tunnel.hostnet import HostNetworkError
 
+    failed: BaseException | None = None
     try:
         trio.run(serve, functools.partial(run_daemon, endpoint.run, endpoint.status, metrics))
-    except (OSError, HostNetworkError) as exc:  # the TUN/TAP device or its addresses
-        raise SystemExit(f"vhostvpn {command}: {exc}") from None
+    except* (OSError, HostNetworkError) as group:  # the TUN/TAP device or its addresses
+        failed = group
+    while isinstance(failed, BaseExceptionGroup):  # one group per nursery it came through
+        failed = failed.exceptions[0]
+    if failed is not None:
+        raise SystemExit(f"vhostvpn {command}: {failed}")
     return 0
 
 
