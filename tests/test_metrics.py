@@ -242,13 +242,15 @@ async def test_a_hub_and_its_endpoints_serve_their_status_as_metrics(tmp_path):
 
     async with hub_process(tmp_path, ["hub.sock"], hub_args) as hub, \
             endpoint_process(tmp_path, "ep1", ["a.sock"],
-                             [*vm_args("ep1-id"), "--metrics", f"127.0.0.1:{ep_metrics}"]) as ep1, \
+                             [*vm_args("ep1-id"), "--metrics", f"127.0.0.1:{ep_metrics}",
+                              "--rekey-seconds", "10"]) as ep1, \
             endpoint_process(tmp_path, "stranger", ["s.sock"], vm_args("stranger-id")):
-        with trio.fail_after(20):
+        with trio.fail_after(40):
             while True:
                 hub_state = await hub.status()
                 ep_state = await ep1.status()
                 if (ep_state["session"]["state"] == "up"
+                        and ep_state["session"]["rekeys"] == 1
                         and ep_state["session"]["rtt_ms"] is not None
                         and hub_state["tunnel"]["refused"].get("auth_unknown_key")):
                     break
@@ -260,7 +262,7 @@ async def test_a_hub_and_its_endpoints_serve_their_status_as_metrics(tmp_path):
     assert_ports_match(hub_scraped, hub_state)
     assert value(hub_scraped, "vhostvpn_session_up", session="ep1") == 1
     assert value(hub_scraped, "vhostvpn_port_connections_total", port="ep1",
-                 kind="session") == 1
+                 kind="session") == 2  # the first link and the one a rekey made
     for reason, count in hub_state["tunnel"]["refused"].items():
         assert value(hub_scraped, "vhostvpn_tunnel_refused_total", reason=reason) == count
     assert value(hub_scraped, "vhostvpn_tunnel_refused_total", reason="auth_unknown_key") >= 1
@@ -274,7 +276,7 @@ async def test_a_hub_and_its_endpoints_serve_their_status_as_metrics(tmp_path):
     assert value(ep_scraped, "vhostvpn_session_rtt_seconds", session="hub") > 0
     assert value(ep_scraped, "vhostvpn_uplink_reconnects_total") == ep_state["session"][
         "reconnects"] == 0
-    assert value(ep_scraped, "vhostvpn_uplink_rekeys_total") == 0
+    assert value(ep_scraped, "vhostvpn_uplink_rekeys_total") == 1
     assert value(ep_scraped, "vhostvpn_port_link_up", port="a.sock", kind="vhost-user") == 0
     assert value(ep_scraped, "vhostvpn_info", role="endpoint",
                  fingerprint=ep_state["fingerprint"]) == 1
