@@ -8,6 +8,7 @@ beyond that.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import hashlib
 import ipaddress
@@ -15,6 +16,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import tomllib
 from pathlib import Path
@@ -112,6 +114,29 @@ def fingerprint_arg(text: str) -> bytes:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _add_metrics(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--metrics", type=host_port, metavar="HOST:PORT",
+                        help="serve Prometheus metrics at http://HOST:PORT/metrics "
+                             "(unauthenticated: keep it on loopback or a management network)")
+
+
+def open_metrics(command: str,
+                 address: tuple[str | None, int] | None) -> socket.socket | None:
+    """The --metrics socket, bound and listening before the daemon starts; a port in use (or
+    an address this machine lacks, a privileged port) is one line and exit status 1."""
+    if address is None:
+        return None
+    from tunnel.metrics import bind_metrics
+
+    host, port = address
+    try:
+        return bind_metrics(host, port)
+    except OSError as exc:
+        shown = f"[{host}]" if host and ":" in host else (host or "")
+        raise SystemExit(f"vhostvpn {command}: --metrics {shown}:{port}: "
+                         f"{exc.strerror or exc}") from None
+
+
 def _add_endpoint(parser: argparse.ArgumentParser) -> None:
     """The flags `vhostvpn vm` and `vhostvpn host` share: how to reach and trust the hub."""
     parser.add_argument("--hub", type=host_port, metavar="HOST:PORT", help="the hub's tunnel")
@@ -126,6 +151,7 @@ def _add_endpoint(parser: argparse.ArgumentParser) -> None:
                         help="control socket for `vhostvpn status`")
     parser.add_argument("--rekey-seconds", type=float, default=3600.0, metavar="S",
                         help="make a fresh connection (new keys) this often (default 3600)")
+    _add_metrics(parser)
     _add_config(parser)
     _add_common(parser)
 
@@ -189,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     hub.add_argument("--no-port-policy", action="store_true",
                      help="trust every guest: no MAC/IP anti-spoofing, limits or guards "
                           "(benchmarks, labs where every guest is yours)")
+    _add_metrics(hub)
     hub.add_argument("--pcap", type=Path, metavar="DIR",
                      help="write what every port sends and receives to DIR/<port>.pcapng")
     _add_common(hub)
@@ -366,12 +393,16 @@ def _cmd_hub(args: argparse.Namespace) -> int:
     from tunnel.keys import IdentityError
 
     claim_socket_paths("hub", args.socket, args.control)
+    metrics = open_metrics("hub", args.metrics)
     try:
         hub = Hub(config)
     except (OSError, ValueError, IdentityError) as exc:  # keys, peers file, state directory
         raise SystemExit(f"vhostvpn hub: {exc}") from None
     tune_gc()
-    trio.run(serve, hub.run, hub.tunnel.reload if hub.tunnel is not None else None)
+    from tunnel.daemon import run_daemon
+
+    trio.run(serve, functools.partial(run_daemon, hub.run, hub.status, metrics),
+             hub.tunnel.reload if hub.tunnel is not None else None)
     return 0
 
 
@@ -410,21 +441,28 @@ def _endpoint_config(args: argparse.Namespace, command: str, **local: object):
         rekey_seconds=args.rekey_seconds, **local)
 
 
-def _run_endpoint(config, command: str) -> int:
+def _run_endpoint(config, command: str, metrics_address: tuple[str | None, int] | None) -> int:
     from tunnel.endpoint import Endpoint
     from tunnel.keys import IdentityError
 
+    metrics = open_metrics(command, metrics_address)
     try:
         endpoint = Endpoint(config)
     except (OSError, ValueError, IdentityError) as exc:  # keys
         raise SystemExit(f"vhostvpn {command}: {exc}") from None
     tune_gc()
+    from tunnel.daemon import run_daemon
     from tunnel.hostnet import HostNetworkError
 
+    failed: BaseException | None = None
     try:
-        trio.run(serve, endpoint.run)
-    except (OSError, HostNetworkError) as exc:  # the TUN/TAP device or its addresses
-        raise SystemExit(f"vhostvpn {command}: {exc}") from None
+        trio.run(serve, functools.partial(run_daemon, endpoint.run, endpoint.status, metrics))
+    except* (OSError, HostNetworkError) as group:  # the TUN/TAP device or its addresses
+        failed = group
+    while isinstance(failed, BaseExceptionGroup):  # one group per nursery it came through
+        failed = failed.exceptions[0]
+    if failed is not None:
+        raise SystemExit(f"vhostvpn {command}: {failed}")
     return 0
 
 
@@ -437,7 +475,7 @@ def _cmd_vm(args: argparse.Namespace) -> int:
                               client_sockets=args.client_socket, queue_pairs=args.queues,
                               port_policy=not args.no_port_policy)
     claim_socket_paths("vm", args.socket, args.control)
-    return _run_endpoint(config, "vm")
+    return _run_endpoint(config, "vm", args.metrics)
 
 
 def _cmd_host(args: argparse.Namespace) -> int:
@@ -454,7 +492,7 @@ def _cmd_host(args: argparse.Namespace) -> int:
     config = _endpoint_config(args, "host", tap=args.tap, tun=args.tun, dhcp=args.dhcp,
                               addresses=args.address, mtu=args.mtu)
     claim_socket_paths("host", [], args.control)
-    return _run_endpoint(config, "host")
+    return _run_endpoint(config, "host", args.metrics)
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:

@@ -138,6 +138,7 @@ class Endpoint:
         self.tun_port: TunPort | None = None
         self.network: HostNetwork | None = None
         self.reconnects = 0
+        self.rekeys = 0  # fresh connections that took over a live session
         self.last_error: str | None = None
         self.rng = random.Random()
 
@@ -154,7 +155,8 @@ class Endpoint:
             "fingerprint": self.identity.fingerprint,
             "hub": f"{self.config.hub_host}:{self.config.hub_port}",
             "session": {"state": self.uplink.state, "rtt_ms": self.uplink.rtt_ms,
-                        "reconnects": self.reconnects, "last_error": self.last_error,
+                        "reconnects": self.reconnects, "rekeys": self.rekeys,
+                        "last_error": self.last_error,
                         "connections": self.uplink.connections},
             "ports": ports, **self.switch.status(),
         }
@@ -308,6 +310,7 @@ class Endpoint:
                     current.started = time.monotonic() - self.config.rekey_seconds + 30
                     continue
                 current = fresh
+                self.rekeys += 1
                 # The old link stops sending but stays open until the hub, once it accepted
                 # the new one, closes it: frames the hub sends meanwhile are not lost.
                 fresh.activate(retire_previous=False)
