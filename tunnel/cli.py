@@ -23,6 +23,14 @@ import trio
 
 from netstack.dhcp import MAX_LEASE_SECONDS, MIN_LEASE_SECONDS
 from netstack.frame import format_mac, parse_mac
+from virtio.unixsock import (
+    GROUP_DEFAULT_MODE,
+    OWNER_ONLY_MODE,
+    SocketAccess,
+    SocketAccessError,
+    group_id,
+    parse_mode,
+)
 
 log = logging.getLogger("vhostvpn")
 
@@ -130,6 +138,35 @@ def _add_endpoint(parser: argparse.ArgumentParser) -> None:
     _add_common(parser)
 
 
+def _add_socket_access(parser: argparse.ArgumentParser) -> None:
+    """Who may connect to the --socket files (hub and vm): libvirt runs QEMU as its own user."""
+    parser.add_argument("--socket-group", metavar="GROUP",
+                        help="give the --socket files to this group (name or number), e.g. "
+                             "kvm for libvirt's QEMU; mode 0660 unless --socket-mode says")
+    parser.add_argument("--socket-mode", metavar="MODE",
+                        help="octal mode of the --socket files (default 0600: only this "
+                             "user may connect)")
+
+
+def socket_access_of(args: argparse.Namespace, command: str) -> SocketAccess:
+    """--socket-mode and --socket-group checked: a one-line error (exit status 1) if not."""
+    if (args.socket_mode is not None or args.socket_group is not None) and not args.socket:
+        raise SystemExit(f"vhostvpn {command}: --socket-mode and --socket-group apply to "
+                         f"--socket files; none given")
+    try:
+        gid = None if args.socket_group is None else group_id(args.socket_group)
+    except SocketAccessError as exc:
+        raise SystemExit(f"vhostvpn {command}: --socket-group {exc}") from None
+    if args.socket_mode is None:
+        mode = OWNER_ONLY_MODE if gid is None else GROUP_DEFAULT_MODE
+    else:
+        try:
+            mode = parse_mode(args.socket_mode)
+        except SocketAccessError as exc:
+            raise SystemExit(f"vhostvpn {command}: --socket-mode {exc}") from None
+    return SocketAccess(mode, gid)
+
+
 def _add_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, metavar="FILE",
                         help="TOML file holding any of these flags (names without the "
@@ -149,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     hub.add_argument("--client-socket", action="append", default=[], metavar="PATH",
                      help="connect to a vhost-user socket QEMU listens on (server=on); "
                           "repeatable")
+    _add_socket_access(hub)
     hub.add_argument("--control", metavar="PATH", help="control socket for `vhostvpn status`")
     hub.add_argument("--queues", type=int, default=4, metavar="N",
                      help="queue pairs offered per socket (default 4)")
@@ -200,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="serve a vhost-user socket (QEMU connects); repeatable")
     vm.add_argument("--client-socket", action="append", default=[], metavar="PATH",
                     help="connect to a vhost-user socket QEMU listens on; repeatable")
+    _add_socket_access(vm)
     vm.add_argument("--queues", type=int, default=4, metavar="N",
                     help="queue pairs offered per socket (default 4)")
     vm.add_argument("--no-port-policy", action="store_true",
@@ -362,7 +401,8 @@ def _cmd_hub(args: argparse.Namespace) -> int:
                        ipv6_prefix=args.ipv6_prefix, mtu=args.mtu, dns=args.dns,
                        state_dir=args.state_dir, pcap_dir=args.pcap,
                        port_policy=not args.no_port_policy, listen=args.listen,
-                       identity_dir=args.identity, peers_file=args.peers, name=args.name)
+                       identity_dir=args.identity, peers_file=args.peers, name=args.name,
+                       socket_access=socket_access_of(args, "hub"))
     from tunnel.keys import IdentityError
 
     claim_socket_paths("hub", args.socket, args.control)
@@ -435,7 +475,8 @@ def _cmd_vm(args: argparse.Namespace) -> int:
         raise SystemExit(f"vhostvpn vm: --queues {args.queues}: want 1 to 64")
     config = _endpoint_config(args, "vm", sockets=args.socket,
                               client_sockets=args.client_socket, queue_pairs=args.queues,
-                              port_policy=not args.no_port_policy)
+                              port_policy=not args.no_port_policy,
+                              socket_access=socket_access_of(args, "vm"))
     claim_socket_paths("vm", args.socket, args.control)
     return _run_endpoint(config, "vm")
 
