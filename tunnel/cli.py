@@ -14,6 +14,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import tomllib
@@ -73,6 +74,63 @@ def qemu_args(socket_path: str, mac: str, mem: str, queues: int, vectors: int | 
         "-netdev", netdev,
         "-device", device,
     ]
+
+
+LIBVIRT_QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+# QEMU's -m suffixes (none: MiB) and libvirt's names for the same units.
+LIBVIRT_MEMORY_UNITS = {"": "MiB", "K": "KiB", "M": "MiB", "G": "GiB", "T": "TiB"}
+
+
+def libvirt_memory(mem: str) -> tuple[int, str]:
+    """QEMU's -m size ('1G', '256M', '1024' = MiB) as libvirt's <memory> value and unit."""
+    match = re.fullmatch(r"([0-9]+)([KMGT]?)", mem.strip(), re.IGNORECASE)
+    if match is None or int(match[1]) == 0:
+        raise ValueError(f"{mem!r}: want a whole size like 1G, 512M or 1024 (MiB)")
+    return int(match[1]), LIBVIRT_MEMORY_UNITS[match[2].upper()]
+
+
+def libvirt_xml(socket_path: str, mac: str, mem: str, queues: int, vectors: int | None,
+                ident: str) -> str:
+    """The domain XML that attaches one vhost-user NIC (libvirt's view of `qemu_args`):
+    shared guest RAM (<memory>, <memoryBacking>), the <interface>, and for --vectors a
+    <qemu:override> (libvirt has no element for virtio-net-pci's `vectors`)."""
+    from xml.etree import ElementTree as ET
+
+    size, unit = libvirt_memory(mem)
+    memory = ET.Element("memory", unit=unit)
+    memory.text = str(size)
+    backing = ET.Element("memoryBacking")
+    ET.SubElement(backing, "source", type="memfd")
+    ET.SubElement(backing, "access", mode="shared")
+    nic = ET.Element("interface", type="vhostuser")
+    if vectors is not None:
+        ET.SubElement(nic, "alias", name=f"ua-{ident}")  # user aliases start with ua-
+    ET.SubElement(nic, "mac", address=mac)
+    source = ET.SubElement(nic, "source", type="unix", path=os.path.abspath(socket_path),
+                           mode="client")
+    ET.SubElement(source, "reconnect", enabled="yes", timeout="1")
+    ET.SubElement(nic, "model", type="virtio")
+    if queues > 1:
+        ET.SubElement(nic, "driver", queues=str(queues))
+    parts = [("<domain>: guest RAM, all of it shared with vhostvpn (must equal the "
+              "domain's memory)", [memory, backing]),
+             ("<devices>", [nic])]
+    if vectors is not None:
+        ET.register_namespace("qemu", LIBVIRT_QEMU_NS)
+        override = ET.Element(f"{{{LIBVIRT_QEMU_NS}}}override")
+        device = ET.SubElement(override, f"{{{LIBVIRT_QEMU_NS}}}device", alias=f"ua-{ident}")
+        frontend = ET.SubElement(device, f"{{{LIBVIRT_QEMU_NS}}}frontend")
+        ET.SubElement(frontend, f"{{{LIBVIRT_QEMU_NS}}}property", name="vectors",
+                      type="unsigned", value=str(vectors))
+        parts.append((f"<domain>, after <devices>: vectors={vectors} for the NIC "
+                      "(libvirt has no element for it)", [override]))
+    lines = []
+    for where, elements in parts:
+        lines.append(f"<!-- in {where} -->")
+        for element in elements:
+            ET.indent(element)
+            lines.append(ET.tostring(element, encoding="unicode"))
+    return "\n".join(lines)
 
 
 def address_range(text: str) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]:
@@ -283,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     qa.add_argument("--vectors", type=int,
                     help="MSI-X vectors (use 0 for QEMU 7.2 under TCG; default: QEMU's)")
     qa.add_argument("--id", default="net0", help="QEMU object id prefix (default net0)")
+    qa.add_argument("--libvirt", action="store_true",
+                    help="print libvirt domain XML (<memory>, <memoryBacking>, <interface>) "
+                         "instead of QEMU options")
     _add_common(qa)
 
     _add_capture_parser(sub)
@@ -591,6 +652,12 @@ def _cmd_qemu_args(args: argparse.Namespace) -> int:
         raise SystemExit(f"vhostvpn qemu-args: --mac: {exc}") from None
     if not 1 <= args.queues <= 64:
         raise SystemExit(f"vhostvpn qemu-args: --queues {args.queues}: want 1 to 64")
+    if args.libvirt:
+        try:
+            print(libvirt_xml(args.socket, mac, args.mem, args.queues, args.vectors, args.id))
+        except ValueError as exc:
+            raise SystemExit(f"vhostvpn qemu-args: --mem {exc}") from None
+        return 0
     print(" ".join(qemu_args(args.socket, mac, args.mem, args.queues, args.vectors, args.id)))
     return 0
 
