@@ -169,6 +169,29 @@ def test_bad_socket_access_flags_exit_1_with_one_line(tmp_path, command, flags, 
     assert not (tmp_path / "vm1.sock").exists()
 
 
+def as_nobody(argv: list[str], **kw) -> subprocess.CompletedProcess:
+    """Run `argv` as nobody:nogroup with no other groups and no capabilities, this checkout
+    on its import path."""
+    root = str(Path(unixsock.__file__).resolve().parents[1])
+    return subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}",
+                           "--clear-groups", *argv], capture_output=True, text=True,
+                          timeout=30, env=os.environ | {"PYTHONPATH": root}, **kw)
+
+
+def nobody_runs_this_checkout() -> bool:
+    """Whether tests can run this Python and import this checkout as nobody (not when they
+    live under a folder only root may enter)."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        return False
+    return as_nobody([sys.executable, "-c", "import trio, virtio.unixsock"]).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def nobody() -> None:
+    if not nobody_runs_this_checkout():
+        pytest.skip("needs root, setpriv, and this checkout and Python readable by nobody")
+
+
 def connect_as(uid: int, gid: int, path: Path) -> subprocess.CompletedProcess:
     """connect() to `path` from a process running as uid:gid with no other groups."""
     script = ("import socket, sys\n"
@@ -181,9 +204,7 @@ def connect_as(uid: int, gid: int, path: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
-                    reason="needs root and setpriv to connect as other users")
-def test_a_hub_socket_given_to_a_group_admits_that_group_and_no_other_user(open_dir):
+def test_a_hub_socket_given_to_a_group_admits_that_group_and_no_other_user(open_dir, nobody):
     gid = other_group()
     path = open_dir / "vm1.sock"
     hub = subprocess.Popen([sys.executable, "-m", "tunnel.cli", "hub", "--socket", str(path),
@@ -211,9 +232,28 @@ def test_a_hub_socket_given_to_a_group_admits_that_group_and_no_other_user(open_
     assert not path.exists()
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
-                    reason="needs root and setpriv to run as another user")
-def test_a_group_the_user_may_not_give_is_one_error_and_no_file_left(open_dir):
+@pytest.mark.parametrize("command", ["hub", "vm"])
+def test_a_group_the_user_may_not_give_is_refused_at_start_in_one_line(open_dir, nobody,
+                                                                     command):
+    open_dir.chmod(0o777)
+    rest = {"hub": ["--state-dir", str(open_dir)],
+            "vm": ["--hub", "127.0.0.1:7", "--identity", str(open_dir),
+                   "--hub-fingerprint", "SHA256:" + "A" * 43]}[command]
+    result = as_nobody([sys.executable, "-m", "tunnel.cli", command, "--socket",
+                        str(open_dir / "vm1.sock"), "--socket-group", "0", *rest])
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"vhostvpn {command}: --socket-group 0: this user may not give files to that group "
+        f"(run as root, with CAP_CHOWN, or as a member of the group)"]
+    assert not (open_dir / "vm1.sock").exists()
+
+
+def test_root_may_give_any_group_and_everyone_their_own():
+    assert unixsock.may_give_group(os.getegid())
+    assert unixsock.may_give_group(other_group()) == (os.geteuid() == 0)
+
+
+def test_bind_refused_a_group_removes_its_file_and_says_why(open_dir, nobody):
     open_dir.chmod(0o777)
     path = open_dir / "vm1.sock"
     script = ("import socket, sys\n"
@@ -221,11 +261,7 @@ def test_a_group_the_user_may_not_give_is_one_error_and_no_file_left(open_dir):
               "sock = socket.socket(socket.AF_UNIX)\n"
               "try:\n    bind_listener(sock, sys.argv[1], SocketAccess(0o660, 0))\n"
               "except OSError as e:\n    sys.exit(str(e))\n")
-    root = str(Path(unixsock.__file__).resolve().parents[1])
-    result = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}",
-                             "--clear-groups", sys.executable, "-c", script, str(path)],
-                            capture_output=True, text=True, timeout=30,
-                            env=os.environ | {"PYTHONPATH": root})
+    result = as_nobody([sys.executable, "-c", script, str(path)])
     assert result.returncode == 1
     assert "cannot give it group 0 and mode 0660: Operation not permitted" in result.stderr
     assert not path.exists()

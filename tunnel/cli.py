@@ -30,6 +30,7 @@ from virtio.unixsock import (
     SocketAccess,
     SocketAccessError,
     group_id,
+    may_give_group,
     parse_mode,
 )
 
@@ -215,6 +216,10 @@ def socket_access_of(args: argparse.Namespace, command: str) -> SocketAccess:
         gid = None if args.socket_group is None else group_id(args.socket_group)
     except SocketAccessError as exc:
         raise SystemExit(f"vhostvpn {command}: --socket-group {exc}") from None
+    if gid is not None and not may_give_group(gid):
+        raise SystemExit(f"vhostvpn {command}: --socket-group {args.socket_group}: this user "
+                         f"may not give files to that group (run as root, with CAP_CHOWN, or "
+                         f"as a member of the group)")
     if args.socket_mode is None:
         mode = OWNER_ONLY_MODE if gid is None else GROUP_DEFAULT_MODE
     else:

@@ -33,6 +33,8 @@ OWNER_ONLY_MODE = 0o600
 GROUP_DEFAULT_MODE = 0o660
 # Permission bits a socket file may be given: no setuid, setgid or sticky bit.
 MODE_BITS = 0o777
+# The capability that lets a process give its files any group (linux/capability.h).
+CAP_CHOWN = 0
 
 
 class SocketPathBusy(Exception):
@@ -139,6 +141,18 @@ def group_id(text: str) -> int:
         return grp.getgrnam(text).gr_gid
     except KeyError:
         raise SocketAccessError(f"{text!r}: no such group on this machine") from None
+
+
+def may_give_group(gid: int) -> bool:
+    """Whether this process may give a file it owns to group `gid` (chown(2)'s rule): its own
+    group, one of its supplementary groups, or any group with CAP_CHOWN (root has it)."""
+    if gid == os.getegid() or gid in os.getgroups():
+        return True
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) & 1 << CAP_CHOWN)
+    return os.geteuid() == 0
 
 
 def bind_listener(sock: socket.socket, path: str, access: SocketAccess) -> BoundPath:
