@@ -204,17 +204,25 @@ def connect_as(uid: int, gid: int, path: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_a_hub_socket_given_to_a_group_admits_that_group_and_no_other_user(open_dir, nobody):
+@pytest.mark.parametrize("command", ["hub", "vm"])
+def test_a_socket_given_to_a_group_admits_that_group_and_no_other_user(open_dir, nobody,
+                                                                       command):
     gid = other_group()
     path = open_dir / "vm1.sock"
-    hub = subprocess.Popen([sys.executable, "-m", "tunnel.cli", "hub", "--socket", str(path),
-                            "--socket-group", str(gid), "--log-level", "warning"],
-                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    rest = []
+    if command == "vm":  # serves its sockets before (and while) it reaches for a hub
+        run_cli("keygen", str(open_dir / "id"))
+        rest = ["--hub", "127.0.0.1:9", "--identity", str(open_dir / "id"),
+                "--hub-fingerprint", "SHA256:" + "A" * 43]
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "tunnel.cli", command, "--socket", str(path), "--socket-group",
+         str(gid), "--log-level", "error", *rest],
+        stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + START_SECONDS
         while not path.is_socket():
-            assert hub.poll() is None, hub.stderr.read()
-            assert time.monotonic() < deadline, "the hub did not start"
+            assert daemon.poll() is None, daemon.stderr.read()
+            assert time.monotonic() < deadline, f"{command} did not start"
             time.sleep(0.05)
         info = path.lstat()
         assert (stat.S_IMODE(info.st_mode), info.st_gid) == (0o660, gid)
@@ -222,13 +230,13 @@ def test_a_hub_socket_given_to_a_group_admits_that_group_and_no_other_user(open_
         refused = connect_as(NOBODY, NOBODY if gid != NOBODY else 0, path)
         assert refused.returncode == 1 and "Permission denied" in refused.stderr
     finally:
-        hub.send_signal(signal.SIGTERM)
+        daemon.send_signal(signal.SIGTERM)
         try:
-            hub.wait(10)
+            daemon.wait(10)
         except subprocess.TimeoutExpired:
-            hub.kill()
-            hub.wait()
-        hub.stderr.close()
+            daemon.kill()
+            daemon.wait()
+        daemon.stderr.close()
     assert not path.exists()
 
 
