@@ -6,7 +6,8 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := qemu-system-x86 iperf3 dpdk-dev cpio gzip xz-utils zstd \
-                iproute2 iputils-ping ethtool procps python3-venv gcc tshark
+                iproute2 iputils-ping ethtool procps python3-venv gcc tshark \
+                libvirt-daemon-system
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-quick lint bench fuzz image setup apt clean

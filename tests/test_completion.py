@@ -51,7 +51,8 @@ def test_tab_offers_every_subcommand_of_the_parser(script):
 
 
 def test_tab_offers_a_subcommands_flags_after_its_flags_and_their_values(script):
-    assert complete(script, "vhostvpn", "hub", "--so") == ["--socket"]
+    assert complete(script, "vhostvpn", "hub", "--so") == ["--socket", "--socket-group",
+                                                          "--socket-mode"]
     assert complete(script, "vhostvpn", "hub", "--subnet", "10.77.0.0/24", "--p") == [
         "--peers", "--pcap"]
     assert complete(script, "vhostvpn", "capture", "--control", "/run/h.ctl", "--s") == [
@@ -64,6 +65,7 @@ def test_tab_completes_choices_folders_and_example_labs(script, tmp_path):
     assert complete(script, "vhostvpn", "hub", "--log-level", "") == [
         "debug", "info", "warning", "error"]
     assert complete(script, "vhostvpn", "completion", "") == ["bash"]
+    assert "root" in complete(script, "vhostvpn", "hub", "--socket-group", "ro")
     (tmp_path / "keys").mkdir()
     (tmp_path / "kfile").write_text("")
     assert complete(script, "vhostvpn", "keygen", "k", cwd=str(tmp_path)) == ["keys"]

@@ -15,6 +15,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -25,6 +26,15 @@ import trio
 
 from netstack.dhcp import MAX_LEASE_SECONDS, MIN_LEASE_SECONDS
 from netstack.frame import format_mac, parse_mac
+from virtio.unixsock import (
+    GROUP_DEFAULT_MODE,
+    OWNER_ONLY_MODE,
+    SocketAccess,
+    SocketAccessError,
+    group_id,
+    may_give_group,
+    parse_mode,
+)
 
 log = logging.getLogger("vhostvpn")
 
@@ -67,6 +77,63 @@ def qemu_args(socket_path: str, mac: str, mem: str, queues: int, vectors: int | 
         "-netdev", netdev,
         "-device", device,
     ]
+
+
+LIBVIRT_QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+# QEMU's -m suffixes (none: MiB) and libvirt's names for the same units.
+LIBVIRT_MEMORY_UNITS = {"": "MiB", "K": "KiB", "M": "MiB", "G": "GiB", "T": "TiB"}
+
+
+def libvirt_memory(mem: str) -> tuple[int, str]:
+    """QEMU's -m size ('1G', '256M', '1024' = MiB) as libvirt's <memory> value and unit."""
+    match = re.fullmatch(r"([0-9]+)([KMGT]?)", mem.strip(), re.IGNORECASE)
+    if match is None or int(match[1]) == 0:
+        raise ValueError(f"{mem!r}: want a whole size like 1G, 512M or 1024 (MiB)")
+    return int(match[1]), LIBVIRT_MEMORY_UNITS[match[2].upper()]
+
+
+def libvirt_xml(socket_path: str, mac: str, mem: str, queues: int, vectors: int | None,
+                ident: str) -> str:
+    """The domain XML that attaches one vhost-user NIC (libvirt's view of `qemu_args`):
+    shared guest RAM (<memory>, <memoryBacking>), the <interface>, and for --vectors a
+    <qemu:override> (libvirt has no element for virtio-net-pci's `vectors`)."""
+    from xml.etree import ElementTree as ET
+
+    size, unit = libvirt_memory(mem)
+    memory = ET.Element("memory", unit=unit)
+    memory.text = str(size)
+    backing = ET.Element("memoryBacking")
+    ET.SubElement(backing, "source", type="memfd")
+    ET.SubElement(backing, "access", mode="shared")
+    nic = ET.Element("interface", type="vhostuser")
+    if vectors is not None:
+        ET.SubElement(nic, "alias", name=f"ua-{ident}")  # user aliases start with ua-
+    ET.SubElement(nic, "mac", address=mac)
+    source = ET.SubElement(nic, "source", type="unix", path=os.path.abspath(socket_path),
+                           mode="client")
+    ET.SubElement(source, "reconnect", enabled="yes", timeout="1")
+    ET.SubElement(nic, "model", type="virtio")
+    if queues > 1:
+        ET.SubElement(nic, "driver", queues=str(queues))
+    parts = [("<domain>: guest RAM, all of it shared with vhostvpn (must equal the "
+              "domain's memory)", [memory, backing]),
+             ("<devices>", [nic])]
+    if vectors is not None:
+        ET.register_namespace("qemu", LIBVIRT_QEMU_NS)
+        override = ET.Element(f"{{{LIBVIRT_QEMU_NS}}}override")
+        device = ET.SubElement(override, f"{{{LIBVIRT_QEMU_NS}}}device", alias=f"ua-{ident}")
+        frontend = ET.SubElement(device, f"{{{LIBVIRT_QEMU_NS}}}frontend")
+        ET.SubElement(frontend, f"{{{LIBVIRT_QEMU_NS}}}property", name="vectors",
+                      type="unsigned", value=str(vectors))
+        parts.append((f"<domain>, after <devices>: vectors={vectors} for the NIC "
+                      "(libvirt has no element for it)", [override]))
+    lines = []
+    for where, elements in parts:
+        lines.append(f"<!-- in {where} -->")
+        for element in elements:
+            ET.indent(element)
+            lines.append(ET.tostring(element, encoding="unicode"))
+    return "\n".join(lines)
 
 
 def address_range(text: str) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]:
@@ -156,6 +223,39 @@ def _add_endpoint(parser: argparse.ArgumentParser) -> None:
     _add_common(parser)
 
 
+def _add_socket_access(parser: argparse.ArgumentParser) -> None:
+    """Who may connect to the --socket files (hub and vm): libvirt runs QEMU as its own user."""
+    parser.add_argument("--socket-group", metavar="GROUP",
+                        help="give the --socket files to this group (name or number), e.g. "
+                             "kvm for libvirt's QEMU; mode 0660 unless --socket-mode says")
+    parser.add_argument("--socket-mode", metavar="MODE",
+                        help="octal mode of the --socket files (default 0600: only this "
+                             "user may connect)")
+
+
+def socket_access_of(args: argparse.Namespace, command: str) -> SocketAccess:
+    """--socket-mode and --socket-group checked: a one-line error (exit status 1) if not."""
+    if (args.socket_mode is not None or args.socket_group is not None) and not args.socket:
+        raise SystemExit(f"vhostvpn {command}: --socket-mode and --socket-group apply to "
+                         f"--socket files; none given")
+    try:
+        gid = None if args.socket_group is None else group_id(args.socket_group)
+    except SocketAccessError as exc:
+        raise SystemExit(f"vhostvpn {command}: --socket-group {exc}") from None
+    if gid is not None and not may_give_group(gid):
+        raise SystemExit(f"vhostvpn {command}: --socket-group {args.socket_group}: this user "
+                         f"may not give files to that group (run as root, with CAP_CHOWN, or "
+                         f"as a member of the group)")
+    if args.socket_mode is None:
+        mode = OWNER_ONLY_MODE if gid is None else GROUP_DEFAULT_MODE
+    else:
+        try:
+            mode = parse_mode(args.socket_mode)
+        except SocketAccessError as exc:
+            raise SystemExit(f"vhostvpn {command}: --socket-mode {exc}") from None
+    return SocketAccess(mode, gid)
+
+
 def _add_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, metavar="FILE",
                         help="TOML file holding any of these flags (names without the "
@@ -175,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     hub.add_argument("--client-socket", action="append", default=[], metavar="PATH",
                      help="connect to a vhost-user socket QEMU listens on (server=on); "
                           "repeatable")
+    _add_socket_access(hub)
     hub.add_argument("--control", metavar="PATH", help="control socket for `vhostvpn status`")
     hub.add_argument("--queues", type=int, default=4, metavar="N",
                      help="queue pairs offered per socket (default 4)")
@@ -227,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="serve a vhost-user socket (QEMU connects); repeatable")
     vm.add_argument("--client-socket", action="append", default=[], metavar="PATH",
                     help="connect to a vhost-user socket QEMU listens on; repeatable")
+    _add_socket_access(vm)
     vm.add_argument("--queues", type=int, default=4, metavar="N",
                     help="queue pairs offered per socket (default 4)")
     vm.add_argument("--no-port-policy", action="store_true",
@@ -271,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     qa.add_argument("--vectors", type=int,
                     help="MSI-X vectors (use 0 for QEMU 7.2 under TCG; default: QEMU's)")
     qa.add_argument("--id", default="net0", help="QEMU object id prefix (default net0)")
+    qa.add_argument("--libvirt", action="store_true",
+                    help="print libvirt domain XML (<memory>, <memoryBacking>, <interface>) "
+                         "instead of QEMU options")
     _add_common(qa)
 
     _add_capture_parser(sub)
@@ -389,7 +494,8 @@ def _cmd_hub(args: argparse.Namespace) -> int:
                        ipv6_prefix=args.ipv6_prefix, mtu=args.mtu, dns=args.dns,
                        state_dir=args.state_dir, pcap_dir=args.pcap,
                        port_policy=not args.no_port_policy, listen=args.listen,
-                       identity_dir=args.identity, peers_file=args.peers, name=args.name)
+                       identity_dir=args.identity, peers_file=args.peers, name=args.name,
+                       socket_access=socket_access_of(args, "hub"))
     from tunnel.keys import IdentityError
 
     claim_socket_paths("hub", args.socket, args.control)
@@ -473,7 +579,8 @@ def _cmd_vm(args: argparse.Namespace) -> int:
         raise SystemExit(f"vhostvpn vm: --queues {args.queues}: want 1 to 64")
     config = _endpoint_config(args, "vm", sockets=args.socket,
                               client_sockets=args.client_socket, queue_pairs=args.queues,
-                              port_policy=not args.no_port_policy)
+                              port_policy=not args.no_port_policy,
+                              socket_access=socket_access_of(args, "vm"))
     claim_socket_paths("vm", args.socket, args.control)
     return _run_endpoint(config, "vm", args.metrics)
 
@@ -588,6 +695,12 @@ def _cmd_qemu_args(args: argparse.Namespace) -> int:
         raise SystemExit(f"vhostvpn qemu-args: --mac: {exc}") from None
     if not 1 <= args.queues <= 64:
         raise SystemExit(f"vhostvpn qemu-args: --queues {args.queues}: want 1 to 64")
+    if args.libvirt:
+        try:
+            print(libvirt_xml(args.socket, mac, args.mem, args.queues, args.vectors, args.id))
+        except ValueError as exc:
+            raise SystemExit(f"vhostvpn qemu-args: --mem {exc}") from None
+        return 0
     print(" ".join(qemu_args(args.socket, mac, args.mem, args.queues, args.vectors, args.id)))
     return 0
 

@@ -15,12 +15,13 @@ import shlex
 
 from tunnel import assets
 
-# Metavars that name a path, and what kind of path (the flags' own spelling, tunnel/cli.py).
-PATH_METAVARS = {"PATH": "file", "FILE": "file", "DIR": "dir"}
+# Metavars that name a path (and what kind) or a group (the flags' own spelling, tunnel/cli.py).
+PATH_METAVARS = {"PATH": "file", "FILE": "file", "DIR": "dir", "GROUP": "group"}
 
 
 def _value_kind(action: argparse.Action) -> str:
-    """How to complete the value of `action`: file, dir, lab, choices:A B, or "" (free)."""
+    """How to complete the value of `action`: file, dir, group, lab, choices:A B, or ""
+    (free)."""
     if action.choices is not None and not isinstance(action, argparse._SubParsersAction):
         return "choices:" + " ".join(str(choice) for choice in action.choices)
     if getattr(action.type, "__name__", "") == "resolve_lab":
@@ -74,6 +75,7 @@ _vhostvpn_complete_kind() {{
     case $kind in
     file) compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")) ;;
     dir) compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -d -- "$cur")) ;;
+    group) COMPREPLY=($(compgen -g -- "$cur")) ;;
     lab) compopt -o filenames 2>/dev/null
          COMPREPLY=($(compgen -W "$_vhostvpn_labs" -- "$cur") $(compgen -f -- "$cur")) ;;
     choices:*) COMPREPLY=($(compgen -W "${{kind#choices:}}" -- "$cur")) ;;

@@ -58,6 +58,7 @@ from tunnel.tunport import TunPort
 from tunnel.tuntap import TapPort, TunTapDevice, run_device
 from tunnel.wire import CloseCode, Closed, Eof, Frames, Hello, Ping, Pong, WireConnection, WireError
 from virtio.backend import attach_sockets
+from virtio.unixsock import OWNER_ONLY, SocketAccess
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,8 @@ class EndpointConfig:
     dhcp: bool = False  # host mode, TUN: lease the IPv4 address from the hub
     addresses: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = field(
         default_factory=list)
+    # who may connect to the --socket files (--socket-mode, --socket-group)
+    socket_access: SocketAccess = OWNER_ONLY
 
 
 # The nonce of the PING sent right behind AUTH; its PONG says the hub accepted us.
@@ -130,7 +133,8 @@ class Endpoint:
         self.name = config.name  # a claim the hub checks; "" lets the peers file name us
         self.switch = Switch()
         self.servers = attach_sockets(self.switch, config.sockets, config.client_sockets,
-                                      config.queue_pairs, policy=config.port_policy)
+                                      config.queue_pairs, policy=config.port_policy,
+                                      access=config.socket_access)
         self.uplink = SessionPort("hub", policy=None)
         self.switch.attach(self.uplink)
         self.device: TunTapDevice | None = None

@@ -30,6 +30,7 @@ from tunnel.control import serve_control
 from tunnel.keys import load_identity
 from tunnel.listener import TunnelListener
 from virtio.backend import attach_sockets
+from virtio.unixsock import OWNER_ONLY, SocketAccess
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ class HubConfig:
     identity_dir: Path | None = None
     peers_file: Path | None = None
     name: str = "hub"
+    # who may connect to the --socket files (--socket-mode, --socket-group)
+    socket_access: SocketAccess = OWNER_ONLY
 
 
 class Hub:
@@ -82,7 +85,8 @@ class Hub:
         self.config = config
         self.switch = Switch()
         self.servers = attach_sockets(self.switch, config.sockets, config.client_sockets,
-                                      config.queue_pairs, policy=config.port_policy)
+                                      config.queue_pairs, policy=config.port_policy,
+                                      access=config.socket_access)
         self.tunnel: TunnelListener | None = None
         if config.listen is not None:
             if config.identity_dir is None or config.peers_file is None:
