@@ -70,13 +70,20 @@ def client_hello() -> bytes:
     raise AssertionError("a TLS client finished a handshake without a server")
 
 
-async def flood_pings(peer: RawPeer, seconds: float) -> None:
-    """PING records as fast as the hub takes them, never reading an answer."""
+async def flood_pings(peer: RawPeer, seconds: float) -> float | None:
+    """PING records as fast as the hub takes them, never reading an answer, for `seconds`
+    or until the hub cuts the link (as it does once its writes stall): when it did, after
+    how many seconds."""
     flood = PING_RECORD * 4000
+    started = trio.current_time()
     with trio.move_on_after(seconds):
-        while True:
-            await peer.tls.send_all(flood)
-            await trio.sleep(0)
+        try:
+            while True:
+                await peer.tls.send_all(flood)
+                await trio.sleep(0)
+        except trio.BrokenResourceError:
+            return trio.current_time() - started
+    return None
 
 
 async def strangers(port: int, seconds: float, host: str = "127.0.0.1") -> dict[str, int]:
