@@ -96,6 +96,8 @@ HOUSEKEEPING_SECONDS = 10.0
 
 
 class GatewayPort(SpeakingPort):
+    service = True  # see Port: no unknown unicast floods, callers' frames rate limited
+
     def __init__(
         self,
         config: GatewayConfig,

@@ -4,6 +4,7 @@ The switch calls `adapt(frame, port.accepts)` for each frame bound to a port tha
 the frame's offloads as they are.  Bytes in, frames out, no I/O.  It never trusts a
 guest-supplied offset: every header is parsed and checked here, and anything malformed raises
 `OffloadError` (with a short `reason` to count drops by), never another exception.
+Before that, `check_offload` vets the metadata of every frame entering the switch.
 
 Theory of operation
 -------------------
@@ -59,6 +60,7 @@ from netstack.frame import (
     GSO_TCPV6,
     GSO_UDP,
     GSO_UDP_L4,
+    HDR_F_DATA_VALID,
     HDR_F_NEEDS_CSUM,
     PLAIN,
     Frame,
@@ -123,6 +125,14 @@ UDP_CSUM_OFFSET = 6
 # segments; UDP_MAX_SEGMENTS is include/linux/udp.h's (virtio_net_hdr_to_skb enforces it).
 MAX_GSO_SEGMENTS = 2048
 UDP_MAX_SEGMENTS = 128
+# The smallest gso_size `check_offload` lets into the switch for TSO and UFO: Linux's
+# TCP_MIN_MSS (include/net/tcp.h), the smallest MSS a program may set (TCP_MAXSEG).  At most
+# 745 segments per 64 KiB frame instead of 2048 at gso_size 32; real links carry at least
+# 536 (IPv4) or 1220 (IPv6).  USO needs no floor: UDP_MAX_SEGMENTS bounds it.
+MIN_GSO_SIZE = 88
+# Offload flags a sender may set: NEEDS_CSUM, and DATA_VALID (a TAP device's kernel sets it
+# on checksums it verified).  RSC_INFO and unknown bits mean nothing on the way in.
+_SENDER_FLAGS = HDR_F_NEEDS_CSUM | HDR_F_DATA_VALID
 
 # Why a frame was refused: OffloadError.reason is always one of these.
 REASONS = frozenset({
@@ -140,11 +150,13 @@ REASONS = frozenset({
     "tcp_header",         # TCP data offset below 5
     "udp_length",         # UDP length != bytes present
     "gso_type",           # unknown GSO type, or ECN on UDP GSO
-    "gso_size",           # gso_size 0 (or below one 8-byte fragment unit for UFO)
+    "gso_size",           # gso_size 0, below one 8-byte fragment unit for UFO, or (check_offload)
+                          # below MIN_GSO_SIZE for TSO and UFO
     "too_many_segments",  # more than MAX_GSO_SEGMENTS (UDP_MAX_SEGMENTS for USO)
     "csum_start",         # csum_start outside the frame, or not the L4 header of a GSO frame
     "csum_offset",        # checksum field outside the frame, or not the L4 checksum field
     "needs_segmentation", # complete_checksum asked to finish a GSO frame
+    "flags",              # (check_offload) a flag bit a sender may not set
 })
 
 _U16 = struct.Struct(">H")
@@ -153,6 +165,7 @@ _U16X2 = struct.Struct(">HH")
 _IPV6_FRAG_HDR = struct.Struct(">BBHI")
 
 _GSO_TYPES = frozenset({GSO_TCPV4, GSO_TCPV6, GSO_UDP, GSO_UDP_L4})
+_TCP_TYPES = frozenset({GSO_TCPV4, GSO_TCPV6})
 # What a port must accept to take each GSO type as it is (Frame.required_offloads, as ints).
 _CSUM = int(Offload.CSUM)
 _ECN = int(Offload.ECN)
@@ -372,6 +385,36 @@ def _ipv4_header_base(hdr: bytearray, l3: int, l4: int) -> int:
     _U16.pack_into(hdr, l3 + IPV4_CSUM_OFFSET, 0)
     total_len, ip_id = _U16X2.unpack_from(hdr, l3 + IPV4_TOT_LEN_OFFSET)
     return (_sum16(hdr[l3:l4]) - total_len - ip_id) % 0xFFFF
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking metadata on the way in
+
+
+def check_offload(offload: tuple, length: int) -> str | None:
+    """Is the offload metadata of a `length`-byte frame fit to enter the switch?  None if it
+    is, else the reason (one of REASONS) to drop it for.  Reads the six fields only, never the
+    frame: what the frame's headers say is `adapt`'s business, if it is ever segmented.
+
+    The switch checks every frame that is not PLAIN as it enters, whoever sent it (a guest's
+    TX path, a tunnel session, a TAP device); a vhost-user port also refuses offloads its
+    guest did not negotiate, before this."""
+    flags, gso_type, _, gso_size, csum_start, csum_offset = offload
+    if flags & ~_SENDER_FLAGS:
+        return "flags"
+    if flags & HDR_F_NEEDS_CSUM:
+        if csum_start >= length:
+            return "csum_start"
+        if csum_start + csum_offset + 2 > length:
+            return "csum_offset"
+    if gso_type == GSO_NONE:
+        return None
+    base_type = gso_type & ~GSO_ECN
+    if base_type not in _GSO_TYPES or (gso_type & GSO_ECN and base_type not in _TCP_TYPES):
+        return "gso_type"
+    if gso_size == 0 or (gso_size < MIN_GSO_SIZE and base_type != GSO_UDP_L4):
+        return "gso_size"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

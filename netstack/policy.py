@@ -5,7 +5,12 @@ services are trusted and not policed), each drop counted on the port by reason:
   mac_spoof     source MAC bound to another port: learned there and still alive, pinned
                 there by a running DHCP lease, or reserved (the gateway's)
   mac_limit     a new source MAC beyond the port's limit
-  flood_rate    broadcast/multicast beyond the port's token bucket
+  flood_rate    broadcast, multicast and unknown unicast beyond the port's token bucket (a
+                GSO frame costs a token per segment it may become)
+  service_rate  frames to the hub's own services (the gateway's MAC) beyond the port's
+                service token bucket: the hub's CPU answers each one
+  llc           an 802.3 length field instead of an EtherType (LLC, SNAP): nothing a guest
+                needs, and RFC 1042 SNAP carries IPv4 and ARP past every check below
   ip_spoof      IPv4/IPv6 source, ARP sender, or ND target (an NA's; a DAD probe's) bound
                 to another port: reserved (the gateway's), leased there by the hub's DHCP,
                 or first claimed there and still alive
@@ -69,6 +74,12 @@ DEFAULT_MAC_LIMIT = 16
 CLAIMS_PER_MAC = 4
 DEFAULT_FLOOD_RATE = 1000.0  # broadcast/multicast frames per second, sustained
 DEFAULT_FLOOD_BURST = 2000.0
+# Frames to the gateway (ARP, ND, DHCP, RS, echo requests) per second, sustained: a guest
+# sends a handful a minute; a session's endpoint speaks for up to 256 MACs.
+DEFAULT_SERVICE_RATE = 200.0
+DEFAULT_SERVICE_BURST = 400.0
+# EtherTypes start here; a smaller value in that field is an 802.3 length (LLC follows).
+ETHERTYPE_MIN = 0x0600
 # The `seen` time of an entry that never ages: reserved (the gateway's), or pinned by a lease.
 PERMANENT = float("inf")
 
@@ -81,15 +92,22 @@ class PortPolicy:
     flood_rate: float = DEFAULT_FLOOD_RATE
     flood_burst: float = DEFAULT_FLOOD_BURST
     claim_limit: int = 0  # IP addresses the port may hold at once; 0: CLAIMS_PER_MAC each
+    service_rate: float = DEFAULT_SERVICE_RATE
+    service_burst: float = DEFAULT_SERVICE_BURST
     flood: TokenBucket = field(init=False, repr=False)
+    service: TokenBucket = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.claim_limit:
             self.claim_limit = self.mac_limit * CLAIMS_PER_MAC
         self.flood = TokenBucket(self.flood_rate, self.flood_burst)
+        self.service = TokenBucket(self.service_rate, self.service_burst)
 
-    def take_flood_token(self, now: float) -> bool:
-        return self.flood.take(now)
+    def take_flood_token(self, now: float, cost: float = 1.0) -> bool:
+        return self.flood.take(now, cost)
+
+    def take_service_token(self, now: float) -> bool:
+        return self.service.take(now)
 
 
 class AddressBook:
@@ -189,12 +207,16 @@ def check_l3(data: bytes | memoryview, port: object, book: AddressBook, now: flo
     ethertype = data[12:14]
     offset = ETH_HEADER_LEN
     if ethertype == ETHERTYPE_VLAN:
+        if len(data) < ETH_HEADER_LEN + VLAN_TAG_LEN:
+            return "malformed"
         ethertype = data[16:18]
         offset += VLAN_TAG_LEN
         if ethertype in _TAG_TYPES:
             return "vlan_stacked"
     elif ethertype in _TAG_TYPES:
         return "vlan_stacked"
+    if ethertype[0] < ETHERTYPE_MIN >> 8:
+        return "llc"
     if ethertype == ETHERTYPE_IPV4:
         return _check_ipv4(data, offset, port, book, now, claim_limit)
     if ethertype == ETHERTYPE_IPV6:

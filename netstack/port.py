@@ -82,7 +82,14 @@ class Port:
     `accepts` lists the offloads this port can take (see `Frame.required_offloads`); the switch
     never hands a port a frame that needs more.  `policy` is what the switch enforces on frames
     from this port (netstack.policy); None means trusted (the hub's own services).
+
+    `service` marks a port that is a host the hub runs on the segment (the gateway), not a
+    way to other machines: it reads only frames to its own (reserved) MAC and group
+    addresses, so the switch floods no unknown unicast to it, and a policed port's frames to
+    it take a token of that port's service bucket (the hub's CPU answers each one).
     """
+
+    service = False
 
     def __init__(
         self, name: str, accepts: Offload = Offload.NONE, policy: PortPolicy | None = None

@@ -1,21 +1,31 @@
 """A learning Ethernet switch in userspace: the heart of `vhostvpn hub`.
 
 Path of a batch through `forward(ingress, frames)`:
-0. size: runts (shorter than an Ethernet header) and frames longer than MAX_FRAME_LEN are
-   dropped (`runt`, `oversize`), as are multicast sources.
+0. size and metadata: runts (shorter than an Ethernet header) and frames longer than
+   MAX_FRAME_LEN are dropped (`runt`, `oversize`), as are multicast sources and frames whose
+   offload metadata `netstack.offload.check_offload` refuses (`offload_<reason>`: unknown
+   flags, checksum offsets past the frame, an unknown GSO type, a gso_size of 0 or below
+   MIN_GSO_SIZE), from any port.
 1. policy (netstack.policy), for ports that have one: MAC anti-spoofing and limit, the
-   broadcast/multicast token bucket, then the fixed-offset network-layer checks (IP source
-   and ND target binding, the claim limit, ARP sender, DHCP and RA guards, stacked VLAN
-   tags).  Trusted ports (the hub's services) skip it.
+   broadcast/multicast token bucket (a GSO frame costs a token per segment it may become),
+   then the fixed-offset network-layer checks (IP source and ND target binding, the claim
+   limit, ARP sender, DHCP and RA guards, stacked VLAN tags, 802.3/LLC).  Trusted ports (the
+   hub's services) skip it.
 2. learning: the source MAC is (re)bound to the ingress port -- unless it is bound for good
    elsewhere: reserved (`reserve`, the gateway's MAC) or pinned by a running DHCP lease
    (`bind_lease`); such MACs never age and cannot move (`mac_spoof`, policed or not).
 3. lookup: the destination's port, or flooding (broadcast, multicast, unknown unicast) to
-   every other port; frames are regrouped per egress port.
+   every other port -- but no unknown unicast to a `service` port (the gateway), which reads
+   only its own; frames are regrouped per egress port.  A policed port pays its flood token
+   for unknown unicast here (`flood_rate`), and a service token for a frame to a service
+   port (`service_rate`).
 4. delivery: each egress port gets one `deliver` call per batch, with frames it can take as
    they are; frames needing an offload it did not accept go through `netstack.offload.adapt`
    (segmented or checksummed in software, counted as `software_offloads`), or are dropped as
-   `offload_<reason>` if they are malformed.
+   `offload_<reason>` if they are malformed.  Software offloads of one batch, over all its
+   egress ports, make at most `segment_budget` frames; the frames after that which need
+   one are dropped (`offload_budget`, on the ingress port).  A service port gets no GSO
+   frame (`offload_ignored`): it answers none, and cutting one up costs the most.
 Every drop is counted on a port, by reason.  Containment: an exception while switching one
 frame drops that frame (`malformed` on the ingress port); one raised by an egress port's
 `deliver` drops that batch (`internal_error` on the egress port) and the other ports still
@@ -28,8 +38,8 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 
-from netstack.frame import ETH_HEADER_LEN, MAX_FRAME_LEN, PLAIN, Frame, format_mac
-from netstack.offload import OffloadError, adapt
+from netstack.frame import ETH_HEADER_LEN, GSO_NONE, MAX_FRAME_LEN, PLAIN, Frame, format_mac
+from netstack.offload import OffloadError, adapt, check_offload
 from netstack.policy import (
     DHCPV4_SERVER_PORT,
     ETHERTYPE_IPV4,
@@ -46,6 +56,10 @@ log = logging.getLogger(__name__)
 MAC_AGING_SECONDS = 300.0
 # Refresh a learned entry's timestamp at most this often (saves a tuple per frame).
 _REFRESH_SECONDS = 1.0
+# Frames the software offloads of one forward() call may make, over all egress ports: a
+# full TX batch (256 chains) of 64 KiB TSO frames at MSS 1448 is 11.6k segments for one
+# port that takes no TSO; at ~3 us a segment the bound is ~50 ms of work per call.
+SEGMENT_BUDGET = 16384
 
 
 class Switch:
@@ -59,9 +73,11 @@ class Switch:
         self,
         clock: Callable[[], float] = time.monotonic,
         aging: float = MAC_AGING_SECONDS,
+        segment_budget: int = SEGMENT_BUDGET,
     ) -> None:
         self.clock = clock
         self.aging = aging
+        self.segment_budget = segment_budget
         self.ports: list[Port] = []
         self.mac_table: dict[bytes, tuple[Port, float]] = {}
         self.mac_counts: dict[Port, int] = {}
@@ -200,6 +216,7 @@ class Switch:
         debug = log.isEnabledFor(logging.DEBUG)
         by_port: dict[Port, list[Frame]] = {}
         flood: list[Frame] = []
+        unknown = 0  # how many frames of `flood` are unknown unicast
         nbytes = 0
         for frame in frames:
             try:
@@ -209,6 +226,12 @@ class Switch:
                 if size < ETH_HEADER_LEN or size > MAX_FRAME_LEN:
                     counters.drop("runt" if size < ETH_HEADER_LEN else "oversize")
                     continue
+                offload = frame.offload
+                if offload is not PLAIN:
+                    reason = check_offload(offload, size)
+                    if reason is not None:
+                        counters.drop(f"offload_{reason}")
+                        continue
                 # Slices of bytes are bytes; slices of a memoryview hash and compare like
                 # bytes, so lookups need no copy.  Only a newly learned key is made bytes.
                 src = data[6:12]
@@ -225,7 +248,7 @@ class Switch:
                         if counts[ingress] >= policy.mac_limit:
                             counters.drop("mac_limit")
                             continue
-                    if data[0] & 1 and not policy.take_flood_token(now):
+                    if data[0] & 1 and not policy.take_flood_token(now, _cost(offload, size)):
                         counters.drop("flood_rate")
                         continue
                     # Fast path: plain IPv4 (no options, not a DHCP server's port) from an
@@ -262,11 +285,19 @@ class Switch:
                     continue
                 entry = table.get(dst)
                 if entry is None or now - entry[1] > aging:
+                    if policy is not None and not policy.take_flood_token(
+                            now, _cost(offload, size)):
+                        counters.drop("flood_rate")
+                        continue
                     flood.append(frame)
+                    unknown += 1
                     continue
                 egress = entry[0]
                 if egress is ingress:
                     counters.drop("same_port")
+                    continue
+                if egress.service and policy is not None and not policy.take_service_token(now):
+                    counters.drop("service_rate")
                     continue
                 batch = by_port.get(egress)
                 if batch is None:
@@ -278,23 +309,30 @@ class Switch:
         counters.in_frames += len(frames)
         counters.in_bytes += nbytes
         if flood:
+            group = flood
+            if unknown:  # a service port reads no unicast but its own
+                group = [frame for frame in flood if frame.data[0] & 1]
             for port in self.ports:
                 if port is not ingress:
+                    extra = group if port.service else flood
+                    if not extra:
+                        continue
                     batch = by_port.get(port)
-                    by_port[port] = flood if batch is None else batch + flood
+                    by_port[port] = extra if batch is None else batch + extra
         # 4. delivery
+        budget = [self.segment_budget]
         for egress, batch in by_port.items():
             try:
-                self._deliver(egress, batch)
+                self._deliver(ingress, egress, batch, budget)
             except Exception:  # one port's trouble is that port's
                 egress.drop_unexpected("internal_error", len(batch),
                                        f"delivering frames from {ingress.name}")
 
     @staticmethod
-    def _deliver(egress: Port, batch: list[Frame]) -> None:
+    def _deliver(ingress: Port, egress: Port, batch: list[Frame], budget: list[int]) -> None:
         for frame in batch:
             if frame.offload is not PLAIN:
-                batch = _fit(egress, batch)
+                batch = _fit(ingress, egress, batch, budget)
                 break
         if batch:
             if egress.capture is not None:
@@ -313,15 +351,32 @@ class Switch:
         }
 
 
-def _fit(egress: Port, batch: list[Frame]) -> list[Frame]:
+def _cost(offload: tuple, size: int) -> int:
+    """Flood tokens a frame costs: one, or for a GSO frame one per segment it may become."""
+    if offload[1] == GSO_NONE:
+        return 1
+    return size // offload[3] + 1  # check_offload saw a gso_size > 0
+
+
+def _fit(ingress: Port, egress: Port, batch: list[Frame], budget: list[int]) -> list[Frame]:
     """The batch as `egress` can take it: frames needing an offload it did not accept are
-    checksummed or segmented in software (netstack.offload); malformed ones are dropped."""
+    checksummed or segmented in software (netstack.offload), each output frame taken from
+    `budget[0]` (shared by the ingress batch's egress ports); once it is spent, such frames
+    are dropped (`offload_budget` on `ingress`), as are malformed ones.  A service port
+    answers no GSO frame: it gets none (`offload_ignored`)."""
     accepts = egress.accepts
     counters = egress.counters
+    service = egress.service
     fitted: list[Frame] = []
     for frame in batch:
         if frame.offload is PLAIN:
             fitted.append(frame)
+            continue
+        if service and frame.offload[1] != GSO_NONE:
+            counters.drop("offload_ignored")
+            continue
+        if budget[0] <= 0 and frame.required_offloads & ~accepts:
+            ingress.counters.drop("offload_budget")
             continue
         try:
             adapted = adapt(frame, accepts)  # [frame] itself when the port takes it as it is
@@ -333,5 +388,6 @@ def _fit(egress: Port, batch: list[Frame]) -> list[Frame]:
             continue
         if len(adapted) != 1 or adapted[0] is not frame:
             counters.software_offloads += 1
+            budget[0] -= len(adapted)
         fitted.extend(adapted)
     return fitted

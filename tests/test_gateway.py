@@ -29,8 +29,10 @@ from scapy.layers.l2 import ARP, Dot1Q, Ether
 
 from netstack.frame import Frame
 from netstack.gateway import GatewayConfig, GatewayPort
-from netstack.port import OUTBOX_FRAMES
+from netstack.policy import DEFAULT_SERVICE_BURST, DEFAULT_SERVICE_RATE, PortPolicy
+from netstack.port import OUTBOX_FRAMES, QueuedPort
 from netstack.ra import link_local_from_mac
+from netstack.switch import Switch
 
 GW_MAC = "02:76:76:00:00:01"
 GUEST = "52:54:00:00:00:01"
@@ -296,3 +298,30 @@ def test_replies_waiting_for_the_shell_are_bounded():
     gw.deliver([request] * (OUTBOX_FRAMES + 10))
     assert len(gw.take_outbox()) == OUTBOX_FRAMES
     assert gw.counters.drops == {"outbox_full": 10}
+
+
+def test_a_guest_pinging_the_gateway_flat_out_gets_its_service_rate_of_answers():
+    """Unicast to the gateway takes no flood token, but the hub's CPU answers every frame: a
+    policed port gets service_burst answers at once and service_rate a second, while a
+    normal burst (a guest booting, a ping every second for a minute) is answered whole."""
+    clock = Clock()
+    switch = Switch(clock=clock)
+    gw = GatewayPort(CONFIG, clock=clock)
+    guest = QueuedPort("guest", policy=PortPolicy())
+    switch.attach(gw)
+    switch.attach(guest)
+    switch.reserve(gw, gw.mac, gw.addresses)
+    arp = Ether(src=GUEST, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=GUEST, psrc="10.77.0.5",
+                                                         pdst="10.77.0.1")
+    echo = Ether(src=GUEST, dst=GW_MAC) / IP(src="10.77.0.5", dst="10.77.0.1") / ICMP() \
+        / bytes(1400)
+    switch.forward(guest, [Frame(bytes(arp))] + [Frame(bytes(echo))] * 60)
+    assert len(gw.take_outbox()) == 61 and not guest.counters.drops
+    clock.now += 60
+    switch.forward(guest, [Frame(bytes(echo))] * 5000)
+    assert len(gw.take_outbox()) == DEFAULT_SERVICE_BURST
+    clock.now += 1
+    switch.forward(guest, [Frame(bytes(echo))] * 5000)
+    assert len(gw.take_outbox()) == DEFAULT_SERVICE_RATE
+    assert guest.counters.drops == {"service_rate": 10000 - DEFAULT_SERVICE_BURST
+                                    - DEFAULT_SERVICE_RATE}

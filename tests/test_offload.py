@@ -39,10 +39,12 @@ from netstack.frame import (
 )
 from netstack.offload import (
     MAX_GSO_SEGMENTS,
+    MIN_GSO_SIZE,
     REASONS,
     UDP_MAX_SEGMENTS,
     OffloadError,
     adapt,
+    check_offload,
     complete_checksum,
     segment,
 )
@@ -585,3 +587,37 @@ def test_pass_through_agrees_with_frame_required_offloads(gso_type: int, flags: 
     for accepts in range(int(ALL_OFFLOADS) + 1):
         takes_it = not frame.required_offloads & ~Offload(accepts)
         assert (adapt(frame, Offload(accepts))[0] is frame) == takes_it, accepts
+
+
+# --- check_offload: the metadata a frame may enter the switch with
+
+
+def test_check_offload_passes_what_linux_guests_and_tap_devices_send() -> None:
+    for frame in (guest_form(tcp4(3000), GSO_TCPV4, 1448), guest_form(tcp6(3000), GSO_TCPV6, 1428),
+                  guest_form(tcp4(3000), TCP_ECN_GSO, MIN_GSO_SIZE),
+                  guest_form(tcp4(100), GSO_NONE, 0),
+                  guest_form(Ether(**MAC) / IP(**V4) / UDP() / payload_bytes(900), GSO_UDP_L4,
+                             8, UDP)):  # USO: UDP_MAX_SEGMENTS bounds it, not gso_size
+        assert check_offload(frame.offload, len(frame.data)) is None
+    assert check_offload((HDR_F_DATA_VALID, GSO_NONE, 0, 0, 0, 0), 60) is None
+    assert check_offload(PLAIN, 60) is None
+
+
+@pytest.mark.parametrize(("offload", "reason"), [
+    ((0xFF, GSO_TCPV4, 65535, 1448, 34, 16), "flags"),
+    ((HDR_F_NEEDS_CSUM | 4, GSO_NONE, 0, 0, 34, 16), "flags"),  # RSC_INFO: receive side only
+    ((HDR_F_NEEDS_CSUM, GSO_NONE, 0, 0, 1000, 6), "csum_start"),
+    ((HDR_F_NEEDS_CSUM, GSO_NONE, 0, 0, 34, 65000), "csum_offset"),
+    ((HDR_F_NEEDS_CSUM, GSO_NONE, 0, 0, 34, 1000 - 34 - 1), "csum_offset"),
+    ((HDR_F_NEEDS_CSUM, 0x42, 0, 1448, 34, 16), "gso_type"),
+    ((HDR_F_NEEDS_CSUM, GSO_ECN, 0, 1448, 34, 16), "gso_type"),
+    ((HDR_F_NEEDS_CSUM, GSO_UDP_L4 | GSO_ECN, 0, 1448, 34, 6), "gso_type"),
+    ((HDR_F_NEEDS_CSUM, GSO_TCPV4, 0, 0, 34, 16), "gso_size"),
+    ((HDR_F_NEEDS_CSUM, GSO_TCPV4, 0, MIN_GSO_SIZE - 1, 34, 16), "gso_size"),
+    ((HDR_F_NEEDS_CSUM, GSO_TCPV6, 0, 1, 54, 16), "gso_size"),
+    ((0, GSO_UDP, 0, 32, 0, 0), "gso_size"),
+    ((HDR_F_NEEDS_CSUM, GSO_UDP_L4, 0, 0, 34, 6), "gso_size"),
+])
+def test_check_offload_refuses_metadata_no_sender_may_set(offload: tuple, reason: str) -> None:
+    assert check_offload(offload, 1000) == reason
+    assert reason in REASONS

@@ -1,14 +1,14 @@
 """The switch's port policies, frame by frame, with frames built by scapy: MAC and IP
 anti-spoofing (ND targets and link-layer options too), reservations and lease pinning, MAC
-and claim limits, stacked VLAN tags, DHCP/RA guards, the flood token bucket, and trusted
-ports."""
+and claim limits, stacked VLAN tags, 802.3/LLC, DHCP/RA guards, the flood and service token
+buckets, and trusted ports."""
 
 from ipaddress import IPv6Address
 
 import pytest
 from scapy.layers.dhcp import BOOTP, DHCP
 from scapy.layers.dhcp6 import DHCP6_Advertise
-from scapy.layers.inet import ICMP, IP, UDP
+from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import (
     ICMPv6EchoRequest,
     ICMPv6ND_NA,
@@ -22,9 +22,9 @@ from scapy.layers.inet6 import (
     IPv6ExtHdrFragment,
 )
 from scapy.layers.ipsec import AH
-from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
+from scapy.layers.l2 import ARP, LLC, STP, Dot1AD, Dot1Q, Dot3, Ether
 
-from netstack.frame import Frame
+from netstack.frame import GSO_TCPV4, Frame
 from netstack.policy import PortPolicy
 from netstack.port import Port
 from netstack.ratelimit import TokenBucket
@@ -383,3 +383,78 @@ def test_only_address_acquisition_may_use_the_unspecified_ipv6_source(net):
          Ether(src=MAC_A, dst=BCAST) / IPv6(src="::", dst="ff02::1")
          / ICMPv6ND_NA(tgt="fd00::9"))
     assert a.counters.drops == {"bad_source": 2} and not gw.got
+
+
+def test_unknown_unicast_takes_a_flood_token(net):
+    switch, a, b, gw, clock = net
+    a.policy.flood = TokenBucket(rate=10.0, burst=5.0, now=clock.now)
+    send(switch, a, *[ipv4(MAC_A, "10.0.0.1", dst_mac=MAC_C)] * 8)  # MAC_C: nobody's yet
+    assert a.counters.drops == {"flood_rate": 3} and len(b.got) == 5
+    send(switch, gw, Ether(src=MAC_C, dst=BCAST))  # now C is known: no token needed
+    send(switch, a, *[ipv4(MAC_A, "10.0.0.1", dst_mac=MAC_C)] * 8)
+    assert a.counters.drops == {"flood_rate": 3} and len(gw.got) == 13
+
+
+def test_a_flooded_gso_frame_costs_a_flood_token_per_segment(net):
+    switch, a, b, gw, clock = net
+    a.policy.flood = TokenBucket(rate=10.0, burst=100.0, now=clock.now)
+    packet = Ether(src=MAC_A, dst=BCAST) / IP(src="10.0.0.1", dst="10.0.0.2") \
+        / TCP(sport=1, dport=2, flags="A") / bytes(14480)  # 10 segments of 1448, or 11
+    frame = Frame(bytes(packet), (0, GSO_TCPV4, 54, 1448, 0, 0))
+    switch.forward(a, [frame] * 10)
+    assert a.counters.drops == {"flood_rate": 1}
+
+
+def test_frames_to_a_service_port_take_a_service_token(net):
+    """The gateway answers each frame to its MAC on the hub's CPU: a port gets
+    service_burst of them at once, then service_rate a second; other unicast, and trusted
+    ports, are not limited."""
+    switch, a, b, gw, clock = net
+    service = Recorder("service")
+    service.service = True
+    switch.attach(service)
+    switch.reserve(service, bytes.fromhex("020000000099"), [])
+    a.policy.service = TokenBucket(rate=10.0, burst=5.0, now=clock.now)
+    echo = ipv4(MAC_A, "10.0.0.1", dst_mac="02:00:00:00:00:99")
+    send(switch, a, *[echo] * 8)
+    assert a.counters.drops == {"service_rate": 3} and len(service.got) == 5
+    send(switch, b, ipv4(MAC_B, "10.0.0.2", dst_mac=MAC_A))
+    send(switch, a, *[ipv4(MAC_A, "10.0.0.1", dst_mac=MAC_B)] * 8)
+    assert a.counters.drops == {"service_rate": 3} and len(b.got) == 8
+    clock.now += 0.5  # five tokens come back
+    send(switch, a, *[echo] * 6)
+    assert a.counters.drops == {"service_rate": 4}
+    send(switch, gw, *[Ether(src=MAC_C, dst="02:00:00:00:00:99")] * 20)
+    assert not gw.counters.drops and len(service.got) == 30
+
+
+def snap(dst: str, src: str, ethertype: int, l3) -> Frame:
+    """RFC 1042: an 802.3 length, then LLC AA-AA-03 and a SNAP header naming the EtherType."""
+    llc = b"\xaa\xaa\x03\x00\x00\x00" + ethertype.to_bytes(2, "big") + bytes(l3)
+    return Frame(bytes.fromhex(dst.replace(":", "")) + bytes.fromhex(src.replace(":", ""))
+                 + len(llc).to_bytes(2, "big") + llc)
+
+
+def test_802_3_llc_frames_are_dropped_from_policed_ports(net):
+    """SNAP-encapsulated IPv4 and ARP would skip every network-layer check (Windows reads
+    them); LLC is nothing a guest needs on this segment."""
+    switch, a, b, gw, clock = net
+    switch.reserve(gw, bytes.fromhex("020000000099"), [bytes([10, 0, 0, 254])])
+    frames = [
+        snap(MAC_B, MAC_A, 0x0800, IP(src="10.0.0.254", dst="10.0.0.2") / UDP()),
+        snap(MAC_B, MAC_A, 0x0806, ARP(op=2, hwsrc=MAC_A, psrc="10.0.0.254", pdst="10.0.0.2")),
+        snap(BCAST, MAC_A, 0x0800, IP(src="10.0.0.254", dst="255.255.255.255")
+             / UDP(sport=67, dport=68)),
+        Frame(bytes(Dot3(src=MAC_A, dst="01:80:c2:00:00:00") / LLC() / STP())),
+        Frame(bytes(Ether(src=MAC_A, dst=MAC_B, type=0x8100) / (b"\x00\x05\x00\x30" + bytes(48)))),
+    ]
+    switch.forward(a, frames)
+    assert a.counters.drops == {"llc": 5} and not b.got and not gw.got
+    switch.forward(gw, frames[2:3])  # trusted ports are not policed
+    assert len(b.got) == 1
+
+
+def test_a_vlan_tag_cut_short_is_malformed(net):
+    switch, a, b, gw, clock = net
+    send(switch, a, Ether(src=MAC_A, dst=BCAST, type=0x8100) / b"\x00\x05")
+    assert a.counters.drops == {"malformed": 1} and not b.got

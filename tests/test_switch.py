@@ -1,7 +1,10 @@
 """The learning switch: learning, flooding, aging, offload filtering, per-port counters,
 reservations, containment of exceptions, bounded queues."""
 
+import pytest
+
 from netstack.frame import (
+    ALL_OFFLOADS,
     GSO_TCPV4,
     HDR_F_NEEDS_CSUM,
     MAX_FRAME_LEN,
@@ -9,6 +12,7 @@ from netstack.frame import (
     Offload,
     OffloadInfo,
 )
+from netstack.offload import MIN_GSO_SIZE
 from netstack.policy import PortPolicy
 from netstack.port import Port, QueuedPort
 from netstack.switch import Switch
@@ -190,7 +194,7 @@ def test_a_frame_that_raises_while_switching_is_dropped_as_malformed(caplog):
     class FailingPolicy(PortPolicy):
         """Fails on one frame's flood token: a bug on the policy path."""
 
-        def take_flood_token(self, now: float) -> bool:
+        def take_flood_token(self, now: float, cost: float = 1.0) -> bool:
             self.calls = getattr(self, "calls", 0) + 1
             if self.calls == 2:
                 raise RuntimeError("a bug in the policy")
@@ -257,3 +261,93 @@ def test_a_reserved_mac_never_ages_and_no_port_can_take_it():
     assert len(a.got) == 1 and not b.got  # still switched to a, not flooded
     assert switch.used_by_another_port(bytes([10, 0, 0, 1]), C)
     assert switch.status()["macs"][0] == {"mac": "02:00:00:00:00:01", "port": "a", "age": None}
+
+
+# --- what one sender's GSO frames may cost the switch
+
+
+def tso(dst: bytes, src: bytes, payload: int, mss: int) -> Frame:
+    """A TCP super-frame as a guest hands it over (no NEEDS_CSUM: the checksum is ignored)."""
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.l2 import Ether
+
+    packet = Ether(dst=dst.hex(":"), src=src.hex(":")) / IP(src="10.0.0.1", dst="10.0.0.2") \
+        / TCP(sport=1, dport=2, flags="A") / bytes(payload)
+    return Frame(bytes(packet), OffloadInfo(0, GSO_TCPV4, 54, mss, 0, 0))
+
+
+class Service(Recorder):
+    service = True
+
+
+def test_a_tso_frame_with_a_tiny_gso_size_is_dropped_where_it_enters():
+    """gso_size 32 would make 2032 segments of a 64 KiB frame for every port without TSO."""
+    switch, (a, b, c) = three_ports()
+    switch.forward(a, [tso(BROADCAST, A, 65000, 32), tso(BROADCAST, A, 65000, MIN_GSO_SIZE)])
+    assert a.counters.drops == {"offload_gso_size": 1}
+    assert len(b.got) == len(c.got) == -(-65000 // MIN_GSO_SIZE)  # the second one, cut up
+    assert b.counters.software_offloads == c.counters.software_offloads == 1
+
+
+@pytest.mark.parametrize("policy", [None, PortPolicy()], ids=["trusted", "policed"])
+def test_offload_metadata_no_sender_may_set_is_dropped_on_entry(policy):
+    """Whatever the port (a session's metadata comes off the wire unchecked), a frame with
+    bad offload metadata reaches no port, even one that accepts every offload."""
+    switch = Switch()
+    sender, taker = Recorder("s"), Recorder("all", ALL_OFFLOADS)
+    sender.policy = policy
+    switch.attach(sender)
+    switch.attach(taker)
+    switch.forward(taker, [eth(BROADCAST, B)])
+    body = eth(B, A).data
+    switch.forward(sender, [Frame(body, OffloadInfo(0xFF, GSO_TCPV4, 65535, 1, 65000, 65000)),
+                            Frame(body, OffloadInfo(HDR_F_NEEDS_CSUM, 0, 0, 0, 50, 20)),
+                            Frame(body, OffloadInfo(0, 0x42, 0, 1448, 0, 0)),
+                            Frame(body, OffloadInfo(HDR_F_NEEDS_CSUM, 0, 0, 0, 34, 16))])
+    assert [f.offload for f in taker.got] == [(HDR_F_NEEDS_CSUM, 0, 0, 0, 34, 16)]
+    assert sender.counters.drops == {"offload_flags": 1, "offload_csum_offset": 1,
+                                     "offload_gso_type": 1}
+
+
+def test_unknown_unicast_is_not_flooded_to_a_service_port():
+    switch, (a, b, c) = three_ports()
+    gateway = Service("gw")
+    switch.attach(gateway)
+    switch.forward(a, [eth(bytes.fromhex("020000000099"), A), eth(BROADCAST, A),
+                       eth(bytes.fromhex("3333000000fb"), A)])
+    assert len(b.got) == len(c.got) == 3
+    assert [f.data[0] & 1 for f in gateway.got] == [1, 1]
+
+
+def test_a_service_port_gets_no_gso_frame_to_cut_up():
+    """The gateway answers no GSO frame: a broadcast one is not segmented for it."""
+    switch, (a, b, c) = three_ports()
+    gateway = Service("gw")
+    switch.attach(gateway)
+    switch.forward(a, [tso(BROADCAST, A, 30000, 1448), eth(BROADCAST, A)])
+    assert len(gateway.got) == 1 and gateway.counters.software_offloads == 0
+    assert gateway.counters.drops == {"offload_ignored": 1}
+    assert len(b.got) == 22
+
+
+def test_software_segments_of_one_batch_are_bounded_over_all_ports():
+    """Each frame makes 10 segments for each of two ports without TSO: a budget of 100
+    segments is spent on the first 10 frames for one port; the other 30 cuts are dropped,
+    counted on the sender, and the next batch gets a fresh budget."""
+    switch = Switch(segment_budget=100)
+    a, b, c = Recorder("a"), Recorder("b"), Recorder("c")
+    for p in (a, b, c):
+        switch.attach(p)
+    frames = [tso(BROADCAST, A, 14480, 1448)] * 20
+    switch.forward(a, frames)
+    assert len(b.got) + len(c.got) == 100
+    assert a.counters.drops == {"offload_budget": 30}
+    switch.forward(a, frames[:1])
+    assert len(b.got) + len(c.got) == 120
+
+
+def test_the_default_segment_budget_takes_a_full_batch_of_maximal_tso_frames():
+    switch, (a, b, c) = three_ports()
+    switch.forward(b, [eth(BROADCAST, B)])
+    switch.forward(a, [tso(B, A, 65000, 1448)] * 256)  # a full TX batch, MSS 1448
+    assert len(b.got) == 256 * 45 and not a.counters.drops
