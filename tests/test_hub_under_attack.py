@@ -26,7 +26,8 @@ RSS_GROWTH_LIMIT = 100 << 20
 # not an attacker must show none of them.
 ATTACK_ONLY_DROPS = {"malformed", "internal_error", "queue_full", "oversize", "mac_spoof",
                      "ip_spoof", "nd_spoof", "vlan_stacked", "claim_limit", "mac_limit",
-                     "flood_rate", "bad_source", "arp_spoof", "dhcp_guard", "ra_guard"}
+                     "flood_rate", "bad_source", "arp_spoof", "dhcp_guard", "ra_guard", "llc",
+                     "service_rate", "offload_budget"}
 
 
 def attack_drops(port: dict) -> dict[str, int]:
