@@ -34,6 +34,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import trio
 
@@ -52,9 +53,10 @@ from tunnel.keys import (
     sign_client_auth,
 )
 from tunnel.session import Link, SessionPort, tune_tcp
+from tunnel.startup import StartupError
 from tunnel.tls import TLSStream
 from tunnel.tunport import TunPort
-from tunnel.tuntap import TapPort, TunTapDevice, run_device
+from tunnel.tuntap import TapPort, TunTapDevice, TunTapError, run_device
 from tunnel.wire import CloseCode, Closed, Eof, Frames, Hello, Ping, Pong, WireConnection, WireError
 from virtio.backend import attach_sockets
 
@@ -121,6 +123,14 @@ class Refused(Exception):
         self.reason = reason
 
 
+def open_device(name: str, mode: Literal["tap", "tun"]) -> TunTapDevice:
+    """The host's TAP or TUN device; a StartupError naming the flag if it cannot be had."""
+    try:
+        return TunTapDevice.open(name, mode)
+    except TunTapError as exc:
+        raise StartupError(f"--{mode} {name}", exc.strerror or str(exc)) from None
+
+
 class Endpoint:
     def __init__(self, config: EndpointConfig) -> None:
         self.config = config
@@ -171,7 +181,7 @@ class Endpoint:
 
     def _open_tap(self, name: str) -> None:
         """The host's TAP device, up, with its addresses; undone by `_close_host`."""
-        self.device = TunTapDevice.open(name, "tap")
+        self.device = open_device(name, "tap")
         self.device_port = TapPort(self.device.name, self.device)
         self.switch.attach(self.device_port)
         self.network = HostNetwork()
@@ -189,7 +199,7 @@ class Endpoint:
     def _open_tun(self, name: str) -> None:
         """The host's TUN device, up, with L3Host speaking for it on the segment; static
         addresses now, leased and SLAAC ones as they come; all undone by `_close_host`."""
-        self.device = TunTapDevice.open(name, "tun")
+        self.device = open_device(name, "tun")
         self.network = HostNetwork()
         self.network.set_up(self.device.name, self.config.mtu)
         ipv4 = next((a for a in self.config.addresses if a.version == 4), None)

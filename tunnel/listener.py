@@ -50,6 +50,7 @@ from tunnel.keys import (
     verify_client_auth,
 )
 from tunnel.session import SESSION_MAC_LIMIT, Link, SessionPort, tune_tcp
+from tunnel.startup import StartupError, explain_bind
 from tunnel.tls import TLSStream
 from tunnel.wire import Auth, CloseCode, Closed, Eof, Hello, WireConnection, WireError
 
@@ -144,7 +145,12 @@ class TunnelListener:
         self.refused[reason] = self.refused.get(reason, 0) + 1
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+        try:
+            listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+        except OSError as exc:
+            where = f"{self.host or ''}:{self.port}"
+            raise StartupError(f"--listen {where}",
+                               explain_bind(exc, self.host, self.port)) from None
         self.bound = [lst.socket.getsockname()[:2] for lst in listeners]
         log.info("tunnel listening on %s, %d peers", ", ".join(
             f"{h}:{p}" for h, p in self.bound), len(self.peers))
