@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import sys
+import time
 import tomllib
 from pathlib import Path
 from typing import NoReturn
@@ -296,7 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(fingerprint)
 
     status = sub.add_parser("status", help="show a running hub's or endpoint's state")
-    status.add_argument("--control", required=True, metavar="PATH")
+    status.add_argument("--control", metavar="PATH",
+                        help="the process's control socket (default: every one answering in "
+                             "/run/vhostvpn as root, else $XDG_RUNTIME_DIR/vhostvpn)")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
     _add_common(status)
 
@@ -623,16 +626,43 @@ def _cmd_fingerprint(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from tunnel.control import query
 
-    try:
-        state = query(args.control)
-    except OSError as exc:
-        print(f"vhostvpn status: cannot reach {args.control}: {exc}", file=sys.stderr)
-        return 1
+    if args.control:
+        try:
+            answers = {args.control: query(args.control)}
+        except (OSError, ValueError) as exc:
+            print(f"vhostvpn status: cannot reach {args.control}: {exc}", file=sys.stderr)
+            return 1
+    else:
+        answers = query_default_controls()
     if args.json:
-        print(json.dumps(state, indent=2))
+        if len(answers) > 1:
+            raise SystemExit(f"vhostvpn status: {len(answers)} processes answer "
+                             f"({', '.join(answers)}): give --control PATH")
+        print(json.dumps(next(iter(answers.values())), indent=2))
         return 0
-    print(format_status(state))
+    print("\n\n".join(f"{path}:\n{format_status(state)}" if len(answers) > 1
+                      else format_status(state) for path, state in answers.items()))
     return 0
+
+
+def query_default_controls() -> dict[str, dict]:
+    """The status of every process answering on a default control socket (tunnel/control.py;
+    sockets nobody answers on are left by killed processes and skipped); exit status 1 with
+    what to do when there is none."""
+    from tunnel.control import control_sockets, query, runtime_dir
+
+    answers = {}
+    for path in control_sockets():
+        try:
+            answers[str(path)] = query(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            continue
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"vhostvpn status: cannot reach {path}: {exc}") from None
+    if not answers:
+        raise SystemExit(f"vhostvpn status: no vhostvpn process answers in {runtime_dir()} "
+                         f"(give --control PATH if it was started with one)")
+    return answers
 
 
 def format_status(state: dict) -> str:
@@ -651,6 +681,7 @@ def format_status(state: dict) -> str:
         refused = ", ".join(f"{k}={v}" for k, v in sorted(tunnel.get("refused", {}).items()))
         lines.append(f"  tunnel on {', '.join(tunnel['listen'])}: {tunnel['peers']} peers, "
                      f"key {tunnel['fingerprint']}" + (f", refused {refused}" if refused else ""))
+        lines += _format_offline_peers(tunnel.get("peer_list", []))
     for port in state.get("ports", []):
         drops = port.get("drops", {}) | port.get("guest_drops", {})
         traffic = (f"in {port['in_frames']} frames/{port['in_bytes']} B, "
@@ -674,6 +705,9 @@ def format_status(state: dict) -> str:
                          + (f", rtt {rtt:.2f} ms" if rtt is not None else "")
                          + f", {traffic}")
             continue
+        if port.get("kind") in ("tap", "tun"):
+            lines += _format_device(port, traffic)
+            continue
         link = "up" if port.get("link_up") else "down"
         broken = f" BROKEN: {port['broken']}" if port.get("broken") else ""
         lines.append(f"  {port['name']}: link {link}{broken}, features "
@@ -681,8 +715,61 @@ def format_status(state: dict) -> str:
     macs = state.get("macs", [])
     if macs:
         lines.append("  MAC table:")
-        lines.extend(f"    {m['mac']} -> {m['port']} (seen {m['age']} s ago)" for m in macs)
+        lines.extend(f"    {m['mac']} -> {m['port']} "
+                     + ("(pinned)" if m["age"] is None else f"(seen {m['age']} s ago)")
+                     for m in macs)
     return "\n".join(lines)
+
+
+def _format_device(port: dict, traffic: str) -> list[str]:
+    """A host's TAP or TUN port: the kernel's view of the device, its addresses (a leased
+    one named), then the traffic."""
+    kernel = port.get("kernel", {})
+    if "error" in kernel:
+        link = f"link unknown ({kernel['error']})"
+    elif kernel:
+        link = (f"link {'up' if kernel.get('admin_up') else 'down'}, carrier "
+                f"{'on' if kernel.get('carrier') else 'off'}, operstate "
+                f"{kernel.get('operstate')}, mtu {kernel.get('mtu')}")
+    else:
+        link = "link unknown"
+    lines = [f"  {port['name']} ({port['kind']}): {link}"]
+    dhcp = port.get("dhcp")
+    if dhcp is not None:
+        lines.append(f"    DHCP {dhcp.get('state')}"
+                     + (f", leased {dhcp['address']}" if dhcp.get("address") else ""))
+    addresses = kernel.get("addresses")
+    if addresses is not None:
+        lines.append(f"    addresses: {', '.join(addresses) or 'none'}")
+    lines.append(f"    {traffic}")
+    return lines
+
+
+def _format_offline_peers(peers: list[dict]) -> list[str]:
+    """The peers file's peers that are not connected: when each was last seen, from where,
+    with which addresses on the segment."""
+    offline = [peer for peer in peers if not peer.get("online")]
+    if not offline:
+        return []
+    lines = ["  offline peers:"]
+    for peer in offline:
+        if peer.get("last_seen") is None:
+            lines.append(f"    {peer['name']}: not seen since the hub started")
+            continue
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(peer["last_seen"]))
+        ago = _ago(time.time() - peer["last_seen"])
+        lines.append(f"    {peer['name']}: last seen {when} ({ago} ago) from {peer.get('from')}"
+                     + (f", addresses {', '.join(peer['addresses'])}"
+                        if peer.get("addresses") else ""))
+    return lines
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds // size} {unit}"
+    return f"{seconds} s"
 
 
 def _cmd_qemu_args(args: argparse.Namespace) -> int:

@@ -42,7 +42,7 @@ from netstack.frame import ALL_OFFLOADS, Frame
 from netstack.l3host import stable_mac
 from netstack.switch import Switch
 from tunnel.control import serve_control
-from tunnel.hostnet import HostNetwork
+from tunnel.hostnet import HostNetwork, HostNetworkError
 from tunnel.keys import (
     AuthError,
     check_server,
@@ -157,6 +157,8 @@ class Endpoint:
             server = next((s for s in self.servers if s.port is port), None)
             if server is not None:
                 entry |= {"socket": server.path}
+            if port is self.device_port or port is self.tun_port:
+                entry["kernel"] = self._device_state()
             ports.append(entry)
         return {
             "role": "endpoint", "pid": os.getpid(), "name": self.name or None,
@@ -167,6 +169,14 @@ class Endpoint:
                         "connections": self.uplink.connections},
             "ports": ports, **self.switch.status(),
         }
+
+    def _device_state(self) -> dict[str, object]:
+        """The TAP/TUN device's link as the kernel sees it (netlink: one round trip)."""
+        assert self.device is not None and self.network is not None
+        try:
+            return self.network.link_state(self.device.name)
+        except (OSError, HostNetworkError) as exc:
+            return {"error": str(exc)}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
 
