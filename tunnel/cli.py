@@ -422,6 +422,8 @@ def setup_failure(exc: Exception) -> str:
         return f"--identity: {exc}"
     if isinstance(exc, PeersFileError):
         return f"--peers: {exc}"
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror}"  # e.g. the state or capture folder
     if isinstance(exc, OSError | ValueError):
         return str(exc)
     raise exc
@@ -440,6 +442,7 @@ def run_daemon(command: str, run, on_sighup=None) -> int:
         failure = find_failure(exc, (OSError, HostNetworkError))
         if failure is None:
             raise
+        log.debug("%s: stopped by %r", command, failure, exc_info=exc)
         raise SystemExit(f"vhostvpn {command}: {failure}") from None
     return 0
 
