@@ -6,10 +6,11 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := qemu-system-x86 iperf3 dpdk-dev cpio gzip xz-utils zstd \
-                iproute2 iputils-ping ethtool procps python3-venv gcc tshark
+                iproute2 iputils-ping ethtool procps python3-venv gcc tshark \
+                libvirt-daemon-system
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-quick lint bench image setup apt clean
+.PHONY: demo test test-quick lint bench fuzz image setup apt clean
 
 demo: setup image
 	$(PY) qemu/demo.py
@@ -25,6 +26,16 @@ lint: setup
 
 bench: setup image
 	$(PY) bench/vhost_switch.py
+
+# The fuzzers' long run (the test run gives each a few seconds): rings and vhost-user
+# messages, hostile frames, wire records after authentication, DHCP option soups.
+FUZZ_EXAMPLES ?= 100000
+FUZZ_SECONDS ?= 300
+fuzz: setup
+	VHOSTVPN_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) VHOSTVPN_FUZZ_SECONDS=$(FUZZ_SECONDS) \
+	  $(VENV)/bin/pytest -q -p no:cacheprovider tests/test_fuzz_virtio.py \
+	  tests/test_hostile_frames.py tests/test_tunnel_fuzz.py \
+	  tests/test_dhcp.py::test_option_soups_and_truncated_bootp_are_only_ever_ignored_and_counted
 
 image: setup
 	$(PY) qemu/build_image.py

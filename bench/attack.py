@@ -44,6 +44,8 @@ def main() -> None:
         "refused": results["hub"]["tunnel"]["refused"],
         "drops": {name: port["drops"] for name, port in hub_ports.items()},
         "mallory_control_dropped": hub_ports["mallory"].get("control_dropped"),
+        "mallory_cut_after_seconds": results["pings"],
+        "links_ended": results["hub"]["tunnel"]["links_ended"],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))

@@ -35,7 +35,7 @@ Theory of operation
 -------------------
 The path of a frame:
 
-0. `_budget(source MAC).take_token`: a token from the client's bucket, else the frame is
+0. `_budget(source MAC).messages.take`: a token from the client's bucket, else the frame is
    ignored unparsed (`rate_limited`).
 1. `parse_request`: Ethernet II carrying IPv4 (no VLAN tag: the gateway port strips them),
    an IPv4 header with a valid checksum, not a fragment, UDP 68 -> 67.  The UDP checksum is
@@ -129,6 +129,7 @@ from pathlib import Path
 import dpkt
 
 from netstack.frame import ETH_ADDR_LEN, ETH_HEADER_LEN, format_mac, parse_mac
+from netstack.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -530,21 +531,11 @@ class _ClientBudget:
     """What one client (a switch port, or a MAC on no known port) may still do: a token
     bucket for its messages, and the times of its last declines."""
 
-    __slots__ = ("declines", "refilled", "tokens")
+    __slots__ = ("declines", "messages")
 
     def __init__(self, now: float) -> None:
-        self.tokens = RATE_BURST
-        self.refilled = now
+        self.messages = TokenBucket(RATE_PER_SECOND, RATE_BURST, now)
         self.declines: collections.deque[float] = collections.deque(maxlen=DECLINE_BUDGET)
-
-    def take_token(self, now: float) -> bool:
-        tokens = min(RATE_BURST, self.tokens + max(0.0, now - self.refilled) * RATE_PER_SECOND)
-        self.refilled = now
-        if tokens < 1.0:
-            self.tokens = tokens
-            return False
-        self.tokens = tokens - 1.0
-        return True
 
     def may_decline(self, now: float) -> bool:
         declines = self.declines
@@ -641,7 +632,7 @@ class DhcpServer:
         (the caller's code) do propagate.  An ACK that grants or extends a lease beyond what
         is on disk is not returned here but by `persisted`, once it is written."""
         now = self.clock()
-        if not self._budget(bytes(frame[6:12]), now).take_token(now):
+        if not self._budget(bytes(frame[6:12]), now).messages.take(now):
             self.counters["rate_limited"] += 1
             return []
         try:

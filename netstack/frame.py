@@ -16,8 +16,9 @@ ETH_HEADER_LEN = 14
 ETH_ADDR_LEN = 6
 VLAN_TAG_LEN = 4
 # The largest legal frame: a 64 KiB TSO super-frame (the IP datagram limit) behind an
-# Ethernet header and two VLAN tags.  The switch drops longer ones (`oversize`); the wire
-# codec (tunnel/wire.py MAX_FRAME) allows the same.
+# Ethernet header and two VLAN tags.  The one limit of the data path: the switch drops longer
+# frames (`oversize`), the vhost-user device refuses them (virtio/spec.py MAX_FRAME) and the
+# wire codec does too (tunnel/wire.py MAX_FRAME).
 MAX_FRAME_LEN = 65535 + ETH_HEADER_LEN + 2 * VLAN_TAG_LEN
 
 # struct virtio_net_hdr (with num_buffers: 12 bytes whenever VERSION_1 or MRG_RXBUF).

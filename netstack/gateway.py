@@ -300,4 +300,5 @@ class GatewayPort(SpeakingPort):
             status["services"] |= dict(self.ra.counters)
         if self.dhcp is not None:
             status["dhcp"] = dict(self.dhcp.counters)
+            status["dhcp_tables"] = self.dhcp.table_sizes()
         return status

@@ -1,8 +1,10 @@
-"""Packet capture of one switch port to a rotating set of pcapng files, for Wireshark/tshark.
-
-Called by whatever wires a port's traffic to disk (one `PcapWriter` per port, both directions
-in one file).  It does plain blocking file I/O and nothing else; it never raises I/O errors to
-its caller: the first one is logged and the writer turns itself off (capture is diagnostic).
+"""Packet capture of one switch port, for Wireshark/tshark: to a rotating set of pcapng files
+(`PcapWriter`, `vhostvpn hub --pcap`) or to a bounded queue a live reader drains
+(`PcapStream`, `vhostvpn capture`, tunnel/capture.py).  A port's `capture` is one of them, or
+a `CaptureTee` of several; `add_capture`/`remove_capture` manage that.  Both encode with
+`pack_packets`.  The file writer does plain blocking file I/O and nothing else; it never
+raises I/O errors to its caller: the first one is logged and the writer turns itself off
+(capture is diagnostic).  The stream never blocks: what does not fit its queue is dropped.
 
 Why pcapng and not classic pcap: classic pcap has no direction field, so one file per port
 could not tell what the port sent from what it received.  pcapng records it per frame in the
@@ -10,14 +12,17 @@ Enhanced Packet Block's `epb_flags` (tshark: `frame.packet_flags_direction`, 1 =
 2 = outbound), names the port in the interface block (`frame.interface_name`), and is read by
 Wireshark, tshark, tcpdump and libpcap >= 1.1.
 
-The path of one batch through `write`:
+The path of one batch through `PcapWriter.write`:
 1. one clock reading for the batch (all its frames share a timestamp);
-2. one Enhanced Packet Block per frame, each frame cut to `snaplen` (its true length stays in
-   `orig_len`), all joined into one buffer (b"".join of packed heads, frames and tails: 2.5x
-   faster than struct.pack_into into a preallocated bytearray, measured: 0.24 vs 0.61 us/frame);
+2. one Enhanced Packet Block per frame (`pack_packets`), each frame cut to `snaplen` (its true
+   length stays in `orig_len`), all joined into one buffer (b"".join of packed heads, frames
+   and tails: 2.5x faster than struct.pack_into into a preallocated bytearray, measured: 0.24
+   vs 0.61 us/frame);
 3. one write of that buffer; when the next block would take the file past `max_file_bytes`,
    what is packed so far is written, the files rotate (`name.pcapng` -> `name.pcapng.1` -> ...,
    the oldest deleted) and packing continues in a fresh file that starts with its own headers.
+`PcapStream.write` does 1 and 2 with the room left in its queue as the budget, and queues the
+joined buffer (a copy: frames may be views of guest memory the ring reuses).
 
 Format: pcapng 1.0 (draft-ietf-opsawg-pcapng), little-endian, one section, one interface
 (LINKTYPE_ETHERNET, timestamps in microseconds, the if_tsresol default).
@@ -31,9 +36,13 @@ import os
 import re
 import struct
 import time
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Protocol
+
+if TYPE_CHECKING:
+    from netstack.port import Port
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +99,9 @@ MIN_FILE_BYTES = 4096
 # File names stay well under NAME_MAX (255) with ".pcapng.NNN" appended.
 MAX_NAME_CHARS = 200
 FILE_SUFFIX = ".pcapng"
+# A live capture's queue: what its reader has not taken yet, at most this many bytes; the
+# frames that do not fit are dropped (counted), never waited for.
+STREAM_PENDING_BYTES = 4 << 20
 
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 
@@ -132,6 +144,43 @@ def file_header(port_name: str, snaplen: int) -> bytes:
         + end,
     )
     return shb + idb
+
+
+def pack_packets(frames: Sequence[bytes | memoryview], start: int, flags: int, micros: int,
+                 snaplen: int, budget: int, parts: list[bytes | memoryview],
+                 *, first_always: bool = False) -> tuple[int, int]:
+    """Append the Enhanced Packet Blocks of frames[start:] (all stamped `micros`, cut to
+    `snaplen`, direction `flags`) to `parts`, stopping before the block that would take their
+    total past `budget` bytes (`first_always`: the first is packed whatever its size).
+    Returns (index of the first frame not packed, bytes packed)."""
+    ts_high, ts_low = micros >> 32, micros & 0xFFFFFFFF
+    pack_head, pack_tail = _EPB_HEAD.pack, _EPB_TAIL.pack
+    append = parts.append
+    packed = 0
+    for index in range(start, len(frames)):
+        frame = frames[index]
+        orig_len = len(frame)
+        captured = orig_len if orig_len <= snaplen else snaplen
+        padding = -captured & 3
+        block_len = EPB_OVERHEAD + captured + padding
+        if packed + block_len > budget and not (first_always and index == start):
+            return index, packed
+        append(pack_head(BLOCK_EPB, block_len, 0, ts_high, ts_low, captured, orig_len))
+        append(frame if captured == orig_len else frame[:captured])
+        if padding:
+            append(_ZEROS[padding])
+        append(pack_tail(EPB_FLAGS, 4, flags, OPT_ENDOFOPT, 0, block_len))
+        packed += block_len
+    return len(frames), packed
+
+
+class CaptureSink(Protocol):
+    """What a port's `capture` is: `write` each batch the port receives ("in") or sends
+    ("out"), never raising for I/O; `close` when done."""
+
+    def write(self, frames: Iterable[bytes | memoryview], direction: str) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class PcapWriter:
@@ -197,36 +246,25 @@ class PcapWriter:
             return
         frames = frames if isinstance(frames, list | tuple) else list(frames)
         micros = round(self.clock() * 1_000_000)
-        ts_high, ts_low = micros >> 32, micros & 0xFFFFFFFF
-        snaplen, max_file_bytes, header_len = self.snaplen, self.max_file_bytes, len(self._header)
-        pack_head, pack_tail = _EPB_HEAD.pack, _EPB_TAIL.pack
+        header_len = len(self._header)
         parts: list[bytes | memoryview] = []  # packed, not yet written
-        append = parts.append
-        file_bytes = self._file_bytes  # the file's size once `parts` is written
         done = 0  # frames[:done] are written
         try:
-            for index, frame in enumerate(frames):
-                orig_len = len(frame)
-                captured = orig_len if orig_len <= snaplen else snaplen
-                padding = -captured & 3
-                block_len = EPB_OVERHEAD + captured + padding
-                if file_bytes + block_len > max_file_bytes and file_bytes > header_len:
-                    # This file is full: write what it takes, then go on in a fresh one.
+            while True:
+                # A fresh file takes its first block whatever its size.
+                end, packed = pack_packets(frames, done, flags, micros, self.snaplen,
+                                           self.max_file_bytes - self._file_bytes, parts,
+                                           first_always=self._file_bytes <= header_len)
+                if packed:
                     self._write_out(b"".join(parts))
-                    self.frames_written += index - done
-                    done = index
                     parts.clear()
-                    self.files_rotated += 1
-                    self._start_file()
-                    file_bytes = self._file_bytes
-                append(pack_head(BLOCK_EPB, block_len, 0, ts_high, ts_low, captured, orig_len))
-                append(frame if captured == orig_len else frame[:captured])
-                if padding:
-                    append(_ZEROS[padding])
-                append(pack_tail(EPB_FLAGS, 4, flags, OPT_ENDOFOPT, 0, block_len))
-                file_bytes += block_len
-            self._write_out(b"".join(parts))
-            self.frames_written += len(frames) - done
+                self.frames_written += end - done
+                done = end
+                if done == len(frames):
+                    break
+                # This file is full: go on in a fresh one.
+                self.files_rotated += 1
+                self._start_file()
         except OSError as exc:
             self.frames_dropped += len(frames) - done
             self._fail("write", exc)
@@ -297,6 +335,111 @@ class PcapWriter:
         if self.error is None:
             self.error = f"{action} {self.path}: {exc}"
             log.warning("packet capture of port %r stopped: %s", self.name, self.error)
+
+
+class PcapStream:
+    """A live capture of one port: pcapng for one reader (a `vhostvpn capture` client),
+    queued until the reader's task `take`s it.  Never blocks and never holds more than
+    `max_pending` bytes (a header, then whole blocks): frames that do not fit are dropped
+    and counted in `frames_dropped`; `frames_written` counts those queued.  `on_ready` is
+    called (once, then cleared) when there is something to take or the stream was closed.
+    """
+
+    def __init__(self, name: str, *, snaplen: int = DEFAULT_SNAPLEN,
+                 max_pending: int = STREAM_PENDING_BYTES,
+                 clock: Callable[[], float] = time.time) -> None:
+        if not 1 <= snaplen <= MAX_SNAPLEN:
+            raise ValueError(f"snaplen must be 1..{MAX_SNAPLEN} (Wireshark's limit), got {snaplen}")
+        header = file_header(name, snaplen)
+        if max_pending < len(header) + EPB_OVERHEAD + snaplen:
+            raise ValueError(f"max_pending {max_pending} cannot hold the header and one block")
+        self.name = name
+        self.snaplen = snaplen
+        self.max_pending = max_pending
+        self.clock = clock
+        self._pending: deque[bytes] = deque([header])
+        self.pending_bytes = len(header)
+        self.frames_written = 0
+        self.frames_dropped = 0
+        self.closed = False
+        self.on_ready: Callable[[], None] | None = None
+
+    def write(self, frames: Iterable[bytes | memoryview], direction: str) -> None:
+        """Queue one batch that went `direction` ("in" or "out") through the port, as much
+        of it as fits (in order)."""
+        flags = DIRECTION_FLAGS.get(direction)
+        if flags is None:
+            raise ValueError(f"direction must be 'in' or 'out', got {direction!r}")
+        frames = frames if isinstance(frames, list | tuple) else list(frames)
+        if self.closed:
+            self.frames_dropped += len(frames)
+            return
+        parts: list[bytes | memoryview] = []
+        end, packed = pack_packets(frames, 0, flags, round(self.clock() * 1_000_000),
+                                   self.snaplen, self.max_pending - self.pending_bytes, parts)
+        self.frames_written += end
+        self.frames_dropped += len(frames) - end
+        if packed:
+            self._pending.append(b"".join(parts))
+            self.pending_bytes += packed
+            self._ready()
+
+    def take(self) -> bytes:
+        """Everything queued (b"" when nothing is), in order; the queue is then empty."""
+        if not self._pending:
+            return b""
+        data = b"".join(self._pending)
+        self._pending.clear()
+        self.pending_bytes = 0
+        return data
+
+    def close(self) -> None:
+        """Later writes are dropped; what is queued can still be taken."""
+        self.closed = True
+        self._ready()
+
+    def _ready(self) -> None:
+        callback, self.on_ready = self.on_ready, None
+        if callback is not None:
+            callback()
+
+
+class CaptureTee:
+    """Several captures of one port (its --pcap file, live streams): each gets every batch."""
+
+    def __init__(self, sinks: Iterable[CaptureSink]) -> None:
+        self.sinks = list(sinks)
+
+    def write(self, frames: Iterable[bytes | memoryview], direction: str) -> None:
+        frames = frames if isinstance(frames, list | tuple) else list(frames)
+        for sink in self.sinks:
+            sink.write(frames, direction)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+
+def add_capture(port: Port, sink: CaptureSink) -> None:
+    """Give `port` one more capture; the ones it has keep going."""
+    current = port.capture
+    if current is None:
+        port.capture = sink
+    elif isinstance(current, CaptureTee):
+        current.sinks.append(sink)
+    else:
+        port.capture = CaptureTee([current, sink])
+
+
+def remove_capture(port: Port, sink: CaptureSink) -> None:
+    """Take `sink` off `port` (not closing it); the others keep going."""
+    current = port.capture
+    if current is sink:
+        port.capture = None
+    elif isinstance(current, CaptureTee) and sink in current.sinks:
+        current.sinks.remove(sink)
+        if len(current.sinks) == 1:
+            port.capture = current.sinks[0]
 
 
 class CapturedFrame(NamedTuple):

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 from netstack.frame import ETH_HEADER_LEN, VLAN_TAG_LEN
 from netstack.ipv6 import IPV6_HEADER_LEN, nd_link_addresses_match, walk_chain
+from netstack.ratelimit import TokenBucket
 
 ETHERTYPE_IPV4 = b"\x08\x00"
 ETHERTYPE_ARP = b"\x08\x06"
@@ -80,21 +81,15 @@ class PortPolicy:
     flood_rate: float = DEFAULT_FLOOD_RATE
     flood_burst: float = DEFAULT_FLOOD_BURST
     claim_limit: int = 0  # IP addresses the port may hold at once; 0: CLAIMS_PER_MAC each
-    tokens: float = field(default=DEFAULT_FLOOD_BURST, repr=False)
-    refilled: float = field(default=0.0, repr=False)
+    flood: TokenBucket = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.claim_limit:
             self.claim_limit = self.mac_limit * CLAIMS_PER_MAC
+        self.flood = TokenBucket(self.flood_rate, self.flood_burst)
 
     def take_flood_token(self, now: float) -> bool:
-        tokens = min(self.flood_burst, self.tokens + (now - self.refilled) * self.flood_rate)
-        self.refilled = now
-        if tokens < 1.0:
-            self.tokens = tokens
-            return False
-        self.tokens = tokens - 1.0
-        return True
+        return self.flood.take(now)
 
 
 class AddressBook:

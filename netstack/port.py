@@ -16,7 +16,7 @@ from collections.abc import Callable
 from itertools import islice
 
 from netstack.frame import Frame, Offload
-from netstack.pcap import PcapWriter
+from netstack.pcap import CaptureSink
 from netstack.policy import PortPolicy
 
 log = logging.getLogger(__name__)
@@ -91,8 +91,9 @@ class Port:
         self.accepts = accepts
         self.policy = policy
         self.counters = PortCounters()
-        # A capture of what this port sends and receives (netstack.pcap.PcapWriter), if asked.
-        self.capture: PcapWriter | None = None
+        # A capture of what this port sends and receives (netstack.pcap: a file, a live
+        # stream, or a tee of several), if asked.
+        self.capture: CaptureSink | None = None
         self.tracebacks = TracebackLog(log, name)
 
     def deliver(self, frames: list[Frame]) -> None:

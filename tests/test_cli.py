@@ -140,8 +140,8 @@ def test_vm_no_port_policy_reaches_the_endpoint_config(tmp_path, monkeypatch, fl
     import tunnel.cli
 
     configs = []
-    monkeypatch.setattr(tunnel.cli, "_run_endpoint", lambda config, command: configs.append(
-        config) or 0)
+    monkeypatch.setattr(tunnel.cli, "_run_endpoint",
+                        lambda config, command, metrics: configs.append(config) or 0)
     config = tmp_path / "vm.toml"
     config.write_text(config_text)
     fingerprint = "SHA256:" + "A" * 43

@@ -27,6 +27,7 @@ from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 from netstack.frame import Frame
 from netstack.policy import PortPolicy
 from netstack.port import Port
+from netstack.ratelimit import TokenBucket
 from netstack.switch import Switch
 
 MAC_A, MAC_B, MAC_C = "02:00:00:00:00:0a", "02:00:00:00:00:0b", "02:00:00:00:00:0c"
@@ -166,8 +167,7 @@ def test_address_acquisition_may_use_unspecified_sources(net):
 
 def test_flood_token_bucket_limits_broadcasts_but_not_unicast(net):
     switch, a, b, gw, clock = net
-    a.policy.flood_rate, a.policy.flood_burst, a.policy.tokens = 10.0, 5.0, 5.0
-    a.policy.refilled = clock.now
+    a.policy.flood = TokenBucket(rate=10.0, burst=5.0, now=clock.now)
     send(switch, b, ipv4(MAC_B, "10.0.0.2"))
     send(switch, a, *[ipv4(MAC_A, "10.0.0.1")] * 8)
     assert a.counters.drops["flood_rate"] == 3

@@ -7,6 +7,7 @@ within its bounds."""
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import struct
@@ -38,8 +39,9 @@ from tunnel.wire import (
     WireConnection,
 )
 
-SEED = 20240901
-CASES = 1000
+# A few seconds by default; VHOSTVPN_FUZZ_EXAMPLES=N (and VHOSTVPN_FUZZ_SEED) for a long run.
+SEED = int(os.environ.get("VHOSTVPN_FUZZ_SEED", "20240901"))
+CASES = int(os.environ.get("VHOSTVPN_FUZZ_EXAMPLES", "1000"))
 CLEAN_ENDS = {"peer_closed", "protocol_error", "connection_lost"}
 # Offload metadata worth trying: PLAIN, checksum-needed, TSO/UFO with sane and absurd values.
 OFFLOADS = [(0, 0, 0, 0, 0, 0), (1, 0, 0, 0, 34, 16), (1, 1, 54, 1448, 34, 16),

@@ -8,6 +8,7 @@ beyond that.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import hashlib
 import importlib.metadata
@@ -17,6 +18,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 import time
 import tomllib
@@ -28,6 +30,15 @@ import trio
 from netstack.dhcp import MAX_LEASE_SECONDS, MIN_LEASE_SECONDS
 from netstack.frame import format_mac, parse_mac
 from virtio.protocol import DEFAULT_QUEUE_PAIRS
+from virtio.unixsock import (
+    GROUP_DEFAULT_MODE,
+    OWNER_ONLY_MODE,
+    SocketAccess,
+    SocketAccessError,
+    group_id,
+    may_give_group,
+    parse_mode,
+)
 
 log = logging.getLogger("vhostvpn")
 
@@ -131,6 +142,63 @@ def interface_address(text: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Inte
     return interface
 
 
+LIBVIRT_QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+# QEMU's -m suffixes (none: MiB) and libvirt's names for the same units.
+LIBVIRT_MEMORY_UNITS = {"": "MiB", "K": "KiB", "M": "MiB", "G": "GiB", "T": "TiB"}
+
+
+def libvirt_memory(mem: str) -> tuple[int, str]:
+    """QEMU's -m size ('1G', '256M', '1024' = MiB) as libvirt's <memory> value and unit."""
+    match = re.fullmatch(r"([0-9]+)([KMGT]?)", mem.strip(), re.IGNORECASE)
+    if match is None or int(match[1]) == 0:
+        raise ValueError(f"{mem!r}: want a whole size like 1G, 512M or 1024 (MiB)")
+    return int(match[1]), LIBVIRT_MEMORY_UNITS[match[2].upper()]
+
+
+def libvirt_xml(socket_path: str, mac: str, mem: str, queues: int, vectors: int | None,
+                ident: str) -> str:
+    """The domain XML that attaches one vhost-user NIC (libvirt's view of `qemu_args`):
+    shared guest RAM (<memory>, <memoryBacking>), the <interface>, and for --vectors a
+    <qemu:override> (libvirt has no element for virtio-net-pci's `vectors`)."""
+    from xml.etree import ElementTree as ET
+
+    size, unit = libvirt_memory(mem)
+    memory = ET.Element("memory", unit=unit)
+    memory.text = str(size)
+    backing = ET.Element("memoryBacking")
+    ET.SubElement(backing, "source", type="memfd")
+    ET.SubElement(backing, "access", mode="shared")
+    nic = ET.Element("interface", type="vhostuser")
+    if vectors is not None:
+        ET.SubElement(nic, "alias", name=f"ua-{ident}")  # user aliases start with ua-
+    ET.SubElement(nic, "mac", address=mac)
+    source = ET.SubElement(nic, "source", type="unix", path=os.path.abspath(socket_path),
+                           mode="client")
+    ET.SubElement(source, "reconnect", enabled="yes", timeout="1")
+    ET.SubElement(nic, "model", type="virtio")
+    if queues > 1:
+        ET.SubElement(nic, "driver", queues=str(queues))
+    parts = [("<domain>: guest RAM, all of it shared with vhostvpn (must equal the "
+              "domain's memory)", [memory, backing]),
+             ("<devices>", [nic])]
+    if vectors is not None:
+        ET.register_namespace("qemu", LIBVIRT_QEMU_NS)
+        override = ET.Element(f"{{{LIBVIRT_QEMU_NS}}}override")
+        device = ET.SubElement(override, f"{{{LIBVIRT_QEMU_NS}}}device", alias=f"ua-{ident}")
+        frontend = ET.SubElement(device, f"{{{LIBVIRT_QEMU_NS}}}frontend")
+        ET.SubElement(frontend, f"{{{LIBVIRT_QEMU_NS}}}property", name="vectors",
+                      type="unsigned", value=str(vectors))
+        parts.append((f"<domain>, after <devices>: vectors={vectors} for the NIC "
+                      "(libvirt has no element for it)", [override]))
+    lines = []
+    for where, elements in parts:
+        lines.append(f"<!-- in {where} -->")
+        for element in elements:
+            ET.indent(element)
+            lines.append(ET.tostring(element, encoding="unicode"))
+    return "\n".join(lines)
+
+
 def address_range(text: str) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]:
     """FIRST-LAST, two IPv4 addresses, FIRST <= LAST (argparse type)."""
     first, sep, last = text.partition("-")
@@ -176,6 +244,31 @@ def fingerprint_arg(text: str) -> bytes:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _add_metrics(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--metrics", type=host_port, metavar="HOST:PORT",
+                        help="serve Prometheus metrics at http://HOST:PORT/metrics "
+                             "(unauthenticated: keep it on loopback or a management network)")
+
+
+def open_metrics(command: str,
+                 address: tuple[str | None, int] | None) -> socket.socket | None:
+    """The --metrics socket, bound and listening before the daemon starts; a port in use (or
+    an address this machine lacks, a privileged port) is one line and exit status 1."""
+    if address is None:
+        return None
+    from tunnel.metrics import bind_metrics
+
+    host, port = address
+    try:
+        return bind_metrics(host, port)
+    except OSError as exc:
+        from tunnel.startup import explain_bind
+
+        shown = f"[{host}]" if host and ":" in host else (host or "")
+        raise SystemExit(f"vhostvpn {command}: --metrics {shown}:{port}: "
+                         f"{explain_bind(exc, host, port)}") from None
+
+
 def _add_endpoint(parser: argparse.ArgumentParser) -> None:
     """The flags `vhostvpn vm` and `vhostvpn host` share: how to reach and trust the hub."""
     parser.add_argument("--hub", type=host_port, metavar="HOST:PORT", help="the hub's tunnel")
@@ -190,8 +283,42 @@ def _add_endpoint(parser: argparse.ArgumentParser) -> None:
                         help="control socket for `vhostvpn status`")
     parser.add_argument("--rekey-seconds", type=float, default=3600.0, metavar="S",
                         help="make a fresh connection (new keys) this often (default 3600)")
+    _add_metrics(parser)
     _add_config(parser)
     _add_common(parser)
+
+
+def _add_socket_access(parser: argparse.ArgumentParser) -> None:
+    """Who may connect to the --socket files (hub and vm): libvirt runs QEMU as its own user."""
+    parser.add_argument("--socket-group", metavar="GROUP",
+                        help="give the --socket files to this group (name or number), e.g. "
+                             "kvm for libvirt's QEMU; mode 0660 unless --socket-mode says")
+    parser.add_argument("--socket-mode", metavar="MODE",
+                        help="octal mode of the --socket files (default 0600: only this "
+                             "user may connect)")
+
+
+def socket_access_of(args: argparse.Namespace, command: str) -> SocketAccess:
+    """--socket-mode and --socket-group checked: a one-line error (exit status 1) if not."""
+    if (args.socket_mode is not None or args.socket_group is not None) and not args.socket:
+        raise SystemExit(f"vhostvpn {command}: --socket-mode and --socket-group apply to "
+                         f"--socket files; none given")
+    try:
+        gid = None if args.socket_group is None else group_id(args.socket_group)
+    except SocketAccessError as exc:
+        raise SystemExit(f"vhostvpn {command}: --socket-group {exc}") from None
+    if gid is not None and not may_give_group(gid):
+        raise SystemExit(f"vhostvpn {command}: --socket-group {args.socket_group}: this user "
+                         f"may not give files to that group (run as root, with CAP_CHOWN, or "
+                         f"as a member of the group)")
+    if args.socket_mode is None:
+        mode = OWNER_ONLY_MODE if gid is None else GROUP_DEFAULT_MODE
+    else:
+        try:
+            mode = parse_mode(args.socket_mode)
+        except SocketAccessError as exc:
+            raise SystemExit(f"vhostvpn {command}: --socket-mode {exc}") from None
+    return SocketAccess(mode, gid)
 
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
@@ -214,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     hub.add_argument("--client-socket", action="append", default=[], metavar="PATH",
                      help="connect to a vhost-user socket QEMU listens on (server=on); "
                           "repeatable")
+    _add_socket_access(hub)
     hub.add_argument("--control", metavar="PATH", help="control socket for `vhostvpn status`")
     hub.add_argument("--queues", type=int, default=4, metavar="N",
                      help="queue pairs offered per socket (default 4)")
@@ -254,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     hub.add_argument("--no-port-policy", action="store_true",
                      help="trust every guest: no MAC/IP anti-spoofing, limits or guards "
                           "(benchmarks, labs where every guest is yours)")
+    _add_metrics(hub)
     hub.add_argument("--pcap", type=Path, metavar="DIR",
                      help="write what every port sends and receives to DIR/<port>.pcapng")
     _add_common(hub)
@@ -265,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="serve a vhost-user socket (QEMU connects); repeatable")
     vm.add_argument("--client-socket", action="append", default=[], metavar="PATH",
                     help="connect to a vhost-user socket QEMU listens on; repeatable")
+    _add_socket_access(vm)
     vm.add_argument("--queues", type=int, default=4, metavar="N",
                     help="queue pairs offered per socket (default 4)")
     vm.add_argument("--no-port-policy", action="store_true",
@@ -316,12 +446,45 @@ def build_parser() -> argparse.ArgumentParser:
     qa.add_argument("--vectors", type=int,
                     help="MSI-X vectors (use 0 for QEMU 7.2 under TCG; default: QEMU's)")
     qa.add_argument("--id", default="net0", help="QEMU object id prefix (default net0)")
+    qa.add_argument("--libvirt", action="store_true",
+                    help="print libvirt domain XML (<memory>, <memoryBacking>, <interface>) "
+                         "instead of QEMU options")
     _add_common(qa)
+
+    _add_capture_parser(sub)
+    completion = sub.add_parser("completion", help="print a shell completion script",
+                                description="Print the completion script for SHELL: "
+                                            "`vhostvpn completion bash > "
+                                            "/etc/bash_completion.d/vhostvpn`, or "
+                                            "`source <(vhostvpn completion bash)`.")
+    completion.add_argument("shell", choices=["bash"], metavar="SHELL", help="bash")
+    _add_common(completion)
 
     from tunnel.lab import add_lab_parser
 
     add_lab_parser(sub, _add_common)
     return parser
+
+
+def _add_capture_parser(sub: argparse._SubParsersAction) -> None:
+    from netstack.pcap import DEFAULT_SNAPLEN, MAX_SNAPLEN
+
+    capture = sub.add_parser(
+        "capture", help="stream pcapng of one port of a running hub or endpoint to stdout",
+        description="Stream what PORT sends and receives as pcapng to stdout, e.g. "
+                    "`vhostvpn capture --control /run/hub.ctl vm1 | wireshark -k -i -`. "
+                    "PORT is a name `vhostvpn status` shows (a peer, gateway, a socket's "
+                    "file name with or without .sock).")
+    capture.add_argument("port", metavar="PORT")
+    capture.add_argument("--control", metavar="PATH",
+                         help="the hub's or endpoint's control socket (default: the one "
+                              "process answering on a default control socket, as for status)")
+    capture.add_argument("--snaplen", type=int, default=DEFAULT_SNAPLEN, metavar="BYTES",
+                         help=f"keep at most BYTES of each frame (1-{MAX_SNAPLEN}, default "
+                              f"{DEFAULT_SNAPLEN}: whole frames)")
+    capture.add_argument("--count", type=int, metavar="N", help="stop after N frames")
+    capture.add_argument("--seconds", type=float, metavar="S", help="stop after S seconds")
+    _add_common(capture)
 
 
 async def serve(run, on_sighup=None) -> None:
@@ -404,13 +567,18 @@ def _cmd_hub(args: argparse.Namespace) -> int:
                        ipv6_prefix=args.ipv6_prefix, mtu=args.mtu, dns=args.dns,
                        state_dir=args.state_dir, pcap_dir=args.pcap,
                        port_policy=not args.no_port_policy, listen=args.listen,
-                       identity_dir=args.identity, peers_file=args.peers, name=args.name)
+                       identity_dir=args.identity, peers_file=args.peers, name=args.name,
+                       socket_access=socket_access_of(args, "hub"))
     config.control = claim_socket_paths("hub", args.socket, args.control)
+    metrics = open_metrics("hub", args.metrics)
     try:
         hub = Hub(config)
     except Exception as exc:  # keys, peers file, state directory
         raise SystemExit(f"vhostvpn hub: {setup_failure(exc)}") from None
-    return run_daemon("hub", hub.run, hub.tunnel.reload if hub.tunnel is not None else None)
+    from tunnel.daemon import run_daemon
+
+    return run_role("hub", functools.partial(run_daemon, hub.run, hub.status, metrics),
+                    hub.tunnel.reload if hub.tunnel is not None else None)
 
 
 def setup_failure(exc: Exception) -> str:
@@ -429,9 +597,10 @@ def setup_failure(exc: Exception) -> str:
     raise exc
 
 
-def run_daemon(command: str, run, on_sighup=None) -> int:
-    """Run a daemon until it is told to stop; a failure to start (a port in use, a device
-    that cannot be had: tunnel/startup.py) is one line naming the flag, exit status 1."""
+def run_role(command: str, run, on_sighup=None) -> int:
+    """Run a hub or endpoint (`run`: tunnel/daemon.py's wrapper around it) until it is told
+    to stop; a failure to start (a port in use, a device that cannot be had:
+    tunnel/startup.py) is one line naming the flag, exit status 1."""
     from tunnel.hostnet import HostNetworkError
     from tunnel.startup import find_failure
 
@@ -559,14 +728,18 @@ def _endpoint_config(args: argparse.Namespace, command: str, **local: object):
         rekey_seconds=args.rekey_seconds, **local)
 
 
-def _run_endpoint(config, command: str) -> int:
+def _run_endpoint(config, command: str, metrics_address: tuple[str | None, int] | None) -> int:
     from tunnel.endpoint import Endpoint
 
+    metrics = open_metrics(command, metrics_address)
     try:
         endpoint = Endpoint(config)
     except Exception as exc:  # keys
         raise SystemExit(f"vhostvpn {command}: {setup_failure(exc)}") from None
-    return run_daemon(command, endpoint.run)
+    from tunnel.daemon import run_daemon
+
+    return run_role(command, functools.partial(run_daemon, endpoint.run, endpoint.status,
+                                               metrics))
 
 
 def _cmd_vm(args: argparse.Namespace) -> int:
@@ -577,9 +750,10 @@ def _cmd_vm(args: argparse.Namespace) -> int:
     check_socket_path_syntax("vm", args)
     config = _endpoint_config(args, "vm", sockets=args.socket,
                               client_sockets=args.client_socket, queue_pairs=args.queues,
-                              port_policy=not args.no_port_policy)
+                              port_policy=not args.no_port_policy,
+                              socket_access=socket_access_of(args, "vm"))
     config.control = claim_socket_paths("vm", args.socket, args.control)
-    return _run_endpoint(config, "vm")
+    return _run_endpoint(config, "vm", args.metrics)
 
 
 def _cmd_host(args: argparse.Namespace) -> int:
@@ -596,7 +770,7 @@ def _cmd_host(args: argparse.Namespace) -> int:
     config = _endpoint_config(args, "host", tap=args.tap, tun=args.tun, dhcp=args.dhcp,
                               addresses=args.address, mtu=args.mtu)
     config.control = claim_socket_paths("host", [], args.control)
-    return _run_endpoint(config, "host")
+    return _run_endpoint(config, "host", args.metrics)
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
@@ -648,7 +822,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def query_default_controls() -> dict[str, dict]:
+def query_default_controls(command: str = "status") -> dict[str, dict]:
     """The status of every process answering on a default control socket (tunnel/control.py;
     sockets nobody answers on are left by killed processes and skipped); exit status 1 with
     what to do when there is none."""
@@ -661,11 +835,21 @@ def query_default_controls() -> dict[str, dict]:
         except (ConnectionRefusedError, FileNotFoundError):
             continue
         except (OSError, ValueError) as exc:
-            raise SystemExit(f"vhostvpn status: cannot reach {path}: {exc}") from None
+            raise SystemExit(f"vhostvpn {command}: cannot reach {path}: {exc}") from None
     if not answers:
-        raise SystemExit(f"vhostvpn status: no vhostvpn process answers in {runtime_dir()} "
+        raise SystemExit(f"vhostvpn {command}: no vhostvpn process answers in {runtime_dir()} "
                          f"(give --control PATH if it was started with one)")
     return answers
+
+
+def the_default_control(command: str) -> str:
+    """The control socket when --control is not given and one process answers on a default
+    one; exit status 1 naming them when there are several."""
+    answers = query_default_controls(command)
+    if len(answers) > 1:
+        raise SystemExit(f"vhostvpn {command}: {len(answers)} processes answer "
+                         f"({', '.join(answers)}): give --control PATH")
+    return next(iter(answers))
 
 
 def format_status(state: dict) -> str:
@@ -790,6 +974,12 @@ def _cmd_qemu_args(args: argparse.Namespace) -> int:
             f"{DEFAULT_QUEUE_PAIRS}) and QEMU refuses more; start it with --queues "
             f"{args.queues} and give --backend-queues {args.queues} here")
     check_socket_path_syntax("qemu-args", args)
+    if args.libvirt:
+        try:
+            print(libvirt_xml(args.socket, mac, args.mem, args.queues, args.vectors, args.id))
+        except ValueError as exc:
+            raise SystemExit(f"vhostvpn qemu-args: --mem {exc}") from None
+        return 0
     print(" ".join(qemu_args(args.socket, mac, args.mem, args.queues, args.vectors, args.id)))
     return 0
 
@@ -817,6 +1007,43 @@ def memory_size(text: str) -> str:
     return match["number"] + (match["unit"] or "M").upper()
 
 
+def _cmd_capture(args: argparse.Namespace) -> int:
+    from netstack.pcap import MAX_SNAPLEN
+    from tunnel.capture import CaptureError, stream_capture
+
+    if not 1 <= args.snaplen <= MAX_SNAPLEN:
+        raise SystemExit(f"vhostvpn capture: --snaplen {args.snaplen}: want 1 to {MAX_SNAPLEN}")
+    if args.count is not None and args.count < 1:
+        raise SystemExit(f"vhostvpn capture: --count {args.count}: want at least 1")
+    if sys.stdout.isatty():
+        raise SystemExit("vhostvpn capture: stdout is a terminal: pipe it (| wireshark -k -i -"
+                         ", | tshark -r -) or redirect it (> FILE.pcapng)")
+    if args.control is None:
+        args.control = the_default_control("capture")
+    try:
+        port, frames = stream_capture(args.control, args.port, sys.stdout.buffer,
+                                      snaplen=args.snaplen, count=args.count,
+                                      seconds=args.seconds)
+    except CaptureError as exc:
+        raise SystemExit(f"vhostvpn capture: {exc}") from None
+    except BrokenPipeError:  # the reader (wireshark, head) went away: a normal end
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as exc:
+        raise SystemExit(f"vhostvpn capture: cannot reach {args.control}: {exc}") from None
+    except KeyboardInterrupt:
+        return 0
+    log.info("capture of %s: %d frames", port, frames)
+    return 0
+
+
+def _cmd_completion(args: argparse.Namespace) -> int:
+    from tunnel.completion import bash_script
+
+    sys.stdout.write(bash_script(build_parser()))
+    return 0
+
+
 def _cmd_lab(args: argparse.Namespace) -> int:
     from tunnel.lab import command
 
@@ -825,7 +1052,7 @@ def _cmd_lab(args: argparse.Namespace) -> int:
 
 COMMANDS = {"hub": _cmd_hub, "vm": _cmd_vm, "host": _cmd_host, "status": _cmd_status,
             "qemu-args": _cmd_qemu_args, "keygen": _cmd_keygen, "fingerprint": _cmd_fingerprint,
-            "lab": _cmd_lab}
+            "lab": _cmd_lab, "capture": _cmd_capture, "completion": _cmd_completion}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -2,12 +2,15 @@
 
 Protocol: the client connects to a unix socket, writes one request line ("status"), and reads
 one JSON document until the server closes.  The server side is a thin Trio loop around a
-`status()` callable; nothing here changes the process's state.
+`status()` callable; nothing here changes the process's state.  "capture SNAPLEN PORT" is
+the other request: a live pcapng stream of one port for as long as the client reads it
+(tunnel/capture.py; at most capture.MAX_CAPTURES at once, each holding one client slot).
 
 Containment: the socket is created 0600 (its mode is set before bind, so it never exists
 wider); the accept loop never dies (out of file descriptors: logged once, waited out); at
 most MAX_CLIENTS are served at once, each for at most CLIENT_SECONDS, request and reply
-together (a client that never reads is cut); an exception while answering (a `status()`
+together (a client that never reads is cut; a capture is bounded by its queue instead, once
+its request is in); an exception while answering (a `status()`
 bug) is logged with its traceback and answered as an error, not raised.
 """
 
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import trio
 
+from netstack.port import Port
 from virtio.unixsock import BoundPath, claim
 
 log = logging.getLogger(__name__)
@@ -87,21 +91,45 @@ async def serve_control(
     path: str,
     status: Callable[[], dict[str, object]],
     *,
+    ports: Callable[[], list[Port]] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Answer status requests on `path` until cancelled."""
+    """Answer status requests on `path` until cancelled; capture requests too when `ports`
+    (the switch's ports) is given."""
+    from tunnel.capture import MAX_CAPTURES, serve_capture
+
     listener = await bind_private(path)
     bound = BoundPath.after_bind(path)
     listener.listen(MAX_CLIENTS)
     log.info("control socket on %s", path)
     task_status.started()
     clients = 0
+    captures = 0
 
     async def serve(conn: trio.socket.SocketType) -> None:
-        nonlocal clients
+        nonlocal clients, captures
+        stream = trio.SocketStream(conn)
         try:
+            capture = None
             with trio.move_on_after(CLIENT_SECONDS):
-                await _answer(trio.SocketStream(conn), status)
+                command = await _read_request(stream)
+                if command is None:
+                    return
+                verb, _, arguments = command.partition(" ")
+                if verb != "capture" or ports is None:
+                    await _reply(stream, command, status, ports is not None)
+                elif captures >= MAX_CAPTURES:
+                    await _send(stream, json.dumps({
+                        "ok": False, "error": f"{captures} captures running (at most "
+                                              f"{MAX_CAPTURES}); try again when one ends"}))
+                else:
+                    capture = arguments
+            if capture is not None and ports is not None:
+                captures += 1
+                try:
+                    await serve_capture(stream, capture, ports)
+                finally:
+                    captures -= 1
         except Exception as exc:  # this client's guard: never the loop's end
             log.error("control socket %s: client failed: %r", path, exc, exc_info=exc)
         finally:
@@ -129,8 +157,8 @@ async def serve_control(
         listener.close()
 
 
-async def _answer(stream: trio.SocketStream, status: Callable[[], dict[str, object]]) -> None:
-    """Read one request line, send one reply."""
+async def _read_request(stream: trio.SocketStream) -> str | None:
+    """The request line, or None when the client went away without one."""
     request = b""
     try:
         while b"\n" not in request and len(request) < MAX_REQUEST:
@@ -139,8 +167,13 @@ async def _answer(stream: trio.SocketStream, status: Callable[[], dict[str, obje
                 break
             request += chunk
     except trio.BrokenResourceError:
-        return
-    command = request.split(b"\n", 1)[0].strip().decode("ascii", "replace")
+        return None
+    return request.split(b"\n", 1)[0].strip().decode("ascii", "replace")
+
+
+async def _reply(stream: trio.SocketStream, command: str,
+                 status: Callable[[], dict[str, object]], can_capture: bool) -> None:
+    """Answer a request other than a capture: one JSON document."""
     if command == "status":
         try:
             reply = json.dumps({"ok": True, **status()})
@@ -148,8 +181,13 @@ async def _answer(stream: trio.SocketStream, status: Callable[[], dict[str, obje
             log.error("control: status failed: %r", exc, exc_info=exc)
             reply = json.dumps({"ok": False, "error": f"status failed: {exc!r}"})
     else:
+        known = "'status' or 'capture SNAPLEN PORT'" if can_capture else "'status'"
         reply = json.dumps({"ok": False,
-                            "error": f"unknown request {command[:64]!r} (want 'status')"})
+                            "error": f"unknown request {command[:64]!r} (want {known})"})
+    await _send(stream, reply)
+
+
+async def _send(stream: trio.SocketStream, reply: str) -> None:
     try:
         await stream.send_all(reply.encode() + b"\n")
     except trio.BrokenResourceError:

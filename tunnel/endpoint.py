@@ -33,6 +33,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -59,6 +60,7 @@ from tunnel.tunport import TunPort
 from tunnel.tuntap import TapPort, TunTapDevice, TunTapError, run_device
 from tunnel.wire import CloseCode, Closed, Eof, Frames, Hello, Ping, Pong, WireConnection, WireError
 from virtio.backend import attach_sockets
+from virtio.unixsock import OWNER_ONLY, SocketAccess
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,8 @@ class EndpointConfig:
     dhcp: bool = False  # host mode, TUN: lease the IPv4 address from the hub
     addresses: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = field(
         default_factory=list)
+    # who may connect to the --socket files (--socket-mode, --socket-group)
+    socket_access: SocketAccess = OWNER_ONLY
 
 
 # The nonce of the PING sent right behind AUTH; its PONG says the hub accepted us.
@@ -139,7 +143,8 @@ class Endpoint:
         self.name = config.name  # a claim the hub checks; "" lets the peers file name us
         self.switch = Switch()
         self.servers = attach_sockets(self.switch, config.sockets, config.client_sockets,
-                                      config.queue_pairs, policy=config.port_policy)
+                                      config.queue_pairs, policy=config.port_policy,
+                                      access=config.socket_access)
         self.uplink = SessionPort("hub", policy=None)
         self.switch.attach(self.uplink)
         self.device: TunTapDevice | None = None
@@ -147,6 +152,7 @@ class Endpoint:
         self.tun_port: TunPort | None = None
         self.network: HostNetwork | None = None
         self.reconnects = 0
+        self.rekeys = 0  # fresh connections that took over a live session
         self.last_error: str | None = None
         self.rng = random.Random()
 
@@ -165,7 +171,8 @@ class Endpoint:
             "fingerprint": self.identity.fingerprint,
             "hub": f"{self.config.hub_host}:{self.config.hub_port}",
             "session": {"state": self.uplink.state, "rtt_ms": self.uplink.rtt_ms,
-                        "reconnects": self.reconnects, "last_error": self.last_error,
+                        "reconnects": self.reconnects, "rekeys": self.rekeys,
+                        "last_error": self.last_error,
                         "connections": self.uplink.connections},
             "ports": ports, **self.switch.status(),
         }
@@ -241,7 +248,9 @@ class Endpoint:
             if self.tun_port is not None:
                 nursery.start_soon(self.tun_port.run, self.switch.forward)
             if self.config.control:
-                await nursery.start(serve_control, self.config.control, self.status)
+                ports = partial(list, self.switch.ports)  # `vhostvpn capture PORT`
+                await nursery.start(partial(serve_control, ports=ports),
+                                    self.config.control, self.status)
             nursery.start_soon(self._uplink)
             nursery.start_soon(self._housekeeping)
             task_status.started()
@@ -325,6 +334,7 @@ class Endpoint:
                     current.started = time.monotonic() - self.config.rekey_seconds + 30
                     continue
                 current = fresh
+                self.rekeys += 1
                 # The old link stops sending but stays open until the hub, once it accepted
                 # the new one, closes it: frames the hub sends meanwhile are not lost.
                 fresh.activate(retire_previous=False)

@@ -15,6 +15,7 @@ import ipaddress
 import logging
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -29,6 +30,7 @@ from tunnel.control import serve_control
 from tunnel.keys import load_identity
 from tunnel.listener import TunnelListener
 from virtio.backend import attach_sockets
+from virtio.unixsock import OWNER_ONLY, SocketAccess
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,8 @@ class HubConfig:
     identity_dir: Path | None = None
     peers_file: Path | None = None
     name: str = "hub"
+    # who may connect to the --socket files (--socket-mode, --socket-group)
+    socket_access: SocketAccess = OWNER_ONLY
 
 
 class Hub:
@@ -81,7 +85,8 @@ class Hub:
         self.config = config
         self.switch = Switch()
         self.servers = attach_sockets(self.switch, config.sockets, config.client_sockets,
-                                      config.queue_pairs, policy=config.port_policy)
+                                      config.queue_pairs, policy=config.port_policy,
+                                      access=config.socket_access)
         self.tunnel: TunnelListener | None = None
         if config.listen is not None:
             if config.identity_dir is None or config.peers_file is None:
@@ -170,7 +175,9 @@ class Hub:
                 for server in self.servers:
                     await nursery.start(server.run)
                 if self.config.control:
-                    await nursery.start(serve_control, self.config.control, self.status)
+                    ports = partial(list, self.switch.ports)  # `vhostvpn capture PORT`
+                    await nursery.start(partial(serve_control, ports=ports),
+                                        self.config.control, self.status)
                 if self.gateway is not None:
                     nursery.start_soon(self._run_gateway, self.gateway)
                 if self.dhcp is not None:

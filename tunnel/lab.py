@@ -8,8 +8,10 @@ Layout of a running lab (docs/lab.md):
 * network namespace vvlab-<tag>-hub with the hub listening on :7777, and one namespace
   vvlab-<tag>-<member> per member, joined to the hub's by a veth pair
   (10.199.N.1/24 on the hub's side, 10.199.N.2/24 on the member's);
-* per guest a `vhostvpn vm` endpoint in its namespace and QEMU (qemu/run-vm.sh, console on a
+* per guest a `vhostvpn vm` endpoint in its namespace and QEMU (run-vm.sh, console on a
   unix socket) in the caller's; per host a `vhostvpn host --tap/--tun` in its namespace.
+run-vm.sh, the image builder and the example labs are found by tunnel/assets.py (qemu/ in a
+checkout, package data when installed), as is the guest image's folder.
 Every process runs in its own session (it outlives `lab up`) and is stopped by its recorded
 PID: SIGTERM to its process group, SIGKILL after STOP_TIMEOUT.
 """
@@ -35,12 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from netstack.dhcp import MAX_LEASE_SECONDS, MIN_LEASE_SECONDS
+from tunnel import assets
 from tunnel.cli import HUB_MIN_MTU, LOG_LEVELS, MAX_MTU, address_range
 from tunnel.console import ConsoleError, UnixConsole
 
-ROOT = Path(__file__).resolve().parent.parent
-RUN_VM = Path(os.environ.get("VV_RUN_VM", ROOT / "qemu" / "run-vm.sh"))
-BUILD_IMAGE = ROOT / "qemu" / "build_image.py"
+RUN_VM = Path(os.environ.get("VV_RUN_VM", assets.run_vm()))
 STATE_ROOT = Path(os.environ.get("VV_LAB_STATE_ROOT", "/run/vhostvpn-lab"))
 HUB_PORT = 7777
 START_TIMEOUT = 15.0
@@ -525,12 +526,12 @@ def stop(proc: Proc, timeout: float = STOP_TIMEOUT) -> None:
             time.sleep(0.05)
 
 
-def _spawn(argv: list[str], log: Path) -> Proc:
+def _spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> Proc:
     with open(log, "ab") as out:
         out.write(f"# {shlex.join(argv)}\n".encode())
         out.flush()
         popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
+                                 stderr=subprocess.STDOUT, start_new_session=True, env=env)
     start = _starttime(popen.pid)
     # The Popen object is dropped on purpose: the process outlives this one. Keep Python from
     # warning about it.
@@ -579,12 +580,26 @@ def _mac(tag: str, name: str) -> str:
 
 
 def _image_ready() -> None:
-    build = Path(os.environ.get("VV_BUILD_DIR", ROOT / "qemu" / "build"))
+    build = assets.image_dir()
     if (build / "vmlinuz").exists() and (build / "initramfs.gz").exists():
         return
-    _say("building the guest image (qemu/build_image.py)")
-    if subprocess.run([sys.executable, str(BUILD_IMAGE)]).returncode != 0:
+    build_image()
+
+
+def build_image(force: bool = False) -> Path:
+    """Build (or confirm up to date) the guest image in assets.image_dir(); return that."""
+    build = assets.image_dir()
+    _say(f"building the guest image into {build} ({assets.build_image_script()})")
+    argv = [sys.executable, str(assets.build_image_script()), *(["--force"] if force else [])]
+    if subprocess.run(argv, env=_tool_env()).returncode != 0:
         raise LabError("guest image build failed")
+    return build
+
+
+def _tool_env() -> dict[str, str]:
+    """The environment of run-vm.sh and build_image.py: the image folder made explicit (their
+    own default, next to themselves, is right in a checkout only)."""
+    return {**os.environ, "VV_BUILD_DIR": str(assets.image_dir())}
 
 
 def hub_flags(hub: HubSpec, directory: Path, log_level: str,
@@ -757,7 +772,7 @@ def _up(spec: LabSpec, state: State, directory: Path, log_level: str, keygen) ->
                     "--append", "vv.dhcp=1", "--console", f"unix:{member.console}"]
             if s.qemu_args:
                 argv += ["--", *s.qemu_args]
-            member.processes["qemu"] = _spawn(argv, Path(member.log))
+            member.processes["qemu"] = _spawn(argv, Path(member.log), _tool_env())
             state.save()
             _say(f"{member.name}: booting QEMU (pid {member.processes['qemu'].pid})")
         for member in state.members:
@@ -1005,17 +1020,26 @@ def format_status(state: State) -> str:
 # --- the command line --------------------------------------------------------------------
 
 def add_lab_parser(sub, add_common) -> None:
-    """`vhostvpn lab up|down|run|status FILE` (wired into tunnel/cli.py)."""
+    """`vhostvpn lab up|down|run|status FILE`, `lab examples`, `lab image` (wired into
+    tunnel/cli.py).  FILE may name an example lab instead (tunnel/assets.py)."""
     lab = sub.add_parser("lab", help="test labs from a TOML file: a hub, QEMU guests and "
                                      "TAP/TUN hosts in network namespaces")
     actions = lab.add_subparsers(dest="lab_command", required=True)
+    examples = actions.add_parser("examples", help="list the example labs (give a name as "
+                                                   "FILE: vhostvpn lab up two-guests-one-host)")
+    add_common(examples)
+    image = actions.add_parser("image", help="build the guest image (lab up builds it when "
+                                             "missing) and print its folder")
+    image.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    add_common(image)
     for name, text in (("up", "start the lab in the background; return once every member "
                               "has its addresses"),
                        ("down", "stop the lab and remove all it created (idempotent)"),
                        ("status", "list the members, their addresses and processes"),
                        ("run", "run a command in a member: vhostvpn lab run FILE MEMBER -- CMD")):
         action = actions.add_parser(name, help=text, description=text)
-        action.add_argument("file", type=Path, metavar="FILE", help="the lab file (TOML)")
+        action.add_argument("file", type=assets.resolve_lab, metavar="FILE",
+                            help="the lab file (TOML), or the name of an example lab")
         if name == "run":
             action.add_argument("member", metavar="MEMBER")
             action.add_argument("--timeout", type=float, default=60.0, metavar="S",
@@ -1027,6 +1051,13 @@ def add_lab_parser(sub, add_common) -> None:
 def command(args) -> int:
     """Entry point of `vhostvpn lab`."""
     try:
+        if args.lab_command == "examples":
+            for path in assets.example_labs():
+                print(f"{path.stem:<24} {path}")
+            return 0
+        if args.lab_command == "image":
+            print(build_image(force=args.force))
+            return 0
         if args.lab_command == "up":
             spec = load_lab(args.file)
             if os.geteuid() != 0:

@@ -39,6 +39,7 @@ import trio
 
 from netstack.frame import ALL_OFFLOADS, Frame
 from netstack.policy import PortPolicy
+from netstack.ratelimit import TokenBucket
 from netstack.switch import Switch
 from tunnel.control import AcceptFailures
 from tunnel.keys import (
@@ -93,17 +94,15 @@ class SourceLimiter:
         self.rate = rate
         self.burst = burst
         self.clock = clock
-        self.buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self.buckets: OrderedDict[str, TokenBucket] = OrderedDict()
 
     def allow(self, source: str) -> bool:
         now = self.clock()
-        tokens, seen = self.buckets.pop(source, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - seen) * self.rate)
-        allowed = tokens >= 1.0
-        self.buckets[source] = (tokens - 1.0 if allowed else tokens, now)
+        bucket = self.buckets.pop(source, None) or TokenBucket(self.rate, self.burst, now)
+        self.buckets[source] = bucket  # the most recently seen last
         while len(self.buckets) > MAX_TRACKED_SOURCES:
             self.buckets.popitem(last=False)
-        return allowed
+        return bucket.take(now)
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from netstack.frame import ALL_OFFLOADS, ETH_HEADER_LEN, PLAIN, Frame, Offload
+from netstack.frame import ALL_OFFLOADS, ETH_HEADER_LEN, MAX_FRAME_LEN, PLAIN, Frame, Offload
 
 # --- Limits and numbers (docs/protocol.md, "Records") ---------------------------------------
 
@@ -105,7 +105,7 @@ _OFFLOAD = struct.Struct("!BBHHHH")
 MIN_FRAME = ETH_HEADER_LEN
 # Largest frame: an IP datagram at its 16-bit limit (a full 64 KiB GSO super-frame; Linux
 # keeps a GSO skb under 64 KiB) + Ethernet header + two VLAN tags (802.1ad QinQ).
-MAX_FRAME = 65535 + ETH_HEADER_LEN + 4 + 4  # 65557
+MAX_FRAME = MAX_FRAME_LEN  # 65557, the switch's limit too
 MAX_FRAMES_PER_RECORD = 8192
 
 # PING / PONG: nonce, sender's monotonic clock in ns.

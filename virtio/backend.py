@@ -34,7 +34,7 @@ from netstack.port import QueuedPort
 from netstack.switch import Switch
 from virtio.protocol import Message, ProtocolError, VhostUserDevice, parse_header, request_name
 from virtio.spec import HEADER_SIZE, MAX_FDS
-from virtio.unixsock import BoundPath, claim
+from virtio.unixsock import OWNER_ONLY, SocketAccess, bind_listener, claim
 from virtio.vring import RingError, SplitQueue
 
 log = logging.getLogger(__name__)
@@ -52,9 +52,6 @@ BUSY_GRACE_SECONDS = 1.0
 CONNECT_RETRY_SECONDS = (0.1, 2.0)
 # A failed accept() (fd table full...): wait this long before the next one.
 ACCEPT_RETRY_SECONDS = 0.1
-# Mode of the listening socket file: only its owner may connect (and so map its memory into
-# us and feed us rings).
-SOCKET_MODE = 0o600
 
 _CALL = (1).to_bytes(8, "little")
 
@@ -119,8 +116,12 @@ class VhostUserServer:
         client: bool = False,
         queue_pairs: int = 4,
         port: VirtioNetPort | None = None,
+        access: SocketAccess = OWNER_ONLY,
     ) -> None:
         self.path = path
+        # Who may connect (listening only): by default the owner alone, since a front-end
+        # maps its memory into us and feeds us rings.
+        self.access = access
         self.forward = forward
         self.client = client
         self.queue_pairs = queue_pairs
@@ -143,13 +144,14 @@ class VhostUserServer:
             await self._run_server(task_status)
 
     async def _run_server(self, task_status: trio.TaskStatus[None]) -> None:
-        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         claim(self.path)
-        # The socket file takes its mode from the socket's inode (minus the umask) at bind:
-        # set it first, so the file never exists with more access than its owner's.
-        os.fchmod(listener.fileno(), SOCKET_MODE)
-        await listener.bind(self.path)
-        bound = BoundPath.after_bind(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            bound = bind_listener(sock, self.path, self.access)  # never wider than asked
+        except BaseException:
+            sock.close()
+            raise
+        listener = trio.socket.from_stdlib_socket(sock)
         listener.listen(1)
         log.info("%s: listening on %s", self.port.name, self.path)
         task_status.started()
@@ -425,10 +427,12 @@ def attach_sockets(
     queue_pairs: int,
     *,
     policy: bool = True,
+    access: SocketAccess = OWNER_ONLY,
 ) -> list[VhostUserServer]:
     """A server per socket path (listening ones, then ones QEMU listens on), each port
-    attached to `switch`; ports named after the socket, the full path where names clash."""
-    servers = [VhostUserServer(path, switch.forward, queue_pairs=queue_pairs)
+    attached to `switch`; ports named after the socket, the full path where names clash.
+    `access`: who may connect to the listening ones (--socket-mode, --socket-group)."""
+    servers = [VhostUserServer(path, switch.forward, queue_pairs=queue_pairs, access=access)
                for path in sockets]
     servers += [VhostUserServer(path, switch.forward, client=True, queue_pairs=queue_pairs)
                 for path in client_sockets]

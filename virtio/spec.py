@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import enum
 
+from netstack.frame import MAX_FRAME_LEN
+
 
 class Request(enum.IntEnum):
     """vhost-user front-end -> back-end requests."""
@@ -150,10 +152,9 @@ MAX_CHAIN_BYTES = 1 << 32
 
 # virtio-net: the 12-byte header (VERSION_1 or MRG_RXBUF).
 NET_HDR_LEN = 12
-# The largest frame a virtio-net driver can send, TSO/UFO/USO frames included: a GSO frame is
-# one IP packet before segmentation, and the largest IP packet without jumbograms is IPv6's
-# (40-byte header + 65535-byte payload; IPv4's total length is at most 65535), behind an
-# Ethernet header with two VLAN tags (802.1ad).  A plain frame is bounded by the MTU: at most
-# 65535 without VIRTIO_NET_F_MTU (Linux ETH_MAX_MTU).  Longer from a guest: dropped; longer
-# toward a guest: it could never be placed, dropped too.
-MAX_FRAME = 14 + 2 * 4 + 40 + 65535
+# The largest frame the device takes from a driver or places for it, TSO/UFO/USO frames
+# included: the switch's and the wire's limit (netstack.frame.MAX_FRAME_LEN: a 64 KiB IP
+# packet behind an Ethernet header and two VLAN tags; Linux builds no GSO frame over 65536
+# bytes, its GSO_MAX_SIZE).  Longer from a guest: dropped; longer toward a guest: it could
+# never be placed, dropped too.
+MAX_FRAME = MAX_FRAME_LEN

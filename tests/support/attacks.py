@@ -35,6 +35,8 @@ from tunnel.wire import PING, PING_PAYLOAD, RECORD_HEADER
 PING_RECORD = RECORD_HEADER.pack(PING, 0, 0, PING_PAYLOAD.size) + PING_PAYLOAD.pack(1, 2)
 # A hostile guest's batch: frames it puts on its TX ring per kick.
 HOSTILE_BATCH = 32
+# Connections the strangers keep open at once (silent, half TLS, garbage); older ones close.
+STRANGERS_HELD = 300
 # The legitimate guests' ping, while everything else attacks.
 PING_INTERVAL = 0.2
 
@@ -70,13 +72,20 @@ def client_hello() -> bytes:
     raise AssertionError("a TLS client finished a handshake without a server")
 
 
-async def flood_pings(peer: RawPeer, seconds: float) -> None:
-    """PING records as fast as the hub takes them, never reading an answer."""
+async def flood_pings(peer: RawPeer, seconds: float) -> float | None:
+    """PING records as fast as the hub takes them, never reading an answer, for `seconds`
+    or until the hub cuts the link (as it does once its writes stall): when it did, after
+    how many seconds."""
     flood = PING_RECORD * 4000
+    started = trio.current_time()
     with trio.move_on_after(seconds):
-        while True:
-            await peer.tls.send_all(flood)
-            await trio.sleep(0)
+        try:
+            while True:
+                await peer.tls.send_all(flood)
+                await trio.sleep(0)
+        except trio.BrokenResourceError:
+            return trio.current_time() - started
+    return None
 
 
 async def strangers(port: int, seconds: float, host: str = "127.0.0.1") -> dict[str, int]:
@@ -102,15 +111,21 @@ async def strangers(port: int, seconds: float, host: str = "127.0.0.1") -> dict[
                         await stream.send_all(b"GET / HTTP/1.1\r\n\r\n" * 50)
                     held.append(stream)
                     done[kind] += 1
-                except OSError:
+                except (OSError, trio.BrokenResourceError):
                     pass  # refused or reset by the hub: what it should do to some of them
+                if len(held) > STRANGERS_HELD:  # the attacker's own fds are limited too
+                    await _close_quietly(held.pop(0))
             await trio.sleep(0)
     for stream in held:
-        try:
-            await stream.aclose()
-        except (OSError, trio.BrokenResourceError):
-            pass
+        await _close_quietly(stream)
     return done
+
+
+async def _close_quietly(stream: trio.SocketStream) -> None:
+    try:
+        await stream.aclose()
+    except (OSError, trio.BrokenResourceError):
+        pass
 
 
 async def hostile_guest(path: str, seconds: float, seed: int) -> int:

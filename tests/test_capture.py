@@ -1,0 +1,250 @@
+"""Live capture (`vhostvpn capture PORT`): the stream encoder queues whole pcapng blocks and
+drops what does not fit its bound (never blocking the switch), a port's file capture and
+live captures run side by side, the control socket refuses unknown ports and captures past
+the limit; and with real processes (slow) a hub's gateway and an endpoint's uplink are
+captured while traffic flows, and tshark reads the frames with their directions."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+from scapy.layers.l2 import ARP, Ether
+
+from netstack.frame import Frame
+from netstack.pcap import (
+    EPB_OVERHEAD,
+    CaptureTee,
+    PcapStream,
+    PcapWriter,
+    add_capture,
+    file_header,
+    read_pcapng,
+    remove_capture,
+)
+from netstack.port import QueuedPort
+from netstack.switch import Switch
+from tests.support.hub import endpoint_process, free_tcp_port, hub_process
+from tests.support.tunnel_client import connect_peer
+from tunnel import capture
+from tunnel.capture import CaptureError, stream_capture
+from tunnel.control import serve_control
+from tunnel.hub import gateway_mac
+from tunnel.keys import keygen, parse_fingerprint
+
+SUBNET = ipaddress.IPv4Network("10.77.0.0/24")
+GATEWAY = ipaddress.IPv4Interface("10.77.0.1/24")
+ALICE_MAC = bytes.fromhex("020000000a01")
+ALICE_IP = "10.77.0.50"
+PINGS = 5
+
+
+def frame(tag: int, length: int = 60) -> bytes:
+    return bytes([0x02, 0, 0, 0, 0, tag]) * 2 + bytes([tag]) * (length - 12)
+
+
+# --- the stream encoder ------------------------------------------------------------------
+
+def test_a_stream_is_a_pcapng_file_of_whole_blocks_with_directions(tmp_path):
+    stream = PcapStream("vm1")
+    stream.write([frame(1), memoryview(frame(2, 61))], "in")
+    stream.write([frame(3, 1514)], "out")
+    (tmp_path / "s.pcapng").write_bytes(stream.take())
+    assert stream.take() == b""
+    got = read_pcapng(tmp_path / "s.pcapng")
+    assert [(f.data, f.direction) for f in got] == [
+        (frame(1), "in"), (frame(2, 61), "in"), (frame(3, 1514), "out")]
+    assert (stream.frames_written, stream.frames_dropped) == (3, 0)
+
+
+def test_a_stream_nobody_reads_drops_what_does_not_fit_and_holds_no_more(tmp_path):
+    header = len(file_header("vm1", 1514))
+    stream = PcapStream("vm1", snaplen=1514, max_pending=header + 10 * (EPB_OVERHEAD + 1516))
+    for _ in range(100):
+        stream.write([frame(7, 1514)] * 4, "in")
+    assert stream.pending_bytes <= stream.max_pending
+    assert (stream.frames_written, stream.frames_dropped) == (10, 390)
+    (tmp_path / "s.pcapng").write_bytes(stream.take())
+    assert len(read_pcapng(tmp_path / "s.pcapng")) == 10
+    stream.write([frame(8)], "out")  # room again once taken
+    assert stream.frames_written == 11
+    stream.close()
+    stream.write([frame(9)], "out")
+    assert stream.frames_dropped == 391
+
+
+def test_a_stream_wakes_its_reader_once_per_wait():
+    stream = PcapStream("vm1")
+    woken = []
+    stream.on_ready = lambda: woken.append(1)
+    stream.write([frame(1)], "in")
+    stream.write([frame(2)], "in")
+    assert woken == [1] and stream.on_ready is None
+
+
+def test_file_and_live_captures_of_one_port_each_get_every_frame(tmp_path):
+    switch = Switch()
+    a, b = QueuedPort("a"), QueuedPort("b")
+    switch.attach(a)
+    switch.attach(b)
+    writer = PcapWriter(tmp_path, "a")
+    a.capture = writer
+    live1, live2 = PcapStream("a"), PcapStream("a")
+    add_capture(a, live1)
+    add_capture(a, live2)
+    assert isinstance(a.capture, CaptureTee)
+    switch.forward(a, [Frame(frame(1))])
+    remove_capture(a, live2)
+    switch.forward(a, [Frame(frame(2))])
+    remove_capture(a, live1)
+    assert a.capture is writer
+    switch.forward(a, [Frame(frame(3))])
+    writer.close()
+    assert len(read_pcapng(tmp_path / "a.pcapng")) == 3
+    assert (live1.frames_written, live2.frames_written) == (2, 1)
+
+
+# --- the control socket, in-process ------------------------------------------------------
+
+async def test_unknown_ports_and_captures_past_the_limit_are_refused_with_a_reason(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(capture, "MAX_CAPTURES", 1)
+    monkeypatch.setattr(capture, "PORT_CHECK_SECONDS", 0.1)
+    path = str(tmp_path / "c.sock")
+    switch = Switch()
+    gateway = QueuedPort("gateway")
+    switch.attach(gateway)
+    switch.attach(QueuedPort("vm1.sock"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: serve_control(
+            path, lambda: {}, ports=lambda: list(switch.ports), task_status=task_status))
+        with pytest.raises(CaptureError, match=r"no port 'vm9' \(ports: gateway, vm1.sock\)"):
+            await trio.to_thread.run_sync(stream_capture, path, "vm9", None)
+        # one capture runs: a client that reads nothing (vm1 is vm1.sock)
+        first = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await first.connect(path)
+        await first.send(b"capture 65535 vm1\n")
+        reply = json.loads((await first.recv(4096)).split(b"\n")[0])
+        assert reply == {"ok": True, "port": "vm1.sock", "snaplen": 65535}
+        with pytest.raises(CaptureError, match=r"1 captures running \(at most 1\)"):
+            await trio.to_thread.run_sync(stream_capture, path, "gateway", None)
+        for _ in range(200):  # the data path goes on: nobody waits for the silent reader
+            switch.forward(switch.ports[1], [Frame(frame(1, 1514))] * 64)
+        first.close()  # its capture ends, its slot frees
+        with trio.fail_after(5):
+            while switch.ports[1].capture is not None:
+                await trio.sleep(0.05)
+        out = tmp_path / "g.pcapng"
+        with open(out, "wb") as file:
+            sent = trio.to_thread.run_sync(
+                lambda: stream_capture(path, "gateway", file, count=2))
+            async with trio.open_nursery() as feed:
+                feed.start_soon(_feed, switch, gateway)
+                assert await sent == ("gateway", 2)
+                feed.cancel_scope.cancel()
+        assert [f.direction for f in read_pcapng(out)] == ["in", "in"]
+        nursery.cancel_scope.cancel()
+
+
+async def _feed(switch: Switch, port: QueuedPort) -> None:
+    while True:
+        switch.forward(port, [Frame(frame(5))])
+        await trio.sleep(0.05)
+
+
+# --- real processes ----------------------------------------------------------------------
+
+def _capture_process(control: str, port: str, out: Path, *extra: str) -> subprocess.Popen:
+    with open(out, "wb") as file:
+        return subprocess.Popen([sys.executable, "-m", "tunnel.cli", "capture", "--control",
+                                 control, port, *extra], stdout=file, stderr=subprocess.PIPE)
+
+
+def _tshark(path: Path, fields: str) -> list[list[str]]:
+    out = subprocess.run(["tshark", "-r", str(path), "-T", "fields", "-E", "separator=,",
+                          *(arg for f in fields.split() for arg in ("-e", f))],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    return [line.split(",") for line in out.splitlines() if line]  # direction: "0x00000001"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("tshark") is None, reason="needs tshark")
+async def test_capturing_a_hub_gateway_and_an_endpoint_uplink_while_pings_flow(tmp_path):
+    hub_fp = keygen(tmp_path / "hub-id")
+    peers = tmp_path / "peers"
+    peers.write_text("".join(f"{name} {keygen(tmp_path / f'{name}-id')}\n"
+                             for name in ("ep1", "alice")))
+    tcp_port = free_tcp_port()
+    hub_args = ["--listen", f"127.0.0.1:{tcp_port}", "--identity", str(tmp_path / "hub-id"),
+                "--peers", str(peers), "--subnet", str(SUBNET), "--no-dhcp"]
+    vm_args = ["--hub", f"127.0.0.1:{tcp_port}", "--identity", str(tmp_path / "ep1-id"),
+               "--hub-fingerprint", hub_fp]
+    async with hub_process(tmp_path, [], hub_args) as hub, \
+            endpoint_process(tmp_path, "ep1", ["ep1.sock"], vm_args) as endpoint:
+        with trio.fail_after(15):
+            while (await endpoint.status())["session"]["state"] != "up":
+                await trio.sleep(0.1)
+        uplink = next(p["name"] for p in (await endpoint.status())["ports"]
+                      if p.get("kind") == "session")
+        alice = await connect_peer(tcp_port, tmp_path / "alice-id", parse_fingerprint(hub_fp),
+                                   "alice")
+        await alice.echo(ALICE_MAC, ALICE_IP, gateway_mac(SUBNET), GATEWAY, 0)
+
+        gateway_file, uplink_file = tmp_path / "gateway.pcapng", tmp_path / "uplink.pcapng"
+        at_gateway = _capture_process(hub.control, "gateway", gateway_file,
+                                      "--count", str(2 * PINGS))
+        at_uplink = _capture_process(endpoint.control, uplink, uplink_file, "--count", "1")
+        try:
+            with trio.fail_after(10):  # both captures attached: the hub logs it
+                while (await trio.to_thread.run_sync(hub.log_path.read_text)).count(
+                        "capture of port") < 1 or (await trio.to_thread.run_sync(
+                        endpoint.log_path.read_text)).count("capture of port") < 1:
+                    await trio.sleep(0.05)
+            for sequence in range(1, PINGS + 1):
+                await alice.echo(ALICE_MAC, ALICE_IP, gateway_mac(SUBNET), GATEWAY, sequence)
+            # a broadcast from alice crosses the hub to ep1's uplink
+            arp = Ether(src=ALICE_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(
+                hwsrc=ALICE_MAC, psrc=ALICE_IP, pdst="10.77.0.99")
+            await alice.tls.send_all(alice.wire.send_frames([Frame(bytes(arp))]))
+            for process in (at_gateway, at_uplink):
+                assert await trio.to_thread.run_sync(lambda p=process: p.wait(timeout=20)) == 0
+        finally:
+            for process in (at_gateway, at_uplink):
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+
+        rows = _tshark(gateway_file, "frame.interface_name frame.packet_flags_direction "
+                                     "icmp.type icmp.seq")
+        assert len(rows) == 2 * PINGS
+        # the gateway port: requests leave the switch towards it (outbound, 2), replies
+        # come from it (inbound, 1)
+        assert sorted((int(seq), int(kind), int(direction, 0))
+                      for name, direction, kind, seq in rows if name == "gateway") == sorted(
+            [(seq, 8, 2) for seq in range(1, PINGS + 1)]
+            + [(seq, 0, 1) for seq in range(1, PINGS + 1)])
+        rows = _tshark(uplink_file, "frame.interface_name frame.packet_flags_direction "
+                                    "arp.dst.proto_ipv4")
+        assert [(name, int(direction, 0), target) for name, direction, target in rows] == [
+            (uplink, 1, "10.77.0.99")]  # it entered the endpoint's switch
+        # the hub and the endpoint still serve, the captures are gone
+        await alice.echo(ALICE_MAC, ALICE_IP, gateway_mac(SUBNET), GATEWAY, PINGS + 1)
+        with trio.fail_after(10):
+            while "capture of port gateway ended" not in hub.log_path.read_text():
+                await trio.sleep(0.05)
+
+
+def test_the_cli_says_what_is_wrong_in_one_line(tmp_path):
+    missing = subprocess.run([sys.executable, "-m", "tunnel.cli", "capture", "--control",
+                              str(tmp_path / "none.ctl"), "vm1"],
+                             capture_output=True, text=True, timeout=30)
+    assert missing.returncode == 1
+    assert missing.stderr.startswith(f"vhostvpn capture: cannot reach {tmp_path}/none.ctl")
+    assert "Traceback" not in missing.stderr

@@ -1,0 +1,199 @@
+"""Live capture over the control socket: `vhostvpn capture PORT` streams pcapng of one port of
+a running hub or endpoint to stdout (`vhostvpn capture vm1 | wireshark -k -i -`).
+
+Protocol (after tunnel/control.py has read the request line "capture SNAPLEN PORT"): the
+server answers one JSON line, {"ok": true, "port": NAME, "snaplen": N} or {"ok": false,
+"error": ...}, then, when ok, a pcapng stream (a section header, one interface: the port)
+until the client closes, sends anything more, or the port leaves the switch.
+
+Containment: the data path only hands each batch to a `netstack.pcap.PcapStream`, which
+copies what fits its bounded queue and drops (counts) the rest; a client that does not read
+stalls only its own sender task here, never the switch.  At most MAX_CAPTURES run at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import struct
+import time
+from collections.abc import Callable
+from typing import BinaryIO
+
+import trio
+
+from netstack.pcap import (
+    BLOCK_EPB,
+    DEFAULT_SNAPLEN,
+    EPB_OVERHEAD,
+    MAX_SNAPLEN,
+    PcapStream,
+    add_capture,
+    remove_capture,
+)
+from netstack.port import Port
+
+log = logging.getLogger(__name__)
+
+MAX_CAPTURES = 4  # live captures served at once, per process
+# The sender looks this often whether its port is still attached when no frames come.
+PORT_CHECK_SECONDS = 1.0
+RECEIVE_CHUNK = 65536
+MAX_REPLY_LINE = 4096
+# The largest pcapng block a stream carries: an EPB of MAX_SNAPLEN bytes (headers are smaller).
+MAX_BLOCK_BYTES = EPB_OVERHEAD + MAX_SNAPLEN
+_BLOCK_HEAD = struct.Struct("<II")
+
+
+class CaptureError(Exception):
+    """The capture could not start (no such port, unreachable socket) or its stream broke."""
+
+
+def parse_request(arguments: str) -> tuple[int, str]:
+    """"SNAPLEN PORT" (the request line after "capture ") -> (snaplen, port name)."""
+    snaplen_text, _, name = arguments.partition(" ")
+    if not snaplen_text.isdigit() or not 1 <= int(snaplen_text) <= MAX_SNAPLEN or not name:
+        raise CaptureError(f"want 'capture SNAPLEN PORT' with SNAPLEN 1-{MAX_SNAPLEN}, "
+                           f"got {arguments[:80]!r}")
+    return int(snaplen_text), name
+
+
+def find_port(ports: list[Port], name: str) -> Port:
+    """The port called `name`, or `name`.sock (a vhost-user socket's port)."""
+    for candidate in (name, name + ".sock"):
+        for port in ports:
+            if port.name == candidate:
+                return port
+    names = ", ".join(sorted(port.name for port in ports)) or "none"
+    raise CaptureError(f"no port {name!r} (ports: {names})")
+
+
+# --- the server side: one task per client, started by tunnel/control.py ------------------
+
+async def serve_capture(stream: trio.SocketStream, arguments: str,
+                        ports: Callable[[], list[Port]]) -> None:
+    """Answer one "capture" request on `stream` and stream until the capture ends."""
+    try:
+        snaplen, name = parse_request(arguments)
+        port = find_port(ports(), name)
+    except CaptureError as exc:
+        await _send_line(stream, {"ok": False, "error": str(exc)})
+        return
+    tap = PcapStream(port.name, snaplen=snaplen)
+    add_capture(port, tap)
+    log.info("capture of port %s started (snaplen %d)", port.name, snaplen)
+    ended = "the client closed"
+    try:
+        if not await _send_line(stream, {"ok": True, "port": port.name, "snaplen": snaplen}):
+            return
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_watch_client, stream, nursery.cancel_scope)
+            if await _send_frames(stream, tap, port, ports):
+                ended = "the port left the switch"
+            nursery.cancel_scope.cancel()
+    finally:
+        remove_capture(port, tap)
+        tap.close()
+        log.info("capture of port %s ended (%s): %d frames sent, %d dropped while the "
+                 "client was not reading", port.name, ended, tap.frames_written,
+                 tap.frames_dropped)
+
+
+async def _send_line(stream: trio.SocketStream, reply: dict[str, object]) -> bool:
+    try:
+        await stream.send_all(json.dumps(reply).encode() + b"\n")
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return False
+    return True
+
+
+async def _send_frames(stream: trio.SocketStream, tap: PcapStream, port: Port,
+                       ports: Callable[[], list[Port]]) -> bool:
+    """Send what the tap queued until the client is gone (False) or the port is (True)."""
+    while True:
+        data = tap.take()
+        if data:
+            try:
+                await stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return False
+            continue
+        if port not in ports():
+            return True
+        ready = trio.Event()
+        tap.on_ready = ready.set
+        with trio.move_on_after(PORT_CHECK_SECONDS):
+            await ready.wait()
+
+
+async def _watch_client(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
+    """The client sends nothing after its request: its EOF (or anything else) ends the
+    capture."""
+    try:
+        await stream.receive_some(RECEIVE_CHUNK)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    scope.cancel()
+
+
+# --- the client side: `vhostvpn capture` -------------------------------------------------
+
+def stream_capture(path: str, port: str, out: BinaryIO, *, snaplen: int = DEFAULT_SNAPLEN,
+                   count: int | None = None, seconds: float | None = None,
+                   connect_timeout: float = 5.0) -> tuple[str, int]:
+    """Capture `port` through the control socket `path` into `out`, whole pcapng blocks only
+    (so a stop at any moment leaves a readable file), until the server ends the stream,
+    `count` packets or `seconds` have passed.  Returns (the port's name, packets written).
+    Raises CaptureError (refused, or a broken stream) and OSError (socket)."""
+    deadline = None if seconds is None else time.monotonic() + seconds
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(connect_timeout)
+        sock.connect(path)
+        sock.sendall(f"capture {snaplen} {port}\n".encode())
+        buffer = bytearray()
+        while b"\n" not in buffer:
+            chunk = sock.recv(RECEIVE_CHUNK)
+            if not chunk:
+                raise CaptureError(f"{path} closed without an answer")
+            buffer += chunk
+            if len(buffer) > MAX_REPLY_LINE and b"\n" not in buffer[:MAX_REPLY_LINE]:
+                raise CaptureError(f"{path}: no answer line within {MAX_REPLY_LINE} bytes")
+        line, _, rest = bytes(buffer).partition(b"\n")
+        try:
+            reply = json.loads(line)
+        except ValueError:
+            raise CaptureError(f"{path}: not an answer: {line[:80]!r}") from None
+        if not reply.get("ok"):
+            raise CaptureError(str(reply.get("error", "refused")))
+        buffer = bytearray(rest)
+        packets = 0
+        while True:
+            while len(buffer) >= _BLOCK_HEAD.size:
+                block_type, block_len = _BLOCK_HEAD.unpack_from(buffer)
+                if block_len < 12 or block_len % 4 or block_len > MAX_BLOCK_BYTES:
+                    raise CaptureError(f"{path}: bad pcapng block length {block_len}")
+                if len(buffer) < block_len:
+                    break
+                out.write(buffer[:block_len])
+                del buffer[:block_len]
+                if block_type == BLOCK_EPB:
+                    packets += 1
+                    if count is not None and packets >= count:
+                        out.flush()
+                        return reply["port"], packets
+            out.flush()
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return reply["port"], packets
+                sock.settimeout(left)
+            else:
+                sock.settimeout(None)
+            try:
+                chunk = sock.recv(RECEIVE_CHUNK)
+            except TimeoutError:
+                return reply["port"], packets
+            if not chunk:
+                return reply["port"], packets
+            buffer += chunk
