@@ -70,6 +70,7 @@ its address goes to another client.  Records are therefore at most one per addre
                    bound ──REQUEST (same MAC)──► bound, expiry extended ──ACK
                    bound ──RELEASE / expiry──► remembered ──(other client takes it)──► free
                    bound/offered ──DECLINE──► declined (10 min) ──► free
+                   free ──probed, `in_use` by another port──► resting (5 min) ──► free
                    bound ──REQUEST NAKed (reserved elsewhere, pool changed)──► free
 
 Choice of an address on DISCOVER (`_choose`): the MAC's reservation (reservations win; if a
@@ -78,7 +79,12 @@ is NAKed at its next renewal); else the MAC's bound lease; else the address offe
 moment ago; else the address last held by its client identifier; else its remembered
 address; else the requested address (option 50); else the lowest free address of the
 pool (a set and a heap); else the address remembered longest (a heap by `expires`).  None
-left: `pool_exhausted`.
+left: `pool_exhausted`.  A free address that fails `in_use` (another port sends from it, a
+host configured by hand or a guest squatting) rests out of the free set for
+`IN_USE_HOLD_SECONDS`, so each such address costs one probe, not one per DISCOVER: a guest
+that sends from the lowest free addresses cannot make every DISCOVER probe the same ones and
+give up.  A DISCOVER whose probes all met such addresses while free ones remain is counted
+`no_offer_in_use` (its retransmission gets an address), not `pool_exhausted`.
 
 Budgets (step 0, before parsing): each client -- the switch port behind the source MAC
 (`port_of`), else the MAC -- has a token bucket for messages and may decline at most
@@ -206,6 +212,9 @@ CLIENT_MESSAGE_NAMES = {
 
 OFFER_HOLD_SECONDS = 60.0  # an offered address waits this long for the client's REQUEST
 DECLINE_HOLD_SECONDS = 600.0  # a declined address (someone else answers ARP for it) rests
+# A free address that another port sends from (`in_use`) leaves the free set for this long,
+# so the next DISCOVER probes fresh ones (the switch's claims age out after as long).
+IN_USE_HOLD_SECONDS = 300.0
 PERSIST_SLACK_SECONDS = 60.0  # renewals extending a lease by less than this are not written
 MIN_LEASE_SECONDS = 60
 MAX_LEASE_SECONDS = 0xFFFFFFFE  # 0xffffffff means "infinite" (RFC 2132 9.2): not offered
@@ -226,6 +235,8 @@ MAX_CLIENTS_TRACKED = 1024  # budgets kept; the least recently used is dropped f
 MAX_OFFERS = 4096  # offers outstanding; the oldest is dropped first
 MAX_DECLINED = 256  # addresses resting at once; DECLINEs beyond are ignored
 MAX_PROBES = 8  # free or remembered addresses tried per DISCOVER (others fail `in_use`)
+# Free addresses resting because another port uses them are at most the pool (MAX_POOL_SIZE):
+# they come out of the free set.
 HEAP_SLACK = 1024  # stale heap entries tolerated before a heap is rebuilt
 STATE_VERSION = 1
 # What we keep of a client's hostname option (RFC 1123 names, and '_' as seen from Windows).
@@ -590,6 +601,9 @@ class DhcpServer:
         self._offers: dict[bytes, tuple[IPv4Address, float]] = {}  # MAC -> (address, until)
         self._offered: dict[IPv4Address, bytes] = {}  # address -> MAC it is offered to
         self._declined: dict[IPv4Address, float] = {}  # address -> until
+        # Free addresses another port was found sending from, resting until (insertion order
+        # is expiry order: one hold for all); bounded by the pool, out of which they come.
+        self._in_use_resting: dict[IPv4Address, float] = {}
         self._budgets: collections.OrderedDict[object, _ClientBudget] = (
             collections.OrderedDict())  # port (or MAC) -> budget, least recently used first
         self._reserved_for = {ip: mac for mac, ip in config.reservations.items()}
@@ -655,7 +669,7 @@ class DhcpServer:
         return {"records": len(self._records), "bound": len(self._bound),
                 "offers": len(self._offers), "declined": len(self._declined),
                 "budgets": len(self._budgets), "held_acks": len(self._held),
-                "free": len(self._free)}
+                "free": len(self._free), "in_use_resting": len(self._in_use_resting)}
 
     def expire(self, now: float | None = None) -> None:
         """End leases, offers and declines whose time is up.  The gateway calls this every
@@ -678,6 +692,13 @@ class DhcpServer:
             self._drop_offer(mac)
         for ip in [a for a, until in self._declined.items() if until <= now]:
             del self._declined[ip]
+            self._settle(ip)
+        resting = self._in_use_resting
+        while resting:  # oldest first; stops at the first still resting
+            ip = next(iter(resting))
+            if resting[ip] > now:
+                break
+            del resting[ip]
             self._settle(ip)
 
     # -- persistence, for the shell: snapshot, write it (off the event loop), persisted --
@@ -957,31 +978,56 @@ class DhcpServer:
         for ip in candidates:
             if self._available(ip, request, now) is None:
                 return ip
-        ip = self._lowest_free(request, now) or self._longest_remembered(request, now)
+        ip, in_use = self._lowest_free(request, now)
         if ip is None:
+            ip = self._longest_remembered(request, now)
+        if ip is not None:
+            self._exhausted = False
+        elif in_use and self._free:
+            # Not exhausted: the addresses probed are used by other ports and now rest; the
+            # client's retransmission probes fresh ones.
+            self.counters["no_offer_in_use"] += 1
+            log.warning("no address for %s this time: the %d free addresses tried are used by "
+                        "other ports (resting %ds; %d rest, %d free)", format_mac(mac), in_use,
+                        IN_USE_HOLD_SECONDS, len(self._in_use_resting), len(self._free))
+        else:
             self.counters["pool_exhausted"] += 1
             if not self._exhausted:  # once until an address is found again: clients retry
-                log.warning("pool exhausted: no address for %s", format_mac(mac))
+                log.warning("pool exhausted: no address for %s (%d addresses resting, used by "
+                            "other ports)", format_mac(mac), len(self._in_use_resting))
             self._exhausted = True
-        else:
-            self._exhausted = False
         return ip
 
-    def _lowest_free(self, request: DhcpRequest, now: float) -> IPv4Address | None:
+    def _lowest_free(self, request: DhcpRequest,
+                     now: float) -> tuple[IPv4Address | None, int]:
+        """The lowest free address `_available` to this client, and how many of those tried
+        were in use by other ports (they leave the free set to rest: `IN_USE_HOLD_SECONDS`)."""
         heap, free = self._free_heap, self._free
         tried: list[int] = []
+        in_use: list[IPv4Address] = []
         found = None
-        while heap and len(tried) < MAX_PROBES:
+        while heap and len(tried) + len(in_use) < MAX_PROBES:
             number = heapq.heappop(heap)
             if number not in free or number in tried:
                 continue  # taken since it was pushed, or a duplicate entry
-            tried.append(number)
-            if self._available(IPv4Address(number), request, now) is None:
-                found = IPv4Address(number)
+            address = IPv4Address(number)
+            refusal = self._available(address, request, now)
+            if refusal is None:
+                found = address
+                tried.append(number)
                 break
+            if refusal == "in_use":
+                in_use.append(address)
+            else:
+                tried.append(number)
         for number in tried:  # still free until the caller takes it
             heapq.heappush(heap, number)
-        return found
+        for address in in_use:
+            self._in_use_resting[address] = now + IN_USE_HOLD_SECONDS
+            self._settle(address)
+            log.info("%s is used by another port: not offered for %ds", address,
+                     IN_USE_HOLD_SECONDS)
+        return found, len(in_use)
 
     def _longest_remembered(self, request: DhcpRequest, now: float) -> IPv4Address | None:
         heap = self._remembered
@@ -1077,7 +1123,8 @@ class DhcpServer:
         if not first <= number <= last or number == self._gateway_number \
                 or ip in self._reserved_for:
             return
-        if ip in self._by_ip or ip in self._offered or ip in self._declined:
+        if ip in self._by_ip or ip in self._offered or ip in self._declined \
+                or ip in self._in_use_resting:
             self._free.discard(number)
         elif number not in self._free:
             self._free.add(number)

@@ -16,6 +16,7 @@ import trio
 import trio.testing
 
 from netstack.frame import Frame
+from tests.support.deadline import deadline
 from tests.support.virtio_driver import (
     NET_HDR_LEN,
     GuestRam,
@@ -248,5 +249,41 @@ async def test_unexpected_message_after_a_bad_one_only_closes_that_connection(tm
             await fe.send_raw(b"\x05\x00\x00\x00\x01\x00\x00\x00\xff\xff\x00\x00")
             with pytest.raises(Exception):  # noqa: B017 - closed: EOF or reset, either way
                 await fe.request(VhostUserRequest.GET_FEATURES)
+        async with connected(server) as fe:  # the server serves the next front-end
+            assert await fe.get_features()
+
+
+async def test_a_saturated_blocking_call_eventfd_does_not_stall_the_loop(tmp_path):
+    # The front-end sets the call eventfd's counter to its maximum and never reads it: a
+    # blocking write of the call would wait forever, and every guest with it.  The deadline
+    # only turns such a hang into a failure.
+    async with served(tmp_path) as server, connected(server) as fe:
+        call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        os.eventfd_write(call, 0xFFFF_FFFF_FFFF_FFFE)
+        os.set_blocking(call, True)
+        try:
+            with deadline(10):
+                await fe.set_vring_call(1, call)  # the TX ring restarts: a call is written
+                await trio.testing.wait_all_tasks_blocked()
+                fe.net.send([eth(1)])  # and the TX ring still works
+                fe.kick(1)
+                assert await server.forward.wait_for(1) == [eth(1)]
+                assert server.port.device.broken is None
+        finally:
+            os.set_blocking(call, False)
+            os.close(call)
+
+
+async def test_a_pipe_as_call_fd_closes_only_that_connection(tmp_path):
+    async with served(tmp_path) as server:
+        async with connected(server) as fe:
+            r, w = os.pipe()
+            try:
+                await fe.set_vring_call(1, w)
+                with pytest.raises(Exception):  # noqa: B017 - closed: EOF or reset, either way
+                    await fe.request(VhostUserRequest.GET_FEATURES)
+            finally:
+                os.close(r)
+                os.close(w)
         async with connected(server) as fe:  # the server serves the next front-end
             assert await fe.get_features()

@@ -38,6 +38,9 @@ from netstack.dhcp import (
     DhcpServer,
     Lease,
 )
+from netstack.frame import Frame
+from netstack.policy import PortPolicy
+from netstack.port import QueuedPort
 from tests.test_hub import exchange as guest_exchange
 from tests.test_hub import hub_with_guests
 from tunnel.hub import Hub, HubConfig
@@ -451,8 +454,73 @@ def test_an_address_someone_else_uses_is_neither_offered_nor_granted():
     nak = one(server.handle(client_frame(mac(2), "request", [("requested_addr", "10.77.0.2")])))
     assert options_of(nak)["message-type"] == 6
     assert server.counters["in_use_elsewhere"] >= 2
-    # the host itself may lease the address it uses
-    assert dora(server, static_host)[BOOTP].yiaddr == "10.77.0.2"
+    # the host itself may lease the address it uses (asking for it: its DISCOVER without a
+    # requested address gets another, .2 rests after being found in use)
+    ack = one(exchange(server, client_frame(static_host, "request",
+                                            [("requested_addr", "10.77.0.2")])))
+    assert (options_of(ack)["message-type"], ack[BOOTP].yiaddr) == (5, "10.77.0.2")
+
+
+def test_addresses_a_squatter_sends_from_are_probed_once_then_rest_and_come_back():
+    """Another port sends from the 20 lowest free addresses: each of them costs one probe
+    (then it rests out of the free set), so after a few DISCOVERs every other client gets a
+    lease, and nobody is told the pool is exhausted; once the rest is over, the addresses
+    are free again (and offered when nobody uses them any more)."""
+    clock = Clock()
+    server = make_server(clock)
+    squatted = {ip(n) for n in range(2, 22)}
+    probed: list[IPv4Address] = []
+
+    def in_use(address: IPv4Address, m: bytes) -> bool:
+        probed.append(address)
+        return address in squatted
+
+    server.in_use = in_use
+    free_before = server.table_sizes()["free"]
+    unanswered = 0
+    for n in range(1, 6):
+        for attempt in range(8):  # a client retransmits its DISCOVER
+            if server.handle(client_frame(mac(n), "discover", xid=attempt)):
+                break
+            unanswered += 1
+        assert dora(server, mac(n))[BOOTP].yiaddr == str(ip(21 + n))
+    assert unanswered == len(squatted) // dhcp_module.MAX_PROBES  # 8, 8, then 4 and .22
+    assert sorted(a for a in probed if a in squatted) == sorted(squatted)  # each once
+    assert server.counters["pool_exhausted"] == 0
+    assert server.counters["no_offer_in_use"] == unanswered
+    assert server.table_sizes()["in_use_resting"] == len(squatted)
+    clock.now += dhcp_module.IN_USE_HOLD_SECONDS
+    server.expire()
+    assert server.table_sizes() | {"in_use_resting": 0, "free": free_before - 5} \
+        == server.table_sizes()
+    squatted.clear()  # the squatter went away
+    assert dora(server, mac(9))[BOOTP].yiaddr == "10.77.0.2"
+
+
+def test_a_guest_sending_from_the_lowest_pool_addresses_does_not_deny_dhcp_to_others(tmp_path):
+    """Through the hub's switch: a guest sends one frame from each of the 8 lowest pool
+    addresses; another guest's first DISCOVER meets them (no offer, counted as such, not as
+    an exhausted pool), its retransmission gets .10."""
+    hub = Hub(HubConfig(subnet=SUBNET, state_dir=tmp_path))
+    attacker = QueuedPort("attacker", policy=PortPolicy())
+    victim = QueuedPort("victim", policy=PortPolicy())
+    hub.switch.attach(attacker)
+    hub.switch.attach(victim)
+    squatter = bytes.fromhex("5254000000aa")
+    for n in range(2, 10):
+        hub.switch.forward(attacker, [Frame(bytes(
+            Ether(src=squatter, dst="ff:ff:ff:ff:ff:ff") / IP(src=str(ip(n)), dst="10.77.0.255")
+            / UDP(sport=9, dport=9) / b"x"))])
+    offers = []
+    for xid in range(2):
+        hub.switch.forward(victim, [Frame(client_frame(mac(1), "discover", xid=xid))])
+        hub.gateway.tick()
+        offers.append([Ether(f.data) for f in hub.gateway.take_outbox()])
+    assert offers[0] == []
+    assert [o[BOOTP].yiaddr for o in offers[1]] == ["10.77.0.10"]
+    counters = hub.dhcp.counters
+    assert (counters["no_offer_in_use"], counters["pool_exhausted"]) == (1, 0)
+    assert counters["in_use_elsewhere"] == 8
 
 
 # --- Reservations and the pool ------------------------------------------------------------

@@ -311,3 +311,33 @@ def test_mem_table_is_mapped_from_offset_zero_plus_mmap_offset():
     dev.handle(mem_table(fd, size=RAM - 4096, offset=4096))
     assert bytes(dev.memory.gpa(0, 4)) == b"ABCD"
     close_all(dev)
+
+
+@pytest.mark.parametrize("request_", [Request.SET_VRING_KICK, Request.SET_VRING_CALL,
+                                      Request.SET_VRING_ERR], ids=lambda r: r.name)
+@pytest.mark.parametrize("kind", ["pipe", "memfd"])
+def test_a_ring_fd_that_is_not_an_eventfd_closes_the_connection(request_, kind):
+    # The shell writes call fds and reads kick fds on the event loop: a pipe the front-end
+    # filled would block it.
+    dev = VhostUserDevice("t")
+    if kind == "pipe":
+        keep, fd = os.pipe()
+    else:
+        keep, fd = None, memfd()
+    with pytest.raises(ProtocolError, match="not an eventfd"):
+        dev.handle(msg(request_, u64(1), [fd]))
+    assert dev.take_closing() == [fd]
+    os.close(fd)
+    if keep is not None:
+        os.close(keep)
+
+
+def test_a_blocking_eventfd_is_kept_non_blocking():
+    dev = VhostUserDevice("t")
+    fd = os.eventfd(0, os.EFD_CLOEXEC)  # blocking, as a front-end may send it
+    dev.handle(msg(Request.SET_VRING_CALL, u64(1), [fd]))
+    assert dev.vrings[1].call_fd == fd
+    assert not os.get_blocking(fd)
+    dev.close()
+    assert dev.take_closing() == [fd]
+    os.close(fd)

@@ -12,6 +12,7 @@ import pytest
 import trio
 
 from netstack.frame import Frame
+from tests.support.attacks import client_hello
 from tests.support.tunnel_client import connect_peer
 from tests.test_tunnel import BROADCAST, MAC_E, Net, eth, guest, receive, session_up
 from tunnel import endpoint as endpoint_module
@@ -173,6 +174,56 @@ async def test_a_few_sources_cannot_take_every_handshake_slot(net):
         nursery.cancel_scope.cancel()
 
 
+async def stall_handshakes(port: int, sources: list[str], each: int) -> list[trio.SocketStream]:
+    """From each source, `each` connections that send part of a ClientHello and stop: the
+    TLS handshake waits for the rest (until HANDSHAKE_SECONDS)."""
+    partial = client_hello()[:50]
+    held = []
+    for source in sources:
+        for _ in range(each):
+            stream = await trio.open_tcp_stream("127.0.0.1", port, local_address=source)
+            await stream.send_all(partial)
+            held.append(stream)
+    return held
+
+
+async def test_an_endpoint_gets_through_while_stalled_handshakes_hold_every_slot(net):
+    """8 sources x 8 stalled ClientHellos fill all 64 slots, each under every per-source
+    limit: an endpoint that never connected before still authenticates at once (it takes
+    the slot of the handshake stalled longest), and so does one reconnecting."""
+    per_source = listener_module.MAX_HANDSHAKES_PER_SOURCE
+    sources = [f"127.0.3.{n}" for n in range(1, listener_module.MAX_HANDSHAKES // per_source + 1)]
+    async with trio.open_nursery() as nursery:
+        net.hub = Hub(net.hub_config())
+        await nursery.start(net.hub.run)
+        tunnel = net.hub.tunnel
+        held = await stall_handshakes(net.port, sources, per_source)
+        with trio.fail_after(5):
+            while tunnel.handshakes < listener_module.MAX_HANDSHAKES:
+                await trio.sleep(0.01)
+        for attempt in (1, 2):
+            alice = await peer(net, "alice", timeout=listener_module.HANDSHAKE_SECONDS)
+            with trio.fail_after(5):
+                while "alice" not in tunnel.sessions \
+                        or tunnel.sessions["alice"].connections < attempt:
+                    await trio.sleep(0.01)
+            assert tunnel.refused.get("evicted") == attempt
+            await alice.tls.aclose()
+            # the slot alice's handshake had is taken again
+            held += await stall_handshakes(net.port, [f"127.0.4.{attempt}"], 1)
+            with trio.fail_after(5):
+                while tunnel.handshakes < listener_module.MAX_HANDSHAKES:
+                    await trio.sleep(0.01)
+        assert "too_many_handshakes" not in tunnel.refused
+        # the stranger's oldest connections were closed to make room; the others wait on
+        for stream in held[:2]:
+            with trio.fail_after(5):
+                assert await stream.receive_some(10) == b""
+        for stream in held:
+            await stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_connection_that_says_nothing_is_cut_before_the_handshake_deadline(net):
     async with trio.open_nursery() as nursery:
         net.hub = Hub(net.hub_config())
@@ -206,3 +257,43 @@ async def test_the_endpoint_rekeys_when_it_received_many_records(net):
 ])
 def test_per_source_limits_count_an_ipv4_address_or_an_ipv6_64(address, source):
     assert listener_module.source_of(address) == source
+
+
+async def test_strangers_evict_each_other_but_never_a_handshake_from_a_source_that_authenticated():
+    """All slots full: a newcomer takes the slot of the oldest handshake from a source that
+    never authenticated; one from a source that did is kept however many strangers come, and
+    only a newcomer from such a source may take its slot."""
+    slots = listener_module.HandshakeSlots(capacity=4, per_source=2, trusted_limit=3)
+    slots.trust("192.0.2.1")
+    known, _ = slots.admit("192.0.2.1")
+    strangers = [slots.admit(f"198.51.100.{n}")[0] for n in range(3)]
+    assert len(slots) == 4
+    for n in range(3, 40):  # strangers churn through the other three slots
+        handshake, evicted = slots.admit(f"198.51.100.{n}")
+        assert evicted is not None and not evicted.trusted
+        assert evicted.cancel_scope.cancel_called
+    assert known in slots.pending and not known.cancel_scope.cancel_called
+    assert all(h.cancel_scope.cancel_called for h in strangers)
+    assert len(slots) == 4 and sum(slots.by_source.values()) == 4
+    # every slot held by sources that authenticated: a stranger is refused, they are not
+    slots.trust("192.0.2.2")
+    slots.trust("192.0.2.3")
+    for source in ("192.0.2.2", "192.0.2.2", "192.0.2.3"):
+        assert not slots.admit(source)[1].trusted  # the strangers' last three go
+    assert slots.admit("198.51.100.99") == "too_many_handshakes"
+    handshake, evicted = slots.admit("192.0.2.1")
+    assert evicted is known and handshake.trusted
+    assert slots.admit("192.0.2.2") == "too_many_from_source"
+    # the slot of an evicted handshake was given back once, not again when its task ends
+    slots.release(known)
+    assert slots.by_source == {"192.0.2.2": 2, "192.0.2.3": 1, "192.0.2.1": 1}
+    assert len(slots) == 4
+
+
+def test_the_sources_remembered_as_authenticated_are_bounded():
+    slots = listener_module.HandshakeSlots(trusted_limit=3)
+    for n in range(10):
+        slots.trust(f"192.0.2.{n}")
+    slots.trust("192.0.2.7")  # authenticated again: the most recent
+    slots.trust("192.0.2.10")
+    assert list(slots.trusted) == ["192.0.2.9", "192.0.2.7", "192.0.2.10"]

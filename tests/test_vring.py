@@ -236,6 +236,92 @@ def test_rx_mergeable_frame_needing_more_than_the_walk_budget_is_dropped(pair):
     assert not frames  # the frame behind it went out (in this batch or the next)
 
 
+class CountingQueue(SplitQueue):
+    """A real SplitQueue that counts the chains it hands out (work done, not time)."""
+
+    popped = 0
+
+    def pop(self, limit):
+        chains = super().pop(limit)
+        self.popped += len(chains)
+        return chains
+
+
+def test_fast_path_chains_count_against_the_walk_budget():
+    with GuestRam(1 << 22) as ram:
+        q = DriverQueue(ram, 1024, event_idx=True, indirect=True)
+        buf = ram.alloc(64)
+        for _ in range(1024):
+            q.add_segments([Segment(buf, 1, True)])  # one descriptor each: the fast path
+        q.publish()
+        memory, fds = backend_memory(ram)
+        rx = device_queue(memory, q, 0)
+        try:
+            assert len(rx.pop(1024)) == 1024
+            assert rx.walked == 1024
+        finally:
+            rx.release()
+            memory.close()
+            for fd in fds:
+                os.close(fd)
+
+
+def test_rx_ring_of_one_byte_buffers_costs_one_ring_walk_not_one_per_frame():
+    # A mergeable guest offers its whole ring (1024 descriptors) as 1-byte buffers: no frame
+    # can ever fit.  Each call handles at most `limit` frames; the ring is gathered once, then
+    # remembered as too small while avail.idx stays put.
+    with GuestRam(1 << 22) as ram:
+        q = DriverQueue(ram, 1024, event_idx=True, indirect=True)
+        buf = ram.alloc(64)
+        for _ in range(1024):
+            q.add_segments([Segment(buf, 1, True)])
+        q.publish()
+        memory, fds = backend_memory(ram)
+        rx = CountingQueue(0, q.size, memory, q.desc_uva, q.avail_uva, q.used_uva, 0,
+                           event_idx=True, indirect=True)
+        try:
+            net = NetQueues(FEATURES)
+            frames = deque(Frame(eth(i, 1500)) for i in range(1024))
+            assert net.push_rx(rx, frames, 256) == (0, 0)
+            assert len(frames) == 1024 - 256  # drops count against the limit
+            assert net.drops["rx_ring_too_small"] == 256
+            assert rx.popped <= 256 + 1024  # the batch's chains, one gather over the ring
+            assert rx.walked <= WALK_BUDGET + 1024
+            rx.popped = 0
+            assert net.push_rx(rx, frames, 256) == (0, 0)
+            assert len(frames) == 1024 - 512
+            assert rx.popped <= 256  # no gather at all: the ring is known to be too small
+            assert rx.used_idx == 0 and rx.avail_count() == 1024  # every buffer still the guest's
+        finally:
+            rx.release()
+            memory.close()
+            for fd in fds:
+                os.close(fd)
+
+
+def test_rx_ring_known_too_small_is_looked_at_again_once_the_guest_posts_buffers(pair):
+    pair.driver.post_rx(RING, 64)  # every descriptor offered: 4 KiB in all
+    frames = deque([Frame(eth(1, 6000)), Frame(eth(2, 60)), Frame(eth(3, 6000))])
+    assert pair.net.push_rx(pair.rx, frames, 8) == (1, 60)
+    assert pair.net.drops["rx_ring_too_small"] == 2
+    assert [f for _, f in pair.driver.receive()] == [eth(2, 60)]
+    pair.driver.post_rx(1, 4096)  # avail.idx moves: 63 x 64 + 4096 bytes now
+    frames = deque([Frame(eth(4, 6000))])
+    assert pair.net.push_rx(pair.rx, frames, 8) == (1, 6000)
+    assert [f for _, f in pair.driver.receive()] == [eth(4, 6000)]
+
+
+def test_rx_drops_count_against_the_batch_limit():
+    p = Pair(mrg=False)
+    try:
+        p.driver.post_rx(2, 1526)
+        frames = deque(Frame(eth(i, 3000)) for i in range(100))
+        assert p.net.push_rx(p.rx, frames, 8) == (0, 0)
+        assert len(frames) == 92 and p.net.drops["rx_buffer_too_small"] == 8
+    finally:
+        p.close()
+
+
 @pytest.mark.parametrize("buffer", [2048, 64])  # the header packed in place, or apart
 def test_rx_frame_that_raises_is_dropped_and_the_buffer_serves_the_next(pair, buffer):
     pair.driver.post_rx(2, buffer)

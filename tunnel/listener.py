@@ -3,15 +3,27 @@
 Who uses it: `vhostvpn hub --listen HOST:PORT --identity DIR --peers FILE` (tunnel/hub.py).
 
 Path of a connection: accept -> admission (per-source token bucket, caps on concurrent
-handshakes in all and per source, on sessions; refused before any TLS work; a source is an
-IPv4 address or an IPv6 /64) -> the first bytes (a TLS ClientHello) within
-FIRST_BYTES_SECONDS -> TLS 1.3 handshake (bounded by HANDSHAKE_SECONDS, like the rest of the
-handshake) -> HELLO both ways -> the endpoint's AUTH is verified against the peers file
-(tunnel/keys.py) -> the connection becomes the active link of the SessionPort named after the
-peer (created and attached to the switch the first time; a reconnecting or rekeying endpoint
-takes its old port over; a live link taken over from another address is logged as the same key
-in two places).  No frame is accepted before AUTH is verified: the codec refuses FRAMES until
-`accept_auth()`.
+handshakes per source and on sessions; refused before any TLS work; a source is an IPv4
+address or an IPv6 /64; then a handshake slot, `HandshakeSlots`) -> the first bytes (a TLS
+ClientHello) within FIRST_BYTES_SECONDS -> TLS 1.3 handshake (bounded by HANDSHAKE_SECONDS,
+like the rest of the handshake) -> HELLO both ways -> the endpoint's AUTH is verified against
+the peers file (tunnel/keys.py) -> the connection becomes the active link of the SessionPort
+named after the peer (created and attached to the switch the first time; a reconnecting or
+rekeying endpoint takes its old port over; a live link taken over from another address is
+logged as the same key in two places).  No frame is accepted before AUTH is verified: the
+codec refuses FRAMES until `accept_auth()`.
+
+Handshake slots: at most MAX_HANDSHAKES handshakes run at once.  When all are taken, a new
+connection is not refused: it takes the slot of the handshake that has waited longest, which
+is closed (`evicted`).  So strangers that hold every slot with stalled handshakes (8 sources
+under their per-source caps) no longer lock endpoints out; to keep an endpoint out they must
+open MAX_HANDSHAKES new connections within the few round trips its handshake takes, each
+source under its token bucket.  Handshakes from sources that authenticated lately (the
+MAX_TRUSTED_SOURCES most recent, learnt only from a verified AUTH) are never evicted for
+a source that did not: an endpoint reconnecting or rekeying from its usual address gets
+through whatever number of sources the strangers have.  (The token buckets forget sources
+beyond MAX_TRACKED_SOURCES; cycling more sources than that refills a stranger's bursts, which
+only speeds up its churn of unauthenticated slots.)
 
 The peers file is reread on SIGHUP (`reload()`); a peer removed from it is disconnected.
 
@@ -32,7 +44,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
@@ -70,6 +82,9 @@ MAX_SESSIONS = 1024
 HANDSHAKE_RATE = 5.0  # per second, sustained
 HANDSHAKE_BURST = 20.0
 MAX_TRACKED_SOURCES = 4096
+# Sources whose endpoints authenticated lately (least recently authenticated forgotten first):
+# their handshakes are not evicted to make room for strangers'.
+MAX_TRUSTED_SOURCES = 4096
 HANDSHAKE_READ = 16 * 1024
 # A key connected from two places: warn about it at most this often per peer.
 TWO_PLACES_LOG_SECONDS = 60.0
@@ -114,6 +129,74 @@ class LastSeen:
     ips: list[str]
 
 
+@dataclass(eq=False)
+class Handshake:
+    """One handshake in progress: its source, whether that source authenticated lately, and
+    the scope its task runs the handshake in (cancelled when it is evicted)."""
+
+    source: str
+    trusted: bool
+    cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
+class HandshakeSlots:
+    """The handshakes in progress, at most `capacity` in all and `per_source` per source,
+    oldest first; and the sources that authenticated lately (bounded, least recent dropped).
+    When every slot is taken, a newcomer takes the slot of the oldest handshake from an
+    untrusted source (or of the oldest of all, if the newcomer is trusted)."""
+
+    def __init__(self, capacity: int = MAX_HANDSHAKES,
+                 per_source: int = MAX_HANDSHAKES_PER_SOURCE,
+                 trusted_limit: int = MAX_TRUSTED_SOURCES) -> None:
+        self.capacity = capacity
+        self.per_source = per_source
+        self.trusted_limit = trusted_limit
+        self.pending: dict[Handshake, None] = {}  # insertion order: oldest first
+        self.by_source: dict[str, int] = {}
+        self.trusted: OrderedDict[str, None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def admit(self, source: str) -> tuple[Handshake, Handshake | None] | str:
+        """The new handshake and the one evicted for it (or None), or the reason for
+        refusing it."""
+        if self.by_source.get(source, 0) >= self.per_source:
+            return "too_many_from_source"
+        trusted = source in self.trusted
+        evicted = None
+        if len(self.pending) >= self.capacity:
+            evicted = next((h for h in self.pending if not h.trusted), None)
+            if evicted is None and trusted:
+                evicted = next(iter(self.pending))
+            if evicted is None:
+                return "too_many_handshakes"
+            self.release(evicted)
+            evicted.cancel_scope.cancel()
+        handshake = Handshake(source, trusted)
+        self.pending[handshake] = None
+        self.by_source[source] = self.by_source.get(source, 0) + 1
+        return handshake, evicted
+
+    def release(self, handshake: Handshake) -> None:
+        """The handshake is over (or evicted): its slot is free.  Idempotent."""
+        if handshake not in self.pending:
+            return
+        del self.pending[handshake]
+        left = self.by_source[handshake.source] - 1
+        if left:
+            self.by_source[handshake.source] = left
+        else:
+            del self.by_source[handshake.source]
+
+    def trust(self, source: str) -> None:
+        """An endpoint from `source` authenticated."""
+        self.trusted.pop(source, None)
+        self.trusted[source] = None
+        while len(self.trusted) > self.trusted_limit:
+            self.trusted.popitem(last=False)
+
+
 class TunnelListener:
     def __init__(
         self,
@@ -140,8 +223,7 @@ class TunnelListener:
         self.fingerprint = identity.fingerprint_bytes
         self.sessions: dict[str, SessionPort] = {}
         self.limiter = SourceLimiter()
-        self.handshakes = 0
-        self.handshakes_by_source: dict[str, int] = {}
+        self.slots = HandshakeSlots()
         self.refused: dict[str, int] = {}
         self.links_ended: dict[str, int] = {}  # by LinkResult.kind
         self.bound: list[tuple[str, int]] = []
@@ -150,6 +232,11 @@ class TunnelListener:
         self._nursery: trio.Nursery | None = None
 
     # -- admission ---------------------------------------------------------------------------
+
+    @property
+    def handshakes(self) -> int:
+        """Handshakes in progress."""
+        return len(self.slots)
 
     def _refuse(self, reason: str) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1
@@ -200,52 +287,49 @@ class TunnelListener:
             stream.socket.close()
             return
         source = source_of(address)
-        refusal = None
         if not self.limiter.allow(source):
-            refusal = "rate_limited"
-        elif self.handshakes >= MAX_HANDSHAKES:
-            refusal = "too_many_handshakes"
-        elif self.handshakes_by_source.get(source, 0) >= MAX_HANDSHAKES_PER_SOURCE:
-            refusal = "too_many_from_source"
+            admitted: tuple[Handshake, Handshake | None] | str = "rate_limited"
         elif sum(1 for s in self.sessions.values() if s.active) >= MAX_SESSIONS:
-            refusal = "too_many_sessions"
-        if refusal is not None:
-            if self.refused.get(refusal, 0) % 100 == 0:  # a flood logs every hundredth
+            admitted = "too_many_sessions"
+        else:
+            admitted = self.slots.admit(source)
+        if isinstance(admitted, str):
+            if self.refused.get(admitted, 0) % 100 == 0:  # a flood logs every hundredth
                 log.warning("tunnel: %s: refused (%s; %d handshakes in progress)", address,
-                            refusal, self.handshakes)
-            self._refuse(refusal)
+                            admitted, self.handshakes)
+            self._refuse(admitted)
             stream.socket.close()
             return
-        self.handshakes += 1
-        self.handshakes_by_source[source] = self.handshakes_by_source.get(source, 0) + 1
+        handshake, evicted = admitted
+        if evicted is not None:  # its task sees its scope cancelled and closes it
+            if self.refused.get("evicted", 0) % 100 == 0:  # a flood logs every hundredth
+                log.warning("tunnel: handshake slots full: closing the handshake from %s "
+                            "that waited longest, for one from %s", evicted.source, address)
+            self._refuse("evicted")
         assert self._nursery is not None
-        self._nursery.start_soon(self._serve, stream, address, source)
-
-    def _release(self, source: str) -> None:
-        """A handshake slot is free again."""
-        self.handshakes -= 1
-        left = self.handshakes_by_source[source] - 1
-        if left:
-            self.handshakes_by_source[source] = left
-        else:
-            del self.handshakes_by_source[source]
+        self._nursery.start_soon(self._serve, stream, address, handshake)
 
     # -- one connection ------------------------------------------------------------------------
 
-    async def _serve(self, stream: trio.SocketStream, address: str, source: str) -> None:
+    async def _serve(self, stream: trio.SocketStream, address: str,
+                     handshake: Handshake) -> None:
         """One connection under its guard: any exception closes it, counted and logged; the
-        handshake slot is given back exactly once, when the handshake is over."""
+        handshake slot is given back exactly once, when the handshake is over (or at once,
+        by `HandshakeSlots.admit`, when it is evicted: its scope is cancelled)."""
         try:
             tls = TLSStream(stream, self.ssl_context, server_side=True)
+            link = None
             try:
-                link = await self._handshake_phase(tls, address)
+                with handshake.cancel_scope:
+                    link = await self._handshake_phase(tls, address)
             finally:
-                self._release(source)
+                self.slots.release(handshake)
             if link is None:
                 with trio.move_on_after(1) as cleanup:
                     cleanup.shield = True
                     await _close_quietly(tls)
             else:
+                self.slots.trust(handshake.source)
                 result = await link.run()
                 self._last_seen(link.port, address)
                 self.links_ended[result.kind] = self.links_ended.get(result.kind, 0) + 1

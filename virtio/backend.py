@@ -89,11 +89,15 @@ class VirtioNetPort(QueuedPort):
         return status
 
 
+# Kick and call fds are eventfds the protocol made non-blocking (VhostUserDevice refuses any
+# other kind of fd), so neither a read nor a write here waits.
+
+
 def _drain_eventfd(fd: int) -> None:
     try:
         os.read(fd, 8)
     except BlockingIOError:
-        pass
+        pass  # drained by someone else since it was readable
 
 
 def _signal(fd: int | None) -> None:
@@ -102,7 +106,7 @@ def _signal(fd: int | None) -> None:
     try:
         os.write(fd, _CALL)
     except BlockingIOError:
-        pass  # counter saturated: the guest has a pending interrupt anyway
+        pass  # the counter is full: the guest has not consumed its interrupts; nothing to do
 
 
 class VhostUserServer:

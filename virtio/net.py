@@ -14,7 +14,11 @@ The caller (the Trio shell) does the notifying: this module never touches an fd.
 One frame never breaks a port: a frame that is too short, too long, carries offload metadata
 that was not negotiated, or can never fit the guest's receive buffers is dropped and counted
 in `drops` by reason, and its chain goes back to the guest; only a broken ring (RingError)
-stops the device.  A batch ends early once its chains cost WALK_BUDGET descriptors.
+stops the device.  A batch ends early once its chains cost WALK_BUDGET (vring.py); a frame
+dropped counts against a batch's frame limit like one delivered.  A guest whose RX ring cannot
+hold a frame even with every descriptor offered is remembered (`_rx_too_small`: the ring's
+total room, until the guest moves avail.idx), so the frames after it that do not fit either
+are dropped without walking the ring again.
 """
 
 from __future__ import annotations
@@ -91,6 +95,10 @@ class NetQueues:
         self.rx_offloads = offloads_from_features(features, guest=True)
         self.drops: Counter[str] = Counter()
         self._malformed_logged = False
+        # (queue, its avail.idx, the room of all its buffers) when every descriptor was
+        # offered and a frame still did not fit: until avail.idx moves, a frame needing more
+        # is dropped at once instead of gathering over the whole ring again.
+        self._rx_too_small: tuple[SplitQueue, int, int] | None = None
 
     # -- guest -> us ---------------------------------------------------------------------
 
@@ -185,11 +193,12 @@ class NetQueues:
     # -- us -> guest ---------------------------------------------------------------------
 
     def push_rx(self, queue: SplitQueue, frames: deque[Frame], limit: int) -> tuple[int, int]:
-        """Move up to `limit` frames from the left of `frames` into RX buffers.
+        """Take up to `limit` frames from the left of `frames`: into RX buffers, or dropped.
 
         Stops early, leaving the rest queued, when the guest has no room for the next frame
-        yet or the batch has cost WALK_BUDGET descriptors.  A frame that can never be placed
-        is dropped and counted.  Returns (frames delivered, bytes delivered).
+        yet or the batch has cost WALK_BUDGET (`queue.walked`).  A frame that can never be
+        placed is dropped and counted; it counts against `limit` like one delivered.  Returns
+        (frames delivered, bytes delivered).
         """
         used: list[int] = []  # flat: head, length, head, length, ...
         delivered = 0
@@ -197,15 +206,18 @@ class NetQueues:
         mergeable = self.mergeable
         pack_header = VIRTIO_NET_HDR.pack_into
         drops = self.drops
+        # Every pass of the loop below takes one frame off `frames` (delivered or dropped) or
+        # ends the batch: at most `limit` passes.
+        stop_at = max(len(frames) - limit, 0)
         # Chains popped ahead for the frames at hand; what is left over is given back.
         queue.walked = 0
-        ready = queue.pop(min(len(frames), limit))
+        ready = queue.pop(len(frames) - stop_at)
         next_ready = 0
-        while frames and delivered < limit:
+        while len(frames) > stop_at:
             if next_ready == len(ready):
                 if queue.walked >= WALK_BUDGET:
                     break
-                ready = queue.pop(min(len(frames), limit - delivered))
+                ready = queue.pop(len(frames) - stop_at)
                 next_ready = 0
                 if not ready:
                     break
@@ -232,25 +244,34 @@ class NetQueues:
                     used += (head, need)
                     next_ready += 1
                 else:
+                    room = _room(writable)
+                    if room < need:
+                        if need > NET_HDR_LEN + MAX_FRAME:
+                            drops["rx_oversize"] += 1
+                            frames.popleft()
+                            continue
+                        if not mergeable:
+                            # The guest's buffer cannot hold it: drop the frame, keep the buffer.
+                            drops["rx_buffer_too_small"] += 1
+                            frames.popleft()
+                            continue
+                        too_small = self._rx_too_small
+                        if (too_small is not None and need > too_small[2]
+                                and too_small[0] is queue and too_small[1] == queue.avail_idx()):
+                            # Nothing was added since the whole ring proved too small.
+                            drops["rx_ring_too_small"] += 1
+                            frames.popleft()
+                            continue
                     header = bytearray(NET_HDR_LEN)
                     frame.pack_virtio_header(header, 0, 1)
                     source = memoryview(data).cast("B")
-                    room = _room(writable)
                     if room >= need:
                         _scatter(header, source, [ready[next_ready]], used)
                         next_ready += 1
-                    elif need > NET_HDR_LEN + MAX_FRAME:
-                        drops["rx_oversize"] += 1
-                        frames.popleft()
-                        continue
-                    elif not mergeable:
-                        # The guest's buffer cannot hold it: drop the frame, keep the buffer.
-                        drops["rx_buffer_too_small"] += 1
-                        frames.popleft()
-                        continue
                     else:
+                        avail_idx = queue.avail_idx()  # before the gather reads the ring
                         walked = queue.walked
-                        taken = _gather(queue, ready, next_ready, room, need)
+                        taken, room = _gather(queue, ready, next_ready, room, need)
                         ready, next_ready = [], 0
                         if taken is None:
                             if queue.walked - walked >= WALK_BUDGET:
@@ -258,6 +279,7 @@ class NetQueues:
                             elif queue.driver_descriptors_exhausted():
                                 # All the guest can offer is there and still too small.
                                 drops["rx_ring_too_small"] += 1
+                                self._rx_too_small = (queue, avail_idx, room)
                             else:
                                 break  # the guest may add buffers: keep the frame queued
                             frames.popleft()
@@ -281,26 +303,36 @@ class NetQueues:
 
 def _gather(
     queue: SplitQueue, ready: list[Chain], start: int, room: int, need: int
-) -> list[Chain] | None:
+) -> tuple[list[Chain] | None, int]:
     """Mergeable RX: chains from `ready[start:]` (then the ring) until `need` bytes fit.
 
-    All or nothing: on success the chains not needed go back to the ring; on failure (the
-    ring ran out, or the chains popped here cost WALK_BUDGET descriptors) all of them do.
+    Returns (the chains, their room).  All or nothing: on success the chains not needed go
+    back to the ring; on failure (None: the ring ran out, or the chains popped here cost
+    WALK_BUDGET) all of them do (and cost `walked` again when the batch pops them again).
     """
     taken = [ready[start]]
     rest = ready[start + 1 :]
+    next_rest = 0
+    chain_room = room
     walked = queue.walked
     while room < need:
-        if not rest:
-            rest = queue.pop(1) if queue.walked - walked < WALK_BUDGET else []
+        if next_rest == len(rest):
+            # As many more chains as the frame needs if they are like the last one.
+            want = -(-(need - room) // chain_room)
+            rest = queue.pop(want) if queue.walked - walked < WALK_BUDGET else []
+            next_rest = 0
             if not rest:
                 queue.unpop(len(taken))
-                return None
-        chain = rest.pop(0)
+                return None, room
+        chain = rest[next_rest]
+        next_rest += 1
         taken.append(chain)
-        room += _room(chain[2])
-    queue.unpop(len(rest))
-    return taken
+        if not chain[2]:
+            raise RingError(f"queue {queue.index}: RX chain {chain[0]} has no writable buffer")
+        chain_room = _room(chain[2])
+        room += chain_room
+    queue.unpop(len(rest) - next_rest)
+    return taken, room
 
 
 def _scatter(header: bytearray, source: memoryview, chains: list[Chain], used: list[int]) -> None:

@@ -23,6 +23,7 @@ changed ("vhost lacks feature mask").
 from __future__ import annotations
 
 import logging
+import os
 import struct
 from dataclasses import dataclass, field
 
@@ -76,6 +77,8 @@ DEVICE_FEATURES = (
 PROTOCOL_FEATURES = bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK)
 # Queue pairs we serve (QEMU asks with GET_QUEUE_NUM; `-netdev vhost-user,queues=N` <= this).
 DEFAULT_QUEUE_PAIRS = 4
+# What /proc/self/fd/N reads for an eventfd: the only kind of kick, call or err fd we keep.
+EVENTFD_LINK = "anon_inode:[eventfd]"
 
 
 class ProtocolError(Exception):
@@ -411,6 +414,19 @@ class VhostUserDevice:
         if len(msg.fds) != 1:
             raise ProtocolError(f"{self.name}: {name} for queue {index} carried {len(msg.fds)} "
                                 "fds, want 1")
+        fd = msg.fds[0]
+        # Only an eventfd, and non-blocking: the shell writes call fds and reads kick fds on
+        # the event loop, and a pipe the front-end filled (or a blocking eventfd whose counter
+        # it saturated) would stall every guest.  The flag is on the file description we share
+        # with the front-end: see docs/architecture.md for what one that clears it can do.
+        try:
+            kind = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError as exc:
+            kind = f"unreadable ({exc.strerror})"
+        if kind != EVENTFD_LINK:
+            raise ProtocolError(f"{self.name}: {name} for queue {index}: the fd is {kind}, "
+                                "not an eventfd")
+        os.set_blocking(fd, False)
         return vring, msg.fds.pop()
 
     def _on_set_vring_kick(self, msg: Message) -> None:

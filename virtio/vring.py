@@ -9,10 +9,10 @@ NO_INTERRUPT flag).  `arm_kicks()` asks the driver to kick on its next addition 
 for work that raced in; `arm_kicks_for_more()` does the same beyond what is available now (RX
 buffers too small for the next frame).
 
-Work per batch is bounded: `pop()` stops once the chains it walked cost WALK_BUDGET
-descriptors (the one-descriptor fast path is bounded by the batch size), so a guest that fills
-its ring with 1024-entry indirect tables gets ~2 ms per batch, and the shell yields between
-batches.
+Work per batch is bounded: `pop()` counts its work in `walked` -- one per descriptor walked,
+one per chain taken by the one-descriptor fast path -- and stops once that reaches WALK_BUDGET,
+so a guest that fills its ring with 1024-entry indirect tables gets ~2 ms per batch, and the
+shell yields between batches.
 
 The guest is hostile.  Every index, length and address is checked; each descriptor field is
 read exactly once into a local (a guest may rewrite memory under us); indirect tables are
@@ -57,10 +57,12 @@ class RingError(Exception):
     """The driver broke the ring protocol; the device must stop using this ring."""
 
 
-# Descriptors walked (outside the one-descriptor fast path) in one batch before the batch
-# ends early: about 1.1 us each, so a batch holds the event loop for ~2 ms, plus at most one
-# more chain (1024 buffers + a 1024-entry indirect table).  A ring of 256 chains x 1024
-# indirect descriptors cost ~300 ms in one batch without it.  The caller resets `walked`.
+# Work units in one batch before the batch ends early: one per descriptor walked (about
+# 1.1 us), one per chain of the one-descriptor fast path (cheaper), so a batch holds the
+# event loop for ~2 ms, plus at most one more chain (1024 buffers + a 1024-entry indirect
+# table).  A ring of 256 chains x 1024 indirect descriptors cost ~300 ms in one batch without
+# it; mergeable RX gathering over one-byte fast-path chains, seconds.  The caller resets
+# `walked`.
 WALK_BUDGET = 2048
 
 
@@ -122,7 +124,7 @@ class SplitQueue:
         self.used_idx = self._used_h[1]
         self._signalled_used = self.used_idx
         self._signalled_valid = False
-        # Descriptors walked since the caller last reset this (see WALK_BUDGET).
+        # Work units (see WALK_BUDGET) since the caller last reset this.
         self.walked = 0
 
     def release(self) -> None:
@@ -146,7 +148,8 @@ class SplitQueue:
     def pop(self, limit: int) -> list[Chain]:
         """Take up to `limit` available chains, walked and translated.
 
-        Fewer when `walked` reaches WALK_BUDGET, but always one if any is available.
+        Fewer when `walked` reaches WALK_BUDGET, but always one if any is available.  Adds one
+        to `walked` per fast-path chain, one per descriptor for the others.
         """
         count = min(self.avail_count(), limit)
         chains: list[Chain] = []
@@ -159,6 +162,7 @@ class SplitQueue:
         region_gpa, region_size = region.gpa, region.size
         region_mm, region_base = region.mm, region.base
         walk = self._walk
+        walks = 0  # chains that took the full walk (it counts their descriptors itself)
         # The heads, read in one go (one or two slices of the ring: it may wrap).
         first = 2 + (idx & mask)
         heads = avail[first : min(first + count, 2 + size)].tolist()
@@ -182,10 +186,16 @@ class SplitQueue:
                             chains.append((head, [span], []))
                         continue
             chains.append(walk(head))
-            if self.walked >= WALK_BUDGET:
+            walks += 1
+            if self.walked + len(chains) - walks >= WALK_BUDGET:
                 break
+        self.walked += len(chains) - walks  # the fast-path chains
         self.last_avail_idx = (idx + len(chains)) & 0xFFFF
         return chains
+
+    def avail_idx(self) -> int:
+        """The driver's avail.idx as it is now (it moves when the driver adds chains)."""
+        return self._avail[1]
 
     def unpop(self, count: int) -> None:
         """Give back the last `count` popped chains (not yet used) to be popped again."""
@@ -196,8 +206,8 @@ class SplitQueue:
 
         Then the driver cannot add a buffer until we return some: RX room that is too small
         now stays too small.  Only the direct links of each chain are followed (an indirect
-        chain takes one descriptor), at most `size` of them in all; what the guest wrote here
-        decides nothing but the fate of its own frame.
+        chain takes one descriptor), at most `size` of them in all, each counted in `walked`;
+        what the guest wrote here decides nothing but the fate of its own frame.
         """
         count = self.avail_count()
         size = self.size
@@ -207,17 +217,20 @@ class SplitQueue:
         mask = size - 1
         idx = self.last_avail_idx
         taken = 0
-        for k in range(count):
-            i = avail[2 + ((idx + k) & mask)]
-            while i < size:
-                taken += 1
-                if taken >= size:
-                    return True
-                flags = desc_h[8 * i + 6]
-                if flags & DESC_F_INDIRECT or not flags & DESC_F_NEXT:
-                    break
-                i = desc_h[8 * i + 7]
-        return False
+        try:
+            for k in range(count):
+                i = avail[2 + ((idx + k) & mask)]
+                while i < size:
+                    taken += 1
+                    if taken >= size:
+                        return True
+                    flags = desc_h[8 * i + 6]
+                    if flags & DESC_F_INDIRECT or not flags & DESC_F_NEXT:
+                        break
+                    i = desc_h[8 * i + 7]
+            return False
+        finally:
+            self.walked += taken
 
     def _walk(self, head: int) -> Chain:
         size = self.size
