@@ -69,11 +69,18 @@ class Machine:
         wrapper.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m tunnel.cli "$@"\n')
         wrapper.chmod(0o755)
         (tmp / "run").mkdir()
-        self.env = os.environ | {
+        self.common_env = os.environ | {
             "PATH": f"{bin_dir}:{os.environ['PATH']}",
             "PYTHONPATH": str(ROOT),
             "STATE_DIRECTORY": str(tmp / "state"),  # the hub's leases (systemd's variable)
         }
+        self.on("hub")
+
+    def on(self, name: str) -> None:
+        """Run the next commands on machine `name`: its own folder of default control
+        sockets, as on a machine of its own (`vhostvpn status` there finds its process)."""
+        (self.tmp / f"run-{name}").mkdir(exist_ok=True)
+        self.env = self.common_env | {"RUNTIME_DIRECTORY": str(self.tmp / f"run-{name}")}
 
     def localize(self, command: str) -> str:
         """The README's command for this tmp dir: paths, the hub's address, fingerprints."""
@@ -133,11 +140,14 @@ def test_readme_use_section_works_as_written_on_a_machine_not_called_alice(tmp_p
     machine = Machine(tmp_path)
     commands = use_section_commands()
     statuses: list[str] = []
-    assert [c.split()[0] for c in commands] == [
-        "vhostvpn", "vhostvpn", "echo", "vhostvpn", "vhostvpn", "qemu-system-x86_64",
-        "vhostvpn", "vhostvpn"]
+    # The first word of each command and the machine the README runs it on.
+    machines = [("vhostvpn", "hub"), ("vhostvpn", "alice"), ("echo", "hub"),
+                ("vhostvpn", "hub"), ("vhostvpn", "alice"), ("qemu-system-x86_64", "alice"),
+                ("vhostvpn", "alice"), ("vhostvpn", "hub"), ("vhostvpn", "hub")]
+    assert [c.split()[0] for c in commands] == [word for word, _ in machines]
     try:
-        for command in commands:
+        for command, (_, on) in zip(commands, machines, strict=True):
+            machine.on(on)
             words = command.split()
             if words[:2] == ["vhostvpn", "keygen"]:
                 machine.fingerprints[Path(words[2]).name] = machine.run(
@@ -151,14 +161,18 @@ def test_readme_use_section_works_as_written_on_a_machine_not_called_alice(tmp_p
                 output = machine.run(machine.localize(inner))
                 assert f"path={tmp_path}/run/vm1.sock," in output
                 assert "size=1G" in output and "-netdev vhost-user" in output
-            elif words[1] == "status" and not statuses:  # alice's, then the hub's: both
-                # processes run here, and `vhostvpn status` finds both by their default
-                # control sockets
+            elif words[1] == "status" and on == "alice":
                 statuses.append(machine.eventually(machine.localize(command),
                                                    f"session to 127.0.0.1:{machine.port}: up"))
             elif words[1] == "status":
                 statuses.append(machine.eventually(machine.localize(command),
                                                    "alice: session up from 127.0.0.1"))
+                assert statuses[-1].startswith("hub (pid ")  # only the hub runs "there"
+            elif words[1] == "capture":  # a second of it, into a file instead of Wireshark
+                pcap = tmp_path / "alice.pcapng"
+                machine.run(machine.localize(command).replace(
+                    " | wireshark -k -i -", f" --seconds 1 > {pcap}"))
+                assert pcap.read_bytes()[:4] == b"\x0a\x0d\x0d\x0a"  # a pcapng section
             else:
                 raise AssertionError(f"README command this test does not know: {command}")
     finally:
