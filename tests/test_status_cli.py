@@ -1,8 +1,9 @@
 """`vhostvpn status` as a user runs it: without --control it finds every process on its
-default control socket (and a second daemon of a kind is refused that path in one line,
-the first still serving); on the hub it lists the peers file's offline peers with when they
-were last seen, from where, with their addresses; on a host it shows the TAP/TUN device's
-link as the kernel has it and the leased address, in plain output."""
+default control socket, and `capture` the one process there (a second daemon of a kind is
+refused that path in one line, the first still serving); on the hub it lists the peers
+file's offline peers with when they were last seen, from where, with their addresses; on a
+host it shows the TAP/TUN device's link as the kernel has it and the leased address, in
+plain output."""
 
 from __future__ import annotations
 
@@ -90,6 +91,10 @@ def test_status_without_control_finds_every_process_on_its_default_socket(
     result = vhostvpn("status")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"hub (pid {hub.pid})")
+    capture = subprocess.run(  # the one process there: capture asks it
+        [sys.executable, "-m", "tunnel.cli", "capture", "vm1", "--seconds", "0.5"],
+        capture_output=True, timeout=60, env=os.environ | {"PYTHONPATH": str(ROOT)})
+    assert capture.returncode == 0 and capture.stdout[:4] == b"\x0a\x0d\x0d\x0a"
 
     fingerprint = keygen(tmp_path / "hub-id")
     keygen(tmp_path / "me")
@@ -102,6 +107,10 @@ def test_status_without_control_finds_every_process_on_its_default_socket(
     assert f"{runtime_directory}/vm.ctl:\nendpoint (pid {vm.pid})" in result.stdout
     both = vhostvpn("status", "--json")
     assert both.returncode == 1 and "2 processes answer" in both.stderr
+    capture = vhostvpn("capture", "vm2")  # which one? it does not guess
+    assert capture.returncode == 1 and capture.stderr.strip() == (
+        f"vhostvpn capture: 2 processes answer ({runtime_directory}/hub.ctl, "
+        f"{runtime_directory}/vm.ctl): give --control PATH")
 
     second = vhostvpn("vm", "--socket", str(tmp_path / "vm3.sock"), *vm_flags)
     assert "Traceback" not in second.stderr and second.returncode == 1
