@@ -69,11 +69,18 @@ class Machine:
         wrapper.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m tunnel.cli "$@"\n')
         wrapper.chmod(0o755)
         (tmp / "run").mkdir()
-        self.env = os.environ | {
+        self.common_env = os.environ | {
             "PATH": f"{bin_dir}:{os.environ['PATH']}",
             "PYTHONPATH": str(ROOT),
             "STATE_DIRECTORY": str(tmp / "state"),  # the hub's leases (systemd's variable)
         }
+        self.on("hub")
+
+    def on(self, name: str) -> None:
+        """Run the next commands on machine `name`: its own folder of default control
+        sockets, as on a machine of its own (`vhostvpn status` there finds its process)."""
+        (self.tmp / f"run-{name}").mkdir(exist_ok=True)
+        self.env = self.common_env | {"RUNTIME_DIRECTORY": str(self.tmp / f"run-{name}")}
 
     def localize(self, command: str) -> str:
         """The README's command for this tmp dir: paths, the hub's address, fingerprints."""
@@ -132,11 +139,15 @@ def test_readme_use_section_works_as_written_on_a_machine_not_called_alice(tmp_p
     assert os.uname().nodename.split(".")[0] != "alice"  # else this proves nothing
     machine = Machine(tmp_path)
     commands = use_section_commands()
-    assert [c.split()[0] for c in commands] == [
-        "vhostvpn", "vhostvpn", "echo", "vhostvpn", "vhostvpn", "qemu-system-x86_64",
-        "vhostvpn", "vhostvpn"]
+    statuses: list[str] = []
+    # The first word of each command and the machine the README runs it on.
+    machines = [("vhostvpn", "hub"), ("vhostvpn", "alice"), ("echo", "hub"),
+                ("vhostvpn", "hub"), ("vhostvpn", "alice"), ("qemu-system-x86_64", "alice"),
+                ("vhostvpn", "alice"), ("vhostvpn", "hub"), ("vhostvpn", "hub")]
+    assert [c.split()[0] for c in commands] == [word for word, _ in machines]
     try:
-        for command in commands:
+        for command, (_, on) in zip(commands, machines, strict=True):
+            machine.on(on)
             words = command.split()
             if words[:2] == ["vhostvpn", "keygen"]:
                 machine.fingerprints[Path(words[2]).name] = machine.run(
@@ -150,15 +161,23 @@ def test_readme_use_section_works_as_written_on_a_machine_not_called_alice(tmp_p
                 output = machine.run(machine.localize(inner))
                 assert f"path={tmp_path}/run/vm1.sock," in output
                 assert "size=1G" in output and "-netdev vhost-user" in output
-            elif words[1] == "status" and "vm1.ctl" in command:
-                machine.eventually(machine.localize(command),
-                                   f"session to 127.0.0.1:{machine.port}: up")
+            elif words[1] == "status" and on == "alice":
+                statuses.append(machine.eventually(machine.localize(command),
+                                                   f"session to 127.0.0.1:{machine.port}: up"))
             elif words[1] == "status":
-                machine.eventually(machine.localize(command), "alice: session up from 127.0.0.1")
+                statuses.append(machine.eventually(machine.localize(command),
+                                                   "alice: session up from 127.0.0.1"))
+                assert statuses[-1].startswith("hub (pid ")  # only the hub runs "there"
+            elif words[1] == "capture":  # a second of it, into a file instead of Wireshark
+                pcap = tmp_path / "alice.pcapng"
+                machine.run(machine.localize(command).replace(
+                    " | wireshark -k -i -", f" --seconds 1 > {pcap}"))
+                assert pcap.read_bytes()[:4] == b"\x0a\x0d\x0d\x0a"  # a pcapng section
             else:
                 raise AssertionError(f"README command this test does not know: {command}")
     finally:
         machine.stop()
+    assert len(statuses) == 2
     assert "two places" not in "".join(log.read_text() for _, log in machine.daemons)
 
 

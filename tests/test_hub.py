@@ -151,7 +151,7 @@ def test_hub_without_a_subnet_has_no_gateway(tmp_path):
         (["--gateway", "10.0.0.1"], "needs --subnet"),
         (["--ipv6-prefix", "fd00::/48"], "/64"),
         (["--mtu", "100"], "576 to 65535"),
-        (["--subnet", "not-a-net"], "invalid IPv4Network"),
+        (["--subnet", "not-a-net"], "want a subnet such as 10.77.0.0/24"),
     ],
 )
 def test_bad_network_flags_are_refused(tmp_path, args, message):

@@ -222,7 +222,9 @@ def test_a_metrics_port_in_use_is_one_line_and_exit_status_1(tmp_path, command):
         result = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        f"vhostvpn {command}: --metrics 127.0.0.1:{port}: Address already in use"]
+        f"vhostvpn {command}: --metrics 127.0.0.1:{port}: port {port} is already in use by "
+        f"another process (`ss -ltnp 'sport = :{port}'` shows which): stop it or choose "
+        f"another port"]
 
 
 @pytest.mark.slow

@@ -65,9 +65,17 @@ def test_mem_is_read_as_qemu_reads_m(mem, value, unit):
     assert (memory.text, memory.get("unit")) == (value, unit)
 
 
-@pytest.mark.parametrize("mem", ["1.5G", "0", "2X", ""])
-def test_a_size_libvirt_cannot_take_is_one_line_and_exit_1(mem):
-    result = printed("--mem", mem)
+def test_a_size_libvirt_cannot_take_is_one_line_and_exit_1():
+    result = printed("--mem", "1.5G")
     assert result.returncode == 1 and not result.stdout
     assert result.stderr.splitlines() == [
-        f"vhostvpn qemu-args: --mem {mem!r}: want a whole size like 1G, 512M or 1024 (MiB)"]
+        "vhostvpn qemu-args: --mem '1.5G': want a whole size like 1G, 512M or 1024 (MiB)"]
+
+
+@pytest.mark.parametrize("mem", ["0", "2X", ""])
+def test_a_size_qemu_cannot_take_is_refused_as_a_flag_in_one_line(mem):
+    result = printed("--mem", mem)
+    assert result.returncode == 2 and not result.stdout
+    assert result.stderr.splitlines() == [
+        f"vhostvpn qemu-args: argument --mem: {mem!r}: want a size as QEMU's -m takes it: "
+        f"1024 (MiB), 512M, 2G (see vhostvpn qemu-args --help)"]

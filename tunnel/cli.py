@@ -11,6 +11,7 @@ import argparse
 import functools
 import gc
 import hashlib
+import importlib.metadata
 import ipaddress
 import json
 import logging
@@ -19,13 +20,16 @@ import re
 import signal
 import socket
 import sys
+import time
 import tomllib
 from pathlib import Path
+from typing import NoReturn
 
 import trio
 
 from netstack.dhcp import MAX_LEASE_SECONDS, MIN_LEASE_SECONDS
 from netstack.frame import format_mac, parse_mac
+from virtio.protocol import DEFAULT_QUEUE_PAIRS
 from virtio.unixsock import (
     GROUP_DEFAULT_MODE,
     OWNER_ONLY_MODE,
@@ -44,6 +48,13 @@ HUB_MIN_MTU = 576  # the IPv4 minimum datagram every host must accept (RFC 791)
 MAX_MTU = 65535
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `vhostvpn hub: argument --subnet: why (see --help)`."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-level",
@@ -51,6 +62,27 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         choices=LOG_LEVELS,
         help="how much to log (default: info)",
     )
+
+
+# QEMU's -m: a number (MiB unless suffixed), optionally with a K, M, G or T suffix.
+MEMORY_SIZE = re.compile(r"(?P<number>\d+(?:\.\d+)?)(?P<unit>[KMGTkmgt])?")
+
+
+def version() -> str:
+    """This vhostvpn's version: the source tree's pyproject.toml when run from a checkout
+    (an installed copy may be older), else the installed package's metadata."""
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    try:
+        with open(pyproject, "rb") as file:
+            project = tomllib.load(file)["project"]
+        if project["name"] == "vhostvpn":
+            return project["version"]
+    except (OSError, KeyError, TypeError, tomllib.TOMLDecodeError):
+        pass
+    try:
+        return importlib.metadata.version("vhostvpn")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def default_mac(socket_path: str) -> str:
@@ -77,6 +109,37 @@ def qemu_args(socket_path: str, mac: str, mem: str, queues: int, vectors: int | 
         "-netdev", netdev,
         "-device", device,
     ]
+
+
+def ipv4_subnet(text: str) -> ipaddress.IPv4Network:
+    """An IPv4 network in CIDR notation, host bits clear (argparse type)."""
+    try:
+        return ipaddress.IPv4Network(text)
+    except ValueError as exc:
+        if "has host bits set" in str(exc):
+            network = ipaddress.IPv4Network(text, strict=False)
+            raise argparse.ArgumentTypeError(
+                f"{text} has host bits set: the subnet is {network} (the hub's own address "
+                f"in it is --gateway)") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: want a subnet such as 10.77.0.0/24 "
+                                         f"({exc})") from None
+
+
+def interface_address(text: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
+    """ADDRESS/PREFIXLEN, IPv4 or IPv6 (argparse type): without the prefix length a device
+    would get a /32 (or /128) and reach nobody, so it is required."""
+    address, sep, prefix = text.partition("/")
+    kind = ipaddress.IPv6Interface if ":" in address else ipaddress.IPv4Interface
+    try:
+        interface = kind(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+    if not sep or not prefix:
+        raise argparse.ArgumentTypeError(
+            f"{text}: give the prefix length too, e.g. {address}/"
+            f"{24 if kind is ipaddress.IPv4Interface else 64} (without it the device would "
+            f"reach no neighbour)")
+    return interface
 
 
 LIBVIRT_QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
@@ -199,9 +262,11 @@ def open_metrics(command: str,
     try:
         return bind_metrics(host, port)
     except OSError as exc:
+        from tunnel.startup import explain_bind
+
         shown = f"[{host}]" if host and ":" in host else (host or "")
         raise SystemExit(f"vhostvpn {command}: --metrics {shown}:{port}: "
-                         f"{exc.strerror or exc}") from None
+                         f"{explain_bind(exc, host, port)}") from None
 
 
 def _add_endpoint(parser: argparse.ArgumentParser) -> None:
@@ -263,10 +328,11 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="vhostvpn",
         description="Put QEMU virtual machines and hosts on one encrypted network.",
     )
+    parser.add_argument("--version", action="version", version=f"vhostvpn {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     hub = sub.add_parser("hub", help="run a hub: a switch joining vhost-user sockets")
@@ -280,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     hub.add_argument("--queues", type=int, default=4, metavar="N",
                      help="queue pairs offered per socket (default 4)")
     net = hub.add_argument_group("the segment's gateway services")
-    net.add_argument("--subnet", type=ipaddress.IPv4Network, metavar="CIDR",
+    net.add_argument("--subnet", type=ipv4_subnet, metavar="CIDR",
                      help="IPv4 subnet of the segment, e.g. 10.77.0.0/24: the hub answers "
                           "ARP and ping at the gateway address and serves DHCP")
     net.add_argument("--gateway", type=ipaddress.IPv4Address, metavar="ADDRESS",
@@ -344,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="create a TUN device (L3: vhostvpn does ARP/NDP for the host)")
     host.add_argument("--dhcp", action="store_true",
                       help="TUN: lease the IPv4 address from the hub's DHCP server")
-    host.add_argument("--address", type=ipaddress.ip_interface, action="append", default=[],
+    host.add_argument("--address", type=interface_address, action="append", default=[],
                       metavar="CIDR", help="an address for the device, e.g. 10.77.0.9/24; "
                                            "repeatable")
     host.add_argument("--mtu", type=int, default=1500, help="the device's MTU (default 1500)")
@@ -356,20 +422,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(keygen)
 
     fingerprint = sub.add_parser("fingerprint", help="print the key fingerprint of DIR")
-    fingerprint.add_argument("directory", type=Path, metavar="DIR")
+    fingerprint.add_argument("directory", type=Path, metavar="DIR",
+                             help="an identity folder (vhostvpn keygen DIR), or its key.pem")
     _add_common(fingerprint)
 
     status = sub.add_parser("status", help="show a running hub's or endpoint's state")
-    status.add_argument("--control", required=True, metavar="PATH")
+    status.add_argument("--control", metavar="PATH",
+                        help="the process's control socket (default: every one answering in "
+                             "/run/vhostvpn as root, else $XDG_RUNTIME_DIR/vhostvpn)")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
     _add_common(status)
 
     qa = sub.add_parser("qemu-args", help="print the QEMU options to attach a guest")
     qa.add_argument("--socket", required=True, metavar="PATH")
     qa.add_argument("--mac", help="guest MAC (default: derived from the socket path)")
-    qa.add_argument("--mem", default="1G",
-                    help="guest memory size, must equal QEMU's -m (default 1G)")
+    qa.add_argument("--mem", type=memory_size, default="1G",
+                    help="guest memory size, the same as QEMU's -m: a number is MiB, or give "
+                         "a suffix: 512M, 2G (default 1G)")
     qa.add_argument("--queues", type=int, default=1, help="queue pairs (default 1)")
+    qa.add_argument("--backend-queues", type=int, default=DEFAULT_QUEUE_PAIRS, metavar="N",
+                    help="queue pairs the hub or `vhostvpn vm` serving --socket offers (its "
+                         f"--queues; default {DEFAULT_QUEUE_PAIRS})")
     qa.add_argument("--vectors", type=int,
                     help="MSI-X vectors (use 0 for QEMU 7.2 under TCG; default: QEMU's)")
     qa.add_argument("--id", default="net0", help="QEMU object id prefix (default net0)")
@@ -403,8 +476,9 @@ def _add_capture_parser(sub: argparse._SubParsersAction) -> None:
                     "PORT is a name `vhostvpn status` shows (a peer, gateway, a socket's "
                     "file name with or without .sock).")
     capture.add_argument("port", metavar="PORT")
-    capture.add_argument("--control", required=True, metavar="PATH",
-                         help="the hub's or endpoint's control socket")
+    capture.add_argument("--control", metavar="PATH",
+                         help="the hub's or endpoint's control socket (default: the one "
+                              "process answering on a default control socket, as for status)")
     capture.add_argument("--snaplen", type=int, default=DEFAULT_SNAPLEN, metavar="BYTES",
                          help=f"keep at most BYTES of each frame (1-{MAX_SNAPLEN}, default "
                               f"{DEFAULT_SNAPLEN}: whole frames)")
@@ -455,10 +529,6 @@ def _cmd_hub(args: argparse.Namespace) -> int:
     paths = args.socket + args.client_socket
     if len(set(map(os.path.abspath, paths))) != len(paths):
         raise SystemExit("vhostvpn hub: the same socket path was given twice")
-    for path in args.socket:
-        folder = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(folder):
-            raise SystemExit(f"vhostvpn hub: --socket {path}: folder {folder} does not exist")
     if args.subnet is not None:
         if args.subnet.num_addresses < 4:
             raise SystemExit(f"vhostvpn hub: --subnet {args.subnet}: too small for a gateway "
@@ -486,6 +556,9 @@ def _cmd_hub(args: argparse.Namespace) -> int:
         raise SystemExit(f"vhostvpn hub: --ipv6-prefix {args.ipv6_prefix}: SLAAC needs a /64")
     if not HUB_MIN_MTU <= args.mtu <= MAX_MTU:
         raise SystemExit(f"vhostvpn hub: --mtu {args.mtu}: want {HUB_MIN_MTU} to {MAX_MTU}")
+    _check_dhcp_addresses(args)
+    _check_dns(args)
+    check_socket_path_syntax("hub", args)
     config = HubConfig(sockets=args.socket, client_sockets=args.client_socket,
                        control=args.control, queue_pairs=args.queues, subnet=args.subnet,
                        gateway=args.gateway, dhcp=not args.no_dhcp,
@@ -496,35 +569,143 @@ def _cmd_hub(args: argparse.Namespace) -> int:
                        port_policy=not args.no_port_policy, listen=args.listen,
                        identity_dir=args.identity, peers_file=args.peers, name=args.name,
                        socket_access=socket_access_of(args, "hub"))
-    from tunnel.keys import IdentityError
-
-    claim_socket_paths("hub", args.socket, args.control)
+    config.control = claim_socket_paths("hub", args.socket, args.control)
     metrics = open_metrics("hub", args.metrics)
     try:
         hub = Hub(config)
-    except (OSError, ValueError, IdentityError) as exc:  # keys, peers file, state directory
-        raise SystemExit(f"vhostvpn hub: {exc}") from None
-    tune_gc()
+    except Exception as exc:  # keys, peers file, state directory
+        raise SystemExit(f"vhostvpn hub: {setup_failure(exc)}") from None
     from tunnel.daemon import run_daemon
 
-    trio.run(serve, functools.partial(run_daemon, hub.run, hub.status, metrics),
-             hub.tunnel.reload if hub.tunnel is not None else None)
+    return run_role("hub", functools.partial(run_daemon, hub.run, hub.status, metrics),
+                    hub.tunnel.reload if hub.tunnel is not None else None)
+
+
+def setup_failure(exc: Exception) -> str:
+    """A daemon's set-up error (before it runs) in one line naming the flag; anything that
+    is not a set-up error is re-raised (a bug: its traceback is the useful part)."""
+    from tunnel.keys import IdentityError, PeersFileError
+
+    if isinstance(exc, IdentityError):
+        return f"--identity: {exc}"
+    if isinstance(exc, PeersFileError):
+        return f"--peers: {exc}"
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror}"  # e.g. the state or capture folder
+    if isinstance(exc, OSError | ValueError):
+        return str(exc)
+    raise exc
+
+
+def run_role(command: str, run, on_sighup=None) -> int:
+    """Run a hub or endpoint (`run`: tunnel/daemon.py's wrapper around it) until it is told
+    to stop; a failure to start (a port in use, a device that cannot be had:
+    tunnel/startup.py) is one line naming the flag, exit status 1."""
+    from tunnel.hostnet import HostNetworkError
+    from tunnel.startup import find_failure
+
+    tune_gc()
+    try:
+        trio.run(serve, run, on_sighup)
+    except Exception as exc:
+        failure = find_failure(exc, (OSError, HostNetworkError))
+        if failure is None:
+            raise
+        log.debug("%s: stopped by %r", command, failure, exc_info=exc)
+        raise SystemExit(f"vhostvpn {command}: {failure}") from None
     return 0
 
 
-def claim_socket_paths(command: str, sockets: list[str], control: str | None) -> None:
+def _host_of(subnet: ipaddress.IPv4Network, address: ipaddress.IPv4Address) -> bool:
+    return address in subnet and address not in (subnet.network_address,
+                                                 subnet.broadcast_address)
+
+
+def _check_dhcp_addresses(args: argparse.Namespace) -> None:
+    """--dhcp-range and --dhcp-reserve lie in --subnet (checked again by the DHCP server;
+    here the message can name the flag)."""
+    subnet = args.subnet
+    if subnet is None:
+        return
+    if args.dhcp_range is not None and not all(_host_of(subnet, a) for a in args.dhcp_range):
+        first, last = args.dhcp_range
+        raise SystemExit(f"vhostvpn hub: --dhcp-range {first}-{last} is not a range of hosts "
+                         f"of {subnet} (--subnet): both ends must be host addresses in it")
+    for mac, address in args.dhcp_reserve:
+        if not _host_of(subnet, address):
+            raise SystemExit(f"vhostvpn hub: --dhcp-reserve {format_mac(mac)}={address}: "
+                             f"{address} is not a client address of {subnet} (--subnet)")
+        if mac[0] & 1:
+            raise SystemExit(f"vhostvpn hub: --dhcp-reserve {format_mac(mac)}={address}: "
+                             f"a multicast MAC is no NIC's address")
+
+
+def _check_dns(args: argparse.Namespace) -> None:
+    """A DNS server the hub would never hand out is refused: IPv4 ones go out in DHCP
+    replies, IPv6 ones in router advertisements (RDNSS)."""
+    for server in args.dns:
+        if server.version == 6 and args.ipv6_prefix is None:
+            raise SystemExit(f"vhostvpn hub: --dns {server}: IPv6 DNS servers are announced "
+                             f"in router advertisements, which need --ipv6-prefix")
+        if server.version == 4 and (args.subnet is None or args.no_dhcp):
+            raise SystemExit(f"vhostvpn hub: --dns {server}: IPv4 DNS servers are handed out "
+                             f"by DHCP, which needs --subnet (and no --no-dhcp)")
+
+
+def check_socket_path_syntax(command: str, args: argparse.Namespace) -> None:
+    """A comma in a vhost-user socket path would break QEMU's `-chardev socket,path=...`
+    (commas separate its options), so such a path is refused before anything starts."""
+    for flag in ("socket", "client_socket"):
+        paths = getattr(args, flag, [])
+        for path in [paths] if isinstance(paths, str) else paths:
+            if "," in os.path.abspath(path):
+                raise SystemExit(f"vhostvpn {command}: --{flag.replace('_', '-')} {path}: "
+                                 f"a comma in the path breaks QEMU's -chardev option "
+                                 f"(commas separate its options): choose a path without one")
+
+
+def claim_socket_paths(command: str, sockets: list[str], control: str | None) -> str:
     """Before a daemon starts: refuse (one line, exit status 1) when a process answers on
-    one of its --socket or --control paths; remove stale socket files (virtio/unixsock.py)."""
+    one of its --socket or --control paths, or their folder cannot take a socket; remove
+    stale socket files (virtio/unixsock.py).  Returns the control socket's path: --control,
+    or the default for `command` (tunnel/control.py)."""
     from virtio.unixsock import SocketPathBusy, claim
 
     paths = [("--socket", path) for path in sockets]
     if control:
         paths.append(("--control", control))
+    else:
+        control = default_control_path(command)
+        paths.append(("--control (not given; the default)", control))
     for flag, path in paths:
+        check_socket_folder(command, flag, path)
         try:
             claim(path)
         except SocketPathBusy as exc:
             raise SystemExit(f"vhostvpn {command}: {flag} {exc}") from None
+    return control
+
+
+def default_control_path(command: str) -> str:
+    """The default control socket of `command`, its folder made if missing."""
+    from tunnel.control import default_control, make_runtime_dir
+
+    try:
+        make_runtime_dir()
+    except OSError as exc:
+        raise SystemExit(f"vhostvpn {command}: --control not given and the default folder "
+                         f"cannot be used: {exc.strerror or exc} (give --control PATH)") from None
+    return str(default_control(command))
+
+
+def check_socket_folder(command: str, flag: str, path: str) -> None:
+    """The folder of a socket path exists and this user may create a socket in it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise SystemExit(f"vhostvpn {command}: {flag} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SystemExit(f"vhostvpn {command}: {flag} {path}: this user may not create files "
+                         f"in {folder} (run as a user who may, or choose another folder)")
 
 
 def _endpoint_config(args: argparse.Namespace, command: str, **local: object):
@@ -549,27 +730,16 @@ def _endpoint_config(args: argparse.Namespace, command: str, **local: object):
 
 def _run_endpoint(config, command: str, metrics_address: tuple[str | None, int] | None) -> int:
     from tunnel.endpoint import Endpoint
-    from tunnel.keys import IdentityError
 
     metrics = open_metrics(command, metrics_address)
     try:
         endpoint = Endpoint(config)
-    except (OSError, ValueError, IdentityError) as exc:  # keys
-        raise SystemExit(f"vhostvpn {command}: {exc}") from None
-    tune_gc()
+    except Exception as exc:  # keys
+        raise SystemExit(f"vhostvpn {command}: {setup_failure(exc)}") from None
     from tunnel.daemon import run_daemon
-    from tunnel.hostnet import HostNetworkError
 
-    failed: BaseException | None = None
-    try:
-        trio.run(serve, functools.partial(run_daemon, endpoint.run, endpoint.status, metrics))
-    except* (OSError, HostNetworkError) as group:  # the TUN/TAP device or its addresses
-        failed = group
-    while isinstance(failed, BaseExceptionGroup):  # one group per nursery it came through
-        failed = failed.exceptions[0]
-    if failed is not None:
-        raise SystemExit(f"vhostvpn {command}: {failed}")
-    return 0
+    return run_role(command, functools.partial(run_daemon, endpoint.run, endpoint.status,
+                                               metrics))
 
 
 def _cmd_vm(args: argparse.Namespace) -> int:
@@ -577,11 +747,12 @@ def _cmd_vm(args: argparse.Namespace) -> int:
         raise SystemExit("vhostvpn vm: give at least one --socket or --client-socket")
     if not 1 <= args.queues <= 64:
         raise SystemExit(f"vhostvpn vm: --queues {args.queues}: want 1 to 64")
+    check_socket_path_syntax("vm", args)
     config = _endpoint_config(args, "vm", sockets=args.socket,
                               client_sockets=args.client_socket, queue_pairs=args.queues,
                               port_policy=not args.no_port_policy,
                               socket_access=socket_access_of(args, "vm"))
-    claim_socket_paths("vm", args.socket, args.control)
+    config.control = claim_socket_paths("vm", args.socket, args.control)
     return _run_endpoint(config, "vm", args.metrics)
 
 
@@ -598,7 +769,7 @@ def _cmd_host(args: argparse.Namespace) -> int:
         raise SystemExit("vhostvpn host: --tun takes one IPv4 --address (and one IPv6)")
     config = _endpoint_config(args, "host", tap=args.tap, tun=args.tun, dhcp=args.dhcp,
                               addresses=args.address, mtu=args.mtu)
-    claim_socket_paths("host", [], args.control)
+    config.control = claim_socket_paths("host", [], args.control)
     return _run_endpoint(config, "host", args.metrics)
 
 
@@ -613,10 +784,17 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def _cmd_fingerprint(args: argparse.Namespace) -> int:
-    from tunnel.keys import IdentityError, identity_fingerprint
+    from tunnel.keys import CERT_FILE, KEY_FILE, IdentityError, identity_fingerprint
 
+    directory = args.directory
+    if directory.is_file():
+        if directory.name not in (KEY_FILE, CERT_FILE):
+            raise SystemExit(f"vhostvpn fingerprint: {directory} is a file: give the identity "
+                             f"folder `vhostvpn keygen DIR` made (it holds {KEY_FILE} and "
+                             f"{CERT_FILE})")
+        directory = directory.parent  # its key.pem or cert.pem: the folder holds the pair
     try:
-        print(identity_fingerprint(args.directory))
+        print(identity_fingerprint(directory))
     except IdentityError as exc:
         raise SystemExit(f"vhostvpn fingerprint: {exc}") from None
     return 0
@@ -625,16 +803,53 @@ def _cmd_fingerprint(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from tunnel.control import query
 
-    try:
-        state = query(args.control)
-    except OSError as exc:
-        print(f"vhostvpn status: cannot reach {args.control}: {exc}", file=sys.stderr)
-        return 1
+    if args.control:
+        try:
+            answers = {args.control: query(args.control)}
+        except (OSError, ValueError) as exc:
+            print(f"vhostvpn status: cannot reach {args.control}: {exc}", file=sys.stderr)
+            return 1
+    else:
+        answers = query_default_controls()
     if args.json:
-        print(json.dumps(state, indent=2))
+        if len(answers) > 1:
+            raise SystemExit(f"vhostvpn status: {len(answers)} processes answer "
+                             f"({', '.join(answers)}): give --control PATH")
+        print(json.dumps(next(iter(answers.values())), indent=2))
         return 0
-    print(format_status(state))
+    print("\n\n".join(f"{path}:\n{format_status(state)}" if len(answers) > 1
+                      else format_status(state) for path, state in answers.items()))
     return 0
+
+
+def query_default_controls(command: str = "status") -> dict[str, dict]:
+    """The status of every process answering on a default control socket (tunnel/control.py;
+    sockets nobody answers on are left by killed processes and skipped); exit status 1 with
+    what to do when there is none."""
+    from tunnel.control import control_sockets, query, runtime_dir
+
+    answers = {}
+    for path in control_sockets():
+        try:
+            answers[str(path)] = query(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            continue
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"vhostvpn {command}: cannot reach {path}: {exc}") from None
+    if not answers:
+        raise SystemExit(f"vhostvpn {command}: no vhostvpn process answers in {runtime_dir()} "
+                         f"(give --control PATH if it was started with one)")
+    return answers
+
+
+def the_default_control(command: str) -> str:
+    """The control socket when --control is not given and one process answers on a default
+    one; exit status 1 naming them when there are several."""
+    answers = query_default_controls(command)
+    if len(answers) > 1:
+        raise SystemExit(f"vhostvpn {command}: {len(answers)} processes answer "
+                         f"({', '.join(answers)}): give --control PATH")
+    return next(iter(answers))
 
 
 def format_status(state: dict) -> str:
@@ -653,6 +868,7 @@ def format_status(state: dict) -> str:
         refused = ", ".join(f"{k}={v}" for k, v in sorted(tunnel.get("refused", {}).items()))
         lines.append(f"  tunnel on {', '.join(tunnel['listen'])}: {tunnel['peers']} peers, "
                      f"key {tunnel['fingerprint']}" + (f", refused {refused}" if refused else ""))
+        lines += _format_offline_peers(tunnel.get("peer_list", []))
     for port in state.get("ports", []):
         drops = port.get("drops", {}) | port.get("guest_drops", {})
         traffic = (f"in {port['in_frames']} frames/{port['in_bytes']} B, "
@@ -676,6 +892,9 @@ def format_status(state: dict) -> str:
                          + (f", rtt {rtt:.2f} ms" if rtt is not None else "")
                          + f", {traffic}")
             continue
+        if port.get("kind") in ("tap", "tun"):
+            lines += _format_device(port, traffic)
+            continue
         link = "up" if port.get("link_up") else "down"
         broken = f" BROKEN: {port['broken']}" if port.get("broken") else ""
         lines.append(f"  {port['name']}: link {link}{broken}, features "
@@ -683,18 +902,78 @@ def format_status(state: dict) -> str:
     macs = state.get("macs", [])
     if macs:
         lines.append("  MAC table:")
-        lines.extend(f"    {m['mac']} -> {m['port']} (seen {m['age']} s ago)" for m in macs)
+        lines.extend(f"    {m['mac']} -> {m['port']} "
+                     + ("(pinned)" if m["age"] is None else f"(seen {m['age']} s ago)")
+                     for m in macs)
     return "\n".join(lines)
+
+
+def _format_device(port: dict, traffic: str) -> list[str]:
+    """A host's TAP or TUN port: the kernel's view of the device, its addresses (a leased
+    one named), then the traffic."""
+    kernel = port.get("kernel", {})
+    if "error" in kernel:
+        link = f"link unknown ({kernel['error']})"
+    elif kernel:
+        link = (f"link {'up' if kernel.get('admin_up') else 'down'}, carrier "
+                f"{'on' if kernel.get('carrier') else 'off'}, operstate "
+                f"{kernel.get('operstate')}, mtu {kernel.get('mtu')}")
+    else:
+        link = "link unknown"
+    lines = [f"  {port['name']} ({port['kind']}): {link}"]
+    dhcp = port.get("dhcp")
+    if dhcp is not None:
+        lines.append(f"    DHCP {dhcp.get('state')}"
+                     + (f", leased {dhcp['address']}" if dhcp.get("address") else ""))
+    addresses = kernel.get("addresses")
+    if addresses is not None:
+        lines.append(f"    addresses: {', '.join(addresses) or 'none'}")
+    lines.append(f"    {traffic}")
+    return lines
+
+
+def _format_offline_peers(peers: list[dict]) -> list[str]:
+    """The peers file's peers that are not connected: when each was last seen, from where,
+    with which addresses on the segment."""
+    offline = [peer for peer in peers if not peer.get("online")]
+    if not offline:
+        return []
+    lines = ["  offline peers:"]
+    for peer in offline:
+        if peer.get("last_seen") is None:
+            lines.append(f"    {peer['name']}: not seen since the hub started")
+            continue
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(peer["last_seen"]))
+        ago = _ago(time.time() - peer["last_seen"])
+        lines.append(f"    {peer['name']}: last seen {when} ({ago} ago) from {peer.get('from')}"
+                     + (f", addresses {', '.join(peer['addresses'])}"
+                        if peer.get("addresses") else ""))
+    return lines
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds // size} {unit}"
+    return f"{seconds} s"
 
 
 def _cmd_qemu_args(args: argparse.Namespace) -> int:
     mac = args.mac or default_mac(args.socket)
     try:
-        parse_mac(mac)
+        nic_mac(mac)
     except ValueError as exc:
         raise SystemExit(f"vhostvpn qemu-args: --mac: {exc}") from None
     if not 1 <= args.queues <= 64:
         raise SystemExit(f"vhostvpn qemu-args: --queues {args.queues}: want 1 to 64")
+    if args.queues > args.backend_queues:
+        raise SystemExit(
+            f"vhostvpn qemu-args: --queues {args.queues}: the hub or `vhostvpn vm` serving "
+            f"the socket offers {args.backend_queues} queue pairs (its --queues, default "
+            f"{DEFAULT_QUEUE_PAIRS}) and QEMU refuses more; start it with --queues "
+            f"{args.queues} and give --backend-queues {args.queues} here")
+    check_socket_path_syntax("qemu-args", args)
     if args.libvirt:
         try:
             print(libvirt_xml(args.socket, mac, args.mem, args.queues, args.vectors, args.id))
@@ -703,6 +982,29 @@ def _cmd_qemu_args(args: argparse.Namespace) -> int:
         return 0
     print(" ".join(qemu_args(args.socket, mac, args.mem, args.queues, args.vectors, args.id)))
     return 0
+
+
+def nic_mac(text: str) -> bytes:
+    """A MAC a NIC may have: unicast (a multicast one is silently useless: the guest's
+    frames would come from a group address, which switches flood and never learn)."""
+    mac = parse_mac(text.lower())
+    if mac[0] & 1:
+        raise ValueError(f"{text} is a multicast address (the first byte is odd); a NIC "
+                         f"needs a unicast one, e.g. 52:54:00:12:34:56")
+    if not any(mac):
+        raise ValueError(f"{text} is the zero address; a NIC needs a unicast one, e.g. "
+                         f"52:54:00:12:34:56")
+    return mac
+
+
+def memory_size(text: str) -> str:
+    """QEMU's -m syntax (a number is MiB; K, M, G, T suffixes) as the memory backend's size=
+    (where a plain number would be bytes): 1024 -> 1024M, 2G -> 2G (argparse type)."""
+    match = MEMORY_SIZE.fullmatch(text.strip())
+    if match is None or float(match["number"]) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: want a size as QEMU's -m takes it: 1024 (MiB), 512M, 2G")
+    return match["number"] + (match["unit"] or "M").upper()
 
 
 def _cmd_capture(args: argparse.Namespace) -> int:
@@ -716,6 +1018,8 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     if sys.stdout.isatty():
         raise SystemExit("vhostvpn capture: stdout is a terminal: pipe it (| wireshark -k -i -"
                          ", | tshark -r -) or redirect it (> FILE.pcapng)")
+    if args.control is None:
+        args.control = the_default_control("capture")
     try:
         port, frames = stream_capture(args.control, args.port, sys.stdout.buffer,
                                       snaplen=args.snaplen, count=args.count,
@@ -752,34 +1056,29 @@ COMMANDS = {"hub": _cmd_hub, "vm": _cmd_vm, "host": _cmd_host, "status": _cmd_st
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line, with a --config TOML file's values as defaults."""
+    """The command line, with a --config TOML file's values before it (tunnel/configfile.py)."""
+    from tunnel.configfile import ConfigError, config_tokens, find_config
+
     parser = build_parser()
-    args = parser.parse_args(argv)
-    config_path = getattr(args, "config", None)
-    if config_path is None:
-        return args
-    try:
-        with open(config_path, "rb") as file:
-            values = tomllib.load(file)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        parser.error(f"--config {config_path}: {exc}")
-    subparser = parser._subparsers._group_actions[0].choices[args.command]
-    known = {action.dest: action for action in subparser._actions if action.dest != "help"}
-    command_line = []
-    for key, value in values.items():
-        dest = key.replace("-", "_")
-        if dest not in known or dest == "config":
-            parser.error(f"--config {config_path}: unknown setting {key!r}")
-        option = known[dest].option_strings[-1]
-        for item in value if isinstance(value, list) else [value]:
-            if isinstance(item, bool):
-                if item:
-                    command_line.append(option)
-            else:
-                command_line += [option, str(item)]
-    # The file first, the command line after it: later flags win, lists add up.
     argv = sys.argv[1:] if argv is None else argv
-    return parser.parse_args([argv[0], *command_line, *argv[1:]])
+    config_path = find_config(argv[1:])
+    subparser = _subparsers(parser).get(argv[0]) if argv else None
+    if config_path is None or subparser is None or "config" not in _dests(subparser):
+        return parser.parse_args(argv)
+    try:
+        tokens = config_tokens(config_path, subparser, argv[1:])
+    except ConfigError as exc:
+        subparser.error(str(exc))
+    # The file first, the command line after it: later flags win, lists add up.
+    return parser.parse_args([argv[0], *tokens, *argv[1:]])
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return parser._subparsers._group_actions[0].choices
+
+
+def _dests(parser: argparse.ArgumentParser) -> set[str]:
+    return {action.dest for action in parser._actions}
 
 
 def main(argv: list[str] | None = None) -> int:

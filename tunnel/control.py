@@ -23,6 +23,7 @@ import os
 import socket
 import stat
 from collections.abc import Callable
+from pathlib import Path
 
 import trio
 
@@ -206,3 +207,51 @@ def query(path: str, command: str = "status", timeout: float = REQUEST_TIMEOUT) 
                 break
             chunks.append(chunk)
     return json.loads(b"".join(chunks))
+
+
+# -- where a process's control socket is when --control is not given ------------------------
+
+CONTROL_SUFFIX = ".ctl"
+RUNTIME_DIR_MODE = {True: 0o755, False: 0o700}  # root's /run/vhostvpn, a user's own
+
+
+def runtime_dir() -> Path:
+    """The folder of the default control sockets: systemd's RuntimeDirectory=
+    ($RUNTIME_DIRECTORY), /run/vhostvpn as root, $XDG_RUNTIME_DIR/vhostvpn in a user's
+    session, else /tmp/vhostvpn-UID."""
+    if os.environ.get("RUNTIME_DIRECTORY"):
+        return Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0])
+    if os.geteuid() == 0:
+        return Path("/run/vhostvpn")
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(os.environ["XDG_RUNTIME_DIR"]) / "vhostvpn"
+    return Path(f"/tmp/vhostvpn-{os.geteuid()}")
+
+
+def default_control(command: str) -> Path:
+    """`vhostvpn COMMAND`'s control socket when --control is not given: hub.ctl, vm.ctl or
+    host.ctl in `runtime_dir()` (a second one of a kind needs --control)."""
+    return runtime_dir() / f"{command}{CONTROL_SUFFIX}"
+
+
+def make_runtime_dir() -> Path:
+    """`runtime_dir()`, created if missing; OSError if it is not a folder of ours that others
+    cannot write (a /tmp fallback someone else created first is refused, not used)."""
+    folder = runtime_dir()
+    folder.mkdir(mode=RUNTIME_DIR_MODE[os.geteuid() == 0], parents=True, exist_ok=True)
+    info = os.lstat(folder)
+    if not stat.S_ISDIR(info.st_mode):
+        raise OSError(errno.ENOTDIR, f"{folder} is not a folder")
+    if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        raise OSError(errno.EPERM, f"{folder} belongs to another user or others may write "
+                                   f"it: not putting a control socket there")
+    return folder
+
+
+def control_sockets() -> list[Path]:
+    """The control sockets in `runtime_dir()` (sorted), whether or not a process answers."""
+    try:
+        entries = sorted(runtime_dir().glob(f"*{CONTROL_SUFFIX}"))
+    except OSError:
+        return []
+    return [path for path in entries if path.is_socket()]

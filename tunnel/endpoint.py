@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import trio
 
@@ -42,7 +43,7 @@ from netstack.frame import ALL_OFFLOADS, Frame
 from netstack.l3host import stable_mac
 from netstack.switch import Switch
 from tunnel.control import serve_control
-from tunnel.hostnet import HostNetwork
+from tunnel.hostnet import HostNetwork, HostNetworkError
 from tunnel.keys import (
     AuthError,
     check_server,
@@ -53,9 +54,10 @@ from tunnel.keys import (
     sign_client_auth,
 )
 from tunnel.session import Link, SessionPort, tune_tcp
+from tunnel.startup import StartupError
 from tunnel.tls import TLSStream
 from tunnel.tunport import TunPort
-from tunnel.tuntap import TapPort, TunTapDevice, run_device
+from tunnel.tuntap import TapPort, TunTapDevice, TunTapError, run_device
 from tunnel.wire import CloseCode, Closed, Eof, Frames, Hello, Ping, Pong, WireConnection, WireError
 from virtio.backend import attach_sockets
 from virtio.unixsock import OWNER_ONLY, SocketAccess
@@ -125,6 +127,14 @@ class Refused(Exception):
         self.reason = reason
 
 
+def open_device(name: str, mode: Literal["tap", "tun"]) -> TunTapDevice:
+    """The host's TAP or TUN device; a StartupError naming the flag if it cannot be had."""
+    try:
+        return TunTapDevice.open(name, mode)
+    except TunTapError as exc:
+        raise StartupError(f"--{mode} {name}", exc.strerror or str(exc)) from None
+
+
 class Endpoint:
     def __init__(self, config: EndpointConfig) -> None:
         self.config = config
@@ -153,6 +163,8 @@ class Endpoint:
             server = next((s for s in self.servers if s.port is port), None)
             if server is not None:
                 entry |= {"socket": server.path}
+            if port is self.device_port or port is self.tun_port:
+                entry["kernel"] = self._device_state()
             ports.append(entry)
         return {
             "role": "endpoint", "pid": os.getpid(), "name": self.name or None,
@@ -164,6 +176,14 @@ class Endpoint:
                         "connections": self.uplink.connections},
             "ports": ports, **self.switch.status(),
         }
+
+    def _device_state(self) -> dict[str, object]:
+        """The TAP/TUN device's link as the kernel sees it (netlink: one round trip)."""
+        assert self.device is not None and self.network is not None
+        try:
+            return self.network.link_state(self.device.name)
+        except (OSError, HostNetworkError) as exc:
+            return {"error": str(exc)}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
 
@@ -178,7 +198,7 @@ class Endpoint:
 
     def _open_tap(self, name: str) -> None:
         """The host's TAP device, up, with its addresses; undone by `_close_host`."""
-        self.device = TunTapDevice.open(name, "tap")
+        self.device = open_device(name, "tap")
         self.device_port = TapPort(self.device.name, self.device)
         self.switch.attach(self.device_port)
         self.network = HostNetwork()
@@ -196,7 +216,7 @@ class Endpoint:
     def _open_tun(self, name: str) -> None:
         """The host's TUN device, up, with L3Host speaking for it on the segment; static
         addresses now, leased and SLAAC ones as they come; all undone by `_close_host`."""
-        self.device = TunTapDevice.open(name, "tun")
+        self.device = open_device(name, "tun")
         self.network = HostNetwork()
         self.network.set_up(self.device.name, self.config.mtu)
         ipv4 = next((a for a in self.config.addresses if a.version == 4), None)

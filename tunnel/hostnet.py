@@ -193,6 +193,26 @@ class HostNetwork:
         for half in DEFAULT_HALVES[version]:
             self.add_route(half, via=via, ifname=ifname)
 
+    # -- what the kernel says ---------------------------------------------------------------
+
+    def link_state(self, ifname: str) -> dict[str, object]:
+        """The kernel's view of `ifname`: administratively up, carrier, operstate (RFC 2863,
+        as `ip link` shows it), MTU and addresses; for `vhostvpn status`."""
+        ipr = self._socket()
+        index = self._index(ipr, ifname)
+        try:
+            link = ipr.link("get", index=index)[0]
+            addresses = ipr.get_addr(index=index)
+        except NetlinkError as exc:
+            raise HostNetworkError(f"read the state of {ifname}: {exc}") from None
+        return {
+            "admin_up": bool(link["flags"] & IFF_UP),
+            "carrier": bool(link.get_attr("IFLA_CARRIER")),
+            "operstate": link.get_attr("IFLA_OPERSTATE"),
+            "mtu": link.get_attr("IFLA_MTU"),
+            "addresses": [f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}" for a in addresses],
+        }
+
     # -- undo -------------------------------------------------------------------------------
 
     @property

@@ -462,6 +462,10 @@ class Peers:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as error:
             raise PeersFileError(f"cannot read peers file {path}: {error.strerror}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise PeersFileError(f"peers file {path} is not a regular file (want a file of "
+                                 f"`name fingerprint` lines)")
         with os.fdopen(fd, "rb") as file:
             mode = os.fstat(file.fileno()).st_mode
             if mode & 0o022:

@@ -64,6 +64,7 @@ from tunnel.keys import (
     verify_client_auth,
 )
 from tunnel.session import SESSION_MAC_LIMIT, Link, SessionPort, tune_tcp
+from tunnel.startup import StartupError, explain_bind
 from tunnel.tls import TLSStream
 from tunnel.wire import Auth, CloseCode, Closed, Eof, Hello, WireConnection, WireError
 
@@ -117,6 +118,15 @@ class SourceLimiter:
         while len(self.buckets) > MAX_TRACKED_SOURCES:
             self.buckets.popitem(last=False)
         return bucket.take(now)
+
+
+@dataclass(frozen=True)
+class LastSeen:
+    """A peer's last link ended at `when` (wall clock), from `address`, holding `ips`."""
+
+    when: float
+    address: str
+    ips: list[str]
 
 
 @dataclass(eq=False)
@@ -218,6 +228,7 @@ class TunnelListener:
         self.links_ended: dict[str, int] = {}  # by LinkResult.kind
         self.bound: list[tuple[str, int]] = []
         self._two_places_logged: dict[str, float] = {}  # peer name -> when last warned
+        self.seen: dict[str, LastSeen] = {}  # peer name -> its last link's end
         self._nursery: trio.Nursery | None = None
 
     # -- admission ---------------------------------------------------------------------------
@@ -231,7 +242,12 @@ class TunnelListener:
         self.refused[reason] = self.refused.get(reason, 0) + 1
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+        try:
+            listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+        except OSError as exc:
+            where = f"{self.host or ''}:{self.port}"
+            raise StartupError(f"--listen {where}",
+                               explain_bind(exc, self.host, self.port)) from None
         self.bound = [lst.socket.getsockname()[:2] for lst in listeners]
         log.info("tunnel listening on %s, %d peers", ", ".join(
             f"{h}:{p}" for h, p in self.bound), len(self.peers))
@@ -315,6 +331,7 @@ class TunnelListener:
             else:
                 self.slots.trust(handshake.source)
                 result = await link.run()
+                self._last_seen(link.port, address)
                 self.links_ended[result.kind] = self.links_ended.get(result.kind, 0) + 1
                 log.info("%s: link from %s ended: %s", link.port.name, address, result.reason)
         except Exception as exc:
@@ -433,6 +450,7 @@ class TunnelListener:
         changed = {name for name, fp in peers if self.peers.fingerprint_of(name) not in
                    (None, fp)}
         self.peers = peers
+        self.seen = {name: seen for name, seen in self.seen.items() if name in peers.names}
         log.info("peers file reloaded: %d peers, %d removed", len(peers), len(removed))
         for name in removed | changed:
             port = self.sessions.get(name)
@@ -444,11 +462,45 @@ class TunnelListener:
             log.info("%s: disconnected: %s", name,
                      "removed from the peers file" if name in removed else "its key changed")
 
+    # -- who was here: `vhostvpn status` lists every peer of the peers file -------------------
+
+    def _last_seen(self, port: SessionPort, address: str) -> None:
+        """A link of `port` ended: remember when, from where, and the IP addresses the peer
+        used on the segment (they age out of the switch; the record stays).  One record per
+        name of the peers file (names come from it), so bounded by it."""
+        ips = self._addresses_by_port().get(port, [])
+        self.seen[port.name] = LastSeen(time.time(), address, ips)
+
+    def _addresses_by_port(self) -> dict[object, list[str]]:
+        """The IP addresses each port holds in the switch (leased or claimed), by port."""
+        held: dict[object, list[ipaddress.IPv4Address | ipaddress.IPv6Address]] = {}
+        for ip, (owner, _, _) in self.switch.addresses.owners.items():
+            held.setdefault(owner, []).append(ipaddress.ip_address(ip))
+        return {owner: [str(ip) for ip in sorted(ips, key=lambda ip: (ip.version, ip))]
+                for owner, ips in held.items()}
+
+    def peer_status(self) -> list[dict[str, object]]:
+        """Every peer of the peers file: online now, or when it was last seen (this hub's
+        lifetime), from which address, with which IP addresses on the segment."""
+        held = self._addresses_by_port()
+        peers = []
+        for name, digest in self.peers:
+            port = self.sessions.get(name)
+            online = port is not None and port.active is not None
+            seen = self.seen.get(name)
+            peers.append({
+                "name": name, "fingerprint": format_fingerprint(digest), "online": online,
+                "last_seen": None if online or seen is None else round(seen.when, 3),
+                "from": port.peer_address if online else (seen.address if seen else None),
+                "addresses": held.get(port, []) if online else (seen.ips if seen else []),
+            })
+        return peers
+
     def status(self) -> dict[str, object]:
         return {"listen": [f"{h}:{p}" for h, p in self.bound], "peers": len(self.peers),
                 "handshakes": self.handshakes, "refused": dict(self.refused),
                 "links_ended": dict(self.links_ended),
-                "fingerprint": self.identity.fingerprint}
+                "fingerprint": self.identity.fingerprint, "peer_list": self.peer_status()}
 
 
 async def _close_quietly(stream: trio.abc.AsyncResource) -> None:

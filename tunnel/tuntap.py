@@ -38,6 +38,7 @@ import errno
 import fcntl
 import logging
 import os
+import socket
 import struct
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
@@ -226,7 +227,10 @@ class TunTapDevice:
         try:
             fd = os.open(TUN_DEVICE, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
-            raise TunTapError(exc.errno, f"cannot open {TUN_DEVICE}: {exc.strerror}") from None
+            hint = {errno.ENOENT: " (load the tun module: modprobe tun)",
+                    errno.EACCES: " (it takes root or CAP_NET_ADMIN)"}.get(exc.errno, "")
+            raise TunTapError(exc.errno, f"cannot open {TUN_DEVICE}: {exc.strerror}{hint}") \
+                from None
         try:
             try:
                 reply = fcntl.ioctl(
@@ -234,9 +238,7 @@ class TunTapDevice:
                 )
                 fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
             except OSError as exc:
-                raise TunTapError(
-                    exc.errno, f"cannot create {mode} device {name!r}: {exc.strerror}"
-                ) from None
+                raise TunTapError(exc.errno, _why_not_created(exc, name, mode)) from None
             actual = IFREQ.unpack(reply)[0].rstrip(b"\0").decode()
             device = cls(fd, actual, mode, Offload.NONE)
             device.set_offloads(offloads)
@@ -366,6 +368,29 @@ class TunTapDevice:
     def __repr__(self) -> str:
         offloads = describe(self.offloads)
         return f"TunTapDevice({self.name!r}, {self.mode}, fd={self.fd}, offloads={offloads})"
+
+
+def _why_not_created(exc: OSError, name: str, mode: Mode) -> str:
+    """TUNSETIFF's refusal in words, with what to do."""
+    kind = mode.upper()
+    if exc.errno == errno.EBUSY:
+        return (f"{kind} device {name} is in use by another process (another `vhostvpn "
+                f"host`?): stop it, or choose another name")
+    if exc.errno == errno.EINVAL and name_exists(name):
+        return (f"a network interface named {name} exists and is not a {kind} device "
+                f"vhostvpn can attach to: choose a name no interface has")
+    if exc.errno == errno.EPERM:
+        return f"creating a {kind} device takes root or CAP_NET_ADMIN"
+    return f"cannot create {mode} device {name!r}: {exc.strerror}"
+
+
+def name_exists(name: str) -> bool:
+    """Is there a network interface called `name` (in this namespace)?"""
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return False
+    return True
 
 
 class TapPort(QueuedPort):
