@@ -129,17 +129,20 @@ class Soak:
 
     async def run(self, seconds: float) -> None:
         async with trio.open_nursery() as nursery:
-            await self.loop.start(nursery)
-            self.started = trio.current_time()
-            nursery.start_soon(self.sampler)
-            nursery.start_soon(self.pinger)
-            number = 0
-            while trio.current_time() - self.started < seconds:
-                await self.cycle(number, nursery)
-                print(f"cycle {number}: {self.quiet[-1]} {self.events}", flush=True)
-                number += 1
-            await self.loop.stop()
-            nursery.cancel_scope.cancel()
+            try:
+                await self.loop.start(nursery)
+                self.started = trio.current_time()
+                nursery.start_soon(self.sampler)
+                nursery.start_soon(self.pinger)
+                number = 0
+                while trio.current_time() - self.started < seconds:
+                    await self.cycle(number, nursery)
+                    print(f"cycle {number}: {self.quiet[-1]} {self.events}", flush=True)
+                    number += 1
+            finally:  # whatever happened, nothing this run started outlives it
+                with trio.CancelScope(shield=True):
+                    await self.loop.stop()
+                nursery.cancel_scope.cancel()
 
 
 async def run_stranger_burst(hub_netns: str) -> dict[str, int]:
