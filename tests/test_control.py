@@ -33,7 +33,7 @@ async def test_the_control_socket_is_created_0600_whatever_the_umask(tmp_path):
     path = str(tmp_path / "c.sock")
     old = os.umask(0)
     try:
-        sock = await bind_private(path)
+        sock = bind_private(path, 1)
     finally:
         os.umask(old)
     with sock:

@@ -68,14 +68,17 @@ class AcceptFailures:
         await trio.sleep(ACCEPT_RETRY_SECONDS)
 
 
-async def bind_private(path: str) -> trio.socket.SocketType:
-    """A unix stream socket bound at `path` with mode SOCKET_MODE from the start: Linux
-    creates the file with the socket's own mode (less the umask), set here before bind."""
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def bind_private(path: str, backlog: int) -> trio.socket.SocketType:
+    """A unix stream socket listening at `path` with mode SOCKET_MODE from the start: Linux
+    creates the file with the socket's own mode (less the umask), set here before bind.
+    Bind and listen follow each other with nothing in between (no checkpoint): a client that
+    sees the file finds it listening."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         os.fchmod(sock.fileno(), SOCKET_MODE)
         claim(path)
-        await sock.bind(path)
+        sock.bind(path)
+        sock.listen(backlog)
         mode = stat.S_IMODE(os.stat(path).st_mode)
         if mode & ~SOCKET_MODE:
             os.unlink(path)
@@ -84,7 +87,7 @@ async def bind_private(path: str) -> trio.socket.SocketType:
     except BaseException:
         sock.close()
         raise
-    return sock
+    return trio.socket.from_stdlib_socket(sock)
 
 
 async def serve_control(
@@ -98,9 +101,8 @@ async def serve_control(
     (the switch's ports) is given."""
     from tunnel.capture import MAX_CAPTURES, serve_capture
 
-    listener = await bind_private(path)
+    listener = bind_private(path, MAX_CLIENTS)
     bound = BoundPath.after_bind(path)
-    listener.listen(MAX_CLIENTS)
     log.info("control socket on %s", path)
     task_status.started()
     clients = 0

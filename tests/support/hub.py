@@ -69,6 +69,15 @@ class VhostvpnProcess:
                 if self.process.poll() is not None:
                     raise RuntimeError(f"{self.name} exited early:\n{self.log_path.read_text()}")
                 await trio.sleep(0.05)
+            while True:  # and it answers (a path can be there a moment before its listener)
+                try:
+                    await self.status()
+                    break
+                except OSError:
+                    if self.process.poll() is not None:
+                        raise RuntimeError(
+                            f"{self.name} exited early:\n{self.log_path.read_text()}") from None
+                    await trio.sleep(0.05)
 
     async def kill(self) -> None:
         """kill -9, as a crash would."""
