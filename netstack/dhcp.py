@@ -372,11 +372,6 @@ class DhcpRequest:
     param_request: bytes = b""
     max_message_size: int | None = None
 
-    @property
-    def client_key(self) -> bytes:
-        """Who the client says it is: its identifier, else its hardware address."""
-        return self.client_id if self.client_id is not None else b"\x01" + self.chaddr
-
 
 def parse_request(frame: bytes) -> DhcpRequest:
     """Check and decode a client's DHCP frame; raise MalformedRequest for anything else."""

@@ -90,30 +90,6 @@ class Frame:
         self.data = data
         self.offload = offload
 
-    @property
-    def flags(self) -> int:
-        return self.offload[0]
-
-    @property
-    def gso_type(self) -> int:
-        return self.offload[1]
-
-    @property
-    def hdr_len(self) -> int:
-        return self.offload[2]
-
-    @property
-    def gso_size(self) -> int:
-        return self.offload[3]
-
-    @property
-    def csum_start(self) -> int:
-        return self.offload[4]
-
-    @property
-    def csum_offset(self) -> int:
-        return self.offload[5]
-
     def pack_virtio_header(self, into: memoryview, offset: int, num_buffers: int) -> None:
         """Write this frame's 12-byte virtio_net_hdr at `offset` of `into`."""
         VIRTIO_NET_HDR.pack_into(into, offset, *self.offload, num_buffers)
@@ -130,14 +106,6 @@ class Frame:
         if flags & HDR_F_NEEDS_CSUM:
             need |= Offload.CSUM
         return need
-
-    @property
-    def dst_mac(self) -> bytes:
-        return bytes(self.data[0:6])
-
-    @property
-    def src_mac(self) -> bytes:
-        return bytes(self.data[6:12])
 
     def __len__(self) -> int:
         return len(self.data)

@@ -11,11 +11,11 @@ kernel refused (it is counted and dropped).
 The path of a frame through this module:
   device -> switch: `_read_loop` waits until the fd is readable, `TunTapDevice.read_batch`
     reads up to BATCH packets (one `readv` each into one preallocated buffer, until EAGAIN),
-    `parse_vnet` splits each into header and packet (one copy, the packet's), and the loop
+    splits each into header and packet (one copy, the packet's), and the loop
     hands the whole batch to `forward(port, frames)` once.
   switch -> device: the switch queues frames on the port (`QueuedPort.deliver`, bounded);
     `_write_loop` wakes on `on_ready`, and `TunTapDevice.write_batch` writes each frame with
-    one `writev([vnet_header(frame), frame.data])`.  EAGAIN leaves the rest queued and the
+    one `writev([virtio_net_hdr, frame.data])`.  EAGAIN leaves the rest queued and the
     loop waits until the fd is writable (at most WRITE_STALL_SECONDS, then the queue is
     dropped and counted); any other refusal (EINVAL: a malformed frame or header) drops
     that one frame and counts it under its errno name.
@@ -124,26 +124,6 @@ Mode = Literal["tap", "tun"]
 
 class TunTapError(OSError):
     """The device could not be opened or configured, or went away."""
-
-
-def parse_vnet(buf: bytes | bytearray | memoryview) -> Frame:
-    """A Frame from a 12-byte virtio_net_hdr followed by a packet (the packet is copied).
-
-    The header's first two bytes (flags, gso_type) both zero mean no metadata: `PLAIN`."""
-    if len(buf) < VNET_HDR_LEN:
-        raise ValueError(f"a vnet packet needs a {VNET_HDR_LEN}-byte header, got {len(buf)} bytes")
-    data = bytes(memoryview(buf)[VNET_HDR_LEN:])
-    if buf[0] == 0 and buf[1] == 0:
-        return Frame(data)
-    return Frame(data, VIRTIO_NET_HDR.unpack_from(buf, 0)[:6])
-
-
-def vnet_header(frame: Frame) -> bytes:
-    """The 12-byte virtio_net_hdr to write in front of `frame` (num_buffers 0)."""
-    offload = frame.offload
-    if offload is PLAIN:
-        return PLAIN_HEADER
-    return VIRTIO_NET_HDR.pack(*offload, 0)
 
 
 def tun_offload_flags(offloads: Offload) -> int:
