@@ -21,7 +21,8 @@ VLAN_TAG_LEN = 4
 # wire codec does too (tunnel/wire.py MAX_FRAME).
 MAX_FRAME_LEN = 65535 + ETH_HEADER_LEN + 2 * VLAN_TAG_LEN
 
-# struct virtio_net_hdr (with num_buffers: 12 bytes whenever VERSION_1 or MRG_RXBUF).
+# struct virtio_net_hdr (with num_buffers: 12 bytes whenever VERSION_1 or MRG_RXBUF): the
+# header every hop uses (vhost-user rings, TUNSETVNETHDRSZ), so one is copied through unchanged.
 VIRTIO_NET_HDR = struct.Struct("<BBHHHHH")
 VIRTIO_NET_HDR_LEN = VIRTIO_NET_HDR.size
 
