@@ -134,14 +134,13 @@ from pathlib import Path
 
 import dpkt
 
-from netstack.frame import ETH_ADDR_LEN, ETH_HEADER_LEN, format_mac, parse_mac
+from netstack.frame import ETH_ADDR_LEN, ETH_HEADER_LEN, ETH_P_IP, format_mac, parse_mac
 from netstack.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
 
 # --- Numbers from the specs ---------------------------------------------------------------
 
-ETH_P_IP = 0x0800
 BROADCAST_MAC = b"\xff" * ETH_ADDR_LEN
 IPV4_BROADCAST = IPv4Address("255.255.255.255")
 IPV4_UNSPECIFIED = IPv4Address("0.0.0.0")

@@ -21,6 +21,21 @@ VLAN_TAG_LEN = 4
 # wire codec does too (tunnel/wire.py MAX_FRAME).
 MAX_FRAME_LEN = 65535 + ETH_HEADER_LEN + 2 * VLAN_TAG_LEN
 
+# EtherTypes (linux/if_ether.h names), as ints for struct and dpkt and as the two bytes at
+# offset 12, which the per-frame checks compare slices against without unpacking.
+ETH_P_IP = 0x0800
+ETH_P_ARP = 0x0806
+ETH_P_IPV6 = 0x86DD
+ETH_P_8021Q = 0x8100  # 802.1Q customer (VLAN) tag
+ETH_P_8021AD = 0x88A8  # 802.1ad service tag
+ETH_P_QINQ1 = 0x9100  # the pre-standard service tag
+ETHERTYPE_IP = ETH_P_IP.to_bytes(2, "big")
+ETHERTYPE_ARP = ETH_P_ARP.to_bytes(2, "big")
+ETHERTYPE_IPV6 = ETH_P_IPV6.to_bytes(2, "big")
+ETHERTYPE_8021Q = ETH_P_8021Q.to_bytes(2, "big")
+ETHERTYPE_8021AD = ETH_P_8021AD.to_bytes(2, "big")
+ETHERTYPE_QINQ1 = ETH_P_QINQ1.to_bytes(2, "big")
+
 # struct virtio_net_hdr (with num_buffers: 12 bytes whenever VERSION_1 or MRG_RXBUF): the
 # header every hop uses (vhost-user rings, TUNSETVNETHDRSZ), so one is copied through unchanged.
 VIRTIO_NET_HDR = struct.Struct("<BBHHHHH")
