@@ -665,12 +665,10 @@ class DhcpServer:
                 "budgets": len(self._budgets), "held_acks": len(self._held),
                 "free": len(self._free), "in_use_resting": len(self._in_use_resting)}
 
-    def expire(self, now: float | None = None) -> None:
+    def expire(self, now: float) -> None:
         """End leases, offers and declines whose time is up.  The gateway calls this every
         few seconds, never per frame; `now` is on the server's clock (wall time by default:
         expiries outlive the process).  Costs the expired entries, not the table."""
-        if now is None:
-            now = self.clock()
         heap = self._expiries
         while heap and heap[0][0] <= now:
             expires, mac = heapq.heappop(heap)

@@ -82,6 +82,7 @@ class DhcpService:
 
     counters: Counter[str]
 
+    def clock(self) -> float: ...  # the server's own clock (wall time: leases outlive us)
     def handle(self, frame: bytes) -> list[bytes]: ...
     def expire(self, now: float) -> None: ...
 
@@ -281,14 +282,14 @@ class GatewayPort(SpeakingPort):
 
     # -- timed work ---------------------------------------------------------------------------
 
-    def tick(self) -> None:
-        """Do what is due: periodic router advertisements, DHCP lease expiry."""
-        now = self.clock()
+    def tick(self, now: float) -> None:
+        """Do what is due at `now` (on the gateway's clock): periodic router advertisements,
+        DHCP lease expiry (on the DHCP server's own clock)."""
         frames = self.ra.tick(now) if self.ra is not None else []
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + HOUSEKEEPING_SECONDS
             if self.dhcp is not None:
-                self.dhcp.expire(time.time())  # leases live in wall-clock time
+                self.dhcp.expire(self.dhcp.clock())
         if frames:
             self._send(frames)
 

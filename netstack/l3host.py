@@ -764,10 +764,9 @@ class L3Host:
 
     # -- timed work --------------------------------------------------------------------------
 
-    def tick(self, now: float | None = None) -> list[Frame]:
-        """Retry or give up on resolutions; expire routers, prefixes, SLAAC addresses."""
-        if now is None:
-            now = self.clock()
+    def tick(self, now: float) -> list[Frame]:
+        """Retry or give up on resolutions; expire routers, prefixes, SLAAC addresses; `now`
+        is on the host's clock."""
         frames: list[Frame] = []
         for address, pending in list(self._pending.items()):
             if pending.next_try > now:

@@ -146,9 +146,9 @@ class Switch:
                 self.mac_counts[entry[0]] -= 1
         self.mac_table[mac] = (port, seen)
 
-    def expire(self) -> None:
-        """Sweep aged MACs and IP claims (the hub calls this every few seconds)."""
-        now = self.clock()
+    def expire(self, now: float) -> None:
+        """Sweep aged MACs and IP claims (the hub calls this every few seconds); `now` is on
+        the switch's clock."""
         for mac, (owner, seen) in list(self.mac_table.items()):
             if now - seen > self.aging:
                 del self.mac_table[mac]

@@ -253,7 +253,7 @@ def test_a_reserved_mac_never_ages_and_no_port_can_take_it():
     switch.attach(guest)
     switch.reserve(a, A, [bytes([10, 0, 0, 1])])
     clock.now += 10 * switch.aging
-    switch.expire()
+    switch.expire(switch.clock())
     switch.forward(guest, [eth(BROADCAST, A)])
     switch.forward(b, [eth(BROADCAST, A)])  # an unpoliced port cannot move it either
     assert guest.counters.drops == {"mac_spoof": 1} and b.counters.drops == {"mac_spoof": 1}
