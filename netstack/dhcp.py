@@ -134,14 +134,13 @@ from pathlib import Path
 
 import dpkt
 
-from netstack.frame import ETH_ADDR_LEN, ETH_HEADER_LEN, format_mac, parse_mac
+from netstack.frame import ETH_ADDR_LEN, ETH_HEADER_LEN, ETH_P_IP, format_mac, parse_mac
 from netstack.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
 
 # --- Numbers from the specs ---------------------------------------------------------------
 
-ETH_P_IP = 0x0800
 BROADCAST_MAC = b"\xff" * ETH_ADDR_LEN
 IPV4_BROADCAST = IPv4Address("255.255.255.255")
 IPV4_UNSPECIFIED = IPv4Address("0.0.0.0")
@@ -371,11 +370,6 @@ class DhcpRequest:
     hostname: str | None = None  # None if absent or not a plausible host name
     param_request: bytes = b""
     max_message_size: int | None = None
-
-    @property
-    def client_key(self) -> bytes:
-        """Who the client says it is: its identifier, else its hardware address."""
-        return self.client_id if self.client_id is not None else b"\x01" + self.chaddr
 
 
 def parse_request(frame: bytes) -> DhcpRequest:
@@ -671,12 +665,10 @@ class DhcpServer:
                 "budgets": len(self._budgets), "held_acks": len(self._held),
                 "free": len(self._free), "in_use_resting": len(self._in_use_resting)}
 
-    def expire(self, now: float | None = None) -> None:
+    def expire(self, now: float) -> None:
         """End leases, offers and declines whose time is up.  The gateway calls this every
         few seconds, never per frame; `now` is on the server's clock (wall time by default:
         expiries outlive the process).  Costs the expired entries, not the table."""
-        if now is None:
-            now = self.clock()
         heap = self._expiries
         while heap and heap[0][0] <= now:
             expires, mac = heapq.heappop(heap)

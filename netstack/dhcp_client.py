@@ -51,11 +51,17 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 import dpkt
 
-from netstack.frame import ETH_ADDR_LEN, ETH_HEADER_LEN, HDR_F_NEEDS_CSUM, Frame
+from netstack.frame import (
+    ETH_ADDR_LEN,
+    ETH_HEADER_LEN,
+    ETH_P_IP,
+    ETHERTYPE_IP,
+    HDR_F_NEEDS_CSUM,
+    Frame,
+)
 
 # --- Numbers from the specs ---------------------------------------------------------------
 
-ETH_P_IP = 0x0800
 BROADCAST_MAC = b"\xff" * ETH_ADDR_LEN
 IPV4_BROADCAST = IPv4Address("255.255.255.255")
 IPV4_UNSPECIFIED = IPv4Address("0.0.0.0")
@@ -139,7 +145,7 @@ def is_dhcp_reply(frame: Frame) -> bool:
     """Whether `frame` is IPv4/UDP from port 67 to port 68 (fixed offsets, nothing checked)."""
     data = frame.data
     if len(data) < ETH_HEADER_LEN + IPV4_MIN_HEADER_LEN + UDP_HEADER_LEN \
-            or data[12:14] != b"\x08\x00" or data[23] != IPPROTO_UDP:
+            or data[12:14] != ETHERTYPE_IP or data[23] != IPPROTO_UDP:
         return False
     udp_at = ETH_HEADER_LEN + (data[14] & 0x0F) * 4
     return bytes(data[udp_at:udp_at + 4]) == b"\x00\x43\x00\x44"
@@ -462,7 +468,7 @@ class DhcpClient:
         eth_dst, eth_src = data[0:6], data[6:12]
         if eth_dst != self.mac and eth_dst != BROADCAST_MAC:
             raise _Drop("not_for_us")
-        if data[12:14] != b"\x08\x00":
+        if data[12:14] != ETHERTYPE_IP:
             raise _Drop("not_dhcp")
         ihl = (data[14] & 0x0F) * 4
         (total,) = struct.unpack_from("!H", data, 16)

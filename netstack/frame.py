@@ -21,7 +21,23 @@ VLAN_TAG_LEN = 4
 # wire codec does too (tunnel/wire.py MAX_FRAME).
 MAX_FRAME_LEN = 65535 + ETH_HEADER_LEN + 2 * VLAN_TAG_LEN
 
-# struct virtio_net_hdr (with num_buffers: 12 bytes whenever VERSION_1 or MRG_RXBUF).
+# EtherTypes (linux/if_ether.h names), as ints for struct and dpkt and as the two bytes at
+# offset 12, which the per-frame checks compare slices against without unpacking.
+ETH_P_IP = 0x0800
+ETH_P_ARP = 0x0806
+ETH_P_IPV6 = 0x86DD
+ETH_P_8021Q = 0x8100  # 802.1Q customer (VLAN) tag
+ETH_P_8021AD = 0x88A8  # 802.1ad service tag
+ETH_P_QINQ1 = 0x9100  # the pre-standard service tag
+ETHERTYPE_IP = ETH_P_IP.to_bytes(2, "big")
+ETHERTYPE_ARP = ETH_P_ARP.to_bytes(2, "big")
+ETHERTYPE_IPV6 = ETH_P_IPV6.to_bytes(2, "big")
+ETHERTYPE_8021Q = ETH_P_8021Q.to_bytes(2, "big")
+ETHERTYPE_8021AD = ETH_P_8021AD.to_bytes(2, "big")
+ETHERTYPE_QINQ1 = ETH_P_QINQ1.to_bytes(2, "big")
+
+# struct virtio_net_hdr (with num_buffers: 12 bytes whenever VERSION_1 or MRG_RXBUF): the
+# header every hop uses (vhost-user rings, TUNSETVNETHDRSZ), so one is copied through unchanged.
 VIRTIO_NET_HDR = struct.Struct("<BBHHHHH")
 VIRTIO_NET_HDR_LEN = VIRTIO_NET_HDR.size
 
@@ -90,30 +106,6 @@ class Frame:
         self.data = data
         self.offload = offload
 
-    @property
-    def flags(self) -> int:
-        return self.offload[0]
-
-    @property
-    def gso_type(self) -> int:
-        return self.offload[1]
-
-    @property
-    def hdr_len(self) -> int:
-        return self.offload[2]
-
-    @property
-    def gso_size(self) -> int:
-        return self.offload[3]
-
-    @property
-    def csum_start(self) -> int:
-        return self.offload[4]
-
-    @property
-    def csum_offset(self) -> int:
-        return self.offload[5]
-
     def pack_virtio_header(self, into: memoryview, offset: int, num_buffers: int) -> None:
         """Write this frame's 12-byte virtio_net_hdr at `offset` of `into`."""
         VIRTIO_NET_HDR.pack_into(into, offset, *self.offload, num_buffers)
@@ -130,14 +122,6 @@ class Frame:
         if flags & HDR_F_NEEDS_CSUM:
             need |= Offload.CSUM
         return need
-
-    @property
-    def dst_mac(self) -> bytes:
-        return bytes(self.data[0:6])
-
-    @property
-    def src_mac(self) -> bytes:
-        return bytes(self.data[6:12])
 
     def __len__(self) -> int:
         return len(self.data)

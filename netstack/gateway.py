@@ -33,19 +33,23 @@ from dataclasses import dataclass
 
 import dpkt
 
-from netstack.frame import ETH_HEADER_LEN, Frame, Offload
+from netstack.frame import (
+    ETH_HEADER_LEN,
+    ETH_P_ARP,
+    ETH_P_IP,
+    ETH_P_IPV6,
+    ETHERTYPE_ARP,
+    ETHERTYPE_IP,
+    ETHERTYPE_IPV6,
+    Frame,
+    Offload,
+)
 from netstack.ipv6 import IPPROTO_ICMPV6, IPV6_HEADER_LEN, icmpv6_checksum_ok, walk_chain
 from netstack.port import SpeakingPort
 from netstack.ra import HOP_LIMIT_ND, RouterAdvertiser, link_local_from_mac
 
 log = logging.getLogger(__name__)
 
-ETH_P_IPV4 = 0x0800
-ETH_P_ARP = 0x0806
-ETH_P_IPV6 = 0x86DD
-ETHERTYPE_IPV4 = b"\x08\x00"
-ETHERTYPE_ARP = b"\x08\x06"
-ETHERTYPE_IPV6 = b"\x86\xdd"
 IPV6_ANY = bytes(16)
 BROADCAST_MAC = b"\xff" * 6
 IPV6_MULTICAST_MAC_PREFIX = 0x33
@@ -78,6 +82,7 @@ class DhcpService:
 
     counters: Counter[str]
 
+    def clock(self) -> float: ...  # the server's own clock (wall time: leases outlive us)
     def handle(self, frame: bytes) -> list[bytes]: ...
     def expire(self, now: float) -> None: ...
 
@@ -151,7 +156,7 @@ class GatewayPort(SpeakingPort):
         ethertype = data[12:14]
         if ethertype == ETHERTYPE_IPV6:
             return self._ipv6(data) if self.ipv6 else []
-        if self.ipv4 is None or (ethertype != ETHERTYPE_ARP and ethertype != ETHERTYPE_IPV4):
+        if self.ipv4 is None or (ethertype != ETHERTYPE_ARP and ethertype != ETHERTYPE_IP):
             return []  # VLAN-tagged and other frames: not on the gateway's segment
         eth = dpkt.ethernet.Ethernet(data)
         if eth.type == ETH_P_ARP:
@@ -202,7 +207,7 @@ class GatewayPort(SpeakingPort):
         reply = dpkt.ip.IP(src=self.ipv4, dst=ip.src, p=dpkt.ip.IP_PROTO_ICMP, ttl=DEFAULT_TTL,
                            data=reply_icmp)
         reply.len = len(reply)
-        return [self._ethernet(eth.src, ETH_P_IPV4, reply)]
+        return [self._ethernet(eth.src, ETH_P_IP, reply)]
 
     # -- IPv6 ------------------------------------------------------------------------------
 
@@ -277,14 +282,14 @@ class GatewayPort(SpeakingPort):
 
     # -- timed work ---------------------------------------------------------------------------
 
-    def tick(self) -> None:
-        """Do what is due: periodic router advertisements, DHCP lease expiry."""
-        now = self.clock()
+    def tick(self, now: float) -> None:
+        """Do what is due at `now` (on the gateway's clock): periodic router advertisements,
+        DHCP lease expiry (on the DHCP server's own clock)."""
         frames = self.ra.tick(now) if self.ra is not None else []
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + HOUSEKEEPING_SECONDS
             if self.dhcp is not None:
-                self.dhcp.expire(time.time())  # leases live in wall-clock time
+                self.dhcp.expire(self.dhcp.clock())
         if frames:
             self._send(frames)
 

@@ -66,6 +66,11 @@ import dpkt
 
 from netstack.frame import (
     ETH_HEADER_LEN,
+    ETH_P_ARP,
+    ETH_P_IPV6,
+    ETHERTYPE_ARP,
+    ETHERTYPE_IP,
+    ETHERTYPE_IPV6,
     HDR_F_NEEDS_CSUM,
     PLAIN,
     Frame,
@@ -78,11 +83,6 @@ log = logging.getLogger(__name__)
 
 # --- Numbers from the specs ---------------------------------------------------------------
 
-ETHERTYPE_IPV4 = b"\x08\x00"
-ETHERTYPE_ARP = b"\x08\x06"
-ETHERTYPE_IPV6 = b"\x86\xdd"
-ETH_P_ARP = 0x0806
-ETH_P_IPV6 = 0x86DD
 BROADCAST_MAC = b"\xff" * 6
 ZERO_MAC = bytes(6)
 IPV4_MULTICAST_MAC_PREFIX = b"\x01\x00\x5e"  # RFC 1112 6.4
@@ -336,7 +336,7 @@ class L3Host:
         size = len(packet)
         version = packet[0] >> 4 if size else 0
         if version == 4 and size >= IPV4_MIN_HEADER_LEN:
-            ethertype = ETHERTYPE_IPV4
+            ethertype = ETHERTYPE_IP
             hop, mac = self._route4(bytes(packet[16:20]))
         elif version == 6 and size >= IPV6_HEADER_LEN:
             ethertype = ETHERTYPE_IPV6
@@ -450,7 +450,7 @@ class L3Host:
     def _dispatch(self, frame: Frame, data: bytes, to_us: bool
                   ) -> tuple[list[tuple[bytes, tuple]], list[Frame]]:
         ethertype = data[12:14]
-        if ethertype == ETHERTYPE_IPV4:
+        if ethertype == ETHERTYPE_IP:
             return self._ipv4_in(frame, data, to_us), []
         if ethertype == ETHERTYPE_IPV6:
             if len(data) >= ETH_HEADER_LEN + IPV6_HEADER_LEN + 1 and data[20] == IPPROTO_ICMPV6 \
@@ -764,10 +764,9 @@ class L3Host:
 
     # -- timed work --------------------------------------------------------------------------
 
-    def tick(self, now: float | None = None) -> list[Frame]:
-        """Retry or give up on resolutions; expire routers, prefixes, SLAAC addresses."""
-        if now is None:
-            now = self.clock()
+    def tick(self, now: float) -> list[Frame]:
+        """Retry or give up on resolutions; expire routers, prefixes, SLAAC addresses; `now`
+        is on the host's clock."""
         frames: list[Frame] = []
         for address, pending in list(self._pending.items()):
             if pending.next_try > now:

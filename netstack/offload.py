@@ -54,6 +54,10 @@ from typing import NamedTuple
 
 from netstack.frame import (
     ETH_HEADER_LEN,
+    ETH_P_8021AD,
+    ETH_P_8021Q,
+    ETH_P_IP,
+    ETH_P_IPV6,
     GSO_ECN,
     GSO_NONE,
     GSO_TCPV4,
@@ -63,17 +67,13 @@ from netstack.frame import (
     HDR_F_DATA_VALID,
     HDR_F_NEEDS_CSUM,
     PLAIN,
+    VLAN_TAG_LEN,
     Frame,
     Offload,
 )
 
 # Ethernet (IEEE 802.3, 802.1Q, 802.1ad)
 ETH_TYPE_OFFSET = 12
-ETH_P_IP = 0x0800
-ETH_P_IPV6 = 0x86DD
-ETH_P_8021Q = 0x8100
-ETH_P_8021AD = 0x88A8
-VLAN_TAG_LEN = 4
 MAX_VLAN_TAGS = 2  # QinQ: an S-tag and a C-tag
 
 # IPv4 (RFC 791)

@@ -36,17 +36,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from netstack.frame import ETH_HEADER_LEN, VLAN_TAG_LEN
+from netstack.frame import (
+    ETH_HEADER_LEN,
+    ETHERTYPE_8021AD,
+    ETHERTYPE_8021Q,
+    ETHERTYPE_ARP,
+    ETHERTYPE_IP,
+    ETHERTYPE_IPV6,
+    ETHERTYPE_QINQ1,
+    VLAN_TAG_LEN,
+)
 from netstack.ipv6 import IPV6_HEADER_LEN, nd_link_addresses_match, walk_chain
 from netstack.ratelimit import TokenBucket
 
-ETHERTYPE_IPV4 = b"\x08\x00"
-ETHERTYPE_ARP = b"\x08\x06"
-ETHERTYPE_IPV6 = b"\x86\xdd"
-ETHERTYPE_VLAN = b"\x81\x00"  # 802.1Q customer tag
-ETHERTYPE_QINQ = b"\x88\xa8"  # 802.1ad service tag
-ETHERTYPE_QINQ_LEGACY = b"\x91\x00"  # the pre-standard service tag
-_TAG_TYPES = (ETHERTYPE_VLAN, ETHERTYPE_QINQ, ETHERTYPE_QINQ_LEGACY)
+_TAG_TYPES = (ETHERTYPE_8021Q, ETHERTYPE_8021AD, ETHERTYPE_QINQ1)
 
 IPPROTO_UDP = 17
 IPPROTO_ICMPV6 = 58
@@ -206,7 +209,7 @@ def check_l3(data: bytes | memoryview, port: object, book: AddressBook, now: flo
     offsets only."""
     ethertype = data[12:14]
     offset = ETH_HEADER_LEN
-    if ethertype == ETHERTYPE_VLAN:
+    if ethertype == ETHERTYPE_8021Q:
         if len(data) < ETH_HEADER_LEN + VLAN_TAG_LEN:
             return "malformed"
         ethertype = data[16:18]
@@ -217,7 +220,7 @@ def check_l3(data: bytes | memoryview, port: object, book: AddressBook, now: flo
         return "vlan_stacked"
     if ethertype[0] < ETHERTYPE_MIN >> 8:
         return "llc"
-    if ethertype == ETHERTYPE_IPV4:
+    if ethertype == ETHERTYPE_IP:
         return _check_ipv4(data, offset, port, book, now, claim_limit)
     if ethertype == ETHERTYPE_IPV6:
         return _check_ipv6(data, offset, port, book, now, claim_limit)

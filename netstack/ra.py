@@ -16,11 +16,10 @@ from collections import Counter
 
 import dpkt
 
-from netstack.frame import Frame
+from netstack.frame import ETH_P_IPV6, Frame
 
 ALL_NODES = ipaddress.IPv6Address("ff02::1")
 ALL_NODES_MAC = bytes.fromhex("333300000001")
-ETH_P_IPV6 = 0x86DD
 ICMPV6_ROUTER_ADVERTISEMENT = 134
 HOP_LIMIT_ND = 255  # RFC 4861: ND messages are sent, and accepted, only with hop limit 255
 

@@ -38,11 +38,18 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 
-from netstack.frame import ETH_HEADER_LEN, GSO_NONE, MAX_FRAME_LEN, PLAIN, Frame, format_mac
+from netstack.frame import (
+    ETH_HEADER_LEN,
+    ETHERTYPE_IP,
+    GSO_NONE,
+    MAX_FRAME_LEN,
+    PLAIN,
+    Frame,
+    format_mac,
+)
 from netstack.offload import OffloadError, adapt, check_offload
 from netstack.policy import (
     DHCPV4_SERVER_PORT,
-    ETHERTYPE_IPV4,
     IPPROTO_UDP,
     PERMANENT,
     AddressBook,
@@ -139,9 +146,9 @@ class Switch:
                 self.mac_counts[entry[0]] -= 1
         self.mac_table[mac] = (port, seen)
 
-    def expire(self) -> None:
-        """Sweep aged MACs and IP claims (the hub calls this every few seconds)."""
-        now = self.clock()
+    def expire(self, now: float) -> None:
+        """Sweep aged MACs and IP claims (the hub calls this every few seconds); `now` is on
+        the switch's clock."""
         for mac, (owner, seen) in list(self.mac_table.items()):
             if now - seen > self.aging:
                 del self.mac_table[mac]
@@ -255,7 +262,7 @@ class Switch:
                     # address this port owns and was seen with just now; it was checked when
                     # claimed.
                     owner = None
-                    if size >= 38 and data[12:14] == ETHERTYPE_IPV4 and data[14] == 0x45 \
+                    if size >= 38 and data[12:14] == ETHERTYPE_IP and data[14] == 0x45 \
                             and not (data[23] == IPPROTO_UDP and data[34:36] == DHCPV4_SERVER_PORT):
                         owner = owners.get(data[26:30])
                     if owner is None or owner[0] is not ingress or (

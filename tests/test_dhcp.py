@@ -490,7 +490,7 @@ def test_addresses_a_squatter_sends_from_are_probed_once_then_rest_and_come_back
     assert server.counters["no_offer_in_use"] == unanswered
     assert server.table_sizes()["in_use_resting"] == len(squatted)
     clock.now += dhcp_module.IN_USE_HOLD_SECONDS
-    server.expire()
+    server.expire(server.clock())
     assert server.table_sizes() | {"in_use_resting": 0, "free": free_before - 5} \
         == server.table_sizes()
     squatted.clear()  # the squatter went away
@@ -514,7 +514,7 @@ def test_a_guest_sending_from_the_lowest_pool_addresses_does_not_deny_dhcp_to_ot
     offers = []
     for xid in range(2):
         hub.switch.forward(victim, [Frame(client_frame(mac(1), "discover", xid=xid))])
-        hub.gateway.tick()
+        hub.gateway.tick(hub.gateway.clock())
         offers.append([Ether(f.data) for f in hub.gateway.take_outbox()])
     assert offers[0] == []
     assert [o[BOOTP].yiaddr for o in offers[1]] == ["10.77.0.10"]

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from netstack.frame import Frame
+from netstack.frame import VIRTIO_NET_HDR_LEN, Frame
 from tests.support.deadline import Hang, deadline
 from tests.support.virtio_driver import (
     VIRTQ_DESC_F_INDIRECT,
@@ -37,7 +37,6 @@ from virtio.spec import (
     FLAG_VERSION,
     MAX_FRAME,
     MAX_INDIRECT_ENTRIES,
-    NET_HDR_LEN,
     Feature,
     Request,
     bit,
@@ -112,9 +111,9 @@ class Guest:
 lengths = st.one_of(
     st.integers(1, 2048),
     st.integers(1, 64).map(lambda entries: 16 * entries),  # an indirect table's length
-    st.sampled_from([0, NET_HDR_LEN - 1, NET_HDR_LEN + 13, NET_HDR_LEN + 14, 16 * 1024,
-                     NET_HDR_LEN + MAX_FRAME, NET_HDR_LEN + MAX_FRAME + 1, 1 << 23, 1 << 31,
-                     (1 << 32) - 1]),
+    st.sampled_from([0, VIRTIO_NET_HDR_LEN - 1, VIRTIO_NET_HDR_LEN + 13,
+                     VIRTIO_NET_HDR_LEN + 14, 16 * 1024, VIRTIO_NET_HDR_LEN + MAX_FRAME,
+                     VIRTIO_NET_HDR_LEN + MAX_FRAME + 1, 1 << 23, 1 << 31, (1 << 32) - 1]),
 )
 descriptors = st.tuples(
     st.integers(0, 6),  # address kind
@@ -254,7 +253,7 @@ def test_mergeable_rx_over_tiny_buffers_delivers_exact_frames_or_drops_them(
         for count, size in buffers:
             if not indirect and count > guest.rx_q.free_descriptors:
                 break  # the driver is out of descriptors with fewer than RING chains posted
-            size = max(size, -(-NET_HDR_LEN // count))
+            size = max(size, -(-VIRTIO_NET_HDR_LEN // count))
             guest.rx_q.add_chain([], [size] * count, indirect=indirect)
         guest.rx_q.publish()
         frames = deque(Frame(bytes([n]) * size) for n, size in enumerate(sizes))

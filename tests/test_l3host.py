@@ -164,13 +164,13 @@ def test_resolution_retries_once_a_second_then_drops_the_queue():
     assert host.next_deadline() == clock.now + 1
     start = clock.now
     clock.now = start + 0.5
-    assert host.from_host(udp4(PEER)) == [] and host.tick() == []
+    assert host.from_host(udp4(PEER)) == [] and host.tick(host.clock()) == []
     for second in (1, 2):
         clock.now = start + second
-        (retry,) = host.tick()
+        (retry,) = host.tick(host.clock())
         assert parse(retry)[ARP].pdst == PEER
     clock.now = start + 3
-    assert host.tick() == []
+    assert host.tick(host.clock()) == []
     assert host.counters["resolution_failed"] == 1
     assert host.counters["unresolved_dropped"] == 2
     assert host.next_deadline() is None
@@ -421,16 +421,16 @@ def test_slaac_addresses_and_routers_expire_and_short_lifetimes_obey_the_two_hou
     start = clock.now
     assert host.next_deadline() == start + 60  # the on-link prefix (no two-hour rule)
     clock.now = start + 60
-    host.tick()
+    host.tick(host.clock())
     (frame,) = host.from_host(udp6("fd99::5"))  # off-link now: through the router
     assert parse(frame).dst == hexmac(GW_MAC)
     assert host.next_deadline() == start + 600  # the router
     clock.now = start + 600
-    host.tick()
+    host.tick(host.clock())
     assert host.router6 is None
     assert host.next_deadline() == start + 7200
     clock.now = start + 7200
-    host.tick()
+    host.tick(host.clock())
     assert lost == [address] and address not in host.ipv6_addresses
     assert host.from_host(udp6("2001:db8::1")) == []
     assert host.counters["no_route6"] == 1

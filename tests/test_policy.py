@@ -279,7 +279,7 @@ def test_a_guest_cannot_claim_the_gateways_addresses(net):
     switch, a, b, gw, clock = net
     reserve_gateway(switch, gw)
     clock.now += 10 * switch.aging
-    switch.expire()
+    switch.expire(switch.clock())
     send(switch, a, Ether(src=MAC_A, dst=BCAST) / ARP(op=2, hwsrc=MAC_A, psrc="10.0.0.254"),
          ipv4(MAC_A, "10.0.0.254"),
          Ether(src=MAC_A, dst=BCAST) / IPv6(src="fd00::fe", dst="ff02::1") / ICMPv6EchoRequest(),
@@ -296,7 +296,7 @@ def test_a_leased_mac_stays_pinned_to_its_port_while_the_lease_runs(net):
     send(switch, a, Ether(src=MAC_A, dst=BCAST) / ARP(hwsrc=MAC_A, psrc="0.0.0.0"))
     switch.bind_lease(bytes([10, 0, 0, 5]), mac_a)
     clock.now += 10 * switch.aging  # a silent for much longer than the aging time
-    switch.expire()
+    switch.expire(switch.clock())
     send(switch, b, Ether(src=MAC_A, dst=BCAST) / ARP(hwsrc=MAC_A, psrc="0.0.0.0"))
     assert b.counters.drops == {"mac_spoof": 1}
     switch.unbind_lease(bytes([10, 0, 0, 5]))  # the lease ends: the MAC ages from now
@@ -359,7 +359,7 @@ def test_claims_per_port_are_bounded(net):
     send(switch, a, ipv4(MAC_A, sources[0]))  # addresses it holds still work
     assert a.counters.drops == {"claim_limit": 50}
     clock.now += switch.aging + 1
-    switch.expire()  # aged claims free the room
+    switch.expire(switch.clock())  # aged claims free the room
     send(switch, a, ipv4(MAC_A, sources[-1]))
     assert a.counters.drops == {"claim_limit": 50} and switch.addresses.counts[a] == 1
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from netstack.frame import GSO_TCPV4, HDR_F_NEEDS_CSUM, Frame, OffloadInfo
+from netstack.frame import GSO_TCPV4, HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_LEN, Frame, OffloadInfo
 from tests.support.deadline import deadline
 from tests.support.virtio_driver import (
     VIRTQ_DESC_F_INDIRECT,
@@ -25,7 +25,7 @@ from tests.support.virtio_driver import (
 )
 from virtio.memory import GuestMemory, RegionSpec
 from virtio.net import NetQueues
-from virtio.spec import MAX_FRAME, NET_HDR_LEN, Feature, bit
+from virtio.spec import MAX_FRAME, Feature, bit
 from virtio.vring import WALK_BUDGET, RingError, SplitQueue
 
 RING = 64
@@ -100,8 +100,7 @@ def test_tx_offload_metadata_travels_with_the_frame(pair):
     hdr = NetHdr(HDR_F_NEEDS_CSUM, GSO_TCPV4, 54, 1448, 34, 16, 0)
     pair.driver.send([(hdr, eth(1, 3000))])
     (frame,) = pair.net.pop_tx(pair.tx, 8)
-    assert (frame.flags, frame.gso_type, frame.hdr_len, frame.gso_size, frame.csum_start,
-            frame.csum_offset) == (HDR_F_NEEDS_CSUM, GSO_TCPV4, 54, 1448, 34, 16)
+    assert tuple(frame.offload) == (HDR_F_NEEDS_CSUM, GSO_TCPV4, 54, 1448, 34, 16)
 
 
 @pytest.mark.parametrize("layout", list(TxLayout))
@@ -132,13 +131,13 @@ def test_tx_frames_with_bad_offload_metadata_are_dropped_and_counted(pair, hdr, 
 def test_tx_runts_and_oversize_frames_are_dropped_counted_and_their_chains_returned():
     p = Pair(ram=GuestRam(32 << 20))
     try:
-        big = p.ram.alloc(MAX_FRAME + NET_HDR_LEN)
+        big = p.ram.alloc(MAX_FRAME + VIRTIO_NET_HDR_LEN)
         p.tx_q.add_chain([b"\0" * 11], [])  # not even a virtio-net header
-        p.tx_q.add_chain([b"\0" * (NET_HDR_LEN + 13)], [])  # shorter than an Ethernet header
+        p.tx_q.add_chain([b"\0" * (VIRTIO_NET_HDR_LEN + 13)], [])  # shorter than an Ethernet header
         # 8 MiB in four 2 MiB descriptors (the same guest buffer four times)
         p.tx_q.add_segments([Segment(big, 2 << 20, False)] * 4)
-        p.tx_q.add_segments([Segment(big, NET_HDR_LEN + MAX_FRAME + 1, False)])
-        p.tx_q.add_segments([Segment(big, NET_HDR_LEN + MAX_FRAME, False)])  # the largest
+        p.tx_q.add_segments([Segment(big, VIRTIO_NET_HDR_LEN + MAX_FRAME + 1, False)])
+        p.tx_q.add_segments([Segment(big, VIRTIO_NET_HDR_LEN + MAX_FRAME, False)])  # the largest
         p.tx_q.publish()
         p.driver.send([eth(1)])
         out = p.net.pop_tx(p.tx, 256)

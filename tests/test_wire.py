@@ -32,7 +32,6 @@ from tunnel.wire import (
     WireError,
     WireUsageError,
     negotiate_version,
-    rtt_from_pong,
 )
 
 TSO = (HDR_F_NEEDS_CSUM, GSO_TCPV4, 66, 1448, 34, 16)
@@ -137,13 +136,12 @@ def test_auth_reaches_the_server_unchanged():
     assert server.authenticated
 
 
-def test_ping_pong_round_trip_and_rtt():
+def test_ping_pong_round_trip_echoes_nonce_and_timestamp():
     client, server = handshake()
     [ping] = feed(server, client.send_ping(7, 1_000))
     assert ping == Ping(7, 1_000)
     [pong] = feed(client, server.send_pong(ping.nonce, ping.timestamp_ns))
     assert pong == Pong(7, 1_000)
-    assert rtt_from_pong(pong, 1_750) == 750
 
 
 def test_close_round_trip_and_closed_state():

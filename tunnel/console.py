@@ -13,7 +13,6 @@ blocking I/O).
 from __future__ import annotations
 
 import base64
-import contextlib
 import os
 import re
 import secrets
@@ -162,8 +161,3 @@ class UnixConsole:
             self.read_some(min(left, 1.0))
         return result
 
-
-def close_quietly(console: UnixConsole | None) -> None:
-    if console is not None:
-        with contextlib.suppress(OSError):
-            console.close()

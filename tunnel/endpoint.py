@@ -258,7 +258,7 @@ class Endpoint:
     async def _housekeeping(self) -> None:
         while True:
             await trio.sleep(10)
-            self.switch.expire()
+            self.switch.expire(self.switch.clock())
 
     # -- the uplink ---------------------------------------------------------------------------
 

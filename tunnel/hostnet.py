@@ -1,11 +1,11 @@
-"""Host network configuration for a TUN/TAP endpoint: link up, MTU, addresses, routes.
+"""Host network configuration for a TUN/TAP endpoint: link up, MTU, MAC, addresses.
 
 Who calls it: the host endpoint, after opening its device (tunnel.tuntap), and the tests
 (inside a network namespace they created).  What it does: talks netlink through pyroute2 and
 remembers every change it made, so that `undo()` puts the host back exactly as it was: the
-addresses and routes it added are removed, a link it brought up goes down again, an MTU it
+addresses it added are removed, a link it brought up goes down again, an MTU it
 changed is restored.  What it must never do: remove or alter anything it did not add itself
-(an address or route that already existed is left alone and not recorded), or raise from
+(an address that already existed is left alone and not recorded), or raise from
 `undo()` because something is already gone.
 
 Rules:
@@ -27,7 +27,6 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
-import socket
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -38,21 +37,12 @@ from pyroute2.netlink.exceptions import NetlinkError
 log = logging.getLogger(__name__)
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # linux/if.h
 IFF_UP = 0x1
 
 # Errors that mean "already gone" when undoing: the change is undone as far as we care.
 _GONE_ERRNOS = frozenset({errno.ENODEV, errno.ESRCH, errno.ENOENT, errno.EADDRNOTAVAIL})
-
-# The two halves of each address family: routes more specific than any default route, so a
-# tunnel can carry all traffic without touching the host's own default (OpenVPN's def1).
-DEFAULT_HALVES = {
-    4: (ipaddress.ip_network("0.0.0.0/1"), ipaddress.ip_network("128.0.0.0/1")),
-    6: (ipaddress.ip_network("::/1"), ipaddress.ip_network("8000::/1")),
-}
 
 # How long undo() waits for its netlink thread.
 UNDO_TIMEOUT_SECONDS = 10.0
@@ -65,12 +55,11 @@ class HostNetworkError(RuntimeError):
 
 
 class HostNetwork:
-    """Changes to one network namespace's links, addresses and routes, undone on exit.
+    """Changes to one network namespace's links and addresses, undone on exit.
 
     with HostNetwork() as net:
         net.set_up("vhostvpn0", mtu=1500)
         net.add_address("vhostvpn0", ipaddress.ip_interface("10.77.0.5/24"))
-        net.add_route(ipaddress.ip_network("10.88.0.0/16"), via=None, ifname="vhostvpn0")
         ...
     # everything above is removed again here, even after an exception
     """
@@ -152,46 +141,6 @@ class HostNetwork:
                     if exc.code not in _GONE_ERRNOS:
                         raise HostNetworkError(f"{what}: {exc}") from None
                 return
-
-    def add_route(
-        self,
-        dst: IPNetwork,
-        via: IPAddress | None = None,
-        ifname: str | None = None,
-        metric: int | None = None,
-    ) -> None:
-        """Route `dst` via the gateway `via` and/or out of `ifname`.  A route to `dst` that
-        already exists (with the same metric) is an error: our traffic would not go where
-        the caller means it to."""
-        if via is None and ifname is None:
-            raise ValueError(f"a route to {dst} needs a gateway, an interface, or both")
-        ipr = self._socket()
-        spec: dict[str, Any] = {"dst": str(dst), "family": _family(dst)}
-        if via is not None:
-            if via.version != dst.version:
-                raise ValueError(f"gateway {via} is not an IPv{dst.version} address")
-            spec["gateway"] = str(via)
-        if ifname is not None:
-            spec["oif"] = self._index(ipr, ifname)
-        if metric is not None:
-            spec["priority"] = metric
-        what = (
-            f"route {dst}" + (f" via {via}" if via else "") + (f" dev {ifname}" if ifname else "")
-        )
-        self._call(f"add {what}", ipr.route, "add", **spec)
-        self._record(f"remove {what}", lambda ipr: ipr.route("del", **spec))
-
-    def set_default_route(
-        self, via: IPAddress | None = None, ifname: str | None = None, version: int = 4
-    ) -> None:
-        """Send all traffic of one address family through the tunnel, leaving the host's own
-        default route in place: two half-space routes (0.0.0.0/1 and 128.0.0.0/1, or ::/1 and
-        8000::/1), more specific than any default.  The caller keeps a route to the hub's
-        address through the old path."""
-        if via is not None:
-            version = via.version
-        for half in DEFAULT_HALVES[version]:
-            self.add_route(half, via=via, ifname=ifname)
 
     # -- what the kernel says ---------------------------------------------------------------
 
@@ -305,6 +254,3 @@ class HostNetwork:
         except NetlinkError as exc:
             raise HostNetworkError(f"{what}: {exc}") from None
 
-
-def _family(network: IPNetwork) -> int:
-    return socket.AF_INET if network.version == 4 else socket.AF_INET6

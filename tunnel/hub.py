@@ -199,7 +199,7 @@ class Hub:
     async def _run_gateway(self, gateway: GatewayPort) -> None:
         """Move the gateway's replies into the switch; wake it when timed work is due."""
         while True:
-            gateway.tick()
+            gateway.tick(gateway.clock())
             frames = gateway.take_outbox()
             if frames:
                 self.switch.forward(gateway, frames)
@@ -237,4 +237,4 @@ class Hub:
     async def _housekeeping(self) -> None:
         while True:
             await trio.sleep(HOUSEKEEPING_SECONDS)
-            self.switch.expire()
+            self.switch.expire(self.switch.clock())

@@ -500,10 +500,6 @@ class Peers:
             if self._name_by_fingerprint.get(digest) != name
         }
 
-    def added_since(self, old: Peers) -> set[str]:
-        """Names whose (name, key) pair is new compared with `old`."""
-        return old.removed_since(self)
-
     def __len__(self) -> int:
         return len(self._fingerprint_by_name)
 

@@ -11,11 +11,11 @@ kernel refused (it is counted and dropped).
 The path of a frame through this module:
   device -> switch: `_read_loop` waits until the fd is readable, `TunTapDevice.read_batch`
     reads up to BATCH packets (one `readv` each into one preallocated buffer, until EAGAIN),
-    `parse_vnet` splits each into header and packet (one copy, the packet's), and the loop
+    splits each into header and packet (one copy, the packet's), and the loop
     hands the whole batch to `forward(port, frames)` once.
   switch -> device: the switch queues frames on the port (`QueuedPort.deliver`, bounded);
     `_write_loop` wakes on `on_ready`, and `TunTapDevice.write_batch` writes each frame with
-    one `writev([vnet_header(frame), frame.data])`.  EAGAIN leaves the rest queued and the
+    one `writev([virtio_net_hdr, frame.data])`.  EAGAIN leaves the rest queued and the
     loop waits until the fd is writable (at most WRITE_STALL_SECONDS, then the queue is
     dropped and counted); any other refusal (EINVAL: a malformed frame or header) drops
     that one frame and counts it under its errno name.
@@ -86,15 +86,10 @@ TUN_F_USO6 = 0x40  # Linux 6.2
 IFNAMSIZ = 16
 IFREQ = struct.Struct("16sH22x")
 
-# TUNSETVNETHDRSZ: the 12-byte header (virtio_net_hdr + num_buffers, virtio 1.x), the one
-# every other hop uses, so a header can be copied through unchanged.
-VNET_HDR_LEN = VIRTIO_NET_HDR_LEN
-assert VNET_HDR_LEN == 12
-
 # Largest packet the device hands us: a 64 KiB GSO IP packet (the IP length field) under an
 # Ethernet header and a VLAN tag.  A read that fills the buffer was truncated.
 MAX_PACKET = 0xFFFF + 14 + 4
-READ_BUFFER_BYTES = VNET_HDR_LEN + MAX_PACKET + 1
+READ_BUFFER_BYTES = VIRTIO_NET_HDR_LEN + MAX_PACKET + 1
 
 # Packets read (or frames written) per wake-up before yielding to other tasks.
 BATCH = 64
@@ -114,7 +109,7 @@ WANTED_OFFLOADS = Offload.CSUM | Offload.TSO4 | Offload.TSO6 | Offload.ECN | Off
 _FALLBACKS = (Offload.USO, Offload.ECN, Offload.TSO4 | Offload.TSO6)
 
 # The header of a frame without offload metadata.
-PLAIN_HEADER = bytes(VNET_HDR_LEN)
+PLAIN_HEADER = bytes(VIRTIO_NET_HDR_LEN)
 
 # errnos of a read or write that mean the device is gone, not that one frame was bad.
 _FATAL_ERRNOS = frozenset({errno.EBADF, errno.EBADFD})
@@ -124,26 +119,6 @@ Mode = Literal["tap", "tun"]
 
 class TunTapError(OSError):
     """The device could not be opened or configured, or went away."""
-
-
-def parse_vnet(buf: bytes | bytearray | memoryview) -> Frame:
-    """A Frame from a 12-byte virtio_net_hdr followed by a packet (the packet is copied).
-
-    The header's first two bytes (flags, gso_type) both zero mean no metadata: `PLAIN`."""
-    if len(buf) < VNET_HDR_LEN:
-        raise ValueError(f"a vnet packet needs a {VNET_HDR_LEN}-byte header, got {len(buf)} bytes")
-    data = bytes(memoryview(buf)[VNET_HDR_LEN:])
-    if buf[0] == 0 and buf[1] == 0:
-        return Frame(data)
-    return Frame(data, VIRTIO_NET_HDR.unpack_from(buf, 0)[:6])
-
-
-def vnet_header(frame: Frame) -> bytes:
-    """The 12-byte virtio_net_hdr to write in front of `frame` (num_buffers 0)."""
-    offload = frame.offload
-    if offload is PLAIN:
-        return PLAIN_HEADER
-    return VIRTIO_NET_HDR.pack(*offload, 0)
 
 
 def tun_offload_flags(offloads: Offload) -> int:
@@ -236,7 +211,8 @@ class TunTapDevice:
                 reply = fcntl.ioctl(
                     fd, TUNSETIFF, IFREQ.pack(encoded, kind | IFF_NO_PI | IFF_VNET_HDR)
                 )
-                fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
+                # The 12-byte header every other hop uses: headers copy through unchanged.
+                fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VIRTIO_NET_HDR_LEN))
             except OSError as exc:
                 raise TunTapError(exc.errno, _why_not_created(exc, name, mode)) from None
             actual = IFREQ.unpack(reply)[0].rstrip(b"\0").decode()
@@ -292,14 +268,14 @@ class TunTapDevice:
                     raise TunTapError(exc.errno, f"{self.name}: read: {exc.strerror}") from None
                 counters.errors[errno.errorcode.get(exc.errno or 0, "read_error")] += 1
                 break
-            if size <= VNET_HDR_LEN:
+            if size <= VIRTIO_NET_HDR_LEN:
                 counters.errors["short_read"] += 1
                 continue
             if size == READ_BUFFER_BYTES:
                 counters.errors["truncated"] += 1
                 continue
-            data = view[VNET_HDR_LEN:size].tobytes()
-            nbytes += size - VNET_HDR_LEN
+            data = view[VIRTIO_NET_HDR_LEN:size].tobytes()
+            nbytes += size - VIRTIO_NET_HDR_LEN
             if buffer[0] == 0 and buffer[1] == 0:
                 append(Frame(data))
             else:

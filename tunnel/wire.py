@@ -181,11 +181,6 @@ class Eof:
 Event = Hello | Auth | Frames | Ping | Pong | Closed | Eof
 
 
-def rtt_from_pong(pong: Pong, now_ns: int) -> int:
-    """Round-trip time in ns of a PONG answering our PING stamped with our monotonic clock."""
-    return now_ns - pong.timestamp_ns
-
-
 def negotiate_version(our_min: int, our_max: int, peer_min: int, peer_max: int) -> int | None:
     """The highest version both ranges hold, or None.  Both sides compute the same answer."""
     version = min(our_max, peer_max)
@@ -409,7 +404,7 @@ class WireConnection:
         return self._record(AUTH, payload)
 
     def send_ping(self, nonce: int, timestamp_ns: int) -> bytes:
-        """A PING the peer echoes; `timestamp_ns` is our monotonic clock (see rtt_from_pong)."""
+        """A PING the peer echoes; `timestamp_ns` is our monotonic clock (the PONG returns it)."""
         if not self._may_send_control():
             self._refuse_send("PING")
         return self._record(PING, PING_PAYLOAD.pack(nonce, timestamp_ns))

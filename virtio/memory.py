@@ -178,10 +178,6 @@ class GuestMemory:
         self.regions = []
 
     @property
-    def total_size(self) -> int:
-        return sum(r.size for r in self.regions)
-
-    @property
     def unsealed(self) -> list[Region]:
         """Regions whose file the front-end could still shrink under us (see the module doc)."""
         return [r for r in self.regions if not r.sealed]
@@ -223,14 +219,6 @@ class GuestMemory:
         raise GuestMemoryError(
             f"ring address {addr:#x}+{length:#x} is outside the front-end's memory table"
         )
-
-
-def close_fds(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            log.debug("closing fd %d failed", fd)
 
 
 def read_spans(spans: list[Span]) -> bytes:

@@ -38,11 +38,12 @@ from netstack.frame import (
     HDR_F_NEEDS_CSUM,
     PLAIN,
     VIRTIO_NET_HDR,
+    VIRTIO_NET_HDR_LEN,
     Frame,
     Offload,
 )
 from virtio.memory import Span, read_spans
-from virtio.spec import MAX_FRAME, NET_HDR_LEN, Feature, has
+from virtio.spec import MAX_FRAME, Feature, has
 from virtio.vring import WALK_BUDGET, Chain, RingError, SplitQueue
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,8 @@ _HDR = struct.Struct("<BBHHHH")  # the offload part; num_buffers is ignored on T
 _PLAIN_HEADER = VIRTIO_NET_HDR.pack(0, 0, 0, 0, 0, 0, 1)
 # A TX chain's bytes: the virtio-net header, then at least an Ethernet header, at most
 # MAX_FRAME.
-_TX_MIN = NET_HDR_LEN + ETH_HEADER_LEN
-_TX_MAX = NET_HDR_LEN + MAX_FRAME
+_TX_MIN = VIRTIO_NET_HDR_LEN + ETH_HEADER_LEN
+_TX_MAX = VIRTIO_NET_HDR_LEN + MAX_FRAME
 _NUM_BUFFERS = struct.Struct("<H")  # the header's last field
 
 
@@ -126,27 +127,27 @@ class NetQueues:
                 drops["tx_runt" if length < _TX_MIN else "tx_oversize"] += 1
                 continue
             try:
-                if stop - start >= NET_HDR_LEN:
+                if stop - start >= VIRTIO_NET_HDR_LEN:
                     # Two header bytes say whether there is offload metadata at all; each field
                     # is read once, and the frame bytes are copied once, straight into bytes.
                     if mm[start] or mm[start + 1]:
                         header = unpack_header(mm, start)
-                        if not self._tx_header_ok(header, length - NET_HDR_LEN):
+                        if not self._tx_header_ok(header, length - VIRTIO_NET_HDR_LEN):
                             continue
                     else:
                         header = PLAIN
                     if len(spans) == 1:
-                        data = mm[start + NET_HDR_LEN : stop]
+                        data = mm[start + VIRTIO_NET_HDR_LEN : stop]
                     else:
-                        data = read_spans([(mm, start + NET_HDR_LEN, stop), *spans[1:]])
+                        data = read_spans([(mm, start + VIRTIO_NET_HDR_LEN, stop), *spans[1:]])
                 else:  # the header itself is split over descriptors (rare)
                     whole = read_spans(spans)
                     header = unpack_header(whole, 0)
                     if (header[0] or header[1]) and not self._tx_header_ok(
-                        header, length - NET_HDR_LEN
+                        header, length - VIRTIO_NET_HDR_LEN
                     ):
                         continue
-                    data = whole[NET_HDR_LEN:]
+                    data = whole[VIRTIO_NET_HDR_LEN:]
             except Exception:  # a bug met by one frame: drop that frame, keep the port
                 self._malformed("tx")
                 continue
@@ -230,23 +231,23 @@ class NetQueues:
             # dropped, the chain serves the next one.
             try:
                 data = frame.data
-                need = NET_HDR_LEN + len(data)
+                need = VIRTIO_NET_HDR_LEN + len(data)
                 if stop - start >= need:
                     # The common case: the first buffer holds header and frame.
                     offload = frame.offload
                     if offload is PLAIN:
-                        mm[start : start + NET_HDR_LEN] = _PLAIN_HEADER
+                        mm[start : start + VIRTIO_NET_HDR_LEN] = _PLAIN_HEADER
                     else:
                         flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = offload
                         pack_header(mm, start, flags, gso_type, hdr_len, gso_size, csum_start,
                                     csum_offset, 1)
-                    mm[start + NET_HDR_LEN : start + need] = data  # the one copy
+                    mm[start + VIRTIO_NET_HDR_LEN : start + need] = data  # the one copy
                     used += (head, need)
                     next_ready += 1
                 else:
                     room = _room(writable)
                     if room < need:
-                        if need > NET_HDR_LEN + MAX_FRAME:
+                        if need > VIRTIO_NET_HDR_LEN + MAX_FRAME:
                             drops["rx_oversize"] += 1
                             frames.popleft()
                             continue
@@ -262,7 +263,7 @@ class NetQueues:
                             drops["rx_ring_too_small"] += 1
                             frames.popleft()
                             continue
-                    header = bytearray(NET_HDR_LEN)
+                    header = bytearray(VIRTIO_NET_HDR_LEN)
                     frame.pack_virtio_header(header, 0, 1)
                     source = memoryview(data).cast("B")
                     if room >= need:
@@ -284,7 +285,7 @@ class NetQueues:
                                 break  # the guest may add buffers: keep the frame queued
                             frames.popleft()
                             continue
-                        _NUM_BUFFERS.pack_into(header, NET_HDR_LEN - 2, len(taken))
+                        _NUM_BUFFERS.pack_into(header, VIRTIO_NET_HDR_LEN - 2, len(taken))
                         _scatter(header, source, taken, used)
             except RingError:
                 raise
@@ -294,7 +295,7 @@ class NetQueues:
                 continue
             frames.popleft()
             delivered += 1
-            nbytes += need - NET_HDR_LEN
+            nbytes += need - VIRTIO_NET_HDR_LEN
         if next_ready < len(ready):
             queue.unpop(len(ready) - next_ready)
         queue.push_used(used)

@@ -58,8 +58,10 @@ VRING_ADDR = struct.Struct("<IIQQQQ")  # index, flags, desc, used, avail, log (o
 MEM_TABLE_HEAD = struct.Struct("<II")  # nregions, padding
 
 # What we offer.  Offloads: the frame's virtio-net header travels with it, so a guest may
-# send TSO/partial-checksum frames and receive them; a frame a receiver did not accept is
-# dropped by the switch (counted), never handed over.
+# send TSO/partial-checksum frames and receive them; a frame needing an offload its receiver
+# did not accept is checksummed or segmented in software by the switch (netstack.offload),
+# or dropped and counted when malformed or past the batch's software budget, never handed
+# over as it is.
 DEVICE_FEATURES = (
     bit(Feature.VERSION_1)
     | bit(Feature.PROTOCOL_FEATURES)

@@ -150,8 +150,6 @@ MAX_CHAIN_BUFFERS = 1024
 # A chain's total length must fit in 32 bits (virtio 1.x, 2.7.13.1).
 MAX_CHAIN_BYTES = 1 << 32
 
-# virtio-net: the 12-byte header (VERSION_1 or MRG_RXBUF).
-NET_HDR_LEN = 12
 # The largest frame the device takes from a driver or places for it, TSO/UFO/USO frames
 # included: the switch's and the wire's limit (netstack.frame.MAX_FRAME_LEN: a 64 KiB IP
 # packet behind an Ethernet header and two VLAN tags; Linux builds no GSO frame over 65536

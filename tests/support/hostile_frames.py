@@ -450,9 +450,9 @@ def _one(segment: Segment, frame: Frame, rng: random.Random, report: Report,
                 switch.forward(speaker, replies)
         if rng.random() < 0.02:
             segment.clock.now += rng.choice([1.0, 30.0, 400.0])
-            switch.expire()
-            segment.gateway.tick()
-            segment.host_port._send(segment.host.tick())
+            switch.expire(switch.clock())
+            segment.gateway.tick(segment.clock.now)
+            segment.host_port._send(segment.host.tick(segment.host.clock()))
         for port in segment.queued:  # the shells drain their queues now and then
             if rng.random() < 0.3:
                 for _ in range(rng.randrange(len(port.queue) + 1)):
