@@ -33,6 +33,7 @@ from netstack.policy import DEFAULT_SERVICE_BURST, DEFAULT_SERVICE_RATE, PortPol
 from netstack.port import OUTBOX_FRAMES, QueuedPort
 from netstack.ra import link_local_from_mac
 from netstack.switch import Switch
+from tests.support.clock import Clock
 
 GW_MAC = "02:76:76:00:00:01"
 GUEST = "52:54:00:00:00:01"
@@ -45,15 +46,8 @@ CONFIG = GatewayConfig(
 LINK_LOCAL = str(link_local_from_mac(CONFIG.mac))
 
 
-class Clock:
-    now = 100.0
-
-    def __call__(self):
-        return self.now
-
-
 def gateway():
-    return GatewayPort(CONFIG, clock=Clock())
+    return GatewayPort(CONFIG, clock=Clock(100.0))
 
 
 def ask(gw, packet):
@@ -186,7 +180,7 @@ def test_dhcp_frames_go_to_the_dhcp_service():
             pass
 
     dhcp = FakeDhcp()
-    gw = GatewayPort(CONFIG, dhcp=dhcp, clock=Clock())
+    gw = GatewayPort(CONFIG, dhcp=dhcp, clock=Clock(100.0))
     packet = Ether(src=GUEST, dst="ff:ff:ff:ff:ff:ff") / IP(src="0.0.0.0", dst="255.255.255.255") \
         / UDP(sport=68, dport=67) / (b"x" * 10)
     gw.deliver([Frame(bytes(packet))])
@@ -273,7 +267,7 @@ def test_an_unexpected_exception_costs_one_frame_and_one_traceback(caplog):
         def expire(self, now):
             pass
 
-    gw = GatewayPort(CONFIG, dhcp=BrokenDhcp(), clock=Clock())
+    gw = GatewayPort(CONFIG, dhcp=BrokenDhcp(), clock=Clock(100.0))
     discover = Frame(bytes(Ether(src=GUEST, dst="ff:ff:ff:ff:ff:ff")
                            / IP(src="0.0.0.0", dst="255.255.255.255") / UDP(sport=68, dport=67)
                            / (b"x" * 10)))
@@ -304,7 +298,7 @@ def test_a_guest_pinging_the_gateway_flat_out_gets_its_service_rate_of_answers()
     """Unicast to the gateway takes no flood token, but the hub's CPU answers every frame: a
     policed port gets service_burst answers at once and service_rate a second, while a
     normal burst (a guest booting, a ping every second for a minute) is answered whole."""
-    clock = Clock()
+    clock = Clock(100.0)
     switch = Switch(clock=clock)
     gw = GatewayPort(CONFIG, clock=clock)
     guest = QueuedPort("guest", policy=PortPolicy())

@@ -16,6 +16,7 @@ from netstack.offload import MIN_GSO_SIZE
 from netstack.policy import PortPolicy
 from netstack.port import Port, QueuedPort
 from netstack.switch import Switch
+from tests.support.clock import Clock
 
 A = bytes.fromhex("020000000001")
 B = bytes.fromhex("020000000002")
@@ -36,14 +37,6 @@ class Recorder(Port):
     def deliver(self, frames: list[Frame]) -> None:
         self.calls += 1
         self.got.extend(frames)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def three_ports(clock=None):
@@ -82,7 +75,7 @@ def test_a_batch_is_delivered_with_one_call_per_egress_port():
 
 
 def test_learned_mac_ages_out_and_floods_again():
-    clock = Clock()
+    clock = Clock(1000.0)
     switch, (a, b, c) = three_ports(clock)
     switch.forward(b, [eth(A, B)])
     clock.now += switch.aging + 1
@@ -246,7 +239,7 @@ def test_queued_port_byte_count_survives_frames_put_back_on_the_left():
 
 
 def test_a_reserved_mac_never_ages_and_no_port_can_take_it():
-    clock = Clock()
+    clock = Clock(1000.0)
     switch, (a, b, c) = three_ports(clock)
     guest = Recorder("guest")
     guest.policy = PortPolicy()
