@@ -8,6 +8,7 @@ from netstack.frame import (
     GSO_TCPV4,
     HDR_F_NEEDS_CSUM,
     MAX_FRAME_LEN,
+    PLAIN,
     Frame,
     Offload,
     OffloadInfo,
@@ -140,8 +141,17 @@ def test_frames_needing_offloads_are_fitted_to_each_port():
 
 
 def test_unknown_gso_type_is_accepted_by_nobody():
-    frame = Frame(eth(BROADCAST, A).data, OffloadInfo(gso_type=0x42))
-    assert frame.required_offloads & ~(Offload.CSUM | Offload.TSO4 | Offload.TSO6)
+    """Not even by a port that accepts every offload: the switch drops the frame where it
+    entered, counted on the sender, and forwards the rest of the batch."""
+    switch = Switch()
+    sender, plain, everything = Recorder("s"), Recorder("plain"), Recorder("all", ALL_OFFLOADS)
+    for p in (sender, plain, everything):
+        switch.attach(p)
+    unknown = Frame(eth(BROADCAST, A).data, OffloadInfo(gso_type=0x42))
+    switch.forward(sender, [unknown, eth(BROADCAST, A)])
+    assert [f.offload for f in plain.got] == [f.offload for f in everything.got] == [PLAIN]
+    assert sender.counters.drops == {"offload_gso_type": 1}
+    assert not plain.counters.drops and not everything.counters.drops
 
 
 def test_detached_port_is_forgotten():
