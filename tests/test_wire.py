@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from netstack.frame import GSO_TCPV4, HDR_F_NEEDS_CSUM, PLAIN, Frame, Offload
+from tests.support.deadline import deadline
 from tunnel.wire import (
     AUTH,
     CLOSE,
@@ -525,12 +526,13 @@ def test_garbage_from_the_start_ends_in_events_or_an_error_never_a_hang(role, da
     conn = new(role)
     conn.send_hello()
     try:
-        for i in range(0, len(data), chunk):
-            conn.receive_data(data[i:i + chunk])
+        with deadline(2.0):
+            for i in range(0, len(data), chunk):
+                conn.receive_data(data[i:i + chunk])
+                conn.next_events()
+                assert conn.buffered <= MAX_BUFFERED
+            conn.receive_data(b"")
             conn.next_events()
-            assert conn.buffered <= MAX_BUFFERED
-        conn.receive_data(b"")
-        conn.next_events()
     except WireError as error:
         assert error.reason.isidentifier()
 
@@ -559,8 +561,9 @@ def test_a_flipped_byte_in_a_valid_stream_never_hangs(prefix_frames, flip_at, fl
     data = bytearray(client.send_frames([frame(s) for s in prefix_frames]) + client.send_ping(3, 4))
     data[flip_at % len(data)] ^= flip
     try:
-        feed(server, bytes(data))
-        feed(server, b"")
+        with deadline(2.0):
+            feed(server, bytes(data))
+            feed(server, b"")
     except WireError:
         pass
     assert server.buffered == 0
