@@ -167,6 +167,7 @@ def test_frames_round_trip_with_and_without_offload_metadata():
 def test_plain_frames_decode_to_the_shared_plain_object():
     client, server = handshake()
     [event] = feed(server, client.send_frames([frame(60), frame(60, 1, (0,) * 6)]))
+    assert [f.offload for f in event.frames] == [PLAIN, PLAIN]
     assert all(f.offload is PLAIN for f in event.frames)
 
 
