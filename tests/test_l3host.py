@@ -453,7 +453,7 @@ def test_stable_mac_is_unicast_locally_administered_and_stable():
     mac = stable_mac("alice")
     assert mac == stable_mac("alice") != stable_mac("bob")
     assert mac[0] & 0x03 == 0x02
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unicast"):
         L3Host(b"\x01\x00\x5e\x00\x00\x01")
 
 
