@@ -41,6 +41,7 @@ from netstack.dhcp import (
 from netstack.frame import Frame
 from netstack.policy import PortPolicy
 from netstack.port import QueuedPort
+from tests.support.clock import Clock
 from tests.test_hub import exchange as guest_exchange
 from tests.test_hub import hub_with_guests
 from tunnel.hub import Hub, HubConfig
@@ -59,14 +60,6 @@ def mac(n: int) -> bytes:
 
 def ip(last: int) -> IPv4Address:
     return IPv4Address(f"10.77.0.{last}")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def make_server(clock: Clock | None = None, **overrides) -> DhcpServer:

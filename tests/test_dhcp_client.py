@@ -33,20 +33,13 @@ from netstack.dhcp_client import (
 from netstack.frame import HDR_F_NEEDS_CSUM, Frame, OffloadInfo
 from netstack.gateway import GatewayConfig, GatewayPort
 from netstack.l3host import L3Host
+from tests.support.clock import Clock
 
 CLIENT_MAC = bytes.fromhex("02686f737401")
 SERVER_MAC = bytes.fromhex("027676000001")
 OTHER_SERVER_MAC = bytes.fromhex("027676000002")
 LEASE = 3600
 START = 1000.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = START
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def make_server(clock: Clock, subnet: str = "10.77.0.0/24", gateway: str = "10.77.0.1",
@@ -61,7 +54,7 @@ class Wire:
     """A client and a server in memory; `up` False makes the server deaf."""
 
     def __init__(self) -> None:
-        self.clock = Clock()
+        self.clock = Clock(START)
         self.server = make_server(self.clock)
         self.up = True
         self.bound: list[DhcpLease] = []
@@ -395,7 +388,7 @@ def test_is_dhcp_reply_picks_udp_67_to_68_only():
 
 def test_a_lease_configures_l3host_and_a_ping_reaches_the_hubs_gateway():
     """The shell's wiring: replies `is_dhcp_reply` picks go to the client, the rest to L3Host."""
-    clock = Clock()
+    clock = Clock(START)
     gateway = GatewayPort(GatewayConfig(mac=SERVER_MAC, ipv4=IPv4Interface("10.77.0.1/24")),
                           dhcp=make_server(clock), clock=clock)
     host = L3Host(CLIENT_MAC, clock=clock)

@@ -140,9 +140,13 @@ def test_load_refuses_a_key_others_can_access(tmp_path: Path, mode: int) -> None
 
 
 def test_load_accepts_a_read_only_key(tmp_path: Path) -> None:
-    generate_identity(tmp_path)
+    made = generate_identity(tmp_path)
     (tmp_path / keys.KEY_FILE).chmod(0o400)
-    load_identity(tmp_path)
+    loaded = load_identity(tmp_path)
+    assert (loaded.fingerprint, loaded.certificate_der) == (made.fingerprint, made.certificate_der)
+    assert loaded.private_key.private_numbers() == made.private_key.private_numbers()
+    assert loaded.key_path == tmp_path / keys.KEY_FILE
+    assert mode_of(loaded.key_path) == 0o400  # loading reads; it does not "fix" the mode
 
 
 def test_load_reports_a_missing_identity(tmp_path: Path) -> None:

@@ -358,7 +358,10 @@ def test_uso_partial_for_csum_capable_port() -> None:
     pkt = Ether(**MAC) / IPv6(**V6) / UDP(sport=4000, dport=53) / payload_bytes(5000)
     frame = guest_form(pkt, GSO_UDP_L4, 1200, UDP)
     datagrams = adapt(frame, Offload.CSUM)
-    assert all(d.offload[0] == HDR_F_NEEDS_CSUM for d in datagrams)
+    assert [len(Ether(bytes(d.data))[UDP].payload) for d in datagrams] == [1200] * 4 + [200]
+    assert b"".join(bytes(Ether(bytes(d.data))[UDP].payload) for d in datagrams) \
+        == payload_bytes(5000)
+    assert all(d.offload[0] == HDR_F_NEEDS_CSUM and d.offload[1] == GSO_NONE for d in datagrams)
     assert all(l4_checksum_ok(bytes(complete_checksum(d).data), UDP) for d in datagrams)
 
 

@@ -22,17 +22,7 @@ from netstack.pcap import (
     read_pcapng,
     safe_file_name,
 )
-
-
-class StepClock:
-    """A clock that advances one millisecond per reading."""
-
-    def __init__(self, start: float = 1_700_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        self.now += 0.001
-        return self.now
+from tests.support.clock import Clock
 
 
 def frame(tag: int, length: int = 60) -> bytes:
@@ -44,7 +34,7 @@ def capture_files(directory: Path) -> list[Path]:
 
 
 def test_round_trip_keeps_data_order_direction_and_timestamps(tmp_path: Path) -> None:
-    clock = StepClock()
+    clock = Clock(step=0.001)
     writer = PcapWriter(tmp_path, "vm1", clock=clock)
     writer.write([frame(1), memoryview(frame(2, 61))], "in")
     writer.write([frame(3, 1514)], "out")

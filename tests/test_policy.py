@@ -29,6 +29,7 @@ from netstack.policy import PortPolicy
 from netstack.port import Port
 from netstack.ratelimit import TokenBucket
 from netstack.switch import Switch
+from tests.support.clock import Clock
 
 MAC_A, MAC_B, MAC_C = "02:00:00:00:00:0a", "02:00:00:00:00:0b", "02:00:00:00:00:0c"
 BCAST = "ff:ff:ff:ff:ff:ff"
@@ -43,16 +44,9 @@ class Recorder(Port):
         self.got.extend(bytes(f.data) for f in frames)
 
 
-class Clock:
-    now = 1000.0
-
-    def __call__(self):
-        return self.now
-
-
 @pytest.fixture
 def net():
-    clock = Clock()
+    clock = Clock(1000.0)
     switch = Switch(clock=clock)
     a, b = Recorder("a", PortPolicy()), Recorder("b", PortPolicy())
     gateway = Recorder("gw")  # trusted

@@ -8,6 +8,7 @@ from netstack.frame import (
     GSO_TCPV4,
     HDR_F_NEEDS_CSUM,
     MAX_FRAME_LEN,
+    PLAIN,
     Frame,
     Offload,
     OffloadInfo,
@@ -16,6 +17,7 @@ from netstack.offload import MIN_GSO_SIZE
 from netstack.policy import PortPolicy
 from netstack.port import Port, QueuedPort
 from netstack.switch import Switch
+from tests.support.clock import Clock
 
 A = bytes.fromhex("020000000001")
 B = bytes.fromhex("020000000002")
@@ -36,14 +38,6 @@ class Recorder(Port):
     def deliver(self, frames: list[Frame]) -> None:
         self.calls += 1
         self.got.extend(frames)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def three_ports(clock=None):
@@ -82,7 +76,7 @@ def test_a_batch_is_delivered_with_one_call_per_egress_port():
 
 
 def test_learned_mac_ages_out_and_floods_again():
-    clock = Clock()
+    clock = Clock(1000.0)
     switch, (a, b, c) = three_ports(clock)
     switch.forward(b, [eth(A, B)])
     clock.now += switch.aging + 1
@@ -147,8 +141,17 @@ def test_frames_needing_offloads_are_fitted_to_each_port():
 
 
 def test_unknown_gso_type_is_accepted_by_nobody():
-    frame = Frame(eth(BROADCAST, A).data, OffloadInfo(gso_type=0x42))
-    assert frame.required_offloads & ~(Offload.CSUM | Offload.TSO4 | Offload.TSO6)
+    """Not even by a port that accepts every offload: the switch drops the frame where it
+    entered, counted on the sender, and forwards the rest of the batch."""
+    switch = Switch()
+    sender, plain, everything = Recorder("s"), Recorder("plain"), Recorder("all", ALL_OFFLOADS)
+    for p in (sender, plain, everything):
+        switch.attach(p)
+    unknown = Frame(eth(BROADCAST, A).data, OffloadInfo(gso_type=0x42))
+    switch.forward(sender, [unknown, eth(BROADCAST, A)])
+    assert [f.offload for f in plain.got] == [f.offload for f in everything.got] == [PLAIN]
+    assert sender.counters.drops == {"offload_gso_type": 1}
+    assert not plain.counters.drops and not everything.counters.drops
 
 
 def test_detached_port_is_forgotten():
@@ -246,7 +249,7 @@ def test_queued_port_byte_count_survives_frames_put_back_on_the_left():
 
 
 def test_a_reserved_mac_never_ages_and_no_port_can_take_it():
-    clock = Clock()
+    clock = Clock(1000.0)
     switch, (a, b, c) = three_ports(clock)
     guest = Recorder("guest")
     guest.policy = PortPolicy()

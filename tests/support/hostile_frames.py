@@ -30,6 +30,7 @@ from netstack.policy import PortPolicy
 from netstack.port import QueuedPort, SpeakingPort
 from netstack.ra import link_local_from_mac
 from netstack.switch import Switch
+from tests.support.clock import Clock
 
 SUBNET = ipaddress.IPv4Network("10.77.0.0/24")
 PREFIX = ipaddress.IPv6Network("fd77::/64")
@@ -335,20 +336,12 @@ class HostPort(SpeakingPort):
             self._send(replies)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class Segment:
     """A hub's segment as tunnel/hub.py assembles it: two policed guest ports, a port that
     accepts no offloads, the gateway with the DHCP server, and an L3 host."""
 
     def __init__(self, state_dir: Path) -> None:
-        self.clock = clock = Clock()
+        self.clock = clock = Clock(1000.0)
         self.switch = switch = Switch(clock=clock)
         self.a = QueuedPort("a", policy=PortPolicy(), limit=256, limit_bytes=1 << 20)
         self.b = QueuedPort("b", policy=PortPolicy(), limit=256, limit_bytes=1 << 20)
