@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.hub import free_tcp_port
+from tests.support.processes import stop
 from tunnel.control import query
 from tunnel.keys import keygen
 
@@ -66,16 +66,6 @@ def start(argv: list[str], control: Path) -> subprocess.Popen:
             assert process.poll() is None, f"{argv} exited early"
             assert time.monotonic() < deadline, f"{argv} did not start"
             time.sleep(0.05)
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def accepts_tcp(port: int) -> bool:

@@ -19,8 +19,6 @@ import pwd
 import re
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +30,7 @@ from xml.etree import ElementTree as ET
 import pytest
 
 from tests.support.guest import RUN_VM, ensure_image, qemu_available
+from tests.support.processes import answers, stop
 from tunnel.console import parse_booted
 
 pytestmark = [
@@ -46,30 +45,9 @@ DAEMON_START_SECONDS = 20.0
 HUB_START_SECONDS = 15.0
 VIRSH_SECONDS = 30.0  # QEMU waits for the vhost-user socket before `virsh create` returns
 GUEST_SECONDS = 45.0  # boot (about 4 s here under TCG), DHCP, three pings
-STOP_SECONDS = 10.0
 SUBNET = ipaddress.IPv4Network("10.77.0.0/24")
 GATEWAY = "10.77.0.1"
 MAC = "52:54:00:77:10:01"
-
-
-def answers(path: str | Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-    return True
-
-
-def stop(process: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL: only this process, which the test started."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(STOP_SECONDS)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def tail(path: Path, lines: int = 15) -> str:

@@ -6,7 +6,6 @@ its sockets, but not a socket another process has put at the same path since."""
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import time
 
 import pytest
 
+from tests.support.processes import answers, stop
 from tunnel.control import query
 
 pytestmark = pytest.mark.slow
@@ -36,26 +36,6 @@ def start(argv: list[str], *paths) -> subprocess.Popen:
         assert time.monotonic() < deadline, "did not start"
         time.sleep(0.05)
     return process
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    process.stderr.close()
-
-
-def answers(path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-    return True
 
 
 @pytest.mark.parametrize("shared", ["--socket", "--control"])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import pytest
 
 from tests.support.hub import free_tcp_port
 from tests.support.netns import hub_and_hosts
+from tests.support.processes import stop
 from tunnel.control import query
 from tunnel.keys import keygen
 
@@ -45,19 +45,9 @@ class Daemons:
         self.processes.append(process)
         return process
 
-    def stop(self, process: subprocess.Popen) -> None:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        process.stderr.close()
-
     def stop_all(self) -> None:
         for process in self.processes:
-            self.stop(process)
+            stop(process)
 
 
 @pytest.fixture
@@ -149,7 +139,7 @@ def test_hub_status_lists_offline_peers_with_last_seen_and_address(tmp_path, dae
     assert "offline peers:\n    bob: not seen since the hub started" in shown
     assert "alice: last seen" not in shown
     before = time.time()
-    daemons.stop(alice)
+    stop(alice)
     peers = eventually(lambda: [p for p in query(hub_ctl)["tunnel"]["peer_list"]
                                 if not p["online"] and p["name"] == "alice"], "alice offline")
     assert peers[0]["from"] == "127.0.0.1" and before - 1 <= peers[0]["last_seen"] <= \
@@ -190,7 +180,7 @@ def test_host_status_shows_the_kernels_link_and_the_lease_and_the_hub_its_last_a
                             "10.77.0.1"], check=False, capture_output=True)
         address = next(line for line in shown.splitlines() if expected in line)
         leased = address.split()[-1].split("/")[0] if mode == "tun" else "10.77.0.9"
-        daemons.stop(host)
+        stop(host)
         shown = eventually(lambda: (out := vhostvpn("status", "--control", hub_ctl).stdout)
                            and "h1: last seen" in out and out, "h1 offline", [hub])
         line = next(line for line in shown.splitlines() if "h1: last seen" in line)

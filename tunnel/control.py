@@ -22,7 +22,7 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
@@ -68,6 +68,47 @@ class AcceptFailures:
         await trio.sleep(ACCEPT_RETRY_SECONDS)
 
 
+async def serve_clients(
+    listener: trio.socket.SocketType,
+    serve: Callable[[trio.socket.SocketType], Awaitable[None]],
+    *,
+    what: str,
+    max_clients: int,
+    on_busy: Callable[[int], None],
+) -> None:
+    """Accept on `listener` until cancelled, each client in its own task running `serve(conn)`
+    under one guard (whatever it raises is logged with its traceback and ends that client
+    only; the connection is closed after it).  At most `max_clients` at once: more are closed
+    at once after `on_busy(clients)`.  A failing accept() is waited out (AcceptFailures).
+    The one accept loop of the control socket and the metrics port."""
+    clients = 0
+
+    async def run(conn: trio.socket.SocketType) -> None:
+        nonlocal clients
+        try:
+            await serve(conn)
+        except Exception as exc:  # this client's guard: never the loop's end
+            log.error("%s: client failed: %r", what, exc, exc_info=exc)
+        finally:
+            conn.close()
+            clients -= 1
+
+    failures = AcceptFailures(what)
+    async with trio.open_nursery() as nursery:
+        while True:
+            try:
+                conn, _ = await listener.accept()
+            except OSError as exc:
+                await failures.wait(exc)
+                continue
+            if clients >= max_clients:
+                on_busy(clients)
+                conn.close()
+                continue
+            clients += 1
+            nursery.start_soon(run, conn)
+
+
 def bind_private(path: str, backlog: int) -> trio.socket.SocketType:
     """A unix stream socket listening at `path` with mode SOCKET_MODE from the start: Linux
     creates the file with the socket's own mode (less the umask), set here before bind.
@@ -105,55 +146,38 @@ async def serve_control(
     bound = BoundPath.after_bind(path)
     log.info("control socket on %s", path)
     task_status.started()
-    clients = 0
     captures = 0
 
     async def serve(conn: trio.socket.SocketType) -> None:
-        nonlocal clients, captures
+        nonlocal captures
         stream = trio.SocketStream(conn)
-        try:
-            capture = None
-            with trio.move_on_after(CLIENT_SECONDS):
-                command = await _read_request(stream)
-                if command is None:
-                    return
-                verb, _, arguments = command.partition(" ")
-                if verb != "capture" or ports is None:
-                    await _reply(stream, command, status, ports is not None)
-                elif captures >= MAX_CAPTURES:
-                    await _send(stream, json.dumps({
-                        "ok": False, "error": f"{captures} captures running (at most "
-                                              f"{MAX_CAPTURES}); try again when one ends"}))
-                else:
-                    capture = arguments
-            if capture is not None and ports is not None:
-                captures += 1
-                try:
-                    await serve_capture(stream, capture, ports)
-                finally:
-                    captures -= 1
-        except Exception as exc:  # this client's guard: never the loop's end
-            log.error("control socket %s: client failed: %r", path, exc, exc_info=exc)
-        finally:
-            conn.close()
-            clients -= 1
+        capture = None
+        with trio.move_on_after(CLIENT_SECONDS):
+            command = await _read_request(stream)
+            if command is None:
+                return
+            verb, _, arguments = command.partition(" ")
+            if verb != "capture" or ports is None:
+                await _reply(stream, command, status, ports is not None)
+            elif captures >= MAX_CAPTURES:
+                await _send(stream, json.dumps({
+                    "ok": False, "error": f"{captures} captures running (at most "
+                                          f"{MAX_CAPTURES}); try again when one ends"}))
+            else:
+                capture = arguments
+        if capture is not None and ports is not None:
+            captures += 1
+            try:
+                await serve_capture(stream, capture, ports)
+            finally:
+                captures -= 1
+
+    def busy(clients: int) -> None:
+        log.warning("control socket %s: %d clients being served, one refused", path, clients)
 
     try:
-        async with trio.open_nursery() as nursery:
-            failures = AcceptFailures(f"control socket {path}")
-            while True:
-                try:
-                    conn, _ = await listener.accept()
-                except OSError as exc:
-                    await failures.wait(exc)
-                    continue
-                if clients >= MAX_CLIENTS:
-                    log.warning("control socket %s: %d clients being served, one refused",
-                                path, clients)
-                    conn.close()
-                    continue
-                clients += 1
-                nursery.start_soon(serve, conn)
+        await serve_clients(listener, serve, what=f"control socket {path}",
+                            max_clients=MAX_CLIENTS, on_busy=busy)
     finally:
         bound.remove()
         listener.close()

@@ -34,7 +34,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.process_collector import ProcessCollector
 
-from tunnel.control import AcceptFailures
+from tunnel.control import serve_clients
 
 log = logging.getLogger(__name__)
 
@@ -261,45 +261,28 @@ async def serve_metrics(
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     log.info("metrics on http://%s%s", where, PATH)
     task_status.started()
-    clients = 0
 
     async def serve(conn: trio.socket.SocketType) -> None:
-        nonlocal clients
+        try:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        except OSError as exc:  # reset already: serving it finds out
+            log.debug("metrics %s: SO_SNDBUF: %s", where, exc)
         try:
             with trio.move_on_after(CLIENT_SECONDS) as whole:
                 outcome = await _exchange(trio.SocketStream(conn), registry)
-            if whole.cancelled_caught:
-                outcome = "timeout"
-            requests[outcome] += 1
-        except Exception as exc:  # this client's guard: never the loop's end
+        except Exception:
             requests["internal_error"] += 1
-            log.error("metrics %s: client failed: %r", where, exc, exc_info=exc)
-        finally:
-            conn.close()
-            clients -= 1
+            raise  # serve_clients logs it and closes this client only
+        requests["timeout" if whole.cancelled_caught else outcome] += 1
+
+    def busy(clients: int) -> None:
+        if requests["refused_busy"] % 100 == 0:  # a flood logs every hundredth
+            log.warning("metrics %s: %d clients being served, one refused", where, clients)
+        requests["refused_busy"] += 1
 
     with listener:
-        async with trio.open_nursery() as nursery:
-            failures = AcceptFailures(f"metrics {where}")
-            while True:
-                try:
-                    conn, _ = await listener.accept()
-                except OSError as exc:
-                    await failures.wait(exc)
-                    continue
-                if clients >= MAX_CLIENTS:
-                    if requests["refused_busy"] % 100 == 0:  # a flood logs every hundredth
-                        log.warning("metrics %s: %d clients being served, one refused", where,
-                                    clients)
-                    requests["refused_busy"] += 1
-                    conn.close()
-                    continue
-                clients += 1
-                try:
-                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-                except OSError as exc:  # reset already: serving it finds out
-                    log.debug("metrics %s: SO_SNDBUF: %s", where, exc)
-                nursery.start_soon(serve, conn)
+        await serve_clients(listener, serve, what=f"metrics {where}", max_clients=MAX_CLIENTS,
+                            on_busy=busy)
 
 
 async def _exchange(stream: trio.SocketStream, registry: CollectorRegistry) -> str:
