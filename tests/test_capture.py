@@ -6,7 +6,6 @@ captured while traffic flows, and tshark reads the frames with their directions.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import shutil
 import socket
@@ -32,17 +31,13 @@ from netstack.pcap import (
 from netstack.port import QueuedPort
 from netstack.switch import Switch
 from tests.support.hub import endpoint_process, free_tcp_port, hub_process
-from tests.support.tunnel_client import connect_peer
+from tests.support.tunnel_client import ALICE_IP, ALICE_MAC, GATEWAY, SUBNET, connect_peer
 from tunnel import capture
 from tunnel.capture import CaptureError, stream_capture
 from tunnel.control import serve_control
 from tunnel.hub import gateway_mac
 from tunnel.keys import keygen, parse_fingerprint
 
-SUBNET = ipaddress.IPv4Network("10.77.0.0/24")
-GATEWAY = ipaddress.IPv4Interface("10.77.0.1/24")
-ALICE_MAC = bytes.fromhex("020000000a01")
-ALICE_IP = "10.77.0.50"
 PINGS = 5
 
 

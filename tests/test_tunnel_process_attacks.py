@@ -6,7 +6,6 @@ process lives, the legitimate traffic flows, and the hub's memory stays bounded.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import resource
 from contextlib import asynccontextmanager
@@ -23,14 +22,10 @@ from tests.support.hub import (
     free_tcp_port,
     hub_process,
 )
-from tests.support.tunnel_client import RawPeer, connect_peer
+from tests.support.tunnel_client import ALICE_IP, ALICE_MAC, GATEWAY, SUBNET, RawPeer, connect_peer
 from tunnel.hub import gateway_mac
 from tunnel.keys import keygen, parse_fingerprint
 
-SUBNET = ipaddress.IPv4Network("10.77.0.0/24")
-GATEWAY = ipaddress.IPv4Interface("10.77.0.1/24")
-ALICE_MAC = bytes.fromhex("020000000a01")
-ALICE_IP = "10.77.0.50"
 # The most the hub's resident memory may grow under an attack: generous, an order of
 # magnitude under what the unbounded PONG list reached.
 RSS_GROWTH_LIMIT = 100 << 20

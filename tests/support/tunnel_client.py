@@ -18,6 +18,13 @@ from tunnel.keys import check_server, client_ssl_context, load_identity, sign_cl
 from tunnel.tls import TLSStream
 from tunnel.wire import Frames, Hello, WireConnection
 
+# The segment the raw-peer tests put a hub on, and the address "alice" (a raw peer) sends
+# from: tests/test_tunnel_process_attacks.py and tests/test_capture.py.
+SUBNET = ipaddress.IPv4Network("10.77.0.0/24")
+GATEWAY = ipaddress.IPv4Interface("10.77.0.1/24")
+ALICE_MAC = bytes.fromhex("020000000a01")
+ALICE_IP = "10.77.0.50"
+
 
 @dataclass
 class RawPeer:
