@@ -9,6 +9,7 @@ parsed here.
 from __future__ import annotations
 
 import enum
+import hashlib
 import struct
 from typing import NamedTuple
 
@@ -128,6 +129,21 @@ class Frame:
 
     def __repr__(self) -> str:
         return f"Frame(len={len(self.data)}, {OffloadInfo(*self.offload)})"
+
+
+QEMU_OUI = b"\x52\x54\x00"  # the prefix QEMU gives its NICs' MACs
+
+
+def stable_mac(seed: str, oui: bytes | None = None) -> bytes:
+    """A MAC derived from `seed` (a host's identity, a socket path, a subnet), the same on
+    every run so neighbours' ARP caches stay right across restarts.  With `oui`, its three
+    bytes and three of the digest; without, six bytes marked unicast, locally administered."""
+    digest = hashlib.sha256(seed.encode()).digest()
+    if oui is not None:
+        if len(oui) != 3:
+            raise ValueError(f"an OUI is three bytes, not {len(oui)}")
+        return oui + digest[:3]
+    return bytes([(digest[0] & 0xFC) | 0x02]) + digest[1:6]
 
 
 def format_mac(mac: bytes) -> str:

@@ -53,7 +53,6 @@ Choices:
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import logging
 import struct
@@ -139,14 +138,6 @@ MAX_QUEUED = 256  # packets waiting for resolution, all destinations together
 MAX_PENDING = 256  # destinations being resolved at once
 MAX_PREFIXES = 16  # on-link IPv6 prefixes and SLAAC addresses learned from RAs, each
 MAX_DNS = 8
-
-
-def stable_mac(seed: str) -> bytes:
-    """A locally administered unicast MAC derived from `seed` (say, the host's identity):
-    the same on every run, so neighbours' caches stay right across restarts."""
-    digest = bytearray(hashlib.sha256(seed.encode()).digest()[:6])
-    digest[0] = (digest[0] & 0xFC) | 0x02  # unicast, locally administered
-    return bytes(digest)
 
 
 def _is_link_local6(address: bytes) -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import hashlib
 import importlib.metadata
 import ipaddress
 import json
@@ -28,7 +27,7 @@ from typing import NoReturn
 import trio
 
 from netstack.dhcp import MAX_LEASE_SECONDS, MIN_LEASE_SECONDS
-from netstack.frame import format_mac, parse_mac
+from netstack.frame import QEMU_OUI, format_mac, parse_mac, stable_mac
 from virtio.protocol import DEFAULT_QUEUE_PAIRS
 from virtio.unixsock import (
     GROUP_DEFAULT_MODE,
@@ -87,8 +86,7 @@ def version() -> str:
 
 def default_mac(socket_path: str) -> str:
     """A stable, locally administered MAC derived from the socket path (52:54:00 is QEMU's)."""
-    digest = hashlib.sha256(os.path.abspath(socket_path).encode()).digest()
-    return format_mac(b"\x52\x54\x00" + digest[:3])
+    return format_mac(stable_mac(os.path.abspath(socket_path), QEMU_OUI))
 
 
 def qemu_args(socket_path: str, mac: str, mem: str, queues: int, vectors: int | None,

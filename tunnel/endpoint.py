@@ -39,8 +39,7 @@ from typing import Literal
 
 import trio
 
-from netstack.frame import ALL_OFFLOADS, Frame
-from netstack.l3host import stable_mac
+from netstack.frame import ALL_OFFLOADS, Frame, stable_mac
 from netstack.switch import Switch
 from tunnel.control import serve_control
 from tunnel.hostnet import HostNetwork, HostNetworkError

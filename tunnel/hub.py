@@ -10,7 +10,6 @@ housekeeping task ages the switch's tables.  The hub also answers `vhostvpn stat
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import logging
 import os
@@ -21,7 +20,7 @@ from pathlib import Path
 import trio
 
 from netstack.dhcp import PERSIST_INTERVAL_SECONDS, DhcpConfig, DhcpServer
-from netstack.frame import Frame
+from netstack.frame import Frame, stable_mac
 from netstack.gateway import GatewayConfig, GatewayPort
 from netstack.pcap import CAPTURE_DIR_MODE, PcapWriter
 from netstack.port import Port
@@ -48,9 +47,12 @@ def default_state_dir() -> Path:
     return Path(base) / "vhostvpn"
 
 
+GATEWAY_OUI = b"\x02\x76\x76"  # locally administered: 02 'v' 'v'
+
+
 def gateway_mac(subnet: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bytes:
     """A locally administered MAC, stable for a subnet (guests' ARP caches survive restarts)."""
-    return b"\x02\x76\x76" + hashlib.sha256(str(subnet).encode()).digest()[:3]
+    return stable_mac(str(subnet), GATEWAY_OUI)
 
 
 @dataclass

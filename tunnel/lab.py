@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from netstack.dhcp import MAX_LEASE_SECONDS, MIN_LEASE_SECONDS
+from netstack.frame import QEMU_OUI, format_mac, stable_mac
 from tunnel import assets
 from tunnel.cli import HUB_MIN_MTU, LOG_LEVELS, MAX_MTU, address_range
 from tunnel.console import ConsoleError, UnixConsole
@@ -575,8 +576,7 @@ def _tail(path: str, lines: int = 20) -> str:
 
 
 def _mac(tag: str, name: str) -> str:
-    digest = hashlib.sha256(f"{tag}/{name}".encode()).digest()
-    return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
+    return format_mac(stable_mac(f"{tag}/{name}", QEMU_OUI))
 
 
 def _image_ready() -> None:

@@ -25,8 +25,8 @@ from collections.abc import Callable
 import trio
 
 from netstack.dhcp_client import DhcpClient, DhcpLease, is_dhcp_reply
-from netstack.frame import Frame
-from netstack.l3host import L3Host, stable_mac
+from netstack.frame import Frame, stable_mac
+from netstack.l3host import L3Host
 from netstack.port import Port, SpeakingPort
 from tunnel.hostnet import HostNetwork, HostNetworkError
 from tunnel.tuntap import BATCH, TunTapDevice, TunTapError, describe, write_queued
