@@ -136,6 +136,7 @@ import dpkt
 
 from netstack.frame import ETH_ADDR_LEN, ETH_HEADER_LEN, ETH_P_IP, format_mac, parse_mac
 from netstack.ratelimit import TokenBucket
+from netstack.wire.checksum import sum16, verifies
 
 log = logging.getLogger(__name__)
 
@@ -394,7 +395,7 @@ def parse_request(frame: bytes) -> DhcpRequest:
             f"IPv4 total length {total_len} with a {ihl}-byte header in "
             f"{len(frame) - ip_at} bytes",
         )
-    if _internet_checksum(frame[ip_at : ip_at + ihl]) != 0:
+    if not verifies(sum16(frame[ip_at : ip_at + ihl])):
         raise MalformedRequest("bad_checksum", "IPv4 header checksum does not verify")
     if frag & IPV4_FRAG_MASK:
         raise MalformedRequest("fragment", f"IPv4 fragment (flags/offset {frag:#06x})")
@@ -518,15 +519,6 @@ def _hostname(value: bytes | None) -> str | None:
         return None
     text = value.rstrip(b"\x00").decode("ascii", errors="replace")
     return text if HOSTNAME_RE.fullmatch(text) else None
-
-
-def _internet_checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\x00"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 # --- The server ---------------------------------------------------------------------------

@@ -59,6 +59,7 @@ from netstack.frame import (
     HDR_F_NEEDS_CSUM,
     Frame,
 )
+from netstack.wire.checksum import pseudo_header_sum, sum16, verifies
 
 # --- Numbers from the specs ---------------------------------------------------------------
 
@@ -165,14 +166,6 @@ class _Reply:
     eth_src: bytes
     ip_src: IPv4Address
     options: dict[int, bytes]
-
-
-def _checksum(data: bytes) -> int:
-    """The ones' complement sum of `data` modulo 0xFFFF: 0 when its Internet checksum holds
-    (the integer is congruent to the word sum, as 2**16 == 1 mod 0xFFFF)."""
-    if len(data) & 1:
-        data += b"\x00"
-    return int.from_bytes(data, "big") % 0xFFFF
 
 
 class DhcpClient:
@@ -476,7 +469,7 @@ class DhcpClient:
                 not ihl + UDP_HEADER_LEN <= total <= len(data) - ETH_HEADER_LEN:
             raise _Drop("malformed")
         header = data[ETH_HEADER_LEN:ETH_HEADER_LEN + ihl]
-        if _checksum(header) != 0:
+        if not verifies(sum16(header)):
             raise _Drop("bad_checksum")
         (frag,) = struct.unpack_from("!H", data, 20)
         if frag & IPV4_FRAG_MASK:
@@ -489,8 +482,8 @@ class DhcpClient:
             raise _Drop("malformed")
         udp = data[udp_at:udp_at + udp_len]
         if udp_sum and not frame.offload[0] & HDR_F_NEEDS_CSUM:
-            pseudo = header[12:20] + struct.pack("!BBH", 0, IPPROTO_UDP, udp_len)
-            if _checksum(pseudo + udp) != 0:
+            pseudo = pseudo_header_sum(header[12:16], header[16:20], IPPROTO_UDP, udp_len)
+            if not verifies(pseudo + sum16(udp)):
                 raise _Drop("bad_checksum")
         message = udp[UDP_HEADER_LEN:]
         if len(message) < BOOTP_HEADER_LEN:

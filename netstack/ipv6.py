@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from netstack.wire.checksum import pseudo_header_sum, sum16, verifies
+
 IPV6_HEADER_LEN = 40
 HOP_BY_HOP = 0
 ROUTING = 43
@@ -97,8 +99,4 @@ def nd_link_addresses_match(data: bytes | memoryview, start: int, end: int,
 
 def icmpv6_checksum_ok(src: bytes, dst: bytes, message: bytes) -> bool:
     """Is the ICMPv6 checksum of `message` (from `src` to `dst`) right (RFC 4443 2.3)?"""
-    # The ones' complement sum of 16-bit words is congruent to the integer modulo 0xFFFF
-    # (2**16 == 1 mod 0xFFFF); a valid message sums to 0xFFFF, i.e. 0 modulo 0xFFFF.
-    pseudo = src + dst + len(message).to_bytes(4, "big") + bytes((0, 0, 0, IPPROTO_ICMPV6))
-    padded = pseudo + message + (b"\x00" if len(message) & 1 else b"")
-    return int.from_bytes(padded, "big") % 0xFFFF == 0
+    return verifies(pseudo_header_sum(src, dst, IPPROTO_ICMPV6, len(message)) + sum16(message))

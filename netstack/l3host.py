@@ -75,6 +75,7 @@ from netstack.frame import (
     Frame,
     OffloadInfo,
 )
+from netstack.ipv6 import icmpv6_checksum_ok
 from netstack.port import TracebackLog
 from netstack.ra import HOP_LIMIT_ND, link_local_from_mac
 
@@ -165,14 +166,6 @@ def _shift(offload: tuple, delta: int) -> tuple:
     if hdr_len:
         hdr_len = max(hdr_len + delta, 0)
     return OffloadInfo(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset)
-
-
-def _icmpv6_checksum_ok(src: bytes, dst: bytes, icmp: bytes) -> bool:
-    # The ones' complement sum of 16-bit words is congruent to the integer modulo 0xFFFF
-    # (2**16 == 1 mod 0xFFFF); a valid message sums to 0xFFFF, i.e. 0 modulo 0xFFFF.
-    pseudo = src + dst + struct.pack("!I3xB", len(icmp), IPPROTO_ICMPV6)
-    data = pseudo + icmp + (b"\x00" if len(icmp) & 1 else b"")
-    return int.from_bytes(data, "big") % 0xFFFF == 0
 
 
 def _lifetime(now: float, seconds: int) -> float:
@@ -529,7 +522,7 @@ class L3Host:
         kind = icmp[0]
         if data[21] != HOP_LIMIT_ND or icmp[1] != 0:
             raise _Malformed("nd_hop_limit", f"hop limit {data[21]}, code {icmp[1]}")
-        if not _icmpv6_checksum_ok(src, dst, icmp):
+        if not icmpv6_checksum_ok(src, dst, icmp):
             raise _Malformed("icmpv6_checksum")
         if kind == ICMPV6_NS:
             return self._solicitation(data, src, dst, icmp)

@@ -71,6 +71,7 @@ from netstack.frame import (
     Frame,
     Offload,
 )
+from netstack.wire.checksum import checksum, folded, sum16, udp_checksum
 
 # Ethernet (IEEE 802.3, 802.1Q, 802.1ad)
 ETH_TYPE_OFFSET = 12
@@ -190,63 +191,6 @@ class OffloadError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
-# Ones' complement arithmetic on big integers
-
-_FOLD_BELOW_BITS = 1024  # below this, one `% 0xFFFF` is cheaper than another fold
-_FOLD_SCHEDULES_CACHED = 64  # buffer lengths whose fold masks are kept (segment sizes recur)
-_fold_schedules: dict[int, tuple[tuple[int, int], ...]] = {}
-
-
-def _fold_schedule(length: int) -> tuple[tuple[int, int], ...]:
-    """The (shift, mask) steps that bring a `length`-byte number under _FOLD_BELOW_BITS.
-
-    2**s == 1 (mod 0xFFFF) whenever 16 divides s, so x -> (x >> s) + (x & (2**s - 1)) keeps
-    x's class modulo 0xFFFF; shift/and/add run at memory speed where `%` divides once per
-    30-bit digit, and building the masks costs as much as using them, hence the cache."""
-    steps = _fold_schedules.get(length)
-    if steps is None:
-        bits, folds = length * 8, []
-        while bits > _FOLD_BELOW_BITS:
-            shift = ((bits + 31) >> 5) << 4  # half, rounded up to a multiple of 16
-            folds.append((shift, (1 << shift) - 1))
-            bits = shift + 1
-        steps = tuple(folds)
-        if len(_fold_schedules) >= _FOLD_SCHEDULES_CACHED:
-            _fold_schedules.clear()
-        _fold_schedules[length] = steps
-    return steps
-
-
-def _sum16(buf: bytes | memoryview) -> int:
-    """A non-negative integer congruent, modulo 0xFFFF, to the ones' complement sum of buf's
-    16-bit big-endian words (an odd last byte padded with zero)."""
-    x = int.from_bytes(buf, "big")
-    length = len(buf)
-    if length & 1:
-        x <<= 8
-        length += 1
-    if length * 8 > _FOLD_BELOW_BITS:
-        for shift, mask in _fold_schedule(length):
-            x = (x >> shift) + (x & mask)
-    return x
-
-
-def _checksum(total: int) -> int:
-    """The Internet checksum (complemented fold) for a sum from _sum16 and friends."""
-    return -total % 0xFFFF
-
-
-def _folded(total: int) -> int:
-    """The folded, uncomplemented sum, as a partial checksum field holds it."""
-    return total % 0xFFFF or 0xFFFF
-
-
-def _udp_checksum(total: int) -> int:
-    """A UDP checksum: 0 means "none" on the wire, so a computed 0 is sent as 0xFFFF."""
-    return -total % 0xFFFF or 0xFFFF
-
-
-# ---------------------------------------------------------------------------------------------
 # Header parsing: one pass, every length checked against the frame
 
 
@@ -255,7 +199,7 @@ class _Headers(NamedTuple):
     l4: int  # offset of the TCP/UDP header (after IPv6 extension headers)
     payload: int  # offset of the L4 payload
     ipv4: bool
-    addr_sum: int  # _sum16 of source and destination addresses (for the pseudo-header)
+    addr_sum: int  # sum16 of source and destination addresses (for the pseudo-header)
 
 
 def _parse(data: memoryview, gso_type: int) -> _Headers:
@@ -297,7 +241,7 @@ def _parse(data: memoryview, gso_type: int) -> _Headers:
             raise OffloadError("ip_fragment", "GSO on an IPv4 fragment")
         proto = data[l3 + IPV4_PROTO_OFFSET]
         addrs = l3 + IPV4_ADDRS_OFFSET
-        addr_sum = _sum16(data[addrs:addrs + IPV4_ADDRS_LEN]) % 0xFFFF
+        addr_sum = sum16(data[addrs:addrs + IPV4_ADDRS_LEN]) % 0xFFFF
         ipv4 = True
     elif ethertype == ETH_P_IPV6:
         if gso_type == GSO_TCPV4:
@@ -334,7 +278,7 @@ def _parse(data: memoryview, gso_type: int) -> _Headers:
             raise OffloadError("ipv6_ext", f"next header {proto} (only TCP/UDP after "
                                "hop-by-hop and destination options)")
         addrs = l3 + IPV6_ADDRS_OFFSET
-        addr_sum = _sum16(data[addrs:addrs + IPV6_ADDRS_LEN]) % 0xFFFF
+        addr_sum = sum16(data[addrs:addrs + IPV6_ADDRS_LEN]) % 0xFFFF
         ipv4 = False
     else:
         raise OffloadError("not_ip", f"GSO on EtherType {ethertype:#06x}")
@@ -384,7 +328,7 @@ def _ipv4_header_base(hdr: bytearray, l3: int, l4: int) -> int:
     (added per segment)."""
     _U16.pack_into(hdr, l3 + IPV4_CSUM_OFFSET, 0)
     total_len, ip_id = _U16X2.unpack_from(hdr, l3 + IPV4_TOT_LEN_OFFSET)
-    return (_sum16(hdr[l3:l4]) - total_len - ip_id) % 0xFFFF
+    return (sum16(hdr[l3:l4]) - total_len - ip_id) % 0xFFFF
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,7 +383,7 @@ def complete_checksum(frame: Frame) -> Frame:
         raise OffloadError("csum_offset", f"checksum field at {field} in a {size}-byte frame")
     # The field holds the pseudo-header sum and is part of the summed range: no need to
     # zero it.  0xFFFF for a computed 0, as Linux's skb_checksum_help (valid for TCP too).
-    check = _udp_checksum(_sum16(data[csum_start:]))
+    check = udp_checksum(sum16(data[csum_start:]))
     return Frame(b"".join((data[:field], _U16.pack(check), data[field + 2:])))
 
 
@@ -511,7 +455,7 @@ def _segment_tcp(data: memoryview, h: _Headers, mss: int, csum_partial: bool) ->
     _U32.pack_into(hdr, l4 + TCP_SEQ_OFFSET, 0)
     hdr[l4 + TCP_FLAGS_OFFSET] = 0
     _U16.pack_into(hdr, l4 + TCP_CSUM_OFFSET, 0)
-    tcp_base = (_sum16(hdr[l4:start]) + h.addr_sum + IPPROTO_TCP) % 0xFFFF
+    tcp_base = (sum16(hdr[l4:start]) + h.addr_sum + IPPROTO_TCP) % 0xFFFF
     if h.ipv4:
         ip_id0 = _U16.unpack_from(hdr, l3 + IPV4_ID_OFFSET)[0]
         ip_base = _ipv4_header_base(hdr, l3, l4)
@@ -538,14 +482,14 @@ def _segment_tcp(data: memoryview, h: _Headers, mss: int, csum_partial: bool) ->
             total_len = ip_hdr_len + seg_tcp_len
             ip_id = (ip_id0 + i) & 0xFFFF
             _U16X2.pack_into(hdr, l3 + IPV4_TOT_LEN_OFFSET, total_len, ip_id)
-            _U16.pack_into(hdr, l3 + IPV4_CSUM_OFFSET, _checksum(ip_base + total_len + ip_id))
+            _U16.pack_into(hdr, l3 + IPV4_CSUM_OFFSET, checksum(ip_base + total_len + ip_id))
         else:
             _U16.pack_into(hdr, l3 + IPV6_PAYLOAD_LEN_OFFSET, ext_len + seg_tcp_len)
         if csum_partial:
-            check = _folded(h.addr_sum + IPPROTO_TCP + seg_tcp_len)
+            check = folded(h.addr_sum + IPPROTO_TCP + seg_tcp_len)
         else:
-            check = _checksum(tcp_base + seg_tcp_len + (seq >> 16) + (seq & 0xFFFF) + flags
-                              + _sum16(data[begin:end]))
+            check = checksum(tcp_base + seg_tcp_len + (seq >> 16) + (seq & 0xFFFF) + flags
+                              + sum16(data[begin:end]))
         _U16.pack_into(hdr, l4 + TCP_CSUM_OFFSET, check)
         segments.append(Frame(b"".join((hdr, data[begin:end])), offload))
     return segments
@@ -577,15 +521,15 @@ def _segment_udp(data: memoryview, h: _Headers, gso_size: int,
             total_len = ip_hdr_len + udp_len
             ip_id = (ip_id0 + i) & 0xFFFF
             _U16X2.pack_into(hdr, l3 + IPV4_TOT_LEN_OFFSET, total_len, ip_id)
-            _U16.pack_into(hdr, l3 + IPV4_CSUM_OFFSET, _checksum(ip_base + total_len + ip_id))
+            _U16.pack_into(hdr, l3 + IPV4_CSUM_OFFSET, checksum(ip_base + total_len + ip_id))
         else:
             _U16.pack_into(hdr, l3 + IPV6_PAYLOAD_LEN_OFFSET, ext_len + udp_len)
         pseudo = h.addr_sum + IPPROTO_UDP + udp_len
         if csum_partial:
-            check = _folded(pseudo)
+            check = folded(pseudo)
         else:
             # pseudo-header + ports + length + (checksum 0) + payload
-            check = _udp_checksum(pseudo + ports_sum + udp_len + _sum16(data[begin:end]))
+            check = udp_checksum(pseudo + ports_sum + udp_len + sum16(data[begin:end]))
         _U16.pack_into(hdr, l4 + UDP_CSUM_OFFSET, check)
         datagrams.append(Frame(b"".join((hdr, data[begin:end])), offload))
     return datagrams
@@ -597,15 +541,15 @@ def _fragment_udp(data: memoryview, h: _Headers, gso_size: int) -> list[Frame]:
     udp_len = len(data) - l4
     udp_hdr = bytearray(data[l4:h.payload])
     _U16.pack_into(udp_hdr, UDP_CSUM_OFFSET, 0)
-    check = _udp_checksum(h.addr_sum + IPPROTO_UDP + udp_len + _sum16(udp_hdr)
-                          + _sum16(data[h.payload:]))
+    check = udp_checksum(h.addr_sum + IPPROTO_UDP + udp_len + sum16(udp_hdr)
+                          + sum16(data[h.payload:]))
     _U16.pack_into(udp_hdr, UDP_CSUM_OFFSET, check)
     if udp_len <= gso_size:  # fits: one datagram, not fragmented
         hdr = bytearray(data[:l4])
         if h.ipv4:
             ip_base = _ipv4_header_base(hdr, l3, l4)
             total_len, ip_id = _U16X2.unpack_from(hdr, l3 + IPV4_TOT_LEN_OFFSET)
-            _U16.pack_into(hdr, l3 + IPV4_CSUM_OFFSET, _checksum(ip_base + total_len + ip_id))
+            _U16.pack_into(hdr, l3 + IPV4_CSUM_OFFSET, checksum(ip_base + total_len + ip_id))
         return [Frame(b"".join((hdr, udp_hdr, data[h.payload:])))]
 
     piece = gso_size - gso_size % IP_FRAG_UNIT  # every fragment but the last: 8-byte units
@@ -628,7 +572,7 @@ def _fragment_udp(data: memoryview, h: _Headers, gso_size: int) -> list[Frame]:
             frag = offset // IP_FRAG_UNIT | (IP_MF if i != count - 1 else 0)
             _U16.pack_into(hdr, l3 + IPV4_TOT_LEN_OFFSET, total_len)
             _U16.pack_into(hdr, l3 + IPV4_FRAG_OFFSET, frag)
-            _U16.pack_into(hdr, l3 + IPV4_CSUM_OFFSET, _checksum(ip_base + total_len + frag))
+            _U16.pack_into(hdr, l3 + IPV4_CSUM_OFFSET, checksum(ip_base + total_len + frag))
             fragments.append(Frame(b"".join((hdr, chunk))))
         return fragments
 

@@ -41,6 +41,7 @@ from netstack.dhcp import (
 from netstack.frame import Frame
 from netstack.policy import PortPolicy
 from netstack.port import QueuedPort
+from netstack.wire.checksum import internet_checksum
 from tests.support.clock import Clock
 from tests.test_hub import exchange as guest_exchange
 from tests.test_hub import hub_with_guests
@@ -877,7 +878,7 @@ def raw_frame(bootp: bytes, *, src: bytes = mac(1), frag: int = 0) -> bytes:
     udp = struct.pack("!HHHH", 68, 67, 8 + len(bootp), 0) + bootp
     header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, frag, 64, 17, 0,
                          bytes(4), b"\xff" * 4)
-    header = header[:10] + struct.pack("!H", dhcp_module._internet_checksum(header)) + header[12:]
+    header = header[:10] + struct.pack("!H", internet_checksum(header)) + header[12:]
     return BROADCAST_MAC + src + b"\x08\x00" + header + udp
 
 
@@ -1153,7 +1154,7 @@ def test_mutated_frames_never_raise_nor_reply_malformed(frame, flips, cut):
     if len(data) >= 34 and data[14] & 0xF0 == 0x40:
         header = bytearray(data[14:34])
         header[10:12] = b"\x00\x00"
-        header[10:12] = struct.pack("!H", dhcp_module._internet_checksum(bytes(header)))
+        header[10:12] = struct.pack("!H", internet_checksum(bytes(header)))
         data = data[:14] + bytes(header) + data[34:]
     server = make_server()
     server.handle(VALID_FRAMES[0])
