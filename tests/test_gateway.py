@@ -28,10 +28,10 @@ from scapy.layers.ipsec import AH, ESP
 from scapy.layers.l2 import ARP, Dot1Q, Ether
 
 from netstack.frame import Frame
-from netstack.gateway import GatewayConfig, GatewayPort
+from netstack.gateway.port import GatewayConfig, GatewayPort
+from netstack.gateway.ra import link_local_from_mac
 from netstack.policy import DEFAULT_SERVICE_BURST, DEFAULT_SERVICE_RATE, PortPolicy
 from netstack.port import OUTBOX_FRAMES, QueuedPort
-from netstack.ra import link_local_from_mac
 from netstack.switch import Switch
 from tests.support.clock import Clock
 

@@ -24,11 +24,11 @@ from pathlib import Path
 from netstack import l3host
 from netstack.dhcp import DhcpConfig, DhcpServer
 from netstack.frame import MAX_FRAME_LEN, PLAIN, Frame, Offload, OffloadInfo
-from netstack.gateway import GatewayConfig, GatewayPort
+from netstack.gateway.port import GatewayConfig, GatewayPort
+from netstack.gateway.ra import link_local_from_mac
 from netstack.ipv6 import icmpv6_checksum_ok
 from netstack.policy import PortPolicy
 from netstack.port import QueuedPort, SpeakingPort
-from netstack.ra import link_local_from_mac
 from netstack.switch import Switch
 from tests.support.clock import Clock
 

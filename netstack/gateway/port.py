@@ -7,7 +7,7 @@ dropped and counted):
   ICMP      echo requests to the gateway's IPv4 address (not fragmented, checksums right)
   NDP       neighbour solicitations for its IPv6 addresses (link-local and prefix::1)
   ICMPv6    echo requests to those addresses
-  RS        router solicitations -> a router advertisement (netstack.ra)
+  RS        router solicitations -> a router advertisement (netstack.gateway.ra)
   DHCPv4    requests to UDP port 67 -> the DHCP server (netstack.dhcp)
 IPv6 is read at fixed offsets, its extension-header chain walked by netstack.ipv6: ICMPv6
 is answered behind a sane chain with a right checksum, never in a fragment (`fragment`).
@@ -44,9 +44,9 @@ from netstack.frame import (
     Frame,
     Offload,
 )
+from netstack.gateway.ra import HOP_LIMIT_ND, RouterAdvertiser, link_local_from_mac
 from netstack.ipv6 import IPPROTO_ICMPV6, IPV6_HEADER_LEN, icmpv6_checksum_ok, walk_chain
 from netstack.port import SpeakingPort
-from netstack.ra import HOP_LIMIT_ND, RouterAdvertiser, link_local_from_mac
 
 log = logging.getLogger(__name__)
 
