@@ -1,11 +1,14 @@
-"""What a DISCOVER costs the hub's DHCP server (netstack/dhcp.py) when the pool is full.
+"""What a DISCOVER costs the hub's DHCP server (netstack/gateway/dhcp_server.py) when the pool
+is full.
 
 A /16 pool leased out from a state file (65 533 running leases), then:
   exhausted   handle(DISCOVER) from a new MAC each time: nothing to offer (pool_exhausted);
-  last free   the allocation alone (`_choose`) with one address free, the last of the pool;
+  last free   the allocation alone (`LeaseTable.choose`) with one address free, the last of
+              the pool;
   fresh pool  handle(DISCOVER) on an empty /16, for reference (parsing and the reply).
 Numbers are microseconds per call, median of the runs, each bounded by --seconds.  Run it on
-two trees to compare (the server's constructor and state file format are the same):
+two trees to compare (the state file format is the same; a tree from before the DHCP server
+was split into netstack/gateway/ needs its own copy of this script):
   PYTHONPATH=/path/to/tree .venv/bin/python bench/dhcp.py [--seconds 2]
 """
 
@@ -22,7 +25,9 @@ from pathlib import Path
 
 import dpkt
 
-from netstack.dhcp import DhcpConfig, DhcpServer, parse_request
+from netstack.gateway.dhcp_config import DhcpConfig
+from netstack.gateway.dhcp_server import DhcpServer, parse_request
+from netstack.gateway.dhcp_store import read_state
 
 SUBNET = IPv4Network("10.80.0.0/16")
 GATEWAY = IPv4Address("10.80.0.1")
@@ -53,8 +58,8 @@ def leased_server(directory: Path, *, leave_last_free: bool) -> DhcpServer:
         {"mac": (0x020000000000 + n).to_bytes(6, "big").hex(":"), "ip": str(address),
          "expires": NOW + 3600, "hostname": None, "client_id": None}
         for n, address in enumerate(hosts)]}))
-    return DhcpServer(DhcpConfig(subnet=SUBNET, gateway=GATEWAY, server_mac=SERVER_MAC,
-                                 state_path=state), clock=lambda: NOW)
+    config = DhcpConfig(subnet=SUBNET, gateway=GATEWAY, server_mac=SERVER_MAC, state_path=state)
+    return DhcpServer(config, clock=lambda: NOW, stored=read_state(state))
 
 
 def per_call(call, seconds: float, limit: int = 100_000) -> tuple[float, int]:
@@ -85,7 +90,9 @@ def main() -> None:
     requests = [parse_request(frame) for frame in frames[:1000]]
 
     def allocate(n: int) -> None:
-        assert last_free._choose(requests[n % len(requests)], NOW) is not None
+        request = requests[n % len(requests)]
+        assert last_free.table.choose(request.chaddr, request.client_id, request.requested_ip,
+                                      NOW) is not None
 
     def offer(n: int) -> None:
         assert fresh.handle(frames[n % len(frames)])

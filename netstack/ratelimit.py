@@ -1,8 +1,8 @@
 """A token bucket: `rate` tokens a second, at most `burst` saved up; `take(now)` spends one if
 there is one (`take(now, cost)`: that many).  The one rate limiter of the project: a port's
 broadcast and service budgets (netstack/policy.py), a DHCP client's messages
-(netstack/dhcp.py), a source's handshakes (tunnel/listener.py).  Sans-I/O: the caller passes
-the time."""
+(netstack/gateway/dhcp_server.py), a source's handshakes (tunnel/listener.py).  Sans-I/O: the
+caller passes the time."""
 
 from __future__ import annotations
 

@@ -24,21 +24,23 @@ from scapy.layers.dhcp import BOOTP, DHCP
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
-import netstack.dhcp as dhcp_module
+import netstack.gateway.dhcp_leases as leases_module
+import netstack.gateway.dhcp_server as server_module
+import netstack.gateway.dhcp_store as store_module
+import netstack.wire.dhcp as codec_module
 import tunnel.hub as hub_module
-from netstack.dhcp import (
+from netstack.frame import Frame
+from netstack.gateway.dhcp_config import DhcpConfig
+from netstack.gateway.dhcp_leases import DECLINE_HOLD_SECONDS, OFFER_HOLD_SECONDS, Lease
+from netstack.gateway.dhcp_server import (
     DECLINE_BUDGET,
-    DECLINE_HOLD_SECONDS,
     DECLINE_WINDOW_SECONDS,
-    OFFER_HOLD_SECONDS,
     PERSIST_SLACK_SECONDS,
     RATE_BURST,
     RATE_PER_SECOND,
-    DhcpConfig,
     DhcpServer,
-    Lease,
 )
-from netstack.frame import Frame
+from netstack.gateway.dhcp_store import read_state, write_state
 from netstack.policy import PortPolicy
 from netstack.port import QueuedPort
 from netstack.wire.checksum import internet_checksum
@@ -67,7 +69,9 @@ def make_server(clock: Clock | None = None, **overrides) -> DhcpServer:
     settings_ = dict(subnet=SUBNET, gateway=GATEWAY, server_mac=SERVER_MAC, dns=DNS,
                      mtu=1400, domain="vpn.example", lease_seconds=3600)
     settings_.update(overrides)
-    return DhcpServer(DhcpConfig(**settings_), clock=clock or Clock())
+    config = DhcpConfig(**settings_)
+    stored = None if config.state_path is None else read_state(config.state_path)
+    return DhcpServer(config, clock=clock or Clock(), stored=stored)
 
 
 # --- Clients, as they really send ---------------------------------------------------------
@@ -167,11 +171,10 @@ def option_codes(packet: Ether) -> list[int]:
 
 
 def persist(server: DhcpServer) -> list[bytes]:
-    """What the hub's shell does (the write in a worker thread): write a snapshot of the
-    table, then send the ACKs that waited for it."""
-    snapshot = server.snapshot()
-    snapshot.write()
-    return server.persisted(snapshot)
+    """What the hub's shell does (the write in a worker thread): run the server's write job,
+    then send the ACKs that waited for it."""
+    job = server.write_job()
+    return server.persisted(job, write_state(job))
 
 
 def exchange(server: DhcpServer, frame: bytes) -> list[bytes]:
@@ -478,12 +481,12 @@ def test_addresses_a_squatter_sends_from_are_probed_once_then_rest_and_come_back
                 break
             unanswered += 1
         assert dora(server, mac(n))[BOOTP].yiaddr == str(ip(21 + n))
-    assert unanswered == len(squatted) // dhcp_module.MAX_PROBES  # 8, 8, then 4 and .22
+    assert unanswered == len(squatted) // leases_module.MAX_PROBES  # 8, 8, then 4 and .22
     assert sorted(a for a in probed if a in squatted) == sorted(squatted)  # each once
     assert server.counters["pool_exhausted"] == 0
     assert server.counters["no_offer_in_use"] == unanswered
     assert server.table_sizes()["in_use_resting"] == len(squatted)
-    clock.now += dhcp_module.IN_USE_HOLD_SECONDS
+    clock.now += leases_module.IN_USE_HOLD_SECONDS
     server.expire(server.clock())
     assert server.table_sizes() | {"in_use_resting": 0, "free": free_before - 5} \
         == server.table_sizes()
@@ -725,7 +728,7 @@ def test_grants_and_declines_write_nothing_in_handle_and_ack_only_once_written(
     the shell's one write of the batch, and what it wrote is what a restart sees."""
     clock = Clock()
     state = tmp_path / "leases.json"
-    monkeypatch.setattr(dhcp_module, "_write_atomically",
+    monkeypatch.setattr(store_module, "write_atomically",
                         lambda path, data: pytest.fail("handle() wrote the state file"))
     server = make_server(clock, state_path=state)
     dirty = []
@@ -738,9 +741,8 @@ def test_grants_and_declines_write_nothing_in_handle_and_ack_only_once_written(
         == []
     assert server.dirty and len(dirty) == 11 and not state.exists()
     monkeypatch.undo()
-    snapshot = server.snapshot()
-    snapshot.write()
-    acks = [check_reply(a) for a in server.persisted(snapshot)]
+    job = server.write_job()
+    acks = [check_reply(a) for a in server.persisted(job, write_state(job))]
     assert sorted(a[BOOTP].chaddr[:6] for a in acks) == [mac(n) for n in range(2, 11)]
     assert not server.dirty
     restarted = make_server(clock, state_path=state)
@@ -755,10 +757,10 @@ def test_grant_that_cannot_be_written_is_not_acked_until_a_write_succeeds(tmp_pa
     offer = one(server.handle(client_frame(mac(1), "discover")))
     assert server.handle(client_frame(mac(1), "request", [
         ("requested_addr", offer[BOOTP].yiaddr), ("server_id", str(GATEWAY))])) == []
-    snapshot = server.snapshot()
+    job = server.write_job()
     with pytest.raises(OSError) as error:
-        snapshot.write()
-    server.persist_failed(snapshot, error.value)
+        write_state(job)
+    server.persist_failed(job, error.value)
     assert server.counters["persist_failed"] == 1 and server.counters["ack"] == 0
     assert server.dirty  # the shell tries again
     # The address stays with the client (the safe side), and nobody else is offered it.
@@ -1018,8 +1020,9 @@ def test_discover_on_an_exhausted_pool_does_not_walk_the_pool(tmp_path, monkeypa
                          dns=())
     assert len(server.leases) == len(hosts)
     built = []
-    real = dhcp_module.IPv4Address
-    monkeypatch.setattr(dhcp_module, "IPv4Address", lambda *a: built.append(1) or real(*a))
+    real = IPv4Address
+    for module in (codec_module, leases_module, server_module):  # where handle() makes them
+        monkeypatch.setattr(module, "IPv4Address", lambda *a: built.append(1) or real(*a))
     monkeypatch.setattr(server, "expire", lambda now=None: pytest.fail("expire() per frame"))
     assert server.handle(client_frame(mac(1), "discover", dst_ip=BROADCAST_IP)) == []
     assert server.counters["pool_exhausted"] == 1
@@ -1029,8 +1032,10 @@ def test_discover_on_an_exhausted_pool_does_not_walk_the_pool(tmp_path, monkeypa
 def test_every_table_a_client_can_grow_is_bounded(monkeypatch):
     """Offers, rested addresses and budgets have named limits: a flood from many MACs on
     many ports leaves each table at its limit, and the server still serves."""
-    for name, limit in (("MAX_OFFERS", 16), ("MAX_DECLINED", 8), ("MAX_CLIENTS_TRACKED", 32)):
-        monkeypatch.setattr(dhcp_module, name, limit)
+    for module, name, limit in ((leases_module, "MAX_OFFERS", 16),
+                                (leases_module, "MAX_DECLINED", 8),
+                                (server_module, "MAX_CLIENTS_TRACKED", 32)):
+        monkeypatch.setattr(module, name, limit)
     clock = Clock()
     server = make_server(clock, subnet=IPv4Network("10.77.0.0/22"), pool=None)
     server.port_of = lambda m: m[5] % 50  # 50 ports
@@ -1100,7 +1105,7 @@ def test_option_soups_and_truncated_bootp_are_only_ever_ignored_and_counted():
         assert_well_formed(server, replies)
         if not replies:
             changed = {k for k in server.counters if server.counters[k] != before[k]}
-            assert changed & (IGNORE_REASONS | set(dhcp_module.CLIENT_MESSAGE_NAMES.values())), (
+            assert changed & (IGNORE_REASONS | set(server_module.CLIENT_MESSAGE_NAMES.values())), (
                 f"seed {seed}: ignored without a count: {frame.hex()}")
         if runs % 100 == 0:
             server.expire(clock.now)

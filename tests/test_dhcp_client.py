@@ -1,7 +1,7 @@
-"""The DHCPv4 client against the hub's own server (netstack.dhcp), wired in memory with a fake
-clock: DORA, renewal at T1, rebinding at T2, NAK after a server reset, expiry, retransmission
-backoff; every frame the client sends is re-parsed by scapy with its checksums verified, and
-garbage never raises."""
+"""The DHCPv4 client against the hub's own server (netstack.gateway.dhcp_server), wired in
+memory with a fake clock: DORA, renewal at T1, rebinding at T2, NAK after a server reset,
+expiry, retransmission backoff; every frame the client sends is re-parsed by scapy with its
+checksums verified, and garbage never raises."""
 
 from __future__ import annotations
 
@@ -16,8 +16,11 @@ from scapy.layers.dhcp import BOOTP, DHCP
 from scapy.layers.inet import ICMP, IP, UDP
 from scapy.layers.l2 import Ether
 
-from netstack.dhcp import DhcpConfig, DhcpServer
-from netstack.dhcp_client import (
+from netstack.frame import HDR_F_NEEDS_CSUM, Frame, OffloadInfo
+from netstack.gateway.dhcp_config import DhcpConfig
+from netstack.gateway.dhcp_server import DhcpServer
+from netstack.gateway.port import GatewayConfig, GatewayPort
+from netstack.host.dhcp_client import (
     BOUND,
     INIT,
     REBINDING,
@@ -30,8 +33,6 @@ from netstack.dhcp_client import (
     DhcpLease,
     is_dhcp_reply,
 )
-from netstack.frame import HDR_F_NEEDS_CSUM, Frame, OffloadInfo
-from netstack.gateway.port import GatewayConfig, GatewayPort
 from netstack.l3host import L3Host
 from tests.support.clock import Clock
 

@@ -26,8 +26,8 @@ from typing import NoReturn
 
 import trio
 
-from netstack.dhcp import MAX_LEASE_SECONDS, MIN_LEASE_SECONDS
 from netstack.frame import QEMU_OUI, format_mac, parse_mac, stable_mac
+from netstack.gateway.dhcp_config import MAX_LEASE_SECONDS, MIN_LEASE_SECONDS
 from virtio.protocol import DEFAULT_QUEUE_PAIRS
 from virtio.unixsock import (
     GROUP_DEFAULT_MODE,

@@ -4,8 +4,9 @@ advertisements, DHCP), and one per endpoint connected through the tunnel (tunnel
 
 The Trio side is thin: each vhost-user socket has its server (virtio.backend), the gateway
 has a task that moves its replies into the switch and wakes it for timed work, the DHCP
-server's leases are written by a task of their own (in a worker thread, batched), and a
-housekeeping task ages the switch's tables.  The hub also answers `vhostvpn status`.
+server's lease file is read once at start-up and written by a task of its own (in a worker
+thread, batched), and a housekeeping task ages the switch's tables.  The hub also answers
+`vhostvpn status`.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from pathlib import Path
 
 import trio
 
-from netstack.dhcp import PERSIST_INTERVAL_SECONDS, DhcpConfig, DhcpServer
 from netstack.frame import Frame, stable_mac
+from netstack.gateway.dhcp_config import DhcpConfig
+from netstack.gateway.dhcp_server import DhcpServer
+from netstack.gateway.dhcp_store import PERSIST_INTERVAL_SECONDS, read_state, write_state
 from netstack.gateway.port import GatewayConfig, GatewayPort
 from netstack.pcap import CAPTURE_DIR_MODE, PcapWriter
 from netstack.port import Port
@@ -139,12 +142,14 @@ class Hub:
         state_dir.mkdir(parents=True, exist_ok=True)
         subnet_name = str(config.subnet).replace("/", "_")
         dns4 = tuple(a for a in config.dns if isinstance(a, ipaddress.IPv4Address))
-        server = DhcpServer(DhcpConfig(
+        dhcp_config = DhcpConfig(
             subnet=config.subnet, gateway=ipv4.ip, server_mac=mac, dns=dns4, mtu=config.mtu,
             pool=config.dhcp_range, lease_seconds=config.lease_seconds, domain=config.domain,
             reservations=config.dhcp_reservations,
             state_path=state_dir / f"leases-{subnet_name}.json",
-        ))
+        )
+        # Read once, before the event loop runs; writes go through `_persist_leases`.
+        server = DhcpServer(dhcp_config, stored=read_state(dhcp_config.state_path))
         server.on_lease = lambda lease: self.switch.bind_lease(lease.ip.packed, lease.mac)
         server.on_release = lambda lease: self.switch.unbind_lease(lease.ip.packed)
         server.in_use = lambda ip, mac: self.switch.used_by_another_port(ip.packed, mac)
@@ -224,15 +229,15 @@ class Hub:
             await trio.sleep(PERSIST_INTERVAL_SECONDS)
 
     async def _write_leases(self, dhcp: DhcpServer, *, send_acks: bool) -> None:
-        snapshot = dhcp.snapshot()
+        job = dhcp.write_job()
         try:
             # Encoding and the fsyncs run in a worker thread; not abandoned on cancellation,
             # so a shutdown waits for a write under way.
-            await trio.to_thread.run_sync(snapshot.write)
+            on_disk = await trio.to_thread.run_sync(write_state, job)
         except OSError as error:
-            dhcp.persist_failed(snapshot, error)
+            dhcp.persist_failed(job, error)
             return
-        acks = dhcp.persisted(snapshot)
+        acks = dhcp.persisted(job, on_disk)
         if acks and send_acks and self.gateway is not None:
             self.switch.forward(self.gateway, [Frame(ack) for ack in acks])
 

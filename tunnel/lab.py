@@ -36,8 +36,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from netstack.dhcp import MAX_LEASE_SECONDS, MIN_LEASE_SECONDS
 from netstack.frame import QEMU_OUI, format_mac, stable_mac
+from netstack.gateway.dhcp_config import MAX_LEASE_SECONDS, MIN_LEASE_SECONDS
 from tunnel import assets
 from tunnel.cli import HUB_MIN_MTU, LOG_LEVELS, MAX_MTU, address_range
 from tunnel.console import ConsoleError, UnixConsole

@@ -1,6 +1,6 @@
 """`vhostvpn host --tun`: a host joins the segment through a TUN device (IP packets, no
 Ethernet), with netstack.l3host.L3Host doing ARP and neighbour discovery on its behalf and,
-with --dhcp, netstack.dhcp_client.DhcpClient leasing its address from the hub.
+with --dhcp, netstack.host.dhcp_client.DhcpClient leasing its address from the hub.
 
 The port's two directions:
   segment -> host (`deliver`, called by the switch): DHCP replies go to the client; every
@@ -24,8 +24,8 @@ from collections.abc import Callable
 
 import trio
 
-from netstack.dhcp_client import DhcpClient, DhcpLease, is_dhcp_reply
 from netstack.frame import Frame, stable_mac
+from netstack.host.dhcp_client import DhcpClient, DhcpLease, is_dhcp_reply
 from netstack.l3host import L3Host
 from netstack.port import Port, SpeakingPort
 from tunnel.hostnet import HostNetwork, HostNetworkError

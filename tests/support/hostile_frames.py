@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from netstack import l3host
-from netstack.dhcp import DhcpConfig, DhcpServer
 from netstack.frame import MAX_FRAME_LEN, PLAIN, Frame, Offload, OffloadInfo
+from netstack.gateway.dhcp_config import DhcpConfig
+from netstack.gateway.dhcp_server import DhcpServer
 from netstack.gateway.port import GatewayConfig, GatewayPort
 from netstack.gateway.ra import link_local_from_mac
 from netstack.ipv6 import icmpv6_checksum_ok

@@ -1,7 +1,8 @@
 """A DHCPv4 client (RFC 2131/2132) for `vhostvpn host --tun`: Ethernet frames in, frames out.
 
 The host joins the segment with its own MAC (netstack.l3host); this client gets that MAC
-an address from the segment's DHCP server (netstack.dhcp on the hub).  No sockets, no
+an address from the segment's DHCP server (netstack.gateway.dhcp_server on the hub); the
+messages are read and written by the one DHCP codec (netstack.wire.dhcp).  No sockets, no
 clock: every call takes `now` (monotonic seconds), `next_deadline()` says when `tick` is
 due.  The shell hands `handle` the frames for which `is_dhcp_reply` is true (before
 L3Host sees them: a DHCP reply must not reach the host's kernel) and sends what comes
@@ -28,12 +29,13 @@ Theory of operation (RFC 2131 4.4, figure 5)
 * Renewal is sent to the server's MAC as the last ACK's Ethernet source showed it (on the
   hub, the gateway's MAC): the client needs no ARP of its own.
 
-What it accepts: a frame to our MAC or broadcast; IPv4 (header checksum valid, not a
-fragment), UDP 67 -> 68 with a valid checksum (unless 0 or left partial by checksum
-offload); a BOOTREPLY for Ethernet with our xid, our chaddr, the magic cookie and a DHCP
-message type; options checked against their lengths (with overload, RFC 2131 4.1).  An
-OFFER needs a usable address and a server identifier, an ACK a lease time; the answer
-must fit the state we are in.  Everything else is dropped and counted, never raised.
+What it accepts: a frame to our MAC or broadcast that the codec reads as a BOOTREPLY
+(IPv4 header checksum valid, not a fragment, UDP 67 -> 68 with a valid checksum unless 0 or
+left partial by checksum offload, Ethernet, the magic cookie, options checked against their
+lengths with overload, a message type; the drop reasons are the codec's), with our xid and
+our chaddr.  An OFFER needs a usable address and a server identifier, an ACK a lease time;
+an optional option of the wrong size is ignored and counted (`bad_option_<code>`); the
+answer must fit the state we are in.  Everything else is dropped and counted, never raised.
 
 Not done: the initial 1-10 s random wait (4.4.1: we are one client, not a boot storm),
 collecting several OFFERs (we take the first), ARP-probing the offered address and
@@ -43,68 +45,55 @@ DECLINE, INIT-REBOOT, INFORM, the broadcast flag (we receive unicast to our MAC)
 from __future__ import annotations
 
 import random
-import struct
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
-import dpkt
-
-from netstack.frame import (
-    ETH_ADDR_LEN,
-    ETH_HEADER_LEN,
-    ETH_P_IP,
-    ETHERTYPE_IP,
-    HDR_F_NEEDS_CSUM,
-    Frame,
+from netstack.frame import ETH_ADDR_LEN, ETH_HEADER_LEN, ETHERTYPE_IP, HDR_F_NEEDS_CSUM, Frame
+from netstack.wire import Malformed
+from netstack.wire.dhcp import (
+    BOOTREPLY,
+    BOOTREQUEST,
+    BROADCAST_MAC,
+    CLIENT_PORT,
+    DHCPACK,
+    DHCPDISCOVER,
+    DHCPNAK,
+    DHCPOFFER,
+    DHCPRELEASE,
+    DHCPREQUEST,
+    INFINITE_LEASE,
+    IPPROTO_UDP,
+    IPV4_BROADCAST,
+    IPV4_MIN_HEADER_LEN,
+    IPV4_UNSPECIFIED,
+    MIN_MTU,
+    OPT_CLIENT_ID,
+    OPT_DNS,
+    OPT_DOMAIN,
+    OPT_HOSTNAME,
+    OPT_LEASE_TIME,
+    OPT_MAX_MESSAGE_SIZE,
+    OPT_MESSAGE_TYPE,
+    OPT_MTU,
+    OPT_PARAM_REQUEST,
+    OPT_REBINDING_TIME,
+    OPT_RENEWAL_TIME,
+    OPT_REQUESTED_IP,
+    OPT_ROUTER,
+    OPT_SERVER_ID,
+    OPT_SUBNET_MASK,
+    SERVER_PORT,
+    UDP_HEADER_LEN,
+    DhcpFrame,
+    DhcpMessage,
+    build_frame,
 )
-from netstack.wire.checksum import pseudo_header_sum, sum16, verifies
 
 # --- Numbers from the specs ---------------------------------------------------------------
 
-BROADCAST_MAC = b"\xff" * ETH_ADDR_LEN
-IPV4_BROADCAST = IPv4Address("255.255.255.255")
-IPV4_UNSPECIFIED = IPv4Address("0.0.0.0")
-IPV4_MIN_HEADER_LEN = 20
-IPV4_FRAG_MASK = 0x3FFF  # MF and the fragment offset
-IPPROTO_UDP = 17
-UDP_HEADER_LEN = 8
-SERVER_PORT, CLIENT_PORT = 67, 68
-BOOTP_HEADER = struct.Struct("!BBBBIHHIIII16s64s128sI")
-BOOTP_HEADER_LEN = BOOTP_HEADER.size  # 240, with the magic cookie
-SNAME_OFFSET, SNAME_LEN = 44, 64
-FILE_OFFSET, FILE_LEN = 108, 128
-BOOTREQUEST, BOOTREPLY = 1, 2
-HTYPE_ETHERNET = 1
-MAGIC_COOKIE = dpkt.dhcp.DHCP_MAGIC
-BOOTP_MIN_LEN = 300  # RFC 951: some servers drop shorter messages
-
-OPT_PAD, OPT_END = 0, 255
-OPT_SUBNET_MASK = 1
-OPT_ROUTER = 3
-OPT_DNS = 6
-OPT_HOSTNAME = 12
-OPT_DOMAIN = 15
-OPT_MTU = 26
-OPT_REQUESTED_IP = 50
-OPT_LEASE_TIME = 51
-OPT_OVERLOAD = 52
-OPT_MESSAGE_TYPE = 53
-OPT_SERVER_ID = 54
-OPT_PARAM_REQUEST = 55
-OPT_MESSAGE = 56
-OPT_MAX_MESSAGE_SIZE = 57
-OPT_RENEWAL_TIME = 58
-OPT_REBINDING_TIME = 59
-OPT_CLIENT_ID = 61
-OVERLOAD_FILE, OVERLOAD_SNAME = 1, 2
-
-DHCPDISCOVER, DHCPOFFER, DHCPREQUEST, DHCPDECLINE = 1, 2, 3, 4
-DHCPACK, DHCPNAK, DHCPRELEASE = 5, 6, 7
-INFINITE_LEASE = 0xFFFFFFFF  # RFC 2132 9.2
-MIN_MTU = 68  # RFC 2132 5.1
-
+_REPLY_PORTS = SERVER_PORT.to_bytes(2, "big") + CLIENT_PORT.to_bytes(2, "big")  # UDP 67 -> 68
 # RFC 2131 4.1 and 4.4.5.
 FIRST_RETRANSMIT = 4.0
 MAX_RETRANSMIT = 64.0
@@ -149,23 +138,7 @@ def is_dhcp_reply(frame: Frame) -> bool:
             or data[12:14] != ETHERTYPE_IP or data[23] != IPPROTO_UDP:
         return False
     udp_at = ETH_HEADER_LEN + (data[14] & 0x0F) * 4
-    return bytes(data[udp_at:udp_at + 4]) == b"\x00\x43\x00\x44"
-
-
-class _Drop(Exception):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class _Reply:
-    msg_type: int
-    xid: int
-    yiaddr: IPv4Address
-    eth_src: bytes
-    ip_src: IPv4Address
-    options: dict[int, bytes]
+    return bytes(data[udp_at:udp_at + 4]) == _REPLY_PORTS
 
 
 class DhcpClient:
@@ -220,17 +193,25 @@ class DhcpClient:
 
     def handle(self, frame: Frame, now: float) -> list[Frame]:
         """A frame from the segment (one `is_dhcp_reply` accepts): the frames to send."""
-        try:
-            reply = self._parse(frame)
-        except _Drop as drop:
-            self.counters[drop.reason] += 1
+        if bytes(frame.data[0:ETH_ADDR_LEN]) not in (self.mac, BROADCAST_MAC):
+            self.counters["not_for_us"] += 1
             return []
-        if reply.xid != self.xid or self.state not in _TRANSITIONS:
+        try:
+            reply = DhcpFrame(frame.data, BOOTREPLY,
+                              verify_udp_checksum=not frame.offload[0] & HDR_F_NEEDS_CSUM)
+        except Malformed as error:
+            self.counters[error.reason] += 1
+            return []
+        message = reply.message
+        if message.chaddr != self.mac:
+            self.counters["not_for_us"] += 1
+            return []
+        if message.xid != self.xid or self.state not in _TRANSITIONS:
             self.counters["unexpected"] += 1
             return []
-        transition = _TRANSITIONS[self.state].get(reply.msg_type)
+        transition = _TRANSITIONS[self.state].get(message.msg_type)
         if transition is None:
-            self.counters[f"unexpected_type_{reply.msg_type}"] += 1
+            self.counters[f"unexpected_type_{message.msg_type}"] += 1
             return []
         return transition(self, reply, now)
 
@@ -265,17 +246,18 @@ class DhcpClient:
 
     # -- transitions on replies (one method per state and message type) ------------------------
 
-    def _selecting_offer(self, reply: _Reply, now: float) -> list[Frame]:
-        server_id = self._option_address(reply.options, OPT_SERVER_ID)
-        if server_id is None or not _usable(reply.yiaddr):
+    def _selecting_offer(self, reply: DhcpFrame, now: float) -> list[Frame]:
+        server_id = self._option_address(reply.message, OPT_SERVER_ID)
+        yiaddr = reply.message.yiaddr
+        if server_id is None or not _usable(yiaddr):
             self.counters["bad_offer"] += 1
             return []
         self.counters["offer"] += 1
-        self._offer = (reply.yiaddr, server_id)
+        self._offer = (yiaddr, server_id)
         self.state, self._attempts, self._began = REQUESTING, 0, now
         return self._request_offer(now)
 
-    def _ack(self, reply: _Reply, now: float) -> list[Frame]:
+    def _ack(self, reply: DhcpFrame, now: float) -> list[Frame]:
         lease = self._lease_from(reply, now)
         if lease is None:
             return []
@@ -288,8 +270,8 @@ class DhcpClient:
             self.on_bound(lease)
         return []
 
-    def _nak(self, reply: _Reply, now: float) -> list[Frame]:
-        server_id = self._option_address(reply.options, OPT_SERVER_ID)
+    def _nak(self, reply: DhcpFrame, now: float) -> list[Frame]:
+        server_id = self._option_address(reply.message, OPT_SERVER_ID)
         expected = self._offer[1] if self.state == REQUESTING and self._offer else None
         if expected is not None and server_id not in (None, expected):
             self.counters["nak_other_server"] += 1
@@ -354,21 +336,14 @@ class DhcpClient:
                 options.append((OPT_HOSTNAME, self.hostname.encode("ascii")))
             options.append((OPT_PARAM_REQUEST, PARAMETERS))
         secs = min(int(now - self._began), 0xFFFF) if msg_type != DHCPRELEASE else 0
-        message = bytes(dpkt.dhcp.DHCP(op=BOOTREQUEST, hrd=HTYPE_ETHERNET, hln=ETH_ADDR_LEN,
-                                       xid=self.xid, secs=max(secs, 0), flags=0,
-                                       ciaddr=int(ciaddr), chaddr=self.mac, opts=options))
-        message = message.ljust(BOOTP_MIN_LEN, b"\x00")
         if to_server:
             assert self.lease is not None
             eth_dst, ip_dst = self.lease.server_mac, self.lease.server
         else:
             eth_dst, ip_dst = BROADCAST_MAC, IPV4_BROADCAST
-        # dpkt quirk: UDP.ulen is not filled in by bytes(); set it ourselves.
-        udp = dpkt.udp.UDP(sport=CLIENT_PORT, dport=SERVER_PORT,
-                           ulen=UDP_HEADER_LEN + len(message), data=message)
-        ip = dpkt.ip.IP(src=ciaddr.packed, dst=ip_dst.packed, p=IPPROTO_UDP, ttl=64, data=udp)
-        ethernet = dpkt.ethernet.Ethernet(dst=eth_dst, src=self.mac, type=ETH_P_IP, data=ip)
-        return Frame(bytes(ethernet))
+        return Frame(build_frame(BOOTREQUEST, options, xid=self.xid, chaddr=self.mac,
+                                 secs=max(secs, 0), ciaddr=ciaddr, eth_src=self.mac,
+                                 eth_dst=eth_dst, ip_src=ciaddr, ip_dst=ip_dst))
 
     def _new_xid(self) -> int:
         return self.rng.getrandbits(32)
@@ -383,36 +358,36 @@ class DhcpClient:
 
     # -- the lease from an ACK ---------------------------------------------------------------
 
-    def _lease_from(self, reply: _Reply, now: float) -> DhcpLease | None:
-        options = reply.options
-        seconds = self._option_int(options, OPT_LEASE_TIME, 4)
-        if seconds is None or seconds == 0 or not _usable(reply.yiaddr):
+    def _lease_from(self, reply: DhcpFrame, now: float) -> DhcpLease | None:
+        message = reply.message
+        seconds = self._option_int(message, OPT_LEASE_TIME, 4)
+        if seconds is None or seconds == 0 or not _usable(message.yiaddr):
             self.counters["bad_ack"] += 1
             return None
         if self.state in (RENEWING, REBINDING) and self.lease is not None:
-            server = self._option_address(options, OPT_SERVER_ID) or self.lease.server
+            server = self._option_address(message, OPT_SERVER_ID) or self.lease.server
         else:
-            server = self._option_address(options, OPT_SERVER_ID) or reply.ip_src
+            server = self._option_address(message, OPT_SERVER_ID) or reply.ip_src
         start = self._began  # RFC 2131 4.4.1: from when the REQUEST was first sent
         if seconds == INFINITE_LEASE:
             renew = rebind = expires = float("inf")
         else:
-            t1 = self._option_int(options, OPT_RENEWAL_TIME, 4)
-            t2 = self._option_int(options, OPT_REBINDING_TIME, 4)
+            t1 = self._option_int(message, OPT_RENEWAL_TIME, 4)
+            t2 = self._option_int(message, OPT_REBINDING_TIME, 4)
             if t1 is None or t2 is None or not 0 < t1 <= t2 <= seconds:
                 if t1 is not None or t2 is not None:
                     self.counters["bad_t1_t2"] += 1
                 t1, t2 = seconds * T1_FRACTION, seconds * T2_FRACTION
             renew, rebind, expires = start + t1, start + t2, start + seconds
-        mtu = self._option_int(options, OPT_MTU, 2)
-        routers = self._addresses(options, OPT_ROUTER)
-        domain = options.get(OPT_DOMAIN, b"").rstrip(b"\x00")
+        mtu = self._option_int(message, OPT_MTU, 2)
+        routers = self._addresses(message, OPT_ROUTER)
+        domain = message.options.get(OPT_DOMAIN, b"").rstrip(b"\x00")
         return DhcpLease(
-            address=IPv4Interface((reply.yiaddr, self._prefix(options, reply.yiaddr))),
+            address=IPv4Interface((message.yiaddr, self._prefix(message))),
             server=server,
             server_mac=reply.eth_src,
             router=routers[0] if routers else None,
-            dns=tuple(self._addresses(options, OPT_DNS)),
+            dns=tuple(self._addresses(message, OPT_DNS)),
             mtu=mtu if mtu is not None and mtu >= MIN_MTU else None,
             domain=domain.decode("ascii") if domain and domain.isascii() else None,
             lease_seconds=seconds,
@@ -422,85 +397,35 @@ class DhcpClient:
             expires=expires,
         )
 
-    def _prefix(self, options: dict[int, bytes], address: IPv4Address) -> int:
-        mask = options.get(OPT_SUBNET_MASK)
+    def _prefix(self, message: DhcpMessage) -> int:
+        mask = message.options.get(OPT_SUBNET_MASK)
         if mask is not None and len(mask) == 4:
             try:
                 return IPv4Network(f"0.0.0.0/{IPv4Address(mask)}").prefixlen
             except ValueError:
                 self.counters["bad_subnet_mask"] += 1
-        first = address.packed[0]  # no usable mask: the classful one (RFC 2131 leaves it open)
+        first = message.yiaddr.packed[0]  # no usable mask: classful (RFC 2131 leaves it open)
         return 8 if first < 128 else 16 if first < 192 else 24
 
-    def _addresses(self, options: dict[int, bytes], code: int) -> list[IPv4Address]:
-        value = options.get(code, b"")
-        if len(value) % 4:
+    # Optional options of a reply: one of the wrong size is ignored, and counted.
+
+    def _addresses(self, message: DhcpMessage, code: int) -> list[IPv4Address]:
+        try:
+            return message.option_addresses(code)
+        except Malformed:
             self.counters[f"bad_option_{code}"] += 1
             return []
-        return [IPv4Address(value[i:i + 4]) for i in range(0, len(value), 4)]
 
-    def _option_address(self, options: dict[int, bytes], code: int) -> IPv4Address | None:
-        value = self._option_int(options, code, 4)
+    def _option_address(self, message: DhcpMessage, code: int) -> IPv4Address | None:
+        value = self._option_int(message, code, 4)
         return None if value is None else IPv4Address(value)
 
-    def _option_int(self, options: dict[int, bytes], code: int, size: int) -> int | None:
-        value = options.get(code)
-        if value is None:
-            return None
-        if len(value) != size:
+    def _option_int(self, message: DhcpMessage, code: int, size: int) -> int | None:
+        try:
+            return message.option_int(code, size)
+        except Malformed:
             self.counters[f"bad_option_{code}"] += 1
             return None
-        return int.from_bytes(value, "big")
-
-    # -- parsing -----------------------------------------------------------------------------
-
-    def _parse(self, frame: Frame) -> _Reply:
-        data = bytes(frame.data)
-        if len(data) < ETH_HEADER_LEN + IPV4_MIN_HEADER_LEN + UDP_HEADER_LEN:
-            raise _Drop("malformed")
-        eth_dst, eth_src = data[0:6], data[6:12]
-        if eth_dst != self.mac and eth_dst != BROADCAST_MAC:
-            raise _Drop("not_for_us")
-        if data[12:14] != ETHERTYPE_IP:
-            raise _Drop("not_dhcp")
-        ihl = (data[14] & 0x0F) * 4
-        (total,) = struct.unpack_from("!H", data, 16)
-        if data[14] >> 4 != 4 or ihl < IPV4_MIN_HEADER_LEN or \
-                not ihl + UDP_HEADER_LEN <= total <= len(data) - ETH_HEADER_LEN:
-            raise _Drop("malformed")
-        header = data[ETH_HEADER_LEN:ETH_HEADER_LEN + ihl]
-        if not verifies(sum16(header)):
-            raise _Drop("bad_checksum")
-        (frag,) = struct.unpack_from("!H", data, 20)
-        if frag & IPV4_FRAG_MASK:
-            raise _Drop("fragment")
-        udp_at = ETH_HEADER_LEN + ihl
-        sport, dport, udp_len, udp_sum = struct.unpack_from("!HHHH", data, udp_at)
-        if data[23] != IPPROTO_UDP or (sport, dport) != (SERVER_PORT, CLIENT_PORT):
-            raise _Drop("not_dhcp")
-        if not UDP_HEADER_LEN <= udp_len <= total - ihl:
-            raise _Drop("malformed")
-        udp = data[udp_at:udp_at + udp_len]
-        if udp_sum and not frame.offload[0] & HDR_F_NEEDS_CSUM:
-            pseudo = pseudo_header_sum(header[12:16], header[16:20], IPPROTO_UDP, udp_len)
-            if not verifies(pseudo + sum16(udp)):
-                raise _Drop("bad_checksum")
-        message = udp[UDP_HEADER_LEN:]
-        if len(message) < BOOTP_HEADER_LEN:
-            raise _Drop("malformed")
-        (op, htype, hlen, _hops, xid, _secs, _flags, _ciaddr, yiaddr, _siaddr, _giaddr, chaddr,
-         _sname, _file, cookie) = BOOTP_HEADER.unpack_from(message)  # fmt: skip
-        if op != BOOTREPLY or htype != HTYPE_ETHERNET or hlen != ETH_ADDR_LEN \
-                or cookie != MAGIC_COOKIE:
-            raise _Drop("not_dhcp")
-        if chaddr[:ETH_ADDR_LEN] != self.mac:
-            raise _Drop("not_for_us")
-        options = _parse_options(message)
-        msg_type = options.get(OPT_MESSAGE_TYPE)
-        if msg_type is None or len(msg_type) != 1:
-            raise _Drop("no_message_type")
-        return _Reply(msg_type[0], xid, IPv4Address(yiaddr), eth_src,
-                      IPv4Address(header[12:16]), options)
 
 
 def _usable(address: IPv4Address) -> bool:
@@ -508,43 +433,8 @@ def _usable(address: IPv4Address) -> bool:
                 or address == IPV4_BROADCAST or address.packed[0] == 0)
 
 
-def _parse_options(message: bytes) -> dict[int, bytes]:
-    """Options of the main area, then `file` and `sname` when overloaded (RFC 2131 4.1);
-    split options are concatenated (RFC 3396)."""
-    options: dict[int, bytearray] = {}
-    _scan(message[BOOTP_HEADER_LEN:], options)
-    overload = options.pop(OPT_OVERLOAD, None)
-    if overload is not None:
-        if len(overload) != 1:
-            raise _Drop("bad_option")
-        more: dict[int, bytearray] = {}
-        if overload[0] & OVERLOAD_FILE:
-            _scan(message[FILE_OFFSET:FILE_OFFSET + FILE_LEN], more)
-        if overload[0] & OVERLOAD_SNAME:
-            _scan(message[SNAME_OFFSET:SNAME_OFFSET + SNAME_LEN], more)
-        more.pop(OPT_OVERLOAD, None)
-        for code, value in more.items():
-            options.setdefault(code, bytearray()).extend(value)
-    return {code: bytes(value) for code, value in options.items()}
-
-
-def _scan(area: bytes, into: dict[int, bytearray]) -> None:
-    i = 0
-    while i < len(area):
-        code = area[i]
-        if code == OPT_PAD:
-            i += 1
-            continue
-        if code == OPT_END:
-            return
-        if i + 1 >= len(area) or i + 2 + area[i + 1] > len(area):
-            raise _Drop("bad_option")
-        into.setdefault(code, bytearray()).extend(area[i + 2:i + 2 + area[i + 1]])
-        i += 2 + area[i + 1]
-
-
 # The state machine: which reply each state takes, and what it does (RFC 2131 figure 5).
-_TRANSITIONS: dict[str, dict[int, Callable[[DhcpClient, _Reply, float], list[Frame]]]] = {
+_TRANSITIONS: dict[str, dict[int, Callable[[DhcpClient, DhcpFrame, float], list[Frame]]]] = {
     SELECTING: {DHCPOFFER: DhcpClient._selecting_offer},
     REQUESTING: {DHCPACK: DhcpClient._ack, DHCPNAK: DhcpClient._nak},
     RENEWING: {DHCPACK: DhcpClient._ack, DHCPNAK: DhcpClient._nak},
