@@ -118,6 +118,9 @@ MIN_MTU = 68  # RFC 2132 5.1
 DHCPDISCOVER, DHCPOFFER, DHCPREQUEST, DHCPDECLINE = 1, 2, 3, 4
 DHCPACK, DHCPNAK, DHCPRELEASE, DHCPINFORM = 5, 6, 7, 8
 
+# Every reason a view raises Malformed with (the table at the top).
+REASONS = frozenset({"malformed", "not_for_us", "bad_checksum", "fragment", "not_request",
+                     "not_reply", "not_ethernet", "no_cookie", "bad_option", "bootp"})
 _PORTS = {BOOTREQUEST: (CLIENT_PORT, SERVER_PORT), BOOTREPLY: (SERVER_PORT, CLIENT_PORT)}
 _WRONG_OP = {BOOTREQUEST: "not_request", BOOTREPLY: "not_reply"}
 _OP_NAMES = {BOOTREQUEST: "BOOTREQUEST (1)", BOOTREPLY: "BOOTREPLY (2)"}
