@@ -751,6 +751,37 @@ def test_grants_and_declines_write_nothing_in_handle_and_ack_only_once_written(
     assert options_of(nak)["error_message"] == b"declined"
 
 
+def test_the_server_touches_no_file_from_restore_to_acks(tmp_path):
+    """Sans-I/O: with every way to open, write, rename or sync a file refused, a server
+    restores what the store read, serves a DORA, expires, and hands out a write job; only
+    the store's write_state (the shell's worker thread) touches the disk."""
+    clock = Clock()
+    state = tmp_path / "leases.json"
+    dora(make_server(clock, state_path=state), mac(1))
+    stored = read_state(state)
+
+    def refuse(*args, **kwargs):
+        pytest.fail(f"the server touched a file: {args!r}")
+
+    with pytest.MonkeyPatch.context() as files:
+        for name in ("open", "replace", "rename", "fsync", "unlink", "link", "mkdir"):
+            files.setattr(os, name, refuse)
+        files.setattr("builtins.open", refuse)
+        files.setattr(Path, "read_bytes", refuse)
+        config = DhcpConfig(subnet=SUBNET, gateway=GATEWAY, server_mac=SERVER_MAC,
+                            state_path=state)
+        server = DhcpServer(config, clock=clock, stored=stored)
+        assert set(server.leases) == {mac(1)}
+        offer = one(server.handle(client_frame(mac(2), "discover")))
+        assert server.handle(client_frame(mac(2), "request", [
+            ("requested_addr", offer[BOOTP].yiaddr), ("server_id", str(GATEWAY))])) == []
+        clock.now += 10
+        server.expire(clock.now)
+        job = server.write_job()
+    assert options_of(one(server.persisted(job, write_state(job))))["message-type"] == 5
+    assert {lease.mac for lease in read_state(state).leases} == {mac(1), mac(2)}
+
+
 def test_grant_that_cannot_be_written_is_not_acked_until_a_write_succeeds(tmp_path):
     directory = tmp_path / "not-yet"
     server = make_server(state_path=directory / "leases.json")
