@@ -25,8 +25,8 @@ from netstack import l3host
 from netstack.dhcp import DhcpConfig, DhcpServer
 from netstack.frame import MAX_FRAME_LEN, PLAIN, Frame, Offload, OffloadInfo
 from netstack.gateway.port import GatewayConfig, GatewayPort
-from netstack.gateway.ra import link_local_from_mac
 from netstack.ipv6 import icmpv6_checksum_ok
+from netstack.neighbour import link_local_from_mac
 from netstack.policy import PortPolicy
 from netstack.port import QueuedPort, SpeakingPort
 from netstack.switch import Switch
