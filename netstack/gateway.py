@@ -9,7 +9,7 @@ dropped and counted):
   ICMPv6    echo requests to those addresses
   RS        router solicitations -> a router advertisement (netstack.ra)
   DHCPv4    requests to UDP port 67 -> the DHCP server (netstack.dhcp)
-IPv6 is read at fixed offsets, its extension-header chain walked by netstack.ipv6: ICMPv6
+IPv6 is read at fixed offsets, its extension-header chain walked by netstack.wire.ipv6: ICMPv6
 is answered behind a sane chain with a right checksum, never in a fragment (`fragment`).
 dpkt parses ARP and IPv4 requests and builds every reply.  Whatever one frame raises is
 that frame's: counted `malformed` (a traceback logged, rate limited, when unexpected).
@@ -44,9 +44,11 @@ from netstack.frame import (
     Frame,
     Offload,
 )
-from netstack.ipv6 import IPPROTO_ICMPV6, IPV6_HEADER_LEN, icmpv6_checksum_ok, walk_chain
 from netstack.port import SpeakingPort
 from netstack.ra import HOP_LIMIT_ND, RouterAdvertiser, link_local_from_mac
+from netstack.wire import IPPROTO_ICMPV6
+from netstack.wire.icmpv6 import icmpv6_checksum_ok
+from netstack.wire.ipv6 import IPV6_HEADER_LEN, walk_chain
 
 log = logging.getLogger(__name__)
 
