@@ -28,8 +28,8 @@ from typing import NamedTuple
 import dpkt
 
 from netstack.frame import ETH_HEADER_LEN, ETH_P_ARP, ETH_P_IPV6, Frame
-from netstack.ipv6 import icmpv6_checksum_ok
 from netstack.wire import Malformed
+from netstack.wire.icmpv6 import icmpv6_checksum_ok
 
 BROADCAST_MAC = b"\xff" * 6
 ZERO_MAC = bytes(6)

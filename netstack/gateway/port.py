@@ -9,7 +9,7 @@ dropped and counted):
   ICMPv6    echo requests to those addresses
   RS        router solicitations -> a router advertisement (netstack.gateway.ra)
   DHCPv4    requests to UDP port 67 -> the DHCP server (netstack.dhcp)
-IPv6 is read at fixed offsets, its extension-header chain walked by netstack.ipv6: ICMPv6
+IPv6 is read at fixed offsets, its extension-header chain walked by netstack.wire.ipv6: ICMPv6
 is answered behind a sane chain with a right checksum, never in a fragment (`fragment`).
 ARP requests, neighbour and router solicitations are read and checked by netstack.neighbour,
 the same checks the TUN host's L3 host makes (a wrong hop limit or code: `nd_hop_limit`, a
@@ -46,7 +46,6 @@ from netstack.frame import (
     Offload,
 )
 from netstack.gateway.ra import RouterAdvertiser
-from netstack.ipv6 import IPPROTO_ICMPV6, IPV6_HEADER_LEN, icmpv6_checksum_ok, walk_chain
 from netstack.neighbour import (
     ICMPV6_NS,
     ICMPV6_RS,
@@ -59,7 +58,9 @@ from netstack.neighbour import (
     read_solicitation,
 )
 from netstack.port import SpeakingPort
-from netstack.wire import Malformed
+from netstack.wire import IPPROTO_ICMPV6, Malformed
+from netstack.wire.icmpv6 import icmpv6_checksum_ok
+from netstack.wire.ipv6 import IPV6_HEADER_LEN, walk_chain
 
 log = logging.getLogger(__name__)
 

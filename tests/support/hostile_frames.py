@@ -25,11 +25,11 @@ from netstack import l3host
 from netstack.dhcp import DhcpConfig, DhcpServer
 from netstack.frame import MAX_FRAME_LEN, PLAIN, Frame, Offload, OffloadInfo
 from netstack.gateway.port import GatewayConfig, GatewayPort
-from netstack.ipv6 import icmpv6_checksum_ok
 from netstack.neighbour import link_local_from_mac
 from netstack.policy import PortPolicy
 from netstack.port import QueuedPort, SpeakingPort
 from netstack.switch import Switch
+from netstack.wire.icmpv6 import icmpv6_checksum_ok
 from tests.support.clock import Clock
 
 SUBNET = ipaddress.IPv4Network("10.77.0.0/24")
