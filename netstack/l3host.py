@@ -75,9 +75,9 @@ from netstack.frame import (
     Frame,
     OffloadInfo,
 )
-from netstack.gateway.ra import HOP_LIMIT_ND, link_local_from_mac
-from netstack.ipv6 import icmpv6_checksum_ok
+from netstack.neighbour import HOP_LIMIT_ND, link_local_from_mac
 from netstack.port import TracebackLog
+from netstack.wire.icmpv6 import icmpv6_checksum_ok
 
 log = logging.getLogger(__name__)
 

@@ -46,8 +46,9 @@ from netstack.frame import (
     ETHERTYPE_QINQ1,
     VLAN_TAG_LEN,
 )
-from netstack.ipv6 import IPV6_HEADER_LEN, nd_link_addresses_match, walk_chain
 from netstack.ratelimit import TokenBucket
+from netstack.wire.icmpv6 import nd_link_addresses_match
+from netstack.wire.ipv6 import IPV6_HEADER_LEN, walk_chain
 
 _TAG_TYPES = (ETHERTYPE_8021Q, ETHERTYPE_8021AD, ETHERTYPE_QINQ1)
 

@@ -9,10 +9,13 @@ dropped and counted):
   ICMPv6    echo requests to those addresses
   RS        router solicitations -> a router advertisement (netstack.gateway.ra)
   DHCPv4    requests to UDP port 67 -> the DHCP server (netstack.dhcp)
-IPv6 is read at fixed offsets, its extension-header chain walked by netstack.ipv6: ICMPv6
+IPv6 is read at fixed offsets, its extension-header chain walked by netstack.wire.ipv6: ICMPv6
 is answered behind a sane chain with a right checksum, never in a fragment (`fragment`).
-dpkt parses ARP and IPv4 requests and builds every reply.  Whatever one frame raises is
-that frame's: counted `malformed` (a traceback logged, rate limited, when unexpected).
+ARP requests, neighbour and router solicitations are read and checked by netstack.neighbour,
+the same checks the TUN host's L3 host makes (a wrong hop limit or code: `nd_hop_limit`, a
+wrong checksum: `bad_checksum`), and answered with its builders.  dpkt parses IPv4 requests.
+Whatever one frame raises is that frame's: counted `malformed` (a traceback logged, rate
+limited, when unexpected).
 Why one port for all of them: a port is a MAC address on the switch, and the services share
 the gateway's MAC and addresses -- a DHCP client renews by unicast to the address ARP gave it.
 
@@ -35,18 +38,29 @@ import dpkt
 
 from netstack.frame import (
     ETH_HEADER_LEN,
-    ETH_P_ARP,
     ETH_P_IP,
-    ETH_P_IPV6,
     ETHERTYPE_ARP,
     ETHERTYPE_IP,
     ETHERTYPE_IPV6,
     Frame,
     Offload,
 )
-from netstack.gateway.ra import HOP_LIMIT_ND, RouterAdvertiser, link_local_from_mac
-from netstack.ipv6 import IPPROTO_ICMPV6, IPV6_HEADER_LEN, icmpv6_checksum_ok, walk_chain
+from netstack.gateway.ra import RouterAdvertiser
+from netstack.neighbour import (
+    ICMPV6_NS,
+    ICMPV6_RS,
+    arp_reply,
+    ethernet,
+    icmpv6,
+    link_local_from_mac,
+    read_arp,
+    read_nd,
+    read_solicitation,
+)
 from netstack.port import SpeakingPort
+from netstack.wire import IPPROTO_ICMPV6, Malformed
+from netstack.wire.icmpv6 import icmpv6_checksum_ok
+from netstack.wire.ipv6 import IPV6_HEADER_LEN, walk_chain
 
 log = logging.getLogger(__name__)
 
@@ -57,24 +71,13 @@ ICMP_ECHO_REQUEST = 8
 ICMP_ECHO_REPLY = 0
 ICMPV6_ECHO_REQUEST = 128
 ICMPV6_ECHO_REPLY = 129
-ICMPV6_ROUTER_SOLICITATION = 133
-ICMPV6_NEIGHBOR_SOLICITATION = 135
-ICMPV6_NEIGHBOR_ADVERTISEMENT = 136
-NA_FLAG_ROUTER = 0x80
-NA_FLAG_SOLICITED = 0x40
-NA_FLAG_OVERRIDE = 0x20
-OPT_TARGET_LINK_ADDRESS = 2
-ND_HEADER_LEN = 24  # ICMPv6 header, flags/reserved, target (RFC 4861 4.3)
 DHCP_SERVER_PORT = 67
 DEFAULT_TTL = 64
 
-
-class _Malformed(ValueError):
-    """A request the gateway cannot read (counted `malformed`)."""
-
-
 # What reading a hostile frame may raise: counted `malformed`, no traceback.
-_MALFORMED = (_Malformed, dpkt.UnpackError, struct.error, IndexError)
+_MALFORMED = (Malformed, dpkt.UnpackError, struct.error, IndexError)
+# Malformed ND messages counted under their own drop reason (the rest: `malformed`).
+_ND_DROPS = {"nd_hop_limit": "nd_hop_limit", "icmpv6_checksum": "bad_checksum"}
 
 
 class DhcpService:
@@ -158,31 +161,23 @@ class GatewayPort(SpeakingPort):
             return self._ipv6(data) if self.ipv6 else []
         if self.ipv4 is None or (ethertype != ETHERTYPE_ARP and ethertype != ETHERTYPE_IP):
             return []  # VLAN-tagged and other frames: not on the gateway's segment
-        eth = dpkt.ethernet.Ethernet(data)
-        if eth.type == ETH_P_ARP:
-            return self._arp(eth)
-        return self._ipv4(eth, data)
+        if ethertype == ETHERTYPE_ARP:
+            arp = read_arp(data)
+            if not arp.asks_for(self.ipv4):
+                return []
+            self.services["arp_reply"] += 1
+            return [arp_reply(arp, self.mac, self.ipv4)]
+        return self._ipv4(dpkt.ethernet.Ethernet(data), data)
 
     # -- IPv4 ------------------------------------------------------------------------------
-
-    def _arp(self, eth: dpkt.ethernet.Ethernet) -> list[Frame]:
-        arp = eth.data
-        if not isinstance(arp, dpkt.arp.ARP) or arp.op != dpkt.arp.ARP_OP_REQUEST:
-            return []
-        if arp.tpa != self.ipv4 or arp.hln != 6 or arp.pln != 4:
-            return []
-        self.services["arp_reply"] += 1
-        reply = dpkt.arp.ARP(op=dpkt.arp.ARP_OP_REPLY, sha=self.mac, spa=self.ipv4,
-                             tha=arp.sha, tpa=arp.spa)
-        return [self._ethernet(eth.src, ETH_P_ARP, reply)]
 
     def _ipv4(self, eth: dpkt.ethernet.Ethernet, data: bytes) -> list[Frame]:
         ip = eth.data
         if not isinstance(ip, dpkt.ip.IP):
-            raise _Malformed("truncated IPv4 header")
+            raise Malformed("ipv4_header", "truncated")
         header_len = ip.hl * 4
         if ip.v != 4 or not header_len <= ip.len <= len(data) - ETH_HEADER_LEN:
-            raise _Malformed(f"IPv4 version {ip.v}, total length {ip.len}")
+            raise Malformed("ipv4_header", f"version {ip.v}, total length {ip.len}")
         if ip.mf or ip.offset:
             self.counters.drop("fragment")
             return []
@@ -207,20 +202,20 @@ class GatewayPort(SpeakingPort):
         reply = dpkt.ip.IP(src=self.ipv4, dst=ip.src, p=dpkt.ip.IP_PROTO_ICMP, ttl=DEFAULT_TTL,
                            data=reply_icmp)
         reply.len = len(reply)
-        return [self._ethernet(eth.src, ETH_P_IP, reply)]
+        return [ethernet(eth.src, self.mac, ETH_P_IP, reply)]
 
     # -- IPv6 ------------------------------------------------------------------------------
 
     def _ipv6(self, data: bytes) -> list[Frame]:
         ip_end = ETH_HEADER_LEN + IPV6_HEADER_LEN
         if len(data) < ip_end or data[ETH_HEADER_LEN] >> 4 != 6:
-            raise _Malformed(f"IPv6 header in a {len(data)}-byte frame")
+            raise Malformed("ipv6_header", f"in a {len(data)}-byte frame")
         end = ip_end + int.from_bytes(data[18:20], "big")
         if end == ip_end or end > len(data):
-            raise _Malformed(f"IPv6 payload ends at {end} of a {len(data)}-byte frame")
+            raise Malformed("ipv6_length", f"payload ends at {end} of a {len(data)}-byte frame")
         chain = walk_chain(data, ETH_HEADER_LEN, end)
         if chain is None:
-            raise _Malformed("IPv6 extension headers")
+            raise Malformed("ipv6_extension_headers")
         if chain.fragmented:
             self.counters.drop("fragment")
             return []
@@ -228,57 +223,34 @@ class GatewayPort(SpeakingPort):
             return []
         icmp = data[chain.position : end]
         if len(icmp) < 4:
-            raise _Malformed(f"{len(icmp)}-byte ICMPv6 message")
+            raise Malformed("icmpv6_length", f"{len(icmp)} bytes")
         kind = icmp[0]
-        if kind == ICMPV6_ROUTER_SOLICITATION:
-            if self.ra is None:
-                return []
-        elif kind != ICMPV6_NEIGHBOR_SOLICITATION and kind != ICMPV6_ECHO_REQUEST:
-            return []
-        src, dst, hop_limit = data[22:38], data[38:54], data[21]
-        if not icmpv6_checksum_ok(src, dst, icmp):
-            self.counters.drop("bad_checksum")
-            return []
+        src, dst = data[22:38], data[38:54]
         if kind == ICMPV6_ECHO_REQUEST:
+            if not icmpv6_checksum_ok(src, dst, icmp):
+                self.counters.drop("bad_checksum")
+                return []
             if dst not in self.ipv6 or src == IPV6_ANY or src[0] == 0xFF:
                 return []
             self.services["icmpv6_echo"] += 1
-            reply = dpkt.icmp6.ICMP6(type=ICMPV6_ECHO_REPLY, code=0, data=icmp[4:])
-            return [self._ip6(data[6:12], dst, src, reply, DEFAULT_TTL)]
-        if hop_limit != HOP_LIMIT_ND:
-            self.counters.drop("nd_hop_limit")
+            return [icmpv6(self.mac, data[6:12], dst, src, ICMPV6_ECHO_REPLY, icmp[4:],
+                           DEFAULT_TTL)]
+        if kind != ICMPV6_NS and (kind != ICMPV6_RS or self.ra is None):
             return []
-        if kind == ICMPV6_ROUTER_SOLICITATION:
+        try:
+            nd = read_nd(src, dst, data[21], icmp)
+        except Malformed as error:
+            if error.reason not in _ND_DROPS:
+                raise
+            self.counters.drop(_ND_DROPS[error.reason])
+            return []
+        if kind == ICMPV6_RS:
             return self.ra.solicited(self.clock())
-        return self._neighbour_solicitation(data[6:12], src, icmp)
-
-    def _neighbour_solicitation(self, src_mac: bytes, src: bytes, icmp: bytes) -> list[Frame]:
-        if len(icmp) < ND_HEADER_LEN or src[0] == 0xFF:
-            raise _Malformed("short neighbour solicitation, or from a multicast address")
-        target = icmp[8:24]
-        if target not in self.ipv6:
+        solicitation = read_solicitation(nd, src, dst)
+        if solicitation.target not in self.ipv6:
             return []
         self.services["neighbour_advertisement"] += 1
-        if src == IPV6_ANY:  # duplicate address detection: answer to all nodes
-            dst, dst_mac, flags = ipaddress.IPv6Address("ff02::1").packed, \
-                bytes.fromhex("333300000001"), NA_FLAG_ROUTER | NA_FLAG_OVERRIDE
-        else:
-            dst, dst_mac = src, src_mac
-            flags = NA_FLAG_ROUTER | NA_FLAG_SOLICITED | NA_FLAG_OVERRIDE
-        advert = struct.pack("!B3x16sBB6s", flags, target, OPT_TARGET_LINK_ADDRESS, 1, self.mac)
-        icmp_out = dpkt.icmp6.ICMP6(type=ICMPV6_NEIGHBOR_ADVERTISEMENT, code=0, data=advert)
-        return [self._ip6(dst_mac, target, dst, icmp_out, HOP_LIMIT_ND)]
-
-    # -- building ---------------------------------------------------------------------------
-
-    def _ethernet(self, dst: bytes, ethertype: int, payload) -> Frame:
-        return Frame(bytes(dpkt.ethernet.Ethernet(dst=dst, src=self.mac, type=ethertype,
-                                                  data=payload)))
-
-    def _ip6(self, dst_mac: bytes, src: bytes, dst: bytes, icmp, hop_limit: int) -> Frame:
-        ip = dpkt.ip6.IP6(src=src, dst=dst, nxt=dpkt.ip.IP_PROTO_ICMP6, hlim=hop_limit,
-                          data=icmp, plen=len(bytes(icmp)))
-        return self._ethernet(dst_mac, ETH_P_IPV6, ip)
+        return [solicitation.answer(self.mac, src, data[6:12], router=True)]
 
     # -- timed work ---------------------------------------------------------------------------
 

@@ -7,6 +7,12 @@ frame (the switch's policies, the gateway, the L3 host, the NAT) parses through 
 
 from __future__ import annotations
 
+# IP protocol numbers (IANA; the IPv4 protocol field and the IPv6 next header alike).
+IPPROTO_ICMP = 1
+IPPROTO_TCP = 6
+IPPROTO_UDP = 17
+IPPROTO_ICMPV6 = 58
+
 
 class Malformed(ValueError):
     """Bytes that are not the packet they claim to be; `reason` names the check that failed

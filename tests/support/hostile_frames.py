@@ -26,11 +26,11 @@ from netstack.frame import MAX_FRAME_LEN, PLAIN, Frame, Offload, OffloadInfo
 from netstack.gateway.dhcp_config import DhcpConfig
 from netstack.gateway.dhcp_server import DhcpServer
 from netstack.gateway.port import GatewayConfig, GatewayPort
-from netstack.gateway.ra import link_local_from_mac
-from netstack.ipv6 import icmpv6_checksum_ok
+from netstack.neighbour import link_local_from_mac
 from netstack.policy import PortPolicy
 from netstack.port import QueuedPort, SpeakingPort
 from netstack.switch import Switch
+from netstack.wire.icmpv6 import icmpv6_checksum_ok
 from tests.support.clock import Clock
 
 SUBNET = ipaddress.IPv4Network("10.77.0.0/24")
