@@ -94,7 +94,6 @@ from netstack.wire.dhcp import (
     BOOTREPLY,
     BOOTREQUEST,
     BROADCAST_FLAG,
-    BROADCAST_MAC,
     DHCPACK,
     DHCPDECLINE,
     DHCPDISCOVER,
@@ -126,6 +125,7 @@ from netstack.wire.dhcp import (
     DhcpFrame,
     build_frame,
 )
+from netstack.wire.ethernet import BROADCAST as BROADCAST_MAC
 
 log = logging.getLogger(__name__)
 

@@ -51,11 +51,10 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 from netstack.frame import ETH_ADDR_LEN, ETH_HEADER_LEN, ETHERTYPE_IP, HDR_F_NEEDS_CSUM, Frame
-from netstack.wire import Malformed
+from netstack.wire import IPPROTO_UDP, Malformed
 from netstack.wire.dhcp import (
     BOOTREPLY,
     BOOTREQUEST,
-    BROADCAST_MAC,
     CLIENT_PORT,
     DHCPACK,
     DHCPDISCOVER,
@@ -64,9 +63,7 @@ from netstack.wire.dhcp import (
     DHCPRELEASE,
     DHCPREQUEST,
     INFINITE_LEASE,
-    IPPROTO_UDP,
     IPV4_BROADCAST,
-    IPV4_MIN_HEADER_LEN,
     IPV4_UNSPECIFIED,
     MIN_MTU,
     OPT_CLIENT_ID,
@@ -85,11 +82,13 @@ from netstack.wire.dhcp import (
     OPT_SERVER_ID,
     OPT_SUBNET_MASK,
     SERVER_PORT,
-    UDP_HEADER_LEN,
     DhcpFrame,
     DhcpMessage,
     build_frame,
 )
+from netstack.wire.ethernet import BROADCAST as BROADCAST_MAC
+from netstack.wire.ipv4 import MIN_HEADER_LEN as IPV4_MIN_HEADER_LEN
+from netstack.wire.udp import HEADER_LEN as UDP_HEADER_LEN
 
 # --- Numbers from the specs ---------------------------------------------------------------
 

@@ -13,11 +13,12 @@ Checks, in order, and their reasons:
 
   frame      at least Ethernet + IPv4 + UDP headers                                 malformed
              EtherType IPv4 (no VLAN tag: the gateway strips them)                 not_for_us
-             IPv4 version 4, IHL >= 5, total length within the frame               malformed
+             IPv4 version 4, IHL >= 5, total length within the frame
+             (netstack.wire.ipv4's checks, its reason in the detail)               malformed
              IPv4 header checksum                                               bad_checksum
              not a fragment                                                          fragment
              UDP, from the sender's DHCP port to the receiver's (68 -> 67, 67 -> 68) not_for_us
-             UDP length within the IP payload                                       malformed
+             UDP length within the IP payload (netstack.wire.udp's)                 malformed
              the UDP checksum, when the caller asks (0: none sent)              bad_checksum
   message    at least the 240-byte BOOTP header with the cookie                     malformed
              op is the direction's                                  not_request / not_reply
@@ -43,27 +44,15 @@ from collections.abc import Iterable
 from ipaddress import IPv4Address
 
 from netstack.frame import ETH_ADDR_LEN, ETH_HEADER_LEN, ETH_P_IP, ETHERTYPE_IP
-from netstack.wire import Malformed
-from netstack.wire.checksum import (
-    internet_checksum,
-    pseudo_header_sum,
-    sum16,
-    udp_checksum,
-    verifies,
-)
+from netstack.wire import IPPROTO_UDP, Malformed
+from netstack.wire.checksum import pseudo_header_sum, sum16, verifies
+from netstack.wire.ethernet import ethernet_frame
+from netstack.wire.ipv4 import MIN_HEADER_LEN as IPV4_MIN_HEADER_LEN
+from netstack.wire.ipv4 import Ipv4, ipv4_header
+from netstack.wire.udp import HEADER_LEN as UDP_HEADER_LEN
+from netstack.wire.udp import Udp, udp_header
 
-# --- IPv4 and UDP, as far as DHCP needs them (RFC 791, RFC 768) ----------------------------
-
-IPV4_HEADER = struct.Struct("!BBHHHBBH4s4s")
-IPV4_MIN_HEADER_LEN = IPV4_HEADER.size  # 20
-IPV4_VERSION_IHL = 0x45  # version 4, a 20-byte header: what we send
-IPV4_FRAG_MASK = 0x3FFF  # MF flag and fragment offset
-IPV4_TTL = 64
-IPPROTO_UDP = 17
-UDP_HEADER = struct.Struct("!HHHH")
-UDP_HEADER_LEN = UDP_HEADER.size  # 8
 IP_UDP_OVERHEAD = IPV4_MIN_HEADER_LEN + UDP_HEADER_LEN
-BROADCAST_MAC = b"\xff" * ETH_ADDR_LEN
 IPV4_BROADCAST = IPv4Address("255.255.255.255")
 IPV4_UNSPECIFIED = IPv4Address("0.0.0.0")
 
@@ -229,37 +218,33 @@ class DhcpFrame:
                  verify_udp_checksum: bool = False) -> None:
         if len(frame) < ETH_HEADER_LEN + IPV4_MIN_HEADER_LEN + UDP_HEADER_LEN:
             raise Malformed("malformed", f"frame of {len(frame)} bytes is too short")
-        (ethertype,) = struct.unpack_from("!H", frame, 12)
-        if ethertype != ETH_P_IP:
-            raise Malformed("not_for_us", f"ethertype {ethertype:#06x}, want IPv4")
-        ip_at = ETH_HEADER_LEN
-        ver_ihl, _tos, total_len, _id, frag, _ttl, proto, _sum, src, dst = \
-            IPV4_HEADER.unpack_from(frame, ip_at)
-        ihl = (ver_ihl & 0x0F) * 4
-        if ver_ihl >> 4 != 4 or ihl < IPV4_MIN_HEADER_LEN:
-            raise Malformed("malformed", f"IPv4 version/IHL byte {ver_ihl:#04x}")
-        if total_len < ihl + UDP_HEADER_LEN or ip_at + total_len > len(frame):
-            raise Malformed("malformed", f"IPv4 total length {total_len} with a {ihl}-byte "
-                                         f"header in {len(frame) - ip_at} bytes")
-        if not verifies(sum16(frame[ip_at:ip_at + ihl])):
+        if frame[12:14] != ETHERTYPE_IP:
+            raise Malformed("not_for_us", f"ethertype {bytes(frame[12:14]).hex()}, want IPv4 "
+                                          "(untagged)")
+        try:
+            ip = Ipv4(frame, ETH_HEADER_LEN)
+        except Malformed as error:  # the counter DHCP has always had for lengths that lie
+            raise Malformed("malformed", str(error)) from None
+        if not ip.header_checksum_ok():
             raise Malformed("bad_checksum", "IPv4 header checksum does not verify")
-        if frag & IPV4_FRAG_MASK:
-            raise Malformed("fragment", f"IPv4 fragment (flags/offset {frag:#06x})")
-        if proto != IPPROTO_UDP:
-            raise Malformed("not_for_us", f"IP protocol {proto}, want UDP")
-        udp_at = ip_at + ihl
-        sport, dport, udp_len, udp_sum = UDP_HEADER.unpack_from(frame, udp_at)
+        if ip.is_fragment:
+            raise Malformed("fragment", "IPv4 fragment")
+        if ip.protocol != IPPROTO_UDP:
+            raise Malformed("not_for_us", f"IP protocol {ip.protocol}, want UDP")
+        try:
+            udp = Udp(frame, ip.payload_offset, ip.end)
+        except Malformed as error:
+            raise Malformed("malformed", str(error)) from None
         want = _PORTS[op]
-        if (sport, dport) != want:
-            raise Malformed("not_for_us", f"UDP {sport} -> {dport}, want {want[0]} -> {want[1]}")
-        if not UDP_HEADER_LEN <= udp_len <= total_len - ihl:
-            raise Malformed("malformed", f"UDP length {udp_len} in {total_len - ihl} bytes of "
-                                         "IP payload")
-        udp = frame[udp_at:udp_at + udp_len]
-        if verify_udp_checksum and udp_sum and not verifies(
-                pseudo_header_sum(src, dst, IPPROTO_UDP, udp_len) + sum16(udp)):
+        if (udp.src_port, udp.dst_port) != want:
+            raise Malformed("not_for_us", f"UDP {udp.src_port} -> {udp.dst_port}, want "
+                                          f"{want[0]} -> {want[1]}")
+        src, dst = bytes(ip.src), bytes(ip.dst)
+        if verify_udp_checksum and udp.checksum and not verifies(
+                pseudo_header_sum(src, dst, IPPROTO_UDP, udp.length)
+                + sum16(frame[udp.offset:udp.end])):
             raise Malformed("bad_checksum", "UDP checksum does not verify")
-        self.message = DhcpMessage(udp[UDP_HEADER_LEN:], op)
+        self.message = DhcpMessage(udp.payload, op)
         self.eth_dst = bytes(frame[0:ETH_ADDR_LEN])
         self.eth_src = bytes(frame[ETH_ADDR_LEN:2 * ETH_ADDR_LEN])
         self.ip_src = IPv4Address(src)
@@ -334,12 +319,7 @@ def build_frame(
     parts.append(bytes((OPT_END,)))
     message = b"".join(parts).ljust(BOOTP_MIN_LEN, b"\x00")
     sport, dport = _PORTS[op]
-    udp_len = UDP_HEADER_LEN + len(message)
     src, dst = ip_src.packed, ip_dst.packed
-    total = pseudo_header_sum(src, dst, IPPROTO_UDP, udp_len) + sport + dport + udp_len \
-        + sum16(message)
-    udp = UDP_HEADER.pack(sport, dport, udp_len, udp_checksum(total))
-    header = bytearray(IPV4_HEADER.pack(IPV4_VERSION_IHL, 0, IPV4_MIN_HEADER_LEN + udp_len, 0,
-                                        0, IPV4_TTL, IPPROTO_UDP, 0, src, dst))
-    struct.pack_into("!H", header, 10, internet_checksum(header))
-    return eth_dst + eth_src + ETHERTYPE_IP + bytes(header) + udp + message
+    udp = udp_header(src, dst, sport, dport, message) + message
+    return ethernet_frame(eth_dst, eth_src, ETH_P_IP,
+                          ipv4_header(src, dst, IPPROTO_UDP, len(udp)) + udp)
