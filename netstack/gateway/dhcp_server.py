@@ -319,8 +319,8 @@ class DhcpServer:
         """The table as it is now, for dhcp_store.write_state (copies of three dicts)."""
         assert self.config.state_path is not None, "no state file configured"
         self._encode_changes()
-        return LeaseWrite(self.config.state_path, self._generation, dict(self.table.records),
-                          dict(self._encoded), dict(self.table.declined))
+        return LeaseWrite(self.config.state_path, self._generation, self.table.records.copy(),
+                          self._encoded.copy(), self.table.declined.copy())
 
     def persisted(self, job: LeaseWrite, on_disk: dict[bytes, float]) -> list[bytes]:
         """`job` is on disk (`on_disk`: what write_state returned): the ACKs that waited for
