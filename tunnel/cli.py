@@ -599,7 +599,7 @@ def run_role(command: str, run, on_sighup=None) -> int:
     """Run a hub or endpoint (`run`: tunnel/daemon.py's wrapper around it) until it is told
     to stop; a failure to start (a port in use, a device that cannot be had:
     tunnel/startup.py) is one line naming the flag, exit status 1."""
-    from tunnel.hostnet import HostNetworkError
+    from tunnel.host.hostnet import HostNetworkError
     from tunnel.startup import find_failure
 
     tune_gc()
