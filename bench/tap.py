@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from netstack.frame import Frame, Offload  # noqa: E402
 from netstack.switch import Switch  # noqa: E402
-from tunnel.cli import tune_gc  # noqa: E402
+from tunnel.cli.launch import tune_gc  # noqa: E402
 from tunnel.host.hostnet import HostNetwork  # noqa: E402
 from tunnel.host.tuntap import (  # noqa: E402
     WANTED_OFFLOADS,
