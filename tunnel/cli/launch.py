@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -99,7 +100,8 @@ def setup_failure(exc: Exception) -> str:
     raise exc
 
 
-def run_role(command: str, run, on_sighup=None) -> int:
+def run_role(command: str, run: Callable[[], Awaitable[object]],
+             on_sighup: Callable[[], object] | None = None) -> int:
     """Run a hub or endpoint (`run`: tunnel/daemon.py's wrapper around it) until it is told
     to stop; a failure to start (a port in use, a device that cannot be had:
     tunnel/startup.py) is one line naming the flag, exit status 1."""
@@ -118,7 +120,8 @@ def run_role(command: str, run, on_sighup=None) -> int:
     return 0
 
 
-async def serve(run, on_sighup=None) -> None:
+async def serve(run: Callable[[], Awaitable[object]],
+                on_sighup: Callable[[], object] | None = None) -> None:
     """Run a daemon's main task until SIGTERM or SIGINT; SIGHUP calls `on_sighup`.
 
     Signals belong to the process, so they are handled here, once, and not by the Hub or

@@ -12,8 +12,10 @@ import argparse
 import ipaddress
 import re
 import tomllib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from netstack.dhcp import MAX_LEASE_SECONDS, MIN_LEASE_SECONDS
 from netstack.frame import QEMU_OUI, format_mac, stable_mac
@@ -22,6 +24,7 @@ from tunnel.lab.state import lab_state_dir, lab_tag
 from tunnel.settings import HUB_MIN_MTU, LOG_LEVELS, MAX_MTU, address_range, is_host_address
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,30}")
+Address = TypeVar("Address")
 
 
 @dataclass(frozen=True)
@@ -148,11 +151,7 @@ def parse_lab(text: str, path: Path | str = "lab.toml") -> LabSpec:
     hub = _parse_hub(_check_keys("[hub]", data.get("hub", {}), _HUB_KEYS), path)
 
     guests: list[GuestSpec] = []
-    for index, table in enumerate(_array(data, "guest")):
-        where = f"[[guest]] #{index + 1}"
-        table = _check_keys(where, table, _GUEST_KEYS)
-        name = _name(where, table)
-        where = f"[[guest]] {name!r}"
+    for where, name, table in _tables(data, "guest", _GUEST_KEYS):
         count = _typed(where, table, "count", int, 1)
         if not 1 <= count <= 16:
             raise LabError(f"{where}: count {count}: want 1 to 16")
@@ -172,11 +171,7 @@ def parse_lab(text: str, path: Path | str = "lab.toml") -> LabSpec:
                    for n, address in zip(names, reserved, strict=True)]
 
     hosts: list[HostSpec] = []
-    for index, table in enumerate(_array(data, "host")):
-        where = f"[[host]] #{index + 1}"
-        table = _check_keys(where, table, _HOST_KEYS)
-        name = _name(where, table)
-        where = f"[[host]] {name!r}"
+    for where, name, table in _tables(data, "host", _HOST_KEYS):
         mode = _typed(where, table, "mode", str, "tap")
         if mode not in ("tap", "tun"):
             raise LabError(f"{where}: mode {mode!r}: want \"tap\" or \"tun\"")
@@ -259,13 +254,8 @@ def _parse_hub(hub: dict, path: Path) -> HubSpec:
     dns_value = _typed("[hub]", hub, "dns", (str, list), [])
     dns = []
     for text in [dns_value] if isinstance(dns_value, str) else dns_value:
-        try:
-            if not isinstance(text, str):
-                raise ValueError
-            server = ipaddress.ip_address(text)
-        except ValueError:
-            raise LabError(f"[hub]: dns {text!r}: want an IPv4 or IPv6 address "
-                           "(a string or a list of strings)") from None
+        server = _address("[hub]", "dns", text, ipaddress.ip_address,
+                          "an IPv4 or IPv6 address (a string or a list of strings)")
         if server.version == 4 and not dhcp:
             raise LabError(f"[hub]: dns {text!r}: IPv4 servers are handed out by DHCP, which "
                            "dhcp = false turns off")
@@ -321,18 +311,34 @@ def _guest_addresses(where: str, table: dict, count: int,
     addresses = []
     subnet = hub.subnet
     for text in texts:
-        try:
-            if not isinstance(text, str):
-                raise ValueError
-            address = ipaddress.IPv4Address(text)
-        except ValueError:
-            raise LabError(f"{where}: address {text!r}: want an IPv4 address like "
-                           "\"10.77.0.10\" (the prefix is the subnet's)") from None
+        address = _address(where, "address", text, ipaddress.IPv4Address,
+                           "an IPv4 address like \"10.77.0.10\" (the prefix is the subnet's)")
         if not is_host_address(address, subnet) or address == hub.gateway:
             raise LabError(f"{where}: address {text!r} is not a host address of the hub's "
                            f"subnet {subnet} (other than the gateway {hub.gateway})")
         addresses.append(address)
     return addresses
+
+
+def _address(where: str, key: str, text: object, parse: Callable[[str], Address],
+             want: str) -> Address:
+    """One address of a `key` that holds a string or a list of them, parsed by `parse`;
+    LabError saying what was wanted if it is not a string or does not parse."""
+    try:
+        if not isinstance(text, str):
+            raise ValueError
+        return parse(text)
+    except ValueError:
+        raise LabError(f"{where}: {key} {text!r}: want {want}") from None
+
+
+def _tables(data: dict, key: str, allowed: set[str]) -> Iterator[tuple[str, str, dict]]:
+    """Each [[key]] table, its keys checked, with how errors name it and its name."""
+    for index, table in enumerate(_array(data, key)):
+        where = f"[[{key}]] #{index + 1}"
+        table = _check_keys(where, table, allowed)
+        name = _name(where, table)
+        yield f"[[{key}]] {name!r}", name, table
 
 
 def _array(data: dict, key: str) -> list:
@@ -362,6 +368,7 @@ def _check_address(where: str, text: object, hub: HubSpec) -> None:
 
 
 def load_lab(path: Path | str) -> LabSpec:
+    """Read and parse the lab file at `path` (parse_lab); LabError if it cannot be read."""
     path = Path(path)
     try:
         text = path.read_text()
