@@ -11,7 +11,7 @@ The port's two directions:
 Frames the port itself originates (ARP, NDP, DHCP, released packets) wait in `outbox`; the
 shell's task forwards them, as the hub does for its gateway, so the switch is never
 re-entered from inside `deliver`.  Addresses (static, leased, SLAAC) are put on the device
-through netlink (tunnel/hostnet.py) and removed on exit.
+through netlink (tunnel/host/hostnet.py) and removed on exit.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from netstack.dhcp_client import DhcpClient, DhcpLease, is_dhcp_reply
 from netstack.frame import Frame, stable_mac
 from netstack.l3host import L3Host
 from netstack.port import Port, SpeakingPort
-from tunnel.hostnet import HostNetwork, HostNetworkError
-from tunnel.tuntap import BATCH, TunTapDevice, TunTapError, describe, write_queued
+from tunnel.host.hostnet import HostNetwork, HostNetworkError
+from tunnel.host.tuntap import BATCH, TunTapDevice, TunTapError, describe, write_queued
 
 log = logging.getLogger(__name__)
 
