@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -176,3 +177,14 @@ def test_the_installed_wheel_brings_an_example_lab_up_and_down(installed_venv):
         down = _run(bin_dir, cwd, "vhostvpn", "lab", "down", "two-guests-one-host", env=env)
     assert down.returncode == 0 and "down" in down.stdout, down.stdout + down.stderr
     assert not (cwd / "labs").exists() or not any((cwd / "labs").iterdir())
+
+
+def test_every_package_folder_is_in_the_wheel_list():
+    # pyproject lists packages by hand (tunnel.qemu maps to qemu/); a new folder left out
+    # installs a wheel that cannot import it.
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+                 ["packages"])
+    on_disk = {".".join(init.parent.relative_to(ROOT).parts)
+               for top in ("netstack", "virtio", "tunnel")
+               for init in (ROOT / top).rglob("__init__.py")}
+    assert on_disk <= listed, f"add to pyproject.toml's packages: {sorted(on_disk - listed)}"
