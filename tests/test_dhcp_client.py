@@ -32,7 +32,7 @@ from netstack.dhcp_client import (
 )
 from netstack.frame import HDR_F_NEEDS_CSUM, Frame, OffloadInfo
 from netstack.gateway.port import GatewayConfig, GatewayPort
-from netstack.l3host import L3Host
+from netstack.host.l3host import L3Host
 from tests.support.clock import Clock
 
 CLIENT_MAC = bytes.fromhex("02686f737401")
