@@ -31,8 +31,8 @@ from netstack.dhcp_client import (
     is_dhcp_reply,
 )
 from netstack.frame import HDR_F_NEEDS_CSUM, Frame, OffloadInfo
-from netstack.gateway import GatewayConfig, GatewayPort
-from netstack.l3host import L3Host
+from netstack.gateway.port import GatewayConfig, GatewayPort
+from netstack.host.l3host import L3Host
 from tests.support.clock import Clock
 
 CLIENT_MAC = bytes.fromhex("02686f737401")

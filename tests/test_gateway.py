@@ -18,6 +18,7 @@ from scapy.layers.inet6 import (
     ICMPv6ND_RS,
     ICMPv6NDOptMTU,
     ICMPv6NDOptPrefixInfo,
+    ICMPv6NDOptSrcLLAddr,
     IPv6,
     IPv6ExtHdrDestOpt,
     IPv6ExtHdrFragment,
@@ -26,12 +27,13 @@ from scapy.layers.inet6 import (
 )
 from scapy.layers.ipsec import AH, ESP
 from scapy.layers.l2 import ARP, Dot1Q, Ether
+from scapy.packet import Raw
 
 from netstack.frame import Frame
-from netstack.gateway import GatewayConfig, GatewayPort
+from netstack.gateway.port import GatewayConfig, GatewayPort
+from netstack.neighbour import link_local_from_mac
 from netstack.policy import DEFAULT_SERVICE_BURST, DEFAULT_SERVICE_RATE, PortPolicy
 from netstack.port import OUTBOX_FRAMES, QueuedPort
-from netstack.ra import link_local_from_mac
 from netstack.switch import Switch
 from tests.support.clock import Clock
 
@@ -108,6 +110,49 @@ def test_neighbour_solicitation_for_the_router_address():
     assert checksums_valid(reply)
 
 
+def solicit_router(options=None, src="fd77::5", **icmp_fields):
+    """A neighbour solicitation for the router address (scapy fills lengths and checksum,
+    `options` raw bytes included)."""
+    return (Ether(src=GUEST, dst="33:33:ff:00:00:01")
+            / IPv6(src=src, dst="ff02::1:ff00:1", hlim=255)
+            / ICMPv6ND_NS(tgt="fd77::1", **icmp_fields)
+            / (Raw(options) if options is not None else ICMPv6NDOptSrcLLAddr(lladdr=GUEST)))
+
+
+def test_a_solicitation_with_a_bad_icmpv6_checksum_is_dropped_and_a_good_one_answered():
+    gw = gateway()
+    good = solicit_router()
+    right = ICMPv6ND_NS(bytes(good[ICMPv6ND_NS])).cksum
+    assert ask(gw, solicit_router(cksum=right ^ 0x5555)) == []
+    assert gw.counters.drops == {"bad_checksum": 1}
+    (reply,) = ask(gw, good)
+    assert reply[ICMPv6ND_NA].tgt == "fd77::1" and reply.dst == GUEST
+    assert gw.services["neighbour_advertisement"] == 1
+
+
+@pytest.mark.parametrize("packet", [
+    solicit_router(b"\x01\x01" + bytes.fromhex(GUEST.replace(":", "")) + b"\x0e\x00" + bytes(6)),
+    solicit_router(b"\x01\x01" + bytes.fromhex(GUEST.replace(":", "")) + b"\x0e\x02" + bytes(6)),
+    solicit_router(b"\x01\x01" + bytes.fromhex("333300000001")),
+    solicit_router(src="::"),
+    solicit_router(code=1),
+], ids=["zero_length_option", "option_past_the_end", "multicast_link_address",
+        "dad_with_link_address", "nonzero_code"])
+def test_solicitations_the_l3_host_refuses_the_gateway_refuses_too(packet):
+    gw = gateway()
+    assert ask(gw, packet) == []
+    assert sum(gw.counters.drops.values()) == 1
+    assert gw.services["neighbour_advertisement"] == 0
+
+
+def test_arp_that_is_not_ethernet_ipv4_or_from_a_multicast_sender_is_malformed():
+    gw = gateway()
+    for arp in (ARP(op=1, hwtype=6, hwsrc=GUEST, psrc="10.77.0.5", pdst="10.77.0.1"),
+                ARP(op=1, hwsrc="01:00:5e:00:00:01", psrc="10.77.0.5", pdst="10.77.0.1")):
+        assert ask(gw, Ether(src=GUEST, dst="ff:ff:ff:ff:ff:ff") / arp) == []
+    assert gw.counters.drops == {"malformed": 2}
+
+
 def test_duplicate_address_detection_for_our_address_is_answered_to_all_nodes():
     (reply,) = ask(gateway(), Ether(src=GUEST, dst="33:33:ff:00:00:01")
                    / IPv6(src="::", dst="ff02::1:ff00:1", hlim=255) / ICMPv6ND_NS(tgt="fd77::1"))
@@ -156,6 +201,27 @@ def test_periodic_advertisements_come_quickly_first_then_slowly():
             times.append(clock.now)
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert gaps[0] <= 16 and max(gaps) >= 200
+
+
+def test_timed_work_runs_at_the_time_passed_and_expires_leases_on_the_servers_clock():
+    class RecordingDhcp:
+        counters = {}
+
+        def __init__(self):
+            self.expired_at = []
+
+        def clock(self):
+            return 1_700_000_000.0  # the server's wall clock, not the gateway's
+
+        def expire(self, now):
+            self.expired_at.append(now)
+
+    dhcp = RecordingDhcp()
+    gw = GatewayPort(CONFIG, dhcp=dhcp, clock=Clock(0.0))
+    for now in (100.0, 105.0, 109.9, 110.0):
+        gw.tick(now)
+    assert dhcp.expired_at == [1_700_000_000.0] * 2  # at 100 and, HOUSEKEEPING_SECONDS on, 110
+    assert gw.next_deadline() <= 120.0
 
 
 def test_frames_for_other_hosts_are_ignored():

@@ -25,14 +25,15 @@ from scapy.layers.inet6 import (
 from scapy.layers.l2 import ARP, Ether
 
 from netstack.frame import GSO_TCPV4, HDR_F_NEEDS_CSUM, PLAIN, Frame, OffloadInfo
-from netstack.gateway import GatewayConfig, GatewayPort
-from netstack.l3host import (
+from netstack.gateway.port import GatewayConfig, GatewayPort
+from netstack.gateway.ra import RouterAdvertiser
+from netstack.host.l3host import L3Host
+from netstack.host.neighbour_cache import (
     MAX_QUEUED,
     MAX_QUEUED_PER_DESTINATION,
     REACHABLE_SECONDS,
-    L3Host,
 )
-from netstack.ra import RouterAdvertiser, link_local_from_mac
+from netstack.neighbour import link_local_from_mac
 from tests.support.clock import Clock
 
 HOST_MAC = bytes.fromhex("02686f737401")

@@ -21,7 +21,7 @@ import trio
 
 from netstack.dhcp import PERSIST_INTERVAL_SECONDS, DhcpConfig, DhcpServer
 from netstack.frame import Frame, stable_mac
-from netstack.gateway import GatewayConfig, GatewayPort
+from netstack.gateway.port import GatewayConfig, GatewayPort
 from netstack.pcap import CAPTURE_DIR_MODE, PcapWriter
 from netstack.port import Port
 from netstack.switch import Switch

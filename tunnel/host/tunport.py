@@ -1,5 +1,5 @@
 """`vhostvpn host --tun`: a host joins the segment through a TUN device (IP packets, no
-Ethernet), with netstack.l3host.L3Host doing ARP and neighbour discovery on its behalf and,
+Ethernet), with netstack.host.l3host.L3Host doing ARP and neighbour discovery on its behalf and,
 with --dhcp, netstack.dhcp_client.DhcpClient leasing its address from the hub.
 
 The port's two directions:
@@ -26,7 +26,7 @@ import trio
 
 from netstack.dhcp_client import DhcpClient, DhcpLease, is_dhcp_reply
 from netstack.frame import Frame, stable_mac
-from netstack.l3host import L3Host
+from netstack.host.l3host import L3Host
 from netstack.port import Port, SpeakingPort
 from tunnel.host.hostnet import HostNetwork, HostNetworkError
 from tunnel.host.tuntap import BATCH, TunTapDevice, TunTapError, describe, write_queued

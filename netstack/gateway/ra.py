@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import ipaddress
 import random
-import struct
 from collections import Counter
 
-import dpkt
-
-from netstack.frame import ETH_P_IPV6, Frame
-
-ALL_NODES = ipaddress.IPv6Address("ff02::1")
-ALL_NODES_MAC = bytes.fromhex("333300000001")
-ICMPV6_ROUTER_ADVERTISEMENT = 134
-HOP_LIMIT_ND = 255  # RFC 4861: ND messages are sent, and accepted, only with hop limit 255
+from netstack.frame import Frame
+from netstack.neighbour import ALL_NODES, icmpv6_frame, link_local_from_mac, multicast_mac6
+from netstack.wire.icmpv6 import (
+    OPT_SOURCE_LINK_ADDRESS,
+    PREFIX_FLAG_AUTONOMOUS,
+    PREFIX_FLAG_ON_LINK,
+    link_address_option,
+    mtu_option,
+    prefix_information_option,
+    rdnss_option,
+    router_advertisement,
+)
 
 # RFC 4861 section 6.2.1 and 10 defaults.
 MAX_INTERVAL = 600.0
@@ -34,19 +37,6 @@ VALID_LIFETIME = 86400
 PREFERRED_LIFETIME = 14400
 CUR_HOP_LIMIT = 64
 DNS_LIFETIME = 1800
-
-OPT_SOURCE_LINK_ADDRESS = 1
-OPT_PREFIX_INFORMATION = 3
-OPT_MTU = 5
-OPT_RDNSS = 25
-PREFIX_FLAG_ON_LINK = 0x80
-PREFIX_FLAG_AUTONOMOUS = 0x40
-
-
-def link_local_from_mac(mac: bytes) -> ipaddress.IPv6Address:
-    """fe80::/64 with the modified EUI-64 interface identifier of `mac` (RFC 4291 App. A)."""
-    eui = bytes([mac[0] ^ 0x02]) + mac[1:3] + b"\xff\xfe" + mac[3:6]
-    return ipaddress.IPv6Address(b"\xfe\x80" + bytes(6) + eui)
 
 
 class RouterAdvertiser:
@@ -73,22 +63,16 @@ class RouterAdvertiser:
         self._last_sent = float("-inf")
 
     def _build(self) -> bytes:
-        options = struct.pack("!BB6s", OPT_SOURCE_LINK_ADDRESS, 1, self.mac)
-        options += struct.pack("!BBHI", OPT_MTU, 1, 0, self.mtu)
-        options += struct.pack(
-            "!BBBBIII16s", OPT_PREFIX_INFORMATION, 4, 64,
-            PREFIX_FLAG_ON_LINK | PREFIX_FLAG_AUTONOMOUS, VALID_LIFETIME, PREFERRED_LIFETIME, 0,
-            self.prefix.network_address.packed,
-        )
+        options = link_address_option(OPT_SOURCE_LINK_ADDRESS, self.mac) + mtu_option(self.mtu)
+        options += prefix_information_option(
+            self.prefix.network_address.packed, 64,
+            PREFIX_FLAG_ON_LINK | PREFIX_FLAG_AUTONOMOUS, VALID_LIFETIME, PREFERRED_LIFETIME)
         if self.dns:
-            options += struct.pack("!BBHI", OPT_RDNSS, 1 + 2 * len(self.dns), 0, DNS_LIFETIME)
-            options += b"".join(address.packed for address in self.dns)
-        body = struct.pack("!BBHII", CUR_HOP_LIMIT, 0, ROUTER_LIFETIME, 0, 0) + options
-        icmp = dpkt.icmp6.ICMP6(type=ICMPV6_ROUTER_ADVERTISEMENT, code=0, data=body)
-        ip = dpkt.ip6.IP6(src=self.source.packed, dst=ALL_NODES.packed, nxt=dpkt.ip.IP_PROTO_ICMP6,
-                          hlim=HOP_LIMIT_ND, data=icmp, plen=len(bytes(icmp)))
-        return bytes(dpkt.ethernet.Ethernet(dst=ALL_NODES_MAC, src=self.mac, type=ETH_P_IPV6,
-                                            data=ip))
+            options += rdnss_option(DNS_LIFETIME, [address.packed for address in self.dns])
+        message = router_advertisement(self.source.packed, ALL_NODES, CUR_HOP_LIMIT,
+                                       ROUTER_LIFETIME, options)
+        return icmpv6_frame(self.mac, multicast_mac6(ALL_NODES), self.source.packed, ALL_NODES,
+                            message).data
 
     def advertisement(self) -> Frame:
         return Frame(self._frame)
