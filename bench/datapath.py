@@ -25,7 +25,7 @@ from netstack.policy import PortPolicy
 from netstack.port import QueuedPort
 from netstack.switch import Switch
 from tests.support.virtio_driver import DriverQueue, GuestRam, NetDriver
-from tunnel.cli import tune_gc
+from tunnel.cli.launch import tune_gc
 from virtio.memory import GuestMemory, RegionSpec
 from virtio.net import NetQueues
 from virtio.protocol import DEVICE_FEATURES

@@ -5,7 +5,7 @@ Two network namespaces, each with one TAP whose fd this process holds:
     iperf3 -c (ns A, 10.98.0.1) ─ tapA ═ TunTapDevice ─ Switch ─ TunTapDevice ═ tapB ─ iperf3 -s
                                                                             (ns B, 10.98.0.2)
 
-Every frame is read from one TAP (tunnel.tuntap.read_batch), switched (netstack.switch) and
+Every frame is read from one TAP (tunnel.host.tuntap.read_batch), switched (netstack.switch) and
 written to the other (write_batch): the path a host endpoint's frames take.  Scenarios:
   tcp        one TCP stream, offloads on: the kernel hands us 64 KiB TSO frames
   tcp-mtu    the same with offloads off: 1514-byte frames, checksummed by the kernel
@@ -35,9 +35,9 @@ sys.path.insert(0, str(ROOT))
 
 from netstack.frame import Frame, Offload  # noqa: E402
 from netstack.switch import Switch  # noqa: E402
-from tunnel.cli import tune_gc  # noqa: E402
-from tunnel.hostnet import HostNetwork  # noqa: E402
-from tunnel.tuntap import (  # noqa: E402
+from tunnel.cli.launch import tune_gc  # noqa: E402
+from tunnel.host.hostnet import HostNetwork  # noqa: E402
+from tunnel.host.tuntap import (  # noqa: E402
     WANTED_OFFLOADS,
     TapPort,
     TunTapDevice,

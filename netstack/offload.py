@@ -71,56 +71,47 @@ from netstack.frame import (
     Frame,
     Offload,
 )
+from netstack.wire import IPPROTO_TCP, IPPROTO_UDP
 from netstack.wire.checksum import checksum, folded, sum16, udp_checksum
+from netstack.wire.ethernet import ETHERTYPE_OFFSET as ETH_TYPE_OFFSET
+from netstack.wire.ipv4 import CHECKSUM_OFFSET as IPV4_CSUM_OFFSET
+from netstack.wire.ipv4 import FLAG_MF as IP_MF
+from netstack.wire.ipv4 import FRAGMENT_OFFSET as IPV4_FRAG_OFFSET
+from netstack.wire.ipv4 import FRAGMENT_OFFSET_MASK as IP_FRAG_OFFSET_MASK
+from netstack.wire.ipv4 import ID_OFFSET as IPV4_ID_OFFSET
+from netstack.wire.ipv4 import MIN_HEADER_LEN as IPV4_MIN_HDR_LEN
+from netstack.wire.ipv4 import PROTOCOL_OFFSET as IPV4_PROTO_OFFSET
+from netstack.wire.ipv4 import SRC_OFFSET as IPV4_ADDRS_OFFSET
+from netstack.wire.ipv4 import TOTAL_LEN_OFFSET as IPV4_TOT_LEN_OFFSET
+from netstack.wire.ipv6 import DESTINATION_OPTIONS as IPPROTO_DSTOPTS
+from netstack.wire.ipv6 import FRAGMENT as IPPROTO_FRAGMENT
+from netstack.wire.ipv6 import HOP_BY_HOP as IPPROTO_HOPOPTS
+from netstack.wire.ipv6 import IPV6_HEADER_LEN as IPV6_HDR_LEN
+from netstack.wire.ipv6 import NEXT_HEADER_OFFSET as IPV6_NEXT_HDR_OFFSET
+from netstack.wire.ipv6 import PAYLOAD_LEN_OFFSET as IPV6_PAYLOAD_LEN_OFFSET
+from netstack.wire.ipv6 import SRC_OFFSET as IPV6_ADDRS_OFFSET
+from netstack.wire.tcp import CHECKSUM_OFFSET as TCP_CSUM_OFFSET
+from netstack.wire.tcp import CWR as TCP_CWR
+from netstack.wire.tcp import DATA_OFFSET_OFFSET as TCP_DOFF_OFFSET
+from netstack.wire.tcp import FIN as TCP_FIN
+from netstack.wire.tcp import FLAGS_OFFSET as TCP_FLAGS_OFFSET
+from netstack.wire.tcp import MIN_HEADER_LEN as TCP_MIN_HDR_LEN
+from netstack.wire.tcp import PSH as TCP_PSH
+from netstack.wire.tcp import SEQ_OFFSET as TCP_SEQ_OFFSET
+from netstack.wire.udp import CHECKSUM_OFFSET as UDP_CSUM_OFFSET
+from netstack.wire.udp import HEADER_LEN as UDP_HDR_LEN
+from netstack.wire.udp import LENGTH_OFFSET as UDP_LEN_OFFSET
 
-# Ethernet (IEEE 802.3, 802.1Q, 802.1ad)
-ETH_TYPE_OFFSET = 12
+# Header offsets and numbers are netstack.wire's (one home for the formats), under the names
+# this module has always used; the parse below stays inline (see _parse).
 MAX_VLAN_TAGS = 2  # QinQ: an S-tag and a C-tag
-
-# IPv4 (RFC 791)
-IPV4_MIN_HDR_LEN = 20
-IPV4_TOT_LEN_OFFSET = 2
-IPV4_ID_OFFSET = 4
-IPV4_FRAG_OFFSET = 6
-IPV4_PROTO_OFFSET = 9
-IPV4_CSUM_OFFSET = 10
-IPV4_ADDRS_OFFSET = 12  # source then destination, 4 bytes each
-IPV4_ADDRS_LEN = 8
-IP_MF = 0x2000
-IP_FRAG_OFFSET_MASK = 0x1FFF
+IPV4_ADDRS_LEN = 8  # source then destination, 4 bytes each
 IP_FRAG_UNIT = 8  # fragment offsets count 8-byte units (RFC 791, RFC 8200)
-
-# IPv6 (RFC 8200)
-IPV6_HDR_LEN = 40
-IPV6_PAYLOAD_LEN_OFFSET = 4
-IPV6_NEXT_HDR_OFFSET = 6
-IPV6_ADDRS_OFFSET = 8  # source then destination, 16 bytes each
-IPV6_ADDRS_LEN = 32
+IPV6_ADDRS_LEN = 32  # source then destination, 16 bytes each
 IPV6_EXT_UNIT = 8  # Hdr Ext Len counts 8-octet units beyond the first 8
 IPV6_FRAG_HDR_LEN = 8
 IPV6_FRAG_MORE = 1
 MAX_IPV6_EXT_HEADERS = 8
-
-IPPROTO_HOPOPTS = 0
-IPPROTO_TCP = 6
-IPPROTO_UDP = 17
-IPPROTO_FRAGMENT = 44
-IPPROTO_DSTOPTS = 60
-
-# TCP (RFC 9293, RFC 3168)
-TCP_MIN_HDR_LEN = 20
-TCP_SEQ_OFFSET = 4
-TCP_DOFF_OFFSET = 12
-TCP_FLAGS_OFFSET = 13
-TCP_CSUM_OFFSET = 16
-TCP_FIN = 0x01
-TCP_PSH = 0x08
-TCP_CWR = 0x80
-
-# UDP (RFC 768)
-UDP_HDR_LEN = 8
-UDP_LEN_OFFSET = 4
-UDP_CSUM_OFFSET = 6
 
 # Work bounds.  A 64 KiB super-packet at Linux's smallest MSS (tcp_min_snd_mss, 48) is 1366
 # segments; UDP_MAX_SEGMENTS is include/linux/udp.h's (virtio_net_hdr_to_skb enforces it).
@@ -203,7 +194,11 @@ class _Headers(NamedTuple):
 
 
 def _parse(data: memoryview, gso_type: int) -> _Headers:
-    """Parse Ethernet / IP / TCP or UDP for GSO type `gso_type`; raise OffloadError if bad."""
+    """Parse Ethernet / IP / TCP or UDP for GSO type `gso_type`; raise OffloadError if bad.
+
+    Inline, not netstack.wire's views: once per GSO frame, 1.16 us here vs 1.81 us through
+    views (+8% of segment() for a 2-segment TSO frame), and its checks (two tags, exact
+    lengths, only hop-by-hop/destination options) and reasons (REASONS) are segmentation's."""
     size = len(data)
     if size < ETH_HEADER_LEN:
         raise OffloadError("truncated", f"frame of {size} bytes has no Ethernet header")

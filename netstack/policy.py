@@ -26,10 +26,13 @@ services are trusted and not policed), each drop counted on the port by reason:
                 guest needs, and what is behind it would skip every check below
   malformed     an IP/ARP header too short to police, an IPv6 header chain or ND option
                 list that cannot be walked, a fragmented ND message (RFC 6980)
-How: fixed-offset reads of the Ethernet, VLAN, ARP, IPv4 and IPv6 headers (netstack.ipv6
-walks IPv6 extension headers and ND options) -- no dpkt, no parsing beyond what a rule
-needs.  `AddressBook` keeps who owns which IP; `PortPolicy` keeps a port's limits and its
-token bucket.
+How: every IP frame from a policed port is read here, so the Ethernet, VLAN, IPv4 and IPv6
+headers are read at the offsets netstack.wire's modules name, without making views (views
+cost 0.3-0.45 us more per IPv6 frame through Switch.forward, +29%: see check_l3), and IPv6
+extension headers and ND options are walked by netstack.wire's bare-offset walks; ARP, NS and
+NA are rare and read through the views.  No parsing beyond what a rule needs.
+`AddressBook` keeps who owns which IP; `PortPolicy` keeps a port's limits and its token
+bucket.
 """
 
 from __future__ import annotations
@@ -47,30 +50,28 @@ from netstack.frame import (
     VLAN_TAG_LEN,
 )
 from netstack.ratelimit import TokenBucket
-from netstack.wire.icmpv6 import nd_link_addresses_match
+from netstack.wire import IPPROTO_ICMPV6, IPPROTO_UDP, Malformed, ethernet, icmpv6, ipv4, ipv6, udp
+from netstack.wire.arp import Arp
+from netstack.wire.icmpv6 import Icmpv6, Neighbour, nd_link_addresses_match
 from netstack.wire.ipv6 import IPV6_HEADER_LEN, walk_chain
 
 _TAG_TYPES = (ETHERTYPE_8021Q, ETHERTYPE_8021AD, ETHERTYPE_QINQ1)
 
-IPPROTO_UDP = 17
-IPPROTO_ICMPV6 = 58
-ICMPV6_ROUTER_SOLICITATION = 133
-ICMPV6_ROUTER_ADVERTISEMENT = 134
-ICMPV6_NEIGHBOR_SOLICITATION = 135
-ICMPV6_NEIGHBOR_ADVERTISEMENT = 136
-ICMPV6_REDIRECT = 137
-ROUTER_ONLY_ICMPV6 = frozenset({ICMPV6_ROUTER_ADVERTISEMENT, ICMPV6_REDIRECT})
+ROUTER_ONLY_ICMPV6 = frozenset({icmpv6.ROUTER_ADVERTISEMENT, icmpv6.REDIRECT})
 # What may come from :: -- DAD probes (RFC 4862 5.4.2), MLD reports and dones before the
 # link-local address exists (RFC 3590), router solicitations (RFC 4861 6.3.7).
-UNSPECIFIED_SOURCE_ICMPV6 = frozenset({ICMPV6_NEIGHBOR_SOLICITATION, 131, 132, 143,
-                                       ICMPV6_ROUTER_SOLICITATION})
-ND_HEADER_LEN = 24  # ICMPv6 header, flags/reserved, target (RFC 4861 4.3, 4.4)
+UNSPECIFIED_SOURCE_ICMPV6 = frozenset({icmpv6.NEIGHBOR_SOLICITATION, icmpv6.MLD_REPORT,
+                                       icmpv6.MLD_DONE, icmpv6.MLD2_REPORT,
+                                       icmpv6.ROUTER_SOLICITATION})
+ND_TYPES = (icmpv6.NEIGHBOR_SOLICITATION, icmpv6.NEIGHBOR_ADVERTISEMENT)
 DHCPV4_SERVER_PORT = b"\x00\x43"  # 67
 DHCPV6_SERVER_PORT = b"\x02\x23"  # 547
-ARP_LEN = 28
-
-IPV4_ANY = b"\x00\x00\x00\x00"
-IPV6_ANY = bytes(16)
+# The bytes of a header a rule reads: UDP's ports, ICMPv6's type and code and checksum.
+_UDP_PORTS_LEN = 4
+_ICMPV6_READ_LEN = icmpv6.HEADER_LEN
+_ETHERTYPE = slice(ethernet.ETHERTYPE_OFFSET, ethernet.ETHERTYPE_OFFSET + 2)
+_INNER_ETHERTYPE = slice(ethernet.INNER_ETHERTYPE_OFFSET, ethernet.INNER_ETHERTYPE_OFFSET + 2)
+_SRC_MAC = slice(ethernet.SRC_OFFSET, ethernet.SRC_OFFSET + 6)
 
 DEFAULT_MAC_LIMIT = 16
 # Addresses a port may claim per MAC it may have: IPv4, link-local, SLAAC and a temporary
@@ -82,8 +83,6 @@ DEFAULT_FLOOD_BURST = 2000.0
 # sends a handful a minute; a session's endpoint speaks for up to 256 MACs.
 DEFAULT_SERVICE_RATE = 200.0
 DEFAULT_SERVICE_BURST = 400.0
-# EtherTypes start here; a smaller value in that field is an 802.3 length (LLC follows).
-ETHERTYPE_MIN = 0x0600
 # The `seen` time of an entry that never ages: reserved (the gateway's), or pinned by a lease.
 PERMANENT = float("inf")
 
@@ -200,26 +199,28 @@ def _bad_ipv4_source(ip: bytes) -> bool:
 
 
 def _bad_ipv6_source(ip: bytes) -> bool:
-    return ip[0] == 0xFF or ip == b"\x00" * 15 + b"\x01"
+    return ip[0] == 0xFF or ip == ipv6.LOOPBACK
 
 
 def check_l3(data: bytes | memoryview, port: object, book: AddressBook, now: float,
              claim_limit: int) -> str | None:
     """Police the network-layer part of one frame from a policed port that may hold
-    `claim_limit` addresses.  Returns the drop reason, or None to admit.  Reads fixed
-    offsets only."""
-    ethertype = data[12:14]
+    `claim_limit` addresses.  Returns the drop reason, or None to admit.
+
+    Reads netstack.wire's offsets rather than making views: per IPv6 frame through
+    Switch.forward, 1.53 us at offsets vs 1.98 us with views (64 and 1500 bytes alike)."""
+    ethertype = data[_ETHERTYPE]
     offset = ETH_HEADER_LEN
     if ethertype == ETHERTYPE_8021Q:
         if len(data) < ETH_HEADER_LEN + VLAN_TAG_LEN:
             return "malformed"
-        ethertype = data[16:18]
+        ethertype = data[_INNER_ETHERTYPE]
         offset += VLAN_TAG_LEN
         if ethertype in _TAG_TYPES:
             return "vlan_stacked"
     elif ethertype in _TAG_TYPES:
         return "vlan_stacked"
-    if ethertype[0] < ETHERTYPE_MIN >> 8:
+    if ethertype[0] < ethernet.ETHERTYPE_MIN >> 8:
         return "llc"
     if ethertype == ETHERTYPE_IP:
         return _check_ipv4(data, offset, port, book, now, claim_limit)
@@ -232,26 +233,28 @@ def check_l3(data: bytes | memoryview, port: object, book: AddressBook, now: flo
 
 def _check_ipv4(data, offset: int, port: object, book: AddressBook, now: float,
                 claim_limit: int) -> str | None:
-    if len(data) < offset + 20:
+    if len(data) < offset + ipv4.MIN_HEADER_LEN:
         return "malformed"
-    ihl = (data[offset] & 0x0F) * 4
-    if ihl < 20 or len(data) < offset + ihl:
+    ihl = ipv4.header_len(data, offset)
+    if ihl < ipv4.MIN_HEADER_LEN or len(data) < offset + ihl:
         return "malformed"
-    proto = data[offset + 9]
+    proto = data[offset + ipv4.PROTOCOL_OFFSET]
     l4 = offset + ihl
-    fragment_offset = int.from_bytes(data[offset + 6 : offset + 8], "big") & 0x1FFF
+    at = offset + ipv4.FRAGMENT_OFFSET
+    fragment_offset = ((data[at] << 8) | data[at + 1]) & ipv4.FRAGMENT_OFFSET_MASK
+    dst_port = l4 + udp.DST_PORT_OFFSET
     if proto == IPPROTO_UDP and fragment_offset == 0:
-        if len(data) < l4 + 4:
+        if len(data) < l4 + _UDP_PORTS_LEN:
             return "malformed"
-        if data[l4 : l4 + 2] == DHCPV4_SERVER_PORT:
+        if data[l4 + udp.SRC_PORT_OFFSET : l4 + udp.SRC_PORT_OFFSET + 2] == DHCPV4_SERVER_PORT:
             return "dhcp_guard"
-    src = data[offset + 12 : offset + 16]
-    if src == IPV4_ANY:
+    src = data[offset + ipv4.SRC_OFFSET : offset + ipv4.SRC_OFFSET + ipv4.ADDR_LEN]
+    if src == ipv4.ANY:
         # Only a DHCP client (to port 67) may speak before it has an address.
-        if proto == IPPROTO_UDP and data[l4 + 2 : l4 + 4] == DHCPV4_SERVER_PORT:
+        if proto == IPPROTO_UDP and data[dst_port : dst_port + 2] == DHCPV4_SERVER_PORT:
             return None
         return "bad_source"
-    if _bad_ipv4_source(src) or src == b"\xff\xff\xff\xff":
+    if _bad_ipv4_source(src) or src == ipv4.BROADCAST:
         return "bad_source"
     return book.claim(src, port, now, claim_limit)
 
@@ -267,18 +270,19 @@ def _check_ipv6(data, offset: int, port: object, book: AddressBook, now: float,
     icmp_type = -1
     if first_fragment:
         if next_header == IPPROTO_ICMPV6:
-            if len(data) < position + 4:
+            if len(data) < position + _ICMPV6_READ_LEN:
                 return "malformed"
             icmp_type = data[position]
             if icmp_type in ROUTER_ONLY_ICMPV6:
                 return "ra_guard"
         elif next_header == IPPROTO_UDP:
-            if len(data) < position + 4:
+            if len(data) < position + _UDP_PORTS_LEN:
                 return "malformed"
-            if data[position : position + 2] == DHCPV6_SERVER_PORT:
+            at = position + udp.SRC_PORT_OFFSET
+            if data[at : at + 2] == DHCPV6_SERVER_PORT:
                 return "dhcp_guard"
-    src = data[offset + 8 : offset + 24]
-    if src == IPV6_ANY:
+    src = data[offset + ipv6.SRC_OFFSET : offset + ipv6.SRC_OFFSET + ipv6.ADDR_LEN]
+    if src == ipv6.ANY:
         if icmp_type not in UNSPECIFIED_SOURCE_ICMPV6:
             return "bad_source"
     elif _bad_ipv6_source(src):
@@ -287,8 +291,8 @@ def _check_ipv6(data, offset: int, port: object, book: AddressBook, now: float,
         reason = book.claim(src, port, now, claim_limit)
         if reason is not None:
             return reason
-    if icmp_type in (ICMPV6_NEIGHBOR_SOLICITATION, ICMPV6_NEIGHBOR_ADVERTISEMENT):
-        return _check_nd(data, offset, position, fragmented, icmp_type, src == IPV6_ANY, port,
+    if icmp_type in ND_TYPES:
+        return _check_nd(data, offset, position, fragmented, icmp_type, src == ipv6.ANY, port,
                          book, now, claim_limit)
     return None
 
@@ -300,17 +304,22 @@ def _check_nd(data, offset: int, position: int, fragmented: bool, icmp_type: int
     the frame's source MAC; an NA's target must be the port's to claim; a DAD probe may not
     ask for an address another port holds (an NS from a claimed source for any target is
     an ordinary lookup)."""
-    end = offset + IPV6_HEADER_LEN + int.from_bytes(data[offset + 4 : offset + 6], "big")
-    if fragmented or end > len(data) or end < position + ND_HEADER_LEN:
+    at = offset + ipv6.PAYLOAD_LEN_OFFSET
+    end = offset + IPV6_HEADER_LEN + ((data[at] << 8) | data[at + 1])
+    if fragmented or end > len(data):
         return "malformed"  # RFC 6980: ND messages are never fragmented
-    matches = nd_link_addresses_match(data, position + ND_HEADER_LEN, end, data[6:12])
+    try:
+        message = Neighbour(Icmpv6(data, position, end))
+    except Malformed:
+        return "malformed"
+    matches = nd_link_addresses_match(data, message.options_offset, end, data[_SRC_MAC])
     if matches is None:
         return "malformed"
     if not matches:
         return "nd_spoof"
-    target = data[position + 8 : position + 24]
-    if icmp_type == ICMPV6_NEIGHBOR_ADVERTISEMENT:
-        if target == IPV6_ANY or _bad_ipv6_source(target):
+    target = message.target
+    if icmp_type == icmpv6.NEIGHBOR_ADVERTISEMENT:
+        if target == ipv6.ANY or _bad_ipv6_source(target):
             return "bad_source"
         return book.claim(target, port, now, claim_limit)
     if unspecified_source and book.owned_elsewhere(target, port, now):
@@ -320,12 +329,14 @@ def _check_nd(data, offset: int, position: int, fragmented: bool, icmp_type: int
 
 def _check_arp(data, offset: int, port: object, book: AddressBook, now: float,
                claim_limit: int) -> str | None:
-    if len(data) < offset + ARP_LEN:
+    try:  # the sender fields of any 28-byte ARP, whatever it says it carries
+        arp = Arp(data, offset, ethernet_ipv4=False)
+    except Malformed:
         return "malformed"
-    if data[offset + 8 : offset + 14] != data[6:12]:
+    if arp.sha != data[_SRC_MAC]:
         return "arp_spoof"
-    sender_ip = data[offset + 14 : offset + 18]
-    if sender_ip == IPV4_ANY:
+    sender_ip = arp.spa
+    if sender_ip == ipv4.ANY:
         return None  # an ARP probe (RFC 5227): allowed before the address is taken
     if _bad_ipv4_source(sender_ip):
         return "bad_source"

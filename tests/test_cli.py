@@ -5,7 +5,9 @@ import sys
 
 import pytest
 
-from tunnel.cli import default_mac, format_status, main
+from tunnel.cli.main import main
+from tunnel.cli.qemu import default_mac
+from tunnel.cli.status import format_status
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -112,7 +114,7 @@ def test_status_rendering_of_an_endpoint_and_a_session():
 
 
 def test_config_file_values_are_defaults_the_command_line_overrides(tmp_path):
-    from tunnel.cli import parse_args
+    from tunnel.cli.main import parse_args
 
     config = tmp_path / "vm.toml"
     config.write_text('hub = "127.0.0.1:7777"\nsocket = ["/run/a.sock", "/run/b.sock"]\n'
@@ -137,10 +139,10 @@ def test_config_file_with_an_unknown_setting_is_refused(tmp_path):
 ])
 def test_vm_no_port_policy_reaches_the_endpoint_config(tmp_path, monkeypatch, flags,
                                                        config_text, port_policy):
-    import tunnel.cli
+    import tunnel.cli.roles
 
     configs = []
-    monkeypatch.setattr(tunnel.cli, "_run_endpoint",
+    monkeypatch.setattr(tunnel.cli.roles, "_run_endpoint",
                         lambda config, command, metrics: configs.append(config) or 0)
     config = tmp_path / "vm.toml"
     config.write_text(config_text)

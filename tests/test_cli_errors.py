@@ -222,7 +222,7 @@ def test_a_bad_config_value_names_the_file_and_the_key(tmp_path, text, message):
 
 
 def test_config_sets_tap_and_paths_relative_to_its_folder(tmp_path, monkeypatch):
-    from tunnel.cli import parse_args
+    from tunnel.cli.main import parse_args
 
     (tmp_path / "etc").mkdir()
     config = tmp_path / "etc" / "host.toml"
@@ -241,7 +241,7 @@ def test_config_sets_tap_and_paths_relative_to_its_folder(tmp_path, monkeypatch)
 
 def test_config_file_relative_to_the_working_directory_resolves_from_its_folder(
         tmp_path, monkeypatch):
-    from tunnel.cli import parse_args
+    from tunnel.cli.main import parse_args
 
     (tmp_path / "etc").mkdir()
     (tmp_path / "etc" / "vm.toml").write_text('socket = ["vm1.sock"]\n')

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tunnel.cli import build_parser
+from tunnel.cli.main import build_parser
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 

@@ -33,7 +33,7 @@ from netstack.host.dhcp_client import (
     DhcpLease,
     is_dhcp_reply,
 )
-from netstack.l3host import L3Host
+from netstack.host.l3host import L3Host
 from tests.support.clock import Clock
 
 CLIENT_MAC = bytes.fromhex("02686f737401")

@@ -27,11 +27,11 @@ from scapy.layers.l2 import ARP, Ether
 from netstack.frame import GSO_TCPV4, HDR_F_NEEDS_CSUM, PLAIN, Frame, OffloadInfo
 from netstack.gateway.port import GatewayConfig, GatewayPort
 from netstack.gateway.ra import RouterAdvertiser
-from netstack.l3host import (
+from netstack.host.l3host import L3Host
+from netstack.host.neighbour_cache import (
     MAX_QUEUED,
     MAX_QUEUED_PER_DESTINATION,
     REACHABLE_SECONDS,
-    L3Host,
 )
 from netstack.neighbour import link_local_from_mac
 from tests.support.clock import Clock

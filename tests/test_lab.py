@@ -15,14 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from tunnel.lab import (
-    LabError,
-    guest_flags,
-    host_flags,
-    hub_flags,
-    ipv6_addresses,
-    parse_lab,
-)
+from tunnel.lab import LabError
+from tunnel.lab.boot import ipv6_addresses
+from tunnel.lab.schema import parse_lab
+from tunnel.lab.up import guest_flags, host_flags, hub_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 LABS = ROOT / "qemu" / "labs"
@@ -89,7 +85,7 @@ def test_guest_addresses_become_dhcp_reservations_for_their_macs(tmp_path):
     reserved = [flags[i + 1] for i, flag in enumerate(flags) if flag == "--dhcp-reserve"]
     assert len(reserved) == 2 and [r.split("=")[1] for r in reserved] == ["10.77.0.10",
                                                                           "10.77.0.11"]
-    from tunnel.cli import parse_args
+    from tunnel.cli.main import parse_args
 
     args = parse_args(["hub", *flags])
     assert sorted(str(ip) for _, ip in args.dhcp_reserve) == ["10.77.0.10", "10.77.0.11"]
@@ -135,7 +131,7 @@ def test_hub_settings_become_the_hubs_flags_and_the_hosts_mtu(tmp_path):
         assert (flag, value) in pairs
     assert "--no-port-policy" in flags and "--no-dhcp" not in flags
     # the hub's flags parse as `vhostvpn hub` flags
-    from tunnel.cli import parse_args
+    from tunnel.cli.main import parse_args
 
     args = parse_args(["hub", *flags])
     assert args.mtu == 1400 and args.no_port_policy and str(args.gateway) == "10.77.0.254"

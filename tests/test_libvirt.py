@@ -31,7 +31,7 @@ import pytest
 
 from tests.support.guest import RUN_VM, ensure_image, qemu_available
 from tests.support.processes import answers, stop
-from tunnel.console import parse_booted
+from tunnel.lab.console import parse_booted
 
 pytestmark = [
     pytest.mark.slow,

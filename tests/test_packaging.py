@@ -1,5 +1,5 @@
 """Installing vhostvpn: where the lab's files and the guest image are found, in a checkout and
-installed (fast, tunnel/assets.py), and a wheel built from this tree, installed into a fresh
+installed (fast, tunnel/lab/assets.py), and a wheel built from this tree, installed into a fresh
 virtualenv and run from a folder outside the checkout (slow): the commands work, the C fence
 is compiled, `vhostvpn lab` finds its example labs and run-vm.sh as package data and brings
 an example lab up and down."""
@@ -11,11 +11,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from tunnel import assets
+from tunnel.lab import assets
 
 ROOT = Path(__file__).resolve().parent.parent
 PIP_TIMEOUT = 300.0
@@ -23,7 +24,7 @@ COMMAND_TIMEOUT = 60.0
 LAB_UP_TIMEOUT = 240.0
 
 
-# --- fast: tunnel/assets.py in this checkout ---------------------------------------------
+# --- fast: tunnel/lab/assets.py in this checkout -----------------------------------------
 
 def test_a_checkout_uses_its_qemu_folder_and_builds_the_image_into_qemu_build(monkeypatch):
     monkeypatch.delenv("VV_BUILD_DIR", raising=False)
@@ -106,7 +107,7 @@ def _run(bin_dir: Path, cwd: Path, *argv: str, env: dict[str, str] | None = None
 def test_the_installed_wheel_runs_outside_the_checkout(installed_venv):
     bin_dir, cwd = installed_venv
     where = _run(bin_dir, cwd, "python", "-c",
-                 "import tunnel, virtio._fence, tunnel.assets as a;"
+                 "import tunnel, virtio._fence, tunnel.lab.assets as a;"
                  "print(tunnel.__file__); print(virtio._fence.__file__);"
                  "print(a.installed()); print(a.run_vm()); print(a.image_dir())")
     assert where.returncode == 0, where.stderr
@@ -176,3 +177,14 @@ def test_the_installed_wheel_brings_an_example_lab_up_and_down(installed_venv):
         down = _run(bin_dir, cwd, "vhostvpn", "lab", "down", "two-guests-one-host", env=env)
     assert down.returncode == 0 and "down" in down.stdout, down.stdout + down.stderr
     assert not (cwd / "labs").exists() or not any((cwd / "labs").iterdir())
+
+
+def test_every_package_folder_is_in_the_wheel_list():
+    # pyproject lists packages by hand (tunnel.qemu maps to qemu/); a new folder left out
+    # installs a wheel that cannot import it.
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+                 ["packages"])
+    on_disk = {".".join(init.parent.relative_to(ROOT).parts)
+               for top in ("netstack", "virtio", "tunnel")
+               for init in (ROOT / top).rglob("__init__.py")}
+    assert on_disk <= listed, f"add to pyproject.toml's packages: {sorted(on_disk - listed)}"

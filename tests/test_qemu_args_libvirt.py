@@ -9,7 +9,7 @@ from xml.etree import ElementTree as ET
 
 import pytest
 
-from tunnel.cli import LIBVIRT_QEMU_NS, default_mac
+from tunnel.cli.qemu import LIBVIRT_QEMU_NS, default_mac
 
 
 def printed(*flags: str) -> subprocess.CompletedProcess:

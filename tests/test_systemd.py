@@ -25,7 +25,7 @@ import trio
 
 from tests.support.hub import free_tcp_port
 from tests.support.netns import ip
-from tunnel.cli import build_parser
+from tunnel.cli.main import build_parser
 from tunnel.keys import keygen
 
 UNITS = Path(__file__).resolve().parent.parent / "packaging" / "systemd"

@@ -1,5 +1,5 @@
-"""TUN/TAP devices with virtio-net headers (tunnel.tuntap) and host network configuration
-(tunnel.hostnet), against the real kernel inside network namespaces the tests create.
+"""TUN/TAP devices with virtio-net headers (tunnel.host.tuntap) and host network configuration
+(tunnel.host.hostnet), against the real kernel inside network namespaces the tests create.
 
 The TAP device is opened by the test process and moved into a fresh namespace (its fd stays
 valid across the move); inside, the kernel gets 10.99.0.1/24 on it and the test plays the
@@ -29,8 +29,8 @@ from netstack.frame import (
     OffloadInfo,
 )
 from netstack.port import QueuedPort
-from tunnel.hostnet import HostNetwork, HostNetworkError
-from tunnel.tuntap import (
+from tunnel.host.hostnet import HostNetwork, HostNetworkError
+from tunnel.host.tuntap import (
     TUN_F_CSUM,
     TUN_F_TSO4,
     TUN_F_TSO6,

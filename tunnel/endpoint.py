@@ -42,7 +42,9 @@ import trio
 from netstack.frame import ALL_OFFLOADS, Frame, stable_mac
 from netstack.switch import Switch
 from tunnel.control import serve_control
-from tunnel.hostnet import HostNetwork, HostNetworkError
+from tunnel.host.hostnet import HostNetwork, HostNetworkError
+from tunnel.host.tunport import TunPort
+from tunnel.host.tuntap import TapPort, TunTapDevice, TunTapError, run_device
 from tunnel.keys import (
     AuthError,
     check_server,
@@ -55,8 +57,6 @@ from tunnel.keys import (
 from tunnel.session import Link, SessionPort, tune_tcp
 from tunnel.startup import StartupError
 from tunnel.tls import TLSStream
-from tunnel.tunport import TunPort
-from tunnel.tuntap import TapPort, TunTapDevice, TunTapError, run_device
 from tunnel.wire import CloseCode, Closed, Eof, Frames, Hello, Ping, Pong, WireConnection, WireError
 from virtio.backend import attach_sockets
 from virtio.unixsock import OWNER_ONLY, SocketAccess

@@ -1,6 +1,6 @@
 """Identities, pinned fingerprints and mutual authentication for the tunnel.
 
-Who calls it: `vhostvpn keygen` / `vhostvpn fingerprint` (cli.py), the hub (server contexts,
+Who calls it: `vhostvpn keygen` / `vhostvpn fingerprint` (cli/keys.py), the hub (server contexts,
 the peers file, `verify_client_auth`) and the endpoint (client contexts, `check_server`,
 `sign_client_auth`); wire.py carries the bytes.  Rules: no sockets, no Trio, no home-made
 crypto (only `cryptography` signatures and the x509 builder, and stdlib `ssl`); the only files

@@ -1,7 +1,7 @@
 """Start-up failures a user can fix, said in one line: which flag, and what to do.
 
 Who calls it: the daemons' set-up steps (the tunnel listener's bind, the host's TAP/TUN
-device) raise `StartupError` naming the flag whose value failed; the CLI (tunnel/cli.py)
+device) raise `StartupError` naming the flag whose value failed; the CLI (tunnel/cli/launch.py)
 finds it inside Trio's exception groups (`find_failure`) and prints `vhostvpn CMD: FLAG
 VALUE: cause` with exit status 1, no traceback.  `explain_bind` turns the errno of a failed
 bind() into words.  Nothing here does I/O beyond reading one sysctl for a message.

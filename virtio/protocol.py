@@ -79,6 +79,7 @@ DEVICE_FEATURES = (
 PROTOCOL_FEATURES = bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK)
 # Queue pairs we serve (QEMU asks with GET_QUEUE_NUM; `-netdev vhost-user,queues=N` <= this).
 DEFAULT_QUEUE_PAIRS = 4
+MAX_QUEUE_PAIRS = 64  # the most the command line lets a device offer (--queues)
 # What /proc/self/fd/N reads for an eventfd: the only kind of kick, call or err fd we keep.
 EVENTFD_LINK = "anon_inode:[eventfd]"
 

@@ -9,13 +9,13 @@ dropped and counted):
   ICMPv6    echo requests to those addresses
   RS        router solicitations -> a router advertisement (netstack.gateway.ra)
   DHCPv4    requests to UDP port 67 -> the DHCP server (netstack.dhcp)
-IPv6 is read at fixed offsets, its extension-header chain walked by netstack.wire.ipv6: ICMPv6
-is answered behind a sane chain with a right checksum, never in a fragment (`fragment`).
-ARP requests, neighbour and router solicitations are read and checked by netstack.neighbour,
-the same checks the TUN host's L3 host makes (a wrong hop limit or code: `nd_hop_limit`, a
-wrong checksum: `bad_checksum`), and answered with its builders.  dpkt parses IPv4 requests.
-Whatever one frame raises is that frame's: counted `malformed` (a traceback logged, rate
-limited, when unexpected).
+Every header is read through the netstack.wire views, every reply built with its builders.
+ICMPv6 is answered behind a sane extension-header chain with a right checksum, never in a
+fragment (IPv4 or IPv6: `fragment`).  ARP requests, neighbour and router solicitations are
+checked and answered by netstack.neighbour, with the checks the TUN host's L3 host makes (a
+hop limit other than 255 or a code: `nd_hop_limit`, a wrong checksum: `bad_checksum`).  A
+frame a view or those checks refuse is counted `malformed`; whatever else one frame raises
+is that frame's too (counted `malformed`, a traceback logged, rate limited).
 Why one port for all of them: a port is a MAC address on the switch, and the services share
 the gateway's MAC and addresses -- a DHCP client renews by unicast to the address ARP gave it.
 
@@ -28,54 +28,35 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import struct
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import dpkt
-
-from netstack.frame import (
-    ETH_HEADER_LEN,
-    ETH_P_IP,
-    ETHERTYPE_ARP,
-    ETHERTYPE_IP,
-    ETHERTYPE_IPV6,
-    Frame,
-    Offload,
-)
+from netstack.frame import ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, Frame, Offload
 from netstack.gateway.ra import RouterAdvertiser
 from netstack.neighbour import (
-    ICMPV6_NS,
-    ICMPV6_RS,
     arp_reply,
-    ethernet,
-    icmpv6,
+    asks_for,
+    icmpv6_frame,
     link_local_from_mac,
     read_arp,
-    read_nd,
+    read_router_solicitation,
     read_solicitation,
 )
 from netstack.port import SpeakingPort
-from netstack.wire import IPPROTO_ICMPV6, Malformed
-from netstack.wire.icmpv6 import icmpv6_checksum_ok
-from netstack.wire.ipv6 import IPV6_HEADER_LEN, walk_chain
+from netstack.wire import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_UDP, Malformed, icmpv6
+from netstack.wire import icmp as icmp4
+from netstack.wire.ethernet import BROADCAST, Ethernet, ethernet_frame
+from netstack.wire.ipv4 import DEFAULT_TTL, Ipv4, ipv4_header
+from netstack.wire.ipv6 import ANY, Ipv6
+from netstack.wire.udp import Udp
 
 log = logging.getLogger(__name__)
 
-IPV6_ANY = bytes(16)
-BROADCAST_MAC = b"\xff" * 6
 IPV6_MULTICAST_MAC_PREFIX = 0x33
-ICMP_ECHO_REQUEST = 8
-ICMP_ECHO_REPLY = 0
-ICMPV6_ECHO_REQUEST = 128
-ICMPV6_ECHO_REPLY = 129
 DHCP_SERVER_PORT = 67
-DEFAULT_TTL = 64
 
-# What reading a hostile frame may raise: counted `malformed`, no traceback.
-_MALFORMED = (Malformed, dpkt.UnpackError, struct.error, IndexError)
 # Malformed ND messages counted under their own drop reason (the rest: `malformed`).
 _ND_DROPS = {"nd_hop_limit": "nd_hop_limit", "icmpv6_checksum": "bad_checksum"}
 
@@ -142,11 +123,10 @@ class GatewayPort(SpeakingPort):
             nbytes += len(data)
             try:
                 dst = data[0:6]
-                if dst != self.mac and dst != BROADCAST_MAC \
-                        and data[0] != IPV6_MULTICAST_MAC_PREFIX:
+                if dst != self.mac and dst != BROADCAST and data[0] != IPV6_MULTICAST_MAC_PREFIX:
                     continue  # flooded unicast for someone else
                 replies.extend(self._answer(bytes(data)))
-            except _MALFORMED:
+            except Malformed:
                 self.counters.drop("malformed")
             except Exception:  # one frame's trouble is that frame's
                 self.drop_unexpected("malformed", 1, "answering a frame")
@@ -156,101 +136,91 @@ class GatewayPort(SpeakingPort):
             self._send(replies)
 
     def _answer(self, data: bytes) -> list[Frame]:
-        ethertype = data[12:14]
-        if ethertype == ETHERTYPE_IPV6:
-            return self._ipv6(data) if self.ipv6 else []
-        if self.ipv4 is None or (ethertype != ETHERTYPE_ARP and ethertype != ETHERTYPE_IP):
-            return []  # VLAN-tagged and other frames: not on the gateway's segment
-        if ethertype == ETHERTYPE_ARP:
-            arp = read_arp(data)
-            if not arp.asks_for(self.ipv4):
+        eth = Ethernet(data)
+        if eth.tci is not None:
+            return []  # VLAN-tagged frames: not on the gateway's segment
+        if eth.ethertype == ETH_P_IPV6:
+            return self._ipv6(eth, data) if self.ipv6 else []
+        if self.ipv4 is None:
+            return []
+        if eth.ethertype == ETH_P_ARP:
+            arp = read_arp(data, eth.payload_offset)
+            if not asks_for(arp, self.ipv4):
                 return []
             self.services["arp_reply"] += 1
             return [arp_reply(arp, self.mac, self.ipv4)]
-        return self._ipv4(dpkt.ethernet.Ethernet(data), data)
+        if eth.ethertype == ETH_P_IP:
+            return self._ipv4(eth, data)
+        return []
 
     # -- IPv4 ------------------------------------------------------------------------------
 
-    def _ipv4(self, eth: dpkt.ethernet.Ethernet, data: bytes) -> list[Frame]:
-        ip = eth.data
-        if not isinstance(ip, dpkt.ip.IP):
-            raise Malformed("ipv4_header", "truncated")
-        header_len = ip.hl * 4
-        if ip.v != 4 or not header_len <= ip.len <= len(data) - ETH_HEADER_LEN:
-            raise Malformed("ipv4_header", f"version {ip.v}, total length {ip.len}")
-        if ip.mf or ip.offset:
+    def _ipv4(self, eth: Ethernet, data: bytes) -> list[Frame]:
+        ip = Ipv4(data, eth.payload_offset)
+        if ip.is_fragment:
             self.counters.drop("fragment")
             return []
-        if ip.p == dpkt.ip.IP_PROTO_UDP and isinstance(ip.data, dpkt.udp.UDP) \
-                and ip.data.dport == DHCP_SERVER_PORT:
-            if self.dhcp is None:
+        if ip.protocol == IPPROTO_UDP:
+            if Udp(data, ip.payload_offset, ip.end).dst_port != DHCP_SERVER_PORT \
+                    or self.dhcp is None:
                 return []
             return [Frame(reply) for reply in self.dhcp.handle(data)]
-        if ip.dst != self.ipv4 or ip.p != dpkt.ip.IP_PROTO_ICMP:
+        if ip.dst != self.ipv4 or ip.protocol != IPPROTO_ICMP:
             return []
-        icmp = ip.data
-        if not isinstance(icmp, dpkt.icmp.ICMP) or icmp.type != ICMP_ECHO_REQUEST:
+        request = icmp4.Icmp(data, ip.payload_offset, ip.end)
+        if request.type != icmp4.ECHO_REQUEST:
             return []
-        if dpkt.in_cksum(data[ETH_HEADER_LEN : ETH_HEADER_LEN + header_len]) != 0 \
-                or dpkt.in_cksum(bytes(icmp)) != 0:
+        if not ip.header_checksum_ok() or not request.checksum_ok():
             self.counters.drop("bad_checksum")
             return []
-        if ip.src[0] == 0 or ip.src[0] >= 224:
+        src = bytes(ip.src)
+        if src[0] == 0 or src[0] >= 224:
             return []  # no answer to an unspecified, multicast or broadcast source
         self.services["icmp_echo"] += 1
-        reply_icmp = dpkt.icmp.ICMP(type=ICMP_ECHO_REPLY, code=0, data=icmp.data)
-        reply = dpkt.ip.IP(src=self.ipv4, dst=ip.src, p=dpkt.ip.IP_PROTO_ICMP, ttl=DEFAULT_TTL,
-                           data=reply_icmp)
-        reply.len = len(reply)
-        return [ethernet(eth.src, self.mac, ETH_P_IP, reply)]
+        reply = icmp4.echo_reply(request)
+        header = ipv4_header(self.ipv4, src, IPPROTO_ICMP, len(reply), ttl=DEFAULT_TTL)
+        return [Frame(ethernet_frame(bytes(eth.src), self.mac, ETH_P_IP, header + reply))]
 
     # -- IPv6 ------------------------------------------------------------------------------
 
-    def _ipv6(self, data: bytes) -> list[Frame]:
-        ip_end = ETH_HEADER_LEN + IPV6_HEADER_LEN
-        if len(data) < ip_end or data[ETH_HEADER_LEN] >> 4 != 6:
-            raise Malformed("ipv6_header", f"in a {len(data)}-byte frame")
-        end = ip_end + int.from_bytes(data[18:20], "big")
-        if end == ip_end or end > len(data):
-            raise Malformed("ipv6_length", f"payload ends at {end} of a {len(data)}-byte frame")
-        chain = walk_chain(data, ETH_HEADER_LEN, end)
-        if chain is None:
-            raise Malformed("ipv6_extension_headers")
+    def _ipv6(self, eth: Ethernet, data: bytes) -> list[Frame]:
+        ip = Ipv6(data, eth.payload_offset)
+        if ip.payload_length == 0:
+            raise Malformed("ipv6_length", "no payload")
+        chain = ip.chain()
         if chain.fragmented:
             self.counters.drop("fragment")
             return []
         if chain.next_header != IPPROTO_ICMPV6:
             return []
-        icmp = data[chain.position : end]
-        if len(icmp) < 4:
-            raise Malformed("icmpv6_length", f"{len(icmp)} bytes")
-        kind = icmp[0]
-        src, dst = data[22:38], data[38:54]
-        if kind == ICMPV6_ECHO_REQUEST:
-            if not icmpv6_checksum_ok(src, dst, icmp):
+        message = icmpv6.Icmpv6(data, chain.position, ip.end)
+        kind = message.type
+        src, dst = bytes(ip.src), bytes(ip.dst)
+        if kind == icmpv6.ECHO_REQUEST:
+            if not message.checksum_ok(src, dst):
                 self.counters.drop("bad_checksum")
                 return []
-            if dst not in self.ipv6 or src == IPV6_ANY or src[0] == 0xFF:
+            if dst not in self.ipv6 or src == ANY or src[0] == 0xFF:
                 return []
             self.services["icmpv6_echo"] += 1
-            return [icmpv6(self.mac, data[6:12], dst, src, ICMPV6_ECHO_REPLY, icmp[4:],
-                           DEFAULT_TTL)]
-        if kind != ICMPV6_NS and (kind != ICMPV6_RS or self.ra is None):
-            return []
+            return [icmpv6_frame(self.mac, bytes(eth.src), dst, src,
+                                 icmpv6.echo_reply(dst, src, message), DEFAULT_TTL)]
         try:
-            nd = read_nd(src, dst, data[21], icmp)
+            if kind == icmpv6.ROUTER_SOLICITATION and self.ra is not None:
+                read_router_solicitation(ip, message)
+                return self.ra.solicited(self.clock())
+            if kind != icmpv6.NEIGHBOR_SOLICITATION:
+                return []
+            solicitation = read_solicitation(ip, message)
         except Malformed as error:
             if error.reason not in _ND_DROPS:
                 raise
             self.counters.drop(_ND_DROPS[error.reason])
             return []
-        if kind == ICMPV6_RS:
-            return self.ra.solicited(self.clock())
-        solicitation = read_solicitation(nd, src, dst)
         if solicitation.target not in self.ipv6:
             return []
         self.services["neighbour_advertisement"] += 1
-        return [solicitation.answer(self.mac, src, data[6:12], router=True)]
+        return [solicitation.answer(self.mac, bytes(eth.src), router=True)]
 
     # -- timed work ---------------------------------------------------------------------------
 

@@ -11,22 +11,19 @@ from __future__ import annotations
 
 import ipaddress
 import random
-import struct
 from collections import Counter
 
 from netstack.frame import Frame
-from netstack.neighbour import (
-    ALL_NODES,
-    ICMPV6_RA,
-    OPT_MTU,
-    OPT_PREFIX_INFORMATION,
-    OPT_RDNSS,
+from netstack.neighbour import ALL_NODES, icmpv6_frame, link_local_from_mac, multicast_mac6
+from netstack.wire.icmpv6 import (
     OPT_SOURCE_LINK_ADDRESS,
     PREFIX_FLAG_AUTONOMOUS,
     PREFIX_FLAG_ON_LINK,
-    icmpv6,
-    link_local_from_mac,
-    multicast_mac6,
+    link_address_option,
+    mtu_option,
+    prefix_information_option,
+    rdnss_option,
+    router_advertisement,
 )
 
 # RFC 4861 section 6.2.1 and 10 defaults.
@@ -66,20 +63,16 @@ class RouterAdvertiser:
         self._last_sent = float("-inf")
 
     def _build(self) -> bytes:
-        options = struct.pack("!BB6s", OPT_SOURCE_LINK_ADDRESS, 1, self.mac)
-        options += struct.pack("!BBHI", OPT_MTU, 1, 0, self.mtu)
-        options += struct.pack(
-            "!BBBBIII16s", OPT_PREFIX_INFORMATION, 4, 64,
-            PREFIX_FLAG_ON_LINK | PREFIX_FLAG_AUTONOMOUS, VALID_LIFETIME, PREFERRED_LIFETIME, 0,
-            self.prefix.network_address.packed,
-        )
+        options = link_address_option(OPT_SOURCE_LINK_ADDRESS, self.mac) + mtu_option(self.mtu)
+        options += prefix_information_option(
+            self.prefix.network_address.packed, 64,
+            PREFIX_FLAG_ON_LINK | PREFIX_FLAG_AUTONOMOUS, VALID_LIFETIME, PREFERRED_LIFETIME)
         if self.dns:
-            options += struct.pack("!BBHI", OPT_RDNSS, 1 + 2 * len(self.dns), 0, DNS_LIFETIME)
-            options += b"".join(address.packed for address in self.dns)
-        body = struct.pack("!BBHII", CUR_HOP_LIMIT, 0, ROUTER_LIFETIME, 0, 0) + options
-        frame = icmpv6(self.mac, multicast_mac6(ALL_NODES), self.source.packed, ALL_NODES,
-                       ICMPV6_RA, body)
-        return bytes(frame.data)
+            options += rdnss_option(DNS_LIFETIME, [address.packed for address in self.dns])
+        message = router_advertisement(self.source.packed, ALL_NODES, CUR_HOP_LIMIT,
+                                       ROUTER_LIFETIME, options)
+        return icmpv6_frame(self.mac, multicast_mac6(ALL_NODES), self.source.packed, ALL_NODES,
+                            message).data
 
     def advertisement(self) -> Frame:
         return Frame(self._frame)

@@ -20,16 +20,18 @@ ECHO_REQUEST = 8
 REASONS = frozenset({"icmp_header"})
 
 
-class Icmp:
-    """A checked view of the ICMP message in `data[offset:end]`."""
+class IcmpMessage:
+    """Type, code, checksum and what follows: the layout ICMP and ICMPv6 share (RFC 4443
+    2.1), a checked view of `data[offset:end]`."""
 
     __slots__ = ("data", "end", "offset")
+    short_reason = "icmp_header"
 
     def __init__(self, data: bytes | memoryview, offset: int = 0, end: int | None = None
                  ) -> None:
         end = len(data) if end is None else min(end, len(data))
         if end - offset < HEADER_LEN:
-            raise Malformed("icmp_header", f"{end - offset} bytes")
+            raise Malformed(self.short_reason, f"{end - offset} bytes")
         self.data = data
         self.offset = offset
         self.end = end
@@ -48,11 +50,18 @@ class Icmp:
 
     @property
     def rest(self) -> bytes | memoryview:
+        """What follows type, code and checksum (echo: identifier, sequence, data)."""
         return self.data[self.offset + HEADER_LEN:self.end]
 
     @property
     def message(self) -> bytes | memoryview:
         return self.data[self.offset:self.end]
+
+
+class Icmp(IcmpMessage):
+    """A checked view of the ICMP (IPv4) message in `data[offset:end]`."""
+
+    __slots__ = ()
 
     def checksum_ok(self) -> bool:
         return verifies(sum16(self.message))

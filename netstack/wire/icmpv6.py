@@ -21,8 +21,8 @@ import struct
 
 from netstack.wire import IPPROTO_ICMPV6, Malformed
 from netstack.wire.checksum import checksum, pseudo_header_sum, sum16, verifies
+from netstack.wire.icmp import HEADER_LEN, IcmpMessage
 
-HEADER_LEN = 4
 ECHO_REQUEST = 128
 ECHO_REPLY = 129
 MLD_QUERY = 130
@@ -70,36 +70,16 @@ def icmpv6_checksum_ok(src: bytes | memoryview, dst: bytes | memoryview,
     return verifies(pseudo_header_sum(src, dst, IPPROTO_ICMPV6, len(message)) + sum16(message))
 
 
-class Icmpv6:
+class Icmpv6(IcmpMessage):
     """A checked view of the ICMPv6 message in `data[offset:end]`."""
 
-    __slots__ = ("data", "end", "offset")
-
-    def __init__(self, data: bytes | memoryview, offset: int = 0, end: int | None = None
-                 ) -> None:
-        end = len(data) if end is None else min(end, len(data))
-        if end - offset < HEADER_LEN:
-            raise Malformed("icmpv6_header", f"{end - offset} bytes")
-        self.data = data
-        self.offset = offset
-        self.end = end
-
-    @property
-    def type(self) -> int:
-        return self.data[self.offset]
-
-    @property
-    def code(self) -> int:
-        return self.data[self.offset + 1]
+    __slots__ = ()
+    short_reason = "icmpv6_header"
 
     @property
     def body(self) -> bytes | memoryview:
         """What follows type, code and checksum (echo: identifier, sequence, data)."""
-        return self.data[self.offset + HEADER_LEN:self.end]
-
-    @property
-    def message(self) -> bytes | memoryview:
-        return self.data[self.offset:self.end]
+        return self.rest
 
     def checksum_ok(self, src: bytes | memoryview, dst: bytes | memoryview) -> bool:
         return icmpv6_checksum_ok(src, dst, self.message)

@@ -44,7 +44,7 @@ from typing import Self
 
 import trio
 
-from tunnel.console import (
+from tunnel.lab.console import (
     BOOT_FAILED,
     BOOTED,
     begin_marker,
@@ -67,7 +67,7 @@ BOOT_TIMEOUT = 90.0  # TCG, two guests and a busy-polling backend on two cores
 RUN_TIMEOUT = 30.0
 STOP_TIMEOUT = 5.0  # SIGTERM -> SIGKILL
 BUILD_TIMEOUT = 600.0
-# The console protocol (markers, chunking: CHUNK_CHARS, MAX_SCRIPT_BYTES) is tunnel/console.py,
+# The console protocol (markers, chunking: CHUNK_CHARS, MAX_SCRIPT_BYTES) is tunnel/lab/console.py,
 # shared with `vhostvpn lab`.
 LOG_TAIL_LINES = 40
 KERNEL_ARGS_LIMIT = 1700  # x86 COMMAND_LINE_SIZE is 2048; run-vm.sh adds ~200 bytes

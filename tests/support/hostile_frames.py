@@ -1,6 +1,6 @@
 """A frame fuzzer for the hub's data path: hostile frames from a policed guest port into the
 switch, its policy, the gateway (with the real DHCP server), software offloads toward a
-port that accepts none, and an L3 host (netstack.l3host, what a TUN host runs).
+port that accepts none, and an L3 host (netstack.host.l3host, what a TUN host runs).
 
 `HostileFrames(rng).frame()` builds one frame: every ethertype the code looks at, VLAN and
 QinQ tags, IPv6 extension-header chains, ND/ARP/DHCP option soups, random offload metadata,
@@ -21,11 +21,12 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from netstack import l3host
 from netstack.frame import MAX_FRAME_LEN, PLAIN, Frame, Offload, OffloadInfo
 from netstack.gateway.dhcp_config import DhcpConfig
 from netstack.gateway.dhcp_server import DhcpServer
 from netstack.gateway.port import GatewayConfig, GatewayPort
+from netstack.host import neighbour_cache
+from netstack.host.l3host import L3Host
 from netstack.neighbour import link_local_from_mac
 from netstack.policy import PortPolicy
 from netstack.port import QueuedPort, SpeakingPort
@@ -325,9 +326,9 @@ class HostileFrames:
 
 
 class HostPort(SpeakingPort):
-    """netstack.l3host.L3Host on the switch, as the TUN port runs it (minus the device)."""
+    """netstack.host.l3host.L3Host on the switch, as the TUN port runs it (minus the device)."""
 
-    def __init__(self, host: l3host.L3Host) -> None:
+    def __init__(self, host: L3Host) -> None:
         super().__init__("l3host", Offload.NONE)
         self.host = host
 
@@ -357,7 +358,7 @@ class Segment:
         self.dhcp.on_lease = lambda lease: switch.bind_lease(lease.ip.packed, lease.mac)
         self.dhcp.on_release = lambda lease: switch.unbind_lease(lease.ip.packed)
         self.dhcp.in_use = lambda ip, mac: switch.used_by_another_port(ip.packed, mac)
-        self.host = l3host.L3Host(HOST_MAC, ipv4=ipaddress.IPv4Interface("10.77.0.50/24"),
+        self.host = L3Host(HOST_MAC, ipv4=ipaddress.IPv4Interface("10.77.0.50/24"),
                                   gateway4=ipaddress.IPv4Address("10.77.0.1"), clock=clock)
         self.host_port = HostPort(self.host)
         for port in (self.a, self.b, self.plain, self.gateway, self.host_port):
@@ -483,8 +484,10 @@ def _check_tables(segment: Segment, report: Report, frame: Frame) -> None:
             report.add(f"port {port.name} queue: {len(port.queue)} frames, {exact} bytes, "
                        f"counted {port.queued_bytes}", frame)
     host = segment.host
-    if len(host._neighbours) > l3host.MAX_NEIGHBOURS or host._queued > l3host.MAX_QUEUED \
-            or len(host._pending) > l3host.MAX_PENDING:
+    cache = host.neighbours
+    if len(cache.entries) > neighbour_cache.MAX_NEIGHBOURS \
+            or cache.queued > neighbour_cache.MAX_QUEUED \
+            or len(cache.pending) > neighbour_cache.MAX_PENDING:
         report.add("L3 host tables beyond their bounds", frame)
     pool = int(POOL_LAST) - int(POOL_FIRST) + 1
     if len(segment.dhcp.leases) > pool:

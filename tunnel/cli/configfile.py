@@ -1,6 +1,6 @@
 """`--config FILE`: a TOML file holding a daemon's flags, turned into command-line tokens.
 
-Who calls it: tunnel/cli.py's `parse_args`, which puts the tokens before the command line's
+Who calls it: tunnel/cli/main.py's `parse_args`, which puts the tokens before the command line's
 own (later flags win, lists add up, a flag of a mutually exclusive group on the command line
 replaces the file's choice).  Every flag of the subcommand may be set, by its long name
 without the dashes (`no-port-policy = true`, `socket = ["a.sock", "b.sock"]`, `tap =

@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-INSTALLED_QEMU_DIR = _HERE / "qemu"  # package data of a wheel
-CHECKOUT_QEMU_DIR = _HERE.parent / "qemu"  # the source tree's qemu/
+_TUNNEL = Path(__file__).resolve().parent.parent  # the tunnel package's folder
+INSTALLED_QEMU_DIR = _TUNNEL / "qemu"  # package data of a wheel
+CHECKOUT_QEMU_DIR = _TUNNEL.parent / "qemu"  # the source tree's qemu/
 LAB_SUFFIX = ".toml"
 
 

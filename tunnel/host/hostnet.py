@@ -1,6 +1,6 @@
 """Host network configuration for a TUN/TAP endpoint: link up, MTU, MAC, addresses.
 
-Who calls it: the host endpoint, after opening its device (tunnel.tuntap), and the tests
+Who calls it: the host endpoint, after opening its device (tunnel.host.tuntap), and the tests
 (inside a network namespace they created).  What it does: talks netlink through pyroute2 and
 remembers every change it made, so that `undo()` puts the host back exactly as it was: the
 addresses it added are removed, a link it brought up goes down again, an MTU it

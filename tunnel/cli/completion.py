@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from tunnel import assets
+from tunnel.lab import assets
 
-# Metavars that name a path (and what kind) or a group (the flags' own spelling, tunnel/cli.py).
+# Metavars that name a path (and what kind) or a group (the flags' own spelling, tunnel/cli/).
 PATH_METAVARS = {"PATH": "file", "FILE": "file", "DIR": "dir", "GROUP": "group"}
 
 

@@ -1,5 +1,5 @@
 """`vhostvpn host --tun`: a host joins the segment through a TUN device (IP packets, no
-Ethernet), with netstack.l3host.L3Host doing ARP and neighbour discovery on its behalf and,
+Ethernet), with netstack.host.l3host.L3Host doing ARP and neighbour discovery on its behalf and,
 with --dhcp, netstack.host.dhcp_client.DhcpClient leasing its address from the hub.
 
 The port's two directions:
@@ -11,7 +11,7 @@ The port's two directions:
 Frames the port itself originates (ARP, NDP, DHCP, released packets) wait in `outbox`; the
 shell's task forwards them, as the hub does for its gateway, so the switch is never
 re-entered from inside `deliver`.  Addresses (static, leased, SLAAC) are put on the device
-through netlink (tunnel/hostnet.py) and removed on exit.
+through netlink (tunnel/host/hostnet.py) and removed on exit.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ import trio
 
 from netstack.frame import Frame, stable_mac
 from netstack.host.dhcp_client import DhcpClient, DhcpLease, is_dhcp_reply
-from netstack.l3host import L3Host
+from netstack.host.l3host import L3Host
 from netstack.port import Port, SpeakingPort
-from tunnel.hostnet import HostNetwork, HostNetworkError
-from tunnel.tuntap import BATCH, TunTapDevice, TunTapError, describe, write_queued
+from tunnel.host.hostnet import HostNetwork, HostNetworkError
+from tunnel.host.tuntap import BATCH, TunTapDevice, TunTapError, describe, write_queued
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,248 @@
+"""`lab up`: bring a checked LabSpec up in the background, in this order:
+  keys (one identity per member and the hub, the hub's peers file) ->
+  namespaces and veths (netns.py) -> the hub (`vhostvpn hub` in its namespace) ->
+  the endpoints (`vhostvpn vm` / `vhostvpn host` in each member's) ->
+  QEMU per guest (run-vm.sh, console on a unix socket) -> waiting for every member's
+  addresses (boot.py) and running each guest's `command`.
+Everything is recorded in state.json as soon as it exists, so that a failure at any step (or
+a later `lab down`) removes exactly what was made.  The processes are `vhostvpn` itself,
+run as `python -m tunnel.cli` with this interpreter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from tunnel.lab import LabError, assets, netns, say
+from tunnel.lab.boot import wait_booted, wait_hosts, wait_ipv6
+from tunnel.lab.console import UnixConsole
+from tunnel.lab.down import down_state
+from tunnel.lab.image import image_ready, tool_env
+from tunnel.lab.processes import spawn, wait_paths
+from tunnel.lab.schema import GuestSpec, HostSpec, HubSpec, LabSpec, guest_mac
+from tunnel.lab.state import Member, State, format_lab
+
+RUN_VM = Path(os.environ.get("VV_RUN_VM", assets.run_vm()))
+HUB_PORT = 7777
+VHOSTVPN = [sys.executable, "-m", "tunnel.cli"]
+
+
+def hub_flags(hub: HubSpec, directory: Path, log_level: str,
+              reservations: dict[str, ipaddress.IPv4Address] | None = None) -> list[str]:
+    """The flags of the lab's `vhostvpn hub`, its files in the state directory `directory`;
+    `reservations` (MAC -> address) are the guests' fixed addresses."""
+    flags = ["--listen", f"0.0.0.0:{HUB_PORT}", "--identity", str(directory / "keys" / "hub"),
+             "--peers", str(directory / "peers"), "--subnet", str(hub.subnet),
+             "--gateway", str(hub.gateway), "--mtu", str(hub.mtu),
+             "--state-dir", str(directory / "hub-state"),
+             "--control", str(directory / "hub.control"),
+             "--log-level", hub.log_level or log_level]
+    if hub.ipv6_prefix is not None:
+        flags += ["--ipv6-prefix", str(hub.ipv6_prefix)]
+    if not hub.dhcp:
+        flags.append("--no-dhcp")
+    for server in hub.dns:
+        flags += ["--dns", str(server)]
+    if hub.dhcp_range is not None:
+        flags += ["--dhcp-range", f"{hub.dhcp_range[0]}-{hub.dhcp_range[1]}"]
+    if hub.lease_time is not None:
+        flags += ["--lease-time", str(hub.lease_time)]
+    if hub.domain is not None:
+        flags += ["--domain", hub.domain]
+    for mac, address in (reservations or {}).items():
+        flags += ["--dhcp-reserve", f"{mac}={address}"]
+    if hub.pcap is not None:
+        flags += ["--pcap", str(hub.pcap)]
+    if not hub.port_policy:
+        flags.append("--no-port-policy")
+    return flags
+
+
+def guest_flags(hub: HubSpec, socket: str) -> list[str]:
+    """The flags of a guest's `vhostvpn vm`: one vhost-user socket, policed unless the hub's
+    port_policy is false."""
+    return ["--socket", socket, "--queues", "1",
+            *([] if hub.port_policy else ["--no-port-policy"])]
+
+
+def host_flags(hub: HubSpec, host: HostSpec) -> list[str]:
+    """The device flags of a host's `vhostvpn host`: its device vv0 takes the hub's MTU."""
+    flags = [f"--{host.mode}", "vv0", "--mtu", str(hub.mtu)]
+    if host.dhcp:
+        flags.append("--dhcp")
+    for address in host.addresses:
+        flags += ["--address", address]
+    return flags
+
+
+def up(spec: LabSpec, log_level: str = "info") -> State:
+    """Start the lab in the background; return once every member has its addresses (IPv4,
+    and IPv6 with an ipv6_prefix)."""
+    directory = spec.state_dir
+    if (directory / "state.json").exists():
+        raise LabError(f"lab {spec.path} is already up (state in {directory}); "
+                       f"run `vhostvpn lab down {spec.path}` first")
+    if spec.guests:
+        image_ready()
+    shutil.rmtree(directory, ignore_errors=True)
+    (directory / "logs").mkdir(parents=True)
+    directory.chmod(0o700)
+    state = State(lab=str(spec.path.resolve()), tag=spec.tag, dir=str(directory),
+                  hub_netns=f"vvlab-{spec.tag}-hub",
+                  hub_control=str(directory / "hub.control"))
+    state.save()
+    try:
+        _up(spec, state, directory, log_level)
+    except BaseException:
+        kept = Path(f"/tmp/vhostvpn-lab-{spec.tag}-logs")
+        shutil.rmtree(kept, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            shutil.copytree(directory / "logs", kept)
+        say(f"lab up failed; tearing down (logs kept in {kept})")
+        down_state(state)
+        raise
+    return state
+
+
+def _up(spec: LabSpec, state: State, directory: Path, log_level: str) -> None:
+    say(f"lab {spec.path.name}: state in {directory}, logs in {directory / 'logs'}")
+    hub_fp = _make_keys(spec, directory)
+    _make_namespaces(spec, state, directory)
+    _start_hub(spec, state, directory, log_level)
+    _start_endpoints(spec, state, directory, log_level, hub_fp)
+    _start_guests(spec, state)
+    state.save()
+    say("lab is up:")
+    say(format_lab(state))
+
+
+def _make_keys(spec: LabSpec, directory: Path) -> str:
+    """An identity for the hub and each member, and the hub's peers file naming the members'
+    keys; returns the hub's fingerprint."""
+    from tunnel.keys import keygen
+
+    hub_fp = keygen(directory / "keys" / "hub")
+    peers = [f"{m.name} {keygen(directory / 'keys' / m.name)}" for m in spec.members]
+    (directory / "peers").write_text("\n".join(peers) + "\n")
+    (directory / "peers").chmod(0o600)
+    return hub_fp
+
+
+def _make_namespaces(spec: LabSpec, state: State, directory: Path) -> None:
+    """The hub's namespace, and per member a namespace joined to it by a veth pair; each
+    recorded before it is made."""
+    state.namespaces.append(state.hub_netns)
+    state.save()
+    netns.add(state.hub_netns)
+    for index, spec_member in enumerate(spec.members, start=1):
+        kind = "guest" if isinstance(spec_member, GuestSpec) else spec_member.mode
+        member = Member(name=spec_member.name, kind=kind,
+                        netns=f"vvlab-{spec.tag}-{spec_member.name}",
+                        veth=f"vh{spec.tag}{index:02d}",
+                        link=f"{netns.hub_side(index)}:{HUB_PORT}",
+                        control=str(directory / f"{spec_member.name}.control"),
+                        log=str(directory / "logs" / f"{spec_member.name}.log"))
+        if kind == "guest":
+            member.socket = str(directory / f"{spec_member.name}.sock")
+            member.console = str(directory / f"{spec_member.name}.console")
+        state.members.append(member)
+        state.namespaces.append(member.netns)
+        state.save()
+        netns.add(member.netns)
+        netns.join(state.hub_netns, member.veth, member.netns, f"vm{spec.tag}{index:02d}",
+                   index)
+    say(f"namespaces: {state.hub_netns} and {len(state.members)} member namespaces")
+
+
+def _start_hub(spec: LabSpec, state: State, directory: Path, log_level: str) -> None:
+    logs = directory / "logs"
+    hub_argv = ["ip", "netns", "exec", state.hub_netns, *VHOSTVPN, "hub",
+                *hub_flags(spec.hub, directory, log_level, spec.reservations)]
+    state.hub = spawn(hub_argv, logs / "hub.log")
+    state.save()
+    try:
+        wait_paths(state.hub, [state.hub_control], str(logs / "hub.log"))
+    except LabError as exc:
+        raise LabError(f"hub: {exc}") from None
+    hub = spec.hub
+    say(f"hub: pid {state.hub.pid}, {hub.subnet}"
+        + (f", {hub.ipv6_prefix}" if hub.ipv6_prefix else "") + f", gateway {hub.gateway}"
+        + ("" if hub.dhcp else ", no DHCP") + (f", mtu {hub.mtu}" if hub.mtu != 1500 else "")
+        + (f", pcap in {hub.pcap}" if hub.pcap else ""))
+
+
+def _start_endpoints(spec: LabSpec, state: State, directory: Path, log_level: str,
+                     hub_fp: str) -> None:
+    """Each member's `vhostvpn vm` or `vhostvpn host` in its namespace; returns once each
+    listens on its control socket (and a guest's on its vhost-user socket)."""
+    specs = {m.name: m for m in spec.members}
+    for member in state.members:
+        s = specs[member.name]
+        argv = ["ip", "netns", "exec", member.netns, *VHOSTVPN,
+                "vm" if member.kind == "guest" else "host",
+                "--hub", member.link, "--identity", str(directory / "keys" / member.name),
+                "--hub-fingerprint", hub_fp, "--name", member.name,
+                "--control", member.control, "--log-level", log_level]
+        if member.kind == "guest":
+            argv += guest_flags(spec.hub, member.socket)
+        else:
+            assert isinstance(s, HostSpec)
+            argv += host_flags(spec.hub, s)
+        member.processes["endpoint"] = spawn(argv, Path(member.log))
+        state.save()
+    for member in state.members:
+        paths = [member.control, *([member.socket] if member.socket else [])]
+        try:
+            wait_paths(member.processes["endpoint"], paths, member.log)
+        except LabError as exc:
+            raise LabError(f"{member.name}: endpoint {exc}") from None
+        say(f"{member.name}: endpoint pid {member.processes['endpoint'].pid} in {member.netns}")
+
+
+def _start_guests(spec: LabSpec, state: State) -> None:
+    """QEMU for each guest, then every member's addresses (boot.py) and each guest's
+    `command` run on its console."""
+    specs = {m.name: m for m in spec.members}
+    consoles: dict[str, UnixConsole] = {}
+    try:
+        for member in state.members:
+            if member.kind != "guest":
+                continue
+            s = specs[member.name]
+            assert isinstance(s, GuestSpec)
+            argv = [str(RUN_VM), "--socket", member.socket, "--mac", guest_mac(spec.tag, s.name),
+                    "--mem", s.memory, "--smp", str(s.smp), "--name", s.name,
+                    "--append", "vv.dhcp=1", "--console", f"unix:{member.console}"]
+            if s.qemu_args:
+                argv += ["--", *s.qemu_args]
+            member.processes["qemu"] = spawn(argv, Path(member.log), tool_env())
+            state.save()
+            say(f"{member.name}: booting QEMU (pid {member.processes['qemu'].pid})")
+        for member in state.members:
+            if member.kind == "guest":
+                try:
+                    wait_paths(member.processes["qemu"], [member.console], member.log)
+                except LabError as exc:
+                    raise LabError(f"{member.name}: QEMU {exc}") from None
+                consoles[member.name] = UnixConsole(
+                    member.console, log=Path(member.log).with_suffix(".console.log"))
+        wait_booted(state, consoles,
+                    {g.name: g.address for g in spec.guests if g.address is not None})
+        for member in state.members:
+            command = getattr(specs[member.name], "command", None)
+            if member.kind == "guest" and command:
+                rc, out = consoles[member.name].run(command, timeout=60)
+                say(f"{member.name}$ {command}  -> rc={rc}" + (f"\n{out}" if out else ""))
+                if rc != 0:
+                    raise LabError(f"{member.name}: command {command!r} exited with rc={rc}")
+        wait_hosts(state)
+        if spec.hub.ipv6_prefix is not None:
+            wait_ipv6(state, spec, spec.hub.ipv6_prefix, consoles)
+    finally:
+        for console in consoles.values():
+            console.close()
