@@ -115,6 +115,16 @@ _WRONG_OP = {BOOTREQUEST: "not_request", BOOTREPLY: "not_reply"}
 _OP_NAMES = {BOOTREQUEST: "BOOTREQUEST (1)", BOOTREPLY: "BOOTREPLY (2)"}
 
 
+def _int_field(offset: int, size: int) -> property:
+    """A big-endian number of the fixed header, as a property of `DhcpMessage`."""
+    return property(lambda message: int.from_bytes(message.raw[offset:offset + size], "big"))
+
+
+def _address_field(offset: int) -> property:
+    """An IPv4 address of the fixed header, as a property of `DhcpMessage`."""
+    return property(lambda message: IPv4Address(message.raw[offset:offset + 4]))
+
+
 class DhcpMessage:
     """A checked view over a DHCP message (a UDP payload) travelling in direction `op`."""
 
@@ -143,33 +153,13 @@ class DhcpMessage:
 
     # -- the fixed header --
 
-    @property
-    def xid(self) -> int:
-        return int.from_bytes(self.raw[XID_OFFSET:XID_OFFSET + 4], "big")
-
-    @property
-    def secs(self) -> int:
-        return int.from_bytes(self.raw[SECS_OFFSET:SECS_OFFSET + 2], "big")
-
-    @property
-    def flags(self) -> int:
-        return int.from_bytes(self.raw[FLAGS_OFFSET:FLAGS_OFFSET + 2], "big")
-
-    @property
-    def ciaddr(self) -> IPv4Address:
-        return IPv4Address(self.raw[CIADDR_OFFSET:CIADDR_OFFSET + 4])
-
-    @property
-    def yiaddr(self) -> IPv4Address:
-        return IPv4Address(self.raw[YIADDR_OFFSET:YIADDR_OFFSET + 4])
-
-    @property
-    def siaddr(self) -> IPv4Address:
-        return IPv4Address(self.raw[SIADDR_OFFSET:SIADDR_OFFSET + 4])
-
-    @property
-    def giaddr(self) -> IPv4Address:
-        return IPv4Address(self.raw[GIADDR_OFFSET:GIADDR_OFFSET + 4])
+    xid = _int_field(XID_OFFSET, 4)
+    secs = _int_field(SECS_OFFSET, 2)
+    flags = _int_field(FLAGS_OFFSET, 2)
+    ciaddr = _address_field(CIADDR_OFFSET)
+    yiaddr = _address_field(YIADDR_OFFSET)
+    siaddr = _address_field(SIADDR_OFFSET)
+    giaddr = _address_field(GIADDR_OFFSET)
 
     @property
     def chaddr(self) -> bytes:
