@@ -8,7 +8,7 @@ dropped and counted):
   NDP       neighbour solicitations for its IPv6 addresses (link-local and prefix::1)
   ICMPv6    echo requests to those addresses
   RS        router solicitations -> a router advertisement (netstack.gateway.ra)
-  DHCPv4    requests to UDP port 67 -> the DHCP server (netstack.dhcp)
+  DHCPv4    requests to UDP port 67 -> the DHCP server (netstack.gateway.dhcp_server)
 Every header is read through the netstack.wire views, every reply built with its builders.
 ICMPv6 is answered behind a sane extension-header chain with a right checksum, never in a
 fragment (IPv4 or IPv6: `fragment`).  ARP requests, neighbour and router solicitations are
@@ -62,7 +62,7 @@ _ND_DROPS = {"nd_hop_limit": "nd_hop_limit", "icmpv6_checksum": "bad_checksum"}
 
 
 class DhcpService:
-    """What the gateway needs of a DHCP server (netstack.dhcp.DhcpServer)."""
+    """What the gateway needs of a DHCP server (netstack.gateway.dhcp_server.DhcpServer)."""
 
     counters: Counter[str]
 
