@@ -1,10 +1,16 @@
 """Packet capture of one switch port, for Wireshark/tshark: to a rotating set of pcapng files
-(`PcapWriter`, `vhostvpn hub --pcap`) or to a bounded queue a live reader drains
-(`PcapStream`, `vhostvpn capture`, tunnel/capture.py).  A port's `capture` is one of them, or
-a `CaptureTee` of several; `add_capture`/`remove_capture` manage that.  Both encode with
-`pack_packets`.  The file writer does plain blocking file I/O and nothing else; it never
-raises I/O errors to its caller: the first one is logged and the writer turns itself off
-(capture is diagnostic).  The stream never blocks: what does not fit its queue is dropped.
+(`vhostvpn hub --pcap`) or to a live reader (`vhostvpn capture`).  Two halves, so the data
+path never waits for a disk or a reader:
+
+* the core, `CaptureBuffer` (and `PcapStream`, a buffer that starts with the file header): a
+  port's `capture` (one of them, or a `CaptureTee` of several; `add_capture` and
+  `remove_capture` manage that).  The switch hands it each batch the port sends or receives;
+  it encodes the frames as pcapng blocks into a bounded queue and drops (counts) what does not
+  fit.  No I/O, never blocks.
+* the file writer, `PcapWriter`: writes what a buffer queued to files, rotating them; plain
+  blocking file I/O, run by its shell in a worker thread (tunnel/capture.py `FileCaptures`;
+  the live reader's shell is tunnel/capture.py `serve_capture`).  It never raises I/O errors:
+  the first one is logged and the writer turns itself off (capture is diagnostic).
 
 Why pcapng and not classic pcap: classic pcap has no direction field, so one file per port
 could not tell what the port sent from what it received.  pcapng records it per frame in the
@@ -12,17 +18,17 @@ Enhanced Packet Block's `epb_flags` (tshark: `frame.packet_flags_direction`, 1 =
 2 = outbound), names the port in the interface block (`frame.interface_name`), and is read by
 Wireshark, tshark, tcpdump and libpcap >= 1.1.
 
-The path of one batch through `PcapWriter.write`:
+The path of one batch through `CaptureBuffer.write`, on the event loop:
 1. one clock reading for the batch (all its frames share a timestamp);
 2. one Enhanced Packet Block per frame (`pack_packets`), each frame cut to `snaplen` (its true
-   length stays in `orig_len`), all joined into one buffer (b"".join of packed heads, frames
-   and tails: 2.5x faster than struct.pack_into into a preallocated bytearray, measured: 0.24
-   vs 0.61 us/frame);
-3. one write of that buffer; when the next block would take the file past `max_file_bytes`,
-   what is packed so far is written, the files rotate (`name.pcapng` -> `name.pcapng.1` -> ...,
-   the oldest deleted) and packing continues in a fresh file that starts with its own headers.
-`PcapStream.write` does 1 and 2 with the room left in its queue as the budget, and queues the
-joined buffer (a copy: frames may be views of guest memory the ring reuses).
+   length stays in `orig_len`), as many as fit the room left in the queue, joined into one
+   buffer (a copy: frames may be views of guest memory the ring reuses; b"".join of packed
+   heads, frames and tails: 2.5x faster than struct.pack_into into a preallocated bytearray,
+   measured: 0.24 vs 0.61 us/frame), queued.
+Then in the shell: `take` the queued blocks, and `PcapWriter.write_blocks` them in a worker
+thread: one write for the blocks that fit the current file; when the next block would take
+the file past `max_file_bytes`, the files rotate (`name.pcapng` -> `name.pcapng.1` -> ...,
+the oldest deleted) and writing continues in a fresh file that starts with its own headers.
 
 Format: pcapng 1.0 (draft-ietf-opsawg-pcapng), little-endian, one section, one interface
 (LINKTYPE_ETHERNET, timestamps in microseconds, the if_tsresol default).
@@ -99,9 +105,13 @@ MIN_FILE_BYTES = 4096
 # File names stay well under NAME_MAX (255) with ".pcapng.NNN" appended.
 MAX_NAME_CHARS = 200
 FILE_SUFFIX = ".pcapng"
-# A live capture's queue: what its reader has not taken yet, at most this many bytes; the
-# frames that do not fit are dropped (counted), never waited for.
+# What a capture buffer holds until its shell takes it, at most: the frames that do not fit
+# are dropped (counted), never waited for.  A live capture's reader is a socket; a file
+# capture's writer is a worker thread that writes this much in milliseconds, so its bound
+# only matters when the disk stalls (a few full batches of 1514-byte frames, or 128 TSO
+# frames of 64 KiB).
 STREAM_PENDING_BYTES = 4 << 20
+FILE_PENDING_BYTES = 8 << 20
 
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 
@@ -146,24 +156,21 @@ def file_header(port_name: str, snaplen: int) -> bytes:
     return shb + idb
 
 
-def pack_packets(frames: Sequence[bytes | memoryview], start: int, flags: int, micros: int,
-                 snaplen: int, budget: int, parts: list[bytes | memoryview],
-                 *, first_always: bool = False) -> tuple[int, int]:
-    """Append the Enhanced Packet Blocks of frames[start:] (all stamped `micros`, cut to
-    `snaplen`, direction `flags`) to `parts`, stopping before the block that would take their
-    total past `budget` bytes (`first_always`: the first is packed whatever its size).
-    Returns (index of the first frame not packed, bytes packed)."""
+def pack_packets(frames: Sequence[bytes | memoryview], flags: int, micros: int, snaplen: int,
+                 budget: int, parts: list[bytes | memoryview]) -> tuple[int, int]:
+    """Append the Enhanced Packet Blocks of `frames` (all stamped `micros`, cut to `snaplen`,
+    direction `flags`) to `parts`, stopping before the block that would take their total
+    past `budget` bytes.  Returns (index of the first frame not packed, bytes packed)."""
     ts_high, ts_low = micros >> 32, micros & 0xFFFFFFFF
     pack_head, pack_tail = _EPB_HEAD.pack, _EPB_TAIL.pack
     append = parts.append
     packed = 0
-    for index in range(start, len(frames)):
-        frame = frames[index]
+    for index, frame in enumerate(frames):
         orig_len = len(frame)
         captured = orig_len if orig_len <= snaplen else snaplen
         padding = -captured & 3
         block_len = EPB_OVERHEAD + captured + padding
-        if packed + block_len > budget and not (first_always and index == start):
+        if packed + block_len > budget:
             return index, packed
         append(pack_head(BLOCK_EPB, block_len, 0, ts_high, ts_low, captured, orig_len))
         append(frame if captured == orig_len else frame[:captured])
@@ -183,15 +190,102 @@ class CaptureSink(Protocol):
     def close(self) -> None: ...
 
 
+class CaptureBuffer:
+    """The capture of one port as the data path sees it: what the port's `capture` is (alone or
+    in a `CaptureTee`).  `write` packs each batch into whole pcapng blocks and queues them, at
+    most `max_pending` bytes (headers included): what does not fit is dropped and counted in
+    `frames_dropped`, never waited for; `frames_queued` counts the others.  No I/O: the shell
+    that owns the buffer `take`s the blocks and writes them where they go (a file:
+    `PcapWriter`, in a worker thread; a live reader: tunnel/capture.py).  `on_ready` is called
+    (once, then cleared) when there is something to take or the buffer was closed.
+    Invalid arguments (a bad direction, snaplen out of range) are the caller's bug and raise.
+    """
+
+    def __init__(self, name: str, *, snaplen: int = DEFAULT_SNAPLEN,
+                 max_pending: int = FILE_PENDING_BYTES,
+                 clock: Callable[[], float] = time.time) -> None:
+        if not 1 <= snaplen <= MAX_SNAPLEN:
+            raise ValueError(f"snaplen must be 1..{MAX_SNAPLEN} (Wireshark's limit), got {snaplen}")
+        self.header = file_header(name, snaplen)
+        if max_pending < len(self.header) + EPB_OVERHEAD + snaplen:
+            raise ValueError(f"max_pending {max_pending} cannot hold the header and one block")
+        self.name = name
+        self.snaplen = snaplen
+        self.max_pending = max_pending
+        self.clock = clock
+        self._pending: deque[bytes] = deque()
+        self.pending_bytes = 0
+        self.frames_queued = 0
+        self.frames_dropped = 0
+        self.closed = False
+        self.on_ready: Callable[[], None] | None = None
+
+    def write(self, frames: Iterable[bytes | memoryview], direction: str) -> None:
+        """Queue one batch that went `direction` ("in" or "out") through the port, as much
+        of it as fits (in order)."""
+        flags = DIRECTION_FLAGS.get(direction)
+        if flags is None:
+            raise ValueError(f"direction must be 'in' or 'out', got {direction!r}")
+        frames = frames if isinstance(frames, list | tuple) else list(frames)
+        if self.closed:
+            self.frames_dropped += len(frames)
+            return
+        if not frames:
+            return
+        parts: list[bytes | memoryview] = []
+        end, packed = pack_packets(frames, flags, round(self.clock() * 1_000_000),
+                                   self.snaplen, self.max_pending - self.pending_bytes, parts)
+        self.frames_queued += end
+        self.frames_dropped += len(frames) - end
+        if packed:
+            self._pending.append(b"".join(parts))
+            self.pending_bytes += packed
+            self._ready()
+
+    def take(self) -> bytes:
+        """Everything queued (b"" when nothing is), in order; the queue is then empty."""
+        if not self._pending:
+            return b""
+        data = b"".join(self._pending)
+        self._pending.clear()
+        self.pending_bytes = 0
+        return data
+
+    def close(self) -> None:
+        """Later writes are dropped; what is queued can still be taken."""
+        self.closed = True
+        self._ready()
+
+    def _ready(self) -> None:
+        callback, self.on_ready = self.on_ready, None
+        if callback is not None:
+            callback()
+
+
+class PcapStream(CaptureBuffer):
+    """A live capture of one port (a `vhostvpn capture` client): a CaptureBuffer whose queue
+    starts with the file header, so what its reader takes, in order, is one pcapng stream."""
+
+    def __init__(self, name: str, *, snaplen: int = DEFAULT_SNAPLEN,
+                 max_pending: int = STREAM_PENDING_BYTES,
+                 clock: Callable[[], float] = time.time) -> None:
+        super().__init__(name, snaplen=snaplen, max_pending=max_pending, clock=clock)
+        self._pending.append(self.header)
+        self.pending_bytes = len(self.header)
+
+
 class PcapWriter:
-    """Records the frames one port sends and receives in `directory/<safe name>.pcapng`,
-    rotating at `max_file_bytes` and keeping at most `max_files` files.
+    """Writes the blocks a port's `CaptureBuffer` queued to `directory/<safe name>.pcapng`,
+    rotating at `max_file_bytes` and keeping at most `max_files` files.  Blocking file I/O
+    and nothing else: its shell (tunnel/capture.py `FileCaptures`) calls `write_blocks` and
+    `close` in a worker thread, one call at a time, never on the event loop.  The directory
+    and the first file are made by the first `write_blocks` (or `open`), not by the
+    constructor.
 
     Counters: `bytes_written` (every byte that reached a file, headers included),
     `frames_written`, `files_rotated`, `frames_dropped` (frames not recorded because the
     writer is off or closed).  After an I/O error `error` holds its description and `enabled`
     is False.
-    Invalid arguments (a bad direction, snaplen out of range) are the caller's bug and raise.
     """
 
     def __init__(
@@ -202,7 +296,6 @@ class PcapWriter:
         snaplen: int = DEFAULT_SNAPLEN,
         max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
         max_files: int = DEFAULT_MAX_FILES,
-        clock: Callable[[], float] = time.time,
     ) -> None:
         if not 1 <= snaplen <= MAX_SNAPLEN:
             raise ValueError(f"snaplen must be 1..{MAX_SNAPLEN} (Wireshark's limit), got {snaplen}")
@@ -216,61 +309,63 @@ class PcapWriter:
         self.snaplen = snaplen
         self.max_file_bytes = max_file_bytes
         self.max_files = max_files
-        self.clock = clock
         self._header = file_header(name, snaplen)
         self._file: io.FileIO | None = None
         self._file_bytes = 0  # bytes in the current file, header included
+        self.opened = False
+        self.closed = False
         self.bytes_written = 0
         self.frames_written = 0
         self.files_rotated = 0
         self.frames_dropped = 0
         self.error: str | None = None
-        try:
-            self.directory.mkdir(mode=CAPTURE_DIR_MODE, parents=True, exist_ok=True)
-            self._start_file()  # a capture left by an earlier run becomes <name>.pcapng.1
-        except OSError as exc:
-            self._fail("open", exc)
 
     @property
     def enabled(self) -> bool:
         """False once closed or after an I/O error."""
-        return self._file is not None
+        return self.error is None and not self.closed
 
-    def write(self, frames: Iterable[bytes | memoryview], direction: str) -> None:
-        """Record one batch of frames that went `direction` ("in" or "out") through the port."""
-        flags = DIRECTION_FLAGS.get(direction)
-        if flags is None:
-            raise ValueError(f"direction must be 'in' or 'out', got {direction!r}")
-        if self._file is None:
-            self.frames_dropped += sum(1 for _ in frames)
+    def open(self) -> None:
+        """Make the directory and start the first file (a capture left by an earlier run
+        becomes <name>.pcapng.1).  Once; an I/O error turns the writer off."""
+        if self.opened:
             return
-        frames = frames if isinstance(frames, list | tuple) else list(frames)
-        micros = round(self.clock() * 1_000_000)
-        header_len = len(self._header)
-        parts: list[bytes | memoryview] = []  # packed, not yet written
-        done = 0  # frames[:done] are written
+        self.opened = True
         try:
-            while True:
-                # A fresh file takes its first block whatever its size.
-                end, packed = pack_packets(frames, done, flags, micros, self.snaplen,
-                                           self.max_file_bytes - self._file_bytes, parts,
-                                           first_always=self._file_bytes <= header_len)
-                if packed:
-                    self._write_out(b"".join(parts))
-                    parts.clear()
-                self.frames_written += end - done
-                done = end
-                if done == len(frames):
-                    break
-                # This file is full: go on in a fresh one.
-                self.files_rotated += 1
-                self._start_file()
+            self.directory.mkdir(mode=CAPTURE_DIR_MODE, parents=True, exist_ok=True)
+            self._start_file()
         except OSError as exc:
-            self.frames_dropped += len(frames) - done
+            self._fail("open", exc)
+
+    def write_blocks(self, data: bytes) -> None:
+        """Write `data`, whole pcapng blocks as `CaptureBuffer.take` returns them, to the
+        files: a block that would take the current file past `max_file_bytes` starts a fresh
+        one (a fresh file takes its first block whatever its size)."""
+        self.open()
+        if self._file is None:
+            self.frames_dropped += _count_packets(data, 0)
+            return
+        view = memoryview(data)
+        header_len = len(self._header)
+        done = 0  # view[:done] is written
+        try:
+            while done < len(view):
+                end, packets = _whole_blocks(view, done, self.max_file_bytes - self._file_bytes,
+                                             first_always=self._file_bytes <= header_len)
+                if end > done:
+                    self._write_out(view[done:end])
+                    self.frames_written += packets
+                    done = end
+                if done < len(view):  # this file is full: go on in a fresh one
+                    self.files_rotated += 1
+                    self._start_file()
+        except OSError as exc:
+            self.frames_dropped += _count_packets(view, done)
             self._fail("write", exc)
 
     def close(self) -> None:
         """Close the current file.  Later writes are counted as dropped."""
+        self.closed = True
         file, self._file = self._file, None
         if file is not None:
             try:
@@ -307,7 +402,7 @@ class PcapWriter:
             if older.exists():
                 older.replace(newer)
 
-    def _write_out(self, data: bytes) -> None:
+    def _write_out(self, data: bytes | memoryview) -> None:
         """Write all of `data` to the current file: one syscall unless the kernel takes less.
         `_file_bytes` moves only when all of it is written (so `_fail` can cut a torn block)."""
         file = self._file
@@ -337,71 +432,25 @@ class PcapWriter:
             log.warning("packet capture of port %r stopped: %s", self.name, self.error)
 
 
-class PcapStream:
-    """A live capture of one port: pcapng for one reader (a `vhostvpn capture` client),
-    queued until the reader's task `take`s it.  Never blocks and never holds more than
-    `max_pending` bytes (a header, then whole blocks): frames that do not fit are dropped
-    and counted in `frames_dropped`; `frames_written` counts those queued.  `on_ready` is
-    called (once, then cleared) when there is something to take or the stream was closed.
-    """
+def _whole_blocks(view: memoryview, start: int, room: int, *,
+                  first_always: bool) -> tuple[int, int]:
+    """The end of the whole blocks from `start` that fit in `room` bytes (`first_always`:
+    the first whatever its size), and how many of them are packets.  `view` holds blocks this
+    module packed, so their lengths are trusted."""
+    end, packets = start, 0
+    unpack = _BLOCK_HEAD.unpack_from
+    while end < len(view):
+        block_type, block_len = unpack(view, end)
+        if end - start + block_len > room and not (first_always and end == start):
+            break
+        packets += block_type == BLOCK_EPB
+        end += block_len
+    return end, packets
 
-    def __init__(self, name: str, *, snaplen: int = DEFAULT_SNAPLEN,
-                 max_pending: int = STREAM_PENDING_BYTES,
-                 clock: Callable[[], float] = time.time) -> None:
-        if not 1 <= snaplen <= MAX_SNAPLEN:
-            raise ValueError(f"snaplen must be 1..{MAX_SNAPLEN} (Wireshark's limit), got {snaplen}")
-        header = file_header(name, snaplen)
-        if max_pending < len(header) + EPB_OVERHEAD + snaplen:
-            raise ValueError(f"max_pending {max_pending} cannot hold the header and one block")
-        self.name = name
-        self.snaplen = snaplen
-        self.max_pending = max_pending
-        self.clock = clock
-        self._pending: deque[bytes] = deque([header])
-        self.pending_bytes = len(header)
-        self.frames_written = 0
-        self.frames_dropped = 0
-        self.closed = False
-        self.on_ready: Callable[[], None] | None = None
 
-    def write(self, frames: Iterable[bytes | memoryview], direction: str) -> None:
-        """Queue one batch that went `direction` ("in" or "out") through the port, as much
-        of it as fits (in order)."""
-        flags = DIRECTION_FLAGS.get(direction)
-        if flags is None:
-            raise ValueError(f"direction must be 'in' or 'out', got {direction!r}")
-        frames = frames if isinstance(frames, list | tuple) else list(frames)
-        if self.closed:
-            self.frames_dropped += len(frames)
-            return
-        parts: list[bytes | memoryview] = []
-        end, packed = pack_packets(frames, 0, flags, round(self.clock() * 1_000_000),
-                                   self.snaplen, self.max_pending - self.pending_bytes, parts)
-        self.frames_written += end
-        self.frames_dropped += len(frames) - end
-        if packed:
-            self._pending.append(b"".join(parts))
-            self.pending_bytes += packed
-            self._ready()
-
-    def take(self) -> bytes:
-        """Everything queued (b"" when nothing is), in order; the queue is then empty."""
-        if not self._pending:
-            return b""
-        data = b"".join(self._pending)
-        self._pending.clear()
-        self.pending_bytes = 0
-        return data
-
-    def close(self) -> None:
-        """Later writes are dropped; what is queued can still be taken."""
-        self.closed = True
-        self._ready()
-
-    def _ready(self) -> None:
-        callback, self.on_ready = self.on_ready, None
-        if callback is not None:
-            callback()
+def _count_packets(data: bytes | memoryview, start: int) -> int:
+    """How many packet blocks `data` holds from `start` (blocks this module packed)."""
+    return _whole_blocks(memoryview(data), start, len(data), first_always=False)[1]
 
 
 class CaptureTee:

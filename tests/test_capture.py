@@ -1,16 +1,21 @@
-"""Live capture (`vhostvpn capture PORT`): the stream encoder queues whole pcapng blocks and
-drops what does not fit its bound (never blocking the switch), a port's file capture and
-live captures run side by side, the control socket refuses unknown ports and captures past
-the limit; and with real processes (slow) a hub's gateway and an endpoint's uplink are
-captured while traffic flows, and tshark reads the frames with their directions."""
+"""Capture's shells: the hub's capture files are written by a task off the event loop (the
+switch touches no file; a stalled writer loses capture frames, counted, and never stalls
+forwarding); live capture (`vhostvpn capture PORT`): the stream encoder queues whole pcapng
+blocks and drops what does not fit its bound (never blocking the switch), a port's file
+capture and live captures run side by side, the control socket refuses unknown ports and
+captures past the limit; and with real processes (slow) a hub's gateway and an endpoint's
+uplink are captured while traffic flows, and tshark reads the frames with their directions."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -22,7 +27,6 @@ from netstack.pcap import (
     EPB_OVERHEAD,
     CaptureTee,
     PcapStream,
-    PcapWriter,
     add_capture,
     file_header,
     read_pcapng,
@@ -33,12 +37,13 @@ from netstack.switch import Switch
 from tests.support.hub import endpoint_process, free_tcp_port, hub_process
 from tests.support.tunnel_client import ALICE_IP, ALICE_MAC, GATEWAY, SUBNET, connect_peer
 from tunnel import capture
-from tunnel.capture import CaptureError, stream_capture
+from tunnel.capture import CaptureError, FileCaptures, stream_capture
 from tunnel.control import serve_control
 from tunnel.hub import gateway_mac
 from tunnel.keys import keygen, parse_fingerprint
 
 PINGS = 5
+STALL_SECONDS = 10.0
 
 
 def frame(tag: int, length: int = 60) -> bytes:
@@ -56,7 +61,7 @@ def test_a_stream_is_a_pcapng_file_of_whole_blocks_with_directions(tmp_path):
     got = read_pcapng(tmp_path / "s.pcapng")
     assert [(f.data, f.direction) for f in got] == [
         (frame(1), "in"), (frame(2, 61), "in"), (frame(3, 1514), "out")]
-    assert (stream.frames_written, stream.frames_dropped) == (3, 0)
+    assert (stream.frames_queued, stream.frames_dropped) == (3, 0)
 
 
 def test_a_stream_nobody_reads_drops_what_does_not_fit_and_holds_no_more(tmp_path):
@@ -65,11 +70,11 @@ def test_a_stream_nobody_reads_drops_what_does_not_fit_and_holds_no_more(tmp_pat
     for _ in range(100):
         stream.write([frame(7, 1514)] * 4, "in")
     assert stream.pending_bytes <= stream.max_pending
-    assert (stream.frames_written, stream.frames_dropped) == (10, 390)
+    assert (stream.frames_queued, stream.frames_dropped) == (10, 390)
     (tmp_path / "s.pcapng").write_bytes(stream.take())
     assert len(read_pcapng(tmp_path / "s.pcapng")) == 10
     stream.write([frame(8)], "out")  # room again once taken
-    assert stream.frames_written == 11
+    assert stream.frames_queued == 11
     stream.close()
     stream.write([frame(9)], "out")
     assert stream.frames_dropped == 391
@@ -84,13 +89,14 @@ def test_a_stream_wakes_its_reader_once_per_wait():
     assert woken == [1] and stream.on_ready is None
 
 
-def test_file_and_live_captures_of_one_port_each_get_every_frame(tmp_path):
+async def test_file_and_live_captures_of_one_port_each_get_every_frame(tmp_path):
     switch = Switch()
     a, b = QueuedPort("a"), QueuedPort("b")
     switch.attach(a)
     switch.attach(b)
-    writer = PcapWriter(tmp_path, "a")
-    a.capture = writer
+    files = FileCaptures(tmp_path)
+    files.add(a)
+    buffer, writer = files.captures[a]
     live1, live2 = PcapStream("a"), PcapStream("a")
     add_capture(a, live1)
     add_capture(a, live2)
@@ -99,11 +105,105 @@ def test_file_and_live_captures_of_one_port_each_get_every_frame(tmp_path):
     remove_capture(a, live2)
     switch.forward(a, [Frame(frame(2))])
     remove_capture(a, live1)
-    assert a.capture is writer
+    assert a.capture is buffer
     switch.forward(a, [Frame(frame(3))])
-    writer.close()
-    assert len(read_pcapng(tmp_path / "a.pcapng")) == 3
-    assert (live1.frames_written, live2.frames_written) == (2, 1)
+    await files.close()
+    assert [f.data for f in read_pcapng(tmp_path / "a.pcapng")] == [frame(1), frame(2), frame(3)]
+    assert (writer.frames_written, live1.frames_queued, live2.frames_queued) == (3, 2, 1)
+    assert a.capture is None
+
+
+# --- capture files: the hub's shell --------------------------------------------------------
+
+def broadcast(tag: int, length: int = 60) -> bytes:
+    return b"\xff" * 6 + frame(tag, length)[6:]
+
+
+def _drain(port: QueuedPort) -> list[Frame]:
+    """What the switch delivered to `port` since the last call (its shell's part)."""
+    frames = list(port.queue)
+    port.queue.clear()
+    return frames
+
+
+async def test_the_switch_touches_no_file_until_the_capture_task_writes(tmp_path):
+    directory = tmp_path / "pcap"  # not made yet: the writer makes it
+    switch = Switch()
+    a, b = QueuedPort("a"), QueuedPort("b")
+    switch.attach(a)
+    switch.attach(b)
+    files = FileCaptures(directory)
+    files.add(a)
+    frames = [broadcast(tag) for tag in range(1, 6)]
+    for data in frames:
+        switch.forward(a, [Frame(data)])
+    assert [bytes(f.data) for f in _drain(b)] == frames  # forwarded
+    assert not directory.exists()  # and no file touched: the frames wait in the buffer
+    assert files.captures[a][0].frames_queued == 5
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(files.run)
+        with trio.fail_after(5):
+            while files.captures[a][1].frames_written < 5:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert [f.data for f in read_pcapng(directory / "a.pcapng")] == frames
+    await files.close()
+
+
+async def test_a_stalled_capture_writer_loses_capture_frames_but_never_stalls_forwarding(
+        tmp_path):
+    switch = Switch()
+    a, b = QueuedPort("a"), QueuedPort("b")
+    switch.attach(a)
+    switch.attach(b)
+    files = FileCaptures(tmp_path)
+    files.add(a)
+    buffer, writer = files.captures[a]
+    writer.open()
+    # The file is now a pipe nobody reads, its buffer full: the writer's next write blocks
+    # in its worker thread, as on a hung disk.
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(write_end, bytes(65536))
+    os.set_blocking(write_end, True)
+    writer._file.close()
+    writer._file = open(write_end, "wb", buffering=0)  # noqa: SIM115 - the writer closes it
+    batch = [Frame(broadcast(1, 1514))] * 64
+    rounds = 2 * buffer.max_pending // (64 * (EPB_OVERHEAD + 1516))  # twice what it holds
+    # The reader goes away when the test says so, or after STALL_SECONDS whatever happens:
+    # a forward that waited for the pipe would fail the test, not hang it.
+    release = threading.Event()
+    closer = threading.Thread(target=lambda: (release.wait(STALL_SECONDS), os.close(read_end)))
+    closer.start()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(files.run)
+            with trio.fail_after(10):
+                switch.forward(a, batch)
+                assert len(_drain(b)) == 64
+                while writer.frames_written == 0 and buffer.pending_bytes:  # the task took it
+                    await trio.sleep(0.01)
+                await trio.sleep(0.05)  # and is stuck in its thread's write
+                for _ in range(rounds):
+                    switch.forward(a, batch)
+                    assert len(_drain(b)) == 64  # every frame forwarded, every round
+                    await trio.lowlevel.checkpoint()
+            assert buffer.pending_bytes <= buffer.max_pending
+            assert buffer.frames_dropped > 0
+            assert buffer.frames_queued + buffer.frames_dropped == 64 * (rounds + 1)
+            assert writer.frames_written == 0
+            release.set()  # the stalled write fails (EPIPE): the writer turns itself off
+            with trio.fail_after(10):
+                while writer.enabled:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    finally:
+        release.set()
+        closer.join()
+    assert "Broken pipe" in (writer.error or "")
+    await files.close()
 
 
 # --- the control socket, in-process ------------------------------------------------------

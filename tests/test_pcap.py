@@ -1,5 +1,6 @@
-"""PcapWriter: round trip, rotation, truncation at snaplen, file names, I/O errors, and tshark
-reading what we write."""
+"""A port's capture file: what the switch hands a CaptureBuffer, written by a PcapWriter as the
+hub's shell does it (tunnel/capture.py FileCaptures, here by hand): round trip, rotation,
+truncation at snaplen, file names, I/O errors, and tshark reading what we write."""
 
 from __future__ import annotations
 
@@ -17,12 +18,27 @@ from scapy.layers.l2 import ARP, Ether
 from netstack.pcap import (
     EPB_OVERHEAD,
     MAX_SNAPLEN,
+    CaptureBuffer,
     PcapWriter,
     file_header,
     read_pcapng,
     safe_file_name,
 )
 from tests.support.clock import Clock
+
+
+class FileCapture:
+    """The two halves of a port's capture file: `buffer`, what the switch writes to, and
+    `file`, the writer the shell hands what the buffer queued (here after every batch)."""
+
+    def __init__(self, directory: Path, name: str, *, clock=None, **options) -> None:
+        self.file = PcapWriter(directory, name, **options)
+        self.buffer = CaptureBuffer(name, snaplen=self.file.snaplen,
+                                    **({} if clock is None else {"clock": clock}))
+
+    def write(self, frames, direction: str) -> None:
+        self.buffer.write(frames, direction)
+        self.file.write_blocks(self.buffer.take())
 
 
 def frame(tag: int, length: int = 60) -> bytes:
@@ -35,11 +51,11 @@ def capture_files(directory: Path) -> list[Path]:
 
 def test_round_trip_keeps_data_order_direction_and_timestamps(tmp_path: Path) -> None:
     clock = Clock(step=0.001)
-    writer = PcapWriter(tmp_path, "vm1", clock=clock)
+    writer = FileCapture(tmp_path, "vm1", clock=clock)
     writer.write([frame(1), memoryview(frame(2, 61))], "in")
     writer.write([frame(3, 1514)], "out")
     writer.write([], "out")
-    writer.close()
+    writer.file.close()
 
     got = read_pcapng(tmp_path / "vm1.pcapng")
     assert [(f.data, f.orig_len, f.direction) for f in got] == [
@@ -50,25 +66,25 @@ def test_round_trip_keeps_data_order_direction_and_timestamps(tmp_path: Path) ->
     assert got[0].timestamp == pytest.approx(1_700_000_000.001, abs=1e-6)
     assert got[0].timestamp == got[1].timestamp  # one clock reading per batch
     assert got[2].timestamp == pytest.approx(1_700_000_000.002, abs=1e-6)
-    assert writer.frames_written == 3
-    assert writer.bytes_written == (tmp_path / "vm1.pcapng").stat().st_size
-    assert writer.frames_dropped == 0
+    assert writer.file.frames_written == 3
+    assert writer.file.bytes_written == (tmp_path / "vm1.pcapng").stat().st_size
+    assert writer.file.frames_dropped == 0
 
 
 def test_a_64k_tso_frame_is_kept_whole_by_default(tmp_path: Path) -> None:
-    writer = PcapWriter(tmp_path, "vm1")
+    writer = FileCapture(tmp_path, "vm1")
     big = frame(7, 65550)
     writer.write([big], "out")
-    writer.close()
-    [got] = read_pcapng(writer.path)
+    writer.file.close()
+    [got] = read_pcapng(writer.file.path)
     assert (got.data, got.orig_len) == (big, 65550)
 
 
 def test_truncation_at_snaplen_keeps_orig_len(tmp_path: Path) -> None:
-    writer = PcapWriter(tmp_path, "vm1", snaplen=100)
+    writer = FileCapture(tmp_path, "vm1", snaplen=100)
     writer.write([frame(1, 99), frame(2, 100), frame(3, 101), frame(4, 65550)], "in")
-    writer.close()
-    got = read_pcapng(writer.path)
+    writer.file.close()
+    got = read_pcapng(writer.file.path)
     assert [(len(f.data), f.orig_len) for f in got] == [
         (99, 99),
         (100, 100),
@@ -81,11 +97,11 @@ def test_truncation_at_snaplen_keeps_orig_len(tmp_path: Path) -> None:
 def test_rotation_keeps_at_most_max_files_and_the_newest_frames(tmp_path: Path) -> None:
     record = EPB_OVERHEAD + 1000
     max_file_bytes = len(file_header("vm1", MAX_SNAPLEN)) + 5 * record  # five frames a file
-    writer = PcapWriter(tmp_path, "vm1", max_file_bytes=max_file_bytes, max_files=3)
+    writer = FileCapture(tmp_path, "vm1", max_file_bytes=max_file_bytes, max_files=3)
     for tag in range(40):
         writer.write([frame(tag, 1000)], "in" if tag % 2 else "out")
     writer.write([frame(tag, 1000) for tag in range(40, 52)], "in")  # one batch over 3 files
-    writer.close()
+    writer.file.close()
 
     names = [p.name for p in capture_files(tmp_path)]
     assert names == ["vm1.pcapng", "vm1.pcapng.1", "vm1.pcapng.2"]
@@ -94,34 +110,34 @@ def test_rotation_keeps_at_most_max_files_and_the_newest_frames(tmp_path: Path) 
     oldest_first = [tmp_path / n for n in ("vm1.pcapng.2", "vm1.pcapng.1", "vm1.pcapng")]
     tags = [f.data[0] for path in oldest_first for f in read_pcapng(path)]
     assert tags == list(range(52 - 12, 52))  # 52 frames = 10 full files + 2; the last 3 kept
-    assert writer.frames_written == 52
-    assert writer.files_rotated == 10
+    assert writer.file.frames_written == 52
+    assert writer.file.files_rotated == 10
 
 
 def test_a_frame_larger_than_a_file_still_gets_written(tmp_path: Path) -> None:
-    writer = PcapWriter(tmp_path, "vm1", max_file_bytes=4096, max_files=2)
+    writer = FileCapture(tmp_path, "vm1", max_file_bytes=4096, max_files=2)
     writer.write([frame(1, 10_000), frame(2, 10_000)], "in")
-    writer.close()
+    writer.file.close()
     assert [f.data[0] for f in read_pcapng(tmp_path / "vm1.pcapng.1")] == [1]
     assert [f.data[0] for f in read_pcapng(tmp_path / "vm1.pcapng")] == [2]
 
 
 def test_max_files_one_keeps_a_single_file(tmp_path: Path) -> None:
-    writer = PcapWriter(tmp_path, "vm1", max_file_bytes=4096, max_files=1)
+    writer = FileCapture(tmp_path, "vm1", max_file_bytes=4096, max_files=1)
     for tag in range(20):
         writer.write([frame(tag, 500)], "in")
-    writer.close()
+    writer.file.close()
     assert [p.name for p in capture_files(tmp_path)] == ["vm1.pcapng"]
-    assert read_pcapng(writer.path)[-1].data == frame(19, 500)
+    assert read_pcapng(writer.file.path)[-1].data == frame(19, 500)
 
 
 def test_a_capture_from_an_earlier_run_is_kept_as_the_first_old_file(tmp_path: Path) -> None:
-    first = PcapWriter(tmp_path, "vm1")
+    first = FileCapture(tmp_path, "vm1")
     first.write([frame(1)], "in")
-    first.close()
-    second = PcapWriter(tmp_path, "vm1")
+    first.file.close()
+    second = FileCapture(tmp_path, "vm1")
     second.write([frame(2)], "in")
-    second.close()
+    second.file.close()
     assert read_pcapng(tmp_path / "vm1.pcapng.1")[0].data == frame(1)
     assert read_pcapng(tmp_path / "vm1.pcapng")[0].data == frame(2)
 
@@ -144,9 +160,9 @@ def test_port_names_become_safe_file_names(port_name: str, stem: str) -> None:
 
 
 def test_the_file_lands_in_the_directory_under_the_safe_name(tmp_path: Path) -> None:
-    writer = PcapWriter(tmp_path / "captures", "/run/vhostvpn/peer alice.sock")
+    writer = FileCapture(tmp_path / "captures", "/run/vhostvpn/peer alice.sock")
     writer.write([frame(1)], "in")
-    writer.close()
+    writer.file.close()
     assert capture_files(tmp_path / "captures") == [
         tmp_path / "captures/_run_vhostvpn_peer_alice.sock.pcapng"
     ]
@@ -156,28 +172,30 @@ def test_a_vanished_directory_disables_the_writer_without_raising(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     directory = tmp_path / "captures"
-    writer = PcapWriter(directory, "vm1", max_file_bytes=4096, max_files=2)
+    writer = FileCapture(directory, "vm1", max_file_bytes=4096, max_files=2)
     writer.write([frame(1, 1000)], "in")
     shutil.rmtree(directory)
     with caplog.at_level(logging.WARNING, logger="netstack.pcap"):
         for tag in range(10):  # rotation must open a new file in the missing directory
             writer.write([frame(tag, 1000)], "in")
-    assert not writer.enabled
-    assert "No such file or directory" in (writer.error or "")
-    assert writer.frames_written + writer.frames_dropped == 11
-    assert writer.frames_dropped >= 7
+    assert not writer.file.enabled
+    assert "No such file or directory" in (writer.file.error or "")
+    assert writer.file.frames_written + writer.file.frames_dropped == 11
+    assert writer.file.frames_dropped >= 7
     assert len([r for r in caplog.records if "packet capture" in r.getMessage()]) == 1
-    writer.close()
+    writer.file.close()
 
 
-def test_an_unusable_directory_disables_the_writer_at_once(tmp_path: Path) -> None:
+def test_an_unusable_directory_disables_the_writer_when_it_opens(tmp_path: Path) -> None:
     not_a_directory = tmp_path / "file"
     not_a_directory.write_bytes(b"")
-    writer = PcapWriter(not_a_directory, "vm1")
-    assert not writer.enabled
+    writer = FileCapture(not_a_directory, "vm1")
+    writer.file.open()  # the shell's first step, before any frame
+    assert not writer.file.enabled
+    assert "File exists" in (writer.file.error or "")
     writer.write([frame(1), frame(2)], "out")
-    assert writer.frames_dropped == 2
-    writer.close()
+    assert writer.file.frames_dropped == 2
+    writer.file.close()
 
 
 class FullDisk:
@@ -202,27 +220,29 @@ class FullDisk:
 
 
 def test_a_full_disk_disables_the_writer_and_leaves_a_readable_file(tmp_path: Path) -> None:
-    writer = PcapWriter(tmp_path, "vm1")
+    writer = FileCapture(tmp_path, "vm1")
     writer.write([frame(1)], "in")
-    writer._file = FullDisk(writer._file, room=150)  # the next batch is cut mid-block
+    writer.file._file = FullDisk(writer.file._file, room=150)  # the next batch is cut mid-block
     writer.write([frame(2), frame(3)], "in")
     writer.write([frame(4)], "in")
-    assert not writer.enabled
-    assert "No space left" in (writer.error or "")
-    assert (writer.frames_written, writer.frames_dropped) == (1, 3)
-    assert [f.data for f in read_pcapng(writer.path)] == [frame(1)]
+    assert not writer.file.enabled
+    assert "No space left" in (writer.file.error or "")
+    assert (writer.file.frames_written, writer.file.frames_dropped) == (1, 3)
+    assert [f.data for f in read_pcapng(writer.file.path)] == [frame(1)]
 
 
 def test_a_bad_direction_is_the_callers_bug(tmp_path: Path) -> None:
-    writer = PcapWriter(tmp_path, "vm1")
+    writer = FileCapture(tmp_path, "vm1")
     with pytest.raises(ValueError, match="'in' or 'out'"):
         writer.write([frame(1)], "rx")
-    writer.close()
+    writer.file.close()
 
 
 def test_snaplen_beyond_wiresharks_limit_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="262144"):
         PcapWriter(tmp_path, "vm1", snaplen=MAX_SNAPLEN + 1)
+    with pytest.raises(ValueError, match="262144"):
+        CaptureBuffer("vm1", snaplen=MAX_SNAPLEN + 1)
 
 
 # --- a real reader -------------------------------------------------------------------------------
@@ -243,10 +263,10 @@ def test_tshark_reads_every_frame_with_its_fields_and_direction(tmp_path: Path) 
     )
     tso = Ether(src=mac_b, dst=mac_a) / IP(src="10.0.0.2", dst="10.0.0.1") / TCP() / (b"z" * 65000)
     frames = [bytes(p) for p in (arp, ping, segment, tso)]
-    writer = PcapWriter(tmp_path, "peer alice", snaplen=2048)
+    writer = FileCapture(tmp_path, "peer alice", snaplen=2048)
     writer.write(frames[:2], "in")
     writer.write(frames[2:], "out")
-    writer.close()
+    writer.file.close()
 
     fields = [
         "frame.len",
@@ -256,7 +276,7 @@ def test_tshark_reads_every_frame_with_its_fields_and_direction(tmp_path: Path) 
         "frame.packet_flags_direction",
         "frame.interface_name",
     ]
-    command = [TSHARK, "-n", "-r", str(writer.path), "-T", "fields", "-E", "separator=|"]
+    command = [TSHARK, "-n", "-r", str(writer.file.path), "-T", "fields", "-E", "separator=|"]
     for field in fields:
         command += ["-e", field]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
@@ -276,10 +296,10 @@ def test_captures_are_private_to_their_owner_whatever_the_umask(tmp_path: Path) 
     old_umask = os.umask(0)
     try:
         directory = tmp_path / "captures"
-        writer = PcapWriter(directory, "vm1", max_file_bytes=4096, max_files=3)
+        writer = FileCapture(directory, "vm1", max_file_bytes=4096, max_files=3)
         for tag in range(10):
             writer.write([frame(tag, 1000)], "in")
-        writer.close()
+        writer.file.close()
     finally:
         os.umask(old_umask)
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700

@@ -1,14 +1,22 @@
-"""Live capture over the control socket: `vhostvpn capture PORT` streams pcapng of one port of
-a running hub or endpoint to stdout (`vhostvpn capture vm1 | wireshark -k -i -`).
+"""The shells of packet capture (netstack/pcap.py is the core): the hub's capture files
+(`FileCaptures`, `vhostvpn hub --pcap DIR`) and live capture over the control socket
+(`vhostvpn capture PORT` streams pcapng of one port of a running hub or endpoint to stdout:
+`vhostvpn capture vm1 | wireshark -k -i -`).
 
-Protocol (after tunnel/control.py has read the request line "capture SNAPLEN PORT"): the
-server answers one JSON line, {"ok": true, "port": NAME, "snaplen": N} or {"ok": false,
-"error": ...}, then, when ok, a pcapng stream (a section header, one interface: the port)
-until the client closes, sends anything more, or the port leaves the switch.
+Files: the data path only appends each batch to the port's `netstack.pcap.CaptureBuffer`
+(bounded: what does not fit is dropped and counted); one task takes what the buffers queued
+and writes it with `PcapWriter` in a worker thread, so a slow or stalled disk stalls only
+that task: the buffers fill, capture frames are dropped, forwarding goes on.  A shutdown
+abandons a write that is stalled (its thread finishes on its own, or with the process) and
+then writes what is queued, for at most CLOSE_SECONDS.
 
-Containment: the data path only hands each batch to a `netstack.pcap.PcapStream`, which
-copies what fits its bounded queue and drops (counts) the rest; a client that does not read
-stalls only its own sender task here, never the switch.  At most MAX_CAPTURES run at once.
+Live, after tunnel/control.py has read the request line "capture SNAPLEN PORT": the server
+answers one JSON line, {"ok": true, "port": NAME, "snaplen": N} or {"ok": false, "error":
+...}, then, when ok, a pcapng stream (a section header, one interface: the port) until the
+client closes, sends anything more, or the port leaves the switch.  The data path only hands
+each batch to a `netstack.pcap.PcapStream`, which copies what fits its bounded queue and
+drops (counts) the rest; a client that does not read stalls only its own sender task here,
+never the switch.  At most MAX_CAPTURES run at once.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import BinaryIO
 
 import trio
@@ -28,7 +37,9 @@ from netstack.pcap import (
     DEFAULT_SNAPLEN,
     EPB_OVERHEAD,
     MAX_SNAPLEN,
+    CaptureBuffer,
     PcapStream,
+    PcapWriter,
     add_capture,
     remove_capture,
 )
@@ -37,6 +48,8 @@ from netstack.port import Port
 log = logging.getLogger(__name__)
 
 MAX_CAPTURES = 4  # live captures served at once, per process
+# How long a shutdown gives the capture files to take what is queued and close.
+CLOSE_SECONDS = 5.0
 # The sender looks this often whether its port is still attached when no frames come.
 PORT_CHECK_SECONDS = 1.0
 RECEIVE_CHUNK = 65536
@@ -69,7 +82,93 @@ def find_port(ports: list[Port], name: str) -> Port:
     raise CaptureError(f"no port {name!r} (ports: {names})")
 
 
-# --- the server side: one task per client, started by tunnel/control.py ------------------
+# --- capture files: the hub's --pcap --------------------------------------------------
+
+class FileCaptures:
+    """A capture file set per port in `directory` (`add` each port; `run` writes them;
+    `close` at the end).  Each port's `capture` gets a CaptureBuffer; `run`, one Trio task,
+    takes what every buffer queued and hands it to the port's PcapWriter in a worker thread.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.captures: dict[Port, tuple[CaptureBuffer, PcapWriter]] = {}
+        self._wake: trio.Event | None = None
+        self._writing = False  # a worker thread has the writers (cleared by that thread)
+
+    def add(self, port: Port) -> None:
+        """Record what `port` sends and receives from now on (once per port; the port's live
+        captures keep going).  No I/O here: the writer task opens the file."""
+        if port in self.captures:
+            return
+        buffer = CaptureBuffer(port.name)
+        self.captures[port] = (buffer, PcapWriter(self.directory, port.name))
+        add_capture(port, buffer)
+        self._ready()
+
+    async def run(self) -> None:
+        """Write what the buffers queue, for as long as the process runs."""
+        while True:
+            work = self._take()
+            if work:
+                self._writing = True
+                await trio.to_thread.run_sync(self._write_all, work, abandon_on_cancel=True)
+                self._stop_failed()
+                continue
+            self._wake = trio.Event()
+            for buffer, _ in self.captures.values():
+                buffer.on_ready = self._ready
+            await self._wake.wait()
+
+    async def close(self) -> None:
+        """Write what is queued and close every file, within CLOSE_SECONDS (call shielded
+        from cancellation, after `run` ended)."""
+        for port, (buffer, _) in self.captures.items():
+            remove_capture(port, buffer)
+            buffer.close()
+        if self._writing:
+            log.warning("capture files left open: a write to them is stalled")
+            return
+        self._writing = True
+        work = [(writer, buffer.take()) for buffer, writer in self.captures.values()]
+        with trio.move_on_after(CLOSE_SECONDS) as deadline:
+            await trio.to_thread.run_sync(self._write_all, work, True, abandon_on_cancel=True)
+        if deadline.cancelled_caught:
+            log.warning("capture files left open: closing them took over %.0f s", CLOSE_SECONDS)
+        for port, (buffer, writer) in self.captures.items():
+            log.info("capture of port %s ended: %d frames in %s, %d dropped while the writer "
+                     "was behind, %d after an error", port.name, writer.frames_written,
+                     writer.path, buffer.frames_dropped, writer.frames_dropped)
+
+    def _ready(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def _take(self) -> list[tuple[PcapWriter, bytes]]:
+        """(writer, blocks) for every capture with blocks queued or a file not opened yet."""
+        return [(writer, data) for buffer, writer in self.captures.values()
+                if (data := buffer.take()) or not writer.opened]
+
+    def _write_all(self, work: list[tuple[PcapWriter, bytes]], close: bool = False) -> None:
+        """In a worker thread: hand each writer its blocks (a writer never raises for I/O),
+        and with `close` close it."""
+        try:
+            for writer, data in work:
+                writer.write_blocks(data)
+                if close:
+                    writer.close()
+        finally:
+            self._writing = False
+
+    def _stop_failed(self) -> None:
+        """A writer turned off by an I/O error: its buffer stops encoding (frames counted as
+        dropped there)."""
+        for buffer, writer in self.captures.values():
+            if not writer.enabled and not buffer.closed:
+                buffer.close()
+
+
+# --- live capture: one task per client, started by tunnel/control.py -----------------------
 
 async def serve_capture(stream: trio.SocketStream, arguments: str,
                         ports: Callable[[], list[Port]]) -> None:
@@ -96,7 +195,7 @@ async def serve_capture(stream: trio.SocketStream, arguments: str,
         remove_capture(port, tap)
         tap.close()
         log.info("capture of port %s ended (%s): %d frames sent, %d dropped while the "
-                 "client was not reading", port.name, ended, tap.frames_written,
+                 "client was not reading", port.name, ended, tap.frames_queued,
                  tap.frames_dropped)
 
 

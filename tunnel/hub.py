@@ -5,8 +5,8 @@ advertisements, DHCP), and one per endpoint connected through the tunnel (tunnel
 The Trio side is thin: each vhost-user socket has its server (virtio.backend), the gateway
 has a task that moves its replies into the switch and wakes it for timed work, the DHCP
 server's lease file is read once at start-up and written by a task of its own (in a worker
-thread, batched), and a housekeeping task ages the switch's tables.  The hub also answers
-`vhostvpn status`.
+thread, batched), so are the --pcap capture files (tunnel/capture.py FileCaptures), and a
+housekeeping task ages the switch's tables.  The hub also answers `vhostvpn status`.
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ from netstack.gateway.dhcp_config import DhcpConfig
 from netstack.gateway.dhcp_server import DhcpServer
 from netstack.gateway.dhcp_store import PERSIST_INTERVAL_SECONDS, read_state, write_state
 from netstack.gateway.port import GatewayConfig, GatewayPort
-from netstack.pcap import CAPTURE_DIR_MODE, PcapWriter
+from netstack.pcap import CAPTURE_DIR_MODE
 from netstack.port import Port
 from netstack.switch import Switch
+from tunnel.capture import FileCaptures
 from tunnel.control import serve_control
 from tunnel.keys import load_identity
 from tunnel.listener import TunnelListener
@@ -105,16 +106,13 @@ class Hub:
         if self.gateway is not None:
             self.switch.attach(self.gateway)
             self.switch.reserve(self.gateway, self.gateway.mac, self.gateway.addresses)
+        self.captures: FileCaptures | None = None
         if config.pcap_dir is not None:
             config.pcap_dir.mkdir(mode=CAPTURE_DIR_MODE, parents=True, exist_ok=True)
+            self.captures = FileCaptures(config.pcap_dir)
             for port in self.ports:
-                self._capture(port)
-            self.switch.on_attach = self._capture  # sessions attach when their peer arrives
-
-    def _capture(self, port: Port) -> None:
-        """Record what `port` sends and receives in the pcap directory (from now on)."""
-        if port.capture is None and self.config.pcap_dir is not None:
-            port.capture = PcapWriter(self.config.pcap_dir, port.name)
+                self.captures.add(port)
+            self.switch.on_attach = self.captures.add  # sessions attach when their peer arrives
 
     @property
     def ports(self) -> list[Port]:
@@ -189,6 +187,8 @@ class Hub:
                     nursery.start_soon(self._run_gateway, self.gateway)
                 if self.dhcp is not None:
                     nursery.start_soon(self._persist_leases, self.dhcp)
+                if self.captures is not None:
+                    nursery.start_soon(self.captures.run)
                 if self.tunnel is not None:
                     await nursery.start(self.tunnel.run)
                 nursery.start_soon(self._housekeeping)
@@ -199,9 +199,9 @@ class Hub:
             if self.dhcp is not None and self.dhcp.dirty:  # once more at shutdown
                 with trio.CancelScope(shield=True):
                     await self._write_leases(self.dhcp, send_acks=False)
-            for port in self.ports:
-                if port.capture is not None:
-                    port.capture.close()
+            if self.captures is not None:  # what is queued goes to the files
+                with trio.CancelScope(shield=True):
+                    await self.captures.close()
 
     async def _run_gateway(self, gateway: GatewayPort) -> None:
         """Move the gateway's replies into the switch; wake it when timed work is due."""
