@@ -79,9 +79,10 @@ class PortCounters:
 class Port:
     """Base class of switch ports.  Subclasses implement `deliver`.
 
-    `accepts` lists the offloads this port can take (see `Frame.required_offloads`); the switch
-    never hands a port a frame that needs more.  `policy` is what the switch enforces on frames
-    from this port (netstack.policy); None means trusted (the hub's own services).
+    `accepts` lists the offloads this port can take (see `netstack.frame.needed_offloads`);
+    the switch never hands a port a frame that needs more.  `policy` is what the switch
+    enforces on frames from this port (netstack.policy); None means trusted (the hub's own
+    services).
 
     `service` marks a port that is a host the hub runs on the segment (the gateway), not a
     way to other machines: it reads only frames to its own (reserved) MAC and group

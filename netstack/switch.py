@@ -45,7 +45,9 @@ from netstack.frame import (
     MAX_FRAME_LEN,
     PLAIN,
     Frame,
+    Offload,
     format_mac,
+    needed_offloads,
 )
 from netstack.offload import OffloadError, adapt, check_offload
 from netstack.policy import (
@@ -365,6 +367,12 @@ def _cost(offload: tuple, size: int) -> int:
     return size // offload[3] + 1  # check_offload saw a gso_size > 0
 
 
+def _cannot_take(offload: tuple, accepts: Offload) -> bool:
+    """Does a port that accepts `accepts` need this frame adapted (or can it never take it)?"""
+    need = needed_offloads(offload[0], offload[1])
+    return need is None or bool(need & ~accepts)
+
+
 def _fit(ingress: Port, egress: Port, batch: list[Frame], budget: list[int]) -> list[Frame]:
     """The batch as `egress` can take it: frames needing an offload it did not accept are
     checksummed or segmented in software (netstack.offload), each output frame taken from
@@ -382,7 +390,7 @@ def _fit(ingress: Port, egress: Port, batch: list[Frame], budget: list[int]) -> 
         if service and frame.offload[1] != GSO_NONE:
             counters.drop("offload_ignored")
             continue
-        if budget[0] <= 0 and frame.required_offloads & ~accepts:
+        if budget[0] <= 0 and _cannot_take(frame.offload, accepts):
             ingress.counters.drop("offload_budget")
             continue
         try:

@@ -31,16 +31,13 @@ from netstack.frame import (
     ETH_HEADER_LEN,
     GSO_ECN,
     GSO_NONE,
-    GSO_TCPV4,
-    GSO_TCPV6,
-    GSO_UDP,
-    GSO_UDP_L4,
     HDR_F_NEEDS_CSUM,
     PLAIN,
     VIRTIO_NET_HDR,
     VIRTIO_NET_HDR_LEN,
     Frame,
     Offload,
+    needed_offloads,
 )
 from virtio.memory import Span, read_spans
 from virtio.spec import MAX_FRAME, Feature, has
@@ -76,14 +73,6 @@ def offloads_from_features(features: int, *, guest: bool) -> Offload:
         if has(features, bit_no):
             result |= flag
     return result
-
-
-_GSO_OFFLOAD = {
-    GSO_TCPV4: Offload.TSO4,
-    GSO_TCPV6: Offload.TSO6,
-    GSO_UDP: Offload.UFO,
-    GSO_UDP_L4: Offload.USO,
-}
 
 
 class NetQueues:
@@ -177,13 +166,9 @@ class NetQueues:
             if csum_start + csum_offset + 2 > length:
                 self.drops["tx_bad_csum_offsets"] += 1
                 return False
-        gso = gso_type & ~GSO_ECN
-        if gso != GSO_NONE:
-            need = _GSO_OFFLOAD.get(gso)
-            if need is None or not self.tx_offloads & need:
-                self.drops["tx_gso_not_negotiated"] += 1
-                return False
-            if gso_type & GSO_ECN and not self.tx_offloads & Offload.ECN:
+        if (gso_type & ~GSO_ECN) != GSO_NONE:
+            need = needed_offloads(flags, gso_type)
+            if need is None or need & ~int(self.tx_offloads):
                 self.drops["tx_gso_not_negotiated"] += 1
                 return False
             if gso_size == 0:
