@@ -45,7 +45,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from netstack.port import Port
@@ -73,7 +73,6 @@ EPB_FLAGS_OUTBOUND = 2
 # "in": entered the switch from the port; "out": left the switch through the port (the same
 # sense as PortCounters.in_* / out_*).
 DIRECTION_FLAGS = {"in": EPB_FLAGS_INBOUND, "out": EPB_FLAGS_OUTBOUND}
-FLAGS_DIRECTION = {flags: name for name, flags in DIRECTION_FLAGS.items()}
 
 _BLOCK_HEAD = struct.Struct("<II")  # block type, block total length
 _BLOCK_TAIL = struct.Struct("<I")  # block total length, again
@@ -489,53 +488,3 @@ def remove_capture(port: Port, sink: CaptureSink) -> None:
         current.sinks.remove(sink)
         if len(current.sinks) == 1:
             port.capture = current.sinks[0]
-
-
-class CapturedFrame(NamedTuple):
-    """One frame read back from a capture file."""
-
-    timestamp: float
-    data: bytes
-    orig_len: int
-    direction: str  # "in", "out", or "" when the block has no direction
-
-
-def read_pcapng(path: Path) -> list[CapturedFrame]:
-    """Read back a file this module wrote (little-endian pcapng; other blocks are skipped).
-    A reader for tests and quick checks, not a general pcapng parser."""
-    blob = Path(path).read_bytes()
-    if len(blob) < 12 or _BLOCK_HEAD.unpack_from(blob)[0] != BLOCK_SHB:
-        raise ValueError(f"{path}: not a pcapng file (first block {blob[:4].hex()})")
-    if _SHB_BODY.unpack_from(blob, 8)[0] != BYTE_ORDER_MAGIC:
-        raise ValueError(f"{path}: not a little-endian pcapng file")
-    frames: list[CapturedFrame] = []
-    pos = 0
-    while pos < len(blob):
-        if len(blob) - pos < 12:
-            raise ValueError(f"{path}: {len(blob) - pos} stray bytes at offset {pos}")
-        block_type, block_len = _BLOCK_HEAD.unpack_from(blob, pos)
-        if block_len < 12 or block_len % 4 or pos + block_len > len(blob):
-            raise ValueError(f"{path}: bad block length {block_len} at offset {pos}")
-        if block_type == BLOCK_EPB:
-            _, _, _, ts_high, ts_low, captured, orig_len = _EPB_HEAD.unpack_from(blob, pos)
-            data_at = pos + _EPB_HEAD.size
-            direction = ""
-            opt = data_at + _pad4(captured)
-            while opt + 4 <= pos + block_len - 4:
-                code, length = _OPTION_HEAD.unpack_from(blob, opt)
-                if code == OPT_ENDOFOPT:
-                    break
-                if code == EPB_FLAGS and length == 4:
-                    bits = struct.unpack_from("<I", blob, opt + 4)[0] & 3
-                    direction = FLAGS_DIRECTION.get(bits, "")
-                opt += 4 + _pad4(length)
-            frames.append(
-                CapturedFrame(
-                    ((ts_high << 32) | ts_low) / 1_000_000,
-                    blob[data_at : data_at + captured],
-                    orig_len,
-                    direction,
-                )
-            )
-        pos += block_len
-    return frames

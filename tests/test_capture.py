@@ -29,12 +29,12 @@ from netstack.pcap import (
     PcapStream,
     add_capture,
     file_header,
-    read_pcapng,
     remove_capture,
 )
 from netstack.port import QueuedPort
 from netstack.switch import Switch
 from tests.support.hub import endpoint_process, free_tcp_port, hub_process
+from tests.support.pcapng import read_pcapng
 from tests.support.tunnel_client import ALICE_IP, ALICE_MAC, GATEWAY, SUBNET, connect_peer
 from tunnel import capture
 from tunnel.capture import CaptureError, FileCaptures, stream_capture

@@ -14,7 +14,7 @@ from scapy.layers.dhcp import BOOTP, DHCP
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import ARP, Ether
 
-from netstack.pcap import read_pcapng
+from tests.support.pcapng import read_pcapng
 from tests.support.virtio_driver import GuestRam, VhostUserFrontend
 from tunnel.control import query
 from tunnel.hub import Hub, HubConfig

@@ -21,10 +21,10 @@ from netstack.pcap import (
     CaptureBuffer,
     PcapWriter,
     file_header,
-    read_pcapng,
     safe_file_name,
 )
 from tests.support.clock import Clock
+from tests.support.pcapng import read_pcapng
 
 
 class FileCapture:

@@ -18,7 +18,7 @@ import pytest
 import trio
 import trio.testing
 
-from netstack.pcap import read_pcapng
+from tests.support.pcapng import read_pcapng
 from tests.support.virtio_driver import GuestRam, VhostUserFrontend
 from tunnel import listener as listener_module
 from tunnel.endpoint import BACKOFF_SECONDS, JITTER, Endpoint, EndpointConfig

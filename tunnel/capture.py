@@ -136,9 +136,10 @@ class FileCaptures:
         if deadline.cancelled_caught:
             log.warning("capture files left open: closing them took over %.0f s", CLOSE_SECONDS)
         for port, (buffer, writer) in self.captures.items():
-            log.info("capture of port %s ended: %d frames in %s, %d dropped while the writer "
-                     "was behind, %d after an error", port.name, writer.frames_written,
-                     writer.path, buffer.frames_dropped, writer.frames_dropped)
+            log.info("capture of port %s ended: %d frames, %d bytes in %s (%d rotations), "
+                     "%d frames dropped while the writer was behind, %d after an error",
+                     port.name, writer.frames_written, writer.bytes_written, writer.path,
+                     writer.files_rotated, buffer.frames_dropped, writer.frames_dropped)
 
     def _ready(self) -> None:
         if self._wake is not None:

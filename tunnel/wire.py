@@ -62,7 +62,6 @@ from netstack.frame import ALL_OFFLOADS, ETH_HEADER_LEN, MAX_FRAME_LEN, PLAIN, F
 
 # --- Limits and numbers (docs/protocol.md, "Records") ---------------------------------------
 
-PROTOCOL_VERSION = 1  # the only version this code speaks
 MIN_SUPPORTED_VERSION = 1
 MAX_SUPPORTED_VERSION = 1
 
