@@ -711,10 +711,16 @@ def test_server_context_reports_a_vanished_identity(tmp_path: Path) -> None:
         server_ssl_context(identity)
 
 
-def test_one_key_as_hub_and_endpoint_cannot_confuse_signatures() -> None:
-    """TLS 1.3 CertificateVerify input starts with 64 spaces; ours with the domain tag."""
+@pytest.mark.parametrize("name", ["", "laptop", " " * 64])
+def test_one_key_as_hub_and_endpoint_cannot_confuse_signatures(name: str) -> None:
+    """TLS 1.3 CertificateVerify input starts with 64 spaces (RFC 8446 4.4.3); what an
+    endpoint signs starts with the domain tag, whatever the challenge and the name."""
     assert not keys.CLIENT_AUTH_DOMAIN.startswith(b" ")
     assert keys.CLIENT_AUTH_DOMAIN.endswith(b"\0")
+    for challenge in (CHALLENGE, b" " * 32):
+        transcript = client_auth_transcript(challenge, b" " * 32, b" " * 32, name)
+        assert transcript.startswith(keys.CLIENT_AUTH_DOMAIN)
+        assert not transcript.startswith(b" " * 64)
 
 
 def test_p256_signatures_are_sha256_ecdsa(endpoint_identity: keys.Identity) -> None:
