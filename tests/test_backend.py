@@ -17,10 +17,10 @@ from tests.support.virtio_driver import (
     GuestRam,
     VhostUserDisconnected,
     VhostUserFrontend,
-    VhostUserRequest,
 )
 from tunnel.control import query
 from tunnel.hub import Hub, HubConfig
+from virtio.spec import Request
 
 MAC_A = bytes.fromhex("020000000001")
 MAC_B = bytes.fromhex("020000000002")
@@ -166,8 +166,8 @@ async def test_protocol_violation_closes_only_that_connection(tmp_path):
             sock.close()
             # a's own connection sends garbage: wrong payload size for SET_FEATURES
             with pytest.raises((VhostUserDisconnected, OSError, trio.BrokenResourceError)):
-                await a.request(VhostUserRequest.SET_FEATURES, b"\0\0\0", need_reply=True)
-                await a.request(VhostUserRequest.GET_FEATURES)
+                await a.request(Request.SET_FEATURES, b"\0\0\0", need_reply=True)
+                await a.request(Request.GET_FEATURES)
             await send(b, [eth(MAC_A, MAC_B, 5)])
             async with guest(tmp_path / "a.sock") as a2:
                 await send(b, [eth(BROADCAST, MAC_B, 6)])
@@ -211,12 +211,12 @@ async def test_unexpected_fds_are_closed(tmp_path):
             before = len(os.listdir(f"/proc/{os.getpid()}/fd"))
             for _ in range(20):
                 r, w = os.pipe()
-                await a.request(VhostUserRequest.SET_OWNER, b"", fds=[r, w], need_reply=True)
+                await a.request(Request.SET_OWNER, b"", fds=[r, w], need_reply=True)
                 os.close(r)
                 os.close(w)
             after = len(os.listdir(f"/proc/{os.getpid()}/fd"))
             assert after <= before + 2
-            assert struct.unpack("<Q", await a.request(VhostUserRequest.GET_QUEUE_NUM))[0] == 4
+            assert struct.unpack("<Q", await a.request(Request.GET_QUEUE_NUM))[0] == 4
 
 
 def _open_fds() -> int:
@@ -253,7 +253,7 @@ async def test_memory_table_change_while_rings_run(tmp_path):
                 table = a.ram.memory_table() + extra.memory_table()
                 payload = struct.pack("<II", len(table), 0) + b"".join(
                     struct.pack("<QQQQ", *region) for region in table)
-                await a.request(VhostUserRequest.SET_MEM_TABLE, payload,
+                await a.request(Request.SET_MEM_TABLE, payload,
                                 fds=a.ram.region_fds() + extra.region_fds(), need_reply=True)
                 frames = [eth(MAC_B, MAC_A, i) for i in range(20)]
                 await send(a, frames)

@@ -23,7 +23,6 @@ from tests.support.virtio_driver import (
     Segment,
     VhostUserDisconnected,
     VhostUserFrontend,
-    VhostUserRequest,
 )
 from virtio.backend import VhostUserServer
 from virtio.protocol import Message
@@ -249,7 +248,7 @@ async def test_unexpected_message_after_a_bad_one_only_closes_that_connection(tm
         async with connected(server) as fe:
             await fe.send_raw(b"\x05\x00\x00\x00\x01\x00\x00\x00\xff\xff\x00\x00")
             with pytest.raises((VhostUserDisconnected, ConnectionError)):  # EOF or reset
-                await fe.request(VhostUserRequest.GET_FEATURES)
+                await fe.request(Request.GET_FEATURES)
         async with connected(server) as fe:  # the server serves the next front-end
             assert await fe.get_features()
 
@@ -282,7 +281,7 @@ async def test_a_pipe_as_call_fd_closes_only_that_connection(tmp_path):
             try:
                 await fe.set_vring_call(1, w)
                 with pytest.raises((VhostUserDisconnected, ConnectionError)):  # EOF or reset
-                    await fe.request(VhostUserRequest.GET_FEATURES)
+                    await fe.request(Request.GET_FEATURES)
             finally:
                 os.close(r)
                 os.close(w)

@@ -15,10 +15,10 @@ from tests.support.virtio_driver import (
     GuestRam,
     VhostUserDisconnected,
     VhostUserFrontend,
-    VhostUserRequest,
 )
 from virtio.backend import VhostUserServer
 from virtio.memory import GuestMemory, GuestMemoryError, RegionFileError, RegionSpec
+from virtio.spec import Request
 
 MIB = 1 << 20
 UVA = 0x7F00_0000_0000
@@ -184,7 +184,7 @@ async def test_a_front_end_cannot_shrink_guest_memory_after_set_mem_table(tmp_pa
             gpa, size, uva, offset = ram.region()
             table = struct.pack("<IIQQQQ", 1, 0, gpa, size + 4096, uva, offset)
             with pytest.raises((VhostUserDisconnected, ConnectionError)):  # EOF or reset
-                await fe.request(VhostUserRequest.SET_MEM_TABLE, table, ram.region_fds(),
+                await fe.request(Request.SET_MEM_TABLE, table, ram.region_fds(),
                                  need_reply=True)
                 await fe.get_features()
             fe.close()

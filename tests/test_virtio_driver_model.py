@@ -39,7 +39,6 @@ from tests.support.virtio_driver import (
     TxLayout,
     VhostUserFrontend,
     VhostUserProtocolError,
-    VhostUserRequest,
     VirtioFeature,
     encode_message,
     pack_memory_table,
@@ -48,6 +47,7 @@ from tests.support.virtio_driver import (
     pack_vring_file,
     unpack_net_hdr,
 )
+from virtio.spec import Request
 
 RAM_SIZE = 1 << 20
 TEST_TIMEOUT_S = 5.0
@@ -574,13 +574,13 @@ def test_receive_rejects_zero_num_buffers_with_mrg(ram: GuestRam) -> None:
 
 
 def test_message_headers_are_request_flags_size_little_endian() -> None:
-    assert encode_message(VhostUserRequest.GET_FEATURES) == bytes.fromhex(
+    assert encode_message(Request.GET_FEATURES) == bytes.fromhex(
         "01000000 01000000 00000000"
     )
-    assert encode_message(VhostUserRequest.SET_OWNER) == bytes.fromhex("03000000 01000000 00000000")
+    assert encode_message(Request.SET_OWNER) == bytes.fromhex("03000000 01000000 00000000")
     mem_table = pack_memory_table([(0, 0x2000_0000, 0x7F00_0000_0000, 0)])
     assert len(mem_table) == 8 + 32
-    assert encode_message(VhostUserRequest.SET_MEM_TABLE, mem_table, need_reply=True)[:12] == (
+    assert encode_message(Request.SET_MEM_TABLE, mem_table, need_reply=True)[:12] == (
         bytes.fromhex("05000000 09000000 28000000")
     )
     assert mem_table[:8] == bytes.fromhex("01000000 00000000")
@@ -617,7 +617,7 @@ FAKE_BACKEND_FEATURES = (
     | VirtioFeature.CSUM
 )
 FAKE_BACKEND_PROTOCOL = ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG
-R = VhostUserRequest
+R = Request
 
 
 @dataclass

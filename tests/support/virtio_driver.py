@@ -1,7 +1,11 @@
 """Guest-side test model: guest RAM on a memfd, a split-virtqueue driver, a virtio-net driver
 and a real vhost-user front-end over a unix socket. Every virtqueue, backend and hostile-guest
-test drives the backend through it. Written from the virtio 1.x and vhost-user specs only; it
-must never import or mirror virtio/ (the code under test).
+test drives the backend through it. Written from the virtio 1.x and vhost-user specs; the one
+thing it takes from virtio/ (the code under test) is the names of the vhost-user message
+numbers and header flags (virtio/spec.py: a wrong number there fails against real QEMU and
+DPDK, tests/test_qemu_*.py and test_testpmd_*.py).  Everything it checks the backend
+against stays its own: the split-ring layout and flags, the index and event-idx arithmetic,
+the virtio-net header, the feature masks, the memory-table and payload layouts.
 
 Theory of operation (the path of a frame, top to bottom in this file):
 
@@ -38,6 +42,15 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Self
 
 import trio
+
+from virtio.spec import (
+    FLAG_NEED_REPLY,
+    FLAG_VERSION,
+    REPLY_FLAGS,
+    VRING_INDEX_MASK,
+    VRING_NOFD_MASK,
+    Request,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Constants named after the specs
@@ -90,16 +103,9 @@ DEFAULT_BUFFER_ALIGN = 8
 # vhost-user wire format (qemu docs/interop/vhost-user.rst "Message Specification").
 VHOST_USER_HEADER = struct.Struct("<III")  # request, flags, size
 VHOST_USER_HEADER_SIZE = VHOST_USER_HEADER.size
-VHOST_USER_VERSION = 0x1
-VHOST_USER_VERSION_MASK = 0x3
-VHOST_USER_FLAG_REPLY = 0x4
-VHOST_USER_FLAG_NEED_REPLY = 0x8
-VHOST_USER_REPLY_FLAGS = VHOST_USER_VERSION | VHOST_USER_FLAG_REPLY  # exactly 0x5
 VHOST_USER_MAX_PAYLOAD = 0x1000  # rust-vmm MAX_MSG_SIZE; replies larger than this are refused
 VHOST_USER_MAX_FDS = 32  # rust-vmm: at most 32 fds per message
 VHOST_MEMORY_BASELINE_NREGIONS = 8  # regions (and fds) in one SET_MEM_TABLE
-VHOST_USER_VRING_NOFD_MASK = 1 << 8
-VHOST_USER_VRING_IDX_MASK = 0xFF
 VHOST_VRING_F_LOG = 1
 
 U64_PAYLOAD = struct.Struct("<Q")
@@ -117,65 +123,17 @@ QEMU_EARLY_ENABLE_ROUNDS = 3  # QEMU 7.2 repeats SET_VRING_ENABLE 3-5 times befo
 EVENTFD_FLAGS = os.EFD_NONBLOCK | os.EFD_CLOEXEC
 
 
-class VhostUserRequest(enum.IntEnum):
-    """Front-end → back-end message numbers (qemu hw/virtio/vhost-user.c VhostUserRequest)."""
-
-    GET_FEATURES = 1
-    SET_FEATURES = 2
-    SET_OWNER = 3
-    RESET_OWNER = 4
-    SET_MEM_TABLE = 5
-    SET_LOG_BASE = 6
-    SET_LOG_FD = 7
-    SET_VRING_NUM = 8
-    SET_VRING_ADDR = 9
-    SET_VRING_BASE = 10
-    GET_VRING_BASE = 11
-    SET_VRING_KICK = 12
-    SET_VRING_CALL = 13
-    SET_VRING_ERR = 14
-    GET_PROTOCOL_FEATURES = 15
-    SET_PROTOCOL_FEATURES = 16
-    GET_QUEUE_NUM = 17
-    SET_VRING_ENABLE = 18
-    SEND_RARP = 19
-    NET_SET_MTU = 20
-    SET_BACKEND_REQ_FD = 21
-    IOTLB_MSG = 22
-    SET_VRING_ENDIAN = 23
-    GET_CONFIG = 24
-    SET_CONFIG = 25
-    CREATE_CRYPTO_SESSION = 26
-    CLOSE_CRYPTO_SESSION = 27
-    POSTCOPY_ADVISE = 28
-    POSTCOPY_LISTEN = 29
-    POSTCOPY_END = 30
-    GET_INFLIGHT_FD = 31
-    SET_INFLIGHT_FD = 32
-    GPU_SET_SOCKET = 33
-    RESET_DEVICE = 34
-    VRING_KICK = 35
-    GET_MAX_MEM_SLOTS = 36
-    ADD_MEM_REG = 37
-    REM_MEM_REG = 38
-    SET_STATUS = 39
-    GET_STATUS = 40
-    GET_SHARED_OBJECT = 41
-    SET_DEVICE_STATE_FD = 42
-    CHECK_DEVICE_STATE = 43
-
-
 # Requests whose reply is mandatory whatever the flags (research §0.2; postcopy/IOTLB left out).
 REQUESTS_WITH_REPLY = frozenset(
     {
-        VhostUserRequest.GET_FEATURES,
-        VhostUserRequest.GET_PROTOCOL_FEATURES,
-        VhostUserRequest.GET_VRING_BASE,
-        VhostUserRequest.GET_QUEUE_NUM,
-        VhostUserRequest.GET_CONFIG,
-        VhostUserRequest.GET_INFLIGHT_FD,
-        VhostUserRequest.GET_MAX_MEM_SLOTS,
-        VhostUserRequest.GET_STATUS,
+        Request.GET_FEATURES,
+        Request.GET_PROTOCOL_FEATURES,
+        Request.GET_VRING_BASE,
+        Request.GET_QUEUE_NUM,
+        Request.GET_CONFIG,
+        Request.GET_INFLIGHT_FD,
+        Request.GET_MAX_MEM_SLOTS,
+        Request.GET_STATUS,
     }
 )
 
@@ -1084,7 +1042,7 @@ def encode_header(request: int, flags: int, size: int) -> bytes:
 
 
 def encode_message(request: int, payload: bytes = b"", *, need_reply: bool = False) -> bytes:
-    flags = VHOST_USER_VERSION | (VHOST_USER_FLAG_NEED_REPLY if need_reply else 0)
+    flags = FLAG_VERSION | (FLAG_NEED_REPLY if need_reply else 0)
     return encode_header(request, flags, len(payload)) + payload
 
 
@@ -1106,7 +1064,7 @@ def pack_vring_addr(
 def pack_vring_file(index: int, *, nofd: bool = False) -> bytes:
     """u64: bits 0-7 the queue index, bit 8 NOFD (no fd attached: poll / no notification)."""
     return pack_u64(
-        (index & VHOST_USER_VRING_IDX_MASK) | (VHOST_USER_VRING_NOFD_MASK if nofd else 0)
+        (index & VRING_INDEX_MASK) | (VRING_NOFD_MASK if nofd else 0)
     )
 
 
@@ -1124,7 +1082,7 @@ def pack_single_region(region: tuple[int, int, int, int]) -> bytes:
 
 def request_name(request: int) -> str:
     try:
-        return VhostUserRequest(request).name
+        return Request(request).name
     except ValueError:
         return f"request {request}"
 
@@ -1305,13 +1263,13 @@ class VhostUserFrontend:
         header_flags = (
             flags
             if flags is not None
-            else VHOST_USER_VERSION | (VHOST_USER_FLAG_NEED_REPLY if need_reply else 0)
+            else FLAG_VERSION | (FLAG_NEED_REPLY if need_reply else 0)
         )
         self.sent.append(SentMessage(request, header_flags, bytes(payload), len(fds)))
         await self.send_raw(encode_header(request, header_flags, len(payload)) + payload, fds)
         if expect_reply is None:
             expect_reply = request in REQUESTS_WITH_REPLY or bool(
-                header_flags & VHOST_USER_FLAG_NEED_REPLY
+                header_flags & FLAG_NEED_REPLY
             )
         if not expect_reply:
             return None
@@ -1326,10 +1284,10 @@ class VhostUserFrontend:
                 raise VhostUserProtocolError(
                     f"reply is for {request_name(reply_request)}, expected {request_name(request)}"
                 )
-            if flags != VHOST_USER_REPLY_FLAGS:
+            if flags != REPLY_FLAGS:
                 raise VhostUserProtocolError(
                     f"reply to {request_name(request)} has flags {flags:#x}, "
-                    f"expected {VHOST_USER_REPLY_FLAGS:#x}"
+                    f"expected {REPLY_FLAGS:#x}"
                 )
             if size > VHOST_USER_MAX_PAYLOAD:
                 raise VhostUserProtocolError(
@@ -1361,7 +1319,7 @@ class VhostUserFrontend:
             remaining -= len(data)
         return b"".join(chunks)
 
-    async def _request_u64(self, request: VhostUserRequest) -> int:
+    async def _request_u64(self, request: Request) -> int:
         reply = await self.request(request)
         assert reply is not None
         if len(reply) != U64_PAYLOAD.size:
@@ -1371,7 +1329,7 @@ class VhostUserFrontend:
         return U64_PAYLOAD.unpack(reply)[0]
 
     async def _maybe_acked(
-        self, request: VhostUserRequest, payload: bytes, fds: Sequence[int] = (), *, ack: bool
+        self, request: Request, payload: bytes, fds: Sequence[int] = (), *, ack: bool
     ) -> None:
         """Send; with ``ack`` (needs REPLY_ACK) wait for the u64 ack and require 0."""
         need_reply = ack and bool(self.protocol_features & ProtocolFeature.REPLY_ACK)
@@ -1388,28 +1346,28 @@ class VhostUserFrontend:
     # -- one method per message -------------------------------------------------------------
 
     async def get_features(self) -> int:
-        self.backend_features = await self._request_u64(VhostUserRequest.GET_FEATURES)
+        self.backend_features = await self._request_u64(Request.GET_FEATURES)
         return self.backend_features
 
     async def set_features(self, features: int, *, ack: bool = False) -> None:
-        await self._maybe_acked(VhostUserRequest.SET_FEATURES, pack_u64(features), ack=ack)
+        await self._maybe_acked(Request.SET_FEATURES, pack_u64(features), ack=ack)
 
     async def get_protocol_features(self) -> int:
         self.backend_protocol_features = await self._request_u64(
-            VhostUserRequest.GET_PROTOCOL_FEATURES
+            Request.GET_PROTOCOL_FEATURES
         )
         return self.backend_protocol_features
 
     async def set_protocol_features(self, features: int) -> None:
-        await self.request(VhostUserRequest.SET_PROTOCOL_FEATURES, pack_u64(features))
+        await self.request(Request.SET_PROTOCOL_FEATURES, pack_u64(features))
         self.protocol_features = features
 
     async def get_queue_num(self) -> int:
-        self.queue_num = await self._request_u64(VhostUserRequest.GET_QUEUE_NUM)
+        self.queue_num = await self._request_u64(Request.GET_QUEUE_NUM)
         return self.queue_num
 
     async def set_owner(self) -> None:
-        await self._maybe_acked(VhostUserRequest.SET_OWNER, b"", ack=False)
+        await self._maybe_acked(Request.SET_OWNER, b"", ack=False)
 
     async def set_mem_table(self, *, ack: bool = True) -> None:
         """Every region of ``self.ram`` with its fd; NEED_REPLY when REPLY_ACK (as QEMU)."""
@@ -1417,25 +1375,25 @@ class VhostUserFrontend:
         if len(table) > VHOST_MEMORY_BASELINE_NREGIONS:
             raise ValueError(f"{len(table)} regions, SET_MEM_TABLE carries at most 8")
         await self._maybe_acked(
-            VhostUserRequest.SET_MEM_TABLE, pack_memory_table(table), self.ram.region_fds(), ack=ack
+            Request.SET_MEM_TABLE, pack_memory_table(table), self.ram.region_fds(), ack=ack
         )
 
     async def set_vring_num(self, index: int, num: int) -> None:
-        await self.request(VhostUserRequest.SET_VRING_NUM, pack_vring_state(index, num))
+        await self.request(Request.SET_VRING_NUM, pack_vring_state(index, num))
 
     async def set_vring_base(self, index: int, base: int) -> None:
-        await self.request(VhostUserRequest.SET_VRING_BASE, pack_vring_state(index, base))
+        await self.request(Request.SET_VRING_BASE, pack_vring_state(index, base))
 
     async def set_vring_addr(self, index: int, queue: DriverQueue) -> None:
         """The ring addresses as UVAs (descriptors inside carry GPAs)."""
         payload = pack_vring_addr(
             index, desc=queue.desc_uva, used=queue.used_uva, avail=queue.avail_uva
         )
-        await self.request(VhostUserRequest.SET_VRING_ADDR, payload)
+        await self.request(Request.SET_VRING_ADDR, payload)
 
     async def get_vring_base(self, index: int) -> int:
         """Stops the ring; returns the backend's next avail index (``num``)."""
-        reply = await self.request(VhostUserRequest.GET_VRING_BASE, pack_vring_state(index, 0))
+        reply = await self.request(Request.GET_VRING_BASE, pack_vring_state(index, 0))
         assert reply is not None
         if len(reply) != VRING_STATE_PAYLOAD.size:
             raise VhostUserProtocolError(
@@ -1446,29 +1404,29 @@ class VhostUserFrontend:
             raise VhostUserProtocolError(f"GET_VRING_BASE({index}) answered for ring {reply_index}")
         return num
 
-    async def _set_vring_fd(self, request: VhostUserRequest, index: int, fd: int | None) -> None:
+    async def _set_vring_fd(self, request: Request, index: int, fd: int | None) -> None:
         fds = () if fd is None else (fd,)
         await self.request(request, pack_vring_file(index, nofd=fd is None), fds)
 
     async def set_vring_kick(self, index: int, fd: int | None) -> None:
-        await self._set_vring_fd(VhostUserRequest.SET_VRING_KICK, index, fd)
+        await self._set_vring_fd(Request.SET_VRING_KICK, index, fd)
 
     async def set_vring_call(self, index: int, fd: int | None) -> None:
-        await self._set_vring_fd(VhostUserRequest.SET_VRING_CALL, index, fd)
+        await self._set_vring_fd(Request.SET_VRING_CALL, index, fd)
 
     async def set_vring_err(self, index: int, fd: int | None) -> None:
-        await self._set_vring_fd(VhostUserRequest.SET_VRING_ERR, index, fd)
+        await self._set_vring_fd(Request.SET_VRING_ERR, index, fd)
 
     async def set_vring_enable(self, index: int, enabled: bool) -> None:
         """Only meaningful with PROTOCOL_FEATURES. Newer QEMU waits: NEED_REPLY when REPLY_ACK,
         else a GET_FEATURES round trip as a barrier."""
         payload = pack_vring_state(index, int(enabled))
         if self.order is not BringUpOrder.QEMU_NEWER:
-            await self.request(VhostUserRequest.SET_VRING_ENABLE, payload)
+            await self.request(Request.SET_VRING_ENABLE, payload)
         elif self.protocol_features & ProtocolFeature.REPLY_ACK:
-            await self._maybe_acked(VhostUserRequest.SET_VRING_ENABLE, payload, ack=True)
+            await self._maybe_acked(Request.SET_VRING_ENABLE, payload, ack=True)
         else:
-            await self.request(VhostUserRequest.SET_VRING_ENABLE, payload)
+            await self.request(Request.SET_VRING_ENABLE, payload)
             await self.get_features()
 
     # -- eventfds ---------------------------------------------------------------------------
