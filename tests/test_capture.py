@@ -89,13 +89,19 @@ def test_a_stream_wakes_its_reader_once_per_wait():
     assert woken == [1] and stream.on_ready is None
 
 
-async def test_file_and_live_captures_of_one_port_each_get_every_frame(tmp_path):
+def captured_pair(directory: Path) -> tuple[Switch, QueuedPort, QueuedPort, FileCaptures]:
+    """A switch with ports a and b, a's capture files in `directory`."""
     switch = Switch()
     a, b = QueuedPort("a"), QueuedPort("b")
     switch.attach(a)
     switch.attach(b)
-    files = FileCaptures(tmp_path)
+    files = FileCaptures(directory)
     files.add(a)
+    return switch, a, b, files
+
+
+async def test_file_and_live_captures_of_one_port_each_get_every_frame(tmp_path):
+    switch, a, b, files = captured_pair(tmp_path)
     buffer, writer = files.captures[a]
     live1, live2 = PcapStream("a"), PcapStream("a")
     add_capture(a, live1)
@@ -128,12 +134,7 @@ def _drain(port: QueuedPort) -> list[Frame]:
 
 async def test_the_switch_touches_no_file_until_the_capture_task_writes(tmp_path):
     directory = tmp_path / "pcap"  # not made yet: the writer makes it
-    switch = Switch()
-    a, b = QueuedPort("a"), QueuedPort("b")
-    switch.attach(a)
-    switch.attach(b)
-    files = FileCaptures(directory)
-    files.add(a)
+    switch, a, b, files = captured_pair(directory)
     frames = [broadcast(tag) for tag in range(1, 6)]
     for data in frames:
         switch.forward(a, [Frame(data)])
@@ -152,12 +153,7 @@ async def test_the_switch_touches_no_file_until_the_capture_task_writes(tmp_path
 
 async def test_a_stalled_capture_writer_loses_capture_frames_but_never_stalls_forwarding(
         tmp_path):
-    switch = Switch()
-    a, b = QueuedPort("a"), QueuedPort("b")
-    switch.attach(a)
-    switch.attach(b)
-    files = FileCaptures(tmp_path)
-    files.add(a)
+    switch, a, b, files = captured_pair(tmp_path)
     buffer, writer = files.captures[a]
     writer.open()
     # The file is now a pipe nobody reads, its buffer full: the writer's next write blocks
