@@ -124,7 +124,6 @@ class DhcpLease:
     mtu: int | None
     domain: str | None
     lease_seconds: int  # as granted; INFINITE_LEASE for an infinite one
-    obtained: float
     renew_at: float  # T1
     rebind_at: float  # T2
     expires: float
@@ -390,7 +389,6 @@ class DhcpClient:
             mtu=mtu if mtu is not None and mtu >= MIN_MTU else None,
             domain=domain.decode("ascii") if domain and domain.isascii() else None,
             lease_seconds=seconds,
-            obtained=start,
             renew_at=renew,
             rebind_at=rebind,
             expires=expires,

@@ -90,7 +90,6 @@ class UnixConsole:
         self.lines: list[str] = []
         self._pending = b""
         self._log = open(log, "ab", buffering=0) if log is not None else None  # noqa: SIM115
-        self.eof = False
         deadline = time.monotonic() + timeout
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -126,7 +125,6 @@ class UnixConsole:
         except TimeoutError:
             return
         if not chunk:
-            self.eof = True
             raise ConsoleError(f"console {self.path} closed (QEMU exited?)")
         if self._log is not None:
             self._log.write(chunk)
