@@ -138,7 +138,7 @@ class Link:
         self.stream = stream
         self.wire = wire
         self.forward = forward
-        self.started = time.monotonic()
+        self.started = trio.current_time()  # when it was made: its key's age
         self._control: list[bytes] = []
         self._wake = trio.Event()
         self._retiring = False
