@@ -1,0 +1,189 @@
+"""The tunnel without sockets, for tests in virtual time (trio.testing.MockClock): the hub's
+real TunnelListener and real Endpoints (or raw peers, tests/support/tunnel_client.py) joined
+by memory streams that behave like a socket's buffers, so everything from TLS up (the
+handshake, AUTH, the Links' reader/writer/keepalive tasks, retire/mute/drain, rekeying) is
+the code that runs in production, and only the kernel is left out.
+
+`stream_pair(capacity)`: two trio Streams joined by bounded one-way pipes; a writer waits
+while `capacity` bytes wait for its peer to read, as on a socket whose peer stops reading.
+`MemoryNet`: a hub listener on a switch, with `endpoint()`, `raw_peer()` and `local_port()`
+to put traffic on either side.
+"""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+from functools import partial
+from pathlib import Path
+
+import trio
+import trio.testing
+
+from netstack.port import QueuedPort
+from netstack.switch import Switch
+from tests.support.tunnel_client import RawPeer, log_in
+from tunnel.endpoint import Endpoint, EndpointConfig
+from tunnel.keys import keygen, load_identity, parse_fingerprint
+from tunnel.listener import TunnelListener
+
+# What a pipe holds before its writer waits: about a loopback socket's buffers.
+PIPE_CAPACITY = 256 * 1024
+
+
+class Pipe:
+    """One direction of a connection: bytes in flight (`buffer`, the network as the test
+    sees it), at most `capacity` of them.  `writes` lists the size of each send_all."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.buffer = bytearray()
+        self.writes: list[int] = []
+        self.sender_closed = False
+        self.receiver_closed = False
+        self._changed = trio.lowlevel.ParkingLot()
+
+    def changed(self) -> None:
+        self._changed.unpark_all()
+
+    async def wait(self) -> None:
+        await self._changed.park()
+
+
+class PipeSendStream(trio.abc.SendStream):
+    def __init__(self, pipe: Pipe) -> None:
+        self.pipe = pipe
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        pipe = self.pipe
+        await trio.lowlevel.checkpoint()
+        if pipe.sender_closed:
+            raise trio.ClosedResourceError("this end is closed")
+        pipe.writes.append(len(data))
+        data = bytes(data)
+        while data:
+            if pipe.receiver_closed:
+                raise trio.BrokenResourceError("the peer closed its end")
+            room = pipe.capacity - len(pipe.buffer)
+            if room <= 0:
+                await pipe.wait()
+                continue
+            pipe.buffer += data[:room]
+            data = data[room:]
+            pipe.changed()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        pipe = self.pipe
+        while len(pipe.buffer) >= pipe.capacity and not pipe.receiver_closed:
+            await pipe.wait()
+
+    async def aclose(self) -> None:
+        self.pipe.sender_closed = True  # the peer reads what is in flight, then b""
+        self.pipe.changed()
+        await trio.lowlevel.checkpoint()
+
+
+class PipeReceiveStream(trio.abc.ReceiveStream):
+    def __init__(self, pipe: Pipe) -> None:
+        self.pipe = pipe
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        pipe = self.pipe
+        await trio.lowlevel.checkpoint()
+        while True:
+            if pipe.receiver_closed:
+                raise trio.ClosedResourceError("this end is closed")
+            if pipe.buffer or pipe.sender_closed:
+                break
+            await pipe.wait()
+        count = len(pipe.buffer) if max_bytes is None else min(max_bytes, len(pipe.buffer))
+        data = bytes(pipe.buffer[:count])
+        del pipe.buffer[:count]
+        pipe.changed()
+        return data
+
+    async def aclose(self) -> None:
+        self.pipe.receiver_closed = True  # what was in flight is lost; the writer breaks
+        self.pipe.buffer.clear()
+        self.pipe.changed()
+        await trio.lowlevel.checkpoint()
+
+
+def stream_pair(capacity: int = PIPE_CAPACITY) -> tuple[trio.StapledStream, trio.StapledStream]:
+    """Two connected streams; `.send_stream.pipe` of each is the direction it writes."""
+    there, back = Pipe(capacity), Pipe(capacity)
+    left = trio.StapledStream(PipeSendStream(there), PipeReceiveStream(back))
+    right = trio.StapledStream(PipeSendStream(back), PipeReceiveStream(there))
+    return left, right
+
+
+class MemoryNet:
+    """A hub's tunnel listener (on `switch`) that peers reach over memory streams; used as
+    `async with MemoryNet(tmp_path) as net:` inside trio (under MockClock in the tests).
+    The peers file names "alice" (identity `ep-id`); `add_peer` adds more."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.hub_fingerprint = parse_fingerprint(keygen(tmp / "hub-id"))
+        self.peers = tmp / "peers"
+        self.peers.write_text("")
+        self.identities: dict[str, Path] = {}
+        self.add_peer("alice")
+        self.switch = Switch()
+        self.listener = TunnelListener(self.switch, load_identity(tmp / "hub-id"), self.peers,
+                                       None, 0)
+        self._stack = AsyncExitStack()
+        self.nursery: trio.Nursery
+
+    def add_peer(self, name: str) -> Path:
+        """A key for `name`, listed in the peers file (reread by the listener only on
+        `listener.reload()` once it runs)."""
+        identity = self.tmp / ("ep-id" if name == "alice" else f"{name}-id")
+        with self.peers.open("a") as peers:
+            peers.write(f"{name} {keygen(identity)}\n")
+        self.identities[name] = identity
+        return identity
+
+    async def __aenter__(self) -> MemoryNet:
+        self.nursery = await self._stack.enter_async_context(trio.open_nursery())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> bool | None:
+        self.nursery.cancel_scope.cancel()
+        return await self._stack.__aexit__(*exc_info)
+
+    async def connect(self, address: str = "192.0.2.1",
+                      capacity: int = PIPE_CAPACITY) -> trio.abc.Stream:
+        """A connection to the hub from `address`, admitted (or refused, then closed) as
+        the listener's accept loop would."""
+        client, server = stream_pair(capacity)
+        if not self.listener.admit(server, address, self.nursery):
+            await server.aclose()
+        return client
+
+    def local_port(self, switch: Switch, name: str = "local") -> QueuedPort:
+        """A port on `switch` whose deliveries wait in `.queue` for the test to read."""
+        port = QueuedPort(name)
+        switch.attach(port)
+        return port
+
+    async def endpoint(self, name: str = "alice", address: str = "192.0.2.1",
+                       **config: object) -> Endpoint:
+        """A real Endpoint for `name`'s key, running, whose connections come from
+        `address`; returns once its first session is up."""
+        endpoint = Endpoint(EndpointConfig(hub_host="hub.test", hub_port=0,
+                                           identity_dir=self.identities[name],
+                                           hub_fingerprint=self.hub_fingerprint,
+                                           **config),  # type: ignore[arg-type]
+                            open_stream=partial(self.connect, address))
+        await self.nursery.start(endpoint.run)
+        await trio.testing.wait_all_tasks_blocked()  # the login needs no clock to pass
+        assert endpoint.uplink.active is not None, endpoint.last_error
+        return endpoint
+
+    async def raw_peer(self, name: str = "alice", address: str = "192.0.2.1",
+                       capacity: int = PIPE_CAPACITY) -> RawPeer:
+        """An authenticated connection that does only what the test makes it do."""
+        stream = await self.connect(address, capacity)
+        peer = await log_in(stream, self.identities[name], self.hub_fingerprint, name)
+        await trio.testing.wait_all_tasks_blocked()  # the hub has taken its AUTH
+        return peer
