@@ -26,6 +26,7 @@ from tunnel.keys import (
 )
 from tunnel.session import (
     DEAD_SECONDS,
+    DRAIN_SECONDS,
     KEEPALIVE_SECONDS,
     MAX_PENDING_CONTROL,
     SESSION_QUEUE_BYTES,
@@ -222,23 +223,68 @@ async def test_the_endpoint_rekeys_once_either_directions_key_carried_its_record
         assert endpoint.rekeys == 1 and endpoint.uplink.active is not first
 
 
-async def test_a_rekey_loses_no_frame_sent_while_the_links_change_over(tmp_path,
-                                                                      autojump_clock):
-    """Make before break: the hub retires the old link once the new one is active, the
-    endpoint keeps reading the old one until the hub's CLOSE; frames sent every 100 ms
-    across the change all arrive, in order."""
+async def test_a_rekey_loses_no_frame_sent_either_way_while_the_links_change_over(
+        tmp_path, autojump_clock):
+    """Make before break: the endpoint's old link stops sending but reads until the hub's
+    CLOSE; the hub's, retired once the new one is active, reads until the endpoint closes
+    too.  Frames sent both ways at every step of the change all arrive, in order."""
     async with MemoryNet(tmp_path) as net:
         endpoint = await net.endpoint("alice", rekey_seconds=10)
         hub_port = net.local_port(net.switch, "h")
         guest = net.local_port(endpoint.switch, "e")
-        sent = []
-        for n in range(150):  # 15 s: the rekey at 10 s falls in the middle
-            sent.append(eth(BROADCAST, MAC_H, n))
-            net.switch.forward(hub_port, [Frame(sent[-1])])
-            await trio.sleep(0.1)
-        assert endpoint.rekeys == 1
-        assert frames_of(guest) == sent
-        assert not guest.counters.drops and not net.listener.sessions["alice"].counters.drops
+        first = endpoint.uplink.active
+        await trio.sleep(10 - (trio.current_time() - first.started))  # the rekey's moment
+        down, up = [], []
+        for n in range(400):  # a batch each way at every scheduling step of the rekey
+            down.append(eth(BROADCAST, MAC_H, n))
+            up.append(eth(BROADCAST, MAC_E, n))
+            net.switch.forward(hub_port, [Frame(down[-1])])
+            endpoint.switch.forward(guest, [Frame(up[-1])])
+            await trio.lowlevel.checkpoint()
+            if n == 0:
+                assert endpoint.uplink.active is first  # the change began after this
+        assert endpoint.uplink.active is not first and endpoint.rekeys == 1
+        await trio.sleep(1)
+        assert frames_of(guest) == down and frames_of(hub_port) == up
+        assert not guest.counters.drops and not hub_port.counters.drops
+        hub_side = net.listener.sessions["alice"]
+        assert hub_side.connections == 2 and len(hub_side.links) == 1
+
+
+async def test_a_superseded_link_forwards_what_its_peer_sent_before_it_saw_the_close(
+        tmp_path, autojump_clock):
+    """A reconnect takes the session over: the old link sends CLOSE and stops taking frames,
+    but reads on, so frames its peer sent in the meantime are not lost; it ends when its
+    peer closes."""
+    async with MemoryNet(tmp_path) as net:
+        local = net.local_port(net.switch, "h")
+        old = await net.raw_peer("alice")
+        await net.raw_peer("alice")  # the same key again: this link takes over
+        port = net.listener.sessions["alice"]
+        assert port.connections == 2 and len(port.links) == 2
+        frames = [eth(BROADCAST, MAC_E, n) for n in range(3)]
+        await old.tls.send_all(old.wire.send_frames([Frame(f) for f in frames]))
+        await trio.testing.wait_all_tasks_blocked()
+        assert frames_of(local) == frames
+        old.wire.receive_data(await old.tls.receive_some(1 << 16))
+        [closed] = old.wire.next_events()
+        assert closed.reason == "superseded"
+        await old.tls.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(port.links) == 1 and net.listener.links_ended == {"peer_closed": 1}
+
+
+async def test_a_superseded_link_whose_peer_never_closes_is_cut_after_the_drain_time(
+        tmp_path, autojump_clock):
+    async with MemoryNet(tmp_path) as net:
+        old = await net.raw_peer("alice")
+        await net.raw_peer("alice")
+        start = trio.current_time()
+        assert await old.read_until_closed(DRAIN_SECONDS + 1)
+        assert trio.current_time() == start + DRAIN_SECONDS
+        await trio.testing.wait_all_tasks_blocked()
+        assert net.listener.links_ended == {"closed": 1}
+        assert len(net.listener.sessions["alice"].links) == 1
 
 
 async def test_a_peer_that_never_reads_blocks_the_writer_fills_the_queue_to_its_byte_bound_and_is_cut(  # noqa: E501
