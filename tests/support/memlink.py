@@ -12,6 +12,7 @@ to put traffic on either side.
 
 from __future__ import annotations
 
+import errno
 from contextlib import AsyncExitStack
 from functools import partial
 from pathlib import Path
@@ -119,7 +120,9 @@ def stream_pair(capacity: int = PIPE_CAPACITY) -> tuple[trio.StapledStream, trio
 class MemoryNet:
     """A hub's tunnel listener (on `switch`) that peers reach over memory streams; used as
     `async with MemoryNet(tmp_path) as net:` inside trio (under MockClock in the tests).
-    The peers file names "alice" (identity `ep-id`); `add_peer` adds more."""
+    The peers file names "alice" (identity `ep-id`); `add_peer` adds more.  `stop_hub()`
+    and `start_hub()` are a hub restart: its connections break, then a new listener and
+    switch start from the same files."""
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
@@ -128,15 +131,15 @@ class MemoryNet:
         self.peers.write_text("")
         self.identities: dict[str, Path] = {}
         self.add_peer("alice")
-        self.switch = Switch()
-        self.listener = TunnelListener(self.switch, load_identity(tmp / "hub-id"), self.peers,
-                                       None, 0)
         self._stack = AsyncExitStack()
         self.nursery: trio.Nursery
+        self.switch: Switch
+        self.listener: TunnelListener
+        self._hub: tuple[trio.CancelScope, trio.Nursery] | None = None
 
     def add_peer(self, name: str) -> Path:
-        """A key for `name`, listed in the peers file (reread by the listener only on
-        `listener.reload()` once it runs)."""
+        """A key for `name`, listed in the peers file (reread by a running listener only on
+        `listener.reload()`)."""
         identity = self.tmp / ("ep-id" if name == "alice" else f"{name}-id")
         with self.peers.open("a") as peers:
             peers.write(f"{name} {keygen(identity)}\n")
@@ -145,18 +148,42 @@ class MemoryNet:
 
     async def __aenter__(self) -> MemoryNet:
         self.nursery = await self._stack.enter_async_context(trio.open_nursery())
+        await self.start_hub()
         return self
 
     async def __aexit__(self, *exc_info: object) -> bool | None:
         self.nursery.cancel_scope.cancel()
         return await self._stack.__aexit__(*exc_info)
 
+    async def start_hub(self) -> None:
+        self.switch = Switch()
+        self.listener = TunnelListener(self.switch, load_identity(self.tmp / "hub-id"),
+                                       self.peers, None, 0)
+        self._hub = await self.nursery.start(self._hub_connections)
+
+    def stop_hub(self) -> None:
+        """The hub goes away: every connection to it is closed; new ones are refused."""
+        assert self._hub is not None
+        self._hub[0].cancel()
+        self._hub = None
+
+    @staticmethod
+    async def _hub_connections(*, task_status: trio.TaskStatus[
+            tuple[trio.CancelScope, trio.Nursery]] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as connections:
+                task_status.started((scope, connections))
+                await trio.sleep_forever()
+
     async def connect(self, address: str = "192.0.2.1",
                       capacity: int = PIPE_CAPACITY) -> trio.abc.Stream:
         """A connection to the hub from `address`, admitted (or refused, then closed) as
-        the listener's accept loop would."""
+        the listener's accept loop would; ConnectionRefusedError while the hub is down."""
+        await trio.lowlevel.checkpoint()
+        if self._hub is None:
+            raise ConnectionRefusedError(errno.ECONNREFUSED, "connection refused")
         client, server = stream_pair(capacity)
-        if not self.listener.admit(server, address, self.nursery):
+        if not self.listener.admit(server, address, self._hub[1]):
             await server.aclose()
         return client
 
@@ -166,18 +193,26 @@ class MemoryNet:
         switch.attach(port)
         return port
 
-    async def endpoint(self, name: str = "alice", address: str = "192.0.2.1",
-                       **config: object) -> Endpoint:
-        """A real Endpoint for `name`'s key, running, whose connections come from
-        `address`; returns once its first session is up."""
+    def stranger(self, name: str) -> Path:
+        """A key for `name` that the peers file does not list."""
+        self.identities[name] = self.tmp / f"{name}-id"
+        keygen(self.identities[name])
+        return self.identities[name]
+
+    async def endpoint(self, key: str = "alice", address: str = "192.0.2.1", *,
+                       up: bool = True, **config: object) -> Endpoint:
+        """A real Endpoint with the key made for `key`, running, whose connections come from
+        `address`; with `up`, returns once its first session is up (the login needs no
+        clock to pass), else at once."""
+        config.setdefault("hub_fingerprint", self.hub_fingerprint)
         endpoint = Endpoint(EndpointConfig(hub_host="hub.test", hub_port=0,
-                                           identity_dir=self.identities[name],
-                                           hub_fingerprint=self.hub_fingerprint,
+                                           identity_dir=self.identities[key],
                                            **config),  # type: ignore[arg-type]
                             open_stream=partial(self.connect, address))
         await self.nursery.start(endpoint.run)
-        await trio.testing.wait_all_tasks_blocked()  # the login needs no clock to pass
-        assert endpoint.uplink.active is not None, endpoint.last_error
+        if up:
+            await trio.testing.wait_all_tasks_blocked()
+            assert endpoint.uplink.active is not None, endpoint.last_error
         return endpoint
 
     async def raw_peer(self, name: str = "alice", address: str = "192.0.2.1",
