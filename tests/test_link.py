@@ -14,7 +14,7 @@ import trio
 import trio.testing
 
 from netstack.frame import Frame
-from tests.support.memlink import MemoryNet, stream_pair
+from tests.support.memlink import BROADCAST, MAC_E, MAC_H, MemoryNet, eth, frames_of, stream_pair
 from tests.support.tunnel_client import RawPeer
 from tunnel import endpoint as endpoint_module
 from tunnel.keys import (
@@ -35,21 +35,7 @@ from tunnel.session import (
 from tunnel.tls import TLSStream
 from tunnel.wire import PING, PING_PAYLOAD, RECORD_HEADER, Ping
 
-BROADCAST = b"\xff" * 6
-MAC_H = bytes.fromhex("020000000001")  # a port on the hub's switch
-MAC_E = bytes.fromhex("020000000002")  # a port on the endpoint's switch
 PING_RECORD = RECORD_HEADER.pack(PING, 0, 0, PING_PAYLOAD.size) + PING_PAYLOAD.pack(1, 2)
-
-
-def eth(dst: bytes, src: bytes, n: int, size: int = 200) -> bytes:
-    return dst + src + b"\x88\xb5" + n.to_bytes(4, "big") + bytes(size - 18)
-
-
-def frames_of(port) -> list[bytes]:
-    """What the switch delivered to a local port, taken."""
-    frames = [bytes(f.data) for f in port.queue]
-    port.queue.clear()
-    return frames
 
 
 # -- TLS over memory streams ------------------------------------------------------------------

@@ -18,27 +18,14 @@ import trio
 import trio.testing
 
 from netstack.frame import Frame
-from tests.support.memlink import MemoryNet
+from tests.support.memlink import BROADCAST, MAC_E, MAC_H, MemoryNet, eth, frames_of
 from tunnel.endpoint import BACKOFF_SECONDS, JITTER, Endpoint
 from tunnel.keys import client_ssl_context, identity_fingerprint, parse_fingerprint
 from tunnel.listener import HANDSHAKE_SECONDS, SourceLimiter
 
-BROADCAST = b"\xff" * 6
-MAC_H = bytes.fromhex("020000000001")  # a port on the hub's switch
-MAC_E = bytes.fromhex("020000000002")  # a port on the endpoint's switch
-# Longer than the first retry can take, shorter than the longest backoff.
+# Longer than the first retry can wait; the shortest of the longest waits (a refusal).
 FIRST_RETRY = BACKOFF_SECONDS[0] * (1 + JITTER) + 0.01
 LONGEST_WAIT = BACKOFF_SECONDS[1] * (1 - JITTER)
-
-
-def eth(dst: bytes, src: bytes, n: int, size: int = 200) -> bytes:
-    return dst + src + b"\x88\xb5" + n.to_bytes(4, "big") + bytes(size - 18)
-
-
-def frames_of(port) -> list[bytes]:
-    frames = [bytes(f.data) for f in port.queue]
-    port.queue.clear()
-    return frames
 
 
 async def raw_tls(net: MemoryNet, address: str = "198.51.100.1") -> trio.SSLStream:

@@ -7,7 +7,7 @@ the code that runs in production, and only the kernel is left out.
 `stream_pair(capacity)`: two trio Streams joined by bounded one-way pipes; a writer waits
 while `capacity` bytes wait for its peer to read, as on a socket whose peer stops reading.
 `MemoryNet`: a hub listener on a switch, with `endpoint()`, `raw_peer()` and `local_port()`
-to put traffic on either side.
+to put traffic on either side (`eth` frames, read back with `frames_of`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,21 @@ from tunnel.listener import TunnelListener
 
 # What a pipe holds before its writer waits: about a loopback socket's buffers.
 PIPE_CAPACITY = 256 * 1024
+BROADCAST = b"\xff" * 6
+MAC_H = bytes.fromhex("020000000001")  # a port on the hub's switch
+MAC_E = bytes.fromhex("020000000002")  # a port on an endpoint's switch
+
+
+def eth(dst: bytes, src: bytes, n: int, size: int = 200) -> bytes:
+    """A frame of `size` bytes numbered `n` (after the EtherType), to tell frames apart."""
+    return dst + src + b"\x88\xb5" + n.to_bytes(4, "big") + bytes(size - 18)
+
+
+def frames_of(port: QueuedPort) -> list[bytes]:
+    """What the switch delivered to a local port (`MemoryNet.local_port`), taken."""
+    frames = [bytes(f.data) for f in port.queue]
+    port.queue.clear()
+    return frames
 
 
 class Pipe:
