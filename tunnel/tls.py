@@ -99,8 +99,10 @@ class SocketTransport:
 class StreamTransport:
     """Ciphertext to and from any other trio Stream.  Nothing is taken without waiting; a
     write hands the stream at most SOCKET_READ bytes, so the stall clock sees progress at
-    that grain.  A write interrupted by cancellation leaves the stream in an unknown state
-    (trio's rule): every later write is refused, so no ciphertext is sent twice."""
+    that grain.  A cancellation seen before the stream is touched loses nothing (what waits
+    in `_unsent` goes out with the next write or the close); one that interrupts the
+    stream's `send_all` leaves it in an unknown state (trio's rule): every later write is
+    refused, so no ciphertext is sent twice."""
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
@@ -114,6 +116,7 @@ class StreamTransport:
     async def write(self, data: bytearray) -> int:
         if self._interrupted:
             raise trio.BrokenResourceError("an earlier write was interrupted")
+        await trio.lowlevel.checkpoint_if_cancelled()
         chunk = data[:SOCKET_READ]  # a copy: `data` grows while we wait
         try:
             await self.stream.send_all(chunk)

@@ -70,22 +70,27 @@ class PipeSendStream(trio.abc.SendStream):
         self.pipe = pipe
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Like a socket's: what fits is taken at once (a cancellation seen before that
+        takes nothing); only a full pipe makes it wait, and a cancellation then leaves
+        part of `data` sent."""
         pipe = self.pipe
-        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint_if_cancelled()
         if pipe.sender_closed:
             raise trio.ClosedResourceError("this end is closed")
         pipe.writes.append(len(data))
         data = bytes(data)
-        while data:
+        while True:
             if pipe.receiver_closed:
                 raise trio.BrokenResourceError("the peer closed its end")
             room = pipe.capacity - len(pipe.buffer)
-            if room <= 0:
-                await pipe.wait()
-                continue
-            pipe.buffer += data[:room]
-            data = data[room:]
-            pipe.changed()
+            if room > 0:
+                pipe.buffer += data[:room]
+                data = data[room:]
+                pipe.changed()
+            if not data:
+                break
+            await pipe.wait()
+        await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def wait_send_all_might_not_block(self) -> None:
         pipe = self.pipe
