@@ -121,6 +121,7 @@ async def test_endpoint_comes_back_after_a_hub_restart_and_rekeys_without_loss(
         # rekey: a new connection takes over while frames flow
         first = endpoint.uplink.active
         endpoint.config.rekey_seconds = 0
+        await trio.sleep(0.1)  # frames go between the endpoint's once-a-second looks: in order
         frames = [eth(MAC_E, MAC_H, i) for i in range(200)]
         for chunk in range(0, 200, 20):
             net.switch.forward(hub_port, [Frame(f) for f in frames[chunk:chunk + 20]])
