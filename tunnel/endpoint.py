@@ -375,7 +375,11 @@ class Endpoint:
                                                           server_fp, self.name)
                 auth = wire.send_auth(certificate, signature)
                 if not await_verdict:
-                    await tls.send_all(auth)
+                    # No wait between AUTH and the caller's activate(): were the hub to
+                    # accept it (and close the old link) meanwhile, the old link would end
+                    # while still the active one.  What the transport does not take now
+                    # goes first when the new link's writer starts.
+                    tls.send_now(auth)
                 else:
                     await tls.send_all(auth + wire.send_ping(VERDICT_NONCE, time.monotonic_ns()))
                     await self._await_verdict(tls, wire)
