@@ -54,12 +54,14 @@ async def exchange(fe, frame: Ether, want: str) -> Ether:
     guest also sees others' broadcasts, so every arrival is looked at)."""
     fe.net.send([bytes(frame)])
     fe.kick(1)
+    rx = fe.queues[0]
     with trio.fail_after(5):
         while True:
-            await trio.sleep(0.01)
+            rx.set_used_event(rx.used_idx())  # EVENT_IDX: a call at the next frame
             for _, data in fe.net.receive():
                 if Ether(data).haslayer(want):
                     return Ether(data)
+            await fe.wait_call(0)
 
 
 async def test_dhcp_range_lease_time_and_domain_reach_the_guest(tmp_path):

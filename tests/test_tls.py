@@ -1,5 +1,6 @@
-"""tunnel/tls.py on a real socket pair with real TLS 1.3: the byte stream arrives whole and in
-order when the kernel pushes back (writes queued behind a drain), and a closed stream stops."""
+"""tunnel/tls.py on a real socket pair with real TLS 1.3 (its fast path, SocketTransport): the
+byte stream arrives whole and in order when the kernel pushes back (writes queued behind a
+drain), and a closed stream stops.  Over memory streams, in virtual time: tests/test_link.py."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import socket
 
 import pytest
 import trio
+import trio.testing
 
 from tunnel.keys import client_ssl_context, generate_identity, server_ssl_context
 from tunnel.tls import TLSStream
@@ -40,7 +42,8 @@ async def receive_exactly(stream: TLSStream, size: int) -> bytes:
             chunk = await stream.receive_some()
             assert chunk, "stream ended early"
             received += chunk
-            await trio.sleep(0.001)  # a slow reader: the sender's kernel buffer fills
+            # A slow reader: it reads again only once every sender waits for the kernel.
+            await trio.testing.wait_all_tasks_blocked()
     return bytes(received)
 
 
@@ -108,10 +111,10 @@ async def test_send_now_leaves_what_the_kernel_refused_for_flush_in_order(server
     small, big = os.urandom(1000), os.urandom(2 << 20)
     assert client.send_now(small) and not client.sending  # fits: the kernel took it all
     assert not client.send_now(big)  # 16 KiB socket buffers: most of it must wait
-    assert client.sending
+    assert client.sending and client.waiting_since <= trio.current_time()  # the stall clock
     async with trio.open_nursery() as nursery:
         nursery.start_soon(client.flush)
         data = await receive_exactly(server, len(small) + len(big))
-    assert data == small + big and not client.sending
+    assert data == small + big and not client.sending and client.waiting_since is None
     await client.aclose()
     await server.aclose()

@@ -32,6 +32,7 @@ import logging
 import os
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -79,6 +80,13 @@ def records_on_key(wire: WireConnection) -> int:
     TLS_RECORD_PLAINTEXT bytes."""
     return max(counters.records + counters.bytes // TLS_RECORD_PLAINTEXT
                for counters in (wire.sent, wire.received))
+
+
+def rekey_due(link: Link, rekey_seconds: float) -> bool:
+    """Time for a fresh connection: `link` is `rekey_seconds` old (Trio's clock), or the
+    key of either direction protected nearly REKEY_RECORDS records."""
+    return (trio.current_time() - link.started >= rekey_seconds
+            or records_on_key(link.wire) >= REKEY_RECORDS)
 
 
 @dataclass
@@ -135,8 +143,12 @@ def open_device(name: str, mode: Literal["tap", "tun"]) -> TunTapDevice:
 
 
 class Endpoint:
-    def __init__(self, config: EndpointConfig) -> None:
+    def __init__(self, config: EndpointConfig, *,
+                 open_stream: Callable[[], Awaitable[trio.abc.Stream]] | None = None) -> None:
+        """`open_stream` makes the connection to the hub that TLS runs on: TCP to
+        config.hub_host:hub_port unless given (the tests give memory streams)."""
         self.config = config
+        self.open_stream = open_stream or self._open_tcp
         self.identity = load_identity(config.identity_dir)
         self.ssl_context = client_ssl_context(self.identity)
         self.name = config.name  # a claim the hub checks; "" lets the peers file name us
@@ -320,17 +332,16 @@ class Endpoint:
                     await ended.wait()
                 if ended.is_set():
                     break
-                records = records_on_key(current.wire)
-                age = time.monotonic() - current.started
-                if age < self.config.rekey_seconds and records < REKEY_RECORDS:
+                if not rekey_due(current, self.config.rekey_seconds):
                     continue
-                log.info("hub: rekeying (link %.0f s old, ~%d records)", age, records)
+                log.info("hub: rekeying (link %.0f s old, ~%d records)",
+                         trio.current_time() - current.started, records_on_key(current.wire))
                 try:
                     fresh = await self._connect(await_verdict=False)
                 except (OSError, trio.BrokenResourceError, HandshakeError, Refused,
                         WireError, trio.TooSlowError) as exc:
                     log.warning("hub: rekey failed, keeping the current link: %s", exc)
-                    current.started = time.monotonic() - self.config.rekey_seconds + 30
+                    current.started = trio.current_time() - self.config.rekey_seconds + 30
                     continue
                 current = fresh
                 self.rekeys += 1
@@ -347,9 +358,8 @@ class Endpoint:
         config = self.config
         where = f"{config.hub_host}:{config.hub_port}"
         with trio.fail_after(CONNECT_SECONDS):
-            stream = await trio.open_tcp_stream(config.hub_host, config.hub_port)
+            stream = await self.open_stream()
             try:
-                tune_tcp(stream.socket)
                 tls = TLSStream(stream, self.ssl_context, server_side=False)
                 await tls.do_handshake()
                 server_fp = config.hub_fingerprint
@@ -365,7 +375,11 @@ class Endpoint:
                                                           server_fp, self.name)
                 auth = wire.send_auth(certificate, signature)
                 if not await_verdict:
-                    await tls.send_all(auth)
+                    # No wait between AUTH and the caller's activate(): were the hub to
+                    # accept it (and close the old link) meanwhile, the old link would end
+                    # while still the active one.  What the transport does not take now
+                    # goes first when the new link's writer starts.
+                    tls.send_now(auth)
                 else:
                     await tls.send_all(auth + wire.send_ping(VERDICT_NONCE, time.monotonic_ns()))
                     await self._await_verdict(tls, wire)
@@ -380,6 +394,16 @@ class Endpoint:
                      f"name {self.name!r} accepted" if self.name else
                      f"named by the hub's peers file (key {self.identity.fingerprint})")
         return Link(self.uplink, tls, wire, self._forward)
+
+    async def _open_tcp(self) -> trio.abc.Stream:
+        """A TCP connection to the hub, tuned for latency (tunnel/session.tune_tcp)."""
+        stream = await trio.open_tcp_stream(self.config.hub_host, self.config.hub_port)
+        try:
+            tune_tcp(stream.socket)
+        except OSError:
+            stream.socket.close()
+            raise
+        return stream
 
     async def _await_verdict(self, tls: TLSStream, wire: WireConnection) -> None:
         """Wait for the PONG to the PING sent behind AUTH: the hub's codec holds that PING

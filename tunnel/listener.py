@@ -279,13 +279,21 @@ class TunnelListener:
                     stream.socket.close()
 
     def _admit(self, stream: trio.SocketStream) -> None:
-        """Start serving `stream`, or close it (counted) when a limit says no."""
+        """Start serving an accepted TCP connection, or close it (counted)."""
         try:
             address = stream.socket.getpeername()[0]
+            tune_tcp(stream.socket)
         except OSError:  # reset between the kernel's accept and ours
             self._refuse("gone_before_admission")
             stream.socket.close()
             return
+        assert self._nursery is not None
+        if not self.admit(stream, address, self._nursery):
+            stream.socket.close()
+
+    def admit(self, stream: trio.abc.Stream, address: str, nursery: trio.Nursery) -> bool:
+        """Start serving `stream`, a connection from `address`, in `nursery`; False when a
+        limit says no (counted; the caller closes it)."""
         source = source_of(address)
         if not self.limiter.allow(source):
             admitted: tuple[Handshake, Handshake | None] | str = "rate_limited"
@@ -298,24 +306,24 @@ class TunnelListener:
                 log.warning("tunnel: %s: refused (%s; %d handshakes in progress)", address,
                             admitted, self.handshakes)
             self._refuse(admitted)
-            stream.socket.close()
-            return
+            return False
         handshake, evicted = admitted
         if evicted is not None:  # its task sees its scope cancelled and closes it
             if self.refused.get("evicted", 0) % 100 == 0:  # a flood logs every hundredth
                 log.warning("tunnel: handshake slots full: closing the handshake from %s "
                             "that waited longest, for one from %s", evicted.source, address)
             self._refuse("evicted")
-        assert self._nursery is not None
-        self._nursery.start_soon(self._serve, stream, address, handshake)
+        nursery.start_soon(self._serve, stream, address, handshake)
+        return True
 
     # -- one connection ------------------------------------------------------------------------
 
-    async def _serve(self, stream: trio.SocketStream, address: str,
+    async def _serve(self, stream: trio.abc.Stream, address: str,
                      handshake: Handshake) -> None:
         """One connection under its guard: any exception closes it, counted and logged; the
         handshake slot is given back exactly once, when the handshake is over (or at once,
-        by `HandshakeSlots.admit`, when it is evicted: its scope is cancelled)."""
+        by `HandshakeSlots.admit`, when it is evicted: its scope is cancelled).  From here
+        on `stream` is any trio Stream (the tests hand it memory streams)."""
         try:
             tls = TLSStream(stream, self.ssl_context, server_side=True)
             link = None
@@ -349,9 +357,8 @@ class TunnelListener:
         link = None
         try:
             with trio.move_on_after(HANDSHAKE_SECONDS) as timeout:
-                tune_tcp(tls.socket)
                 with trio.move_on_after(FIRST_BYTES_SECONDS) as silent:
-                    await trio.lowlevel.wait_readable(tls.socket)
+                    await tls.receive_first_bytes()
                 if silent.cancelled_caught:
                     self._refuse("silent")
                     log.info("tunnel: %s: sent nothing for %.0f s", source, FIRST_BYTES_SECONDS)

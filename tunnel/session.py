@@ -138,7 +138,7 @@ class Link:
         self.stream = stream
         self.wire = wire
         self.forward = forward
-        self.started = time.monotonic()
+        self.started = trio.current_time()  # when it was made: its key's age
         self._control: list[bytes] = []
         self._wake = trio.Event()
         self._retiring = False
@@ -281,7 +281,9 @@ class Link:
             port.active = None
             port.state = "down"
             port.accepts = Offload.NONE
-            port.queue.clear()
+            if port.queue:  # frames no link will carry: lost, and counted as such
+                port.counters.drop("link_down", len(port.queue))
+                port.queue.clear()
 
     # -- the three tasks ------------------------------------------------------------------
 
@@ -304,7 +306,9 @@ class Link:
             if kind is Frames:
                 self.forward(port, event.frames)
             elif kind is Ping:
-                if not wire.failed:  # else a WireError ends the link at the next call
+                # Not after a protocol error (a WireError ends the link at the next call),
+                # nor after a CLOSE (a retiring link drains; it answers nothing more).
+                if not wire.failed and not wire.closed:
                     self._send_control(wire.send_pong(event.nonce, event.timestamp_ns))
             elif kind is Pong:
                 port.rtt_ms = (time.monotonic_ns() - event.timestamp_ns) / 1e6
@@ -384,8 +388,9 @@ class Link:
                                      f"{WRITE_STALL_SECONDS:.0f} s)", by_peer=True,
                                      kind="peer_not_reading"))
                 return
-            nonce += 1
-            self._send_control(self.wire.send_ping(nonce, time.monotonic_ns()))
+            if not self.wire.closed:  # a retiring link that said CLOSE only drains
+                nonce += 1
+                self._send_control(self.wire.send_ping(nonce, time.monotonic_ns()))
 
 
 def _lost(exc: BaseException) -> LinkResult:

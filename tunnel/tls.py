@@ -1,20 +1,25 @@
-"""TLS over a Trio socket stream with memory BIOs, built for batches: one read from the
-socket feeds every TLS record it holds to OpenSSL, and `receive_some` returns all of their
+"""TLS over any Trio stream with memory BIOs, built for batches: one read from the transport
+feeds every TLS record it holds to OpenSSL, and `receive_some` returns all of their
 plaintext at once; one `send_all` encrypts a whole batch (OpenSSL cuts the records) and
-hands the ciphertext to the socket in one write.
+hands the ciphertext to the transport in one write.
 
 Why not trio.SSLStream: it returns at most one 16 KiB TLS record per `receive_some`, so a
 64 KiB frame costs four trips through the Trio machinery, the codec and the reader loop;
-here it costs one.  The socket is written and read directly (non-blocking `os.write` /
-`os.readv` into one preallocated buffer), waiting on the fd only when the kernel says
-EAGAIN: a send that fits the socket buffer costs no trip through Trio's scheduler, where
-trio's SocketStream and a lock around it cost two.  Who uses it: the hub's listener and the
-endpoint (tunnel/listener.py, tunnel/endpoint.py).  Rules: only this class touches its
-SSLObject; ciphertext leaves in the order OpenSSL made it (bytes the kernel did not take
-wait in `_unsent`, drained by one task at a time while the others wait for it).  `_unsent`
-holds at most what each task wrote in its last call (every writer then waits for the drain);
-`waiting_since` tells the caller how long ciphertext has waited with no progress, so a peer
-that stops reading can be cut (tunnel/session.py, WRITE_STALL_SECONDS).
+here it costs one.  On a socket (`SocketTransport`, what the hub and the endpoint use) the
+fd is written and read directly (non-blocking `os.write` / `os.readv` into one preallocated
+buffer), waiting on it only when the kernel says EAGAIN: a send that fits the socket buffer
+costs no trip through Trio's scheduler, where trio's SocketStream and a lock around it cost
+two.  Any other stream (`StreamTransport`: trio.testing's memory streams, on which the
+tests run links in virtual time) is driven through its `send_all` and `receive_some`, with
+the same order, batching and stall clock.  Who uses it: the hub's listener and the endpoint
+(tunnel/listener.py, tunnel/endpoint.py).
+
+Rules: only this class touches its SSLObject; ciphertext leaves in the order OpenSSL made it
+(bytes the transport did not take wait in `_unsent`, drained by one task at a time while the
+others wait for it).  `_unsent` holds at most what each task wrote in its last call (every
+writer then waits for the drain); `waiting_since` tells the caller how long ciphertext has
+waited with no progress, so a peer that stops reading can be cut (tunnel/session.py,
+WRITE_STALL_SECONDS).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import trio
 
 # Plaintext to take out of OpenSSL per call; several TLS records fit.
 READ_CHUNK = 1 << 20
-# Ciphertext to read from the socket per call.
+# Ciphertext to read from the transport per call, and to hand a non-socket stream per write.
 SOCKET_READ = 256 * 1024
 # One read buffer per Trio run, shared by every stream: a read is copied into its stream's
 # BIO before anything awaits, so a hub with many sessions holds one buffer, not one each.
@@ -42,17 +47,105 @@ def _read_buffer() -> bytearray:
         return buffer
 
 
+class SocketTransport:
+    """Ciphertext to and from a socket's fd, without Trio's SocketStream in the way."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.socket = stream.socket
+
+    def _fileno(self) -> int:
+        fd = self.socket.fileno()
+        if fd < 0:  # closed: never write to a number the kernel may have handed out again
+            raise trio.ClosedResourceError("the TLS stream's socket is closed")
+        return fd
+
+    def write_nowait(self, data: bytes | bytearray | memoryview) -> int:
+        """Bytes of `data` the kernel took now (0 when its send buffer is full)."""
+        try:
+            return os.write(self._fileno(), data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"connection lost: {exc}") from exc
+
+    async def write(self, data: bytearray) -> int:
+        """Wait until the kernel has room, then the bytes of `data` it took (maybe 0)."""
+        await trio.lowlevel.wait_writable(self._fileno())
+        return self.write_nowait(data)
+
+    async def fill(self, incoming: ssl.MemoryBIO) -> bool:
+        """One read of whatever the socket holds into `incoming`; False at its end.  Waits
+        for data only when there is none (and otherwise yields once, for fairness)."""
+        waited = False
+        buffer = _read_buffer()
+        while True:
+            fd = self._fileno()
+            try:
+                count = os.readv(fd, [buffer])
+                break
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(fd)
+                waited = True
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"connection lost: {exc}") from exc
+        if count:
+            with memoryview(buffer) as view:
+                incoming.write(view[:count])
+        if not waited:
+            await trio.lowlevel.checkpoint()
+        return count > 0
+
+
+class StreamTransport:
+    """Ciphertext to and from any other trio Stream.  Nothing is taken without waiting; a
+    write hands the stream at most SOCKET_READ bytes, so the stall clock sees progress at
+    that grain.  A cancellation seen before the stream is touched loses nothing (what waits
+    in `_unsent` goes out with the next write or the close); one that interrupts the
+    stream's `send_all` leaves it in an unknown state (trio's rule): every later write is
+    refused, so no ciphertext is sent twice."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self._interrupted = False
+
+    def write_nowait(self, data: bytes | bytearray | memoryview) -> int:
+        if self._interrupted:
+            raise trio.BrokenResourceError("an earlier write was interrupted")
+        return 0
+
+    async def write(self, data: bytearray) -> int:
+        if self._interrupted:
+            raise trio.BrokenResourceError("an earlier write was interrupted")
+        await trio.lowlevel.checkpoint_if_cancelled()
+        chunk = data[:SOCKET_READ]  # a copy: `data` grows while we wait
+        try:
+            await self.stream.send_all(chunk)
+        except BaseException:
+            self._interrupted = True
+            raise
+        return len(chunk)
+
+    async def fill(self, incoming: ssl.MemoryBIO) -> bool:
+        data = await self.stream.receive_some(SOCKET_READ)
+        if data:
+            incoming.write(data)
+        return bool(data)
+
+
 class TLSStream(trio.abc.Stream):
-    def __init__(self, transport: trio.SocketStream, context: ssl.SSLContext, *,
+    def __init__(self, transport: trio.abc.Stream, context: ssl.SSLContext, *,
                  server_side: bool) -> None:
         self.transport = transport
+        self._pipe: SocketTransport | StreamTransport = (
+            SocketTransport(transport) if isinstance(transport, trio.SocketStream)
+            else StreamTransport(transport))
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._ssl = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side)
-        self._unsent = bytearray()  # ciphertext the kernel has not taken yet, in order
+        self._unsent = bytearray()  # ciphertext the transport has not taken yet, in order
         self._drained: trio.Event | None = None  # set while one task drains `_unsent`
         # trio.current_time() when `_unsent` last stopped being empty or last shrank;
-        # None while the kernel has every byte.
+        # None while the transport has every byte.
         self.waiting_since: float | None = None
         self._eof = False
 
@@ -63,10 +156,6 @@ class TLSStream(trio.abc.Stream):
 
     def getpeercert(self, binary_form: bool = False) -> object:
         return self._ssl.getpeercert(binary_form)
-
-    @property
-    def socket(self) -> trio.socket.SocketType:
-        return self.transport.socket
 
     # -- the stream -------------------------------------------------------------------------
 
@@ -83,6 +172,11 @@ class TLSStream(trio.abc.Stream):
                 raise trio.BrokenResourceError(f"TLS handshake failed: {exc}") from exc
             await self._flush()
             return
+
+    async def receive_first_bytes(self) -> None:
+        """Wait until the peer sent something (or closed), and give it to OpenSSL: the hub
+        allows a connection a short time for its first bytes before any TLS work."""
+        await self._fill()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """Every plaintext byte the records received so far hold; b"" at the end."""
@@ -119,19 +213,19 @@ class TLSStream(trio.abc.Stream):
 
     @property
     def sending(self) -> bool:
-        """Ciphertext waits for the kernel: a task is draining it, or one must."""
+        """Ciphertext waits for the transport: a task is draining it, or one must."""
         return bool(self._unsent) or self._drained is not None
 
     def send_now(self, data: bytes | bytearray | memoryview) -> bool:
         """`send_all` without waiting, for callers that cannot await (only when not
-        `sending`): True if the kernel took every byte; False if the rest waits in order for
-        the next `send_all` or `flush`, which the caller must see to."""
+        `sending`): True if the transport took every byte; False if the rest waits in order
+        for the next `send_all` or `flush`, which the caller must see to."""
         try:
             self._ssl.write(data)
         except ssl.SSLError as exc:
             raise trio.BrokenResourceError(f"TLS: {exc}") from exc
         out = self._outgoing.read()
-        sent = self._write(out)
+        sent = self._pipe.write_nowait(out)
         if sent == len(out):
             return True
         self._unsent += memoryview(out)[sent:]
@@ -139,7 +233,7 @@ class TLSStream(trio.abc.Stream):
         return False
 
     async def flush(self) -> None:
-        """Return once the kernel has every byte made so far."""
+        """Return once the transport has every byte made so far."""
         await trio.lowlevel.checkpoint_if_cancelled()
         await self._flush()
 
@@ -160,24 +254,9 @@ class TLSStream(trio.abc.Stream):
 
     # -- moving ciphertext --------------------------------------------------------------------
 
-    def _fileno(self) -> int:
-        fd = self.transport.socket.fileno()
-        if fd < 0:  # closed: never write to a number the kernel may have handed out again
-            raise trio.ClosedResourceError("the TLS stream's socket is closed")
-        return fd
-
-    def _write(self, data: bytes | bytearray | memoryview) -> int:
-        """Bytes of `data` the kernel took now (0 when its send buffer is full)."""
-        try:
-            return os.write(self._fileno(), data)
-        except BlockingIOError:
-            return 0
-        except OSError as exc:
-            raise trio.BrokenResourceError(f"connection lost: {exc}") from exc
-
     async def _flush(self) -> None:
-        """Hand everything OpenSSL wrote to the kernel, in order; returns when the kernel
-        has it (or, if another task is draining, when that task is done)."""
+        """Hand everything OpenSSL wrote to the transport, in order; returns when the
+        transport has it (or, if another task is draining, when that task is done)."""
         data = self._outgoing.read()
         if self._drained is not None:  # another task is draining: queue behind it and wait
             self._unsent += data
@@ -186,7 +265,7 @@ class TLSStream(trio.abc.Stream):
         if not self._unsent:
             if not data:
                 return
-            sent = self._write(data)
+            sent = self._pipe.write_nowait(data)
             if sent == len(data):
                 return  # the common case: no wait, no trip through the scheduler
             self._unsent += memoryview(data)[sent:]
@@ -196,8 +275,7 @@ class TLSStream(trio.abc.Stream):
         self._drained = trio.Event()
         try:
             while self._unsent:
-                await trio.lowlevel.wait_writable(self._fileno())
-                sent = self._write(self._unsent)
+                sent = await self._pipe.write(self._unsent)
                 if sent:
                     del self._unsent[:sent]
                     self.waiting_since = trio.current_time() if self._unsent else None
@@ -212,25 +290,7 @@ class TLSStream(trio.abc.Stream):
             pass
 
     async def _fill(self) -> None:
-        """One read of whatever the socket holds into OpenSSL's incoming BIO; waits for
-        data only when there is none (and otherwise yields once, for fairness)."""
-        waited = False
-        buffer = _read_buffer()
-        while True:
-            fd = self._fileno()
-            try:
-                count = os.readv(fd, [buffer])
-                break
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(fd)
-                waited = True
-            except OSError as exc:
-                raise trio.BrokenResourceError(f"connection lost: {exc}") from exc
-        if count:
-            with memoryview(buffer) as view:
-                self._incoming.write(view[:count])
-        else:
+        """One read of whatever the transport holds into OpenSSL's incoming BIO."""
+        if not await self._pipe.fill(self._incoming):
             self._eof = True
             self._incoming.write_eof()
-        if not waited:
-            await trio.lowlevel.checkpoint()

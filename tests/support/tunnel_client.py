@@ -1,6 +1,7 @@
 """A raw tunnel client for attack tests: it authenticates like an endpoint (tunnel/keys.py,
-tunnel/wire.py, tunnel/tls.py) and then hands the TLS stream and the codec to the test, which
-sends whatever it likes (a PING flood, random records) and reads only if it wants to."""
+tunnel/wire.py, tunnel/tls.py), over TCP or over a memory stream (tests/support/memlink.py),
+and then hands the TLS stream and the codec to the test, which sends whatever it likes (a
+PING flood, random records) and reads only if it wants to."""
 
 from __future__ import annotations
 
@@ -73,16 +74,23 @@ async def connect_peer(port: int, identity_dir: Path, hub_fingerprint: bytes, na
         if receive_buffer is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
         await sock.connect((host, port))
-        tls = TLSStream(trio.SocketStream(sock), client_ssl_context(), server_side=False)
-        await tls.do_handshake()
-        check_server(tls, hub_fingerprint)
-        wire = WireConnection("client", name=name, offloads=int(ALL_OFFLOADS), mtu=1500)
-        await tls.send_all(wire.send_hello())
-        hello = None
-        while hello is None:
-            wire.receive_data(await tls.receive_some(1 << 16))
-            hello = next((e for e in wire.next_events() if isinstance(e, Hello)), None)
-        certificate, signature = sign_client_auth(load_identity(identity_dir), hello.challenge,
-                                                  hub_fingerprint, name)
-        await tls.send_all(wire.send_auth(certificate, signature))
+        return await log_in(trio.SocketStream(sock), identity_dir, hub_fingerprint, name)
+
+
+async def log_in(stream: trio.abc.Stream, identity_dir: Path, hub_fingerprint: bytes,
+                 name: str) -> RawPeer:
+    """TLS, HELLO and AUTH over `stream` (a socket or a memory stream) as the endpoint
+    whose key is in `identity_dir`; the hub's verdict is not awaited."""
+    tls = TLSStream(stream, client_ssl_context(), server_side=False)
+    await tls.do_handshake()
+    check_server(tls, hub_fingerprint)
+    wire = WireConnection("client", name=name, offloads=int(ALL_OFFLOADS), mtu=1500)
+    await tls.send_all(wire.send_hello())
+    hello = None
+    while hello is None:
+        wire.receive_data(await tls.receive_some(1 << 16))
+        hello = next((e for e in wire.next_events() if isinstance(e, Hello)), None)
+    certificate, signature = sign_client_auth(load_identity(identity_dir), hello.challenge,
+                                              hub_fingerprint, name)
+    await tls.send_all(wire.send_auth(certificate, signature))
     return RawPeer(tls, wire)
