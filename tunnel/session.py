@@ -118,7 +118,6 @@ class SessionPort(QueuedPort):
 @dataclass
 class LinkResult:
     reason: str  # for people: the log line, the endpoint's last_error
-    by_peer: bool
     # For counting: peer_closed, connection_lost, protocol_error, dead, peer_not_reading,
     # internal_error, aborted, closed.
     kind: str = "closed"
@@ -187,7 +186,7 @@ class Link:
 
     def abort(self, reason: str) -> None:
         """End the link now (its peer is no longer allowed): nothing more in or out."""
-        self._end(LinkResult(reason, by_peer=False, kind="aborted"))
+        self._end(LinkResult(reason, kind="aborted"))
 
     def _end(self, result: LinkResult) -> None:
         """The link is over for `result` (the first reason given wins): stop its tasks."""
@@ -200,7 +199,7 @@ class Link:
         """An exception nobody expected, met while serving this link: it ends this link only
         (logged with its traceback, once), never the process or another link."""
         log.error("%s: internal error, link closed: %r", self.port.name, exc, exc_info=exc)
-        self._end(LinkResult(f"internal error: {exc!r}", by_peer=False, kind="internal_error"))
+        self._end(LinkResult(f"internal error: {exc!r}", kind="internal_error"))
 
     def _wake_writer(self) -> None:
         self._wake.set()
@@ -252,7 +251,7 @@ class Link:
                     await self.stream.aclose()
                 except Exception:  # a broken TLS stream may not close cleanly; it is gone
                     pass
-        return self._ended or LinkResult("closed", by_peer=True)
+        return self._ended or LinkResult("closed")
 
     async def _guarded(self, task: Callable[[], Awaitable[None]]) -> None:
         """The link's guard, around each of its tasks: any exception ends the link."""
@@ -262,7 +261,7 @@ class Link:
             self._end(_lost(exc))
         except WireError as exc:
             self._error = exc
-            self._end(LinkResult(f"protocol error: {exc}", by_peer=True, kind="protocol_error"))
+            self._end(LinkResult(f"protocol error: {exc}", kind="protocol_error"))
         except Exception as exc:
             self._internal_error(exc)
 
@@ -315,10 +314,9 @@ class Link:
             elif kind is Closed:
                 log.info("%s: peer closed (code %d%s)", port.name, event.code,
                          f": {event.reason}" if event.reason else "")
-                return LinkResult(event.reason or "closed by peer", by_peer=True,
-                                  kind="peer_closed")
+                return LinkResult(event.reason or "closed by peer", kind="peer_closed")
             elif kind is Eof:
-                return LinkResult("connection closed", by_peer=True, kind="peer_closed")
+                return LinkResult("connection closed", kind="peer_closed")
         if wire.failed:
             wire.next_events()  # raises the peer's WireError now, not at its next bytes
         return None
@@ -341,7 +339,7 @@ class Link:
                 await stream.send_all(wire.send_close(CloseCode.NORMAL, self._retire_reason))
                 with trio.move_on_after(DRAIN_SECONDS):
                     await trio.sleep_forever()  # the reader ends when the peer closes
-                self._end(LinkResult(self._retire_reason, by_peer=False))
+                self._end(LinkResult(self._retire_reason))
                 return
             if queue and port.active is self:
                 frames = list(queue)
@@ -377,15 +375,14 @@ class Link:
             if now - self._last_heard > DEAD_SECONDS:
                 log.warning("%s: nothing heard for %.0f s; closing", self.port.name,
                             DEAD_SECONDS)
-                self._end(LinkResult(f"nothing heard for {DEAD_SECONDS:.0f} s", by_peer=True,
-                                     kind="dead"))
+                self._end(LinkResult(f"nothing heard for {DEAD_SECONDS:.0f} s", kind="dead"))
                 return
             waiting = self.stream.waiting_since
             if waiting is not None and now - waiting > WRITE_STALL_SECONDS:
                 log.warning("%s: peer not reading: nothing sent for %.0f s; closing",
                             self.port.name, now - waiting)
                 self._end(LinkResult(f"peer not reading (nothing sent for "
-                                     f"{WRITE_STALL_SECONDS:.0f} s)", by_peer=True,
+                                     f"{WRITE_STALL_SECONDS:.0f} s)",
                                      kind="peer_not_reading"))
                 return
             if not self.wire.closed:  # a retiring link that said CLOSE only drains
@@ -394,5 +391,4 @@ class Link:
 
 
 def _lost(exc: BaseException) -> LinkResult:
-    return LinkResult(f"connection lost: {exc or type(exc).__name__}", by_peer=True,
-                      kind="connection_lost")
+    return LinkResult(f"connection lost: {exc or type(exc).__name__}", kind="connection_lost")
