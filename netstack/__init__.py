@@ -1,4 +1,5 @@
-"""netstack: frames and what happens to them (the switch, ports, gateway services); no I/O."""
+"""netstack: frames and what happens to them: the switch, ports and policies, the packet
+formats (wire/), the hub's services (gateway/) and a TUN host's link layer (host/); no I/O."""
 
 from netstack.frame import Frame, Offload
 from netstack.port import Port, PortCounters, QueuedPort
