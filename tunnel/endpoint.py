@@ -1,11 +1,11 @@
 """`vhostvpn vm` and `vhostvpn host`: join local guests, or this host, to a hub over one session.
 
 The endpoint is a small switch of its own: each local vhost-user socket is a port, so is the
-host's TAP device (`vhostvpn host --tap`, tunnel/tuntap.py) or its TUN device behind an L3 adapter
-(`vhostvpn host --tun`, tunnel/tunport.py), and so is the uplink to the hub (a
+host's TAP device (`vhostvpn host --tap`, tunnel/host/tuntap.py) or its TUN device behind an
+L3 adapter (`vhostvpn host --tun`, tunnel/host/tunport.py), and so is the uplink to the hub (a
 SessionPort, trusted here; the hub polices it).  Guests on the same endpoint reach each other
 locally; everything else crosses the uplink.  A host's link, addresses and MTU are set through
-netlink (tunnel/hostnet.py) and removed again when the endpoint exits, even on SIGTERM.
+netlink (tunnel/host/hostnet.py) and removed again when the endpoint exits, even on SIGTERM.
 
 The uplink's life (`_uplink`): connect (TCP, TLS 1.3) -> check the hub's certificate against
 the pinned fingerprint (nothing is sent to a hub that fails) -> HELLO both ways -> AUTH, the

@@ -1,6 +1,6 @@
 """A DHCPv4 client (RFC 2131/2132) for `vhostvpn host --tun`: Ethernet frames in, frames out.
 
-The host joins the segment with its own MAC (netstack.l3host); this client gets that MAC
+The host joins the segment with its own MAC (netstack.host.l3host); this client gets that MAC
 an address from the segment's DHCP server (netstack.gateway.dhcp_server on the hub); the
 messages are read and written by the one DHCP codec (netstack.wire.dhcp).  No sockets, no
 clock: every call takes `now` (monotonic seconds), `next_deadline()` says when `tick` is

@@ -421,7 +421,7 @@ async def _read_loop(
 def write_queued(device: TunTapDevice, queue: deque[Frame], counters: PortCounters) -> bool:
     """One batch from the head of `queue` to the device, counted as the port's `out_*`
     (`counters`); False if the kernel pushed back (the rest is back at the head of the
-    queue, in order).  Shared by the TAP writer here and the TUN port's (tunnel/tunport.py)."""
+    queue, in order).  Shared by the TAP writer here and the TUN port's (tunnel/host/tunport.py)."""
     batch = [queue.popleft() for _ in range(min(BATCH, len(queue)))]
     device_counters = device.counters
     frames_before = device_counters.written_frames
