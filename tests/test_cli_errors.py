@@ -221,6 +221,13 @@ def test_a_bad_config_value_names_the_file_and_the_key(tmp_path, text, message):
     assert message in line
 
 
+
+def test_a_config_file_that_is_not_utf8_is_refused_in_one_line(tmp_path):
+    config = tmp_path / "hub.toml"
+    config.write_bytes(b'name = "\xff\xfe"\n')
+    line = one_line(vhostvpn("hub", "--config", str(config)), 2)
+    assert line.startswith(f"vhostvpn hub: --config {config}: not valid TOML: ")
+
 def test_config_sets_tap_and_paths_relative_to_its_folder(tmp_path, monkeypatch):
     from tunnel.cli.main import parse_args
 

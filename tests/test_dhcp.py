@@ -850,6 +850,33 @@ def test_bad_entries_are_skipped_and_the_rest_kept(tmp_path):
     assert not (tmp_path / "leases.json.corrupt").exists()
 
 
+
+def test_entries_of_the_wrong_json_type_or_beyond_a_float_are_skipped_not_raised(tmp_path):
+    """A lease file is read before the hub serves anyone: an entry whose MAC is not a string,
+    or whose time does not fit a float or is infinite (a lease that would never end), is one
+    bad entry, skipped like the others -- it may not stop the hub from starting."""
+    clock = Clock()
+    state = tmp_path / "leases.json"
+    good = {"mac": "52:54:00:12:34:01", "ip": "10.77.0.2", "expires": clock.now + 100,
+            "hostname": "ok", "client_id": None}
+    huge = "1" + "0" * 400  # valid JSON; too large for a float
+    entries = [
+        json.dumps(good),
+        json.dumps({**good, "mac": 5, "ip": "10.77.0.3"}),
+        json.dumps({**good, "mac": ["52:54:00:12:34:02"], "ip": "10.77.0.3"}),
+        json.dumps({**good, "mac": "52:54:00:12:34:04", "ip": "10.77.0.4"})
+        .replace(str(good["expires"]), huge),
+        json.dumps({**good, "mac": "52:54:00:12:34:05", "ip": "10.77.0.5", "expires": 1e999}),
+    ]
+    declined = f'[{{"ip": "10.77.0.9", "until": {huge}}}, {{"ip": "10.77.0.8", "until": 1e999}}]'
+    state.write_text(f'{{"version": 1, "leases": [{",".join(entries)}], "declined": {declined}}}')
+    stored = read_state(state)
+    assert [lease.mac for lease in stored.leases] == [mac(1)]
+    assert stored.skipped == 4 and stored.declined == () and not stored.corrupt
+    server = make_server(clock, state_path=state)
+    assert list(server.leases) == [mac(1)]
+    assert server.counters["state_entry_skipped"] == 4
+
 # --- Frames we refuse ---------------------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -99,7 +100,7 @@ def read_state(path: Path) -> StoredState:
     rested = []
     for entry in declined:
         try:
-            rested.append((IPv4Address(entry["ip"]), float(entry["until"])))
+            rested.append((IPv4Address(entry["ip"]), _time(entry["until"])))
         except (ValueError, TypeError, KeyError) as error:
             log.warning("%s: skipping declined entry %.200r: %s", path, entry, error)
     return StoredState(tuple(leases), tuple(rested), skipped)
@@ -129,10 +130,23 @@ def decode_lease(entry: object) -> Lease:
         client_id = bytes.fromhex(client_id)
         if not CLIENT_ID_MIN_LEN <= len(client_id) <= OPTION_MAX_LEN:
             raise ValueError(f"client_id of {len(client_id)} bytes")
-    expires = entry["expires"]
-    if not isinstance(expires, int | float) or expires != expires:  # NaN
-        raise TypeError(f"expires {expires!r} is not a number")
-    return Lease(parse_mac(entry["mac"]), ip, float(expires), hostname, client_id)
+    if not isinstance(entry["mac"], str):
+        raise TypeError(f"mac {entry['mac']!r} is not a string")
+    return Lease(parse_mac(entry["mac"]), ip, _time(entry["expires"]), hostname, client_id)
+
+
+def _time(value: object) -> float:
+    """A time from the file: a finite number (JSON allows integers no float holds, and
+    Python's reader takes Infinity and NaN)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise TypeError(f"{value!r} is not a number")
+    try:
+        seconds = float(value)
+    except OverflowError:
+        raise ValueError(f"{str(value)[:20]}... is too large") from None
+    if not math.isfinite(seconds):
+        raise ValueError(f"{value!r} is not a finite time")
+    return seconds
 
 
 def encode_state(leases: Iterable[bytes], declined: Mapping[IPv4Address, float]) -> bytes:

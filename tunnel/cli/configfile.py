@@ -45,7 +45,7 @@ def config_tokens(path: Path, parser: argparse.ArgumentParser, argv: list[str]) 
         raise ConfigError(f"--config {path}: is a directory, want a TOML file") from None
     except OSError as exc:
         raise ConfigError(f"--config {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:  # TOML is UTF-8
         raise ConfigError(f"--config {path}: not valid TOML: {exc}") from None
     actions = {action.dest: action for action in parser._actions
                if action.option_strings and action.dest not in ("help", "config")}
