@@ -12,8 +12,7 @@ import pytest
 import trio
 
 from tests.support.guest import Guest, ensure_image, qemu_available, wait_all_booted
-from tests.support.hub import endpoint_process, free_tcp_port, hub_process
-from tunnel.keys import keygen
+from tests.support.hub import TunnelKeys, endpoint_process, hub_process
 
 pytestmark = [
     pytest.mark.slow,
@@ -37,21 +36,11 @@ async def ping_until(g: Guest, address: str, seconds: float) -> float:
 
 
 async def test_two_endpoints_through_a_hub_survive_kill_9(tmp_path):
-    hub_fp = keygen(tmp_path / "hub-id")
-    peers = [f"{name} {keygen(tmp_path / f'{name}-id')}" for name in ("ep1", "ep2")]
-    (tmp_path / "peers").write_text("\n".join(peers) + "\n")
-    port = free_tcp_port()
-    hub_args = ["--listen", f"127.0.0.1:{port}", "--identity", str(tmp_path / "hub-id"),
-                "--peers", str(tmp_path / "peers"), "--subnet", "10.77.0.0/24",
-                "--state-dir", str(tmp_path / "state")]
-
-    def vm_args(name: str) -> list[str]:
-        return ["--hub", f"127.0.0.1:{port}", "--identity", str(tmp_path / f"{name}-id"),
-                "--hub-fingerprint", hub_fp]
-
+    keys = TunnelKeys(tmp_path, ("ep1", "ep2"))
+    hub_args = keys.hub_args("--subnet", "10.77.0.0/24", "--state-dir", str(tmp_path / "state"))
     async with hub_process(tmp_path, [], hub_args) as hub, \
-            endpoint_process(tmp_path, "ep1", ["a.sock"], vm_args("ep1")) as ep1, \
-            endpoint_process(tmp_path, "ep2", ["b.sock"], vm_args("ep2")) as ep2:
+            endpoint_process(tmp_path, "ep1", ["a.sock"], keys.vm_args("ep1")) as ep1, \
+            endpoint_process(tmp_path, "ep2", ["b.sock"], keys.vm_args("ep2")) as ep2:
         ga = Guest("ga", socket=Path(ep1.socket("a.sock")), dhcp=True, stay=True,
                    log_dir=tmp_path)
         gb = Guest("gb", socket=Path(ep2.socket("b.sock")), dhcp=True, stay=True,
