@@ -57,6 +57,12 @@ async def guest(path, order=BringUpOrder.QEMU_7_2, **kw):
             yield fe
 
 
+def post_rx(fe: VhostUserFrontend, count: int = 16) -> None:
+    """Post `count` RX buffers and kick the RX queue: the buffers are there now."""
+    fe.net.post_rx(count)
+    fe.kick(0)
+
+
 async def send(fe: VhostUserFrontend, frames: list[bytes]) -> None:
     fe.net.send(frames)
     fe.kick(1)
@@ -118,8 +124,7 @@ async def test_guest_that_posts_buffers_late_still_gets_its_frames(tmp_path):
                 await receive(a, 1)
                 await send(a, [eth(MAC_B, MAC_A, i) for i in range(5)])
                 await trio.testing.wait_all_tasks_blocked()
-                b.net.post_rx(16)
-                b.kick(0)  # the RX kick: buffers are there now
+                post_rx(b)
                 assert len(await receive(b, 5)) == 5
 
 
@@ -150,8 +155,7 @@ async def test_client_mode_backend_dials_a_listening_front_end(tmp_path):
             async with guest(tmp_path / "a.sock") as a, VhostUserFrontend.accept(
                 tmp_path / "c.sock", ram, accept_timeout=10
             ) as c:
-                c.net.post_rx(16)
-                c.kick(0)
+                post_rx(c)
                 await send(a, [eth(BROADCAST, MAC_A, 1)])
                 assert len(await receive(c, 1)) == 1
 
@@ -215,8 +219,7 @@ async def test_hostile_ring_latches_only_its_device_broken(tmp_path):
             assert next(p["broken"] for p in state["ports"] if p["name"] == "a.sock")
             # the driver resets the device (reboot): the latch clears and traffic resumes
             await a.reboot()
-            a.net.post_rx(16)
-            a.kick(0)
+            post_rx(a)
             await send(b, [eth(BROADCAST, MAC_B, 2)])
             assert len(await receive(a, 1)) == 1
 
