@@ -5,12 +5,10 @@ back by itself, no guest reboots."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import trio
 
-from tests.support.guest import Guest, iperf3_mbits, qemu_available, send_file, wait_all_booted
+from tests.support.guest import Guest, dhcp_guests, iperf3_mbits, qemu_available, send_file
 from tests.support.hub import TunnelKeys, endpoint_process, hub_process
 
 pytestmark = [
@@ -36,13 +34,8 @@ async def test_two_endpoints_through_a_hub_survive_kill_9(tmp_path):
     async with hub_process(tmp_path, [], hub_args) as hub, \
             endpoint_process(tmp_path, "ep1", ["a.sock"], keys.vm_args("ep1")) as ep1, \
             endpoint_process(tmp_path, "ep2", ["b.sock"], keys.vm_args("ep2")) as ep2:
-        ga = Guest("ga", socket=Path(ep1.socket("a.sock")), dhcp=True, stay=True,
-                   log_dir=tmp_path)
-        gb = Guest("gb", socket=Path(ep2.socket("b.sock")), dhcp=True, stay=True,
-                   log_dir=tmp_path)
-        async with ga, gb:
-            boots = await wait_all_booted([ga, gb])
-            ip_a, ip_b = (b.ip.split("/")[0] for b in boots)
+        async with dhcp_guests(tmp_path, ga=ep1.socket("a.sock"),
+                               gb=ep2.socket("b.sock")) as ((ga, gb), (ip_a, ip_b)):
             assert ip_a.startswith("10.77.0.") and ip_b.startswith("10.77.0.")
             await ga.check(f"ping -c 3 -W 2 {ip_b}")
             # iperf3 and a file, across both tunnels

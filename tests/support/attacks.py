@@ -19,7 +19,7 @@ from pathlib import Path
 import trio
 
 from netstack.frame import PLAIN
-from tests.support.guest import Guest, wait_all_booted
+from tests.support.guest import dhcp_guests
 from tests.support.hostile_frames import HostileFrames
 from tests.support.hub import TunnelKeys, endpoint_process, hub_process
 from tests.support.tunnel_client import RawPeer, connect_peer
@@ -181,13 +181,8 @@ async def attack_while_guests_ping(tmp_path: Path, seconds: float) -> dict:
     vm_args = keys.vm_args("ep1", "--log-level", "info")
     async with hub_process(tmp_path, ["gb.sock", "evil.sock"], hub_args) as hub, \
             endpoint_process(tmp_path, "ep1", ["ga.sock", "evil1.sock"], vm_args) as ep1:
-        ga = Guest("ga", socket=Path(ep1.socket("ga.sock")), dhcp=True, stay=True,
-                   log_dir=tmp_path)
-        gb = Guest("gb", socket=Path(hub.socket("gb.sock")), dhcp=True, stay=True,
-                   log_dir=tmp_path)
-        async with ga, gb:
-            boots = await wait_all_booted([ga, gb])
-            ip_b = boots[1].ip.split("/")[0]
+        async with dhcp_guests(tmp_path, ga=ep1.socket("ga.sock"),
+                               gb=hub.socket("gb.sock")) as ((ga, _), (_, ip_b)):
             await ga.check(f"ping -c 2 -W 2 {ip_b}")
             pid = hub.process.pid
             before = rss(pid)

@@ -18,7 +18,8 @@ Theory of operation:
    so output of a command that timed out earlier can never be mistaken for a later one.
 5. Every wait is bounded; a timeout or an early QEMU exit raises GuestError with the tail of
    the console and QEMU logs.
-6. What the tests measure between two guests: `iperf3_mbits` (a TCP stream), `send_file`
+6. `dhcp_guests` boots several guests that lease their addresses from the hub. What the
+   tests measure between two guests: `iperf3_mbits` (a TCP stream), `send_file`
    (random bytes over busybox nc, sha256 on both ends).
 """
 
@@ -38,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -535,6 +536,24 @@ async def wait_all_booted(guests: Sequence[Guest],
         for index in range(len(guests)):
             nursery.start_soon(one, index)
     return [info for info in infos if info is not None]
+
+
+@contextlib.asynccontextmanager
+async def dhcp_guests(log_dir: Path, **sockets: str) -> AsyncIterator[tuple[list[Guest],
+                                                                           list[str]]]:
+    """Guests named by the keywords, each on its vhost-user socket path, leasing its address
+    by DHCP and staying up; yielded booted, with the IPv4 address each leased."""
+    guests = [Guest(name, socket=Path(path), dhcp=True, stay=True, log_dir=log_dir)
+              for name, path in sockets.items()]
+    async with contextlib.AsyncExitStack() as stack:
+        for guest in guests:
+            await stack.enter_async_context(guest)
+        addresses = []
+        for guest, boot in zip(guests, await wait_all_booted(guests), strict=True):
+            if boot.ip is None:
+                raise GuestError(f"guest {guest.name} booted without a DHCP lease")
+            addresses.append(boot.ip.split("/")[0])
+        yield guests, addresses
 
 
 async def iperf3_mbits(client: Guest, server: Guest, address: str, seconds: int = 2, *,
