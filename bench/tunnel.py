@@ -35,21 +35,22 @@ import trio  # noqa: E402
 from bench import softether  # noqa: E402
 from bench.vhost_switch import (  # noqa: E402
     CLK_TCK,
+    MAC_A,  # testpmd port on endpoint A's socket
+    MAC_B,  # testpmd port on endpoint B's socket
+    RESULTS_DIR,
+    VHOSTVPN_BINARY,
     Generator,
     _stop_process,
     _tail,
     cpu_ticks,
     machine_info,
+    split_generator,
     system_busy_ticks,
 )
 from tests.support.testpmd import TestpmdConfig, VirtioUserPort, run_testpmd  # noqa: E402
 from tunnel.control import query  # noqa: E402
 from tunnel.keys import keygen  # noqa: E402
 
-RESULTS_DIR = ROOT / "bench" / "results"
-VHOSTVPN = ROOT / ".venv" / "bin" / "vhostvpn"
-MAC_A = "02:00:00:00:0a:01"  # testpmd port on endpoint A's socket
-MAC_B = "02:00:00:00:0b:01"  # testpmd port on endpoint B's socket
 START_TIMEOUT = 30.0
 LOOP_BURST = 256  # frames per port put in flight by --tx-first (loop mode)
 POLL_SECONDS = 1.0  # status polling for RTT (the endpoints PING every 5 s)
@@ -107,7 +108,7 @@ class Stack:
     async def _spawn(self, name: str, argv: list[str], cpus: list[int]) -> None:
         with (self.workdir / f"{name}.log").open("wb") as log:
             process = await trio.lowlevel.open_process(
-                [str(VHOSTVPN), *argv, "--log-level", "warning"], stdin=subprocess.DEVNULL,
+                [str(VHOSTVPN_BINARY), *argv, "--log-level", "warning"], stdin=subprocess.DEVNULL,
                 stdout=log, stderr=subprocess.STDOUT)
         self.processes[name] = process
         if cpus:
@@ -226,20 +227,13 @@ def placement_text(mode: str, p: Placement) -> str:
 async def generator(mode: str, stack: Stack, size: int, p: Placement, log_dir: Path,
                     loop_burst: int = LOOP_BURST) -> AsyncIterator[Generator]:
     if mode == "split":
-        # The receiver goes first: one burst B -> A so that every switch learns MAC_B, from
-        # its own IP (198.18.0.2) so that the hub's source-address policy lets it through.
-        rx = TestpmdConfig(ports=[VirtioUserPort(stack.sock_b, mac=MAC_B)],
-                           forward_mode="rxonly", lcores=f"(0,1)@{p.rx_cpu}", tx_first=True,
-                           eth_peers={0: MAC_A}, txpkts=size,
-                           extra_app_args=["--tx-ip=198.18.0.2,198.18.0.1"])
-        tx = TestpmdConfig(ports=[VirtioUserPort(stack.sock_a, mac=MAC_A)],
-                           forward_mode="txonly", lcores=f"(0,1)@{p.tx_cpu}", txpkts=size,
-                           eth_peers={0: MAC_B})
-        async with (
-            run_testpmd(rx, log_path=log_dir / f"split-{size}-rx.log") as receiver,
-            run_testpmd(tx, log_path=log_dir / f"split-{size}-tx.log") as sender,
-        ):
-            yield Generator(sender, receiver, rx_ports=[0], tx_ports=[0])
+        # The receiver's first burst B -> A comes from its own IP (198.18.0.2) so that the
+        # hub's source-address policy lets it through.
+        async with split_generator(stack.sock_a, stack.sock_b, size, p.tx_cpu, log_dir,
+                                   rx_cpu=p.rx_cpu,
+                                   rx_app_args=["--tx-ip=198.18.0.2,198.18.0.1"],
+                                   log_prefix=f"split-{size}-") as split:
+            yield split
     else:
         # loop: one testpmd, ports A and B, "mac" forwarding (each frame leaves with the
         # sending port's own MAC as source and the other port's as destination, as the

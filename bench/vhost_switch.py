@@ -224,20 +224,23 @@ async def combined_generator(sock_a: Path, sock_b: Path, size: int, cpu: int,
 
 @contextlib.asynccontextmanager
 async def split_generator(sock_a: Path, sock_b: Path, size: int, cpu: int,
-                          log_dir: Path) -> AsyncIterator[Generator]:
-    """txonly testpmd on A addressed to B's MAC; rxonly testpmd on B.
+                          log_dir: Path, *, rx_cpu: int | None = None,
+                          rx_app_args: Sequence[str] = (), log_prefix: str = ""
+                          ) -> AsyncIterator[Generator]:
+    """txonly testpmd on A addressed to B's MAC; rxonly testpmd on B (on `rx_cpu` if given,
+    with `rx_app_args`); their logs are <log_prefix>sender.log and <log_prefix>receiver.log.
 
     The receiver starts first with --tx-first: one burst of 32 frames B -> A (to MAC_A) so a
     learning switch knows MAC_B before the sender starts; the sender's frames are then
     unicast to B (with only two ports, flooding would deliver them to B anyway)."""
     rx = TestpmdConfig(ports=[VirtioUserPort(sock_b, mac=MAC_B)], forward_mode="rxonly",
-                       lcores=f"(0,1)@{cpu}", tx_first=True, eth_peers={0: MAC_A},
-                       txpkts=size)
+                       lcores=f"(0,1)@{cpu if rx_cpu is None else rx_cpu}", tx_first=True,
+                       eth_peers={0: MAC_A}, txpkts=size, extra_app_args=rx_app_args)
     tx = TestpmdConfig(ports=[VirtioUserPort(sock_a, mac=MAC_A)], forward_mode="txonly",
                        lcores=f"(0,1)@{cpu}", txpkts=size, eth_peers={0: MAC_B})
     async with (
-        run_testpmd(rx, log_path=log_dir / "receiver.log") as receiver,
-        run_testpmd(tx, log_path=log_dir / "sender.log") as sender,
+        run_testpmd(rx, log_path=log_dir / f"{log_prefix}receiver.log") as receiver,
+        run_testpmd(tx, log_path=log_dir / f"{log_prefix}sender.log") as sender,
     ):
         yield Generator(sender, receiver, rx_ports=[0], tx_ports=[0])
 

@@ -1,4 +1,5 @@
-"""Shared pytest configuration: the repository root on sys.path, so tests import tests.support."""
+"""Shared pytest configuration: the repository root on sys.path, so tests import tests.support;
+each test's own runtime directory; the guest image for the modules that boot QEMU guests."""
 
 import shutil
 import sys
@@ -20,3 +21,12 @@ def runtime_directory(monkeypatch):
     monkeypatch.setenv("RUNTIME_DIRECTORY", folder)
     yield Path(folder)
     shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def guest_image() -> None:
+    """The QEMU test guest's image, built if missing or stale (tests/support/guest.py), for
+    the modules that boot guests (`pytest.mark.usefixtures("guest_image")`)."""
+    from tests.support.guest import ensure_image
+
+    ensure_image()

@@ -20,6 +20,7 @@ from tests.support.virtio_driver import (
 )
 from tunnel.control import query
 from tunnel.hub import Hub, HubConfig
+from virtio.backend import VirtioNetPort
 from virtio.spec import Request
 
 MAC_A = bytes.fromhex("020000000001")
@@ -54,6 +55,12 @@ async def guest(path, order=BringUpOrder.QEMU_7_2, **kw):
             fe.kick(0)
             await trio.testing.wait_all_tasks_blocked()  # the hub has applied every message
             yield fe
+
+
+def post_rx(fe: VhostUserFrontend, count: int = 16) -> None:
+    """Post `count` RX buffers and kick the RX queue: the buffers are there now."""
+    fe.net.post_rx(count)
+    fe.kick(0)
 
 
 async def send(fe: VhostUserFrontend, frames: list[bytes]) -> None:
@@ -117,8 +124,7 @@ async def test_guest_that_posts_buffers_late_still_gets_its_frames(tmp_path):
                 await receive(a, 1)
                 await send(a, [eth(MAC_B, MAC_A, i) for i in range(5)])
                 await trio.testing.wait_all_tasks_blocked()
-                b.net.post_rx(16)
-                b.kick(0)  # the RX kick: buffers are there now
+                post_rx(b)
                 assert len(await receive(b, 5)) == 5
 
 
@@ -149,8 +155,7 @@ async def test_client_mode_backend_dials_a_listening_front_end(tmp_path):
             async with guest(tmp_path / "a.sock") as a, VhostUserFrontend.accept(
                 tmp_path / "c.sock", ram, accept_timeout=10
             ) as c:
-                c.net.post_rx(16)
-                c.kick(0)
+                post_rx(c)
                 await send(a, [eth(BROADCAST, MAC_A, 1)])
                 assert len(await receive(c, 1)) == 1
 
@@ -174,6 +179,24 @@ async def test_protocol_violation_closes_only_that_connection(tmp_path):
                 assert len(await receive(a2, 1)) == 1
 
 
+async def latched_broken(hub: Hub, name: str) -> VirtioNetPort:
+    """The hub's port `name`, once its device has latched broken (within 5 s)."""
+    port = next(p for p in hub.switch.ports if p.name == name)
+    with trio.fail_after(5):
+        while port.device.broken is None:
+            await trio.sleep(0.01)
+    return port
+
+
+def _open_fds() -> int:
+    return len(os.listdir(f"/proc/{os.getpid()}/fd"))
+
+
+def _guest_mappings() -> int:
+    with open(f"/proc/{os.getpid()}/maps") as maps:
+        return sum(1 for line in maps if "memfd:" in line)
+
+
 async def test_hostile_ring_latches_only_its_device_broken(tmp_path):
     async with running_hub(tmp_path) as hub:
         async with guest(tmp_path / "a.sock") as a, guest(tmp_path / "b.sock") as b:
@@ -185,10 +208,7 @@ async def test_hostile_ring_latches_only_its_device_broken(tmp_path):
             tx.set_avail_entry(avail_idx % tx.size, 0)
             tx.set_avail_idx((avail_idx + 1) & 0xFFFF)
             a.kick(1)
-            port_a = next(p for p in hub.switch.ports if p.name == "a.sock")
-            with trio.fail_after(5):
-                while port_a.device.broken is None:
-                    await trio.sleep(0.01)
+            port_a = await latched_broken(hub, "a.sock")
             assert "loops" in port_a.device.broken
             assert not port_a.link_up
             # b still talks to the hub; frames for a are dropped and counted
@@ -199,8 +219,7 @@ async def test_hostile_ring_latches_only_its_device_broken(tmp_path):
             assert next(p["broken"] for p in state["ports"] if p["name"] == "a.sock")
             # the driver resets the device (reboot): the latch clears and traffic resumes
             await a.reboot()
-            a.net.post_rx(16)
-            a.kick(0)
+            post_rx(a)
             await send(b, [eth(BROADCAST, MAC_B, 2)])
             assert len(await receive(a, 1)) == 1
 
@@ -208,24 +227,15 @@ async def test_hostile_ring_latches_only_its_device_broken(tmp_path):
 async def test_unexpected_fds_are_closed(tmp_path):
     async with running_hub(tmp_path):
         async with guest(tmp_path / "a.sock") as a:
-            before = len(os.listdir(f"/proc/{os.getpid()}/fd"))
+            before = _open_fds()
             for _ in range(20):
                 r, w = os.pipe()
                 await a.request(Request.SET_OWNER, b"", fds=[r, w], need_reply=True)
                 os.close(r)
                 os.close(w)
-            after = len(os.listdir(f"/proc/{os.getpid()}/fd"))
+            after = _open_fds()
             assert after <= before + 2
             assert struct.unpack("<Q", await a.request(Request.GET_QUEUE_NUM))[0] == 4
-
-
-def _open_fds() -> int:
-    return len(os.listdir(f"/proc/{os.getpid()}/fd"))
-
-
-def _guest_mappings() -> int:
-    with open(f"/proc/{os.getpid()}/maps") as maps:
-        return sum(1 for line in maps if "memfd:" in line)
 
 
 async def test_disconnects_free_every_mapping_and_fd(tmp_path):
@@ -273,10 +283,7 @@ async def test_hostile_rx_ring_breaks_its_device_while_frames_flow(tmp_path):
             head = a.ram.read_u16(rx.avail_gpa + 4 + 2 * ((avail_idx - 127) % rx.size))
             rx.write_desc(head, a.ram.size + 4096, 2048, 2, 0)
             await send(b, [eth(MAC_A, MAC_B, i) for i in range(50)])
-            port_a = next(p for p in hub.switch.ports if p.name == "a.sock")
-            with trio.fail_after(5):
-                while port_a.device.broken is None:
-                    await trio.sleep(0.01)
+            port_a = await latched_broken(hub, "a.sock")
             assert "outside guest memory" in port_a.device.broken
             # the TX side of the broken device is stopped too, and the hub serves b
             await send(a, [eth(MAC_B, MAC_A, 1)])

@@ -33,14 +33,14 @@ from netstack.pcap import (
 )
 from netstack.port import QueuedPort
 from netstack.switch import Switch
-from tests.support.hub import endpoint_process, free_tcp_port, hub_process
+from tests.support.hub import TunnelKeys, endpoint_process, hub_process
 from tests.support.pcapng import read_pcapng
 from tests.support.tunnel_client import ALICE_IP, ALICE_MAC, GATEWAY, SUBNET, connect_peer
 from tunnel import capture
 from tunnel.capture import CaptureError, FileCaptures, stream_capture
 from tunnel.control import serve_control
 from tunnel.hub import gateway_mac
-from tunnel.keys import keygen, parse_fingerprint
+from tunnel.keys import parse_fingerprint
 
 PINGS = 5
 STALL_SECONDS = 10.0
@@ -268,24 +268,15 @@ def _tshark(path: Path, fields: str) -> list[list[str]]:
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("tshark") is None, reason="needs tshark")
 async def test_capturing_a_hub_gateway_and_an_endpoint_uplink_while_pings_flow(tmp_path):
-    hub_fp = keygen(tmp_path / "hub-id")
-    peers = tmp_path / "peers"
-    peers.write_text("".join(f"{name} {keygen(tmp_path / f'{name}-id')}\n"
-                             for name in ("ep1", "alice")))
-    tcp_port = free_tcp_port()
-    hub_args = ["--listen", f"127.0.0.1:{tcp_port}", "--identity", str(tmp_path / "hub-id"),
-                "--peers", str(peers), "--subnet", str(SUBNET), "--no-dhcp"]
-    vm_args = ["--hub", f"127.0.0.1:{tcp_port}", "--identity", str(tmp_path / "ep1-id"),
-               "--hub-fingerprint", hub_fp]
+    keys = TunnelKeys(tmp_path, ("ep1", "alice"))
+    hub_args = keys.hub_args("--subnet", str(SUBNET), "--no-dhcp")
     async with hub_process(tmp_path, [], hub_args) as hub, \
-            endpoint_process(tmp_path, "ep1", ["ep1.sock"], vm_args) as endpoint:
-        with trio.fail_after(15):
-            while (await endpoint.status())["session"]["state"] != "up":
-                await trio.sleep(0.1)
+            endpoint_process(tmp_path, "ep1", ["ep1.sock"], keys.vm_args("ep1")) as endpoint:
+        await endpoint.session_up()
         uplink = next(p["name"] for p in (await endpoint.status())["ports"]
                       if p.get("kind") == "session")
-        alice = await connect_peer(tcp_port, tmp_path / "alice-id", parse_fingerprint(hub_fp),
-                                   "alice")
+        alice = await connect_peer(keys.port, tmp_path / "alice-id",
+                                   parse_fingerprint(keys.hub_fingerprint), "alice")
         await alice.echo(ALICE_MAC, ALICE_IP, gateway_mac(SUBNET), GATEWAY, 0)
 
         gateway_file, uplink_file = tmp_path / "gateway.pcapng", tmp_path / "uplink.pcapng"

@@ -35,6 +35,7 @@ from netstack.host.dhcp_client import (
 )
 from netstack.host.l3host import L3Host
 from tests.support.clock import Clock
+from tests.support.hostile_frames import garbled
 
 CLIENT_MAC = bytes.fromhex("02686f737401")
 SERVER_MAC = bytes.fromhex("027676000001")
@@ -361,16 +362,7 @@ def test_a_nak_outside_requesting_renewing_rebinding_is_ignored(state):
 def test_garbage_and_mutated_replies_never_raise(data):
     wire = Wire()
     offer = bytes(offer_for(wire).data)
-    choice = data.draw(st.sampled_from(["random", "mutate", "truncate"]))
-    if choice == "random":
-        frame = data.draw(st.binary(max_size=400))
-    elif choice == "truncate":
-        frame = offer[: data.draw(st.integers(0, len(offer)))]
-    else:
-        buf = bytearray(offer)
-        for _ in range(data.draw(st.integers(1, 8))):
-            buf[data.draw(st.integers(0, len(buf) - 1))] = data.draw(st.integers(0, 255))
-        frame = bytes(buf)
+    frame = data.draw(garbled(st.just(offer), max_size=400, max_mutations=8))
     flags = data.draw(st.sampled_from([0, HDR_F_NEEDS_CSUM]))
     out = wire.client.handle(Frame(frame, OffloadInfo(flags, 0, 0, 0, 0, 0)), START)
     for sent in out:

@@ -5,6 +5,7 @@ found it when it stops (SIGTERM)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -15,9 +16,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.support.hub import VhostvpnProcess
+from tests.support.hub import TunnelKeys, VhostvpnProcess
 from tests.support.netns import hub_and_hosts, run_in
-from tunnel.keys import keygen
 
 pytestmark = [
     pytest.mark.slow,
@@ -36,24 +36,65 @@ def namespaces() -> Iterator[dict[str, str]]:
         yield names
 
 
+def hub_in_namespace(tmp_path: Path, namespaces: dict[str, str],
+                     peers: tuple[str, ...]) -> tuple[VhostvpnProcess, TunnelKeys]:
+    """The hub (not started) in its namespace on HUB_PORT, with gateway services, for
+    `peers`; and the keys its endpoints use."""
+    keys = TunnelKeys(tmp_path, peers, port=HUB_PORT)
+    hub = VhostvpnProcess(tmp_path, "hub", [], keys.hub_args(
+        "--subnet", "10.77.0.0/24", "--ipv6-prefix", "fd77::/64",
+        "--state-dir", str(tmp_path / "state"), listen="0.0.0.0"), "hub",
+        prefix=["ip", "netns", "exec", namespaces["hub"]])
+    return hub, keys
+
+
+def endpoint_in_namespace(tmp_path: Path, namespaces: dict[str, str], keys: TunnelKeys,
+                          n: int, name: str, command: str, sockets: list[str],
+                          local: list[str]) -> VhostvpnProcess:
+    """`vhostvpn COMMAND` as peer `name` in namespace hN, reaching the hub at 10.201.N.1."""
+    return VhostvpnProcess(tmp_path, command, sockets,
+                           keys.vm_args(name, *local, "--name", name, hub=f"10.201.{n}.1"),
+                           name, prefix=["ip", "netns", "exec", namespaces[f"h{n}"]])
+
+
+async def sha256_receiver(netns: str, address: str, port: int, digest_file: Path
+                          ) -> trio.Process:
+    """A one-connection TCP server in `netns` on address:port that writes the sha256 of what
+    it receives to `digest_file`, then exits."""
+    family = "socket.AF_INET6" if ":" in address else "socket.AF_INET"
+    return await trio.lowlevel.open_process(
+        ["ip", "netns", "exec", netns, sys.executable, "-c",
+         f"import socket,hashlib;s=socket.create_server(({address!r},{port}),family={family});"
+         "c,_=s.accept();h=hashlib.sha256()\n"
+         "while (b:=c.recv(1<<16)): h.update(b)\n"
+         f"open({str(digest_file)!r},'w').write(h.hexdigest())"])
+
+
+async def send_file(tmp_path, sender_ns: str, receiver_ns: str, address: str,
+                    size: int = 4 << 20) -> None:
+    """A file from one namespace to another over TCP, its sha256 compared on arrival."""
+    data = tmp_path / f"data-{sender_ns}"
+    data.write_bytes(os.urandom(size))
+    digest_file = tmp_path / f"received-{receiver_ns}.sha256"
+    server = await sha256_receiver(receiver_ns, address, 5001, digest_file)
+    await trio.sleep(0.5)
+    await run_in(sender_ns, sys.executable, "-c",
+                 f"import socket;c=socket.create_connection(({address!r},5001));"
+                 f"c.sendall(open({str(data)!r},'rb').read());c.close()")
+    with trio.fail_after(30):
+        await server.wait()
+    assert digest_file.read_text() == hashlib.sha256(data.read_bytes()).hexdigest()
+
+
 @pytest.mark.parametrize("mode", ["tap", "tun"])
 async def test_two_hosts_talk_through_a_hub_and_clean_up(tmp_path, namespaces, mode):
     """Two hosts whose devices have the same name (vv0), as on two real machines."""
-    hub_fp = keygen(tmp_path / "hub-id")
-    (tmp_path / "peers").write_text(
-        "".join(f"{n} {keygen(tmp_path / f'{n}-id')}\n" for n in ("h1", "h2")))
-    hub = VhostvpnProcess(tmp_path, "hub", [], [
-        "--listen", f"0.0.0.0:{HUB_PORT}", "--identity", str(tmp_path / "hub-id"),
-        "--peers", str(tmp_path / "peers"), "--subnet", "10.77.0.0/24",
-        "--ipv6-prefix", "fd77::/64", "--state-dir", str(tmp_path / "state")], "hub",
-        prefix=["ip", "netns", "exec", namespaces["hub"]])
-    hosts = {}
-    for n, name in ((1, "h1"), (2, "h2")):
-        hosts[name] = VhostvpnProcess(tmp_path, "host", [], [
-            f"--{mode}", "vv0", "--address", f"10.77.0.1{n}/24", "--address", f"fd77::1{n}/64",
-            "--hub", f"10.201.{n}.1:{HUB_PORT}", "--identity", str(tmp_path / f"{name}-id"),
-            "--hub-fingerprint", hub_fp, "--name", name], name,
-            prefix=["ip", "netns", "exec", namespaces[name]])
+    hub, keys = hub_in_namespace(tmp_path, namespaces, ("h1", "h2"))
+    hosts = {name: endpoint_in_namespace(
+                 tmp_path, namespaces, keys, n, name, "host", [],
+                 [f"--{mode}", "vv0", "--address", f"10.77.0.1{n}/24",
+                  "--address", f"fd77::1{n}/64"])
+             for n, name in ((1, "h1"), (2, "h2"))}
     await hub.start()
     try:
         for host in hosts.values():
@@ -68,22 +109,7 @@ async def test_two_hosts_talk_through_a_hub_and_clean_up(tmp_path, namespaces, m
         await run_in(h1, "ping", "-c", "2", "-W", "2", "10.77.0.1")  # the hub's gateway
         await run_in(h2, "ping", "-6", "-c", "2", "-W", "2", "fd77::11")
         # a file across, checked by sha256 (TCP: the devices pass 64 KiB TSO frames)
-        data = tmp_path / "data"
-        data.write_bytes(os.urandom(8 << 20))
-        digest_file = tmp_path / "received.sha256"
-        server = await trio.lowlevel.open_process(
-            ["ip", "netns", "exec", h2, sys.executable, "-c",
-             "import socket,sys,hashlib;s=socket.create_server(('10.77.0.12',5000));"
-             "c,_=s.accept();h=hashlib.sha256()\n"
-             "while (b:=c.recv(1<<16)): h.update(b)\n"
-             f"open({str(digest_file)!r},'w').write(h.hexdigest())"])
-        await trio.sleep(0.5)
-        await run_in(h1, sys.executable, "-c",
-                     "import socket,sys;c=socket.create_connection(('10.77.0.12',5000));"
-                     f"c.sendall(open({str(data)!r},'rb').read());c.close()")
-        with trio.fail_after(30):
-            await server.wait()
-        assert digest_file.read_text() == hashlib.sha256(data.read_bytes()).hexdigest()
+        await send_file(tmp_path, h1, h2, "10.77.0.12", size=8 << 20)
         device = next(p for p in (await hosts["h2"].status())["ports"]
                       if p.get("kind") == mode)
         assert device["in_frames"] > 0 and device["out_frames"] > 0
@@ -97,48 +123,15 @@ async def test_two_hosts_talk_through_a_hub_and_clean_up(tmp_path, namespaces, m
         await hub.stop()
 
 
-async def send_file(tmp_path, sender_ns: str, receiver_ns: str, address: str,
-                    size: int = 4 << 20) -> None:
-    """A file from one namespace to another over TCP, its sha256 compared on arrival."""
-    data = tmp_path / f"data-{sender_ns}"
-    data.write_bytes(os.urandom(size))
-    digest_file = tmp_path / f"received-{receiver_ns}.sha256"
-    family = "socket.AF_INET6" if ":" in address else "socket.AF_INET"
-    server = await trio.lowlevel.open_process(
-        ["ip", "netns", "exec", receiver_ns, sys.executable, "-c",
-         f"import socket,hashlib;s=socket.create_server(({address!r},5001),family={family});"
-         "c,_=s.accept();h=hashlib.sha256()\n"
-         "while (b:=c.recv(1<<16)): h.update(b)\n"
-         f"open({str(digest_file)!r},'w').write(h.hexdigest())"])
-    await trio.sleep(0.5)
-    await run_in(sender_ns, sys.executable, "-c",
-                 f"import socket;c=socket.create_connection(({address!r},5001));"
-                 f"c.sendall(open({str(data)!r},'rb').read());c.close()")
-    with trio.fail_after(30):
-        await server.wait()
-    assert digest_file.read_text() == hashlib.sha256(data.read_bytes()).hexdigest()
-
-
 async def test_tap_host_tun_host_and_a_guest_on_one_hub(tmp_path, namespaces):
     from tests.support.guest import Guest, ensure_image, qemu_available
 
     if not qemu_available():
         pytest.skip("qemu-system-x86_64 is not installed")
     await trio.to_thread.run_sync(ensure_image)
-    hub_fp = keygen(tmp_path / "hub-id")
-    (tmp_path / "peers").write_text(
-        "".join(f"{n} {keygen(tmp_path / f'{n}-id')}\n" for n in ("tap", "tun", "vm")))
-    hub = VhostvpnProcess(tmp_path, "hub", [], [
-        "--listen", f"0.0.0.0:{HUB_PORT}", "--identity", str(tmp_path / "hub-id"),
-        "--peers", str(tmp_path / "peers"), "--subnet", "10.77.0.0/24",
-        "--ipv6-prefix", "fd77::/64", "--state-dir", str(tmp_path / "state")], "hub",
-        prefix=["ip", "netns", "exec", namespaces["hub"]])
+    hub, keys = hub_in_namespace(tmp_path, namespaces, ("tap", "tun", "vm"))
 
-    def endpoint(n: int, name: str, command: str, sockets: list[str], local: list[str]):
-        return VhostvpnProcess(tmp_path, command, sockets, [
-            *local, "--hub", f"10.201.{n}.1:{HUB_PORT}",
-            "--identity", str(tmp_path / f"{name}-id"), "--hub-fingerprint", hub_fp,
-            "--name", name], name, prefix=["ip", "netns", "exec", namespaces[f"h{n}"]])
+    endpoint = functools.partial(endpoint_in_namespace, tmp_path, namespaces, keys)
 
     tap = endpoint(1, "tap", "host", [], ["--tap", "vv0", "--address", "10.77.0.201/24",
                                           "--address", "fd77::201/64"])
@@ -182,12 +175,7 @@ async def test_tap_host_tun_host_and_a_guest_on_one_hub(tmp_path, namespaces):
             await send_file(tmp_path, h1, h2, tun_ip)
             await send_file(tmp_path, h2, h1, "10.77.0.201")
             await send_file(tmp_path, h2, h1, "fd77::201")
-            server = await trio.lowlevel.open_process(
-                ["ip", "netns", "exec", h1, sys.executable, "-c",
-                 "import socket,hashlib;s=socket.create_server(('10.77.0.201',5002));"
-                 "c,_=s.accept();h=hashlib.sha256()\n"
-                 "while (b:=c.recv(1<<16)): h.update(b)\n"
-                 f"open({str(tmp_path / 'from-guest')!r},'w').write(h.hexdigest())"])
+            server = await sha256_receiver(h1, "10.77.0.201", 5002, tmp_path / "from-guest")
             await trio.sleep(0.5)
             sent = await guest.check("dd if=/dev/urandom of=/tmp/f bs=1k count=2048 "
                                      "2>/dev/null; sha256sum /tmp/f | cut -c1-64; "
@@ -208,11 +196,9 @@ async def test_a_tap_host_keeps_its_mac_across_restarts(tmp_path, namespaces):
     """The TAP device's MAC comes from the endpoint's key and the device name, so after a
     restart (kill -9 included) its neighbours' ARP caches still point at it: without this
     traffic waited ~30 s for their caches to expire (found by the kill loop)."""
-    hub_fp = keygen(tmp_path / "hub-id")
-    (tmp_path / "peers").write_text(f"h1 {keygen(tmp_path / 'h1-id')}\n")
-    host = VhostvpnProcess(tmp_path, "host", [], [
-        "--tap", "vv0", "--address", "10.77.0.11/24", "--hub", f"10.201.1.1:{HUB_PORT}",
-        "--identity", str(tmp_path / "h1-id"), "--hub-fingerprint", hub_fp], "h1",
+    keys = TunnelKeys(tmp_path, ("h1",), port=HUB_PORT)
+    host = VhostvpnProcess(tmp_path, "host", [], keys.vm_args(
+        "h1", "--tap", "vv0", "--address", "10.77.0.11/24", hub="10.201.1.1"), "h1",
         prefix=["ip", "netns", "exec", namespaces["h1"]])
     macs = []
     for _ in range(2):

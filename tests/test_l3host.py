@@ -35,6 +35,7 @@ from netstack.host.neighbour_cache import (
 )
 from netstack.neighbour import link_local_from_mac
 from tests.support.clock import Clock
+from tests.support.hostile_frames import garbled
 
 HOST_MAC = bytes.fromhex("02686f737401")
 GW_MAC = bytes.fromhex("027676000001")
@@ -476,17 +477,7 @@ def test_garbage_from_the_segment_never_raises(data):
     host = make_host(ipv6=IPv6Interface("fd77::2/64"))
     host.from_host(udp6("fd77::5"))
     host.from_host(udp4(PEER))
-    choice = data.draw(st.sampled_from(["random", "mutate", "truncate"]))
-    seed = data.draw(st.sampled_from(seeds()))
-    if choice == "random":
-        frame = data.draw(st.binary(max_size=200))
-    elif choice == "truncate":
-        frame = seed[: data.draw(st.integers(0, len(seed)))]
-    else:
-        buf = bytearray(seed)
-        for _ in range(data.draw(st.integers(1, 6))):
-            buf[data.draw(st.integers(0, len(buf) - 1))] = data.draw(st.integers(0, 255))
-        frame = bytes(buf)
+    frame = data.draw(garbled(st.sampled_from(seeds()), max_size=200, max_mutations=6))
     offload = OffloadInfo(*data.draw(st.tuples(st.sampled_from([0, 1, 2]), st.integers(0, 5),
                                                *[st.integers(0, 0xFFFF)] * 4)))
     packets, frames = host.from_segment(Frame(frame, offload))

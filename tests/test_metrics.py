@@ -14,7 +14,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.hub import endpoint_process, free_tcp_port, hub_process
+from tests.support.hub import TunnelKeys, endpoint_process, free_tcp_port, hub_process
 from tests.test_hub import GUEST_MAC, dhcp_discover, exchange, hub_with_guests
 from tunnel import metrics
 from tunnel.hub import HubConfig
@@ -229,24 +229,16 @@ def test_a_metrics_port_in_use_is_one_line_and_exit_status_1(tmp_path, command):
 
 @pytest.mark.slow
 async def test_a_hub_and_its_endpoints_serve_their_status_as_metrics(tmp_path):
-    hub_fp = keygen(tmp_path / "hub-id")
-    peers = tmp_path / "peers"
-    peers.write_text(f"ep1 {keygen(tmp_path / 'ep1-id')}\n")
+    keys = TunnelKeys(tmp_path, ("ep1",))
     keygen(tmp_path / "stranger-id")
-    port, hub_metrics, ep_metrics = free_tcp_port(), free_tcp_port(), free_tcp_port()
-    hub_args = ["--listen", f"127.0.0.1:{port}", "--identity", str(tmp_path / "hub-id"),
-                "--peers", str(peers), "--subnet", "10.77.0.0/24", "--state-dir",
-                str(tmp_path), "--metrics", f"127.0.0.1:{hub_metrics}"]
-
-    def vm_args(identity: str) -> list[str]:
-        return ["--hub", f"127.0.0.1:{port}", "--identity", str(tmp_path / identity),
-                "--hub-fingerprint", hub_fp]
-
+    hub_metrics, ep_metrics = free_tcp_port(), free_tcp_port()
+    hub_args = keys.hub_args("--subnet", "10.77.0.0/24", "--state-dir", str(tmp_path),
+                             "--metrics", f"127.0.0.1:{hub_metrics}")
     async with hub_process(tmp_path, ["hub.sock"], hub_args) as hub, \
             endpoint_process(tmp_path, "ep1", ["a.sock"],
-                             [*vm_args("ep1-id"), "--metrics", f"127.0.0.1:{ep_metrics}",
-                              "--rekey-seconds", "10"]) as ep1, \
-            endpoint_process(tmp_path, "stranger", ["s.sock"], vm_args("stranger-id")):
+                             keys.vm_args("ep1", "--metrics", f"127.0.0.1:{ep_metrics}",
+                                          "--rekey-seconds", "10")) as ep1, \
+            endpoint_process(tmp_path, "stranger", ["s.sock"], keys.vm_args("stranger")):
         with trio.fail_after(40):
             while True:
                 hub_state = await hub.status()

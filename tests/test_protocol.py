@@ -4,6 +4,7 @@ DPDK virtio-user use, replies, NEED_REPLY acks, payload/fd validation, stop and 
 import mmap
 import os
 import struct
+from collections.abc import Iterator
 
 import pytest
 
@@ -98,6 +99,16 @@ def close_all(dev: VhostUserDevice) -> None:
         os.close(fd)
 
 
+@pytest.fixture
+def dev() -> Iterator[VhostUserDevice]:
+    """A device brought up in QEMU 7.2's order (connect block, start block), closed after."""
+    device = VhostUserDevice("t")
+    qemu_connect_block(device)
+    qemu_start_block(device)
+    yield device
+    close_all(device)
+
+
 def test_qemu_72_order_brings_pair_zero_live():
     dev = VhostUserDevice("t")
     qemu_connect_block(dev)
@@ -139,10 +150,7 @@ def test_without_protocol_features_rings_start_enabled():
     close_all(dev)
 
 
-def test_get_vring_base_stops_the_ring_and_reports_the_index():
-    dev = VhostUserDevice("t")
-    qemu_connect_block(dev)
-    qemu_start_block(dev)
+def test_get_vring_base_stops_the_ring_and_reports_the_index(dev):
     dev.vrings[1].queue.last_avail_idx = 77
     for fd in dev.take_closing():  # the call fds the start block replaced
         os.close(fd)
@@ -153,13 +161,9 @@ def test_get_vring_base_stops_the_ring_and_reports_the_index():
     assert sorted(dev.take_closing()) == ring_fds  # its kick and call, handed back for closing
     for fd in ring_fds:
         os.close(fd)
-    close_all(dev)
 
 
-def test_reboot_replays_the_start_block_and_rings_come_back():
-    dev = VhostUserDevice("t")
-    qemu_connect_block(dev)
-    qemu_start_block(dev)
+def test_reboot_replays_the_start_block_and_rings_come_back(dev):
     for q in (0, 1):
         dev.handle(msg(Request.GET_VRING_BASE, state(q, 0)))
     assert not dev.live_queues()
@@ -167,29 +171,20 @@ def test_reboot_replays_the_start_block_and_rings_come_back():
         dev.handle(msg(Request.SET_VRING_ENABLE, state(q, on)))
     qemu_start_block(dev)
     assert [q.index for q in dev.live_queues()] == [0, 1]
-    close_all(dev)
 
 
-def test_repeated_identical_memory_table_keeps_the_mapping():
-    dev = VhostUserDevice("t")
-    qemu_connect_block(dev)
-    qemu_start_block(dev)
+def test_repeated_identical_memory_table_keeps_the_mapping(dev):
     memory = dev.memory
     queue = dev.vrings[0].queue
     dev.handle(mem_table(memfd()))
     assert dev.memory is memory and dev.vrings[0].queue is queue
-    close_all(dev)
 
 
-def test_new_memory_table_while_running_rebuilds_queues_keeping_indices():
-    dev = VhostUserDevice("t")
-    qemu_connect_block(dev)
-    qemu_start_block(dev)
+def test_new_memory_table_while_running_rebuilds_queues_keeping_indices(dev):
     dev.vrings[1].queue.last_avail_idx = 5
     dev.handle(mem_table(memfd(), gpa=0x1000_0000))  # a different table
     queue = dev.vrings[1].queue
     assert queue is not None and queue.last_avail_idx == 5
-    close_all(dev)
 
 
 def test_need_reply_is_acked_once_reply_ack_is_negotiated():
@@ -295,17 +290,13 @@ def test_header_checks():
         parse_header(struct.pack("<III", 1, 1, 1 << 20))
 
 
-def test_broken_device_stops_rings_until_the_driver_resets_it():
-    dev = VhostUserDevice("t")
-    qemu_connect_block(dev)
-    qemu_start_block(dev)
+def test_broken_device_stops_rings_until_the_driver_resets_it(dev):
     dev.latch_broken("test")
     assert not dev.live_queues()
     for q in (0, 1):
         dev.handle(msg(Request.GET_VRING_BASE, state(q, 0)))
     qemu_start_block(dev)
     assert dev.broken is None and len(dev.live_queues()) == 2
-    close_all(dev)
 
 
 def test_mem_table_is_mapped_from_offset_zero_plus_mmap_offset():

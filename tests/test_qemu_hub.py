@@ -5,24 +5,21 @@ tests/test_qemu_netstack.py.)"""
 
 from __future__ import annotations
 
-import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
 
-from tests.support.guest import Guest, ensure_image, qemu_available, wait_all_booted
-from tests.support.hub import hub_process
+from tests.support.guest import Guest, iperf3_mbits, qemu_available, send_file, wait_all_booted
+from tests.support.hub import VhostvpnProcess, hub_process
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not qemu_available(), reason="qemu-system-x86_64 is not installed"),
+    pytest.mark.usefixtures("guest_image"),
 ]
-
-@pytest.fixture(scope="module", autouse=True)
-def guest_image() -> None:
-    ensure_image()
-
 
 def guest(name: str, hub, ip: str, tmp_path: Path, **kw) -> Guest:
     return Guest(name, socket=Path(hub.socket(f"{name}.sock")), ip=ip, stay=True,
@@ -34,74 +31,56 @@ async def ping(g: Guest, address: str, count: int = 3) -> None:
     assert rc == 0, out
 
 
-async def iperf(client: Guest, server: Guest, server_ip: str, seconds: int = 2) -> float:
-    """Gbit/s of a short TCP stream; also proves bytes cross intact (TCP checks them)."""
-    await server.start_iperf3_server()
-    await trio.sleep(0.5)
-    out = await client.check(f"iperf3 -c {server_ip} -t {seconds} -f g", timeout=60)
-    match = re.search(r"([\d.]+) Gbits/sec\s+receiver", out)
-    assert match, out
-    return float(match.group(1))
+@asynccontextmanager
+async def hub_with_two_guests(tmp_path: Path, **ga_options: object
+                              ) -> AsyncIterator[tuple[VhostvpnProcess, Guest, Guest]]:
+    """A hub with guests ga (10.77.0.1) and gb (10.77.0.2) on it, both booted, and ga's ping
+    to gb answered."""
+    async with hub_process(tmp_path, ["ga.sock", "gb.sock"]) as hub:
+        async with guest("ga", hub, "10.77.0.1/24", tmp_path, **ga_options) as ga, \
+                guest("gb", hub, "10.77.0.2/24", tmp_path) as gb:
+            await wait_all_booted([ga, gb])
+            await ping(ga, "10.77.0.2")
+            yield hub, ga, gb
 
 
 async def test_two_guests_ping_and_stream_through_the_hub(tmp_path):
-    async with hub_process(tmp_path, ["ga.sock", "gb.sock"]) as hub:
-        async with guest("ga", hub, "10.77.0.1/24", tmp_path) as ga, \
-                guest("gb", hub, "10.77.0.2/24", tmp_path) as gb:
-            await wait_all_booted([ga, gb])
-            await ping(ga, "10.77.0.2")
-            gbits = await iperf(ga, gb, "10.77.0.2")
-            assert gbits > 0
-            # a file crosses intact
-            await gb.check("sleep 30 | nc -l -p 5000 > /tmp/got 2>/dev/null &")
-            await trio.sleep(0.5)
-            sent = await ga.check("dd if=/dev/urandom of=/tmp/f bs=1k count=2048 2>/dev/null;"
-                                  " sha256sum /tmp/f | cut -c1-64")
-            await ga.check("nc 10.77.0.2 5000 < /tmp/f")
-            await trio.sleep(1)
-            got = await gb.check("sha256sum /tmp/got | cut -c1-64")
-            assert got.strip() == sent.strip()
-            port = await hub.port("gb.sock")
-            assert port["link_up"] and not port["broken"]
-            assert port["out_frames"] > 1000 and port["drops"].get("offload", 0) == 0
+    async with hub_with_two_guests(tmp_path) as (hub, ga, gb):
+        assert await iperf3_mbits(ga, gb, "10.77.0.2") > 0
+        # a file crosses intact
+        sent, received = await send_file(ga, gb, "10.77.0.2", 2048)
+        assert received == sent
+        port = await hub.port("gb.sock")
+        assert port["link_up"] and not port["broken"]
+        assert port["out_frames"] > 1000 and port["drops"].get("offload", 0) == 0
 
 
 async def test_guest_reboot_and_hub_crash_both_recover(tmp_path):
-    async with hub_process(tmp_path, ["ga.sock", "gb.sock"]) as hub:
-        async with guest("ga", hub, "10.77.0.1/24", tmp_path) as ga, \
-                guest("gb", hub, "10.77.0.2/24", tmp_path) as gb:
-            await wait_all_booted([ga, gb])
-            await ping(ga, "10.77.0.2")
-            # the guest reboots: QEMU stops the rings and replays the start block
-            boot = await gb.reboot()
-            assert boot.number == 2
-            await ping(ga, "10.77.0.2")
-            # the hub dies (kill -9) and comes back: QEMU reconnects (reconnect=1), no reboot
-            await hub.kill()
-            await hub.start()
-            with trio.fail_after(20):
-                while not all(p["link_up"] for p in (await hub.status())["ports"]):
-                    await trio.sleep(0.2)
-            await ping(ga, "10.77.0.2", count=2)
-            await ping(gb, "10.77.0.1", count=2)
-            rc, out = await gb.run("cat /proc/uptime")
-            assert rc == 0 and float(out.split()[0]) < 120
-            assert "VV-BOOTED" not in gb.log_tail(5)  # still the same boot, no reboot
-            gbits = await iperf(gb, ga, "10.77.0.1")
-            assert gbits > 0
+    async with hub_with_two_guests(tmp_path) as (hub, ga, gb):
+        # the guest reboots: QEMU stops the rings and replays the start block
+        boot = await gb.reboot()
+        assert boot.number == 2
+        await ping(ga, "10.77.0.2")
+        # the hub dies (kill -9) and comes back: QEMU reconnects (reconnect=1), no reboot
+        await hub.kill()
+        await hub.start()
+        with trio.fail_after(20):
+            while not all(p["link_up"] for p in (await hub.status())["ports"]):
+                await trio.sleep(0.2)
+        await ping(ga, "10.77.0.2", count=2)
+        await ping(gb, "10.77.0.1", count=2)
+        rc, out = await gb.run("cat /proc/uptime")
+        assert rc == 0 and float(out.split()[0]) < 120
+        assert "VV-BOOTED" not in gb.log_tail(5)  # still the same boot, no reboot
+        assert await iperf3_mbits(gb, ga, "10.77.0.1") > 0
 
 
 async def test_multiqueue_guest_with_two_vcpus(tmp_path):
-    async with hub_process(tmp_path, ["ga.sock", "gb.sock"]) as hub:
-        async with guest("ga", hub, "10.77.0.1/24", tmp_path, smp=2, queues=2) as ga, \
-                guest("gb", hub, "10.77.0.2/24", tmp_path) as gb:
-            await wait_all_booted([ga, gb])
-            await ping(ga, "10.77.0.2")
-            _rc, out = await ga.run("ls /sys/class/net/eth0/queues/")
-            assert "tx-1" in out, out
-            # both CPUs send: pin a ping to each so frames leave on both TX queues
-            await ga.check("taskset 1 ping -c 2 10.77.0.2 && taskset 2 ping -c 2 10.77.0.2")
-            gbits = await iperf(gb, ga, "10.77.0.1")
-            assert gbits > 0
-            port = await hub.port("ga.sock")
-            assert len(port["live_queues"]) >= 2 and not port["broken"]
+    async with hub_with_two_guests(tmp_path, smp=2, queues=2) as (hub, ga, gb):
+        _rc, out = await ga.run("ls /sys/class/net/eth0/queues/")
+        assert "tx-1" in out, out
+        # both CPUs send: pin a ping to each so frames leave on both TX queues
+        await ga.check("taskset 1 ping -c 2 10.77.0.2 && taskset 2 ping -c 2 10.77.0.2")
+        assert await iperf3_mbits(gb, ga, "10.77.0.1") > 0
+        port = await hub.port("ga.sock")
+        assert len(port["live_queues"]) >= 2 and not port["broken"]

@@ -5,25 +5,17 @@ back by itself, no guest reboots."""
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import pytest
 import trio
 
-from tests.support.guest import Guest, ensure_image, qemu_available, wait_all_booted
-from tests.support.hub import endpoint_process, free_tcp_port, hub_process
-from tunnel.keys import keygen
+from tests.support.guest import Guest, dhcp_guests, iperf3_mbits, qemu_available, send_file
+from tests.support.hub import TunnelKeys, endpoint_process, hub_process
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not qemu_available(), reason="qemu-system-x86_64 is not installed"),
+    pytest.mark.usefixtures("guest_image"),
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def guest_image() -> None:
-    ensure_image()
 
 
 async def ping_until(g: Guest, address: str, seconds: float) -> float:
@@ -37,42 +29,19 @@ async def ping_until(g: Guest, address: str, seconds: float) -> float:
 
 
 async def test_two_endpoints_through_a_hub_survive_kill_9(tmp_path):
-    hub_fp = keygen(tmp_path / "hub-id")
-    peers = [f"{name} {keygen(tmp_path / f'{name}-id')}" for name in ("ep1", "ep2")]
-    (tmp_path / "peers").write_text("\n".join(peers) + "\n")
-    port = free_tcp_port()
-    hub_args = ["--listen", f"127.0.0.1:{port}", "--identity", str(tmp_path / "hub-id"),
-                "--peers", str(tmp_path / "peers"), "--subnet", "10.77.0.0/24",
-                "--state-dir", str(tmp_path / "state")]
-
-    def vm_args(name: str) -> list[str]:
-        return ["--hub", f"127.0.0.1:{port}", "--identity", str(tmp_path / f"{name}-id"),
-                "--hub-fingerprint", hub_fp]
-
+    keys = TunnelKeys(tmp_path, ("ep1", "ep2"))
+    hub_args = keys.hub_args("--subnet", "10.77.0.0/24", "--state-dir", str(tmp_path / "state"))
     async with hub_process(tmp_path, [], hub_args) as hub, \
-            endpoint_process(tmp_path, "ep1", ["a.sock"], vm_args("ep1")) as ep1, \
-            endpoint_process(tmp_path, "ep2", ["b.sock"], vm_args("ep2")) as ep2:
-        ga = Guest("ga", socket=Path(ep1.socket("a.sock")), dhcp=True, stay=True,
-                   log_dir=tmp_path)
-        gb = Guest("gb", socket=Path(ep2.socket("b.sock")), dhcp=True, stay=True,
-                   log_dir=tmp_path)
-        async with ga, gb:
-            boots = await wait_all_booted([ga, gb])
-            ip_a, ip_b = (b.ip.split("/")[0] for b in boots)
+            endpoint_process(tmp_path, "ep1", ["a.sock"], keys.vm_args("ep1")) as ep1, \
+            endpoint_process(tmp_path, "ep2", ["b.sock"], keys.vm_args("ep2")) as ep2:
+        async with dhcp_guests(tmp_path, ga=ep1.socket("a.sock"),
+                               gb=ep2.socket("b.sock")) as ((ga, gb), (ip_a, ip_b)):
             assert ip_a.startswith("10.77.0.") and ip_b.startswith("10.77.0.")
             await ga.check(f"ping -c 3 -W 2 {ip_b}")
             # iperf3 and a file, across both tunnels
-            await gb.start_iperf3_server(once=False)
-            await trio.sleep(0.5)
-            out = await ga.check(f"iperf3 -c {ip_b} -t 3 -f m", timeout=60)
-            assert re.search(r"[\d.]+ Mbits/sec\s+receiver", out), out
-            await gb.check("sleep 60 | nc -l -p 5000 > /tmp/got 2>/dev/null &")
-            await trio.sleep(0.5)
-            sent = await ga.check("dd if=/dev/urandom of=/tmp/f bs=1k count=8192 2>/dev/null;"
-                                  " sha256sum /tmp/f | cut -c1-64")
-            await ga.check(f"nc {ip_b} 5000 < /tmp/f", timeout=60)
-            await trio.sleep(1)
-            assert (await gb.check("sha256sum /tmp/got | cut -c1-64")).strip() == sent.strip()
+            assert await iperf3_mbits(ga, gb, ip_b, 3, once=False) > 0
+            sent, received = await send_file(ga, gb, ip_b, 8192, listen_seconds=60, timeout=60)
+            assert received == sent
             session = next(p for p in (await hub.status())["ports"] if p["name"] == "ep1")
             assert session["state"] == "up" and session["in_frames"] > 1000
             # kill -9 the hub in the middle of a transfer, start it again

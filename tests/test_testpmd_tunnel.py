@@ -9,9 +9,8 @@ import shutil
 import pytest
 import trio
 
-from tests.support.hub import endpoint_process, free_tcp_port, hub_process
+from tests.support.hub import TunnelKeys, endpoint_process, hub_process
 from tests.support.testpmd import TestpmdConfig, VirtioUserPort, local_mac, run_testpmd
-from tunnel.keys import keygen
 
 pytestmark = [
     pytest.mark.slow,
@@ -20,25 +19,14 @@ pytestmark = [
 
 
 async def test_testpmd_frames_cross_two_endpoints_and_a_hub(tmp_path):
-    hub_fp = keygen(tmp_path / "hub-id")
-    (tmp_path / "peers").write_text(
-        "".join(f"{n} {keygen(tmp_path / f'{n}-id')}\n" for n in ("ep1", "ep2")))
-    port = free_tcp_port()
-    hub_args = ["--listen", f"127.0.0.1:{port}", "--identity", str(tmp_path / "hub-id"),
-                "--peers", str(tmp_path / "peers")]
-
-    def vm_args(name: str) -> list[str]:
-        return ["--hub", f"127.0.0.1:{port}", "--identity", str(tmp_path / f"{name}-id"),
-                "--hub-fingerprint", hub_fp]
-
+    keys = TunnelKeys(tmp_path, ("ep1", "ep2"))
     tx_mac, rx_mac = local_mac(), local_mac()
-    async with hub_process(tmp_path, [], hub_args) as hub, \
-            endpoint_process(tmp_path, "ep1", ["tx.sock"], vm_args("ep1")) as ep1, \
-            endpoint_process(tmp_path, "ep2", ["rx.sock"], vm_args("ep2")) as ep2:
+    async with hub_process(tmp_path, [], keys.hub_args()) as hub, \
+            endpoint_process(tmp_path, "ep1", ["tx.sock"], keys.vm_args("ep1")) as ep1, \
+            endpoint_process(tmp_path, "ep2", ["rx.sock"], keys.vm_args("ep2")) as ep2:
         with trio.fail_after(20):
             for endpoint in (ep1, ep2):
-                while (await endpoint.status())["session"]["state"] != "up":
-                    await trio.sleep(0.1)
+                await endpoint.session_up(20)
         receiver = TestpmdConfig(
             ports=[VirtioUserPort(ep2.socket("rx.sock"), mac=rx_mac)], forward_mode="rxonly",
             lcores="(0,1)@1", eth_peers={0: tx_mac}, tx_first=True,

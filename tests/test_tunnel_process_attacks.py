@@ -16,15 +16,10 @@ import pytest
 import trio
 
 from tests.support.attacks import PING_RECORD, client_hello, flood_pings, reset_from, rss
-from tests.support.hub import (
-    VhostvpnProcess,
-    endpoint_process,
-    free_tcp_port,
-    hub_process,
-)
+from tests.support.hub import TunnelKeys, VhostvpnProcess, endpoint_process, hub_process
 from tests.support.tunnel_client import ALICE_IP, ALICE_MAC, GATEWAY, SUBNET, RawPeer, connect_peer
 from tunnel.hub import gateway_mac
-from tunnel.keys import keygen, parse_fingerprint
+from tunnel.keys import parse_fingerprint
 
 # The most the hub's resident memory may grow under an attack: generous, an order of
 # magnitude under what the unbounded PONG list reached.
@@ -60,27 +55,24 @@ class Lab:
     async def peer(self, name: str, **kw) -> RawPeer:
         return await connect_peer(self.port, self.tmp / f"{name}-id", self.hub_fp, name, **kw)
 
+    async def mallory_flooding(self, seconds: float) -> RawPeer:
+        """mallory, a peer that never reads (a 4 KiB receive buffer), after flooding the hub
+        with PINGs for `seconds`."""
+        mallory = await self.peer("mallory", receive_buffer=4096)
+        await flood_pings(mallory, seconds)
+        return mallory
+
 
 @asynccontextmanager
 async def lab(tmp_path: Path):
-    hub_fp = keygen(tmp_path / "hub-id")
-    peers = tmp_path / "peers"
-    peers.write_text("".join(f"{name} {keygen(tmp_path / f'{name}-id')}\n"
-                             for name in ("ep1", "alice", "mallory")))
-    port = free_tcp_port()
-    hub_args = ["--listen", f"127.0.0.1:{port}", "--identity", str(tmp_path / "hub-id"),
-                "--peers", str(peers), "--subnet", str(SUBNET), "--no-dhcp",
-                "--log-level", "info"]
-    vm_args = ["--hub", f"127.0.0.1:{port}", "--identity", str(tmp_path / "ep1-id"),
-               "--hub-fingerprint", hub_fp]
+    keys = TunnelKeys(tmp_path, ("ep1", "alice", "mallory"))
+    hub_args = keys.hub_args("--subnet", str(SUBNET), "--no-dhcp", "--log-level", "info")
+    hub_fp = parse_fingerprint(keys.hub_fingerprint)
     async with hub_process(tmp_path, [], hub_args) as hub, \
-            endpoint_process(tmp_path, "ep1", ["ep1.sock"], vm_args) as endpoint:
-        with trio.fail_after(15):
-            while (await endpoint.status())["session"]["state"] != "up":
-                await trio.sleep(0.1)
-        alice = await connect_peer(port, tmp_path / "alice-id", parse_fingerprint(hub_fp),
-                                   "alice")
-        the_lab = Lab(tmp_path, hub, endpoint, port, parse_fingerprint(hub_fp), alice)
+            endpoint_process(tmp_path, "ep1", ["ep1.sock"], keys.vm_args("ep1")) as endpoint:
+        await endpoint.session_up()
+        alice = await connect_peer(keys.port, tmp_path / "alice-id", hub_fp, "alice")
+        the_lab = Lab(tmp_path, hub, endpoint, keys.port, hub_fp, alice)
         await the_lab.legit_traffic_flows()
         yield the_lab
 
@@ -132,8 +124,7 @@ async def test_a_peer_flooding_pings_without_reading_costs_the_hub_little(tmp_pa
     async with lab(tmp_path) as the_lab:
         pid = the_lab.pid
         before = rss(pid)
-        mallory = await the_lab.peer("mallory", receive_buffer=4096)
-        await flood_pings(mallory, 6)
+        await the_lab.mallory_flooding(6)
         await the_lab.legit_traffic_flows()
         assert rss(pid) - before < RSS_GROWTH_LIMIT
         session = await the_lab.hub.port("mallory")
@@ -145,8 +136,7 @@ async def test_a_peer_that_never_reads_is_cut_when_the_hubs_writes_stall(tmp_pat
     async with lab(tmp_path) as the_lab:
         pid = the_lab.pid
         before = rss(pid)
-        mallory = await the_lab.peer("mallory", receive_buffer=4096)
-        await flood_pings(mallory, 3)
+        mallory = await the_lab.mallory_flooding(3)
         with trio.fail_after(30):  # WRITE_STALL_SECONDS and one keepalive tick
             try:
                 while True:  # a PING a second keeps the link heard, never read

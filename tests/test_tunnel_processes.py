@@ -11,29 +11,20 @@ import sys
 import pytest
 import trio
 
-from tests.support.hub import endpoint_process, free_tcp_port, hub_process
+from tests.support.hub import TunnelKeys, endpoint_process, free_tcp_port, hub_process
 from tunnel.keys import keygen
 
 pytestmark = pytest.mark.slow
 
 
 async def test_sighup_disconnects_a_removed_peer(tmp_path):
-    hub_fp = keygen(tmp_path / "hub-id")
-    peers = tmp_path / "peers"
-    peers.write_text(f"ep1 {keygen(tmp_path / 'ep1-id')}\n")
-    port = free_tcp_port()
-    hub_args = ["--listen", f"127.0.0.1:{port}", "--identity", str(tmp_path / "hub-id"),
-                "--peers", str(peers)]
-    vm_args = ["--hub", f"127.0.0.1:{port}", "--identity", str(tmp_path / "ep1-id"),
-               "--hub-fingerprint", hub_fp]
-    async with hub_process(tmp_path, [], hub_args) as hub, \
-            endpoint_process(tmp_path, "ep1", ["a.sock"], vm_args) as ep1:
-        with trio.fail_after(15):
-            while (await ep1.status())["session"]["state"] != "up":
-                await trio.sleep(0.1)
+    keys = TunnelKeys(tmp_path, ("ep1",))
+    async with hub_process(tmp_path, [], keys.hub_args()) as hub, \
+            endpoint_process(tmp_path, "ep1", ["a.sock"], keys.vm_args("ep1")) as ep1:
+        await ep1.session_up()
         session = next(p for p in (await hub.status())["ports"] if p["name"] == "ep1")
         assert session["state"] == "up"
-        peers.write_text("# ep1 is gone\n")
+        keys.peers.write_text("# ep1 is gone\n")
         hub.process.send_signal(signal.SIGHUP)
         with trio.fail_after(15):
             while True:

@@ -940,6 +940,16 @@ async def test_raw_request_sends_anything(wired) -> None:
     ]
 
 
+async def serve_and_keep(sock: trio.socket.SocketType, backends: list[FakeBackend],
+                         **options: int) -> None:
+    """Serve one front-end on `sock` with a FakeBackend (kept in `backends` for the test's
+    checks) until it hangs up, then close the socket."""
+    backend = FakeBackend(sock, **options)
+    backends.append(backend)
+    await backend.serve()
+    sock.close()
+
+
 async def test_connect_over_a_unix_path_brings_up_a_net_driver(tmp_path, ram: GuestRam) -> None:
     path = str(tmp_path / "vhost.sock")
     listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -949,10 +959,7 @@ async def test_connect_over_a_unix_path_brings_up_a_net_driver(tmp_path, ram: Gu
 
     async def serve_one() -> None:
         sock, _ = await listener.accept()
-        backend = FakeBackend(sock)
-        backends.append(backend)
-        await backend.serve()
-        sock.close()
+        await serve_and_keep(sock, backends)
 
     with trio.fail_after(TEST_TIMEOUT_S):
         async with trio.open_nursery() as nursery:
@@ -976,10 +983,7 @@ async def test_accept_waits_for_a_client_mode_backend(tmp_path, ram: GuestRam) -
         await listening.wait()
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         await sock.connect(path)
-        backend = FakeBackend(sock, protocol_features=0)
-        backends.append(backend)
-        await backend.serve()
-        sock.close()
+        await serve_and_keep(sock, backends, protocol_features=0)
 
     with trio.fail_after(TEST_TIMEOUT_S):
         async with trio.open_nursery() as nursery:

@@ -64,6 +64,12 @@ class Pair:
             features &= ~bit(Feature.NET_MRG_RXBUF)
         self.net = NetQueues(features)
 
+    def __enter__(self) -> "Pair":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def close(self):
         self.rx.release()
         self.tx.release()
@@ -75,9 +81,8 @@ class Pair:
 
 @pytest.fixture
 def pair():
-    p = Pair()
-    yield p
-    p.close()
+    with Pair() as p:
+        yield p
 
 
 def eth(n: int, size: int = 60) -> bytes:
@@ -435,9 +440,14 @@ def hostile_pop(pair: Pair) -> None:
             return
 
 
-def test_head_outside_the_ring_breaks_it(pair):
-    pair.tx_q.set_avail_entry(0, RING + 3)
+def offer_tx(pair: Pair, head: int = 0) -> None:
+    """Make the TX chain at `head` the one entry the driver has made available."""
+    pair.tx_q.set_avail_entry(0, head)
     pair.tx_q.set_avail_idx(1)
+
+
+def test_head_outside_the_ring_breaks_it(pair):
+    offer_tx(pair, RING + 3)
     with pytest.raises(RingError, match="head"):
         pair.net.pop_tx(pair.tx, 8)
 
@@ -452,27 +462,21 @@ def test_descriptor_loop_breaks_it(pair):
     gpa = pair.ram.alloc(64)
     pair.tx_q.write_desc(0, gpa, 16, VIRTQ_DESC_F_NEXT, 1)
     pair.tx_q.write_desc(1, gpa, 16, VIRTQ_DESC_F_NEXT, 0)
-    pair.tx_q.set_avail_entry(0, 0)
-    pair.tx_q.set_avail_idx(1)
+    offer_tx(pair)
     with pytest.raises(RingError, match="loops"):
         pair.net.pop_tx(pair.tx, 8)
 
 
 def test_zero_length_and_out_of_memory_buffers_break_it(pair):
     pair.tx_q.write_desc(0, 0, 0, 0, 0)
-    pair.tx_q.set_avail_entry(0, 0)
-    pair.tx_q.set_avail_idx(1)
+    offer_tx(pair)
     with pytest.raises(RingError, match="zero-length"):
         pair.net.pop_tx(pair.tx, 8)
-    p = Pair()
-    try:
+    with Pair() as p:
         p.tx_q.write_desc(0, p.ram.size - 8, 64, 0, 0)
-        p.tx_q.set_avail_entry(0, 0)
-        p.tx_q.set_avail_idx(1)
+        offer_tx(p)
         with pytest.raises(RingError, match="outside guest memory"):
             p.net.pop_tx(p.tx, 8)
-    finally:
-        p.close()
 
 
 def test_nested_and_malformed_indirect_tables_break_it(pair):
@@ -480,27 +484,21 @@ def test_nested_and_malformed_indirect_tables_break_it(pair):
     pair.ram.write(table, b"\0" * 8 + (32).to_bytes(4, "little")
                    + VIRTQ_DESC_F_INDIRECT.to_bytes(2, "little") + b"\0\0" + b"\0" * 16)
     pair.tx_q.write_desc(0, table, 32, VIRTQ_DESC_F_INDIRECT, 0)
-    pair.tx_q.set_avail_entry(0, 0)
-    pair.tx_q.set_avail_idx(1)
+    offer_tx(pair)
     with pytest.raises(RingError, match="indirect"):
         pair.net.pop_tx(pair.tx, 8)
-    p = Pair()
-    try:
+    with Pair() as p:
         p.tx_q.write_desc(0, table, 20, VIRTQ_DESC_F_INDIRECT, 0)  # not a multiple of 16
-        p.tx_q.set_avail_entry(0, 0)
-        p.tx_q.set_avail_idx(1)
+        offer_tx(p)
         with pytest.raises(RingError, match="indirect table"):
             p.net.pop_tx(p.tx, 8)
-    finally:
-        p.close()
 
 
 def test_readable_after_writable_breaks_it(pair):
     gpa = pair.ram.alloc(64)
     pair.tx_q.write_desc(0, gpa, 16, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, 1)
     pair.tx_q.write_desc(1, gpa + 16, 16, 0, 0)
-    pair.tx_q.set_avail_entry(0, 0)
-    pair.tx_q.set_avail_idx(1)
+    offer_tx(pair)
     with pytest.raises(RingError, match="after a writable"):
         pair.net.pop_tx(pair.tx, 8)
 
@@ -521,8 +519,7 @@ descriptor = st.tuples(
     indirect_table=st.binary(max_size=128),
 )
 def test_hostile_rings_never_crash_or_hang(descs, heads, avail_idx, indirect_table):
-    p = Pair()
-    try:
+    with Pair() as p:
         table = p.ram.alloc(128, 16)
         p.ram.write(table, indirect_table)
         for i, (addr, length, flags, nxt) in enumerate(descs):
@@ -541,15 +538,12 @@ def test_hostile_rings_never_crash_or_hang(descs, heads, avail_idx, indirect_tab
                 p.net.push_rx(p.rx, deque([Frame(eth(1, 1500)), Frame(eth(2, 9000))]), 8)
         except RingError:
             pass
-    finally:
-        p.close()
 
 
 def test_chains_without_the_buffers_their_direction_needs_break_the_ring(pair):
     gpa = pair.ram.alloc(64)
     pair.tx_q.write_desc(0, gpa, 64, VIRTQ_DESC_F_WRITE, 0)  # TX chain, only writable
-    pair.tx_q.set_avail_entry(0, 0)
-    pair.tx_q.set_avail_idx(1)
+    offer_tx(pair)
     with pytest.raises(RingError, match="no readable"):
         pair.net.pop_tx(pair.tx, 8)
     pair.rx_q.write_desc(0, gpa, 64, 0, 0)  # RX chain, only readable

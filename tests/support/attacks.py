@@ -19,9 +19,9 @@ from pathlib import Path
 import trio
 
 from netstack.frame import PLAIN
-from tests.support.guest import Guest, wait_all_booted
+from tests.support.guest import dhcp_guests
 from tests.support.hostile_frames import HostileFrames
-from tests.support.hub import endpoint_process, free_tcp_port, hub_process
+from tests.support.hub import TunnelKeys, endpoint_process, hub_process
 from tests.support.tunnel_client import RawPeer, connect_peer
 from tests.support.virtio_driver import (
     GuestRam,
@@ -29,7 +29,7 @@ from tests.support.virtio_driver import (
     VhostUserFrontend,
     pack_net_hdr,
 )
-from tunnel.keys import keygen, parse_fingerprint
+from tunnel.keys import parse_fingerprint
 from tunnel.wire import PING, PING_PAYLOAD, RECORD_HEADER
 
 PING_RECORD = RECORD_HEADER.pack(PING, 0, 0, PING_PAYLOAD.size) + PING_PAYLOAD.pack(1, 2)
@@ -174,24 +174,15 @@ def longest_stall(answered: list[int], sent: int, interval: float = PING_INTERVA
 
 
 async def attack_while_guests_ping(tmp_path: Path, seconds: float) -> dict:
-    hub_fp = keygen(tmp_path / "hub-id")
-    (tmp_path / "peers").write_text("".join(
-        f"{name} {keygen(tmp_path / f'{name}-id')}\n" for name in ("ep1", "mallory")))
-    port = free_tcp_port()
-    hub_args = ["--listen", f"127.0.0.1:{port}", "--identity", str(tmp_path / "hub-id"),
-                "--peers", str(tmp_path / "peers"), "--subnet", "10.77.0.0/24",
-                "--state-dir", str(tmp_path / "state"), "--log-level", "info"]
-    vm_args = ["--hub", f"127.0.0.1:{port}", "--identity", str(tmp_path / "ep1-id"),
-               "--hub-fingerprint", hub_fp, "--log-level", "info"]
+    keys = TunnelKeys(tmp_path, ("ep1", "mallory"))
+    port = keys.port
+    hub_args = keys.hub_args("--subnet", "10.77.0.0/24", "--state-dir", str(tmp_path / "state"),
+                             "--log-level", "info")
+    vm_args = keys.vm_args("ep1", "--log-level", "info")
     async with hub_process(tmp_path, ["gb.sock", "evil.sock"], hub_args) as hub, \
             endpoint_process(tmp_path, "ep1", ["ga.sock", "evil1.sock"], vm_args) as ep1:
-        ga = Guest("ga", socket=Path(ep1.socket("ga.sock")), dhcp=True, stay=True,
-                   log_dir=tmp_path)
-        gb = Guest("gb", socket=Path(hub.socket("gb.sock")), dhcp=True, stay=True,
-                   log_dir=tmp_path)
-        async with ga, gb:
-            boots = await wait_all_booted([ga, gb])
-            ip_b = boots[1].ip.split("/")[0]
+        async with dhcp_guests(tmp_path, ga=ep1.socket("ga.sock"),
+                               gb=hub.socket("gb.sock")) as ((ga, _), (_, ip_b)):
             await ga.check(f"ping -c 2 -W 2 {ip_b}")
             pid = hub.process.pid
             before = rss(pid)
@@ -199,7 +190,7 @@ async def attack_while_guests_ping(tmp_path: Path, seconds: float) -> dict:
             await ga.check(f"ping -i {PING_INTERVAL} -c {count} -W 1 {ip_b} "
                            ">/tmp/ping.out 2>&1 &")
             mallory = await connect_peer(port, tmp_path / "mallory-id",
-                                         parse_fingerprint(hub_fp), "mallory",
+                                         parse_fingerprint(keys.hub_fingerprint), "mallory",
                                          receive_buffer=4096)
             results: dict[str, object] = {}
 

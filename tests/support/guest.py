@@ -18,6 +18,9 @@ Theory of operation:
    so output of a command that timed out earlier can never be mistaken for a later one.
 5. Every wait is bounded; a timeout or an early QEMU exit raises GuestError with the tail of
    the console and QEMU logs.
+6. `dhcp_guests` boots several guests that lease their addresses from the hub. What the
+   tests measure between two guests: `iperf3_mbits` (a TCP stream), `send_file`
+   (random bytes over busybox nc, sha256 on both ends).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -533,3 +536,49 @@ async def wait_all_booted(guests: Sequence[Guest],
         for index in range(len(guests)):
             nursery.start_soon(one, index)
     return [info for info in infos if info is not None]
+
+
+@contextlib.asynccontextmanager
+async def dhcp_guests(log_dir: Path, **sockets: str) -> AsyncIterator[tuple[list[Guest],
+                                                                           list[str]]]:
+    """Guests named by the keywords, each on its vhost-user socket path, leasing its address
+    by DHCP and staying up; yielded booted, with the IPv4 address each leased."""
+    guests = [Guest(name, socket=Path(path), dhcp=True, stay=True, log_dir=log_dir)
+              for name, path in sockets.items()]
+    async with contextlib.AsyncExitStack() as stack:
+        for guest in guests:
+            await stack.enter_async_context(guest)
+        addresses = []
+        for guest, boot in zip(guests, await wait_all_booted(guests), strict=True):
+            if boot.ip is None:
+                raise GuestError(f"guest {guest.name} booted without a DHCP lease")
+            addresses.append(boot.ip.split("/")[0])
+        yield guests, addresses
+
+
+async def iperf3_mbits(client: Guest, server: Guest, address: str, seconds: int = 2, *,
+                       once: bool = True) -> float:
+    """Mbit/s the receiver counted in a `seconds`-long iperf3 TCP stream from `client` to
+    `server` (listening at `address`); TCP also proves the bytes crossed intact."""
+    await server.start_iperf3_server(once=once)
+    await trio.sleep(0.5)
+    out = await client.check(f"iperf3 -c {address} -t {seconds} -f m", timeout=60)
+    match = re.search(r"([\d.]+) Mbits/sec\s+receiver", out)
+    if match is None:
+        raise GuestError(f"no receiver summary in iperf3's output:\n{out}")
+    return float(match.group(1))
+
+
+async def send_file(sender: Guest, receiver: Guest, address: str, kib: int, *,
+                    listen_seconds: int = 30, timeout: float = RUN_TIMEOUT) -> tuple[str, str]:
+    """`kib` KiB of random bytes from `sender` to `receiver` (listening at `address`) over TCP
+    with busybox nc; the sha256 of what was sent and of what arrived, for the test to compare.
+    The listener keeps its stdin open for `listen_seconds` (it quits at stdin EOF)."""
+    await receiver.check(f"sleep {listen_seconds} | nc -l -p 5000 > /tmp/got 2>/dev/null &")
+    await trio.sleep(0.5)
+    sent = await sender.check(f"dd if=/dev/urandom of=/tmp/f bs=1k count={kib} 2>/dev/null;"
+                              " sha256sum /tmp/f | cut -c1-64")
+    await sender.check(f"nc {address} 5000 < /tmp/f", timeout=timeout)
+    await trio.sleep(1)
+    received = await receiver.check("sha256sum /tmp/got | cut -c1-64")
+    return sent.strip(), received.strip()

@@ -9,6 +9,8 @@ them through a `Segment` and checks, after every frame: nothing raised out of fo
 deliver() and no unexpected-error traceback was logged by a containment guard; the replies
 of the gateway and the L3 host are well-formed; tables and queues stay within their bounds.
 Used by tests/test_hostile_frames.py (seconds) and bench/fuzz_frames.py (as long as asked).
+`garbled` is the hypothesis strategy of the parsers' own fuzz tests: random bytes, or a good
+frame truncated or with bytes overwritten.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from hypothesis import strategies as st
 
 from netstack.frame import MAX_FRAME_LEN, PLAIN, Frame, Offload, OffloadInfo
 from netstack.gateway.dhcp_config import DhcpConfig
@@ -73,6 +77,23 @@ def _ones_sum(data: bytes) -> int:
 
 def _checksum(data: bytes) -> int:
     return 0xFFFF - _ones_sum(data)
+
+
+@st.composite
+def garbled(draw: st.DrawFn, seeds: st.SearchStrategy[bytes], max_size: int,
+            max_mutations: int) -> bytes:
+    """Random bytes (up to `max_size`), or a frame drawn from `seeds` truncated anywhere or
+    with 1 to `max_mutations` of its bytes overwritten."""
+    choice = draw(st.sampled_from(["random", "mutate", "truncate"]))
+    seed = draw(seeds)
+    if choice == "random":
+        return draw(st.binary(max_size=max_size))
+    if choice == "truncate":
+        return seed[: draw(st.integers(0, len(seed)))]
+    buf = bytearray(seed)
+    for _ in range(draw(st.integers(1, max_mutations))):
+        buf[draw(st.integers(0, len(buf) - 1))] = draw(st.integers(0, 255))
+    return bytes(buf)
 
 
 class HostileFrames:

@@ -1,6 +1,7 @@
-"""Run `vhostvpn hub` and `vhostvpn vm` as real processes for the slow tests: start one, wait
-for its sockets, ask its control socket for status, kill -9 it and start it again.  Only the
-PID a helper started is ever signalled."""
+"""Run `vhostvpn hub` and `vhostvpn vm` as real processes for the slow tests: give them keys
+and the arguments that join them, start one, wait for its sockets (and its session), ask its
+control socket for status, kill -9 it and start it again.  Only the PID a helper started is
+ever signalled."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
 
 from tunnel.control import query
+from tunnel.keys import keygen
 
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
@@ -26,6 +28,28 @@ def free_tcp_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class TunnelKeys:
+    """A hub's identity and its peers' under `workdir` (hub-id, NAME-id), the peers file that
+    lists them, a free loopback port for the hub, and the arguments that join them."""
+
+    def __init__(self, workdir: Path, peers: Iterable[str], port: int | None = None) -> None:
+        self.workdir = workdir
+        self.hub_fingerprint = keygen(workdir / "hub-id")
+        self.peers = workdir / "peers"
+        self.peers.write_text("".join(f"{name} {keygen(workdir / f'{name}-id')}\n"
+                                      for name in peers))
+        self.port = free_tcp_port() if port is None else port
+
+    def hub_args(self, *extra: str, listen: str = "127.0.0.1") -> list[str]:
+        return ["--listen", f"{listen}:{self.port}", "--identity", str(self.workdir / "hub-id"),
+                "--peers", str(self.peers), *extra]
+
+    def vm_args(self, name: str, *extra: str, hub: str = "127.0.0.1") -> list[str]:
+        """An endpoint's arguments to reach the hub as `name` (its identity NAME-id)."""
+        return ["--hub", f"{hub}:{self.port}", "--identity", str(self.workdir / f"{name}-id"),
+                "--hub-fingerprint", self.hub_fingerprint, *extra]
 
 
 class VhostvpnProcess:
@@ -97,6 +121,12 @@ class VhostvpnProcess:
 
     async def status(self) -> dict:
         return await trio.to_thread.run_sync(query, self.control)
+
+    async def session_up(self, seconds: float = START_TIMEOUT) -> None:
+        """Wait until this endpoint's session with the hub is up."""
+        with trio.fail_after(seconds):
+            while (await self.status())["session"]["state"] != "up":
+                await trio.sleep(0.1)
 
     async def port(self, name: str) -> dict:
         state = await self.status()

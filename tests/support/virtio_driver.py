@@ -39,7 +39,7 @@ import struct
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
-from typing import NamedTuple, Self
+from typing import NamedTuple, Self, TypedDict, Unpack
 
 import trio
 
@@ -1105,6 +1105,15 @@ TX_QUEUE_INDEX = 1
 NET_QUEUE_PAIR = (RX_QUEUE_INDEX, TX_QUEUE_INDEX)
 
 
+class BringUpOptions(TypedDict, total=False):
+    """What ``VhostUserFrontend.bring_up`` takes (its defaults apply to what is left out)."""
+
+    features: int
+    protocol_features: int
+    queue_size: int
+    start_idx: int
+
+
 class SentMessage(NamedTuple):
     request: int
     flags: int
@@ -1158,11 +1167,8 @@ class VhostUserFrontend:
         path: str | os.PathLike[str],
         ram: GuestRam,
         *,
-        features: int = DEFAULT_NET_FEATURES,
-        protocol_features: int = DEFAULT_PROTOCOL_FEATURES,
-        queue_size: int = DEFAULT_QUEUE_SIZE,
-        start_idx: int = 0,
         order: BringUpOrder = BringUpOrder.QEMU_7_2,
+        **bring_up: Unpack[BringUpOptions],
     ) -> AsyncIterator[Self]:
         """Connect to a listening backend and bring up queue pair 0 (rx=0, tx=1)."""
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -1171,17 +1177,8 @@ class VhostUserFrontend:
         except BaseException:
             sock.close()
             raise
-        frontend = cls(sock, ram, order=order)
-        try:
-            await frontend.bring_up(
-                features=features,
-                protocol_features=protocol_features,
-                queue_size=queue_size,
-                start_idx=start_idx,
-            )
+        async with cls._brought_up(sock, ram, order, bring_up) as frontend:
             yield frontend
-        finally:
-            frontend.close()
 
     @classmethod
     @asynccontextmanager
@@ -1190,13 +1187,10 @@ class VhostUserFrontend:
         path: str | os.PathLike[str],
         ram: GuestRam,
         *,
-        features: int = DEFAULT_NET_FEATURES,
-        protocol_features: int = DEFAULT_PROTOCOL_FEATURES,
-        queue_size: int = DEFAULT_QUEUE_SIZE,
-        start_idx: int = 0,
         order: BringUpOrder = BringUpOrder.QEMU_7_2,
         accept_timeout: float = ACCEPT_TIMEOUT_S,
         listening: trio.Event | None = None,
+        **bring_up: Unpack[BringUpOptions],
     ) -> AsyncIterator[Self]:
         """Listen on ``path`` (QEMU ``server=on``) for a client-mode backend, then bring up
         queue pair 0. ``listening`` (if given) is set once the socket accepts connections."""
@@ -1210,14 +1204,19 @@ class VhostUserFrontend:
                 sock, _address = await listener.accept()
         finally:
             listener.close()
+        async with cls._brought_up(sock, ram, order, bring_up) as frontend:
+            yield frontend
+
+    @classmethod
+    @asynccontextmanager
+    async def _brought_up(
+        cls, sock: trio.socket.SocketType, ram: GuestRam, order: BringUpOrder,
+        options: BringUpOptions,
+    ) -> AsyncIterator[Self]:
+        """A front-end on a connected ``sock`` with queue pair 0 up, closed on exit."""
         frontend = cls(sock, ram, order=order)
         try:
-            await frontend.bring_up(
-                features=features,
-                protocol_features=protocol_features,
-                queue_size=queue_size,
-                start_idx=start_idx,
-            )
+            await frontend.bring_up(**options)
             yield frontend
         finally:
             frontend.close()
