@@ -428,6 +428,15 @@ def adapt(frame: Frame, accepts: Offload) -> list[Frame]:
 # Segmentation proper
 
 
+def _ip_fields(hdr: bytearray, h: _Headers) -> tuple[int, int, int, int]:
+    """What every segment's IP header starts from, read once per super-frame: IPv4's first
+    ID, header sum base and header length (IPv6: 0, 0, 0), and IPv6's extension length."""
+    if h.ipv4:
+        return (_U16.unpack_from(hdr, h.l3 + IPV4_ID_OFFSET)[0],
+                _ipv4_header_base(hdr, h.l3, h.l4), h.l4 - h.l3, 0)
+    return 0, 0, 0, h.l4 - h.l3 - IPV6_HDR_LEN
+
+
 def _segment_tcp(data: memoryview, h: _Headers, mss: int, csum_partial: bool) -> list[Frame]:
     l3, l4, start = h.l3, h.l4, h.payload
     payload_len = len(data) - start
@@ -442,12 +451,7 @@ def _segment_tcp(data: memoryview, h: _Headers, mss: int, csum_partial: bool) ->
     hdr[l4 + TCP_FLAGS_OFFSET] = 0
     _U16.pack_into(hdr, l4 + TCP_CSUM_OFFSET, 0)
     tcp_base = (sum16(hdr[l4:start]) + h.addr_sum + IPPROTO_TCP) % 0xFFFF
-    if h.ipv4:
-        ip_id0 = _U16.unpack_from(hdr, l3 + IPV4_ID_OFFSET)[0]
-        ip_base = _ipv4_header_base(hdr, l3, l4)
-        ip_hdr_len = l4 - l3
-    else:
-        ext_len = l4 - l3 - IPV6_HDR_LEN
+    ip_id0, ip_base, ip_hdr_len, ext_len = _ip_fields(hdr, h)
     offload = (HDR_F_NEEDS_CSUM, GSO_NONE, 0, 0, l4, TCP_CSUM_OFFSET) if csum_partial else PLAIN
 
     segments = []
@@ -489,12 +493,7 @@ def _segment_udp(data: memoryview, h: _Headers, gso_size: int,
     count = _segment_count(payload_len, gso_size, UDP_MAX_SEGMENTS)
     hdr = bytearray(data[:start])
     ports_sum = sum(_U16X2.unpack_from(hdr, l4))
-    if h.ipv4:
-        ip_id0 = _U16.unpack_from(hdr, l3 + IPV4_ID_OFFSET)[0]
-        ip_base = _ipv4_header_base(hdr, l3, l4)
-        ip_hdr_len = l4 - l3
-    else:
-        ext_len = l4 - l3 - IPV6_HDR_LEN
+    ip_id0, ip_base, ip_hdr_len, ext_len = _ip_fields(hdr, h)
     offload = (HDR_F_NEEDS_CSUM, GSO_NONE, 0, 0, l4, UDP_CSUM_OFFSET) if csum_partial else PLAIN
 
     datagrams = []

@@ -247,6 +247,13 @@ class TunTapDevice:
 
     # -- device -> switch -------------------------------------------------------------------
 
+    def _count_or_raise(self, exc: OSError, op: str) -> None:
+        """A failed read or write: the device gone is fatal (TunTapError); anything else is
+        that one frame's error, counted by errno name."""
+        if exc.errno in _FATAL_ERRNOS:
+            raise TunTapError(exc.errno, f"{self.name}: {op}: {exc.strerror}") from None
+        self.counters.errors[errno.errorcode.get(exc.errno or 0, f"{op}_error")] += 1
+
     def read_batch(self, limit: int = BATCH) -> list[Frame]:
         """Up to `limit` packets waiting in the device, or [] when none is (never blocks)."""
         fd = self.fd
@@ -264,9 +271,7 @@ class TunTapDevice:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
-                if exc.errno in _FATAL_ERRNOS:
-                    raise TunTapError(exc.errno, f"{self.name}: read: {exc.strerror}") from None
-                counters.errors[errno.errorcode.get(exc.errno or 0, "read_error")] += 1
+                self._count_or_raise(exc, "read")
                 break
             if size <= VIRTIO_NET_HDR_LEN:
                 counters.errors["short_read"] += 1
@@ -307,9 +312,7 @@ class TunTapDevice:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
-                if exc.errno in _FATAL_ERRNOS:
-                    raise TunTapError(exc.errno, f"{self.name}: write: {exc.strerror}") from None
-                counters.errors[errno.errorcode.get(exc.errno or 0, "write_error")] += 1
+                self._count_or_raise(exc, "write")
             else:
                 written += 1
                 nbytes += len(frame.data)
