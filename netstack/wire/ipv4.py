@@ -31,6 +31,7 @@ FLAG_MF = 0x2000
 FRAGMENT_OFFSET_MASK = 0x1FFF
 DEFAULT_TTL = 64
 ANY = bytes(4)
+LOOPBACK = b"\x7f\x00\x00\x01"
 BROADCAST = b"\xff\xff\xff\xff"
 
 REASONS = frozenset({"ipv4_header", "ipv4_length"})

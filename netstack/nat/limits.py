@@ -1,0 +1,152 @@
+"""What one guest may make the NAT hold: the per-guest caps as named constants, the flow key
+every table files its flows under, and the one accounting that admits or refuses a new flow.
+
+A guest is named by its Ethernet source address: the switch's policy binds a MAC to one port
+(`mac_spoof`) and caps the MACs a port may use (`mac_limit`), so a port's share is at most
+that many guests' caps.  Every refusal is counted by reason; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import NamedTuple
+
+from netstack.wire import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP
+
+# Flows one guest may hold open at once, per protocol: each is a socket of the hub's host.
+# 256 UDP flows cover a resolver's and a browser's worth; TCP is larger for parallel
+# downloads (issue 12's proof opens 100 connections at once); pings are few.
+MAX_FLOWS_PER_GUEST = {
+    IPPROTO_TCP: 512,
+    IPPROTO_UDP: 256,
+    IPPROTO_ICMP: 16,
+    IPPROTO_ICMPV6: 16,
+}
+# TCP connections of one guest still connecting to the outside (a SYN flood fills these).
+MAX_HALF_OPEN_PER_GUEST = 64
+# Bytes one guest may have the NAT buffer (both directions, all its flows).
+MAX_BUFFERED_BYTES_PER_GUEST = 8 * 1024 * 1024
+# Host sockets all guests together may hold: the hub's file descriptors are one budget.
+MAX_FLOWS_TOTAL = 8192
+
+
+class FlowKey(NamedTuple):
+    """One flow as the guest sees it.  Addresses are packed (4 or 16 bytes); for an echo
+    flow `guest_port` is the guest's ICMP identifier and `remote_port` is 0."""
+
+    proto: int
+    guest_ip: bytes
+    guest_port: int
+    remote_ip: bytes
+    remote_port: int
+
+
+class _Account:
+    __slots__ = ("buffered", "flows", "half_open")
+
+    def __init__(self) -> None:
+        self.flows: Counter[int] = Counter()
+        self.half_open = 0
+        self.buffered = 0
+
+    def empty(self) -> bool:
+        return not any(self.flows.values()) and self.half_open == 0 and self.buffered == 0
+
+
+class FlowLimits:
+    """Per-guest counts of flows, half-open connections and buffered bytes, checked against
+    the caps; `refusals` counts each refusal by reason.  A guest's entry lives only while it
+    holds something, so the accounting is as bounded as what it accounts for."""
+
+    def __init__(self, flows_per_guest: dict[int, int] | None = None,
+                 half_open_per_guest: int = MAX_HALF_OPEN_PER_GUEST,
+                 buffered_per_guest: int = MAX_BUFFERED_BYTES_PER_GUEST,
+                 flows_total: int = MAX_FLOWS_TOTAL) -> None:
+        self.flows_per_guest = dict(MAX_FLOWS_PER_GUEST if flows_per_guest is None
+                                    else flows_per_guest)
+        self.half_open_per_guest = half_open_per_guest
+        self.buffered_per_guest = buffered_per_guest
+        self.flows_total = flows_total
+        self.total = 0
+        self.refusals: Counter[str] = Counter()
+        self._guests: dict[bytes, _Account] = {}
+
+    def _account(self, guest: bytes) -> _Account:
+        account = self._guests.get(guest)
+        if account is None:
+            account = self._guests[guest] = _Account()
+        return account
+
+    def _forget_if_empty(self, guest: bytes) -> None:
+        account = self._guests.get(guest)
+        if account is not None and account.empty():
+            del self._guests[guest]
+
+    def admit(self, guest: bytes, proto: int) -> bool:
+        """Take one flow of `proto` for `guest`, or refuse (counted: `flow_limit`, the
+        guest's cap; `host_limit`, all guests' sockets)."""
+        if self.total >= self.flows_total:
+            self.refusals["host_limit"] += 1
+            return False
+        account = self._guests.get(guest)
+        held = account.flows[proto] if account is not None else 0
+        if held >= self.flows_per_guest.get(proto, 0):
+            self.refusals["flow_limit"] += 1
+            return False
+        self._account(guest).flows[proto] += 1
+        self.total += 1
+        return True
+
+    def release(self, guest: bytes, proto: int) -> None:
+        """Give back a flow `admit` took."""
+        account = self._guests.get(guest)
+        if account is None or account.flows[proto] <= 0:
+            raise ValueError(f"release of a {proto} flow the guest does not hold")
+        account.flows[proto] -= 1
+        self.total -= 1
+        self._forget_if_empty(guest)
+
+    def admit_half_open(self, guest: bytes) -> bool:
+        account = self._account(guest)
+        if account.half_open >= self.half_open_per_guest:
+            self.refusals["half_open_limit"] += 1
+            self._forget_if_empty(guest)
+            return False
+        account.half_open += 1
+        return True
+
+    def release_half_open(self, guest: bytes) -> None:
+        account = self._guests.get(guest)
+        if account is None or account.half_open <= 0:
+            raise ValueError("release of a half-open connection the guest does not hold")
+        account.half_open -= 1
+        self._forget_if_empty(guest)
+
+    def charge(self, guest: bytes, nbytes: int) -> bool:
+        """Hold `nbytes` more for `guest`, or refuse (`buffer_limit`)."""
+        account = self._account(guest)
+        if account.buffered + nbytes > self.buffered_per_guest:
+            self.refusals["buffer_limit"] += 1
+            self._forget_if_empty(guest)
+            return False
+        account.buffered += nbytes
+        return True
+
+    def credit(self, guest: bytes, nbytes: int) -> None:
+        account = self._guests.get(guest)
+        if account is None or account.buffered < nbytes:
+            raise ValueError(f"credit of {nbytes} bytes the guest was not charged")
+        account.buffered -= nbytes
+        self._forget_if_empty(guest)
+
+    def held(self, guest: bytes) -> dict[str, int]:
+        """What `guest` holds now (for status)."""
+        account = self._guests.get(guest)
+        if account is None:
+            return {"flows": 0, "half_open": 0, "buffered": 0}
+        return {"flows": sum(account.flows.values()), "half_open": account.half_open,
+                "buffered": account.buffered}
+
+    @property
+    def guests(self) -> int:
+        return len(self._guests)
