@@ -16,6 +16,9 @@ from netstack.wire.checksum import internet_checksum, sum16, verifies
 HEADER_LEN = 4
 ECHO_REPLY = 0
 ECHO_REQUEST = 8
+DEST_UNREACHABLE = 3
+TIME_EXCEEDED = 11
+CODE_FRAGMENTATION_NEEDED = 4  # of DEST_UNREACHABLE: the next-hop MTU follows (RFC 1191)
 
 REASONS = frozenset({"icmp_header"})
 

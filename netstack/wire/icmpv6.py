@@ -23,6 +23,9 @@ from netstack.wire import IPPROTO_ICMPV6, Malformed
 from netstack.wire.checksum import checksum, pseudo_header_sum, sum16, verifies
 from netstack.wire.icmp import HEADER_LEN, IcmpMessage
 
+DEST_UNREACHABLE = 1
+PACKET_TOO_BIG = 2
+TIME_EXCEEDED = 3
 ECHO_REQUEST = 128
 ECHO_REPLY = 129
 MLD_QUERY = 130
