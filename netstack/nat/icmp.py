@@ -20,12 +20,12 @@ guest gets at most ERRORS_PER_SECOND of them (a token bucket, netstack.ratelimit
 from __future__ import annotations
 
 import struct
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from netstack.frame import Frame
-from netstack.nat.limits import FlowKey, FlowLimits
+from netstack.nat.limits import FlowKey, FlowLimits, IdleFlows
 from netstack.nat.packet import (
     GuestPacket,
     NatConfig,
@@ -119,16 +119,13 @@ def echo_message(version: int, src: bytes, dst: bytes, kind: int, identifier: in
     return icmpv6.icmpv6_message(src, dst, kind, 0, body)
 
 
-class EchoTable:
+class EchoTable(IdleFlows):
     """The echo flows of all guests; `limits` is shared with the other tables."""
 
     def __init__(self, config: NatConfig, limits: FlowLimits,
                  idle_seconds: float = ICMP_IDLE_SECONDS) -> None:
+        super().__init__(limits, idle_seconds)
         self.config = config
-        self.limits = limits
-        self.idle_seconds = idle_seconds
-        self.flows: OrderedDict[FlowKey, EchoFlow] = OrderedDict()  # least recently used first
-        self.drops: Counter[str] = Counter()
 
     def from_guest(self, frame: Frame, now: float) -> list:
         """The actions for one frame a guest routed to the gateway ([]: dropped, counted)."""
@@ -165,8 +162,7 @@ class EchoTable:
         if flow is not None:
             if flow.guest_mac != packet.guest_mac:
                 raise Refused("guest_mac", "a flow of another MAC")
-            self.flows.move_to_end(key)
-            flow.last_seen = now
+            self.touch(flow, now)
             return [send]
         if not self.limits.admit(packet.guest_mac, key.proto):
             raise Refused("flow_limit")
@@ -191,44 +187,12 @@ class EchoTable:
         if frame is None:
             self.drops["too_big"] += 1
             return None
-        self.flows.move_to_end(key)
-        flow.last_seen = now
+        self.touch(flow, now)
         return frame
-
-    def open_failed(self, key: FlowKey, reason: str) -> None:
-        """The shell could not open `key`'s ping socket (EACCES: ping_group_range)."""
-        if self._forget(key):
-            self.drops[f"open_{reason}"] += 1
-
-    def guest_mac(self, key: FlowKey) -> bytes | None:
-        flow = self.flows.get(key)
-        return None if flow is None else flow.guest_mac
-
-    def _forget(self, key: FlowKey) -> bool:
-        flow = self.flows.pop(key, None)
-        if flow is None:
-            return False
-        self.limits.release(flow.guest_mac, key.proto)
-        return True
 
     def tick(self, now: float) -> list[ClosePingSocket]:
         """Close the flows idle since `now - idle_seconds`."""
-        closed = []
-        for key, flow in self.flows.items():
-            if flow.last_seen + self.idle_seconds > now:
-                break
-            closed.append(key)
-        for key in closed:
-            self._forget(key)
-        return [ClosePingSocket(key) for key in closed]
-
-    def next_deadline(self) -> float | None:
-        for flow in self.flows.values():
-            return flow.last_seen + self.idle_seconds
-        return None
-
-    def status(self) -> dict[str, object]:
-        return {"flows": len(self.flows), "drops": dict(self.drops)}
+        return [ClosePingSocket(key) for key in self.expire(now)]
 
 
 def quoted_datagram(key: FlowKey, payload: bytes) -> bytes:

@@ -8,8 +8,8 @@ that many guests' caps.  Every refusal is counted by reason; nothing here does I
 
 from __future__ import annotations
 
-from collections import Counter
-from typing import NamedTuple
+from collections import Counter, OrderedDict
+from typing import NamedTuple, Protocol
 
 from netstack.wire import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP
 
@@ -150,3 +150,61 @@ class FlowLimits:
     @property
     def guests(self) -> int:
         return len(self._guests)
+
+
+class Flow(Protocol):
+    key: FlowKey
+    guest_mac: bytes
+    last_seen: float
+
+
+class IdleFlows:
+    """A table of flows kept in order of last use, each admitted by `limits` and released
+    when it is forgotten: what the UDP and echo tables share.  `expire(now)` forgets the
+    flows idle for `idle_seconds` and returns their keys (the caller closes their sockets)."""
+
+    def __init__(self, limits: FlowLimits, idle_seconds: float) -> None:
+        self.limits = limits
+        self.idle_seconds = idle_seconds
+        self.flows: OrderedDict[FlowKey, Flow] = OrderedDict()  # least recently used first
+        self.drops: Counter[str] = Counter()
+
+    def touch(self, flow: Flow, now: float) -> None:
+        self.flows.move_to_end(flow.key)
+        flow.last_seen = now
+
+    def forget(self, key: FlowKey) -> bool:
+        flow = self.flows.pop(key, None)
+        if flow is None:
+            return False
+        self.limits.release(flow.guest_mac, key.proto)
+        return True
+
+    def open_failed(self, key: FlowKey, reason: str) -> None:
+        """The shell could not open `key`'s socket (EMFILE, ENETUNREACH, EACCES for a ping
+        socket ping_group_range refuses): forget the flow, count `open_<reason>`."""
+        if self.forget(key):
+            self.drops[f"open_{reason}"] += 1
+
+    def guest_mac(self, key: FlowKey) -> bytes | None:
+        """Whose flow `key` is (the shell passes it to ErrorReporter.error_frame)."""
+        flow = self.flows.get(key)
+        return None if flow is None else flow.guest_mac
+
+    def expire(self, now: float) -> list[FlowKey]:
+        idle = []
+        for key, flow in self.flows.items():
+            if flow.last_seen + self.idle_seconds > now:
+                break
+            idle.append(key)
+        for key in idle:
+            self.forget(key)
+        return idle
+
+    def next_deadline(self) -> float | None:
+        for flow in self.flows.values():
+            return flow.last_seen + self.idle_seconds
+        return None
+
+    def status(self) -> dict[str, object]:
+        return {"flows": len(self.flows), "drops": dict(self.drops)}

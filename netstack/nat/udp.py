@@ -14,11 +14,10 @@ counted in `drops` by reason; nothing raises out of `from_guest` or `from_host`.
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 from netstack.frame import HDR_F_DATA_VALID, HDR_F_NEEDS_CSUM, Frame
-from netstack.nat.limits import FlowKey, FlowLimits
+from netstack.nat.limits import FlowKey, FlowLimits, IdleFlows
 from netstack.nat.packet import (
     GuestPacket,
     NatConfig,
@@ -103,17 +102,14 @@ class DnsService:
     def query(self, packet: GuestPacket, udp: Udp, now: float) -> list: ...
 
 
-class UdpTable:
+class UdpTable(IdleFlows):
     """The UDP flows of all guests; `limits` is shared with the other tables."""
 
     def __init__(self, config: NatConfig, limits: FlowLimits, dns: DnsService | None = None,
                  idle_seconds: float = UDP_IDLE_SECONDS) -> None:
+        super().__init__(limits, idle_seconds)
         self.config = config
-        self.limits = limits
         self.dns = dns
-        self.idle_seconds = idle_seconds
-        self.flows: OrderedDict[FlowKey, UdpFlow] = OrderedDict()  # least recently used first
-        self.drops: Counter[str] = Counter()
 
     # -- from the guest -----------------------------------------------------------------------
 
@@ -153,8 +149,7 @@ class UdpTable:
         if flow is not None:
             if flow.guest_mac != packet.guest_mac:
                 raise Refused("guest_mac", "a flow of another MAC")  # the policy forbids this
-            self.flows.move_to_end(key)
-            flow.last_seen = now
+            self.touch(flow, now)
             flow.to_host += 1
             return [send]
         if not self.limits.admit(packet.guest_mac, IPPROTO_UDP):
@@ -178,40 +173,12 @@ class UdpTable:
         if frame is None:
             self.drops["too_big"] += 1  # no fragmentation toward the guest yet
             return None
-        self.flows.move_to_end(key)
-        flow.last_seen = now
+        self.touch(flow, now)
         flow.from_host += 1
         return frame
-
-    def open_failed(self, key: FlowKey, reason: str) -> None:
-        """The shell could not open `key`'s socket (EMFILE, ENETUNREACH, ...): forget it."""
-        if self._forget(key):
-            self.drops[f"open_{reason}"] += 1
-
-    def _forget(self, key: FlowKey) -> bool:
-        flow = self.flows.pop(key, None)
-        if flow is None:
-            return False
-        self.limits.release(flow.guest_mac, IPPROTO_UDP)
-        return True
 
     # -- timed work ---------------------------------------------------------------------------
 
     def tick(self, now: float) -> list[CloseSocket]:
         """Close the flows idle since `now - idle_seconds`."""
-        closed = []
-        for key, flow in self.flows.items():
-            if flow.last_seen + self.idle_seconds > now:
-                break
-            closed.append(key)
-        for key in closed:
-            self._forget(key)
-        return [CloseSocket(key) for key in closed]
-
-    def next_deadline(self) -> float | None:
-        for flow in self.flows.values():
-            return flow.last_seen + self.idle_seconds
-        return None
-
-    def status(self) -> dict[str, object]:
-        return {"flows": len(self.flows), "drops": dict(self.drops)}
+        return [CloseSocket(key) for key in self.expire(now)]
