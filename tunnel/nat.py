@@ -1,0 +1,488 @@
+"""The NAT's Trio shell: the host sockets the sans-I/O cores of netstack.nat ask for (UDP,
+ICMP echo, DNS), the frames they answer with handed to `deliver`, their timers driven.
+
+A guest frame's path: the gateway port calls `from_guest(frame)` -> the IP layer read once
+(netstack.nat.packet) -> UDP to UdpTable (the gateway's :53 to the DnsForwarder), echo to
+EchoTable -> their actions performed at once, without waiting: a connected non-blocking UDP
+socket per flow (IP_TTL / IPV6_UNICAST_HOPS from the guest's TTL less one hop, IP_RECVERR /
+IPV6_RECVERR on), an unprivileged ping socket per echo flow (SOCK_DGRAM, IPPROTO_ICMP or
+IPPROTO_ICMPV6), a query on the upstream resolver's socket; a datagram the kernel cannot take
+now is dropped (UDP's promise), counted.
+A host socket's path: one task per socket waits for it to be readable, then reads its error
+queue (MSG_ERRQUEUE: ICMP errors about what the guest sent, mapped back by ErrorReporter) and
+up to READS_PER_WAKE datagrams (to the guest through the core); the cores' caps bound the
+sockets, so they bound the tasks.  One task sleeps until the cores' next deadline and runs
+their `tick`: idle flows closed, DNS retries and SERVFAILs.
+
+Containment: a flow's socket error closes that flow only (counted by errno, the first of each
+logged); an unexpected exception closes it too, its traceback logged once; a socket that
+cannot be opened (EMFILE, ENETUNREACH) is a counted refusal for that flow.  If the host's
+`net.ipv4.ping_group_range` does not admit the hub, one log line says so and echo is off;
+UDP and DNS keep working.  `deliver` (the gateway port's) must not block or raise.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import math
+import os
+import socket
+import struct
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import trio
+
+from netstack.frame import Frame
+from netstack.nat.dns import DNS_PORT, DnsForwarder, IpAddress, SendQuery, parse_resolv_conf
+from netstack.nat.icmp import (
+    ICMP_IDLE_SECONDS,
+    ClosePingSocket,
+    EchoTable,
+    ErrorReporter,
+    HostError,
+    OpenPingSocket,
+    SendEcho,
+)
+from netstack.nat.limits import FlowKey, FlowLimits, IdleFlows
+from netstack.nat.packet import NatConfig, Refused, read_guest_packet
+from netstack.nat.udp import UDP_IDLE_SECONDS, CloseSocket, OpenSocket, SendDatagram, UdpTable
+from netstack.wire import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_UDP, Malformed
+
+log = logging.getLogger(__name__)
+
+Deliver = Callable[[list[Frame]], None]
+
+# linux/in.h, linux/in6.h, linux/errqueue.h (Python's socket module lacks them).
+IP_RECVERR = 11
+IPV6_RECVERR = 25
+SO_EE_ORIGIN_ICMP = 2
+SO_EE_ORIGIN_ICMP6 = 3
+_EXTENDED_ERR = struct.Struct("=IBBBBII")  # ee_errno, origin, type, code, pad, info, data
+_OFFENDER = _EXTENDED_ERR.size  # SO_EE_OFFENDER: the sockaddr right after it
+_RECVERR = {(socket.IPPROTO_IP, IP_RECVERR), (socket.IPPROTO_IPV6, IPV6_RECVERR)}
+# The longest datagram read, and room for one extended error with its offender's address.
+MAX_DATAGRAM = 65535
+ERR_ANCILLARY = socket.CMSG_SPACE(_EXTENDED_ERR.size + 28)
+# Datagrams (and queued errors) one socket hands over per wake before the others get a turn.
+READS_PER_WAKE = 64
+# How often the ICMP error rate limiter forgets the guests whose buckets have filled up.
+ERROR_SWEEP_SECONDS = 10.0
+RESOLV_CONF = Path("/etc/resolv.conf")
+# resolv.conf(5): no nameserver line means the name server on the local machine.
+LOCAL_RESOLVERS = (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
+PING_GROUP_RANGE = Path("/proc/sys/net/ipv4/ping_group_range")
+# A send refused with these is about the remote (an ICMP error the socket learned, or no route
+# now): that datagram is lost, the flow lives on.  Any other send/recv error closes the flow.
+_REMOTE_ERRORS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
+                            errno.EHOSTDOWN, errno.ENETDOWN, errno.EMSGSIZE, errno.ENOBUFS,
+                            errno.EPROTO, errno.ETIMEDOUT, errno.EACCES, errno.EPERM})
+_FAMILY = {4: socket.AF_INET, 16: socket.AF_INET6}
+
+
+def _errno_name(error: OSError) -> str:
+    return errno.errorcode.get(error.errno or 0, "unknown").lower()
+
+
+def _sockaddr(address: bytes, port: int) -> tuple:
+    text = ipaddress.ip_address(address).compressed
+    return (text, port) if len(address) == 4 else (text, port, 0, 0)
+
+
+def _flow_name(key: FlowKey) -> str:
+    return (f"{ipaddress.ip_address(key.guest_ip)}:{key.guest_port} -> "
+            f"{ipaddress.ip_address(key.remote_ip)}:{key.remote_port} (proto {key.proto})")
+
+
+def host_error(cmsg: bytes) -> HostError | None:
+    """The ICMP error in an IP_RECVERR/IPV6_RECVERR control message (struct
+    sock_extended_err, then SO_EE_OFFENDER's sockaddr); None for a local error."""
+    if len(cmsg) < _EXTENDED_ERR.size:
+        return None
+    _errno, origin, kind, code, _pad, info, _data = _EXTENDED_ERR.unpack_from(cmsg)
+    if origin not in (SO_EE_ORIGIN_ICMP, SO_EE_ORIGIN_ICMP6):
+        return None
+    offender = None
+    if len(cmsg) >= _OFFENDER + 2:
+        family = int.from_bytes(cmsg[_OFFENDER:_OFFENDER + 2], "little")
+        if family == socket.AF_INET and len(cmsg) >= _OFFENDER + 8:
+            offender = bytes(cmsg[_OFFENDER + 4:_OFFENDER + 8])
+        elif family == socket.AF_INET6 and len(cmsg) >= _OFFENDER + 24:
+            offender = bytes(cmsg[_OFFENDER + 8:_OFFENDER + 24])
+    return HostError(kind, code, info, offender)
+
+
+def connected_socket(family: int, proto: int, address: tuple) -> socket.socket:
+    """A non-blocking datagram socket connected to `address`, ICMP errors queued for it
+    (IP_RECVERR / IPV6_RECVERR); OSError if it cannot be had."""
+    sock = socket.socket(family, socket.SOCK_DGRAM, proto)
+    try:
+        sock.setblocking(False)
+        if family == socket.AF_INET:
+            sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+        sock.connect(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def read_upstreams(path: Path = RESOLV_CONF) -> list[IpAddress]:
+    """The host's resolvers from resolv.conf; the local machine's when it names none or
+    cannot be read (said in the log)."""
+    try:
+        found = parse_resolv_conf(path.read_text(errors="replace"))
+    except OSError as error:
+        log.warning("nat dns: cannot read %s (%s); asking %s", path, error.strerror,
+                    ", ".join(map(str, LOCAL_RESOLVERS)))
+        return list(LOCAL_RESOLVERS)
+    if not found:
+        log.warning("nat dns: %s names no nameserver; asking %s", path,
+                    ", ".join(map(str, LOCAL_RESOLVERS)))
+        return list(LOCAL_RESOLVERS)
+    return found
+
+
+class HostSocket:
+    """One socket the shell owns: a flow's (UDP or echo) or an upstream resolver's."""
+
+    __slots__ = ("key", "sock", "table", "ttl", "upstream")
+
+    def __init__(self, sock: socket.socket, key: FlowKey | None, table: IdleFlows | None,
+                 upstream: IpAddress | None = None) -> None:
+        self.sock = sock
+        self.key = key
+        self.table = table
+        self.upstream = upstream
+        self.ttl = -1  # the TTL last set on it
+
+
+class NatShell:
+    """The host side of the UDP, echo and DNS cores for one gateway.  `run()` owns the
+    sockets' tasks; `from_guest(frame)` takes a frame a guest routed to the gateway."""
+
+    def __init__(self, config: NatConfig, deliver: Deliver,
+                 upstreams: Sequence[IpAddress] | None = None,
+                 limits: FlowLimits | None = None,
+                 udp_idle_seconds: float = UDP_IDLE_SECONDS,
+                 echo_idle_seconds: float = ICMP_IDLE_SECONDS) -> None:
+        self.config = config
+        self.deliver = deliver
+        self.limits = limits or FlowLimits()
+        self.dns = DnsForwarder(config, read_upstreams() if upstreams is None else upstreams)
+        self.udp = UdpTable(config, self.limits, self.dns, udp_idle_seconds)
+        self.echo = EchoTable(config, self.limits, echo_idle_seconds)
+        self.errors = ErrorReporter(config)
+        self.echo_on = {4: False, 6: False}  # set by run() once the ping sockets are tried
+        self.sockets: dict[FlowKey, HostSocket] = {}
+        self.upstream_sockets: dict[IpAddress, HostSocket] = {}
+        self.drops: Counter[str] = Counter()  # frames the shell did not carry, by reason
+        self.socket_errors: Counter[str] = Counter()  # flows closed by a socket error
+        self._logged: set[str] = set()
+        self._nursery: trio.Nursery | None = None
+        self._wake = trio.Event()
+        self._sleeping_until = math.inf
+
+    # -- running ------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Serve until cancelled; every socket is closed on the way out."""
+        self._probe_ping()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for upstream in self.dns.upstreams:
+                    self._open_upstream(upstream)
+                nursery.start_soon(self._timer)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            for entry in [*self.sockets.values(), *self.upstream_sockets.values()]:
+                entry.sock.close()
+            self.sockets.clear()
+            self.upstream_sockets.clear()
+
+    def _probe_ping(self) -> None:
+        """Can the hub open ping sockets?  One clear line if the host says no."""
+        refused: dict[int, OSError] = {}
+        for version, family, proto in ((4, socket.AF_INET, IPPROTO_ICMP),
+                                       (6, socket.AF_INET6, IPPROTO_ICMPV6)):
+            try:
+                socket.socket(family, socket.SOCK_DGRAM, proto).close()
+            except OSError as error:
+                refused[version] = error
+            else:
+                self.echo_on[version] = True
+        if refused:
+            self._echo_off(refused)
+
+    def _echo_off(self, refused: dict[int, OSError]) -> None:
+        """Echo off for the IP versions in `refused` (the error each ping socket met)."""
+        for version in refused:
+            self.echo_on[version] = False
+        which = " and ".join("ICMP" if version == 4 else "ICMPv6" for version in refused)
+        error = next(iter(refused.values()))
+        if error.errno in (errno.EACCES, errno.EPERM):
+            try:
+                allowed = " ".join(PING_GROUP_RANGE.read_text().split())
+            except OSError:
+                allowed = "unreadable"
+            self._log_once("echo_off", logging.WARNING,
+                           "nat: %s echo through the NAT is off: net.ipv4.ping_group_range "
+                           "(%s) does not include the hub's group %d; UDP, TCP and DNS are "
+                           "unaffected", which, allowed, os.getgid())
+        else:
+            self._log_once("echo_off", logging.WARNING,
+                           "nat: %s echo through the NAT is off: no ping socket (%s)", which,
+                           error.strerror)
+
+    async def _timer(self) -> None:
+        while True:
+            deadline = self._next_deadline()
+            self._sleeping_until = deadline
+            with trio.move_on_at(deadline):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            self.tick(trio.current_time())
+
+    def _next_deadline(self) -> float:
+        deadlines = [d for d in (self.udp.next_deadline(), self.echo.next_deadline(),
+                                 self.dns.next_deadline()) if d is not None]
+        if self.errors.buckets:
+            deadlines.append(trio.current_time() + ERROR_SWEEP_SECONDS)
+        return min(deadlines, default=math.inf)
+
+    def tick(self, now: float) -> None:
+        """The cores' timed work: idle flows closed, DNS retried or failed."""
+        self._perform([*self.udp.tick(now), *self.echo.tick(now), *self.dns.tick(now)], now)
+        self.errors.tick(now)
+
+    # -- from the guest -----------------------------------------------------------------------
+
+    def from_guest(self, frame: Frame) -> None:
+        """Carry one frame a guest routed to the gateway (dropped: counted in a drops)."""
+        now = trio.current_time()
+        try:
+            packet = read_guest_packet(frame, self.config.gateway_mac)
+            if packet.protocol == IPPROTO_UDP:
+                actions = self.udp.guest_datagram(packet, frame.offload[0], now)
+            elif packet.protocol in (IPPROTO_ICMP, IPPROTO_ICMPV6):
+                if not self.echo_on[packet.version]:
+                    raise Refused("echo_off")
+                actions = self.echo.guest_echo(packet, now)
+            else:
+                raise Refused("protocol", f"protocol {packet.protocol}")
+        except (Malformed, Refused) as error:
+            self.drops[error.reason] += 1
+            return
+        self._perform(actions, now)
+        if self._next_deadline() < self._sleeping_until:
+            self._wake.set()
+
+    def _perform(self, actions: list, now: float) -> None:
+        frames: list[Frame] = []
+        for action in actions:
+            if isinstance(action, (SendDatagram, SendEcho)):
+                entry = self.sockets.get(action.key)
+                if entry is not None:  # None: its socket could not be opened
+                    payload = action.payload if isinstance(action, SendDatagram) \
+                        else action.message
+                    self._send(entry, payload, action.ttl, frames, now)
+            elif isinstance(action, OpenSocket):
+                self._open_flow(action.key, self.udp, socket.IPPROTO_UDP,
+                                _sockaddr(action.host_ip, action.host_port))
+            elif isinstance(action, OpenPingSocket):
+                proto = IPPROTO_ICMP if len(action.key.remote_ip) == 4 else IPPROTO_ICMPV6
+                self._open_flow(action.key, self.echo, proto,
+                                _sockaddr(action.key.remote_ip, 0))
+            elif isinstance(action, SendQuery):
+                upstream = self.upstream_sockets.get(action.upstream)
+                if upstream is None:
+                    self.drops["upstream_unavailable"] += 1  # the core retries the next
+                else:
+                    self._send(upstream, action.payload, -1, frames, now)
+            elif isinstance(action, (CloseSocket, ClosePingSocket)):
+                entry = self.sockets.pop(action.key, None)
+                if entry is not None:
+                    self._close(entry)
+            elif isinstance(action, Frame):
+                frames.append(action)
+        if frames:
+            self.deliver(frames)
+
+    # -- sockets ------------------------------------------------------------------------------
+
+    def _open_flow(self, key: FlowKey, table: IdleFlows, proto: int, address: tuple) -> None:
+        family = _FAMILY[len(key.remote_ip)]
+        try:
+            sock = connected_socket(family, proto, address)
+        except OSError as error:
+            if proto != socket.IPPROTO_UDP and error.errno in (errno.EACCES, errno.EPERM):
+                self._echo_off({4 if family == socket.AF_INET else 6: error})
+            self._refuse(key, table, error)
+            return
+        self._start(HostSocket(sock, key, table))
+
+    def _refuse(self, key: FlowKey, table: IdleFlows, error: OSError) -> None:
+        reason = _errno_name(error)
+        table.open_failed(key, reason)
+        self._log_once(f"open_{reason}", logging.WARNING,
+                       "nat: cannot open a socket for %s: %s (counted as open_%s; later "
+                       "ones only counted)", _flow_name(key), error.strerror, reason)
+
+    def _open_upstream(self, upstream: IpAddress) -> None:
+        try:
+            family, _kind, proto, _name, address = socket.getaddrinfo(
+                str(upstream), DNS_PORT, type=socket.SOCK_DGRAM,
+                flags=socket.AI_NUMERICHOST)[0]
+            sock = connected_socket(family, proto, address)
+        except OSError as error:
+            log.warning("nat dns: no socket for upstream %s (%s); its queries will time out",
+                        upstream, error.strerror)
+            return
+        entry = HostSocket(sock, None, None, upstream)
+        self.upstream_sockets[upstream] = entry
+        self._start(entry)
+
+    def _start(self, entry: HostSocket) -> None:
+        if self._nursery is None:
+            entry.sock.close()
+            raise RuntimeError("NatShell.from_guest before run() started")
+        if entry.key is not None:
+            self.sockets[entry.key] = entry
+        self._nursery.start_soon(self._read, entry)
+
+    def _close(self, entry: HostSocket) -> None:
+        trio.lowlevel.notify_closing(entry.sock)
+        entry.sock.close()
+
+    def _fail(self, entry: HostSocket, error: BaseException) -> None:
+        """Close `entry`'s flow (or upstream socket) after an error on its socket."""
+        if isinstance(error, OSError):
+            reason = _errno_name(error)
+            self._log_once(f"socket_{reason}", logging.WARNING,
+                           "nat: closing flow %s: %s (counted as %s; later ones only counted)",
+                           self._entry_name(entry), error.strerror, reason)
+        else:
+            reason = "exception"
+            if reason not in self._logged:
+                self._logged.add(reason)
+                log.error("nat: closing flow %s after an unexpected error",
+                          self._entry_name(entry), exc_info=error)
+        self.socket_errors[reason] += 1
+        if entry.key is not None:
+            if self.sockets.get(entry.key) is entry:
+                del self.sockets[entry.key]
+                entry.table.forget(entry.key)
+        elif self.upstream_sockets.get(entry.upstream) is entry:
+            del self.upstream_sockets[entry.upstream]
+        self._close(entry)
+
+    def _entry_name(self, entry: HostSocket) -> str:
+        return _flow_name(entry.key) if entry.key is not None else f"upstream {entry.upstream}"
+
+    def _send(self, entry: HostSocket, payload: bytes, ttl: int, frames: list[Frame],
+              now: float) -> None:
+        sock = entry.sock
+        try:
+            if ttl >= 0 and ttl != entry.ttl:
+                if sock.family == socket.AF_INET:
+                    sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
+                else:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, ttl)
+                entry.ttl = ttl
+            sock.send(payload)
+        except BlockingIOError:
+            self.drops["send_full"] += 1  # the socket's buffer is full: UDP drops
+        except OSError as error:
+            if error.errno not in _REMOTE_ERRORS:
+                self._fail(entry, error)
+                return
+            self.drops[f"send_{_errno_name(error)}"] += 1
+            self._read_errors(entry, frames, now)  # what the error queue says about it
+
+    async def _read(self, entry: HostSocket) -> None:
+        sock = entry.sock
+        while True:
+            try:
+                await trio.lowlevel.wait_readable(sock)
+            except trio.ClosedResourceError:
+                return
+            frames: list[Frame] = []
+            try:
+                self._drain(entry, frames, trio.current_time())
+            except Exception as error:  # one flow's bug closes that flow, not the shell
+                self._fail(entry, error)
+            if frames:
+                self.deliver(frames)
+            if sock.fileno() < 0:
+                return
+
+    def _drain(self, entry: HostSocket, frames: list[Frame], now: float) -> None:
+        """The errors queued on `entry`'s socket, then up to READS_PER_WAKE datagrams."""
+        self._read_errors(entry, frames, now)
+        for _ in range(READS_PER_WAKE):
+            try:
+                data = entry.sock.recv(MAX_DATAGRAM)
+            except BlockingIOError:
+                return
+            except OSError as error:
+                if error.errno in _REMOTE_ERRORS:
+                    continue  # an error queued after our read: its details come next wake
+                self._fail(entry, error)
+                return
+            if entry.key is None:
+                frame = self.dns.answer(entry.upstream, data, now)
+            elif entry.table is self.udp:
+                frame = self.udp.from_host(entry.key, data, now)
+            else:
+                frame = self.echo.from_host(entry.key, data, now)
+            if frame is not None:
+                frames.append(frame)
+
+    def _read_errors(self, entry: HostSocket, frames: list[Frame], now: float) -> None:
+        """Map the ICMP errors queued on `entry`'s socket (IP_RECVERR) back to the guest."""
+        for _ in range(READS_PER_WAKE):
+            try:
+                data, ancillary, _flags, _address = entry.sock.recvmsg(
+                    MAX_DATAGRAM, ERR_ANCILLARY, socket.MSG_ERRQUEUE)
+            except BlockingIOError:
+                return
+            for level, kind, cmsg in ancillary:
+                if (level, kind) not in _RECVERR:
+                    continue
+                error = host_error(cmsg)
+                if error is None:
+                    self.drops["local_error"] += 1
+                    continue
+                if entry.key is None:
+                    self.drops["upstream_icmp"] += 1  # the DNS core moves on at its timeout
+                    continue
+                guest_mac = entry.table.guest_mac(entry.key)
+                if guest_mac is None:
+                    continue
+                frame = self.errors.error_frame(entry.key, guest_mac, error, data, now)
+                if frame is not None:
+                    frames.append(frame)
+
+    # -- reporting ----------------------------------------------------------------------------
+
+    def _log_once(self, reason: str, level: int, message: str, *args: object) -> None:
+        if reason not in self._logged:
+            self._logged.add(reason)
+            log.log(level, message, *args)
+
+    def status(self) -> dict[str, object]:
+        return {"udp": self.udp.status(), "echo": self.echo.status(), "dns": self.dns.status(),
+                "echo_on": dict(self.echo_on), "sockets": len(self.sockets),
+                "icmp_errors_sent": dict(self.errors.sent),
+                "icmp_errors_dropped": dict(self.errors.drops), "drops": dict(self.drops),
+                "socket_errors": dict(self.socket_errors), "refusals":
+                dict(self.limits.refusals)}
