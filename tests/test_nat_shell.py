@@ -22,6 +22,7 @@ from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
 from scapy.layers.l2 import Ether
 
 from netstack.frame import Frame
+from netstack.nat.dns import QUERY_TIMEOUT_SECONDS
 from netstack.nat.limits import MAX_FLOWS_PER_GUEST, FlowKey
 from netstack.wire import IPPROTO_UDP
 from tests.support.deadline import deadline
@@ -38,7 +39,7 @@ from tests.support.nat import (
     packed,
 )
 from tests.support.nat_netns import hub_and_outside, inside
-from tunnel.nat import NatShell
+from tunnel.nat import LOCAL_RESOLVERS, NatShell, read_upstreams
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
                                 reason="needs root and ip(8) for network namespaces")
@@ -106,7 +107,8 @@ async def dns_responder(sock: socket.socket) -> None:
         await server.sendto(bytes(answer), address)
 
 
-def run_in_hub(names: dict[str, str], test, *, seconds: float = 30.0, **shell_options) -> None:
+def run_in_hub(names: dict[str, str], test, *, seconds: float = 30.0, upstreams: str = OUT4,
+               **shell_options) -> None:
     """Run `test(shell, guest)` with a NatShell in the hub namespace and the outside's
     servers running; everything bounded by `seconds`."""
     servers = outside_sockets(names["outside"])
@@ -115,7 +117,7 @@ def run_in_hub(names: dict[str, str], test, *, seconds: float = 30.0, **shell_op
     async def main() -> None:
         guest = Guest()
         shell = NatShell(nat_config(), guest.deliver,
-                         upstreams=[ipaddress.ip_address(OUT4)], **shell_options)
+                         upstreams=[ipaddress.ip_address(upstreams)], **shell_options)
         shell.ttls = ttls  # what the echo server saw, for the TTL test
         async with trio.open_nursery() as nursery:
             nursery.start_soon(echo_server, servers["echo4"], ttls)
@@ -240,6 +242,32 @@ def test_a_dns_query_to_the_gateway_is_answered_by_the_upstream_with_the_guest_i
 
     with hub_and_outside() as names:
         run_in_hub(names, test)
+
+
+def test_a_query_no_upstream_answers_gets_servfail_at_the_timeout():
+    async def test(shell, guest):
+        query = DNS(id=0x0BAD, rd=1, qd=DNSQR(qname="example.test"))
+        shell.from_guest(guest_frame(IP(src=GUEST4, dst=GW4) / UDP(sport=5353, dport=53)
+                                     / query))
+        reply = await guest.next(seconds=QUERY_TIMEOUT_SECONDS + 3)
+        assert (reply[DNS].id, reply[DNS].qr, reply[DNS].rcode) == (0x0BAD, 1, 2)
+        assert shell.drops["upstream_icmp"] == 1  # its port unreachable, counted
+        assert shell.dns.drops["timeout"] == 1
+
+    with hub_and_outside() as names:
+        run_in_hub(names, test, upstreams=OUT6)  # nothing listens on the outside's :53 there
+
+
+def test_resolv_conf_gives_the_upstreams_and_no_nameserver_means_the_local_machine(
+        tmp_path, caplog):
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("search example.test\nnameserver 10.9.9.9\nnameserver fdcb::53\n")
+    assert read_upstreams(conf) == [ipaddress.ip_address("10.9.9.9"),
+                                    ipaddress.ip_address("fdcb::53")]
+    conf.write_text("search example.test\n")
+    assert read_upstreams(conf) == list(LOCAL_RESOLVERS)
+    assert read_upstreams(tmp_path / "missing") == list(LOCAL_RESOLVERS)
+    assert [r.levelname for r in caplog.records] == ["WARNING", "WARNING"]
 
 
 def test_ten_thousand_flows_from_one_guest_stop_at_its_cap_with_the_fds_bounded():

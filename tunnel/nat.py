@@ -283,7 +283,10 @@ class NatShell:
             self.drops[error.reason] += 1
             return
         self._perform(actions, now)
-        if self._next_deadline() < self._sleeping_until:
+        # A known flow's datagram only moves its own deadline later; a new flow or a DNS
+        # query may bring the next one closer than the timer sleeps.
+        if (len(actions) > 1 or (actions and isinstance(actions[0], SendQuery))) \
+                and self._next_deadline() < self._sleeping_until:
             self._wake.set()
 
     def _perform(self, actions: list, now: float) -> None:
