@@ -224,12 +224,28 @@ def test_overlapping_and_duplicate_segments_deliver_each_byte_once():
     assert sent_bytes(out) == b"abcdefghi" and g.conn.counters.dup_segments == 1
 
 
+def test_segments_behind_one_hole_merge_into_one_run_however_many_arrive():
+    g = Guest()
+    g.handshake()
+    s = g.nxt
+    pieces = [bytes([65 + i % 26]) * 100 for i in range(100)]
+    order = list(range(1, 100))
+    order[10:20] = reversed(order[10:20])  # some reordering behind the hole, and overlaps
+    for i in order:
+        g.conn.from_guest(seg(s + 100 * i, g.rcv, "PA", 65535, pieces[i]), T0 + 1)
+        g.conn.from_guest(seg(s + 100 * i - 50, g.rcv, "PA", 65535, pieces[i - 1][50:]
+                              + pieces[i][:50]), T0 + 1)
+    assert len(g.conn._ooo) == 1 and g.conn.counters.ooo_dropped == 0
+    out = g.conn.from_guest(seg(s, g.rcv, "PA", 65535, pieces[0]), T0 + 1)
+    assert sent_bytes(out) == b"".join(pieces) and g.conn._ooo == []
+
+
 def test_the_out_of_order_queue_is_bounded():
     g = Guest()
     g.handshake()
-    for i in range(nat.OOO_MAX_SEGMENTS + 5):
+    for i in range(nat.OOO_MAX_RUNS + 5):
         g.conn.from_guest(seg(g.nxt + 10 + 20 * i, g.rcv, "PA", 65535, b"q" * 10), T0 + 1)
-    assert len(g.conn._ooo) == nat.OOO_MAX_SEGMENTS and g.conn.counters.ooo_dropped == 5
+    assert len(g.conn._ooo) == nat.OOO_MAX_RUNS and g.conn.counters.ooo_dropped == 5
 
 
 # --- host -> guest ------------------------------------------------------------------------
@@ -496,7 +512,7 @@ def test_segment_soup_never_raises_never_oversends_never_acks_unreceived(steps, 
             # Bounded memory.
             assert len(conn._snd_buf) <= nat.SND_BUFFER
             assert conn.host_unwritten <= nat.RCV_BUFFER + (1 << conn.rcv_wscale)
-            assert len(conn._ooo) <= nat.OOO_MAX_SEGMENTS
+            assert len(conn._ooo) <= nat.OOO_MAX_RUNS
             assert conn._ooo_bytes <= nat.RCV_BUFFER
             deadline_at = conn.next_deadline()
             assert deadline_at is None or deadline_at >= now - 1e-9 or not conn.closed

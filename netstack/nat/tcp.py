@@ -12,9 +12,9 @@ if the remote itself had answered.  Then:
                   over and not yet written (`host_unwritten`) are what we hold for the host
                   socket: the window advertised to the guest is RCV_BUFFER minus them, so a
                   slow remote closes the guest's window (backpressure).  Segments ahead of
-                  RCV.NXT wait in a small out-of-order queue (OOO_MAX_SEGMENTS, inside the
-                  advertised window) so one lost frame costs the guest one retransmission,
-                  not its whole flight (we offer no SACK, so a hole is found by dup ACKs).
+                  RCV.NXT wait in an out-of-order queue (merged runs, OOO_MAX_RUNS holes,
+                  inside the advertised window) so one lost frame costs the guest one
+                  retransmission, not its whole flight (we offer no SACK: dup ACKs find holes).
                   The guest's FIN, in order, becomes `ShutdownWrite` after its last Send.
   host -> guest   the shell reads at most `host_read_budget()` bytes from the host socket
                   and reports `Received(data)`; that is free space in SND_BUFFER, which
@@ -76,7 +76,7 @@ log = logging.getLogger(__name__)
 # Buffers: what one connection may make us hold (the containment bound).
 RCV_BUFFER = 256 * 1024  # guest -> host bytes held until the host socket takes them
 SND_BUFFER = 256 * 1024  # host -> guest bytes held until the guest acknowledges them
-OOO_MAX_SEGMENTS = 16  # out-of-order segments kept (all inside the advertised window)
+OOO_MAX_RUNS = 16  # holes the out-of-order queue tracks (its bytes lie inside the window)
 MAX_PAYLOAD = 65535  # a guest TSO segment is one segment, up to 64 KiB (IPv4's limit)
 
 # MSS (RFC 9293 3.7.1, RFC 8200 5): defaults when the SYN has no option, and the clamp.
@@ -643,21 +643,33 @@ class TcpConnection:
         out.append(Send(data))
 
     def _queue_ooo(self, seq: int, data: bytes) -> None:
-        end = (seq + len(data)) & _SEQ_MASK
-        for s, d in self._ooo:
-            if _le(s, seq) and _le(end, (s + len(d)) & _SEQ_MASK):
+        """Keep a segment that arrived ahead of RCV.NXT, merged with the runs it overlaps or
+        touches, so the queue holds one run per hole however many segments fill it."""
+        base = self.rcv_nxt
+        start = _dist(base, seq)
+        runs: list[tuple[int, bytes]] = []
+        merged_start, merged = start, data
+        for run_seq, run in self._ooo:  # sorted, disjoint and never adjacent
+            run_start = _dist(base, run_seq)
+            run_end = run_start + len(run)
+            if run_start <= start and start + len(data) <= run_end:
                 self.counters.dup_segments += 1
                 return
-        kept = [(s, d) for s, d in self._ooo
-                if not (_le(seq, s) and _le((s + len(d)) & _SEQ_MASK, end))]
-        kept_bytes = sum(len(d) for _, d in kept)
-        if len(kept) >= OOO_MAX_SEGMENTS or kept_bytes + len(data) > RCV_BUFFER:
+            merged_end = merged_start + len(merged)
+            if run_end < merged_start or run_start > merged_end:
+                runs.append((run_start, run))
+            elif run_start <= merged_start:
+                merged = run + merged[run_end - merged_start:]
+                merged_start = run_start
+            else:
+                merged = merged + run[merged_end - run_start:]
+        runs.append((merged_start, merged))
+        if len(runs) > OOO_MAX_RUNS:
             self.counters.ooo_dropped += 1
             return
-        kept.append((seq, data))
-        kept.sort(key=lambda e: _dist(self.rcv_nxt, e[0]))
-        self._ooo = kept
-        self._ooo_bytes = kept_bytes + len(data)
+        runs.sort()
+        self._ooo = [((base + offset) & _SEQ_MASK, run) for offset, run in runs]
+        self._ooo_bytes = sum(len(run) for _, run in runs)
         self.counters.ooo_queued += 1
 
     def _drain_ooo(self, out: list[Output]) -> None:
