@@ -383,6 +383,18 @@ def test_idle_connections_are_aborted_after_the_idle_timeout():
     assert isinstance(out[-1], Abort) and g.conn.closed
 
 
+def test_guest_keepalives_are_answered_and_keep_the_connection_alive():
+    g = Guest()
+    g.handshake()
+    now = T0
+    for _ in range(3):
+        now += nat.IDLE_TIMEOUT - 1
+        assert g.conn.tick(now) == []
+        [a] = g.conn.from_guest(seg(g.nxt - 1, ISS + 1, "A", payload=b"\0"), now)
+        assert a.ack == g.nxt and a.flags == ACK
+    assert g.conn.state == nat.ESTABLISHED and g.conn.counters.keepalives == 3
+
+
 # --- RFC 5961 --------------------------------------------------------------------------
 def test_a_reset_at_rcv_nxt_closes_and_aborts_the_host_side():
     g = Guest()
@@ -444,8 +456,12 @@ def soup(draw):
     n = draw(st.integers(1, 40))
     steps = []
     for _ in range(n):
-        kind = draw(st.sampled_from(["seg", "seg", "seg", "host", "written", "tick"]))
-        if kind == "seg":
+        kind = draw(st.sampled_from(["seg", "seg", "next", "next", "host", "written",
+                                     "tick"]))
+        if kind == "next":  # what a live guest sends: in order, acking what it got
+            steps.append(("next", draw(st.sampled_from(["PA", "A", "FA"])),
+                          draw(st.integers(0, 4000)), draw(st.integers(0, 65535))))
+        elif kind == "seg":
             near = draw(st.booleans())
             seq_off = draw(st.integers(-3000, 300_000)) if near else draw(
                 st.integers(0, M))
@@ -476,11 +492,16 @@ def test_segment_soup_never_raises_never_oversends_never_acks_unreceived(steps, 
         conn = g.conn
         now = T0 + 1
         delivered = 0  # bytes the guest stream has given the host, in order
+        fin = 0  # 1 once the guest's FIN was taken (ShutdownWrite)
         for step in steps:
             if step[0] == "seg":
                 _, seq_off, ack_off, flags, window, size, opts = step
                 s = seg(g.nxt + seq_off, conn.snd_una + ack_off, flags, window,
                         bytes(size), opts)
+                out = conn.from_guest(s, now)
+            elif step[0] == "next":
+                _, flags, size, window = step
+                s = seg(conn.rcv_nxt, conn.snd_nxt, flags, window, bytes(size))
                 out = conn.from_guest(s, now)
             elif step[0] == "host":
                 if step[1] == "recv":
@@ -501,14 +522,18 @@ def test_segment_soup_never_raises_never_oversends_never_acks_unreceived(steps, 
                 out = conn.tick(now)
             for o in out:
                 if isinstance(o, Send):
+                    assert not fin
                     delivered += len(o.data)
+                elif isinstance(o, ShutdownWrite):
+                    assert not fin
+                    fin = 1
                 elif isinstance(o, ToGuest) and not o.flags & RST:
                     # Never past the furthest edge the guest advertised.
                     end = (o.seq + len(o.payload)) & M
                     assert not o.payload or nat._le(end, conn.max_snd_edge)
                     # Never acks a byte the guest did not send in order (SYN/FIN count one).
                     if conn.state not in (nat.LISTEN, nat.CONNECTING) and o.flags & ACK:
-                        assert nat._le(o.ack, (GISN + 1 + delivered + 2) & M)
+                        assert nat._le(o.ack, (GISN + 1 + delivered + fin) & M)
             # Bounded memory.
             assert len(conn._snd_buf) <= nat.SND_BUFFER
             assert conn.host_unwritten <= nat.RCV_BUFFER + (1 << conn.rcv_wscale)

@@ -260,6 +260,7 @@ class TcpCounters:
     challenge_acks_suppressed: int = 0
     rst_ignored: int = 0
     window_probes: int = 0
+    keepalives: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -464,7 +465,12 @@ class TcpConnection:
             if flags & RST:
                 counters.rst_ignored += 1
                 return
-            if seg_len and _le((seq + seg_len) & _SEQ_MASK, self.rcv_nxt):
+            if flags & ACK and len(payload) <= 1 and not flags & (SYN | FIN) \
+                    and seq == (self.rcv_nxt - 1) & _SEQ_MASK:
+                # A keepalive (RFC 9293 3.8.4): answered, and it keeps the connection alive.
+                counters.keepalives += 1
+                self._last_activity = now
+            elif seg_len and _le((seq + seg_len) & _SEQ_MASK, self.rcv_nxt):
                 counters.dup_segments += 1
             else:
                 counters.out_of_window += 1
