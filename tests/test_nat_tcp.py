@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP
+from scapy.layers.inet6 import IPv6
 
 from netstack.nat import tcp as nat
 from netstack.nat.tcp import (
@@ -113,6 +114,31 @@ def test_synack_waits_for_the_host_connect_and_negotiates_mss_and_window_scale()
     assert conn.snd_mss == 1400 and conn.snd_wscale == 7
     assert conn.from_guest(seg(GISN + 1, ISS + 1, "A", 100), T0 + 1.1) == []
     assert conn.state == nat.ESTABLISHED and conn.snd_wnd == 100 << 7
+
+
+def test_an_unanswered_synack_is_retransmitted_then_the_connection_aborted():
+    conn = TcpConnection(GUEST_IP, GPORT, REMOTE_IP, RPORT, T0, iss=ISS)
+    conn.from_guest(seg(GISN, flags="S"), T0)
+    conn.on_host(Connected(), T0)
+    for _ in range(nat.SYNACK_RETRIES):
+        [again] = conn.tick(conn.next_deadline())
+        assert again.flags == SYN | ACK and again.seq == ISS
+    out = conn.tick(conn.next_deadline())
+    assert out[0].flags & RST and isinstance(out[1], Abort) and conn.closed
+
+
+def test_ipv6_segments_carry_a_valid_checksum_and_the_v6_default_mss():
+    g6, r6 = bytes.fromhex("fd77" + "00" * 13 + "0a"), bytes.fromhex("20010db8" + "00" * 11 + "50")
+    conn = TcpConnection(g6, GPORT, r6, RPORT, T0, iss=ISS)
+    conn.from_guest(seg(GISN, flags="S"), T0)
+    assert conn.snd_mss == nat.DEFAULT_MSS_V6 and conn.our_mss == 1440
+    [sa] = conn.on_host(Connected(), T0)
+    wire = conn.encode(sa)
+    pkt = IPv6(src="2001:db8::50", dst="fd77::a", nh=6) / TCP(wire)
+    rebuilt = IPv6(bytes(pkt))
+    del rebuilt[TCP].chksum
+    assert IPv6(bytes(rebuilt))[TCP].chksum == TCP(wire).chksum
+    assert "[2001:db8::50]:80" in conn.name
 
 
 def test_a_refused_connect_is_a_reset_to_the_guest():
