@@ -336,6 +336,18 @@ def test_a_zero_window_is_probed_and_a_window_held_shut_forever_aborts():
     assert g.conn.counters.window_probes >= 3
 
 
+def test_an_ignored_older_window_update_never_stretches_the_window_past_its_edge():
+    # Found by the segment soup: a window is relative to the ACK that carried it (SND.WL2).
+    g = Guest(wscale=0, window=0)
+    g.handshake()
+    g.conn.from_guest(seg(g.nxt + 2, ISS + 1, "A", 4), T0 + 1)  # window 4, a later seq
+    out = g.conn.on_host(Received(b"abcdefgh"), T0 + 1)
+    assert [s.payload for s in to_guest(out)] == [b"abcd"]
+    out = g.ack((ISS + 5) & M, T0 + 1.1, window=0)  # older seq: its window is not taken
+    assert [s.payload for s in to_guest(out) if s.payload] == []
+    assert g.conn.max_snd_edge == (ISS + 5) & M
+
+
 def test_a_reopened_window_sends_the_waiting_data():
     g = Guest(window=0)
     g.handshake()

@@ -603,9 +603,15 @@ class TcpConnection:
         self.snd_wl1 = seq
         self.snd_wl2 = ack
         self.max_snd_wnd = max(self.max_snd_wnd, self.snd_wnd)
-        edge = (self.snd_una + self.snd_wnd) & _SEQ_MASK
+        edge = self._send_edge()
         if _lt(self.max_snd_edge, edge):
             self.max_snd_edge = edge
+
+    def _send_edge(self) -> int:
+        """The right edge of the guest's window: relative to the ACK of the segment that set
+        it (SND.WL2), not to SND.UNA, which may have moved on since (a guest's window update
+        can be older than its latest ACK; RFC 9293 3.10.7.4)."""
+        return (self.snd_wl2 + self.snd_wnd) & _SEQ_MASK
 
     def _receive(self, seq: int, payload: bytes | memoryview, fin: bool, now: float,
                  out: list[Output]) -> None:
@@ -835,7 +841,8 @@ class TcpConnection:
         sent = _dist(self.snd_una, self.snd_nxt)
         if self._fin_seq is not None:
             sent -= 1
-        edge = (self.snd_una + self.snd_wnd) & _SEQ_MASK
+        edge = self._send_edge()
+        start = self.snd_nxt
         limit = self._segment_limit()
         while sent < len(buf) and self._fin_seq is None:
             usable = _dist(self.snd_nxt, edge) if _lt(self.snd_nxt, edge) else 0
@@ -858,21 +865,22 @@ class TcpConnection:
             self.state = FIN_WAIT_1 if self.state == ESTABLISHED else LAST_ACK
         if self.snd_nxt != self.snd_una and self._rtx_at is None:
             self._rtx_at = now + self.rto
-        self._update_persist(now, sent < len(buf))
+        self._update_persist(now, sent < len(buf), self.snd_nxt != start)
 
-    def _update_persist(self, now: float, waiting: bool) -> None:
-        """Arm the persist timer when data waits on a zero window and nothing is in flight
-        (an ACK would otherwise never come to reopen it); disarm it otherwise."""
-        if waiting and self.snd_wnd == 0 and self.snd_una == self.snd_nxt:
+    def _update_persist(self, now: float, waiting: bool, progressed: bool) -> None:
+        """Arm the persist timer when data waits on a closed window and nothing is in flight
+        (no ACK would come to reopen it); disarm it otherwise.  The zero-window clock runs
+        from the first push that could send nothing until one sends again."""
+        if progressed or not waiting:
+            self._zero_window_since = None
+        elif self._zero_window_since is None:
+            self._zero_window_since = now
+        if waiting and self.snd_una == self.snd_nxt:
             if self._persist_at is None:
                 self._persist_interval = max(self.rto, PERSIST_MIN)
                 self._persist_at = now + self._persist_interval
-            if self._zero_window_since is None:
-                self._zero_window_since = now
         else:
             self._persist_at = None
-            if self.snd_wnd:
-                self._zero_window_since = None
 
     def _retransmit_first(self, out: list[Output], now: float) -> None:
         """Resend the first unacknowledged segment (data, or our FIN)."""
