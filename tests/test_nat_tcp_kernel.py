@@ -77,13 +77,18 @@ def kernel_behind_tun(offloads: Offload = Offload.NONE) -> Iterator[tuple[TunTap
 
 
 CLIENT = textwrap.dedent("""
-    import hashlib, random, socket, sys, threading
+    import hashlib, random, socket, sys, threading, time
     host, port, size, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    rcvbuf, read_delay = int(sys.argv[5]), float(sys.argv[6])
     data = random.Random(seed).randbytes(size)
-    s = socket.create_connection((host, port), timeout=40)
+    s = socket.socket()
+    if rcvbuf:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     s.settimeout(40)
+    s.connect((host, port))
     got = bytearray()
     def reader():
+        time.sleep(read_delay)  # a reader that stalls: the window we send into closes
         while chunk := s.recv(65536):
             got.extend(chunk)
     t = threading.Thread(target=reader)
@@ -259,7 +264,7 @@ def test_linux_tcp_echoes_through_the_core_with_loss_duplication_and_reordering(
     with kernel_behind_tun(offloads) as (dev, ns):
         client = subprocess.Popen(
             ["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT, CORE_IP, str(PORT),
-             str(size), "7"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             str(size), "7", "0", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             result = drive(dev, client, loss=loss, dup=dup, reorder=reorder, seed=seed,
                            limit=25)
@@ -278,11 +283,29 @@ def test_linux_tcp_echoes_through_the_core_with_loss_duplication_and_reordering(
             assert result["largest"] > 10_000
 
 
+def test_a_stalled_linux_reader_is_probed_through_its_zero_window_and_the_data_arrives():
+    with kernel_behind_tun() as (dev, ns):
+        client = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT, CORE_IP, str(PORT),
+             "600000", "3", "4096", "2.5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
+        try:
+            result = drive(dev, client, loss=0, dup=0, reorder=0, seed=3, limit=25)
+        finally:
+            if client.poll() is None:
+                client.kill()
+            stdout, stderr = client.communicate(timeout=10)
+        assert client.returncode == 0, stderr
+        sent_hash, echo_hash, echoed = stdout.split()
+        assert sent_hash == echo_hash and int(echoed) == 600000
+        assert result["counters"]["window_probes"] > 0
+
+
 def test_a_refused_connect_reaches_the_kernel_as_connection_refused():
     with kernel_behind_tun() as (dev, ns):
         client = subprocess.Popen(
             ["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT, CORE_IP,
-             str(CLOSED_PORT), "10", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+             str(CLOSED_PORT), "10", "1", "0", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True)
         try:
             drive(dev, client, loss=0, dup=0, reorder=0, seed=1, limit=20)
