@@ -442,7 +442,7 @@ class TcpConnection:
     def _on_connecting(self, seg: Tcp, out: list[Output]) -> None:
         flags = seg.flags
         if flags & RST and seg.seq == self.rcv_nxt:
-            self.state = CLOSED
+            self._forget("guest reset while connecting")
             out.append(Abort("guest reset while connecting"))
         elif flags & SYN and seg.seq == self.irs:
             self.counters.dup_segments += 1  # the guest retransmits its SYN; we still wait
