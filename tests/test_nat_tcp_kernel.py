@@ -248,6 +248,31 @@ def drive(dev: TunTapDevice, client: subprocess.Popen, *, loss: float, dup: floa
     return result
 
 
+def run_client(offloads: Offload, port: int, size: int, *, rcvbuf: int = 0,
+               read_delay: float = 0.0, loss: float = 0.0, dup: float = 0.0,
+               reorder: float = 0.0, seed: int = 1) -> tuple[subprocess.CompletedProcess, dict]:
+    """The kernel client in its namespace against the core, to the end; bounded at 25 s."""
+    with kernel_behind_tun(offloads) as (dev, ns):
+        args = ["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT, CORE_IP, str(port),
+                str(size), str(seed), str(rcvbuf), str(read_delay)]
+        client = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
+        try:
+            result = drive(dev, client, loss=loss, dup=dup, reorder=reorder, seed=seed,
+                           limit=25)
+        finally:
+            if client.poll() is None:
+                client.kill()
+            stdout, stderr = client.communicate(timeout=10)
+    return subprocess.CompletedProcess(args, client.returncode, stdout, stderr), result
+
+
+def assert_echoed(done: subprocess.CompletedProcess, size: int) -> None:
+    assert done.returncode == 0, done.stderr
+    sent_hash, echo_hash, echoed = done.stdout.split()
+    assert sent_hash == echo_hash and int(echoed) == size
+
+
 TSO = Offload.CSUM | Offload.TSO4
 
 
@@ -261,56 +286,24 @@ TSO = Offload.CSUM | Offload.TSO4
 ])
 def test_linux_tcp_echoes_through_the_core_with_loss_duplication_and_reordering(
         loss, dup, reorder, size, seed, offloads):
-    with kernel_behind_tun(offloads) as (dev, ns):
-        client = subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT, CORE_IP, str(PORT),
-             str(size), "7", "0", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            result = drive(dev, client, loss=loss, dup=dup, reorder=reorder, seed=seed,
-                           limit=25)
-        finally:
-            if client.poll() is None:
-                client.kill()
-            stdout, stderr = client.communicate(timeout=10)
-        assert client.returncode == 0, stderr
-        sent_hash, echo_hash, echoed = stdout.split()
-        assert sent_hash == echo_hash and int(echoed) == size
-        counters = result["counters"]
-        assert counters["bytes_to_host"] == size == counters["bytes_to_guest"]
-        if loss:
-            assert result["impaired"] > 0
-        if offloads & Offload.TSO4:  # the kernel's TSO segments were taken whole
-            assert result["largest"] > 10_000
+    done, result = run_client(offloads, PORT, size, loss=loss, dup=dup, reorder=reorder,
+                              seed=seed)
+    assert_echoed(done, size)
+    counters = result["counters"]
+    assert counters["bytes_to_host"] == size == counters["bytes_to_guest"]
+    if loss:
+        assert result["impaired"] > 0
+    if offloads & Offload.TSO4:  # the kernel's TSO segments were taken whole
+        assert result["largest"] > 10_000
 
 
 def test_a_stalled_linux_reader_is_probed_through_its_zero_window_and_the_data_arrives():
-    with kernel_behind_tun() as (dev, ns):
-        client = subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT, CORE_IP, str(PORT),
-             "600000", "3", "4096", "2.5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True)
-        try:
-            result = drive(dev, client, loss=0, dup=0, reorder=0, seed=3, limit=25)
-        finally:
-            if client.poll() is None:
-                client.kill()
-            stdout, stderr = client.communicate(timeout=10)
-        assert client.returncode == 0, stderr
-        sent_hash, echo_hash, echoed = stdout.split()
-        assert sent_hash == echo_hash and int(echoed) == 600000
-        assert result["counters"]["window_probes"] > 0
+    done, result = run_client(Offload.NONE, PORT, 600_000, rcvbuf=4096, read_delay=2.5,
+                              seed=3)
+    assert_echoed(done, 600_000)
+    assert result["counters"]["window_probes"] > 0
 
 
 def test_a_refused_connect_reaches_the_kernel_as_connection_refused():
-    with kernel_behind_tun() as (dev, ns):
-        client = subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT, CORE_IP,
-             str(CLOSED_PORT), "10", "1", "0", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True)
-        try:
-            drive(dev, client, loss=0, dup=0, reorder=0, seed=1, limit=20)
-        finally:
-            if client.poll() is None:
-                client.kill()
-            stdout, stderr = client.communicate(timeout=10)
-        assert "ConnectionRefusedError" in stderr
+    done, _ = run_client(Offload.NONE, CLOSED_PORT, 10)
+    assert done.returncode != 0 and "ConnectionRefusedError" in done.stderr
