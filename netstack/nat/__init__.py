@@ -16,5 +16,6 @@ and host-socket actions out, time passed in as `now`.  The Trio shell that owns 
              the reply), and ICMP errors the host learns mapped back to the guest, rate limited
   dns.py     the gateway's DNS forwarder: queries to the gateway's :53 -> upstream resolvers,
              answers back to the guest with its id; resolv.conf parsing
-  tcp.py     one guest-facing TCP connection (RFC 9293 subset), bridged to a host socket
+  tcp.py     one guest-facing TCP connection (RFC 9293 subset): guest segments in, segments
+             to the guest and host-socket actions out (not yet in the shell)
 """
