@@ -28,14 +28,17 @@ bench: setup image
 	$(PY) bench/vhost_switch.py
 
 # The fuzzers' long run (the test run gives each a few seconds): rings and vhost-user
-# messages, hostile frames, wire records after authentication, DHCP option soups.
+# messages, hostile frames, wire records after authentication, DHCP option soups, and the
+# packet views, the DHCP codec and the L3 host and DHCP client fed garbage.
 FUZZ_EXAMPLES ?= 100000
 FUZZ_SECONDS ?= 300
 fuzz: setup
 	VHOSTVPN_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) VHOSTVPN_FUZZ_SECONDS=$(FUZZ_SECONDS) \
 	  $(VENV)/bin/pytest -q -p no:cacheprovider tests/test_fuzz_virtio.py \
 	  tests/test_hostile_frames.py tests/test_tunnel_fuzz.py \
-	  tests/test_dhcp.py::test_option_soups_and_truncated_bootp_are_only_ever_ignored_and_counted
+	  tests/test_dhcp.py::test_option_soups_and_truncated_bootp_are_only_ever_ignored_and_counted \
+	  tests/test_wire_views.py tests/test_wire_dhcp.py tests/test_l3host.py \
+	  tests/test_dhcp_client.py -k "arbitrary or garbage or soups or fuzz or hostile or tunnel_fuzz"
 
 image: setup
 	$(PY) qemu/build_image.py

@@ -10,7 +10,7 @@ import random
 from ipaddress import IPv4Address, IPv4Interface
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from scapy.layers.dhcp import BOOTP, DHCP
 from scapy.layers.inet import ICMP, IP, UDP
@@ -35,7 +35,7 @@ from netstack.host.dhcp_client import (
 )
 from netstack.host.l3host import L3Host
 from tests.support.clock import Clock
-from tests.support.hostile_frames import garbled
+from tests.support.hostile_frames import fuzz_settings, garbled
 
 CLIENT_MAC = bytes.fromhex("02686f737401")
 SERVER_MAC = bytes.fromhex("027676000001")
@@ -357,7 +357,7 @@ def test_a_nak_outside_requesting_renewing_rebinding_is_ignored(state):
     assert wire.client.state == state
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@fuzz_settings(300)
 @given(st.data())
 def test_garbage_and_mutated_replies_never_raise(data):
     wire = Wire()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface, IPv6Network
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import (
@@ -35,7 +35,7 @@ from netstack.host.neighbour_cache import (
 )
 from netstack.neighbour import link_local_from_mac
 from tests.support.clock import Clock
-from tests.support.hostile_frames import garbled
+from tests.support.hostile_frames import fuzz_settings, garbled
 
 HOST_MAC = bytes.fromhex("02686f737401")
 GW_MAC = bytes.fromhex("027676000001")
@@ -471,7 +471,7 @@ def seeds() -> list[bytes]:
     ]
 
 
-@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@fuzz_settings(500)
 @given(st.data())
 def test_garbage_from_the_segment_never_raises(data):
     host = make_host(ipv6=IPv6Interface("fd77::2/64"))
@@ -486,7 +486,7 @@ def test_garbage_from_the_segment_never_raises(data):
     host.tick(host.clock() + data.draw(st.floats(0, 10000)))
 
 
-@settings(max_examples=300, deadline=None)
+@fuzz_settings(300)
 @given(st.binary(max_size=80), st.tuples(*[st.integers(0, 0xFFFF)] * 6))
 def test_garbage_from_the_host_never_raises(packet, offload):
     host = make_host(ipv6=IPv6Interface("fd77::2/64"), gateway6=IPv6Address("fd77::1"))

@@ -51,6 +51,7 @@ from netstack.wire.ipv4 import Ipv4
 from netstack.wire.ipv6 import Ipv6, walk_chain
 from netstack.wire.tcp import Tcp
 from netstack.wire.udp import Udp
+from tests.support.hostile_frames import fuzz_settings
 
 MAC_A, MAC_B = "02:00:00:00:00:0a", "02:00:00:00:00:0b"
 MAC_A_BYTES = bytes.fromhex("02000000000a")
@@ -288,12 +289,14 @@ _ALL_REASONS = (ethernet.REASONS | arp.REASONS | ipv4.REASONS | ipv6.REASONS | i
                 | icmpv6.REASONS | udp.REASONS | tcp.REASONS)
 
 
+@fuzz_settings(100)
 @given(st.binary(max_size=200))
 def test_arbitrary_bytes_give_a_view_or_malformed(data):
     _read_everything(data)
     _read_everything(bytes(memoryview(data)))
 
 
+@fuzz_settings(100)
 @given(st.sampled_from([0x45, 0x46, 0x60, 0x4F]), st.binary(max_size=120))
 def test_arbitrary_ip_like_bytes_give_a_view_or_malformed(first, rest):
     _read_everything(bytes([first]) + rest)

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import random
 import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from netstack.frame import MAX_FRAME_LEN, PLAIN, Frame, Offload, OffloadInfo
@@ -77,6 +79,13 @@ def _ones_sum(data: bytes) -> int:
 
 def _checksum(data: bytes) -> int:
     return 0xFFFF - _ones_sum(data)
+
+
+def fuzz_settings(examples: int) -> settings:
+    """Hypothesis settings for a parser fuzz test: `examples` in the default run, and
+    VHOSTVPN_FUZZ_EXAMPLES of them in `make fuzz`'s long run."""
+    return settings(max_examples=int(os.environ.get("VHOSTVPN_FUZZ_EXAMPLES", examples)),
+                    deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite
