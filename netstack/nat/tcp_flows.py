@@ -1,0 +1,246 @@
+"""The NAT's TCP flow table, sans-I/O: which TcpConnection a guest segment belongs to, who may
+open one, and when each connection's timers run.
+
+A guest SYN for a new (guest ip/port, remote ip/port) is admitted through FlowLimits (flows
+per guest, the half-open cap: CONNECTING and SYN-RECEIVED) and the deny list, then becomes a
+TcpConnection; a known flow's segments go to its connection; a segment of no flow is answered
+by a RST (RFC 9293 3.10.7.1), counted; a SYN on a TIME-WAIT flow replaces it.  A closed
+connection leaves the table and gives its caps back.  Outputs are frames to the guest and
+`HostCall(key, action)` for the shell's host socket.  `tick(now)` runs only the connections
+whose deadline is due (a heap of deadlines, stale entries skipped and compacted).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter
+
+from netstack.frame import HDR_F_DATA_VALID, HDR_F_NEEDS_CSUM
+from netstack.nat.limits import FlowKey, FlowLimits
+from netstack.nat.packet import GuestPacket, NatConfig, Refused, frame_to_guest, refuse_denied
+from netstack.nat.tcp import (
+    CONNECTING,
+    SYN_RECEIVED,
+    TIME_WAIT,
+    Close,
+    HostAction,
+    HostEvent,
+    TcpConnection,
+    ToGuest,
+    reset_for,
+)
+from netstack.wire import IPPROTO_TCP, Malformed
+from netstack.wire.checksum import pseudo_header_sum, sum16, verifies
+from netstack.wire.ipv4 import LOOPBACK as LOOPBACK4
+from netstack.wire.ipv6 import LOOPBACK as LOOPBACK6
+from netstack.wire.tcp import ACK, RST, SYN, Tcp
+
+_HALF_OPEN = frozenset({CONNECTING, SYN_RECEIVED})
+# Stale heap entries tolerated before the heap is rebuilt from the live deadlines.
+HEAP_SLACK = 64
+# IP + TCP header bytes below the MTU: our MSS offered to guests.
+_HEADERS = {4: 40, 6: 60}
+
+
+class HostCall:
+    """An action for the host socket of flow `key`."""
+
+    __slots__ = ("action", "key")
+
+    def __init__(self, key: FlowKey, action: HostAction) -> None:
+        self.key = key
+        self.action = action
+
+    def __repr__(self) -> str:
+        return f"HostCall({self.key!r}, {self.action!r})"
+
+
+class TcpFlow:
+    __slots__ = ("conn", "guest_mac", "half_open", "host_ip", "key", "scheduled")
+
+    def __init__(self, key: FlowKey, guest_mac: bytes, host_ip: bytes,
+                 conn: TcpConnection) -> None:
+        self.key = key
+        self.guest_mac = guest_mac
+        self.host_ip = host_ip  # where the host socket connects (loopback when mapped)
+        self.conn = conn
+        self.half_open = True
+        self.scheduled: float | None = None
+
+
+def read_tcp(packet: GuestPacket, offload_flags: int) -> Tcp:
+    """The checked TCP segment in `packet` (Malformed `tcp_checksum` when it is wrong)."""
+    tcp = Tcp(packet.data, packet.l4_offset, packet.end)
+    if offload_flags & (HDR_F_NEEDS_CSUM | HDR_F_DATA_VALID):
+        return tcp
+    total = pseudo_header_sum(packet.src, packet.dst, IPPROTO_TCP, packet.end - packet.l4_offset) \
+        + sum16(packet.data[packet.l4_offset:packet.end])
+    if not verifies(total):
+        raise Malformed("tcp_checksum", f"checksum {tcp.checksum:#06x}")
+    return tcp
+
+
+class TcpTable:
+    """Every guest's TCP connections; `limits` is shared with the other tables."""
+
+    def __init__(self, config: NatConfig, limits: FlowLimits) -> None:
+        self.config = config
+        self.limits = limits
+        self.flows: dict[FlowKey, TcpFlow] = {}
+        self.drops: Counter[str] = Counter()
+        self.resets_sent = 0  # RSTs answering segments of no flow
+        self._heap: list[tuple[float, int, FlowKey]] = []
+        self._order = 0
+
+    # -- from the guest -----------------------------------------------------------------------
+
+    def guest_segment(self, packet: GuestPacket, offload_flags: int, now: float) -> list:
+        """Frames and HostCalls for a guest's TCP segment (its IP layer already read); raises
+        Malformed or Refused for a segment the NAT does not carry."""
+        seg = read_tcp(packet, offload_flags)
+        key = FlowKey(IPPROTO_TCP, packet.src, seg.src_port, packet.dst, seg.dst_port)
+        flow = self.flows.get(key)
+        flags = seg.flags
+        is_syn = flags & (SYN | ACK | RST) == SYN
+        if flow is not None and is_syn and flow.conn.state == TIME_WAIT:
+            self._remove(flow)
+            flow = None
+        if flow is None:
+            if not is_syn:
+                return self._reset_unknown(packet, seg)
+            flow = self._open(key, packet, now)
+        elif flow.guest_mac != packet.guest_mac:
+            raise Refused("guest_mac", "a flow of another MAC")
+        return self._after(flow, flow.conn.from_guest(seg, now))
+
+    def _reset_unknown(self, packet: GuestPacket, seg: Tcp) -> list:
+        reply = reset_for(seg)
+        if reply is None:
+            self.drops["no_flow"] += 1
+            return []
+        self.resets_sent += 1
+        message = TcpConnection(packet.src, seg.src_port, packet.dst, seg.dst_port, 0.0,
+                                iss=0).encode(reply)
+        frame = frame_to_guest(self.config, packet.guest_mac, packet.dst, packet.src,
+                               IPPROTO_TCP, message)
+        return [] if frame is None else [frame]
+
+    def _open(self, key: FlowKey, packet: GuestPacket, now: float) -> TcpFlow:
+        if key.remote_port == 0 or key.guest_port == 0:
+            raise Refused("port_zero")
+        host_ip = packet.dst
+        if packet.dst in self.config.gateway_ips:
+            if not self.config.map_host_loopback:
+                raise Refused("gateway", f"port {key.remote_port} of the gateway")
+            host_ip = LOOPBACK4 if packet.version == 4 else LOOPBACK6
+        else:
+            refuse_denied(packet, self.config.deny)
+        guest = packet.guest_mac
+        if not self.limits.admit(guest, IPPROTO_TCP):
+            raise Refused("flow_limit")
+        if not self.limits.admit_half_open(guest):
+            self.limits.release(guest, IPPROTO_TCP)
+            raise Refused("half_open_limit")
+        conn = TcpConnection(packet.src, key.guest_port, packet.dst, key.remote_port, now,
+                             mss=self.config.mtu - _HEADERS[packet.version])
+        flow = self.flows[key] = TcpFlow(key, guest, host_ip, conn)
+        return flow
+
+    # -- from the host ------------------------------------------------------------------------
+
+    def on_host(self, key: FlowKey, event: HostEvent, now: float) -> list:
+        """Frames and HostCalls for an event on `key`'s host socket ([] if the flow is gone)."""
+        flow = self.flows.get(key)
+        if flow is None:
+            return []
+        return self._after(flow, flow.conn.on_host(event, now))
+
+    def read_budget(self, key: FlowKey) -> int:
+        """Bytes the shell may read from `key`'s host socket now (0: stop reading)."""
+        flow = self.flows.get(key)
+        return 0 if flow is None else flow.conn.host_read_budget()
+
+    def host_ip(self, key: FlowKey) -> bytes | None:
+        flow = self.flows.get(key)
+        return None if flow is None else flow.host_ip
+
+    # -- timers -------------------------------------------------------------------------------
+
+    def tick(self, now: float) -> list:
+        """Run the timers of every connection whose deadline is due."""
+        out: list = []
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            deadline, _order, key = heapq.heappop(heap)
+            flow = self.flows.get(key)
+            if flow is None or flow.scheduled != deadline:
+                continue  # stale: the flow is gone or its deadline moved
+            flow.scheduled = None
+            out += self._after(flow, flow.conn.tick(now))
+        return out
+
+    def next_deadline(self) -> float | None:
+        heap = self._heap
+        while heap:
+            deadline, _order, key = heap[0]
+            flow = self.flows.get(key)
+            if flow is not None and flow.scheduled == deadline:
+                return deadline
+            heapq.heappop(heap)
+        return None
+
+    # -- bookkeeping --------------------------------------------------------------------------
+
+    def _after(self, flow: TcpFlow, outputs: list) -> list:
+        """Frames and HostCalls for a connection's outputs; caps and deadline brought up to
+        date with its new state."""
+        out: list = []
+        conn = flow.conn
+        for item in outputs:
+            if isinstance(item, ToGuest):
+                frame = frame_to_guest(self.config, flow.guest_mac, conn.remote_ip,
+                                       conn.guest_ip, IPPROTO_TCP, conn.encode(item))
+                if frame is None:
+                    self.drops["too_big"] += 1
+                else:
+                    out.append(frame)
+            else:
+                out.append(HostCall(flow.key, item))
+        if flow.half_open and conn.state not in _HALF_OPEN:
+            flow.half_open = False
+            self.limits.release_half_open(flow.guest_mac)
+        if conn.closed:
+            self._remove(flow)
+            out.append(HostCall(flow.key, Close()))  # the shell closes at most once
+        else:
+            self._schedule(flow)
+        return out
+
+    def _schedule(self, flow: TcpFlow) -> None:
+        deadline = flow.conn.next_deadline()
+        if deadline == flow.scheduled:
+            return
+        flow.scheduled = deadline
+        if deadline is None:
+            return
+        self._order += 1
+        heapq.heappush(self._heap, (deadline, self._order, flow.key))
+        if len(self._heap) > 2 * len(self.flows) + HEAP_SLACK:
+            self._heap = [(f.scheduled, i, f.key) for i, f in enumerate(self.flows.values())
+                          if f.scheduled is not None]
+            heapq.heapify(self._heap)
+
+    def _remove(self, flow: TcpFlow) -> None:
+        if self.flows.get(flow.key) is not flow:
+            return
+        del self.flows[flow.key]
+        flow.scheduled = None
+        if flow.half_open:
+            flow.half_open = False
+            self.limits.release_half_open(flow.guest_mac)
+        self.limits.release(flow.guest_mac, IPPROTO_TCP)
+
+    def status(self) -> dict[str, object]:
+        states = Counter(flow.conn.state for flow in self.flows.values())
+        return {"flows": len(self.flows), "states": dict(states), "drops": dict(self.drops),
+                "resets_sent": self.resets_sent}

@@ -1,0 +1,125 @@
+"""The NAT's TCP flow table against scapy-built guest segments: SYNs admitted through the
+caps and the deny list, RSTs for segments of no flow, TIME-WAIT replaced by a new SYN, caps
+given back when a connection ends, timers run from a heap of deadlines."""
+
+from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import Ether
+
+from netstack.nat.limits import FlowKey, FlowLimits
+from netstack.nat.packet import Refused, read_guest_packet
+from netstack.nat.tcp import CONNECT_TIMEOUT, Abort, Close, Connect, Connected, Eof
+from netstack.nat.tcp import Refused as HostRefused
+from netstack.nat.tcp_flows import HostCall, TcpTable
+from netstack.wire import IPPROTO_TCP
+from tests.support.nat import (
+    GUEST4,
+    GUEST_MAC,
+    GW_MAC,
+    REMOTE4,
+    guest_frame,
+    mac,
+    nat_config,
+    packed,
+)
+
+KEY = FlowKey(IPPROTO_TCP, packed(GUEST4), 40000, packed(REMOTE4), 80)
+
+
+def table(**limits) -> TcpTable:
+    return TcpTable(nat_config(), FlowLimits(**limits))
+
+
+def segment(t: TcpTable, flags="S", sport=40000, dport=80, seq=1000, ack=0, dst=REMOTE4, now=1.0):
+    frame = guest_frame(IP(src=GUEST4, dst=dst) / TCP(sport=sport, dport=dport, flags=flags,
+                                                      seq=seq, ack=ack, window=65535))
+    return t.guest_segment(read_guest_packet(frame, mac(GW_MAC)), 0, now)
+
+
+def calls(out):
+    return [item.action for item in out if isinstance(item, HostCall)]
+
+
+def tcp_of(out):
+    return [Ether(bytes(item.data))[TCP] for item in out if not isinstance(item, HostCall)]
+
+
+def test_a_guest_syn_opens_a_connection_that_asks_to_connect_and_holds_a_half_open_place():
+    t = table()
+    out = segment(t)
+    assert calls(out) == [Connect()]
+    assert t.limits.held(mac(GUEST_MAC)) == {"flows": 1, "half_open": 1, "buffered": 0}
+    out = t.on_host(KEY, Connected(), 1.1)
+    [synack] = tcp_of(out)
+    assert synack.flags == "SA" and synack.ack == 1001
+    assert t.limits.held(mac(GUEST_MAC))["half_open"] == 1  # SYN-RECEIVED is still half-open
+    segment(t, flags="A", seq=1001, ack=synack.seq + 1, now=1.2)
+    assert t.limits.held(mac(GUEST_MAC)) == {"flows": 1, "half_open": 0, "buffered": 0}
+
+
+def test_a_segment_of_no_flow_is_answered_by_a_reset_and_counted():
+    t = table()
+    [rst] = tcp_of(segment(t, flags="A", seq=5, ack=777))
+    assert rst.flags == "R" and rst.seq == 777
+    assert t.resets_sent == 1 and not t.flows
+    assert segment(t, flags="R") == [] and t.drops["no_flow"] == 1
+
+
+def test_a_refused_connect_resets_the_guest_and_gives_the_caps_back():
+    t = table()
+    segment(t)
+    out = t.on_host(KEY, HostRefused("econnrefused"), 1.1)
+    [rst] = tcp_of(out)
+    assert "R" in rst.flags and rst.ack == 1001
+    assert Close() in calls(out)
+    assert not t.flows and t.limits.held(mac(GUEST_MAC))["flows"] == 0
+
+
+def test_syns_from_one_guest_stop_at_the_half_open_cap():
+    t = table(half_open_per_guest=8)
+    refused = 0
+    for port in range(1000, 1020):
+        try:
+            segment(t, sport=port)
+        except Refused as error:
+            assert error.reason == "half_open_limit"
+            refused += 1
+    assert len(t.flows) == 8 and refused == 12
+    assert t.limits.refusals["half_open_limit"] == 12
+    assert t.limits.held(mac(GUEST_MAC))["flows"] == 8  # refused SYNs hold no flow either
+
+
+def test_denied_and_gateway_destinations_are_refused():
+    t = table()
+    for dst, reason in (("169.254.169.254", "denied"), ("10.77.0.1", "gateway")):
+        try:
+            segment(t, dst=dst)
+        except Refused as error:
+            assert error.reason == reason
+        else:
+            raise AssertionError(f"{dst} admitted")
+    assert not t.flows
+
+
+def test_the_connect_timeout_runs_from_tick_and_only_when_due():
+    t = table()
+    segment(t, now=1.0)
+    assert t.next_deadline() == 1.0 + CONNECT_TIMEOUT
+    assert t.tick(2.0) == []
+    out = t.tick(1.0 + CONNECT_TIMEOUT)
+    assert any(isinstance(a, Abort) for a in calls(out))
+    assert not t.flows and t.next_deadline() is None
+    assert t.limits.held(mac(GUEST_MAC))["half_open"] == 0
+
+
+def test_a_new_syn_on_a_time_wait_flow_replaces_it():
+    t = table()
+    segment(t)
+    [synack] = tcp_of(t.on_host(KEY, Connected(), 1.0))
+    segment(t, flags="A", seq=1001, ack=synack.seq + 1)
+    [fin] = tcp_of(t.on_host(KEY, Eof(), 1.0))
+    segment(t, flags="FA", seq=1001, ack=fin.seq + 1)
+    assert t.flows[KEY].conn.state == "TIME-WAIT"
+    out = segment(t, seq=9000, now=1.5)
+    assert calls(out) == [Connect()]
+    assert t.flows[KEY].conn.state == "CONNECTING"
+    assert t.limits.held(mac(GUEST_MAC))["flows"] == 1
