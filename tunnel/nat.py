@@ -49,8 +49,23 @@ from netstack.nat.icmp import (
 )
 from netstack.nat.limits import FlowKey, FlowLimits, IdleFlows
 from netstack.nat.packet import NatConfig, Refused, read_guest_packet
+from netstack.nat.tcp import (
+    CONNECT_TIMEOUT,
+    Abort,
+    Close,
+    Connect,
+    Connected,
+    Eof,
+    Received,
+    Send,
+    ShutdownWrite,
+    Written,
+)
+from netstack.nat.tcp import HostError as TcpHostError
+from netstack.nat.tcp import Refused as TcpRefused
+from netstack.nat.tcp_flows import HostCall, TcpTable
 from netstack.nat.udp import UDP_IDLE_SECONDS, CloseSocket, OpenSocket, SendDatagram, UdpTable
-from netstack.wire import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_UDP, Malformed
+from netstack.wire import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Malformed
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +177,25 @@ class HostSocket:
         self.ttl = -1  # the TTL last set on it
 
 
+# The most one recv() on a TCP host socket asks for (also bounded by the core's budget).
+TCP_READ_CHUNK = 65536
+
+
+class TcpSocket:
+    """A TCP flow's host socket: bytes of Send actions not yet written, a pending shutdown,
+    and the event its reader waits on while the core's read budget is 0."""
+
+    __slots__ = ("budget", "key", "pending", "shutdown", "sock", "writable")
+
+    def __init__(self, sock: socket.socket, key: FlowKey) -> None:
+        self.sock = sock
+        self.key = key
+        self.pending = bytearray()
+        self.shutdown = False
+        self.budget = trio.Event()  # set when the guest's ACKs free room to read into
+        self.writable = trio.Event()  # set when pending gets bytes
+
+
 class NatShell:
     """The host side of the UDP, echo and DNS cores for one gateway.  `run()` owns the
     sockets' tasks; `from_guest(frame)` takes a frame a guest routed to the gateway."""
@@ -177,6 +211,8 @@ class NatShell:
         self.dns = DnsForwarder(config, read_upstreams() if upstreams is None else upstreams)
         self.udp = UdpTable(config, self.limits, self.dns, udp_idle_seconds)
         self.echo = EchoTable(config, self.limits, echo_idle_seconds)
+        self.tcp = TcpTable(config, self.limits)
+        self.tcp_sockets: dict[FlowKey, TcpSocket] = {}
         self.errors = ErrorReporter(config)
         self.echo_on = {4: False, 6: False}  # set by run() once the ping sockets are tried
         self.sockets: dict[FlowKey, HostSocket] = {}
@@ -204,9 +240,11 @@ class NatShell:
                 await trio.sleep_forever()
         finally:
             self._nursery = None
-            for entry in [*self.sockets.values(), *self.upstream_sockets.values()]:
+            for entry in [*self.sockets.values(), *self.upstream_sockets.values(),
+                          *self.tcp_sockets.values()]:
                 entry.sock.close()
             self.sockets.clear()
+            self.tcp_sockets.clear()
             self.upstream_sockets.clear()
 
     def _probe_ping(self) -> None:
@@ -254,14 +292,16 @@ class NatShell:
 
     def _next_deadline(self) -> float:
         deadlines = [d for d in (self.udp.next_deadline(), self.echo.next_deadline(),
-                                 self.dns.next_deadline()) if d is not None]
+                                 self.dns.next_deadline(), self.tcp.next_deadline())
+                     if d is not None]
         if self.errors.buckets:
             deadlines.append(trio.current_time() + ERROR_SWEEP_SECONDS)
         return min(deadlines, default=math.inf)
 
     def tick(self, now: float) -> None:
         """The cores' timed work: idle flows closed, DNS retried or failed."""
-        self._perform([*self.udp.tick(now), *self.echo.tick(now), *self.dns.tick(now)], now)
+        self._perform([*self.udp.tick(now), *self.echo.tick(now), *self.dns.tick(now),
+                       *self.tcp.tick(now)], now)
         self.errors.tick(now)
 
     # -- from the guest -----------------------------------------------------------------------
@@ -271,7 +311,9 @@ class NatShell:
         now = trio.current_time()
         try:
             packet = read_guest_packet(frame, self.config.gateway_mac)
-            if packet.protocol == IPPROTO_UDP:
+            if packet.protocol == IPPROTO_TCP:
+                actions = self.tcp.guest_segment(packet, frame.offload[0], now)
+            elif packet.protocol == IPPROTO_UDP:
                 actions = self.udp.guest_datagram(packet, frame.offload[0], now)
             elif packet.protocol in (IPPROTO_ICMP, IPPROTO_ICMPV6):
                 if not self.echo_on[packet.version]:
@@ -283,6 +325,16 @@ class NatShell:
             self.drops[error.reason] += 1
             return
         self._perform(actions, now)
+        if packet.protocol == IPPROTO_TCP:
+            key = FlowKey(IPPROTO_TCP, packet.src, int.from_bytes(
+                packet.data[packet.l4_offset:packet.l4_offset + 2], "big"), packet.dst,
+                int.from_bytes(packet.data[packet.l4_offset + 2:packet.l4_offset + 4], "big"))
+            entry = self.tcp_sockets.get(key)
+            if entry is not None and self.tcp.read_budget(key) > 0:
+                entry.budget.set()  # the guest's ACK freed room: resume reading
+            if self._next_deadline() < self._sleeping_until:
+                self._wake.set()
+            return
         # A known flow's datagram only moves its own deadline later; a new flow or a DNS
         # query may bring the next one closer than the timer sleeps.
         if (len(actions) > 1 or (actions and isinstance(actions[0], SendQuery))) \
@@ -291,8 +343,15 @@ class NatShell:
 
     def _perform(self, actions: list, now: float) -> None:
         frames: list[Frame] = []
+        self._perform_into(actions, frames, now)
+        if frames:
+            self.deliver(frames)
+
+    def _perform_into(self, actions: list, frames: list, now: float) -> None:
         for action in actions:
-            if isinstance(action, (SendDatagram, SendEcho)):
+            if isinstance(action, HostCall):
+                self._tcp_action(action, frames, now)
+            elif isinstance(action, (SendDatagram, SendEcho)):
                 entry = self.sockets.get(action.key)
                 if entry is not None:  # None: its socket could not be opened
                     payload = action.payload if isinstance(action, SendDatagram) \
@@ -317,8 +376,179 @@ class NatShell:
                     self._close(entry)
             elif isinstance(action, Frame):
                 frames.append(action)
+
+    # -- TCP host sockets ---------------------------------------------------------------------
+
+    def _tcp_action(self, call: HostCall, frames: list, now: float) -> None:
+        key, action = call.key, call.action
+        entry = self.tcp_sockets.get(key)
+        if isinstance(action, Send):
+            if entry is not None:
+                entry.pending += action.data
+                self._tcp_write(entry, frames, now)
+        elif isinstance(action, Connect):
+            if entry is not None:  # a replaced TIME-WAIT flow's socket
+                self._tcp_close(entry)
+            self._tcp_connect(key, frames, now)
+        elif isinstance(action, ShutdownWrite):
+            if entry is not None:
+                entry.shutdown = True
+                self._tcp_write(entry, frames, now)
+        elif isinstance(action, (Abort, Close)) and entry is not None:
+            if isinstance(action, Abort):
+                entry.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                      struct.pack("ii", 1, 0))
+            self._tcp_close(entry)
+
+    def _tcp_event(self, key: FlowKey, event: object, frames: list, now: float) -> None:
+        self._perform_into(self.tcp.on_host(key, event, now), frames, now)
+
+    def _tcp_connect(self, key: FlowKey, frames: list, now: float) -> None:
+        host_ip = self.tcp.host_ip(key)
+        family = _FAMILY[len(key.remote_ip)]
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as error:  # EMFILE, ENFILE: this flow is refused, counted
+            reason = _errno_name(error)
+            self.drops[f"open_{reason}"] += 1
+            self._log_once(f"open_{reason}", logging.WARNING,
+                           "nat: cannot open a socket for %s: %s (counted as open_%s; later "
+                           "ones only counted)", _flow_name(key), error.strerror, reason)
+            self._tcp_event(key, TcpRefused(reason), frames, now)
+            return
+        sock.setblocking(False)
+        entry = TcpSocket(sock, key)
+        self.tcp_sockets[key] = entry
+        if self._nursery is None:
+            raise RuntimeError("NatShell.from_guest before run() started")
+        self._nursery.start_soon(self._tcp_run, entry, _sockaddr(host_ip, key.remote_port))
+
+    async def _tcp_run(self, entry: TcpSocket, address: tuple) -> None:
+        """Connect (within the core's timeout), then read and write until the socket closes."""
+        key, sock = entry.key, entry.sock
+        error = 0
+        with trio.move_on_after(CONNECT_TIMEOUT) as scope:
+            try:
+                error = sock.connect_ex(address)
+                if error == errno.EINPROGRESS:
+                    await trio.lowlevel.wait_writable(sock)
+                    error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            except (trio.ClosedResourceError, OSError):
+                return  # closed while connecting (the guest reset it, or the core gave up)
+        if self.tcp_sockets.get(key) is not entry:
+            return
+        frames: list = []
+        if scope.cancelled_caught or error:
+            reason = "timeout" if scope.cancelled_caught else \
+                errno.errorcode.get(error, "unknown").lower()
+            self._tcp_close(entry)
+            self._tcp_event(key, TcpRefused(reason), frames, trio.current_time())
+        else:
+            self._tcp_event(key, Connected(), frames, trio.current_time())
         if frames:
             self.deliver(frames)
+        if self.tcp_sockets.get(key) is not entry:
+            return
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._tcp_writer, entry)
+            await self._tcp_reader(entry)  # the writer ends when the socket closes
+
+    async def _tcp_reader(self, entry: TcpSocket) -> None:
+        key, sock = entry.key, entry.sock
+        while self.tcp_sockets.get(key) is entry:
+            budget = self.tcp.read_budget(key)
+            try:
+                if budget == 0:
+                    entry.budget = trio.Event()
+                    await entry.budget.wait()
+                    continue
+                await trio.lowlevel.wait_readable(sock)
+            except trio.ClosedResourceError:
+                return
+            if self.tcp_sockets.get(key) is not entry:
+                return
+            frames: list = []
+            now = trio.current_time()
+            try:
+                data = sock.recv(min(budget, self.tcp.read_budget(key), TCP_READ_CHUNK))
+            except BlockingIOError:
+                continue
+            except OSError as error:
+                self._tcp_fail(entry, error, frames, now)
+                data = None
+            except Exception as error:  # one flow's bug closes that flow, not the shell
+                self._tcp_fail(entry, error, frames, now)
+                data = None
+            if data is not None:
+                self._tcp_event(key, Received(data) if data else Eof(), frames, now)
+            if frames:
+                self.deliver(frames)
+            if not data:
+                return  # EOF: nothing more to read (writing goes on in the writer)
+
+    async def _tcp_writer(self, entry: TcpSocket) -> None:
+        key = entry.key
+        while self.tcp_sockets.get(key) is entry:
+            try:
+                if entry.pending:
+                    await trio.lowlevel.wait_writable(entry.sock)
+                else:
+                    entry.writable = trio.Event()
+                    await entry.writable.wait()
+                    continue
+            except trio.ClosedResourceError:
+                return
+            frames: list = []
+            self._tcp_write(entry, frames, trio.current_time())
+            if frames:
+                self.deliver(frames)
+
+    def _tcp_write(self, entry: TcpSocket, frames: list, now: float) -> None:
+        """Write what the socket takes now (Written to the core); the rest waits for the
+        writer task; a shutdown follows the last byte."""
+        if self.tcp_sockets.get(entry.key) is not entry:
+            return
+        try:
+            if entry.pending:
+                sent = entry.sock.send(entry.pending)
+                del entry.pending[:sent]
+                if sent:
+                    self._tcp_event(entry.key, Written(sent), frames, now)
+            if entry.shutdown and not entry.pending:
+                entry.shutdown = False
+                entry.sock.shutdown(socket.SHUT_WR)
+        except BlockingIOError:
+            pass
+        except OSError as error:
+            self._tcp_fail(entry, error, frames, now)
+            return
+        if entry.pending:
+            entry.writable.set()
+
+    def _tcp_fail(self, entry: TcpSocket, error: BaseException, frames: list,
+                  now: float) -> None:
+        """One connection's socket failed: that connection ends (RST to its guest)."""
+        if isinstance(error, OSError):
+            reason = _errno_name(error)
+            self._log_once(f"socket_{reason}", logging.WARNING,
+                           "nat: closing flow %s: %s (counted as %s; later ones only counted)",
+                           _flow_name(entry.key), error.strerror, reason)
+        else:
+            reason = "exception"
+            if reason not in self._logged:
+                self._logged.add(reason)
+                log.error("nat: closing flow %s after an unexpected error",
+                          _flow_name(entry.key), exc_info=error)
+        self.socket_errors[reason] += 1
+        self._tcp_close(entry)
+        self._tcp_event(entry.key, TcpHostError(reason), frames, now)
+
+    def _tcp_close(self, entry: TcpSocket) -> None:
+        if self.tcp_sockets.get(entry.key) is entry:
+            del self.tcp_sockets[entry.key]
+        entry.budget.set()
+        entry.writable.set()
+        self._close(entry)
 
     # -- sockets ------------------------------------------------------------------------------
 
@@ -362,7 +592,7 @@ class NatShell:
             self.sockets[entry.key] = entry
         self._nursery.start_soon(self._read, entry)
 
-    def _close(self, entry: HostSocket) -> None:
+    def _close(self, entry: HostSocket | TcpSocket) -> None:
         trio.lowlevel.notify_closing(entry.sock)
         entry.sock.close()
 
@@ -483,7 +713,8 @@ class NatShell:
             log.log(level, message, *args)
 
     def status(self) -> dict[str, object]:
-        return {"udp": self.udp.status(), "echo": self.echo.status(), "dns": self.dns.status(),
+        return {"tcp": self.tcp.status(), "tcp_sockets": len(self.tcp_sockets),
+                "udp": self.udp.status(), "echo": self.echo.status(), "dns": self.dns.status(),
                 "echo_on": dict(self.echo_on), "sockets": len(self.sockets),
                 "icmp_errors_sent": dict(self.errors.sent),
                 "icmp_errors_dropped": dict(self.errors.drops), "drops": dict(self.drops),
