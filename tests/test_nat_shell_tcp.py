@@ -11,9 +11,9 @@ from scapy.layers.inet import IP, TCP
 
 from tests.support.nat import GUEST4, guest_frame
 from tests.support.nat_netns import hub_and_outside, inside
-from tests.test_nat_shell import CLOSED_PORT, OUT4, pytestmark, run_in_hub
+from tests.support.nat_shell import CLOSED_PORT, OUT4, needs_netns, run_in_hub
 
-__all__ = ["pytestmark"]
+pytestmark = needs_netns
 TCP_ECHO_PORT = 7007
 
 
