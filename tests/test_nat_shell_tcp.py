@@ -4,14 +4,20 @@ server in the outside namespace; a closed port resets the guest."""
 
 from __future__ import annotations
 
+import random
 import socket
+import sys
 
+import pytest
 import trio
 from scapy.layers.inet import IP, TCP
 
-from tests.support.nat import GUEST4, guest_frame
+from netstack.frame import Frame
+from netstack.nat.tcp import RCV_BUFFER, SND_BUFFER
+from tests.support.nat import GUEST4, GUEST_MAC, GW_MAC, guest_frame, mac
 from tests.support.nat_netns import hub_and_outside, inside
 from tests.support.nat_shell import CLOSED_PORT, OUT4, needs_netns, run_in_hub
+from tests.support.tun_kernel import CLIENT, Impairment, kernel_behind_tun, run
 
 pytestmark = needs_netns
 TCP_ECHO_PORT = 7007
@@ -69,3 +75,114 @@ def test_a_guest_connection_carries_bytes_both_ways_through_a_real_tcp_server():
             run_in_hub(names, test)
         finally:
             listener.close()
+
+
+# -- Linux's TCP as the guest --------------------------------------------------------------
+
+ETHER_TO_GATEWAY = {4: mac(GW_MAC) + mac(GUEST_MAC) + b"\x08\x00",
+                    6: mac(GW_MAC) + mac(GUEST_MAC) + b"\x86\xdd"}
+
+
+async def echo_server(listener: socket.socket, stall: float = 0.0) -> None:
+    """Echo one connection to its end (after `stall` seconds of not reading), then close."""
+    server = trio.socket.from_stdlib_socket(listener)
+    conn, _ = await server.accept()
+    with conn:
+        await trio.sleep(stall)
+        while data := await conn.recv(65536):
+            view = memoryview(data)
+            while view:
+                view = view[await conn.send(view):]
+
+
+class Held:
+    """The most the shell and its core held for the one TCP flow, sampled as it ran."""
+
+    def __init__(self) -> None:
+        self.pending = self.unacked = self.unwritten = 0
+        self.budget_zero = False
+
+    async def sample(self, shell) -> None:
+        while True:
+            for key, flow in shell.tcp.flows.items():
+                entry = shell.tcp_sockets.get(key)
+                self.pending = max(self.pending, len(entry.pending) if entry else 0)
+                self.unwritten = max(self.unwritten, flow.conn.host_unwritten)
+                self.unacked = max(self.unacked, SND_BUFFER - flow.conn.host_read_budget())
+                self.budget_zero |= flow.conn.host_read_budget() == 0
+            await trio.sleep(0.005)
+
+
+def linux_guest_through_the_shell(size: int, *, loss: float = 0.0, dup: float = 0.0,
+                                  reorder: float = 0.0, seed: int = 1, rcvbuf: int = 0,
+                                  read_delay: float = 0.0, server_stall: float = 0.0,
+                                  seconds: float = 60.0) -> tuple[list[str], Held, dict]:
+    """The kernel client (behind a TUN, impaired frames both ways) sends `size` seeded bytes
+    through the shell to the outside's echo server and reads them back; returns its output
+    (sha256 sent, sha256 received, bytes received), what the shell held, its status."""
+    rng = random.Random(seed)
+    to_shell = Impairment(rng, loss, dup, reorder)
+    to_kernel = Impairment(rng, loss, dup, reorder)
+    held = Held()
+    status: dict = {}
+    with hub_and_outside() as names, kernel_behind_tun() as (dev, ns):
+        run("ip", "-n", ns, "route", "add", "default", "dev", dev.name)
+        with inside(names["outside"]):
+            listener = socket.socket()
+            listener.bind((OUT4, TCP_ECHO_PORT))
+            listener.listen()
+        output: list[str] = []
+
+        async def from_kernel(shell) -> None:
+            while True:
+                await dev.wait_readable()
+                for frame in dev.read_batch():
+                    for packet in to_shell(bytes(frame.data)):
+                        shell.from_guest(Frame(ETHER_TO_GATEWAY[packet[0] >> 4] + packet,
+                                               frame.offload))
+
+        async def to_the_kernel(guest) -> None:
+            async for frame in guest.receive:
+                packets = [Frame(p) for p in to_kernel(bytes(frame.data)[14:])]
+                while packets:
+                    del packets[:dev.write_batch(packets)]
+                    if packets:
+                        await trio.lowlevel.wait_writable(dev.fd)
+
+        async def test(shell, guest) -> None:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(echo_server, listener, server_stall)
+                nursery.start_soon(from_kernel, shell)
+                nursery.start_soon(to_the_kernel, guest)
+                nursery.start_soon(held.sample, shell)
+                done = await trio.run_process(
+                    ["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT, OUT4,
+                     str(TCP_ECHO_PORT), str(size), str(seed), str(rcvbuf), str(read_delay)],
+                    capture_stdout=True, capture_stderr=True, check=False)
+                assert done.returncode == 0, done.stderr.decode()
+                output.extend(done.stdout.decode().split())
+                status.update(shell.status())
+                nursery.cancel_scope.cancel()
+        try:
+            run_in_hub(names, test, seconds=seconds)
+        finally:
+            listener.close()
+    status["impaired"] = to_shell.impaired + to_kernel.impaired
+    return output, held, status
+
+
+EIGHT_MB = 8 * 1024 * 1024
+
+
+@pytest.mark.parametrize(("loss", "dup", "reorder", "seed"), [
+    (0.0, 0.0, 0.0, 1),
+    (0.01, 0.01, 0.02, 21),
+])
+def test_linux_tcp_as_the_guest_moves_8_mb_each_way_through_the_shell_to_a_real_server(
+        loss, dup, reorder, seed):
+    (sent, echoed, count), held, status = linux_guest_through_the_shell(
+        EIGHT_MB, loss=loss, dup=dup, reorder=reorder, seed=seed)
+    assert sent == echoed and int(count) == EIGHT_MB
+    assert (status["impaired"] > 0) == bool(loss)
+    assert not status["tcp"]["drops"] and not status["socket_errors"]
+    assert held.pending <= RCV_BUFFER and held.unacked <= SND_BUFFER

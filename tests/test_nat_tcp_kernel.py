@@ -11,12 +11,8 @@ import random
 import select
 import subprocess
 import sys
-import textwrap
 import time
-import uuid
 from collections import deque
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 
@@ -39,91 +35,17 @@ from netstack.wire import IPPROTO_TCP, Malformed
 from netstack.wire.checksum import pseudo_header_sum, sum16, verifies
 from netstack.wire.ipv4 import Ipv4, ipv4_header
 from netstack.wire.tcp import Tcp
+from tests.support.tun_kernel import CLIENT, Impairment, kernel_behind_tun
 from tunnel.host.tuntap import TunTapDevice
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for netns and TUN")
 
-KERNEL_IP = "10.203.0.1"
 CORE_IP = "10.203.0.2"
 CORE_IP_BYTES = bytes([10, 203, 0, 2])
 PORT = 7000
 CLOSED_PORT = 7001
 TRACE_LINES = 60
 ECHO_BUFFER = 96 * 1024  # the pretend host socket's buffer: full means no Written
-
-
-def run(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True)
-
-
-@contextmanager
-def kernel_behind_tun(offloads: Offload = Offload.NONE) -> Iterator[tuple[TunTapDevice, str]]:
-    """A namespace (named after this worktree's helper, randomised) whose only link is a TUN
-    device; we keep its fd and play 10.203.0.2 on it.  With TSO4 offered, the kernel sends us
-    segments of up to 64 KiB with partial checksums, as a guest with TSO does."""
-    tag = uuid.uuid4().hex[:6]
-    ns = f"nattcp{tag}"
-    dev = TunTapDevice.open(f"nattcp{tag}", "tun", offloads)
-    try:
-        run("ip", "netns", "add", ns)
-        run("ip", "link", "set", "dev", dev.name, "netns", ns)
-        run("ip", "-n", ns, "addr", "add", f"{KERNEL_IP}/24", "dev", dev.name)
-        run("ip", "-n", ns, "link", "set", dev.name, "up")
-        run("ip", "-n", ns, "link", "set", "lo", "up")
-        yield dev, ns
-    finally:
-        dev.close()
-        subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
-
-
-CLIENT = textwrap.dedent("""
-    import hashlib, random, socket, sys, threading, time
-    host, port, size, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    rcvbuf, read_delay = int(sys.argv[5]), float(sys.argv[6])
-    data = random.Random(seed).randbytes(size)
-    s = socket.socket()
-    if rcvbuf:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    s.settimeout(40)
-    s.connect((host, port))
-    got = bytearray()
-    def reader():
-        time.sleep(read_delay)  # a reader that stalls: the window we send into closes
-        while chunk := s.recv(65536):
-            got.extend(chunk)
-    t = threading.Thread(target=reader)
-    t.start()
-    s.sendall(data)
-    s.shutdown(socket.SHUT_WR)
-    t.join()
-    print(hashlib.sha256(data).hexdigest(), hashlib.sha256(got).hexdigest(), len(got))
-""")
-
-
-class Impairment:
-    """Loss, duplication and reordering of frames, seeded: a reordered frame is held until
-    the next one passes (a retransmission releases it at worst)."""
-
-    def __init__(self, rng: random.Random, loss: float, dup: float, reorder: float) -> None:
-        self.rng, self.loss, self.dup, self.reorder = rng, loss, dup, reorder
-        self.held: bytes | None = None
-        self.impaired = 0  # frames lost, duplicated or held back
-
-    def __call__(self, packet: bytes) -> list[bytes]:
-        rng = self.rng
-        if rng.random() < self.loss:
-            self.impaired += 1
-            return []
-        out = [packet, packet] if rng.random() < self.dup else [packet]
-        self.impaired += len(out) - 1
-        if self.held is None and rng.random() < self.reorder:
-            self.impaired += 1
-            self.held = packet
-            return out[1:]
-        if self.held is not None:
-            out.append(self.held)
-            self.held = None
-        return out
 
 
 def tcp_view(packet: bytes, partial_checksum: bool = False) -> tuple[Ipv4, Tcp] | None:
