@@ -4,9 +4,11 @@ server in the outside namespace; a closed port resets the guest."""
 
 from __future__ import annotations
 
+import fcntl
 import random
 import socket
 import sys
+import termios
 
 import pytest
 import trio
@@ -101,6 +103,7 @@ class Held:
     def __init__(self) -> None:
         self.pending = self.unacked = self.unwritten = 0
         self.budget_zero = False
+        self.in_kernel = 0  # bytes left in the host socket while the read budget was 0
 
     async def sample(self, shell) -> None:
         while True:
@@ -109,13 +112,17 @@ class Held:
                 self.pending = max(self.pending, len(entry.pending) if entry else 0)
                 self.unwritten = max(self.unwritten, flow.conn.host_unwritten)
                 self.unacked = max(self.unacked, SND_BUFFER - flow.conn.host_read_budget())
-                self.budget_zero |= flow.conn.host_read_budget() == 0
+                if flow.conn.host_read_budget() == 0 and entry is not None:
+                    self.budget_zero = True
+                    waiting = fcntl.ioctl(entry.sock, termios.FIONREAD, b"\0" * 4)
+                    self.in_kernel = max(self.in_kernel, int.from_bytes(waiting, "little"))
             await trio.sleep(0.005)
 
 
 def linux_guest_through_the_shell(size: int, *, loss: float = 0.0, dup: float = 0.0,
                                   reorder: float = 0.0, seed: int = 1, rcvbuf: int = 0,
                                   read_delay: float = 0.0, server_stall: float = 0.0,
+                                  server_rcvbuf: int = 0,
                                   seconds: float = 60.0) -> tuple[list[str], Held, dict]:
     """The kernel client (behind a TUN, impaired frames both ways) sends `size` seeded bytes
     through the shell to the outside's echo server and reads them back; returns its output
@@ -129,6 +136,8 @@ def linux_guest_through_the_shell(size: int, *, loss: float = 0.0, dup: float = 
         run("ip", "-n", ns, "route", "add", "default", "dev", dev.name)
         with inside(names["outside"]):
             listener = socket.socket()
+            if server_rcvbuf:
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, server_rcvbuf)
             listener.bind((OUT4, TCP_ECHO_PORT))
             listener.listen()
         output: list[str] = []
@@ -186,3 +195,19 @@ def test_linux_tcp_as_the_guest_moves_8_mb_each_way_through_the_shell_to_a_real_
     assert (status["impaired"] > 0) == bool(loss)
     assert not status["tcp"]["drops"] and not status["socket_errors"]
     assert held.pending <= RCV_BUFFER and held.unacked <= SND_BUFFER
+
+
+def test_an_outside_server_that_stops_reading_closes_the_window_the_guest_writes_into():
+    (sent, echoed, count), held, _ = linux_guest_through_the_shell(
+        EIGHT_MB, server_stall=2.0, server_rcvbuf=64 * 1024, seed=5)
+    assert sent == echoed and int(count) == EIGHT_MB
+    assert held.unwritten == RCV_BUFFER  # the window we advertised reached zero
+    assert held.pending <= RCV_BUFFER  # and the shell held no more than the core allowed
+
+
+def test_a_guest_that_stops_reading_stops_the_shell_reading_the_host_socket():
+    (sent, echoed, count), held, _ = linux_guest_through_the_shell(
+        2 * 1024 * 1024, rcvbuf=4096, read_delay=2.5, seed=6)
+    assert sent == echoed and int(count) == 2 * 1024 * 1024
+    assert held.budget_zero and held.in_kernel > 0  # the rest waited in the host's socket
+    assert held.unacked <= SND_BUFFER
