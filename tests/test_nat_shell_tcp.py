@@ -211,3 +211,37 @@ def test_a_guest_that_stops_reading_stops_the_shell_reading_the_host_socket():
     assert sent == echoed and int(count) == 2 * 1024 * 1024
     assert held.budget_zero and held.in_kernel > 0  # the rest waited in the host's socket
     assert held.unacked <= SND_BUFFER
+
+
+def test_a_server_that_speaks_first_and_closes_reaches_the_guest_after_its_handshake():
+    with hub_and_outside() as names:
+        with inside(names["outside"]):
+            listener = socket.socket()
+            listener.bind((OUT4, TCP_ECHO_PORT))
+            listener.listen()
+
+        async def banner_then_close():
+            server = trio.socket.from_stdlib_socket(listener)
+            conn, _ = await server.accept()
+            await conn.send(b"SSH-2.0-banner\r\n")
+            conn.close()
+
+        async def test(shell, guest):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(banner_then_close)
+                shell.from_guest(seg("S", 1000))
+                synack = await guest.next()
+                assert synack[TCP].flags == "SA"
+                await trio.sleep(0.2)  # the banner and the server's FIN wait in our socket
+                ours = synack[TCP].seq + 1
+                shell.from_guest(seg("A", 1001, ours))
+                got, fin = b"", False
+                while not fin:
+                    frame = await guest.next()
+                    got += bytes(frame[TCP].payload)
+                    fin = "F" in frame[TCP].flags
+                assert got == b"SSH-2.0-banner\r\n"
+        try:
+            run_in_hub(names, test)
+        finally:
+            listener.close()
