@@ -15,6 +15,7 @@ import trio
 from scapy.layers.inet import IP, TCP
 
 from netstack.frame import Frame
+from netstack.nat.limits import MAX_BUFFERED_BYTES_PER_GUEST, FlowLimits
 from netstack.nat.tcp import RCV_BUFFER, SND_BUFFER
 from tests.support.nat import GUEST4, GUEST_MAC, GW_MAC, guest_frame, mac
 from tests.support.nat_netns import hub_and_outside, inside
@@ -111,7 +112,9 @@ class Held:
                 entry = shell.tcp_sockets.get(key)
                 self.pending = max(self.pending, len(entry.pending) if entry else 0)
                 self.unwritten = max(self.unwritten, flow.conn.host_unwritten)
-                self.unacked = max(self.unacked, SND_BUFFER - flow.conn.host_read_budget())
+                if flow.conn.state in ("ESTABLISHED", "CLOSE_WAIT"):
+                    self.unacked = max(self.unacked,
+                                       SND_BUFFER - flow.conn.host_read_budget())
                 if flow.conn.host_read_budget() == 0 and entry is not None:
                     self.budget_zero = True
                     waiting = fcntl.ioctl(entry.sock, termios.FIONREAD, b"\0" * 4)
@@ -122,7 +125,7 @@ class Held:
 def linux_guest_through_the_shell(size: int, *, loss: float = 0.0, dup: float = 0.0,
                                   reorder: float = 0.0, seed: int = 1, rcvbuf: int = 0,
                                   read_delay: float = 0.0, server_stall: float = 0.0,
-                                  server_rcvbuf: int = 0,
+                                  server_rcvbuf: int = 0, limits: FlowLimits | None = None,
                                   seconds: float = 60.0) -> tuple[list[str], Held, dict]:
     """The kernel client (behind a TUN, impaired frames both ways) sends `size` seeded bytes
     through the shell to the outside's echo server and reads them back; returns its output
@@ -171,9 +174,10 @@ def linux_guest_through_the_shell(size: int, *, loss: float = 0.0, dup: float = 
                 assert done.returncode == 0, done.stderr.decode()
                 output.extend(done.stdout.decode().split())
                 status.update(shell.status())
+                status["guest_buffered"] = shell.limits.held(mac(GUEST_MAC))["buffered"]
                 nursery.cancel_scope.cancel()
         try:
-            run_in_hub(names, test, seconds=seconds)
+            run_in_hub(names, test, seconds=seconds, limits=limits)
         finally:
             listener.close()
     status["impaired"] = to_shell.impaired + to_kernel.impaired
@@ -194,6 +198,16 @@ def test_linux_tcp_as_the_guest_moves_8_mb_each_way_through_the_shell_to_a_real_
     assert sent == echoed and int(count) == EIGHT_MB
     assert (status["impaired"] > 0) == bool(loss)
     assert not status["tcp"]["drops"] and not status["socket_errors"]
+    assert status["guest_buffered"] == 0  # every byte charged was given back
+
+
+def test_linux_tcp_as_the_guest_carries_8_mb_each_way_within_a_small_per_guest_buffer_cap():
+    cap = 96 * 1024
+    (sent, echoed, count), held, status = linux_guest_through_the_shell(
+        EIGHT_MB, seed=7, limits=FlowLimits(buffered_per_guest=cap))
+    assert sent == echoed and int(count) == EIGHT_MB
+    assert 0 < held.unacked <= cap  # the shell read from the host only what the cap allowed
+    assert status["guest_buffered"] == 0
     assert held.pending <= RCV_BUFFER and held.unacked <= SND_BUFFER
 
 
@@ -243,5 +257,57 @@ def test_a_server_that_speaks_first_and_closes_reaches_the_guest_after_its_hands
                 assert got == b"SSH-2.0-banner\r\n"
         try:
             run_in_hub(names, test)
+        finally:
+            listener.close()
+
+
+@pytest.mark.parametrize("guest_cap", [MAX_BUFFERED_BYTES_PER_GUEST, 64 * 1024])
+def test_a_guest_holding_a_zero_window_stops_the_shell_reading_with_its_buffer_bounded(
+        guest_cap):
+    with hub_and_outside() as names:
+        with inside(names["outside"]):
+            listener = socket.socket()
+            listener.bind((OUT4, TCP_ECHO_PORT))
+            listener.listen()
+
+        async def flood():
+            server = trio.socket.from_stdlib_socket(listener)
+            conn, _ = await server.accept()
+            with conn:
+                chunk = bytes(65536)
+                while True:
+                    await conn.send(chunk)
+
+        async def test(shell, guest):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(flood)
+                shell.from_guest(seg("S", 1000))
+                synack = await guest.next()
+                ours = synack[TCP].seq + 1
+                shell.from_guest(guest_frame(IP(src=GUEST4, dst=OUT4) / TCP(
+                    sport=41000, dport=TCP_ECHO_PORT, flags="A", seq=1001, ack=ours, window=0)))
+                await trio.sleep(1.5)  # the server keeps sending; the guest never opens
+                (key, flow), = shell.tcp.flows.items()
+                entry = shell.tcp_sockets[key]
+                waiting = fcntl.ioctl(entry.sock, termios.FIONREAD, b"\0" * 4)
+                assert shell.tcp.read_budget(key) == 0
+                held = min(SND_BUFFER, guest_cap)  # the core's buffer, or the guest's cap
+                assert flow.conn.buffered == held
+                assert shell.limits.held(mac(GUEST_MAC))["buffered"] == held
+                assert int.from_bytes(waiting, "little") > 0  # left in the host's socket
+                carried = 0
+                while True:
+                    try:
+                        frame = await guest.next(seconds=0.05)
+                    except trio.TooSlowError:
+                        break
+                    carried += len(frame[TCP].payload)
+                assert carried <= 2  # window probes at most: nothing past the zero window
+                shell.from_guest(seg("R", 1001))
+                assert not shell.tcp.flows and not shell.tcp_sockets
+                assert shell.limits.held(mac(GUEST_MAC))["buffered"] == 0
+                nursery.cancel_scope.cancel()
+        try:
+            run_in_hub(names, test, limits=FlowLimits(buffered_per_guest=guest_cap))
         finally:
             listener.close()

@@ -7,7 +7,16 @@ from scapy.layers.l2 import Ether
 
 from netstack.nat.limits import FlowKey, FlowLimits
 from netstack.nat.packet import Refused, read_guest_packet
-from netstack.nat.tcp import CONNECT_TIMEOUT, Abort, Close, Connect, Connected, Eof
+from netstack.nat.tcp import (
+    CONNECT_TIMEOUT,
+    Abort,
+    Close,
+    Connect,
+    Connected,
+    Eof,
+    Received,
+    Send,
+)
 from netstack.nat.tcp import Refused as HostRefused
 from netstack.nat.tcp_flows import HostCall, TcpTable
 from netstack.wire import IPPROTO_TCP
@@ -123,3 +132,34 @@ def test_a_new_syn_on_a_time_wait_flow_replaces_it():
     assert calls(out) == [Connect()]
     assert t.flows[KEY].conn.state == "CONNECTING"
     assert t.limits.held(mac(GUEST_MAC))["flows"] == 1
+
+
+def established(t: TcpTable, sport: int) -> int:
+    """Open flow `sport` to REMOTE4:80 through its handshake; returns our next sequence."""
+    key = KEY._replace(guest_port=sport)
+    segment(t, sport=sport)
+    [synack] = tcp_of(t.on_host(key, Connected(), 1.1))
+    segment(t, flags="A", sport=sport, seq=1001, ack=synack.seq + 1, now=1.2)
+    return synack.seq + 1
+
+
+def test_bytes_a_connection_holds_are_charged_to_its_guest_and_cap_the_reads_of_its_others():
+    t = table(buffered_per_guest=100_000)
+    guest = mac(GUEST_MAC)
+    ours = established(t, 40000)
+    theirs = established(t, 40001)
+    other = KEY._replace(guest_port=40001)
+    t.on_host(KEY, Received(bytes(60_000)), 1.3)  # held until the guest acknowledges them
+    assert t.limits.held(guest)["buffered"] == 60_000
+    assert t.read_budget(other) == 40_000  # the guest's cap, not the connection's buffer
+    t.on_host(other, Received(bytes(40_000)), 1.3)
+    assert t.read_budget(KEY) == 0 and t.guest_limited(KEY)
+    frame = guest_frame(IP(src=GUEST4, dst=REMOTE4) / TCP(
+        sport=40001, dport=80, flags="PA", seq=1001, ack=theirs, window=65535) / bytes(1000))
+    out = t.guest_segment(read_guest_packet(frame, mac(GW_MAC)), 0, 1.4)
+    assert any(isinstance(action, Send) for action in calls(out))  # carried, over the cap:
+    assert t.limits.refusals["buffer_limit"] >= 1  # counted, bounded by the window
+    segment(t, flags="A", seq=1001, ack=ours + 10_000, now=1.5)  # frees 10 000 of 60 000
+    assert t.limits.held(guest)["buffered"] == 90_000 and t.read_budget(KEY) == 10_000
+    segment(t, flags="R", seq=1001, now=1.6)
+    assert t.limits.held(guest)["buffered"] == 40_000  # the reset flow's bytes given back

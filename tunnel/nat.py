@@ -95,6 +95,9 @@ PING_GROUP_RANGE = Path("/proc/sys/net/ipv4/ping_group_range")
 _REMOTE_ERRORS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
                             errno.EHOSTDOWN, errno.ENETDOWN, errno.EMSGSIZE, errno.ENOBUFS,
                             errno.EPROTO, errno.ETIMEDOUT, errno.EACCES, errno.EPERM})
+# A flow whose reads wait for its guest's other flows to free buffer (the guest's cap on
+# buffered bytes, not its own window) looks again this often.
+GUEST_ROOM_POLL = 0.05
 _FAMILY = {4: socket.AF_INET, 16: socket.AF_INET6}
 
 
@@ -460,7 +463,9 @@ class NatShell:
             try:
                 if budget == 0:
                     entry.budget = trio.Event()
-                    await entry.budget.wait()
+                    with trio.move_on_after(GUEST_ROOM_POLL if self.tcp.guest_limited(key)
+                                            else math.inf):
+                        await entry.budget.wait()
                     continue
                 await trio.lowlevel.wait_readable(sock)
             except trio.ClosedResourceError:

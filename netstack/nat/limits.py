@@ -132,6 +132,11 @@ class FlowLimits:
         account.buffered += nbytes
         return True
 
+    def room(self, guest: bytes) -> int:
+        """Bytes `guest` may still have the NAT buffer."""
+        account = self._guests.get(guest)
+        return self.buffered_per_guest - (0 if account is None else account.buffered)
+
     def credit(self, guest: bytes, nbytes: int) -> None:
         account = self._guests.get(guest)
         if account is None or account.buffered < nbytes:

@@ -353,6 +353,12 @@ class TcpConnection:
             return 0
         return SND_BUFFER - len(self._snd_buf)
 
+    @property
+    def buffered(self) -> int:
+        """Bytes this connection makes the NAT hold: for the host (in Send actions not yet
+        written, out of order) and for the guest (not yet acknowledged)."""
+        return self.host_unwritten + self._ooo_bytes + len(self._snd_buf)
+
     def next_deadline(self) -> float | None:
         """When tick() next has something to do (None: nothing timed)."""
         if self.state == CLOSED:

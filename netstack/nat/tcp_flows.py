@@ -56,7 +56,7 @@ class HostCall:
 
 
 class TcpFlow:
-    __slots__ = ("conn", "guest_mac", "half_open", "host_ip", "key", "scheduled")
+    __slots__ = ("charged", "conn", "guest_mac", "half_open", "host_ip", "key", "scheduled")
 
     def __init__(self, key: FlowKey, guest_mac: bytes, host_ip: bytes,
                  conn: TcpConnection) -> None:
@@ -66,6 +66,7 @@ class TcpFlow:
         self.conn = conn
         self.half_open = True
         self.scheduled: float | None = None
+        self.charged = 0  # bytes of conn.buffered charged to the guest's FlowLimits
 
 
 def read_tcp(packet: GuestPacket, offload_flags: int) -> Tcp:
@@ -156,9 +157,19 @@ class TcpTable:
         return self._after(flow, flow.conn.on_host(event, now))
 
     def read_budget(self, key: FlowKey) -> int:
-        """Bytes the shell may read from `key`'s host socket now (0: stop reading)."""
+        """Bytes the shell may read from `key`'s host socket now (0: stop reading): the
+        connection's room for the guest, within what the guest may still have buffered."""
         flow = self.flows.get(key)
-        return 0 if flow is None else flow.conn.host_read_budget()
+        if flow is None:
+            return 0
+        return max(min(flow.conn.host_read_budget(), self.limits.room(flow.guest_mac)), 0)
+
+    def guest_limited(self, key: FlowKey) -> bool:
+        """Reading `key` waits for the guest's other flows to free buffer, not for its own
+        ACKs (which the shell watches): the shell polls it."""
+        flow = self.flows.get(key)
+        return flow is not None and flow.conn.host_read_budget() > 0 \
+            and self.limits.room(flow.guest_mac) <= 0
 
     def host_ip(self, key: FlowKey) -> bytes | None:
         flow = self.flows.get(key)
@@ -206,6 +217,7 @@ class TcpTable:
                     out.append(frame)
             else:
                 out.append(HostCall(flow.key, item))
+        self._charge(flow)
         if flow.half_open and conn.state not in _HALF_OPEN:
             flow.half_open = False
             self.limits.release_half_open(flow.guest_mac)
@@ -215,6 +227,22 @@ class TcpTable:
         else:
             self._schedule(flow)
         return out
+
+    def _charge(self, flow: TcpFlow) -> None:
+        """Bring the guest's buffered bytes up to date with what its connection holds.  Reads
+        from the host stop at the guest's cap (read_budget); bytes from the guest past it
+        are refused by FlowLimits (counted) and stay bounded by the connection's window."""
+        held = flow.conn.buffered
+        if held > flow.charged:
+            more = held - flow.charged
+            if not self.limits.charge(flow.guest_mac, more):  # counted: buffer_limit
+                more = max(self.limits.room(flow.guest_mac), 0)
+                if more:
+                    self.limits.charge(flow.guest_mac, more)
+            flow.charged += more
+        elif held < flow.charged:
+            self.limits.credit(flow.guest_mac, flow.charged - held)
+            flow.charged = held
 
     def _schedule(self, flow: TcpFlow) -> None:
         deadline = flow.conn.next_deadline()
@@ -235,6 +263,9 @@ class TcpTable:
             return
         del self.flows[flow.key]
         flow.scheduled = None
+        if flow.charged:
+            self.limits.credit(flow.guest_mac, flow.charged)
+            flow.charged = 0
         if flow.half_open:
             flow.half_open = False
             self.limits.release_half_open(flow.guest_mac)
