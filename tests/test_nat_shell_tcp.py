@@ -87,15 +87,24 @@ ETHER_TO_GATEWAY = {4: mac(GW_MAC) + mac(GUEST_MAC) + b"\x08\x00",
 
 
 async def echo_server(listener: socket.socket, stall: float = 0.0) -> None:
-    """Echo one connection to its end (after `stall` seconds of not reading), then close."""
+    """Echo each connection to its end (after `stall` seconds of not reading), then close it."""
     server = trio.socket.from_stdlib_socket(listener)
-    conn, _ = await server.accept()
-    with conn:
-        await trio.sleep(stall)
-        while data := await conn.recv(65536):
-            view = memoryview(data)
-            while view:
-                view = view[await conn.send(view):]
+
+    async def echo(conn) -> None:
+        with conn:
+            await trio.sleep(stall)
+            try:
+                while data := await conn.recv(65536):
+                    view = memoryview(data)
+                    while view:
+                        view = view[await conn.send(view):]
+            except OSError:
+                return  # reset: the client's own check fails and says how
+
+    async with trio.open_nursery() as nursery:
+        while True:
+            conn, _ = await server.accept()
+            nursery.start_soon(echo, conn)
 
 
 class Held:
@@ -126,10 +135,12 @@ def linux_guest_through_the_shell(size: int, *, loss: float = 0.0, dup: float = 
                                   reorder: float = 0.0, seed: int = 1, rcvbuf: int = 0,
                                   read_delay: float = 0.0, server_stall: float = 0.0,
                                   server_rcvbuf: int = 0, limits: FlowLimits | None = None,
+                                  clients: int = 1,
                                   seconds: float = 60.0) -> tuple[list[str], Held, dict]:
-    """The kernel client (behind a TUN, impaired frames both ways) sends `size` seeded bytes
-    through the shell to the outside's echo server and reads them back; returns its output
-    (sha256 sent, sha256 received, bytes received), what the shell held, its status."""
+    """`clients` kernel clients (behind a TUN, impaired frames both ways) each send `size`
+    seeded bytes through the shell to the outside's echo server and read them back; returns
+    their outputs (sha256 sent, sha256 received, bytes received; three words a client), what
+    the shell held, its status."""
     rng = random.Random(seed)
     to_shell = Impairment(rng, loss, dup, reorder)
     to_kernel = Impairment(rng, loss, dup, reorder)
@@ -142,7 +153,7 @@ def linux_guest_through_the_shell(size: int, *, loss: float = 0.0, dup: float = 
             if server_rcvbuf:
                 listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, server_rcvbuf)
             listener.bind((OUT4, TCP_ECHO_PORT))
-            listener.listen()
+            listener.listen(clients)
         output: list[str] = []
 
         async def from_kernel(shell) -> None:
@@ -167,12 +178,18 @@ def linux_guest_through_the_shell(size: int, *, loss: float = 0.0, dup: float = 
                 nursery.start_soon(from_kernel, shell)
                 nursery.start_soon(to_the_kernel, guest)
                 nursery.start_soon(held.sample, shell)
-                done = await trio.run_process(
-                    ["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT, OUT4,
-                     str(TCP_ECHO_PORT), str(size), str(seed), str(rcvbuf), str(read_delay)],
-                    capture_stdout=True, capture_stderr=True, check=False)
-                assert done.returncode == 0, done.stderr.decode()
-                output.extend(done.stdout.decode().split())
+                async def client(seed: int) -> None:
+                    done = await trio.run_process(
+                        ["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT, OUT4,
+                         str(TCP_ECHO_PORT), str(size), str(seed), str(rcvbuf),
+                         str(read_delay)], capture_stdout=True, capture_stderr=True,
+                        check=False)
+                    assert done.returncode == 0, (done.stderr.decode(), shell.status())
+                    output.extend(done.stdout.decode().split())
+
+                async with trio.open_nursery() as clients_nursery:
+                    for n in range(clients):
+                        clients_nursery.start_soon(client, seed + n)
                 status.update(shell.status())
                 status["guest_buffered"] = shell.limits.held(mac(GUEST_MAC))["buffered"]
                 nursery.cancel_scope.cancel()
@@ -311,3 +328,27 @@ def test_a_guest_holding_a_zero_window_stops_the_shell_reading_with_its_buffer_b
             run_in_hub(names, test, limits=FlowLimits(buffered_per_guest=guest_cap))
         finally:
             listener.close()
+
+
+def test_fifty_linux_connections_at_once_each_carry_their_own_bytes_through_the_shell():
+    clients = 50
+    output, _, status = linux_guest_through_the_shell(256 * 1024, clients=clients, seed=100,
+                                                      loss=0.01, dup=0.01, reorder=0.02)
+    results = [output[i:i + 3] for i in range(0, len(output), 3)]
+    assert len(results) == clients
+    assert all(sent == echoed and int(count) == 256 * 1024 for sent, echoed, count in results)
+    assert not status["tcp"]["drops"] and not status["socket_errors"]
+    assert status["guest_buffered"] == 0
+
+
+def test_thirty_connections_sharing_a_small_guest_cap_each_get_all_their_bytes():
+    # Bug: a reader whose budget the guest's other flows used up while it waited read 0 bytes
+    # and took that for the server's EOF: the guest got a FIN before the rest of its data.
+    clients, size = 30, 512 * 1024
+    output, _, status = linux_guest_through_the_shell(
+        size, clients=clients, seed=200, limits=FlowLimits(buffered_per_guest=128 * 1024))
+    results = [output[i:i + 3] for i in range(0, len(output), 3)]
+    assert len(results) == clients
+    assert [int(count) for _, _, count in results] == [size] * clients
+    assert all(sent == echoed for sent, echoed, _ in results)
+    assert status["guest_buffered"] == 0

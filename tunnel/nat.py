@@ -472,10 +472,15 @@ class NatShell:
                 return
             if self.tcp_sockets.get(key) is not entry:
                 return
+            # The guest's other flows may have used its buffer cap while this one waited:
+            # recv(0) would return b"" and look like the server's EOF.
+            budget = self.tcp.read_budget(key)
+            if budget == 0:
+                continue
             frames: list = []
             now = trio.current_time()
             try:
-                data = sock.recv(min(budget, self.tcp.read_budget(key), TCP_READ_CHUNK))
+                data = sock.recv(min(budget, TCP_READ_CHUNK))
             except BlockingIOError:
                 continue
             except OSError as error:
