@@ -1,5 +1,5 @@
-"""The NAT's Trio shell: the host sockets the sans-I/O cores of netstack.nat ask for (UDP,
-ICMP echo, DNS), the frames they answer with handed to `deliver`, their timers driven.
+"""The NAT's Trio shell: the host sockets the sans-I/O cores of netstack.nat ask for (TCP,
+UDP, ICMP echo, DNS), the frames they answer with handed to `deliver`, their timers driven.
 
 A guest frame's path: the gateway port calls `from_guest(frame)` -> the IP layer read once
 (netstack.nat.packet) -> UDP to UdpTable (the gateway's :53 to the DnsForwarder), echo to
@@ -13,6 +13,16 @@ queue (MSG_ERRQUEUE: ICMP errors about what the guest sent, mapped back by Error
 up to READS_PER_WAKE datagrams (to the guest through the core); the cores' caps bound the
 sockets, so they bound the tasks.  One task sleeps until the cores' next deadline and runs
 their `tick`: idle flows closed, DNS retries and SERVFAILs.
+
+TCP: a guest segment goes to TcpTable (netstack.nat.tcp_flows: caps, deny list, one sans-I/O
+TcpConnection per flow); a connection's Connect opens a non-blocking socket connected in a
+task within CONNECT_TIMEOUT (failure -> RST to the guest); its Sends are written at once as
+far as the socket takes them (Written to the core), the rest by a writer task; a reader task
+reads at most `read_budget` (the connection's room for the guest within the guest's cap on
+buffered bytes; 0 -> it waits for the guest's next ACK, or polls while the guest's other
+flows hold the cap).  Backpressure both ways: the window we advertise is what the host socket
+has not taken (the core's RCV_BUFFER), and what the guest has not acknowledged stops our
+reads (SND_BUFFER), so a stalled peer leaves its bytes in the kernel's socket buffers.
 
 Containment: a flow's socket error closes that flow only (counted by errno, the first of each
 logged); an unexpected exception closes it too, its traceback logged once; a socket that
