@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import random
 import socket
+import struct
 import sys
 import termios
 
@@ -86,15 +87,23 @@ ETHER_TO_GATEWAY = {4: mac(GW_MAC) + mac(GUEST_MAC) + b"\x08\x00",
                     6: mac(GW_MAC) + mac(GUEST_MAC) + b"\x86\xdd"}
 
 
-async def echo_server(listener: socket.socket, stall: float = 0.0) -> None:
-    """Echo each connection to its end (after `stall` seconds of not reading), then close it."""
+async def echo_server(listener: socket.socket, stall: float = 0.0,
+                      reset_after: int | None = None) -> None:
+    """Echo each connection to its end (after `stall` seconds of not reading), then close it;
+    with `reset_after`, reset it (SO_LINGER 0) once that many bytes have come in."""
     server = trio.socket.from_stdlib_socket(listener)
 
     async def echo(conn) -> None:
         with conn:
             await trio.sleep(stall)
+            seen = 0
             try:
                 while data := await conn.recv(65536):
+                    seen += len(data)
+                    if reset_after is not None and seen >= reset_after:
+                        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                        struct.pack("ii", 1, 0))
+                        return
                     view = memoryview(data)
                     while view:
                         view = view[await conn.send(view):]
@@ -135,7 +144,7 @@ def linux_guest_through_the_shell(size: int, *, loss: float = 0.0, dup: float = 
                                   reorder: float = 0.0, seed: int = 1, rcvbuf: int = 0,
                                   read_delay: float = 0.0, server_stall: float = 0.0,
                                   server_rcvbuf: int = 0, limits: FlowLimits | None = None,
-                                  clients: int = 1,
+                                  clients: int = 1, reset_after: int | None = None,
                                   seconds: float = 60.0) -> tuple[list[str], Held, dict]:
     """`clients` kernel clients (behind a TUN, impaired frames both ways) each send `size`
     seeded bytes through the shell to the outside's echo server and read them back; returns
@@ -155,6 +164,7 @@ def linux_guest_through_the_shell(size: int, *, loss: float = 0.0, dup: float = 
             listener.bind((OUT4, TCP_ECHO_PORT))
             listener.listen(clients)
         output: list[str] = []
+        failed: list[str] = []  # the stderr of each client that failed
 
         async def from_kernel(shell) -> None:
             while True:
@@ -174,7 +184,7 @@ def linux_guest_through_the_shell(size: int, *, loss: float = 0.0, dup: float = 
 
         async def test(shell, guest) -> None:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(echo_server, listener, server_stall)
+                nursery.start_soon(echo_server, listener, server_stall, reset_after)
                 nursery.start_soon(from_kernel, shell)
                 nursery.start_soon(to_the_kernel, guest)
                 nursery.start_soon(held.sample, shell)
@@ -184,7 +194,8 @@ def linux_guest_through_the_shell(size: int, *, loss: float = 0.0, dup: float = 
                          str(TCP_ECHO_PORT), str(size), str(seed), str(rcvbuf),
                          str(read_delay)], capture_stdout=True, capture_stderr=True,
                         check=False)
-                    assert done.returncode == 0, (done.stderr.decode(), shell.status())
+                    if done.returncode:
+                        failed.append(done.stderr.decode())
                     output.extend(done.stdout.decode().split())
 
                 async with trio.open_nursery() as clients_nursery:
@@ -198,6 +209,9 @@ def linux_guest_through_the_shell(size: int, *, loss: float = 0.0, dup: float = 
         finally:
             listener.close()
     status["impaired"] = to_shell.impaired + to_kernel.impaired
+    if reset_after is None:
+        assert not failed, failed
+    status["failed"] = failed
     return output, held, status
 
 
@@ -351,4 +365,13 @@ def test_thirty_connections_sharing_a_small_guest_cap_each_get_all_their_bytes()
     assert len(results) == clients
     assert [int(count) for _, _, count in results] == [size] * clients
     assert all(sent == echoed for sent, echoed, _ in results)
+    assert status["guest_buffered"] == 0
+
+
+def test_a_server_reset_mid_transfer_resets_the_guest_connection_and_frees_its_bytes():
+    _, _, status = linux_guest_through_the_shell(2 * 1024 * 1024, reset_after=256 * 1024)
+    [stderr] = status["failed"]
+    assert "ConnectionResetError" in stderr
+    assert status["socket_errors"] in ({"econnreset": 1}, {"epipe": 1})
+    assert status["tcp"]["flows"] == 0 and status["tcp_sockets"] == 0
     assert status["guest_buffered"] == 0
