@@ -5,6 +5,7 @@ server in the outside namespace; a closed port resets the guest."""
 from __future__ import annotations
 
 import fcntl
+import logging
 import random
 import socket
 import struct
@@ -27,8 +28,9 @@ pytestmark = needs_netns
 TCP_ECHO_PORT = 7007
 
 
-def seg(flags: str, seq: int, ack: int = 0, payload: bytes = b"", dport: int = TCP_ECHO_PORT):
-    return guest_frame(IP(src=GUEST4, dst=OUT4) / TCP(sport=41000, dport=dport, flags=flags,
+def seg(flags: str, seq: int, ack: int = 0, payload: bytes = b"", dport: int = TCP_ECHO_PORT,
+        sport: int = 41000):
+    return guest_frame(IP(src=GUEST4, dst=OUT4) / TCP(sport=sport, dport=dport, flags=flags,
                                                       seq=seq, ack=ack, window=65535)
                        / payload)
 
@@ -375,3 +377,51 @@ def test_a_server_reset_mid_transfer_resets_the_guest_connection_and_frees_its_b
     assert status["socket_errors"] in ({"econnreset": 1}, {"epipe": 1})
     assert status["tcp"]["flows"] == 0 and status["tcp_sockets"] == 0
     assert status["guest_buffered"] == 0
+
+
+def handshake(shell, sport: int, synack) -> int:
+    ours = synack[TCP].seq + 1
+    shell.from_guest(seg("A", 1001, ours, sport=sport))
+    return ours
+
+
+@pytest.mark.parametrize("where", ["on_host", "from_guest"])
+def test_an_unexpected_error_in_one_connection_ends_that_connection_only(where, caplog):
+    # A bug in the core (injected: it raises for one connection) must not end the shell.
+    with hub_and_outside() as names:
+        with inside(names["outside"]):
+            listener = socket.socket()
+            listener.bind((OUT4, TCP_ECHO_PORT))
+            listener.listen()
+
+        async def test(shell, guest):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(echo_server, listener)
+                shell.from_guest(seg("S", 1000, sport=41001))
+                broken_ours = handshake(shell, 41001, await guest.next())
+                (key, flow), = shell.tcp.flows.items()
+
+                def bug(*args):
+                    raise RuntimeError("a bug in the core")
+                setattr(flow.conn, where, bug)
+                shell.from_guest(seg("PA", 1001, broken_ours, b"to the bug", sport=41001))
+                with trio.fail_after(5):
+                    while shell.tcp.flows or shell.tcp_sockets:
+                        await trio.sleep(0.01)
+                assert shell.limits.held(mac(GUEST_MAC)) == {"flows": 0, "half_open": 0,
+                                                             "buffered": 0}
+                shell.from_guest(seg("S", 1000, sport=41002))  # the shell still serves
+                ours = handshake(shell, 41002, await guest.next())
+                shell.from_guest(seg("PA", 1001, ours, b"still here", sport=41002))
+                got = b""
+                while len(got) < len(b"still here"):
+                    got += bytes((await guest.next())[TCP].payload)
+                assert got == b"still here"
+                nursery.cancel_scope.cancel()
+        try:
+            with caplog.at_level(logging.ERROR, logger="tunnel.nat"):
+                run_in_hub(names, test)
+        finally:
+            listener.close()
+    [record] = [r for r in caplog.records if r.exc_info]
+    assert "a bug in the core" in str(record.exc_info[1])

@@ -58,7 +58,7 @@ from netstack.nat.icmp import (
     SendEcho,
 )
 from netstack.nat.limits import FlowKey, FlowLimits, IdleFlows
-from netstack.nat.packet import NatConfig, Refused, read_guest_packet
+from netstack.nat.packet import GuestPacket, NatConfig, Refused, read_guest_packet
 from netstack.nat.tcp import (
     CONNECT_TIMEOUT,
     Abort,
@@ -118,6 +118,12 @@ def _errno_name(error: OSError) -> str:
 def _sockaddr(address: bytes, port: int) -> tuple:
     text = ipaddress.ip_address(address).compressed
     return (text, port) if len(address) == 4 else (text, port, 0, 0)
+
+
+def _tcp_key(packet: GuestPacket) -> FlowKey:
+    ports = packet.data[packet.l4_offset:packet.l4_offset + 4]
+    return FlowKey(IPPROTO_TCP, packet.src, int.from_bytes(ports[:2], "big"), packet.dst,
+                   int.from_bytes(ports[2:], "big"))
 
 
 def _flow_name(key: FlowKey) -> str:
@@ -325,8 +331,21 @@ class NatShell:
         try:
             packet = read_guest_packet(frame, self.config.gateway_mac)
             if packet.protocol == IPPROTO_TCP:
-                actions = self.tcp.guest_segment(packet, frame.offload[0], now)
-            elif packet.protocol == IPPROTO_UDP:
+                key = _tcp_key(packet)
+                try:
+                    self._perform(self.tcp.guest_segment(packet, frame.offload[0], now), now)
+                except (Malformed, Refused):
+                    raise
+                except Exception as error:  # a bug for one connection ends that one only
+                    self._tcp_crash(key, self.tcp_sockets.get(key), error)
+                    return
+                entry = self.tcp_sockets.get(key)
+                if entry is not None and self.tcp.read_budget(key) > 0:
+                    entry.budget.set()  # the guest's ACK freed room: resume reading
+                if self._next_deadline() < self._sleeping_until:
+                    self._wake.set()
+                return
+            if packet.protocol == IPPROTO_UDP:
                 actions = self.udp.guest_datagram(packet, frame.offload[0], now)
             elif packet.protocol in (IPPROTO_ICMP, IPPROTO_ICMPV6):
                 if not self.echo_on[packet.version]:
@@ -338,16 +357,6 @@ class NatShell:
             self.drops[error.reason] += 1
             return
         self._perform(actions, now)
-        if packet.protocol == IPPROTO_TCP:
-            key = FlowKey(IPPROTO_TCP, packet.src, int.from_bytes(
-                packet.data[packet.l4_offset:packet.l4_offset + 2], "big"), packet.dst,
-                int.from_bytes(packet.data[packet.l4_offset + 2:packet.l4_offset + 4], "big"))
-            entry = self.tcp_sockets.get(key)
-            if entry is not None and self.tcp.read_budget(key) > 0:
-                entry.budget.set()  # the guest's ACK freed room: resume reading
-            if self._next_deadline() < self._sleeping_until:
-                self._wake.set()
-            return
         # A known flow's datagram only moves its own deadline later; a new flow or a DNS
         # query may bring the next one closer than the timer sleeps.
         if (len(actions) > 1 or (actions and isinstance(actions[0], SendQuery))) \
@@ -437,6 +446,26 @@ class NatShell:
         self._nursery.start_soon(self._tcp_run, entry, _sockaddr(host_ip, key.remote_port))
 
     async def _tcp_run(self, entry: TcpSocket, address: tuple) -> None:
+        """A connection's task: a bug while serving it ends that connection only."""
+        try:
+            await self._tcp_serve(entry, address)
+        except Exception as error:
+            self._tcp_crash(entry.key, entry, error)
+
+    def _tcp_crash(self, key: FlowKey, entry: TcpSocket | None, error: BaseException) -> None:
+        """An unexpected exception for `key`: its socket closed, its flow forgotten (the
+        guest's next segment gets a reset), the traceback logged once, counted."""
+        self.socket_errors["exception"] += 1
+        if "exception" not in self._logged:
+            self._logged.add("exception")
+            log.error("nat: closing flow %s after an unexpected error (later ones only "
+                      "counted)", _flow_name(key), exc_info=error)
+        if entry is not None:
+            self._tcp_close(entry)
+        if key not in self.tcp_sockets:  # not a newer connection's socket on the same key
+            self.tcp.discard(key)
+
+    async def _tcp_serve(self, entry: TcpSocket, address: tuple) -> None:
         """Connect (within the core's timeout), then read and write until the socket closes."""
         key, sock = entry.key, entry.sock
         error = 0

@@ -171,6 +171,13 @@ class TcpTable:
         return flow is not None and flow.conn.host_read_budget() > 0 \
             and self.limits.room(flow.guest_mac) <= 0
 
+    def discard(self, key: FlowKey) -> None:
+        """Forget `key`'s connection at once (its core failed): caps and bytes given back;
+        the guest's next segment of it is answered by a reset."""
+        flow = self.flows.get(key)
+        if flow is not None:
+            self._remove(flow)
+
     def host_ip(self, key: FlowKey) -> bytes | None:
         flow = self.flows.get(key)
         return None if flow is None else flow.host_ip
