@@ -16,12 +16,16 @@ import pytest
 import trio
 from scapy.layers.inet import IP, TCP
 
-from netstack.frame import Frame
-from netstack.nat.limits import MAX_BUFFERED_BYTES_PER_GUEST, FlowLimits
+from netstack.frame import HDR_F_DATA_VALID, Frame
+from netstack.nat.limits import (
+    MAX_BUFFERED_BYTES_PER_GUEST,
+    MAX_HALF_OPEN_PER_GUEST,
+    FlowLimits,
+)
 from netstack.nat.tcp import RCV_BUFFER, SND_BUFFER
-from tests.support.nat import GUEST4, GUEST_MAC, GW_MAC, guest_frame, mac
+from tests.support.nat import GUEST4, GUEST_MAC, GW_MAC, OTHER4, OTHER_MAC, guest_frame, mac
 from tests.support.nat_netns import hub_and_outside, inside
-from tests.support.nat_shell import CLOSED_PORT, OUT4, needs_netns, run_in_hub
+from tests.support.nat_shell import CLOSED_PORT, OUT4, needs_netns, open_fds, run_in_hub
 from tests.support.tun_kernel import CLIENT, Impairment, kernel_behind_tun, run
 
 pytestmark = needs_netns
@@ -425,3 +429,42 @@ def test_an_unexpected_error_in_one_connection_ends_that_connection_only(where, 
             listener.close()
     [record] = [r for r in caplog.records if r.exc_info]
     assert "a bug in the core" in str(record.exc_info[1])
+
+
+def test_a_syn_flood_to_a_silent_address_stops_at_the_half_open_cap_and_another_guest_connects():
+    silent = "10.203.7.99"  # on the veth's subnet, no one answers its ARP: connect() hangs
+
+    with hub_and_outside() as names:
+        with inside(names["outside"]):
+            listener = socket.socket()
+            listener.bind((OUT4, TCP_ECHO_PORT))
+            listener.listen()
+
+        async def test(shell, guest):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(echo_server, listener)
+                before = open_fds()
+                template = guest_frame(IP(src=GUEST4, dst=silent) / TCP(
+                    sport=1, dport=80, flags="S", seq=1000, window=65535))
+                for port in range(1024, 1024 + 2000):
+                    data = bytearray(template.data)
+                    data[34:36] = port.to_bytes(2, "big")
+                    data[50:52] = b"\0\0"  # scapy's checksum no longer holds: the offload
+                    shell.from_guest(Frame(bytes(data), (HDR_F_DATA_VALID, 0, 0, 0, 0, 0)))
+                held = shell.limits.held(mac(GUEST_MAC))
+                assert held["half_open"] == MAX_HALF_OPEN_PER_GUEST == held["flows"]
+                assert open_fds() <= before + MAX_HALF_OPEN_PER_GUEST
+                assert shell.tcp.status()["drops"] == {} and \
+                    shell.drops["half_open_limit"] == 2000 - MAX_HALF_OPEN_PER_GUEST
+                other = guest_frame(IP(src=OTHER4, dst=OUT4) / TCP(
+                    sport=42000, dport=TCP_ECHO_PORT, flags="S", seq=5, window=65535),
+                    src_mac=OTHER_MAC)
+                shell.from_guest(other)
+                while (synack := await guest.next())[IP].dst != OTHER4:
+                    pass
+                assert synack[TCP].flags == "SA"
+                nursery.cancel_scope.cancel()
+        try:
+            run_in_hub(names, test)
+        finally:
+            listener.close()
