@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import random
+import resource
 import socket
 import struct
 import sys
@@ -463,6 +464,40 @@ def test_a_syn_flood_to_a_silent_address_stops_at_the_half_open_cap_and_another_
                 while (synack := await guest.next())[IP].dst != OTHER4:
                     pass
                 assert synack[TCP].flags == "SA"
+                nursery.cancel_scope.cancel()
+        try:
+            run_in_hub(names, test)
+        finally:
+            listener.close()
+
+
+def test_out_of_file_descriptors_a_guest_syn_is_reset_and_counted_and_later_ones_connect():
+    with hub_and_outside() as names:
+        with inside(names["outside"]):
+            listener = socket.socket()
+            listener.bind((OUT4, TCP_ECHO_PORT))
+            listener.listen()
+
+        async def test(shell, guest):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(echo_server, listener)
+                await trio.sleep(0)  # the server's task takes its fd first
+                soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (open_fds() + 2, hard))
+                try:
+                    for port in range(43000, 43010):
+                        shell.from_guest(seg("S", 1000, sport=port))
+                finally:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+                refused = shell.drops["open_emfile"]
+                assert refused > 0 and len(shell.tcp_sockets) + refused == 10
+                assert len(shell.tcp.flows) == len(shell.tcp_sockets)  # places given back
+                replies = [await guest.next() for _ in range(10)]
+                assert sum("R" in r[TCP].flags for r in replies) == refused
+                shell.from_guest(seg("S", 1000, sport=43100))
+                while (reply := await guest.next())[TCP].dport != 43100:
+                    pass
+                assert reply[TCP].flags == "SA"
                 nursery.cancel_scope.cancel()
         try:
             run_in_hub(names, test)
