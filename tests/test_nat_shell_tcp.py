@@ -26,7 +26,7 @@ from netstack.nat.limits import (
 from netstack.nat.tcp import RCV_BUFFER, SND_BUFFER
 from tests.support.nat import GUEST4, GUEST_MAC, GW_MAC, OTHER4, OTHER_MAC, guest_frame, mac
 from tests.support.nat_netns import hub_and_outside, inside
-from tests.support.nat_shell import CLOSED_PORT, OUT4, needs_netns, open_fds, run_in_hub
+from tests.support.nat_shell import CLOSED_PORT, OUT4, OUT6, needs_netns, open_fds, run_in_hub
 from tests.support.tun_kernel import CLIENT, Impairment, kernel_behind_tun, run
 
 pytestmark = needs_netns
@@ -90,6 +90,7 @@ def test_a_guest_connection_carries_bytes_both_ways_through_a_real_tcp_server():
 
 # -- Linux's TCP as the guest --------------------------------------------------------------
 
+KERNEL_IP6 = "fdcb:1::1"  # the kernel guest's IPv6 address on its TUN
 ETHER_TO_GATEWAY = {4: mac(GW_MAC) + mac(GUEST_MAC) + b"\x08\x00",
                     6: mac(GW_MAC) + mac(GUEST_MAC) + b"\x86\xdd"}
 
@@ -152,6 +153,7 @@ def linux_guest_through_the_shell(size: int, *, loss: float = 0.0, dup: float = 
                                   read_delay: float = 0.0, server_stall: float = 0.0,
                                   server_rcvbuf: int = 0, limits: FlowLimits | None = None,
                                   clients: int = 1, reset_after: int | None = None,
+                                  remote: str = OUT4,
                                   seconds: float = 60.0) -> tuple[list[str], Held, dict]:
     """`clients` kernel clients (behind a TUN, impaired frames both ways) each send `size`
     seeded bytes through the shell to the outside's echo server and read them back; returns
@@ -164,11 +166,13 @@ def linux_guest_through_the_shell(size: int, *, loss: float = 0.0, dup: float = 
     status: dict = {}
     with hub_and_outside() as names, kernel_behind_tun() as (dev, ns):
         run("ip", "-n", ns, "route", "add", "default", "dev", dev.name)
+        run("ip", "-n", ns, "addr", "add", f"{KERNEL_IP6}/64", "dev", dev.name, "nodad")
+        run("ip", "-n", ns, "-6", "route", "add", "default", "dev", dev.name)
         with inside(names["outside"]):
-            listener = socket.socket()
+            listener = socket.socket(socket.AF_INET6 if ":" in remote else socket.AF_INET)
             if server_rcvbuf:
                 listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, server_rcvbuf)
-            listener.bind((OUT4, TCP_ECHO_PORT))
+            listener.bind((remote, TCP_ECHO_PORT))
             listener.listen(clients)
         output: list[str] = []
         failed: list[str] = []  # the stderr of each client that failed
@@ -197,7 +201,7 @@ def linux_guest_through_the_shell(size: int, *, loss: float = 0.0, dup: float = 
                 nursery.start_soon(held.sample, shell)
                 async def client(seed: int) -> None:
                     done = await trio.run_process(
-                        ["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT, OUT4,
+                        ["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT, remote,
                          str(TCP_ECHO_PORT), str(size), str(seed), str(rcvbuf),
                          str(read_delay)], capture_stdout=True, capture_stderr=True,
                         check=False)
@@ -225,14 +229,16 @@ def linux_guest_through_the_shell(size: int, *, loss: float = 0.0, dup: float = 
 EIGHT_MB = 8 * 1024 * 1024
 
 
-@pytest.mark.parametrize(("loss", "dup", "reorder", "seed"), [
-    (0.0, 0.0, 0.0, 1),
-    (0.01, 0.01, 0.02, 21),
+@pytest.mark.parametrize(("loss", "dup", "reorder", "seed", "remote"), [
+    (0.0, 0.0, 0.0, 1, OUT4),
+    (0.01, 0.01, 0.02, 21, OUT4),
+    (0.0, 0.0, 0.0, 2, OUT6),
+    (0.01, 0.01, 0.02, 22, OUT6),
 ])
 def test_linux_tcp_as_the_guest_moves_8_mb_each_way_through_the_shell_to_a_real_server(
-        loss, dup, reorder, seed):
+        loss, dup, reorder, seed, remote):
     (sent, echoed, count), held, status = linux_guest_through_the_shell(
-        EIGHT_MB, loss=loss, dup=dup, reorder=reorder, seed=seed)
+        EIGHT_MB, loss=loss, dup=dup, reorder=reorder, seed=seed, remote=remote)
     assert sent == echoed and int(count) == EIGHT_MB
     assert (status["impaired"] > 0) == bool(loss)
     assert not status["tcp"]["drops"] and not status["socket_errors"]

@@ -47,7 +47,7 @@ CLIENT = textwrap.dedent("""
     host, port, size, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     rcvbuf, read_delay = int(sys.argv[5]), float(sys.argv[6])
     data = random.Random(seed).randbytes(size)
-    s = socket.socket()
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     if rcvbuf:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     s.settimeout(40)
