@@ -19,10 +19,11 @@ TcpConnection per flow); a connection's Connect opens a non-blocking socket conn
 task within CONNECT_TIMEOUT (failure -> RST to the guest); its Sends are written at once as
 far as the socket takes them (Written to the core), the rest by a writer task; a reader task
 reads at most `read_budget` (the connection's room for the guest within the guest's cap on
-buffered bytes; 0 -> it waits for the guest's next ACK, or polls while the guest's other
-flows hold the cap).  Backpressure both ways: the window we advertise is what the host socket
-has not taken (the core's RCV_BUFFER), and what the guest has not acknowledged stops our
-reads (SND_BUFFER), so a stalled peer leaves its bytes in the kernel's socket buffers.
+buffered bytes; 0 -> it waits for the guest's next ACK, or, while the guest's other flows
+hold the cap, for bytes given back to that guest).  Backpressure both ways: the window we
+advertise is what the host socket has not taken (the core's RCV_BUFFER), and what the guest
+has not acknowledged stops our reads (SND_BUFFER), so a stalled peer leaves its bytes in the
+kernel's socket buffers.
 
 Containment: a flow's socket error closes that flow only (counted by errno, the first of each
 logged); an unexpected exception closes it too, its traceback logged once; a socket that
@@ -105,9 +106,6 @@ PING_GROUP_RANGE = Path("/proc/sys/net/ipv4/ping_group_range")
 _REMOTE_ERRORS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
                             errno.EHOSTDOWN, errno.ENETDOWN, errno.EMSGSIZE, errno.ENOBUFS,
                             errno.EPROTO, errno.ETIMEDOUT, errno.EACCES, errno.EPERM})
-# A flow whose reads wait for its guest's other flows to free buffer (the guest's cap on
-# buffered bytes, not its own window) looks again this often.
-GUEST_ROOM_POLL = 0.05
 _FAMILY = {4: socket.AF_INET, 16: socket.AF_INET6}
 
 
@@ -204,11 +202,12 @@ class TcpSocket:
     """A TCP flow's host socket: bytes of Send actions not yet written, a pending shutdown,
     and the event its reader waits on while the core's read budget is 0."""
 
-    __slots__ = ("budget", "key", "pending", "shutdown", "sock", "writable")
+    __slots__ = ("budget", "guest", "key", "pending", "shutdown", "sock", "writable")
 
-    def __init__(self, sock: socket.socket, key: FlowKey) -> None:
+    def __init__(self, sock: socket.socket, key: FlowKey, guest: bytes) -> None:
         self.sock = sock
         self.key = key
+        self.guest = guest  # its guest's MAC, whose buffer cap it shares
         self.pending = bytearray()
         self.shutdown = False
         self.budget = trio.Event()  # set when the guest's ACKs free room to read into
@@ -232,6 +231,8 @@ class NatShell:
         self.echo = EchoTable(config, self.limits, echo_idle_seconds)
         self.tcp = TcpTable(config, self.limits)
         self.tcp_sockets: dict[FlowKey, TcpSocket] = {}
+        # Readers waiting for their guest's other flows to free buffer, by guest MAC.
+        self._capped: dict[bytes, set[TcpSocket]] = {}
         self.errors = ErrorReporter(config)
         self.echo_on = {4: False, 6: False}  # set by run() once the ping sockets are tried
         self.sockets: dict[FlowKey, HostSocket] = {}
@@ -398,6 +399,15 @@ class NatShell:
                     self._close(entry)
             elif isinstance(action, Frame):
                 frames.append(action)
+        if self.tcp.credited:
+            self._wake_capped()
+
+    def _wake_capped(self) -> None:
+        """Readers held by their guest's cap look again: the guest was given bytes back."""
+        for guest in self.tcp.credited:
+            for entry in self._capped.pop(guest, ()):
+                entry.budget.set()
+        self.tcp.credited.clear()
 
     # -- TCP host sockets ---------------------------------------------------------------------
 
@@ -439,7 +449,7 @@ class NatShell:
             self._tcp_event(key, TcpRefused(reason), frames, now)
             return
         sock.setblocking(False)
-        entry = TcpSocket(sock, key)
+        entry = TcpSocket(sock, key, self.tcp.flows[key].guest_mac)
         self.tcp_sockets[key] = entry
         if self._nursery is None:
             raise RuntimeError("NatShell.from_guest before run() started")
@@ -464,6 +474,8 @@ class NatShell:
             self._tcp_close(entry)
         if key not in self.tcp_sockets:  # not a newer connection's socket on the same key
             self.tcp.discard(key)
+        if self.tcp.credited:
+            self._wake_capped()
 
     async def _tcp_serve(self, entry: TcpSocket, address: tuple) -> None:
         """Connect (within the core's timeout), then read and write until the socket closes."""
@@ -502,9 +514,9 @@ class NatShell:
             try:
                 if budget == 0:
                     entry.budget = trio.Event()
-                    with trio.move_on_after(GUEST_ROOM_POLL if self.tcp.guest_limited(key)
-                                            else math.inf):
-                        await entry.budget.wait()
+                    if self.tcp.guest_limited(key):  # woken by the guest's next credit
+                        self._capped.setdefault(entry.guest, set()).add(entry)
+                    await entry.budget.wait()
                     continue
                 await trio.lowlevel.wait_readable(sock)
             except trio.ClosedResourceError:
@@ -595,6 +607,11 @@ class NatShell:
     def _tcp_close(self, entry: TcpSocket) -> None:
         if self.tcp_sockets.get(entry.key) is entry:
             del self.tcp_sockets[entry.key]
+        waiting = self._capped.get(entry.guest)
+        if waiting is not None:
+            waiting.discard(entry)
+            if not waiting:
+                del self._capped[entry.guest]
         entry.budget.set()
         entry.writable.set()
         self._close(entry)

@@ -90,6 +90,7 @@ class TcpTable:
         self.flows: dict[FlowKey, TcpFlow] = {}
         self.drops: Counter[str] = Counter()
         self.resets_sent = 0  # RSTs answering segments of no flow
+        self.credited: set[bytes] = set()  # guests given bytes back since the shell looked
         self._heap: list[tuple[float, int, FlowKey]] = []
         self._order = 0
 
@@ -165,8 +166,8 @@ class TcpTable:
         return max(min(flow.conn.host_read_budget(), self.limits.room(flow.guest_mac)), 0)
 
     def guest_limited(self, key: FlowKey) -> bool:
-        """Reading `key` waits for the guest's other flows to free buffer, not for its own
-        ACKs (which the shell watches): the shell polls it."""
+        """Reading `key` waits for the guest's other flows to free buffer (see `credited`),
+        not for its own ACKs."""
         flow = self.flows.get(key)
         return flow is not None and flow.conn.host_read_budget() > 0 \
             and self.limits.room(flow.guest_mac) <= 0
@@ -249,6 +250,7 @@ class TcpTable:
             flow.charged += more
         elif held < flow.charged:
             self.limits.credit(flow.guest_mac, flow.charged - held)
+            self.credited.add(flow.guest_mac)
             flow.charged = held
 
     def _schedule(self, flow: TcpFlow) -> None:
@@ -272,6 +274,7 @@ class TcpTable:
         flow.scheduled = None
         if flow.charged:
             self.limits.credit(flow.guest_mac, flow.charged)
+            self.credited.add(flow.guest_mac)
             flow.charged = 0
         if flow.half_open:
             flow.half_open = False
