@@ -22,7 +22,7 @@ VLAN_TAG_LEN = 4
 # wire codec does too (tunnel/wire.py MAX_FRAME).
 MAX_FRAME_LEN = 65535 + ETH_HEADER_LEN + 2 * VLAN_TAG_LEN
 
-# EtherTypes (linux/if_ether.h names), as ints for struct and dpkt and as the two bytes at
+# EtherTypes (linux/if_ether.h names), as ints for struct and as the two bytes at
 # offset 12, which the per-frame checks compare slices against without unpacking.
 ETH_P_IP = 0x0800
 ETH_P_ARP = 0x0806
