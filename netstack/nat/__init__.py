@@ -17,5 +17,7 @@ and host-socket actions out, time passed in as `now`.  The Trio shell that owns 
   dns.py     the gateway's DNS forwarder: queries to the gateway's :53 -> upstream resolvers,
              answers back to the guest with its id; resolv.conf parsing
   tcp.py     one guest-facing TCP connection (RFC 9293 subset): guest segments in, segments
-             to the guest and host-socket actions out (not yet in the shell)
+             to the guest and host-socket actions out
+  tcp_flows.py the TCP flow table: caps, deny list, resets for strays, timers
+  forward.py `--forward` specs (port forwards into guests), parsed and checked
 """
