@@ -6,12 +6,15 @@ namespace holds the forwards' clients and the upstream resolver."""
 from __future__ import annotations
 
 import ipaddress
+import os
+import resource
 import socket
 import struct
 import sys
 
 import pytest
 import trio
+import trio.testing
 from scapy.layers.dns import DNS, DNSQR, DNSRR
 
 from netstack.frame import Frame
@@ -270,6 +273,37 @@ def test_a_forward_that_cannot_listen_is_counted_and_the_others_serve():
     bad, good = status["forwards"]
     assert bad["counters"] == {"listen_eaddrnotavail": 1} and not bad["listening"]
     assert good["listening"] and good["counters"]["accepted"] == 1
+
+
+def test_accept_out_of_file_descriptors_is_counted_and_the_connection_served_once_there_are():
+    status: dict = {}
+
+    async def test(shell, names, ns) -> None:
+        listener = listening(ns, socket.AF_INET, KERNEL_IP, GUEST_PORT)
+        with listener, client_socket(names["outside"], socket.AF_INET) as client:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(echo_server, listener)
+                await trio.testing.wait_all_tasks_blocked()  # the server waits in accept
+                soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+                lowest_free = os.dup(0)  # a new fd takes the lowest free number
+                os.close(lowest_free)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+                try:
+                    await client.connect((HUB[4], HOST_PORT))  # into the listener's backlog
+                    with trio.fail_after(5):
+                        while not shell.forwards[0].counters["accept_emfile"]:
+                            await trio.sleep(0.01)
+                finally:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+                await client.send(b"patience")
+                with trio.fail_after(5):
+                    assert await client.recv(100) == b"patience"
+                status.update(shell.status())
+                nursery.cancel_scope.cancel()
+
+    with_kernel_guest(test, forwards=[tcp_forward(4)], resolve=known_guest)
+    [forward] = status["forwards"]
+    assert forward["counters"]["accept_emfile"] >= 1 and forward["counters"]["accepted"] == 1
 
 
 # -- UDP forwards --------------------------------------------------------------------------

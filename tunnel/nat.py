@@ -597,6 +597,8 @@ class NatShell:
                 break
         frames: list = []
         if reason is not None:
+            if self.tcp.kind(key) == DNS:
+                self.drops["dns_tcp_no_upstream"] += 1  # the guest gets a RST
             self._tcp_close(entry)
             self._tcp_event(key, TcpRefused(reason), frames, trio.current_time())
         else:
@@ -792,25 +794,39 @@ class NatShell:
                 await trio.lowlevel.wait_readable(sock)
             except trio.ClosedResourceError:
                 return
-            for _ in range(ACCEPTS_PER_WAKE):
-                try:
-                    conn, _client = sock.accept()
-                except BlockingIOError:
-                    break
-                except OSError as error:  # EMFILE, ENFILE, ENOBUFS: try again shortly
-                    reason = f"accept_{_errno_name(error)}"
-                    forward.counters[reason] += 1
-                    self._log_once(reason, logging.WARNING, "nat: forward %s: accept failed: "
-                                   "%s (later ones only counted)", forward.spec, error.strerror)
-                    await trio.sleep(ACCEPT_RETRY_SECONDS)
-                    break
-                if forward.active >= self.forward_cap:
-                    forward.counters["forward_limit"] += 1
-                    _reset(conn)
-                    continue
-                forward.active += 1
-                forward.counters["accepted"] += 1
-                self._nursery.start_soon(self._forward_open, forward, conn)
+            try:
+                failed = self._accept_some(forward)
+            except Exception as error:  # a bug costs the connection at hand, not the forward
+                failed = True
+                forward.counters["exception"] += 1
+                if "forward_exception" not in self._logged:
+                    self._logged.add("forward_exception")
+                    log.error("nat: forward %s: accept failed unexpectedly", forward.spec,
+                              exc_info=error)
+            if failed:  # EMFILE and the like: the connection waits in the backlog meanwhile
+                await trio.sleep(ACCEPT_RETRY_SECONDS)
+
+    def _accept_some(self, forward: Forward) -> bool:
+        """Accept what the backlog holds (up to ACCEPTS_PER_WAKE); True if accept() failed."""
+        for _ in range(ACCEPTS_PER_WAKE):
+            try:
+                conn, _client = forward.sock.accept()
+            except BlockingIOError:
+                return False
+            except OSError as error:  # EMFILE, ENFILE, ENOBUFS: try again shortly
+                reason = f"accept_{_errno_name(error)}"
+                forward.counters[reason] += 1
+                self._log_once(reason, logging.WARNING, "nat: forward %s: accept failed: %s "
+                               "(later ones only counted)", forward.spec, error.strerror)
+                return True
+            if forward.active >= self.forward_cap:
+                forward.counters["forward_limit"] += 1
+                _reset(conn)
+                continue
+            forward.active += 1
+            forward.counters["accepted"] += 1
+            self._nursery.start_soon(self._forward_open, forward, conn)
+        return False
 
     async def _forward_open(self, forward: Forward, conn: socket.socket) -> None:
         """An accepted connection: once the guest's MAC is known, the active open toward
