@@ -5,6 +5,8 @@ in, its RST, SYN retries running out, hostile SYN/ACKs; and the flow table's for
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
@@ -25,6 +27,7 @@ from netstack.nat.tcp import (
 from netstack.nat.tcp_flows import DNS, FORWARD, OUTGOING, HostCall, TcpTable
 from netstack.wire import IPPROTO_TCP
 from netstack.wire.tcp import ACK, PSH, RST, SYN, Tcp, parse_options
+from tests.support.deadline import deadline
 from tests.support.nat import GUEST4, GUEST_MAC, GW4, GW_MAC, guest_frame, mac, nat_config, packed
 
 GUEST_IP = bytes([10, 77, 0, 10])
@@ -222,3 +225,39 @@ def test_a_guest_syn_to_the_gateways_port_53_is_dns_over_tcp_only_with_resolvers
     frame_to(with_dns, other)
     assert with_dns.kind(FlowKey(IPPROTO_TCP, packed(GUEST4), 4001,
                                  packed("198.51.100.7"), 53)) == OUTGOING
+
+
+# -- hostile segment soup in SYN-SENT -----------------------------------------------------
+
+FLAG_SETS = ["S", "SA", "A", "R", "RA", "F", "FA", "SF", "SR", "PA", "", "SAU", "SAE"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(FLAG_SETS),
+                          st.integers(0, M),
+                          st.one_of(st.just(ISS + 1), st.integers(0, M)),
+                          st.integers(0, 65535),
+                          st.binary(max_size=64),
+                          st.sampled_from([[], [("MSS", 0)], [("WScale", 255)],
+                                           [("MSS", 65535), ("WScale", 14)], [("SAckOK", b"")]])),
+                max_size=20))
+def test_no_segment_soup_in_syn_sent_raises_or_opens_without_a_synack_acking_our_syn(segments):
+    with deadline(5):
+        conn, _ = opened()
+        for flags, seq, ack, window, payload, options in segments:
+            before = conn.state
+            out = conn.from_guest(seg(seq, ack, flags, window, payload, options), T0)
+            if before != nat.SYN_SENT:
+                continue
+            synack_ours = set(flags) >= {"S", "A"} and not set(flags) & {"R", "F"} \
+                and ack == ISS + 1
+            rst_ours = "R" in flags and "A" in flags and "S" not in flags and ack == ISS + 1
+            if conn.state == nat.ESTABLISHED:
+                assert synack_ours and isinstance(out[-1], Established)
+                assert conn.rcv_nxt == (seq + 1) & M and conn.snd_mss >= nat.MIN_MSS
+                assert conn.snd_wscale <= nat.MAX_WSCALE
+            elif conn.closed:
+                assert rst_ours and out == [Abort(nat.REFUSED_BY_GUEST)]
+            else:
+                assert conn.state == nat.SYN_SENT and not (synack_ours or rst_ours)
+                assert all(o.flags == RST and o.seq == ack & M for o in out)  # resets only
