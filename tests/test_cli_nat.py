@@ -116,3 +116,25 @@ def test_tab_completes_the_nat_flags(script):  # noqa: F811 (the fixture)
     assert complete(script, "vhostvpn", "hub", "--dns-") == ["--dns-upstream"]
     assert complete(script, "vhostvpn", "hub", "--forward", "") == []  # free text
     assert "--map-host-loopback" in complete(script, "vhostvpn", "hub", "--")
+
+
+def test_status_text_shows_the_nat_and_each_guests_flows():
+    from tunnel.cli.status import format_status
+
+    text = format_status({"role": "hub", "pid": 7, "ports": [], "nat": {
+        "tcp": {"flows": 2, "states": {"ESTABLISHED": 2}, "drops": {"bad_checksum": 1},
+                "resets_sent": 0},
+        "udp": {"flows": 1, "drops": {}}, "echo": {"flows": 0, "drops": {}},
+        "dns": {"pending": 0, "answered": 4, "upstreams": ["127.0.0.53"], "drops": {}},
+        "echo_on": {"4": False, "6": False}, "drops": {"denied": 3}, "socket_errors": {},
+        "refusals": {"flow_limit": 5},
+        "guests": {"52:54:00:00:00:01": {"flows": {"tcp": 2, "udp": 1}, "half_open": 0,
+                                         "buffered": 1500}},
+        "forwards": ["tcp:2222:10.77.0.10:22"]}})
+    assert ("  NAT: tcp 2 flows (ESTABLISHED=2), udp 1, echo off, dns 4 answered/0 pending "
+            "via 127.0.0.53") in text
+    assert "    drops denied=3, tcp_bad_checksum=1" in text
+    assert "    refused flow_limit=5" in text
+    assert "    52:54:00:00:00:01: tcp=2, udp=1, 0 half-open, 1500 B buffered" in text
+    assert "    forward tcp:2222:10.77.0.10:22" in text
+    assert "NAT" not in format_status({"role": "hub", "pid": 7, "ports": []})
