@@ -133,3 +133,40 @@ async def test_a_host_behind_the_hubs_nat_reaches_udp_and_tcp_servers_outside(tm
     assert nat["tcp"]["states"] == {"ESTABLISHED": 1} and nat["udp"]["flows"] == 1
     session = next(p for p in state["ports"] if p.get("kind") == "session")
     assert session["in_frames"] > 0 and session["out_frames"] > 0
+
+
+@pytest.mark.parametrize("nat", [False, True])
+async def test_a_tap_host_keeps_its_own_default_route_unless_the_hub_routes(tmp_path, nat):
+    """The host's kernel takes the hub's router advertisements (SLAAC on vv0 either way); only
+    with --nat do they make the gateway a default router, next to the host's own."""
+    with hub_and_outside(n=N) as names, member_namespace(names["hub"]) as member:
+        veth = next(line.split(":")[1].strip().split("@")[0] for line in (await run_in(
+            member, "ip", "-o", "link")).splitlines() if "natwire" in line)
+        await run_in(member, "ip", "-6", "addr", "add", "fdcc:9::2/64", "dev", veth, "nodad")
+        await run_in(member, "ip", "-6", "route", "add", "default", "via", "fdcc:9::1",
+                     "dev", veth)
+        keys = TunnelKeys(tmp_path, ["h1"])
+        hub = VhostvpnProcess(tmp_path, "hub", [], keys.hub_args(
+            "--subnet", "10.77.0.0/24", "--ipv6-prefix", "fd77::/64", *(["--nat"] if nat else []),
+            "--state-dir", str(tmp_path / "state"), listen=HUB_SIDE), "hub",
+            prefix=["ip", "netns", "exec", names["hub"]])
+        host = VhostvpnProcess(tmp_path, "host", [], keys.vm_args(
+            "h1", "--tap", "vv0", "--address", "10.77.0.20/24", "--name", "h1", hub=HUB_SIDE),
+            "h1", prefix=["ip", "netns", "exec", member])
+        await hub.start()
+        try:
+            await host.start()
+            await host.session_up()
+            with trio.fail_after(30):
+                while "inet6 fd77::" not in await run_in(member, "ip", "-6", "addr", "show",
+                                                         "vv0", "scope", "global"):
+                    await trio.sleep(0.3)
+                routes = await run_in(member, "ip", "-6", "route", "show", "default")
+                while nat and "dev vv0" not in routes:
+                    await trio.sleep(0.3)
+                    routes = await run_in(member, "ip", "-6", "route", "show", "default")
+        finally:
+            await host.stop()
+            await hub.stop()
+    assert f"default via fdcc:9::1 dev {veth}" in routes
+    assert ("dev vv0" in routes) is nat, routes
