@@ -130,11 +130,13 @@ def test_status_text_shows_the_nat_and_each_guests_flows():
         "refusals": {"flow_limit": 5},
         "guests": {"52:54:00:00:00:01": {"flows": {"tcp": 2, "udp": 1}, "half_open": 0,
                                          "buffered": 1500}},
-        "forwards": ["tcp:2222:10.77.0.10:22"]}})
+        "forwards": [{"forward": "tcp:2222:10.77.0.10:22", "listening": True, "active": 1,
+                      "counters": {"accepted": 3}}, {"forward": "udp:53:10.77.0.10:53"}]}})
     assert ("  NAT: tcp 2 flows (ESTABLISHED=2), udp 1, echo off, dns 4 answered/0 pending "
             "via 127.0.0.53") in text
     assert "    drops denied=3, tcp_bad_checksum=1" in text
     assert "    refused flow_limit=5" in text
     assert "    52:54:00:00:00:01: tcp=2, udp=1, 0 half-open, 1500 B buffered" in text
-    assert "    forward tcp:2222:10.77.0.10:22" in text
+    assert "    forward tcp:2222:10.77.0.10:22: listening, 1 active, accepted=3" in text
+    assert "    forward udp:53:10.77.0.10:53\n" in text + "\n"
     assert "NAT" not in format_status({"role": "hub", "pid": 7, "ports": []})

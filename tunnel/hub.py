@@ -209,8 +209,10 @@ class Hub:
             guests[format_mac(mac)] = {
                 "flows": {names.get(proto, str(proto)): n for proto, n in flows.items()},
                 "half_open": held["half_open"], "buffered": held["buffered"]}
-        return {**nat.status(), "guests": guests,
-                "forwards": [str(spec) for spec in self.config.forwards]}
+        status = {**nat.status(), "guests": guests}
+        # The shell lists its forwards with their state once it runs them; until then, which.
+        status.setdefault("forwards", [{"forward": str(spec)} for spec in self.config.forwards])
+        return status
 
     def _port_of(self, mac: bytes) -> Port | None:
         """The port the switch learned `mac` on (DHCP budgets are per port)."""

@@ -187,8 +187,14 @@ def _format_nat(nat: dict) -> list[str]:
         flows = _counts(held.get("flows", {})) or "no flows"
         lines.append(f"    {mac}: {flows}, {held.get('half_open', 0)} half-open, "
                      f"{held.get('buffered', 0)} B buffered")
-    for spec in nat.get("forwards", []):
-        lines.append(f"    forward {spec}")
+    for forward in nat.get("forwards", []):
+        state = ""
+        if "listening" in forward:
+            state = (f": {'listening' if forward['listening'] else 'NOT listening'}, "
+                     f"{forward.get('active', 0)} active")
+        counters = _counts(forward.get("counters", {}))
+        lines.append(f"    forward {forward['forward']}{state}"
+                     + (f", {counters}" if counters else ""))
     return lines
 
 
