@@ -6,6 +6,7 @@ status --json` shows that guest's flows under "nat"."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import socket
@@ -22,6 +23,7 @@ from tests.support.hub import TunnelKeys, VhostvpnProcess
 from tests.support.nat_netns import hub_and_outside, inside, ip
 from tests.support.nat_shell import needs_netns
 from tests.support.netns import run_in
+from tunnel.nat import NatShell
 
 pytestmark = [pytest.mark.slow, needs_netns,
               pytest.mark.skipif(not os.path.exists("/dev/net/tun"), reason="needs a TUN")]
@@ -170,3 +172,60 @@ async def test_a_tap_host_keeps_its_own_default_route_unless_the_hub_routes(tmp_
             await hub.stop()
     assert f"default via fdcc:9::1 dev {veth}" in routes
     assert ("dev vv0" in routes) is nat, routes
+
+
+needs_forwards = pytest.mark.skipif(
+    "forwards" not in inspect.signature(NatShell).parameters,
+    reason="needs the NAT shell's port forwards (branch wip-fwd)")
+
+
+@needs_forwards
+async def test_a_forward_on_the_hub_reaches_a_tap_hosts_server_through_resolve(tmp_path):
+    """`--forward tcp:2222:10.77.0.20:8080`: a client in the hub's namespace connects to
+    127.0.0.1:2222 and talks to the TAP host's server; the gateway found the host's MAC by
+    asking (ARP), and the host saw the connection come from the gateway."""
+    with hub_and_outside(n=N) as names, member_namespace(names["hub"]) as member:
+        keys = TunnelKeys(tmp_path, ["h1"])
+        hub = VhostvpnProcess(tmp_path, "hub", [], keys.hub_args(
+            "--subnet", "10.77.0.0/24", "--nat", "--dns-upstream", OUTSIDE,
+            "--forward", "tcp:127.0.0.1:2222:10.77.0.20:8080",
+            "--state-dir", str(tmp_path / "state"), listen=HUB_SIDE), "hub",
+            prefix=["ip", "netns", "exec", names["hub"]])
+        host = VhostvpnProcess(tmp_path, "host", [], keys.vm_args(
+            "h1", "--tap", "vv0", "--address", "10.77.0.20/24", "--name", "h1", hub=HUB_SIDE),
+            "h1", prefix=["ip", "netns", "exec", member])
+        with inside(member):
+            listener = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        await hub.start()
+        try:
+            await host.start()
+            await host.session_up()
+            await listener.bind(("10.77.0.20", 8080))  # the address is on vv0 by now
+            listener.listen()
+            async with trio.open_nursery() as nursery:
+                peers = []
+
+                async def serve() -> None:
+                    conn, peer = await listener.accept()
+                    peers.append(peer[0])
+                    with conn:
+                        await conn.send(b"echo " + await conn.recv(100))
+
+                nursery.start_soon(serve)
+                with inside(names["hub"]):
+                    client = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                with client, trio.fail_after(20):
+                    await client.connect(("127.0.0.1", 2222))
+                    await client.send(b"through")
+                    assert await client.recv(100) == b"echo through"
+            state = await hub_status_json(hub.control)
+        finally:
+            await host.stop()
+            await hub.stop()
+            listener.close()
+    assert peers == ["10.77.0.1"]  # the gateway's address
+    (forward,) = state["nat"]["forwards"]
+    assert forward["forward"] == "tcp:127.0.0.1:2222:10.77.0.20:8080" and forward["listening"]
+    gateway = next(p for p in state["ports"] if p["name"] == "gateway")
+    assert gateway["neighbours"] >= 1
