@@ -268,3 +268,14 @@ def test_dhcp_names_no_router_unless_the_gateway_routes():
     assert "router" not in dhcp_offer(router=False)
     assert dhcp_offer(router=True)["router"] == ("10.77.0.1",)
     assert dhcp_offer(router=True, dns=("10.77.0.1",))["name_server"] == ("10.77.0.1",)
+
+
+def test_a_guest_that_keeps_sending_stays_known():
+    clock = Clock(100.0)
+    gw = gateway(RecordingNat(), clock=clock)
+    send(gw, routed(UDP(sport=1, dport=2)))
+    clock.now += gateway_port.NEIGHBOUR_SECONDS * 0.7  # past half its life: refreshed
+    send(gw, routed(UDP(sport=1, dport=2)))
+    clock.now += gateway_port.NEIGHBOUR_SECONDS * 0.7
+    gw.tick(clock())
+    assert gw.resolve(ip4("10.77.0.5")) == mac(GUEST) and gw.take_outbox() == []

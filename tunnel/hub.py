@@ -27,6 +27,7 @@ import trio
 
 from netstack.frame import Frame, format_mac, stable_mac
 from netstack.gateway.dhcp_config import DhcpConfig
+from netstack.gateway.dhcp_leases import Lease
 from netstack.gateway.dhcp_server import DhcpServer
 from netstack.gateway.dhcp_store import PERSIST_INTERVAL_SECONDS, read_state, write_state
 from netstack.gateway.port import GatewayConfig, GatewayPort
@@ -179,7 +180,7 @@ class Hub:
             log.info("lease %s for %s restored", lease.ip, lease.mac.hex(":"))
         return server
 
-    def _leased(self, lease) -> None:
+    def _leased(self, lease: Lease) -> None:
         self.switch.bind_lease(lease.ip.packed, lease.mac)
         if self.gateway is not None:  # port forwards find the guest by its lease
             self.gateway.learn(lease.ip.packed, lease.mac)

@@ -310,6 +310,10 @@ class GatewayPort(SpeakingPort):
         self._asked.pop(ip, None)
 
     def _heard(self, ip: bytes, mac: bytes) -> None:
+        entry = self.neighbours.get(ip)
+        if entry is not None and entry[0] == mac \
+                and entry[1] - self.clock() > NEIGHBOUR_SECONDS / 2:
+            return  # known and fresh: every routed frame comes here
         if self._on_segment(ip):
             self.learn(ip, mac)
 
