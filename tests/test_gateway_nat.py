@@ -280,3 +280,33 @@ def test_a_guest_that_keeps_sending_stays_known():
     gw.tick(clock())  # the neighbours' housekeeping (and a router advertisement)
     gw.take_outbox()
     assert gw.resolve(ip4("10.77.0.5")) == mac(GUEST) and gw.take_outbox() == []  # not asked
+
+
+def test_with_a_nat_the_gateway_is_a_router_port_not_a_rate_limited_service():
+    """Through the switch: a guest's burst of frames to the outside (past the service rate
+    that limits frames to the gateway's own services) reaches the NAT whole, and its GSO
+    frame arrives cut to segments rather than dropped."""
+    from netstack.frame import ALL_OFFLOADS, GSO_TCPV4, HDR_F_NEEDS_CSUM
+    from netstack.policy import DEFAULT_SERVICE_BURST, PortPolicy
+    from netstack.port import QueuedPort
+    from netstack.switch import Switch
+
+    nat = RecordingNat()
+    gw = gateway(nat)
+    assert not gw.service and gateway().service
+    switch = Switch()
+    guest = QueuedPort("guest", ALL_OFFLOADS, policy=PortPolicy())
+    switch.attach(gw)
+    switch.attach(guest)
+    switch.reserve(gw, gw.mac, gw.addresses)
+    frames = [Frame(bytes(routed(UDP(sport=1, dport=2) / bytes([n % 256]))))
+              for n in range(int(DEFAULT_SERVICE_BURST) * 2)]
+    switch.forward(guest, frames)
+    assert len(nat.frames) == len(frames)
+    payload = bytes(range(256)) * 16  # 4096 bytes in one TSO frame, MSS 1000
+    tso = routed(TCP(sport=40000, dport=80, flags="A") / payload)
+    offload = (HDR_F_NEEDS_CSUM, GSO_TCPV4, 54, 1000, 34, 16)
+    switch.forward(guest, [Frame(bytes(tso), offload)])
+    segments = [Ether(bytes(f.data)) for f in nat.frames[len(frames):]]
+    assert [len(s[TCP].payload) for s in segments] == [1000, 1000, 1000, 1000, 96]
+    assert b"".join(bytes(s[TCP].payload) for s in segments) == payload

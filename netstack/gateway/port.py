@@ -15,6 +15,10 @@ MAC -- a guest's traffic to the outside, and TCP/UDP to the gateway's own addres
 back through `to_guests` into the outbox.  Without one such frames are ignored: the gateway is
 then no router (DHCP gives no router option, router advertisements a lifetime of 0; the hub
 decides with GatewayConfig.router and DhcpConfig.router).
+With a NAT the gateway is a router, not a `service` port (netstack.port.Port): guests' traffic
+through it is not held to the per-port service rate meant for ARP/DHCP/echo (the NAT's own
+per-guest caps bound it, the DHCP server keeps its per-port budget), and the switch cuts
+their GSO frames for it in software instead of dropping them.
 `resolve(ip)` gives a guest address's MAC (for the NAT's port forwards): learned from DHCP
 leases (`learn`), from the source of frames guests route through the gateway and from ARP and
 neighbour discovery messages to it; on a miss it asks (ARP request, neighbour solicitation),
@@ -143,7 +147,7 @@ class GatewayPort(SpeakingPort):
             self.ra = RouterAdvertiser(self.mac, config.ipv6_prefix, config.mtu, config.dns6,
                                        router=config.router)
         self.dhcp = dhcp
-        self.nat = nat
+        self.nat = nat  # sets `service`
         self.services: Counter[str] = Counter()
         self._next_housekeeping = 0.0
         # guest address -> (MAC, when it is forgotten), oldest first; address -> last asked
@@ -294,6 +298,15 @@ class GatewayPort(SpeakingPort):
         return [asked.answer(self.mac, bytes(eth.src), router=True)]
 
     # -- the NAT's side ------------------------------------------------------------------------
+
+    @property
+    def nat(self) -> NatService | None:
+        return self._nat
+
+    @nat.setter
+    def nat(self, nat: NatService | None) -> None:
+        self._nat = nat
+        self.service = nat is None  # a router carries traffic at the guests' rate
 
     def to_guests(self, frames: list[Frame]) -> None:
         """Frames the NAT built for guests: into the outbox (never blocks or raises)."""
