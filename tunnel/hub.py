@@ -238,14 +238,14 @@ class Hub:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             async with trio.open_nursery() as nursery:
+                if self.nat is not None:  # before any port can hand it a frame
+                    await nursery.start(self.nat.run)
                 for server in self.servers:
                     await nursery.start(server.run)
                 if self.config.control:
                     ports = partial(list, self.switch.ports)  # `vhostvpn capture PORT`
                     await nursery.start(partial(serve_control, ports=ports),
                                         self.config.control, self.status)
-                if self.nat is not None:
-                    await nursery.start(self.nat.run)
                 if self.gateway is not None:
                     nursery.start_soon(self._run_gateway, self.gateway)
                 if self.dhcp is not None:
