@@ -1,6 +1,7 @@
-"""Real QEMU guests on a hub with gateway services: DHCP lease with router and MTU, SLAAC
-from router advertisements, the same address after a hub restart; forged MACs, forged IPs
-and a rogue DHCP server reach no one; a guest without offloads talks to one with all."""
+"""Real QEMU guests on a hub with gateway services: DHCP lease with router (--nat) and MTU,
+SLAAC from router advertisements, the same address after a hub restart; without --nat no
+default route at all; forged MACs, forged IPs and a rogue DHCP server reach no one; a guest
+without offloads talks to one with all."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ async def wait_for(g: Guest, cmd: str, pattern: str, timeout: float = 20) -> str
 
 
 async def test_dhcp_lease_route_mtu_slaac_and_the_same_address_after_a_hub_restart(tmp_path):
-    async with hub_process(tmp_path, ["ga.sock"], hub_args(tmp_path)) as hub:
+    async with hub_process(tmp_path, ["ga.sock"], [*hub_args(tmp_path), "--nat"]) as hub:
         async with guest("ga", hub, tmp_path) as ga:
             boot = await ga.wait_booted()
             assert boot.ip is not None and boot.ip.startswith("10.77.0.")
@@ -55,6 +56,7 @@ async def test_dhcp_lease_route_mtu_slaac_and_the_same_address_after_a_hub_resta
             assert "10.77.0.53" in await ga.check("cat /etc/resolv.conf")
             await ga.check("ping -c 2 -W 2 10.77.0.1")
             await wait_for(ga, "ip -6 addr show dev eth0 scope global", r"inet6 fd77::")
+            await wait_for(ga, "ip -6 route show default", r"default via fe80::")
             await ga.check("ping -6 -c 2 -W 2 fd77::1")
             gateway = next(p for p in (await hub.status())["ports"] if p["name"] == "gateway")
             assert gateway["dhcp"]["ack"] >= 1
@@ -87,6 +89,9 @@ async def test_forged_macs_forged_ips_and_rogue_dhcp_reach_no_one(tmp_path):
             mac_a = boots[0].fields["mac"]
             await ga.check(f"ping -c 1 -W 2 {ip_b}")
             await gm.check(f"ping -c 1 -W 2 {ip_a}")  # the mallory guest is on the network
+            # Without --nat: SLAAC from the advertisements, but router lifetime 0 (no route)
+            await wait_for(ga, "ip -6 addr show dev eth0 scope global", r"inet6 fd77::")
+            assert "default" not in await ga.check("ip -6 route show default")
             # 1. mallory takes ga's IP address
             await gm.check(f"ip addr add {ip_a}/32 dev eth0")
             rc, _ = await gm.run(f"ping -c 2 -W 1 -I {ip_a} {ip_b}")
@@ -106,8 +111,9 @@ async def test_forged_macs_forged_ips_and_rogue_dhcp_reach_no_one(tmp_path):
                            " udhcpd /tmp/udhcpd.conf")
             await gb.check("kill -USR2 $(pidof udhcpc); sleep 1; kill -USR1 $(pidof udhcpc)")
             await trio.sleep(3)
+            # Without --nat the hub names no router: no default route, and not mallory's.
             routes = await gb.check("ip route")
-            assert "10.77.0.250" not in routes and "default via 10.77.0.1" in routes
+            assert "10.77.0.250" not in routes and "default" not in routes, routes
             await ga.check(f"ping -c 1 -W 2 {ip_b}")  # the honest guests still talk
             drops = (await hub.port("gm.sock"))["drops"]
             assert drops.get("ip_spoof", 0) >= 1, drops
@@ -128,3 +134,48 @@ async def test_guest_without_offloads_exchanges_a_stream_and_a_file_with_one_wit
             port_b = await hub.port("gb.sock")
             assert port_b["software_offloads"] > 0  # ga's TSO frames were cut for gb
             assert not any(reason.startswith("offload") for reason in port_b["drops"])
+
+
+async def test_a_guest_behind_nat_fetches_from_the_hub_hosts_loopback_and_sends_back(tmp_path):
+    """--nat --map-host-loopback: the guest's TCP to the gateway's address reaches a server on
+    the hub host's 127.0.0.1 (4 MiB each way, sha256), through the NAT's TCP with the guest's
+    offloads on."""
+    import hashlib
+    import os
+    import socket
+
+    data = os.urandom(4 << 20)
+    received = bytearray()
+    listener = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+
+    async def serve_twice() -> None:
+        conn, _ = await listener.accept()  # first: send the data
+        with conn:
+            view = memoryview(data)
+            while view:
+                view = view[await conn.send(view):]
+        conn, _ = await listener.accept()  # then: take what the guest sends
+        with conn:
+            while chunk := await conn.recv(65536):
+                received.extend(chunk)
+
+    args = [*hub_args(tmp_path), "--nat", "--map-host-loopback"]
+    with listener:
+        async with hub_process(tmp_path, ["ga.sock"], args) as hub, \
+                guest("ga", hub, tmp_path) as ga, trio.open_nursery() as nursery:
+            await ga.wait_booted()
+            nursery.start_soon(serve_twice)
+            got = await ga.check(f"nc 10.77.0.1 {port} > /tmp/in; sha256sum /tmp/in | "
+                                 "cut -c1-64", timeout=120)
+            assert got.strip() == hashlib.sha256(data).hexdigest()
+            await ga.check(f"nc 10.77.0.1 {port} < /tmp/in", timeout=120)
+            with trio.fail_after(30):
+                while len(received) < len(data):
+                    await trio.sleep(0.2)
+            nat = (await hub.status())["nat"]
+    assert bytes(received) == data
+    assert sum(held["flows"].get("tcp", 0) for held in nat["guests"].values()) <= 1
+    assert nat["tcp"]["drops"].get("bad_checksum", 0) == 0

@@ -124,6 +124,8 @@ def format_status(state: dict) -> str:
         broken = f" BROKEN: {port['broken']}" if port.get("broken") else ""
         lines.append(f"  {port['name']}: link {link}{broken}, features "
                      f"{port.get('features', '-')}, {traffic}")
+    if state.get("nat") is not None:
+        lines += _format_nat(state["nat"])
     macs = state.get("macs", [])
     if macs:
         lines.append("  MAC table:")
@@ -154,6 +156,45 @@ def _format_device(port: dict, traffic: str) -> list[str]:
     if addresses is not None:
         lines.append(f"    addresses: {', '.join(addresses) or 'none'}")
     lines.append(f"    {traffic}")
+    return lines
+
+
+def _counts(counts: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+
+
+def _format_nat(nat: dict) -> list[str]:
+    """The hub's NAT: its flows by protocol, DNS, what it dropped and refused (NAT-wide, by
+    reason), then what each guest holds in it (by MAC), and the port forwards."""
+    tcp, dns = nat.get("tcp", {}), nat.get("dns", {})
+    states = _counts(tcp.get("states", {}))
+    lines = [f"  NAT: tcp {tcp.get('flows', 0)} flows" + (f" ({states})" if states else "")
+             + f", udp {nat.get('udp', {}).get('flows', 0)}, echo "
+             + (f"{nat.get('echo', {}).get('flows', 0)}"
+                if any(nat.get("echo_on", {}).values()) else "off")
+             + f", dns {dns.get('answered', 0)} answered/{dns.get('pending', 0)} pending "
+             f"via {', '.join(dns.get('upstreams', [])) or 'none'}"]
+    drops = {**nat.get("drops", {})}
+    for table in ("tcp", "udp", "echo", "dns"):
+        for reason, count in nat.get(table, {}).get("drops", {}).items():
+            drops[f"{table}_{reason}"] = count
+    drops |= {f"socket_{k}": v for k, v in nat.get("socket_errors", {}).items()}
+    if drops:
+        lines.append(f"    drops {_counts(drops)}")
+    if nat.get("refusals"):
+        lines.append(f"    refused {_counts(nat['refusals'])}")
+    for mac, held in sorted(nat.get("guests", {}).items()):
+        flows = _counts(held.get("flows", {})) or "no flows"
+        lines.append(f"    {mac}: {flows}, {held.get('half_open', 0)} half-open, "
+                     f"{held.get('buffered', 0)} B buffered")
+    for forward in nat.get("forwards", []):
+        state = ""
+        if "listening" in forward:
+            state = (f": {'listening' if forward['listening'] else 'NOT listening'}, "
+                     f"{forward.get('active', 0)} active")
+        counters = _counts(forward.get("counters", {}))
+        lines.append(f"    forward {forward['forward']}{state}"
+                     + (f", {counters}" if counters else ""))
     return lines
 
 

@@ -9,6 +9,7 @@ reading the file in `load_lab`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import re
 import tomllib
@@ -19,6 +20,7 @@ from typing import TypeVar
 
 from netstack.frame import QEMU_OUI, format_mac, stable_mac
 from netstack.gateway.dhcp_config import MAX_LEASE_SECONDS, MIN_LEASE_SECONDS
+from netstack.nat.forward import ForwardSpec, parse_forward
 from tunnel.lab import LabError
 from tunnel.lab.state import lab_state_dir, lab_tag
 from tunnel.settings import HUB_MIN_MTU, LOG_LEVELS, MAX_MTU, address_range, is_host_address
@@ -61,6 +63,8 @@ class HubSpec:
     dhcp_range: tuple[ipaddress.IPv4Address, ipaddress.IPv4Address] | None = None
     lease_time: int | None = None  # seconds; default: the hub's
     domain: str | None = None
+    nat: bool = False  # --nat
+    forwards: tuple[ForwardSpec, ...] = ()  # --forward each; member names resolved
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,33 @@ class LabSpec:
     def members(self) -> list[GuestSpec | HostSpec]:
         return [*self.guests, *self.hosts]
 
+    def forward_targets(self) -> list[tuple[ForwardSpec, str]]:
+        """Each port forward with what it reaches: `member:port`, or `address:port` for an
+        address no member has."""
+        names = {address: name for name, address in fixed_addresses(self.guests,
+                                                                     self.hosts).items()}
+        return [(spec, f"{names.get(spec.guest) or _bracketed(spec.guest)}:{spec.guest_port}")
+                for spec in self.hub.forwards]
+
+
+def _bracketed(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    return f"[{address}]" if address.version == 6 else str(address)
+
+
+def fixed_addresses(guests: tuple[GuestSpec, ...] | list[GuestSpec],
+                    hosts: tuple[HostSpec, ...] | list[HostSpec]
+                    ) -> dict[str, ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The members whose IPv4 address is known before they start, by name: guests with an
+    `address`, hosts with a static IPv4 address."""
+    found: dict[str, ipaddress.IPv4Address | ipaddress.IPv6Address] = {
+        g.name: g.address for g in guests if g.address is not None}
+    for host in hosts:
+        ipv4 = [ip for ip in (ipaddress.ip_interface(a).ip for a in host.addresses)
+                if ip.version == 4]
+        if ipv4:
+            found[host.name] = ipv4[0]
+    return found
+
 
 def guest_mac(tag: str, name: str) -> str:
     """The MAC of guest `name` of the lab tagged `tag`: stable across `up`s, so a reserved
@@ -97,7 +128,7 @@ def guest_mac(tag: str, name: str) -> str:
 
 _HUB_KEYS = {"subnet", "gateway", "ipv6_prefix", "dhcp", "dhcp_range", "lease_time", "domain",
              "mtu", "dns", "pcap", "port_policy",
-             "log_level"}
+             "log_level", "nat", "forward"}
 _GUEST_KEYS = {"name", "count", "memory", "smp", "qemu_args", "command", "address"}
 _HOST_KEYS = {"name", "mode", "address", "dhcp"}
 
@@ -148,7 +179,8 @@ def parse_lab(text: str, path: Path | str = "lab.toml") -> LabSpec:
     if unknown:
         raise LabError(f"{path}: unknown table{'s' if len(unknown) > 1 else ''} "
                        f"{', '.join(map(repr, unknown))} (allowed: hub, [[guest]], [[host]])")
-    hub = _parse_hub(_check_keys("[hub]", data.get("hub", {}), _HUB_KEYS), path)
+    hub_table = _check_keys("[hub]", data.get("hub", {}), _HUB_KEYS)
+    hub = _parse_hub(hub_table, path)
 
     guests: list[GuestSpec] = []
     for where, name, table in _tables(data, "guest", _GUEST_KEYS):
@@ -217,7 +249,44 @@ def parse_lab(text: str, path: Path | str = "lab.toml") -> LabSpec:
         if leasing:
             raise LabError(f"[hub]: dhcp = false, but {', '.join(map(repr, leasing))} lease "
                            "their address by DHCP (guests always do; hosts with dhcp = true)")
-    return LabSpec(path, hub, tuple(guests), tuple(hosts))
+    forwards = _forwards(hub_table, hub, guests, hosts)
+    return LabSpec(path, dataclasses.replace(hub, forwards=forwards), tuple(guests),
+                   tuple(hosts))
+
+
+def _forwards(table: dict, hub: HubSpec, guests: list[GuestSpec],
+              hosts: list[HostSpec]) -> tuple[ForwardSpec, ...]:
+    """[hub] forward: each spec parsed with the members' fixed addresses as names, its
+    guest address on the segment, none twice."""
+    texts = _typed("[hub]", table, "forward", list, [])
+    if texts and not hub.nat:
+        raise LabError("[hub]: forward needs nat = true (forwards go through the NAT)")
+    names = fixed_addresses(guests, hosts)
+    unaddressed = {m.name for m in [*guests, *hosts]} - set(names)
+    forwards: list[ForwardSpec] = []
+    for text in texts:
+        if not isinstance(text, str):
+            raise LabError(f"[hub]: forward {text!r}: want a string like \"tcp:2222:vm1:22\"")
+        try:
+            spec = parse_forward(text, names)
+        except ValueError as exc:
+            named = next((n for n in unaddressed if f"guest address {n!r} is" in str(exc)), None)
+            if named is not None:
+                raise LabError(f"[hub]: forward {text!r}: member {named!r} has no fixed "
+                               "address to forward to: give it one (a guest's address = "
+                               "\"10.77.0.10\", a host's static IPv4 address)") from None
+            raise LabError(f"[hub]: forward {exc}") from None
+        segment = hub.subnet if spec.guest.version == 4 else hub.ipv6_prefix
+        if segment is None or spec.guest not in segment:
+            raise LabError(f"[hub]: forward {text!r}: {spec.guest} is not in the hub's "
+                           f"{'subnet' if spec.guest.version == 4 else 'ipv6_prefix'} "
+                           f"{segment}")
+        if any((f.protocol, f.bind, f.host_port) == (spec.protocol, spec.bind, spec.host_port)
+               for f in forwards):
+            raise LabError(f"[hub]: forward {text!r}: {spec.protocol} port {spec.host_port} "
+                           "is forwarded twice")
+        forwards.append(spec)
+    return tuple(forwards)
 
 
 def _parse_hub(hub: dict, path: Path) -> HubSpec:
@@ -293,8 +362,9 @@ def _parse_hub(hub: dict, path: Path) -> HubSpec:
                            ("domain", domain)):
             if value is not None:
                 raise LabError(f"[hub]: {key} is a DHCP setting, and dhcp = false")
+    nat = _typed("[hub]", hub, "nat", bool, False)
     return HubSpec(subnet, gateway, prefix, dhcp, mtu, tuple(dns), pcap, port_policy, log_level,
-                   dhcp_range, lease_time, domain)
+                   dhcp_range, lease_time, domain, nat)
 
 
 def _guest_addresses(where: str, table: dict, count: int,

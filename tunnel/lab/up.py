@@ -60,7 +60,23 @@ def hub_flags(hub: HubSpec, directory: Path, log_level: str,
         flags += ["--pcap", str(hub.pcap)]
     if not hub.port_policy:
         flags.append("--no-port-policy")
+    if hub.nat:
+        flags.append("--nat")
+    for spec in hub.forwards:
+        flags += ["--forward", str(spec)]
     return flags
+
+
+def forward_lines(spec: LabSpec, hub_netns: str) -> list[str]:
+    """How to reach each of the lab's port forwards: they listen in the hub's namespace."""
+    lines = []
+    for forward, target in spec.forward_targets():
+        address = forward.bind or ipaddress.ip_address(
+            "127.0.0.1" if forward.guest.version == 4 else "::1")
+        where = f"[{address}]" if address.version == 6 else str(address)
+        lines.append(f"  forward {target} <- {forward.protocol} {where}:{forward.host_port} "
+                     f"in the hub's namespace (ip netns exec {hub_netns} ...)")
+    return lines
 
 
 def guest_flags(hub: HubSpec, socket: str) -> list[str]:
@@ -119,6 +135,8 @@ def _up(spec: LabSpec, state: State, directory: Path, log_level: str) -> None:
     state.save()
     say("lab is up:")
     say(format_lab(state))
+    for line in forward_lines(spec, state.hub_netns):
+        say(line)
 
 
 def _make_keys(spec: LabSpec, directory: Path) -> str:
@@ -173,7 +191,7 @@ def _start_hub(spec: LabSpec, state: State, directory: Path, log_level: str) -> 
     say(f"hub: pid {state.hub.pid}, {hub.subnet}"
         + (f", {hub.ipv6_prefix}" if hub.ipv6_prefix else "") + f", gateway {hub.gateway}"
         + ("" if hub.dhcp else ", no DHCP") + (f", mtu {hub.mtu}" if hub.mtu != 1500 else "")
-        + (f", pcap in {hub.pcap}" if hub.pcap else ""))
+        + (f", pcap in {hub.pcap}" if hub.pcap else "") + (", NAT" if hub.nat else ""))
 
 
 def _start_endpoints(spec: LabSpec, state: State, directory: Path, log_level: str,
