@@ -1,6 +1,10 @@
 """`vhostvpn hub`: one process, one learning switch, and its ports: one per vhost-user
 socket, the gateway (the hub's own addresses and services: ARP, ICMP, NDP, router
 advertisements, DHCP), and one per endpoint connected through the tunnel (tunnel/listener.py).
+With `nat`, the gateway routes: what guests send it for elsewhere goes to the NAT
+(tunnel/nat.py NatShell, run in the hub's nursery), DHCP and router advertisements name it
+as default router and (unless `dns` names servers) as DNS server; without, they name no
+default route (a host joining through TAP keeps its own).
 
 The Trio side is thin: each vhost-user socket has its server (virtio.backend), the gateway
 has a task that moves its replies into the switch and wakes it for timed work, the DHCP
@@ -11,6 +15,7 @@ housekeeping task ages the switch's tables.  The hub also answers `vhostvpn stat
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
 import logging
 import os
@@ -20,11 +25,13 @@ from pathlib import Path
 
 import trio
 
-from netstack.frame import Frame, stable_mac
+from netstack.frame import Frame, format_mac, stable_mac
 from netstack.gateway.dhcp_config import DhcpConfig
 from netstack.gateway.dhcp_server import DhcpServer
 from netstack.gateway.dhcp_store import PERSIST_INTERVAL_SECONDS, read_state, write_state
 from netstack.gateway.port import GatewayConfig, GatewayPort
+from netstack.nat.forward import ForwardSpec
+from netstack.nat.packet import DenyList, NatConfig
 from netstack.pcap import CAPTURE_DIR_MODE
 from netstack.port import Port
 from netstack.switch import Switch
@@ -32,6 +39,7 @@ from tunnel.capture import FileCaptures
 from tunnel.control import serve_control
 from tunnel.keys import load_identity
 from tunnel.listener import TunnelListener
+from tunnel.nat import NatShell
 from virtio.backend import attach_sockets
 from virtio.unixsock import OWNER_ONLY, SocketAccess
 
@@ -84,6 +92,12 @@ class HubConfig:
     name: str = "hub"
     # who may connect to the --socket files (--socket-mode, --socket-group)
     socket_access: SocketAccess = OWNER_ONLY
+    nat: bool = False  # the gateway routes guests' traffic through the hub host's sockets
+    map_host_loopback: bool = False  # the gateway's address reaches the host's 127.0.0.1/::1
+    nat_deny: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = field(default_factory=list)
+    dns_upstreams: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = field(
+        default_factory=list)  # the resolvers the gateway's DNS asks; empty: /etc/resolv.conf
+    forwards: list[ForwardSpec] = field(default_factory=list)
 
 
 class Hub:
@@ -106,6 +120,11 @@ class Hub:
         if self.gateway is not None:
             self.switch.attach(self.gateway)
             self.switch.reserve(self.gateway, self.gateway.mac, self.gateway.addresses)
+        self.nat: NatShell | None = None
+        if config.nat:
+            if self.gateway is None:
+                raise ValueError("the NAT needs a gateway: a subnet or an IPv6 prefix")
+            self.nat = self.gateway.nat = self._make_nat(config, self.gateway)
         self.captures: FileCaptures | None = None
         if config.pcap_dir is not None:
             config.pcap_dir.mkdir(mode=CAPTURE_DIR_MODE, parents=True, exist_ok=True)
@@ -127,8 +146,10 @@ class Hub:
             ipv4 = ipaddress.IPv4Interface(f"{address}/{config.subnet.prefixlen}")
         mac = gateway_mac(config.subnet or config.ipv6_prefix)
         dns6 = tuple(a for a in config.dns if isinstance(a, ipaddress.IPv6Address))
+        if config.nat and not dns6 and config.ipv6_prefix is not None:
+            dns6 = (config.ipv6_prefix.network_address + 1,)  # the gateway's DNS forwarder
         gateway_config = GatewayConfig(mac=mac, ipv4=ipv4, ipv6_prefix=config.ipv6_prefix,
-                                       mtu=config.mtu, dns6=dns6)
+                                       mtu=config.mtu, dns6=dns6, router=config.nat)
         dhcp = None
         if config.subnet is not None and config.dhcp:
             dhcp = self.dhcp = self._make_dhcp(config, ipv4, mac)
@@ -140,21 +161,56 @@ class Hub:
         state_dir.mkdir(parents=True, exist_ok=True)
         subnet_name = str(config.subnet).replace("/", "_")
         dns4 = tuple(a for a in config.dns if isinstance(a, ipaddress.IPv4Address))
+        if config.nat and not dns4:
+            dns4 = (ipv4.ip,)  # the gateway's DNS forwarder
         dhcp_config = DhcpConfig(
             subnet=config.subnet, gateway=ipv4.ip, server_mac=mac, dns=dns4, mtu=config.mtu,
             pool=config.dhcp_range, lease_seconds=config.lease_seconds, domain=config.domain,
-            reservations=config.dhcp_reservations,
+            reservations=config.dhcp_reservations, router=config.nat,
             state_path=state_dir / f"leases-{subnet_name}.json",
         )
         # Read once, before the event loop runs; writes go through `_persist_leases`.
         server = DhcpServer(dhcp_config, stored=read_state(dhcp_config.state_path))
-        server.on_lease = lambda lease: self.switch.bind_lease(lease.ip.packed, lease.mac)
+        server.on_lease = self._leased
         server.on_release = lambda lease: self.switch.unbind_lease(lease.ip.packed)
         server.in_use = lambda ip, mac: self.switch.used_by_another_port(ip.packed, mac)
         server.port_of = self._port_of
         for lease in server.leases.values():  # from the state file: bound once MACs are seen
             log.info("lease %s for %s restored", lease.ip, lease.mac.hex(":"))
         return server
+
+    def _leased(self, lease) -> None:
+        self.switch.bind_lease(lease.ip.packed, lease.mac)
+        if self.gateway is not None:  # port forwards find the guest by its lease
+            self.gateway.learn(lease.ip.packed, lease.mac)
+
+    def _make_nat(self, config: HubConfig, gateway: GatewayPort) -> NatShell:
+        nat_config = NatConfig(
+            gateway_mac=gateway.mac, gateway_ips=frozenset(gateway.addresses),
+            deny=DenyList.with_defaults(str(network) for network in config.nat_deny),
+            map_host_loopback=config.map_host_loopback, mtu=config.mtu)
+        upstreams = config.dns_upstreams or None  # None: /etc/resolv.conf
+        # Port forwards and their neighbour lookups, where the NAT shell takes them.
+        takes = inspect.signature(NatShell).parameters
+        extra: dict[str, object] = {}
+        if "forwards" in takes:
+            extra["forwards"] = config.forwards
+        if "resolve" in takes:
+            extra["resolve"] = gateway.resolve
+        return NatShell(nat_config, gateway.to_guests, upstreams=upstreams, **extra)
+
+    def _nat_status(self, nat: NatShell) -> dict[str, object]:
+        """The NAT's tables and counters, and what each guest (by MAC) holds in it."""
+        names = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
+        guests = {}
+        for mac, held in nat.limits.by_guest().items():
+            flows = held["flows"]
+            assert isinstance(flows, dict)
+            guests[format_mac(mac)] = {
+                "flows": {names.get(proto, str(proto)): n for proto, n in flows.items()},
+                "half_open": held["half_open"], "buffered": held["buffered"]}
+        return {**nat.status(), "guests": guests,
+                "forwards": [str(spec) for spec in self.config.forwards]}
 
     def _port_of(self, mac: bytes) -> Port | None:
         """The port the switch learned `mac` on (DHCP budgets are per port)."""
@@ -172,6 +228,8 @@ class Hub:
         state = {"role": "hub", "pid": os.getpid(), "ports": ports, **self.switch.status()}
         if self.tunnel is not None:
             state["tunnel"] = self.tunnel.status()
+        if self.nat is not None:
+            state["nat"] = self._nat_status(self.nat)
         return state
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -183,6 +241,8 @@ class Hub:
                     ports = partial(list, self.switch.ports)  # `vhostvpn capture PORT`
                     await nursery.start(partial(serve_control, ports=ports),
                                         self.config.control, self.status)
+                if self.nat is not None:
+                    await nursery.start(self.nat.run)
                 if self.gateway is not None:
                     nursery.start_soon(self._run_gateway, self.gateway)
                 if self.dhcp is not None:
@@ -192,8 +252,9 @@ class Hub:
                 if self.tunnel is not None:
                     await nursery.start(self.tunnel.run)
                 nursery.start_soon(self._housekeeping)
-                log.info("hub ready: %d vhost-user sockets%s", len(self.servers),
-                         f", gateway {self.config.subnet}" if self.gateway else "")
+                log.info("hub ready: %d vhost-user sockets%s%s", len(self.servers),
+                         f", gateway {self.config.subnet}" if self.gateway else "",
+                         ", NAT on" if self.nat else "")
                 task_status.started()
         finally:
             if self.dhcp is not None and self.dhcp.dirty:  # once more at shutdown

@@ -29,12 +29,13 @@ class DhcpConfig:
     """What the server hands out.  Strings are accepted for addresses and converted."""
 
     subnet: IPv4Network
-    gateway: IPv4Address  # router option and server identifier
+    gateway: IPv4Address  # server identifier, and the router option when `router`
     server_mac: bytes  # the source MAC of replies
     pool: tuple[IPv4Address, IPv4Address] | None = None  # default: after the gateway .. last
     lease_seconds: int = 3600
     dns: tuple[IPv4Address, ...] = ()
     mtu: int | None = None  # option 26 when set
+    router: bool = True  # option 3 (the gateway as default route); off: the hub routes nothing
     domain: str | None = None
     reservations: Mapping[bytes, IPv4Address] = field(default_factory=dict)  # MAC -> address
     state_path: Path | None = None  # the lease file (dhcp_store.py); None: in memory only

@@ -600,10 +600,9 @@ class DhcpServer:
                     (OPT_RENEWAL_TIME, (seconds // 2).to_bytes(4, "big")),
                     (OPT_REBINDING_TIME, (seconds * 7 // 8).to_bytes(4, "big")),
                 ]
-            head += [
-                (OPT_SUBNET_MASK, config.subnet.netmask.packed),
-                (OPT_ROUTER, config.gateway.packed),
-            ]
+            head.append((OPT_SUBNET_MASK, config.subnet.netmask.packed))
+            if config.router:
+                head.append((OPT_ROUTER, config.gateway.packed))
             offered = {code: value for code, value in self._optional_options(hostname)}
             # RFC 2132 9.8: in the order the client asked for them, then the rest.
             order = [c for c in dict.fromkeys(request.param_request) if c in offered]

@@ -9,6 +9,16 @@ dropped and counted):
   ICMPv6    echo requests to those addresses
   RS        router solicitations -> a router advertisement (netstack.gateway.ra)
   DHCPv4    requests to UDP port 67 -> the DHCP server (netstack.gateway.dhcp_server)
+With a NAT (the hub's --nat, tunnel/nat.py), every other IPv4/IPv6 frame sent to the gateway's
+MAC -- a guest's traffic to the outside, and TCP/UDP to the gateway's own addresses (its DNS,
+--map-host-loopback) -- goes to `nat.from_guest(frame)`; frames the NAT has for the guests come
+back through `to_guests` into the outbox.  Without one such frames are ignored: the gateway is
+then no router (DHCP gives no router option, router advertisements a lifetime of 0; the hub
+decides with GatewayConfig.router and DhcpConfig.router).
+`resolve(ip)` gives a guest address's MAC (for the NAT's port forwards): learned from DHCP
+leases (`learn`), from the source of frames guests route through the gateway and from ARP and
+neighbour discovery messages to it; on a miss it asks (ARP request, neighbour solicitation),
+rate limited per address, and says None.  The table is bounded and its entries expire.
 Every header is read through the netstack.wire views, every reply built with its builders.
 ICMPv6 is answered behind a sane extension-header chain with a right checksum, never in a
 fragment (IPv4 or IPv6: `fragment`).  ARP requests, neighbour and router solicitations are
@@ -32,21 +42,28 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from netstack.frame import ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, Frame, Offload
 from netstack.gateway.ra import RouterAdvertiser
 from netstack.neighbour import (
     arp_reply,
+    arp_request,
     asks_for,
     icmpv6_frame,
+    is_link_local6,
+    is_unicast_mac,
     link_local_from_mac,
+    read_advertisement,
     read_arp,
     read_router_solicitation,
     read_solicitation,
+    solicitation,
 )
 from netstack.port import SpeakingPort
 from netstack.wire import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_UDP, Malformed, icmpv6
 from netstack.wire import icmp as icmp4
+from netstack.wire.arp import OP_REPLY
 from netstack.wire.ethernet import BROADCAST, Ethernet, ethernet_frame
 from netstack.wire.ipv4 import DEFAULT_TTL, Ipv4, ipv4_header
 from netstack.wire.ipv6 import ANY, Ipv6
@@ -71,6 +88,13 @@ class DhcpService:
     def expire(self, now: float) -> None: ...
 
 
+class NatService(Protocol):
+    """What the gateway needs of a NAT (tunnel/nat.py NatShell): it takes a frame a guest
+    routed to the gateway, and counts and drops what it refuses."""
+
+    def from_guest(self, frame: Frame) -> None: ...
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
     mac: bytes
@@ -78,10 +102,19 @@ class GatewayConfig:
     ipv6_prefix: ipaddress.IPv6Network | None = None  # a /64; the gateway is prefix::1
     mtu: int = 1500
     dns6: tuple[ipaddress.IPv6Address, ...] = ()
+    router: bool = True  # router advertisements name the gateway as default router
 
 
-# How often the timed work runs at the least (DHCP lease expiry).
+# How often the timed work runs at the least (DHCP lease expiry, old neighbours).
 HOUSEKEEPING_SECONDS = 10.0
+# Guest addresses whose MAC the gateway remembers (resolve), and for how long after it last
+# heard from them; beyond the count the oldest are forgotten first.
+NEIGHBOUR_ENTRIES = 4096
+NEIGHBOUR_SECONDS = 600.0
+# At most one ARP request / neighbour solicitation per address this often, and at most this
+# many addresses being asked for at once.
+RESOLVE_INTERVAL = 1.0
+RESOLVING_ENTRIES = 256
 
 
 class GatewayPort(SpeakingPort):
@@ -92,21 +125,30 @@ class GatewayPort(SpeakingPort):
         config: GatewayConfig,
         dhcp: DhcpService | None = None,
         clock: Callable[[], float] | None = None,
+        nat: NatService | None = None,
     ) -> None:
         super().__init__("gateway", Offload.NONE, policy=None)
         self.config = config
         self.clock = clock or time.monotonic
         self.mac = config.mac
         self.ipv4 = config.ipv4.ip.packed if config.ipv4 else None
+        self.ipv4_broadcast = (config.ipv4.network.broadcast_address.packed if config.ipv4
+                               else None)
         self.ipv6: set[bytes] = set()
+        self.ipv6_router: bytes | None = None
         self.ra: RouterAdvertiser | None = None
         if config.ipv6_prefix is not None:
-            router = config.ipv6_prefix.network_address + 1
-            self.ipv6 = {link_local_from_mac(self.mac).packed, router.packed}
-            self.ra = RouterAdvertiser(self.mac, config.ipv6_prefix, config.mtu, config.dns6)
+            self.ipv6_router = (config.ipv6_prefix.network_address + 1).packed
+            self.ipv6 = {link_local_from_mac(self.mac).packed, self.ipv6_router}
+            self.ra = RouterAdvertiser(self.mac, config.ipv6_prefix, config.mtu, config.dns6,
+                                       router=config.router)
         self.dhcp = dhcp
+        self.nat = nat
         self.services: Counter[str] = Counter()
         self._next_housekeeping = 0.0
+        # guest address -> (MAC, when it is forgotten), oldest first; address -> last asked
+        self.neighbours: dict[bytes, tuple[bytes, float]] = {}
+        self._asked: dict[bytes, float] = {}
 
     # -- frames from the switch -------------------------------------------------------------
 
@@ -125,7 +167,7 @@ class GatewayPort(SpeakingPort):
                 dst = data[0:6]
                 if dst != self.mac and dst != BROADCAST and data[0] != IPV6_MULTICAST_MAC_PREFIX:
                     continue  # flooded unicast for someone else
-                replies.extend(self._answer(bytes(data)))
+                replies.extend(self._answer(bytes(data), frame.offload))
             except Malformed:
                 self.counters.drop("malformed")
             except Exception:  # one frame's trouble is that frame's
@@ -135,37 +177,56 @@ class GatewayPort(SpeakingPort):
         if replies:
             self._send(replies)
 
-    def _answer(self, data: bytes) -> list[Frame]:
+    def _answer(self, data: bytes, offload: tuple) -> list[Frame]:
         eth = Ethernet(data)
         if eth.tci is not None:
             return []  # VLAN-tagged frames: not on the gateway's segment
         if eth.ethertype == ETH_P_IPV6:
-            return self._ipv6(eth, data) if self.ipv6 else []
+            return self._ipv6(eth, data, offload) if self.ipv6 else []
         if self.ipv4 is None:
             return []
         if eth.ethertype == ETH_P_ARP:
             arp = read_arp(data, eth.payload_offset)
+            if arp.tpa == self.ipv4 and arp.spa != self.ipv4 and (
+                    arp.op == OP_REPLY or asks_for(arp, self.ipv4)):
+                self._heard(bytes(arp.spa), bytes(arp.sha))
             if not asks_for(arp, self.ipv4):
                 return []
             self.services["arp_reply"] += 1
             return [arp_reply(arp, self.mac, self.ipv4)]
         if eth.ethertype == ETH_P_IP:
-            return self._ipv4(eth, data)
+            return self._ipv4(eth, data, offload)
+        return []
+
+    def _to_nat(self, eth: Ethernet, src: bytes, data: bytes, offload: tuple) -> list[Frame]:
+        """A frame a guest routed to the gateway: its sender remembered, the frame the NAT's
+        (whose trouble is that frame's: counted, never the port's end)."""
+        assert self.nat is not None
+        self._heard(src, bytes(eth.src))
+        try:
+            self.nat.from_guest(Frame(data, offload))
+        except Exception:  # the NAT drops and counts what it refuses; this is a bug of its
+            self.drop_unexpected("nat", 1, "the NAT taking a frame")
         return []
 
     # -- IPv4 ------------------------------------------------------------------------------
 
-    def _ipv4(self, eth: Ethernet, data: bytes) -> list[Frame]:
+    def _ipv4(self, eth: Ethernet, data: bytes, offload: tuple) -> list[Frame]:
         ip = Ipv4(data, eth.payload_offset)
         if ip.is_fragment:
             self.counters.drop("fragment")
             return []
-        if ip.protocol == IPPROTO_UDP:
-            if Udp(data, ip.payload_offset, ip.end).dst_port != DHCP_SERVER_PORT \
-                    or self.dhcp is None:
-                return []
-            return [Frame(reply) for reply in self.dhcp.handle(data)]
-        if ip.dst != self.ipv4 or ip.protocol != IPPROTO_ICMP:
+        dst = bytes(ip.dst)
+        # Sent to the gateway's MAC and not broadcast: the NAT's, but for the gateway's own
+        # services at its own address (DHCP renewals, echo).
+        nat_takes = self.nat is not None and eth.dst == self.mac and dst[0] < 224 \
+            and dst != self.ipv4_broadcast
+        if ip.protocol == IPPROTO_UDP and (not nat_takes or dst == self.ipv4) \
+                and Udp(data, ip.payload_offset, ip.end).dst_port == DHCP_SERVER_PORT:
+            return [] if self.dhcp is None else [Frame(r) for r in self.dhcp.handle(data)]
+        if nat_takes and (dst != self.ipv4 or ip.protocol != IPPROTO_ICMP):
+            return self._to_nat(eth, bytes(ip.src), data, offload)
+        if dst != self.ipv4 or ip.protocol != IPPROTO_ICMP:
             return []
         request = icmp4.Icmp(data, ip.payload_offset, ip.end)
         if request.type != icmp4.ECHO_REQUEST:
@@ -183,7 +244,7 @@ class GatewayPort(SpeakingPort):
 
     # -- IPv6 ------------------------------------------------------------------------------
 
-    def _ipv6(self, eth: Ethernet, data: bytes) -> list[Frame]:
+    def _ipv6(self, eth: Ethernet, data: bytes, offload: tuple) -> list[Frame]:
         ip = Ipv6(data, eth.payload_offset)
         if ip.payload_length == 0:
             raise Malformed("ipv6_length", "no payload")
@@ -191,11 +252,15 @@ class GatewayPort(SpeakingPort):
         if chain.fragmented:
             self.counters.drop("fragment")
             return []
-        if chain.next_header != IPPROTO_ICMPV6:
+        src, dst = bytes(ip.src), bytes(ip.dst)
+        own = dst in self.ipv6 or dst[0] == 0xFF
+        if chain.next_header != IPPROTO_ICMPV6 or not own:
+            # Routed through the gateway, or TCP/UDP to its own address: the NAT's.
+            if self.nat is not None and eth.dst == self.mac and dst[0] != 0xFF:
+                return self._to_nat(eth, src, data, offload)
             return []
         message = icmpv6.Icmpv6(data, chain.position, ip.end)
         kind = message.type
-        src, dst = bytes(ip.src), bytes(ip.dst)
         if kind == icmpv6.ECHO_REQUEST:
             if not message.checksum_ok(src, dst):
                 self.counters.drop("bad_checksum")
@@ -209,18 +274,97 @@ class GatewayPort(SpeakingPort):
             if kind == icmpv6.ROUTER_SOLICITATION and self.ra is not None:
                 read_router_solicitation(ip, message)
                 return self.ra.solicited(self.clock())
+            if kind == icmpv6.NEIGHBOR_ADVERTISEMENT and dst in self.ipv6:
+                heard = read_advertisement(ip, message)
+                self._heard(heard.target, heard.target_mac or bytes(eth.src))
+                return []
             if kind != icmpv6.NEIGHBOR_SOLICITATION:
                 return []
-            solicitation = read_solicitation(ip, message)
+            asked = read_solicitation(ip, message)
         except Malformed as error:
             if error.reason not in _ND_DROPS:
                 raise
             self.counters.drop(_ND_DROPS[error.reason])
             return []
-        if solicitation.target not in self.ipv6:
+        if asked.target not in self.ipv6:
             return []
+        if asked.src != ANY:
+            self._heard(asked.src, asked.sender_mac or bytes(eth.src))
         self.services["neighbour_advertisement"] += 1
-        return [solicitation.answer(self.mac, bytes(eth.src), router=True)]
+        return [asked.answer(self.mac, bytes(eth.src), router=True)]
+
+    # -- the NAT's side ------------------------------------------------------------------------
+
+    def to_guests(self, frames: list[Frame]) -> None:
+        """Frames the NAT built for guests: into the outbox (never blocks or raises)."""
+        self._send(frames)
+
+    def learn(self, ip: bytes, mac: bytes) -> None:
+        """`ip` (4 or 16 bytes, a guest's) is at `mac`: a DHCP lease, or heard on the wire."""
+        if not is_unicast_mac(mac):
+            return
+        self.neighbours.pop(ip, None)  # re-inserted last: the newest
+        if len(self.neighbours) >= NEIGHBOUR_ENTRIES:
+            del self.neighbours[next(iter(self.neighbours))]
+        self.neighbours[ip] = (mac, self.clock() + NEIGHBOUR_SECONDS)
+        self._asked.pop(ip, None)
+
+    def _heard(self, ip: bytes, mac: bytes) -> None:
+        if self._on_segment(ip):
+            self.learn(ip, mac)
+
+    def _on_segment(self, ip: bytes) -> bool:
+        """A guest's unicast address on this segment (not the gateway's own)?"""
+        if len(ip) == 4:
+            config = self.config.ipv4
+            return config is not None and ip != self.ipv4 and ip != self.ipv4_broadcast \
+                and ipaddress.IPv4Address(ip) in config.network \
+                and ip != config.network.network_address.packed
+        prefix = self.config.ipv6_prefix
+        return prefix is not None and ip not in self.ipv6 and ip[0] != 0xFF \
+            and (is_link_local6(ip) or ipaddress.IPv6Address(ip) in prefix)
+
+    def resolve(self, ip: bytes) -> bytes | None:
+        """The MAC of the guest at `ip` (packed, 4 or 16 bytes), or None: then the gateway
+        asks for it (at most once per RESOLVE_INTERVAL per address), and a later call finds
+        it once the guest answered."""
+        now = self.clock()
+        entry = self.neighbours.get(ip)
+        if entry is not None:
+            if entry[1] > now:
+                return entry[0]
+            del self.neighbours[ip]
+        if not self._on_segment(ip):
+            return None
+        last = self._asked.get(ip)
+        if last is not None and now - last < RESOLVE_INTERVAL:
+            return None
+        if last is None and len(self._asked) >= RESOLVING_ENTRIES:
+            self._forget_asked(now)
+            if len(self._asked) >= RESOLVING_ENTRIES:
+                self.services["resolve_limited"] += 1
+                return None
+        self._asked.pop(ip, None)
+        self._asked[ip] = now
+        if len(ip) == 4:
+            assert self.ipv4 is not None
+            self.services["arp_request"] += 1
+            self._send([arp_request(self.mac, self.ipv4, ip)])
+        else:
+            source = link_local_from_mac(self.mac).packed if is_link_local6(ip) \
+                else self.ipv6_router
+            assert source is not None
+            self.services["neighbour_solicitation"] += 1
+            self._send([solicitation(self.mac, source, ip)])
+        return None
+
+    def _forget_asked(self, now: float) -> None:
+        for ip in [ip for ip, last in self._asked.items() if now - last >= RESOLVE_INTERVAL]:
+            del self._asked[ip]
+
+    def _forget_neighbours(self, now: float) -> None:
+        for ip in [ip for ip, (_, until) in self.neighbours.items() if until <= now]:
+            del self.neighbours[ip]
 
     # -- timed work ---------------------------------------------------------------------------
 
@@ -230,6 +374,8 @@ class GatewayPort(SpeakingPort):
         frames = self.ra.tick(now) if self.ra is not None else []
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + HOUSEKEEPING_SECONDS
+            self._forget_neighbours(now)
+            self._forget_asked(now)
             if self.dhcp is not None:
                 self.dhcp.expire(self.dhcp.clock())
         if frames:
@@ -245,6 +391,7 @@ class GatewayPort(SpeakingPort):
         status = super().status()
         status["kind"] = "gateway"
         status["services"] = dict(self.services)
+        status["neighbours"] = len(self.neighbours)
         if self.ra is not None:
             status["services"] |= dict(self.ra.counters)
         if self.dhcp is not None:

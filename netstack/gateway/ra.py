@@ -1,5 +1,7 @@
 """IPv6 router advertisements (RFC 4861 section 6, RFC 8106 for DNS): the hub tells guests
-the segment's prefix (SLAAC), its MTU and itself as the default router.
+the segment's prefix (SLAAC), its MTU and, when it routes (the hub's --nat), itself as the
+default router; otherwise the router lifetime is 0 (RFC 4861 4.2: not a default router) and
+hosts keep their own default route while still learning the prefix.
 
 Sans-I/O: `solicited(now)` answers a router solicitation, `tick(now)` sends the periodic
 advertisements (a few quickly after start, RFC 4861 6.2.4, then every MAX_INTERVAL or so
@@ -47,6 +49,7 @@ class RouterAdvertiser:
         mtu: int,
         dns: tuple[ipaddress.IPv6Address, ...] = (),
         rng: random.Random | None = None,
+        router: bool = True,
     ) -> None:
         if prefix.prefixlen != 64:
             raise ValueError(f"SLAAC needs a /64 prefix, got {prefix}")
@@ -54,6 +57,7 @@ class RouterAdvertiser:
         self.prefix = prefix
         self.mtu = mtu
         self.dns = dns
+        self.router_lifetime = ROUTER_LIFETIME if router else 0
         self.source = link_local_from_mac(mac)
         self.rng = rng or random.Random()
         self.counters: Counter[str] = Counter()
@@ -70,7 +74,7 @@ class RouterAdvertiser:
         if self.dns:
             options += rdnss_option(DNS_LIFETIME, [address.packed for address in self.dns])
         message = router_advertisement(self.source.packed, ALL_NODES, CUR_HOP_LIMIT,
-                                       ROUTER_LIFETIME, options)
+                                       self.router_lifetime, options)
         return icmpv6_frame(self.mac, multicast_mac6(ALL_NODES), self.source.packed, ALL_NODES,
                             message).data
 

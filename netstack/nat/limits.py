@@ -152,6 +152,13 @@ class FlowLimits:
         return {"flows": sum(account.flows.values()), "half_open": account.half_open,
                 "buffered": account.buffered}
 
+    def by_guest(self) -> dict[bytes, dict[str, object]]:
+        """What each guest holds now, by MAC (for status): its flows by protocol number,
+        half-open connections, buffered bytes."""
+        return {guest: {"flows": {proto: n for proto, n in account.flows.items() if n},
+                        "half_open": account.half_open, "buffered": account.buffered}
+                for guest, account in self._guests.items()}
+
     @property
     def guests(self) -> int:
         return len(self._guests)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from netstack.frame import format_mac, parse_mac
 from netstack.gateway.dhcp_config import MAX_LEASE_SECONDS, MIN_LEASE_SECONDS
+from netstack.nat.forward import ForwardSpec, parse_forward
 from tunnel.cli.flags import add_common, add_config, check_queue_pairs, check_socket_path_syntax
 from tunnel.cli.launch import claim_socket_paths, open_metrics, run_role, setup_failure
 from tunnel.settings import HUB_MIN_MTU, MAX_MTU, address_range, is_host_address
@@ -81,6 +82,23 @@ def host_port(text: str) -> tuple[str | None, int]:
         raise argparse.ArgumentTypeError(f"want HOST:PORT with a port 1-65535, got {text!r}")
     host = host.strip("[]")
     return (host or None), int(port)
+
+
+def network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """An IPv4 or IPv6 network in CIDR notation (argparse type; host bits must be clear)."""
+    try:
+        return ipaddress.ip_network(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: want a network such as 10.0.0.0/8 or "
+                                         f"fd00::/8 ({exc})") from None
+
+
+def forward(text: str) -> ForwardSpec:
+    """PROTO:[BIND_ADDR:]HOSTPORT:GUEST_ADDR:GUEST_PORT (argparse type)."""
+    try:
+        return parse_forward(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def fingerprint_arg(text: str) -> bytes:
@@ -187,6 +205,26 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                      metavar="ADDRESS", help="DNS server handed out (DHCP, RDNSS); repeatable")
     net.add_argument("--state-dir", type=Path, metavar="DIR",
                      help="where leases are kept (default /var/lib/vhostvpn as root)")
+    nat = hub.add_argument_group("the NAT: guests reach what the hub's host reaches "
+                                 "(docs/nat.md)")
+    nat.add_argument("--nat", action="store_true",
+                     help="route guests' TCP, UDP and ping through the hub host's sockets; "
+                          "DHCP and router advertisements then name the gateway as default "
+                          "router and DNS server (needs --subnet or --ipv6-prefix)")
+    nat.add_argument("--map-host-loopback", action="store_true",
+                     help="connections to the gateway's address reach the hub host's "
+                          "127.0.0.1 / ::1 (off: the host's loopback is unreachable)")
+    nat.add_argument("--nat-deny", type=network, action="append", default=[],
+                     metavar="CIDR", help="keep guests away from this network (besides "
+                                          "loopback, link-local, multicast); repeatable")
+    nat.add_argument("--dns-upstream", type=ipaddress.ip_address, action="append",
+                     default=[], metavar="ADDRESS",
+                     help="resolver the gateway's DNS forwards to (default: those of "
+                          "/etc/resolv.conf); repeatable")
+    nat.add_argument("--forward", type=forward, action="append", default=[],
+                     metavar="PROTO:[BIND_ADDR:]HOSTPORT:GUEST_ADDR:GUEST_PORT",
+                     help="listen on the hub's host and relay into a guest, e.g. "
+                          "tcp:8022:10.77.0.10:22 (IPv6 in brackets); repeatable")
     tun = hub.add_argument_group("the tunnel: endpoints join over TLS")
     tun.add_argument("--listen", type=host_port, metavar="HOST:PORT",
                      help="accept endpoints on this TCP address (e.g. :7777)")
@@ -274,6 +312,7 @@ def cmd_hub(args: argparse.Namespace) -> int:
         raise SystemExit(f"vhostvpn hub: --mtu {args.mtu}: want {HUB_MIN_MTU} to {MAX_MTU}")
     _check_dhcp_addresses(args)
     _check_dns(args)
+    _check_nat(args)
     check_socket_path_syntax("hub", args)
     config = HubConfig(sockets=args.socket, client_sockets=args.client_socket,
                        control=args.control, queue_pairs=args.queues, subnet=args.subnet,
@@ -284,7 +323,9 @@ def cmd_hub(args: argparse.Namespace) -> int:
                        state_dir=args.state_dir, pcap_dir=args.pcap,
                        port_policy=not args.no_port_policy, listen=args.listen,
                        identity_dir=args.identity, peers_file=args.peers, name=args.name,
-                       socket_access=socket_access_of(args, "hub"))
+                       socket_access=socket_access_of(args, "hub"), nat=args.nat,
+                       map_host_loopback=args.map_host_loopback, nat_deny=args.nat_deny,
+                       dns_upstreams=args.dns_upstream, forwards=args.forward)
     config.control = claim_socket_paths("hub", args.socket, args.control)
     metrics = open_metrics("hub", args.metrics)
     try:
@@ -326,6 +367,29 @@ def _check_dns(args: argparse.Namespace) -> None:
         if server.version == 4 and (args.subnet is None or args.no_dhcp):
             raise SystemExit(f"vhostvpn hub: --dns {server}: IPv4 DNS servers are handed out "
                              f"by DHCP, which needs --subnet (and no --no-dhcp)")
+
+
+def _check_nat(args: argparse.Namespace) -> None:
+    """--nat needs a gateway; the NAT's other flags need --nat; a forward's guest lies on
+    the segment."""
+    if args.nat and args.subnet is None and args.ipv6_prefix is None:
+        raise SystemExit("vhostvpn hub: --nat needs --subnet or --ipv6-prefix (the gateway "
+                         "guests route through)")
+    for flag, value in (("--map-host-loopback", args.map_host_loopback),
+                        ("--nat-deny", args.nat_deny), ("--dns-upstream", args.dns_upstream),
+                        ("--forward", args.forward)):
+        if value and not args.nat:
+            raise SystemExit(f"vhostvpn hub: {flag} needs --nat")
+    for spec in args.forward:
+        segment = args.subnet if spec.guest.version == 4 else args.ipv6_prefix
+        if segment is None or spec.guest not in segment:
+            flag = "--subnet" if spec.guest.version == 4 else "--ipv6-prefix"
+            raise SystemExit(f"vhostvpn hub: --forward {spec}: {spec.guest} is not in "
+                             f"{flag} {segment or '(none given)'}")
+    bound = [(spec.protocol, spec.bind, spec.host_port) for spec in args.forward]
+    if len(set(bound)) != len(bound):
+        raise SystemExit("vhostvpn hub: --forward: the same protocol, address and host port "
+                         "is forwarded twice")
 
 
 def _endpoint_config(args: argparse.Namespace, command: str, **local: object):
