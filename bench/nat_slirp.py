@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import os
 import re
@@ -90,9 +91,10 @@ class Setup:
 
 
 def hub_has_forward() -> bool:
-    done = subprocess.run([sys.executable, "-m", "tunnel.cli", "hub", "--help"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60, check=False)
-    return "--forward" in done.stdout
+    """Does this tree's NAT carry `--forward`s (the flag parses before the shell takes them)?"""
+    from tunnel.nat import NatShell
+
+    return "forwards" in inspect.signature(NatShell).parameters
 
 
 @contextlib.asynccontextmanager

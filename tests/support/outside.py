@@ -14,7 +14,8 @@ holds the servers; the host namespace is where a TAP host and a `vhostvpn vm` en
 ping sockets for every group (net.ipv4.ping_group_range), which the NAT's echo needs.
 
 The servers (`serve`), each on both families:
-  HTTP   :80    files from a folder (ThreadingHTTPServer, a 256-connection backlog)
+  HTTP   :80    files from a folder (ThreadingHTTPServer, a 256-connection backlog), and
+                /hold, answered after HOLD_SECONDS
   DNS    :53    UDP; NAME -> OUT4 (A) and OUT6 (AAAA), NXDOMAIN otherwise
   SINK   :9000  reads a connection to its end, answers the sha256 hex of what it read, closes
   CLOSED :9     nothing listens (a SYN gets the kernel's RST)
@@ -36,6 +37,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -55,6 +57,7 @@ IPERF3_PORT = 5201
 START_TIMEOUT = 15.0
 ROOT = Path(__file__).resolve().parents[2]
 ALL_GROUPS = "0 2147483647"  # net.ipv4.ping_group_range: every group may open ping sockets
+HOLD_SECONDS = 3.0  # /hold answers this late: a guest's parallel fetches are open together
 HTTP_BACKLOG = 256  # the parallel-connection test opens 100 at once; http.server's default is 5
 DNS_TTL = 60
 MAX_DNS_QUERY = 512
@@ -185,6 +188,18 @@ class HttpServer(_DualStack, http.server.ThreadingHTTPServer):
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """The folder's files, and /hold: "held" after HOLD_SECONDS (connections that overlap)."""
+
+    def do_GET(self) -> None:
+        if self.path != "/hold":
+            super().do_GET()
+            return
+        time.sleep(HOLD_SECONDS)
+        self.send_response(200)
+        self.send_header("Content-Length", "5")
+        self.end_headers()
+        self.wfile.write(b"held\n")
+
     def log_message(self, format: str, *args: object) -> None:
         pass
 
