@@ -9,7 +9,8 @@ Topology (tests/support/outside.py): the hub (or QEMU with slirp, or passt) in t
 namespace, the servers (iperf3, HTTP, DNS) in the outside namespace, joined by a veth.
 
 Run (root): .venv/bin/python bench/nat_slirp.py [--rounds 2] [--seconds 5]
-                 [--only vhostvpn,slirp,passt] [--json FILE]
+                 [--only vhostvpn,slirp,passt] [--json FILE] [--hub-arg=ARG]...
+                 [--device-opts PROPS]
 Everything lives in namespaces and a temp dir made and removed here; only PIDs started here
 are signalled; the whole run is bounded by --timeout.
 """
@@ -98,8 +99,9 @@ def hub_has_forward() -> bool:
 
 
 @contextlib.asynccontextmanager
-async def vhostvpn_setup(names: dict[str, str], work: Path) -> AsyncIterator[Setup]:
-    args = ["--nat", "--subnet", "10.77.0.0/24", "--ipv6-prefix", "fd77::/64",
+async def vhostvpn_setup(names: dict[str, str], work: Path,
+                         options: argparse.Namespace) -> AsyncIterator[Setup]:
+    args = [*options.hub_arg, "--nat", "--subnet", "10.77.0.0/24", "--ipv6-prefix", "fd77::/64",
             "--dns-upstream", outside.OUT4, "--state-dir", str(work / "state"),
             "--log-level", "warning"]
     forward = None
@@ -111,7 +113,8 @@ async def vhostvpn_setup(names: dict[str, str], work: Path) -> AsyncIterator[Set
     await hub.start()
     try:
         guest = Guest("natvv", socket=Path(hub.socket("g.sock")), ip=f"{GUEST_IP}/24",
-                      gw=GATEWAY, stay=True, accel="tcg", log_dir=work)
+                      gw=GATEWAY, stay=True, accel="tcg", log_dir=work,
+                      device_opts=options.device_opts)
         async with guest:
             await guest.wait_booted(BOOT_TIMEOUT)
             assert hub.process is not None and guest.process is not None
@@ -122,10 +125,12 @@ async def vhostvpn_setup(names: dict[str, str], work: Path) -> AsyncIterator[Set
 
 
 @contextlib.asynccontextmanager
-async def slirp_setup(names: dict[str, str], work: Path) -> AsyncIterator[Setup]:
+async def slirp_setup(names: dict[str, str], work: Path,
+                      options: argparse.Namespace) -> AsyncIterator[Setup]:
     netdev = f"user,id=net0,hostfwd=tcp:{outside.HUB4}:{FORWARD_PORT}-:5201"
     guest = NetnsGuest("natslirp", user_net=True, dhcp=True, stay=True, accel="tcg",
-                       log_dir=work, netns=names["hub"], netdev=netdev)
+                       log_dir=work, device_opts=options.device_opts, netns=names["hub"],
+                       netdev=netdev)
     async with guest:
         await guest.wait_booted(BOOT_TIMEOUT)
         assert guest.process is not None
@@ -134,7 +139,8 @@ async def slirp_setup(names: dict[str, str], work: Path) -> AsyncIterator[Setup]
 
 
 @contextlib.asynccontextmanager
-async def passt_setup(names: dict[str, str], work: Path) -> AsyncIterator[Setup]:
+async def passt_setup(names: dict[str, str], work: Path,
+                      options: argparse.Namespace) -> AsyncIterator[Setup]:
     # passt drops root for nobody before it binds its socket: a folder nobody can write to.
     folder = Path(tempfile.mkdtemp(prefix="vv-natbench-passt-"))
     folder.chmod(0o777)
@@ -156,7 +162,8 @@ async def passt_setup(names: dict[str, str], work: Path) -> AsyncIterator[Setup]
                 await trio.sleep(0.05)
         netdev = f"stream,id=net0,server=off,addr.type=unix,addr.path={path}"
         guest = NetnsGuest("natpasst", user_net=True, dhcp=True, stay=True, accel="tcg",
-                           log_dir=work, netns=names["hub"], netdev=netdev)
+                           log_dir=work, device_opts=options.device_opts,
+                           netns=names["hub"], netdev=netdev)
         async with guest:
             await guest.wait_booted(BOOT_TIMEOUT)
             assert guest.process is not None
@@ -272,7 +279,8 @@ async def bench(args: argparse.Namespace, work: Path) -> dict:
     folder = work / "www"
     folder.mkdir()
     (folder / "small").write_text("small\n")
-    results: dict = {"runs": [], "load_before": os.getloadavg()}
+    results: dict = {"runs": [], "load_before": os.getloadavg(), "hub_args": args.hub_arg,
+                     "device_opts": args.device_opts}
     tag = "natb" + uuid.uuid4().hex[:4]
     resolv = Path("/etc/netns") / f"{tag}h"
     with outside.world(tag, with_host=False) as names:
@@ -286,7 +294,7 @@ async def bench(args: argparse.Namespace, work: Path) -> dict:
                         started = time.monotonic()
                         folder = work / f"{name}{round_number}"
                         folder.mkdir()
-                        async with SETUP_FACTORIES[name](names, folder) as setup:
+                        async with SETUP_FACTORIES[name](names, folder, args) as setup:
                             row = await measure(setup, names, args.seconds)
                         row.update(setup=name, round=round_number,
                                    seconds=round(time.monotonic() - started, 1),
@@ -323,6 +331,12 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(SETUPS),
                         help=f"comma-separated, in round order (default {','.join(SETUPS)})")
     parser.add_argument("--json", type=Path, help="write every row and the summary here")
+    parser.add_argument("--hub-arg", action="append", default=[],
+                        help="an extra `vhostvpn hub` argument (repeatable), e.g. "
+                             "--hub-arg=--no-port-policy")
+    parser.add_argument("--device-opts", default="",
+                        help="extra virtio-net-pci properties for every guest, e.g. "
+                             "host_tso4=off,host_tso6=off")
     parser.add_argument("--timeout", type=float, default=RUN_TIMEOUT)
     args = parser.parse_args()
     args.only = [s for s in args.only.split(",") if s]
