@@ -316,10 +316,10 @@ def summarize(runs: list[dict]) -> dict:
         entry: dict = {}
         for key, value in rows[0].items():
             if isinstance(value, dict):
-                entry[key] = {k: statistics.median(r[key][k] for r in rows if key in r)
+                entry[key] = {k: round(statistics.median(r[key][k] for r in rows if key in r), 2)
                               for k in value}
             elif isinstance(value, float) and key != "seconds":
-                entry[key] = statistics.median(r[key] for r in rows)
+                entry[key] = round(statistics.median(r[key] for r in rows), 2)
         summary[name] = entry
     return summary
 
