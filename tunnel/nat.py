@@ -25,6 +25,19 @@ advertise is what the host socket has not taken (the core's RCV_BUFFER), and wha
 has not acknowledged stops our reads (SND_BUFFER), so a stalled peer leaves its bytes in the
 kernel's socket buffers.
 
+DNS over TCP: a guest's connection to the gateway's TCP port 53 is relayed to an upstream
+resolver's TCP port 53 (the preferred one first, the next when one does not connect within
+DNS_CONNECT_TIMEOUT; the upstream's family may differ from the guest's); when none connects,
+the guest gets a RST.
+
+Port forwards (`forwards`, netstack.nat.forward): a TCP forward's listening socket (IPV6_V6ONLY
+for IPv6, SO_REUSEADDR) accepts; each connection waits up to NEIGHBOUR_WAIT for `resolve` to
+know the guest's MAC, then becomes an active open toward the guest (TcpTable.open_forward)
+and, once the guest accepts, the same relay as an outgoing connection.  A UDP forward's bound
+socket feeds UdpForwards (one flow per outside client); the guest's answers go back with
+sendto.  Per forward at most `forward_cap` connections or clients; a forward that cannot
+listen is logged and counted, the shell goes on.
+
 Containment: a flow's socket error closes that flow only (counted by errno, the first of each
 logged); an unexpected exception closes it too, its traceback logged once; a socket that
 cannot be opened (EMFILE, ENETUNREACH) is a counted refusal for that flow.  If the host's
@@ -49,6 +62,7 @@ import trio
 
 from netstack.frame import Frame
 from netstack.nat.dns import DNS_PORT, DnsForwarder, IpAddress, SendQuery, parse_resolv_conf
+from netstack.nat.forward import MAX_FORWARD_FLOWS, ForwardSpec
 from netstack.nat.icmp import (
     ICMP_IDLE_SECONDS,
     ClosePingSocket,
@@ -62,11 +76,14 @@ from netstack.nat.limits import FlowKey, FlowLimits, IdleFlows
 from netstack.nat.packet import GuestPacket, NatConfig, Refused, read_guest_packet
 from netstack.nat.tcp import (
     CONNECT_TIMEOUT,
+    REFUSED_BY_GUEST,
+    SYN_TIMEOUT,
     Abort,
     Close,
     Connect,
     Connected,
     Eof,
+    Established,
     Received,
     Send,
     ShutdownWrite,
@@ -74,13 +91,16 @@ from netstack.nat.tcp import (
 )
 from netstack.nat.tcp import HostError as TcpHostError
 from netstack.nat.tcp import Refused as TcpRefused
-from netstack.nat.tcp_flows import HostCall, TcpTable
+from netstack.nat.tcp_flows import DNS, HostCall, TcpTable
 from netstack.nat.udp import UDP_IDLE_SECONDS, CloseSocket, OpenSocket, SendDatagram, UdpTable
+from netstack.nat.udp_forward import SendToClient, UdpForwards
 from netstack.wire import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Malformed
 
 log = logging.getLogger(__name__)
 
 Deliver = Callable[[list[Frame]], None]
+# The gateway's neighbour table: a guest's packed address -> its MAC, None while unknown.
+Resolve = Callable[[bytes], bytes | None]
 
 # linux/in.h, linux/in6.h, linux/errqueue.h (Python's socket module lacks them).
 IP_RECVERR = 11
@@ -107,6 +127,16 @@ _REMOTE_ERRORS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUN
                             errno.EHOSTDOWN, errno.ENETDOWN, errno.EMSGSIZE, errno.ENOBUFS,
                             errno.EPROTO, errno.ETIMEDOUT, errno.EACCES, errno.EPERM})
 _FAMILY = {4: socket.AF_INET, 16: socket.AF_INET6}
+# DNS over TCP: how long one upstream resolver has to accept before the next is tried.
+DNS_CONNECT_TIMEOUT = 5.0
+# Port forwards: how long an accepted connection waits for the gateway to learn the guest's
+# MAC (it asks with ARP / NS itself), polled this often; then it is reset (`no_neighbour`).
+NEIGHBOUR_WAIT = 3.0
+NEIGHBOUR_POLL = 0.05
+LISTEN_BACKLOG = 128
+ACCEPTS_PER_WAKE = 64
+# After accept() failed (EMFILE, ENFILE), the next try: the connection waits in the backlog.
+ACCEPT_RETRY_SECONDS = 0.1
 
 
 def _errno_name(error: OSError) -> str:
@@ -116,6 +146,18 @@ def _errno_name(error: OSError) -> str:
 def _sockaddr(address: bytes, port: int) -> tuple:
     text = ipaddress.ip_address(address).compressed
     return (text, port) if len(address) == 4 else (text, port, 0, 0)
+
+
+def _address_family(sockaddr: tuple) -> int:
+    return socket.AF_INET6 if len(sockaddr) == 4 else socket.AF_INET
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close an accepted connection with a reset (SO_LINGER 0): the client sees it refused."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    finally:
+        sock.close()
 
 
 def _tcp_key(packet: GuestPacket) -> FlowKey:
@@ -202,34 +244,59 @@ class TcpSocket:
     """A TCP flow's host socket: bytes of Send actions not yet written, a pending shutdown,
     and the event its reader waits on while the core's read budget is 0."""
 
-    __slots__ = ("budget", "guest", "key", "pending", "shutdown", "sock", "writable")
+    __slots__ = ("budget", "forward", "guest", "key", "pending", "shutdown", "sock",
+                 "writable")
 
-    def __init__(self, sock: socket.socket, key: FlowKey, guest: bytes) -> None:
+    def __init__(self, sock: socket.socket, key: FlowKey, guest: bytes,
+                 forward: Forward | None = None) -> None:
         self.sock = sock
         self.key = key
         self.guest = guest  # its guest's MAC, whose buffer cap it shares
+        self.forward = forward  # the port forward that accepted it (until it closes)
         self.pending = bytearray()
         self.shutdown = False
         self.budget = trio.Event()  # set when the guest's ACKs free room to read into
         self.writable = trio.Event()  # set when pending gets bytes
 
 
+class Forward:
+    """One port forward: its listening (TCP) or bound (UDP) socket, the TCP connections it
+    holds, what happened, by reason."""
+
+    __slots__ = ("active", "counters", "sock", "spec")
+
+    def __init__(self, spec: ForwardSpec) -> None:
+        self.spec = spec
+        self.sock: socket.socket | None = None
+        self.active = 0  # TCP connections accepted and not yet closed
+        self.counters: Counter[str] = Counter()
+
+
 class NatShell:
-    """The host side of the UDP, echo and DNS cores for one gateway.  `run()` owns the
-    sockets' tasks; `from_guest(frame)` takes a frame a guest routed to the gateway."""
+    """The host side of the NAT's cores for one gateway.  `run()` owns the sockets' tasks;
+    `from_guest(frame)` takes a frame a guest routed to the gateway."""
 
     def __init__(self, config: NatConfig, deliver: Deliver,
                  upstreams: Sequence[IpAddress] | None = None,
                  limits: FlowLimits | None = None,
                  udp_idle_seconds: float = UDP_IDLE_SECONDS,
-                 echo_idle_seconds: float = ICMP_IDLE_SECONDS) -> None:
+                 echo_idle_seconds: float = ICMP_IDLE_SECONDS,
+                 forwards: Sequence[ForwardSpec] = (),
+                 resolve: Resolve | None = None,
+                 forward_cap: int = MAX_FORWARD_FLOWS) -> None:
         self.config = config
         self.deliver = deliver
         self.limits = limits or FlowLimits()
         self.dns = DnsForwarder(config, read_upstreams() if upstreams is None else upstreams)
         self.udp = UdpTable(config, self.limits, self.dns, udp_idle_seconds)
         self.echo = EchoTable(config, self.limits, echo_idle_seconds)
-        self.tcp = TcpTable(config, self.limits)
+        self.tcp = TcpTable(config, self.limits, dns_over_tcp=bool(self.dns.upstreams))
+        self.forwards = [Forward(spec) for spec in forwards]
+        self.resolve = resolve
+        self.forward_cap = forward_cap
+        self.udp_forwards = UdpForwards(
+            config, self.limits, [(f.guest.packed, f.guest_port) for f in forwards],
+            lambda key: key in self.udp.flows, udp_idle_seconds, forward_cap)
         self.tcp_sockets: dict[FlowKey, TcpSocket] = {}
         # Readers waiting for their guest's other flows to free buffer, by guest MAC.
         self._capped: dict[bytes, set[TcpSocket]] = {}
@@ -255,14 +322,17 @@ class NatShell:
                 self._nursery = nursery
                 for upstream in self.dns.upstreams:
                     self._open_upstream(upstream)
+                for number, forward in enumerate(self.forwards):
+                    self._listen(number, forward)
                 nursery.start_soon(self._timer)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
             self._nursery = None
             for entry in [*self.sockets.values(), *self.upstream_sockets.values(),
-                          *self.tcp_sockets.values()]:
-                entry.sock.close()
+                          *self.tcp_sockets.values(), *self.forwards]:
+                if entry.sock is not None:
+                    entry.sock.close()
             self.sockets.clear()
             self.tcp_sockets.clear()
             self.upstream_sockets.clear()
@@ -312,7 +382,8 @@ class NatShell:
 
     def _next_deadline(self) -> float:
         deadlines = [d for d in (self.udp.next_deadline(), self.echo.next_deadline(),
-                                 self.dns.next_deadline(), self.tcp.next_deadline())
+                                 self.dns.next_deadline(), self.tcp.next_deadline(),
+                                 self.udp_forwards.next_deadline())
                      if d is not None]
         if self.errors.buckets:
             deadlines.append(trio.current_time() + ERROR_SWEEP_SECONDS)
@@ -322,6 +393,7 @@ class NatShell:
         """The cores' timed work: idle flows closed, DNS retried or failed."""
         self._perform([*self.udp.tick(now), *self.echo.tick(now), *self.dns.tick(now),
                        *self.tcp.tick(now)], now)
+        self.udp_forwards.tick(now)
         self.errors.tick(now)
 
     # -- from the guest -----------------------------------------------------------------------
@@ -347,6 +419,11 @@ class NatShell:
                     self._wake.set()
                 return
             if packet.protocol == IPPROTO_UDP:
+                if self.udp_forwards.flows and packet.dst in self.config.gateway_ips:
+                    answer = self.udp_forwards.guest_datagram(packet, frame.offload[0], now)
+                    if answer is not None:
+                        self._send_to_client(answer)
+                        return
                 actions = self.udp.guest_datagram(packet, frame.offload[0], now)
             elif packet.protocol in (IPPROTO_ICMP, IPPROTO_ICMPV6):
                 if not self.echo_on[packet.version]:
@@ -426,8 +503,14 @@ class NatShell:
             if entry is not None:
                 entry.shutdown = True
                 self._tcp_write(entry, frames, now)
+        elif isinstance(action, Established):
+            if entry is not None and self._nursery is not None:
+                self._nursery.start_soon(self._tcp_relay_task, entry)
         elif isinstance(action, (Abort, Close)) and entry is not None:
             if isinstance(action, Abort):
+                if entry.forward is not None and action.reason in (REFUSED_BY_GUEST,
+                                                                    SYN_TIMEOUT):
+                    entry.forward.counters[action.reason] += 1
                 entry.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                                       struct.pack("ii", 1, 0))
             self._tcp_close(entry)
@@ -436,10 +519,17 @@ class NatShell:
         self._perform_into(self.tcp.on_host(key, event, now), frames, now)
 
     def _tcp_connect(self, key: FlowKey, frames: list, now: float) -> None:
-        host_ip = self.tcp.host_ip(key)
-        family = _FAMILY[len(key.remote_ip)]
+        if self.tcp.kind(key) == DNS:  # the upstream resolvers, the preferred one first
+            upstreams = self.dns.upstreams
+            first = self.dns.preferred % len(upstreams)
+            addresses = [_sockaddr(upstream.packed, DNS_PORT)
+                         for upstream in upstreams[first:] + upstreams[:first]]
+            timeout = DNS_CONNECT_TIMEOUT
+        else:
+            addresses = [_sockaddr(self.tcp.host_ip(key), key.remote_port)]
+            timeout = CONNECT_TIMEOUT
         try:
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock = socket.socket(_address_family(addresses[0]), socket.SOCK_STREAM)
         except OSError as error:  # EMFILE, ENFILE: this flow is refused, counted
             reason = _errno_name(error)
             self.drops[f"open_{reason}"] += 1
@@ -453,12 +543,19 @@ class NatShell:
         self.tcp_sockets[key] = entry
         if self._nursery is None:
             raise RuntimeError("NatShell.from_guest before run() started")
-        self._nursery.start_soon(self._tcp_run, entry, _sockaddr(host_ip, key.remote_port))
+        self._nursery.start_soon(self._tcp_run, entry, addresses, timeout)
 
-    async def _tcp_run(self, entry: TcpSocket, address: tuple) -> None:
+    async def _tcp_run(self, entry: TcpSocket, addresses: list[tuple], timeout: float) -> None:
         """A connection's task: a bug while serving it ends that connection only."""
         try:
-            await self._tcp_serve(entry, address)
+            await self._tcp_serve(entry, addresses, timeout)
+        except Exception as error:
+            self._tcp_crash(entry.key, entry, error)
+
+    async def _tcp_relay_task(self, entry: TcpSocket) -> None:
+        """A forwarded connection's task, once the guest accepted it."""
+        try:
+            await self._tcp_relay(entry)
         except Exception as error:
             self._tcp_crash(entry.key, entry, error)
 
@@ -477,24 +574,31 @@ class NatShell:
         if self.tcp.credited:
             self._wake_capped()
 
-    async def _tcp_serve(self, entry: TcpSocket, address: tuple) -> None:
-        """Connect (within the core's timeout), then read and write until the socket closes."""
-        key, sock = entry.key, entry.sock
-        error = 0
-        with trio.move_on_after(CONNECT_TIMEOUT) as scope:
-            try:
-                error = sock.connect_ex(address)
-                if error == errno.EINPROGRESS:
-                    await trio.lowlevel.wait_writable(sock)
-                    error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            except (trio.ClosedResourceError, OSError):
+    async def _tcp_serve(self, entry: TcpSocket, addresses: list[tuple],
+                         timeout: float) -> None:
+        """Connect to the first of `addresses` that accepts within `timeout`, then read and
+        write until the socket closes."""
+        key = entry.key
+        reason: str | None = None
+        for number, address in enumerate(addresses):
+            if number:  # the next one (DNS upstreams): a new socket, maybe of another family
+                try:
+                    sock = socket.socket(_address_family(address), socket.SOCK_STREAM)
+                except OSError as error:
+                    reason = _errno_name(error)
+                    break
+                sock.setblocking(False)
+                self._close(entry)
+                entry.sock = sock
+            reason = await self._tcp_connect_one(entry.sock, address, timeout)
+            if self.tcp_sockets.get(key) is not entry:
                 return  # closed while connecting (the guest reset it, or the core gave up)
-        if self.tcp_sockets.get(key) is not entry:
-            return
+            if reason is None:
+                break
         frames: list = []
-        if scope.cancelled_caught or error:
-            reason = "timeout" if scope.cancelled_caught else \
-                errno.errorcode.get(error, "unknown").lower()
+        if reason is not None:
+            if self.tcp.kind(key) == DNS:
+                self.drops["dns_tcp_no_upstream"] += 1  # the guest gets a RST
             self._tcp_close(entry)
             self._tcp_event(key, TcpRefused(reason), frames, trio.current_time())
         else:
@@ -503,6 +607,28 @@ class NatShell:
             self.deliver(frames)
         if self.tcp_sockets.get(key) is not entry:
             return
+        await self._tcp_relay(entry)
+
+    @staticmethod
+    async def _tcp_connect_one(sock: socket.socket, address: tuple,
+                               timeout: float) -> str | None:
+        """Connect `sock` to `address`: None when it did, else why not."""
+        with trio.move_on_after(timeout) as scope:
+            try:
+                error = sock.connect_ex(address)
+                if error == errno.EINPROGRESS:
+                    await trio.lowlevel.wait_writable(sock)
+                    error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            except trio.ClosedResourceError:
+                return "closed"
+            except OSError as error:
+                return _errno_name(error)
+        if scope.cancelled_caught:
+            return "timeout"
+        return errno.errorcode.get(error, "unknown").lower() if error else None
+
+    async def _tcp_relay(self, entry: TcpSocket) -> None:
+        """Read and write the connected socket until it closes."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._tcp_writer, entry)
             await self._tcp_reader(entry)  # the writer ends when the socket closes
@@ -607,6 +733,9 @@ class NatShell:
     def _tcp_close(self, entry: TcpSocket) -> None:
         if self.tcp_sockets.get(entry.key) is entry:
             del self.tcp_sockets[entry.key]
+        if entry.forward is not None:
+            entry.forward.active -= 1
+            entry.forward = None
         waiting = self._capped.get(entry.guest)
         if waiting is not None:
             waiting.discard(entry)
@@ -615,6 +744,188 @@ class NatShell:
         entry.budget.set()
         entry.writable.set()
         self._close(entry)
+
+    # -- port forwards ------------------------------------------------------------------------
+
+    def _listen(self, number: int, forward: Forward) -> None:
+        """Open forward number `number`'s socket and start its task; a forward that cannot
+        (the port taken, the address not the host's) is logged and counted, the rest go on."""
+        spec = forward.spec
+        v6 = spec.guest.version == 6
+        bind = str(spec.bind) if spec.bind is not None else ("::" if v6 else "0.0.0.0")
+        tcp = spec.protocol == "tcp"
+        try:
+            sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET,
+                                 socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM)
+            try:
+                sock.setblocking(False)
+                if tcp:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if v6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((bind, spec.host_port))
+                if tcp:
+                    sock.listen(LISTEN_BACKLOG)
+            except OSError:
+                sock.close()
+                raise
+        except OSError as error:
+            forward.counters[f"listen_{_errno_name(error)}"] += 1
+            log.warning("nat: forward %s cannot listen on %s port %d: %s; the NAT and the "
+                        "other forwards go on", spec, bind, spec.host_port, error.strerror)
+            return
+        forward.sock = sock
+        if self.resolve is None:
+            self._log_once("no_resolve", logging.WARNING,
+                           "nat: forwards without the gateway's neighbour table: every "
+                           "connection is refused (no_neighbour)")
+        log.info("nat: forward %s listening", spec)
+        if self._nursery is not None:
+            if tcp:
+                self._nursery.start_soon(self._accept, forward)
+            else:
+                self._nursery.start_soon(self._udp_forward_read, number, forward)
+
+    async def _accept(self, forward: Forward) -> None:
+        """A TCP forward's accept loop: it ends only with the shell."""
+        sock = forward.sock
+        while True:
+            try:
+                await trio.lowlevel.wait_readable(sock)
+            except trio.ClosedResourceError:
+                return
+            try:
+                failed = self._accept_some(forward)
+            except Exception as error:  # a bug costs the connection at hand, not the forward
+                failed = True
+                forward.counters["exception"] += 1
+                if "forward_exception" not in self._logged:
+                    self._logged.add("forward_exception")
+                    log.error("nat: forward %s: accept failed unexpectedly", forward.spec,
+                              exc_info=error)
+            if failed:  # EMFILE and the like: the connection waits in the backlog meanwhile
+                await trio.sleep(ACCEPT_RETRY_SECONDS)
+
+    def _accept_some(self, forward: Forward) -> bool:
+        """Accept what the backlog holds (up to ACCEPTS_PER_WAKE); True if accept() failed."""
+        for _ in range(ACCEPTS_PER_WAKE):
+            try:
+                conn, _client = forward.sock.accept()
+            except BlockingIOError:
+                return False
+            except OSError as error:  # EMFILE, ENFILE, ENOBUFS: try again shortly
+                reason = f"accept_{_errno_name(error)}"
+                forward.counters[reason] += 1
+                self._log_once(reason, logging.WARNING, "nat: forward %s: accept failed: %s "
+                               "(later ones only counted)", forward.spec, error.strerror)
+                return True
+            if forward.active >= self.forward_cap:
+                forward.counters["forward_limit"] += 1
+                _reset(conn)
+                continue
+            forward.active += 1
+            forward.counters["accepted"] += 1
+            self._nursery.start_soon(self._forward_open, forward, conn)
+        return False
+
+    async def _forward_open(self, forward: Forward, conn: socket.socket) -> None:
+        """An accepted connection: once the guest's MAC is known, the active open toward
+        the guest; refused (reset, counted) when it is not known within NEIGHBOUR_WAIT or
+        the guest's caps refuse it."""
+        spec = forward.spec
+        owned = True  # until the TcpSocket holds it
+        try:
+            conn.setblocking(False)
+            guest_ip = spec.guest.packed
+            guest_mac = await self._neighbour(guest_ip)
+            if guest_mac is None:
+                forward.counters["no_neighbour"] += 1
+                return
+            now = trio.current_time()
+            try:
+                key, out = self.tcp.open_forward(guest_mac, guest_ip, spec.guest_port, now)
+            except Refused as refused:
+                forward.counters[refused.reason] += 1
+                return
+            self.tcp_sockets[key] = TcpSocket(conn, key, guest_mac, forward)
+            owned = False
+            self._perform(out, now)
+            if self._next_deadline() < self._sleeping_until:
+                self._wake.set()
+        except Exception as error:  # one connection's bug ends that connection only
+            forward.counters["exception"] += 1
+            if "forward_exception" not in self._logged:
+                self._logged.add("forward_exception")
+                log.error("nat: forward %s: closing a connection after an unexpected error",
+                          spec, exc_info=error)
+        finally:
+            if owned:
+                forward.active -= 1
+                _reset(conn)
+
+    async def _neighbour(self, guest_ip: bytes) -> bytes | None:
+        """The guest's MAC, waiting up to NEIGHBOUR_WAIT for the gateway to learn it."""
+        if self.resolve is None:
+            return None
+        give_up = trio.current_time() + NEIGHBOUR_WAIT
+        while (guest_mac := self.resolve(guest_ip)) is None \
+                and trio.current_time() < give_up:
+            await trio.sleep(NEIGHBOUR_POLL)
+        return guest_mac
+
+    async def _udp_forward_read(self, number: int, forward: Forward) -> None:
+        """A UDP forward's socket: each client's datagrams to the guest through
+        UdpForwards; a bad datagram or a bug costs that datagram only."""
+        sock = forward.sock
+        guest_ip = forward.spec.guest.packed
+        while True:
+            try:
+                await trio.lowlevel.wait_readable(sock)
+            except trio.ClosedResourceError:
+                return
+            frames: list[Frame] = []
+            now = trio.current_time()
+            try:
+                for _ in range(READS_PER_WAKE):
+                    try:
+                        data, client = sock.recvfrom(MAX_DATAGRAM)
+                    except BlockingIOError:
+                        break
+                    except OSError as error:
+                        forward.counters[f"recv_{_errno_name(error)}"] += 1
+                        break
+                    guest_mac = None if self.resolve is None else self.resolve(guest_ip)
+                    frame = self.udp_forwards.from_client(number, client, data, guest_mac, now)
+                    if frame is not None:
+                        frames.append(frame)
+            except Exception as error:
+                forward.counters["exception"] += 1
+                if "forward_exception" not in self._logged:
+                    self._logged.add("forward_exception")
+                    log.error("nat: forward %s: a datagram dropped after an unexpected error",
+                              forward.spec, exc_info=error)
+            if frames:
+                self.deliver(frames)
+                if self._next_deadline() < self._sleeping_until:
+                    self._wake.set()
+
+    def _send_to_client(self, answer: SendToClient) -> None:
+        """The guest's answer on a UDP forward's flow, back to the outside client."""
+        forward = self.forwards[answer.forward]
+        if forward.sock is None:
+            return
+        try:
+            forward.sock.sendto(answer.payload, answer.client)
+        except BlockingIOError:
+            forward.counters["send_full"] += 1
+        except OSError as error:
+            forward.counters[f"send_{_errno_name(error)}"] += 1
+
+    def _forwards_status(self) -> list[dict[str, object]]:
+        return [{"forward": str(forward.spec), "listening": forward.sock is not None,
+                 "active": forward.active if forward.spec.protocol == "tcp"
+                 else self.udp_forwards.active[number], "counters": dict(forward.counters)}
+                for number, forward in enumerate(self.forwards)]
 
     # -- sockets ------------------------------------------------------------------------------
 
@@ -785,4 +1096,5 @@ class NatShell:
                 "icmp_errors_sent": dict(self.errors.sent),
                 "icmp_errors_dropped": dict(self.errors.drops), "drops": dict(self.drops),
                 "socket_errors": dict(self.socket_errors), "refusals":
-                dict(self.limits.refusals)}
+                dict(self.limits.refusals), "forwards": self._forwards_status(),
+                "udp_forwards": self.udp_forwards.status()}

@@ -5,17 +5,30 @@ or each client's datagrams (UDP) into GUEST_ADDR:GUEST_PORT through the NAT's st
 
 IPv6 addresses are written in brackets (`tcp:[::1]:8022:[fd00::10]:22`); without
 BIND_ADDR the forward listens on every address of the guest address's family.
+
+Also here: the bounds of one forward, and how a forwarded flow gets its gateway-side
+address and port (`gateway_address`, `free_port`), shared by the TCP and UDP tables.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+import secrets
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 PROTOCOLS = ("tcp", "udp")
+
+# Connections (TCP) or outside clients (UDP) one forward carries at once; past it a new
+# connection is accepted and reset, a new client's datagram dropped, counted `forward_limit`.
+# The target guest's own caps (netstack.nat.limits) apply as well: forwarded flows are its.
+MAX_FORWARD_FLOWS = 256
+# The ports the gateway opens forwarded flows from toward the guest (Linux's default
+# ip_local_port_range), picked so that no two flows share a FlowKey.
+FORWARD_PORTS = range(32768, 61000)
 
 # PROTO : [BIND :] HOSTPORT : GUEST : GUEST_PORT, an address bracketed when it is IPv6.
 _ADDRESS = r"(\[[^\]]*\]|[^:\[\]]+)"
@@ -79,3 +92,20 @@ def parse_forward(text: str, names: dict[str, IpAddress] | None = None) -> Forwa
         raise ValueError(f"{text!r}: guest address {guest} is not a guest's unicast address")
     return ForwardSpec(protocol, bind, _port(host_port, "host port"), guest,
                        _port(guest_port, "guest port"))
+
+
+def gateway_address(gateway_ips: Iterable[bytes], length: int) -> bytes | None:
+    """The gateway's address of the family whose packed addresses are `length` bytes long
+    (the lowest when it has several); None when it has none of that family."""
+    return min((ip for ip in gateway_ips if len(ip) == length), default=None)
+
+
+def free_port(in_use: Callable[[int], bool]) -> int | None:
+    """A port of FORWARD_PORTS for which `in_use` is False, starting at a random one (as a
+    host picks its ephemeral ports); None when every one is in use."""
+    start = secrets.randbelow(len(FORWARD_PORTS))
+    for n in range(len(FORWARD_PORTS)):
+        port = FORWARD_PORTS[(start + n) % len(FORWARD_PORTS)]
+        if not in_use(port):
+            return port
+    return None

@@ -45,8 +45,16 @@ out-of-order queue's own cap.
 Not built here: congestion control (the link to the guest is virtual; the guest's window is
 the only limit, recovery is NewReno-like: after a fast retransmit or a timeout each partial
 ACK retransmits the next hole), SACK, timestamps, delayed ACKs (one ACK per guest segment
-that carries data), the active open (port forwards), and segments larger than the MSS toward
-a guest that takes TSO frames: `_segment_limit` is that seam.
+that carries data), simultaneous open, and segments larger than the MSS toward a guest that
+takes TSO frames: `_segment_limit` is that seam.
+
+Active open (port forwards, `open_to_guest`): the host side accepted a connection and we are
+the opening end toward the guest.  SYN-SENT sends our SYN (our MSS, window scale offered) and
+retransmits it on the RTO with backoff, SYN_RETRIES times, then gives up (`Abort(SYN_TIMEOUT)`,
+no RST: the guest never spoke).  The guest's SYN/ACK must acknowledge exactly our SYN (any
+other ACK draws <SEQ=SEG.ACK><RST> and we keep waiting, RFC 9293 3.10.7.3); its options are
+read as a passive open reads a SYN's; then our ACK and `Established` (the shell starts
+relaying).  The guest's RST with the right ACK is `Abort(REFUSED_BY_GUEST)`.
 """
 
 from __future__ import annotations
@@ -94,6 +102,7 @@ RTO_MAX = 30.0
 CLOCK_GRANULARITY = 0.001
 MAX_RETRIES = 8  # consecutive timeouts without progress, then abort (~1 min at RTO_MIN)
 SYNACK_RETRIES = 5
+SYN_RETRIES = 5  # active open: SYNs after the first (1+2+4+8+16 s, then 32 s for the last)
 DUP_ACK_THRESHOLD = 3  # RFC 5681 3.2
 
 # Persist timer (RFC 9293 3.8.6.1) and the bound on a window held shut.
@@ -128,6 +137,7 @@ def _dist(a: int, b: int) -> int:
 
 # --- states -----------------------------------------------------------------------------
 LISTEN = "LISTEN"
+SYN_SENT = "SYN-SENT"  # active open (a port forward): our SYN sent to the guest
 CONNECTING = "CONNECTING"  # guest SYN seen, host connect() under way, nothing sent yet
 SYN_RECEIVED = "SYN-RECEIVED"
 ESTABLISHED = "ESTABLISHED"
@@ -189,7 +199,16 @@ class Close:
     """Both directions are done (or the host socket already failed): close it."""
 
 
-HostAction = Connect | Send | ShutdownWrite | Abort | Close
+@dataclass(frozen=True, slots=True)
+class Established:
+    """Active open: the guest accepted our SYN; start relaying the host socket."""
+
+
+# Abort reasons of an active open, counted by the shell per forward.
+REFUSED_BY_GUEST = "refused_by_guest"
+SYN_TIMEOUT = "syn_timeout"
+
+HostAction = Connect | Established | Send | ShutdownWrite | Abort | Close
 Output = ToGuest | HostAction
 
 
@@ -396,6 +415,8 @@ class TcpConnection:
             self._on_listen(seg, now, out)
         elif state == CONNECTING:
             self._on_connecting(seg, out)
+        elif state == SYN_SENT:
+            self._on_syn_sent(seg, now, out)
         elif state == CLOSED:
             reply = reset_for(seg)
             if reply is not None:
@@ -444,6 +465,62 @@ class TcpConnection:
                 self.counters.bad_option += 1
             self.snd_wscale = min(opts.wscale, MAX_WSCALE)
             self.rcv_wscale = RCV_WSCALE
+
+    # --- active open (port forwards) --------------------------------------------------------
+    def open_to_guest(self, now: float) -> list[Output]:
+        """Open this connection toward the guest (we send the SYN): the host side has
+        accepted a connection a port forward relays."""
+        if self.state != LISTEN:
+            raise ValueError(f"open_to_guest in {self.state}")
+        self.state = SYN_SENT
+        self.snd_nxt = (self.iss + 1) & _SEQ_MASK
+        self._last_activity = now
+        self._rtt_seq, self._rtt_start = self.snd_nxt, now
+        out: list[Output] = []
+        self._send_syn(out, now)
+        return out
+
+    def _send_syn(self, out: list[Output], now: float) -> None:
+        options = bytes((OPT_MSS, 4)) + self.our_mss.to_bytes(2, "big") \
+            + bytes((OPT_NOP, OPT_WSCALE, 3, RCV_WSCALE))
+        self._rtx_at = now + self.rto
+        self._emit(out, ToGuest(self.iss, 0, SYN, min(RCV_BUFFER, 0xFFFF), options))
+
+    def _on_syn_sent(self, seg: Tcp, now: float, out: list[Output]) -> None:
+        """RFC 9293 3.10.7.3, without simultaneous open."""
+        flags = seg.flags
+        counters = self.counters
+        if flags & ACK and seg.ack != self.snd_nxt:
+            counters.ack_unsent += 1
+            if not flags & RST:
+                self._emit(out, ToGuest(seg.ack, 0, RST, 0))
+            return
+        if flags & RST:
+            if flags & ACK:
+                self._forget(REFUSED_BY_GUEST)
+                out.append(Abort(REFUSED_BY_GUEST))
+            else:
+                counters.rst_ignored += 1  # a RST acknowledging nothing (RFC 9293 3.10.7.3)
+            return
+        if not flags & SYN or not flags & ACK:
+            counters.bad_flags += 1  # no simultaneous open; an ACK alone is not an answer
+            return
+        self._negotiate(seg)
+        self.irs = seg.seq
+        self.rcv_nxt = self.rcv_adv = (seg.seq + 1) & _SEQ_MASK
+        self.snd_una = seg.ack
+        self._take_rtt(seg.ack, now)
+        self._stop_rtx()
+        self._update_window(seg, force=True)
+        self.snd_wnd = seg.window  # a SYN's window is never scaled (RFC 7323 2.2)
+        self.max_snd_wnd = self.snd_wnd
+        self.max_snd_edge = (self.snd_wl2 + self.snd_wnd) & _SEQ_MASK
+        self.state = ESTABLISHED
+        self._last_activity = now
+        # Data on the SYN/ACK is not taken: our ACK covers the SYN only, the guest resends.
+        self._emit_ack(out)
+        out.append(Established())
+        log.debug("tcp %s: established (active open)", self.name)
 
     def _on_connecting(self, seg: Tcp, out: list[Output]) -> None:
         flags = seg.flags
@@ -740,7 +817,9 @@ class TcpConnection:
                 self._push(now, out)
         elif isinstance(event, HostError):
             log.debug("tcp %s: host socket failed (%s)", self.name, event.reason)
-            if state != CONNECTING:
+            if state == SYN_SENT:  # the guest may be in SYN-RECEIVED: this RST is in order
+                self._emit(out, ToGuest(self.snd_nxt, 0, RST, 0))
+            elif state != CONNECTING:
                 self._emit(out, ToGuest(self.snd_nxt, self.rcv_nxt, RST | ACK, 0))
             else:
                 self._emit(out, ToGuest(0, self.rcv_nxt, RST | ACK, 0))
@@ -786,6 +865,9 @@ class TcpConnection:
     def _on_rtx_timeout(self, now: float, out: list[Output]) -> None:
         self.counters.timeouts += 1
         self._retries += 1
+        if self.state == SYN_SENT:
+            self._syn_timeout(now, out)
+            return
         limit = SYNACK_RETRIES if self.state == SYN_RECEIVED else MAX_RETRIES
         if self._retries > limit:
             self._abort(out, f"{self._retries - 1} retransmissions unanswered")
@@ -798,6 +880,17 @@ class TcpConnection:
             return
         self._recover = self.snd_nxt
         self._retransmit_first(out, now)
+
+    def _syn_timeout(self, now: float, out: list[Output]) -> None:
+        """Our SYN went unanswered: again with backoff, SYN_RETRIES times, then give up."""
+        if self._retries > SYN_RETRIES:
+            self._forget(SYN_TIMEOUT)
+            out.append(Abort(SYN_TIMEOUT))
+            return
+        self.rto = min(self.rto * 2, RTO_MAX)
+        self._rtt_seq = None  # Karn
+        self.counters.retransmits += 1
+        self._send_syn(out, now)
 
     def _take_rtt(self, ack: int, now: float) -> None:
         if self._rtt_seq is None or _lt(ack, self._rtt_seq):

@@ -4,10 +4,15 @@ open one, and when each connection's timers run.
 A guest SYN for a new (guest ip/port, remote ip/port) is admitted through FlowLimits (flows
 per guest, the half-open cap: CONNECTING and SYN-RECEIVED) and the deny list, then becomes a
 TcpConnection; a known flow's segments go to its connection; a segment of no flow is answered
-by a RST (RFC 9293 3.10.7.1), counted; a SYN on a TIME-WAIT flow replaces it.  A closed
-connection leaves the table and gives its caps back.  Outputs are frames to the guest and
-`HostCall(key, action)` for the shell's host socket.  `tick(now)` runs only the connections
-whose deadline is due (a heap of deadlines, stale entries skipped and compacted).
+by a RST (RFC 9293 3.10.7.1), counted; a SYN on a TIME-WAIT flow replaces it.  A SYN to the
+gateway's own port 53 is DNS over TCP (`kind` "dns": the shell connects to an upstream
+resolver).  `open_forward` is the other way in: a connection a port forward accepted becomes
+an active open toward the guest, from the gateway's address and a port no flow uses; it
+counts toward the guest's flows (not its half-open cap, which is about the guest's own
+SYNs).  A closed connection leaves the table and gives its caps back.  Outputs are frames
+to the guest and `HostCall(key, action)` for the shell's host socket.  `tick(now)` runs only
+the connections whose deadline is due (a heap of deadlines, stale entries skipped and
+compacted).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import heapq
 from collections import Counter
 
 from netstack.frame import HDR_F_DATA_VALID, HDR_F_NEEDS_CSUM
+from netstack.nat.forward import free_port, gateway_address
 from netstack.nat.limits import FlowKey, FlowLimits
 from netstack.nat.packet import GuestPacket, NatConfig, Refused, frame_to_guest, refuse_denied
 from netstack.nat.tcp import (
@@ -40,6 +46,10 @@ _HALF_OPEN = frozenset({CONNECTING, SYN_RECEIVED})
 HEAP_SLACK = 64
 # IP + TCP header bytes below the MTU: our MSS offered to guests.
 _HEADERS = {4: 40, 6: 60}
+DNS_PORT = 53
+# What a flow is for: the guest's own connection out, DNS over TCP to the gateway, or a
+# port forward's connection in.
+OUTGOING, DNS, FORWARD = "outgoing", "dns", "forward"
 
 
 class HostCall:
@@ -56,15 +66,17 @@ class HostCall:
 
 
 class TcpFlow:
-    __slots__ = ("charged", "conn", "guest_mac", "half_open", "host_ip", "key", "scheduled")
+    __slots__ = ("charged", "conn", "guest_mac", "half_open", "host_ip", "key", "kind",
+                 "scheduled")
 
     def __init__(self, key: FlowKey, guest_mac: bytes, host_ip: bytes,
-                 conn: TcpConnection) -> None:
+                 conn: TcpConnection, kind: str = OUTGOING) -> None:
         self.key = key
         self.guest_mac = guest_mac
         self.host_ip = host_ip  # where the host socket connects (loopback when mapped)
         self.conn = conn
-        self.half_open = True
+        self.kind = kind
+        self.half_open = kind != FORWARD
         self.scheduled: float | None = None
         self.charged = 0  # bytes of conn.buffered charged to the guest's FlowLimits
 
@@ -84,9 +96,11 @@ def read_tcp(packet: GuestPacket, offload_flags: int) -> Tcp:
 class TcpTable:
     """Every guest's TCP connections; `limits` is shared with the other tables."""
 
-    def __init__(self, config: NatConfig, limits: FlowLimits) -> None:
+    def __init__(self, config: NatConfig, limits: FlowLimits,
+                 dns_over_tcp: bool = False) -> None:
         self.config = config
         self.limits = limits
+        self.dns_over_tcp = dns_over_tcp  # the gateway's TCP port 53 reaches the resolvers
         self.flows: dict[FlowKey, TcpFlow] = {}
         self.drops: Counter[str] = Counter()
         self.resets_sent = 0  # RSTs answering segments of no flow
@@ -131,8 +145,11 @@ class TcpTable:
         if key.remote_port == 0 or key.guest_port == 0:
             raise Refused("port_zero")
         host_ip = packet.dst
+        kind = OUTGOING
         if packet.dst in self.config.gateway_ips:
-            if not self.config.map_host_loopback:
+            if key.remote_port == DNS_PORT and self.dns_over_tcp:
+                kind = DNS
+            elif not self.config.map_host_loopback:
                 raise Refused("gateway", f"port {key.remote_port} of the gateway")
             host_ip = LOOPBACK4 if packet.version == 4 else LOOPBACK6
         else:
@@ -145,8 +162,28 @@ class TcpTable:
             raise Refused("half_open_limit")
         conn = TcpConnection(packet.src, key.guest_port, packet.dst, key.remote_port, now,
                              mss=self.config.mtu - _HEADERS[packet.version])
-        flow = self.flows[key] = TcpFlow(key, guest, host_ip, conn)
+        flow = self.flows[key] = TcpFlow(key, guest, host_ip, conn, kind)
         return flow
+
+    def open_forward(self, guest_mac: bytes, guest_ip: bytes, guest_port: int,
+                     now: float) -> tuple[FlowKey, list]:
+        """A connection a port forward accepted, opened toward `guest_ip`:`guest_port` (its
+        SYN among the frames returned); raises Refused (`no_gateway_address`, `no_port`,
+        `flow_limit`: the guest's cap, counted in FlowLimits too)."""
+        gateway = gateway_address(self.config.gateway_ips, len(guest_ip))
+        if gateway is None:
+            raise Refused("no_gateway_address")
+        port = free_port(lambda port: FlowKey(IPPROTO_TCP, guest_ip, guest_port, gateway, port)
+                         in self.flows)
+        if port is None:
+            raise Refused("no_port")
+        if not self.limits.admit(guest_mac, IPPROTO_TCP):
+            raise Refused("flow_limit")
+        key = FlowKey(IPPROTO_TCP, guest_ip, guest_port, gateway, port)
+        conn = TcpConnection(guest_ip, guest_port, gateway, port, now,
+                             mss=self.config.mtu - _HEADERS[4 if len(guest_ip) == 4 else 6])
+        flow = self.flows[key] = TcpFlow(key, guest_mac, gateway, conn, FORWARD)
+        return key, self._after(flow, conn.open_to_guest(now))
 
     # -- from the host ------------------------------------------------------------------------
 
@@ -178,6 +215,10 @@ class TcpTable:
         flow = self.flows.get(key)
         if flow is not None:
             self._remove(flow)
+
+    def kind(self, key: FlowKey) -> str | None:
+        flow = self.flows.get(key)
+        return None if flow is None else flow.kind
 
     def host_ip(self, key: FlowKey) -> bytes | None:
         flow = self.flows.get(key)
