@@ -12,7 +12,8 @@ import os
 import shutil
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import pytest
 import trio
@@ -26,6 +27,8 @@ from tests.support.nat_lab import (
     GATEWAY,
     NatLab,
 )
+from tests.support.nat_netns import inside
+from tests.support.netns import run_in
 
 pytestmark = [
     pytest.mark.slow,
@@ -39,6 +42,7 @@ pytestmark = [
 OUT4, OUT6 = outside.OUT4, outside.OUT6
 TRANSFER_TIMEOUT = 120.0  # 20 MB under TCG on two shared cores
 PARALLEL = 100
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +65,26 @@ def g1_run(lab: NatLab, cmd: str, timeout: float = 30.0) -> tuple[int, str]:
     return lab.run(lab.g1.run, cmd, timeout)
 
 
-def in_ns(lab: NatLab, which: str, *argv: str) -> str:
-    from tests.support.netns import run_in
+def listen_in_g1(lab: NatLab, port: int, start: str) -> None:
+    """Run `start` (a listener put in the background) in g1 and return once the port
+    listens: a connection forwarded before that is refused by the guest."""
+    g1(lab, f"{start}; for i in $(seq 100); do grep -qE ':{port:04X} [0-9A-F]+:[0-9A-F]+ 0A'"
+            " /proc/net/tcp /proc/net/tcp6 && exit 0; sleep 0.1; done;"
+            f" echo 'nothing listens on {port}'; exit 1")
 
+
+def in_ns(lab: NatLab, which: str, *argv: str) -> str:
     return lab.run(run_in, lab.names[which], *argv)
+
+
+def in_outside(lab: NatLab, fn: Callable[[], T]) -> T:
+    """`fn()` on a worker thread moved into the outside namespace (its sockets open there)."""
+
+    def call() -> T:
+        with inside(lab.names["outside"]):
+            return fn()
+
+    return lab.run(trio.to_thread.run_sync, call)
 
 
 def test_a_guest_pings_the_outside_over_ipv4_and_ipv6(lab):
@@ -85,7 +105,7 @@ def test_a_guest_uploads_a_file_checked_by_sha256_over_ipv4_and_ipv6(lab):
         assert answer.strip() == sent, address
 
 
-def test_dhcp_names_the_gateway_as_dns_and_names_resolve_through_it(lab):
+def test_a_guest_behind_a_remote_endpoint_gets_the_gateway_as_dns_and_fetches_by_name(lab):
     """g2 sits behind a remote `vhostvpn vm` endpoint: its lease, its DNS and its fetch cross
     the tunnel and then the hub's NAT."""
     assert lab.g2 is not None
@@ -146,10 +166,12 @@ def test_a_tap_host_reaches_the_outside_through_the_nat(lab):
 
 
 def test_a_forward_moves_20_mb_each_way_checked_by_sha256(lab):
+    """The outside connects to the hub's forwards (bound on its veth address) and reaches
+    g1's nc listeners: 20 MB in, the same 20 MB back out."""
     if not lab.forwards:
         pytest.skip("this tree's NAT shell takes no --forward yet (NatShell has no forwards=)")
     # outside -> g1: the hub's FORWARD_IN to g1's 5000, nc writing what arrives to a file
-    g1(lab, "rm -f /tmp/in; (nc -l -p 5000 > /tmp/in 2>/dev/null &)")
+    listen_in_g1(lab, 5000, "rm -f /tmp/in; (nc -l -p 5000 > /tmp/in 2>/dev/null &)")
     data = os.urandom(BIG)
 
     def send_in() -> None:
@@ -159,20 +181,12 @@ def test_a_forward_moves_20_mb_each_way_checked_by_sha256(lab):
             conn.settimeout(TRANSFER_TIMEOUT)
             conn.recv(1)  # the guest's nc closes when it has read our end
 
-    from tests.support.nat_netns import inside
-
-    async def in_outside(fn):
-        def call():
-            with inside(lab.names["outside"]):
-                return fn()
-        return await trio.to_thread.run_sync(call)
-
-    lab.run(in_outside, send_in)
+    in_outside(lab, send_in)
     got = g1(lab, f"for i in $(seq 60); do [ $(wc -c < /tmp/in) -ge {BIG} ] && break;"
                   " sleep 0.5; done; sha256sum /tmp/in", 60)
     assert got.split()[0] == hashlib.sha256(data).hexdigest()
     # g1 -> outside: g1's 5001 (nc sending the file) through the hub's FORWARD_OUT
-    g1(lab, "(nc -l -p 5001 < /tmp/in > /dev/null 2>&1 &)")
+    listen_in_g1(lab, 5001, "(nc -l -p 5001 < /tmp/in > /dev/null 2>&1 &)")
 
     def receive_out() -> str:
         digest, size = hashlib.sha256(), 0
@@ -183,4 +197,4 @@ def test_a_forward_moves_20_mb_each_way_checked_by_sha256(lab):
                 size += len(chunk)
         return digest.hexdigest()
 
-    assert lab.run(in_outside, receive_out) == hashlib.sha256(data).hexdigest()
+    assert in_outside(lab, receive_out) == hashlib.sha256(data).hexdigest()
