@@ -179,7 +179,7 @@ def test_a_forward_moves_20_mb_each_way_checked_by_sha256(lab):
             conn.sendall(data)
             conn.shutdown(socket.SHUT_WR)
             conn.settimeout(TRANSFER_TIMEOUT)
-            conn.recv(1)  # the guest's nc closes when it has read our end
+            conn.recv(1)  # nc's stdin is /dev/null: its FIN may come first; the file tells
 
     in_outside(lab, send_in)
     got = g1(lab, f"for i in $(seq 60); do [ $(wc -c < /tmp/in) -ge {BIG} ] && break;"
