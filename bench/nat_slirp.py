@@ -252,7 +252,7 @@ async def measure(setup: Setup, names: dict[str, str], seconds: int) -> dict:
     if setup.forward is not None:
         address, port = setup.forward
         await guest.start_iperf3_server(once=True)
-        with CpuMeter(setup.pids) as cpu:
+        with CpuMeter(setup.pids) as cpu, trio.fail_after(seconds + 60):
             done = await trio.run_process(
                 outside.netns_exec(names["outside"], "iperf3", "-c", address, "-p", str(port),
                                    "-t", str(seconds), "-J"),
