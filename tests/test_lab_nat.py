@@ -6,11 +6,16 @@ use there is refused."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import itertools
+import json
 import os
 import shutil
+import socket
 import subprocess
+import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -219,3 +224,168 @@ def test_down_deletes_a_nat_labs_hub_ends_left_in_the_callers_namespace(caller_n
         names = netns.ip("-o", "link", "show").stdout
     assert f"vh{tag}01" not in names and f"labnat{tag}p" not in names  # the pair, at once
     assert f"vh{tag}x" in names
+
+
+# --- a NAT lab, up and down (slow: boots a guest) ---------------------------------------------
+
+def lab_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tunnel.cli", "lab", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def free_local_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def serve_once(listener: socket.socket, answer: bytes, got: list[bytes]) -> threading.Thread:
+    """Accept one connection on `listener` (in a thread, bounded), send `answer`, record what
+    the client sent before closing, close."""
+    def run() -> None:
+        listener.settimeout(240)
+        with contextlib.suppress(OSError):
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(30)
+                conn.sendall(answer)
+                conn.shutdown(socket.SHUT_WR)
+                got.append(conn.recv(4096))
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+H1_SERVER = """
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(); s.settimeout(240)
+print("ready", flush=True)
+c, peer = s.accept(); c.settimeout(30)
+c.sendall(b"h1 saw " + c.recv(100) + b" from " + peer[0].encode()); c.close()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/net/tun")
+                    or shutil.which("ip") is None or shutil.which("qemu-system-x86_64") is None,
+                    reason="needs root, /dev/net/tun, iproute2 and QEMU")
+def test_a_nat_lab_reaches_the_machine_is_reached_by_a_forward_and_leaves_nothing(tmp_path):
+    """nat = true: the hub runs in this (the caller's) namespace, so the guest reaches a server
+    on this machine's 127.0.0.1 (map_host_loopback) and one on an address of this namespace
+    (a veth this test makes to a namespace of its own), not the lab's veth networks
+    (--nat-deny); a forward on 127.0.0.1 here reaches the TAP host's server; `lab down` leaves
+    no namespace, link, address, process or listening port."""
+    from tests.support.guest import ensure_image
+    from tests.support.nat_netns import inside
+    from tests.support.nat_netns import ip as must
+    from tunnel.control import query
+
+    ensure_image()
+    tag = uuid.uuid4().hex[:4]
+    outside, near, far = f"labnat{tag}o", f"labnat{tag}a", f"labnat{tag}b"
+    forward_port, h1_port = free_local_port(), 8022
+    lab_file = tmp_path / "nat-lab.toml"
+    lab_file.write_text(
+        '[hub]\nsubnet = "10.77.0.0/24"\nnat = true\nmap_host_loopback = true\n'
+        f'forward = ["tcp:127.0.0.1:{forward_port}:h1:{h1_port}"]\n'
+        '[[guest]]\nname = "vm1"\naddress = "10.77.0.10"\n'
+        '[[host]]\nname = "h1"\nmode = "tap"\naddress = "10.77.0.50/24"\n')
+    spec = parse_lab(lab_file.read_text(), lab_file)
+    token_lo, token_out = uuid.uuid4().hex, uuid.uuid4().hex
+    got_lo: list[bytes] = []
+    got_out: list[bytes] = []
+    h1_server = None
+    pids: list[int] = []
+    hub_port = None
+    listeners: list[socket.socket] = []
+    try:
+        must("netns", "add", outside)
+        must("link", "add", near, "type", "veth", "peer", "name", far, "netns", outside)
+        must("addr", "add", "198.18.77.1/30", "dev", near)
+        must("link", "set", near, "up")
+        must("-n", outside, "addr", "add", "198.18.77.2/30", "dev", far)
+        must("-n", outside, "link", "set", far, "up")
+        loopback = socket.create_server(("127.0.0.1", 0))
+        listeners.append(loopback)
+        with inside(outside):
+            remote = socket.create_server(("198.18.77.2", 0))
+        listeners.append(remote)
+        servers = [serve_once(loopback, token_lo.encode(), got_lo),
+                   serve_once(remote, token_out.encode(), got_out)]
+
+        up = lab_cli("up", str(lab_file), timeout=240)
+        assert up.returncode == 0, up.stdout + up.stderr
+        state = json.loads((spec.state_dir / "state.json").read_text())
+        assert state["hub_netns"] == "" and state["hub"]["argv"][0] != "ip"
+        hub_port = int(state["hub_listen"].rsplit(":", 1)[1])
+        pids = [state["hub"]["pid"], *(p["pid"] for m in state["members"]
+                                       for p in m["processes"].values())]
+        assert "hub    the caller's namespace (NAT)" in up.stdout
+        assert (f"forward h1:{h1_port} <- tcp 127.0.0.1:{forward_port} "
+                f"(tcp 127.0.0.1:{forward_port} on this machine)") in up.stdout
+        links = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True,
+                               text=True).stdout
+        assert f"vh{spec.tag}01    inet 10.199.1.1/24" in links  # the hub ends are here
+        assert f"vh{spec.tag}02    inet 10.199.2.1/24" in links
+        assert not any(ns == f"vvlab-{spec.tag}-hub" for ns in netns.netns_list())
+
+        # the guest reaches this machine's loopback through the gateway, and an address of
+        # this namespace directly
+        said = lab_cli("run", str(lab_file), "vm1", "--", "sh", "-c",
+                       f"echo vm1-lo | nc 10.77.0.1 {loopback.getsockname()[1]}; "
+                       f"echo vm1-out | nc 198.18.77.2 {remote.getsockname()[1]}", timeout=120)
+        assert said.returncode == 0, said.stdout + said.stderr
+        assert token_lo in said.stdout and token_out in said.stdout
+        for thread in servers:
+            thread.join(30)
+        assert got_lo == [b"vm1-lo\n"] and got_out == [b"vm1-out\n"]
+
+        # not the lab's veths, where the hub's own tunnel listens
+        denied = lab_cli("run", str(lab_file), "vm1", "--", "sh", "-c",
+                         f"nc -w 2 10.199.1.1 {hub_port} </dev/null; echo rc=$?", timeout=60)
+        assert "rc=0" not in denied.stdout, denied.stdout
+        nat = query(state["hub_control"])["nat"]
+        assert nat["drops"].get("denied", 0) >= 1, nat["drops"]
+
+        # a forward on this machine's 127.0.0.1 into the TAP host h1
+        h1_server = subprocess.Popen(
+            ["ip", "netns", "exec", f"vvlab-{spec.tag}-h1", sys.executable, "-c", H1_SERVER,
+             str(h1_port)], stdout=subprocess.PIPE, text=True)
+        assert h1_server.stdout.readline().strip() == "ready"
+        with socket.create_connection(("127.0.0.1", forward_port), timeout=30) as client:
+            client.sendall(b"hello")
+            answer = b""
+            while chunk := client.recv(4096):
+                answer += chunk
+        assert answer == b"h1 saw hello from 10.77.0.1"  # the gateway's address
+        h1_server.wait(30)
+    finally:
+        if h1_server is not None and h1_server.poll() is None:
+            h1_server.kill()
+            h1_server.wait()
+        down = lab_cli("down", str(lab_file))
+        for listener in listeners:
+            listener.close()
+        subprocess.run(["ip", "netns", "del", outside], capture_output=True)
+        subprocess.run(["ip", "link", "del", near], capture_output=True)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert not any(ns.startswith(f"vvlab-{spec.tag}-") for ns in netns.netns_list())
+    links = subprocess.run(["ip", "-o", "addr", "show"], capture_output=True, text=True).stdout
+    assert f"vh{spec.tag}" not in links and f"vm{spec.tag}" not in links
+    assert "10.199." not in links
+    deadline = time.monotonic() + 5
+    while any(Path(f"/proc/{pid}").exists() and not _zombie(pid) for pid in pids) \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [pid for pid in pids if Path(f"/proc/{pid}").exists() and not _zombie(pid)] == []
+    listening = subprocess.run(["ss", "-Htln"], capture_output=True, text=True).stdout
+    assert f":{forward_port} " not in listening and f":{hub_port} " not in listening
+    assert not spec.state_dir.exists()
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
