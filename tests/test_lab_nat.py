@@ -360,6 +360,22 @@ def test_a_nat_lab_reaches_the_machine_is_reached_by_a_forward_and_leaves_nothin
                 answer += chunk
         assert answer == b"h1 saw hello from 10.77.0.1"  # the gateway's address
         h1_server.wait(30)
+
+        # a second NAT lab needs 10.199.1.0/24 too: refused in one line, nothing of it left
+        second = tmp_path / "second.toml"
+        second.write_text('[hub]\nsubnet = "10.78.0.0/24"\nnat = true\n'
+                          '[[host]]\nname = "h9"\naddress = "10.78.0.9/24"\n')
+        refused = lab_cli("up", str(second))
+        assert refused.returncode == 1
+        assert refused.stderr == (
+            "vhostvpn lab up: nat = true: the hub runs in this namespace and h9's veth needs "
+            "10.199.1.0/24, but 10.199.1.0/24 is in use here already (another NAT lab, or this "
+            "machine's own network)\n")
+        second_tag = parse_lab(second.read_text(), second).tag
+        assert not any(ns.startswith(f"vvlab-{second_tag}-") for ns in netns.netns_list())
+        assert netns.lab_links(second_tag) == []
+        assert lab_cli("status", str(lab_file)).returncode == 0  # the first lab untouched
+        assert f"vh{spec.tag}01" in netns.lab_links(spec.tag)
     finally:
         if h1_server is not None and h1_server.poll() is None:
             h1_server.kill()
