@@ -371,9 +371,12 @@ def test_a_nat_lab_reaches_the_machine_is_reached_by_a_forward_and_leaves_nothin
             "vhostvpn lab up: nat = true: the hub runs in this namespace and h9's veth needs "
             "10.199.1.0/24, but 10.199.1.0/24 is in use here already (another NAT lab, or this "
             "machine's own network)\n")
-        second_tag = parse_lab(second.read_text(), second).tag
-        assert not any(ns.startswith(f"vvlab-{second_tag}-") for ns in netns.netns_list())
-        assert netns.lab_links(second_tag) == []
+        assert "lab up failed" not in refused.stdout  # nothing was made to tear down
+        second_spec = parse_lab(second.read_text(), second)
+        assert not second_spec.state_dir.exists()
+        assert not Path(f"/tmp/vhostvpn-lab-{second_spec.tag}-logs").exists()
+        assert not any(ns.startswith(f"vvlab-{second_spec.tag}-") for ns in netns.netns_list())
+        assert netns.lab_links(second_spec.tag) == []
         assert lab_cli("status", str(lab_file)).returncode == 0  # the first lab untouched
         assert f"vh{spec.tag}01" in netns.lab_links(spec.tag)
     finally:

@@ -98,13 +98,17 @@ def _bracketed(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     return f"[{address}]" if address.version == 6 else str(address)
 
 
-def free_port() -> int:
-    """A TCP port free on every IPv4 address of the caller's namespace, for a NAT lab's hub
-    (7777 may be anyone's there).  The hub binds it a moment later; if someone took it
-    meanwhile, the hub exits and `up` says so with its log."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("0.0.0.0", 0))
-        return probe.getsockname()[1]
+def free_port(taken: set[int]) -> int:
+    """A TCP port free on every IPv4 address of the caller's namespace and not in `taken`
+    (the lab's TCP forwards), for a NAT lab's hub (7777 may be anyone's there).  The hub
+    binds it a moment later; if someone took it meanwhile, the hub exits and `up` says so
+    with its log."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("0.0.0.0", 0))
+            port = probe.getsockname()[1]
+        if port not in taken:
+            return port
 
 
 def guest_flags(hub: HubSpec, socket: str) -> list[str]:
@@ -131,13 +135,16 @@ def up(spec: LabSpec, log_level: str = "info") -> State:
     if (directory / "state.json").exists():
         raise LabError(f"lab {spec.path} is already up (state in {directory}); "
                        f"run `vhostvpn lab down {spec.path}` first")
+    plumbing = netns.plan(spec.tag, [m.name for m in spec.members], spec.hub.nat)
+    if spec.hub.nat:  # refused before anything is made (checked again under the lock)
+        netns.check_free(plumbing, netns.networks_in_use())
     if spec.guests:
         image_ready()
     shutil.rmtree(directory, ignore_errors=True)
     (directory / "logs").mkdir(parents=True)
     directory.chmod(0o700)
-    plumbing = netns.plan(spec.tag, [m.name for m in spec.members], spec.hub.nat)
-    port = free_port() if spec.hub.nat else HUB_PORT
+    port = free_port({f.host_port for f in spec.hub.forwards if f.protocol == "tcp"}) \
+        if spec.hub.nat else HUB_PORT
     state = State(lab=str(spec.path.resolve()), tag=spec.tag, dir=str(directory),
                   hub_netns=plumbing.hub_netns or "",
                   hub_control=str(directory / "hub.control"), hub_listen=f"0.0.0.0:{port}")
