@@ -1,7 +1,8 @@
 """`lab down`: stop a lab's processes (QEMU first, then the endpoints, then the hub) and
 delete its namespaces and state, from what state.json recorded and the namespaces named
-after the lab's tag (those a crashed `up` did not record too).  Idempotent; needs only the
-lab file's path, not its contents.
+after the lab's tag (those a crashed `up` did not record too), and any of its veths' hub
+ends left in the caller's namespace (a NAT lab's hub runs there).  Idempotent; needs only
+the lab file's path, not its contents.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def down(path: Path) -> bool:
                       hub_netns=f"vvlab-{tag}-hub")
     # Namespaces named after this lab's tag, also those a crashed `up` did not record.
     stray = {ns for ns in netns.netns_list() if ns.startswith(f"vvlab-{tag}-")}
-    found = found or bool(stray)
+    found = found or bool(stray) or bool(netns.lab_links(tag))
     state.namespaces = sorted(set(state.namespaces) | stray)
     down_state(state)
     return found
@@ -45,6 +46,9 @@ def down_state(state: State) -> None:
                     os.killpg(proc.pid, signal.SIGTERM)
         for proc in group:
             stop(proc)
+    # A NAT lab's hub ends are in the caller's namespace: deleted here, at once (a deleted
+    # namespace's veths go later, when the kernel gets round to it).
+    netns.delete_links(state.tag)
     netns.delete(state.namespaces)  # deleting a namespace deletes its veth ends
     shutil.rmtree(state.dir, ignore_errors=True)
     with contextlib.suppress(OSError):  # the parent too, once no other lab uses it

@@ -1,15 +1,27 @@
-"""The lab's network plumbing, through iproute2: a namespace per member and one for the hub,
-each member's joined to the hub's by a veth pair on its own /24 (10.199.N.0/24: the hub's
-end .1, the member's .2), over which the member's endpoint reaches the hub's tunnel.
+"""The lab's network plumbing, through iproute2: a namespace per member, each joined to the
+hub by a veth pair on its own /24 (10.199.N.0/24: the hub's end .1, the member's .2), over
+which the member's endpoint reaches the hub's tunnel.
 
-Deleting a namespace deletes its veth ends, so `delete` is all `down` needs.
+Where the hub's ends go is the plan (`plan`): a lab without NAT has a namespace of its own for
+the hub; a NAT lab's hub runs in the caller's namespace (its NAT reaches what the machine
+reaches, its forwards listen on the machine), so the hub's ends and their /24s are there, and
+`check_free` refuses a lab whose /24s the caller's namespace already uses.  Deleting a
+member's namespace deletes its veth pair, though asynchronously; `down` deletes a NAT lab's
+hub ends first (`delete_links`, synchronous), then the namespaces (`delete`).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import subprocess
+from dataclasses import dataclass
 
 from tunnel.lab import LabError
+
+# Every lab's veth networks lie in it (10.199.N.0/24, N = member number from 1); a NAT lab's
+# hub gets `--nat-deny` for all of it, so guests never reach a lab's tunnel port through it.
+VETH_NETWORKS = ipaddress.IPv4Network("10.199.0.0/16")
 
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -31,21 +43,116 @@ def hub_side(index: int) -> str:
     return f"10.199.{index}.1"
 
 
+def veth_network(index: int) -> ipaddress.IPv4Network:
+    """The /24 of member number `index`'s veth pair."""
+    return ipaddress.IPv4Network(f"10.199.{index}.0/24")
+
+
+@dataclass(frozen=True)
+class Veth:
+    """Member `member`'s veth pair: `hub_end` (hub_side(index)/24) where the hub runs,
+    `member_end` (10.199.index.2/24) in the member's namespace `netns`."""
+
+    member: str
+    index: int
+    hub_end: str
+    member_end: str
+    netns: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The lab's plumbing: `hub_netns` is the hub's own namespace, or None for the caller's
+    (a NAT lab); one Veth per member, in the lab file's member order."""
+
+    hub_netns: str | None
+    veths: tuple[Veth, ...]
+
+    @property
+    def namespaces(self) -> list[str]:
+        """Every namespace the plan creates, the hub's first."""
+        return [*([self.hub_netns] if self.hub_netns else []), *(v.netns for v in self.veths)]
+
+    @property
+    def networks(self) -> list[ipaddress.IPv4Network]:
+        """The veth /24s, in the hub's namespace (the caller's for a NAT lab)."""
+        return [veth_network(v.index) for v in self.veths]
+
+
+def plan(tag: str, members: list[str], nat: bool) -> Plan:
+    """The plumbing of lab `tag` with `members` (names, in order): the hub in
+    vvlab-<tag>-hub, or in the caller's namespace when `nat`; member N's namespace
+    vvlab-<tag>-<name>, its veth pair vh<tag>NN (hub's end) and vm<tag>NN (member's)."""
+    if len(members) > 254:
+        raise LabError(f"{len(members)} members: at most 254 (one 10.199.N.0/24 each)")
+    return Plan(None if nat else f"vvlab-{tag}-hub",
+                tuple(Veth(name, index, f"vh{tag}{index:02d}", f"vm{tag}{index:02d}",
+                           f"vvlab-{tag}-{name}")
+                      for index, name in enumerate(members, start=1)))
+
+
+def join_commands(plan: Plan, veth: Veth) -> list[list[str]]:
+    """The `ip` argument lists that make `veth` and put its addresses up: the hub's end in
+    plan.hub_netns (the caller's namespace when None), the member's in veth.netns."""
+    hub = ["-n", plan.hub_netns] if plan.hub_netns else []
+    to_hub = ["netns", plan.hub_netns] if plan.hub_netns else []
+    return [["link", "add", veth.hub_end, *to_hub, "type", "veth",
+             "peer", "name", veth.member_end, "netns", veth.netns],
+            [*hub, "addr", "add", f"{hub_side(veth.index)}/24", "dev", veth.hub_end],
+            ["-n", veth.netns, "addr", "add", f"10.199.{veth.index}.2/24", "dev",
+             veth.member_end],
+            [*hub, "link", "set", veth.hub_end, "up"],
+            ["-n", veth.netns, "link", "set", veth.member_end, "up"]]
+
+
 def add(netns: str) -> None:
     """Create the namespace `netns` with its loopback up."""
     ip("netns", "add", netns)
     ip("-n", netns, "link", "set", "lo", "up")
 
 
-def join(hub_netns: str, hub_end: str, netns: str, member_end: str, index: int) -> None:
-    """A veth pair from `hub_netns` (end `hub_end`, hub_side(index)/24) to `netns` (end
-    `member_end`, 10.199.index.2/24), both ends up."""
-    ip("link", "add", hub_end, "netns", hub_netns, "type", "veth",
-       "peer", "name", member_end, "netns", netns)
-    ip("-n", hub_netns, "addr", "add", f"{hub_side(index)}/24", "dev", hub_end)
-    ip("-n", netns, "addr", "add", f"10.199.{index}.2/24", "dev", member_end)
-    ip("-n", hub_netns, "link", "set", hub_end, "up")
-    ip("-n", netns, "link", "set", member_end, "up")
+def join(plan: Plan, veth: Veth) -> None:
+    """Make `veth` as `join_commands` says (both namespaces exist)."""
+    for args in join_commands(plan, veth):
+        ip(*args)
+
+
+def networks_in_use() -> list[ipaddress.IPv4Network]:
+    """The IPv4 networks of the caller's namespace: those of its addresses and those its
+    routes (any table) lead to, the default routes left out."""
+    found = []
+    addresses = ip("-o", "-4", "addr", "show", check=False).stdout
+    for words in (line.split() for line in addresses.splitlines()):
+        if "inet" in words:
+            found.append(ipaddress.IPv4Interface(words[words.index("inet") + 1]).network)
+    routes = ip("-4", "route", "show", "table", "all", check=False).stdout
+    for words in (line.split() for line in routes.splitlines()):
+        if not words:
+            continue
+        destination = words[1] if words[0] in ("local", "broadcast", "unicast", "blackhole",
+                                               "unreachable", "prohibit", "throw",
+                                               "multicast", "anycast", "nat") else words[0]
+        if re.fullmatch(r"[0-9.]+(/[0-9]+)?", destination):
+            network = ipaddress.IPv4Network(destination, strict=False)
+            if network.prefixlen > 0:
+                found.append(network)
+    return found
+
+
+def check_free(plan: Plan, in_use: list[ipaddress.IPv4Network]) -> None:
+    """LabError (one line) if a NAT lab's veth /24s overlap a network `in_use` in the
+    caller's namespace (another NAT lab, the machine's own network): adding them would
+    take part of it away from the machine's routing.  A lab with its own hub namespace
+    has nothing to check."""
+    if plan.hub_netns is not None:
+        return
+    for veth in plan.veths:
+        network = veth_network(veth.index)
+        clash = next((used for used in in_use if used.overlaps(network)), None)
+        if clash is not None:
+            raise LabError(f"nat = true: the hub runs in this namespace and {veth.member}'s "
+                           f"veth needs {network}, but {clash} is in use here already "
+                           "(another NAT lab, or this machine's own network)")
 
 
 def delete(namespaces: list[str]) -> None:
@@ -55,3 +162,23 @@ def delete(namespaces: list[str]) -> None:
     for netns in namespaces:
         if netns in existing:
             ip("netns", "del", netns, check=False)
+
+
+def lab_links(tag: str) -> list[str]:
+    """The hub ends of lab `tag`'s veths (vh<tag>NN) in the caller's namespace."""
+    pattern = re.compile(rf"vh{re.escape(tag)}[0-9]{{2,3}}")
+    names = []
+    for line in ip("-o", "link", "show", check=False).stdout.splitlines():
+        words = line.split()
+        name = words[1].rstrip(":").split("@")[0] if len(words) > 1 else ""
+        if pattern.fullmatch(name):
+            names.append(name)
+    return names
+
+
+def delete_links(tag: str) -> None:
+    """Delete the hub ends of lab `tag`'s veths in the caller's namespace (a NAT lab's), and
+    so their pairs, at once: a deleted namespace's veths go only when the kernel's cleanup
+    gets to it.  Never raises."""
+    for name in lab_links(tag):
+        ip("link", "del", name, check=False)

@@ -63,7 +63,8 @@ class HubSpec:
     dhcp_range: tuple[ipaddress.IPv4Address, ipaddress.IPv4Address] | None = None
     lease_time: int | None = None  # seconds; default: the hub's
     domain: str | None = None
-    nat: bool = False  # --nat
+    nat: bool = False  # --nat; the hub then runs in the caller's namespace (netns.plan)
+    map_host_loopback: bool = False  # --map-host-loopback (needs nat)
     forwards: tuple[ForwardSpec, ...] = ()  # --forward each; member names resolved
 
 
@@ -128,7 +129,7 @@ def guest_mac(tag: str, name: str) -> str:
 
 _HUB_KEYS = {"subnet", "gateway", "ipv6_prefix", "dhcp", "dhcp_range", "lease_time", "domain",
              "mtu", "dns", "pcap", "port_policy",
-             "log_level", "nat", "forward"}
+             "log_level", "nat", "map_host_loopback", "forward"}
 _GUEST_KEYS = {"name", "count", "memory", "smp", "qemu_args", "command", "address"}
 _HOST_KEYS = {"name", "mode", "address", "dhcp"}
 
@@ -363,8 +364,12 @@ def _parse_hub(hub: dict, path: Path) -> HubSpec:
             if value is not None:
                 raise LabError(f"[hub]: {key} is a DHCP setting, and dhcp = false")
     nat = _typed("[hub]", hub, "nat", bool, False)
+    map_host_loopback = _typed("[hub]", hub, "map_host_loopback", bool, False)
+    if map_host_loopback and not nat:
+        raise LabError("[hub]: map_host_loopback needs nat = true (it maps the gateway's "
+                       "address through the NAT)")
     return HubSpec(subnet, gateway, prefix, dhcp, mtu, tuple(dns), pcap, port_policy, log_level,
-                   dhcp_range, lease_time, domain, nat)
+                   dhcp_range, lease_time, domain, nat, map_host_loopback)
 
 
 def _guest_addresses(where: str, table: dict, count: int,

@@ -55,9 +55,10 @@ class State:
     lab: str
     tag: str
     dir: str
-    hub_netns: str
+    hub_netns: str  # "": the caller's namespace (a NAT lab's hub)
     hub: Proc | None = None
     hub_control: str = ""
+    hub_listen: str = ""  # the hub's tunnel: HOST:PORT in hub_netns
     members: list[Member] = field(default_factory=list)
     namespaces: list[str] = field(default_factory=list)  # all that were ever created
 
@@ -112,7 +113,9 @@ def load_state(path: Path) -> State:
 def format_lab(state: State) -> str:
     """The hub and each member of a running lab, one line each: addresses, namespace,
     console, and the processes that are not running."""
-    lines = [f"  hub    netns {state.hub_netns}, pid {state.hub.pid if state.hub else '-'}"
+    where = (f"netns {state.hub_netns}" if state.hub_netns
+             else f"the caller's namespace (NAT), tunnel on {state.hub_listen or '-'}")
+    lines = [f"  hub    {where}, pid {state.hub.pid if state.hub else '-'}"
              + ("" if state.hub and alive(state.hub) else " (not running)")]
     for member in state.members:
         dead = [k for k, p in member.processes.items() if not alive(p)]

@@ -1,6 +1,8 @@
 """`lab up`: bring a checked LabSpec up in the background, in this order:
   keys (one identity per member and the hub, the hub's peers file) ->
-  namespaces and veths (netns.py) -> the hub (`vhostvpn hub` in its namespace) ->
+  namespaces and veths (netns.py) -> the hub (`vhostvpn hub` in its namespace; a NAT lab's
+  in the caller's, so that its NAT reaches the machine's networks and its forwards listen on
+  the machine) ->
   the endpoints (`vhostvpn vm` / `vhostvpn host` in each member's) ->
   QEMU per guest (run-vm.sh, console on a unix socket) -> waiting for every member's
   addresses (boot.py) and running each guest's `command`.
@@ -12,10 +14,13 @@ run as `python -m tunnel.cli` with this interpreter.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import ipaddress
 import os
 import shutil
+import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from tunnel.lab import LabError, assets, netns, say
@@ -25,18 +30,20 @@ from tunnel.lab.down import down_state
 from tunnel.lab.image import image_ready, tool_env
 from tunnel.lab.processes import spawn, wait_paths
 from tunnel.lab.schema import GuestSpec, HostSpec, HubSpec, LabSpec, guest_mac
-from tunnel.lab.state import Member, State, format_lab
+from tunnel.lab.state import STATE_ROOT, Member, State, format_lab
 
 RUN_VM = Path(os.environ.get("VV_RUN_VM", assets.run_vm()))
-HUB_PORT = 7777
+HUB_PORT = 7777  # in the hub's own namespace; a NAT lab's hub takes a free port instead
 VHOSTVPN = [sys.executable, "-m", "tunnel.cli"]
 
 
 def hub_flags(hub: HubSpec, directory: Path, log_level: str,
-              reservations: dict[str, ipaddress.IPv4Address] | None = None) -> list[str]:
-    """The flags of the lab's `vhostvpn hub`, its files in the state directory `directory`;
-    `reservations` (MAC -> address) are the guests' fixed addresses."""
-    flags = ["--listen", f"0.0.0.0:{HUB_PORT}", "--identity", str(directory / "keys" / "hub"),
+              reservations: dict[str, ipaddress.IPv4Address] | None = None,
+              port: int = HUB_PORT) -> list[str]:
+    """The flags of the lab's `vhostvpn hub`, its tunnel on `port`, its files in the state
+    directory `directory`; `reservations` (MAC -> address) are the guests' fixed addresses.
+    With nat, guests are kept away from every lab's veth networks (--nat-deny)."""
+    flags = ["--listen", f"0.0.0.0:{port}", "--identity", str(directory / "keys" / "hub"),
              "--peers", str(directory / "peers"), "--subnet", str(hub.subnet),
              "--gateway", str(hub.gateway), "--mtu", str(hub.mtu),
              "--state-dir", str(directory / "hub-state"),
@@ -61,22 +68,47 @@ def hub_flags(hub: HubSpec, directory: Path, log_level: str,
     if not hub.port_policy:
         flags.append("--no-port-policy")
     if hub.nat:
-        flags.append("--nat")
+        flags += ["--nat", "--nat-deny", str(netns.VETH_NETWORKS)]
+    if hub.map_host_loopback:
+        flags.append("--map-host-loopback")
     for spec in hub.forwards:
         flags += ["--forward", str(spec)]
     return flags
 
 
-def forward_lines(spec: LabSpec, hub_netns: str) -> list[str]:
-    """How to reach each of the lab's port forwards: they listen in the hub's namespace."""
+def forward_lines(spec: LabSpec) -> list[str]:
+    """How to reach each of the lab's port forwards: they listen on this machine (a NAT
+    lab's hub runs in the caller's namespace), on every address of the family unless bound."""
     lines = []
     for forward, target in spec.forward_targets():
-        address = forward.bind or ipaddress.ip_address(
-            "127.0.0.1" if forward.guest.version == 4 else "::1")
-        where = f"[{address}]" if address.version == 6 else str(address)
-        lines.append(f"  forward {target} <- {forward.protocol} {where}:{forward.host_port} "
-                     f"in the hub's namespace (ip netns exec {hub_netns} ...)")
+        v4 = forward.guest.version == 4
+        bind = forward.bind or ipaddress.ip_address("0.0.0.0" if v4 else "::")
+        reach = bind if not bind.is_unspecified else ipaddress.ip_address(
+            "127.0.0.1" if v4 else "::1")
+        if forward.protocol == "tcp" and forward.guest_port == 22:
+            how = f"ssh -p {forward.host_port} {reach}"
+        else:
+            how = f"{forward.protocol} {_bracketed(reach)}:{forward.host_port} on this machine"
+        lines.append(f"  forward {target} <- {forward.protocol} "
+                     f"{_bracketed(bind)}:{forward.host_port} ({how})")
     return lines
+
+
+def _bracketed(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    return f"[{address}]" if address.version == 6 else str(address)
+
+
+def free_port(taken: set[int]) -> int:
+    """A TCP port free on every IPv4 address of the caller's namespace and not in `taken`
+    (the lab's TCP forwards), for a NAT lab's hub (7777 may be anyone's there).  The hub
+    binds it a moment later; if someone took it meanwhile, the hub exits and `up` says so
+    with its log."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("0.0.0.0", 0))
+            port = probe.getsockname()[1]
+        if port not in taken:
+            return port
 
 
 def guest_flags(hub: HubSpec, socket: str) -> list[str]:
@@ -103,17 +135,22 @@ def up(spec: LabSpec, log_level: str = "info") -> State:
     if (directory / "state.json").exists():
         raise LabError(f"lab {spec.path} is already up (state in {directory}); "
                        f"run `vhostvpn lab down {spec.path}` first")
+    plumbing = netns.plan(spec.tag, [m.name for m in spec.members], spec.hub.nat)
+    if spec.hub.nat:  # refused before anything is made (checked again under the lock)
+        netns.check_free(plumbing, netns.networks_in_use())
     if spec.guests:
         image_ready()
     shutil.rmtree(directory, ignore_errors=True)
     (directory / "logs").mkdir(parents=True)
     directory.chmod(0o700)
+    port = free_port({f.host_port for f in spec.hub.forwards if f.protocol == "tcp"}) \
+        if spec.hub.nat else HUB_PORT
     state = State(lab=str(spec.path.resolve()), tag=spec.tag, dir=str(directory),
-                  hub_netns=f"vvlab-{spec.tag}-hub",
-                  hub_control=str(directory / "hub.control"))
+                  hub_netns=plumbing.hub_netns or "",
+                  hub_control=str(directory / "hub.control"), hub_listen=f"0.0.0.0:{port}")
     state.save()
     try:
-        _up(spec, state, directory, log_level)
+        _up(spec, state, plumbing, port, log_level)
     except BaseException:
         kept = Path(f"/tmp/vhostvpn-lab-{spec.tag}-logs")
         shutil.rmtree(kept, ignore_errors=True)
@@ -125,17 +162,18 @@ def up(spec: LabSpec, log_level: str = "info") -> State:
     return state
 
 
-def _up(spec: LabSpec, state: State, directory: Path, log_level: str) -> None:
+def _up(spec: LabSpec, state: State, plumbing: netns.Plan, port: int, log_level: str) -> None:
+    directory = spec.state_dir
     say(f"lab {spec.path.name}: state in {directory}, logs in {directory / 'logs'}")
     hub_fp = _make_keys(spec, directory)
-    _make_namespaces(spec, state, directory)
-    _start_hub(spec, state, directory, log_level)
+    _make_namespaces(spec, state, plumbing, port)
+    _start_hub(spec, state, port, log_level)
     _start_endpoints(spec, state, directory, log_level, hub_fp)
     _start_guests(spec, state)
     state.save()
     say("lab is up:")
     say(format_lab(state))
-    for line in forward_lines(spec, state.hub_netns):
+    for line in forward_lines(spec):
         say(line)
 
 
@@ -151,36 +189,61 @@ def _make_keys(spec: LabSpec, directory: Path) -> str:
     return hub_fp
 
 
-def _make_namespaces(spec: LabSpec, state: State, directory: Path) -> None:
-    """The hub's namespace, and per member a namespace joined to it by a veth pair; each
-    recorded before it is made."""
-    state.namespaces.append(state.hub_netns)
-    state.save()
-    netns.add(state.hub_netns)
-    for index, spec_member in enumerate(spec.members, start=1):
-        kind = "guest" if isinstance(spec_member, GuestSpec) else spec_member.mode
-        member = Member(name=spec_member.name, kind=kind,
-                        netns=f"vvlab-{spec.tag}-{spec_member.name}",
-                        veth=f"vh{spec.tag}{index:02d}",
-                        link=f"{netns.hub_side(index)}:{HUB_PORT}",
-                        control=str(directory / f"{spec_member.name}.control"),
-                        log=str(directory / "logs" / f"{spec_member.name}.log"))
-        if kind == "guest":
-            member.socket = str(directory / f"{spec_member.name}.sock")
-            member.console = str(directory / f"{spec_member.name}.console")
-        state.members.append(member)
-        state.namespaces.append(member.netns)
-        state.save()
-        netns.add(member.netns)
-        netns.join(state.hub_netns, member.veth, member.netns, f"vm{spec.tag}{index:02d}",
-                   index)
-    say(f"namespaces: {state.hub_netns} and {len(state.members)} member namespaces")
+@contextlib.contextmanager
+def _plumbing_lock(nat: bool) -> Iterator[None]:
+    """For a NAT lab, held while it checks and takes its veth networks, so that two NAT labs
+    coming up at once cannot both find 10.199.N.0/24 free in the caller's namespace (an
+    flock on the state root directory itself: no file to leave behind)."""
+    if not nat:
+        yield
+        return
+    fd = os.open(STATE_ROOT, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
-def _start_hub(spec: LabSpec, state: State, directory: Path, log_level: str) -> None:
+def _make_namespaces(spec: LabSpec, state: State, plumbing: netns.Plan, port: int) -> None:
+    """The hub's namespace (none for a NAT lab), and per member a namespace joined to the
+    hub's (or the caller's) by a veth pair; each recorded before it is made."""
+    directory = spec.state_dir
+    specs = {m.name: m for m in spec.members}
+    with _plumbing_lock(spec.hub.nat):
+        netns.check_free(plumbing, netns.networks_in_use() if spec.hub.nat else [])
+        if plumbing.hub_netns:
+            state.namespaces.append(plumbing.hub_netns)
+            state.save()
+            netns.add(plumbing.hub_netns)
+        for veth in plumbing.veths:
+            spec_member = specs[veth.member]
+            kind = "guest" if isinstance(spec_member, GuestSpec) else spec_member.mode
+            member = Member(name=veth.member, kind=kind, netns=veth.netns, veth=veth.hub_end,
+                            link=f"{netns.hub_side(veth.index)}:{port}",
+                            control=str(directory / f"{veth.member}.control"),
+                            log=str(directory / "logs" / f"{veth.member}.log"))
+            if kind == "guest":
+                member.socket = str(directory / f"{veth.member}.sock")
+                member.console = str(directory / f"{veth.member}.console")
+            state.members.append(member)
+            state.namespaces.append(member.netns)
+            state.save()
+            netns.add(member.netns)
+            netns.join(plumbing, veth)
+    say(f"namespaces: {plumbing.hub_netns} and {len(state.members)} member namespaces"
+        if plumbing.hub_netns else
+        f"namespaces: {len(state.members)} member namespaces, their veths' hub ends "
+        f"{', '.join(v.hub_end for v in plumbing.veths)} here (NAT: the hub runs in this "
+        "namespace)")
+
+
+def _start_hub(spec: LabSpec, state: State, port: int, log_level: str) -> None:
+    directory = spec.state_dir
     logs = directory / "logs"
-    hub_argv = ["ip", "netns", "exec", state.hub_netns, *VHOSTVPN, "hub",
-                *hub_flags(spec.hub, directory, log_level, spec.reservations)]
+    where = ["ip", "netns", "exec", state.hub_netns] if state.hub_netns else []
+    hub_argv = [*where, *VHOSTVPN, "hub",
+                *hub_flags(spec.hub, directory, log_level, spec.reservations, port)]
     state.hub = spawn(hub_argv, logs / "hub.log")
     state.save()
     try:
@@ -191,7 +254,8 @@ def _start_hub(spec: LabSpec, state: State, directory: Path, log_level: str) -> 
     say(f"hub: pid {state.hub.pid}, {hub.subnet}"
         + (f", {hub.ipv6_prefix}" if hub.ipv6_prefix else "") + f", gateway {hub.gateway}"
         + ("" if hub.dhcp else ", no DHCP") + (f", mtu {hub.mtu}" if hub.mtu != 1500 else "")
-        + (f", pcap in {hub.pcap}" if hub.pcap else "") + (", NAT" if hub.nat else ""))
+        + (f", pcap in {hub.pcap}" if hub.pcap else "")
+        + (f", NAT, tunnel on 0.0.0.0:{port} of this machine" if hub.nat else ""))
 
 
 def _start_endpoints(spec: LabSpec, state: State, directory: Path, log_level: str,
