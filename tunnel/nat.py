@@ -243,6 +243,8 @@ class NatShell:
         self._nursery: trio.Nursery | None = None
         self._wake = trio.Event()
         self._sleeping_until = math.inf
+        self._batch: list[Frame] | None = None  # frames of the from_guests call under way
+        self._unwritten: dict[TcpSocket, None] = {}  # sockets it gave bytes, in order
 
     # -- running ------------------------------------------------------------------------------
 
@@ -328,13 +330,45 @@ class NatShell:
 
     def from_guest(self, frame: Frame) -> None:
         """Carry one frame a guest routed to the gateway (dropped: counted in a drops)."""
+        self.from_guests([frame])
+
+    def from_guests(self, frames: Sequence[Frame]) -> None:
+        """Carry a batch of frames guests routed to the gateway.  TCP in a batch is written
+        to each host socket once, after the batch, and in-order data is acknowledged once
+        per connection (TcpTable.flush_acks), with the window the writes left."""
         now = trio.current_time()
+        out: list[Frame] = []
+        self._batch = out
+        try:
+            for frame in frames:
+                self._from_guest(frame, now)
+            for entry in self._unwritten:
+                try:
+                    self._tcp_write(entry, out, now)
+                except Exception as error:  # a bug for one connection ends that one only
+                    self._tcp_crash(entry.key, entry, error)
+            self._unwritten.clear()
+            for key in self.tcp.take_owed():
+                try:
+                    self._perform_into(self.tcp.flush_ack(key), out, now)
+                except Exception as error:
+                    self._tcp_crash(key, self.tcp_sockets.get(key), error)
+        finally:
+            self._batch = None
+            self._unwritten.clear()
+        if out:
+            self.deliver(out)
+        if self._next_deadline() < self._sleeping_until:
+            self._wake.set()
+
+    def _from_guest(self, frame: Frame, now: float) -> None:
         try:
             packet = read_guest_packet(frame, self.config.gateway_mac)
             if packet.protocol == IPPROTO_TCP:
                 key = _tcp_key(packet)
                 try:
-                    self._perform(self.tcp.guest_segment(packet, frame.offload[0], now), now)
+                    self._perform(self.tcp.guest_segment(packet, frame.offload[0], now,
+                                                         defer_ack=True), now)
                 except (Malformed, Refused):
                     raise
                 except Exception as error:  # a bug for one connection ends that one only
@@ -343,8 +377,6 @@ class NatShell:
                 entry = self.tcp_sockets.get(key)
                 if entry is not None and self.tcp.read_budget(key) > 0:
                     entry.budget.set()  # the guest's ACK freed room: resume reading
-                if self._next_deadline() < self._sleeping_until:
-                    self._wake.set()
                 return
             if packet.protocol == IPPROTO_UDP:
                 actions = self.udp.guest_datagram(packet, frame.offload[0], now)
@@ -358,13 +390,11 @@ class NatShell:
             self.drops[error.reason] += 1
             return
         self._perform(actions, now)
-        # A known flow's datagram only moves its own deadline later; a new flow or a DNS
-        # query may bring the next one closer than the timer sleeps.
-        if (len(actions) > 1 or (actions and isinstance(actions[0], SendQuery))) \
-                and self._next_deadline() < self._sleeping_until:
-            self._wake.set()
 
     def _perform(self, actions: list, now: float) -> None:
+        if self._batch is not None:  # from_guests delivers the batch's frames at its end
+            self._perform_into(actions, self._batch, now)
+            return
         frames: list[Frame] = []
         self._perform_into(actions, frames, now)
         if frames:
@@ -417,7 +447,10 @@ class NatShell:
         if isinstance(action, Send):
             if entry is not None:
                 entry.pending += action.data
-                self._tcp_write(entry, frames, now)
+                if self._batch is None:
+                    self._tcp_write(entry, frames, now)
+                else:
+                    self._unwritten[entry] = None  # written once, after the batch
         elif isinstance(action, Connect):
             if entry is not None:  # a replaced TIME-WAIT flow's socket
                 self._tcp_close(entry)
@@ -425,7 +458,10 @@ class NatShell:
         elif isinstance(action, ShutdownWrite):
             if entry is not None:
                 entry.shutdown = True
-                self._tcp_write(entry, frames, now)
+                if self._batch is None:
+                    self._tcp_write(entry, frames, now)
+                else:
+                    self._unwritten[entry] = None
         elif isinstance(action, (Abort, Close)) and entry is not None:
             if isinstance(action, Abort):
                 entry.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,

@@ -54,12 +54,15 @@ from __future__ import annotations
 import ipaddress
 import logging
 import secrets
+import struct
 from dataclasses import dataclass, fields
 
-from netstack.wire import Malformed
+from netstack.wire import IPPROTO_TCP, Malformed
+from netstack.wire.checksum import folded, pseudo_header_sum
 from netstack.wire.tcp import (
     ACK,
     FIN,
+    MIN_HEADER_LEN,
     OPT_MSS,
     OPT_NOP,
     OPT_WSCALE,
@@ -78,6 +81,13 @@ RCV_BUFFER = 256 * 1024  # guest -> host bytes held until the host socket takes 
 SND_BUFFER = 256 * 1024  # host -> guest bytes held until the guest acknowledges them
 OOO_MAX_RUNS = 16  # holes the out-of-order queue tracks (its bytes lie inside the window)
 MAX_PAYLOAD = 65535  # a guest TSO segment is one segment, up to 64 KiB (IPv4's limit)
+# Toward a guest, a segment of up to this many payload bytes leaves as one TSO frame (its
+# IP packet within IPv4's 64 KiB limit with a 20-byte IP and a 60-byte TCP header).
+TSO_MAX_PAYLOAD = 65535 - 20 - 60
+# Deferred ACKs (the shell's batches): in-order data is acknowledged once per batch, but at
+# least once per this many bytes (RFC 9293 3.8.6.3's "every second full segment" is what a
+# guest without stretch-ACK tolerance would want; Linux's GRO acknowledges ~64 KiB at once).
+ACK_STRETCH = 64 * 1024
 
 # MSS (RFC 9293 3.7.1, RFC 8200 5): defaults when the SYN has no option, and the clamp.
 DEFAULT_MSS_V4 = 536
@@ -110,6 +120,7 @@ TIME_WAIT_SECONDS = 2.0  # short: it only re-ACKs a retransmitted FIN; the table
 CHALLENGE_ACKS_PER_SECOND = 10  # RFC 5961 7, per connection
 
 _SEQ_MASK = 0xFFFFFFFF
+_TCP_HEADER = struct.Struct("!HHIIBBHHH")  # ports, seq, ack, offset, flags, window, sum, urg
 
 
 def _lt(a: int, b: int) -> bool:
@@ -305,6 +316,9 @@ class TcpConnection:
         self.rcv_adv = 0  # right edge of the window we advertised: never moves left
         self.rcv_wscale = 0
         self.host_unwritten = 0  # bytes in Send actions the host socket has not taken
+        self.rcv_limit = RCV_BUFFER  # the window's cap: RCV_BUFFER, or less (the guest's room)
+        self.ack_owed = False  # in-order data arrived and its ACK waits for flush_ack()
+        self._acked_to = 0  # the ACK number we last sent
         self._ooo: list[tuple[int, bytes]] = []
         self._ooo_bytes = 0
         # Send side (host -> guest).
@@ -316,6 +330,7 @@ class TcpConnection:
         self.snd_wl2 = 0
         self.snd_wscale = 0
         self.snd_mss = self._default_mss
+        self.tso = False  # the guest takes TSO frames: segments up to TSO_MAX_PAYLOAD
         self.max_snd_wnd = 0
         self.max_snd_edge = self.iss  # furthest right edge the guest ever allowed
         self._snd_buf = bytearray()  # from SND.UNA (data only): the retransmission queue
@@ -371,6 +386,16 @@ class TcpConnection:
             candidates.append(self._zero_window_since + ZERO_WINDOW_MAX)
         return min(candidates)
 
+    def encode_partial(self, seg: ToGuest) -> bytes:
+        """The TCP bytes of a segment for a TSO frame: the checksum field holds the
+        pseudo-header sum only (NEEDS_CSUM: whoever segments it or the guest finishes it)."""
+        header_len = MIN_HEADER_LEN + len(seg.options)
+        pseudo = folded(pseudo_header_sum(self.remote_ip, self.guest_ip, IPPROTO_TCP,
+                                          header_len + len(seg.payload)))
+        return _TCP_HEADER.pack(self.remote_port, self.guest_port, seg.seq, seg.ack,
+                                (header_len // 4) << 4, seg.flags, seg.window, pseudo, 0) \
+            + seg.options + seg.payload
+
     def encode(self, seg: ToGuest) -> bytes:
         """The TCP bytes of a segment to the guest, checksum included (the shell adds the IP
         header from remote_ip to guest_ip)."""
@@ -378,9 +403,13 @@ class TcpConnection:
                            seg.seq, seg.ack, seg.flags, seg.window, seg.options, seg.payload)
 
     # --- guest segments --------------------------------------------------------------------
-    def from_guest(self, seg: Tcp, now: float) -> list[Output]:
+    def from_guest(self, seg: Tcp, now: float, *, defer_ack: bool = False) -> list[Output]:
         """One segment from the guest (the caller checked its IP header, checksum and that
-        its addresses and ports are this connection's)."""
+        its addresses and ports are this connection's).  With `defer_ack` (the shell hands
+        over a batch), in-order data that makes no segment of its own leaves its ACK owed
+        (`ack_owed`) for `flush_ack()` after the batch, unless ACK_STRETCH bytes are
+        unacknowledged; anything out of order, a FIN or a filled hole is acknowledged at
+        once (the guest's fast retransmit counts those dup ACKs)."""
         out: list[Output] = []
         counters = self.counters
         counters.segments_in += 1
@@ -401,7 +430,16 @@ class TcpConnection:
             if reply is not None:
                 self._emit(out, reply)
         else:
-            self._on_synchronized(seg, now, out)
+            self._on_synchronized(seg, now, out, defer_ack)
+        return out
+
+    def flush_ack(self) -> list[Output]:
+        """The ACK owed for data taken with `defer_ack` ([] when none is owed any more)."""
+        out: list[Output] = []
+        if self.ack_owed:
+            self.ack_owed = False
+            if self.state != CLOSED:
+                self._emit_ack(out)
         return out
 
     def _on_listen(self, seg: Tcp, now: float, out: list[Output]) -> None:
@@ -455,7 +493,8 @@ class TcpConnection:
         else:
             self.counters.out_of_window += 1
 
-    def _on_synchronized(self, seg: Tcp, now: float, out: list[Output]) -> None:
+    def _on_synchronized(self, seg: Tcp, now: float, out: list[Output],
+                         defer_ack: bool = False) -> None:
         counters = self.counters
         flags = seg.flags
         seq = seg.seq
@@ -506,12 +545,18 @@ class TcpConnection:
             return
         # 5. Payload and FIN.
         if self.state in _RECEIVING and (payload or flags & FIN):
+            in_order = seq == self.rcv_nxt and not self._ooo and not flags & FIN
             self._receive(seq, payload, bool(flags & FIN), now, out)
             pushed_from = len(out)
             self._push(now, out)
-            # Segments pushed now carry the new RCV.NXT; without any, a pure ACK.
+            # Segments pushed now carry the new RCV.NXT; without any, a pure ACK (or one
+            # owed till the end of the batch).
             if not any(isinstance(o, ToGuest) for o in out[pushed_from:]):
-                self._emit_ack(out)
+                if defer_ack and in_order and not self._ooo \
+                        and _dist(self._acked_to, self.rcv_nxt) < ACK_STRETCH:
+                    self.ack_owed = True
+                else:
+                    self._emit_ack(out)
         else:
             self._push(now, out)
 
@@ -819,9 +864,11 @@ class TcpConnection:
 
     # --- sending ---------------------------------------------------------------------------
     def _segment_limit(self) -> int:
-        """The largest payload of one segment to the guest: its MSS.  (The TSO seam: for a
-        guest that accepts TSO frames this becomes up to 64 KiB, and the shell gives the
-        frame GSO metadata with gso_size = snd_mss.)"""
+        """The largest payload of one segment to the guest: its MSS, or with `tso` as many
+        MSS-sized pieces as fit TSO_MAX_PAYLOAD (the table sends such a segment as one TSO
+        frame with gso_size = snd_mss, which the switch cuts for a port without TSO)."""
+        if self.tso:
+            return TSO_MAX_PAYLOAD // self.snd_mss * self.snd_mss
         return self.snd_mss
 
     def _send_syn_ack(self, out: list[Output], now: float, *, retransmit: bool) -> None:
@@ -935,6 +982,9 @@ class TcpConnection:
 
     def _emit(self, out: list[Output], seg: ToGuest) -> None:
         self.counters.segments_out += 1
+        if seg.flags & ACK:
+            self.ack_owed = False  # this segment carries it
+            self._acked_to = seg.ack
         out.append(seg)
 
     # --- ending ----------------------------------------------------------------------------

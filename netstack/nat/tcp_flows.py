@@ -17,7 +17,15 @@ from collections import Counter
 
 from netstack.frame import HDR_F_DATA_VALID, HDR_F_NEEDS_CSUM
 from netstack.nat.limits import FlowKey, FlowLimits
-from netstack.nat.packet import GuestPacket, NatConfig, Refused, frame_to_guest, refuse_denied
+from netstack.nat.packet import (
+    GuestPacket,
+    NatConfig,
+    Refused,
+    frame_to_guest,
+    ip_header_len,
+    refuse_denied,
+    tso_frame_to_guest,
+)
 from netstack.nat.tcp import (
     CONNECTING,
     SYN_RECEIVED,
@@ -93,12 +101,15 @@ class TcpTable:
         self.credited: set[bytes] = set()  # guests given bytes back since the shell looked
         self._heap: list[tuple[float, int, FlowKey]] = []
         self._order = 0
+        self._owed: list[FlowKey] = []  # flows whose ACK waits for flush_ack()
 
     # -- from the guest -----------------------------------------------------------------------
 
-    def guest_segment(self, packet: GuestPacket, offload_flags: int, now: float) -> list:
+    def guest_segment(self, packet: GuestPacket, offload_flags: int, now: float, *,
+                      defer_ack: bool = False) -> list:
         """Frames and HostCalls for a guest's TCP segment (its IP layer already read); raises
-        Malformed or Refused for a segment the NAT does not carry."""
+        Malformed or Refused for a segment the NAT does not carry.  With `defer_ack` an
+        in-order data segment's ACK may wait for `flush_ack()` (the end of a batch)."""
         seg = read_tcp(packet, offload_flags)
         key = FlowKey(IPPROTO_TCP, packet.src, seg.src_port, packet.dst, seg.dst_port)
         flow = self.flows.get(key)
@@ -113,7 +124,24 @@ class TcpTable:
             flow = self._open(key, packet, now)
         elif flow.guest_mac != packet.guest_mac:
             raise Refused("guest_mac", "a flow of another MAC")
-        return self._after(flow, flow.conn.from_guest(seg, now))
+        conn = flow.conn
+        owed = conn.ack_owed
+        out = self._after(flow, conn.from_guest(seg, now, defer_ack=defer_ack))
+        if conn.ack_owed and not owed:
+            self._owed.append(key)
+        return out
+
+    def take_owed(self) -> list[FlowKey]:
+        """The flows whose ACK waits since `defer_ack` segments: `flush_ack` each."""
+        owed, self._owed = self._owed, []
+        return owed
+
+    def flush_ack(self, key: FlowKey) -> list:
+        """The ACK owed to `key`'s guest, if it still is ([] otherwise)."""
+        flow = self.flows.get(key)
+        if flow is None or not flow.conn.ack_owed:
+            return []
+        return self._after(flow, flow.conn.flush_ack())
 
     def _reset_unknown(self, packet: GuestPacket, seg: Tcp) -> list:
         reply = reset_for(seg)
@@ -145,6 +173,7 @@ class TcpTable:
             raise Refused("half_open_limit")
         conn = TcpConnection(packet.src, key.guest_port, packet.dst, key.remote_port, now,
                              mss=self.config.mtu - _HEADERS[packet.version])
+        conn.tso = self.config.tso
         flow = self.flows[key] = TcpFlow(key, guest, host_ip, conn)
         return flow
 
@@ -217,8 +246,14 @@ class TcpTable:
         conn = flow.conn
         for item in outputs:
             if isinstance(item, ToGuest):
-                frame = frame_to_guest(self.config, flow.guest_mac, conn.remote_ip,
-                                       conn.guest_ip, IPPROTO_TCP, conn.encode(item))
+                if conn.tso and ip_header_len(conn.remote_ip) + 20 + len(item.options) \
+                        + len(item.payload) > self.config.mtu:
+                    frame = tso_frame_to_guest(self.config, flow.guest_mac, conn.remote_ip,
+                                               conn.guest_ip, conn.encode_partial(item),
+                                               20 + len(item.options))
+                else:
+                    frame = frame_to_guest(self.config, flow.guest_mac, conn.remote_ip,
+                                           conn.guest_ip, IPPROTO_TCP, conn.encode(item))
                 if frame is None:
                     self.drops["too_big"] += 1
                 else:

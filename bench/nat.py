@@ -1,0 +1,166 @@
+"""The NAT's TCP speed: Linux's TCP as the guest (a namespace behind a TUN device this process
+holds) through NatShell to an iperf3 server in an "outside" namespace joined to the hub's by a
+veth, as `vhostvpn hub --nat` carries a guest's flow.  Guest -> outside and outside -> guest
+Gbit/s, and this process's CPU seconds per GB (the NAT, its sockets and the TUN pump).
+
+Frames toward the guest go through `netstack.offload.adapt` for what the TUN accepts, as the
+switch does for a guest port: `--guest-offload none` makes the NAT's TSO frames (if it builds
+them) segmented in software like for a guest without TSO; `tso` hands them to the kernel
+whole and lets the kernel send us its own 64 KiB segments (TUN TSO4/TSO6 + CSUM).
+
+Run (root): .venv/bin/python bench/nat.py [--seconds 5] [--rounds 3]
+            [--guest-offload none,tso] [--direction up,down] [--profile FILE]
+Rounds interleave the configurations; medians are printed, all samples in JSON on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import ipaddress
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from netstack.frame import Frame, Offload  # noqa: E402
+from netstack.nat.packet import NatConfig  # noqa: E402
+from netstack.offload import adapt  # noqa: E402
+from tests.support.nat_netns import hub_and_outside, inside  # noqa: E402
+from tests.support.tun_kernel import kernel_behind_tun, run  # noqa: E402
+from tunnel.nat import NatShell  # noqa: E402
+
+GW_MAC = bytes.fromhex("02000000aa01")
+GUEST_MAC = bytes.fromhex("02000000bb01")
+OUT4 = "10.203.9.2"
+GATEWAY4 = "10.203.0.2"
+IPERF_PORT = 5301
+OFFLOADS = {"none": Offload.NONE, "tso": Offload.CSUM | Offload.TSO4 | Offload.TSO6}
+# An Ethernet header from the guest to the gateway, by IP version nibble.
+ETHER = {4: GW_MAC + GUEST_MAC + b"\x08\x00",
+         6: GW_MAC + GUEST_MAC + b"\x86\xdd"}
+
+
+def one_run(direction: str, offload: str, seconds: float, profile: cProfile.Profile | None
+            ) -> dict[str, object]:
+    """One iperf3 stream through a fresh NatShell; its Gbit/s and our CPU per GB."""
+    accepts = OFFLOADS[offload]
+    with hub_and_outside(n=9) as names, kernel_behind_tun(accepts) as (dev, ns):
+        run("ip", "-n", ns, "route", "add", "default", "dev", dev.name)
+        server = subprocess.Popen(["ip", "netns", "exec", names["outside"], "iperf3", "-s",
+                                   "-1", "-B", OUT4, "-p", str(IPERF_PORT)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        result: dict[str, object] = {}
+        try:
+            time.sleep(0.3)
+            with inside(names["hub"]):
+                trio.run(_pump, dev, ns, accepts, direction, seconds, profile, result)
+        finally:
+            server.kill()
+            server.wait()
+    return result
+
+
+async def _pump(dev, ns: str, accepts: Offload, direction: str, seconds: float,
+                profile: cProfile.Profile | None, result: dict) -> None:
+    config = NatConfig(GW_MAC, frozenset({ipaddress.ip_address(GATEWAY4).packed}),
+                       mtu=1500)
+    queue: list[Frame] = []
+    ready = trio.Event()
+
+    def deliver(frames: list[Frame]) -> None:
+        for frame in frames:
+            queue.extend(adapt(frame, accepts))
+        ready.set()
+
+    shell = NatShell(config, deliver, upstreams=[ipaddress.ip_address("127.0.0.1")])
+
+    async def from_kernel() -> None:
+        while True:
+            await dev.wait_readable()
+            shell.from_guests([Frame(ETHER[f.data[0] >> 4] + bytes(f.data), f.offload)
+                               for f in dev.read_batch()])
+
+    async def to_kernel() -> None:
+        nonlocal ready
+        while True:
+            await ready.wait()
+            ready = trio.Event()
+            while queue:
+                batch = [Frame(memoryview(f.data)[14:], f.offload) for f in queue]
+                queue.clear()
+                while batch:
+                    del batch[:dev.write_batch(batch)]
+                    if batch:
+                        await dev.wait_writable()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(shell.run)
+        nursery.start_soon(from_kernel)
+        nursery.start_soon(to_kernel)
+        args = ["ip", "netns", "exec", ns, "iperf3", "-c", OUT4, "-p", str(IPERF_PORT),
+                "-t", str(seconds), "-J", *(["-R"] if direction == "down" else [])]
+        cpu0, wall0 = time.process_time(), time.monotonic()
+        if profile is not None:
+            profile.enable()
+        with trio.fail_after(seconds + 20):
+            done = await trio.run_process(args, capture_stdout=True, check=False)
+        if profile is not None:
+            profile.disable()
+        cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+        report = json.loads(done.stdout or b"{}")
+        end = report.get("end", {})
+        received = end.get("sum_received", {})
+        nbytes = received.get("bytes", 0)
+        result.update(direction=direction, guest_offload=str(accepts), seconds=wall,
+                      gbit=received.get("bits_per_second", 0) / 1e9, bytes=nbytes,
+                      cpu_seconds=cpu, cpu_s_per_gb=cpu / (nbytes / 1e9) if nbytes else None,
+                      error=report.get("error"), tcp=shell.status()["tcp"])
+        nursery.cancel_scope.cancel()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--guest-offload", default="none,tso")
+    parser.add_argument("--direction", default="up,down")
+    parser.add_argument("--profile", help="write cProfile stats of the transfers here")
+    args = parser.parse_args()
+    profile = cProfile.Profile() if args.profile else None
+    configs = [(d, o) for o in args.guest_offload.split(",") for d in args.direction.split(",")]
+    samples: dict[tuple[str, str], list[dict]] = {c: [] for c in configs}
+    for _ in range(args.rounds):
+        for direction, offload in configs:
+            sample = one_run(direction, offload, args.seconds, profile)
+            samples[(direction, offload)].append(sample)
+            print(f"{direction:4} guest-offload={offload:4} {sample['gbit']:.3f} Gbit/s "
+                  f"cpu {sample['cpu_s_per_gb'] or 0:.2f} s/GB {sample.get('error') or ''}",
+                  file=sys.stderr, flush=True)
+    summary = []
+    for (direction, offload), runs in samples.items():
+        summary.append({"direction": direction, "guest_offload": offload,
+                        "gbit_median": statistics.median(r["gbit"] for r in runs),
+                        "cpu_s_per_gb_median": statistics.median(
+                            r["cpu_s_per_gb"] or 0 for r in runs),
+                        "runs": runs})
+        print(f"median {direction:4} guest-offload={offload:4} "
+              f"{summary[-1]['gbit_median']:.3f} Gbit/s "
+              f"{summary[-1]['cpu_s_per_gb_median']:.2f} CPU s/GB", file=sys.stderr)
+    if profile is not None:
+        profile.dump_stats(args.profile)
+    json.dump(summary, sys.stdout, indent=1, default=str)
+    print()
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
