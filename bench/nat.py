@@ -9,7 +9,12 @@ them) segmented in software like for a guest without TSO; `tso` hands them to th
 whole and lets the kernel send us its own 64 KiB segments (TUN TSO4/TSO6 + CSUM).
 
 Run (root): .venv/bin/python bench/nat.py [--seconds 5] [--rounds 3]
-            [--guest-offload none,tso] [--direction up,down] [--profile FILE]
+            [--guest-offload none,tso] [--direction up,down] [--variants all]
+            [--profile FILE]
+`--variants` switches the shell's speed-ups off for A/B runs: `batch` hands the TUN's batch
+to `from_guests` (one write per socket, one ACK per connection per batch; without it each
+frame goes to `from_guest` alone), `tso` lets the NAT build TSO frames toward the guest
+(NatConfig.tso); `plain` is neither, `all` both.
 Rounds interleave the configurations; medians are printed, all samples in JSON on stdout.
 """
 
@@ -49,8 +54,12 @@ ETHER = {4: GW_MAC + GUEST_MAC + b"\x08\x00",
          6: GW_MAC + GUEST_MAC + b"\x86\xdd"}
 
 
-def one_run(direction: str, offload: str, seconds: float, profile: cProfile.Profile | None
-            ) -> dict[str, object]:
+VARIANTS = {"plain": (False, False), "batch": (True, False), "tso": (False, True),
+            "all": (True, True)}
+
+
+def one_run(direction: str, offload: str, variant: str, seconds: float,
+            profile: cProfile.Profile | None) -> dict[str, object]:
     """One iperf3 stream through a fresh NatShell; its Gbit/s and our CPU per GB."""
     accepts = OFFLOADS[offload]
     with hub_and_outside(n=9) as names, kernel_behind_tun(accepts) as (dev, ns):
@@ -62,17 +71,20 @@ def one_run(direction: str, offload: str, seconds: float, profile: cProfile.Prof
         try:
             time.sleep(0.3)
             with inside(names["hub"]):
-                trio.run(_pump, dev, ns, accepts, direction, seconds, profile, result)
+                trio.run(_pump, dev, ns, accepts, VARIANTS[variant], direction, seconds,
+                         profile, result)
+                result["variant"] = variant
         finally:
             server.kill()
             server.wait()
     return result
 
 
-async def _pump(dev, ns: str, accepts: Offload, direction: str, seconds: float,
-                profile: cProfile.Profile | None, result: dict) -> None:
+async def _pump(dev, ns: str, accepts: Offload, variant: tuple[bool, bool], direction: str,
+                seconds: float, profile: cProfile.Profile | None, result: dict) -> None:
+    batched, tso = variant
     config = NatConfig(GW_MAC, frozenset({ipaddress.ip_address(GATEWAY4).packed}),
-                       mtu=1500)
+                       mtu=1500, tso=tso)
     queue: list[Frame] = []
     ready = trio.Event()
 
@@ -86,8 +98,13 @@ async def _pump(dev, ns: str, accepts: Offload, direction: str, seconds: float,
     async def from_kernel() -> None:
         while True:
             await dev.wait_readable()
-            shell.from_guests([Frame(ETHER[f.data[0] >> 4] + bytes(f.data), f.offload)
-                               for f in dev.read_batch()])
+            frames = [Frame(ETHER[f.data[0] >> 4] + bytes(f.data), f.offload)
+                      for f in dev.read_batch()]
+            if batched:
+                shell.from_guests(frames)
+            else:
+                for frame in frames:
+                    shell.from_guest(frame)
 
     async def to_kernel() -> None:
         nonlocal ready
@@ -133,26 +150,28 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--guest-offload", default="none,tso")
     parser.add_argument("--direction", default="up,down")
+    parser.add_argument("--variants", default="all")
     parser.add_argument("--profile", help="write cProfile stats of the transfers here")
     args = parser.parse_args()
     profile = cProfile.Profile() if args.profile else None
-    configs = [(d, o) for o in args.guest_offload.split(",") for d in args.direction.split(",")]
-    samples: dict[tuple[str, str], list[dict]] = {c: [] for c in configs}
+    configs = [(d, o, v) for v in args.variants.split(",") for o in args.guest_offload.split(",")
+               for d in args.direction.split(",")]
+    samples: dict[tuple[str, str, str], list[dict]] = {c: [] for c in configs}
     for _ in range(args.rounds):
-        for direction, offload in configs:
-            sample = one_run(direction, offload, args.seconds, profile)
-            samples[(direction, offload)].append(sample)
-            print(f"{direction:4} guest-offload={offload:4} {sample['gbit']:.3f} Gbit/s "
-                  f"cpu {sample['cpu_s_per_gb'] or 0:.2f} s/GB {sample.get('error') or ''}",
-                  file=sys.stderr, flush=True)
+        for direction, offload, variant in configs:
+            sample = one_run(direction, offload, variant, args.seconds, profile)
+            samples[(direction, offload, variant)].append(sample)
+            print(f"{direction:4} guest-offload={offload:4} {variant:5} {sample['gbit']:.3f} "
+                  f"Gbit/s cpu {sample['cpu_s_per_gb'] or 0:.2f} s/GB "
+                  f"{sample.get('error') or ''}", file=sys.stderr, flush=True)
     summary = []
-    for (direction, offload), runs in samples.items():
-        summary.append({"direction": direction, "guest_offload": offload,
+    for (direction, offload, variant), runs in samples.items():
+        summary.append({"direction": direction, "guest_offload": offload, "variant": variant,
                         "gbit_median": statistics.median(r["gbit"] for r in runs),
                         "cpu_s_per_gb_median": statistics.median(
                             r["cpu_s_per_gb"] or 0 for r in runs),
                         "runs": runs})
-        print(f"median {direction:4} guest-offload={offload:4} "
+        print(f"median {direction:4} guest-offload={offload:4} {variant:5} "
               f"{summary[-1]['gbit_median']:.3f} Gbit/s "
               f"{summary[-1]['cpu_s_per_gb_median']:.2f} CPU s/GB", file=sys.stderr)
     if profile is not None:

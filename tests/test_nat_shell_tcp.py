@@ -23,7 +23,7 @@ from netstack.nat.limits import (
     MAX_HALF_OPEN_PER_GUEST,
     FlowLimits,
 )
-from netstack.nat.tcp import RCV_BUFFER, SND_BUFFER
+from netstack.nat.tcp import RCV_BUFFER, RCV_WSCALE, SND_BUFFER
 from netstack.offload import adapt
 from tests.support.nat import GUEST4, GUEST_MAC, GW_MAC, OTHER4, OTHER_MAC, guest_frame, mac
 from tests.support.nat_netns import hub_and_outside, inside
@@ -261,8 +261,21 @@ def test_an_outside_server_that_stops_reading_closes_the_window_the_guest_writes
     (sent, echoed, count), held, _ = linux_guest_through_the_shell(
         EIGHT_MB, server_stall=2.0, server_rcvbuf=64 * 1024, seed=5)
     assert sent == echoed and int(count) == EIGHT_MB
-    assert held.unwritten == RCV_BUFFER  # the window we advertised reached zero
+    # The window we advertised reached zero (its right edge in steps of the window scale).
+    assert RCV_BUFFER - (1 << RCV_WSCALE) < held.unwritten <= RCV_BUFFER
     assert held.pending <= RCV_BUFFER  # and the shell held no more than the core allowed
+
+
+def test_the_window_a_guest_writes_into_closes_at_its_buffer_cap_not_at_rcv_buffer():
+    # The outside stalls: what the guest sends waits in the shell.  Before the window knew
+    # the guest's cap, it reached RCV_BUFFER (256 KiB) past a 96 KiB cap (seen failing).
+    cap = 96 * 1024
+    (sent, echoed, count), held, status = linux_guest_through_the_shell(
+        EIGHT_MB, server_stall=2.0, server_rcvbuf=64 * 1024, seed=8,
+        limits=FlowLimits(buffered_per_guest=cap))
+    assert sent == echoed and int(count) == EIGHT_MB
+    assert cap // 2 < held.unwritten <= cap
+    assert status["guest_buffered"] == 0
 
 
 def test_a_guest_that_stops_reading_stops_the_shell_reading_the_host_socket():

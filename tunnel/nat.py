@@ -1,7 +1,8 @@
 """The NAT's Trio shell: the host sockets the sans-I/O cores of netstack.nat ask for (TCP,
 UDP, ICMP echo, DNS), the frames they answer with handed to `deliver`, their timers driven.
 
-A guest frame's path: the gateway port calls `from_guest(frame)` -> the IP layer read once
+A guest frame's path: the gateway port calls `from_guests(frames)` (a batch; `from_guest(frame)`
+is a batch of one) -> the IP layer read once
 (netstack.nat.packet) -> UDP to UdpTable (the gateway's :53 to the DnsForwarder), echo to
 EchoTable -> their actions performed at once, without waiting: a connected non-blocking UDP
 socket per flow (IP_TTL / IPV6_UNICAST_HOPS from the guest's TTL less one hop, IP_RECVERR /
@@ -16,8 +17,11 @@ their `tick`: idle flows closed, DNS retries and SERVFAILs.
 
 TCP: a guest segment goes to TcpTable (netstack.nat.tcp_flows: caps, deny list, one sans-I/O
 TcpConnection per flow); a connection's Connect opens a non-blocking socket connected in a
-task within CONNECT_TIMEOUT (failure -> RST to the guest); its Sends are written at once as
-far as the socket takes them (Written to the core), the rest by a writer task; a reader task
+task within CONNECT_TIMEOUT (failure -> RST to the guest); its Sends are written once per
+batch of guest frames, after the batch, as far as the socket takes them (Written to the core),
+the rest by a writer task, then the ACKs the batch owes go out, one per connection, with the
+window the writes left (the guest's room under its cap reopens windows: TcpTable.reopen); a
+reader task
 reads at most `read_budget` (the connection's room for the guest within the guest's cap on
 buffered bytes; 0 -> it waits for the guest's next ACK, or, while the guest's other flows
 hold the cap, for bytes given back to that guest).  Backpressure both ways: the window we
@@ -430,14 +434,23 @@ class NatShell:
             elif isinstance(action, Frame):
                 frames.append(action)
         if self.tcp.credited:
-            self._wake_capped()
+            self._wake_capped(frames, now)
 
-    def _wake_capped(self) -> None:
-        """Readers held by their guest's cap look again: the guest was given bytes back."""
-        for guest in self.tcp.credited:
+    def _wake_capped(self, frames: list | None = None, now: float = 0.0) -> None:
+        """Readers held by their guest's cap look again and windows its room held down are
+        announced again: the guest was given bytes back."""
+        guests = list(self.tcp.credited)
+        self.tcp.credited.clear()
+        updates: list = []
+        for guest in guests:
             for entry in self._capped.pop(guest, ()):
                 entry.budget.set()
-        self.tcp.credited.clear()
+            updates += self.tcp.reopen(guest)
+        if updates:
+            if frames is None:
+                self._perform(updates, now)
+            else:
+                self._perform_into(updates, frames, now)
 
     # -- TCP host sockets ---------------------------------------------------------------------
 
@@ -511,7 +524,7 @@ class NatShell:
         if key not in self.tcp_sockets:  # not a newer connection's socket on the same key
             self.tcp.discard(key)
         if self.tcp.credited:
-            self._wake_capped()
+            self._wake_capped(None, trio.current_time())
 
     async def _tcp_serve(self, entry: TcpSocket, address: tuple) -> None:
         """Connect (within the core's timeout), then read and write until the socket closes."""

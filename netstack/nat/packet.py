@@ -193,13 +193,13 @@ TCP_CSUM_OFFSET = 16
 
 
 def tso_frame_to_guest(config: NatConfig, guest_mac: bytes, src: bytes, dst: bytes,
-                       message: bytes, header_len: int) -> Frame:
+                       message: bytes, header_len: int, mss: int) -> Frame:
     """A TCP `message` longer than the MTU allows (its checksum field holding the
-    pseudo-header sum, NEEDS_CSUM) in a TSO frame whose pieces fit the MTU: gso_size is what
-    the MTU leaves after the IP and the `header_len`-byte TCP header."""
+    pseudo-header sum, NEEDS_CSUM) in a TSO frame whose pieces fit the MTU: gso_size is the
+    guest's `mss`, or less if the MTU leaves less after the IP and TCP headers."""
     ip_len = ip_header_len(src)
     l4 = ETH_HEADER_LEN + ip_len
-    gso_size = config.mtu - ip_len - header_len
+    gso_size = min(mss, config.mtu - ip_len - header_len)
     if len(src) == 4:
         header = ipv4_header(src, dst, IPPROTO_TCP, len(message), ttl=DEFAULT_TTL)
         ethertype, gso_type = ETH_P_IP, GSO_TCPV4

@@ -11,7 +11,9 @@ if the remote itself had answered.  Then:
                   order and reports `Written(n)` as the host socket takes them.  Bytes handed
                   over and not yet written (`host_unwritten`) are what we hold for the host
                   socket: the window advertised to the guest is RCV_BUFFER minus them, so a
-                  slow remote closes the guest's window (backpressure).  Segments ahead of
+                  slow remote closes the guest's window (backpressure), and never more than
+                  the guest may still make the NAT hold (`hold_limit`: its FlowLimits room,
+                  set by the table; `window_update()` when the room grows again).  Segments ahead of
                   RCV.NXT wait in an out-of-order queue (merged runs, OOO_MAX_RUNS holes,
                   inside the advertised window) so one lost frame costs the guest one
                   retransmission, not its whole flight (we offer no SACK: dup ACKs find holes).
@@ -21,8 +23,15 @@ if the remote itself had answered.  Then:
                   holds everything unacknowledged, so the send buffer IS the retransmission
                   queue and the guest's window holds back the host socket (the shell stops
                   reading at budget 0 and the kernel's buffer fills, as passt does).
-                  Segments are cut at the guest's MSS, never past the window it advertised;
-                  `Eof` sends our FIN after the data.
+                  Segments are cut at the guest's MSS, never past the window it advertised
+                  (with `tso`, up to TSO_MAX_PAYLOAD: the table sends each as one TSO frame
+                  with gso_size = the MSS and a partial checksum, `encode_partial`; the
+                  switch cuts it for a guest port without TSO); `Eof` sends our FIN after
+                  the data.  A guest's own TSO segment (up to 64 KiB) is one segment here.
+  ACKs            one per data segment, or with `defer_ack` (the shell's batches) one per
+                  batch for in-order data (`ack_owed`, `flush_ack()`), at least every
+                  ACK_STRETCH bytes; out-of-order data, a filled hole and a FIN are
+                  acknowledged at once (the guest's fast retransmit needs the dup ACKs).
   timers          one retransmission timer (RFC 6298: SRTT/RTTVAR, Karn, doubling backoff up
                   to RTO_MAX, MAX_RETRIES then abort), or instead the persist timer while the
                   guest's window is zero (window probes; a window held at zero for
@@ -44,9 +53,8 @@ out-of-order queue's own cap.
 
 Not built here: congestion control (the link to the guest is virtual; the guest's window is
 the only limit, recovery is NewReno-like: after a fast retransmit or a timeout each partial
-ACK retransmits the next hole), SACK, timestamps, delayed ACKs (one ACK per guest segment
-that carries data), the active open (port forwards), and segments larger than the MSS toward
-a guest that takes TSO frames: `_segment_limit` is that seam.
+ACK retransmits the next hole), SACK, timestamps, timed delayed ACKs (RFC 1122's 200 ms:
+the batch is the delay), and the active open (port forwards).
 """
 
 from __future__ import annotations
@@ -316,7 +324,10 @@ class TcpConnection:
         self.rcv_adv = 0  # right edge of the window we advertised: never moves left
         self.rcv_wscale = 0
         self.host_unwritten = 0  # bytes in Send actions the host socket has not taken
-        self.rcv_limit = RCV_BUFFER  # the window's cap: RCV_BUFFER, or less (the guest's room)
+        # The most this connection may hold (`buffered`): its guest's FlowLimits room plus
+        # what it holds already, set by the table before each call; the window offers no
+        # more than what is left of it.
+        self.hold_limit = RCV_BUFFER + SND_BUFFER
         self.ack_owed = False  # in-order data arrived and its ACK waits for flush_ack()
         self._acked_to = 0  # the ACK number we last sent
         self._ooo: list[tuple[int, bytes]] = []
@@ -952,7 +963,31 @@ class TcpConnection:
         self._rtx_at = now + self.rto
 
     def _free_window(self) -> int:
-        return max(RCV_BUFFER - self.host_unwritten, 0)
+        unwritten = self.host_unwritten
+        return max(min(RCV_BUFFER, self.hold_limit - len(self._snd_buf)) - unwritten, 0)
+
+    @property
+    def promised_window(self) -> int:
+        """Bytes between RCV.NXT and the right edge we advertised."""
+        return _dist(self.rcv_nxt, self.rcv_adv) if _le(self.rcv_nxt, self.rcv_adv) else 0
+
+    @property
+    def room_limited(self) -> bool:
+        """The guest's room (not the host socket) holds the window a segment or more below
+        what RCV_BUFFER would offer."""
+        return self.state in _RECEIVING \
+            and self.hold_limit - len(self._snd_buf) < RCV_BUFFER \
+            and RCV_BUFFER - self.host_unwritten - self.promised_window \
+            >= min(RCV_BUFFER // 2, self.our_mss)
+
+    def window_update(self) -> list[Output]:
+        """The guest's room grew (its other flows gave bytes back): an ACK announcing the
+        wider window when it opens by a segment or more ([] otherwise)."""
+        out: list[Output] = []
+        if self.state in _RECEIVING and self._free_window() - self.promised_window \
+                >= min(RCV_BUFFER // 2, self.our_mss):
+            self._emit_ack(out)
+        return out
 
     def _window_field(self) -> int:
         """The window field to send, scaled; records the right edge it promises (which

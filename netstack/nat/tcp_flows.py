@@ -102,6 +102,8 @@ class TcpTable:
         self._heap: list[tuple[float, int, FlowKey]] = []
         self._order = 0
         self._owed: list[FlowKey] = []  # flows whose ACK waits for flush_ack()
+        # Flows whose window the guest's room holds down, by guest: reopened on its credit.
+        self._starved: dict[bytes, set[FlowKey]] = {}
 
     # -- from the guest -----------------------------------------------------------------------
 
@@ -125,6 +127,7 @@ class TcpTable:
         elif flow.guest_mac != packet.guest_mac:
             raise Refused("guest_mac", "a flow of another MAC")
         conn = flow.conn
+        conn.hold_limit = self._hold_limit(flow)
         owed = conn.ack_owed
         out = self._after(flow, conn.from_guest(seg, now, defer_ack=defer_ack))
         if conn.ack_owed and not owed:
@@ -141,7 +144,32 @@ class TcpTable:
         flow = self.flows.get(key)
         if flow is None or not flow.conn.ack_owed:
             return []
+        flow.conn.hold_limit = self._hold_limit(flow)
         return self._after(flow, flow.conn.flush_ack())
+
+    def _hold_limit(self, flow: TcpFlow) -> int:
+        return self.limits.room(flow.guest_mac) + flow.charged
+
+    def reopen(self, guest: bytes) -> list:
+        """Window updates for `guest`'s flows whose window its room held down, now that it
+        was given bytes back (see `credited`): as many flows as the room covers, the room
+        each is offered taken off the next one's (so a guest with many flows and a small
+        cap gets a few updates per credit, not one per flow); the rest wait."""
+        starved = self._starved.pop(guest, None)
+        out: list = []
+        room = self.limits.room(guest)
+        while starved and room > 0:
+            flow = self.flows.get(starved.pop())
+            if flow is None:
+                continue
+            conn = flow.conn
+            conn.hold_limit = flow.charged + room
+            before = conn.promised_window
+            out += self._after(flow, conn.window_update())
+            room -= max(conn.promised_window - before, 0)
+        if starved:
+            self._starved.setdefault(guest, set()).update(starved)
+        return out
 
     def _reset_unknown(self, packet: GuestPacket, seg: Tcp) -> list:
         reply = reset_for(seg)
@@ -184,6 +212,7 @@ class TcpTable:
         flow = self.flows.get(key)
         if flow is None:
             return []
+        flow.conn.hold_limit = self._hold_limit(flow)
         return self._after(flow, flow.conn.on_host(event, now))
 
     def read_budget(self, key: FlowKey) -> int:
@@ -224,6 +253,7 @@ class TcpTable:
             if flow is None or flow.scheduled != deadline:
                 continue  # stale: the flow is gone or its deadline moved
             flow.scheduled = None
+            flow.conn.hold_limit = self._hold_limit(flow)
             out += self._after(flow, flow.conn.tick(now))
         return out
 
@@ -250,7 +280,7 @@ class TcpTable:
                         + len(item.payload) > self.config.mtu:
                     frame = tso_frame_to_guest(self.config, flow.guest_mac, conn.remote_ip,
                                                conn.guest_ip, conn.encode_partial(item),
-                                               20 + len(item.options))
+                                               20 + len(item.options), conn.snd_mss)
                 else:
                     frame = frame_to_guest(self.config, flow.guest_mac, conn.remote_ip,
                                            conn.guest_ip, IPPROTO_TCP, conn.encode(item))
@@ -261,6 +291,10 @@ class TcpTable:
             else:
                 out.append(HostCall(flow.key, item))
         self._charge(flow)
+        if conn.room_limited:
+            conn.hold_limit = self._hold_limit(flow)
+            if conn.room_limited:
+                self._starved.setdefault(flow.guest_mac, set()).add(flow.key)
         if flow.half_open and conn.state not in _HALF_OPEN:
             flow.half_open = False
             self.limits.release_half_open(flow.guest_mac)
@@ -307,6 +341,11 @@ class TcpTable:
             return
         del self.flows[flow.key]
         flow.scheduled = None
+        starved = self._starved.get(flow.guest_mac)
+        if starved is not None:
+            starved.discard(flow.key)
+            if not starved:
+                del self._starved[flow.guest_mac]
         if flow.charged:
             self.limits.credit(flow.guest_mac, flow.charged)
             self.credited.add(flow.guest_mac)
