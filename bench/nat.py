@@ -10,11 +10,12 @@ whole and lets the kernel send us its own 64 KiB segments (TUN TSO4/TSO6 + CSUM)
 
 Run (root): .venv/bin/python bench/nat.py [--seconds 5] [--rounds 3]
             [--guest-offload none,tso] [--direction up,down] [--variants all]
-            [--profile FILE]
+            [--loss 0.01] [--profile FILE]
 `--variants` switches the shell's speed-ups off for A/B runs: `batch` hands the TUN's batch
 to `from_guests` (one write per socket, one ACK per connection per batch; without it each
 frame goes to `from_guest` alone), `tso` lets the NAT build TSO frames toward the guest
-(NatConfig.tso); `plain` is neither, `all` both.
+(NatConfig.tso); `plain` is neither, `all` both.  `--loss P` drops that share of the frames
+each way (seeded; tests/support/tun_kernel.Impairment), to see what SACK could earn.
 Rounds interleave the configurations; medians are printed, all samples in JSON on stdout.
 """
 
@@ -25,6 +26,7 @@ import contextlib
 import cProfile
 import ipaddress
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -40,7 +42,7 @@ from netstack.frame import Frame, Offload  # noqa: E402
 from netstack.nat.packet import NatConfig  # noqa: E402
 from netstack.offload import adapt  # noqa: E402
 from tests.support.nat_netns import hub_and_outside, inside  # noqa: E402
-from tests.support.tun_kernel import kernel_behind_tun, run  # noqa: E402
+from tests.support.tun_kernel import Impairment, kernel_behind_tun, run  # noqa: E402
 from tunnel.nat import NatShell  # noqa: E402
 
 GW_MAC = bytes.fromhex("02000000aa01")
@@ -59,7 +61,7 @@ VARIANTS = {"plain": (False, False), "batch": (True, False), "tso": (False, True
 
 
 def one_run(direction: str, offload: str, variant: str, seconds: float,
-            profile: cProfile.Profile | None) -> dict[str, object]:
+            profile: cProfile.Profile | None, loss: float = 0.0) -> dict[str, object]:
     """One iperf3 stream through a fresh NatShell; its Gbit/s and our CPU per GB."""
     accepts = OFFLOADS[offload]
     with hub_and_outside(n=9) as names, kernel_behind_tun(accepts) as (dev, ns):
@@ -72,7 +74,7 @@ def one_run(direction: str, offload: str, variant: str, seconds: float,
             time.sleep(0.3)
             with inside(names["hub"]):
                 trio.run(_pump, dev, ns, accepts, VARIANTS[variant], direction, seconds,
-                         profile, result)
+                         profile, result, loss)
                 result["variant"] = variant
         finally:
             server.kill()
@@ -81,16 +83,19 @@ def one_run(direction: str, offload: str, variant: str, seconds: float,
 
 
 async def _pump(dev, ns: str, accepts: Offload, variant: tuple[bool, bool], direction: str,
-                seconds: float, profile: cProfile.Profile | None, result: dict) -> None:
+                seconds: float, profile: cProfile.Profile | None, result: dict,
+                loss: float) -> None:
     batched, tso = variant
     config = NatConfig(GW_MAC, frozenset({ipaddress.ip_address(GATEWAY4).packed}),
                        mtu=1500, tso=tso)
     queue: list[Frame] = []
     ready = trio.Event()
+    rng = random.Random(1)
+    to_guest, from_guest = Impairment(rng, loss, 0, 0), Impairment(rng, loss, 0, 0)
 
     def deliver(frames: list[Frame]) -> None:
         for frame in frames:
-            queue.extend(adapt(frame, accepts))
+            queue.extend(f for f in adapt(frame, accepts) if not loss or to_guest(b""))
         ready.set()
 
     shell = NatShell(config, deliver, upstreams=[ipaddress.ip_address("127.0.0.1")])
@@ -99,7 +104,7 @@ async def _pump(dev, ns: str, accepts: Offload, variant: tuple[bool, bool], dire
         while True:
             await dev.wait_readable()
             frames = [Frame(ETHER[f.data[0] >> 4] + bytes(f.data), f.offload)
-                      for f in dev.read_batch()]
+                      for f in dev.read_batch() if not loss or from_guest(b"")]
             if batched:
                 shell.from_guests(frames)
             else:
@@ -137,11 +142,24 @@ async def _pump(dev, ns: str, accepts: Offload, variant: tuple[bool, bool], dire
         end = report.get("end", {})
         received = end.get("sum_received", {})
         nbytes = received.get("bytes", 0)
-        result.update(direction=direction, guest_offload=str(accepts), seconds=wall,
+        result.update(direction=direction, guest_offload=str(accepts), seconds=wall, loss=loss,
                       gbit=received.get("bits_per_second", 0) / 1e9, bytes=nbytes,
                       cpu_seconds=cpu, cpu_s_per_gb=cpu / (nbytes / 1e9) if nbytes else None,
-                      error=report.get("error"), tcp=shell.status()["tcp"])
+                      error=report.get("error"), tcp=shell.status()["tcp"],
+                      recovery=_recovery(shell))
         nursery.cancel_scope.cancel()
+
+
+def _recovery(shell: NatShell) -> dict[str, int]:
+    """The data connection's loss-recovery counters (the largest flow: iperf3's data)."""
+    flows = sorted(shell.tcp.flows.values(), key=lambda f: f.conn.counters.segments_in +
+                   f.conn.counters.segments_out)
+    if not flows:
+        return {}
+    counters = flows[-1].conn.counters.as_dict()
+    return {name: counters[name] for name in ("segments_in", "segments_out", "retransmits",
+                                              "fast_retransmits", "timeouts", "dup_acks",
+                                              "ooo_queued", "ooo_dropped", "dup_segments")}
 
 
 def main() -> None:
@@ -151,6 +169,7 @@ def main() -> None:
     parser.add_argument("--guest-offload", default="none,tso")
     parser.add_argument("--direction", default="up,down")
     parser.add_argument("--variants", default="all")
+    parser.add_argument("--loss", type=float, default=0.0)
     parser.add_argument("--profile", help="write cProfile stats of the transfers here")
     args = parser.parse_args()
     profile = cProfile.Profile() if args.profile else None
@@ -159,7 +178,7 @@ def main() -> None:
     samples: dict[tuple[str, str, str], list[dict]] = {c: [] for c in configs}
     for _ in range(args.rounds):
         for direction, offload, variant in configs:
-            sample = one_run(direction, offload, variant, args.seconds, profile)
+            sample = one_run(direction, offload, variant, args.seconds, profile, args.loss)
             samples[(direction, offload, variant)].append(sample)
             print(f"{direction:4} guest-offload={offload:4} {variant:5} {sample['gbit']:.3f} "
                   f"Gbit/s cpu {sample['cpu_s_per_gb'] or 0:.2f} s/GB "

@@ -280,3 +280,43 @@ def test_the_window_offered_shrinks_to_the_guests_room_and_reopens_when_it_is_gi
     [update] = [f for f in frames_of(t.reopen(mac(GUEST_MAC)))
                 if Ether(bytes(f.data))[TCP].dport == 40001]
     assert window_of(update) > window_of(ack2)
+
+
+# -- SACK blocks (receiver side) -----------------------------------------------------------
+
+def sack_connection() -> TcpConnection:
+    conn = TcpConnection(packed(GUEST4), 40000, packed(REMOTE4), 80, 0.0, iss=5000)
+    syn = TCP(sport=40000, dport=80, flags="S", seq=1000, window=65535,
+              options=[("MSS", 1460), ("SAckOK", b"")])
+    conn.from_guest(Tcp(bytes(syn)), 0.0)
+    [synack] = acks(conn.on_host(Connected(), 0.0))
+    assert ("SAckOK", b"") in TCP(conn.encode(synack)).options
+    conn.from_guest(Tcp(bytes(TCP(sport=40000, dport=80, flags="A", seq=1001, ack=5001,
+                                  window=65535))), 0.0)
+    return conn
+
+
+def sack_of(conn: TcpConnection, seg: ToGuest):
+    return dict(TCP(conn.encode(seg)).options).get("SAck")
+
+
+def test_dup_acks_carry_sack_blocks_latest_run_first_when_the_guest_offered_sack():
+    conn = sack_connection()
+    conn.from_guest(data(1001), 0.1)
+    [first] = acks(conn.from_guest(data(3001), 0.1))  # 2001..3000 lost
+    assert first.ack == 2001 and sack_of(conn, first) == (3001, 4001)
+    [second] = acks(conn.from_guest(data(6001), 0.1))  # and 4001..6000
+    assert sack_of(conn, second) == (6001, 7001, 3001, 4001)
+    [joined] = acks(conn.from_guest(data(4001), 0.1))  # one run 3001..5000 now
+    assert sack_of(conn, joined) == (3001, 5001, 6001, 7001)
+    [filled] = acks(conn.from_guest(data(2001), 0.2))
+    assert filled.ack == 5001 and sack_of(conn, filled) == (6001, 7001)
+    [done] = acks(conn.from_guest(data(5001), 0.2))
+    assert done.ack == 7001 and sack_of(conn, done) is None
+
+
+def test_without_sack_permitted_no_ack_carries_sack_blocks():
+    conn = connection()
+    conn.from_guest(data(1001), 0.1)
+    [dup] = acks(conn.from_guest(data(3001), 0.1))
+    assert dup.options == b"" and not conn.sack_ok

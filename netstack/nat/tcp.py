@@ -16,7 +16,9 @@ if the remote itself had answered.  Then:
                   set by the table; `window_update()` when the room grows again).  Segments ahead of
                   RCV.NXT wait in an out-of-order queue (merged runs, OOO_MAX_RUNS holes,
                   inside the advertised window) so one lost frame costs the guest one
-                  retransmission, not its whole flight (we offer no SACK: dup ACKs find holes).
+                  retransmission, not its whole flight; when the guest offers SACK, our
+                  ACKs carry up to SACK_BLOCKS of those runs (RFC 2018, receiver side only:
+                  the guest's sender repairs several holes a round trip).
                   The guest's FIN, in order, becomes `ShutdownWrite` after its last Send.
   host -> guest   the shell reads at most `host_read_budget()` bytes from the host socket
                   and reports `Received(data)`; that is free space in SND_BUFFER, which
@@ -53,7 +55,8 @@ out-of-order queue's own cap.
 
 Not built here: congestion control (the link to the guest is virtual; the guest's window is
 the only limit, recovery is NewReno-like: after a fast retransmit or a timeout each partial
-ACK retransmits the next hole), SACK, timestamps, timed delayed ACKs (RFC 1122's 200 ms:
+ACK retransmits the next hole), SACK as a sender (the guest's SACK blocks are ignored),
+timestamps, timed delayed ACKs (RFC 1122's 200 ms:
 the batch is the delay), and the active open (port forwards).
 """
 
@@ -73,6 +76,7 @@ from netstack.wire.tcp import (
     MIN_HEADER_LEN,
     OPT_MSS,
     OPT_NOP,
+    OPT_SACK_PERMITTED,
     OPT_WSCALE,
     PSH,
     RST,
@@ -88,6 +92,8 @@ log = logging.getLogger(__name__)
 RCV_BUFFER = 256 * 1024  # guest -> host bytes held until the host socket takes them
 SND_BUFFER = 256 * 1024  # host -> guest bytes held until the guest acknowledges them
 OOO_MAX_RUNS = 16  # holes the out-of-order queue tracks (its bytes lie inside the window)
+SACK_BLOCKS = 4  # per ACK: 2 NOPs + kind/length + 4 x 8 bytes fill the 40-byte option space
+OPT_SACK = 5  # RFC 2018 3
 MAX_PAYLOAD = 65535  # a guest TSO segment is one segment, up to 64 KiB (IPv4's limit)
 # Toward a guest, a segment of up to this many payload bytes leaves as one TSO frame (its
 # IP packet within IPv4's 64 KiB limit with a 20-byte IP and a 60-byte TCP header).
@@ -129,6 +135,7 @@ CHALLENGE_ACKS_PER_SECOND = 10  # RFC 5961 7, per connection
 
 _SEQ_MASK = 0xFFFFFFFF
 _TCP_HEADER = struct.Struct("!HHIIBBHHH")  # ports, seq, ack, offset, flags, window, sum, urg
+_SACK_BLOCK = struct.Struct("!II")
 
 
 def _lt(a: int, b: int) -> bool:
@@ -332,6 +339,8 @@ class TcpConnection:
         self._acked_to = 0  # the ACK number we last sent
         self._ooo: list[tuple[int, bytes]] = []
         self._ooo_bytes = 0
+        self.sack_ok = False  # the guest offered SACK-permitted and we answered it
+        self._ooo_last = 0  # sequence number of the latest out-of-order segment (SACK order)
         # Send side (host -> guest).
         self.iss = secrets.randbits(32) if iss is None else iss & _SEQ_MASK
         self.snd_una = self.iss
@@ -488,6 +497,7 @@ class TcpConnection:
             if opts.mss < MIN_MSS:
                 self.counters.bad_option += 1
             self.snd_mss = max(MIN_MSS, opts.mss)
+        self.sack_ok = opts.sack_permitted
         if opts.wscale is not None:
             if opts.wscale > MAX_WSCALE:
                 self.counters.bad_option += 1
@@ -691,6 +701,7 @@ class TcpConnection:
             fin = False  # the FIN lies past the window: the guest sends it again
         if seq != rcv_nxt:
             if payload:
+                self._ooo_last = seq
                 self._queue_ooo(seq, bytes(payload))
             return
         if payload:
@@ -886,6 +897,8 @@ class TcpConnection:
         options = bytes((OPT_MSS, 4)) + self.our_mss.to_bytes(2, "big")
         if self.rcv_wscale:
             options += bytes((OPT_NOP, OPT_WSCALE, 3, self.rcv_wscale))
+        if self.sack_ok:
+            options += bytes((OPT_NOP, OPT_NOP, OPT_SACK_PERMITTED, 2))
         window = min(self._free_window(), 0xFFFF)
         self.rcv_adv = (self.rcv_nxt + window) & _SEQ_MASK
         self.state = SYN_RECEIVED
@@ -1002,7 +1015,18 @@ class TcpConnection:
         return value
 
     def _emit_ack(self, out: list[Output]) -> None:
-        self._emit(out, ToGuest(self.snd_nxt, self.rcv_nxt, ACK, self._window_field()))
+        options = self._sack_option() if self.sack_ok and self._ooo else b""
+        self._emit(out, ToGuest(self.snd_nxt, self.rcv_nxt, ACK, self._window_field(), options))
+
+    def _sack_option(self) -> bytes:
+        """SACK blocks for the out-of-order runs (RFC 2018 4): the run holding the latest
+        segment first, then the others in sequence order, at most SACK_BLOCKS."""
+        latest = self._ooo_last
+        runs = sorted(self._ooo, key=lambda run: not (
+            _le(run[0], latest) and _lt(latest, (run[0] + len(run[1])) & _SEQ_MASK)))
+        blocks = b"".join(_SACK_BLOCK.pack(seq, (seq + len(data)) & _SEQ_MASK)
+                          for seq, data in runs[:SACK_BLOCKS])
+        return bytes((OPT_NOP, OPT_NOP, OPT_SACK, 2 + len(blocks))) + blocks
 
     def _challenge_ack(self, out: list[Output], now: float) -> None:
         second = int(now)
