@@ -10,11 +10,13 @@ whole and lets the kernel send us its own 64 KiB segments (TUN TSO4/TSO6 + CSUM)
 
 Run (root): .venv/bin/python bench/nat.py [--seconds 5] [--rounds 3]
             [--guest-offload none,tso] [--direction up,down] [--variants all]
-            [--loss 0.01] [--profile FILE]
+            [--gateway-accepts none,tso] [--loss 0.01] [--profile FILE]
 `--variants` switches the shell's speed-ups off for A/B runs: `batch` hands the TUN's batch
 to `from_guests` (one write per socket, one ACK per connection per batch; without it each
 frame goes to `from_guest` alone), `tso` lets the NAT build TSO frames toward the guest
-(NatConfig.tso); `plain` is neither, `all` both.  `--loss P` drops that share of the frames
+(NatConfig.tso); `plain` is neither, `all` both.  `--gateway-accepts none` cuts the guest's
+frames in software before the NAT sees them, as the switch did while the gateway port took
+no TSO (`plain` with it is the NAT before this work).  `--loss P` drops that share of the frames
 each way (seeded; tests/support/tun_kernel.Impairment), to see what SACK could earn.
 Rounds interleave the configurations; medians are printed, all samples in JSON on stdout.
 """
@@ -38,7 +40,7 @@ import trio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from netstack.frame import Frame, Offload  # noqa: E402
+from netstack.frame import ETH_HEADER_LEN, HDR_F_NEEDS_CSUM, Frame, Offload  # noqa: E402
 from netstack.nat.packet import NatConfig  # noqa: E402
 from netstack.offload import adapt  # noqa: E402
 from tests.support.nat_netns import hub_and_outside, inside  # noqa: E402
@@ -56,12 +58,22 @@ ETHER = {4: GW_MAC + GUEST_MAC + b"\x08\x00",
          6: GW_MAC + GUEST_MAC + b"\x86\xdd"}
 
 
+def _behind_ethernet(offload: tuple) -> tuple:
+    """A TUN frame's offload metadata once an Ethernet header is put in front of it."""
+    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = offload
+    if not flags & HDR_F_NEEDS_CSUM:
+        return offload
+    return (flags, gso_type, hdr_len + ETH_HEADER_LEN if hdr_len else 0, gso_size,
+            csum_start + ETH_HEADER_LEN, csum_offset)
+
+
 VARIANTS = {"plain": (False, False), "batch": (True, False), "tso": (False, True),
             "all": (True, True)}
 
 
 def one_run(direction: str, offload: str, variant: str, seconds: float,
-            profile: cProfile.Profile | None, loss: float = 0.0) -> dict[str, object]:
+            profile: cProfile.Profile | None, loss: float = 0.0,
+            gateway: str = "tso") -> dict[str, object]:
     """One iperf3 stream through a fresh NatShell; its Gbit/s and our CPU per GB."""
     accepts = OFFLOADS[offload]
     with hub_and_outside(n=9) as names, kernel_behind_tun(accepts) as (dev, ns):
@@ -74,8 +86,9 @@ def one_run(direction: str, offload: str, variant: str, seconds: float,
             time.sleep(0.3)
             with inside(names["hub"]):
                 trio.run(_pump, dev, ns, accepts, VARIANTS[variant], direction, seconds,
-                         profile, result, loss)
+                         profile, result, loss, OFFLOADS[gateway])
                 result["variant"] = variant
+                result["gateway_accepts"] = gateway
         finally:
             server.kill()
             server.wait()
@@ -84,7 +97,7 @@ def one_run(direction: str, offload: str, variant: str, seconds: float,
 
 async def _pump(dev, ns: str, accepts: Offload, variant: tuple[bool, bool], direction: str,
                 seconds: float, profile: cProfile.Profile | None, result: dict,
-                loss: float) -> None:
+                loss: float, gateway: Offload) -> None:
     batched, tso = variant
     config = NatConfig(GW_MAC, frozenset({ipaddress.ip_address(GATEWAY4).packed}),
                        mtu=1500, tso=tso)
@@ -103,8 +116,9 @@ async def _pump(dev, ns: str, accepts: Offload, variant: tuple[bool, bool], dire
     async def from_kernel() -> None:
         while True:
             await dev.wait_readable()
-            frames = [Frame(ETHER[f.data[0] >> 4] + bytes(f.data), f.offload)
-                      for f in dev.read_batch() if not loss or from_guest(b"")]
+            frames = [piece for f in dev.read_batch() if not loss or from_guest(b"")
+                      for piece in adapt(Frame(ETHER[f.data[0] >> 4] + bytes(f.data),
+                                               _behind_ethernet(f.offload)), gateway)]
             if batched:
                 shell.from_guests(frames)
             else:
@@ -170,27 +184,32 @@ def main() -> None:
     parser.add_argument("--direction", default="up,down")
     parser.add_argument("--variants", default="all")
     parser.add_argument("--loss", type=float, default=0.0)
+    parser.add_argument("--gateway-accepts", default="tso")
     parser.add_argument("--profile", help="write cProfile stats of the transfers here")
     args = parser.parse_args()
     profile = cProfile.Profile() if args.profile else None
-    configs = [(d, o, v) for v in args.variants.split(",") for o in args.guest_offload.split(",")
+    configs = [(d, o, v, g) for v in args.variants.split(",")
+               for g in args.gateway_accepts.split(",") for o in args.guest_offload.split(",")
                for d in args.direction.split(",")]
-    samples: dict[tuple[str, str, str], list[dict]] = {c: [] for c in configs}
+    samples: dict[tuple[str, str, str, str], list[dict]] = {c: [] for c in configs}
     for _ in range(args.rounds):
-        for direction, offload, variant in configs:
-            sample = one_run(direction, offload, variant, args.seconds, profile, args.loss)
-            samples[(direction, offload, variant)].append(sample)
-            print(f"{direction:4} guest-offload={offload:4} {variant:5} {sample['gbit']:.3f} "
+        for direction, offload, variant, gateway in configs:
+            sample = one_run(direction, offload, variant, args.seconds, profile, args.loss,
+                             gateway)
+            samples[(direction, offload, variant, gateway)].append(sample)
+            print(f"{direction:4} guest-offload={offload:4} {variant:5} gw={gateway:4} "
+                  f"{sample['gbit']:.3f} "
                   f"Gbit/s cpu {sample['cpu_s_per_gb'] or 0:.2f} s/GB "
                   f"{sample.get('error') or ''}", file=sys.stderr, flush=True)
     summary = []
-    for (direction, offload, variant), runs in samples.items():
+    for (direction, offload, variant, gateway), runs in samples.items():
         summary.append({"direction": direction, "guest_offload": offload, "variant": variant,
+                        "gateway_accepts": gateway,
                         "gbit_median": statistics.median(r["gbit"] for r in runs),
                         "cpu_s_per_gb_median": statistics.median(
                             r["cpu_s_per_gb"] or 0 for r in runs),
                         "runs": runs})
-        print(f"median {direction:4} guest-offload={offload:4} {variant:5} "
+        print(f"median {direction:4} guest-offload={offload:4} {variant:5} gw={gateway:4} "
               f"{summary[-1]['gbit_median']:.3f} Gbit/s "
               f"{summary[-1]['cpu_s_per_gb_median']:.2f} CPU s/GB", file=sys.stderr)
     if profile is not None:
