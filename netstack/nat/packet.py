@@ -190,21 +190,27 @@ def frame_to_guest(config: NatConfig, guest_mac: bytes, src: bytes, dst: bytes, 
 
 
 TCP_CSUM_OFFSET = 16
+_ETHERTYPE_IP = ETH_P_IP.to_bytes(2, "big")
+_ETHERTYPE_IPV6 = ETH_P_IPV6.to_bytes(2, "big")
 
 
 def tso_frame_to_guest(config: NatConfig, guest_mac: bytes, src: bytes, dst: bytes,
-                       message: bytes, header_len: int, mss: int) -> Frame:
-    """A TCP `message` longer than the MTU allows (its checksum field holding the
+                       tcp_header: bytes, payload: bytes, mss: int) -> Frame:
+    """A TCP segment longer than the MTU allows (`tcp_header`'s checksum field holding the
     pseudo-header sum, NEEDS_CSUM) in a TSO frame whose pieces fit the MTU: gso_size is the
-    guest's `mss`, or less if the MTU leaves less after the IP and TCP headers."""
+    guest's `mss`, or less if the MTU leaves less after the IP and TCP headers.  The
+    payload is copied once, into the frame."""
     ip_len = ip_header_len(src)
     l4 = ETH_HEADER_LEN + ip_len
+    header_len = len(tcp_header)
     gso_size = min(mss, config.mtu - ip_len - header_len)
+    length = header_len + len(payload)
     if len(src) == 4:
-        header = ipv4_header(src, dst, IPPROTO_TCP, len(message), ttl=DEFAULT_TTL)
-        ethertype, gso_type = ETH_P_IP, GSO_TCPV4
+        header = ipv4_header(src, dst, IPPROTO_TCP, length, ttl=DEFAULT_TTL)
+        ethertype, gso_type = _ETHERTYPE_IP, GSO_TCPV4
     else:
-        header = ipv6_header(src, dst, IPPROTO_TCP, len(message), DEFAULT_TTL)
-        ethertype, gso_type = ETH_P_IPV6, GSO_TCPV6
-    return Frame(ethernet_frame(guest_mac, config.gateway_mac, ethertype, header + message),
+        header = ipv6_header(src, dst, IPPROTO_TCP, length, DEFAULT_TTL)
+        ethertype, gso_type = _ETHERTYPE_IPV6, GSO_TCPV6
+    return Frame(b"".join((guest_mac, config.gateway_mac, ethertype, header, tcp_header,
+                           payload)),
                  (HDR_F_NEEDS_CSUM, gso_type, l4 + header_len, gso_size, l4, TCP_CSUM_OFFSET))

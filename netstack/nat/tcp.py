@@ -27,7 +27,7 @@ if the remote itself had answered.  Then:
                   reading at budget 0 and the kernel's buffer fills, as passt does).
                   Segments are cut at the guest's MSS, never past the window it advertised
                   (with `tso`, up to TSO_MAX_PAYLOAD: the table sends each as one TSO frame
-                  with gso_size = the MSS and a partial checksum, `encode_partial`; the
+                  with gso_size = the MSS and a partial checksum, `partial_header`; the
                   switch cuts it for a guest port without TSO); `Eof` sends our FIN after
                   the data.  A guest's own TSO segment (up to 64 KiB) is one segment here.
   ACKs            one per data segment, or with `defer_ack` (the shell's batches) one per
@@ -406,15 +406,16 @@ class TcpConnection:
             candidates.append(self._zero_window_since + ZERO_WINDOW_MAX)
         return min(candidates)
 
-    def encode_partial(self, seg: ToGuest) -> bytes:
-        """The TCP bytes of a segment for a TSO frame: the checksum field holds the
-        pseudo-header sum only (NEEDS_CSUM: whoever segments it or the guest finishes it)."""
+    def partial_header(self, seg: ToGuest) -> bytes:
+        """The TCP header (options included) of a segment for a TSO frame, its payload to
+        follow: the checksum field holds the pseudo-header sum only (NEEDS_CSUM: whoever
+        segments it, or the guest, finishes it)."""
         header_len = MIN_HEADER_LEN + len(seg.options)
         pseudo = folded(pseudo_header_sum(self.remote_ip, self.guest_ip, IPPROTO_TCP,
                                           header_len + len(seg.payload)))
         return _TCP_HEADER.pack(self.remote_port, self.guest_port, seg.seq, seg.ack,
-                                (header_len // 4) << 4, seg.flags, seg.window, pseudo, 0) \
-            + seg.options + seg.payload
+                                (header_len // 4) << 4, seg.flags, seg.window, pseudo,
+                                0) + seg.options
 
     def encode(self, seg: ToGuest) -> bytes:
         """The TCP bytes of a segment to the guest, checksum included (the shell adds the IP
@@ -929,8 +930,10 @@ class TcpConnection:
             last = sent + n == len(buf)
             if self._rtt_seq is None:
                 self._rtt_seq, self._rtt_start = (self.snd_nxt + n) & _SEQ_MASK, now
+            # One copy of the payload (the view is gone before the buffer is cut again).
             self._emit(out, ToGuest(self.snd_nxt, self.rcv_nxt, ACK | (PSH if last else 0),
-                                    self._window_field(), b"", bytes(buf[sent:sent + n])))
+                                    self._window_field(), b"",
+                                    bytes(memoryview(buf)[sent:sent + n])))
             self.counters.bytes_to_guest += n
             self.snd_nxt = (self.snd_nxt + n) & _SEQ_MASK
             sent += n

@@ -279,8 +279,8 @@ class TcpTable:
                 if conn.tso and ip_header_len(conn.remote_ip) + 20 + len(item.options) \
                         + len(item.payload) > self.config.mtu:
                     frame = tso_frame_to_guest(self.config, flow.guest_mac, conn.remote_ip,
-                                               conn.guest_ip, conn.encode_partial(item),
-                                               20 + len(item.options), conn.snd_mss)
+                                               conn.guest_ip, conn.partial_header(item),
+                                               item.payload, conn.snd_mss)
                 else:
                     frame = frame_to_guest(self.config, flow.guest_mac, conn.remote_ip,
                                            conn.guest_ip, IPPROTO_TCP, conn.encode(item))
