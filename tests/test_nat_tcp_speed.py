@@ -320,3 +320,13 @@ def test_without_sack_permitted_no_ack_carries_sack_blocks():
     conn.from_guest(data(1001), 0.1)
     [dup] = acks(conn.from_guest(data(3001), 0.1))
     assert dup.options == b"" and not conn.sack_ok
+
+
+def test_reads_from_the_host_come_in_whole_tso_segments_so_each_makes_one_frame():
+    t = TcpTable(nat_config(), FlowLimits())
+    established(t)
+    assert t.read_size(KEY, 65536) == 44 * 1460  # not 64240 + a 1296-byte tail frame
+    assert t.read_size(KEY, 3 * 64240 + 5) == 3 * 64240
+    assert t.read_size(KEY, 1000) == 1000
+    [frame] = frames_of(t.on_host(KEY, Received(bytes(t.read_size(KEY, 65536))), 1.1))
+    assert frame.offload[1] == GSO_TCPV4

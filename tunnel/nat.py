@@ -580,7 +580,7 @@ class NatShell:
             frames: list = []
             now = trio.current_time()
             try:
-                data = sock.recv(min(budget, TCP_READ_CHUNK))
+                data = sock.recv(self.tcp.read_size(key, min(budget, TCP_READ_CHUNK)))
             except BlockingIOError:
                 continue
             except OSError as error:

@@ -886,6 +886,11 @@ class TcpConnection:
         self._retries = 0
 
     # --- sending ---------------------------------------------------------------------------
+    @property
+    def send_quantum(self) -> int:
+        """The payload of one full segment toward the guest (a TSO segment with `tso`)."""
+        return self._segment_limit()
+
     def _segment_limit(self) -> int:
         """The largest payload of one segment to the guest: its MSS, or with `tso` as many
         MSS-sized pieces as fit TSO_MAX_PAYLOAD (the table sends such a segment as one TSO

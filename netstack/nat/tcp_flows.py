@@ -223,6 +223,16 @@ class TcpTable:
             return 0
         return max(min(flow.conn.host_read_budget(), self.limits.room(flow.guest_mac)), 0)
 
+    def read_size(self, key: FlowKey, budget: int) -> int:
+        """How much of `budget` to read at once: whole segments toward the guest (with TSO a
+        64 KiB read would make one TSO frame and a small tail; one TSO segment's worth makes
+        one frame), all of it when less than one."""
+        flow = self.flows.get(key)
+        if flow is None:
+            return budget
+        quantum = flow.conn.send_quantum
+        return budget - budget % quantum if budget > quantum else budget
+
     def guest_limited(self, key: FlowKey) -> bool:
         """Reading `key` waits for the guest's other flows to free buffer (see `credited`),
         not for its own ACKs."""
