@@ -21,10 +21,10 @@ task within CONNECT_TIMEOUT (failure -> RST to the guest); its Sends are written
 batch of guest frames, after the batch, as far as the socket takes them (Written to the core),
 the rest by a writer task, then the ACKs the batch owes go out, one per connection, with the
 window the writes left (the guest's room under its cap reopens windows: TcpTable.reopen); a
-reader task
-reads at most `read_budget` (the connection's room for the guest within the guest's cap on
-buffered bytes; 0 -> it waits for the guest's next ACK, or, while the guest's other flows
-hold the cap, for bytes given back to that guest).  Backpressure both ways: the window we
+reader task reads at most `read_budget` (the connection's room for the guest within the
+guest's cap on buffered bytes; 0 -> it waits for the guest's next ACK, or, while the guest's
+other flows hold the cap, for bytes given back to that guest), in whole segments toward the
+guest (`read_size`: one TSO frame per read).  Backpressure both ways: the window we
 advertise is what the host socket has not taken (the core's RCV_BUFFER), and what the guest
 has not acknowledged stops our reads (SND_BUFFER), so a stalled peer leaves its bytes in the
 kernel's socket buffers.
@@ -339,7 +339,7 @@ class NatShell:
     def from_guests(self, frames: Sequence[Frame]) -> None:
         """Carry a batch of frames guests routed to the gateway.  TCP in a batch is written
         to each host socket once, after the batch, and in-order data is acknowledged once
-        per connection (TcpTable.flush_acks), with the window the writes left."""
+        per connection (TcpTable.flush_ack), with the window the writes left."""
         now = trio.current_time()
         out: list[Frame] = []
         self._batch = out
@@ -359,6 +359,8 @@ class NatShell:
                     self._tcp_crash(key, self.tcp_sockets.get(key), error)
         finally:
             self._batch = None
+            for entry in self._unwritten:  # left by an exception: their writers write them
+                entry.writable.set()
             self._unwritten.clear()
         if out:
             self.deliver(out)
@@ -436,7 +438,7 @@ class NatShell:
         if self.tcp.credited:
             self._wake_capped(frames, now)
 
-    def _wake_capped(self, frames: list | None = None, now: float = 0.0) -> None:
+    def _wake_capped(self, frames: list | None, now: float) -> None:
         """Readers held by their guest's cap look again and windows its room held down are
         announced again: the guest was given bytes back."""
         guests = list(self.tcp.credited)
