@@ -25,7 +25,8 @@ Path of a batch through `forward(ingress, frames)`:
    `offload_<reason>` if they are malformed.  Software offloads of one batch, over all its
    egress ports, make at most `segment_budget` frames; the frames after that which need
    one are dropped (`offload_budget`, on the ingress port).  A service port gets no GSO
-   frame (`offload_ignored`): it answers none, and cutting one up costs the most.
+   frame it does not accept (`offload_ignored`): cutting one up costs the most, and the
+   gateway takes TSO frames whole (its NAT reads a 64 KiB segment as one) but no UDP GSO.
 Every drop is counted on a port, by reason.  Containment: an exception while switching one
 frame drops that frame (`malformed` on the ingress port); one raised by an egress port's
 `deliver` drops that batch (`internal_error` on the egress port) and the other ports still
@@ -378,7 +379,7 @@ def _fit(ingress: Port, egress: Port, batch: list[Frame], budget: list[int]) -> 
     checksummed or segmented in software (netstack.offload), each output frame taken from
     `budget[0]` (shared by the ingress batch's egress ports); once it is spent, such frames
     are dropped (`offload_budget` on `ingress`), as are malformed ones.  A service port
-    answers no GSO frame: it gets none (`offload_ignored`)."""
+    gets no GSO frame it does not accept whole (`offload_ignored`)."""
     accepts = egress.accepts
     counters = egress.counters
     service = egress.service
@@ -387,7 +388,7 @@ def _fit(ingress: Port, egress: Port, batch: list[Frame], budget: list[int]) -> 
         if frame.offload is PLAIN:
             fitted.append(frame)
             continue
-        if service and frame.offload[1] != GSO_NONE:
+        if service and frame.offload[1] != GSO_NONE and _cannot_take(frame.offload, accepts):
             counters.drop("offload_ignored")
             continue
         if budget[0] <= 0 and _cannot_take(frame.offload, accepts):

@@ -17,13 +17,14 @@ import pytest
 import trio
 from scapy.layers.inet import IP, TCP
 
-from netstack.frame import HDR_F_DATA_VALID, Frame
+from netstack.frame import HDR_F_DATA_VALID, Frame, Offload
 from netstack.nat.limits import (
     MAX_BUFFERED_BYTES_PER_GUEST,
     MAX_HALF_OPEN_PER_GUEST,
     FlowLimits,
 )
-from netstack.nat.tcp import RCV_BUFFER, SND_BUFFER
+from netstack.nat.tcp import RCV_BUFFER, RCV_WSCALE, SND_BUFFER
+from netstack.offload import adapt
 from tests.support.nat import GUEST4, GUEST_MAC, GW_MAC, OTHER4, OTHER_MAC, guest_frame, mac
 from tests.support.nat_netns import hub_and_outside, inside
 from tests.support.nat_shell import CLOSED_PORT, OUT4, OUT6, needs_netns, open_fds, run_in_hub
@@ -180,14 +181,15 @@ def linux_guest_through_the_shell(size: int, *, loss: float = 0.0, dup: float = 
         async def from_kernel(shell) -> None:
             while True:
                 await dev.wait_readable()
-                for frame in dev.read_batch():
-                    for packet in to_shell(bytes(frame.data)):
-                        shell.from_guest(Frame(ETHER_TO_GATEWAY[packet[0] >> 4] + packet,
-                                               frame.offload))
+                shell.from_guests([  # one batch: the shell's deferred ACKs under impairment
+                    Frame(ETHER_TO_GATEWAY[packet[0] >> 4] + packet, frame.offload)
+                    for frame in dev.read_batch() for packet in to_shell(bytes(frame.data))])
 
         async def to_the_kernel(guest) -> None:
             async for frame in guest.receive:
-                packets = [Frame(p) for p in to_kernel(bytes(frame.data)[14:])]
+                # What the switch does for a port without TSO: the shell's TSO frames cut.
+                packets = [Frame(p, piece.offload) for piece in adapt(frame, Offload.NONE)
+                           for p in to_kernel(bytes(piece.data)[14:])]
                 while packets:
                     del packets[:dev.write_batch(packets)]
                     if packets:
@@ -259,8 +261,21 @@ def test_an_outside_server_that_stops_reading_closes_the_window_the_guest_writes
     (sent, echoed, count), held, _ = linux_guest_through_the_shell(
         EIGHT_MB, server_stall=2.0, server_rcvbuf=64 * 1024, seed=5)
     assert sent == echoed and int(count) == EIGHT_MB
-    assert held.unwritten == RCV_BUFFER  # the window we advertised reached zero
+    # The window we advertised reached zero (its right edge in steps of the window scale).
+    assert RCV_BUFFER - (1 << RCV_WSCALE) < held.unwritten <= RCV_BUFFER
     assert held.pending <= RCV_BUFFER  # and the shell held no more than the core allowed
+
+
+def test_the_window_a_guest_writes_into_closes_at_its_buffer_cap_not_at_rcv_buffer():
+    # The outside stalls: what the guest sends waits in the shell.  Before the window knew
+    # the guest's cap, it reached RCV_BUFFER (256 KiB) past a 96 KiB cap (seen failing).
+    cap = 96 * 1024
+    (sent, echoed, count), held, status = linux_guest_through_the_shell(
+        EIGHT_MB, server_stall=2.0, server_rcvbuf=64 * 1024, seed=8,
+        limits=FlowLimits(buffered_per_guest=cap))
+    assert sent == echoed and int(count) == EIGHT_MB
+    assert cap // 2 < held.unwritten <= cap
+    assert status["guest_buffered"] == 0
 
 
 def test_a_guest_that_stops_reading_stops_the_shell_reading_the_host_socket():
@@ -412,7 +427,7 @@ def test_an_unexpected_error_in_one_connection_ends_that_connection_only(where, 
                 broken_ours = handshake(shell, 41001, await guest.next())
                 (key, flow), = shell.tcp.flows.items()
 
-                def bug(*args):
+                def bug(*args, **kwargs):
                     raise RuntimeError("a bug in the core")
                 setattr(flow.conn, where, bug)
                 shell.from_guest(seg("PA", 1001, broken_ours, b"to the bug", sport=41001))

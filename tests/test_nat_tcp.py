@@ -495,7 +495,7 @@ def soup(draw):
     steps = []
     for _ in range(n):
         kind = draw(st.sampled_from(["seg", "seg", "next", "next", "host", "written",
-                                     "tick"]))
+                                     "tick", "flush", "room"]))
         if kind == "next":  # what a live guest sends: in order, acking what it got
             steps.append(("next", draw(st.sampled_from(["PA", "A", "FA"])),
                           draw(st.integers(0, 4000)), draw(st.integers(0, 65535))))
@@ -513,20 +513,26 @@ def soup(draw):
                           draw(st.integers(1, 70_000))))
         elif kind == "written":
             steps.append(("written", draw(st.integers(1, 100_000))))
+        elif kind == "flush":
+            steps.append(("flush",))
+        elif kind == "room":  # the table's hold_limit: the guest's room under its cap
+            steps.append(("room", draw(st.integers(0, 600_000))))
         else:
             steps.append(("tick", draw(st.floats(0, 200))))
     return steps
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(soup(), st.booleans())
-def test_segment_soup_never_raises_never_oversends_never_acks_unreceived(steps, established):
+@given(soup(), st.booleans(), st.booleans(), st.booleans())
+def test_segment_soup_never_raises_never_oversends_never_acks_unreceived(steps, established,
+                                                                         defer, sack):
     with deadline(20):
         g = Guest(mss=536, wscale=2, window=3000)
         if established:
             g.handshake()
         else:
-            g.conn.from_guest(seg(GISN, flags="S", options=[("MSS", 536), ("WScale", 2)]), T0)
+            g.conn.from_guest(seg(GISN, flags="S", options=[("MSS", 536), ("WScale", 2),
+                                                           *([("SAckOK", b"")] * sack)]), T0)
         conn = g.conn
         now = T0 + 1
         delivered = 0  # bytes the guest stream has given the host, in order
@@ -536,11 +542,16 @@ def test_segment_soup_never_raises_never_oversends_never_acks_unreceived(steps, 
                 _, seq_off, ack_off, flags, window, size, opts = step
                 s = seg(g.nxt + seq_off, conn.snd_una + ack_off, flags, window,
                         bytes(size), opts)
-                out = conn.from_guest(s, now)
+                out = conn.from_guest(s, now, defer_ack=defer)
             elif step[0] == "next":
                 _, flags, size, window = step
                 s = seg(conn.rcv_nxt, conn.snd_nxt, flags, window, bytes(size))
-                out = conn.from_guest(s, now)
+                out = conn.from_guest(s, now, defer_ack=defer)
+            elif step[0] == "flush":
+                out = conn.flush_ack()
+            elif step[0] == "room":
+                conn.hold_limit = step[1]
+                out = conn.window_update()
             elif step[0] == "host":
                 if step[1] == "recv":
                     budget = conn.host_read_budget()
@@ -566,6 +577,7 @@ def test_segment_soup_never_raises_never_oversends_never_acks_unreceived(steps, 
                     assert not fin
                     fin = 1
                 elif isinstance(o, ToGuest) and not o.flags & RST:
+                    assert len(o.options) <= 40 and len(o.options) % 4 == 0
                     # Never past the furthest edge the guest advertised.
                     end = (o.seq + len(o.payload)) & M
                     assert not o.payload or nat._le(end, conn.max_snd_edge)

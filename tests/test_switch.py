@@ -6,6 +6,7 @@ import pytest
 from netstack.frame import (
     ALL_OFFLOADS,
     GSO_TCPV4,
+    GSO_UDP_L4,
     HDR_F_NEEDS_CSUM,
     MAX_FRAME_LEN,
     PLAIN,
@@ -331,6 +332,21 @@ def test_a_service_port_gets_no_gso_frame_to_cut_up():
     assert len(gateway.got) == 1 and gateway.counters.software_offloads == 0
     assert gateway.counters.drops == {"offload_ignored": 1}
     assert len(b.got) == 22
+
+
+def test_a_service_port_that_accepts_tso_gets_a_tso_frame_whole_but_no_udp_gso():
+    """The gateway takes guests' TSO frames as they are (its NAT reads each as one
+    segment); a UDP GSO frame it does not accept is still not cut up for it."""
+    switch, (a, b, c) = three_ports()
+    gateway = Service("gw", Offload.CSUM | Offload.TSO4 | Offload.TSO6)
+    switch.attach(gateway)
+    udp_gso = Frame(tso(BROADCAST, A, 3000, 1448).data,
+                    OffloadInfo(0, GSO_UDP_L4, 42, 1448, 0, 0))
+    switch.forward(a, [tso(BROADCAST, A, 30000, 1448), udp_gso])
+    assert [f.offload[1] for f in gateway.got] == [GSO_TCPV4]
+    assert len(gateway.got[0].data) == len(tso(BROADCAST, A, 30000, 1448).data)
+    assert gateway.counters.software_offloads == 0
+    assert gateway.counters.drops == {"offload_ignored": 1}
 
 
 def test_software_segments_of_one_batch_are_bounded_over_all_ports():

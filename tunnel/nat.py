@@ -1,7 +1,8 @@
 """The NAT's Trio shell: the host sockets the sans-I/O cores of netstack.nat ask for (TCP,
 UDP, ICMP echo, DNS), the frames they answer with handed to `deliver`, their timers driven.
 
-A guest frame's path: the gateway port calls `from_guest(frame)` -> the IP layer read once
+A guest frame's path: the gateway port calls `from_guests(frames)` (a batch; `from_guest(frame)`
+is a batch of one) -> the IP layer read once
 (netstack.nat.packet) -> UDP to UdpTable (the gateway's :53 to the DnsForwarder), echo to
 EchoTable -> their actions performed at once, without waiting: a connected non-blocking UDP
 socket per flow (IP_TTL / IPV6_UNICAST_HOPS from the guest's TTL less one hop, IP_RECVERR /
@@ -16,11 +17,14 @@ their `tick`: idle flows closed, DNS retries and SERVFAILs.
 
 TCP: a guest segment goes to TcpTable (netstack.nat.tcp_flows: caps, deny list, one sans-I/O
 TcpConnection per flow); a connection's Connect opens a non-blocking socket connected in a
-task within CONNECT_TIMEOUT (failure -> RST to the guest); its Sends are written at once as
-far as the socket takes them (Written to the core), the rest by a writer task; a reader task
-reads at most `read_budget` (the connection's room for the guest within the guest's cap on
-buffered bytes; 0 -> it waits for the guest's next ACK, or, while the guest's other flows
-hold the cap, for bytes given back to that guest).  Backpressure both ways: the window we
+task within CONNECT_TIMEOUT (failure -> RST to the guest); its Sends are written once per
+batch of guest frames, after the batch, as far as the socket takes them (Written to the core),
+the rest by a writer task, then the ACKs the batch owes go out, one per connection, with the
+window the writes left (the guest's room under its cap reopens windows: TcpTable.reopen); a
+reader task reads at most `read_budget` (the connection's room for the guest within the
+guest's cap on buffered bytes; 0 -> it waits for the guest's next ACK, or, while the guest's
+other flows hold the cap, for bytes given back to that guest), in whole segments toward the
+guest (`read_size`: one TSO frame per read).  Backpressure both ways: the window we
 advertise is what the host socket has not taken (the core's RCV_BUFFER), and what the guest
 has not acknowledged stops our reads (SND_BUFFER), so a stalled peer leaves its bytes in the
 kernel's socket buffers.
@@ -310,6 +314,8 @@ class NatShell:
         self._nursery: trio.Nursery | None = None
         self._wake = trio.Event()
         self._sleeping_until = math.inf
+        self._batch: list[Frame] | None = None  # frames of the from_guests call under way
+        self._unwritten: dict[TcpSocket, None] = {}  # sockets it gave bytes, in order
 
     # -- running ------------------------------------------------------------------------------
 
@@ -400,13 +406,47 @@ class NatShell:
 
     def from_guest(self, frame: Frame) -> None:
         """Carry one frame a guest routed to the gateway (dropped: counted in a drops)."""
+        self.from_guests([frame])
+
+    def from_guests(self, frames: Sequence[Frame]) -> None:
+        """Carry a batch of frames guests routed to the gateway.  TCP in a batch is written
+        to each host socket once, after the batch, and in-order data is acknowledged once
+        per connection (TcpTable.flush_ack), with the window the writes left."""
         now = trio.current_time()
+        out: list[Frame] = []
+        self._batch = out
+        try:
+            for frame in frames:
+                self._from_guest(frame, now)
+            for entry in self._unwritten:
+                try:
+                    self._tcp_write(entry, out, now)
+                except Exception as error:  # a bug for one connection ends that one only
+                    self._tcp_crash(entry.key, entry, error)
+            self._unwritten.clear()
+            for key in self.tcp.take_owed():
+                try:
+                    self._perform_into(self.tcp.flush_ack(key), out, now)
+                except Exception as error:
+                    self._tcp_crash(key, self.tcp_sockets.get(key), error)
+        finally:
+            self._batch = None
+            for entry in self._unwritten:  # left by an exception: their writers write them
+                entry.writable.set()
+            self._unwritten.clear()
+        if out:
+            self.deliver(out)
+        if self._next_deadline() < self._sleeping_until:
+            self._wake.set()
+
+    def _from_guest(self, frame: Frame, now: float) -> None:
         try:
             packet = read_guest_packet(frame, self.config.gateway_mac)
             if packet.protocol == IPPROTO_TCP:
                 key = _tcp_key(packet)
                 try:
-                    self._perform(self.tcp.guest_segment(packet, frame.offload[0], now), now)
+                    self._perform(self.tcp.guest_segment(packet, frame.offload[0], now,
+                                                         defer_ack=True), now)
                 except (Malformed, Refused):
                     raise
                 except Exception as error:  # a bug for one connection ends that one only
@@ -415,8 +455,6 @@ class NatShell:
                 entry = self.tcp_sockets.get(key)
                 if entry is not None and self.tcp.read_budget(key) > 0:
                     entry.budget.set()  # the guest's ACK freed room: resume reading
-                if self._next_deadline() < self._sleeping_until:
-                    self._wake.set()
                 return
             if packet.protocol == IPPROTO_UDP:
                 if self.udp_forwards.flows and packet.dst in self.config.gateway_ips:
@@ -435,13 +473,11 @@ class NatShell:
             self.drops[error.reason] += 1
             return
         self._perform(actions, now)
-        # A known flow's datagram only moves its own deadline later; a new flow or a DNS
-        # query may bring the next one closer than the timer sleeps.
-        if (len(actions) > 1 or (actions and isinstance(actions[0], SendQuery))) \
-                and self._next_deadline() < self._sleeping_until:
-            self._wake.set()
 
     def _perform(self, actions: list, now: float) -> None:
+        if self._batch is not None:  # from_guests delivers the batch's frames at its end
+            self._perform_into(actions, self._batch, now)
+            return
         frames: list[Frame] = []
         self._perform_into(actions, frames, now)
         if frames:
@@ -477,14 +513,23 @@ class NatShell:
             elif isinstance(action, Frame):
                 frames.append(action)
         if self.tcp.credited:
-            self._wake_capped()
+            self._wake_capped(frames, now)
 
-    def _wake_capped(self) -> None:
-        """Readers held by their guest's cap look again: the guest was given bytes back."""
-        for guest in self.tcp.credited:
+    def _wake_capped(self, frames: list | None, now: float) -> None:
+        """Readers held by their guest's cap look again and windows its room held down are
+        announced again: the guest was given bytes back."""
+        guests = list(self.tcp.credited)
+        self.tcp.credited.clear()
+        updates: list = []
+        for guest in guests:
             for entry in self._capped.pop(guest, ()):
                 entry.budget.set()
-        self.tcp.credited.clear()
+            updates += self.tcp.reopen(guest)
+        if updates:
+            if frames is None:
+                self._perform(updates, now)
+            else:
+                self._perform_into(updates, frames, now)
 
     # -- TCP host sockets ---------------------------------------------------------------------
 
@@ -494,7 +539,10 @@ class NatShell:
         if isinstance(action, Send):
             if entry is not None:
                 entry.pending += action.data
-                self._tcp_write(entry, frames, now)
+                if self._batch is None:
+                    self._tcp_write(entry, frames, now)
+                else:
+                    self._unwritten[entry] = None  # written once, after the batch
         elif isinstance(action, Connect):
             if entry is not None:  # a replaced TIME-WAIT flow's socket
                 self._tcp_close(entry)
@@ -502,7 +550,10 @@ class NatShell:
         elif isinstance(action, ShutdownWrite):
             if entry is not None:
                 entry.shutdown = True
-                self._tcp_write(entry, frames, now)
+                if self._batch is None:
+                    self._tcp_write(entry, frames, now)
+                else:
+                    self._unwritten[entry] = None
         elif isinstance(action, Established):
             if entry is not None and self._nursery is not None:
                 self._nursery.start_soon(self._tcp_relay_task, entry)
@@ -572,7 +623,7 @@ class NatShell:
         if key not in self.tcp_sockets:  # not a newer connection's socket on the same key
             self.tcp.discard(key)
         if self.tcp.credited:
-            self._wake_capped()
+            self._wake_capped(None, trio.current_time())
 
     async def _tcp_serve(self, entry: TcpSocket, addresses: list[tuple],
                          timeout: float) -> None:
@@ -657,7 +708,7 @@ class NatShell:
             frames: list = []
             now = trio.current_time()
             try:
-                data = sock.recv(min(budget, TCP_READ_CHUNK))
+                data = sock.recv(self.tcp.read_size(key, min(budget, TCP_READ_CHUNK)))
             except BlockingIOError:
                 continue
             except OSError as error:

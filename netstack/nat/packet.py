@@ -3,7 +3,11 @@
 `read_guest_packet` reads a frame through the netstack.wire views and checks what every
 protocol table needs before it looks at its own header: the frame is untagged and sent to
 the gateway's MAC (routed, not flooded), the IPv4 header checksum is right, the packet is not
-a fragment (no reassembly here), and the source is a unicast address.  A frame that fails is
+a fragment (no reassembly here), and the source is a unicast address.  A guest's TSO frame
+(GSO TCPV4/TCPV6, its checksum partial) is one packet here, as long as its IP version matches
+its GSO type and it carries TCP: the TCP core takes a 64 KiB segment whole.  UDP GSO (UFO,
+USO) is refused (`gso`): the gateway port does not accept it, so the switch never hands it
+one.  A frame that fails is
 refused with `Malformed` (the bytes lie) or `Refused` (the bytes are fine, the NAT will not
 carry them), each with a reason the caller counts.
 
@@ -19,7 +23,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from netstack.frame import ETH_P_IP, ETH_P_IPV6, GSO_NONE, Frame
+from netstack.frame import (
+    ETH_HEADER_LEN,
+    ETH_P_IP,
+    ETH_P_IPV6,
+    GSO_NONE,
+    GSO_TCPV4,
+    GSO_TCPV6,
+    HDR_F_NEEDS_CSUM,
+    Frame,
+)
+from netstack.wire import IPPROTO_TCP
 from netstack.wire.ethernet import Ethernet, ethernet_frame
 from netstack.wire.ipv4 import DEFAULT_TTL, MIN_HEADER_LEN, Ipv4, ipv4_header
 from netstack.wire.ipv6 import IPV6_HEADER_LEN, Ipv6, ipv6_header
@@ -53,6 +67,9 @@ class GuestPacket(NamedTuple):
     end: int
 
 
+_TCP_GSO = {GSO_TCPV4: 4, GSO_TCPV6: 6}  # a TSO frame is one segment: its IP version
+
+
 def _unicast(address: bytes) -> bool:
     if len(address) == 4:
         return 0 < address[0] < 224 and address != b"\xff\xff\xff\xff"
@@ -67,8 +84,9 @@ def read_guest_packet(frame: Frame, gateway_mac: bytes) -> GuestPacket:
         raise Refused("not_routed", "not sent to the gateway's MAC")
     if eth.tci is not None:
         raise Refused("vlan", f"tag {eth.vlan_id}")
-    if frame.offload[1] != GSO_NONE:
-        raise Refused("gso", f"GSO type {frame.offload[1]}")  # the switch segments for us
+    gso = frame.offload[1]
+    if gso != GSO_NONE and gso not in _TCP_GSO:
+        raise Refused("gso", f"GSO type {gso}")
     if eth.ethertype == ETH_P_IP:
         ip4 = Ipv4(data, eth.payload_offset)
         if not ip4.header_checksum_ok():
@@ -89,6 +107,8 @@ def read_guest_packet(frame: Frame, gateway_mac: bytes) -> GuestPacket:
         raise Refused("not_ip", f"EtherType {eth.ethertype:#06x}")
     if not _unicast(packet.src):
         raise Refused("bad_source")
+    if gso != GSO_NONE and (_TCP_GSO[gso] != packet.version or packet.protocol != IPPROTO_TCP):
+        raise Refused("gso", f"GSO type {gso} on IPv{packet.version} protocol {packet.protocol}")
     return packet
 
 
@@ -139,7 +159,10 @@ class NatConfig:
     gateway_ips: frozenset[bytes]  # the gateway's own addresses, packed (IPv4 and IPv6)
     deny: DenyList = field(default_factory=DenyList)
     map_host_loopback: bool = False  # the gateway's address reaches the hub's 127.0.0.1/::1
-    mtu: int = 1500  # the guests' link MTU: nothing longer is sent to them
+    mtu: int = 1500  # the guests' link MTU: nothing longer is sent to them (but TSO frames)
+    # TCP toward guests in TSO frames of up to 64 KiB (gso_size within the MTU); the switch
+    # segments them in software for a port that does not accept TSO.
+    tso: bool = True
 
 
 def refuse_denied(packet: GuestPacket, deny: DenyList) -> None:
@@ -164,3 +187,30 @@ def frame_to_guest(config: NatConfig, guest_mac: bytes, src: bytes, dst: bytes, 
         return Frame(ethernet_frame(guest_mac, config.gateway_mac, ETH_P_IP, header + message))
     header = ipv6_header(src, dst, protocol, len(message), DEFAULT_TTL)
     return Frame(ethernet_frame(guest_mac, config.gateway_mac, ETH_P_IPV6, header + message))
+
+
+TCP_CSUM_OFFSET = 16
+_ETHERTYPE_IP = ETH_P_IP.to_bytes(2, "big")
+_ETHERTYPE_IPV6 = ETH_P_IPV6.to_bytes(2, "big")
+
+
+def tso_frame_to_guest(config: NatConfig, guest_mac: bytes, src: bytes, dst: bytes,
+                       tcp_header: bytes, payload: bytes, mss: int) -> Frame:
+    """A TCP segment longer than the MTU allows (`tcp_header`'s checksum field holding the
+    pseudo-header sum, NEEDS_CSUM) in a TSO frame whose pieces fit the MTU: gso_size is the
+    guest's `mss`, or less if the MTU leaves less after the IP and TCP headers.  The
+    payload is copied once, into the frame."""
+    ip_len = ip_header_len(src)
+    l4 = ETH_HEADER_LEN + ip_len
+    header_len = len(tcp_header)
+    gso_size = min(mss, config.mtu - ip_len - header_len)
+    length = header_len + len(payload)
+    if len(src) == 4:
+        header = ipv4_header(src, dst, IPPROTO_TCP, length, ttl=DEFAULT_TTL)
+        ethertype, gso_type = _ETHERTYPE_IP, GSO_TCPV4
+    else:
+        header = ipv6_header(src, dst, IPPROTO_TCP, length, DEFAULT_TTL)
+        ethertype, gso_type = _ETHERTYPE_IPV6, GSO_TCPV6
+    return Frame(b"".join((guest_mac, config.gateway_mac, ethertype, header, tcp_header,
+                           payload)),
+                 (HDR_F_NEEDS_CSUM, gso_type, l4 + header_len, gso_size, l4, TCP_CSUM_OFFSET))

@@ -11,18 +11,29 @@ if the remote itself had answered.  Then:
                   order and reports `Written(n)` as the host socket takes them.  Bytes handed
                   over and not yet written (`host_unwritten`) are what we hold for the host
                   socket: the window advertised to the guest is RCV_BUFFER minus them, so a
-                  slow remote closes the guest's window (backpressure).  Segments ahead of
+                  slow remote closes the guest's window (backpressure), and never more than
+                  the guest may still make the NAT hold (`hold_limit`: its FlowLimits room,
+                  set by the table; `window_update()` when the room grows again).  Segments ahead of
                   RCV.NXT wait in an out-of-order queue (merged runs, OOO_MAX_RUNS holes,
                   inside the advertised window) so one lost frame costs the guest one
-                  retransmission, not its whole flight (we offer no SACK: dup ACKs find holes).
+                  retransmission, not its whole flight; when the guest offers SACK, our
+                  ACKs carry up to SACK_BLOCKS of those runs (RFC 2018, receiver side only:
+                  the guest's sender repairs several holes a round trip).
                   The guest's FIN, in order, becomes `ShutdownWrite` after its last Send.
   host -> guest   the shell reads at most `host_read_budget()` bytes from the host socket
                   and reports `Received(data)`; that is free space in SND_BUFFER, which
                   holds everything unacknowledged, so the send buffer IS the retransmission
                   queue and the guest's window holds back the host socket (the shell stops
                   reading at budget 0 and the kernel's buffer fills, as passt does).
-                  Segments are cut at the guest's MSS, never past the window it advertised;
-                  `Eof` sends our FIN after the data.
+                  Segments are cut at the guest's MSS, never past the window it advertised
+                  (with `tso`, up to TSO_MAX_PAYLOAD: the table sends each as one TSO frame
+                  with gso_size = the MSS and a partial checksum, `partial_header`; the
+                  switch cuts it for a guest port without TSO); `Eof` sends our FIN after
+                  the data.  A guest's own TSO segment (up to 64 KiB) is one segment here.
+  ACKs            one per data segment, or with `defer_ack` (the shell's batches) one per
+                  batch for in-order data (`ack_owed`, `flush_ack()`), at least every
+                  ACK_STRETCH bytes; out-of-order data, a filled hole and a FIN are
+                  acknowledged at once (the guest's fast retransmit needs the dup ACKs).
   timers          one retransmission timer (RFC 6298: SRTT/RTTVAR, Karn, doubling backoff up
                   to RTO_MAX, MAX_RETRIES then abort), or instead the persist timer while the
                   guest's window is zero (window probes; a window held at zero for
@@ -44,9 +55,9 @@ out-of-order queue's own cap.
 
 Not built here: congestion control (the link to the guest is virtual; the guest's window is
 the only limit, recovery is NewReno-like: after a fast retransmit or a timeout each partial
-ACK retransmits the next hole), SACK, timestamps, delayed ACKs (one ACK per guest segment
-that carries data), simultaneous open, and segments larger than the MSS toward a guest that
-takes TSO frames: `_segment_limit` is that seam.
+ACK retransmits the next hole), SACK as a sender (the guest's SACK blocks are ignored),
+timestamps, timed delayed ACKs (RFC 1122's 200 ms: the batch is the delay), and
+simultaneous open.
 
 Active open (port forwards, `open_to_guest`): the host side accepted a connection and we are
 the opening end toward the guest.  SYN-SENT sends our SYN (our MSS, window scale offered) and
@@ -62,14 +73,18 @@ from __future__ import annotations
 import ipaddress
 import logging
 import secrets
+import struct
 from dataclasses import dataclass, fields
 
-from netstack.wire import Malformed
+from netstack.wire import IPPROTO_TCP, Malformed
+from netstack.wire.checksum import folded, pseudo_header_sum
 from netstack.wire.tcp import (
     ACK,
     FIN,
+    MIN_HEADER_LEN,
     OPT_MSS,
     OPT_NOP,
+    OPT_SACK_PERMITTED,
     OPT_WSCALE,
     PSH,
     RST,
@@ -85,7 +100,16 @@ log = logging.getLogger(__name__)
 RCV_BUFFER = 256 * 1024  # guest -> host bytes held until the host socket takes them
 SND_BUFFER = 256 * 1024  # host -> guest bytes held until the guest acknowledges them
 OOO_MAX_RUNS = 16  # holes the out-of-order queue tracks (its bytes lie inside the window)
+SACK_BLOCKS = 4  # per ACK: 2 NOPs + kind/length + 4 x 8 bytes fill the 40-byte option space
+OPT_SACK = 5  # RFC 2018 3
 MAX_PAYLOAD = 65535  # a guest TSO segment is one segment, up to 64 KiB (IPv4's limit)
+# Toward a guest, a segment of up to this many payload bytes leaves as one TSO frame (its
+# IP packet within IPv4's 64 KiB limit with a 20-byte IP and a 60-byte TCP header).
+TSO_MAX_PAYLOAD = 65535 - 20 - 60
+# Deferred ACKs (the shell's batches): in-order data is acknowledged once per batch, but at
+# least once per this many bytes (RFC 9293 3.8.6.3's "every second full segment" is what a
+# guest without stretch-ACK tolerance would want; Linux's GRO acknowledges ~64 KiB at once).
+ACK_STRETCH = 64 * 1024
 
 # MSS (RFC 9293 3.7.1, RFC 8200 5): defaults when the SYN has no option, and the clamp.
 DEFAULT_MSS_V4 = 536
@@ -119,6 +143,8 @@ TIME_WAIT_SECONDS = 2.0  # short: it only re-ACKs a retransmitted FIN; the table
 CHALLENGE_ACKS_PER_SECOND = 10  # RFC 5961 7, per connection
 
 _SEQ_MASK = 0xFFFFFFFF
+_TCP_HEADER = struct.Struct("!HHIIBBHHH")  # ports, seq, ack, offset, flags, window, sum, urg
+_SACK_BLOCK = struct.Struct("!II")
 
 
 def _lt(a: int, b: int) -> bool:
@@ -324,8 +350,16 @@ class TcpConnection:
         self.rcv_adv = 0  # right edge of the window we advertised: never moves left
         self.rcv_wscale = 0
         self.host_unwritten = 0  # bytes in Send actions the host socket has not taken
+        # The most this connection may hold (`buffered`): its guest's FlowLimits room plus
+        # what it holds already, set by the table before each call; the window offers no
+        # more than what is left of it.
+        self.hold_limit = RCV_BUFFER + SND_BUFFER
+        self.ack_owed = False  # in-order data arrived and its ACK waits for flush_ack()
+        self._acked_to = 0  # the ACK number we last sent
         self._ooo: list[tuple[int, bytes]] = []
         self._ooo_bytes = 0
+        self.sack_ok = False  # the guest offered SACK-permitted and we answered it
+        self._ooo_last = 0  # sequence number of the latest out-of-order segment (SACK order)
         # Send side (host -> guest).
         self.iss = secrets.randbits(32) if iss is None else iss & _SEQ_MASK
         self.snd_una = self.iss
@@ -335,6 +369,7 @@ class TcpConnection:
         self.snd_wl2 = 0
         self.snd_wscale = 0
         self.snd_mss = self._default_mss
+        self.tso = False  # the guest takes TSO frames: segments up to TSO_MAX_PAYLOAD
         self.max_snd_wnd = 0
         self.max_snd_edge = self.iss  # furthest right edge the guest ever allowed
         self._snd_buf = bytearray()  # from SND.UNA (data only): the retransmission queue
@@ -390,6 +425,17 @@ class TcpConnection:
             candidates.append(self._zero_window_since + ZERO_WINDOW_MAX)
         return min(candidates)
 
+    def partial_header(self, seg: ToGuest) -> bytes:
+        """The TCP header (options included) of a segment for a TSO frame, its payload to
+        follow: the checksum field holds the pseudo-header sum only (NEEDS_CSUM: whoever
+        segments it, or the guest, finishes it)."""
+        header_len = MIN_HEADER_LEN + len(seg.options)
+        pseudo = folded(pseudo_header_sum(self.remote_ip, self.guest_ip, IPPROTO_TCP,
+                                          header_len + len(seg.payload)))
+        return _TCP_HEADER.pack(self.remote_port, self.guest_port, seg.seq, seg.ack,
+                                (header_len // 4) << 4, seg.flags, seg.window, pseudo,
+                                0) + seg.options
+
     def encode(self, seg: ToGuest) -> bytes:
         """The TCP bytes of a segment to the guest, checksum included (the shell adds the IP
         header from remote_ip to guest_ip)."""
@@ -397,9 +443,13 @@ class TcpConnection:
                            seg.seq, seg.ack, seg.flags, seg.window, seg.options, seg.payload)
 
     # --- guest segments --------------------------------------------------------------------
-    def from_guest(self, seg: Tcp, now: float) -> list[Output]:
+    def from_guest(self, seg: Tcp, now: float, *, defer_ack: bool = False) -> list[Output]:
         """One segment from the guest (the caller checked its IP header, checksum and that
-        its addresses and ports are this connection's)."""
+        its addresses and ports are this connection's).  With `defer_ack` (the shell hands
+        over a batch), in-order data that makes no segment of its own leaves its ACK owed
+        (`ack_owed`) for `flush_ack()` after the batch, unless ACK_STRETCH bytes are
+        unacknowledged; anything out of order, a FIN or a filled hole is acknowledged at
+        once (the guest's fast retransmit counts those dup ACKs)."""
         out: list[Output] = []
         counters = self.counters
         counters.segments_in += 1
@@ -422,7 +472,16 @@ class TcpConnection:
             if reply is not None:
                 self._emit(out, reply)
         else:
-            self._on_synchronized(seg, now, out)
+            self._on_synchronized(seg, now, out, defer_ack)
+        return out
+
+    def flush_ack(self) -> list[Output]:
+        """The ACK owed for data taken with `defer_ack` ([] when none is owed any more)."""
+        out: list[Output] = []
+        if self.ack_owed:
+            self.ack_owed = False
+            if self.state != CLOSED:
+                self._emit_ack(out)
         return out
 
     def _on_listen(self, seg: Tcp, now: float, out: list[Output]) -> None:
@@ -460,6 +519,7 @@ class TcpConnection:
             if opts.mss < MIN_MSS:
                 self.counters.bad_option += 1
             self.snd_mss = max(MIN_MSS, opts.mss)
+        self.sack_ok = opts.sack_permitted
         if opts.wscale is not None:
             if opts.wscale > MAX_WSCALE:
                 self.counters.bad_option += 1
@@ -532,7 +592,8 @@ class TcpConnection:
         else:
             self.counters.out_of_window += 1
 
-    def _on_synchronized(self, seg: Tcp, now: float, out: list[Output]) -> None:
+    def _on_synchronized(self, seg: Tcp, now: float, out: list[Output],
+                         defer_ack: bool = False) -> None:
         counters = self.counters
         flags = seg.flags
         seq = seg.seq
@@ -583,12 +644,18 @@ class TcpConnection:
             return
         # 5. Payload and FIN.
         if self.state in _RECEIVING and (payload or flags & FIN):
+            in_order = seq == self.rcv_nxt and not self._ooo and not flags & FIN
             self._receive(seq, payload, bool(flags & FIN), now, out)
             pushed_from = len(out)
             self._push(now, out)
-            # Segments pushed now carry the new RCV.NXT; without any, a pure ACK.
+            # Segments pushed now carry the new RCV.NXT; without any, a pure ACK (or one
+            # owed till the end of the batch).
             if not any(isinstance(o, ToGuest) for o in out[pushed_from:]):
-                self._emit_ack(out)
+                if defer_ack and in_order and not self._ooo \
+                        and _dist(self._acked_to, self.rcv_nxt) < ACK_STRETCH:
+                    self.ack_owed = True
+                else:
+                    self._emit_ack(out)
         else:
             self._push(now, out)
 
@@ -712,6 +779,7 @@ class TcpConnection:
             fin = False  # the FIN lies past the window: the guest sends it again
         if seq != rcv_nxt:
             if payload:
+                self._ooo_last = seq
                 self._queue_ooo(seq, bytes(payload))
             return
         if payload:
@@ -911,16 +979,25 @@ class TcpConnection:
         self._retries = 0
 
     # --- sending ---------------------------------------------------------------------------
+    @property
+    def send_quantum(self) -> int:
+        """The payload of one full segment toward the guest (a TSO segment with `tso`)."""
+        return self._segment_limit()
+
     def _segment_limit(self) -> int:
-        """The largest payload of one segment to the guest: its MSS.  (The TSO seam: for a
-        guest that accepts TSO frames this becomes up to 64 KiB, and the shell gives the
-        frame GSO metadata with gso_size = snd_mss.)"""
+        """The largest payload of one segment to the guest: its MSS, or with `tso` as many
+        MSS-sized pieces as fit TSO_MAX_PAYLOAD (the table sends such a segment as one TSO
+        frame with gso_size = snd_mss, which the switch cuts for a port without TSO)."""
+        if self.tso:
+            return TSO_MAX_PAYLOAD // self.snd_mss * self.snd_mss
         return self.snd_mss
 
     def _send_syn_ack(self, out: list[Output], now: float, *, retransmit: bool) -> None:
         options = bytes((OPT_MSS, 4)) + self.our_mss.to_bytes(2, "big")
         if self.rcv_wscale:
             options += bytes((OPT_NOP, OPT_WSCALE, 3, self.rcv_wscale))
+        if self.sack_ok:
+            options += bytes((OPT_NOP, OPT_NOP, OPT_SACK_PERMITTED, 2))
         window = min(self._free_window(), 0xFFFF)
         self.rcv_adv = (self.rcv_nxt + window) & _SEQ_MASK
         self.state = SYN_RECEIVED
@@ -951,8 +1028,10 @@ class TcpConnection:
             last = sent + n == len(buf)
             if self._rtt_seq is None:
                 self._rtt_seq, self._rtt_start = (self.snd_nxt + n) & _SEQ_MASK, now
+            # One copy of the payload (the view is gone before the buffer is cut again).
             self._emit(out, ToGuest(self.snd_nxt, self.rcv_nxt, ACK | (PSH if last else 0),
-                                    self._window_field(), b"", bytes(buf[sent:sent + n])))
+                                    self._window_field(), b"",
+                                    bytes(memoryview(buf)[sent:sent + n])))
             self.counters.bytes_to_guest += n
             self.snd_nxt = (self.snd_nxt + n) & _SEQ_MASK
             sent += n
@@ -998,7 +1077,31 @@ class TcpConnection:
         self._rtx_at = now + self.rto
 
     def _free_window(self) -> int:
-        return max(RCV_BUFFER - self.host_unwritten, 0)
+        unwritten = self.host_unwritten
+        return max(min(RCV_BUFFER, self.hold_limit - len(self._snd_buf)) - unwritten, 0)
+
+    @property
+    def promised_window(self) -> int:
+        """Bytes between RCV.NXT and the right edge we advertised."""
+        return _dist(self.rcv_nxt, self.rcv_adv) if _le(self.rcv_nxt, self.rcv_adv) else 0
+
+    @property
+    def room_limited(self) -> bool:
+        """The guest's room (not the host socket) holds the window a segment or more below
+        what RCV_BUFFER would offer."""
+        return self.state in _RECEIVING \
+            and self.hold_limit - len(self._snd_buf) < RCV_BUFFER \
+            and RCV_BUFFER - self.host_unwritten - self.promised_window \
+            >= min(RCV_BUFFER // 2, self.our_mss)
+
+    def window_update(self) -> list[Output]:
+        """The guest's room grew (its other flows gave bytes back): an ACK announcing the
+        wider window when it opens by a segment or more ([] otherwise)."""
+        out: list[Output] = []
+        if self.state in _RECEIVING and self._free_window() - self.promised_window \
+                >= min(RCV_BUFFER // 2, self.our_mss):
+            self._emit_ack(out)
+        return out
 
     def _window_field(self) -> int:
         """The window field to send, scaled; records the right edge it promises (which
@@ -1013,7 +1116,18 @@ class TcpConnection:
         return value
 
     def _emit_ack(self, out: list[Output]) -> None:
-        self._emit(out, ToGuest(self.snd_nxt, self.rcv_nxt, ACK, self._window_field()))
+        options = self._sack_option() if self.sack_ok and self._ooo else b""
+        self._emit(out, ToGuest(self.snd_nxt, self.rcv_nxt, ACK, self._window_field(), options))
+
+    def _sack_option(self) -> bytes:
+        """SACK blocks for the out-of-order runs (RFC 2018 4): the run holding the latest
+        segment first, then the others in sequence order, at most SACK_BLOCKS."""
+        latest = self._ooo_last
+        runs = sorted(self._ooo, key=lambda run: not (
+            _le(run[0], latest) and _lt(latest, (run[0] + len(run[1])) & _SEQ_MASK)))
+        blocks = b"".join(_SACK_BLOCK.pack(seq, (seq + len(data)) & _SEQ_MASK)
+                          for seq, data in runs[:SACK_BLOCKS])
+        return bytes((OPT_NOP, OPT_NOP, OPT_SACK, 2 + len(blocks))) + blocks
 
     def _challenge_ack(self, out: list[Output], now: float) -> None:
         second = int(now)
@@ -1028,6 +1142,9 @@ class TcpConnection:
 
     def _emit(self, out: list[Output], seg: ToGuest) -> None:
         self.counters.segments_out += 1
+        if seg.flags & ACK:
+            self.ack_owed = False  # this segment carries it
+            self._acked_to = seg.ack
         out.append(seg)
 
     # --- ending ----------------------------------------------------------------------------

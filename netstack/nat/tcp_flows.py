@@ -23,7 +23,15 @@ from collections import Counter
 from netstack.frame import HDR_F_DATA_VALID, HDR_F_NEEDS_CSUM
 from netstack.nat.forward import free_port, gateway_address
 from netstack.nat.limits import FlowKey, FlowLimits
-from netstack.nat.packet import GuestPacket, NatConfig, Refused, frame_to_guest, refuse_denied
+from netstack.nat.packet import (
+    GuestPacket,
+    NatConfig,
+    Refused,
+    frame_to_guest,
+    ip_header_len,
+    refuse_denied,
+    tso_frame_to_guest,
+)
 from netstack.nat.tcp import (
     CONNECTING,
     SYN_RECEIVED,
@@ -107,12 +115,17 @@ class TcpTable:
         self.credited: set[bytes] = set()  # guests given bytes back since the shell looked
         self._heap: list[tuple[float, int, FlowKey]] = []
         self._order = 0
+        self._owed: list[FlowKey] = []  # flows whose ACK waits for flush_ack()
+        # Flows whose window the guest's room holds down, by guest: reopened on its credit.
+        self._starved: dict[bytes, set[FlowKey]] = {}
 
     # -- from the guest -----------------------------------------------------------------------
 
-    def guest_segment(self, packet: GuestPacket, offload_flags: int, now: float) -> list:
+    def guest_segment(self, packet: GuestPacket, offload_flags: int, now: float, *,
+                      defer_ack: bool = False) -> list:
         """Frames and HostCalls for a guest's TCP segment (its IP layer already read); raises
-        Malformed or Refused for a segment the NAT does not carry."""
+        Malformed or Refused for a segment the NAT does not carry.  With `defer_ack` an
+        in-order data segment's ACK may wait for `flush_ack()` (the end of a batch)."""
         seg = read_tcp(packet, offload_flags)
         key = FlowKey(IPPROTO_TCP, packet.src, seg.src_port, packet.dst, seg.dst_port)
         flow = self.flows.get(key)
@@ -127,7 +140,50 @@ class TcpTable:
             flow = self._open(key, packet, now)
         elif flow.guest_mac != packet.guest_mac:
             raise Refused("guest_mac", "a flow of another MAC")
-        return self._after(flow, flow.conn.from_guest(seg, now))
+        conn = flow.conn
+        conn.hold_limit = self._hold_limit(flow)
+        owed = conn.ack_owed
+        out = self._after(flow, conn.from_guest(seg, now, defer_ack=defer_ack))
+        if conn.ack_owed and not owed:
+            self._owed.append(key)
+        return out
+
+    def take_owed(self) -> list[FlowKey]:
+        """The flows whose ACK waits since `defer_ack` segments: `flush_ack` each."""
+        owed, self._owed = self._owed, []
+        return owed
+
+    def flush_ack(self, key: FlowKey) -> list:
+        """The ACK owed to `key`'s guest, if it still is ([] otherwise)."""
+        flow = self.flows.get(key)
+        if flow is None or not flow.conn.ack_owed:
+            return []
+        flow.conn.hold_limit = self._hold_limit(flow)
+        return self._after(flow, flow.conn.flush_ack())
+
+    def _hold_limit(self, flow: TcpFlow) -> int:
+        return self.limits.room(flow.guest_mac) + flow.charged
+
+    def reopen(self, guest: bytes) -> list:
+        """Window updates for `guest`'s flows whose window its room held down, now that it
+        was given bytes back (see `credited`): as many flows as the room covers, the room
+        each is offered taken off the next one's (so a guest with many flows and a small
+        cap gets a few updates per credit, not one per flow); the rest wait."""
+        starved = self._starved.pop(guest, None)
+        out: list = []
+        room = self.limits.room(guest)
+        while starved and room > 0:
+            flow = self.flows.get(starved.pop())
+            if flow is None:
+                continue
+            conn = flow.conn
+            conn.hold_limit = flow.charged + room
+            before = conn.promised_window
+            out += self._after(flow, conn.window_update())
+            room -= max(conn.promised_window - before, 0)
+        if starved:
+            self._starved.setdefault(guest, set()).update(starved)
+        return out
 
     def _reset_unknown(self, packet: GuestPacket, seg: Tcp) -> list:
         reply = reset_for(seg)
@@ -162,6 +218,7 @@ class TcpTable:
             raise Refused("half_open_limit")
         conn = TcpConnection(packet.src, key.guest_port, packet.dst, key.remote_port, now,
                              mss=self.config.mtu - _HEADERS[packet.version])
+        conn.tso = self.config.tso
         flow = self.flows[key] = TcpFlow(key, guest, host_ip, conn, kind)
         return flow
 
@@ -182,6 +239,7 @@ class TcpTable:
         key = FlowKey(IPPROTO_TCP, guest_ip, guest_port, gateway, port)
         conn = TcpConnection(guest_ip, guest_port, gateway, port, now,
                              mss=self.config.mtu - _HEADERS[4 if len(guest_ip) == 4 else 6])
+        conn.tso = self.config.tso
         flow = self.flows[key] = TcpFlow(key, guest_mac, gateway, conn, FORWARD)
         return key, self._after(flow, conn.open_to_guest(now))
 
@@ -192,6 +250,7 @@ class TcpTable:
         flow = self.flows.get(key)
         if flow is None:
             return []
+        flow.conn.hold_limit = self._hold_limit(flow)
         return self._after(flow, flow.conn.on_host(event, now))
 
     def read_budget(self, key: FlowKey) -> int:
@@ -201,6 +260,16 @@ class TcpTable:
         if flow is None:
             return 0
         return max(min(flow.conn.host_read_budget(), self.limits.room(flow.guest_mac)), 0)
+
+    def read_size(self, key: FlowKey, budget: int) -> int:
+        """How much of `budget` to read at once: whole segments toward the guest (with TSO a
+        64 KiB read would make one TSO frame and a small tail; one TSO segment's worth makes
+        one frame), all of it when less than one."""
+        flow = self.flows.get(key)
+        if flow is None:
+            return budget
+        quantum = flow.conn.send_quantum
+        return budget - budget % quantum if budget > quantum else budget
 
     def guest_limited(self, key: FlowKey) -> bool:
         """Reading `key` waits for the guest's other flows to free buffer (see `credited`),
@@ -236,6 +305,7 @@ class TcpTable:
             if flow is None or flow.scheduled != deadline:
                 continue  # stale: the flow is gone or its deadline moved
             flow.scheduled = None
+            flow.conn.hold_limit = self._hold_limit(flow)
             out += self._after(flow, flow.conn.tick(now))
         return out
 
@@ -258,8 +328,14 @@ class TcpTable:
         conn = flow.conn
         for item in outputs:
             if isinstance(item, ToGuest):
-                frame = frame_to_guest(self.config, flow.guest_mac, conn.remote_ip,
-                                       conn.guest_ip, IPPROTO_TCP, conn.encode(item))
+                if conn.tso and ip_header_len(conn.remote_ip) + 20 + len(item.options) \
+                        + len(item.payload) > self.config.mtu:
+                    frame = tso_frame_to_guest(self.config, flow.guest_mac, conn.remote_ip,
+                                               conn.guest_ip, conn.partial_header(item),
+                                               item.payload, conn.snd_mss)
+                else:
+                    frame = frame_to_guest(self.config, flow.guest_mac, conn.remote_ip,
+                                           conn.guest_ip, IPPROTO_TCP, conn.encode(item))
                 if frame is None:
                     self.drops["too_big"] += 1
                 else:
@@ -267,6 +343,10 @@ class TcpTable:
             else:
                 out.append(HostCall(flow.key, item))
         self._charge(flow)
+        if conn.room_limited:
+            conn.hold_limit = self._hold_limit(flow)
+            if conn.room_limited:
+                self._starved.setdefault(flow.guest_mac, set()).add(flow.key)
         if flow.half_open and conn.state not in _HALF_OPEN:
             flow.half_open = False
             self.limits.release_half_open(flow.guest_mac)
@@ -313,6 +393,11 @@ class TcpTable:
             return
         del self.flows[flow.key]
         flow.scheduled = None
+        starved = self._starved.get(flow.guest_mac)
+        if starved is not None:
+            starved.discard(flow.key)
+            if not starved:
+                del self._starved[flow.guest_mac]
         if flow.charged:
             self.limits.credit(flow.guest_mac, flow.charged)
             self.credited.add(flow.guest_mac)
