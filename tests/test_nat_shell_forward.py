@@ -17,8 +17,9 @@ import trio
 import trio.testing
 from scapy.layers.dns import DNS, DNSQR, DNSRR
 
-from netstack.frame import Frame
+from netstack.frame import Frame, Offload
 from netstack.nat.forward import ForwardSpec
+from netstack.offload import adapt
 from tests.support.nat import GUEST_MAC, GW4, GW6, GW_MAC, mac, packed
 from tests.support.nat_netns import hub_and_outside, inside
 from tests.support.nat_shell import ANSWER, OUT4, OUT6, needs_netns, run_in_hub
@@ -58,14 +59,15 @@ def with_kernel_guest(test, *, seconds: float = 60.0, **shell_options) -> None:
         async def from_kernel(shell) -> None:
             while True:
                 await dev.wait_readable()
-                for frame in dev.read_batch():
-                    packet = bytes(frame.data)
-                    shell.from_guest(Frame(ETHER_TO_GATEWAY[packet[0] >> 4] + packet,
-                                           frame.offload))
+                shell.from_guests([  # one batch, as the gateway port hands it over
+                    Frame(ETHER_TO_GATEWAY[bytes(frame.data)[0] >> 4] + bytes(frame.data),
+                          frame.offload) for frame in dev.read_batch()])
 
         async def to_kernel(guest) -> None:
             async for frame in guest.receive:
-                packets = [Frame(bytes(frame.data)[14:])]
+                # What the switch does for a port without TSO: the shell's TSO frames cut.
+                packets = [Frame(bytes(piece.data)[14:], piece.offload)
+                           for piece in adapt(frame, Offload.NONE)]
                 while packets:
                     del packets[:dev.write_batch(packets)]
                     if packets:

@@ -524,3 +524,68 @@ def test_out_of_file_descriptors_a_guest_syn_is_reset_and_counted_and_later_ones
             run_in_hub(names, test)
         finally:
             listener.close()
+
+
+def test_a_closed_flows_last_bytes_to_a_peer_that_never_reads_end_in_a_reset(monkeypatch):
+    # The guest sends what our window allows and its FIN; the outside server closed its own
+    # side and never reads.  The guest's side is done, but its bytes wait for the server: the
+    # socket lingers LINGER_SECONDS, then the server gets a reset, counted, nothing held.
+    monkeypatch.setattr("tunnel.nat.LINGER_SECONDS", 0.5)
+    with hub_and_outside() as names:
+        with inside(names["outside"]):
+            listener = socket.socket()
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            listener.bind((OUT4, TCP_ECHO_PORT))
+            listener.listen()
+        outcome: list[str] = []
+
+        async def closes_and_never_reads(accepted: trio.Event):
+            server = trio.socket.from_stdlib_socket(listener)
+            conn, _ = await server.accept()
+            with conn:
+                conn.shutdown(socket.SHUT_WR)
+                accepted.set()
+                await trio.sleep(3.0)  # the bytes pile up in our socket and the shell
+                try:
+                    while await conn.recv(65536):
+                        pass
+                    outcome.append("eof")
+                except ConnectionResetError:
+                    outcome.append("reset")
+
+        async def test(shell, guest):
+            accepted = trio.Event()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(closes_and_never_reads, accepted)
+                shell.from_guest(seg("S", 1000))
+                synack = await guest.next()
+                ours = synack[TCP].seq + 1
+                shell.from_guest(seg("A", 1001, ours))
+                await accepted.wait()
+                fin = await guest.next()  # the server's FIN, passed on
+                assert "F" in fin[TCP].flags and fin[TCP].seq == ours
+                seq, acked, window = 1001, 1001, fin[TCP].window
+                while True:  # fill the window the shell offers until it stays shut
+                    while seq + 1000 <= acked + window:
+                        shell.from_guest(seg("A", seq, ours + 1, bytes(1000)))
+                        seq += 1000
+                    try:
+                        frame = await guest.next(seconds=0.3)
+                    except trio.TooSlowError:
+                        break
+                    if frame[TCP].ack > acked or frame[TCP].window != window:
+                        acked, window = frame[TCP].ack, frame[TCP].window
+                assert shell.tcp_sockets  # the bytes still wait for the server
+                shell.from_guest(seg("FA", seq, ours + 1))
+                with trio.fail_after(8):
+                    while not outcome:
+                        await trio.sleep(0.05)
+                assert outcome == ["reset"]
+                assert shell.drops["linger_reset"] == 1
+                assert not shell.tcp_sockets and shell._lingering == 0
+                nursery.cancel_scope.cancel()
+
+        try:
+            run_in_hub(names, test)
+        finally:
+            listener.close()

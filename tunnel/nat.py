@@ -242,14 +242,18 @@ class HostSocket:
 
 # The most one recv() on a TCP host socket asks for (also bounded by the core's budget).
 TCP_READ_CHUNK = 65536
+# A flow the guest has closed whose host socket still takes its last bytes: at most this
+# long, at most this many at once (each holds at most the core's RCV_BUFFER), else a RST.
+LINGER_SECONDS = 10.0
+LINGERING_MAX = 256
 
 
 class TcpSocket:
     """A TCP flow's host socket: bytes of Send actions not yet written, a pending shutdown,
     and the event its reader waits on while the core's read budget is 0."""
 
-    __slots__ = ("budget", "forward", "guest", "key", "pending", "shutdown", "sock",
-                 "writable")
+    __slots__ = ("budget", "forward", "guest", "key", "lingering", "pending", "shutdown",
+                 "sock", "writable", "write_scope")
 
     def __init__(self, sock: socket.socket, key: FlowKey, guest: bytes,
                  forward: Forward | None = None) -> None:
@@ -261,6 +265,8 @@ class TcpSocket:
         self.shutdown = False
         self.budget = trio.Event()  # set when the guest's ACKs free room to read into
         self.writable = trio.Event()  # set when pending gets bytes
+        self.write_scope: trio.CancelScope | None = None  # while its writer task runs
+        self.lingering = False  # the flow is gone; its last bytes are still being written
 
 
 class Forward:
@@ -312,6 +318,7 @@ class NatShell:
         self.socket_errors: Counter[str] = Counter()  # flows closed by a socket error
         self._logged: set[str] = set()
         self._nursery: trio.Nursery | None = None
+        self._lingering = 0  # closed flows' sockets still writing their last bytes
         self._wake = trio.Event()
         self._sleeping_until = math.inf
         self._batch: list[Frame] | None = None  # frames of the from_guests call under way
@@ -557,14 +564,20 @@ class NatShell:
         elif isinstance(action, Established):
             if entry is not None and self._nursery is not None:
                 self._nursery.start_soon(self._tcp_relay_task, entry)
-        elif isinstance(action, (Abort, Close)) and entry is not None:
-            if isinstance(action, Abort):
-                if entry.forward is not None and action.reason in (REFUSED_BY_GUEST,
-                                                                    SYN_TIMEOUT):
-                    entry.forward.counters[action.reason] += 1
-                entry.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                      struct.pack("ii", 1, 0))
-            self._tcp_close(entry)
+        elif isinstance(action, Close) and entry is not None:
+            self._unwritten.pop(entry, None)
+            self._tcp_write(entry, frames, now)  # the guest's last bytes, its FIN
+            if self.tcp_sockets.get(key) is not entry:
+                pass  # the write failed: that closed it
+            elif entry.pending or entry.shutdown:
+                self._tcp_linger(entry)
+            else:
+                self._tcp_close(entry)
+        elif isinstance(action, Abort) and entry is not None:
+            if entry.forward is not None and action.reason in (REFUSED_BY_GUEST, SYN_TIMEOUT):
+                entry.forward.counters[action.reason] += 1
+            self._tcp_forget(entry)
+            self._tcp_reset(entry)
 
     def _tcp_event(self, key: FlowKey, event: object, frames: list, now: float) -> None:
         self._perform_into(self.tcp.on_host(key, event, now), frames, now)
@@ -726,20 +739,29 @@ class NatShell:
 
     async def _tcp_writer(self, entry: TcpSocket) -> None:
         key = entry.key
-        while self.tcp_sockets.get(key) is entry:
-            try:
-                if entry.pending:
-                    await trio.lowlevel.wait_writable(entry.sock)
-                else:
-                    entry.writable = trio.Event()
-                    await entry.writable.wait()
-                    continue
-            except trio.ClosedResourceError:
-                return
-            frames: list = []
-            self._tcp_write(entry, frames, trio.current_time())
-            if frames:
-                self.deliver(frames)
+        try:
+            with trio.CancelScope() as entry.write_scope:  # a lingering socket's deadline
+                while self.tcp_sockets.get(key) is entry:
+                    if entry.pending:
+                        await trio.lowlevel.wait_writable(entry.sock)
+                    else:
+                        entry.writable = trio.Event()
+                        await entry.writable.wait()
+                        continue
+                    frames: list = []
+                    self._tcp_write(entry, frames, trio.current_time())
+                    if frames:
+                        self.deliver(frames)
+                if entry.lingering:
+                    await self._tcp_linger_out(entry)
+        except trio.ClosedResourceError:
+            return
+        except OSError as error:  # only a lingering socket's: the flow is gone
+            self.socket_errors[_errno_name(error)] += 1
+        finally:
+            entry.write_scope = None
+            if entry.lingering:
+                self._tcp_lingered(entry)
 
     def _tcp_write(self, entry: TcpSocket, frames: list, now: float) -> None:
         """Write what the socket takes now (Written to the core); the rest waits for the
@@ -781,7 +803,56 @@ class NatShell:
         self._tcp_close(entry)
         self._tcp_event(entry.key, TcpHostError(reason), frames, now)
 
+    def _tcp_linger(self, entry: TcpSocket) -> None:
+        """The guest's side of `entry` is done but its host socket has not taken the last
+        bytes (the guest sent them with its FIN): its writer task writes them, then the FIN,
+        within LINGER_SECONDS; past that, or with LINGERING_MAX sockets already lingering,
+        the host peer gets a reset (counted `linger_reset`), as a closing kernel socket would.
+        The flow is gone from the table meanwhile (its key free for a new flow)."""
+        self._tcp_forget(entry)
+        if entry.write_scope is None or self._lingering >= LINGERING_MAX:
+            self.drops["linger_reset"] += 1
+            self._tcp_reset(entry)
+            return
+        self._lingering += 1
+        entry.lingering = True
+        entry.write_scope.deadline = trio.current_time() + LINGER_SECONDS
+        entry.writable.set()
+
+    @staticmethod
+    async def _tcp_linger_out(entry: TcpSocket) -> None:
+        """Write a lingering socket's last bytes and its FIN (no core to tell: it is gone)."""
+        while entry.pending:
+            await trio.lowlevel.wait_writable(entry.sock)
+            try:
+                del entry.pending[:entry.sock.send(entry.pending)]
+            except BlockingIOError:
+                pass
+        if entry.shutdown:
+            entry.sock.shutdown(socket.SHUT_WR)
+            entry.shutdown = False
+
+    def _tcp_lingered(self, entry: TcpSocket) -> None:
+        """A lingering socket's end: closed when all was written, else reset."""
+        entry.lingering = False
+        self._lingering -= 1
+        if entry.pending or entry.shutdown:
+            self.drops["linger_reset"] += 1
+            self._tcp_reset(entry)
+        else:
+            self._close(entry)
+
+    def _tcp_reset(self, entry: TcpSocket) -> None:
+        """Close `entry`'s socket with a RST (SO_LINGER 0)."""
+        entry.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self._close(entry)
+
     def _tcp_close(self, entry: TcpSocket) -> None:
+        self._tcp_forget(entry)
+        self._close(entry)
+
+    def _tcp_forget(self, entry: TcpSocket) -> None:
+        """`entry` leaves the flows' sockets; its reader and writer tasks end."""
         if self.tcp_sockets.get(entry.key) is entry:
             del self.tcp_sockets[entry.key]
         if entry.forward is not None:
@@ -794,7 +865,6 @@ class NatShell:
                 del self._capped[entry.guest]
         entry.budget.set()
         entry.writable.set()
-        self._close(entry)
 
     # -- port forwards ------------------------------------------------------------------------
 
