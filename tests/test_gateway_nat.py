@@ -1,5 +1,5 @@
 """The gateway port with a NAT behind it: what guests route through the gateway (or send to
-its TCP/UDP services) reaches the NAT's `from_guest`, its own services (ARP, ND, RS, DHCP,
+its TCP/UDP services) reaches the NAT's `from_guests`, its own services (ARP, ND, RS, DHCP,
 echo to its addresses) stay with it, the NAT's frames come out of the outbox; `resolve`
 learns guests' MACs and asks for the ones it does not know, rate limited and bounded; the
 router option and router lifetime follow `router`."""
@@ -45,10 +45,10 @@ class RecordingNat:
         self.frames: list[Frame] = []
         self.fail = fail
 
-    def from_guest(self, frame: Frame) -> None:
+    def from_guests(self, frames: list[Frame]) -> None:
         if self.fail:
             raise RuntimeError("a NAT bug")
-        self.frames.append(frame)
+        self.frames.extend(frames)
 
 
 def mac(text: str) -> bytes:
@@ -144,7 +144,7 @@ def test_frames_the_nat_hands_back_wait_in_the_outbox_and_wake_the_shell():
     assert gw.take_outbox() == [frame] and woken == [True]
 
 
-def test_a_nat_that_raises_costs_one_frame_counted_never_the_port(caplog):
+def test_a_nat_that_raises_costs_its_batch_counted_never_the_port(caplog):
     gw = gateway(RecordingNat(fail=True))
     send(gw, routed(TCP(sport=40000, dport=80, flags="S")))
     (echo,) = send(gw, routed(ICMP(type=8, id=7), dst="10.77.0.1"))  # the port still serves

@@ -11,10 +11,11 @@ dropped and counted):
   DHCPv4    requests to UDP port 67 -> the DHCP server (netstack.gateway.dhcp_server)
 With a NAT (the hub's --nat, tunnel/nat.py), every other IPv4/IPv6 frame sent to the gateway's
 MAC -- a guest's traffic to the outside, and TCP/UDP to the gateway's own addresses (its DNS,
---map-host-loopback) -- goes to `nat.from_guest(frame)`; frames the NAT has for the guests come
-back through `to_guests` into the outbox.  Without one such frames are ignored: the gateway is
-then no router (DHCP gives no router option, router advertisements a lifetime of 0; the hub
-decides with GatewayConfig.router and DhcpConfig.router).
+--map-host-loopback) -- goes to the NAT, one `nat.from_guests(batch)` per delivery; frames
+the NAT has for the guests come back through `to_guests` into the outbox.  Without one such
+frames are ignored: the gateway is then no router (DHCP gives no router option, router
+advertisements a lifetime of 0; the hub decides with GatewayConfig.router and
+DhcpConfig.router).
 With a NAT the gateway is a router, not a `service` port (netstack.port.Port): guests' traffic
 through it is not held to the per-port service rate meant for ARP/DHCP/echo (the NAT's own
 per-guest caps bound it, the DHCP server keeps its per-port budget), and the switch cuts
@@ -93,10 +94,11 @@ class DhcpService:
 
 
 class NatService(Protocol):
-    """What the gateway needs of a NAT (tunnel/nat.py NatShell): it takes a frame a guest
-    routed to the gateway, and counts and drops what it refuses."""
+    """What the gateway needs of a NAT (tunnel/nat.py NatShell): it takes the frames of one
+    batch guests routed to the gateway (a batch lets it write each host socket once and
+    acknowledge once per connection), and counts and drops what it refuses."""
 
-    def from_guest(self, frame: Frame) -> None: ...
+    def from_guests(self, frames: list[Frame]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,7 @@ class GatewayPort(SpeakingPort):
                                        router=config.router)
         self.dhcp = dhcp
         self.nat = nat  # sets `service`
+        self._nat_batch: list[Frame] = []  # what one delivery routes to the NAT
         self.services: Counter[str] = Counter()
         self._next_housekeeping = 0.0
         # guest address -> (MAC, when it is forgotten), oldest first; address -> last asked
@@ -180,6 +183,12 @@ class GatewayPort(SpeakingPort):
                 self.drop_unexpected("malformed", 1, "answering a frame")
         self.counters.out_frames += len(frames)
         self.counters.out_bytes += nbytes
+        if self._nat_batch:
+            batch, self._nat_batch = self._nat_batch, []
+            try:
+                self.nat.from_guests(batch)
+            except Exception:  # the NAT drops and counts what it refuses; this is a bug of its
+                self.drop_unexpected("nat", len(batch), "the NAT taking a batch")
         if replies:
             self._send(replies)
 
@@ -205,14 +214,11 @@ class GatewayPort(SpeakingPort):
         return []
 
     def _to_nat(self, eth: Ethernet, src: bytes, data: bytes, offload: tuple) -> list[Frame]:
-        """A frame a guest routed to the gateway: its sender remembered, the frame the NAT's
-        (whose trouble is that frame's: counted, never the port's end)."""
-        assert self.nat is not None
+        """A frame a guest routed to the gateway: its sender remembered, the frame the NAT's,
+        in this delivery's batch (whose trouble is the batch's: counted, never the port's
+        end)."""
         self._heard(src, bytes(eth.src))
-        try:
-            self.nat.from_guest(Frame(data, offload))
-        except Exception:  # the NAT drops and counts what it refuses; this is a bug of its
-            self.drop_unexpected("nat", 1, "the NAT taking a frame")
+        self._nat_batch.append(Frame(data, offload))
         return []
 
     # -- IPv4 ------------------------------------------------------------------------------
