@@ -34,6 +34,17 @@ pytestmark = needs_netns
 TCP_ECHO_PORT = 7007
 
 
+def outside_listener(names: dict[str, str], rcvbuf: int = 0) -> socket.socket:
+    """A TCP server socket in the outside namespace on OUT4:TCP_ECHO_PORT, listening."""
+    with inside(names["outside"]):
+        listener = socket.socket()
+        if rcvbuf:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        listener.bind((OUT4, TCP_ECHO_PORT))
+        listener.listen()
+    return listener
+
+
 def seg(flags: str, seq: int, ack: int = 0, payload: bytes = b"", dport: int = TCP_ECHO_PORT,
         sport: int = 41000):
     return guest_frame(IP(src=GUEST4, dst=OUT4) / TCP(sport=sport, dport=dport, flags=flags,
@@ -54,10 +65,7 @@ def test_a_connection_to_a_closed_port_resets_the_guest():
 
 def test_a_guest_connection_carries_bytes_both_ways_through_a_real_tcp_server():
     with hub_and_outside() as names:
-        with inside(names["outside"]):
-            listener = socket.socket()
-            listener.bind((OUT4, TCP_ECHO_PORT))
-            listener.listen()
+        listener = outside_listener(names)
 
         async def echo_once():
             server = trio.socket.from_stdlib_socket(listener)
@@ -288,10 +296,7 @@ def test_a_guest_that_stops_reading_stops_the_shell_reading_the_host_socket():
 
 def test_a_server_that_speaks_first_and_closes_reaches_the_guest_after_its_handshake():
     with hub_and_outside() as names:
-        with inside(names["outside"]):
-            listener = socket.socket()
-            listener.bind((OUT4, TCP_ECHO_PORT))
-            listener.listen()
+        listener = outside_listener(names)
 
         async def banner_then_close():
             server = trio.socket.from_stdlib_socket(listener)
@@ -324,10 +329,7 @@ def test_a_server_that_speaks_first_and_closes_reaches_the_guest_after_its_hands
 def test_a_guest_holding_a_zero_window_stops_the_shell_reading_with_its_buffer_bounded(
         guest_cap):
     with hub_and_outside() as names:
-        with inside(names["outside"]):
-            listener = socket.socket()
-            listener.bind((OUT4, TCP_ECHO_PORT))
-            listener.listen()
+        listener = outside_listener(names)
 
         async def flood():
             server = trio.socket.from_stdlib_socket(listener)
@@ -415,10 +417,7 @@ def handshake(shell, sport: int, synack) -> int:
 def test_an_unexpected_error_in_one_connection_ends_that_connection_only(where, caplog):
     # A bug in the core (injected: it raises for one connection) must not end the shell.
     with hub_and_outside() as names:
-        with inside(names["outside"]):
-            listener = socket.socket()
-            listener.bind((OUT4, TCP_ECHO_PORT))
-            listener.listen()
+        listener = outside_listener(names)
 
         async def test(shell, guest):
             async with trio.open_nursery() as nursery:
@@ -457,10 +456,7 @@ def test_a_syn_flood_to_a_silent_address_stops_at_the_half_open_cap_and_another_
     silent = "10.203.7.99"  # on the veth's subnet, no one answers its ARP: connect() hangs
 
     with hub_and_outside() as names:
-        with inside(names["outside"]):
-            listener = socket.socket()
-            listener.bind((OUT4, TCP_ECHO_PORT))
-            listener.listen()
+        listener = outside_listener(names)
 
         async def test(shell, guest):
             async with trio.open_nursery() as nursery:
@@ -494,10 +490,7 @@ def test_a_syn_flood_to_a_silent_address_stops_at_the_half_open_cap_and_another_
 
 def test_out_of_file_descriptors_a_guest_syn_is_reset_and_counted_and_later_ones_connect():
     with hub_and_outside() as names:
-        with inside(names["outside"]):
-            listener = socket.socket()
-            listener.bind((OUT4, TCP_ECHO_PORT))
-            listener.listen()
+        listener = outside_listener(names)
 
         async def test(shell, guest):
             async with trio.open_nursery() as nursery:
@@ -532,11 +525,7 @@ def test_a_closed_flows_last_bytes_to_a_peer_that_never_reads_end_in_a_reset(mon
     # socket lingers LINGER_SECONDS, then the server gets a reset, counted, nothing held.
     monkeypatch.setattr("tunnel.nat.LINGER_SECONDS", 0.5)
     with hub_and_outside() as names:
-        with inside(names["outside"]):
-            listener = socket.socket()
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            listener.bind((OUT4, TCP_ECHO_PORT))
-            listener.listen()
+        listener = outside_listener(names, rcvbuf=4096)
         outcome: list[str] = []
 
         async def closes_and_never_reads(accepted: trio.Event):

@@ -18,6 +18,8 @@ and host-socket actions out, time passed in as `now`.  The Trio shell that owns 
              answers back to the guest with its id; resolv.conf parsing
   tcp.py     one guest-facing TCP connection (RFC 9293 subset): guest segments in, segments
              to the guest and host-socket actions out
-  tcp_flows.py the TCP flow table: caps, deny list, resets for strays, timers
+  tcp_flows.py  the TCP flow table: caps, deny list, resets for strays, timers, the active
+             open of a port forward
   forward.py `--forward` specs (port forwards into guests), parsed and checked
+  udp_forward.py  UDP port forwards: one flow per outside client into the guest
 """
