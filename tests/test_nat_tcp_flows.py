@@ -2,6 +2,7 @@
 caps and the deny list, RSTs for segments of no flow, TIME-WAIT replaced by a new SYN, caps
 given back when a connection ends, timers run from a heap of deadlines."""
 
+import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
@@ -163,3 +164,16 @@ def test_bytes_a_connection_holds_are_charged_to_its_guest_and_cap_the_reads_of_
     assert t.limits.held(guest)["buffered"] == 90_000 and t.read_budget(KEY) == 10_000
     segment(t, flags="R", seq=1001, now=1.6)
     assert t.limits.held(guest)["buffered"] == 40_000  # the reset flow's bytes given back
+
+
+def test_a_syn_with_fin_is_refused_and_leaves_no_flow_holding_the_guests_cap():
+    # A SYN+FIN is dropped by the connection (bad_flags); its flow must not stay in LISTEN,
+    # holding one of the guest's flows (and the hub's) for the 2-hour idle timeout.
+    t = table(flows_per_guest={IPPROTO_TCP: 4})
+    for port in range(40000, 40010):
+        with pytest.raises(Refused) as refused:
+            segment(t, flags="SF", sport=port)
+        assert refused.value.reason == "bad_syn"
+    assert not t.flows and t.next_deadline() is None
+    assert t.limits.held(mac(GUEST_MAC)) == {"flows": 0, "half_open": 0, "buffered": 0}
+    assert calls(segment(t, sport=40000)) == [Connect()]  # the guest still connects
