@@ -28,6 +28,10 @@ MAX_HALF_OPEN_PER_GUEST = 64
 MAX_BUFFERED_BYTES_PER_GUEST = 8 * 1024 * 1024
 # Host sockets all guests together may hold: the hub's file descriptors are one budget.
 MAX_FLOWS_TOTAL = 8192
+# Port forwards' flows (opened by the outside's clients, not by the guest) are admitted only
+# while the guest holds less than this share of its cap: a client flooding a forward cannot
+# shut the guest out of its own connections.
+FORWARDED_SHARE = 0.5
 
 
 class FlowKey(NamedTuple):
@@ -82,15 +86,17 @@ class FlowLimits:
         if account is not None and account.empty():
             del self._guests[guest]
 
-    def admit(self, guest: bytes, proto: int) -> bool:
+    def admit(self, guest: bytes, proto: int, *, forwarded: bool = False) -> bool:
         """Take one flow of `proto` for `guest`, or refuse (counted: `flow_limit`, the
-        guest's cap; `host_limit`, all guests' sockets)."""
+        guest's cap, FORWARDED_SHARE of it for a port forward's flow; `host_limit`, all
+        guests' sockets)."""
         if self.total >= self.flows_total:
             self.refusals["host_limit"] += 1
             return False
         account = self._guests.get(guest)
         held = account.flows[proto] if account is not None else 0
-        if held >= self.flows_per_guest.get(proto, 0):
+        cap = self.flows_per_guest.get(proto, 0)
+        if held >= (int(cap * FORWARDED_SHARE) if forwarded else cap):
             self.refusals["flow_limit"] += 1
             return False
         self._account(guest).flows[proto] += 1

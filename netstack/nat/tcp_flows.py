@@ -239,7 +239,7 @@ class TcpTable:
                          in self.flows)
         if port is None:
             raise Refused("no_port")
-        if not self.limits.admit(guest_mac, IPPROTO_TCP):
+        if not self.limits.admit(guest_mac, IPPROTO_TCP, forwarded=True):
             raise Refused("flow_limit")
         key = FlowKey(IPPROTO_TCP, guest_ip, guest_port, gateway, port)
         conn = TcpConnection(guest_ip, guest_port, gateway, port, now,
