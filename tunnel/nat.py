@@ -244,8 +244,10 @@ class HostSocket:
 TCP_READ_CHUNK = 65536
 # A flow the guest has closed whose host socket still takes its last bytes: at most this
 # long, at most this many at once (each holds at most the core's RCV_BUFFER), else a RST.
+# One guest's share of them: its closed flows never take the places of the others'.
 LINGER_SECONDS = 10.0
 LINGERING_MAX = 256
+LINGERING_PER_GUEST = 16
 
 
 class TcpSocket:
@@ -319,6 +321,7 @@ class NatShell:
         self._logged: set[str] = set()
         self._nursery: trio.Nursery | None = None
         self._lingering = 0  # closed flows' sockets still writing their last bytes
+        self._lingering_by_guest: Counter[bytes] = Counter()
         self._wake = trio.Event()
         self._sleeping_until = math.inf
         self._batch: list[Frame] | None = None  # frames of the from_guests call under way
@@ -806,15 +809,18 @@ class NatShell:
     def _tcp_linger(self, entry: TcpSocket) -> None:
         """The guest's side of `entry` is done but its host socket has not taken the last
         bytes (the guest sent them with its FIN): its writer task writes them, then the FIN,
-        within LINGER_SECONDS; past that, or with LINGERING_MAX sockets already lingering,
-        the host peer gets a reset (counted `linger_reset`), as a closing kernel socket would.
-        The flow is gone from the table meanwhile (its key free for a new flow)."""
+        within LINGER_SECONDS; past that, or with LINGERING_MAX sockets already lingering
+        (LINGERING_PER_GUEST of its guest's), the host peer gets a reset (counted
+        `linger_reset`), as a closing kernel socket would.  The flow is gone from the table
+        meanwhile (its key free for a new flow)."""
         self._tcp_forget(entry)
-        if entry.write_scope is None or self._lingering >= LINGERING_MAX:
+        if entry.write_scope is None or self._lingering >= LINGERING_MAX \
+                or self._lingering_by_guest[entry.guest] >= LINGERING_PER_GUEST:
             self.drops["linger_reset"] += 1
             self._tcp_reset(entry)
             return
         self._lingering += 1
+        self._lingering_by_guest[entry.guest] += 1
         entry.lingering = True
         entry.write_scope.deadline = trio.current_time() + LINGER_SECONDS
         entry.writable.set()
@@ -836,6 +842,9 @@ class NatShell:
         """A lingering socket's end: closed when all was written, else reset."""
         entry.lingering = False
         self._lingering -= 1
+        self._lingering_by_guest[entry.guest] -= 1
+        if not self._lingering_by_guest[entry.guest]:
+            del self._lingering_by_guest[entry.guest]
         if entry.pending or entry.shutdown:
             self.drops["linger_reset"] += 1
             self._tcp_reset(entry)
