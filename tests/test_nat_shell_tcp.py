@@ -16,6 +16,7 @@ import termios
 import pytest
 import trio
 from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import Ether
 
 from netstack.frame import HDR_F_DATA_VALID, Frame, Offload
 from netstack.nat.limits import (
@@ -689,5 +690,71 @@ def test_one_guests_closed_flows_to_a_peer_that_never_reads_leave_other_guests_l
 
         try:
             run_in_hub(names, test, seconds=45.0)
+        finally:
+            listener.close()
+
+
+@pytest.mark.parametrize("cap", ["all_guests", "its_guest"])
+def test_a_connection_opened_while_the_buffer_cap_is_full_reads_once_bytes_are_given_back(cap):
+    # Connection A's unacknowledged bytes fill a buffer cap (all guests', or its guest's);
+    # connection B (another guest's, or the same guest's) completes its handshake meanwhile
+    # and its reader finds no room.  When A ends, B must read: its reader waited for its
+    # own ACKs (none came: the server speaks first), or for B's guest's credit only.
+    with hub_and_outside() as names:
+        with inside(names["outside"]):
+            listener = socket.socket()
+            listener.bind((OUT4, TCP_ECHO_PORT))
+            listener.listen()
+
+        async def speaks_a_lot():
+            server = trio.socket.from_stdlib_socket(listener)
+
+            async def send_all(conn):
+                with conn:
+                    view = memoryview(bytes(256 * 1024))
+                    while view:
+                        view = view[await conn.send(view):]
+
+            async with trio.open_nursery() as nursery:
+                while True:
+                    conn, _ = await server.accept()
+                    nursery.start_soon(send_all, conn)
+
+        async def frame_to(guest, port: int):
+            with trio.fail_after(3):
+                while True:
+                    frame = Ether(bytes((await guest.receive.receive()).data))
+                    if frame[TCP].dport == port:
+                        return frame
+
+        b_ip, b_mac = (OTHER4, OTHER_MAC) if cap == "all_guests" else (GUEST4, GUEST_MAC)
+
+        async def test(shell, guest):
+            def send(src, src_mac, sport, flags, seq, ack=0):
+                shell.from_guest(guest_frame(IP(src=src, dst=OUT4) / TCP(
+                    sport=sport, dport=TCP_ECHO_PORT, flags=flags, seq=seq, ack=ack,
+                    window=65535), src_mac=src_mac))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(speaks_a_lot)
+                send(GUEST4, GUEST_MAC, 41000, "S", 1000)
+                ours = (await frame_to(guest, 41000))[TCP].seq + 1
+                send(GUEST4, GUEST_MAC, 41000, "A", 1001, ours)  # and never acks its data
+                with trio.fail_after(3):
+                    while shell.limits.room(mac(b_mac)) > 0:
+                        await trio.sleep(0.01)
+                send(b_ip, b_mac, 42000, "S", 5000)
+                theirs = (await frame_to(guest, 42000))[TCP].seq + 1
+                send(b_ip, b_mac, 42000, "A", 5001, theirs)
+                await trio.sleep(0.3)  # B's reader finds no room
+                send(GUEST4, GUEST_MAC, 41000, "R", 1001)  # A's bytes given back
+                while not (await frame_to(guest, 42000))[TCP].payload:
+                    pass
+                nursery.cancel_scope.cancel()
+
+        limits = FlowLimits(buffered_total=128 * 1024) if cap == "all_guests" \
+            else FlowLimits(buffered_per_guest=128 * 1024)
+        try:
+            run_in_hub(names, test, limits=limits)
         finally:
             listener.close()

@@ -248,6 +248,9 @@ TCP_READ_CHUNK = 65536
 LINGER_SECONDS = 10.0
 LINGERING_MAX = 256
 LINGERING_PER_GUEST = 16
+# Where readers held by all guests' buffer cap (not their own guest's) wait: any guest's
+# credit wakes them.
+ALL_GUESTS = b""
 
 
 class TcpSocket:
@@ -463,8 +466,11 @@ class NatShell:
                     self._tcp_crash(key, self.tcp_sockets.get(key), error)
                     return
                 entry = self.tcp_sockets.get(key)
-                if entry is not None and self.tcp.read_budget(key) > 0:
-                    entry.budget.set()  # the guest's ACK freed room: resume reading
+                if entry is not None:
+                    if self.tcp.read_budget(key) > 0:
+                        entry.budget.set()  # the guest's ACK freed room: resume reading
+                    elif self.tcp.guest_limited(key):  # (its handshake's ACK: no room yet)
+                        self._hold(entry)
                 return
             if packet.protocol == IPPROTO_UDP:
                 if self.udp_forwards.flows and packet.dst in self.config.gateway_ips:
@@ -525,11 +531,20 @@ class NatShell:
         if self.tcp.credited:
             self._wake_capped(frames, now)
 
+    def _hold(self, entry: TcpSocket) -> None:
+        """`entry`'s reader waits for bytes given back: its guest's, or any guest's when
+        all guests' cap holds it."""
+        capped = ALL_GUESTS if self.limits.host_room() <= 0 else entry.guest
+        self._capped.setdefault(capped, set()).add(entry)
+
     def _wake_capped(self, frames: list | None, now: float) -> None:
         """Readers held by their guest's cap look again and windows its room held down are
         announced again: the guest was given bytes back."""
         guests = list(self.tcp.credited)
         self.tcp.credited.clear()
+        if guests:  # bytes given back: all guests' cap has room again too
+            for entry in self._capped.pop(ALL_GUESTS, ()):
+                entry.budget.set()
         updates: list = []
         for guest in guests:
             for entry in self._capped.pop(guest, ()):
@@ -707,8 +722,8 @@ class NatShell:
             try:
                 if budget == 0:
                     entry.budget = trio.Event()
-                    if self.tcp.guest_limited(key):  # woken by the guest's next credit
-                        self._capped.setdefault(entry.guest, set()).add(entry)
+                    if self.tcp.guest_limited(key):
+                        self._hold(entry)
                     await entry.budget.wait()
                     continue
                 await trio.lowlevel.wait_readable(sock)
@@ -867,11 +882,12 @@ class NatShell:
         if entry.forward is not None:
             entry.forward.active -= 1
             entry.forward = None
-        waiting = self._capped.get(entry.guest)
-        if waiting is not None:
-            waiting.discard(entry)
-            if not waiting:
-                del self._capped[entry.guest]
+        for capped in (entry.guest, ALL_GUESTS):
+            waiting = self._capped.get(capped)
+            if waiting is not None:
+                waiting.discard(entry)
+                if not waiting:
+                    del self._capped[capped]
         entry.budget.set()
         entry.writable.set()
 

@@ -28,6 +28,10 @@ MAX_HALF_OPEN_PER_GUEST = 64
 MAX_BUFFERED_BYTES_PER_GUEST = 8 * 1024 * 1024
 # Host sockets all guests together may hold: the hub's file descriptors are one budget.
 MAX_FLOWS_TOTAL = 8192
+# Bytes all guests together may have the NAT buffer: a guest is a MAC, and one port may
+# speak for many (a tunnel session up to 256), so the per-guest cap alone does not bound
+# the hub's memory.
+MAX_BUFFERED_BYTES_TOTAL = 256 * 1024 * 1024
 # Port forwards' flows (opened by the outside's clients, not by the guest) are admitted only
 # while the guest holds less than this share of its cap: a client flooding a forward cannot
 # shut the guest out of its own connections.
@@ -65,13 +69,16 @@ class FlowLimits:
     def __init__(self, flows_per_guest: dict[int, int] | None = None,
                  half_open_per_guest: int = MAX_HALF_OPEN_PER_GUEST,
                  buffered_per_guest: int = MAX_BUFFERED_BYTES_PER_GUEST,
-                 flows_total: int = MAX_FLOWS_TOTAL) -> None:
+                 flows_total: int = MAX_FLOWS_TOTAL,
+                 buffered_total: int = MAX_BUFFERED_BYTES_TOTAL) -> None:
         self.flows_per_guest = dict(MAX_FLOWS_PER_GUEST if flows_per_guest is None
                                     else flows_per_guest)
         self.half_open_per_guest = half_open_per_guest
         self.buffered_per_guest = buffered_per_guest
         self.flows_total = flows_total
+        self.buffered_total = buffered_total
         self.total = 0
+        self.buffered = 0  # all guests' buffered bytes
         self.refusals: Counter[str] = Counter()
         self._guests: dict[bytes, _Account] = {}
 
@@ -129,25 +136,37 @@ class FlowLimits:
         self._forget_if_empty(guest)
 
     def charge(self, guest: bytes, nbytes: int) -> bool:
-        """Hold `nbytes` more for `guest`, or refuse (`buffer_limit`)."""
+        """Hold `nbytes` more for `guest`, or refuse (`buffer_limit`: the guest's cap;
+        `host_buffer_limit`: all guests')."""
         account = self._account(guest)
         if account.buffered + nbytes > self.buffered_per_guest:
             self.refusals["buffer_limit"] += 1
             self._forget_if_empty(guest)
             return False
+        if self.buffered + nbytes > self.buffered_total:
+            self.refusals["host_buffer_limit"] += 1
+            self._forget_if_empty(guest)
+            return False
         account.buffered += nbytes
+        self.buffered += nbytes
         return True
 
     def room(self, guest: bytes) -> int:
-        """Bytes `guest` may still have the NAT buffer."""
+        """Bytes `guest` may still have the NAT buffer (within its cap and all guests')."""
         account = self._guests.get(guest)
-        return self.buffered_per_guest - (0 if account is None else account.buffered)
+        return min(self.buffered_per_guest - (0 if account is None else account.buffered),
+                   self.buffered_total - self.buffered)
+
+    def host_room(self) -> int:
+        """Bytes all guests together may still have the NAT buffer."""
+        return self.buffered_total - self.buffered
 
     def credit(self, guest: bytes, nbytes: int) -> None:
         account = self._guests.get(guest)
         if account is None or account.buffered < nbytes:
             raise ValueError(f"credit of {nbytes} bytes the guest was not charged")
         account.buffered -= nbytes
+        self.buffered -= nbytes
         self._forget_if_empty(guest)
 
     def held(self, guest: bytes) -> dict[str, int]:
