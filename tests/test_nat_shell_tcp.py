@@ -16,6 +16,7 @@ import termios
 import pytest
 import trio
 from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import Ether
 
 from netstack.frame import HDR_F_DATA_VALID, Frame, Offload
 from netstack.nat.limits import (
@@ -162,7 +163,7 @@ def linux_guest_through_the_shell(size: int, *, loss: float = 0.0, dup: float = 
                                   read_delay: float = 0.0, server_stall: float = 0.0,
                                   server_rcvbuf: int = 0, limits: FlowLimits | None = None,
                                   clients: int = 1, reset_after: int | None = None,
-                                  remote: str = OUT4,
+                                  remote: str = OUT4, mtu: int = 0,
                                   seconds: float = 60.0) -> tuple[list[str], Held, dict]:
     """`clients` kernel clients (behind a TUN, impaired frames both ways) each send `size`
     seeded bytes through the shell to the outside's echo server and read them back; returns
@@ -174,6 +175,8 @@ def linux_guest_through_the_shell(size: int, *, loss: float = 0.0, dup: float = 
     held = Held()
     status: dict = {}
     with hub_and_outside() as names, kernel_behind_tun() as (dev, ns):
+        if mtu:  # the guest's own link MTU (its SYN's MSS follows it)
+            run("ip", "-n", ns, "link", "set", dev.name, "mtu", str(mtu))
         run("ip", "-n", ns, "route", "add", "default", "dev", dev.name)
         run("ip", "-n", ns, "addr", "add", f"{KERNEL_IP6}/64", "dev", dev.name, "nodad")
         run("ip", "-n", ns, "-6", "route", "add", "default", "dev", dev.name)
@@ -253,6 +256,15 @@ def test_linux_tcp_as_the_guest_moves_8_mb_each_way_through_the_shell_to_a_real_
     assert (status["impaired"] > 0) == bool(loss)
     assert not status["tcp"]["drops"] and not status["socket_errors"]
     assert status["guest_buffered"] == 0  # every byte charged was given back
+
+
+def test_a_linux_guest_with_a_64_kib_mtu_carries_its_bytes_each_way_at_the_links_mss():
+    # Its SYN offers MSS 65495: the shell's segments must still fit the hub's 1500-byte link
+    # (a send quantum of 0 bytes killed the flow: ZeroDivisionError in read_size).
+    (sent, echoed, count), _, status = linux_guest_through_the_shell(
+        1024 * 1024, seed=9, mtu=65535)
+    assert sent == echoed and int(count) == 1024 * 1024
+    assert not status["tcp"]["drops"] and not status["socket_errors"]
 
 
 def test_linux_tcp_as_the_guest_carries_8_mb_each_way_within_a_small_per_guest_buffer_cap():
@@ -576,5 +588,162 @@ def test_a_closed_flows_last_bytes_to_a_peer_that_never_reads_end_in_a_reset(mon
 
         try:
             run_in_hub(names, test)
+        finally:
+            listener.close()
+
+
+def test_one_guests_closed_flows_to_a_peer_that_never_reads_leave_other_guests_lingering_places(
+        monkeypatch):
+    # A guest whose peers close their side and never read can leave closed flows lingering
+    # by the dozen: they must not take the places another guest's last bytes need.
+    monkeypatch.setattr("tunnel.nat.LINGERING_MAX", 3)
+    monkeypatch.setattr("tunnel.nat.LINGERING_PER_GUEST", 2)
+    monkeypatch.setattr("tunnel.nat.LINGER_SECONDS", 25.0)  # the four take a few seconds
+    with hub_and_outside() as names:
+        with inside(names["outside"]):
+            listener = socket.socket()
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            listener.bind((OUT4, TCP_ECHO_PORT))
+            listener.listen()
+        read_now = trio.Event()
+        received: dict[int, int | str] = {}  # n-th connection -> bytes read, or "reset"
+
+        async def closes_and_reads_late(nursery):
+            server = trio.socket.from_stdlib_socket(listener)
+
+            async def late(conn, number):
+                with conn:
+                    await read_now.wait()
+                    seen = 0
+                    try:
+                        while data := await conn.recv(65536):
+                            seen += len(data)
+                        received[number] = seen
+                    except ConnectionResetError:
+                        received[number] = "reset"
+
+            for number in range(4):
+                conn, _ = await server.accept()
+                conn.shutdown(socket.SHUT_WR)
+                nursery.start_soon(late, conn, number)
+
+        async def closed_with_bytes_waiting(shell, guest, src, src_mac, sport) -> int:
+            """A connection whose server closed first; the guest fills the window the shell
+            offers, then closes: how many bytes it sent."""
+            def send(flags, seq, ack, payload=b""):
+                shell.from_guest(guest_frame(IP(src=src, dst=OUT4) / TCP(
+                    sport=sport, dport=TCP_ECHO_PORT, flags=flags, seq=seq, ack=ack,
+                    window=65535) / payload, src_mac=src_mac))
+
+            async def reply(seconds=5.0):
+                while (frame := await guest.next(seconds))[TCP].dport != sport:
+                    pass
+                return frame
+
+            send("S", 1000, 0)
+            ours = (await reply())[TCP].seq + 1
+            send("A", 1001, ours)
+            fin = await reply()  # the server's FIN
+            assert "F" in fin[TCP].flags
+            seq, acked, window = 1001, 1001, fin[TCP].window
+            while True:
+                while seq + 1000 <= acked + window:
+                    send("A", seq, ours + 1, bytes(1000))
+                    seq += 1000
+                try:
+                    frame = await reply(0.3)
+                except trio.TooSlowError:
+                    break
+                if frame[TCP].ack > acked or frame[TCP].window != window:
+                    acked, window = frame[TCP].ack, frame[TCP].window
+            send("FA", seq, ours + 1)
+            await reply()  # the ACK of its FIN
+            return seq - 1001
+
+        async def test(shell, guest):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(closes_and_reads_late, nursery)
+                for sport in (41001, 41002, 41003):
+                    await closed_with_bytes_waiting(shell, guest, GUEST4, GUEST_MAC, sport)
+                assert shell.drops["linger_reset"] == 1  # its third: past its share
+                other = await closed_with_bytes_waiting(shell, guest, OTHER4, OTHER_MAC, 42001)
+                assert shell.drops["linger_reset"] == 1  # the other guest's flow lingers
+                read_now.set()
+                with trio.fail_after(8):
+                    while len(received) < 4:
+                        await trio.sleep(0.05)
+                assert received[3] == other  # the other guest's, all of it
+                assert sorted(map(str, received.values())).count("reset") == 1
+                assert shell._lingering == 0 and not shell._lingering_by_guest
+                nursery.cancel_scope.cancel()
+
+        try:
+            run_in_hub(names, test, seconds=45.0)
+        finally:
+            listener.close()
+
+
+@pytest.mark.parametrize("cap", ["all_guests", "its_guest"])
+def test_a_connection_opened_while_the_buffer_cap_is_full_reads_once_bytes_are_given_back(cap):
+    # Connection A's unacknowledged bytes fill a buffer cap (all guests', or its guest's);
+    # connection B (another guest's, or the same guest's) completes its handshake meanwhile
+    # and its reader finds no room.  When A ends, B must read: its reader waited for its
+    # own ACKs (none came: the server speaks first), or for B's guest's credit only.
+    with hub_and_outside() as names:
+        with inside(names["outside"]):
+            listener = socket.socket()
+            listener.bind((OUT4, TCP_ECHO_PORT))
+            listener.listen()
+
+        async def speaks_a_lot():
+            server = trio.socket.from_stdlib_socket(listener)
+
+            async def send_all(conn):
+                with conn:
+                    view = memoryview(bytes(256 * 1024))
+                    while view:
+                        view = view[await conn.send(view):]
+
+            async with trio.open_nursery() as nursery:
+                while True:
+                    conn, _ = await server.accept()
+                    nursery.start_soon(send_all, conn)
+
+        async def frame_to(guest, port: int):
+            with trio.fail_after(3):
+                while True:
+                    frame = Ether(bytes((await guest.receive.receive()).data))
+                    if frame[TCP].dport == port:
+                        return frame
+
+        b_ip, b_mac = (OTHER4, OTHER_MAC) if cap == "all_guests" else (GUEST4, GUEST_MAC)
+
+        async def test(shell, guest):
+            def send(src, src_mac, sport, flags, seq, ack=0):
+                shell.from_guest(guest_frame(IP(src=src, dst=OUT4) / TCP(
+                    sport=sport, dport=TCP_ECHO_PORT, flags=flags, seq=seq, ack=ack,
+                    window=65535), src_mac=src_mac))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(speaks_a_lot)
+                send(GUEST4, GUEST_MAC, 41000, "S", 1000)
+                ours = (await frame_to(guest, 41000))[TCP].seq + 1
+                send(GUEST4, GUEST_MAC, 41000, "A", 1001, ours)  # and never acks its data
+                with trio.fail_after(3):
+                    while shell.limits.room(mac(b_mac)) > 0:
+                        await trio.sleep(0.01)
+                send(b_ip, b_mac, 42000, "S", 5000)
+                theirs = (await frame_to(guest, 42000))[TCP].seq + 1
+                send(b_ip, b_mac, 42000, "A", 5001, theirs)
+                await trio.sleep(0.3)  # B's reader finds no room
+                send(GUEST4, GUEST_MAC, 41000, "R", 1001)  # A's bytes given back
+                while not (await frame_to(guest, 42000))[TCP].payload:
+                    pass
+                nursery.cancel_scope.cancel()
+
+        limits = FlowLimits(buffered_total=128 * 1024) if cap == "all_guests" \
+            else FlowLimits(buffered_per_guest=128 * 1024)
+        try:
+            run_in_hub(names, test, limits=limits)
         finally:
             listener.close()

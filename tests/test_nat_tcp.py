@@ -186,6 +186,21 @@ def test_absurd_mss_and_window_scale_are_clamped_and_counted():
     assert conn.counters.bad_option == 2
 
 
+@pytest.mark.parametrize("tso", [False, True])
+def test_a_guest_mss_beyond_the_link_is_clamped_to_ours_and_segments_fit_the_mtu(tso):
+    # MSS 65535 on a 1500-byte link: no segment may exceed what the link carries (they were
+    # dropped too_big), and with TSO a segment is still at least one MSS (it was 0 bytes:
+    # TSO_MAX_PAYLOAD // 65535 * 65535, an endless loop of empty segments).
+    g = Guest(mss=65535)
+    g.conn.tso = tso
+    g.handshake()
+    assert g.conn.snd_mss == g.conn.our_mss and g.conn.send_quantum >= g.conn.our_mss
+    segs = to_guest(g.conn.on_host(Received(b"d" * 4000), T0 + 1))
+    assert sum(len(s.payload) for s in segs) == 4000
+    assert all(len(s.payload) <= (nat.TSO_MAX_PAYLOAD if tso else g.conn.our_mss)
+               for s in segs)
+
+
 # --- guest -> host ------------------------------------------------------------------------
 def test_guest_data_is_sent_to_the_host_and_acked_with_the_window_left():
     g = Guest()

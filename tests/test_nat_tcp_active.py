@@ -193,8 +193,8 @@ def test_the_guests_synack_on_a_forward_flow_establishes_it_through_the_table():
     assert t.flows[key].conn.state == nat.ESTABLISHED
 
 
-def test_forward_flows_stop_at_the_guests_flow_cap():
-    limits = FlowLimits(flows_per_guest={IPPROTO_TCP: 3})
+def test_forward_flows_stop_at_half_the_guests_flow_cap_and_the_guest_keeps_the_rest():
+    limits = FlowLimits(flows_per_guest={IPPROTO_TCP: 6})
     t = TcpTable(nat_config(), limits)
     for _ in range(3):
         t.open_forward(mac(GUEST_MAC), packed(GUEST4), 22, T0)
@@ -205,6 +205,10 @@ def test_forward_flows_stop_at_the_guests_flow_cap():
     else:
         raise AssertionError("a fourth flow was admitted")
     assert limits.refusals["flow_limit"] == 1 and len(t.flows) == 3
+    for port in range(4000, 4003):  # the guest's own connections out still open
+        frame_to(t, guest_frame(IP(src=GUEST4, dst="198.51.100.7") / TCP(
+            sport=port, dport=80, flags="S")))
+    assert len(t.flows) == 6
 
 
 def test_a_guest_syn_to_the_gateways_port_53_is_dns_over_tcp_only_with_resolvers():

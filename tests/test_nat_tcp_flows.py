@@ -2,6 +2,7 @@
 caps and the deny list, RSTs for segments of no flow, TIME-WAIT replaced by a new SYN, caps
 given back when a connection ends, timers run from a heap of deadlines."""
 
+import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
@@ -24,6 +25,8 @@ from tests.support.nat import (
     GUEST4,
     GUEST_MAC,
     GW_MAC,
+    OTHER4,
+    OTHER_MAC,
     REMOTE4,
     guest_frame,
     mac,
@@ -163,3 +166,41 @@ def test_bytes_a_connection_holds_are_charged_to_its_guest_and_cap_the_reads_of_
     assert t.limits.held(guest)["buffered"] == 90_000 and t.read_budget(KEY) == 10_000
     segment(t, flags="R", seq=1001, now=1.6)
     assert t.limits.held(guest)["buffered"] == 40_000  # the reset flow's bytes given back
+
+
+def test_a_syn_with_fin_is_refused_and_leaves_no_flow_holding_the_guests_cap():
+    # A SYN+FIN is dropped by the connection (bad_flags); its flow must not stay in LISTEN,
+    # holding one of the guest's flows (and the hub's) for the 2-hour idle timeout.
+    t = table(flows_per_guest={IPPROTO_TCP: 4})
+    for port in range(40000, 40010):
+        with pytest.raises(Refused) as refused:
+            segment(t, flags="SF", sport=port)
+        assert refused.value.reason == "bad_syn"
+    assert not t.flows and t.next_deadline() is None
+    assert t.limits.held(mac(GUEST_MAC)) == {"flows": 0, "half_open": 0, "buffered": 0}
+    assert calls(segment(t, sport=40000)) == [Connect()]  # the guest still connects
+
+
+def test_all_guests_buffered_bytes_stop_at_the_hubs_cap_whatever_each_guests_cap_allows():
+    # A guest is a MAC and one port may speak for hundreds: each within its own cap, they
+    # must not make the hub buffer more than MAX_BUFFERED_BYTES_TOTAL together.
+    t = table(buffered_per_guest=100_000, buffered_total=150_000)
+    ours = established(t, 40000)
+    t.on_host(KEY, Received(bytes(100_000)), 1.3)  # the first guest: its whole cap
+    other_key = FlowKey(IPPROTO_TCP, packed(OTHER4), 40000, packed(REMOTE4), 80)
+
+    def other(flags, seq=1000, ack=0):
+        frame = guest_frame(IP(src=OTHER4, dst=REMOTE4) / TCP(
+            sport=40000, dport=80, flags=flags, seq=seq, ack=ack, window=65535),
+            src_mac=OTHER_MAC)
+        return t.guest_segment(read_guest_packet(frame, mac(GW_MAC)), 0, 1.2)
+
+    other("S")
+    [synack] = tcp_of(t.on_host(other_key, Connected(), 1.1))
+    other("A", 1001, synack.seq + 1)
+    assert t.read_budget(other_key) == 50_000  # the hub's room, not the guest's 100 000
+    t.on_host(other_key, Received(bytes(50_000)), 1.3)
+    assert t.limits.host_room() == 0 and t.guest_limited(other_key)
+    assert t.limits.held(mac(OTHER_MAC))["buffered"] == 50_000
+    segment(t, flags="A", seq=1001, ack=ours + 30_000, now=1.5)  # the first guest frees some
+    assert t.read_budget(other_key) == 30_000

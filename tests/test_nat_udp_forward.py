@@ -8,8 +8,9 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
 from netstack.nat.forward import FORWARD_PORTS
-from netstack.nat.limits import FlowKey, FlowLimits
+from netstack.nat.limits import MAX_FLOWS_PER_GUEST, FlowKey, FlowLimits
 from netstack.nat.packet import Refused, read_guest_packet
+from netstack.nat.udp import UdpTable
 from netstack.nat.udp_forward import SendToClient, UdpForwards
 from netstack.wire import IPPROTO_UDP
 from tests.support.nat import (
@@ -93,10 +94,26 @@ def test_clients_stop_at_the_forwards_cap_and_at_the_guests_cap():
     for n in range(5):
         t.from_client(0, ("198.51.100.9", 1000 + n), b"q", mac(GUEST_MAC), 1.0)
     assert len(t.flows) == 3 and t.drops["forward_limit"] == 2
-    t = table(flows_per_guest={IPPROTO_UDP: 2})
+    t = table(flows_per_guest={IPPROTO_UDP: 4})  # forwards take at most half of it
     for n in range(5):
         t.from_client(0, ("198.51.100.9", 1000 + n), b"q", mac(GUEST_MAC), 1.0)
     assert len(t.flows) == 2 and t.drops["flow_limit"] == 3
+
+
+def test_ten_thousand_clients_of_a_forward_leave_the_guest_half_its_udp_flows():
+    # Outside clients (their source ports are theirs to pick, or to spoof) must not take
+    # every UDP flow of the guest: its own datagrams out still open flows.
+    limits = FlowLimits()
+    t = UdpForwards(nat_config(), limits, [(packed(GUEST4), 53)], lambda key: False)
+    for n in range(10_000):
+        t.from_client(0, ("198.51.100.9", 1024 + n), b"q", mac(GUEST_MAC), 1.0)
+    cap = MAX_FLOWS_PER_GUEST[IPPROTO_UDP]
+    assert len(t.flows) == cap // 2 and t.drops["flow_limit"] == 10_000 - cap // 2
+    udp = UdpTable(nat_config(), limits)
+    for port in range(40000, 40000 + cap // 2):
+        frame = guest_frame(IP(src=GUEST4, dst="198.51.100.7") / UDP(sport=port, dport=9))
+        assert udp.guest_datagram(read_guest_packet(frame, mac(GW_MAC)), 0, 1.0)
+    assert limits.held(mac(GUEST_MAC))["flows"] == cap
 
 
 def test_an_idle_client_flow_expires_and_gives_its_places_back():

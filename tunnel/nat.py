@@ -244,8 +244,13 @@ class HostSocket:
 TCP_READ_CHUNK = 65536
 # A flow the guest has closed whose host socket still takes its last bytes: at most this
 # long, at most this many at once (each holds at most the core's RCV_BUFFER), else a RST.
+# One guest's share of them: its closed flows never take the places of the others'.
 LINGER_SECONDS = 10.0
 LINGERING_MAX = 256
+LINGERING_PER_GUEST = 16
+# Where readers held by all guests' buffer cap (not their own guest's) wait: any guest's
+# credit wakes them.
+ALL_GUESTS = b""
 
 
 class TcpSocket:
@@ -319,6 +324,7 @@ class NatShell:
         self._logged: set[str] = set()
         self._nursery: trio.Nursery | None = None
         self._lingering = 0  # closed flows' sockets still writing their last bytes
+        self._lingering_by_guest: Counter[bytes] = Counter()
         self._wake = trio.Event()
         self._sleeping_until = math.inf
         self._batch: list[Frame] | None = None  # frames of the from_guests call under way
@@ -460,8 +466,11 @@ class NatShell:
                     self._tcp_crash(key, self.tcp_sockets.get(key), error)
                     return
                 entry = self.tcp_sockets.get(key)
-                if entry is not None and self.tcp.read_budget(key) > 0:
-                    entry.budget.set()  # the guest's ACK freed room: resume reading
+                if entry is not None:
+                    if self.tcp.read_budget(key) > 0:
+                        entry.budget.set()  # the guest's ACK freed room: resume reading
+                    elif self.tcp.guest_limited(key):  # (its handshake's ACK: no room yet)
+                        self._hold(entry)
                 return
             if packet.protocol == IPPROTO_UDP:
                 if self.udp_forwards.flows and packet.dst in self.config.gateway_ips:
@@ -522,11 +531,20 @@ class NatShell:
         if self.tcp.credited:
             self._wake_capped(frames, now)
 
+    def _hold(self, entry: TcpSocket) -> None:
+        """`entry`'s reader waits for bytes given back: its guest's, or any guest's when
+        all guests' cap holds it."""
+        capped = ALL_GUESTS if self.limits.host_room() <= 0 else entry.guest
+        self._capped.setdefault(capped, set()).add(entry)
+
     def _wake_capped(self, frames: list | None, now: float) -> None:
         """Readers held by their guest's cap look again and windows its room held down are
         announced again: the guest was given bytes back."""
         guests = list(self.tcp.credited)
         self.tcp.credited.clear()
+        if guests:  # bytes given back: all guests' cap has room again too
+            for entry in self._capped.pop(ALL_GUESTS, ()):
+                entry.budget.set()
         updates: list = []
         for guest in guests:
             for entry in self._capped.pop(guest, ()):
@@ -704,8 +722,8 @@ class NatShell:
             try:
                 if budget == 0:
                     entry.budget = trio.Event()
-                    if self.tcp.guest_limited(key):  # woken by the guest's next credit
-                        self._capped.setdefault(entry.guest, set()).add(entry)
+                    if self.tcp.guest_limited(key):
+                        self._hold(entry)
                     await entry.budget.wait()
                     continue
                 await trio.lowlevel.wait_readable(sock)
@@ -806,15 +824,18 @@ class NatShell:
     def _tcp_linger(self, entry: TcpSocket) -> None:
         """The guest's side of `entry` is done but its host socket has not taken the last
         bytes (the guest sent them with its FIN): its writer task writes them, then the FIN,
-        within LINGER_SECONDS; past that, or with LINGERING_MAX sockets already lingering,
-        the host peer gets a reset (counted `linger_reset`), as a closing kernel socket would.
-        The flow is gone from the table meanwhile (its key free for a new flow)."""
+        within LINGER_SECONDS; past that, or with LINGERING_MAX sockets already lingering
+        (LINGERING_PER_GUEST of its guest's), the host peer gets a reset (counted
+        `linger_reset`), as a closing kernel socket would.  The flow is gone from the table
+        meanwhile (its key free for a new flow)."""
         self._tcp_forget(entry)
-        if entry.write_scope is None or self._lingering >= LINGERING_MAX:
+        if entry.write_scope is None or self._lingering >= LINGERING_MAX \
+                or self._lingering_by_guest[entry.guest] >= LINGERING_PER_GUEST:
             self.drops["linger_reset"] += 1
             self._tcp_reset(entry)
             return
         self._lingering += 1
+        self._lingering_by_guest[entry.guest] += 1
         entry.lingering = True
         entry.write_scope.deadline = trio.current_time() + LINGER_SECONDS
         entry.writable.set()
@@ -836,6 +857,9 @@ class NatShell:
         """A lingering socket's end: closed when all was written, else reset."""
         entry.lingering = False
         self._lingering -= 1
+        self._lingering_by_guest[entry.guest] -= 1
+        if not self._lingering_by_guest[entry.guest]:
+            del self._lingering_by_guest[entry.guest]
         if entry.pending or entry.shutdown:
             self.drops["linger_reset"] += 1
             self._tcp_reset(entry)
@@ -858,11 +882,12 @@ class NatShell:
         if entry.forward is not None:
             entry.forward.active -= 1
             entry.forward = None
-        waiting = self._capped.get(entry.guest)
-        if waiting is not None:
-            waiting.discard(entry)
-            if not waiting:
-                del self._capped[entry.guest]
+        for capped in (entry.guest, ALL_GUESTS):
+            waiting = self._capped.get(capped)
+            if waiting is not None:
+                waiting.discard(entry)
+                if not waiting:
+                    del self._capped[capped]
         entry.budget.set()
         entry.writable.set()
 

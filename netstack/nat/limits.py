@@ -28,6 +28,14 @@ MAX_HALF_OPEN_PER_GUEST = 64
 MAX_BUFFERED_BYTES_PER_GUEST = 8 * 1024 * 1024
 # Host sockets all guests together may hold: the hub's file descriptors are one budget.
 MAX_FLOWS_TOTAL = 8192
+# Bytes all guests together may have the NAT buffer: a guest is a MAC, and one port may
+# speak for many (a tunnel session up to 256), so the per-guest cap alone does not bound
+# the hub's memory.
+MAX_BUFFERED_BYTES_TOTAL = 256 * 1024 * 1024
+# Port forwards' flows (opened by the outside's clients, not by the guest) are admitted only
+# while the guest holds less than this share of its cap: a client flooding a forward cannot
+# shut the guest out of its own connections.
+FORWARDED_SHARE = 0.5
 
 
 class FlowKey(NamedTuple):
@@ -61,13 +69,16 @@ class FlowLimits:
     def __init__(self, flows_per_guest: dict[int, int] | None = None,
                  half_open_per_guest: int = MAX_HALF_OPEN_PER_GUEST,
                  buffered_per_guest: int = MAX_BUFFERED_BYTES_PER_GUEST,
-                 flows_total: int = MAX_FLOWS_TOTAL) -> None:
+                 flows_total: int = MAX_FLOWS_TOTAL,
+                 buffered_total: int = MAX_BUFFERED_BYTES_TOTAL) -> None:
         self.flows_per_guest = dict(MAX_FLOWS_PER_GUEST if flows_per_guest is None
                                     else flows_per_guest)
         self.half_open_per_guest = half_open_per_guest
         self.buffered_per_guest = buffered_per_guest
         self.flows_total = flows_total
+        self.buffered_total = buffered_total
         self.total = 0
+        self.buffered = 0  # all guests' buffered bytes
         self.refusals: Counter[str] = Counter()
         self._guests: dict[bytes, _Account] = {}
 
@@ -82,15 +93,17 @@ class FlowLimits:
         if account is not None and account.empty():
             del self._guests[guest]
 
-    def admit(self, guest: bytes, proto: int) -> bool:
+    def admit(self, guest: bytes, proto: int, *, forwarded: bool = False) -> bool:
         """Take one flow of `proto` for `guest`, or refuse (counted: `flow_limit`, the
-        guest's cap; `host_limit`, all guests' sockets)."""
+        guest's cap, FORWARDED_SHARE of it for a port forward's flow; `host_limit`, all
+        guests' sockets)."""
         if self.total >= self.flows_total:
             self.refusals["host_limit"] += 1
             return False
         account = self._guests.get(guest)
         held = account.flows[proto] if account is not None else 0
-        if held >= self.flows_per_guest.get(proto, 0):
+        cap = self.flows_per_guest.get(proto, 0)
+        if held >= (int(cap * FORWARDED_SHARE) if forwarded else cap):
             self.refusals["flow_limit"] += 1
             return False
         self._account(guest).flows[proto] += 1
@@ -123,25 +136,37 @@ class FlowLimits:
         self._forget_if_empty(guest)
 
     def charge(self, guest: bytes, nbytes: int) -> bool:
-        """Hold `nbytes` more for `guest`, or refuse (`buffer_limit`)."""
+        """Hold `nbytes` more for `guest`, or refuse (`buffer_limit`: the guest's cap;
+        `host_buffer_limit`: all guests')."""
         account = self._account(guest)
         if account.buffered + nbytes > self.buffered_per_guest:
             self.refusals["buffer_limit"] += 1
             self._forget_if_empty(guest)
             return False
+        if self.buffered + nbytes > self.buffered_total:
+            self.refusals["host_buffer_limit"] += 1
+            self._forget_if_empty(guest)
+            return False
         account.buffered += nbytes
+        self.buffered += nbytes
         return True
 
     def room(self, guest: bytes) -> int:
-        """Bytes `guest` may still have the NAT buffer."""
+        """Bytes `guest` may still have the NAT buffer (within its cap and all guests')."""
         account = self._guests.get(guest)
-        return self.buffered_per_guest - (0 if account is None else account.buffered)
+        return min(self.buffered_per_guest - (0 if account is None else account.buffered),
+                   self.buffered_total - self.buffered)
+
+    def host_room(self) -> int:
+        """Bytes all guests together may still have the NAT buffer."""
+        return self.buffered_total - self.buffered
 
     def credit(self, guest: bytes, nbytes: int) -> None:
         account = self._guests.get(guest)
         if account is None or account.buffered < nbytes:
             raise ValueError(f"credit of {nbytes} bytes the guest was not charged")
         account.buffered -= nbytes
+        self.buffered -= nbytes
         self._forget_if_empty(guest)
 
     def held(self, guest: bytes) -> dict[str, int]:

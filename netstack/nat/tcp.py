@@ -518,7 +518,9 @@ class TcpConnection:
         if opts.mss is not None:
             if opts.mss < MIN_MSS:
                 self.counters.bad_option += 1
-            self.snd_mss = max(MIN_MSS, opts.mss)
+            # Never past what the link carries (our MSS is the MTU's): a guest's 65535 made
+            # segments the MTU dropped, and with TSO a send quantum of 0 bytes.
+            self.snd_mss = max(MIN_MSS, min(opts.mss, self.our_mss))
         self.sack_ok = opts.sack_permitted
         if opts.wscale is not None:
             if opts.wscale > MAX_WSCALE:

@@ -3,7 +3,8 @@ open one, and when each connection's timers run.
 
 A guest SYN for a new (guest ip/port, remote ip/port) is admitted through FlowLimits (flows
 per guest, the half-open cap: CONNECTING and SYN-RECEIVED) and the deny list, then becomes a
-TcpConnection; a known flow's segments go to its connection; a segment of no flow is answered
+TcpConnection (a SYN the connection drops, SYN+FIN, leaves no flow: `bad_syn`); a known
+flow's segments go to its connection; a segment of no flow is answered
 by a RST (RFC 9293 3.10.7.1), counted; a SYN on a TIME-WAIT flow replaces it.  A SYN to the
 gateway's own port 53 is DNS over TCP (`kind` "dns": the shell connects to an upstream
 resolver).  `open_forward` is the other way in: a connection a port forward accepted becomes
@@ -34,6 +35,7 @@ from netstack.nat.packet import (
 )
 from netstack.nat.tcp import (
     CONNECTING,
+    LISTEN,
     SYN_RECEIVED,
     TIME_WAIT,
     Close,
@@ -144,6 +146,9 @@ class TcpTable:
         conn.hold_limit = self._hold_limit(flow)
         owed = conn.ack_owed
         out = self._after(flow, conn.from_guest(seg, now, defer_ack=defer_ack))
+        if conn.state == LISTEN:  # its SYN was dropped (SYN+FIN): nothing to keep
+            self._remove(flow)
+            raise Refused("bad_syn")
         if conn.ack_owed and not owed:
             self._owed.append(key)
         return out
@@ -234,7 +239,7 @@ class TcpTable:
                          in self.flows)
         if port is None:
             raise Refused("no_port")
-        if not self.limits.admit(guest_mac, IPPROTO_TCP):
+        if not self.limits.admit(guest_mac, IPPROTO_TCP, forwarded=True):
             raise Refused("flow_limit")
         key = FlowKey(IPPROTO_TCP, guest_ip, guest_port, gateway, port)
         conn = TcpConnection(guest_ip, guest_port, gateway, port, now,

@@ -113,7 +113,7 @@ class UdpForwards(IdleFlows):
         if port is None:
             self.drops["no_port"] += 1
             return None
-        if not self.limits.admit(guest_mac, IPPROTO_UDP):
+        if not self.limits.admit(guest_mac, IPPROTO_UDP, forwarded=True):
             self.drops["flow_limit"] += 1
             return None
         key = FlowKey(IPPROTO_UDP, guest_ip, guest_port, gateway, port)
