@@ -99,3 +99,12 @@ async def test_a_guests_udp_reaches_the_host_loopback_and_its_answer_comes_back(
     assert status["nat"]["udp"]["flows"] == 1
     assert hub.gateway.resolve(ipaddress.ip_address("10.77.0.5").packed) == bytes.fromhex(
         GUEST_MAC.replace(":", ""))
+
+
+def test_the_segments_own_networks_are_never_reached_through_the_nat(tmp_path):
+    # Members are reached on the segment; a guest with a stale route through the gateway
+    # must not reach them (or anything of those networks) from the hub host's sockets.
+    deny = Hub(config(tmp_path, nat=True)).nat.config.deny
+    assert deny.denies(ipaddress.ip_address("10.77.0.20").packed)
+    assert deny.denies(ipaddress.ip_address("fd77::20").packed)
+    assert not deny.denies(ipaddress.ip_address("10.78.0.20").packed)

@@ -185,9 +185,12 @@ class Hub:
             self.gateway.learn(lease.ip.packed, lease.mac)
 
     def _make_nat(self, config: HubConfig, gateway: GatewayPort) -> NatShell:
+        # The segment's own networks: its members are reached on the segment, never through
+        # the NAT (a guest with a stale route would otherwise reach them from the hub host).
+        segment = [n for n in (config.subnet, config.ipv6_prefix) if n is not None]
         nat_config = NatConfig(
             gateway_mac=gateway.mac, gateway_ips=frozenset(gateway.addresses),
-            deny=DenyList.with_defaults(str(network) for network in config.nat_deny),
+            deny=DenyList.with_defaults(str(network) for network in segment + config.nat_deny),
             map_host_loopback=config.map_host_loopback, mtu=config.mtu)
         upstreams = config.dns_upstreams or None  # None: /etc/resolv.conf
         return NatShell(nat_config, gateway.to_guests, upstreams=upstreams,
