@@ -1,0 +1,552 @@
+"""The seed's metrics for every path measured, each next to its reference from the same run:
+packets/s, Mbit/s, latency p50/p99, CPU % per process, syscalls per packet (perf counting
+raw_syscalls:sys_enter on each PID) and allocations per packet (CPython allocator calls,
+bench/_count_alloc.c loaded through sitecustomize), as a markdown table, JSON and a plot.
+
+A path is one entry of PATHS: a function (Settings) -> list[Metrics] that measures its
+subjects and their reference interleaved, round by round, reusing the path's own bench
+(bench/vhost_switch.py, bench/hosts.py, bench/wire.py).  Throughput, latency and CPU come
+from timed windows with no counter attached; syscalls from a perf window of their own right
+after; allocations from a separate start of the process with the allocation hooks loaded
+(they cost a call per allocation), so counters never slow the timed numbers.
+
+Run (root): .venv/bin/python bench/report.py [--paths vhost,hosts,wire] [--rounds 2]
+            [--seconds 3] [--docs] [--plot docs/img/report.png]
+Namespaces, sockets and temp dirs carry a tag unique to the run; every load is bounded in
+time; only processes started here are signalled, by PID.  JSON in bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# bench/tunnel.py would shadow the tunnel package if this directory came first on sys.path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+sys.path.insert(0, str(ROOT))
+
+import trio  # noqa: E402
+
+from bench import _count, baselines, hosts, vhost_switch  # noqa: E402
+
+RESULTS_DIR = ROOT / "bench" / "results"
+DOCS = ROOT / "docs" / "benchmarks.md"
+DOCS_BEGIN = "<!-- bench/report.py: begin -->"
+DOCS_END = "<!-- bench/report.py: end -->"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+WINDOW_MARGIN = 90.0  # seconds on top of a window's own length before it is abandoned
+SIZES = (64, 1500)
+
+
+@dataclass
+class Metrics:
+    """One subject on one path in one round, as the roadmap asked to track it.
+    Per-process figures are keyed by the process's role ("hub", "endpoint a", ...)."""
+
+    path: str
+    subject: str
+    reference: bool
+    round: int
+    pps: float | None = None
+    mbits: float | None = None
+    bytes_per_packet: float | None = None
+    latency_ms: dict[str, float] | None = None  # idle p50/p99
+    loaded_latency_ms: dict[str, float] | None = None  # p50/p99 while the path is loaded
+    cpu_percent: dict[str, float] = field(default_factory=dict)
+    syscalls_per_packet: dict[str, float] = field(default_factory=dict)
+    allocations_per_packet: dict[str, float] = field(default_factory=dict)
+    other_cpu_percent: float | None = None  # CPU used by processes outside this window
+    load: float = 0.0  # 1-minute load average when the window started
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class Settings:
+    seconds: float
+    rounds: int
+    workdir: Path  # unique to the run
+    counter_site: Path | None  # sitecustomize + _count_alloc; None: allocations not counted
+    counter_missing: str  # why counter_site is None
+    syscalls_missing: str | None  # why perf cannot count, or None
+    tag: str
+
+
+@contextlib.contextmanager
+def environ(extra: Mapping[str, str]) -> Iterator[None]:
+    """os.environ with `extra` while processes under test are started (they inherit it)."""
+    saved = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def alloc_env(settings: Settings, prefix: Path) -> dict[str, str]:
+    """The variables that make a Python process started now count its allocations."""
+    if settings.counter_site is None:
+        return {}
+    env = _count.counting_env(settings.counter_site, prefix)
+    return {k: env[k] for k in ("PYTHONPATH", _count.ALLOC_PREFIX_ENV)}
+
+
+def load_average() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+# --------------------------------------------------------------------------- vhost-user switch
+
+
+@dataclass
+class VhostSubject:
+    """A back-end of the two-port vhost-user switch: "vhostvpn" (with extra environment,
+    e.g. VHOSTVPN_RING) or "dpdk" (testpmd's vhost PMD, the reference)."""
+
+    backend: str
+    env: dict[str, str] = field(default_factory=dict)
+
+
+VHOST_SUBJECTS = {"DPDK vhost PMD (reference)": VhostSubject("dpdk"),
+                  "vhostvpn hub": VhostSubject("vhostvpn")}
+
+
+def vhost_path(settings: Settings, subjects: Mapping[str, VhostSubject] = VHOST_SUBJECTS
+               ) -> list[Metrics]:
+    """bench/vhost_switch.py's combined topology (one flowgen testpmd, two virtio-user ports,
+    the back-end on its own CPU), per frame size, subjects alternating within each round."""
+    if not vhost_switch.VHOSTVPN_BINARY.exists():  # a worktree without its own venv
+        vhost_switch.VHOSTVPN_BINARY = Path(sys.executable).with_name("vhostvpn")
+    rows = []
+    for round_ in range(settings.rounds):
+        for size in SIZES:
+            for name, subject in subjects.items():
+                print(f"-- vhost {name} {size} B round {round_ + 1}", file=sys.stderr,
+                      flush=True)
+                rows.append(trio.run(functools.partial(
+                    _vhost_measure, settings, name, subject, size, round_)))
+    return rows
+
+
+async def _vhost_measure(settings: Settings, name: str, subject: VhostSubject, size: int,
+                         round_: int) -> Metrics:
+    row = Metrics(path=f"vhost-user switch, {size} B frames", subject=name,
+                  reference=subject.backend == "dpdk", round=round_, load=load_average(),
+                  bytes_per_packet=size)
+    try:
+        with trio.fail_after(3 * settings.seconds + 3 * WINDOW_MARGIN):
+            await _vhost_window(settings, subject, size, row, count_allocs=False)
+            if subject.backend == "vhostvpn" and settings.counter_site is not None:
+                await _vhost_window(settings, subject, size, row, count_allocs=True)
+    except Exception as error:  # one failed window must not hide the others
+        row.error = f"{type(error).__name__}: {error}"
+    return row
+
+
+async def _vhost_window(settings: Settings, subject: VhostSubject, size: int, row: Metrics,
+                        *, count_allocs: bool) -> None:
+    """Timed window (pps, Mbit/s, CPU) then a perf window (syscalls); or, with count_allocs,
+    a separate back-end started with the allocation hooks and one counting window."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"metrics-{settings.tag}-vhost-",
+                                    dir=settings.workdir))
+    sock_a, sock_b = workdir / "a.sock", workdir / "b.sock"
+    prefix = workdir / "alloc"
+    env = {**subject.env, **(alloc_env(settings, prefix) if count_allocs else {})}
+    with environ(env):
+        if subject.backend == "dpdk":
+            backend = vhost_switch.dpdk_backend(sock_a, sock_b, 1, 0, workdir)
+        else:
+            backend = vhost_switch.vhostvpn_backend(sock_a, sock_b, 1, workdir)
+        async with backend as pid, vhost_switch.combined_generator(
+                sock_a, sock_b, size, 0, workdir) as gen:
+            await trio.sleep(1.0)  # warm-up
+            if count_allocs:
+                start, before = await gen.sample(), _count.read_alloc_counts(prefix, pid)
+                await trio.sleep(settings.seconds)
+                end, after = await gen.sample(), _count.read_alloc_counts(prefix, pid)
+                if before is None or after is None:
+                    row.notes.append("the allocation counter did not load in the back-end")
+                elif end.rx > start.rx:
+                    row.allocations_per_packet["back-end"] = round(
+                        (after - before).allocations / (end.rx - start.rx), 2)
+                return
+            own = [pid, os.getpid(), *gen.pids]
+            start = await gen.sample()
+            ticks0, foreign0 = vhost_switch.cpu_ticks(pid), vhost_switch.foreign_ticks(own)
+            wall0 = time.monotonic()
+            await trio.sleep(settings.seconds)
+            end = await gen.sample()
+            ticks1, foreign1 = vhost_switch.cpu_ticks(pid), vhost_switch.foreign_ticks(own)
+            wall = time.monotonic() - wall0
+            elapsed = end.time - start.time
+            row.pps = (end.rx - start.rx) / elapsed
+            row.mbits = row.pps * size * 8 / 1e6
+            row.cpu_percent["back-end"] = round(100 * (ticks1 - ticks0) / CLK_TCK / wall)
+            row.other_cpu_percent = round(100 * (foreign1 - foreign0) / CLK_TCK / wall)
+            if settings.syscalls_missing is None:
+                counter = _count.SyscallCounter(pid)
+                counter.start()
+                await trio.sleep(_count.PERF_ATTACH_SECONDS)
+                start = await gen.sample()
+                await trio.sleep(settings.seconds)
+                end = await gen.sample()
+                syscalls, counted = counter.stop()
+                pps = (end.rx - start.rx) / (end.time - start.time)
+                if pps > 0 and counted > 0:
+                    # Rates: perf counts from its own attach to stop, a little wider than
+                    # the packet window; the traffic is steady across both.
+                    row.syscalls_per_packet["back-end"] = round(syscalls / counted / pps, 4)
+
+
+# --------------------------------------------------------------------------- host <-> host
+
+
+def device_packets(namespace: str, device: str) -> tuple[int, int]:
+    """(packets, bytes) the device counted, both directions."""
+    out = subprocess.run(["ip", "-n", namespace, "-j", "-s", "link", "show", "dev", device],
+                         capture_output=True, text=True, check=True, timeout=10).stdout
+    stats = json.loads(out)[0]["stats64"]
+    return (stats["rx"]["packets"] + stats["tx"]["packets"],
+            stats["rx"]["bytes"] + stats["tx"]["bytes"])
+
+
+@dataclass
+class HostPair:
+    """Two hosts joined by a path: client/server namespaces, the server's address, the
+    client's device whose counters are the path's packets, the processes that carry it."""
+
+    client: str
+    server: str
+    address: str
+    device: str
+    pids: dict[str, int]
+
+
+HOSTS_PATH = "host -> host, one TCP stream"
+WIREGUARD = "wireguard-go, direct (reference)"
+
+
+def hosts_path(settings: Settings) -> list[Metrics]:
+    """bench/hosts.py's namespaces: host a -> host b through the hub (`vhostvpn host --tap`)
+    next to the raw veth pair (the kernel alone: no process, no syscalls of its own) and,
+    when installed, wireguard-go (bench/baselines.py: a user-space VPN, peer to peer, the
+    reference for syscalls per packet); one iperf3 TCP stream a -> b per window, ping every
+    0.2 s alongside, idle ping apart."""
+    rows: list[Metrics] = []
+    with contextlib.ExitStack() as stack:
+        ns = stack.enter_context(hosts.Namespaces())
+        n = ns.names
+        subjects = {"raw veth (reference)": HostPair(n["r1"], n["r2"], "10.202.0.2",
+                                                     f"vvx1{ns.tag}", {})}
+        if shutil.which("wireguard-go") and shutil.which("wg"):
+            try:
+                wg = stack.enter_context(baselines.WireGuardGo(settings.workdir))
+            except Exception as error:  # reported; the other subjects still run
+                rows.append(Metrics(path=HOSTS_PATH, subject=WIREGUARD, reference=True,
+                                    round=0, error=f"{type(error).__name__}: {error}"))
+            else:
+                a, b = wg.endpoints()
+                subjects[WIREGUARD] = HostPair(a, b, wg.addr_b, wg.ifname["a"], wg.pids())
+        vpn_workdir = Path(tempfile.mkdtemp(prefix=f"metrics-{settings.tag}-hosts-",
+                                            dir=settings.workdir))
+        with hosts.Vhostvpn(ns, vpn_workdir) as vpn:
+            subjects["vhostvpn host --tap via hub"] = HostPair(
+                n["a"], n["b"], hosts.MEMBERS["b"][1], "vv0", _vpn_pids(vpn))
+            idle = {name: baselines.idle_ping(p.client, p.address)
+                    for name, p in subjects.items()}
+            for round_ in range(settings.rounds):
+                for name, p in subjects.items():
+                    print(f"-- hosts {name} round {round_ + 1}", file=sys.stderr, flush=True)
+                    row = Metrics(path=HOSTS_PATH, subject=name,
+                                  reference="reference" in name, round=round_,
+                                  load=load_average(), latency_ms=idle[name])
+                    try:
+                        _hosts_timed(settings, p, row)
+                        if p.pids and settings.syscalls_missing is None:
+                            _hosts_syscalls(settings, p, row)
+                    except Exception as error:  # reported; the other rows still run
+                        row.error = f"{type(error).__name__}: {error}"
+                    rows.append(row)
+        if settings.counter_site is not None:
+            _hosts_allocations(settings, ns, rows)
+    return rows
+
+
+def _vpn_pids(vpn: hosts.Vhostvpn) -> dict[str, int]:
+    return {"hub": vpn.pids()["hub"], "endpoint a": vpn.pids("a")["a"],
+            "endpoint b": vpn.pids("b")["b"]}
+
+
+def _hosts_allocations(settings: Settings, ns: hosts.Namespaces, rows: list[Metrics]) -> None:
+    """The hub and both endpoints started again with the allocation hooks, one iperf3 run."""
+    n = ns.names
+    workdir = Path(tempfile.mkdtemp(prefix=f"metrics-{settings.tag}-hosts-alloc-",
+                                    dir=settings.workdir))
+    prefix = workdir / "alloc"
+    with environ(alloc_env(settings, prefix)), hosts.Vhostvpn(ns, workdir) as vpn:
+        pids = _vpn_pids(vpn)
+        before = {k: _count.read_alloc_counts(prefix, pid) for k, pid in pids.items()}
+        packets0, _ = device_packets(n["a"], "vv0")
+        baselines.measure_direction(n["a"], n["b"], hosts.MEMBERS["b"][1], settings.seconds,
+                                    {})
+        packets1, _ = device_packets(n["a"], "vv0")
+        after = {k: _count.read_alloc_counts(prefix, pid) for k, pid in pids.items()}
+    for row in rows:
+        if row.subject.startswith("vhostvpn") and packets1 > packets0:
+            for k in pids:
+                if before[k] is not None and after[k] is not None:
+                    row.allocations_per_packet[k] = round(
+                        (after[k] - before[k]).allocations / (packets1 - packets0), 2)
+
+
+def _hosts_timed(settings: Settings, pair: HostPair, row: Metrics) -> None:
+    packets0, bytes0 = device_packets(pair.client, pair.device)
+    result = baselines.measure_direction(pair.client, pair.server, pair.address,
+                                         settings.seconds, pair.pids)
+    packets1, bytes1 = device_packets(pair.client, pair.device)
+    if "error" in result:
+        raise RuntimeError(str(result["error"]))
+    row.mbits = float(result["gbits"]) * 1000  # iperf3's receiver rate
+    row.pps = (packets1 - packets0) / settings.seconds
+    row.bytes_per_packet = round((bytes1 - bytes0) / max(1, packets1 - packets0))
+    row.loaded_latency_ms = result["ping_loaded_ms"]
+    row.cpu_percent = dict(result["cpu_percent"])
+    row.other_cpu_percent = float(result["other_cpu_percent"])
+    row.notes.append(f"iperf3 retransmits {result.get('retransmits')}")
+
+
+def _hosts_syscalls(settings: Settings, pair: HostPair, row: Metrics) -> None:
+    """A second iperf3 run with perf on each process; syscalls over the device's packets.
+    perf's window is the run plus its attach and iperf3's start (idle: a few wake-ups)."""
+    counters = {k: _count.SyscallCounter(pid) for k, pid in pair.pids.items()}
+    for counter in counters.values():
+        counter.start()
+    try:
+        time.sleep(_count.PERF_ATTACH_SECONDS)
+        packets0, _ = device_packets(pair.client, pair.device)
+        baselines.measure_direction(pair.client, pair.server, pair.address, settings.seconds,
+                                    {})
+        packets1, _ = device_packets(pair.client, pair.device)
+    finally:
+        counts = {k: c.stop() for k, c in counters.items()}
+    if packets1 > packets0:
+        row.syscalls_per_packet = {k: round(s / (packets1 - packets0), 3)
+                                   for k, (s, _) in counts.items()}
+
+
+# --------------------------------------------------------------------------- report
+
+
+PATHS: dict[str, Callable[[Settings], list[Metrics]]] = {
+    "vhost": vhost_path,
+    "hosts": hosts_path,
+}
+
+
+def summarize(rows: Sequence[Metrics]) -> list[Metrics]:
+    """One row per (path, subject): medians over rounds of every number, notes of all."""
+    groups: dict[tuple[str, str], list[Metrics]] = {}
+    for row in rows:
+        groups.setdefault((row.path, row.subject), []).append(row)
+    out = []
+    for (path, subject), group in groups.items():
+        ok = [r for r in group if r.error is None] or group[:1]
+        first = ok[0]
+        out.append(Metrics(
+            path=path, subject=subject, reference=first.reference, round=len(ok),
+            pps=_median(r.pps for r in ok), mbits=_median(r.mbits for r in ok),
+            bytes_per_packet=_median(r.bytes_per_packet for r in ok),
+            latency_ms=_median_dict(r.latency_ms for r in ok),
+            loaded_latency_ms=_median_dict(r.loaded_latency_ms for r in ok),
+            cpu_percent=_median_dict(r.cpu_percent for r in ok) or {},
+            syscalls_per_packet=_median_dict(r.syscalls_per_packet for r in ok) or {},
+            allocations_per_packet=_median_dict(r.allocations_per_packet for r in ok) or {},
+            other_cpu_percent=_median(r.other_cpu_percent for r in ok),
+            load=max(r.load for r in group),
+            notes=sorted({n for r in group for n in r.notes}),
+            error="; ".join(r.error for r in group if r.error) or None))
+    return out
+
+
+def _median(values: Iterator[float | None] | Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def _median_dict(dicts: Iterator[Mapping[str, float] | None]) -> dict[str, float] | None:
+    present = [d for d in dicts if d]
+    if not present:
+        return None
+    keys = sorted({k for d in present for k in d})
+    return {k: _median(d.get(k) for d in present) for k in keys}  # type: ignore[misc]
+
+
+def _fmt(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _fmt_dict(values: Mapping[str, float], digits: int) -> str:
+    return "; ".join(f"{k} {v:,.{digits}f}" for k, v in values.items()) or "-"
+
+
+def markdown(summary: Sequence[Metrics]) -> str:
+    references: dict[str, Metrics] = {}
+    for r in summary:  # the first reference of a path is the one ratios are taken to
+        if r.reference and r.mbits:
+            references.setdefault(r.path, r)
+    lines = ["| path | subject | kpps | Mbit/s | Mbit/s vs ref. | B/packet | "
+             "ping idle p50 / p99 ms | ping loaded p50 / p99 ms | CPU % | syscalls / packet | "
+             "allocations / packet | other CPU % | load |",
+             "|---|---|---:|---:|---:|---:|---|---|---|---|---|---:|---:|"]
+    for r in summary:
+        ref = references.get(r.path)
+        ratio = f"{r.mbits / ref.mbits:.3f}" if ref and r.mbits and ref is not r else "-"
+        idle = (f"{r.latency_ms['p50']} / {r.latency_ms['p99']}" if r.latency_ms
+                else "- (no ping)")
+        loaded = (f"{r.loaded_latency_ms['p50']} / {r.loaded_latency_ms['p99']}"
+                  if r.loaded_latency_ms else "-")
+        subject = f"**{r.subject}**" if not r.reference else r.subject
+        if r.error and r.pps is None:
+            lines.append(f"| {r.path} | {subject} | error: {r.error[:100]} | | | | | | | | | | |")
+            continue
+        lines.append(
+            f"| {r.path} | {subject} | {_fmt(r.pps and r.pps / 1e3, 1)} | {_fmt(r.mbits)} | "
+            f"{ratio} | {_fmt(r.bytes_per_packet)} | {idle} | {loaded} | "
+            f"{_fmt_dict(r.cpu_percent, 0)} | {_fmt_dict(r.syscalls_per_packet, 3)} | "
+            f"{_fmt_dict(r.allocations_per_packet, 1)} | {_fmt(r.other_cpu_percent)} | "
+            f"{r.load} |")
+    return "\n".join(lines)
+
+
+def plot(summary: Sequence[Metrics], output: Path) -> None:
+    """A grid: one row per metric, one column per path, one bar per subject (grey for the
+    references), each bar labelled with its value; absent values are left out."""
+    import matplotlib  # the `bench` extra
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics: list[tuple[str, Callable[[Metrics], float | None]]] = [
+        ("packets/s", lambda r: r.pps),
+        ("Mbit/s", lambda r: r.mbits),
+        ("ping p50 idle, ms", lambda r: r.latency_ms and r.latency_ms["p50"]),
+        ("CPU %, all its processes", lambda r: sum(r.cpu_percent.values()) or None),
+        ("syscalls / packet, all", lambda r: sum(r.syscalls_per_packet.values())
+         if r.syscalls_per_packet else None),
+        ("allocations / packet, all",
+         lambda r: sum(r.allocations_per_packet.values()) if r.allocations_per_packet
+         else None),
+    ]
+    paths = list(dict.fromkeys(r.path for r in summary))
+    fig, axes = plt.subplots(len(metrics), len(paths), squeeze=False,
+                             figsize=(4.2 * len(paths), 1.9 * len(metrics) + 1.6))
+    for column, path in enumerate(paths):
+        rows = [r for r in summary if r.path == path]
+        axes[0][column].set_title(path, fontsize=9)
+        for (title, get), ax in zip(metrics, (a[column] for a in axes), strict=True):
+            values = [get(r) for r in rows]
+            ax.bar(range(len(rows)), [v or 0 for v in values],
+                   color=["#999999" if r.reference else "#1f77b4" for r in rows])
+            for x, v in enumerate(values):
+                ax.annotate("n/a" if v is None else f"{v:,.3g}", (x, v or 0), ha="center",
+                            va="bottom", fontsize=7)
+            ax.set_ylabel(title, fontsize=7)
+            ax.tick_params(labelsize=7)
+            ax.set_xticks(range(len(rows)), [r.subject.replace(" (reference)", "\n(ref.)")
+                                             for r in rows], fontsize=6)
+    fig.suptitle("bench/report.py: subjects (blue), references (grey), one run", fontsize=9)
+    fig.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=80)
+    plt.close(fig)
+
+
+def write_docs(table: str, header: str) -> None:
+    """Replace the text between DOCS_BEGIN and DOCS_END in docs/benchmarks.md."""
+    text = DOCS.read_text()
+    if DOCS_BEGIN not in text or DOCS_END not in text:
+        raise RuntimeError(f"{DOCS} has no {DOCS_BEGIN} ... {DOCS_END} section")
+    head, rest = text.split(DOCS_BEGIN, 1)
+    tail = rest.split(DOCS_END, 1)[1]
+    DOCS.write_text(f"{head}{DOCS_BEGIN}\n{header}\n\n{table}\n{DOCS_END}{tail}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--paths", default=",".join(PATHS),
+                        help=f"comma-separated, of: {', '.join(PATHS)}")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=3.0, help="per window")
+    parser.add_argument("--plot", type=Path, default=None, help="PNG to write")
+    parser.add_argument("--docs", action="store_true",
+                        help="write the table into docs/benchmarks.md between its markers")
+    args = parser.parse_args(argv)
+    paths = [p for p in args.paths.split(",") if p]
+    unknown = [p for p in paths if p not in PATHS]
+    if unknown:
+        parser.error(f"unknown paths {unknown}; known: {', '.join(PATHS)}")
+    if os.geteuid() != 0:
+        parser.error("needs root (network namespaces, perf on other processes)")
+    tag = uuid.uuid4().hex[:6]
+    rows: list[Metrics] = []
+    with tempfile.TemporaryDirectory(prefix=f"metrics-{tag}-") as tmp, \
+            environ({"PYTHONPATH": os.pathsep.join(
+                p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}):
+        workdir = Path(tmp)
+        try:
+            site, missing = _count.build_alloc_counter(workdir / "site"), ""
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:
+            site, missing = None, str(error)
+        settings = Settings(seconds=args.seconds, rounds=args.rounds, workdir=workdir,
+                            counter_site=site, counter_missing=missing,
+                            syscalls_missing=_count.perf_unavailable_reason(), tag=tag)
+        started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        for path in paths:
+            rows += PATHS[path](settings)
+    summary = summarize(rows)
+    table = markdown(summary)
+    missing_notes = [f"syscalls not counted: {settings.syscalls_missing}"
+                     if settings.syscalls_missing else "",
+                     f"allocations not counted: {settings.counter_missing}"
+                     if settings.counter_missing else ""]
+    header = (f"Run {started}, `bench/report.py --paths {','.join(paths)} --rounds "
+              f"{args.rounds} --seconds {args.seconds}`; medians over rounds; load = highest "
+              f"1-minute load average seen at a window's start. "
+              + " ".join(n for n in missing_notes if n)).strip()
+    print(header + "\n\n" + table)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    output = RESULTS_DIR / f"report-{stamp}.json"
+    output.write_text(json.dumps({"header": header, "rows": [asdict(r) for r in rows],
+                                  "summary": [asdict(r) for r in summary],
+                                  "machine": vhost_switch.machine_info()}, indent=1))
+    print(f"JSON: {output}", file=sys.stderr)
+    if args.plot:
+        plot(summary, args.plot)
+    if args.docs:
+        write_docs(table, header)
+    return 0 if all(r.error is None for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
