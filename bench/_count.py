@@ -1,8 +1,10 @@
 """Per-process counters for bench/report.py: syscalls (perf counting the in-kernel
-raw_syscalls:sys_enter tracepoint on a PID) and CPython allocator calls (bench/_count_alloc.c,
-built here with gcc, loaded in the process under test through sitecustomize on PYTHONPATH).
-Both only count; the allocation hooks cost a call per allocation, so report.py reads them in
-a window of their own, never in a timed one.  Nothing here signals a process it did not start.
+raw_syscalls:sys_enter tracepoint on a PID), CPython allocator calls (bench/_count_alloc.c,
+loaded in the process under test through sitecustomize on PYTHONPATH) and libc malloc calls
+of any dynamically linked process (bench/_count_malloc.c, LD_PRELOAD), both built here with
+gcc.  All only count; the allocation hooks cost a call per allocation, so report.py reads
+them in a window of their own, never in a timed one.  Nothing here signals a process it did
+not start.
 """
 
 from __future__ import annotations
@@ -18,8 +20,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ALLOC_SOURCE = HERE / "_count_alloc.c"
+MALLOC_SOURCE = HERE / "_count_malloc.c"
+MALLOC_LIBRARY = "libcount_malloc.so"
 ALLOC_PREFIX_ENV = "VHOSTVPN_BENCH_ALLOC_PREFIX"  # counters of process PID in <prefix>.<PID>
+MALLOC_PREFIX_ENV = "VHOSTVPN_BENCH_MALLOC_PREFIX"  # the same for libc malloc calls
 COUNTER_SLOTS = 5  # raw allocs, mem allocs, object allocs, reallocs, frees (_count_alloc.c)
+MALLOC_SLOTS = 3  # allocs, reallocs, frees (_count_malloc.c)
 BUILD_TIMEOUT = 60.0
 PERF_ATTACH_SECONDS = 0.3  # perf prints nothing when attached; this is how long it takes here
 PERF_STOP_TIMEOUT = 10.0
@@ -57,45 +63,81 @@ class AllocCounts:
                            self.reallocs - other.reallocs, self.frees - other.frees)
 
 
-def build_alloc_counter(directory: Path) -> Path:
-    """Compile _count_alloc.c into `directory` next to a sitecustomize.py; return `directory`
-    (put it first on PYTHONPATH).  Raises RuntimeError with the compiler's output on failure."""
+@dataclass(frozen=True)
+class MallocCounts:
+    """libc calls since the process started: allocations (malloc, calloc, aligned), reallocs,
+    frees."""
+
+    allocs: int
+    reallocs: int
+    frees: int
+
+    @property
+    def allocations(self) -> int:
+        return self.allocs + self.reallocs
+
+    def __sub__(self, other: MallocCounts) -> MallocCounts:
+        return MallocCounts(self.allocs - other.allocs, self.reallocs - other.reallocs,
+                            self.frees - other.frees)
+
+
+def _gcc(args: list[str], source: Path) -> None:
     gcc = shutil.which("gcc") or shutil.which("cc")
     if gcc is None:
-        raise RuntimeError("no C compiler (gcc/cc) to build the allocation counter")
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / f"_count_alloc{sysconfig.get_config_var('EXT_SUFFIX')}"
-    done = subprocess.run(
-        [gcc, "-shared", "-fPIC", "-O2", f"-I{sysconfig.get_paths()['include']}",
-         str(ALLOC_SOURCE), "-o", str(target)],
-        capture_output=True, text=True, timeout=BUILD_TIMEOUT, check=False)
+        raise RuntimeError("no C compiler (gcc/cc) to build the allocation counters")
+    done = subprocess.run([gcc, "-shared", "-fPIC", "-O2", *args], capture_output=True,
+                          text=True, timeout=BUILD_TIMEOUT, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"building {ALLOC_SOURCE.name} failed:\n{done.stderr[-2000:]}")
+        raise RuntimeError(f"building {source.name} failed:\n{done.stderr[-2000:]}")
+
+
+def build_alloc_counter(directory: Path) -> Path:
+    """Compile _count_alloc.c next to a sitecustomize.py, and _count_malloc.c, into
+    `directory`; return `directory` (for counting_env).  RuntimeError if gcc fails."""
+    directory.mkdir(parents=True, exist_ok=True)
+    _gcc([f"-I{sysconfig.get_paths()['include']}", str(ALLOC_SOURCE), "-o",
+          str(directory / f"_count_alloc{sysconfig.get_config_var('EXT_SUFFIX')}")],
+         ALLOC_SOURCE)
+    _gcc([str(MALLOC_SOURCE), "-o", str(directory / MALLOC_LIBRARY)], MALLOC_SOURCE)
     (directory / "sitecustomize.py").write_text(SITECUSTOMIZE)
     return directory
 
 
 def counting_env(site_dir: Path, prefix: Path, base: dict[str, str] | None = None
                  ) -> dict[str, str]:
-    """The environment for a Python process whose allocations are to be counted."""
+    """The environment for a process whose allocations are to be counted: CPython allocator
+    calls under `prefix`, libc malloc calls under `prefix`-malloc."""
     env = dict(os.environ if base is None else base)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site_dir), env.get("PYTHONPATH"))
                                         if p)
+    env["LD_PRELOAD"] = " ".join(p for p in (str(site_dir / MALLOC_LIBRARY),
+                                             env.get("LD_PRELOAD")) if p)
     env[ALLOC_PREFIX_ENV] = str(prefix)
+    env[MALLOC_PREFIX_ENV] = f"{prefix}-malloc"
     return env
 
 
-def read_alloc_counts(prefix: Path, pid: int) -> AllocCounts | None:
-    """The counters process `pid` keeps under `prefix`; None if it has none (not Python,
-    not started with counting_env, or the counter did not load)."""
+def _read_slots(path: Path, slots: int) -> list[int] | None:
     try:
-        raw = (prefix.parent / f"{prefix.name}.{pid}").read_bytes()[:8 * COUNTER_SLOTS]
+        raw = path.read_bytes()[:8 * slots]
     except OSError:
         return None
-    if len(raw) < 8 * COUNTER_SLOTS:
+    if len(raw) < 8 * slots:
         return None
-    return AllocCounts(*(int.from_bytes(raw[i:i + 8], sys.byteorder)
-                         for i in range(0, 8 * COUNTER_SLOTS, 8)))
+    return [int.from_bytes(raw[i:i + 8], sys.byteorder) for i in range(0, 8 * slots, 8)]
+
+
+def read_alloc_counts(prefix: Path, pid: int) -> AllocCounts | None:
+    """The CPython counters process `pid` keeps under `prefix`; None if it has none (not
+    Python, not started with counting_env, or the counter did not load)."""
+    values = _read_slots(prefix.parent / f"{prefix.name}.{pid}", COUNTER_SLOTS)
+    return None if values is None else AllocCounts(*values)
+
+
+def read_malloc_counts(prefix: Path, pid: int) -> MallocCounts | None:
+    """The libc counters process `pid` keeps (counting_env's `prefix`); None if it has none."""
+    values = _read_slots(prefix.parent / f"{prefix.name}-malloc.{pid}", MALLOC_SLOTS)
+    return None if values is None else MallocCounts(*values)
 
 
 # --------------------------------------------------------------------------- syscalls

@@ -103,11 +103,33 @@ def environ(extra: Mapping[str, str]) -> Iterator[None]:
 
 
 def alloc_env(settings: Settings, prefix: Path) -> dict[str, str]:
-    """The variables that make a Python process started now count its allocations."""
+    """The variables that make a process started now count its allocations."""
     if settings.counter_site is None:
         return {}
     env = _count.counting_env(settings.counter_site, prefix)
-    return {k: env[k] for k in ("PYTHONPATH", _count.ALLOC_PREFIX_ENV)}
+    return {k: env[k] for k in ("PYTHONPATH", "LD_PRELOAD", _count.ALLOC_PREFIX_ENV,
+                                _count.MALLOC_PREFIX_ENV)}
+
+
+def read_allocations(prefix: Path, pids: Mapping[str, int]) -> dict[str, object]:
+    """Both counters of each process: "<role>: py" (CPython allocator calls, Python only)
+    and "<role>: libc" (malloc-family calls, any dynamically linked process)."""
+    counts: dict[str, object] = {}
+    for role, pid in pids.items():
+        counts[f"{role}: py"] = _count.read_alloc_counts(prefix, pid)
+        counts[f"{role}: libc"] = _count.read_malloc_counts(prefix, pid)
+    return counts
+
+
+def per_packet(before: Mapping[str, object], after: Mapping[str, object], packets: int
+               ) -> dict[str, float]:
+    """Allocations per packet between two read_allocations, for the counters present."""
+    out = {}
+    for key, old in before.items():
+        new = after.get(key)
+        if old is not None and new is not None and packets > 0:
+            out[key] = round((new - old).allocations / packets, 2)  # type: ignore[operator]
+    return out
 
 
 def load_average() -> float:
@@ -155,7 +177,7 @@ async def _vhost_measure(settings: Settings, name: str, subject: VhostSubject, s
     try:
         with trio.fail_after(3 * settings.seconds + 3 * WINDOW_MARGIN):
             await _vhost_window(settings, subject, size, row, count_allocs=False)
-            if subject.backend == "vhostvpn" and settings.counter_site is not None:
+            if settings.counter_site is not None:
                 await _vhost_window(settings, subject, size, row, count_allocs=True)
     except Exception as error:  # one failed window must not hide the others
         row.error = f"{type(error).__name__}: {error}"
@@ -180,14 +202,12 @@ async def _vhost_window(settings: Settings, subject: VhostSubject, size: int, ro
                 sock_a, sock_b, size, 0, workdir) as gen:
             await trio.sleep(1.0)  # warm-up
             if count_allocs:
-                start, before = await gen.sample(), _count.read_alloc_counts(prefix, pid)
+                start, before = await gen.sample(), read_allocations(prefix, {"back-end": pid})
                 await trio.sleep(settings.seconds)
-                end, after = await gen.sample(), _count.read_alloc_counts(prefix, pid)
-                if before is None or after is None:
-                    row.notes.append("the allocation counter did not load in the back-end")
-                elif end.rx > start.rx:
-                    row.allocations_per_packet["back-end"] = round(
-                        (after - before).allocations / (end.rx - start.rx), 2)
+                end, after = await gen.sample(), read_allocations(prefix, {"back-end": pid})
+                row.allocations_per_packet = per_packet(before, after, end.rx - start.rx)
+                if not row.allocations_per_packet:
+                    row.notes.append("the allocation counters did not load in the back-end")
                 return
             own = [pid, os.getpid(), *gen.pids]
             start = await gen.sample()
@@ -304,18 +324,16 @@ def _hosts_allocations(settings: Settings, ns: hosts.Namespaces, rows: list[Metr
     prefix = workdir / "alloc"
     with environ(alloc_env(settings, prefix)), hosts.Vhostvpn(ns, workdir) as vpn:
         pids = _vpn_pids(vpn)
-        before = {k: _count.read_alloc_counts(prefix, pid) for k, pid in pids.items()}
+        before = read_allocations(prefix, pids)
         packets0, _ = device_packets(n["a"], "vv0")
         baselines.measure_direction(n["a"], n["b"], hosts.MEMBERS["b"][1], settings.seconds,
                                     {})
         packets1, _ = device_packets(n["a"], "vv0")
-        after = {k: _count.read_alloc_counts(prefix, pid) for k, pid in pids.items()}
+        after = read_allocations(prefix, pids)
+    counts = per_packet(before, after, packets1 - packets0)
     for row in rows:
-        if row.subject.startswith("vhostvpn") and packets1 > packets0:
-            for k in pids:
-                if before[k] is not None and after[k] is not None:
-                    row.allocations_per_packet[k] = round(
-                        (after[k] - before[k]).allocations / (packets1 - packets0), 2)
+        if row.subject.startswith("vhostvpn"):
+            row.allocations_per_packet = dict(counts)
 
 
 def _hosts_timed(settings: Settings, pair: HostPair, row: Metrics) -> None:

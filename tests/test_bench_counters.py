@@ -1,6 +1,6 @@
 """The counters behind bench/report.py's syscalls and allocations per packet count what
-they claim: a known number of os.write calls, a known number of object allocations, read
-from outside the process as the report reads them."""
+they claim: a known number of os.write calls, of object allocations and of libc mallocs,
+read from outside the process as the report reads them."""
 
 from __future__ import annotations
 
@@ -15,19 +15,28 @@ from bench import _count
 
 WRITES = 2000
 OBJECTS = 5000
+MALLOCS = 3000
 # Reading stdin, writing the "done" line, Python's own bookkeeping between the two markers.
 SYSCALL_SLACK = 50
 # The list holding the objects and the interpreter's own blocks between the two markers.
 ALLOC_SLACK = 50
 
 CHILD = """\
-import itertools, os, sys
+import ctypes, itertools, os, sys
 count = int(sys.argv[1])
+fd = os.open(os.devnull, os.O_WRONLY)
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+malloc, free = libc.malloc, libc.free
+free(malloc(16))
 sys.stdin.readline()
 if sys.argv[2] == "write":
-    fd = os.open(os.devnull, os.O_WRONLY)
     for _ in itertools.repeat(None, count):
         os.write(fd, b"x")
+elif sys.argv[2] == "malloc":
+    for _ in itertools.repeat(None, count):
+        free(malloc(16))
 else:
     keep = [object() for _ in itertools.repeat(None, count)]
 print("done", flush=True)
@@ -91,9 +100,29 @@ def test_allocation_counter_is_read_from_outside_the_process(site_dir: Path,
         child.wait(10)
 
 
+def test_malloc_counter_counts_each_libc_malloc_from_outside_the_process(
+        site_dir: Path, tmp_path: Path) -> None:
+    prefix = tmp_path / "metrics-alloc"
+    child = start_child("malloc", MALLOCS, _count.counting_env(site_dir, prefix))
+    try:
+        time.sleep(0.3)
+        before = _count.read_malloc_counts(prefix, child.pid)
+        assert before is not None, "the child did not load the LD_PRELOAD counter"
+        assert step(child) == "done"
+        after = _count.read_malloc_counts(prefix, child.pid)
+        assert after is not None
+        delta = after - before
+        assert MALLOCS <= delta.allocations <= MALLOCS + ALLOC_SLACK
+        assert MALLOCS <= delta.frees <= MALLOCS + ALLOC_SLACK
+    finally:
+        step(child)
+        child.wait(10)
+
+
 def test_allocation_counts_are_absent_for_a_process_started_without_the_counter(
         tmp_path: Path) -> None:
     assert _count.read_alloc_counts(tmp_path / "metrics-alloc", 1) is None
+    assert _count.read_malloc_counts(tmp_path / "metrics-alloc", 1) is None
 
 
 def test_syscall_counter_counts_each_os_write_of_another_process() -> None:
