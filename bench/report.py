@@ -371,12 +371,147 @@ def _hosts_syscalls(settings: Settings, pair: HostPair, row: Metrics) -> None:
                                    for k, (s, _) in counts.items()}
 
 
+# --------------------------------------------------------------------------- wire core
+
+
+WIRE_BATCH = 64  # frames per FRAMES record, as bench/wire.py
+WIRE_SUBJECTS = {"minimal length-prefix codec (reference)": "minimal",
+                 "tunnel/wire.py encode + decode": "vhostvpn"}
+
+
+def wire_path(settings: Settings) -> list[Metrics]:
+    """bench/wire.py's codec in a worker process, no TLS: a batch of PLAIN frames encoded
+    into one FRAMES record and decoded again, next to a minimal Python codec doing the least
+    per frame (pack a 2-byte length, join; unpack, slice).  Worker processes so that the
+    allocation counters load as in the other paths; syscalls should be none at all."""
+    rows = []
+    for round_ in range(settings.rounds):
+        for size in SIZES:
+            for name, kind in WIRE_SUBJECTS.items():
+                print(f"-- wire {name} {size} B round {round_ + 1}", file=sys.stderr,
+                      flush=True)
+                row = Metrics(path=f"wire codec, {size} B frames, in process", subject=name,
+                              reference=kind == "minimal", round=round_, load=load_average(),
+                              bytes_per_packet=size)
+                try:
+                    timed = _wire_run(settings, kind, size, count_allocs=False)
+                    row.pps = timed["frames"] / timed["seconds"]
+                    row.mbits = row.pps * size * 8 / 1e6
+                    row.cpu_percent["worker"] = round(100 * timed["cpu"] / timed["seconds"])
+                    if "syscalls" in timed:
+                        row.syscalls_per_packet["worker"] = round(
+                            timed["syscalls"] / timed["frames"], 5)
+                    if settings.counter_site is not None:
+                        counted = _wire_run(settings, kind, size, count_allocs=True)
+                        row.allocations_per_packet = {
+                            f"worker: {k}": round(counted[k] / counted["frames"], 2)
+                            for k in ("py", "libc") if k in counted}
+                except Exception as error:  # reported; the other rows still run
+                    row.error = f"{type(error).__name__}: {error}"
+                rows.append(row)
+    return rows
+
+
+def _wire_run(settings: Settings, kind: str, size: int, *, count_allocs: bool
+              ) -> dict[str, float]:
+    """Start a worker, let it set up, count its syscalls (perf) while it runs; its result."""
+    prefix = settings.workdir / f"wire-alloc-{kind}-{size}"
+    env = dict(os.environ, **(alloc_env(settings, prefix) if count_allocs else {}))
+    worker = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "--worker", f"wire:{kind}:{size}",
+         "--seconds", str(settings.seconds)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    counter = None
+    try:
+        assert worker.stdin is not None and worker.stdout is not None
+        if worker.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"wire worker {kind} did not start")
+        if not count_allocs and settings.syscalls_missing is None:
+            counter = _count.SyscallCounter(worker.pid)
+            counter.start()
+            time.sleep(_count.PERF_ATTACH_SECONDS)
+        worker.stdin.write("go\n")
+        worker.stdin.flush()
+        result = json.loads(worker.stdout.readline())
+        if counter is not None:
+            result["syscalls"], _ = counter.stop()
+            counter = None
+        return result
+    finally:
+        if counter is not None:
+            counter.stop()
+        worker.kill()
+        worker.wait(10)
+
+
+def wire_worker(kind: str, size: int, seconds: float) -> None:
+    """The worker's side: build the codec, print "ready", wait for "go", run `seconds`,
+    print one JSON line (frames, seconds, CPU seconds, own allocation counts if loaded)."""
+    import struct
+
+    from bench.wire import open_pair
+    from netstack.frame import Frame
+    from tunnel.wire import Frames
+
+    batch = [Frame(os.urandom(size)) for _ in range(WIRE_BATCH)]
+    if kind == "vhostvpn":
+        client, server = open_pair()
+
+        def once() -> None:
+            server.receive_data(client.send_frames(batch))
+            events = server.next_events()
+            if not isinstance(events[0], Frames):
+                raise RuntimeError(f"decoded {events!r}")
+    else:
+        header = struct.Struct("!H")
+        pack, unpack_from = header.pack, header.unpack_from
+        datas = [f.data for f in batch]
+
+        def once() -> None:
+            parts = []
+            for data in datas:
+                parts.append(pack(len(data)))
+                parts.append(data)
+            record = b"".join(parts)
+            frames, at, end = [], 0, len(record)
+            while at < end:
+                (length,) = unpack_from(record, at)
+                at += header.size
+                frames.append(record[at:at + length])
+                at += length
+
+    once()
+    prefix = os.environ.get(_count.ALLOC_PREFIX_ENV)
+    print("ready", flush=True)
+    sys.stdin.readline()
+
+    def counts() -> dict[str, int]:
+        if not prefix:
+            return {}
+        py = _count.read_alloc_counts(Path(prefix), os.getpid())
+        libc = _count.read_malloc_counts(Path(prefix), os.getpid())
+        return {**({"py": py.allocations} if py else {}),
+                **({"libc": libc.allocations} if libc else {})}
+
+    before, cpu0, start = counts(), time.process_time(), time.perf_counter()
+    deadline, calls = start + seconds, 0
+    while time.perf_counter() < deadline:
+        for _ in range(20):
+            once()
+        calls += 20
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu0
+    after = counts()
+    print(json.dumps({"frames": calls * WIRE_BATCH, "seconds": elapsed, "cpu": cpu,
+                      **{k: after[k] - before[k] for k in after}}), flush=True)
+
+
 # --------------------------------------------------------------------------- report
 
 
 PATHS: dict[str, Callable[[Settings], list[Metrics]]] = {
     "vhost": vhost_path,
     "hosts": hosts_path,
+    "wire": wire_path,
 }
 
 
@@ -518,7 +653,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, default=None, help="PNG to write")
     parser.add_argument("--docs", action="store_true",
                         help="write the table into docs/benchmarks.md between its markers")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # wire:KIND:SIZE, wire_path's
     args = parser.parse_args(argv)
+    if args.worker:
+        _, kind, size = args.worker.split(":")
+        wire_worker(kind, int(size), args.seconds)
+        return 0
     paths = [p for p in args.paths.split(",") if p]
     unknown = [p for p in paths if p not in PATHS]
     if unknown:
