@@ -593,8 +593,11 @@ def markdown(summary: Sequence[Metrics]) -> str:
 def plot(summary: Sequence[Metrics], output: Path) -> None:
     """A grid: one row per metric, one column per path, one bar per subject (grey for the
     references), each bar labelled with its value; absent values are left out."""
-    import matplotlib  # the `bench` extra
-
+    try:
+        import matplotlib  # the `bench` extra
+    except ImportError as error:
+        raise SystemExit(f"--plot needs matplotlib: pip install -e '.[bench]' ({error})"
+                         ) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -699,10 +702,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   "summary": [asdict(r) for r in summary],
                                   "machine": vhost_switch.machine_info()}, indent=1))
     print(f"JSON: {output}", file=sys.stderr)
-    if args.plot:
-        plot(summary, args.plot)
     if args.docs:
         write_docs(table, header)
+    if args.plot:
+        plot(summary, args.plot)
     return 0 if all(r.error is None for r in rows) else 1
 
 

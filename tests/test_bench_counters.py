@@ -142,3 +142,18 @@ def test_syscall_counter_counts_each_os_write_of_another_process() -> None:
         child.wait(10)
     assert WRITES <= syscalls <= WRITES + SYSCALL_SLACK
     assert seconds > 0
+
+
+def test_report_takes_medians_over_rounds_and_ratios_to_the_paths_first_reference() -> None:
+    from bench import report
+
+    rows = [report.Metrics(path="p", subject="ref", reference=True, round=r, pps=p, mbits=p,
+                           syscalls_per_packet={"x": p}) for r, p in enumerate((1.0, 3.0, 2.0))]
+    rows += [report.Metrics(path="p", subject="us", reference=False, round=r, mbits=m,
+                            allocations_per_packet={"hub: py": m})
+             for r, m in enumerate((0.5, 1.5, 1.0))]
+    summary = report.summarize(rows)
+    assert [(s.subject, s.mbits, s.syscalls_per_packet, s.allocations_per_packet)
+            for s in summary] == [("ref", 2.0, {"x": 2.0}, {}), ("us", 1.0, {}, {"hub: py": 1.0})]
+    line = report.markdown(summary).splitlines()[-1]
+    assert line.split("|")[5].strip() == "0.500"  # Mbit/s vs ref.: 1.0 / 2.0
