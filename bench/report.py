@@ -220,7 +220,7 @@ async def _vhost_window(settings: Settings, subject: VhostSubject, size: int, ro
             elapsed = end.time - start.time
             row.pps = (end.rx - start.rx) / elapsed
             row.mbits = row.pps * size * 8 / 1e6
-            row.cpu_percent["back-end"] = round(100 * (ticks1 - ticks0) / CLK_TCK / wall)
+            row.cpu_percent["back-end"] = round(100 * (ticks1 - ticks0) / CLK_TCK / wall, 1)
             row.other_cpu_percent = round(100 * (foreign1 - foreign0) / CLK_TCK / wall)
             if settings.syscalls_missing is None:
                 counter = _count.SyscallCounter(pid)
@@ -397,7 +397,7 @@ def wire_path(settings: Settings) -> list[Metrics]:
                     timed = _wire_run(settings, kind, size, count_allocs=False)
                     row.pps = timed["frames"] / timed["seconds"]
                     row.mbits = row.pps * size * 8 / 1e6
-                    row.cpu_percent["worker"] = round(100 * timed["cpu"] / timed["seconds"])
+                    row.cpu_percent["worker"] = round(100 * timed["cpu"] / timed["seconds"], 1)
                     if "syscalls" in timed:
                         row.syscalls_per_packet["worker"] = round(
                             timed["syscalls"] / timed["frames"], 5)
@@ -561,15 +561,22 @@ def _fmt_dict(values: Mapping[str, float], digits: int) -> str:
     return "; ".join(f"{k} {v:,.{digits}f}" for k, v in values.items()) or "-"
 
 
+def per_cpu_second(row: Metrics) -> float | None:
+    """Packets per CPU-second of the subject's processes: the rate a whole CPU would give,
+    less sensitive to a shared machine than packets/s (None without processes)."""
+    cpu = sum(row.cpu_percent.values()) / 100
+    return row.pps / cpu if row.pps and cpu > 0 else None
+
+
 def markdown(summary: Sequence[Metrics]) -> str:
     references: dict[str, Metrics] = {}
     for r in summary:  # the first reference of a path is the one ratios are taken to
         if r.reference and r.mbits:
             references.setdefault(r.path, r)
-    lines = ["| path | subject | kpps | Mbit/s | Mbit/s vs ref. | B/packet | "
+    lines = ["| path | subject | kpps | kpps per CPU-s | Mbit/s | Mbit/s vs ref. | B/packet | "
              "ping idle p50 / p99 ms | ping loaded p50 / p99 ms | CPU % | syscalls / packet | "
              "allocations / packet | other CPU % | load |",
-             "|---|---|---:|---:|---:|---:|---|---|---|---|---|---:|---:|"]
+             "|---|---|---:|---:|---:|---:|---:|---|---|---|---|---|---:|---:|"]
     for r in summary:
         ref = references.get(r.path)
         ratio = f"{r.mbits / ref.mbits:.3f}" if ref and r.mbits and ref is not r else "-"
@@ -579,10 +586,12 @@ def markdown(summary: Sequence[Metrics]) -> str:
                   if r.loaded_latency_ms else "-")
         subject = f"**{r.subject}**" if not r.reference else r.subject
         if r.error and r.pps is None:
-            lines.append(f"| {r.path} | {subject} | error: {r.error[:100]} | | | | | | | | | | |")
+            lines.append(f"| {r.path} | {subject} | error: {r.error[:100]} "
+                         "| | | | | | | | | | | |")
             continue
         lines.append(
-            f"| {r.path} | {subject} | {_fmt(r.pps and r.pps / 1e3, 1)} | {_fmt(r.mbits)} | "
+            f"| {r.path} | {subject} | {_fmt(r.pps and r.pps / 1e3, 1)} | "
+            f"{_fmt(per_cpu_second(r) and per_cpu_second(r) / 1e3, 1)} | {_fmt(r.mbits)} | "
             f"{ratio} | {_fmt(r.bytes_per_packet)} | {idle} | {loaded} | "
             f"{_fmt_dict(r.cpu_percent, 0)} | {_fmt_dict(r.syscalls_per_packet, 3)} | "
             f"{_fmt_dict(r.allocations_per_packet, 1)} | {_fmt(r.other_cpu_percent)} | "
@@ -646,28 +655,9 @@ def write_docs(table: str, header: str) -> None:
     DOCS.write_text(f"{head}{DOCS_BEGIN}\n{header}\n\n{table}\n{DOCS_END}{tail}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--paths", default=",".join(PATHS),
-                        help=f"comma-separated, of: {', '.join(PATHS)}")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--seconds", type=float, default=3.0, help="per window")
-    parser.add_argument("--plot", type=Path, default=None, help="PNG to write")
-    parser.add_argument("--docs", action="store_true",
-                        help="write the table into docs/benchmarks.md between its markers")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)  # wire:KIND:SIZE, wire_path's
-    args = parser.parse_args(argv)
-    if args.worker:
-        _, kind, size = args.worker.split(":")
-        wire_worker(kind, int(size), args.seconds)
-        return 0
-    paths = [p for p in args.paths.split(",") if p]
-    unknown = [p for p in paths if p not in PATHS]
-    if unknown:
-        parser.error(f"unknown paths {unknown}; known: {', '.join(PATHS)}")
-    if os.geteuid() != 0:
-        parser.error("needs root (network namespaces, perf on other processes)")
+def measure(args: argparse.Namespace, paths: Sequence[str]) -> tuple[list[Metrics], str]:
+    """Run the paths in a temp dir of the run's own (the counters built there); the rows and
+    the header line that says how they were measured."""
     tag = uuid.uuid4().hex[:6]
     rows: list[Metrics] = []
     with tempfile.TemporaryDirectory(prefix=f"metrics-{tag}-") as tmp, \
@@ -684,8 +674,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         for path in paths:
             rows += PATHS[path](settings)
-    summary = summarize(rows)
-    table = markdown(summary)
     missing_notes = [f"syscalls not counted: {settings.syscalls_missing}"
                      if settings.syscalls_missing else "",
                      f"allocations not counted: {settings.counter_missing}"
@@ -694,14 +682,48 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{args.rounds} --seconds {args.seconds}`; medians over rounds; load = highest "
               f"1-minute load average seen at a window's start. "
               + " ".join(n for n in missing_notes if n)).strip()
+    return rows, header
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--paths", default=",".join(PATHS),
+                        help=f"comma-separated, of: {', '.join(PATHS)}")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=3.0, help="per window")
+    parser.add_argument("--plot", type=Path, default=None, help="PNG to write")
+    parser.add_argument("--docs", action="store_true",
+                        help="write the table into docs/benchmarks.md between its markers")
+    parser.add_argument("--from-json", type=Path, default=None,
+                        help="measure nothing: table, --docs and --plot from a saved run")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # wire:KIND:SIZE, wire_path's
+    args = parser.parse_args(argv)
+    if args.worker:
+        _, kind, size = args.worker.split(":")
+        wire_worker(kind, int(size), args.seconds)
+        return 0
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        rows, header = [Metrics(**r) for r in saved["rows"]], saved["header"]
+    else:
+        paths = [p for p in args.paths.split(",") if p]
+        unknown = [p for p in paths if p not in PATHS]
+        if unknown:
+            parser.error(f"unknown paths {unknown}; known: {', '.join(PATHS)}")
+        if os.geteuid() != 0:
+            parser.error("needs root (network namespaces, perf on other processes)")
+        rows, header = measure(args, paths)
+    summary = summarize(rows)
+    table = markdown(summary)
     print(header + "\n\n" + table)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    output = RESULTS_DIR / f"report-{stamp}.json"
-    output.write_text(json.dumps({"header": header, "rows": [asdict(r) for r in rows],
-                                  "summary": [asdict(r) for r in summary],
-                                  "machine": vhost_switch.machine_info()}, indent=1))
-    print(f"JSON: {output}", file=sys.stderr)
+    if not args.from_json:
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        output = RESULTS_DIR / f"report-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        output.write_text(json.dumps({"header": header, "rows": [asdict(r) for r in rows],
+                                      "summary": [asdict(r) for r in summary],
+                                      "machine": vhost_switch.machine_info()}, indent=1))
+        print(f"JSON: {output}", file=sys.stderr)
     if args.docs:
         write_docs(table, header)
     if args.plot:

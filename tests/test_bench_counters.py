@@ -156,4 +156,4 @@ def test_report_takes_medians_over_rounds_and_ratios_to_the_paths_first_referenc
     assert [(s.subject, s.mbits, s.syscalls_per_packet, s.allocations_per_packet)
             for s in summary] == [("ref", 2.0, {"x": 2.0}, {}), ("us", 1.0, {}, {"hub: py": 1.0})]
     line = report.markdown(summary).splitlines()[-1]
-    assert line.split("|")[5].strip() == "0.500"  # Mbit/s vs ref.: 1.0 / 2.0
+    assert line.split("|")[6].strip() == "0.500"  # Mbit/s vs ref.: 1.0 / 2.0
