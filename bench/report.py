@@ -263,14 +263,15 @@ class HostPair:
 
 HOSTS_PATH = "host -> host, one TCP stream"
 WIREGUARD = "wireguard-go, direct (reference)"
+VPN_PAIRS = {"vhostvpn host --tap via hub": ("a", "b"), "vhostvpn host --tun via hub": ("c", "d")}
 
 
 def hosts_path(settings: Settings) -> list[Metrics]:
     """bench/hosts.py's namespaces: host a -> host b through the hub (`vhostvpn host --tap`)
-    next to the raw veth pair (the kernel alone: no process, no syscalls of its own) and,
-    when installed, wireguard-go (bench/baselines.py: a user-space VPN, peer to peer, the
-    reference for syscalls per packet); one iperf3 TCP stream a -> b per window, ping every
-    0.2 s alongside, idle ping apart."""
+    and host c -> host d (`--tun`), next to the raw veth pair (the kernel alone: no process,
+    no syscalls of its own) and, when installed, wireguard-go (bench/baselines.py: a
+    user-space VPN, peer to peer, the reference for syscalls per packet); one iperf3 TCP
+    stream per window, ping every 0.2 s alongside, idle ping apart."""
     rows: list[Metrics] = []
     with contextlib.ExitStack() as stack:
         ns = stack.enter_context(hosts.Namespaces())
@@ -289,8 +290,8 @@ def hosts_path(settings: Settings) -> list[Metrics]:
         vpn_workdir = Path(tempfile.mkdtemp(prefix=f"metrics-{settings.tag}-hosts-",
                                             dir=settings.workdir))
         with hosts.Vhostvpn(ns, vpn_workdir) as vpn:
-            subjects["vhostvpn host --tap via hub"] = HostPair(
-                n["a"], n["b"], hosts.MEMBERS["b"][1], "vv0", _vpn_pids(vpn))
+            for name, (x, y) in VPN_PAIRS.items():
+                subjects[name] = _vpn_pair(vpn, x, y)
             idle = {name: baselines.idle_ping(p.client, p.address)
                     for name, p in subjects.items()}
             for round_ in range(settings.rounds):
@@ -311,29 +312,34 @@ def hosts_path(settings: Settings) -> list[Metrics]:
     return rows
 
 
-def _vpn_pids(vpn: hosts.Vhostvpn) -> dict[str, int]:
-    return {"hub": vpn.pids()["hub"], "endpoint a": vpn.pids("a")["a"],
-            "endpoint b": vpn.pids("b")["b"]}
+def _vpn_pair(vpn: hosts.Vhostvpn, x: str, y: str) -> HostPair:
+    """Host x -> host y through the hub; packets counted on x's TAP/TUN (both are vv0)."""
+    n = vpn.ns.names
+    pids = vpn.pids(x, y)
+    return HostPair(n[x], n[y], hosts.MEMBERS[y][1], "vv0",
+                    {"hub": pids["hub"], f"endpoint {x}": pids[x], f"endpoint {y}": pids[y]})
 
 
 def _hosts_allocations(settings: Settings, ns: hosts.Namespaces, rows: list[Metrics]) -> None:
-    """The hub and both endpoints started again with the allocation hooks, one iperf3 run."""
-    n = ns.names
+    """The hub and the endpoints started again with the allocation hooks, one iperf3 run per
+    pair of hosts."""
     workdir = Path(tempfile.mkdtemp(prefix=f"metrics-{settings.tag}-hosts-alloc-",
                                     dir=settings.workdir))
     prefix = workdir / "alloc"
+    counts = {}
     with environ(alloc_env(settings, prefix)), hosts.Vhostvpn(ns, workdir) as vpn:
-        pids = _vpn_pids(vpn)
-        before = read_allocations(prefix, pids)
-        packets0, _ = device_packets(n["a"], "vv0")
-        baselines.measure_direction(n["a"], n["b"], hosts.MEMBERS["b"][1], settings.seconds,
-                                    {})
-        packets1, _ = device_packets(n["a"], "vv0")
-        after = read_allocations(prefix, pids)
-    counts = per_packet(before, after, packets1 - packets0)
+        for name, (x, y) in VPN_PAIRS.items():
+            pair = _vpn_pair(vpn, x, y)
+            before = read_allocations(prefix, pair.pids)
+            packets0, _ = device_packets(pair.client, pair.device)
+            baselines.measure_direction(pair.client, pair.server, pair.address,
+                                        settings.seconds, {})
+            packets1, _ = device_packets(pair.client, pair.device)
+            after = read_allocations(prefix, pair.pids)
+            counts[name] = per_packet(before, after, packets1 - packets0)
     for row in rows:
-        if row.subject.startswith("vhostvpn"):
-            row.allocations_per_packet = dict(counts)
+        if row.subject in counts:
+            row.allocations_per_packet = dict(counts[row.subject])
 
 
 def _hosts_timed(settings: Settings, pair: HostPair, row: Metrics) -> None:
