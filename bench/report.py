@@ -192,8 +192,9 @@ async def _vhost_window(settings: Settings, subject: VhostSubject, size: int, ro
                                     dir=settings.workdir))
     sock_a, sock_b = workdir / "a.sock", workdir / "b.sock"
     prefix = workdir / "alloc"
-    env = {**subject.env, **(alloc_env(settings, prefix) if count_allocs else {})}
-    with environ(env):
+    # The subject's environment first: a PYTHONPATH of its own (another checkout, for an A/B)
+    # stays behind the counters' site directory.
+    with environ(subject.env), environ(alloc_env(settings, prefix) if count_allocs else {}):
         if subject.backend == "dpdk":
             backend = vhost_switch.dpdk_backend(sock_a, sock_b, 1, 0, workdir)
         else:
@@ -592,7 +593,8 @@ def markdown(summary: Sequence[Metrics]) -> str:
                   if r.loaded_latency_ms else "-")
         subject = f"**{r.subject}**" if not r.reference else r.subject
         if r.error and r.pps is None:
-            lines.append(f"| {r.path} | {subject} | error: {r.error[:100]} "
+            error = r.error.splitlines()[0][:100].replace("|", "/")
+            lines.append(f"| {r.path} | {subject} | error: {error} "
                          "| | | | | | | | | | | |")
             continue
         lines.append(
@@ -701,6 +703,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, default=None, help="PNG to write")
     parser.add_argument("--docs", action="store_true",
                         help="write the table into docs/benchmarks.md between its markers")
+    parser.add_argument("--vhost-subject", action="append", default=[],
+                        metavar="LABEL:VAR=VALUE[,VAR=VALUE]",
+                        help="one more vhostvpn back-end on the vhost path, started with this "
+                             "environment, e.g. 'native ring:VHOSTVPN_RING=native' (repeat)")
     parser.add_argument("--from-json", type=Path, default=None,
                         help="measure nothing: table, --docs and --plot from a saved run")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # wire:KIND:SIZE, wire_path's
@@ -719,6 +725,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unknown paths {unknown}; known: {', '.join(PATHS)}")
         if os.geteuid() != 0:
             parser.error("needs root (network namespaces, perf on other processes)")
+        subjects = dict(VHOST_SUBJECTS)
+        for spec in args.vhost_subject:
+            label, _, assignments = spec.partition(":")
+            env = dict(a.split("=", 1) for a in assignments.split(",") if "=" in a)
+            if not label or not env:
+                parser.error(f"--vhost-subject {spec!r}: expected LABEL:VAR=VALUE[,...]")
+            subjects[f"vhostvpn hub, {label}"] = VhostSubject("vhostvpn", env)
+        if args.vhost_subject:
+            PATHS["vhost"] = functools.partial(vhost_path, subjects=subjects)
         rows, header = measure(args, paths)
     summary = summarize(rows)
     table = markdown(summary)

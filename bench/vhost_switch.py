@@ -118,6 +118,7 @@ async def dpdk_backend(sock_a: Path, sock_b: Path, cpu: int, gen_cpu: int,
 async def vhostvpn_backend(sock_a: Path, sock_b: Path, cpu: int,
                            log_dir: Path) -> AsyncIterator[int]:
     """`vhostvpn hub --socket A --socket B` pinned to `cpu`; it listens, testpmd connects.
+    Its control socket sits next to A (the default path is shared by every hub on the host).
 
     Port policies are off (`--no-port-policy`), as the reference has none, and testpmd's
     flowgen sends the same source IP on both ports (IP anti-spoofing would drop one direction).
@@ -129,7 +130,7 @@ async def vhostvpn_backend(sock_a: Path, sock_b: Path, cpu: int,
     with log_path.open("wb") as log:
         process = await trio.lowlevel.open_process(
             [str(VHOSTVPN_BINARY), "hub", "--socket", str(sock_a), "--socket", str(sock_b),
-             "--no-port-policy"],
+             "--no-port-policy", "--control", str(sock_a.parent / "hub.ctl")],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     try:
         os.sched_setaffinity(process.pid, {cpu})  # threads started later inherit it
