@@ -23,6 +23,7 @@ import contextlib
 import functools
 import json
 import os
+import select
 import shutil
 import statistics
 import subprocess
@@ -431,7 +432,7 @@ def _wire_run(settings: Settings, kind: str, size: int, *, count_allocs: bool
     counter = None
     try:
         assert worker.stdin is not None and worker.stdout is not None
-        if worker.stdout.readline().strip() != "ready":
+        if _read_line(worker, WINDOW_MARGIN) != "ready":
             raise RuntimeError(f"wire worker {kind} did not start")
         if not count_allocs and settings.syscalls_missing is None:
             counter = _count.SyscallCounter(worker.pid)
@@ -439,7 +440,7 @@ def _wire_run(settings: Settings, kind: str, size: int, *, count_allocs: bool
             time.sleep(_count.PERF_ATTACH_SECONDS)
         worker.stdin.write("go\n")
         worker.stdin.flush()
-        result = json.loads(worker.stdout.readline())
+        result = json.loads(_read_line(worker, settings.seconds + WINDOW_MARGIN))
         if counter is not None:
             result["syscalls"], _ = counter.stop()
             counter = None
@@ -449,6 +450,16 @@ def _wire_run(settings: Settings, kind: str, size: int, *, count_allocs: bool
             counter.stop()
         worker.kill()
         worker.wait(10)
+
+
+def _read_line(worker: subprocess.Popen[str], timeout: float) -> str:
+    """The worker's next line, or RuntimeError after `timeout` seconds (a hung worker must
+    not hang the report)."""
+    assert worker.stdout is not None
+    readable, _, _ = select.select([worker.stdout], [], [], timeout)
+    if not readable:
+        raise RuntimeError(f"worker {worker.pid} printed nothing for {timeout:.0f} s")
+    return worker.stdout.readline().strip()
 
 
 def wire_worker(kind: str, size: int, seconds: float) -> None:
