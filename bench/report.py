@@ -598,9 +598,9 @@ def markdown(summary: Sequence[Metrics]) -> str:
     for r in summary:
         ref = references.get(r.path)
         ratio = f"{r.mbits / ref.mbits:.3f}" if ref and r.mbits and ref is not r else "-"
-        idle = (f"{r.latency_ms['p50']} / {r.latency_ms['p99']}" if r.latency_ms
+        idle = (f"{r.latency_ms['p50']:.3g} / {r.latency_ms['p99']:.3g}" if r.latency_ms
                 else "- (no ping)")
-        loaded = (f"{r.loaded_latency_ms['p50']} / {r.loaded_latency_ms['p99']}"
+        loaded = (f"{r.loaded_latency_ms['p50']:.3g} / {r.loaded_latency_ms['p99']:.3g}"
                   if r.loaded_latency_ms else "-")
         subject = f"**{r.subject}**" if not r.reference else r.subject
         if r.error and r.pps is None:
