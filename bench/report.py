@@ -25,6 +25,7 @@ import json
 import os
 import select
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -379,6 +380,182 @@ def _hosts_syscalls(settings: Settings, pair: HostPair, row: Metrics) -> None:
                                    for k, (s, _) in counts.items()}
 
 
+# --------------------------------------------------------------------------- NAT
+
+
+NAT_PATH = "guest TCP -> NAT -> outside, one stream"
+NAT_OUTSIDE = "10.203.9.2"  # bench/nat.py's OUT4, in the outside namespace
+NAT_START_TIMEOUT = 20.0
+NAT_WORKER_LIFETIME = 900.0  # a NAT worker the report forgot still ends by itself
+
+
+def nat_path(settings: Settings) -> list[Metrics]:
+    """A namespace's Linux TCP (the guest) through a user-space NAT to an iperf3 server in
+    an outside namespace: vhostvpn's NatShell behind a TUN (bench/nat.py's pump, TSO on, in
+    a worker process of its own) next to libslirp behind a TAP (slirp4netns, MTU 65520).
+    Both NATs open their sockets in a "hub" namespace joined to the outside by a veth."""
+    rows = []
+    subjects = {"libslirp via slirp4netns (reference)": _slirp_nat,
+                "vhostvpn NatShell (bench/nat.py)": _natshell_nat}
+    for round_ in range(settings.rounds):
+        for name, start in subjects.items():
+            print(f"-- nat {name} round {round_ + 1}", file=sys.stderr, flush=True)
+            row = Metrics(path=NAT_PATH, subject=name, reference="reference" in name,
+                          round=round_, load=load_average())
+            try:
+                with start(settings, count_allocs=False) as pair:
+                    row.latency_ms = baselines.idle_ping(pair.client, pair.address)
+                    _hosts_timed(settings, pair, row)
+                    if settings.syscalls_missing is None:
+                        _hosts_syscalls(settings, pair, row)
+                if settings.counter_site is not None:
+                    prefix = settings.workdir / f"nat-alloc-{uuid.uuid4().hex[:6]}"
+                    with start(settings, count_allocs=True, prefix=prefix) as pair:
+                        before = read_allocations(prefix, pair.pids)
+                        packets0, _ = device_packets(pair.client, pair.device)
+                        baselines.measure_direction(pair.client, pair.server, pair.address,
+                                                    settings.seconds, {})
+                        packets1, _ = device_packets(pair.client, pair.device)
+                        row.allocations_per_packet = per_packet(
+                            before, read_allocations(prefix, pair.pids), packets1 - packets0)
+            except Exception as error:  # reported; the other rows still run
+                row.error = f"{type(error).__name__}: {error}"
+            rows.append(row)
+    return rows
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
+@contextlib.contextmanager
+def _slirp_nat(settings: Settings, *, count_allocs: bool, prefix: Path | None = None
+               ) -> Iterator[HostPair]:
+    """hub, outside and guest namespaces; slirp4netns in the hub's, its tap0 in the guest's."""
+    if shutil.which("slirp4netns") is None:
+        raise RuntimeError("slirp4netns is not installed (apt-get install slirp4netns)")
+    from tests.support.nat_netns import hub_and_outside
+
+    guest = f"metrics{settings.tag}{uuid.uuid4().hex[:4]}g"
+    with hub_and_outside(n=9) as names:
+        subprocess.run(["ip", "netns", "add", guest], check=True, timeout=10)
+        slirp = None
+        try:
+            subprocess.run(["ip", "-n", guest, "link", "set", "lo", "up"], check=True, timeout=10)
+            env = alloc_env(settings, prefix) if count_allocs and prefix else {}
+            with environ(env), (settings.workdir / f"{guest}.log").open("wb") as log:
+                slirp = subprocess.Popen(
+                    ["ip", "netns", "exec", names["hub"], "slirp4netns", "--configure",
+                     "--mtu=65520", "--disable-host-loopback", "--netns-type=path",
+                     f"/run/netns/{guest}", "tap0"],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + NAT_START_TIMEOUT
+            while subprocess.run(["ip", "-n", guest, "route", "get", NAT_OUTSIDE],
+                                 capture_output=True, timeout=10).returncode != 0:
+                if time.monotonic() > deadline or slirp.poll() is not None:
+                    raise RuntimeError("slirp4netns did not configure tap0")
+                time.sleep(0.1)
+            yield HostPair(guest, names["outside"], NAT_OUTSIDE, "tap0",
+                           {"slirp4netns": slirp.pid})
+        finally:
+            if slirp is not None:
+                _stop(slirp)
+            subprocess.run(["ip", "netns", "del", guest], check=False, capture_output=True)
+
+
+@contextlib.contextmanager
+def _natshell_nat(settings: Settings, *, count_allocs: bool, prefix: Path | None = None
+                  ) -> Iterator[HostPair]:
+    """A worker process (this script, --worker nat) holding the guest's TUN and NatShell."""
+    env = dict(os.environ, **(alloc_env(settings, prefix) if count_allocs and prefix else {}))
+    worker = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", "nat"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        where = json.loads(_read_line(worker, NAT_START_TIMEOUT) or "{}")
+        if "guest" not in where:
+            raise RuntimeError("the NAT worker did not start")
+        yield HostPair(where["guest"], where["outside"], NAT_OUTSIDE, where["device"],
+                       {"NatShell process": worker.pid})
+    finally:
+        if worker.stdin is not None:
+            worker.stdin.close()  # the worker's signal to stop and remove its namespaces
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            worker.wait(10)
+        _stop(worker)
+
+
+def nat_worker() -> None:
+    """The worker's side: bench/nat.py's namespaces and TUN, NatShell with TSO and batches,
+    serving until stdin closes or SIGTERM (or NAT_WORKER_LIFETIME)."""
+    import ipaddress
+
+    from bench import nat
+    from netstack.frame import Frame
+    from netstack.nat.packet import NatConfig
+    from netstack.offload import adapt
+    from tests.support.nat_netns import hub_and_outside, inside
+    from tests.support.tun_kernel import kernel_behind_tun
+    from tunnel.nat import NatShell
+
+    accepts = nat.OFFLOADS["tso"]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with hub_and_outside(n=9) as names, kernel_behind_tun(accepts) as (dev, ns):
+        subprocess.run(["ip", "-n", ns, "route", "add", "default", "dev", dev.name],
+                       check=True, timeout=10)
+        config = NatConfig(nat.GW_MAC, frozenset({ipaddress.ip_address(nat.GATEWAY4).packed}),
+                           mtu=1500, tso=True)
+
+        async def serve() -> None:
+            queue: list[Frame] = []
+            ready = trio.Event()
+
+            def deliver(frames: list[Frame]) -> None:
+                for frame in frames:
+                    queue.extend(adapt(frame, accepts))
+                ready.set()
+
+            shell = NatShell(config, deliver, upstreams=[ipaddress.ip_address("127.0.0.1")])
+
+            async def from_kernel() -> None:
+                while True:
+                    await dev.wait_readable()
+                    shell.from_guests([piece for f in dev.read_batch() for piece in adapt(
+                        Frame(nat.ETHER[f.data[0] >> 4] + bytes(f.data),
+                              nat._behind_ethernet(f.offload)), accepts)])
+
+            async def to_kernel() -> None:
+                nonlocal ready
+                while True:
+                    await ready.wait()
+                    ready = trio.Event()
+                    while queue:
+                        batch = [Frame(memoryview(f.data)[14:], f.offload) for f in queue]
+                        queue.clear()
+                        while batch:
+                            del batch[:dev.write_batch(batch)]
+                            if batch:
+                                await dev.wait_writable()
+
+            with trio.move_on_after(NAT_WORKER_LIFETIME):
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(shell.run)
+                    nursery.start_soon(from_kernel)
+                    nursery.start_soon(to_kernel)
+                    print(json.dumps({"guest": ns, "device": dev.name,
+                                      "outside": names["outside"]}), flush=True)
+                    await trio.lowlevel.wait_readable(sys.stdin.fileno())
+                    nursery.cancel_scope.cancel()
+
+        with inside(names["hub"]):
+            trio.run(serve)
+
+
 # --------------------------------------------------------------------------- wire core
 
 
@@ -530,6 +707,7 @@ PATHS: dict[str, Callable[[Settings], list[Metrics]]] = {
     "vhost": vhost_path,
     "hosts": hosts_path,
     "wire": wire_path,
+    "nat": nat_path,
 }
 
 
@@ -722,6 +900,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="measure nothing: table, --docs and --plot from a saved run")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # wire:KIND:SIZE, wire_path's
     args = parser.parse_args(argv)
+    if args.worker == "nat":
+        nat_worker()
+        return 0
     if args.worker:
         _, kind, size = args.worker.split(":")
         wire_worker(kind, int(size), args.seconds)
