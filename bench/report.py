@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -474,8 +475,10 @@ def _natshell_nat(settings: Settings, *, count_allocs: bool, prefix: Path | None
                   ) -> Iterator[HostPair]:
     """A worker process (this script, --worker nat) holding the guest's TUN and NatShell."""
     env = dict(os.environ, **(alloc_env(settings, prefix) if count_allocs and prefix else {}))
-    worker = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", "nat"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    with (settings.workdir / f"nat-worker-{uuid.uuid4().hex[:6]}.log").open("wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--worker", "nat"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
     try:
         where = json.loads(_read_line(worker, NAT_START_TIMEOUT) or "{}")
         if "guest" not in where:
@@ -833,8 +836,8 @@ def plot(summary: Sequence[Metrics], output: Path) -> None:
                             va="bottom", fontsize=7)
             ax.set_ylabel(title, fontsize=7)
             ax.tick_params(labelsize=7)
-            ax.set_xticks(range(len(rows)), [r.subject.replace(" (reference)", "\n(ref.)")
-                                             for r in rows], fontsize=6)
+            ax.set_xticks(range(len(rows)), [textwrap.fill(r.subject, 16) for r in rows],
+                          fontsize=6)
     fig.suptitle("bench/report.py: subjects (blue), references (grey), one run", fontsize=9)
     fig.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)
