@@ -12,6 +12,7 @@ plus, once, the raw veth's CPU s/GB and `openssl speed`'s AES-256-GCM rate: the 
 hub topology (3 x veth + 4 AES passes) the issue measures CPU per GB against.
 
 Run (root): .venv/bin/python bench/hub_latency.py --tree OLD --tree NEW [--rounds 4]
+(a tree given as PATH@PYTHON runs under that interpreter, with this one's packages).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import re
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -107,7 +109,12 @@ class Vpn:
 
     def __init__(self, topo: Topology, tree: Path, workdir: Path) -> None:
         self.names = topo.ns.names
-        self.tree = tree
+        # TREE@PYTHON: that tree's code run by another interpreter (this one's packages).
+        tree_text, _, interpreter = str(tree).partition("@")
+        self.tree = Path(tree_text).resolve()
+        self.python = interpreter or sys.executable
+        self.env = {"PYTHONPATH": f"{self.tree}:{sysconfig.get_path('purelib')}",
+                    "PATH": os.environ.get("PATH", "")}
         self.w = workdir
         self.processes: dict[str, subprocess.Popen] = {}
 
@@ -117,7 +124,7 @@ class Vpn:
             keygen(w / "hub-id")
             (w / "peers").write_text("".join(f"{n} {keygen(w / f'{n}-id')}\n" for n in "ab"))
         hub_fp = identity_fingerprint(w / "hub-id")
-        python = [sys.executable, "-m", "tunnel.cli"]
+        python = [self.python, "-m", "tunnel.cli"]
         self._start("hub", [*python, "hub", "--listen", f"0.0.0.0:{HUB_PORT}", "--identity",
                             str(w / "hub-id"), "--peers", str(w / "peers"),
                             "--control", str(w / "hub.ctl")])
@@ -131,7 +138,7 @@ class Vpn:
             while True:
                 state = json.loads(subprocess.run(
                     [*python, "status", "--control", str(w / f"{side}.ctl"), "--json"],
-                    capture_output=True, text=True, cwd=self.tree).stdout or "{}")
+                    capture_output=True, text=True, cwd=self.tree, env=self.env).stdout or "{}")
                 if state.get("session", {}).get("state") == "up":
                     break
                 if time.monotonic() > deadline:
@@ -146,7 +153,7 @@ class Vpn:
         self.processes[name] = subprocess.Popen(
             ["ip", "netns", "exec", self.names[name], *argv], stdout=log,
             stderr=subprocess.STDOUT, cwd=self.tree,
-            env={"PYTHONPATH": str(self.tree), "PATH": os.environ.get("PATH", "")})
+            env=self.env)
         time.sleep(0.3)
 
     def __exit__(self, *exc: object) -> None:
@@ -199,7 +206,7 @@ def main() -> int:
         for round_ in range(args.rounds):
             trees = args.tree if round_ % 2 == 0 else list(reversed(args.tree))
             for tree in trees:
-                with Vpn(topo, tree.resolve(), Path(tmp)) as vpn:
+                with Vpn(topo, tree, Path(tmp)) as vpn:
                     row = measure(vpn, args.seconds, args.idle_count)
                 row["load_avg"] = Path("/proc/loadavg").read_text().split()[0]
                 results[str(tree)].append(row)
