@@ -52,6 +52,9 @@ class SocketTransport:
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.socket = stream.socket
+        # The last read left the socket empty (it returned less than the buffer holds): the
+        # next one waits for data first instead of making a read that would say EAGAIN.
+        self._emptied = False
 
     def _fileno(self) -> int:
         fd = self.socket.fileno()
@@ -76,8 +79,10 @@ class SocketTransport:
     async def fill(self, incoming: ssl.MemoryBIO) -> bool:
         """One read of whatever the socket holds into `incoming`; False at its end.  Waits
         for data only when there is none (and otherwise yields once, for fairness)."""
-        waited = False
         buffer = _read_buffer()
+        waited = self._emptied
+        if waited:
+            await trio.lowlevel.wait_readable(self._fileno())
         while True:
             fd = self._fileno()
             try:
@@ -88,6 +93,7 @@ class SocketTransport:
                 waited = True
             except OSError as exc:
                 raise trio.BrokenResourceError(f"connection lost: {exc}") from exc
+        self._emptied = 0 < count < len(buffer)
         if count:
             with memoryview(buffer) as view:
                 incoming.write(view[:count])
@@ -188,6 +194,9 @@ class TLSStream(trio.abc.Stream):
                     if not chunk:
                         return b"".join(chunks)
                     chunks.append(chunk)
+                    if not self._incoming.pending and not self._ssl.pending():
+                        # Every record read: the next read could only say SSLWantReadError.
+                        return b"".join(chunks)
             except ssl.SSLWantReadError:
                 if chunks:
                     return b"".join(chunks)
