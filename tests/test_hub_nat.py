@@ -95,7 +95,8 @@ async def test_a_guests_udp_reaches_the_host_loopback_and_its_answer_comes_back(
             status = hub.status()
     assert bytes(answer[UDP].payload) == b"echo hello"
     assert answer[UDP].dport == 40000 and answer[IP].dst == "10.77.0.5"
-    assert status["nat"]["guests"][GUEST_MAC]["flows"] == {"udp": 1}
+    assert status["nat"]["ports"]["vm.sock"]["flows"] == {"udp": 1}
+    assert status["nat"]["ports"]["vm.sock"]["macs"] == {GUEST_MAC: 1}
     assert status["nat"]["udp"]["flows"] == 1
     assert hub.gateway.resolve(ipaddress.ip_address("10.77.0.5").packed) == bytes.fromhex(
         GUEST_MAC.replace(":", ""))

@@ -674,7 +674,7 @@ def test_one_guests_closed_flows_to_a_peer_that_never_reads_leave_other_guests_l
                         await trio.sleep(0.05)
                 assert received[3] == other  # the other guest's, all of it
                 assert sorted(map(str, received.values())).count("reset") == 1
-                assert shell._lingering == 0 and not shell._lingering_by_guest
+                assert shell._lingering == 0 and not shell._lingering_by_owner
                 nursery.cancel_scope.cancel()
 
         try:

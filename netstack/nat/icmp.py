@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from netstack.frame import Frame
-from netstack.nat.limits import FlowKey, FlowLimits, IdleFlows
+from netstack.nat.limits import FlowKey, FlowLimits, IdleFlows, Owner
 from netstack.nat.packet import (
     GuestPacket,
     NatConfig,
@@ -98,11 +98,12 @@ class HostError(NamedTuple):
 
 
 class EchoFlow:
-    __slots__ = ("guest_mac", "key", "last_seen")
+    __slots__ = ("guest_mac", "key", "last_seen", "owner")
 
-    def __init__(self, key: FlowKey, guest_mac: bytes, now: float) -> None:
+    def __init__(self, key: FlowKey, guest_mac: bytes, owner: Owner, now: float) -> None:
         self.key = key
         self.guest_mac = guest_mac
+        self.owner = owner
         self.last_seen = now
 
 
@@ -164,9 +165,10 @@ class EchoTable(IdleFlows):
                 raise Refused("guest_mac", "a flow of another MAC")
             self.touch(flow, now)
             return [send]
-        if not self.limits.admit(packet.guest_mac, key.proto):
+        owner = self.limits.owner_of(packet.guest_mac)
+        if not self.limits.admit(owner, key.proto):
             raise Refused("flow_limit")
-        self.flows[key] = EchoFlow(key, packet.guest_mac, now)
+        self.flows[key] = EchoFlow(key, packet.guest_mac, owner, now)
         return [OpenPingSocket(key), send]
 
     def from_host(self, key: FlowKey, message: bytes, now: float) -> Frame | None:
