@@ -1,8 +1,9 @@
 """The NAT's caps count per owner -- the switch port a guest's frames came in on -- not per
 MAC: many MACs on one port share one guest's flows, half-open connections, buffered bytes,
 DNS queries and forwarded share, another port keeps its own, and what a flow took goes back
-to the port that admitted it even after its MAC moved or aged out.  The MAC table here is a
-dict, as the hub's switch answers (tests/test_hub_nat.py runs the real one)."""
+to the port that admitted it even after its MAC moved or aged out; the shell's status names
+each port's holdings.  The MAC table here is a dict, as the hub's switch answers
+(tests/test_hub_nat.py runs the real one)."""
 
 import ipaddress
 import itertools
@@ -19,8 +20,10 @@ from netstack.nat.tcp import Connected, Received
 from netstack.nat.tcp_flows import HostCall, TcpTable
 from netstack.nat.udp import UdpTable
 from netstack.nat.udp_forward import UdpForwards
+from netstack.port import Port
 from netstack.wire import IPPROTO_TCP, IPPROTO_UDP
 from tests.support.nat import GUEST4, GW4, GW_MAC, REMOTE4, guest_frame, mac, nat_config, packed
+from tunnel.nat import NatShell
 
 VM1, VM2 = "vm1", "vm2"  # two ports' names: the owners
 MACS = [f"52:54:00:00:01:{n:02x}" for n in range(16)]  # one port's MAC limit's worth
@@ -188,3 +191,16 @@ def test_a_forwarded_flow_counts_against_the_port_the_guests_mac_is_on_when_it_o
     proto = IPPROTO_TCP if protocol == "tcp" else IPPROTO_UDP
     assert shared.by_owner()[VM2]["flows"] == {proto: 2}
     assert shared.by_owner()[VM1]["flows"] == {proto: 2}
+
+
+def test_status_names_each_ports_holdings_and_counts_a_mac_on_no_port_by_itself():
+    first, second = Port("vm.sock"), Port("vm.sock")  # a port made anew under its old name
+    at = {mac(MACS[0]): first, mac(MACS[1]): second}
+    shell = NatShell(nat_config(), lambda frames: None, upstreams=[], port_of=at.get)
+    for src_mac in (MACS[0], MACS[1], ALONE):
+        owner = shell.limits.owner_of(mac(src_mac))
+        assert shell.limits.admit(owner, IPPROTO_UDP)
+    ports = shell.status()["ports"]
+    assert ports["vm.sock"]["flows"] == {"udp": 1} and ports["vm.sock#2"]["flows"] == {"udp": 1}
+    assert ports[ALONE] == {"flows": {"udp": 1}, "half_open": 0, "buffered": 0,
+                            "dns_pending": 0, "lingering": 0, "macs": {}}

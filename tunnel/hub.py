@@ -206,7 +206,7 @@ class Hub:
         return status
 
     def _port_of(self, mac: bytes) -> Port | None:
-        """The port the switch learned `mac` on (DHCP budgets are per port)."""
+        """The port the switch learned `mac` on (DHCP budgets and NAT caps are per port)."""
         entry = self.switch.mac_table.get(mac)
         return entry[0] if entry is not None else None
 
