@@ -1,9 +1,9 @@
 """The NAT's caps count per owner -- the switch port a guest's frames came in on -- not per
 MAC: many MACs on one port share one guest's flows, half-open connections, buffered bytes,
-DNS queries and forwarded share, another port keeps its own, and what a flow took goes back
-to the port that admitted it even after its MAC moved or aged out; the shell's status names
-each port's holdings.  The MAC table here is a dict, as the hub's switch answers
-(tests/test_hub_nat.py runs the real one)."""
+DNS queries, forwarded share and ICMP error rate, another port keeps its own, and what a
+flow took goes back to the port that admitted it even after its MAC moved or aged out; the
+shell's status names each port's holdings.  The MAC table here is a dict, as the hub's switch
+answers (tests/test_hub_nat.py runs the real one)."""
 
 import ipaddress
 import itertools
@@ -14,6 +14,7 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
 from netstack.nat.dns import MAX_PENDING_PER_GUEST, DnsForwarder
+from netstack.nat.icmp import ERRORS_BURST, ErrorReporter, HostError
 from netstack.nat.limits import FlowKey, FlowLimits
 from netstack.nat.packet import Refused, read_guest_packet
 from netstack.nat.tcp import Connected, Received
@@ -204,3 +205,14 @@ def test_status_names_each_ports_holdings_and_counts_a_mac_on_no_port_by_itself(
     assert ports["vm.sock"]["flows"] == {"udp": 1} and ports["vm.sock#2"]["flows"] == {"udp": 1}
     assert ports[ALONE] == {"flows": {"udp": 1}, "half_open": 0, "buffered": 0,
                             "dns_pending": 0, "lingering": 0, "macs": {}}
+
+
+def test_icmp_errors_to_one_ports_macs_share_its_rate_another_port_has_its_own():
+    reporter = ErrorReporter(nat_config())
+    key = FlowKey(IPPROTO_UDP, packed(GUEST4), 40000, packed(REMOTE4), 5000)
+    unreachable = HostError(3, 3, 0, packed(REMOTE4))
+    sent = [reporter.error_frame(key, mac(MACS[n % 16]), unreachable, b"", 5.0, VM1)
+            for n in range(int(ERRORS_BURST) + 5)]
+    assert sum(frame is not None for frame in sent) == ERRORS_BURST
+    assert reporter.drops["error_rate"] == 5 and list(reporter.buckets) == [VM1]
+    assert reporter.error_frame(key, mac(ALONE), unreachable, b"", 5.0, VM2) is not None

@@ -1251,7 +1251,8 @@ class NatShell:
                 guest_mac = entry.table.guest_mac(entry.key)
                 if guest_mac is None:
                     continue
-                frame = self.errors.error_frame(entry.key, guest_mac, error, data, now)
+                frame = self.errors.error_frame(entry.key, guest_mac, error, data, now,
+                                                entry.table.owner(entry.key))
                 if frame is not None:
                     frames.append(frame)
 

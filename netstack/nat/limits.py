@@ -244,6 +244,11 @@ class IdleFlows:
         flow = self.flows.get(key)
         return None if flow is None else flow.guest_mac
 
+    def owner(self, key: FlowKey) -> Owner | None:
+        """Whose caps flow `key` counts against (and whose ICMP error rate it takes)."""
+        flow = self.flows.get(key)
+        return None if flow is None else flow.owner
+
     def expire(self, now: float) -> list[FlowKey]:
         idle = []
         for key, flow in self.flows.items():
