@@ -118,7 +118,7 @@ def test_tab_completes_the_nat_flags(script):  # noqa: F811 (the fixture)
     assert "--map-host-loopback" in complete(script, "vhostvpn", "hub", "--")
 
 
-def test_status_text_shows_the_nat_and_each_guests_flows():
+def test_status_text_shows_the_nat_and_what_each_port_holds():
     from tunnel.cli.status import format_status
 
     text = format_status({"role": "hub", "pid": 7, "ports": [], "nat": {
@@ -128,15 +128,22 @@ def test_status_text_shows_the_nat_and_each_guests_flows():
         "dns": {"pending": 0, "answered": 4, "upstreams": ["127.0.0.53"], "drops": {}},
         "echo_on": {"4": False, "6": False}, "drops": {"denied": 3}, "socket_errors": {},
         "refusals": {"flow_limit": 5},
-        "guests": {"52:54:00:00:00:01": {"flows": {"tcp": 2, "udp": 1}, "half_open": 0,
-                                         "buffered": 1500}},
+        "ports": {"vm1.sock": {"flows": {"tcp": 2, "udp": 1}, "half_open": 0, "buffered": 1500,
+                               "dns_pending": 1, "lingering": 0,
+                               "macs": {"52:54:00:00:00:01": 3}},
+                  "lan": {"flows": {"udp": 40}, "half_open": 0, "buffered": 0,
+                          "dns_pending": 0, "lingering": 2,
+                          "macs": {f"52:54:00:00:01:{n:02x}": 4 for n in range(10)}}},
         "forwards": [{"forward": "tcp:2222:10.77.0.10:22", "listening": True, "active": 1,
                       "counters": {"accepted": 3}}, {"forward": "udp:53:10.77.0.10:53"}]}})
     assert ("  NAT: tcp 2 flows (ESTABLISHED=2), udp 1, echo off, dns 4 answered/0 pending "
             "via 127.0.0.53") in text
     assert "    drops denied=3, tcp_bad_checksum=1" in text
     assert "    refused flow_limit=5" in text
-    assert "    52:54:00:00:00:01: tcp=2, udp=1, 0 half-open, 1500 B buffered" in text
+    assert ("    vm1.sock: tcp=2, udp=1, 0 half-open, 1500 B buffered, 1 DNS pending, "
+            "0 lingering, 1 MAC") in text
+    assert ("    lan: udp=40, 0 half-open, 0 B buffered, 0 DNS pending, 2 lingering, "
+            "10 MACs") in text
     assert "    forward tcp:2222:10.77.0.10:22: listening, 1 active, accepted=3" in text
     assert "    forward udp:53:10.77.0.10:53\n" in text + "\n"
     assert "NAT" not in format_status({"role": "hub", "pid": 7, "ports": []})

@@ -130,8 +130,8 @@ async def test_a_host_behind_the_hubs_nat_reaches_udp_and_tcp_servers_outside(tm
             listener.close()
             udp.close()
     nat = state["nat"]
-    (guest,) = nat["guests"].values()
-    assert guest["flows"] == {"tcp": 1, "udp": 1}
+    assert list(nat["ports"]) == ["h1"]  # the host's session: a guest is its port
+    assert nat["ports"]["h1"]["flows"] == {"tcp": 1, "udp": 1}
     assert nat["tcp"]["states"] == {"ESTABLISHED": 1} and nat["udp"]["flows"] == 1
     session = next(p for p in state["ports"] if p.get("kind") == "session")
     assert session["in_frames"] > 0 and session["out_frames"] > 0

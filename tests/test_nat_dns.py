@@ -179,4 +179,4 @@ def test_arbitrary_answers_and_queries_never_raise_and_stay_bounded(blob, as_ans
                        now=1.0)
     dns.tick(100.0)
     dns.tick(200.0)
-    assert not dns.pending and not dns.per_guest
+    assert not dns.pending and not dns.per_owner

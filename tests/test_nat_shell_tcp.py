@@ -26,6 +26,7 @@ from netstack.nat.limits import (
 )
 from netstack.nat.tcp import RCV_BUFFER, RCV_WSCALE, SND_BUFFER
 from netstack.offload import adapt
+from netstack.port import Port
 from tests.support.nat import GUEST4, GUEST_MAC, GW_MAC, OTHER4, OTHER_MAC, guest_frame, mac
 from tests.support.nat_netns import hub_and_outside, inside
 from tests.support.nat_shell import CLOSED_PORT, OUT4, OUT6, needs_netns, open_fds, run_in_hub
@@ -592,10 +593,17 @@ def test_a_closed_flows_last_bytes_to_a_peer_that_never_reads_end_in_a_reset(mon
             listener.close()
 
 
+# A guest is its port: three MACs on one port share its lingering places as one MAC does.
+_ONE_PORT = ["52:54:00:00:00:21", "52:54:00:00:00:22", "52:54:00:00:00:23"]
+
+
+@pytest.mark.parametrize("guest_macs", [[GUEST_MAC] * 3, _ONE_PORT], ids=["one_mac", "one_port"])
 def test_one_guests_closed_flows_to_a_peer_that_never_reads_leave_other_guests_lingering_places(
-        monkeypatch):
+        monkeypatch, guest_macs):
     # A guest whose peers close their side and never read can leave closed flows lingering
     # by the dozen: they must not take the places another guest's last bytes need.
+    crowd = Port("crowd")
+    ports = {mac(text): crowd for text in _ONE_PORT} | {mac(OTHER_MAC): Port("other")}
     monkeypatch.setattr("tunnel.nat.LINGERING_MAX", 3)
     monkeypatch.setattr("tunnel.nat.LINGERING_PER_GUEST", 2)
     monkeypatch.setattr("tunnel.nat.LINGER_SECONDS", 25.0)  # the four take a few seconds
@@ -663,8 +671,8 @@ def test_one_guests_closed_flows_to_a_peer_that_never_reads_leave_other_guests_l
         async def test(shell, guest):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(closes_and_reads_late, nursery)
-                for sport in (41001, 41002, 41003):
-                    await closed_with_bytes_waiting(shell, guest, GUEST4, GUEST_MAC, sport)
+                for sport, src_mac in zip((41001, 41002, 41003), guest_macs, strict=True):
+                    await closed_with_bytes_waiting(shell, guest, GUEST4, src_mac, sport)
                 assert shell.drops["linger_reset"] == 1  # its third: past its share
                 other = await closed_with_bytes_waiting(shell, guest, OTHER4, OTHER_MAC, 42001)
                 assert shell.drops["linger_reset"] == 1  # the other guest's flow lingers
@@ -674,11 +682,11 @@ def test_one_guests_closed_flows_to_a_peer_that_never_reads_leave_other_guests_l
                         await trio.sleep(0.05)
                 assert received[3] == other  # the other guest's, all of it
                 assert sorted(map(str, received.values())).count("reset") == 1
-                assert shell._lingering == 0 and not shell._lingering_by_guest
+                assert shell._lingering == 0 and not shell._lingering_by_owner
                 nursery.cancel_scope.cancel()
 
         try:
-            run_in_hub(names, test, seconds=45.0)
+            run_in_hub(names, test, seconds=45.0, port_of=ports.get)
         finally:
             listener.close()
 

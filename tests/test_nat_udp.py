@@ -178,7 +178,7 @@ def test_idle_flows_expire_on_tick_and_free_their_share():
     udp.from_host(KEY4, b"keeps it alive", now=150.0)
     assert udp.tick(100.0 + UDP_IDLE_SECONDS + 1) == []
     assert udp.tick(150.0 + UDP_IDLE_SECONDS) == [CloseSocket(KEY4)]
-    assert not udp.flows and limits.total == 0 and limits.guests == 0
+    assert not udp.flows and limits.total == 0 and limits.owners == 0
     assert len(udp.from_guest(datagram4(sport=1), now=400.0)) == 2
 
 

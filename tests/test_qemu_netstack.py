@@ -177,5 +177,5 @@ async def test_a_guest_behind_nat_fetches_from_the_hub_hosts_loopback_and_sends_
                     await trio.sleep(0.2)
             nat = (await hub.status())["nat"]
     assert bytes(received) == data
-    assert sum(held["flows"].get("tcp", 0) for held in nat["guests"].values()) <= 1
+    assert sum(held["flows"].get("tcp", 0) for held in nat["ports"].values()) <= 1
     assert nat["tcp"]["drops"].get("bad_checksum", 0) == 0

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import trio
 
-from netstack.frame import Frame, format_mac, stable_mac
+from netstack.frame import Frame, stable_mac
 from netstack.gateway.dhcp_config import DhcpConfig
 from netstack.gateway.dhcp_leases import Lease
 from netstack.gateway.dhcp_server import DhcpServer
@@ -193,26 +193,20 @@ class Hub:
             deny=DenyList.with_defaults(str(network) for network in segment + config.nat_deny),
             map_host_loopback=config.map_host_loopback, mtu=config.mtu)
         upstreams = config.dns_upstreams or None  # None: /etc/resolv.conf
+        # A guest's caps are its port's (the MAC table names the port behind a MAC).
         return NatShell(nat_config, gateway.to_guests, upstreams=upstreams,
-                        forwards=config.forwards, resolve=gateway.resolve)
+                        forwards=config.forwards, resolve=gateway.resolve,
+                        port_of=self._port_of)
 
     def _nat_status(self, nat: NatShell) -> dict[str, object]:
-        """The NAT's tables and counters, and what each guest (by MAC) holds in it."""
-        names = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
-        guests = {}
-        for mac, held in nat.limits.by_guest().items():
-            flows = held["flows"]
-            assert isinstance(flows, dict)
-            guests[format_mac(mac)] = {
-                "flows": {names.get(proto, str(proto)): n for proto, n in flows.items()},
-                "half_open": held["half_open"], "buffered": held["buffered"]}
-        status = {**nat.status(), "guests": guests}
+        """The NAT's tables and counters, and what each guest (by port) holds in it."""
+        status = nat.status()
         # The shell lists its forwards with their state once it runs them; until then, which.
         status.setdefault("forwards", [{"forward": str(spec)} for spec in self.config.forwards])
         return status
 
     def _port_of(self, mac: bytes) -> Port | None:
-        """The port the switch learned `mac` on (DHCP budgets are per port)."""
+        """The port the switch learned `mac` on (DHCP budgets and NAT caps are per port)."""
         entry = self.switch.mac_table.get(mac)
         return entry[0] if entry is not None else None
 

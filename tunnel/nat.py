@@ -42,6 +42,11 @@ socket feeds UdpForwards (one flow per outside client); the guest's answers go b
 sendto.  Per forward at most `forward_cap` connections or clients; a forward that cannot
 listen is logged and counted, the shell goes on.
 
+Caps per guest: the NAT's cores count a guest's flows, buffered bytes and DNS queries, and
+this shell its lingering closes, against the switch port its frames came in on (`port_of`,
+the hub's MAC table; a tunnel session with 256 MACs is one guest), fixed when each flow is
+admitted (netstack.nat.limits).
+
 Containment: a flow's socket error closes that flow only (counted by errno, the first of each
 logged); an unexpected exception closes it too, its traceback logged once; a socket that
 cannot be opened (EMFILE, ENETUNREACH) is a counted refusal for that flow.  If the host's
@@ -60,11 +65,12 @@ import socket
 import struct
 from collections import Counter
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import trio
 
-from netstack.frame import Frame
+from netstack.frame import Frame, format_mac
 from netstack.nat.dns import DNS_PORT, DnsForwarder, IpAddress, SendQuery, parse_resolv_conf
 from netstack.nat.forward import MAX_FORWARD_FLOWS, ForwardSpec
 from netstack.nat.icmp import (
@@ -76,7 +82,7 @@ from netstack.nat.icmp import (
     OpenPingSocket,
     SendEcho,
 )
-from netstack.nat.limits import FlowKey, FlowLimits, IdleFlows
+from netstack.nat.limits import FlowKey, FlowLimits, IdleFlows, Owner
 from netstack.nat.packet import GuestPacket, NatConfig, Refused, read_guest_packet
 from netstack.nat.tcp import (
     CONNECT_TIMEOUT,
@@ -98,6 +104,7 @@ from netstack.nat.tcp import Refused as TcpRefused
 from netstack.nat.tcp_flows import DNS, HostCall, TcpTable
 from netstack.nat.udp import UDP_IDLE_SECONDS, CloseSocket, OpenSocket, SendDatagram, UdpTable
 from netstack.nat.udp_forward import SendToClient, UdpForwards
+from netstack.port import Port
 from netstack.wire import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Malformed
 
 log = logging.getLogger(__name__)
@@ -105,6 +112,8 @@ log = logging.getLogger(__name__)
 Deliver = Callable[[list[Frame]], None]
 # The gateway's neighbour table: a guest's packed address -> its MAC, None while unknown.
 Resolve = Callable[[bytes], bytes | None]
+# The switch's MAC table: the port a MAC was last seen on, None if on none.
+PortOf = Callable[[bytes], Port | None]
 
 # linux/in.h, linux/in6.h, linux/errqueue.h (Python's socket module lacks them).
 IP_RECVERR = 11
@@ -162,6 +171,18 @@ def _reset(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     finally:
         sock.close()
+
+
+def _port_or_mac(port_of: PortOf, mac: bytes) -> Owner:
+    """Whose caps a new flow of `mac`'s counts against: the port the switch has it on, or,
+    on none (a forward's guest whose MAC aged out), the MAC itself."""
+    port = port_of(mac)
+    return mac if port is None else port
+
+
+def owner_name(owner: Owner) -> str:
+    """How status names an owner: its port's name, or its MAC."""
+    return owner.name if isinstance(owner, Port) else format_mac(owner)
 
 
 def _tcp_key(packet: GuestPacket) -> FlowKey:
@@ -244,27 +265,29 @@ class HostSocket:
 TCP_READ_CHUNK = 65536
 # A flow the guest has closed whose host socket still takes its last bytes: at most this
 # long, at most this many at once (each holds at most the core's RCV_BUFFER), else a RST.
-# One guest's share of them: its closed flows never take the places of the others'.
+# One guest's (one port's) share of them: its closed flows never take the others' places.
 LINGER_SECONDS = 10.0
 LINGERING_MAX = 256
 LINGERING_PER_GUEST = 16
 # Where readers held by all guests' buffer cap (not their own guest's) wait: any guest's
-# credit wakes them.
+# credit wakes them.  (An owner is a Port or a MAC, never this.)
 ALL_GUESTS = b""
+_PROTOCOL_NAMES = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp", IPPROTO_ICMP: "icmp",
+                   IPPROTO_ICMPV6: "icmpv6"}
 
 
 class TcpSocket:
     """A TCP flow's host socket: bytes of Send actions not yet written, a pending shutdown,
     and the event its reader waits on while the core's read budget is 0."""
 
-    __slots__ = ("budget", "forward", "guest", "key", "lingering", "pending", "shutdown",
+    __slots__ = ("budget", "forward", "key", "lingering", "owner", "pending", "shutdown",
                  "sock", "writable", "write_scope")
 
-    def __init__(self, sock: socket.socket, key: FlowKey, guest: bytes,
+    def __init__(self, sock: socket.socket, key: FlowKey, owner: Owner,
                  forward: Forward | None = None) -> None:
         self.sock = sock
         self.key = key
-        self.guest = guest  # its guest's MAC, whose buffer cap it shares
+        self.owner = owner  # its flow's owner (port), whose caps it shares
         self.forward = forward  # the port forward that accepted it (until it closes)
         self.pending = bytearray()
         self.shutdown = False
@@ -298,11 +321,15 @@ class NatShell:
                  echo_idle_seconds: float = ICMP_IDLE_SECONDS,
                  forwards: Sequence[ForwardSpec] = (),
                  resolve: Resolve | None = None,
-                 forward_cap: int = MAX_FORWARD_FLOWS) -> None:
+                 forward_cap: int = MAX_FORWARD_FLOWS,
+                 port_of: PortOf | None = None) -> None:
         self.config = config
         self.deliver = deliver
         self.limits = limits or FlowLimits()
-        self.dns = DnsForwarder(config, read_upstreams() if upstreams is None else upstreams)
+        if port_of is not None:  # a guest is the port its MAC is on (else its MAC)
+            self.limits.owner_of = partial(_port_or_mac, port_of)
+        self.dns = DnsForwarder(config, read_upstreams() if upstreams is None else upstreams,
+                                owner_of=self.limits.owner_of)
         self.udp = UdpTable(config, self.limits, self.dns, udp_idle_seconds)
         self.echo = EchoTable(config, self.limits, echo_idle_seconds)
         self.tcp = TcpTable(config, self.limits, dns_over_tcp=bool(self.dns.upstreams))
@@ -313,8 +340,8 @@ class NatShell:
             config, self.limits, [(f.guest.packed, f.guest_port) for f in forwards],
             lambda key: key in self.udp.flows, udp_idle_seconds, forward_cap)
         self.tcp_sockets: dict[FlowKey, TcpSocket] = {}
-        # Readers waiting for their guest's other flows to free buffer, by guest MAC.
-        self._capped: dict[bytes, set[TcpSocket]] = {}
+        # Readers waiting for their owner's other flows to free buffer, by owner.
+        self._capped: dict[Owner, set[TcpSocket]] = {}
         self.errors = ErrorReporter(config)
         self.echo_on = {4: False, 6: False}  # set by run() once the ping sockets are tried
         self.sockets: dict[FlowKey, HostSocket] = {}
@@ -324,7 +351,7 @@ class NatShell:
         self._logged: set[str] = set()
         self._nursery: trio.Nursery | None = None
         self._lingering = 0  # closed flows' sockets still writing their last bytes
-        self._lingering_by_guest: Counter[bytes] = Counter()
+        self._lingering_by_owner: Counter[Owner] = Counter()
         self._wake = trio.Event()
         self._sleeping_until = math.inf
         self._batch: list[Frame] | None = None  # frames of the from_guests call under way
@@ -532,24 +559,24 @@ class NatShell:
             self._wake_capped(frames, now)
 
     def _hold(self, entry: TcpSocket) -> None:
-        """`entry`'s reader waits for bytes given back: its guest's, or any guest's when
+        """`entry`'s reader waits for bytes given back: its owner's, or any owner's when
         all guests' cap holds it."""
-        capped = ALL_GUESTS if self.limits.host_room() <= 0 else entry.guest
+        capped = ALL_GUESTS if self.limits.host_room() <= 0 else entry.owner
         self._capped.setdefault(capped, set()).add(entry)
 
     def _wake_capped(self, frames: list | None, now: float) -> None:
-        """Readers held by their guest's cap look again and windows its room held down are
-        announced again: the guest was given bytes back."""
-        guests = list(self.tcp.credited)
+        """Readers held by their owner's cap look again and windows its room held down are
+        announced again: the owner was given bytes back."""
+        owners = list(self.tcp.credited)
         self.tcp.credited.clear()
-        if guests:  # bytes given back: all guests' cap has room again too
+        if owners:  # bytes given back: all guests' cap has room again too
             for entry in self._capped.pop(ALL_GUESTS, ()):
                 entry.budget.set()
         updates: list = []
-        for guest in guests:
-            for entry in self._capped.pop(guest, ()):
+        for owner in owners:
+            for entry in self._capped.pop(owner, ()):
                 entry.budget.set()
-            updates += self.tcp.reopen(guest)
+            updates += self.tcp.reopen(owner)
         if updates:
             if frames is None:
                 self._perform(updates, now)
@@ -621,7 +648,7 @@ class NatShell:
             self._tcp_event(key, TcpRefused(reason), frames, now)
             return
         sock.setblocking(False)
-        entry = TcpSocket(sock, key, self.tcp.flows[key].guest_mac)
+        entry = TcpSocket(sock, key, self.tcp.flows[key].owner)
         self.tcp_sockets[key] = entry
         if self._nursery is None:
             raise RuntimeError("NatShell.from_guest before run() started")
@@ -825,17 +852,17 @@ class NatShell:
         """The guest's side of `entry` is done but its host socket has not taken the last
         bytes (the guest sent them with its FIN): its writer task writes them, then the FIN,
         within LINGER_SECONDS; past that, or with LINGERING_MAX sockets already lingering
-        (LINGERING_PER_GUEST of its guest's), the host peer gets a reset (counted
+        (LINGERING_PER_GUEST of its owner's), the host peer gets a reset (counted
         `linger_reset`), as a closing kernel socket would.  The flow is gone from the table
         meanwhile (its key free for a new flow)."""
         self._tcp_forget(entry)
         if entry.write_scope is None or self._lingering >= LINGERING_MAX \
-                or self._lingering_by_guest[entry.guest] >= LINGERING_PER_GUEST:
+                or self._lingering_by_owner[entry.owner] >= LINGERING_PER_GUEST:
             self.drops["linger_reset"] += 1
             self._tcp_reset(entry)
             return
         self._lingering += 1
-        self._lingering_by_guest[entry.guest] += 1
+        self._lingering_by_owner[entry.owner] += 1
         entry.lingering = True
         entry.write_scope.deadline = trio.current_time() + LINGER_SECONDS
         entry.writable.set()
@@ -857,9 +884,9 @@ class NatShell:
         """A lingering socket's end: closed when all was written, else reset."""
         entry.lingering = False
         self._lingering -= 1
-        self._lingering_by_guest[entry.guest] -= 1
-        if not self._lingering_by_guest[entry.guest]:
-            del self._lingering_by_guest[entry.guest]
+        self._lingering_by_owner[entry.owner] -= 1
+        if not self._lingering_by_owner[entry.owner]:
+            del self._lingering_by_owner[entry.owner]
         if entry.pending or entry.shutdown:
             self.drops["linger_reset"] += 1
             self._tcp_reset(entry)
@@ -882,7 +909,7 @@ class NatShell:
         if entry.forward is not None:
             entry.forward.active -= 1
             entry.forward = None
-        for capped in (entry.guest, ALL_GUESTS):
+        for capped in (entry.owner, ALL_GUESTS):
             waiting = self._capped.get(capped)
             if waiting is not None:
                 waiting.discard(entry)
@@ -993,7 +1020,7 @@ class NatShell:
             except Refused as refused:
                 forward.counters[refused.reason] += 1
                 return
-            self.tcp_sockets[key] = TcpSocket(conn, key, guest_mac, forward)
+            self.tcp_sockets[key] = TcpSocket(conn, key, self.tcp.owner(key), forward)
             owned = False
             self._perform(out, now)
             if self._next_deadline() < self._sleeping_until:
@@ -1224,7 +1251,8 @@ class NatShell:
                 guest_mac = entry.table.guest_mac(entry.key)
                 if guest_mac is None:
                     continue
-                frame = self.errors.error_frame(entry.key, guest_mac, error, data, now)
+                frame = self.errors.error_frame(entry.key, guest_mac, error, data, now,
+                                                entry.table.owner(entry.key))
                 if frame is not None:
                     frames.append(frame)
 
@@ -1235,6 +1263,38 @@ class NatShell:
             self._logged.add(reason)
             log.log(level, message, *args)
 
+    def _ports_status(self) -> dict[str, dict[str, object]]:
+        """What each guest (its port, named; a MAC on no port by itself) holds now: flows by
+        protocol, half-open connections, buffered bytes, DNS queries in flight, lingering
+        closes, and the flows of each of its MACs."""
+        held = self.limits.by_owner()
+        owners = [*held, *(o for o in self.dns.per_owner if o not in held),
+                  *(o for o in self._lingering_by_owner
+                    if o not in held and o not in self.dns.per_owner)]
+        macs: dict[Owner, Counter[str]] = {}
+        for table in (self.tcp.flows, self.udp.flows, self.echo.flows,
+                      self.udp_forwards.flows):
+            for flow in table.values():
+                macs.setdefault(flow.owner, Counter())[format_mac(flow.guest_mac)] += 1
+        ports: dict[str, dict[str, object]] = {}
+        for owner in owners:
+            account = held.get(owner, {"flows": {}, "half_open": 0, "buffered": 0})
+            flows = account["flows"]
+            assert isinstance(flows, dict)
+            name = base = owner_name(owner)
+            number = 1
+            while name in ports:  # two ports of one name (a session port made anew)
+                number += 1
+                name = f"{base}#{number}"
+            ports[name] = {
+                "flows": {_PROTOCOL_NAMES.get(proto, str(proto)): n
+                          for proto, n in sorted(flows.items())},
+                "half_open": account["half_open"], "buffered": account["buffered"],
+                "dns_pending": self.dns.per_owner.get(owner, 0),
+                "lingering": self._lingering_by_owner.get(owner, 0),
+                "macs": dict(macs.get(owner, {}))}
+        return ports
+
     def status(self) -> dict[str, object]:
         return {"tcp": self.tcp.status(), "tcp_sockets": len(self.tcp_sockets),
                 "udp": self.udp.status(), "echo": self.echo.status(), "dns": self.dns.status(),
@@ -1243,4 +1303,4 @@ class NatShell:
                 "icmp_errors_dropped": dict(self.errors.drops), "drops": dict(self.drops),
                 "socket_errors": dict(self.socket_errors), "refusals":
                 dict(self.limits.refusals), "forwards": self._forwards_status(),
-                "udp_forwards": self.udp_forwards.status()}
+                "udp_forwards": self.udp_forwards.status(), "ports": self._ports_status()}

@@ -18,8 +18,9 @@ advertisements a lifetime of 0; the hub decides with GatewayConfig.router and
 DhcpConfig.router).
 With a NAT the gateway is a router, not a `service` port (netstack.port.Port): guests' traffic
 through it is not held to the per-port service rate meant for ARP/DHCP/echo (the NAT's own
-per-guest caps bound it, the DHCP server keeps its per-port budget), and the switch cuts
-their GSO frames for it in software instead of dropping them.
+per-guest caps bound it, a guest being the port its frames came in on; the DHCP server keeps
+its per-port budget), and the switch cuts their GSO frames for it in software instead of
+dropping them.
 `resolve(ip)` gives a guest address's MAC (for the NAT's port forwards): learned from DHCP
 leases (`learn`), from the source of frames guests route through the gateway and from ARP and
 neighbour discovery messages to it; on a miss it asks (ARP request, neighbour solicitation),

@@ -7,7 +7,8 @@ and host-socket actions out, time passed in as `now`.  The Trio shell that owns 
 (connected UDP sockets, ping sockets, IP_RECVERR, resolv.conf) is tunnel/nat.py.
 
   limits.py  FlowKey; the per-guest caps (flows per protocol, half-open TCP, buffered bytes)
-             and the accounting that admits or refuses a new flow, refusals counted by reason
+             and the accounting that admits or refuses a new flow, refusals counted by
+             reason; a guest is its owner, the switch port its frames came in on
   packet.py  the guest's routed IP packet, read once through netstack.wire and checked
              (addressed to the gateway's MAC, unicast source, not a fragment)
   udp.py     the UDP flow table: guest datagram -> open a connected host socket, send;

@@ -3,7 +3,8 @@ hub asks its host's resolvers, the answer goes back to the guest as if the gatew
 answered.  The shell owns the upstream sockets; this core keeps the queries in flight.
 
 A query's path: `query` (called by the UDP table for the gateway's :53) checks the header
-is there and is a query, takes one of the guest's MAX_PENDING_PER_GUEST places, gives the
+is there and is a query, takes one of the guest's MAX_PENDING_PER_GUEST places (its port's:
+the owner `owner_of` names, netstack.nat.limits), gives the
 query a fresh random id (the guest's ids are its own; a random one per query keeps an
 off-path spoofer guessing, RFC 5452) and returns SendQuery to the preferred upstream.
 `answer` takes what an upstream sent back and checks it minimally: a whole header, the id of
@@ -25,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from netstack.frame import Frame
+from netstack.nat.limits import Owner, mac_owner
 from netstack.nat.packet import GuestPacket, NatConfig, Refused, frame_to_guest
 from netstack.nat.udp import udp_message
 from netstack.wire import IPPROTO_UDP, Malformed
@@ -42,7 +44,8 @@ RCODE_SERVFAIL = 2
 # The longest query carried: a question with EDNS options fits many times over (the 2020 DNS
 # flag day's 1232-byte EDNS buffer size).
 MAX_QUERY_LEN = 1232
-# Queries in flight: per guest, and for all guests (each holds its query until answered).
+# Queries in flight: per guest (its port), and for all guests (each holds its query until
+# answered).
 MAX_PENDING_PER_GUEST = 32
 MAX_PENDING_TOTAL = 1024
 # How long one upstream has to answer before the query goes to the next.
@@ -64,11 +67,12 @@ class SendQuery:
 
 class PendingQuery:
     __slots__ = ("attempts", "deadline", "gateway_ip", "guest_id", "guest_ip", "guest_mac",
-                 "guest_port", "query", "upstream")
+                 "guest_port", "owner", "query", "upstream")
 
-    def __init__(self, packet: GuestPacket, guest_port: int, guest_id: int, query: bytes,
-                 upstream: int, deadline: float) -> None:
+    def __init__(self, packet: GuestPacket, owner: Owner, guest_port: int, guest_id: int,
+                 query: bytes, upstream: int, deadline: float) -> None:
         self.guest_mac = packet.guest_mac
+        self.owner = owner  # whose MAX_PENDING_PER_GUEST places it takes
         self.guest_ip = packet.src
         self.gateway_ip = packet.dst
         self.guest_port = guest_port
@@ -88,14 +92,16 @@ class DnsForwarder:
 
     def __init__(self, config: NatConfig, upstreams: Sequence[IpAddress],
                  random_id: Callable[[], int] = lambda: secrets.randbits(16),
-                 timeout: float = QUERY_TIMEOUT_SECONDS) -> None:
+                 timeout: float = QUERY_TIMEOUT_SECONDS,
+                 owner_of: Callable[[bytes], Owner] = mac_owner) -> None:
         self.config = config
+        self.owner_of = owner_of
         self.upstreams = list(upstreams)
         self.random_id = random_id
         self.timeout = timeout
         self.preferred = 0
         self.pending: dict[int, PendingQuery] = {}  # by the id we gave the query
-        self.per_guest: Counter[bytes] = Counter()
+        self.per_owner: Counter[Owner] = Counter()
         self.drops: Counter[str] = Counter()
         self.answered = 0
 
@@ -113,17 +119,18 @@ class DnsForwarder:
             raise Refused("not_query")
         if not self.upstreams:
             raise Refused("no_upstream")
-        if self.per_guest[packet.guest_mac] >= MAX_PENDING_PER_GUEST \
+        owner = self.owner_of(packet.guest_mac)
+        if self.per_owner[owner] >= MAX_PENDING_PER_GUEST \
                 or len(self.pending) >= MAX_PENDING_TOTAL:
             raise Refused("pending_limit")
         query_id = self.random_id()
         while query_id in self.pending:  # fewer than MAX_PENDING_TOTAL of 65536 are taken
             query_id = self.random_id()
         sent = _with_id(message, query_id)
-        self.pending[query_id] = PendingQuery(packet, udp.src_port,
+        self.pending[query_id] = PendingQuery(packet, owner, udp.src_port,
                                               int.from_bytes(message[:2], "big"), sent,
                                               self.preferred, now + self.timeout)
-        self.per_guest[packet.guest_mac] += 1
+        self.per_owner[owner] += 1
         return [SendQuery(self.upstreams[self.preferred], sent)]
 
     # -- from the upstreams -------------------------------------------------------------------
@@ -168,9 +175,9 @@ class DnsForwarder:
 
     def _finish(self, query_id: int) -> PendingQuery:
         pending = self.pending.pop(query_id)
-        self.per_guest[pending.guest_mac] -= 1
-        if self.per_guest[pending.guest_mac] <= 0:
-            del self.per_guest[pending.guest_mac]
+        self.per_owner[pending.owner] -= 1
+        if self.per_owner[pending.owner] <= 0:
+            del self.per_owner[pending.owner]
         return pending
 
     # -- timed work ---------------------------------------------------------------------------

@@ -14,7 +14,8 @@ offending payload) into the ICMP error a router would have sent the guest, quoti
 guest's datagram as the guest sent it (rebuilt from the flow: IP header, UDP header or echo
 header, payload), at most 576 bytes of IPv4 (RFC 1812 4.3.2.3) or 1280 of IPv6 (RFC 4443
 2.4(c)).  Only destination unreachable, time exceeded and packet too big are mapped; each
-guest gets at most ERRORS_PER_SECOND of them (a token bucket, netstack.ratelimit).
+guest (the flow's owner: its port) gets at most ERRORS_PER_SECOND of them (a token bucket,
+netstack.ratelimit).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from netstack.frame import Frame
-from netstack.nat.limits import FlowKey, FlowLimits, IdleFlows
+from netstack.nat.limits import FlowKey, FlowLimits, IdleFlows, Owner
 from netstack.nat.packet import (
     GuestPacket,
     NatConfig,
@@ -47,7 +48,7 @@ ECHO_HEADER_LEN = 8  # type, code, checksum, identifier, sequence number
 # The most an ICMP error may be, IP header included (RFC 1812 4.3.2.3, RFC 4443 2.4(c)).
 MAX_ERROR_PACKET = {4: 576, 6: 1280}
 ERROR_HEADER_LEN = 8  # type, code, checksum, 4 bytes unused or MTU
-# ICMP errors one guest may receive: a token bucket per guest.
+# ICMP errors one guest (one port, all its MACs) may receive: a token bucket per guest.
 ERRORS_PER_SECOND = 20.0
 ERRORS_BURST = 20.0
 # Guests with a bucket at once (a bucket is dropped once full again); past this, errors to a
@@ -98,11 +99,12 @@ class HostError(NamedTuple):
 
 
 class EchoFlow:
-    __slots__ = ("guest_mac", "key", "last_seen")
+    __slots__ = ("guest_mac", "key", "last_seen", "owner")
 
-    def __init__(self, key: FlowKey, guest_mac: bytes, now: float) -> None:
+    def __init__(self, key: FlowKey, guest_mac: bytes, owner: Owner, now: float) -> None:
         self.key = key
         self.guest_mac = guest_mac
+        self.owner = owner
         self.last_seen = now
 
 
@@ -164,9 +166,10 @@ class EchoTable(IdleFlows):
                 raise Refused("guest_mac", "a flow of another MAC")
             self.touch(flow, now)
             return [send]
-        if not self.limits.admit(packet.guest_mac, key.proto):
+        owner = self.limits.owner_of(packet.guest_mac)
+        if not self.limits.admit(owner, key.proto):
             raise Refused("flow_limit")
-        self.flows[key] = EchoFlow(key, packet.guest_mac, now)
+        self.flows[key] = EchoFlow(key, packet.guest_mac, owner, now)
         return [OpenPingSocket(key), send]
 
     def from_host(self, key: FlowKey, message: bytes, now: float) -> Frame | None:
@@ -220,21 +223,22 @@ class ErrorReporter:
         self.config = config
         self.rate = rate
         self.burst = burst
-        self.buckets: dict[bytes, TokenBucket] = {}
+        self.buckets: dict[Owner, TokenBucket] = {}
         self.sent: Counter[str] = Counter()
         self.drops: Counter[str] = Counter()
 
     def error_frame(self, key: FlowKey, guest_mac: bytes, error: HostError, payload: bytes,
-                    now: float) -> Frame | None:
+                    now: float, owner: Owner | None = None) -> Frame | None:
         """The ICMP error to the guest for `error` on flow `key` (UDP or echo), quoting the
         guest's datagram with `payload` (what the error queue returned: the UDP payload or
-        the echo message); None: not mapped or over the guest's rate, counted."""
+        the echo message); None: not mapped or over the rate of `owner` (the flow's; its
+        MAC's when None), counted."""
         version = _version(key.guest_ip)
         highest = _MAPPED[version].get(error.type)
         if highest is None or error.code > highest:
             self.drops["unmapped"] += 1
             return None
-        refusal = self._refusal(guest_mac, now)
+        refusal = self._refusal(guest_mac if owner is None else owner, now)
         if refusal is not None:
             self.drops[refusal] += 1
             return None
@@ -258,18 +262,18 @@ class ErrorReporter:
         return frame_to_guest(self.config, guest_mac, offender, key.guest_ip,
                               _PROTOCOL[version], message)
 
-    def _refusal(self, guest: bytes, now: float) -> str | None:
-        """Why `guest` gets no error now (None: it does; its token is spent)."""
-        bucket = self.buckets.get(guest)
+    def _refusal(self, owner: Owner, now: float) -> str | None:
+        """Why `owner` gets no error now (None: it does; its token is spent)."""
+        bucket = self.buckets.get(owner)
         if bucket is None:
             if len(self.buckets) >= MAX_ERROR_BUCKETS:
                 return "error_table_full"
-            bucket = self.buckets[guest] = TokenBucket(self.rate, self.burst, now)
+            bucket = self.buckets[owner] = TokenBucket(self.rate, self.burst, now)
         return None if bucket.take(now) else "error_rate"
 
     def tick(self, now: float) -> None:
         """Forget the buckets that have filled up again (they would start full anyway)."""
-        full = [guest for guest, bucket in self.buckets.items()
+        full = [owner for owner, bucket in self.buckets.items()
                 if bucket.tokens + (now - bucket.refilled) * bucket.rate >= bucket.burst]
-        for guest in full:
-            del self.buckets[guest]
+        for owner in full:
+            del self.buckets[owner]

@@ -2,7 +2,8 @@
 open one, and when each connection's timers run.
 
 A guest SYN for a new (guest ip/port, remote ip/port) is admitted through FlowLimits (flows
-per guest, the half-open cap: CONNECTING and SYN-RECEIVED) and the deny list, then becomes a
+per guest -- per its port, the flow's owner --, the half-open cap: CONNECTING and
+SYN-RECEIVED) and the deny list, then becomes a
 TcpConnection (a SYN the connection drops, SYN+FIN, leaves no flow: `bad_syn`); a known
 flow's segments go to its connection; a segment of no flow is answered
 by a RST (RFC 9293 3.10.7.1), counted; a SYN on a TIME-WAIT flow replaces it.  A SYN to the
@@ -23,7 +24,7 @@ from collections import Counter
 
 from netstack.frame import HDR_F_DATA_VALID, HDR_F_NEEDS_CSUM
 from netstack.nat.forward import free_port, gateway_address
-from netstack.nat.limits import FlowKey, FlowLimits
+from netstack.nat.limits import FlowKey, FlowLimits, Owner
 from netstack.nat.packet import (
     GuestPacket,
     NatConfig,
@@ -77,18 +78,19 @@ class HostCall:
 
 class TcpFlow:
     __slots__ = ("charged", "conn", "guest_mac", "half_open", "host_ip", "key", "kind",
-                 "scheduled")
+                 "owner", "scheduled")
 
-    def __init__(self, key: FlowKey, guest_mac: bytes, host_ip: bytes,
+    def __init__(self, key: FlowKey, guest_mac: bytes, owner: Owner, host_ip: bytes,
                  conn: TcpConnection, kind: str = OUTGOING) -> None:
         self.key = key
         self.guest_mac = guest_mac
+        self.owner = owner  # whose caps it counts against (its port), fixed at admission
         self.host_ip = host_ip  # where the host socket connects (loopback when mapped)
         self.conn = conn
         self.kind = kind
         self.half_open = kind != FORWARD
         self.scheduled: float | None = None
-        self.charged = 0  # bytes of conn.buffered charged to the guest's FlowLimits
+        self.charged = 0  # bytes of conn.buffered charged to the owner's FlowLimits
 
 
 def read_tcp(packet: GuestPacket, offload_flags: int) -> Tcp:
@@ -114,12 +116,12 @@ class TcpTable:
         self.flows: dict[FlowKey, TcpFlow] = {}
         self.drops: Counter[str] = Counter()
         self.resets_sent = 0  # RSTs answering segments of no flow
-        self.credited: set[bytes] = set()  # guests given bytes back since the shell looked
+        self.credited: set[Owner] = set()  # owners given bytes back since the shell looked
         self._heap: list[tuple[float, int, FlowKey]] = []
         self._order = 0
         self._owed: list[FlowKey] = []  # flows whose ACK waits for flush_ack()
-        # Flows whose window the guest's room holds down, by guest: reopened on its credit.
-        self._starved: dict[bytes, set[FlowKey]] = {}
+        # Flows whose window their owner's room holds down, by owner: reopened on its credit.
+        self._starved: dict[Owner, set[FlowKey]] = {}
 
     # -- from the guest -----------------------------------------------------------------------
 
@@ -167,16 +169,16 @@ class TcpTable:
         return self._after(flow, flow.conn.flush_ack())
 
     def _hold_limit(self, flow: TcpFlow) -> int:
-        return self.limits.room(flow.guest_mac) + flow.charged
+        return self.limits.room(flow.owner) + flow.charged
 
-    def reopen(self, guest: bytes) -> list:
-        """Window updates for `guest`'s flows whose window its room held down, now that it
+    def reopen(self, owner: Owner) -> list:
+        """Window updates for `owner`'s flows whose window its room held down, now that it
         was given bytes back (see `credited`): as many flows as the room covers, the room
-        each is offered taken off the next one's (so a guest with many flows and a small
+        each is offered taken off the next one's (so an owner with many flows and a small
         cap gets a few updates per credit, not one per flow); the rest wait."""
-        starved = self._starved.pop(guest, None)
+        starved = self._starved.pop(owner, None)
         out: list = []
-        room = self.limits.room(guest)
+        room = self.limits.room(owner)
         while starved and room > 0:
             flow = self.flows.get(starved.pop())
             if flow is None:
@@ -187,7 +189,7 @@ class TcpTable:
             out += self._after(flow, conn.window_update())
             room -= max(conn.promised_window - before, 0)
         if starved:
-            self._starved.setdefault(guest, set()).update(starved)
+            self._starved.setdefault(owner, set()).update(starved)
         return out
 
     def _reset_unknown(self, packet: GuestPacket, seg: Tcp) -> list:
@@ -215,16 +217,16 @@ class TcpTable:
             host_ip = LOOPBACK4 if packet.version == 4 else LOOPBACK6
         else:
             refuse_denied(packet, self.config.deny)
-        guest = packet.guest_mac
-        if not self.limits.admit(guest, IPPROTO_TCP):
+        owner = self.limits.owner_of(packet.guest_mac)
+        if not self.limits.admit(owner, IPPROTO_TCP):
             raise Refused("flow_limit")
-        if not self.limits.admit_half_open(guest):
-            self.limits.release(guest, IPPROTO_TCP)
+        if not self.limits.admit_half_open(owner):
+            self.limits.release(owner, IPPROTO_TCP)
             raise Refused("half_open_limit")
         conn = TcpConnection(packet.src, key.guest_port, packet.dst, key.remote_port, now,
                              mss=self.config.mtu - _HEADERS[packet.version])
         conn.tso = self.config.tso
-        flow = self.flows[key] = TcpFlow(key, guest, host_ip, conn, kind)
+        flow = self.flows[key] = TcpFlow(key, packet.guest_mac, owner, host_ip, conn, kind)
         return flow
 
     def open_forward(self, guest_mac: bytes, guest_ip: bytes, guest_port: int,
@@ -239,13 +241,14 @@ class TcpTable:
                          in self.flows)
         if port is None:
             raise Refused("no_port")
-        if not self.limits.admit(guest_mac, IPPROTO_TCP, forwarded=True):
+        owner = self.limits.owner_of(guest_mac)  # the port the guest's MAC is on now
+        if not self.limits.admit(owner, IPPROTO_TCP, forwarded=True):
             raise Refused("flow_limit")
         key = FlowKey(IPPROTO_TCP, guest_ip, guest_port, gateway, port)
         conn = TcpConnection(guest_ip, guest_port, gateway, port, now,
                              mss=self.config.mtu - _HEADERS[4 if len(guest_ip) == 4 else 6])
         conn.tso = self.config.tso
-        flow = self.flows[key] = TcpFlow(key, guest_mac, gateway, conn, FORWARD)
+        flow = self.flows[key] = TcpFlow(key, guest_mac, owner, gateway, conn, FORWARD)
         return key, self._after(flow, conn.open_to_guest(now))
 
     # -- from the host ------------------------------------------------------------------------
@@ -264,7 +267,7 @@ class TcpTable:
         flow = self.flows.get(key)
         if flow is None:
             return 0
-        return max(min(flow.conn.host_read_budget(), self.limits.room(flow.guest_mac)), 0)
+        return max(min(flow.conn.host_read_budget(), self.limits.room(flow.owner)), 0)
 
     def read_size(self, key: FlowKey, budget: int) -> int:
         """How much of `budget` to read at once: whole segments toward the guest (with TSO a
@@ -277,11 +280,11 @@ class TcpTable:
         return budget - budget % quantum if budget > quantum else budget
 
     def guest_limited(self, key: FlowKey) -> bool:
-        """Reading `key` waits for the guest's other flows to free buffer (see `credited`),
+        """Reading `key` waits for its owner's other flows to free buffer (see `credited`),
         not for its own ACKs."""
         flow = self.flows.get(key)
         return flow is not None and flow.conn.host_read_budget() > 0 \
-            and self.limits.room(flow.guest_mac) <= 0
+            and self.limits.room(flow.owner) <= 0
 
     def discard(self, key: FlowKey) -> None:
         """Forget `key`'s connection at once (its core failed): caps and bytes given back;
@@ -289,6 +292,11 @@ class TcpTable:
         flow = self.flows.get(key)
         if flow is not None:
             self._remove(flow)
+
+    def owner(self, key: FlowKey) -> Owner | None:
+        """Whose caps `key` counts against (None: no such flow)."""
+        flow = self.flows.get(key)
+        return None if flow is None else flow.owner
 
     def kind(self, key: FlowKey) -> str | None:
         flow = self.flows.get(key)
@@ -351,10 +359,10 @@ class TcpTable:
         if conn.room_limited:
             conn.hold_limit = self._hold_limit(flow)
             if conn.room_limited:
-                self._starved.setdefault(flow.guest_mac, set()).add(flow.key)
+                self._starved.setdefault(flow.owner, set()).add(flow.key)
         if flow.half_open and conn.state not in _HALF_OPEN:
             flow.half_open = False
-            self.limits.release_half_open(flow.guest_mac)
+            self.limits.release_half_open(flow.owner)
         if conn.closed:
             self._remove(flow)
             out.append(HostCall(flow.key, Close()))  # the shell closes at most once
@@ -363,20 +371,21 @@ class TcpTable:
         return out
 
     def _charge(self, flow: TcpFlow) -> None:
-        """Bring the guest's buffered bytes up to date with what its connection holds.  Reads
-        from the host stop at the guest's cap (read_budget); bytes from the guest past it
+        """Bring the owner's buffered bytes up to date with what its connection holds.  Reads
+        from the host stop at the owner's cap (read_budget); bytes from the guest past it
         are refused by FlowLimits (counted) and stay bounded by the connection's window."""
         held = flow.conn.buffered
+        owner = flow.owner
         if held > flow.charged:
             more = held - flow.charged
-            if not self.limits.charge(flow.guest_mac, more):  # counted: buffer_limit
-                more = max(self.limits.room(flow.guest_mac), 0)
+            if not self.limits.charge(owner, more):  # counted: buffer_limit
+                more = max(self.limits.room(owner), 0)
                 if more:
-                    self.limits.charge(flow.guest_mac, more)
+                    self.limits.charge(owner, more)
             flow.charged += more
         elif held < flow.charged:
-            self.limits.credit(flow.guest_mac, flow.charged - held)
-            self.credited.add(flow.guest_mac)
+            self.limits.credit(owner, flow.charged - held)
+            self.credited.add(owner)
             flow.charged = held
 
     def _schedule(self, flow: TcpFlow) -> None:
@@ -398,19 +407,20 @@ class TcpTable:
             return
         del self.flows[flow.key]
         flow.scheduled = None
-        starved = self._starved.get(flow.guest_mac)
+        owner = flow.owner
+        starved = self._starved.get(owner)
         if starved is not None:
             starved.discard(flow.key)
             if not starved:
-                del self._starved[flow.guest_mac]
+                del self._starved[owner]
         if flow.charged:
-            self.limits.credit(flow.guest_mac, flow.charged)
-            self.credited.add(flow.guest_mac)
+            self.limits.credit(owner, flow.charged)
+            self.credited.add(owner)
             flow.charged = 0
         if flow.half_open:
             flow.half_open = False
-            self.limits.release_half_open(flow.guest_mac)
-        self.limits.release(flow.guest_mac, IPPROTO_TCP)
+            self.limits.release_half_open(owner)
+        self.limits.release(owner, IPPROTO_TCP)
 
     def status(self) -> dict[str, object]:
         states = Counter(flow.conn.state for flow in self.flows.values())

@@ -6,7 +6,8 @@ view; its checksum verified unless the frame's offload metadata says the guest l
 NEEDS_CSUM, or a kernel already checked it, DATA_VALID) -> to the gateway's own address? port
 53 goes to the DNS forwarder, anything else to the hub's loopback with `--map-host-loopback`,
 or is refused -> a denied destination is refused -> a known flow: SendDatagram; a new one: the
-guest's cap (netstack.nat.limits) admits it or it is refused -> OpenSocket + SendDatagram.
+guest's cap (netstack.nat.limits: its port's) admits it or it is refused -> OpenSocket +
+SendDatagram.
 A datagram the host socket received: `from_host` -> a frame to the guest from the remote.
 A flow idle for UDP_IDLE_SECONDS is closed by `tick(now)` (CloseSocket).  Every drop is
 counted in `drops` by reason; nothing raises out of `from_guest` or `from_host`.
@@ -17,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from netstack.frame import HDR_F_DATA_VALID, HDR_F_NEEDS_CSUM, Frame
-from netstack.nat.limits import FlowKey, FlowLimits, IdleFlows
+from netstack.nat.limits import FlowKey, FlowLimits, IdleFlows, Owner
 from netstack.nat.packet import (
     GuestPacket,
     NatConfig,
@@ -64,11 +65,12 @@ class CloseSocket:
 
 
 class UdpFlow:
-    __slots__ = ("from_host", "guest_mac", "key", "last_seen", "to_host")
+    __slots__ = ("from_host", "guest_mac", "key", "last_seen", "owner", "to_host")
 
-    def __init__(self, key: FlowKey, guest_mac: bytes, now: float) -> None:
+    def __init__(self, key: FlowKey, guest_mac: bytes, owner: Owner, now: float) -> None:
         self.key = key
         self.guest_mac = guest_mac
+        self.owner = owner
         self.last_seen = now
         self.to_host = 0  # datagrams
         self.from_host = 0
@@ -152,9 +154,10 @@ class UdpTable(IdleFlows):
             self.touch(flow, now)
             flow.to_host += 1
             return [send]
-        if not self.limits.admit(packet.guest_mac, IPPROTO_UDP):
+        owner = self.limits.owner_of(packet.guest_mac)
+        if not self.limits.admit(owner, IPPROTO_UDP):
             raise Refused("flow_limit")
-        flow = self.flows[key] = UdpFlow(key, packet.guest_mac, now)
+        flow = self.flows[key] = UdpFlow(key, packet.guest_mac, owner, now)
         flow.to_host = 1
         return [OpenSocket(key, host_ip, dst_port), send]
 

@@ -3,12 +3,13 @@ socket is one flow into the guest, from the gateway's address and a port no UDP 
 the shell owns the sockets (one per forward) and calls in with what they received.
 
 A client's datagram: `from_client` -> its flow (a new client: the forward's cap
-MAX_FORWARD_FLOWS, the guest's UDP cap in FlowLimits, a gateway address of the guest's family
-and a free port; else dropped, counted) -> a frame to the guest.  The guest's answer, a
-datagram to the gateway's address: `guest_datagram` -> SendToClient for the forward's socket
-(None: not a forward's flow, the UDP table's business).  A flow idle for `idle_seconds` is
-forgotten by `tick(now)`.  Drops are counted in `drops` by reason; nothing here raises but
-the Malformed/Refused of a guest datagram, as the UDP table does.
+MAX_FORWARD_FLOWS, the guest's UDP cap in FlowLimits (of the port its MAC is on now), a
+gateway address of the guest's family and a free port; else dropped, counted) -> a frame to
+the guest.  The guest's answer, a datagram to the gateway's address: `guest_datagram` ->
+SendToClient for the forward's socket (None: not a forward's flow, the UDP table's
+business).  A flow idle for `idle_seconds` is forgotten by `tick(now)`.  Drops are counted
+in `drops` by reason; nothing here raises but the Malformed/Refused of a guest datagram, as
+the UDP table does.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 from netstack.frame import Frame
 from netstack.nat.forward import MAX_FORWARD_FLOWS, free_port, gateway_address
-from netstack.nat.limits import FlowKey, FlowLimits, IdleFlows
+from netstack.nat.limits import FlowKey, FlowLimits, IdleFlows, Owner
 from netstack.nat.packet import GuestPacket, NatConfig, Refused, frame_to_guest
 from netstack.nat.udp import UDP_IDLE_SECONDS, read_udp, udp_message
 from netstack.wire import IPPROTO_UDP
@@ -37,12 +38,14 @@ class SendToClient:
 
 
 class ForwardFlow:
-    __slots__ = ("client", "forward", "from_guest", "guest_mac", "key", "last_seen", "to_guest")
+    __slots__ = ("client", "forward", "from_guest", "guest_mac", "key", "last_seen", "owner",
+                 "to_guest")
 
-    def __init__(self, key: FlowKey, guest_mac: bytes, forward: int, client: tuple,
-                 now: float) -> None:
+    def __init__(self, key: FlowKey, guest_mac: bytes, owner: Owner, forward: int,
+                 client: tuple, now: float) -> None:
         self.key = key
         self.guest_mac = guest_mac
+        self.owner = owner  # the port the guest's MAC was on when the client came
         self.forward = forward
         self.client = client
         self.last_seen = now
@@ -113,11 +116,12 @@ class UdpForwards(IdleFlows):
         if port is None:
             self.drops["no_port"] += 1
             return None
-        if not self.limits.admit(guest_mac, IPPROTO_UDP, forwarded=True):
+        owner = self.limits.owner_of(guest_mac)
+        if not self.limits.admit(owner, IPPROTO_UDP, forwarded=True):
             self.drops["flow_limit"] += 1
             return None
         key = FlowKey(IPPROTO_UDP, guest_ip, guest_port, gateway, port)
-        self.flows[key] = ForwardFlow(key, guest_mac, forward, client, now)
+        self.flows[key] = ForwardFlow(key, guest_mac, owner, forward, client, now)
         self.clients[(forward, client)] = key
         self.active[forward] += 1
         return key

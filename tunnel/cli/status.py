@@ -165,7 +165,8 @@ def _counts(counts: dict) -> str:
 
 def _format_nat(nat: dict) -> list[str]:
     """The hub's NAT: its flows by protocol, DNS, what it dropped and refused (NAT-wide, by
-    reason), then what each guest holds in it (by MAC), and the port forwards."""
+    reason), then what each guest holds in it (by port: a guest's caps are its port's), and
+    the port forwards."""
     tcp, dns = nat.get("tcp", {}), nat.get("dns", {})
     states = _counts(tcp.get("states", {}))
     lines = [f"  NAT: tcp {tcp.get('flows', 0)} flows" + (f" ({states})" if states else "")
@@ -183,10 +184,13 @@ def _format_nat(nat: dict) -> list[str]:
         lines.append(f"    drops {_counts(drops)}")
     if nat.get("refusals"):
         lines.append(f"    refused {_counts(nat['refusals'])}")
-    for mac, held in sorted(nat.get("guests", {}).items()):
+    for port, held in sorted(nat.get("ports", {}).items()):
         flows = _counts(held.get("flows", {})) or "no flows"
-        lines.append(f"    {mac}: {flows}, {held.get('half_open', 0)} half-open, "
-                     f"{held.get('buffered', 0)} B buffered")
+        macs = len(held.get("macs", {}))
+        lines.append(f"    {port}: {flows}, {held.get('half_open', 0)} half-open, "
+                     f"{held.get('buffered', 0)} B buffered, {held.get('dns_pending', 0)} "
+                     f"DNS pending, {held.get('lingering', 0)} lingering, "
+                     f"{macs} MAC{'' if macs == 1 else 's'}")
     for forward in nat.get("forwards", []):
         state = ""
         if "listening" in forward:
