@@ -43,6 +43,9 @@ from virtio.spec import (
 )
 from virtio.vring import WALK_BUDGET, RingError, SplitQueue
 
+# Each test runs over both ring walks, the Python reference and the native one.
+pytestmark = pytest.mark.usefixtures("ring_walk")
+
 FUZZ_EXAMPLES = int(os.environ.get("VHOSTVPN_FUZZ_EXAMPLES", "200"))
 FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
