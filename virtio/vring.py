@@ -19,13 +19,38 @@ read exactly once into a local (a guest may rewrite memory under us); indirect t
 copied before they are walked.  A violation raises RingError, and the device that owns the
 queue latches itself broken: no more work on its rings, nothing else disturbed.
 
+Two walks, one behaviour.  The walk above exists twice: in Python (this module and
+virtio/net.py, the reference) and in C (virtio/_ring.c, `SplitQueue.native`), chosen per queue
+when it is made: VHOSTVPN_RING=native|python, native by default when it was built (`pip
+install .` compiles it; without a compiler the package installs, and the first queue made logs
+a warning that rings use Python).  The native walk does a whole batch per call: `pop` (the
+same chains as `pop` here), `pop_frames` (pop_tx: walk, copy each TX chain into one bytes
+object, make the Frames, write the used entries and the one used.idx store) and `pop_rx`
+(push_rx: walk, then place every frame that fits its chain's first writable buffer -- header
+and frame, one copy -- and hand the rest back to the Python loop, which does everything
+unusual: split buffers, mergeable gathering, drops).  It makes the same checks in the same
+order, raises RingError with the same messages and counts `walked` the same, and reaches guest
+memory only through a RegionTable (GuestMemory.native_table: each region's buffer, held until
+the memory is closed), with [addr, addr+len) checked against one region.  Guest regions may not
+overlap (GuestMemory refuses it), so which region translates an address never depends on the
+order regions are searched in.  tests/test_fuzz_virtio.py drives hostile rings, rewritten
+between calls, through both and requires identical frames, used entries, guest memory, drops,
+indexes and error messages.
+
 Memory ordering.  On x86-64 loads are not reordered with loads nor stores with stores, and
 every CPython access to the mapping is an opaque C call, so read barriers and write barriers
 cost nothing here.  Two places need a store->load fence, which x86 does reorder: after
 publishing used.idx and before reading used_event/avail.flags, and after writing
 avail_event/clearing NO_NOTIFY and before re-reading avail.idx.  `full_fence` (virtio._fence,
-an mfence) is called at exactly those two points, once per batch.  Other architectures would
-also need real rmb/wmb; vhostvpn supports x86-64 only.
+an mfence) is called at exactly those two points, once per batch.  Without a compiler
+`full_fence` takes and gives back an uncontended threading.Lock instead, which is a full
+barrier too: CPython's lock is a POSIX semaphore on Linux, whose uncontended sem_trywait and
+sem_post are a `lock cmpxchg` and a `lock xadd`, and x86-64 never reorders loads or stores
+across a LOCK-prefixed instruction (Intel SDM vol. 3, "Memory Ordering"); both are opaque
+calls, so neither the compiler nor the interpreter moves the ring accesses across them.  The
+native walk stores used.idx after the used elements behind a compiler barrier, and reads each
+descriptor once into a local behind one.  Other architectures would also need real rmb/wmb;
+vhostvpn supports x86-64 only.
 """
 
 from __future__ import annotations

@@ -1,0 +1,76 @@
+"""The native ring walk (virtio._ring) as a component: it agrees with the Python constants, it
+refuses to touch guest memory once that is released, and the package runs without it (and
+without virtio._fence) on the pure-Python fallbacks.  Its behaviour against the Python walk is
+tested by the ring tests run over both and by the differential fuzzer (test_fuzz_virtio.py)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.virtio_driver import DriverQueue, GuestRam
+from tests.test_vring import backend_memory
+from virtio import vring
+from virtio.spec import MAX_CHAIN_BUFFERS, MAX_INDIRECT_ENTRIES, MAX_MEM_REGIONS, MAX_QUEUE_SIZE
+from virtio.vring import SplitQueue
+
+ROOT = Path(__file__).resolve().parent.parent
+native = pytest.mark.skipif(vring._ring is None, reason="virtio._ring is not built")
+
+
+@native
+def test_the_native_walk_uses_the_same_limits_as_the_python_one():
+    ring = vring._ring
+    assert (ring.WALK_BUDGET, ring.MAX_CHAIN_BUFFERS, ring.MAX_INDIRECT_ENTRIES,
+            ring.MAX_QUEUE_SIZE, ring.MAX_MEM_REGIONS) == (
+        vring.WALK_BUDGET, MAX_CHAIN_BUFFERS, MAX_INDIRECT_ENTRIES, MAX_QUEUE_SIZE,
+        MAX_MEM_REGIONS)
+
+
+@native
+def test_a_native_ring_over_released_memory_raises_instead_of_reading_it():
+    ram = GuestRam(1 << 20)
+    q = DriverQueue(ram, 16, event_idx=True, indirect=True)
+    memory, fds = backend_memory(ram)
+    queue = SplitQueue(1, 16, memory, q.desc_uva, q.avail_uva, q.used_uva, 0, event_idx=True,
+                       indirect=True, native=True)
+    ring = queue.native
+    try:
+        memory.native_table().release()  # what memory.close() does first
+        with pytest.raises(ValueError, match="released"):
+            ring.pop(0, 8, 0)
+        queue.release()
+        with pytest.raises(ValueError, match="released"):
+            ring.tx(0, 8, 0, 0, 26, 1526)
+    finally:
+        memory.close()
+        for fd in fds:
+            os.close(fd)
+        ram.close()
+
+
+def test_without_native_helpers_the_rings_use_python_and_a_lock_fence():
+    script = (
+        "import sys, logging\n"
+        "sys.modules['virtio._ring'] = None\n"
+        "sys.modules['virtio._fence'] = None\n"
+        "logging.basicConfig(level=logging.INFO, format='%(message)s')\n"
+        "from tests.test_vring import Pair, eth\n"
+        "from virtio import vring\n"
+        "assert vring.ring_implementation() == 'python'\n"
+        "with Pair() as pair:\n"
+        "    assert pair.tx.native is None\n"
+        "    pair.driver.send([eth(1), eth(2)])\n"
+        "    frames = pair.net.pop_tx(pair.tx, 8)\n"
+        "    assert [f.data for f in frames] == [eth(1), eth(2)]\n"
+        "    pair.tx.should_notify()\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT), VHOSTVPN_RING="native")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "virtio._ring is not built" in result.stderr
+    assert "virtio._fence is not built" in result.stderr
+    assert "virtio rings: python walk" in result.stderr
