@@ -14,7 +14,7 @@ from tests.support.virtio_driver import DriverQueue, GuestRam
 from tests.test_vring import backend_memory
 from virtio import vring
 from virtio.spec import MAX_CHAIN_BUFFERS, MAX_INDIRECT_ENTRIES, MAX_MEM_REGIONS, MAX_QUEUE_SIZE
-from virtio.vring import SplitQueue
+from virtio.vring import RingError, SplitQueue
 
 ROOT = Path(__file__).resolve().parent.parent
 native = pytest.mark.skipif(vring._ring is None, reason="virtio._ring is not built")
@@ -74,3 +74,23 @@ def test_without_native_helpers_the_rings_use_python_and_a_lock_fence():
     assert "virtio._ring is not built" in result.stderr
     assert "virtio._fence is not built" in result.stderr
     assert "virtio rings: python walk" in result.stderr
+
+
+@native
+def test_a_buffer_running_off_the_top_of_the_address_space_breaks_both_walks_alike():
+    from tests.test_fuzz_virtio import TOP, Guest
+
+    messages = []
+    for walk in (False, True):
+        guest = Guest(0, True, gpa_base=TOP, native=walk)
+        try:
+            guest.tx_q.write_desc(0, (1 << 64) - 100, 200, 0, 0)
+            guest.tx_q.set_avail_entry(0, 0)
+            guest.tx_q.set_avail_idx(1)
+            with pytest.raises(RingError) as raised:
+                guest.tx.pop(4)
+            messages.append(str(raised.value))
+        finally:
+            guest.close()
+    assert messages[0] == messages[1] == (
+        "queue 1: descriptor 0: guest address 0x10000000000000000+0x64 is outside guest memory")

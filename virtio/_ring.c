@@ -41,7 +41,6 @@ static PyObject *ring_error;   /* virtio.vring.RingError, set by set_ring_error 
 static PyTypeObject *frame_type; /* netstack.frame.Frame, set by set_frame_type */
 static Py_ssize_t frame_data_offset, frame_offload_offset;
 static PyObject *plain_offload;  /* netstack.frame.PLAIN */
-static PyObject *str_popleft;
 
 /* -- guest memory --------------------------------------------------------------------- */
 
@@ -846,10 +845,8 @@ ring_rx(Ring *r, PyObject *args)
         Py_XDECREF(length);
         if (failed)
             goto done;
-        PyObject *gone = PyObject_CallMethodNoArgs(frames, str_popleft);
-        if (gone == NULL)
+        if (PySequence_DelItem(frames, 0) < 0)   /* frames.popleft() */
             goto done;
-        Py_DECREF(gone);
         delivered++;
         nbytes += (Py_ssize_t)(need - NET_HDR_LEN);
     }
@@ -965,9 +962,6 @@ PyMODINIT_FUNC
 PyInit__ring(void)
 {
     if (PyType_Ready(&RegionTableType) < 0 || PyType_Ready(&RingType) < 0)
-        return NULL;
-    str_popleft = PyUnicode_InternFromString("popleft");
-    if (str_popleft == NULL)
         return NULL;
     PyObject *module = PyModule_Create(&ring_module);
     if (module == NULL)
