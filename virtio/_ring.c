@@ -554,6 +554,11 @@ chain_tuples(RegionTable *t, batch_t *b, size_t from)
         return NULL;
     for (size_t k = from; k < b->nchains; k++) {
         chain_t *c = &b->chains[k];
+        if (t->released) {   /* released by a finalizer the allocations below ran */
+            Py_DECREF(list);
+            PyErr_SetString(PyExc_ValueError, "operation forbidden on a released ring");
+            return NULL;
+        }
         PyObject *readable = span_list(t, b->spans + c->first, c->nread);
         PyObject *writable = span_list(t, b->spans + c->first + c->nread, c->nwrite);
         PyObject *chain = NULL;
@@ -636,6 +641,10 @@ ring_tx(Ring *r, PyObject *args)
         PyErr_SetString(PyExc_RuntimeError, "virtio._ring.set_frame_type was not called");
         return NULL;
     }
+    if (tx_min < NET_HDR_LEN || tx_max < tx_min) {
+        PyErr_SetString(PyExc_ValueError, "tx_min must hold a virtio-net header");
+        return NULL;
+    }
     batch_t b = {0};
     PyObject *frames = NULL, *checks = NULL, *error = NULL, *result = NULL;
     uint32_t *used = NULL;
@@ -653,6 +662,10 @@ ring_tx(Ring *r, PyObject *args)
     }
     for (size_t k = 0; k < b.nchains; k++) {
         chain_t *c = &b.chains[k];
+        /* Allocations may run the cyclic GC, and a finalizer any code: touch guest memory
+         * only while the ring and its memory are still there. */
+        if (!ring_usable(r))
+            goto done;
         used[2 * nused] = c->head;
         used[2 * nused + 1] = 0;
         nused++;
@@ -711,6 +724,8 @@ ring_tx(Ring *r, PyObject *args)
             Py_DECREF(at);
         }
     }
+    if (!ring_usable(r))
+        goto done;
     used_idx = publish_used(r, used_idx & 0xFFFF, used, nused);
     result = Py_BuildValue("(OOnnnInO)", frames, checks, runts, oversize, (Py_ssize_t)b.nchains,
                            used_idx, walked, error != NULL ? error : Py_None);
@@ -809,6 +824,8 @@ ring_rx(Ring *r, PyObject *args)
         goto done;
     for (; k < b.nchains; k++) {
         chain_t *c = &b.chains[k];
+        if (!ring_usable(r))   /* as in ring_tx */
+            goto done;
         if (c->nwrite == 0) {
             PyErr_Format(ring_error, "queue %d: RX chain %u has no writable buffer", r->index,
                          c->head);
