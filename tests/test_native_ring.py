@@ -94,3 +94,16 @@ def test_a_buffer_running_off_the_top_of_the_address_space_breaks_both_walks_ali
             guest.close()
     assert messages[0] == messages[1] == (
         "queue 1: descriptor 0: guest address 0x10000000000000000+0x64 is outside guest memory")
+
+
+@pytest.mark.parametrize(("setting", "expected"), [
+    ("python", "python"), ("native", "native"), (None, "native"), ("fast", "native")])
+def test_vhostvpn_ring_selects_the_walk_native_by_default(monkeypatch, caplog, setting,
+                                                          expected):
+    if setting is None:
+        monkeypatch.delenv(vring.RING_ENV, raising=False)
+    else:
+        monkeypatch.setenv(vring.RING_ENV, setting)
+    built = vring._ring is not None
+    assert vring._ring_from_environment() == (expected == "native" and built)
+    assert ("none of native|python" in caplog.text) == (setting == "fast")
