@@ -756,7 +756,7 @@ fast_frame(PyObject *frame, Py_buffer *view, unsigned char header[NET_HDR_LEN])
     if (offload != plain_offload) {
         static const unsigned long limits[6] = {0xFF, 0xFF, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF};
         unsigned long values[6];
-        if (!PyTuple_CheckExact(offload) && !PyTuple_Check(offload))
+        if (!PyTuple_Check(offload))
             return 0;
         if (PyTuple_GET_SIZE(offload) != 6)
             return 0;
