@@ -22,7 +22,7 @@
 #include <stdint.h>
 #include <string.h>
 
-/* From virtio/spec.py and virtio/vring.py (tests/test_fuzz_virtio.py checks they agree). */
+/* From virtio/spec.py and virtio/vring.py (tests/test_native_ring.py checks they agree). */
 #define DESC_SIZE 16
 #define DESC_F_NEXT 1
 #define DESC_F_WRITE 2
