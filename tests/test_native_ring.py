@@ -170,3 +170,29 @@ def test_the_native_walk_leaks_nothing_on_its_error_paths():
         assert after - before < 4096
     finally:
         guest.close()
+
+
+@native
+def test_a_chain_of_too_many_buffers_breaks_both_walks_alike():
+    """1024 indirect descriptors, each straddling the boundary of two regions: 2048 buffers."""
+    import struct
+
+    from tests.test_fuzz_virtio import Guest
+
+    messages = []
+    for walk in (False, True):
+        guest = Guest(0, True, native=walk)
+        try:
+            table = guest.tables[0]
+            guest.ram.write(table, b"".join(
+                struct.pack("<QIHH", guest.boundary - 1, 2, 1 if k < 1023 else 0, k + 1)
+                for k in range(1024)))
+            guest.tx_q.write_desc(0, table, 1024 * 16, 4, 0)
+            guest.tx_q.set_avail_entry(0, 0)
+            guest.tx_q.set_avail_idx(1)
+            with pytest.raises(RingError) as raised:
+                guest.tx.pop(4)
+            messages.append(str(raised.value))
+        finally:
+            guest.close()
+    assert messages[0] == messages[1] == "queue 1: chain 0 has too many buffers"
