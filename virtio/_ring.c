@@ -875,6 +875,87 @@ done:
     return result;
 }
 
+/* The mapping a span's mmap belongs to, with [start, stop) checked against it. */
+static unsigned char *
+span_target(RegionTable *t, PyObject *span, Py_ssize_t *len)
+{
+    PyObject *mm;
+    Py_ssize_t start, stop;
+    if (!PyTuple_Check(span) || !PyArg_ParseTuple(span, "Onn", &mm, &start, &stop))
+        goto bad;
+    for (int k = 0; k < t->count; k++) {
+        region_t *reg = &t->regions[k];
+        if (reg->mm == mm) {
+            if (start < 0 || stop < start || stop > reg->view.len)
+                goto bad;
+            *len = stop - start;
+            return reg->ptr + start;
+        }
+    }
+bad:
+    if (!PyErr_Occurred())
+        PyErr_SetString(PyExc_ValueError, "not a span of this ring's guest memory");
+    return NULL;
+}
+
+/* net._scatter: `header` then `data` over the writable spans of `chains` in order, appending
+ * (head, bytes written) per chain to `used`. */
+static PyObject *
+ring_scatter(Ring *r, PyObject *args)
+{
+    Py_buffer sources[2];
+    PyObject *chains, *used;
+    if (!PyArg_ParseTuple(args, "y*y*O!O!", &sources[0], &sources[1], &PyList_Type, &chains,
+                          &PyList_Type, &used))
+        return NULL;
+    PyObject *result = NULL;
+    int source = 0;
+    Py_ssize_t offset = 0;
+    if (!ring_usable(r))
+        goto done;
+    for (Py_ssize_t c = 0; c < PyList_GET_SIZE(chains); c++) {
+        PyObject *chain = PyList_GET_ITEM(chains, c), *head, *writable;
+        if (!PyTuple_Check(chain) || PyTuple_GET_SIZE(chain) != 3
+            || !PyList_Check(writable = PyTuple_GET_ITEM(chain, 2))) {
+            PyErr_SetString(PyExc_TypeError, "want (head, readable, writable) chains");
+            goto done;
+        }
+        head = PyTuple_GET_ITEM(chain, 0);
+        Py_ssize_t written = 0;
+        for (Py_ssize_t k = 0; k < PyList_GET_SIZE(writable) && source < 2; k++) {
+            Py_ssize_t room;
+            unsigned char *to = span_target(r->table, PyList_GET_ITEM(writable, k), &room);
+            if (to == NULL)
+                goto done;
+            while (room && source < 2) {
+                Py_ssize_t take = sources[source].len - offset < room
+                                  ? sources[source].len - offset : room;
+                memcpy(to, (char *)sources[source].buf + offset, (size_t)take);
+                to += take;
+                room -= take;
+                offset += take;
+                written += take;
+                if (offset == sources[source].len) {
+                    source++;
+                    offset = 0;
+                }
+            }
+        }
+        PyObject *length = PyLong_FromSsize_t(written);
+        int failed = length == NULL || PyList_Append(used, head) < 0
+                     || PyList_Append(used, length) < 0;
+        Py_XDECREF(length);
+        if (failed)
+            goto done;
+    }
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyBuffer_Release(&sources[0]);
+    PyBuffer_Release(&sources[1]);
+    return result;
+}
+
 static PyObject *
 ring_release(Ring *r, PyObject *Py_UNUSED(ignored))
 {
@@ -891,6 +972,9 @@ static PyMethodDef ring_methods[] = {
     {"rx", (PyCFunction)ring_rx, METH_VARARGS,
      "rx(last_avail_idx, count, walked, frames, used) -> (rest, popped, walked, delivered, "
      "bytes)."},
+    {"scatter", (PyCFunction)ring_scatter, METH_VARARGS,
+     "scatter(header, data, chains, used): header and frame over the chains' writable spans "
+     "(net._scatter)."},
     {"release", (PyCFunction)ring_release, METH_NOARGS,
      "Release the ring's views (before guest memory is unmapped)."},
     {NULL, NULL, 0, NULL},

@@ -210,6 +210,7 @@ class NetQueues:
         used: list[int] = []  # flat: head, length, head, length, ...
         mergeable = self.mergeable
         pack_header = VIRTIO_NET_HDR.pack_into
+        scatter = _scatter if queue.native is None else queue.native.scatter
         drops = self.drops
         # Every pass of the loop below takes one frame off `frames` (delivered or dropped) or
         # ends the batch: at most `limit` passes.
@@ -277,7 +278,7 @@ class NetQueues:
                     frame.pack_virtio_header(header, 0, 1)
                     source = memoryview(data).cast("B")
                     if room >= need:
-                        _scatter(header, source, [ready[next_ready]], used)
+                        scatter(header, source, [ready[next_ready]], used)
                         next_ready += 1
                     else:
                         avail_idx = queue.avail_idx()  # before the gather reads the ring
@@ -296,7 +297,7 @@ class NetQueues:
                             frames.popleft()
                             continue
                         _NUM_BUFFERS.pack_into(header, VIRTIO_NET_HDR_LEN - 2, len(taken))
-                        _scatter(header, source, taken, used)
+                        scatter(header, source, taken, used)
             except RingError:
                 raise
             except Exception:
@@ -347,7 +348,8 @@ def _gather(
 
 
 def _scatter(header: bytearray, source: memoryview, chains: list[Chain], used: list[int]) -> None:
-    """Header then frame bytes, spread over the chains' writable spans in order."""
+    """Header then frame bytes, spread over the chains' writable spans in order (the native
+    walk's Ring.scatter does the same in C)."""
     sources = (memoryview(header), source)
     source_index = 0
     source_offset = 0

@@ -28,7 +28,8 @@ same chains as `pop` here), `pop_frames` (pop_tx: walk, copy each TX chain into 
 object, make the Frames, write the used entries and the one used.idx store) and `pop_rx`
 (push_rx: walk, then place every frame that fits its chain's first writable buffer -- header
 and frame, one copy -- and hand the rest back to the Python loop, which does everything
-unusual: split buffers, mergeable gathering, drops).  It makes the same checks in the same
+unusual: mergeable gathering, drops) and `scatter` (a frame over several buffers, for that
+loop).  It makes the same checks in the same
 order, raises RingError with the same messages and counts `walked` the same, and reaches guest
 memory only through a RegionTable (GuestMemory.native_table: each region's buffer, held until
 the memory is closed), with [addr, addr+len) checked against one region.  Guest regions may not
