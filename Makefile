@@ -52,7 +52,7 @@ apt:
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
 	fi
 
-$(STAMP): pyproject.toml setup.py virtio/_fence.c
+$(STAMP): pyproject.toml setup.py virtio/_fence.c virtio/_ring.c
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q -U pip
 	$(VENV)/bin/pip install -q -e '.[test]'

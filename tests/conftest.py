@@ -30,3 +30,16 @@ def guest_image() -> None:
     from tests.support.guest import ensure_image
 
     ensure_image()
+
+
+@pytest.fixture(params=["python", "native"])
+def ring_walk(request, monkeypatch) -> str:
+    """Run the test over both ring walks (virtio/vring.py): the Python reference and the
+    native one (virtio._ring).  Modules opt in with `pytest.mark.usefixtures("ring_walk")`;
+    the native case is skipped, saying so, where virtio._ring is not built."""
+    from virtio import vring
+
+    if request.param == "native" and vring._ring is None:
+        pytest.skip("virtio._ring is not built (no C compiler at install)")
+    monkeypatch.setattr(vring, "NATIVE", request.param == "native")
+    return request.param

@@ -23,6 +23,9 @@ from tunnel.hub import Hub, HubConfig
 from virtio.backend import VirtioNetPort
 from virtio.spec import Request
 
+# Each test runs over both ring walks, the Python reference and the native one.
+pytestmark = pytest.mark.usefixtures("ring_walk")
+
 MAC_A = bytes.fromhex("020000000001")
 MAC_B = bytes.fromhex("020000000002")
 BROADCAST = b"\xff" * 6

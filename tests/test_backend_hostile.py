@@ -28,6 +28,9 @@ from virtio.backend import VhostUserServer
 from virtio.protocol import Message
 from virtio.spec import FLAG_VERSION, MAX_FRAME, Request
 
+# Each test runs over both ring walks, the Python reference and the native one.
+pytestmark = pytest.mark.usefixtures("ring_walk")
+
 MAC_A = bytes.fromhex("020000000001")
 BROADCAST = b"\xff" * 6
 

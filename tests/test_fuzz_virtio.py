@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from netstack.frame import VIRTIO_NET_HDR_LEN, Frame
+from netstack.frame import HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_LEN, Frame
 from tests.support.deadline import Hang, deadline
 from tests.support.virtio_driver import (
     VIRTQ_DESC_F_INDIRECT,
@@ -43,6 +43,10 @@ from virtio.spec import (
 )
 from virtio.vring import WALK_BUDGET, RingError, SplitQueue
 
+# The fuzzers run over both ring walks, the Python reference and the native one (the
+# differential fuzzer below drives both at once).
+BOTH_WALKS = pytest.mark.usefixtures("ring_walk")
+
 FUZZ_EXAMPLES = int(os.environ.get("VHOSTVPN_FUZZ_EXAMPLES", "200"))
 FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -64,8 +68,10 @@ class Guest:
     """Two regions, a TX and an RX ring, a pool of bytes straddling the region boundary and
     four indirect tables; the device side of both rings."""
 
-    def __init__(self, seed: int, mergeable: bool) -> None:
-        self.ram = GuestRam.multi([REGION, REGION])
+    def __init__(self, seed: int, mergeable: bool, *, gpa_base: int = 0,
+                 native: bool | None = None) -> None:
+        self.ram = GuestRam.multi([REGION, REGION], gpa_base=gpa_base)
+        self.native = native
         rng = random.Random(seed)
         self.tx_q = DriverQueue(self.ram, RING, event_idx=True, indirect=True)
         self.rx_q = DriverQueue(self.ram, RING, event_idx=True, indirect=True)
@@ -87,7 +93,7 @@ class Guest:
 
     def device_queue(self, q: DriverQueue, index: int) -> SplitQueue:
         return SplitQueue(index, RING, self.memory, q.desc_uva, q.avail_uva, q.used_uva, 0,
-                          event_idx=True, indirect=True)
+                          event_idx=True, indirect=True, native=self.native)
 
     def address(self, kind: int, offset: int) -> int:
         """A guest address of some kind: pool, region boundary, indirect table, raw."""
@@ -97,6 +103,9 @@ class Guest:
             return self.boundary - 64 + offset % 128
         if kind in (2, 3, 4, 5):
             return self.tables[kind - 2] + 16 * (offset % MAX_INDIRECT_ENTRIES)
+        if kind == 7:  # the last bytes of guest memory (of the address space, at the top)
+            last = self.ram.regions[-1]
+            return last.gpa + last.size - 1 - offset % 8192
         return offset  # anything, in or out of guest memory
 
     def close(self) -> None:
@@ -116,7 +125,7 @@ lengths = st.one_of(
                      VIRTIO_NET_HDR_LEN + MAX_FRAME + 1, 1 << 23, 1 << 31, (1 << 32) - 1]),
 )
 descriptors = st.tuples(
-    st.integers(0, 6),  # address kind
+    st.integers(0, 7),  # address kind
     st.one_of(st.integers(0, 1 << 20), st.integers(0, (1 << 64) - 1)),  # offset / raw address
     lengths,
     st.sampled_from([0, 0, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_WRITE,
@@ -145,6 +154,7 @@ def publish_raw(q: DriverQueue, heads: list[int], avail_idx: int | None) -> None
     q.set_avail_idx(len(heads) if avail_idx is None else avail_idx)
 
 
+@BOTH_WALKS
 @FUZZ
 @given(
     seed=st.integers(0, 1 << 32),
@@ -183,6 +193,7 @@ def test_hostile_tx_rings_break_only_the_ring_and_account_for_every_chain(
         guest.close()
 
 
+@BOTH_WALKS
 @FUZZ
 @given(
     seed=st.integers(0, 1 << 32),
@@ -230,6 +241,7 @@ def push_until_stuck(guest: Guest, frames: deque, total: int) -> int:
     return delivered
 
 
+@BOTH_WALKS
 @FUZZ
 @given(
     buffers=st.lists(st.tuples(st.integers(1, 3), st.integers(1, 96)), min_size=1,
@@ -375,6 +387,7 @@ def exercise_rings(device: VhostUserDevice) -> None:
             device.latch_broken(str(exc))
 
 
+@BOTH_WALKS
 @FUZZ
 @given(seed=st.integers(0, 1 << 32), sane_start=st.booleans(),
        script=st.lists(messages(), min_size=1, max_size=25))
@@ -420,3 +433,153 @@ def test_the_fuzzers_deadline_interrupts_a_busy_loop():
     with pytest.raises(Hang), deadline(0.05):
         while True:
             pass
+
+
+# -- (c) the native ring walk against the Python reference -------------------------------------
+
+TOP = (1 << 64) - 2 * REGION  # guest memory ending exactly at the top of the address space
+frame_data = st.one_of(
+    st.integers(0, MAX_FRAME + 2).map(lambda size: bytes([size & 0xFF]) * size),
+    st.integers(14, 2000).map(lambda size: bytearray([size & 0xFF]) * size),
+    st.integers(7, 1000).map(lambda size: memoryview(bytes(2 * size)).cast("H")),  # not bytes
+)
+offloads = st.one_of(
+    st.none(),
+    st.tuples(*[st.sampled_from([0, 1, 0xFF, 0x100, 0xFFFF, 0x10000, -1])] * 6),
+    st.tuples(st.sampled_from([0, HDR_F_NEEDS_CSUM]), st.sampled_from([0, 1, 3, 4, 0x80]),
+              *[st.integers(0, 0xFFFF)] * 4),
+)
+queues = st.sampled_from(["tx", "rx"])
+steps = st.one_of(
+    st.tuples(st.just("pop_tx"), st.integers(0, 300)),
+    st.tuples(st.just("push_rx"), st.lists(st.tuples(frame_data, offloads), max_size=12),
+              st.integers(1, 16)),
+    st.tuples(st.just("pop"), queues, st.integers(0, RING + 8)),
+    st.tuples(st.just("desc"), queues, st.integers(0, RING - 1), descriptors),
+    st.tuples(st.just("table"), st.integers(0, 3), tables, st.booleans()),
+    st.tuples(st.just("avail"), queues, st.lists(st.integers(0, RING + 2), max_size=RING),
+              st.one_of(st.none(), st.none(), st.none(), st.integers(0, 0xFFFF))),
+)
+heads = st.lists(st.one_of(st.integers(0, 8), st.integers(0, RING + 2)), max_size=RING)
+# Two guests per example and guest memory compared after every step: a quarter of the
+# examples of the other fuzzers takes about as long.
+DIFFERENTIAL = settings(FUZZ, max_examples=max(FUZZ_EXAMPLES // 4, 1))
+
+
+class Twins:
+    """The same guest twice, one served by the Python walk, one by the native walk."""
+
+    def __init__(self, seed: int, mergeable: bool, top: bool) -> None:
+        base = TOP if top else 0
+        self.guests = [Guest(seed, mergeable, gpa_base=base, native=False),
+                       Guest(seed, mergeable, gpa_base=base, native=True)]
+        self.regions = [{id(r.mm): k for k, r in enumerate(g.memory.regions)}
+                        for g in self.guests]
+        self.broken: set[str] = set()
+
+    def close(self) -> None:
+        for guest in self.guests:
+            guest.close()
+
+
+def spans_seen(regions: dict[int, int], spans: list) -> list[tuple[int, int, int]]:
+    return [(regions[id(mm)], start, stop) for mm, start, stop in spans]
+
+
+def run_step(twins: Twins, guest: Guest, regions: dict[int, int], step: tuple) -> object:
+    """One step against one twin: what a caller could observe of it."""
+    kind = step[0]
+    if kind == "pop_tx":
+        frames = guest.net.pop_tx(guest.tx, step[1])
+        return [(bytes(f.data), tuple(f.offload)) for f in frames]
+    if kind == "push_rx":
+        frames = deque(Frame(data) if offload is None else Frame(data, offload)
+                       for data, offload in step[1])
+        result = guest.net.push_rx(guest.rx, frames, step[2])
+        return result, [bytes(f.data) for f in frames]
+    if kind == "pop":
+        chains = (guest.tx if step[1] == "tx" else guest.rx).pop(step[2])
+        return [(head, spans_seen(regions, r), spans_seen(regions, w)) for head, r, w in chains]
+    # The guest rewrites its memory between our calls.
+    if kind == "desc":
+        _, name, index, (addr_kind, offset, length, flags, nxt) = step
+        q = guest.tx_q if name == "tx" else guest.rx_q
+        q.write_desc(index, guest.address(addr_kind, offset) & ((1 << 64) - 1), length, flags, nxt)
+    elif kind == "table":
+        _, which, entries, write = step
+        write_flag = VIRTQ_DESC_F_WRITE if write else 0
+        guest.ram.write(guest.tables[which], b"".join(
+            struct.pack("<QIHH", guest.address(kind, offset) & ((1 << 64) - 1), length,
+                        flags | write_flag, nxt)
+            for kind, offset, length, flags, nxt in entries))
+    elif kind == "avail":
+        _, name, heads, avail_idx = step
+        q = guest.tx_q if name == "tx" else guest.rx_q
+        start = (guest.tx if name == "tx" else guest.rx).last_avail_idx
+        for k, head in enumerate(heads):
+            q.set_avail_entry((start + k) % RING, head)
+        q.set_avail_idx((start + len(heads)) & 0xFFFF if avail_idx is None else avail_idx)
+    return None
+
+
+def observe(twins: Twins, index: int, step: tuple) -> tuple:
+    guest = twins.guests[index]
+    try:
+        with deadline(DEADLINE_SECONDS):
+            seen = run_step(twins, guest, twins.regions[index], step)
+        error = None
+    except RingError as exc:
+        seen, error = None, str(exc)
+    queues = [(q.last_avail_idx, q.used_idx,
+               None if error is not None or name in twins.broken else q.walked)
+              for name, q in (("tx", guest.tx), ("rx", guest.rx))]
+    memory = [bytes(region.mapping) for region in guest.ram.regions]
+    return seen, error, dict(guest.net.drops), queues, memory
+
+
+def queue_of(step: tuple) -> str | None:
+    return {"pop_tx": "tx", "push_rx": "rx", "pop": step[1] if step[0] == "pop" else None}.get(
+        step[0])
+
+
+@DIFFERENTIAL
+@given(
+    seed=st.integers(0, 1 << 32),
+    mergeable=st.booleans(),
+    top=st.booleans(),
+    tx_ring=st.lists(descriptors, max_size=RING),
+    rx_ring=st.lists(descriptors, max_size=RING),
+    indirect=st.lists(tables, max_size=4),
+    tx_heads=heads,
+    rx_heads=heads,
+    script=st.lists(steps, min_size=1, max_size=10),
+)
+def test_native_and_python_walks_give_identical_results_on_hostile_rings(
+        seed, mergeable, top, tx_ring, rx_ring, indirect, tx_heads, rx_heads, script):
+    """Same frames, same used entries and guest memory, same RingError messages, same drops,
+    same indexes and walked counts, step by step, while the guest rewrites descriptors,
+    indirect tables and the avail ring between calls.  A ring that broke is not used again
+    (the device latches it); `walked` is not compared after a RingError (it is reset before
+    the next batch)."""
+    twins = Twins(seed, mergeable, top)
+    try:
+        for guest in twins.guests:
+            write_descriptors(guest, guest.tx_q, tx_ring, indirect, 0)
+            write_descriptors(guest, guest.rx_q, rx_ring, indirect, VIRTQ_DESC_F_WRITE)
+            publish_raw(guest.tx_q, tx_heads, None)
+            publish_raw(guest.rx_q, rx_heads, None)
+        for step in script:
+            name = queue_of(step)
+            if name in twins.broken:
+                continue
+            python, native = observe(twins, 0, step), observe(twins, 1, step)
+            assert python[:4] == native[:4]
+            assert python[4] == native[4], "guest memory differs"
+            if python[1] is not None:
+                event(f"ring broken: {ring_error_kind(RingError(python[1]))}")
+                twins.broken.add(name)
+            elif step[0] in ("pop_tx", "push_rx", "pop") and python[0]:
+                event(f"{step[0]} moved something")
+    finally:
+        twins.close()
+

@@ -107,14 +107,16 @@ def _run(bin_dir: Path, cwd: Path, *argv: str, env: dict[str, str] | None = None
 def test_the_installed_wheel_runs_outside_the_checkout(installed_venv):
     bin_dir, cwd = installed_venv
     where = _run(bin_dir, cwd, "python", "-c",
-                 "import tunnel, virtio._fence, tunnel.lab.assets as a;"
+                 "import tunnel, virtio._fence, virtio._ring, tunnel.lab.assets as a;"
                  "print(tunnel.__file__); print(virtio._fence.__file__);"
-                 "print(a.installed()); print(a.run_vm()); print(a.image_dir())")
+                 "print(a.installed()); print(a.run_vm()); print(a.image_dir());"
+                 "print(virtio._ring.__file__)")
     assert where.returncode == 0, where.stderr
-    package, fence, installed, run_vm, image = where.stdout.split("\n")[:5]
+    package, fence, installed, run_vm, image, ring = where.stdout.split("\n")[:6]
     site = str(bin_dir.parent / "lib")
     assert package.startswith(site) and not package.startswith(str(ROOT))
     assert fence.startswith(site) and fence.endswith(".so")  # compiled in the wheel build
+    assert ring.startswith(site) and ring.endswith(".so")
     assert installed == "True" and run_vm.startswith(site)
     assert not image.startswith(site)  # a cache folder, not site-packages
 

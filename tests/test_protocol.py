@@ -18,6 +18,9 @@ from virtio.protocol import (
 )
 from virtio.spec import FLAG_NEED_REPLY, FLAG_VERSION, Feature, ProtocolFeature, Request, bit
 
+# Each test runs over both ring walks, the Python reference and the native one.
+pytestmark = pytest.mark.usefixtures("ring_walk")
+
 RAM = 1 << 20
 UVA = 0x7F00_0000_0000
 RING = 256

@@ -28,6 +28,9 @@ from virtio.net import NetQueues
 from virtio.spec import MAX_FRAME, Feature, bit
 from virtio.vring import WALK_BUDGET, RingError, SplitQueue
 
+# Each test runs over both ring walks, the Python reference and the native one.
+pytestmark = pytest.mark.usefixtures("ring_walk")
+
 RING = 64
 FEATURES = (bit(Feature.VERSION_1) | bit(Feature.NET_MRG_RXBUF) | bit(Feature.RING_EVENT_IDX)
             | bit(Feature.RING_INDIRECT_DESC) | bit(Feature.NET_CSUM)

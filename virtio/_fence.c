@@ -11,7 +11,7 @@
 #include <Python.h>
 
 static PyObject *
-full_fence(PyObject *self, PyObject *unused)
+full_fence(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
 {
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     Py_RETURN_NONE;
@@ -24,7 +24,11 @@ static PyMethodDef fence_methods[] = {
 };
 
 static struct PyModuleDef fence_module = {
-    PyModuleDef_HEAD_INIT, "_fence", "Memory fence for shared-memory rings.", -1, fence_methods,
+    PyModuleDef_HEAD_INIT,
+    .m_name = "_fence",
+    .m_doc = "Memory fence for shared-memory rings.",
+    .m_size = -1,
+    .m_methods = fence_methods,
 };
 
 PyMODINIT_FUNC

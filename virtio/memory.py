@@ -31,6 +31,8 @@ import os
 import stat
 import struct
 from dataclasses import dataclass
+from itertools import pairwise
+from typing import Any
 
 from virtio.spec import MAX_MEM_REGIONS
 
@@ -163,8 +165,16 @@ class GuestMemory:
             raise GuestMemoryError(f"{len(specs)} memory regions but {len(fds)} fds")
         if not 0 < len(specs) <= MAX_MEM_REGIONS:
             raise GuestMemoryError(f"{len(specs)} memory regions (want 1 to {MAX_MEM_REGIONS})")
+        ordered = sorted(specs, key=lambda spec: spec.gpa)
+        for before, after in pairwise(ordered):
+            if before.gpa + before.size > after.gpa:
+                raise GuestMemoryError(
+                    f"memory regions at gpa {before.gpa:#x} (size {before.size:#x}) and "
+                    f"{after.gpa:#x} overlap"
+                )
         self.specs = list(specs)
         self.regions: list[Region] = []
+        self._native_table: Any = None
         try:
             for spec, fd in zip(specs, fds, strict=True):
                 self.regions.append(Region(spec, fd))
@@ -173,9 +183,22 @@ class GuestMemory:
             raise
 
     def close(self) -> None:
+        if self._native_table is not None:
+            self._native_table.release()  # its buffers pin the mappings
+            self._native_table = None
         for region in self.regions:
             region.close()
         self.regions = []
+
+    def native_table(self) -> Any:
+        """The regions as the native ring walk sees them (virtio._ring.RegionTable), made on
+        first use; it holds each mapping's buffer until `close()`."""
+        if self._native_table is None:
+            from virtio import _ring  # only asked for when it was built
+
+            self._native_table = _ring.RegionTable(
+                [(r.gpa, r.size, r.mm, r.base) for r in self.regions])
+        return self._native_table
 
     @property
     def unsealed(self) -> list[Region]:

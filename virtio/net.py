@@ -41,7 +41,9 @@ from netstack.frame import (
 )
 from virtio.memory import Span, read_spans
 from virtio.spec import MAX_FRAME, Feature, has
-from virtio.vring import WALK_BUDGET, Chain, RingError, SplitQueue
+from virtio.vring import WALK_BUDGET, Chain, RingError, SplitQueue, register_frame_type
+
+register_frame_type(Frame, PLAIN)
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,8 @@ class NetQueues:
         Fewer than `limit` when the chains cost WALK_BUDGET descriptors (`queue.walked`).
         """
         queue.walked = 0
+        if queue.native is not None:
+            return self._pop_tx_native(queue, limit)
         chains = queue.pop(limit)
         if not chains:
             return []
@@ -131,17 +135,34 @@ class NetQueues:
                         data = read_spans([(mm, start + VIRTIO_NET_HDR_LEN, stop), *spans[1:]])
                 else:  # the header itself is split over descriptors (rare)
                     whole = read_spans(spans)
-                    header = unpack_header(whole, 0)
-                    if (header[0] or header[1]) and not self._tx_header_ok(
-                        header, length - VIRTIO_NET_HDR_LEN
-                    ):
-                        continue
+                    if whole[0] or whole[1]:
+                        header = unpack_header(whole, 0)
+                        if not self._tx_header_ok(header, length - VIRTIO_NET_HDR_LEN):
+                            continue
+                    else:
+                        header = PLAIN
                     data = whole[VIRTIO_NET_HDR_LEN:]
             except Exception:  # a bug met by one frame: drop that frame, keep the port
                 self._malformed("tx")
                 continue
             frames.append(Frame(data, header))
         queue.push_used(used)
+        return frames
+
+    def _pop_tx_native(self, queue: SplitQueue, limit: int) -> list[Frame]:
+        """pop_tx through the native walk (virtio._ring): the same frames, drops and errors."""
+        frames, checks, runts, oversize, error = queue.pop_frames(limit, _TX_MIN, _TX_MAX)
+        if runts:
+            self.drops["tx_runt"] += runts
+        if oversize:
+            self.drops["tx_oversize"] += oversize
+        if checks:
+            refused = {at for at in checks
+                       if not self._tx_header_ok(frames[at].offload, len(frames[at].data))}
+            if refused:
+                frames = [frame for at, frame in enumerate(frames) if at not in refused]
+        if error is not None:
+            raise error
         return frames
 
     def _malformed(self, direction: str) -> None:
@@ -187,26 +208,31 @@ class NetQueues:
         (frames delivered, bytes delivered).
         """
         used: list[int] = []  # flat: head, length, head, length, ...
-        delivered = 0
-        nbytes = 0
         mergeable = self.mergeable
         pack_header = VIRTIO_NET_HDR.pack_into
+        scatter = _scatter if queue.native is None else queue.native.scatter
         drops = self.drops
         # Every pass of the loop below takes one frame off `frames` (delivered or dropped) or
         # ends the batch: at most `limit` passes.
         stop_at = max(len(frames) - limit, 0)
-        # Chains popped ahead for the frames at hand; what is left over is given back.
+        # Chains popped ahead for the frames at hand; what is left over is given back.  The
+        # native walk places the frames that fit their chain's first buffer as it pops (the
+        # fast path below, in C); `ready` is then what is left for this loop.
         queue.walked = 0
-        ready = queue.pop(len(frames) - stop_at)
+        ready, popped, delivered, nbytes = queue.pop_rx(len(frames) - stop_at, frames, used)
         next_ready = 0
         while len(frames) > stop_at:
             if next_ready == len(ready):
                 if queue.walked >= WALK_BUDGET:
                     break
-                ready = queue.pop(len(frames) - stop_at)
+                ready, popped, placed, placed_bytes = queue.pop_rx(len(frames) - stop_at,
+                                                                   frames, used)
+                delivered += placed
+                nbytes += placed_bytes
                 next_ready = 0
-                if not ready:
+                if not popped:
                     break
+                continue
             frame = frames[0]
             head, _, writable = ready[next_ready]
             if not writable:
@@ -252,7 +278,7 @@ class NetQueues:
                     frame.pack_virtio_header(header, 0, 1)
                     source = memoryview(data).cast("B")
                     if room >= need:
-                        _scatter(header, source, [ready[next_ready]], used)
+                        scatter(header, source, [ready[next_ready]], used)
                         next_ready += 1
                     else:
                         avail_idx = queue.avail_idx()  # before the gather reads the ring
@@ -271,7 +297,7 @@ class NetQueues:
                             frames.popleft()
                             continue
                         _NUM_BUFFERS.pack_into(header, VIRTIO_NET_HDR_LEN - 2, len(taken))
-                        _scatter(header, source, taken, used)
+                        scatter(header, source, taken, used)
             except RingError:
                 raise
             except Exception:
@@ -322,7 +348,8 @@ def _gather(
 
 
 def _scatter(header: bytearray, source: memoryview, chains: list[Chain], used: list[int]) -> None:
-    """Header then frame bytes, spread over the chains' writable spans in order."""
+    """Header then frame bytes, spread over the chains' writable spans in order (the native
+    walk's Ring.scatter does the same in C)."""
     sources = (memoryview(header), source)
     source_index = 0
     source_offset = 0

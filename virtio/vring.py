@@ -19,20 +19,50 @@ read exactly once into a local (a guest may rewrite memory under us); indirect t
 copied before they are walked.  A violation raises RingError, and the device that owns the
 queue latches itself broken: no more work on its rings, nothing else disturbed.
 
+Two walks, one behaviour.  The walk above exists twice: in Python (this module and
+virtio/net.py, the reference) and in C (virtio/_ring.c, `SplitQueue.native`), chosen per queue
+when it is made: VHOSTVPN_RING=native|python, native by default when it was built (`pip
+install .` compiles it; without a compiler the package installs, and the first queue made logs
+a warning that rings use Python).  The native walk does a whole batch per call: `pop` (the
+same chains as `pop` here), `pop_frames` (pop_tx: walk, copy each TX chain into one bytes
+object, make the Frames, write the used entries and the one used.idx store) and `pop_rx`
+(push_rx: walk, then place every frame that fits its chain's first writable buffer -- header
+and frame, one copy -- and hand the rest back to the Python loop, which does everything
+unusual: mergeable gathering, drops) and `scatter` (a frame over several buffers, for that
+loop).  It makes the same checks in the same
+order, raises RingError with the same messages and counts `walked` the same, and reaches guest
+memory only through a RegionTable (GuestMemory.native_table: each region's buffer, held until
+the memory is closed), with [addr, addr+len) checked against one region.  Guest regions may not
+overlap (GuestMemory refuses it), so which region translates an address never depends on the
+order regions are searched in.  tests/test_fuzz_virtio.py drives hostile rings, rewritten
+between calls, through both and requires identical frames, used entries, guest memory, drops,
+indexes and error messages.
+
 Memory ordering.  On x86-64 loads are not reordered with loads nor stores with stores, and
 every CPython access to the mapping is an opaque C call, so read barriers and write barriers
 cost nothing here.  Two places need a store->load fence, which x86 does reorder: after
 publishing used.idx and before reading used_event/avail.flags, and after writing
 avail_event/clearing NO_NOTIFY and before re-reading avail.idx.  `full_fence` (virtio._fence,
-an mfence) is called at exactly those two points, once per batch.  Other architectures would
-also need real rmb/wmb; vhostvpn supports x86-64 only.
+an mfence) is called at exactly those two points, once per batch.  Without a compiler
+`full_fence` takes and gives back an uncontended threading.Lock instead, which is a full
+barrier too: CPython's lock is a POSIX semaphore on Linux, whose uncontended sem_trywait and
+sem_post are a `lock cmpxchg` and a `lock xadd`, and x86-64 never reorders loads or stores
+across a LOCK-prefixed instruction (Intel SDM vol. 3, "Memory Ordering"); both are opaque
+calls, so neither the compiler nor the interpreter moves the ring accesses across them.  The
+native walk stores used.idx after the used elements behind a compiler barrier, and reads each
+descriptor once into a local behind one.  Other architectures would also need real rmb/wmb;
+vhostvpn supports x86-64 only.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
 from array import array
+from collections import deque
+from typing import Any
 
-from virtio import _fence
 from virtio.memory import GuestMemory, GuestMemoryError, Span, read_spans
 from virtio.spec import (
     AVAIL_ALIGN,
@@ -50,11 +80,88 @@ from virtio.spec import (
     USED_F_NO_NOTIFY,
 )
 
-full_fence = _fence.full_fence
+log = logging.getLogger(__name__)
+
+try:
+    from virtio import _fence
+except ImportError:  # built without a compiler: see "Memory ordering" above
+    _fence = None
+try:
+    from virtio import _ring
+except ImportError:  # built without a compiler: the Python walk is used
+    _ring = None
 
 
 class RingError(Exception):
     """The driver broke the ring protocol; the device must stop using this ring."""
+
+
+if _fence is not None:
+    full_fence = _fence.full_fence
+else:
+    _FENCE_LOCK = threading.Lock()
+
+    def full_fence() -> None:
+        """A full barrier without native code: an uncontended lock taken and given back."""
+        _FENCE_LOCK.acquire()
+        _FENCE_LOCK.release()
+
+
+if _ring is not None:
+    _ring.set_ring_error(RingError)
+
+# Which walk new queues use: VHOSTVPN_RING=native|python, native by default when built.
+RING_ENV = "VHOSTVPN_RING"
+RING_CHOICES = ("native", "python")
+
+
+def _ring_from_environment() -> bool:
+    wanted = os.environ.get(RING_ENV, "native")
+    if wanted not in RING_CHOICES:
+        log.warning("%s=%r is none of %s; using the default", RING_ENV, wanted,
+                    "|".join(RING_CHOICES))
+        wanted = "native"
+    return wanted == "native" and _ring is not None
+
+
+NATIVE = _ring_from_environment()
+_announced = False
+
+
+def use_ring(name: str) -> None:
+    """Select the ring walk for queues made from now on ("native" or "python")."""
+    global NATIVE
+    if name not in RING_CHOICES:
+        raise ValueError(f"ring implementation {name!r} is none of {RING_CHOICES}")
+    NATIVE = name == "native" and _ring is not None
+    if name == "native" and _ring is None:
+        log.warning("native ring walk requested but virtio._ring is not built; using Python")
+
+
+def ring_implementation() -> str:
+    """What new queues use: "native" or "python"."""
+    return "native" if NATIVE else "python"
+
+
+def _announce() -> None:
+    """Log once per process which walk the rings use (and why, when it is the fallback)."""
+    global _announced
+    if _announced:
+        return
+    _announced = True
+    if _ring is None:
+        log.warning("virtio._ring is not built (no C compiler at install?): rings use the "
+                    "pure-Python walk, about half the speed")
+    if _fence is None:
+        log.warning("virtio._fence is not built: ring fences use a lock instead of mfence")
+    log.info("virtio rings: %s walk (%s=%s)", ring_implementation(), RING_ENV,
+             os.environ.get(RING_ENV, "unset"))
+
+
+def register_frame_type(frame_type: type, plain: tuple) -> None:
+    """Tell the native walk how to make frames (net.py calls this once at import)."""
+    if _ring is not None:
+        _ring.set_frame_type(frame_type, plain)
 
 
 # Work units in one batch before the batch ends early: one per descriptor walked (about
@@ -91,6 +198,7 @@ class SplitQueue:
         *,
         event_idx: bool,
         indirect: bool,
+        native: bool | None = None,
     ) -> None:
         if size <= 0 or size > MAX_QUEUE_SIZE or size & (size - 1):
             raise RingError(f"queue {index}: size {size} is not a power of two <= {MAX_QUEUE_SIZE}")
@@ -114,6 +222,17 @@ class SplitQueue:
         except GuestMemoryError as exc:
             raise RingError(f"queue {index}: {exc}") from exc
         self._desc_q, self._desc_w, self._desc_h = _table_views(desc)
+        self._views = (desc, avail, used)
+        _announce()
+        if native is None:
+            native = NATIVE
+        # The native walk (virtio._ring.Ring) when selected; None: the Python walk below.
+        self.native: Any = None
+        if native:
+            if _ring is None:
+                raise RingError(f"queue {index}: native ring walk requested but not built")
+            self.native = _ring.Ring(memory.native_table(), desc, avail, used, size, index,
+                                     indirect)
         self._avail = avail.cast("H")  # [0] flags, [1] idx, [2+slot] ring, [2+size] used_event
         self._used_h = used.cast("H")  # [0] flags, [1] idx, [2+4*size] avail_event
         self._used_w = used[: 4 + 8 * size].cast("I")  # element i: id [1+2i], len [2+2i]
@@ -129,8 +248,10 @@ class SplitQueue:
 
     def release(self) -> None:
         """Drop every view into guest memory (before the memory is unmapped)."""
+        if self.native is not None:
+            self.native.release()
         for view in (self._desc_q, self._desc_w, self._desc_h, self._avail, self._used_h,
-                     self._used_w):
+                     self._used_w, *self._views):
             view.release()
 
     # -- the driver's side: what is available -------------------------------------------
@@ -151,6 +272,10 @@ class SplitQueue:
         Fewer when `walked` reaches WALK_BUDGET, but always one if any is available.  Adds one
         to `walked` per fast-path chain, one per descriptor for the others.
         """
+        if self.native is not None:
+            chains, self.walked = self.native.pop(self.last_avail_idx, limit, self.walked)
+            self.last_avail_idx = (self.last_avail_idx + len(chains)) & 0xFFFF
+            return chains
         count = min(self.avail_count(), limit)
         chains: list[Chain] = []
         avail = self._avail
@@ -192,6 +317,42 @@ class SplitQueue:
         self.walked += len(chains) - walks  # the fast-path chains
         self.last_avail_idx = (idx + len(chains)) & 0xFFFF
         return chains
+
+    def pop_frames(
+        self, limit: int, shortest: int, longest: int
+    ) -> tuple[list, list[int], int, int, RingError | None]:
+        """Native TX: pop up to `limit` chains, copy each readable part out as a Frame, return
+        every chain as used (length 0) with one used.idx store.
+
+        Returns (frames, indexes of frames whose offload metadata the caller must check,
+        chains shorter than `shortest`, chains longer than `longest` -- both dropped -- and
+        the RingError to raise once those are counted: a chain with no readable buffer, the
+        frames before it kept, the chains up to it returned).  Only with `native`:
+        NetQueues.pop_tx is the Python reference.
+        """
+        frames, checks, runts, oversize, popped, self.used_idx, self.walked, error = (
+            self.native.tx(self.last_avail_idx, limit, self.used_idx, self.walked, shortest,
+                           longest))
+        self.last_avail_idx = (self.last_avail_idx + popped) & 0xFFFF
+        return frames, checks, runts, oversize, None if error is None else RingError(error)
+
+    def pop_rx(
+        self, count: int, frames: deque, used: list[int]
+    ) -> tuple[list[Chain], int, int, int]:
+        """RX: pop up to `count` chains (as `pop`); natively, also place frames from the left
+        of `frames` while each fits its chain's first writable buffer (header + frame, the one
+        copy), appending head and length to `used`.
+
+        Returns (the chains not used yet, chains popped, frames placed, their bytes).  The
+        Python path places nothing here: NetQueues.push_rx does, and is the reference.
+        """
+        if self.native is None:
+            chains = self.pop(count)
+            return chains, len(chains), 0, 0
+        rest, popped, self.walked, delivered, nbytes = self.native.rx(
+            self.last_avail_idx, count, self.walked, frames, used)
+        self.last_avail_idx = (self.last_avail_idx + popped) & 0xFFFF
+        return rest, popped, delivered, nbytes
 
     def avail_idx(self) -> int:
         """The driver's avail.idx as it is now (it moves when the driver adds chains)."""
