@@ -132,8 +132,18 @@ class Link:
         stream: TLSStream,
         wire: WireConnection,
         forward: Callable[[SessionPort, list[Frame]], None],
+        *,
+        keepalive_seconds: float = KEEPALIVE_SECONDS,
+        dead_seconds: float = DEAD_SECONDS,
+        on_event: Callable[[object], None] | None = None,
     ) -> None:
+        """`on_event` gets the events this class does not handle itself (an endpoint's
+        INTRO from the hub); a direct session (tunnel/direct_link.py) pings and gives up
+        sooner than the hub's link (`keepalive_seconds`, `dead_seconds`)."""
         self.port = port
+        self.keepalive_seconds = keepalive_seconds
+        self.dead_seconds = dead_seconds
+        self.on_event = on_event
         self.stream = stream
         self.wire = wire
         self.forward = forward
@@ -317,6 +327,8 @@ class Link:
                 return LinkResult(event.reason or "closed by peer", kind="peer_closed")
             elif kind is Eof:
                 return LinkResult("connection closed", kind="peer_closed")
+            elif self.on_event is not None:
+                self.on_event(event)
         if wire.failed:
             wire.next_events()  # raises the peer's WireError now, not at its next bytes
         return None
@@ -370,12 +382,13 @@ class Link:
     async def _keepalive(self) -> None:
         nonce = 0
         while True:
-            await trio.sleep(KEEPALIVE_SECONDS)
+            await trio.sleep(self.keepalive_seconds)
             now = trio.current_time()
-            if now - self._last_heard > DEAD_SECONDS:
-                log.warning("%s: nothing heard for %.0f s; closing", self.port.name,
-                            DEAD_SECONDS)
-                self._end(LinkResult(f"nothing heard for {DEAD_SECONDS:.0f} s", kind="dead"))
+            if now - self._last_heard > self.dead_seconds:
+                log.warning("%s: nothing heard for %.1f s; closing", self.port.name,
+                            self.dead_seconds)
+                self._end(LinkResult(f"nothing heard for {self.dead_seconds:.1f} s",
+                                     kind="dead"))
                 return
             waiting = self.stream.waiting_since
             if waiting is not None and now - waiting > WRITE_STALL_SECONDS:
