@@ -1,9 +1,9 @@
 """A seeded fuzzer for what an authenticated peer may send: random and mutated wire records
-(FRAMES with random frames and offload metadata, PING/PONG/CLOSE, unknown types, bad flags,
-truncated and giant lengths) go through real TLS into a hub-side Link on a real switch.  Every
-case must end in a clean link close (the peer closed, a protocol error, the connection lost),
-never an exception out of `run()` or an `internal_error`, with everything the link holds
-within its bounds."""
+(FRAMES with random frames and offload metadata, PING/PONG/CLOSE, ADVERTISE valid and
+mutated, INTRO (the hub's own record), unknown types, bad flags, truncated and giant lengths)
+go through real TLS into a hub-side Link on a real switch.  Every case must end in a clean
+link close (the peer closed, a protocol error, the connection lost), never an exception out
+of `run()` or an `internal_error`, with everything the link holds within its bounds."""
 
 from __future__ import annotations
 
@@ -24,12 +24,14 @@ from tunnel.keys import client_ssl_context, generate_identity, server_ssl_contex
 from tunnel.session import SESSION_MAC_LIMIT, Link, LinkResult, SessionPort
 from tunnel.tls import TLSStream
 from tunnel.wire import (
+    ADVERTISE,
     AUTH,
     CLOSE,
     CLOSE_CODE,
     FRAME_HEADER,
     FRAMES,
     HELLO,
+    INTRO,
     MAX_BUFFERED,
     PING,
     PING_PAYLOAD,
@@ -81,19 +83,37 @@ def frames_record(rng: random.Random) -> bytes:
     return RECORD_HEADER.pack(FRAMES, 0, 0, len(payload)) + payload
 
 
+def advertise_record(rng: random.Random) -> bytes:
+    """An ADVERTISE: mostly valid, else with a bad count, family, port or length."""
+    count = rng.randint(0, 4)
+    parts = [bytes([count])]
+    for _ in range(count):
+        family = rng.choice([4, 6])
+        parts.append(bytes([family]) + bytes([rng.randint(1, 223)])
+                     + rng.randbytes(15 if family == 6 else 3)
+                     + struct.pack("!H", rng.randint(1, 65535)))
+    payload = b"".join(parts)
+    if rng.random() < 0.2:
+        payload = bytearray(payload + rng.randbytes(rng.randint(0, 3)))
+        payload[rng.randrange(len(payload))] = rng.choice([0, 5, 255, rng.getrandbits(8)])
+    return RECORD_HEADER.pack(ADVERTISE, 0, 0, len(payload)) + bytes(payload)
+
+
 def random_record(rng: random.Random) -> bytes:
     choice = rng.random()
     if choice < 0.45:
         return frames_record(rng)
-    if choice < 0.6:
+    if choice < 0.5:
+        return advertise_record(rng)
+    if choice < 0.65:
         return RECORD_HEADER.pack(rng.choice([PING, PONG]), 0, 0, PING_PAYLOAD.size) + \
             PING_PAYLOAD.pack(rng.getrandbits(64), rng.getrandbits(64))
-    if choice < 0.65:
+    if choice < 0.7:
         reason = rng.choice([b"bye", rng.randbytes(rng.randint(0, 300))])
         payload = CLOSE_CODE.pack(rng.getrandbits(16)) + reason
         return RECORD_HEADER.pack(CLOSE, 0, 0, len(payload)) + payload
-    if choice < 0.75:  # a type this state refuses, or no type at all
-        rtype = rng.choice([0, HELLO, AUTH, 7, 200, 255])
+    if choice < 0.78:  # a type this state refuses, or no type at all
+        rtype = rng.choice([0, HELLO, AUTH, INTRO, 9, 200, 255])
         payload = rng.randbytes(rng.randint(0, 64))
         return RECORD_HEADER.pack(rtype, 0, 0, len(payload)) + payload
     if choice < 0.8:  # flags, reserved
@@ -129,8 +149,10 @@ async def authenticated_link(server_context, switch: Switch) -> tuple[Link, TLSS
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server.do_handshake)
         nursery.start_soon(client.do_handshake)
-    hub = WireConnection("server", name="hub", offloads=int(ALL_OFFLOADS), mtu=1500)
-    peer = WireConnection("client", name="peer", offloads=int(ALL_OFFLOADS), mtu=1500)
+    hub = WireConnection("server", name="hub", offloads=int(ALL_OFFLOADS), mtu=1500,
+                         introductions=True)
+    peer = WireConnection("client", name="peer", offloads=int(ALL_OFFLOADS), mtu=1500,
+                          introductions=True)
     hub.receive_data(peer.send_hello())
     peer.receive_data(hub.send_hello())
     assert hub.next_events() and peer.next_events()
