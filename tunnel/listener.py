@@ -381,7 +381,8 @@ class TunnelListener:
 
     async def _handshake(self, tls: TLSStream, source: str) -> Link | None:
         await tls.do_handshake()
-        wire = WireConnection("server", name=self.name, offloads=int(ALL_OFFLOADS), mtu=self.mtu)
+        wire = WireConnection("server", name=self.name, offloads=int(ALL_OFFLOADS), mtu=self.mtu,
+                              introductions=True)
         await tls.send_all(wire.send_hello())
         hello: Hello | None = None
         while True:
