@@ -255,3 +255,22 @@ def test_the_filter_counts_what_came_in():
     assert port.filter.admit([good, bad, Frame(b"short")], port, now=0.0) == [good]
     assert port.counters.in_frames == 3
     assert port.counters.drops == {"mac_spoof": 1, "runt": 1}
+
+
+def test_status_text_shows_each_peer_direct_or_relayed_with_address_rtt_traffic_and_drops():
+    from tunnel.cli.status import format_status
+
+    peers, _ = manager()
+    up, down = (peers.introduce([peer("b", HIGH), peer("c", THIRD)], now=0.0).added)
+    bring_up(up)
+    up.life.up()
+    up.peer_address, up.rtt_ms = "10.9.0.2:7000", 0.25
+    up.counters.drop("mac_spoof")
+    down.life.down(0.0, "connection refused")
+    text = format_status({"role": "endpoint", "pid": 1, "direct": {
+        "listen": ["0.0.0.0:7000"], "refused": {"auth_unknown_key": 2},
+        "peers": peers.status()}})
+    assert "direct paths: 0.0.0.0:7000, 2 peers introduced, refused auth_unknown_key=2" in text
+    assert "b: direct via 10.9.0.2:7000 (up, dials), rtt 0.25 ms" in text
+    assert "drops mac_spoof=1" in text
+    assert "c: relayed (backoff, dials)" in text and "connection refused" in text
