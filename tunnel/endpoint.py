@@ -419,7 +419,9 @@ class Endpoint:
             log.info("hub %s: session up (hub %r), %s", where, hello.name,
                      f"name {self.name!r} accepted" if self.name else
                      f"named by the hub's peers file (key {self.identity.fingerprint})")
-        return Link(self.uplink, tls, wire, self._forward, on_event=self._hub_event)
+        link = Link(self.uplink, tls, wire, self._forward)
+        link.on_introduction = self._hub_event
+        return link
 
     async def _open_tcp(self) -> trio.abc.Stream:
         """A TCP connection to the hub, tuned for latency (tunnel/session.tune_tcp)."""
@@ -515,7 +517,7 @@ class Endpoint:
             return [("0.0.0.0", port)]
         return bound[:MAX_INTRO_ADDRESSES]
 
-    def _hub_event(self, event: object) -> None:
+    def _hub_event(self, link: Link, event: object) -> None:
         """What the hub's link hands over beyond frames and pings: INTRO."""
         if isinstance(event, Intro):
             self.direct.introduce(event.peers)

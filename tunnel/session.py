@@ -135,15 +135,12 @@ class Link:
         *,
         keepalive_seconds: float = KEEPALIVE_SECONDS,
         dead_seconds: float = DEAD_SECONDS,
-        on_event: Callable[[object], None] | None = None,
     ) -> None:
-        """`on_event` gets the events this class does not handle itself (an endpoint's
-        INTRO from the hub); a direct session (tunnel/direct_link.py) pings and gives up
-        sooner than the hub's link (`keepalive_seconds`, `dead_seconds`)."""
+        """A direct session (tunnel/direct_link.py) pings and gives up sooner than the
+        hub's link (`keepalive_seconds`, `dead_seconds`)."""
         self.port = port
         self.keepalive_seconds = keepalive_seconds
         self.dead_seconds = dead_seconds
-        self.on_event = on_event
         self.stream = stream
         self.wire = wire
         self.forward = forward
@@ -327,8 +324,6 @@ class Link:
                 return LinkResult(event.reason or "closed by peer", kind="peer_closed")
             elif kind is Eof:
                 return LinkResult("connection closed", kind="peer_closed")
-            elif self.on_event is not None:
-                self.on_event(event)
         if wire.failed:
             wire.next_events()  # raises the peer's WireError now, not at its next bytes
         return None
