@@ -16,6 +16,8 @@ from netstack.switch import Switch
 from tests.support.clock import Clock
 from tunnel.direct import (
     DIAL_BACKOFF,
+    VOUCH_DELAY_SECONDS,
+    VOUCH_REFRESH_SECONDS,
     DirectPeers,
     DirectPort,
     PeerLife,
@@ -162,9 +164,10 @@ def test_a_peer_that_stops_listening_gets_a_new_life_with_the_other_role():
 # -- steering ----------------------------------------------------------------------------------
 
 def endpoint_switch() -> tuple[Switch, Recorder, SteeringUplink, DirectPeers, DirectPort]:
-    switch = Switch(clock=Clock())
+    clock = Clock()
+    switch = Switch(clock=clock)
     local = Recorder("tap")
-    uplink = SteeringUplink()
+    uplink = SteeringUplink(clock=clock)
     bring_up(uplink)
     switch.attach(local)
     switch.attach(uplink)
@@ -175,12 +178,36 @@ def endpoint_switch() -> tuple[Switch, Recorder, SteeringUplink, DirectPeers, Di
     return switch, local, uplink, peers, port
 
 
-def test_unicast_to_a_peer_with_a_live_direct_session_goes_to_its_direct_port():
+def test_unicast_to_a_peer_goes_direct_once_the_hub_has_seen_its_source():
     switch, local, uplink, peers, port = endpoint_switch()
     bring_up(port)
     peers.update_routes()
-    switch.forward(local, [frame(Ether(dst=PEER_MAC, src=LOCAL_MAC) / IP(src="10.0.0.1"))])
-    assert len(port.queue) == 1 and not uplink.queue
+    to_peer = frame(Ether(dst=PEER_MAC, src=LOCAL_MAC) / IP(src="10.0.0.1"))
+    switch.forward(local, [to_peer])  # a source the hub never saw: through the hub first
+    assert len(uplink.queue) == 1 and not port.queue
+    uplink.clock.now += VOUCH_DELAY_SECONDS / 2
+    switch.forward(local, [to_peer])  # the hub's new INTRO may not have reached the peer
+    assert len(uplink.queue) == 2 and not port.queue
+    uplink.clock.now += VOUCH_DELAY_SECONDS
+    switch.forward(local, [to_peer, to_peer])
+    assert len(port.queue) == 2 and len(uplink.queue) == 2
+    other_source = frame(Ether(dst=PEER_MAC, src=LOCAL_MAC) / IP(src="10.0.0.9"))
+    switch.forward(local, [other_source])  # another address: the hub first again
+    assert len(uplink.queue) == 3
+
+
+def test_every_source_refreshes_the_hubs_bindings_with_one_frame_a_minute():
+    switch, local, uplink, peers, port = endpoint_switch()
+    bring_up(port)
+    peers.update_routes()
+    to_peer = frame(Ether(dst=PEER_MAC, src=LOCAL_MAC) / IP(src="10.0.0.1"))
+    switch.forward(local, [to_peer])
+    uplink.clock.now += VOUCH_DELAY_SECONDS
+    switch.forward(local, [to_peer])
+    assert len(port.queue) == 1 and len(uplink.queue) == 1
+    uplink.clock.now += VOUCH_REFRESH_SECONDS
+    switch.forward(local, [to_peer, to_peer])  # the first through the hub, then direct
+    assert len(port.queue) == 2 and len(uplink.queue) == 2
 
 
 def test_broadcast_multicast_and_unknown_unicast_never_go_to_a_direct_port():
@@ -200,9 +227,14 @@ def test_frames_take_the_hub_while_the_direct_session_is_down_and_the_moment_it_
     assert len(uplink.queue) == 1 and not port.queue
     bring_up(port)
     peers.update_routes()
+    switch.forward(local, [to_peer])  # vouched for from now on
+    uplink.clock.now += VOUCH_DELAY_SECONDS
+    switch.forward(local, [to_peer])
+    assert len(port.queue) == 1 and len(uplink.queue) == 2
+    port.queue.clear()
     port.active = None  # the session ended; routes not yet rebuilt
     switch.forward(local, [to_peer])
-    assert len(uplink.queue) == 2 and not port.queue and not port.counters.drops
+    assert len(uplink.queue) == 3 and not port.queue and not port.counters.drops
 
 
 # -- what a direct peer may send ---------------------------------------------------------------

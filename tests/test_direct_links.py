@@ -8,6 +8,7 @@ tests/test_direct_netns.py."""
 
 from __future__ import annotations
 
+import time
 from ipaddress import ip_address
 
 import trio
@@ -57,6 +58,8 @@ class Node:
         # the local MAC is learned, as after its first frame
         self.switch.forward(self.local, [Frame(b"\xff" * 6 + MACS[name] + b"\x08\x06" + bytes(46))])
         self.local.got.clear()
+        # the hub saw its source (as after a first frame through it): it may go direct
+        self.uplink.vouched[(MACS[name], ip_address(IPS[name]).packed)] = time.monotonic()
 
         def is_local(mac: bytes) -> bool:
             entry = self.switch.mac_table.get(mac)

@@ -13,14 +13,30 @@ the next frame takes the hub (fallback is immediate, frames queued on the dead s
 lost and counted `link_down`).  What a direct peer sends is policed by its `ReceiveFilter`
 with the bindings the hub holds for it, then switched as if it came from the uplink: the
 switch learns remote MACs on the uplink either way, so nothing flaps between paths.
+
+Vouching: a peer accepts only sources the hub has seen from us (its INTRO), so a source (MAC
+and IPv4/IPv6 source or ARP sender) goes direct only once it was sent through the hub: its
+first frame takes the hub, which claims it and re-introduces us to our peers; from
+VOUCH_DELAY_SECONDS later its frames go direct.  The hub forgets bindings it does not see
+(MAC and claim aging, 300 s), so every VOUCH_REFRESH_SECONDS one frame of each source takes
+the hub again.  Without this a host's first ARP reply, sent direct from an address the hub
+never saw, would be dropped by the peer for good.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from netstack.frame import ETH_HEADER_LEN, ETHERTYPE_IP, Frame, Offload
+from netstack.frame import (
+    ETH_HEADER_LEN,
+    ETHERTYPE_ARP,
+    ETHERTYPE_IP,
+    ETHERTYPE_IPV6,
+    Frame,
+    Offload,
+)
 from netstack.policy import DHCPV4_SERVER_PORT, IPPROTO_UDP, AddressBook, check_l3
 from tunnel.introductions import DirectPeer
 from tunnel.keys import Peers, parse_fingerprint
@@ -33,6 +49,13 @@ DIAL_BACKOFF = (0.1, 1.0)
 # waits 15 s; a direct session has the hub to fall back on, so it gives up fast).
 DIRECT_KEEPALIVE_SECONDS = 0.2
 DIRECT_DEAD_SECONDS = 1.0
+
+# A source goes direct this long after its first frame through the hub (the hub claims it
+# and re-introduces us within ~0.5 s), and one of its frames takes the hub this often (the
+# hub ages what it does not see after 300 s).  At most MAX_VOUCHED sources are remembered.
+VOUCH_DELAY_SECONDS = 0.75
+VOUCH_REFRESH_SECONDS = 60.0
+MAX_VOUCHED = 4096
 
 # Receive-policy drop reasons (counted on the peer's direct port), beyond check_l3's.
 NOT_UNICAST = "not_unicast"  # broadcast/multicast: those go through the hub
@@ -187,14 +210,47 @@ class DirectPort(SessionPort):
         }
 
 
+def source_of(data: bytes | memoryview) -> tuple:
+    """What a peer checks a frame's source by: its MAC, and its IPv4/IPv6 source or ARP
+    sender address (slices: they hash like bytes)."""
+    ethertype = data[12:14]
+    if ethertype == ETHERTYPE_IP:
+        return data[6:12], data[26:30]
+    if ethertype == ETHERTYPE_IPV6:
+        return data[6:12], data[22:38]
+    if ethertype == ETHERTYPE_ARP:
+        return data[6:12], data[28:32]
+    return data[6:12], b""
+
+
 class SteeringUplink(SessionPort):
     """The endpoint's port to the hub, which also steers: a unicast frame to a MAC in
-    `routes` goes to that peer's direct port while its session is up; everything else, and
-    every frame when `routes` is empty, to the hub."""
+    `routes` goes to that peer's direct port while its session is up and its source is
+    vouched for (see the module's docstring); everything else, and every frame when
+    `routes` is empty, to the hub."""
 
-    def __init__(self, name: str = "hub") -> None:
+    def __init__(self, name: str = "hub", clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(name, policy=None)
         self.routes: dict[bytes, DirectPort] = {}
+        self.clock = clock
+        # source (source_of) -> when its frames may go direct from; refreshed through the
+        # hub VOUCH_REFRESH_SECONDS after that
+        self.vouched: dict[tuple, float] = {}
+
+    def _vouched(self, data: bytes | memoryview, now: float) -> bool:
+        """May this frame's source go direct now?  If not, it takes the hub (and counts)."""
+        key = source_of(data)
+        since = self.vouched.get(key)
+        if since is not None and now >= since:
+            if now - since < VOUCH_REFRESH_SECONDS:
+                return True
+            self.vouched[key] = now  # refreshed by this frame: direct again at once
+            return False
+        if since is None:
+            if len(self.vouched) >= MAX_VOUCHED:
+                self.vouched.clear()
+            self.vouched[(bytes(key[0]), bytes(key[1]))] = now + VOUCH_DELAY_SECONDS
+        return False
 
     def deliver(self, frames: list[Frame]) -> None:
         routes = self.routes
@@ -203,9 +259,10 @@ class SteeringUplink(SessionPort):
             return
         relayed: list[Frame] = []
         direct: dict[DirectPort, list[Frame]] = {}
+        now = self.clock()
         for frame in frames:
             port = routes.get(frame.data[0:6])
-            if port is None:
+            if port is None or not self._vouched(frame.data, now):
                 relayed.append(frame)
                 continue
             batch = direct.get(port)
