@@ -256,6 +256,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                      help="'name fingerprint' lines: the endpoints allowed in (reread on "
                           "SIGHUP)")
     tun.add_argument("--name", default="hub", help="the hub's name in HELLO and logs")
+    tun.add_argument("--no-direct", action="store_true",
+                     help="introduce no endpoints to each other: every frame between them "
+                          "goes through the hub (direct paths off)")
     hub.add_argument("--no-port-policy", action="store_true",
                      help="trust every guest: no MAC/IP anti-spoofing, limits or guards "
                           "(benchmarks, labs where every guest is yours)")
@@ -347,7 +350,8 @@ def cmd_hub(args: argparse.Namespace) -> int:
                        identity_dir=args.identity, peers_file=args.peers, name=args.name,
                        socket_access=socket_access_of(args, "hub"), nat=args.nat,
                        map_host_loopback=args.map_host_loopback, nat_deny=args.nat_deny,
-                       dns_upstreams=args.dns_upstream, forwards=args.forward)
+                       dns_upstreams=args.dns_upstream, forwards=args.forward,
+                       direct=not args.no_direct)
     config.control = claim_socket_paths("hub", args.socket, args.control)
     metrics = open_metrics("hub", args.metrics)
     try:

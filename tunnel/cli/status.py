@@ -94,8 +94,11 @@ def format_status(state: dict) -> str:
     tunnel = state.get("tunnel")
     if tunnel is not None:
         refused = ", ".join(f"{k}={v}" for k, v in sorted(tunnel.get("refused", {}).items()))
+        direct = tunnel.get("direct", {})
         lines.append(f"  tunnel on {', '.join(tunnel['listen'])}: {tunnel['peers']} peers, "
-                     f"key {tunnel['fingerprint']}" + (f", refused {refused}" if refused else ""))
+                     f"key {tunnel['fingerprint']}" + (f", refused {refused}" if refused else "")
+                     + (f", introductions {'on' if direct['enabled'] else 'off'}"
+                        if direct else ""))
         lines += _format_offline_peers(tunnel.get("peer_list", []))
     for port in state.get("ports", []):
         drops = port.get("drops", {}) | port.get("guest_drops", {})
@@ -119,6 +122,11 @@ def format_status(state: dict) -> str:
                          + (f" from {port['peer']}" if port.get("peer") else "")
                          + (f", rtt {rtt:.2f} ms" if rtt is not None else "")
                          + f", {traffic}")
+            direct = port.get("direct")
+            if direct is not None:
+                lines.append(f"    direct: advertised {', '.join(direct['advertised']) or 'none'}"
+                             f", {direct['introduced']} peers introduced to it, introduced to "
+                             f"{direct['introduced_to']}")
             continue
         if port.get("kind") in ("tap", "tun"):
             lines += _format_device(port, traffic)
