@@ -134,8 +134,15 @@ class Link:
         stream: TLSStream,
         wire: WireConnection,
         forward: Callable[[SessionPort, list[Frame]], None],
+        *,
+        keepalive_seconds: float = KEEPALIVE_SECONDS,
+        dead_seconds: float = DEAD_SECONDS,
     ) -> None:
+        """A direct session (tunnel/direct_link.py) pings and gives up sooner than the
+        hub's link (`keepalive_seconds`, `dead_seconds`)."""
         self.port = port
+        self.keepalive_seconds = keepalive_seconds
+        self.dead_seconds = dead_seconds
         self.stream = stream
         self.wire = wire
         self.forward = forward
@@ -389,12 +396,13 @@ class Link:
     async def _keepalive(self) -> None:
         nonce = 0
         while True:
-            await trio.sleep(KEEPALIVE_SECONDS)
+            await trio.sleep(self.keepalive_seconds)
             now = trio.current_time()
-            if now - self._last_heard > DEAD_SECONDS:
-                log.warning("%s: nothing heard for %.0f s; closing", self.port.name,
-                            DEAD_SECONDS)
-                self._end(LinkResult(f"nothing heard for {DEAD_SECONDS:.0f} s", kind="dead"))
+            if now - self._last_heard > self.dead_seconds:
+                log.warning("%s: nothing heard for %.1f s; closing", self.port.name,
+                            self.dead_seconds)
+                self._end(LinkResult(f"nothing heard for {self.dead_seconds:.1f} s",
+                                     kind="dead"))
                 return
             waiting = self.stream.waiting_since
             if waiting is not None and now - waiting > WRITE_STALL_SECONDS:
