@@ -328,3 +328,37 @@ async def test_hub_status_shows_what_each_session_advertised_and_introductions(
         text = format_status(state)
         assert "introductions on" in text
         assert "direct: advertised 192.0.2.1:4000, 1 peers introduced to it" in text
+
+
+# --- the flag --------------------------------------------------------------------------------
+
+
+def test_no_direct_reaches_the_hub_config_from_the_command_line_and_a_config_file(
+        tmp_path, monkeypatch):
+    import tunnel.cli.roles
+    import tunnel.hub
+    from tunnel.cli.main import main
+
+    configs = []
+
+    class Recorder:
+        tunnel = None
+
+        def __init__(self, config):
+            configs.append(config)
+
+        async def run(self):
+            raise AssertionError("not started in this test")
+
+        def status(self):
+            return {}
+
+    monkeypatch.setattr(tunnel.hub, "Hub", Recorder)
+    monkeypatch.setattr(tunnel.cli.roles, "run_role", lambda *args: 0)
+    hub = ["hub", "--socket", str(tmp_path / "a.sock"), "--state-dir", str(tmp_path)]
+    config_file = tmp_path / "hub.toml"
+    config_file.write_text("no-direct = true\n")
+    assert main(hub) == 0
+    assert main([*hub, "--no-direct"]) == 0
+    assert main([*hub, "--config", str(config_file)]) == 0
+    assert [config.direct for config in configs] == [True, False, False]
