@@ -7,6 +7,7 @@ flood; INTRO to the hub).  In real processes: tests/test_hub_direct_processes.py
 from __future__ import annotations
 
 import ipaddress
+import logging
 
 import pytest
 import trio
@@ -195,9 +196,11 @@ async def test_a_reconnected_endpoint_is_introduced_only_once_it_advertises_agai
         assert intros(await listen(alice, 1.0))[-1].peers == ()
 
 
-async def test_an_advertise_flood_is_coalesced(tmp_path, autojump_clock):
+async def test_an_advertise_flood_is_coalesced(tmp_path, autojump_clock, caplog):
     """1000 ADVERTISEs with changing addresses within a second: the others get at most one
-    INTRO per INTRO_MIN_INTERVAL, the last one with the latest address."""
+    INTRO per INTRO_MIN_INTERVAL, the last one with the latest address; the log has one line
+    of it."""
+    caplog.set_level(logging.INFO, "tunnel.introducer")
     async with MemoryNet(tmp_path) as net:
         net.add_peer("bob")
         net.listener.reload()
@@ -215,6 +218,9 @@ async def test_an_advertise_flood_is_coalesced(tmp_path, autojump_clock):
         assert 1 <= len(got) <= 2.0 / INTRO_MIN_INTERVAL + 1
         assert got[-1].peers[0].addresses == (("198.51.100.1", 1000),)
         assert net.listener.sessions["alice"].active is not None  # allowed, only coalesced
+        lines = [r for r in caplog.records if r.levelno >= logging.INFO
+                 and r.getMessage().startswith("alice: advertised")]
+        assert len(lines) == 1
 
 
 async def test_an_unchanged_hub_does_no_binding_scans_between_rescans(tmp_path,

@@ -77,10 +77,12 @@ def resolve(addresses: tuple[tuple[str, int], ...],
     loopback addresses stay only if `observed` is loopback too (an endpoint elsewhere must
     not point its peers at their own machine's services); duplicates go."""
     seen = None
-    if observed is not None:
-        seen = ipaddress.ip_address(observed.partition("%")[0])
-        if isinstance(seen, ipaddress.IPv6Address) and seen.ipv4_mapped is not None:
-            seen = seen.ipv4_mapped
+    try:
+        seen = ipaddress.ip_address((observed or "").partition("%")[0])
+    except ValueError:  # no IP address (a test's memory stream): wildcards resolve to nothing
+        pass
+    if isinstance(seen, ipaddress.IPv6Address) and seen.ipv4_mapped is not None:
+        seen = seen.ipv4_mapped
     resolved: list[tuple[str, int]] = []
     for host, port in addresses:
         ip = ipaddress.ip_address(host)
@@ -158,7 +160,8 @@ class Introducer:
     # -- what the listener tells it ---------------------------------------------------------
 
     def advertise(self, link: Link, addresses: tuple[tuple[str, int], ...]) -> None:
-        """`link`'s endpoint sent ADVERTISE (again: the latest wins)."""
+        """`link`'s endpoint sent ADVERTISE (again: the latest wins; a link's first is
+        logged, its changes only at debug level: a flood of them must not flood the log)."""
         port = link.port
         previous = self.advertised.get(port)
         if previous is not None and previous.link is link and previous.sent == addresses:
@@ -166,10 +169,11 @@ class Introducer:
         resolved = resolve(addresses, port.peer_address)
         self.advertised[port] = Advertised(link, addresses, resolved)
         self._generation += 1
-        log.info("%s: advertised %s%s", port.name,
-                 ", ".join(_text(a) for a in resolved) or "no address (dials only)",
-                 f" (sent {', '.join(_text(a) for a in addresses)})"
-                 if addresses and resolved != addresses else "")
+        log.log(logging.DEBUG if previous is not None and previous.link is link else logging.INFO,
+                "%s: advertised %s%s", port.name,
+                ", ".join(_text(a) for a in resolved) or "no address (dials only)",
+                f" (sent {', '.join(_text(a) for a in addresses)})"
+                if addresses and resolved != addresses else "")
 
     def link_ended(self, link: Link) -> None:
         """`link` is over: its advertisement goes with it (a new link advertises anew)."""
