@@ -19,6 +19,7 @@ from scapy.layers.l2 import Ether
 from netstack.frame import Frame
 from tests.support.memlink import MemoryNet
 from tests.support.tunnel_client import RawPeer
+from tunnel import introducer as introducer_module
 from tunnel.cli.status import format_status
 from tunnel.hub import Hub, HubConfig
 from tunnel.introducer import INTRO_MIN_INTERVAL, RESCAN_SECONDS, resolve
@@ -115,6 +116,25 @@ async def test_bindings_learned_later_reach_the_peer_in_a_new_intro(tmp_path, au
         later = intros(await listen(bob, 1.0))
         assert later[-1].peers[0].macs == {MAC_A}
         assert later[-1].peers[0].addresses == (("198.51.100.1", 4000),)
+
+
+async def test_a_peer_is_never_introduced_before_its_bindings_are_read(tmp_path,
+                                                                      autojump_clock,
+                                                                      monkeypatch):
+    """With scans slowed to one table entry a tick, alice advertises while the scan started
+    for bob is under way: no INTRO names her without the MAC the hub learned on her session."""
+    monkeypatch.setattr(introducer_module, "SCAN_ENTRIES_PER_TICK", 1)
+    async with MemoryNet(tmp_path) as net:
+        net.add_peer("bob")
+        net.listener.reload()
+        alice = await peer(net, "alice", "192.0.2.1")
+        await alice.tls.send_all(alice.wire.send_frames([udp_frame(MAC_A, "10.0.0.5")]))
+        bob = await peer(net, "bob", "192.0.2.2", [])
+        await trio.sleep(INTRO_MIN_INTERVAL * 1.5)  # bob's scan has begun
+        assert net.listener.introducer._scanning is not None
+        await alice.tls.send_all(alice.wire.send_advertise([("198.51.100.1", 4000)]))
+        naming_alice = [i.peers for i in intros(await listen(bob, 5.0)) if i.peers]
+        assert naming_alice and all(p.macs == {MAC_A} for [p] in naming_alice)
 
 
 async def test_two_endpoints_that_only_dial_are_not_introduced(tmp_path, autojump_clock):

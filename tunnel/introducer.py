@@ -207,8 +207,8 @@ class Introducer:
         if ports != self._members:
             self._members = ports
             self._generation += 1
-        signature = tuple((self.switch.mac_counts.get(port), self.switch.addresses.counts.get(
-            port)) for port in ports)
+        signature = (ports, tuple((self.switch.mac_counts.get(port),
+                                   self.switch.addresses.counts.get(port)) for port in ports))
         if self._scanning is None and (signature != self._signature
                                        or now - self._scanned_at >= RESCAN_SECONDS):
             self._signature = signature
@@ -216,8 +216,9 @@ class Introducer:
             self._scan(members)
         if self._scanning is not None:
             self._continue_scan()
-            if self._scanning is not None:
-                return []  # introduce once the bindings are read
+        if self._scanning is not None or any(port not in self._bindings for port in ports):
+            return []  # introduce once the bindings are read (a member came during a scan:
+            # the next tick starts the scan that reads it)
         if self._entries_stamp != (self._generation, self._bindings_version):
             self._entry_list = self._encoded(members)  # moves the generation if one changed
             self._entries_stamp = (self._generation, self._bindings_version)
