@@ -41,7 +41,8 @@ PROBE_ADVERTISES = "10.201.1.1:9"
 class Lab:
     """The hub, h1 (listens on 0.0.0.0:DIRECT_PORT), h2 (dials only) and the probe."""
 
-    def __init__(self, tmp: Path, names: dict[str, str], *hub_extra: str) -> None:
+    def __init__(self, tmp: Path, names: dict[str, str], *hub_extra: str,
+                 probe: tuple[str, ...] = (PROBE_ADVERTISES,)) -> None:
         self.tmp = tmp
         self.names = names
         self.keys = TunnelKeys(tmp, ("h1", "h2", "probe"), port=HUB_PORT)
@@ -55,6 +56,7 @@ class Lab:
                 *listen[n], hub=f"10.201.{n}.1"),
             f"h{n}", prefix=["ip", "netns", "exec", names[f"h{n}"]]) for n in (1, 2)}
         self.intros = tmp / "probe.intros"
+        self.probe_args = probe
         self.probe: trio.Process | None = None
 
     async def start(self) -> None:
@@ -67,7 +69,7 @@ class Lab:
             ["ip", "netns", "exec", self.names["hub"], sys.executable, "-m",
              "tests.support.intro_probe", "127.0.0.1", str(HUB_PORT),
              str(self.tmp / "probe-id"), self.keys.hub_fingerprint, "probe", str(self.intros),
-             PROBE_ADVERTISES],
+             *self.probe_args],
             cwd=Path(__file__).resolve().parent.parent)
 
     async def stop(self) -> None:
@@ -172,5 +174,26 @@ async def test_hub_no_direct_sends_no_intro(tmp_path, names):
         assert hub["tunnel"]["direct"]["enabled"] is False
         sessions = {p["name"]: p for p in hub["ports"] if p.get("kind") == "session"}
         assert sessions["h1"]["direct"]["introduced"] == 0  # advertised, never introduced
+    finally:
+        await lab.stop()
+
+
+async def test_an_advertise_flood_closes_that_link_and_costs_nobody_their_traffic(
+        tmp_path, names):
+    """The probe sends ADVERTISEs with a new port each as fast as the hub reads them while h1
+    pings h2 through the hub: the hub closes the probe's link after MAX_ADVERTISES of them
+    (`advertise_flood`), every ping is answered, and h1 is no longer told about the probe."""
+    lab = Lab(tmp_path, names, probe=("flood", "3", "10.201.1.1"))
+    await lab.start()
+    try:
+        result = await trio.run_process(
+            ["ip", "netns", "exec", names["h1"], "ping", "-n", "-i", "0.1", "-c", "30", "-W",
+             "1", TAP_IP[2]], capture_stdout=True, check=False)
+        assert b" 0% packet loss" in result.stdout, result.stdout
+        hub = await lab.hub.status()
+        assert hub["tunnel"]["links_ended"].get("protocol_error") == 1
+        assert "advertise_flood" in lab.hub.log_path.read_text()
+        assert "probe" not in await lab.introduced(1)
+        assert lab.hosts[1].process.poll() is None and lab.hub.process.poll() is None
     finally:
         await lab.stop()

@@ -25,6 +25,7 @@ from tunnel.wire import (
     HELLO_FIXED,
     INTRO,
     MAX_ADVERTISE_PAYLOAD,
+    MAX_ADVERTISES,
     MAX_BUFFERED,
     MAX_INTRO_PAYLOAD,
     RECORD_HEADER,
@@ -302,6 +303,19 @@ V4 = address(4, bytes([192, 0, 2, 1]), 80)
 def test_malformed_advertise(payload, reason):
     _, server = pair()
     assert error_of(server, record(ADVERTISE, payload)) == reason
+
+
+def test_more_than_max_advertises_on_one_connection_is_a_flood():
+    client, server = pair()
+    data = b"".join(client.send_advertise([("192.0.2.1", n + 1)])
+                    for n in range(MAX_ADVERTISES + 1))
+    server.receive_data(data)
+    events = server.next_events()  # the ones before the violation
+    assert len(events) == MAX_ADVERTISES
+    assert events[-1] == Advertise((("192.0.2.1", MAX_ADVERTISES),))
+    with pytest.raises(WireError) as caught:
+        server.next_events()
+    assert caught.value.reason == "advertise_flood"
 
 
 def test_an_oversized_advertise_is_refused_from_its_header_alone():

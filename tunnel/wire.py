@@ -147,6 +147,10 @@ ADDRESS_PORT = struct.Struct("!H")
 FAMILY_BYTES = {4: 4, 6: 16}
 MAX_ADDRESS_LEN = 1 + 16 + ADDRESS_PORT.size
 MAX_ADVERTISE_PAYLOAD = 1 + MAX_INTRO_ADDRESSES * MAX_ADDRESS_LEN
+# ADVERTISEs one connection may send: an endpoint sends one, right after AUTH (and another
+# only if where it listens changes).  A flood is cut here, in the codec, before a read's worth
+# of them (a 256 KiB read holds 23,000) is decoded and handed to the hub.
+MAX_ADVERTISES = 16
 MAX_INTRO_PAYLOAD = MAX_RECORD_PAYLOAD
 
 
@@ -361,6 +365,7 @@ class WireConnection:
         self._state = _Receive.HELLO
         self._accepts = _ACCEPTS[self._state]
         self._open_accepts = _ACCEPTS[_Receive.OPEN]  # set once the version is known
+        self._advertises = 0  # ADVERTISE records received
         self._error: WireError | None = None
         self._eof = False
         self._eof_reported = False
@@ -677,6 +682,10 @@ class WireConnection:
             elif rtype == AUTH:
                 events.append(self._on_auth(buf[start:end]))
             elif rtype == ADVERTISE:
+                self._advertises += 1
+                if self._advertises > MAX_ADVERTISES:
+                    self._fail("advertise_flood", f"more than {MAX_ADVERTISES} ADVERTISE "
+                               f"records on one connection")
                 events.append(Advertise(_decode_advertise(buf[start:end])))
             elif rtype == INTRO:
                 events.append(Intro(_decode_intro(buf[start:end])))

@@ -3,7 +3,10 @@ process (tests/test_hub_direct_processes.py): run as `python -m tests.support.in
 HOST PORT IDENTITY_DIR HUB_FINGERPRINT NAME OUT [ADDRESS:PORT ...]` (under `ip netns exec`),
 it logs in as NAME on an introducing link, sends ADVERTISE with the addresses given (none:
 it only dials), answers PINGs, and appends each INTRO it gets to OUT as one JSON line (the
-peers with their fingerprint, addresses and bindings), until it is killed."""
+peers with their fingerprint, addresses and bindings), until it is killed.  With `flood
+SECONDS HOST` instead of addresses it sends ADVERTISEs of HOST with a new port each, as fast
+as the hub takes them, for SECONDS or until the hub closes the connection (it should, after
+tunnel/wire.py MAX_ADVERTISES), and exits."""
 
 from __future__ import annotations
 
@@ -31,8 +34,20 @@ async def main(host: str, port: int, identity: str, fingerprint: str, name: str,
                advertise: list[str]) -> None:
     peer = await connect_peer(port, Path(identity), parse_fingerprint(fingerprint), name,
                               host=host, introductions=True)
-    addresses = [(a.rpartition(":")[0], int(a.rpartition(":")[2])) for a in advertise]
-    await peer.tls.send_all(peer.wire.send_advertise(addresses))
+    if advertise[:1] == ["flood"]:
+        seconds, host = float(advertise[1]), advertise[2]
+        with trio.move_on_after(seconds):
+            try:
+                for n in range(1 << 62):
+                    await peer.tls.send_all(b"".join(
+                        peer.wire.send_advertise([(host, 1 + (n * 64 + i) % 60000)])
+                        for i in range(64)))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return  # the hub closed it
+        return
+    else:
+        addresses = [(a.rpartition(":")[0], int(a.rpartition(":")[2])) for a in advertise]
+        await peer.tls.send_all(peer.wire.send_advertise(addresses))
     while True:
         data = await peer.tls.receive_some(1 << 20)
         peer.wire.receive_data(data)
