@@ -1,6 +1,10 @@
 """Host to host through the VPN: one iperf3 TCP stream between two network namespaces, each
 joined to a hub by `vhostvpn host --tap` (hub in a third namespace), the same between two more
-namespaces joined by `vhostvpn host --tun`, next to a raw veth pair
+namespaces joined by `vhostvpn host --tun`, and the TAP pair again over a direct path (issue 13:
+both endpoints `--listen` on a veth of their own between them; "vhostvpn tap" is measured with
+that veth down, so its frames fall back to the hub, "vhostvpn direct" with it up, the hub's
+switch counters recorded around each direct run to show the stream did not cross it), next
+to a raw veth pair
 and SoftEther (bench/softether.py), OpenVPN over TCP and wireguard-go (bench/baselines.py)
 measured in the same run, interleaved, median of N rounds.
 Also ping p50/p99 idle and under load, and CPU per VPN process.
@@ -40,9 +44,15 @@ MEMBERS = {"a": ("tap", "10.77.0.1"), "b": ("tap", "10.77.0.2"),
            "c": ("tun", "10.77.0.3"), "d": ("tun", "10.77.0.4")}
 
 
+# The TAP pair's own veth for direct sessions (a, b: --listen on these addresses).
+DIRECT_ADDRESSES = {"a": "10.203.0.1", "b": "10.203.0.2"}
+DIRECT_PORT = 7100
+DIRECT_SWITCH_TIMEOUT = 15.0
+
+
 class Namespaces:
-    """hub <-veth-> a, b, c, d (10.201.N.0/24, N = 1..4); plus a raw veth pair
-    r1 <-> r2 (10.202.0.1/2) for the reference."""
+    """hub <-veth-> a, b, c, d (10.201.N.0/24, N = 1..4); a <-> b directly (10.203.0.1/2,
+    for direct sessions); plus a raw veth pair r1 <-> r2 (10.202.0.1/2) for the reference."""
 
     def __init__(self) -> None:
         tag = uuid.uuid4().hex[:6]
@@ -62,6 +72,13 @@ class Namespaces:
                 ip("-n", self.names[side], "addr", "add", f"10.201.{n}.2/24", "dev", right)
                 ip("-n", self.names["hub"], "link", "set", left, "up")
                 ip("-n", self.names[side], "link", "set", right, "up")
+            self.direct_link = f"vvd1{self.tag}"
+            ip("link", "add", self.direct_link, "netns", self.names["a"], "type", "veth",
+               "peer", "name", f"vvd2{self.tag}", "netns", self.names["b"])
+            for side, dev in (("a", self.direct_link), ("b", f"vvd2{self.tag}")):
+                ip("-n", self.names[side], "addr", "add", f"{DIRECT_ADDRESSES[side]}/24",
+                   "dev", dev)
+                ip("-n", self.names[side], "link", "set", dev, "up")
             left, right = f"vvx1{self.tag}", f"vvx2{self.tag}"
             ip("link", "add", left, "netns", self.names["r1"], "type", "veth", "peer", "name",
                right, "netns", self.names["r2"])
@@ -97,22 +114,51 @@ class Vhostvpn:
                             str(w / "hub-id"), "--peers", str(w / "peers"),
                             "--control", str(w / "hub.ctl")])
         for n, (side, (mode, address)) in enumerate(MEMBERS.items(), 1):
+            listen = (["--listen", f"{DIRECT_ADDRESSES[side]}:{DIRECT_PORT}"]
+                      if side in DIRECT_ADDRESSES else [])
             self._start(side, [*python, "host", f"--{mode}", "vv0", "--address",
                                f"{address}/24", "--hub", f"10.201.{n}.1:{HUB_PORT}",
                                "--identity", str(w / f"{side}-id"), "--hub-fingerprint",
-                               hub_fp, "--name", side, "--control", str(w / f"{side}.ctl")])
+                               hub_fp, "--name", side, "--control", str(w / f"{side}.ctl"),
+                               *listen])
         deadline = time.monotonic() + START_TIMEOUT
         for side in MEMBERS:
             while True:
-                state = json.loads(subprocess.run(
-                    [*python, "status", "--control", str(w / f"{side}.ctl"), "--json"],
-                    capture_output=True, text=True, cwd=ROOT).stdout or "{}")
+                state = self.status(side)
                 if state.get("session", {}).get("state") == "up":
                     break
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"endpoint {side} did not come up: {state}")
                 time.sleep(0.2)
         return self
+
+    def status(self, name: str) -> dict:
+        """`vhostvpn status --json` of the hub or a member ({} if it does not answer)."""
+        return json.loads(subprocess.run(
+            [sys.executable, "-m", "tunnel.cli", "status", "--control",
+             str(self.workdir / f"{name}.ctl"), "--json"],
+            capture_output=True, text=True, cwd=ROOT).stdout or "{}")
+
+    def direct(self, up: bool) -> float:
+        """Bring a <-> b's own veth up (their frames go direct) or down (they fall back to
+        the hub); return once both see the other on that path: after how many seconds."""
+        ip("-n", self.ns.names["a"], "link", "set", self.ns.direct_link, "up" if up else "down")
+        want = "direct" if up else "relayed"
+        started = time.monotonic()
+        while True:
+            paths = [[p["path"] for p in self.status(side).get("direct", {}).get("peers", [])
+                      if p["name"] in DIRECT_ADDRESSES] for side in DIRECT_ADDRESSES]
+            if all(path == [want] for path in paths):
+                return round(time.monotonic() - started, 2)
+            if time.monotonic() - started > DIRECT_SWITCH_TIMEOUT:
+                raise RuntimeError(f"a <-> b did not go {want}: {paths}")
+            time.sleep(0.05)
+
+    def hub_frames(self, *members: str) -> dict[str, int]:
+        """The hub's switch counters for `members`' sessions, both ways, summed."""
+        ports = [p for p in self.status("hub").get("ports", []) if p["name"] in members]
+        return {key: sum(p[key] for p in ports)
+                for key in ("in_frames", "in_bytes", "out_frames", "out_bytes")}
 
     def _start(self, name: str, argv: list[str]) -> None:
         log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 (kept for the process)
@@ -163,7 +209,8 @@ def main() -> int:
                               (baselines.WireGuardGo, args.no_wireguard)) if not off]
     if kinds:
         softether.apt_install(baselines.PACKAGES)
-    rows: dict[str, list[dict]] = {"veth": [], "vhostvpn tap": [], "vhostvpn tun": [],
+    rows: dict[str, list[dict]] = {"veth": [], "vhostvpn tap": [], "vhostvpn direct": [],
+                                   "vhostvpn tun": [],
                                    "softether": [], **{k.name: [] for k in kinds}}
     idle: dict[str, object] = {}
     errors: dict[str, str] = {}
@@ -180,18 +227,28 @@ def main() -> int:
             others.append(other)
             idle[other.name] = baselines.idle_ping(other.endpoints()[0], other.addr_b)
         with Vhostvpn(ns, Path(tmp)) as vpn:
-            pairs = {"vhostvpn tap": ("a", "b"), "vhostvpn tun": ("c", "d")}
+            pairs = {"vhostvpn tap": ("a", "b"), "vhostvpn direct": ("a", "b"),
+                     "vhostvpn tun": ("c", "d")}
+            switched: list[float] = []  # seconds each path change took
             for row, (x, y) in pairs.items():
+                if row != "vhostvpn tun":
+                    switched.append(vpn.direct(row == "vhostvpn direct"))
                 idle[row] = idle_ping(n[x], MEMBERS[y][1])
             idle["veth"] = idle_ping(n["r1"], "10.202.0.2")
             for round_ in range(args.rounds):
                 for direction in ("forward", "reverse"):
                     for row, (x, y) in pairs.items():
                         src, dst = (x, y) if direction == "forward" else (y, x)
+                        if row != "vhostvpn tun":
+                            switched.append(vpn.direct(row == "vhostvpn direct"))
+                        hub_before = vpn.hub_frames(src, dst)
+                        result = measure_direction(n[src], n[dst], MEMBERS[dst][1],
+                                                   args.seconds, vpn.pids(src, dst))
+                        hub_after = vpn.hub_frames(src, dst)
                         rows[row].append(
-                            {"round": round_, "direction": f"{src}->{dst}",
-                             **measure_direction(n[src], n[dst], MEMBERS[dst][1],
-                                                  args.seconds, vpn.pids(src, dst))})
+                            {"round": round_, "direction": f"{src}->{dst}", **result,
+                             "hub_counters": {k: hub_after[k] - hub_before[k]
+                                              for k in hub_after}})
                     rows["veth"].append({"round": round_, "direction": direction,
                                          **measure_direction(n["r1"], n["r2"], "10.202.0.2",
                                                             args.seconds, {})})
@@ -205,11 +262,15 @@ def main() -> int:
                 for other in others:
                     rows[other.name] += baselines.measure_round(other, round_, args.seconds)
     summary = {name: baselines.summarize(runs) for name, runs in rows.items() if runs}
-    report = {"rows": rows, "summary": summary, "idle_ping_ms": idle, "errors": errors}
+    report = {"rows": rows, "summary": summary, "idle_ping_ms": idle, "errors": errors,
+              "direct_switch_seconds": switched}
     out = ROOT / "bench" / "results" / f"hosts-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     print(baselines.table(summary, idle))
+    for row in ("vhostvpn tap", "vhostvpn direct"):
+        crossed = [r["hub_counters"]["in_bytes"] for r in rows[row]]
+        print(f"{row}: bytes the hub's switch took from a/b during each stream: {crossed}")
     if errors:
         print(json.dumps({"errors": errors}, indent=1))
     print(f"JSON: {out}")

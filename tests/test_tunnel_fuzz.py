@@ -1,9 +1,9 @@
 """A seeded fuzzer for what an authenticated peer may send: random and mutated wire records
-(FRAMES with random frames and offload metadata, PING/PONG/CLOSE, unknown types, bad flags,
-truncated and giant lengths) go through real TLS into a hub-side Link on a real switch.  Every
-case must end in a clean link close (the peer closed, a protocol error, the connection lost),
-never an exception out of `run()` or an `internal_error`, with everything the link holds
-within its bounds."""
+(FRAMES with random frames and offload metadata, PING/PONG/CLOSE, ADVERTISE valid and
+mutated, INTRO (the hub's own record), unknown types, bad flags, truncated and giant lengths)
+go through real TLS into a hub-side Link on a real switch.  Every case must end in a clean
+link close (the peer closed, a protocol error, the connection lost), never an exception out
+of `run()` or an `internal_error`, with everything the link holds within its bounds."""
 
 from __future__ import annotations
 
@@ -20,16 +20,19 @@ from netstack.policy import PortPolicy
 from netstack.port import Port
 from netstack.switch import Switch
 from tunnel import session as session_module
+from tunnel.introducer import Introducer
 from tunnel.keys import client_ssl_context, generate_identity, server_ssl_context
 from tunnel.session import SESSION_MAC_LIMIT, Link, LinkResult, SessionPort
 from tunnel.tls import TLSStream
 from tunnel.wire import (
+    ADVERTISE,
     AUTH,
     CLOSE,
     CLOSE_CODE,
     FRAME_HEADER,
     FRAMES,
     HELLO,
+    INTRO,
     MAX_BUFFERED,
     PING,
     PING_PAYLOAD,
@@ -81,19 +84,37 @@ def frames_record(rng: random.Random) -> bytes:
     return RECORD_HEADER.pack(FRAMES, 0, 0, len(payload)) + payload
 
 
+def advertise_record(rng: random.Random) -> bytes:
+    """An ADVERTISE: mostly valid, else with a bad count, family, port or length."""
+    count = rng.randint(0, 4)
+    parts = [bytes([count])]
+    for _ in range(count):
+        family = rng.choice([4, 6])
+        parts.append(bytes([family]) + bytes([rng.randint(1, 223)])
+                     + rng.randbytes(15 if family == 6 else 3)
+                     + struct.pack("!H", rng.randint(1, 65535)))
+    payload = b"".join(parts)
+    if rng.random() < 0.2:
+        payload = bytearray(payload + rng.randbytes(rng.randint(0, 3)))
+        payload[rng.randrange(len(payload))] = rng.choice([0, 5, 255, rng.getrandbits(8)])
+    return RECORD_HEADER.pack(ADVERTISE, 0, 0, len(payload)) + bytes(payload)
+
+
 def random_record(rng: random.Random) -> bytes:
     choice = rng.random()
     if choice < 0.45:
         return frames_record(rng)
-    if choice < 0.6:
+    if choice < 0.5:
+        return advertise_record(rng)
+    if choice < 0.65:
         return RECORD_HEADER.pack(rng.choice([PING, PONG]), 0, 0, PING_PAYLOAD.size) + \
             PING_PAYLOAD.pack(rng.getrandbits(64), rng.getrandbits(64))
-    if choice < 0.65:
+    if choice < 0.7:
         reason = rng.choice([b"bye", rng.randbytes(rng.randint(0, 300))])
         payload = CLOSE_CODE.pack(rng.getrandbits(16)) + reason
         return RECORD_HEADER.pack(CLOSE, 0, 0, len(payload)) + payload
-    if choice < 0.75:  # a type this state refuses, or no type at all
-        rtype = rng.choice([0, HELLO, AUTH, 7, 200, 255])
+    if choice < 0.78:  # a type this state refuses, or no type at all
+        rtype = rng.choice([0, HELLO, AUTH, INTRO, 9, 200, 255])
         payload = rng.randbytes(rng.randint(0, 64))
         return RECORD_HEADER.pack(rtype, 0, 0, len(payload)) + payload
     if choice < 0.8:  # flags, reserved
@@ -120,8 +141,9 @@ def server_context(tmp_path_factory):
     return server_ssl_context(generate_identity(tmp_path_factory.mktemp("fuzz-hub")))
 
 
-async def authenticated_link(server_context, switch: Switch) -> tuple[Link, TLSStream,
-                                                                     WireConnection]:
+async def authenticated_link(server_context, switch: Switch,
+                             introducer: Introducer | None = None) -> tuple[
+                                 Link, TLSStream, WireConnection]:
     """A hub-side Link and the peer's TLS stream and codec, past AUTH, on a socket pair."""
     left, right = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     server = TLSStream(trio.SocketStream(left), server_context, server_side=True)
@@ -129,8 +151,10 @@ async def authenticated_link(server_context, switch: Switch) -> tuple[Link, TLSS
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server.do_handshake)
         nursery.start_soon(client.do_handshake)
-    hub = WireConnection("server", name="hub", offloads=int(ALL_OFFLOADS), mtu=1500)
-    peer = WireConnection("client", name="peer", offloads=int(ALL_OFFLOADS), mtu=1500)
+    hub = WireConnection("server", name="hub", offloads=int(ALL_OFFLOADS), mtu=1500,
+                         introductions=True)
+    peer = WireConnection("client", name="peer", offloads=int(ALL_OFFLOADS), mtu=1500,
+                          introductions=True)
     hub.receive_data(peer.send_hello())
     peer.receive_data(hub.send_hello())
     assert hub.next_events() and peer.next_events()
@@ -143,6 +167,8 @@ async def authenticated_link(server_context, switch: Switch) -> tuple[Link, TLSS
         switch.attach(port)
     link = Link(port, server, hub, switch.forward)
     link.activate()
+    if introducer is not None:  # its ADVERTISEs reach the hub's introductions
+        link.on_introduction = lambda link, event: introducer.advertise(link, event.addresses)
     return link, client, peer
 
 
@@ -153,9 +179,10 @@ async def test_random_records_after_auth_only_ever_close_the_link(server_context
     switch = Switch()
     switch.attach(SessionPort("peer", policy=PortPolicy(mac_limit=SESSION_MAC_LIMIT)))
     switch.attach(Sink())
+    introducer = Introducer(switch, lambda name: bytes(32), clock=trio.current_time)
     ends: dict[str, int] = {}
     for case in range(CASES):
-        link, attacker, _ = await authenticated_link(server_context, switch)
+        link, attacker, _ = await authenticated_link(server_context, switch, introducer)
         data = case_bytes(rng)
         result: list[LinkResult] = []
 
@@ -174,6 +201,8 @@ async def test_random_records_after_auth_only_ever_close_the_link(server_context
                 nursery.start_soon(run_link)
                 nursery.start_soon(attack)
                 while not result:
+                    for introduced, entries in introducer.tick():
+                        introduced.introduce(entries)
                     assert len(link._control) <= session_module.MAX_PENDING_CONTROL
                     assert link.wire.buffered <= MAX_BUFFERED
                     assert len(link.port.queue) <= link.port.limit

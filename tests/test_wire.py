@@ -119,10 +119,10 @@ def test_hello_carries_version_offloads_mtu_challenge_and_name():
     client = new("client", name="vm-ü1", offloads=Offload.CSUM | Offload.TSO6, mtu=9000)
     server = new("server", challenge=b"\x07" * 32)
     [hello] = feed(server, client.send_hello())
-    assert hello == Hello(1, Offload.CSUM | Offload.TSO6, 9000, client.challenge, "vm-ü1", 1, 1)
+    assert hello == Hello(2, Offload.CSUM | Offload.TSO6, 9000, client.challenge, "vm-ü1", 1, 2)
     [hello] = feed(client, server.send_hello())
     assert hello.challenge == b"\x07" * 32 and hello.name == "server"
-    assert client.peer_hello == hello and client.version == 1 and server.version == 1
+    assert client.peer_hello == hello and client.version == 2 and server.version == 2
 
 
 def test_auth_reaches_the_server_unchanged():
@@ -268,15 +268,15 @@ def test_negotiate_version_picks_the_highest_common(ours, theirs, agreed):
     assert negotiate_version(*ours, *theirs) == agreed
 
 
-def test_newer_peer_with_overlap_gets_version_1_and_its_extensions_are_skipped():
+def test_newer_peer_with_overlap_gets_our_highest_version_and_its_extensions_are_skipped():
     server = new("server")
     [hello] = feed(server, record(HELLO, hello_payload(1, 4, extra=b"\x00future stuff")))
-    assert hello.version == 1 and (hello.min_version, hello.max_version) == (1, 4)
+    assert hello.version == 2 and (hello.min_version, hello.max_version) == (1, 4)
 
 
 def test_no_common_version_is_a_version_error_and_close_says_so():
     server = new("server")
-    server.receive_data(record(HELLO, hello_payload(2, 3)))
+    server.receive_data(record(HELLO, hello_payload(3, 4)))
     with pytest.raises(WireError) as caught:
         server.next_events()
     assert caught.value.reason == "version" and caught.value.close_code == CloseCode.VERSION
@@ -289,8 +289,8 @@ def test_no_common_version_is_a_version_error_and_close_says_so():
 
 
 def test_unsupported_local_versions_are_refused():
-    with pytest.raises(ValueError, match=r"versions 1\.\.2: this code speaks"):
-        new("client", min_version=1, max_version=2)
+    with pytest.raises(ValueError, match=r"versions 1\.\.3: this code speaks"):
+        new("client", min_version=1, max_version=3)
 
 
 # --- state rules -----------------------------------------------------------------------------

@@ -43,9 +43,12 @@ import trio
 from netstack.frame import ALL_OFFLOADS, Frame, stable_mac
 from netstack.switch import Switch
 from tunnel.control import serve_control
+from tunnel.direct import DirectPeers, SteeringUplink
+from tunnel.direct_link import DirectLinks
 from tunnel.host.hostnet import HostNetwork, HostNetworkError
 from tunnel.host.tunport import TunPort
 from tunnel.host.tuntap import TapPort, TunTapDevice, TunTapError, run_device
+from tunnel.introductions import MAX_INTRO_ADDRESSES
 from tunnel.keys import (
     AuthError,
     check_server,
@@ -58,7 +61,18 @@ from tunnel.keys import (
 from tunnel.session import Link, SessionPort, tune_tcp
 from tunnel.startup import StartupError
 from tunnel.tls import TLSStream
-from tunnel.wire import CloseCode, Closed, Eof, Frames, Hello, Ping, Pong, WireConnection, WireError
+from tunnel.wire import (
+    CloseCode,
+    Closed,
+    Eof,
+    Frames,
+    Hello,
+    Intro,
+    Ping,
+    Pong,
+    WireConnection,
+    WireError,
+)
 from virtio.backend import attach_sockets
 from virtio.unixsock import OWNER_ONLY, SocketAccess
 
@@ -110,6 +124,10 @@ class EndpointConfig:
         default_factory=list)
     # who may connect to the --socket files (--socket-mode, --socket-group)
     socket_access: SocketAccess = OWNER_ONLY
+    # direct paths: where this endpoint accepts direct sessions (--listen), and the
+    # addresses the hub gives its peers for it (--advertise; default: --listen's)
+    listen: tuple[str | None, int] | None = None
+    advertise: list[tuple[str, int]] = field(default_factory=list)
 
 
 # The nonce of the PING sent right behind AUTH; its PONG says the hub accepted us.
@@ -156,8 +174,13 @@ class Endpoint:
         self.servers = attach_sockets(self.switch, config.sockets, config.client_sockets,
                                       config.queue_pairs, policy=config.port_policy,
                                       access=config.socket_access)
-        self.uplink = SessionPort("hub", policy=None)
+        self.uplink = SteeringUplink("hub")
         self.switch.attach(self.uplink)
+        self.direct = DirectLinks(
+            self.identity,
+            DirectPeers(self.identity.fingerprint_bytes, config.listen is not None,
+                        self.uplink, self._is_local),
+            self._forward_direct, listen=config.listen, mtu=config.mtu)
         self.device: TunTapDevice | None = None
         self.device_port: TapPort | None = None
         self.tun_port: TunPort | None = None
@@ -185,7 +208,7 @@ class Endpoint:
                         "reconnects": self.reconnects, "rekeys": self.rekeys,
                         "last_error": self.last_error,
                         "connections": self.uplink.connections},
-            "ports": ports, **self.switch.status(),
+            "ports": ports, "direct": self.direct.status(), **self.switch.status(),
         }
 
     def _device_state(self) -> dict[str, object]:
@@ -262,6 +285,7 @@ class Endpoint:
                 ports = partial(list, self.switch.ports)  # `vhostvpn capture PORT`
                 await nursery.start(partial(serve_control, ports=ports),
                                     self.config.control, self.status)
+            await nursery.start(self.direct.run)
             nursery.start_soon(self._uplink)
             nursery.start_soon(self._housekeeping)
             task_status.started()
@@ -368,12 +392,14 @@ class Endpoint:
                 except AuthError as exc:
                     raise self._wrong_hub(tls, exc) from None
                 wire = WireConnection("client", name=self.name, offloads=int(ALL_OFFLOADS),
-                                      mtu=config.mtu)
+                                      mtu=config.mtu, introductions=True)
                 await tls.send_all(wire.send_hello())
                 hello = await self._await_hello(tls, wire)
                 certificate, signature = sign_client_auth(self.identity, hello.challenge,
                                                           server_fp, self.name)
                 auth = wire.send_auth(certificate, signature)
+                if wire.introducing:  # where we accept direct sessions; INTROs, please
+                    auth += wire.send_advertise(self.advertised())
                 if not await_verdict:
                     # No wait between AUTH and the caller's activate(): were the hub to
                     # accept it (and close the old link) meanwhile, the old link would end
@@ -393,7 +419,9 @@ class Endpoint:
             log.info("hub %s: session up (hub %r), %s", where, hello.name,
                      f"name {self.name!r} accepted" if self.name else
                      f"named by the hub's peers file (key {self.identity.fingerprint})")
-        return Link(self.uplink, tls, wire, self._forward)
+        link = Link(self.uplink, tls, wire, self._forward)
+        link.on_introduction = self._hub_event
+        return link
 
     async def _open_tcp(self) -> trio.abc.Stream:
         """A TCP connection to the hub, tuned for latency (tunnel/session.tune_tcp)."""
@@ -418,6 +446,8 @@ class Endpoint:
                     accepted = True
                 elif isinstance(event, Frames):
                     self._forward(self.uplink, event.frames)
+                elif isinstance(event, Intro):
+                    self.direct.introduce(event.peers)
                 elif isinstance(event, Ping):
                     await tls.send_all(wire.send_pong(event.nonce, event.timestamp_ns))
                 elif isinstance(event, Closed):
@@ -470,3 +500,33 @@ class Endpoint:
 
     def _forward(self, port: SessionPort, frames: list[Frame]) -> None:
         self.switch.forward(port, frames)
+
+    # -- direct paths (tunnel/direct.py, tunnel/direct_link.py) --------------------------------
+
+    def advertised(self) -> list[tuple[str, int]]:
+        """Where peers reach our direct sessions: --advertise, else what --listen bound
+        (a wildcard stands for the address the hub sees us from); none without --listen."""
+        if self.config.advertise:
+            return self.config.advertise[:MAX_INTRO_ADDRESSES]
+        if self.config.listen is None:
+            return []
+        host, _ = self.config.listen
+        bound = [(h, p) for h, p in self.direct.bound]
+        if host is None or host in ("", "0.0.0.0", "::"):
+            port = bound[0][1] if bound else self.config.listen[1]
+            return [("0.0.0.0", port)]
+        return bound[:MAX_INTRO_ADDRESSES]
+
+    def _hub_event(self, link: Link, event: object) -> None:
+        """What the hub's link hands over beyond frames and pings: INTRO."""
+        if isinstance(event, Intro):
+            self.direct.introduce(event.peers)
+
+    def _is_local(self, mac: bytes) -> bool:
+        """Is `mac` behind one of this endpoint's own ports (not the hub's)?"""
+        entry = self.switch.mac_table.get(mac)
+        return entry is not None and entry[0] is not self.uplink
+
+    def _forward_direct(self, frames: list[Frame]) -> None:
+        """Frames a direct peer sent, admitted by its filter: switched as if from the hub."""
+        self.switch.forward(self.uplink, frames)

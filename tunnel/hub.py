@@ -40,6 +40,7 @@ from tunnel.control import serve_control
 from tunnel.keys import load_identity
 from tunnel.listener import TunnelListener
 from tunnel.nat import NatShell
+from tunnel.session import SessionPort
 from virtio.backend import attach_sockets
 from virtio.unixsock import OWNER_ONLY, SocketAccess
 
@@ -98,6 +99,7 @@ class HubConfig:
     dns_upstreams: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = field(
         default_factory=list)  # the resolvers the gateway's DNS asks; empty: /etc/resolv.conf
     forwards: list[ForwardSpec] = field(default_factory=list)
+    direct: bool = True  # introduce endpoints to each other (off: `hub --no-direct`)
 
 
 class Hub:
@@ -114,7 +116,7 @@ class Hub:
             self.tunnel = TunnelListener(
                 self.switch, load_identity(config.identity_dir), config.peers_file,
                 config.listen[0], config.listen[1], name=config.name, mtu=config.mtu,
-                port_policy=config.port_policy)
+                port_policy=config.port_policy, direct=config.direct)
         self.dhcp: DhcpServer | None = None
         self.gateway = self._make_gateway(config)
         if self.gateway is not None:
@@ -217,6 +219,10 @@ class Hub:
             server = next((s for s in self.servers if s.port is port), None)
             if server is not None:
                 entry |= {"socket": server.path, "mode": "client" if server.client else "server"}
+            if self.tunnel is not None and isinstance(port, SessionPort):
+                direct = self.tunnel.introducer.status_of(port)
+                if direct is not None:
+                    entry["direct"] = direct
             ports.append(entry)
         state = {"role": "hub", "pid": os.getpid(), "ports": ports, **self.switch.status()}
         if self.tunnel is not None:

@@ -25,7 +25,16 @@ through whatever number of sources the strangers have.  (The token buckets forge
 beyond MAX_TRACKED_SOURCES; cycling more sources than that refills a stranger's bursts, which
 only speeds up its churn of unauthenticated slots.)
 
-The peers file is reread on SIGHUP (`reload()`); a peer removed from it is disconnected.
+The peers file is reread on SIGHUP (`reload()`); a peer removed from it is disconnected, and
+is gone from the next INTRO every other endpoint gets (which closes their direct sessions
+with it).
+
+Direct paths (unless `direct=False`, `hub --no-direct`): each link's ADVERTISE goes to the
+Introducer (tunnel/introducer.py), and the `run_introductions` task asks it every
+INTRO_MIN_INTERVAL (while any endpoint advertised) for the INTROs due, which each Link sends
+(tunnel/session.py Link.introduce).  A failure
+there is the hub's bug, not a peer's: logged with its traceback (once per burst) and the
+task goes on.
 
 Containment: the accept loop never dies (a connection reset before we look at it is counted
 `gone_before_admission`; accept() failing, e.g. out of file descriptors, is counted
@@ -54,6 +63,7 @@ from netstack.policy import PortPolicy
 from netstack.ratelimit import TokenBucket
 from netstack.switch import Switch
 from tunnel.control import AcceptFailures
+from tunnel.introducer import INTRO_MIN_INTERVAL, Introducer
 from tunnel.keys import (
     AuthError,
     Identity,
@@ -66,7 +76,17 @@ from tunnel.keys import (
 from tunnel.session import SESSION_MAC_LIMIT, Link, SessionPort, tune_tcp
 from tunnel.startup import StartupError, explain_bind
 from tunnel.tls import TLSStream
-from tunnel.wire import Auth, CloseCode, Closed, Eof, Hello, WireConnection, WireError
+from tunnel.wire import (
+    Advertise,
+    Auth,
+    CloseCode,
+    Closed,
+    Eof,
+    Hello,
+    Intro,
+    WireConnection,
+    WireError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +229,7 @@ class TunnelListener:
         name: str = "hub",
         mtu: int = 1500,
         port_policy: bool = True,
+        direct: bool = True,
     ) -> None:
         self.switch = switch
         self.identity = identity
@@ -230,6 +251,10 @@ class TunnelListener:
         self._two_places_logged: dict[str, float] = {}  # peer name -> when last warned
         self.seen: dict[str, LastSeen] = {}  # peer name -> its last link's end
         self._nursery: trio.Nursery | None = None
+        self.introducer = Introducer(switch, lambda name: self.peers.fingerprint_of(name),
+                                     enabled=direct, clock=trio.current_time)
+        self.introduce_errors = 0
+        self._advertised = trio.Event()  # set by an ADVERTISE: wakes run_introductions
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -256,6 +281,8 @@ class TunnelListener:
             task_status.started()
             for listener in listeners:
                 nursery.start_soon(self._accept_loop, listener)
+            if self.introducer.enabled:
+                nursery.start_soon(self.run_introductions)
 
     async def _accept_loop(self, listener: trio.SocketListener) -> None:
         """Accept until cancelled; nothing a connecting party does ends this loop."""
@@ -338,7 +365,10 @@ class TunnelListener:
                     await _close_quietly(tls)
             else:
                 self.slots.trust(handshake.source)
-                result = await link.run()
+                try:
+                    result = await link.run()
+                finally:
+                    self.introducer.link_ended(link)
                 self._last_seen(link.port, address)
                 self.links_ended[result.kind] = self.links_ended.get(result.kind, 0) + 1
                 log.info("%s: link from %s ended: %s", link.port.name, address, result.reason)
@@ -381,7 +411,8 @@ class TunnelListener:
 
     async def _handshake(self, tls: TLSStream, source: str) -> Link | None:
         await tls.do_handshake()
-        wire = WireConnection("server", name=self.name, offloads=int(ALL_OFFLOADS), mtu=self.mtu)
+        wire = WireConnection("server", name=self.name, offloads=int(ALL_OFFLOADS), mtu=self.mtu,
+                              introductions=True)
         await tls.send_all(wire.send_hello())
         hello: Hello | None = None
         while True:
@@ -404,6 +435,8 @@ class TunnelListener:
                     return self._attach(name, tls, wire, source)
                 elif isinstance(event, Closed | Eof):
                     raise trio.BrokenResourceError(f"peer left during the handshake ({event})")
+            if wire.failed:  # what came behind the events (FRAMES, ADVERTISE before AUTH)
+                wire.next_events()  # raises the WireError now, not at the peer's next bytes
 
     def _attach(self, name: str, tls: TLSStream, wire: WireConnection,
                 source: str) -> Link:
@@ -417,6 +450,7 @@ class TunnelListener:
             self._two_places(port, source)
         port.peer_address = source
         link = Link(port, tls, wire, self._forward)
+        link.on_introduction = self._on_introduction
         reconnect = port.connections > 0
         link.activate()
         digest = self.peers.fingerprint_of(name)
@@ -443,6 +477,30 @@ class TunnelListener:
     def _forward(self, port: SessionPort, frames: list[Frame]) -> None:
         self.switch.forward(port, frames)
 
+    # -- direct paths: introductions ---------------------------------------------------------
+
+    def _on_introduction(self, link: Link, event: Advertise | Intro) -> None:
+        """An endpoint's ADVERTISE (its codec refuses INTRO: only a hub sends that)."""
+        if isinstance(event, Advertise):
+            self.introducer.advertise(link, event.addresses)
+            self._advertised.set()
+
+    async def run_introductions(self) -> None:
+        """Hand each endpoint the INTRO due to it, every INTRO_MIN_INTERVAL while any
+        endpoint advertised (idle otherwise)."""
+        while True:
+            if not self.introducer.advertised:
+                self._advertised = trio.Event()
+                await self._advertised.wait()
+            await trio.sleep(INTRO_MIN_INTERVAL)
+            try:
+                for link, entries in self.introducer.tick():
+                    link.introduce(entries)
+            except Exception as exc:  # the hub's bug: logged, the next tick tries again
+                if self.introduce_errors % 100 == 0:
+                    log.error("tunnel: introductions: internal error: %r", exc, exc_info=exc)
+                self.introduce_errors += 1
+
     # -- the peers file --------------------------------------------------------------------------
 
     def reload(self) -> None:
@@ -457,6 +515,7 @@ class TunnelListener:
         changed = {name for name, fp in peers if self.peers.fingerprint_of(name) not in
                    (None, fp)}
         self.peers = peers
+        self.introducer.peers_changed()
         self.seen = {name: seen for name, seen in self.seen.items() if name in peers.names}
         log.info("peers file reloaded: %d peers, %d removed", len(peers), len(removed))
         for name in removed | changed:
@@ -507,6 +566,7 @@ class TunnelListener:
         return {"listen": [f"{h}:{p}" for h, p in self.bound], "peers": len(self.peers),
                 "handshakes": self.handshakes, "refused": dict(self.refused),
                 "links_ended": dict(self.links_ended),
+                "direct": self.introducer.status() | {"errors": self.introduce_errors},
                 "fingerprint": self.identity.fingerprint, "peer_list": self.peer_status()}
 
 

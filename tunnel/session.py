@@ -43,10 +43,12 @@ from netstack.policy import PortPolicy
 from netstack.port import QueuedPort
 from tunnel.tls import TLSStream
 from tunnel.wire import (
+    Advertise,
     CloseCode,
     Closed,
     Eof,
     Frames,
+    Intro,
     Ping,
     Pong,
     WireConnection,
@@ -132,8 +134,15 @@ class Link:
         stream: TLSStream,
         wire: WireConnection,
         forward: Callable[[SessionPort, list[Frame]], None],
+        *,
+        keepalive_seconds: float = KEEPALIVE_SECONDS,
+        dead_seconds: float = DEAD_SECONDS,
     ) -> None:
+        """A direct session (tunnel/direct_link.py) pings and gives up sooner than the
+        hub's link (`keepalive_seconds`, `dead_seconds`)."""
         self.port = port
+        self.keepalive_seconds = keepalive_seconds
+        self.dead_seconds = dead_seconds
         self.stream = stream
         self.wire = wire
         self.forward = forward
@@ -147,6 +156,10 @@ class Link:
         self._ended: LinkResult | None = None  # the first reason the link ends
         self._scope: trio.CancelScope | None = None
         self._last_heard = trio.current_time()
+        # Direct paths (hub links): who hears ADVERTISE / INTRO, and the INTRO waiting for
+        # the writer (entries of tunnel/wire.encode_intro_peer; a newer set replaces it).
+        self.on_introduction: Callable[[Link, Advertise | Intro], None] | None = None
+        self._intro: list[bytes] | None = None
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -194,6 +207,13 @@ class Link:
             self._ended = result
         if self._scope is not None:
             self._scope.cancel()
+
+    def introduce(self, entries: list[bytes]) -> None:
+        """Send an INTRO of `entries` (tunnel/wire.encode_intro_peer) when the writer next
+        runs; one still waiting is replaced (an INTRO is the whole set), so a peer that
+        reads slowly holds at most one."""
+        self._intro = entries
+        self._wake.set()
 
     def _internal_error(self, exc: Exception) -> None:
         """An exception nobody expected, met while serving this link: it ends this link only
@@ -317,6 +337,8 @@ class Link:
                 return LinkResult(event.reason or "closed by peer", kind="peer_closed")
             elif kind is Eof:
                 return LinkResult("connection closed", kind="peer_closed")
+            elif (kind is Advertise or kind is Intro) and self.on_introduction is not None:
+                self.on_introduction(self, event)
         if wire.failed:
             wire.next_events()  # raises the peer's WireError now, not at its next bytes
         return None
@@ -334,6 +356,10 @@ class Link:
             if self._control:
                 out, self._control = b"".join(self._control), []
                 await stream.send_all(out)
+                continue
+            if self._intro is not None and not self._retiring:
+                entries, self._intro = self._intro, None
+                await stream.send_all(wire.send_intro_encoded(entries))
                 continue
             if self._retiring:
                 await stream.send_all(wire.send_close(CloseCode.NORMAL, self._retire_reason))
@@ -370,12 +396,13 @@ class Link:
     async def _keepalive(self) -> None:
         nonce = 0
         while True:
-            await trio.sleep(KEEPALIVE_SECONDS)
+            await trio.sleep(self.keepalive_seconds)
             now = trio.current_time()
-            if now - self._last_heard > DEAD_SECONDS:
-                log.warning("%s: nothing heard for %.0f s; closing", self.port.name,
-                            DEAD_SECONDS)
-                self._end(LinkResult(f"nothing heard for {DEAD_SECONDS:.0f} s", kind="dead"))
+            if now - self._last_heard > self.dead_seconds:
+                log.warning("%s: nothing heard for %.1f s; closing", self.port.name,
+                            self.dead_seconds)
+                self._end(LinkResult(f"nothing heard for {self.dead_seconds:.1f} s",
+                                     kind="dead"))
                 return
             waiting = self.stream.waiting_since
             if waiting is not None and now - waiting > WRITE_STALL_SECONDS:

@@ -6,8 +6,9 @@ with byte layouts, is docs/protocol.md.
 
 Rules of this file:
 * Bytes in (`receive_data`), events out (`next_events`); `send_*` return the bytes to write.
-  Everything that decides what may come next lives in the state table `_ACCEPTS` and the
-  transitions in `_on_hello`, `_on_auth`, `accept_auth` and `_on_close`.
+  Everything that decides what may come next lives in the state table `_ACCEPTS` (with
+  `_INTRO_ACCEPTS`, what an open version-2 hub link adds) and the transitions in `_on_hello`,
+  `_on_auth`, `accept_auth` and `_on_close`.
 * Every length a peer sends is checked where it is read, against a named limit, before
   anything is buffered for it: a record header is judged (type, flags, state, length) as soon
   as its 8 bytes are here, so before authentication a peer can make us hold at most a few KiB.
@@ -26,6 +27,14 @@ without a round trip, while FRAMES sent *before* AUTH are refused ('unauthentica
 as their header arrives.  Then FRAMES, PING and PONG flow both ways until one side sends
 CLOSE; after CLOSE nothing more is sent or accepted.  The record header, HELLO and CLOSE are
 frozen for every version: they are what two different releases must understand of each other.
+
+Version 2 adds the direct-path records, on a hub link only (a connection made with
+`introductions=True` on both sides, and version 2 negotiated): the endpoint (client) may send
+ADVERTISE (where it accepts direct sessions) once authenticated -- right behind AUTH, where the
+server's codec holds it like FRAMES -- and the hub (server) sends INTRO (the peers the endpoint
+may reach directly: tunnel/introductions.py DirectPeer).  Anywhere else they are `unexpected`,
+so a direct session (endpoint to endpoint, `introductions=False`) refuses both, and a
+version-1 peer never gets one (`send_advertise`/`send_intro` refuse to make it).
 
 Path of a frame out (`send_frames`):
 1. length check: frames outside 14..MAX_FRAME are dropped and counted (`sent.dropped`),
@@ -52,18 +61,28 @@ Path of a frame in (`receive_data`, `next_events`):
 from __future__ import annotations
 
 import enum
+import ipaddress
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from netstack.frame import ALL_OFFLOADS, ETH_HEADER_LEN, MAX_FRAME_LEN, PLAIN, Frame, Offload
+from tunnel.introductions import (
+    MAX_INTRO_ADDRESSES,
+    MAX_INTRO_IPS,
+    MAX_INTRO_MACS,
+    MAX_INTRO_PEERS,
+    DirectPeer,
+)
+from tunnel.keys import FINGERPRINT_BYTES, format_fingerprint, parse_fingerprint
 
 # --- Limits and numbers (docs/protocol.md, "Records") ---------------------------------------
 
 MIN_SUPPORTED_VERSION = 1
-MAX_SUPPORTED_VERSION = 1
+MAX_SUPPORTED_VERSION = 2
+INTRO_VERSION = 2  # the first version with ADVERTISE and INTRO
 
 RECORD_HEADER = struct.Struct("!BBHI")  # type, flags (0), reserved (0), payload length
 RECORD_HEADER_LEN = RECORD_HEADER.size  # 8
@@ -78,8 +97,11 @@ FRAMES = 3
 PING = 4
 PONG = 5
 CLOSE = 6
+# Version 2: direct paths.
+ADVERTISE = 7
+INTRO = 8
 RECORD_NAMES = {HELLO: "HELLO", AUTH: "AUTH", FRAMES: "FRAMES", PING: "PING", PONG: "PONG",
-                CLOSE: "CLOSE"}
+                CLOSE: "CLOSE", ADVERTISE: "ADVERTISE", INTRO: "INTRO"}
 
 # HELLO: min version, max version, offloads accepted, MTU, challenge, name length; then the
 # name, then (from later versions) extensions a version-1 reader skips.
@@ -114,6 +136,22 @@ PING_PAYLOAD = struct.Struct("!QQ")
 CLOSE_CODE = struct.Struct("!H")
 MAX_REASON_BYTES = 256
 MAX_CLOSE_PAYLOAD = CLOSE_CODE.size + MAX_REASON_BYTES
+
+# ADVERTISE: u8 count, then per address u8 family (4 | 6), 4 | 16 address bytes, u16 port.
+# INTRO: u16 count, then per peer u8 name length + name (UTF-8), the 32-byte fingerprint
+# digest, u8 address count + addresses as in ADVERTISE, u16 MAC count + 6 bytes each, u16
+# IPv4 count + 4 bytes each, u16 IPv6 count + 16 bytes each.  Limits: tunnel/introductions.py.
+U8 = struct.Struct("!B")
+U16 = struct.Struct("!H")
+ADDRESS_PORT = struct.Struct("!H")
+FAMILY_BYTES = {4: 4, 6: 16}
+MAX_ADDRESS_LEN = 1 + 16 + ADDRESS_PORT.size
+MAX_ADVERTISE_PAYLOAD = 1 + MAX_INTRO_ADDRESSES * MAX_ADDRESS_LEN
+# ADVERTISEs one connection may send: an endpoint sends one, right after AUTH (and another
+# only if where it listens changes).  A flood is cut here, in the codec, before a read's worth
+# of them (a 256 KiB read holds 23,000) is decoded and handed to the hub.
+MAX_ADVERTISES = 16
+MAX_INTRO_PAYLOAD = MAX_RECORD_PAYLOAD
 
 
 class CloseCode(enum.IntEnum):
@@ -177,7 +215,24 @@ class Eof:
     """The stream ended (receive_data(b"")) on a record boundary."""
 
 
-Event = Hello | Auth | Frames | Ping | Pong | Closed | Eof
+@dataclass(frozen=True, slots=True)
+class Advertise:
+    """The endpoint's ADVERTISE (hub side): where it accepts direct sessions, (host, port)
+    with host an IPv4/IPv6 literal; 0.0.0.0 or :: means "the address you see me from".
+    Empty: it does not listen, but wants introductions."""
+
+    addresses: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Intro:
+    """The hub's INTRO (endpoint side): the whole current set of peers it may reach
+    directly; it replaces the previous one."""
+
+    peers: tuple[DirectPeer, ...]
+
+
+Event = Hello | Auth | Frames | Ping | Pong | Closed | Eof | Advertise | Intro
 
 
 def negotiate_version(our_min: int, our_max: int, peer_min: int, peer_max: int) -> int | None:
@@ -239,6 +294,12 @@ _ACCEPTS: dict[_Receive, dict[int, int]] = {
                     PONG: PING_PAYLOAD.size, CLOSE: MAX_CLOSE_PAYLOAD},
     _Receive.CLOSED: {},
 }
+# What OPEN adds on a hub link of version >= INTRO_VERSION made with introductions=True, by
+# the receiving side's role: the hub hears ADVERTISE, the endpoint hears INTRO.
+_INTRO_ACCEPTS: dict[str, dict[int, int]] = {
+    "server": {ADVERTISE: MAX_ADVERTISE_PAYLOAD},
+    "client": {INTRO: MAX_INTRO_PAYLOAD},
+}
 
 # A PLAIN frame's header depends only on its length: cached (at most MAX_FRAME entries).
 _plain_headers: dict[int, bytes] = {}
@@ -262,7 +323,10 @@ class WireConnection:
         min_version: int = MIN_SUPPORTED_VERSION,
         max_version: int = MAX_SUPPORTED_VERSION,
         challenge: bytes | None = None,
+        introductions: bool = False,
     ) -> None:
+        """`introductions`: this is a hub link, where the endpoint may ADVERTISE and the hub
+        INTRO (from version 2); False (a direct session between endpoints) refuses both."""
         if role not in ("client", "server"):
             raise ValueError(f"role must be 'client' or 'server', not {role!r}")
         if not MIN_SUPPORTED_VERSION <= min_version <= max_version <= MAX_SUPPORTED_VERSION:
@@ -288,6 +352,7 @@ class WireConnection:
         self.min_version = min_version
         self.max_version = max_version
         self.challenge = bytes(challenge)
+        self.introductions = introductions
 
         self.peer_hello: Hello | None = None
         self.version: int | None = None  # negotiated, once the peer's HELLO arrived
@@ -299,6 +364,8 @@ class WireConnection:
 
         self._state = _Receive.HELLO
         self._accepts = _ACCEPTS[self._state]
+        self._open_accepts = _ACCEPTS[_Receive.OPEN]  # set once the version is known
+        self._advertises = 0  # ADVERTISE records received
         self._error: WireError | None = None
         self._eof = False
         self._eof_reported = False
@@ -402,6 +469,41 @@ class WireConnection:
                             AUTH_LEN.pack(len(signature)), signature))
         return self._record(AUTH, payload)
 
+    @property
+    def introducing(self) -> bool:
+        """ADVERTISE and INTRO may flow on this connection: a hub link (`introductions`)
+        where both sides speak version 2 or later."""
+        return self.introductions and self.version is not None and self.version >= INTRO_VERSION
+
+    def send_advertise(self, addresses: Sequence[tuple[str, int]]) -> bytes:
+        """Client (endpoint), after AUTH: where it accepts direct sessions (empty: nowhere,
+        but it wants introductions).  At most MAX_INTRO_ADDRESSES; 0.0.0.0 / :: stand for
+        the address the hub sees this connection come from."""
+        if self.role != "client" or not self.introducing or not self._may_send_data():
+            self._refuse_send("ADVERTISE")
+        if len(addresses) > MAX_INTRO_ADDRESSES:
+            raise ValueError(f"{len(addresses)} addresses, at most {MAX_INTRO_ADDRESSES}")
+        payload = U8.pack(len(addresses)) + b"".join(
+            _encode_address(host, port, wildcard=True) for host, port in addresses)
+        return self._record(ADVERTISE, payload)
+
+    def send_intro(self, peers: Sequence[DirectPeer]) -> bytes:
+        """Server (hub), after accept_auth(): the whole set of peers the endpoint may reach
+        directly (ValueError if a peer or the set passes the limits)."""
+        return self.send_intro_encoded([encode_intro_peer(peer) for peer in peers])
+
+    def send_intro_encoded(self, entries: Sequence[bytes]) -> bytes:
+        """`send_intro` with each peer already made by `encode_intro_peer` (the hub encodes
+        a peer once for all the endpoints it is introduced to)."""
+        if self.role != "server" or not self.introducing or not self._may_send_data():
+            self._refuse_send("INTRO")
+        if len(entries) > MAX_INTRO_PEERS:
+            raise ValueError(f"{len(entries)} peers, at most {MAX_INTRO_PEERS}")
+        payload = b"".join([U16.pack(len(entries)), *entries])
+        if len(payload) > MAX_INTRO_PAYLOAD:
+            raise ValueError(f"INTRO of {len(payload)} bytes, at most {MAX_INTRO_PAYLOAD}")
+        return self._record(INTRO, payload)
+
     def send_ping(self, nonce: int, timestamp_ns: int) -> bytes:
         """A PING the peer echoes; `timestamp_ns` is our monotonic clock (the PONG returns it)."""
         if not self._may_send_control():
@@ -451,8 +553,13 @@ class WireConnection:
             why = "twice"
         elif not self._sent_hello:
             why = "before our HELLO"
-        elif what == "AUTH" and self.role != "client":
+        elif what in ("AUTH", "ADVERTISE") and self.role != "client":
             why = "as a server"
+        elif what == "INTRO" and self.role != "server":
+            why = "as a client"
+        elif what in ("ADVERTISE", "INTRO") and self.version is not None and not self.introducing:
+            why = (f"on a version-{self.version} connection" if self.introductions
+                   else "on a connection made without introductions")
         elif self.version is None:
             why = "before the peer's HELLO"
         elif what == "AUTH":
@@ -526,7 +633,7 @@ class WireConnection:
 
     def _enter(self, state: _Receive) -> None:
         self._state = state
-        self._accepts = _ACCEPTS[state]
+        self._accepts = self._open_accepts if state is _Receive.OPEN else _ACCEPTS[state]
 
     def _decode(self, events: list[Event]) -> None:
         header = RECORD_HEADER.unpack_from
@@ -574,6 +681,14 @@ class WireConnection:
                 events.append(self._on_hello(buf[start:end]))
             elif rtype == AUTH:
                 events.append(self._on_auth(buf[start:end]))
+            elif rtype == ADVERTISE:
+                self._advertises += 1
+                if self._advertises > MAX_ADVERTISES:
+                    self._fail("advertise_flood", f"more than {MAX_ADVERTISES} ADVERTISE "
+                               f"records on one connection")
+                events.append(Advertise(_decode_advertise(buf[start:end])))
+            elif rtype == INTRO:
+                events.append(Intro(_decode_intro(buf[start:end])))
             else:  # CLOSE
                 events.append(self._on_close(buf[start:end]))
         if self._pos == len(self._buf) and not self._chunks:
@@ -601,9 +716,10 @@ class WireConnection:
         if rtype not in RECORD_NAMES:
             self._fail("bad_type", f"record type {rtype}, want 1..{max(RECORD_NAMES)}")
         name = RECORD_NAMES[rtype]
-        if state is _Receive.AUTH and rtype == FRAMES:
-            self._fail("unauthenticated", "FRAMES before AUTH")
-        allowed = ", ".join(RECORD_NAMES[t] for t in _ACCEPTS[state])
+        if state is _Receive.AUTH and (rtype == FRAMES or (rtype == ADVERTISE
+                                                           and ADVERTISE in self._open_accepts)):
+            self._fail("unauthenticated", f"{name} before AUTH")
+        allowed = ", ".join(RECORD_NAMES[t] for t in self._accepts)
         self._fail("unexpected", f"{name} while {state.value} (allowed: {allowed})")
 
     def _fixed(self, layout: struct.Struct, buf: bytes, start: int, length: int,
@@ -639,6 +755,8 @@ class WireConnection:
                       min_version, max_version)
         self.peer_hello = hello
         self.version = version
+        if self.introducing:
+            self._open_accepts = {**_ACCEPTS[_Receive.OPEN], **_INTRO_ACCEPTS[self.role]}
         self._enter(_Receive.AUTH if self.role == "server" else _Receive.OPEN)
         return hello
 
@@ -711,3 +829,150 @@ def _decode_frames(buf: bytes, start: int, end: int) -> list[Frame]:
     if not frames:
         raise WireError("bad_frame", "FRAMES record without frames")
     return frames
+
+
+# --- ADVERTISE and INTRO (version 2) --------------------------------------------------------
+
+
+def _encode_address(host: str, port: int, *, wildcard: bool) -> bytes:
+    """One (host, port) as u8 family, address bytes, u16 port; ValueError if it cannot be
+    one (not a literal, a scoped or multicast address, a port outside 1..65535)."""
+    ip = ipaddress.ip_address(host)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id:
+        raise ValueError(f"{host}: a scoped address means nothing to another machine")
+    if ip.is_multicast or (ip.is_unspecified and not wildcard):
+        raise ValueError(f"{host}: not an address a peer can dial")
+    if not 0 < port <= 65535:
+        raise ValueError(f"port {port}: want 1..65535")
+    return U8.pack(ip.version) + ip.packed + ADDRESS_PORT.pack(port)
+
+
+def _decode_addresses(payload: bytes, at: int, count: int, *, wildcard: bool,
+                      reason: str) -> tuple[tuple[tuple[str, int], ...], int]:
+    """`count` addresses from `payload[at:]`: the addresses and the offset after them."""
+    addresses = []
+    for index in range(count):
+        if at >= len(payload):
+            raise WireError(reason, f"address {index} of {count} past the end of the record")
+        family = payload[at]
+        size = FAMILY_BYTES.get(family)
+        if size is None:
+            raise WireError(reason, f"address {index}: family {family}, want 4 or 6")
+        end = at + 1 + size + ADDRESS_PORT.size
+        if end > len(payload):
+            raise WireError(reason, f"address {index} runs past the end of the record")
+        ip = ipaddress.ip_address(payload[at + 1:at + 1 + size])
+        (port,) = ADDRESS_PORT.unpack_from(payload, at + 1 + size)
+        if ip.is_multicast or (ip.is_unspecified and not wildcard) or port == 0:
+            raise WireError(reason, f"address {index}: {ip} port {port} is not dialable")
+        addresses.append((str(ip), port))
+        at = end
+    return tuple(addresses), at
+
+
+def _decode_advertise(payload: bytes) -> tuple[tuple[str, int], ...]:
+    if not payload:
+        raise WireError("bad_advertise", "empty ADVERTISE (want at least its count)")
+    count = payload[0]
+    if count > MAX_INTRO_ADDRESSES:
+        raise WireError("bad_advertise", f"{count} addresses, at most {MAX_INTRO_ADDRESSES}")
+    addresses, end = _decode_addresses(payload, 1, count, wildcard=True, reason="bad_advertise")
+    if end != len(payload):
+        raise WireError("bad_advertise", f"{len(payload) - end} bytes after the addresses")
+    return addresses
+
+
+def encode_intro_peer(peer: DirectPeer) -> bytes:
+    """One peer's entry in an INTRO record; ValueError if it passes a limit."""
+    return encode_intro_entry(peer.name, parse_fingerprint(peer.fingerprint), peer.addresses,
+                              peer.macs, [ip.packed for ip in peer.ipv4],
+                              [ip.packed for ip in peer.ipv6])
+
+
+def encode_intro_entry(name: str, digest: bytes, addresses: Sequence[tuple[str, int]],
+                       macs: Collection[bytes], ipv4: Collection[bytes],
+                       ipv6: Collection[bytes]) -> bytes:
+    """`encode_intro_peer` from the packed forms the hub's tables hold (no address objects:
+    the hub encodes up to 256 MACs and 2048 addresses per peer); items sorted, so equal sets
+    encode equal.  ValueError if a field passes a limit."""
+    name_bytes = name.encode()
+    if not 0 < len(name_bytes) <= MAX_NAME_BYTES:
+        raise ValueError(f"peer name of {len(name_bytes)} bytes, want 1..{MAX_NAME_BYTES}")
+    if len(digest) != FINGERPRINT_BYTES:
+        raise ValueError(f"fingerprint of {len(digest)} bytes, want {FINGERPRINT_BYTES}")
+    for what, items, limit in (("addresses", addresses, MAX_INTRO_ADDRESSES),
+                               ("MACs", macs, MAX_INTRO_MACS),
+                               ("IPv4 addresses", ipv4, MAX_INTRO_IPS),
+                               ("IPv6 addresses", ipv6, MAX_INTRO_IPS)):
+        if len(items) > limit:
+            raise ValueError(f"peer {name}: {len(items)} {what}, at most {limit}")
+    if any(len(mac) != 6 or mac[0] & 1 for mac in macs):
+        raise ValueError(f"peer {name}: a MAC that is not 6 bytes of unicast")
+    if any(len(ip) != 4 for ip in ipv4) or any(len(ip) != 16 for ip in ipv6):
+        raise ValueError(f"peer {name}: an address of the wrong length")
+    return b"".join([
+        U8.pack(len(name_bytes)), name_bytes, digest,
+        U8.pack(len(addresses)),
+        *(_encode_address(host, port, wildcard=False) for host, port in addresses),
+        U16.pack(len(macs)), *sorted(macs),
+        U16.pack(len(ipv4)), *sorted(ipv4),
+        U16.pack(len(ipv6)), *sorted(ipv6),
+    ])
+
+
+def _take_count(payload: bytes, at: int, layout: struct.Struct, what: str, limit: int,
+                item: int) -> tuple[int, int]:
+    """A count of `item`-byte things at `at`, checked against `limit` and the record's end:
+    the count and where its items start."""
+    if at + layout.size > len(payload):
+        raise WireError("bad_intro", f"the {what} count runs past the end of the record")
+    (count,) = layout.unpack_from(payload, at)
+    if count > limit:
+        raise WireError("bad_intro", f"{count} {what}, at most {limit}")
+    at += layout.size
+    if at + count * item > len(payload):
+        raise WireError("bad_intro", f"{count} {what} run past the end of the record")
+    return count, at
+
+
+def _decode_intro(payload: bytes) -> tuple[DirectPeer, ...]:
+    count, at = _take_count(payload, 0, U16, "peers", MAX_INTRO_PEERS, 0)
+    peers = []
+    names: set[str] = set()
+    fingerprints: set[str] = set()
+    for index in range(count):
+        name_len, at = _take_count(payload, at, U8, "name bytes", MAX_NAME_BYTES, 1)
+        if not name_len:
+            raise WireError("bad_intro", f"peer {index} has an empty name")
+        try:
+            name = payload[at:at + name_len].decode()
+        except UnicodeDecodeError as error:
+            raise WireError("bad_intro", f"peer {index}: name is not UTF-8: {error}") from None
+        at += name_len
+        if at + FINGERPRINT_BYTES > len(payload):
+            raise WireError("bad_intro", f"peer {name}: fingerprint past the end of the record")
+        fingerprint = format_fingerprint(payload[at:at + FINGERPRINT_BYTES])
+        at += FINGERPRINT_BYTES
+        if name in names or fingerprint in fingerprints:
+            raise WireError("bad_intro", f"peer {name} ({fingerprint}) introduced twice")
+        names.add(name)
+        fingerprints.add(fingerprint)
+        n, at = _take_count(payload, at, U8, "addresses", MAX_INTRO_ADDRESSES, 0)
+        addresses, at = _decode_addresses(payload, at, n, wildcard=False, reason="bad_intro")
+        n, at = _take_count(payload, at, U16, "MACs", MAX_INTRO_MACS, 6)
+        macs = frozenset(payload[i:i + 6] for i in range(at, at + 6 * n, 6))
+        if any(mac[0] & 1 for mac in macs):
+            raise WireError("bad_intro", f"peer {name}: a multicast MAC in its bindings")
+        at += 6 * n
+        n, at = _take_count(payload, at, U16, "IPv4 addresses", MAX_INTRO_IPS, 4)
+        ipv4 = frozenset(ipaddress.IPv4Address(payload[i:i + 4])
+                         for i in range(at, at + 4 * n, 4))
+        at += 4 * n
+        n, at = _take_count(payload, at, U16, "IPv6 addresses", MAX_INTRO_IPS, 16)
+        ipv6 = frozenset(ipaddress.IPv6Address(payload[i:i + 16])
+                         for i in range(at, at + 16 * n, 16))
+        at += 16 * n
+        peers.append(DirectPeer(name, fingerprint, addresses, macs, ipv4, ipv6))
+    if at != len(payload):
+        raise WireError("bad_intro", f"{len(payload) - at} bytes after the last peer")
+    return tuple(peers)

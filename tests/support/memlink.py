@@ -144,8 +144,9 @@ class MemoryNet:
     and `start_hub()` are a hub restart: its connections break, then a new listener and
     switch start from the same files."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, *, direct: bool = True) -> None:
         self.tmp = tmp
+        self.direct = direct  # the listener introduces endpoints (off: hub --no-direct)
         self.hub_fingerprint = parse_fingerprint(keygen(tmp / "hub-id"))
         self.peers = tmp / "peers"
         self.peers.write_text("")
@@ -178,8 +179,10 @@ class MemoryNet:
     async def start_hub(self) -> None:
         self.switch = Switch()
         self.listener = TunnelListener(self.switch, load_identity(self.tmp / "hub-id"),
-                                       self.peers, None, 0)
+                                       self.peers, None, 0, direct=self.direct)
         self._hub = await self.nursery.start(self._hub_connections)
+        if self.listener.introducer.enabled:  # as TunnelListener.run starts it
+            self._hub[1].start_soon(self.listener.run_introductions)
 
     def stop_hub(self) -> None:
         """The hub goes away: every connection to it is closed; new ones are refused."""
@@ -236,9 +239,11 @@ class MemoryNet:
         return endpoint
 
     async def raw_peer(self, name: str = "alice", address: str = "192.0.2.1",
-                       capacity: int = PIPE_CAPACITY) -> RawPeer:
+                       capacity: int = PIPE_CAPACITY, *,
+                       introductions: bool = False) -> RawPeer:
         """An authenticated connection that does only what the test makes it do."""
         stream = await self.connect(address, capacity)
-        peer = await log_in(stream, self.identities[name], self.hub_fingerprint, name)
+        peer = await log_in(stream, self.identities[name], self.hub_fingerprint, name,
+                            introductions=introductions)
         await trio.testing.wait_all_tasks_blocked()  # the hub has taken its AUTH
         return peer

@@ -66,7 +66,7 @@ class RawPeer:
 
 async def connect_peer(port: int, identity_dir: Path, hub_fingerprint: bytes, name: str, *,
                        host: str = "127.0.0.1", receive_buffer: int | None = None,
-                       timeout: float = 10.0) -> RawPeer:
+                       timeout: float = 10.0, introductions: bool = False) -> RawPeer:
     """An authenticated connection to the hub at host:port; `receive_buffer` shrinks the
     socket's SO_RCVBUF before connecting (a peer that reads nothing fills it sooner)."""
     with trio.fail_after(timeout):
@@ -74,17 +74,20 @@ async def connect_peer(port: int, identity_dir: Path, hub_fingerprint: bytes, na
         if receive_buffer is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
         await sock.connect((host, port))
-        return await log_in(trio.SocketStream(sock), identity_dir, hub_fingerprint, name)
+        return await log_in(trio.SocketStream(sock), identity_dir, hub_fingerprint, name,
+                            introductions=introductions)
 
 
 async def log_in(stream: trio.abc.Stream, identity_dir: Path, hub_fingerprint: bytes,
-                 name: str) -> RawPeer:
+                 name: str, *, introductions: bool = False) -> RawPeer:
     """TLS, HELLO and AUTH over `stream` (a socket or a memory stream) as the endpoint
-    whose key is in `identity_dir`; the hub's verdict is not awaited."""
+    whose key is in `identity_dir`; the hub's verdict is not awaited.  `introductions`: a
+    hub link that may ADVERTISE and hear INTRO (tunnel/wire.py, version 2)."""
     tls = TLSStream(stream, client_ssl_context(), server_side=False)
     await tls.do_handshake()
     check_server(tls, hub_fingerprint)
-    wire = WireConnection("client", name=name, offloads=int(ALL_OFFLOADS), mtu=1500)
+    wire = WireConnection("client", name=name, offloads=int(ALL_OFFLOADS), mtu=1500,
+                          introductions=introductions)
     await tls.send_all(wire.send_hello())
     hello = None
     while hello is None:

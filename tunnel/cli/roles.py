@@ -20,6 +20,7 @@ from netstack.gateway.dhcp_config import MAX_LEASE_SECONDS, MIN_LEASE_SECONDS
 from netstack.nat.forward import ForwardSpec, parse_forward
 from tunnel.cli.flags import add_common, add_config, check_queue_pairs, check_socket_path_syntax
 from tunnel.cli.launch import claim_socket_paths, open_metrics, run_role, setup_failure
+from tunnel.introductions import MAX_INTRO_ADDRESSES as MAX_ADVERTISED
 from tunnel.settings import HUB_MIN_MTU, MAX_MTU, address_range, is_host_address
 from virtio.unixsock import (
     GROUP_DEFAULT_MODE,
@@ -84,6 +85,18 @@ def host_port(text: str) -> tuple[str | None, int]:
     return (host or None), int(port)
 
 
+def advertised_address(text: str) -> tuple[str, int]:
+    """'ADDRESS:PORT' or '[v6]:PORT' with an IP literal (argparse type): what peers dial."""
+    host, port = host_port(text)
+    try:
+        address = ipaddress.ip_address(host or "")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want an IP address and port, such as "
+                                         f"192.0.2.7:7000 or [2001:db8::7]:7000, got {text!r}"
+                                         ) from None
+    return str(address), port
+
+
 def network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     """An IPv4 or IPv6 network in CIDR notation (argparse type; host bits must be clear)."""
     try:
@@ -130,6 +143,15 @@ def _add_endpoint(parser: argparse.ArgumentParser) -> None:
                         help="control socket for `vhostvpn status`")
     parser.add_argument("--rekey-seconds", type=float, default=3600.0, metavar="S",
                         help="make a fresh connection (new keys) this often (default 3600)")
+    direct = parser.add_argument_group("direct paths: peers the hub introduces exchange "
+                                       "frames over their own TLS session")
+    direct.add_argument("--listen", type=host_port, metavar="HOST:PORT",
+                        help="accept direct sessions here (':PORT' or 0.0.0.0: every "
+                             "address; the hub tells peers the address it sees us from)")
+    direct.add_argument("--advertise", type=advertised_address, action="append", default=[],
+                        metavar="ADDRESS:PORT",
+                        help="where peers reach --listen, when that differs (NAT, port "
+                             f"forward); repeatable, at most {MAX_ADVERTISED}")
     _add_metrics(parser)
     add_config(parser)
     add_common(parser)
@@ -234,6 +256,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                      help="'name fingerprint' lines: the endpoints allowed in (reread on "
                           "SIGHUP)")
     tun.add_argument("--name", default="hub", help="the hub's name in HELLO and logs")
+    tun.add_argument("--no-direct", action="store_true",
+                     help="introduce no endpoints to each other: every frame between them "
+                          "goes through the hub (direct paths off)")
     hub.add_argument("--no-port-policy", action="store_true",
                      help="trust every guest: no MAC/IP anti-spoofing, limits or guards "
                           "(benchmarks, labs where every guest is yours)")
@@ -325,7 +350,8 @@ def cmd_hub(args: argparse.Namespace) -> int:
                        identity_dir=args.identity, peers_file=args.peers, name=args.name,
                        socket_access=socket_access_of(args, "hub"), nat=args.nat,
                        map_host_loopback=args.map_host_loopback, nat_deny=args.nat_deny,
-                       dns_upstreams=args.dns_upstream, forwards=args.forward)
+                       dns_upstreams=args.dns_upstream, forwards=args.forward,
+                       direct=not args.no_direct)
     config.control = claim_socket_paths("hub", args.socket, args.control)
     metrics = open_metrics("hub", args.metrics)
     try:
@@ -405,11 +431,17 @@ def _endpoint_config(args: argparse.Namespace, command: str, **local: object):
     if args.name and not NAME_PATTERN.fullmatch(args.name):
         raise SystemExit(f"vhostvpn {command}: --name {args.name!r}: want 1-{MAX_NAME_BYTES} "
                          f"characters of A-Z a-z 0-9 . _ @ + - starting with a letter or digit")
+    if args.advertise and args.listen is None:
+        raise SystemExit(f"vhostvpn {command}: --advertise needs --listen (where the direct "
+                         f"sessions are accepted)")
+    if len(args.advertise) > MAX_ADVERTISED:
+        raise SystemExit(f"vhostvpn {command}: --advertise: at most {MAX_ADVERTISED} addresses")
     host, port = args.hub
     return EndpointConfig(
         hub_host=host or "localhost", hub_port=port, identity_dir=args.identity,
         hub_fingerprint=args.hub_fingerprint, control=args.control, name=args.name,
-        rekey_seconds=args.rekey_seconds, **local)
+        rekey_seconds=args.rekey_seconds, listen=args.listen, advertise=args.advertise,
+        **local)
 
 
 def _run_endpoint(config, command: str, metrics_address: tuple[str | None, int] | None) -> int:

@@ -88,11 +88,17 @@ def format_status(state: dict) -> str:
             + (f", rtt {rtt:.2f} ms" if rtt is not None else "")
             + f", {session.get('reconnects', 0)} reconnects"
             + (f", last error: {session['last_error']}" if session.get("last_error") else ""))
+    direct = state.get("direct")
+    if direct is not None:
+        lines += _format_direct(direct)
     tunnel = state.get("tunnel")
     if tunnel is not None:
         refused = ", ".join(f"{k}={v}" for k, v in sorted(tunnel.get("refused", {}).items()))
+        direct = tunnel.get("direct", {})
         lines.append(f"  tunnel on {', '.join(tunnel['listen'])}: {tunnel['peers']} peers, "
-                     f"key {tunnel['fingerprint']}" + (f", refused {refused}" if refused else ""))
+                     f"key {tunnel['fingerprint']}" + (f", refused {refused}" if refused else "")
+                     + (f", introductions {'on' if direct['enabled'] else 'off'}"
+                        if direct else ""))
         lines += _format_offline_peers(tunnel.get("peer_list", []))
     for port in state.get("ports", []):
         drops = port.get("drops", {}) | port.get("guest_drops", {})
@@ -116,6 +122,11 @@ def format_status(state: dict) -> str:
                          + (f" from {port['peer']}" if port.get("peer") else "")
                          + (f", rtt {rtt:.2f} ms" if rtt is not None else "")
                          + f", {traffic}")
+            direct = port.get("direct")
+            if direct is not None:
+                lines.append(f"    direct: advertised {', '.join(direct['advertised']) or 'none'}"
+                             f", {direct['introduced']} peers introduced to it, introduced to "
+                             f"{direct['introduced_to']}")
             continue
         if port.get("kind") in ("tap", "tun"):
             lines += _format_device(port, traffic)
@@ -133,6 +144,29 @@ def format_status(state: dict) -> str:
                      + ("(pinned)" if m["age"] is None else f"(seen {m['age']} s ago)")
                      for m in macs)
     return "\n".join(lines)
+
+
+def _format_direct(direct: dict) -> list[str]:
+    """An endpoint's direct paths: where it listens, then each introduced peer, direct or
+    relayed through the hub, with its address, rtt, traffic and drops."""
+    refused = ", ".join(f"{k}={v}" for k, v in sorted(direct.get("refused", {}).items()))
+    listen = ", ".join(direct.get("listen", [])) or "not listening"
+    lines = [f"  direct paths: {listen}, {len(direct.get('peers', []))} peers introduced"
+             + (f", refused {refused}" if refused else "")]
+    for peer in direct.get("peers", []):
+        rtt = peer.get("rtt_ms")
+        drops = ", ".join(f"{k}={v}" for k, v in sorted(peer.get("drops", {}).items()))
+        where = peer.get("address") if peer.get("path") == "direct" else None
+        lines.append(
+            f"    {peer['name']}: {peer['path']}" + (f" via {where}" if where else "")
+            + f" ({peer['state']}, {peer['role']})"
+            + (f", rtt {rtt:.2f} ms" if rtt is not None and where else "")
+            + f", in {peer['in_frames']} frames/{peer['in_bytes']} B, "
+              f"out {peer['out_frames']} frames/{peer['out_bytes']} B"
+            + (f", drops {drops}" if drops else "")
+            + (f", last error: {peer['last_error']}"
+               if peer.get("last_error") and peer["path"] != "direct" else ""))
+    return lines
 
 
 def _format_device(port: dict, traffic: str) -> list[str]:

@@ -1,0 +1,308 @@
+"""Direct paths without sockets (tunnel/direct.py): who dials whom, each peer's life and
+backoff, steering unicast to a peer's direct port or the hub (never flooding to direct
+ports, falling back the moment a session is down), the receive policy on what a direct
+peer sends, and introductions replacing the whole set."""
+
+from ipaddress import ip_address
+
+import pytest
+from scapy.layers.inet import ICMP, IP, UDP
+from scapy.layers.inet6 import ICMPv6EchoRequest, ICMPv6ND_NA, ICMPv6NDOptDstLLAddr, IPv6
+from scapy.layers.l2 import ARP, Ether
+
+from netstack.frame import Frame
+from netstack.port import Port
+from netstack.switch import Switch
+from tests.support.clock import Clock
+from tunnel.direct import (
+    DIAL_BACKOFF,
+    VOUCH_DELAY_SECONDS,
+    VOUCH_REFRESH_SECONDS,
+    DirectPeers,
+    DirectPort,
+    PeerLife,
+    SteeringUplink,
+    dials,
+)
+from tunnel.introductions import DirectPeer
+from tunnel.keys import format_fingerprint
+
+LOCAL_MAC, PEER_MAC, OTHER_MAC = "02:00:00:00:00:01", "02:00:00:00:00:02", "02:00:00:00:00:03"
+BCAST = "ff:ff:ff:ff:ff:ff"
+LOW, HIGH, THIRD = b"\x01" * 32, b"\x02" * 32, b"\x03" * 32
+
+
+def mac(text: str) -> bytes:
+    return bytes.fromhex(text.replace(":", ""))
+
+
+def peer(name: str = "b", digest: bytes = HIGH, *, listens: bool = True,
+         macs: tuple[str, ...] = (PEER_MAC,),
+         ips: tuple[str, ...] = ("10.0.0.2", "fd00::2")) -> DirectPeer:
+    parsed = [ip_address(ip) for ip in ips]
+    return DirectPeer(name=name, fingerprint=format_fingerprint(digest),
+                      addresses=(("10.9.0.2", 7000),) if listens else (),
+                      macs=frozenset(mac(m) for m in macs),
+                      ipv4=frozenset(ip for ip in parsed if ip.version == 4),
+                      ipv6=frozenset(ip for ip in parsed if ip.version == 6))
+
+
+class Recorder(Port):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.got: list[Frame] = []
+
+    def deliver(self, frames: list[Frame]) -> None:
+        self.got.extend(frames)
+
+
+class UpLink:
+    """Stands for a live Link in `port.active`: steering only asks whether there is one."""
+
+
+def bring_up(port: DirectPort | SteeringUplink) -> None:
+    port.active = UpLink()  # type: ignore[assignment]
+
+
+def frame(packet) -> Frame:
+    return Frame(bytes(packet))
+
+
+# -- who dials ---------------------------------------------------------------------------------
+
+def test_only_the_side_that_does_not_listen_dials_a_listener():
+    assert dials(LOW, False, HIGH, True) is True
+    assert dials(LOW, True, HIGH, False) is False
+
+
+def test_when_both_listen_the_lower_fingerprint_dials_and_the_other_waits():
+    assert dials(LOW, True, HIGH, True) is True
+    assert dials(HIGH, True, LOW, True) is False
+
+
+def test_when_neither_listens_there_is_no_direct_path():
+    assert dials(LOW, False, HIGH, False) is None
+
+
+# -- a peer's life -------------------------------------------------------------------------------
+
+def test_a_dialer_backs_off_doubling_to_a_one_second_cap_and_resets_once_up():
+    life = PeerLife(True, now=0.0)
+    assert life.due(0.0)
+    waits = []
+    now = 0.0
+    for _ in range(6):
+        life.dialing()
+        life.down(now, "refused")
+        waits.append(life.next_dial - now)
+        assert not life.due(now)
+        now = life.next_dial
+        assert life.due(now)
+    assert waits == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.0, 1.0])
+    assert max(waits) == DIAL_BACKOFF[1]
+    life.dialing()
+    life.up()
+    assert life.state == "up" and not life.due(now + 10)
+    life.down(now, "connection lost")
+    assert life.next_dial == now + DIAL_BACKOFF[0]
+
+
+def test_the_accepting_side_and_a_peer_nobody_can_dial_never_dial():
+    for role in (False, None):
+        life = PeerLife(role, now=0.0)
+        life.down(0.0, "lost")
+        assert not life.due(100.0)
+    assert PeerLife(None, 0.0).state == "relayed"
+    assert PeerLife(False, 0.0).state == "waiting"
+
+
+def test_a_closed_peer_stays_closed():
+    life = PeerLife(True, now=0.0)
+    life.close()
+    life.down(0.0, "lost")
+    assert life.state == "closed" and not life.due(100.0)
+
+
+# -- introductions ------------------------------------------------------------------------------
+
+def manager(listens: bool = True) -> tuple[DirectPeers, SteeringUplink]:
+    uplink = SteeringUplink()
+    return DirectPeers(LOW, listens, uplink, lambda dst: dst == mac(LOCAL_MAC)), uplink
+
+
+def test_an_introduction_replaces_the_whole_set_and_never_lists_ourselves():
+    peers, _ = manager()
+    change = peers.introduce([peer("b", HIGH), peer("self", LOW)], now=0.0)
+    assert [p.peer.name for p in change.added] == ["b"] and not change.removed
+    change = peers.introduce([peer("c", THIRD)], now=1.0)
+    assert [p.peer.name for p in change.added] == ["c"]
+    assert [p.peer.name for p in change.removed] == ["b"]
+    assert change.removed[0].life.state == "closed"
+    assert peers.authorised().names == frozenset({"c"})
+
+
+def test_new_bindings_for_the_same_key_keep_its_port_and_session():
+    peers, uplink = manager()
+    port = peers.introduce([peer("b", HIGH)], now=0.0).added[0]
+    bring_up(port)
+    peers.update_routes()
+    change = peers.introduce([peer("b", HIGH, macs=(PEER_MAC, OTHER_MAC))], now=1.0)
+    assert not change.added and not change.removed
+    assert peers.port_of(HIGH) is port
+    assert set(uplink.routes) == {mac(PEER_MAC), mac(OTHER_MAC)}
+
+
+def test_a_peer_that_stops_listening_gets_a_new_life_with_the_other_role():
+    peers, _ = manager(listens=False)
+    first = peers.introduce([peer("b", HIGH, listens=True)], now=0.0).added[0]
+    assert first.life.role is True and peers.due(0.0) == [first]
+    change = peers.introduce([peer("b", HIGH, listens=False)], now=1.0)
+    assert change.removed == [first] and first.life.state == "closed"
+    assert change.added[0].life.role is None and not peers.due(100.0)
+
+
+# -- steering ----------------------------------------------------------------------------------
+
+def endpoint_switch() -> tuple[Switch, Recorder, SteeringUplink, DirectPeers, DirectPort]:
+    clock = Clock()
+    switch = Switch(clock=clock)
+    local = Recorder("tap")
+    uplink = SteeringUplink(clock=clock)
+    bring_up(uplink)
+    switch.attach(local)
+    switch.attach(uplink)
+    peers = DirectPeers(LOW, True, uplink, lambda dst: dst == mac(LOCAL_MAC))
+    port = peers.introduce([peer("b", HIGH)], now=0.0).added[0]
+    # the peer's MAC is known on the uplink, as after any frame from it
+    switch.forward(uplink, [frame(Ether(dst=LOCAL_MAC, src=PEER_MAC) / IP())])
+    return switch, local, uplink, peers, port
+
+
+def test_unicast_to_a_peer_goes_direct_once_the_hub_has_seen_its_source():
+    switch, local, uplink, peers, port = endpoint_switch()
+    bring_up(port)
+    peers.update_routes()
+    to_peer = frame(Ether(dst=PEER_MAC, src=LOCAL_MAC) / IP(src="10.0.0.1"))
+    switch.forward(local, [to_peer])  # a source the hub never saw: through the hub first
+    assert len(uplink.queue) == 1 and not port.queue
+    uplink.clock.now += VOUCH_DELAY_SECONDS / 2
+    switch.forward(local, [to_peer])  # the hub's new INTRO may not have reached the peer
+    assert len(uplink.queue) == 2 and not port.queue
+    uplink.clock.now += VOUCH_DELAY_SECONDS
+    switch.forward(local, [to_peer, to_peer])
+    assert len(port.queue) == 2 and len(uplink.queue) == 2
+    other_source = frame(Ether(dst=PEER_MAC, src=LOCAL_MAC) / IP(src="10.0.0.9"))
+    switch.forward(local, [other_source])  # another address: the hub first again
+    assert len(uplink.queue) == 3
+
+
+def test_every_source_refreshes_the_hubs_bindings_with_one_frame_a_minute():
+    switch, local, uplink, peers, port = endpoint_switch()
+    bring_up(port)
+    peers.update_routes()
+    to_peer = frame(Ether(dst=PEER_MAC, src=LOCAL_MAC) / IP(src="10.0.0.1"))
+    switch.forward(local, [to_peer])
+    uplink.clock.now += VOUCH_DELAY_SECONDS
+    switch.forward(local, [to_peer])
+    assert len(port.queue) == 1 and len(uplink.queue) == 1
+    uplink.clock.now += VOUCH_REFRESH_SECONDS
+    switch.forward(local, [to_peer, to_peer])  # the first through the hub, then direct
+    assert len(port.queue) == 2 and len(uplink.queue) == 2
+
+
+def test_broadcast_multicast_and_unknown_unicast_never_go_to_a_direct_port():
+    switch, local, uplink, peers, port = endpoint_switch()
+    bring_up(port)
+    peers.update_routes()
+    switch.forward(local, [frame(Ether(dst=BCAST, src=LOCAL_MAC) / ARP()),
+                           frame(Ether(dst="33:33:00:00:00:01", src=LOCAL_MAC) / IPv6()),
+                           frame(Ether(dst=OTHER_MAC, src=LOCAL_MAC) / IP())])
+    assert not port.queue and len(uplink.queue) == 3
+
+
+def test_frames_take_the_hub_while_the_direct_session_is_down_and_the_moment_it_ends():
+    switch, local, uplink, peers, port = endpoint_switch()
+    to_peer = frame(Ether(dst=PEER_MAC, src=LOCAL_MAC) / IP())
+    switch.forward(local, [to_peer])  # never up: no route
+    assert len(uplink.queue) == 1 and not port.queue
+    bring_up(port)
+    peers.update_routes()
+    switch.forward(local, [to_peer])  # vouched for from now on
+    uplink.clock.now += VOUCH_DELAY_SECONDS
+    switch.forward(local, [to_peer])
+    assert len(port.queue) == 1 and len(uplink.queue) == 2
+    port.queue.clear()
+    port.active = None  # the session ended; routes not yet rebuilt
+    switch.forward(local, [to_peer])
+    assert len(uplink.queue) == 3 and not port.queue and not port.counters.drops
+
+
+# -- what a direct peer may send ---------------------------------------------------------------
+
+def police(packet) -> tuple[list[Frame], dict[str, int]]:
+    port = DirectPort(peer("b", HIGH), HIGH, PeerLife(False, 0.0),
+                      lambda dst: dst == mac(LOCAL_MAC))
+    admitted = port.filter.admit([frame(packet)], port, now=0.0)
+    return admitted, dict(port.counters.drops)
+
+
+@pytest.mark.parametrize("packet", [
+    Ether(dst=LOCAL_MAC, src=PEER_MAC) / IP(src="10.0.0.2", dst="10.0.0.1") / ICMP(),
+    Ether(dst=LOCAL_MAC, src=PEER_MAC) / IPv6(src="fd00::2", dst="fd00::1") / ICMPv6EchoRequest(),
+    Ether(dst=LOCAL_MAC, src=PEER_MAC) / ARP(op=2, hwsrc=PEER_MAC, psrc="10.0.0.2"),
+    Ether(dst=LOCAL_MAC, src=PEER_MAC) / IPv6(src="fd00::2", dst="fd00::1")
+    / ICMPv6ND_NA(tgt="fd00::2") / ICMPv6NDOptDstLLAddr(lladdr=PEER_MAC),
+], ids=["ipv4", "ipv6", "arp_reply", "neighbour_advertisement"])
+def test_a_direct_peer_may_send_from_its_introduced_bindings_to_a_local_port(packet):
+    admitted, drops = police(packet)
+    assert len(admitted) == 1 and not drops
+
+
+@pytest.mark.parametrize(("packet", "reason"), [
+    (Ether(dst=LOCAL_MAC, src=OTHER_MAC) / IP(src="10.0.0.2"), "mac_spoof"),
+    (Ether(dst=LOCAL_MAC, src=PEER_MAC) / IP(src="10.0.0.3"), "ip_spoof"),
+    (Ether(dst=LOCAL_MAC, src=PEER_MAC) / IPv6(src="fd00::3") / ICMPv6EchoRequest(),
+     "ip_spoof"),
+    (Ether(dst=LOCAL_MAC, src=PEER_MAC) / ARP(op=2, hwsrc=PEER_MAC, psrc="10.0.0.3"),
+     "ip_spoof"),
+    (Ether(dst=LOCAL_MAC, src=PEER_MAC) / ARP(op=2, hwsrc=OTHER_MAC, psrc="10.0.0.2"),
+     "arp_spoof"),
+    (Ether(dst=LOCAL_MAC, src=PEER_MAC) / IPv6(src="fd00::2")
+     / ICMPv6ND_NA(tgt="fd00::1") / ICMPv6NDOptDstLLAddr(lladdr=PEER_MAC), "ip_spoof"),
+    (Ether(dst=OTHER_MAC, src=PEER_MAC) / IP(src="10.0.0.2"), "not_local"),
+    (Ether(dst=BCAST, src=PEER_MAC) / ARP(hwsrc=PEER_MAC, psrc="10.0.0.2"), "not_unicast"),
+    (Ether(dst=LOCAL_MAC, src=PEER_MAC) / IP(src="10.0.0.2") / UDP(sport=67, dport=68),
+     "dhcp_guard"),
+], ids=["mac", "ipv4", "ipv6", "arp_sender", "arp_hardware", "nd_target", "relay", "broadcast",
+        "dhcp_server"])
+def test_a_direct_peer_cannot_send_what_the_hub_would_have_dropped(packet, reason):
+    admitted, drops = police(packet)
+    assert not admitted and drops == {reason: 1}
+
+
+def test_the_filter_counts_what_came_in():
+    port = DirectPort(peer("b", HIGH), HIGH, PeerLife(False, 0.0), lambda dst: True)
+    good = frame(Ether(dst=LOCAL_MAC, src=PEER_MAC) / IP(src="10.0.0.2"))
+    bad = frame(Ether(dst=LOCAL_MAC, src=OTHER_MAC) / IP(src="10.0.0.2"))
+    assert port.filter.admit([good, bad, Frame(b"short")], port, now=0.0) == [good]
+    assert port.counters.in_frames == 3
+    assert port.counters.drops == {"mac_spoof": 1, "runt": 1}
+
+
+def test_status_text_shows_each_peer_direct_or_relayed_with_address_rtt_traffic_and_drops():
+    from tunnel.cli.status import format_status
+
+    peers, _ = manager()
+    up, down = (peers.introduce([peer("b", HIGH), peer("c", THIRD)], now=0.0).added)
+    bring_up(up)
+    up.life.up()
+    up.peer_address, up.rtt_ms = "10.9.0.2:7000", 0.25
+    up.counters.drop("mac_spoof")
+    down.life.down(0.0, "connection refused")
+    text = format_status({"role": "endpoint", "pid": 1, "direct": {
+        "listen": ["0.0.0.0:7000"], "refused": {"auth_unknown_key": 2},
+        "peers": peers.status()}})
+    assert "direct paths: 0.0.0.0:7000, 2 peers introduced, refused auth_unknown_key=2" in text
+    assert "b: direct via 10.9.0.2:7000 (up, dials), rtt 0.25 ms" in text
+    assert "drops mac_spoof=1" in text
+    assert "c: relayed (backoff, dials)" in text and "connection refused" in text

@@ -1,0 +1,197 @@
+"""Direct sessions in one process over real loopback TCP and TLS (tunnel/direct_link.py), the
+introductions given by hand as the hub would: the non-listening side dials, frames cross both
+ways, a stranger's key is refused before any frame, the dialer sends nothing to a key it was
+not introduced to, a spoofing peer is dropped and counted, a session that dies falls back
+and comes back within about a second, and a peer missing from a new introduction loses its
+session at once.  The same with real processes, a hub and network namespaces:
+tests/test_direct_netns.py."""
+
+from __future__ import annotations
+
+import time
+from ipaddress import ip_address
+
+import trio
+
+from netstack.frame import Frame
+from netstack.port import Port
+from netstack.switch import Switch
+from tunnel.direct import DirectPeers, DirectPort, SteeringUplink
+from tunnel.direct_link import DirectLinks
+from tunnel.introductions import DirectPeer
+from tunnel.keys import keygen, load_identity
+
+MACS = {"a": bytes.fromhex("020000000a0a"), "b": bytes.fromhex("020000000b0b"),
+        "c": bytes.fromhex("020000000c0c")}
+IPS = {"a": "10.0.0.10", "b": "10.0.0.11", "c": "10.0.0.12"}
+
+
+def ipv4_frame(dst: str, src: str, src_ip: str | None = None, size: int = 100) -> Frame:
+    header = bytes.fromhex("4500") + (size - 14).to_bytes(2, "big") + bytes(4) + b"\x40\x11"
+    header += bytes(2) + ip_address(src_ip or IPS[src]).packed + ip_address(IPS[dst]).packed
+    return Frame(MACS[dst] + MACS[src] + b"\x08\x00" + header + bytes(size - 34))
+
+
+class Local(Port):
+    """The endpoint's own guest or TAP: what reaches it is kept."""
+
+    def __init__(self) -> None:
+        super().__init__("tap")
+        self.got: list[Frame] = []
+
+    def deliver(self, frames: list[Frame]) -> None:
+        self.got.extend(frames)
+
+
+class Node:
+    """One endpoint's direct half: a switch with a local port and a steering uplink."""
+
+    def __init__(self, tmp_path, name: str, *, listens: bool) -> None:
+        keygen(tmp_path / name)
+        self.name = name
+        self.identity = load_identity(tmp_path / name)
+        self.switch = Switch()
+        self.local = Local()
+        self.uplink = SteeringUplink()
+        self.switch.attach(self.local)
+        self.switch.attach(self.uplink)
+        # the local MAC is learned, as after its first frame
+        self.switch.forward(self.local, [Frame(b"\xff" * 6 + MACS[name] + b"\x08\x06" + bytes(46))])
+        self.local.got.clear()
+        # the hub saw its source (as after a first frame through it): it may go direct
+        self.uplink.vouched[(MACS[name], ip_address(IPS[name]).packed)] = time.monotonic()
+
+        def is_local(mac: bytes) -> bool:
+            entry = self.switch.mac_table.get(mac)
+            return entry is not None and entry[0] is self.local
+
+        self.links = DirectLinks(
+            self.identity,
+            DirectPeers(self.identity.fingerprint_bytes, listens, self.uplink, is_local),
+            lambda frames: self.switch.forward(self.uplink, frames),
+            listen=("127.0.0.1", 0) if listens else None, mtu=1500)
+
+    def as_peer(self, fingerprint: str | None = None) -> DirectPeer:
+        return DirectPeer(name=self.name, fingerprint=fingerprint or self.identity.fingerprint,
+                          addresses=tuple(self.links.bound),
+                          macs=frozenset({MACS[self.name]}),
+                          ipv4=frozenset({ip_address(IPS[self.name])}), ipv6=frozenset())
+
+    def port(self, other: Node) -> DirectPort:
+        port = self.links.peers.port_of(other.identity.fingerprint_bytes)
+        assert port is not None
+        return port
+
+    def send(self, frame: Frame) -> None:
+        self.switch.forward(self.local, [frame])
+
+
+async def wait_for(condition, seconds: float = 5.0) -> None:
+    with trio.fail_after(seconds):
+        while not condition():
+            await trio.sleep(0.02)
+
+
+async def pair(nursery, tmp_path) -> tuple[Node, Node]:
+    """a listens, b does not: b dials a; both introduced to each other; session up."""
+    a, b = Node(tmp_path, "a", listens=True), Node(tmp_path, "b", listens=False)
+    await nursery.start(a.links.run)
+    await nursery.start(b.links.run)
+    a.links.introduce((b.as_peer(),))
+    b.links.introduce((a.as_peer(),))
+    await wait_for(lambda: a.port(b).active is not None and b.port(a).active is not None)
+    return a, b
+
+
+async def test_the_side_that_does_not_listen_dials_and_frames_cross_both_ways(tmp_path):
+    async with trio.open_nursery() as nursery:
+        a, b = await pair(nursery, tmp_path)
+        assert b.port(a).life.role is True and a.port(b).life.role is False
+        b.send(ipv4_frame("a", "b"))
+        await wait_for(lambda: len(a.local.got) == 1)
+        a.send(ipv4_frame("b", "a"))
+        await wait_for(lambda: len(b.local.got) == 1)
+        assert not a.uplink.queue and not b.uplink.queue  # nothing went to the hub
+        status = b.links.status()["peers"][0]
+        assert status["path"] == "direct" and status["out_frames"] == 1
+        assert status["in_frames"] == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_stranger_is_refused_before_any_frame(tmp_path):
+    async with trio.open_nursery() as nursery:
+        a, b = await pair(nursery, tmp_path)
+        stranger = Node(tmp_path, "c", listens=False)
+        await nursery.start(stranger.links.run)
+        stranger.links.introduce((a.as_peer(),))  # it knows a's key; a was never told of it
+        await wait_for(lambda: a.links.refused.get("auth_unknown_key", 0) >= 1)
+        assert stranger.port(a).active is None
+        assert "unknown_key" in (stranger.port(a).life.last_error or "")
+        stranger.port(a).deliver([ipv4_frame("a", "c")])  # no session: nothing leaves
+        await trio.sleep(0.2)
+        assert not a.local.got
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_dialer_sends_nothing_to_a_key_it_was_not_introduced_to(tmp_path):
+    async with trio.open_nursery() as nursery:
+        a = Node(tmp_path, "a", listens=True)
+        b = Node(tmp_path, "b", listens=False)
+        impostor = Node(tmp_path, "c", listens=False)
+        await nursery.start(a.links.run)
+        await nursery.start(b.links.run)
+        a.links.introduce((b.as_peer(),))
+        # b is told a's address with another key: whoever answers there is not that key
+        b.links.introduce((a.as_peer(fingerprint=impostor.identity.fingerprint),))
+        port = b.links.peers.port_of(impostor.identity.fingerprint_bytes)
+        await wait_for(lambda: port.life.failures >= 1)
+        assert "server_mismatch" in (port.life.last_error or "") or \
+            "pinned" in (port.life.last_error or "")
+        assert port.active is None and a.links.refused.get("handshake_failed", 0) >= 1
+        assert not a.links.refused.get("auth_unknown_key")  # no AUTH was ever sent
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_spoofing_over_its_direct_session_is_dropped_and_counted(tmp_path):
+    async with trio.open_nursery() as nursery:
+        a, b = await pair(nursery, tmp_path)
+        to_a = b.port(a)
+        to_a.deliver([ipv4_frame("a", "c", src_ip=IPS["b"]),  # another MAC
+                      ipv4_frame("a", "b", src_ip=IPS["c"]),  # another IP
+                      ipv4_frame("a", "b")])  # its own: admitted
+        await wait_for(lambda: sum(a.port(b).counters.drops.values()) == 2)
+        assert a.port(b).counters.drops == {"mac_spoof": 1, "ip_spoof": 1}
+        await wait_for(lambda: len(a.local.got) == 1)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_session_that_dies_falls_back_to_the_hub_and_comes_back(tmp_path):
+    async with trio.open_nursery() as nursery:
+        a, b = await pair(nursery, tmp_path)
+        assert b.uplink.routes
+        b.uplink.active = None  # no hub in this test: frames for it are counted link_down
+        for link in list(a.port(b).links):
+            link.abort("test: the path broke")
+        await wait_for(lambda: b.port(a).active is None, 2.0)
+        before = b.uplink.counters.drops["link_down"]
+        b.send(ipv4_frame("a", "b"))  # the hub's turn, at once
+        assert b.uplink.counters.drops["link_down"] == before + 1 and not b.port(a).queue
+        died = trio.current_time()
+        await wait_for(lambda: b.port(a).active is not None and a.port(b).active is not None,
+                       5.0)
+        assert trio.current_time() - died < 2.0
+        b.send(ipv4_frame("a", "b"))
+        await wait_for(lambda: len(a.local.got) == 1)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_missing_from_a_new_introduction_loses_its_session_at_once(tmp_path):
+    async with trio.open_nursery() as nursery:
+        a, b = await pair(nursery, tmp_path)
+        a.links.introduce(())
+        await wait_for(lambda: b.port(a).active is None, 2.0)
+        assert not a.links.peers.ports and not a.uplink.routes
+        # b keeps dialing (it was not told); a refuses it now
+        await wait_for(lambda: a.links.refused.get("auth_unknown_key", 0) >= 1, 3.0)
+        assert b.port(a).active is None
+        nursery.cancel_scope.cancel()

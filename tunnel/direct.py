@@ -1,0 +1,360 @@
+"""Direct paths, the endpoint's decisions without I/O: who dials whom, where a unicast frame
+goes (a peer's direct session or the hub), what a direct peer may send us, and each peer's
+life (dial, up, down, backoff, closed).  The Trio shell is tunnel/direct_link.py.
+
+The hub introduces peers (INTRO, tunnel/introductions.py: the whole current set each time);
+`DirectPeers.introduce` turns the set into one `DirectPort` per peer, keyed by its key's
+fingerprint.  Exactly one side of a pair dials (`dials`).  A direct port is a SessionPort the
+switch never sees: the endpoint's uplink is a `SteeringUplink`, which hands each unicast frame
+whose destination MAC an introduced peer holds to that peer's port while its session is up,
+and everything else (broadcast, multicast, unknown unicast, frames for peers without a live
+session) to the hub.  So nothing is ever flooded to a direct port, and when a session ends
+the next frame takes the hub (fallback is immediate, frames queued on the dead session are
+lost and counted `link_down`).  What a direct peer sends is policed by its `ReceiveFilter`
+with the bindings the hub holds for it, then switched as if it came from the uplink: the
+switch learns remote MACs on the uplink either way, so nothing flaps between paths.
+
+Vouching: a peer accepts only sources the hub has seen from us (its INTRO), so a source (MAC
+and IPv4/IPv6 source or ARP sender) goes direct only once it was sent through the hub: its
+first frame takes the hub, which claims it and re-introduces us to our peers; from
+VOUCH_DELAY_SECONDS later its frames go direct.  The hub forgets bindings it does not see
+(MAC and claim aging, 300 s), so every VOUCH_REFRESH_SECONDS one frame of each source takes
+the hub again.  Without this a host's first ARP reply, sent direct from an address the hub
+never saw, would be dropped by the peer for good.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from netstack.frame import (
+    ETH_HEADER_LEN,
+    ETHERTYPE_ARP,
+    ETHERTYPE_IP,
+    ETHERTYPE_IPV6,
+    Frame,
+    Offload,
+)
+from netstack.policy import DHCPV4_SERVER_PORT, IPPROTO_UDP, AddressBook, check_l3
+from tunnel.introductions import DirectPeer
+from tunnel.keys import Peers, parse_fingerprint
+from tunnel.session import SessionPort
+
+# Redial after a session ended or a dial failed: the first wait, doubling up to the cap, so a
+# peer that comes back is direct again within about a second.
+DIAL_BACKOFF = (0.1, 1.0)
+# A direct session pings this often and is dead after this much silence (the hub's link
+# waits 15 s; a direct session has the hub to fall back on, so it gives up fast).
+DIRECT_KEEPALIVE_SECONDS = 0.2
+DIRECT_DEAD_SECONDS = 1.0
+
+# A source goes direct this long after its first frame through the hub (the hub claims it
+# and re-introduces us within ~0.5 s), and one of its frames takes the hub this often (the
+# hub ages what it does not see after 300 s).  At most MAX_VOUCHED sources are remembered.
+VOUCH_DELAY_SECONDS = 0.75
+VOUCH_REFRESH_SECONDS = 60.0
+MAX_VOUCHED = 4096
+
+# Receive-policy drop reasons (counted on the peer's direct port), beyond check_l3's.
+NOT_UNICAST = "not_unicast"  # broadcast/multicast: those go through the hub
+MAC_NOT_INTRODUCED = "mac_spoof"  # a source MAC the hub does not bind to this peer
+NOT_LOCAL = "not_local"  # a destination that is not one of our local ports: no relaying
+IP_NOT_INTRODUCED = "ip_spoof"  # a source address the hub does not bind to this peer
+
+
+def dials(own: bytes, own_listens: bool, peer: bytes, peer_listens: bool) -> bool | None:
+    """Does this endpoint dial the peer (True), wait for the peer to dial (False), or is
+    there no direct path because neither listens (None)?  If only one listens the other
+    dials; if both do, the one whose fingerprint digest sorts lower."""
+    if not own_listens and not peer_listens:
+        return None
+    if own_listens != peer_listens:
+        return peer_listens
+    return own < peer
+
+
+class PeerLife:
+    """One introduced peer's direct session over time.
+
+    dialing -> up -> backoff -> dialing ... for the side that dials; waiting -> up -> waiting
+    for the side that accepts; relayed when neither listens; closed when the hub stops
+    introducing it.  `delay` doubles from DIAL_BACKOFF[0] to DIAL_BACKOFF[1] on every
+    failure, and starts again after a session that came up."""
+
+    def __init__(self, role: bool | None, now: float) -> None:
+        self.role = role  # True: we dial; False: we accept; None: relayed only
+        self.state = "relayed" if role is None else ("backoff" if role else "waiting")
+        self.delay = DIAL_BACKOFF[0]
+        self.next_dial = now
+        self.ups = 0  # sessions that came up
+        self.failures = 0  # dials that failed and sessions that ended
+        self.last_error: str | None = None
+
+    def due(self, now: float) -> bool:
+        """Time to dial: we are the dialer, idle, and the backoff has run out."""
+        return self.role is True and self.state == "backoff" and now >= self.next_dial
+
+    def dialing(self) -> None:
+        self.state = "dialing"
+
+    def up(self) -> None:
+        self.state = "up"
+        self.ups += 1
+        self.delay = DIAL_BACKOFF[0]
+        self.last_error = None
+
+    def down(self, now: float, reason: str) -> None:
+        """A dial failed or a session ended: wait, then dial again (if we are the dialer)."""
+        if self.state == "closed":
+            return
+        self.failures += 1
+        self.last_error = reason
+        if self.role is not True:
+            self.state = "relayed" if self.role is None else "waiting"
+            return
+        self.state = "backoff"
+        self.next_dial = now + self.delay
+        self.delay = min(self.delay * 2, DIAL_BACKOFF[1])
+
+    def close(self) -> None:
+        self.state = "closed"
+
+
+class ReceiveFilter:
+    """What a direct peer may send us, from the bindings the hub holds for it: a unicast
+    frame from one of its MACs, to one of our local ports (`is_local`: never through us to
+    anyone else), whose network-layer source (IPv4/IPv6 source, ARP sender, an NA's target)
+    is one of its addresses, past the hub's own network-layer checks (netstack.policy
+    check_l3: ARP/ND link-layer addresses, DHCP and RA guards, stacked VLANs, LLC)."""
+
+    def __init__(self, peer: DirectPeer, is_local: Callable[[bytes], bool]) -> None:
+        self.macs = peer.macs
+        self.is_local = is_local
+        self.ipv4 = frozenset(ip.packed for ip in peer.ipv4)
+        # check_l3 asks an AddressBook: these are the peer's, for good, and no new claim
+        # fits (limit 0), so an address the hub did not introduce is refused.
+        self.book = AddressBook(float("inf"))
+        for ip in (*peer.ipv4, *peer.ipv6):
+            self.book.bind(ip.packed, self, 0.0)
+
+    def admit(self, frames: list[Frame], port: SessionPort, now: float) -> list[Frame]:
+        """The frames of `frames` the peer may send; the others counted on `port` by
+        reason.  Also counts what came in on `port`."""
+        counters = port.counters
+        counters.in_frames += len(frames)
+        macs, ipv4, is_local = self.macs, self.ipv4, self.is_local
+        admitted = []
+        for frame in frames:
+            data = frame.data
+            counters.in_bytes += len(data)
+            if len(data) < ETH_HEADER_LEN:
+                counters.drop("runt")
+                continue
+            if data[0] & 1:
+                counters.drop(NOT_UNICAST)
+                continue
+            if data[6:12] not in macs:
+                counters.drop(MAC_NOT_INTRODUCED)
+                continue
+            if not is_local(data[0:6]):
+                counters.drop(NOT_LOCAL)
+                continue
+            # Fast path: plain IPv4 from an introduced address, not a DHCP server's.
+            if not (len(data) >= 38 and data[12:14] == ETHERTYPE_IP and data[14] == 0x45
+                    and data[26:30] in ipv4
+                    and not (data[23] == IPPROTO_UDP and data[34:36] == DHCPV4_SERVER_PORT)):
+                reason = check_l3(data, self, self.book, now, 0)
+                if reason is not None:
+                    counters.drop(IP_NOT_INTRODUCED if reason == "claim_limit" else reason)
+                    continue
+            admitted.append(frame)
+        return admitted
+
+
+class DirectPort(SessionPort):
+    """An introduced peer as a port of the endpoint (not attached to its switch): its direct
+    session's links, its life, and the filter on what it sends."""
+
+    def __init__(self, peer: DirectPeer, digest: bytes, life: PeerLife,
+                 is_local: Callable[[bytes], bool]) -> None:
+        super().__init__(f"direct:{peer.name}", policy=None)
+        self.peer = peer
+        self.digest = digest
+        self.life = life
+        self.filter = ReceiveFilter(peer, is_local)
+
+    def reintroduce(self, peer: DirectPeer, is_local: Callable[[bytes], bool]) -> None:
+        """The hub sent new bindings or addresses for the same key."""
+        self.peer = peer
+        self.name = f"direct:{peer.name}"
+        self.filter = ReceiveFilter(peer, is_local)
+
+    def direct_status(self) -> dict[str, object]:
+        life = self.life
+        counters = self.counters
+        return {
+            "name": self.peer.name, "fingerprint": self.peer.fingerprint,
+            "path": "direct" if self.active is not None else "relayed",
+            "state": life.state,
+            "role": {True: "dials", False: "accepts", None: "neither listens"}[life.role],
+            "address": self.peer_address,
+            "advertised": [f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
+                           for h, p in self.peer.addresses],
+            "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 3),
+            "in_frames": counters.in_frames, "in_bytes": counters.in_bytes,
+            "out_frames": counters.out_frames, "out_bytes": counters.out_bytes,
+            "drops": dict(counters.drops), "sessions": life.ups, "failures": life.failures,
+            "last_error": life.last_error,
+        }
+
+
+def source_of(data: bytes | memoryview) -> tuple:
+    """What a peer checks a frame's source by: its MAC, and its IPv4/IPv6 source or ARP
+    sender address (slices: they hash like bytes)."""
+    ethertype = data[12:14]
+    if ethertype == ETHERTYPE_IP:
+        return data[6:12], data[26:30]
+    if ethertype == ETHERTYPE_IPV6:
+        return data[6:12], data[22:38]
+    if ethertype == ETHERTYPE_ARP:
+        return data[6:12], data[28:32]
+    return data[6:12], b""
+
+
+class SteeringUplink(SessionPort):
+    """The endpoint's port to the hub, which also steers: a unicast frame to a MAC in
+    `routes` goes to that peer's direct port while its session is up and its source is
+    vouched for (see the module's docstring); everything else, and every frame when
+    `routes` is empty, to the hub."""
+
+    def __init__(self, name: str = "hub", clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(name, policy=None)
+        self.routes: dict[bytes, DirectPort] = {}
+        self.clock = clock
+        # source (source_of) -> when its frames may go direct from; refreshed through the
+        # hub VOUCH_REFRESH_SECONDS after that
+        self.vouched: dict[tuple, float] = {}
+
+    def _vouched(self, data: bytes | memoryview, now: float) -> bool:
+        """May this frame's source go direct now?  If not, it takes the hub (and counts)."""
+        key = source_of(data)
+        since = self.vouched.get(key)
+        if since is not None and now >= since:
+            if now - since < VOUCH_REFRESH_SECONDS:
+                return True
+            self.vouched[key] = now  # refreshed by this frame: direct again at once
+            return False
+        if since is None:
+            if len(self.vouched) >= MAX_VOUCHED:
+                self.vouched.clear()
+            self.vouched[(bytes(key[0]), bytes(key[1]))] = now + VOUCH_DELAY_SECONDS
+        return False
+
+    def deliver(self, frames: list[Frame]) -> None:
+        routes = self.routes
+        if not routes:
+            super().deliver(frames)
+            return
+        relayed: list[Frame] = []
+        direct: dict[DirectPort, list[Frame]] = {}
+        now = self.clock()
+        for frame in frames:
+            port = routes.get(frame.data[0:6])
+            if port is None or not self._vouched(frame.data, now):
+                relayed.append(frame)
+                continue
+            batch = direct.get(port)
+            if batch is None:
+                direct[port] = [frame]
+            else:
+                batch.append(frame)
+        for port, batch in direct.items():
+            if port.active is None:  # its session just ended: the hub, at once
+                relayed.extend(batch)
+            else:
+                port.deliver(batch)
+        if relayed:
+            super().deliver(relayed)
+
+
+@dataclass
+class IntroChange:
+    added: list[DirectPort]
+    removed: list[DirectPort]
+
+
+class DirectPeers:
+    """The latest introductions as direct ports, and the uplink's routes to them."""
+
+    def __init__(self, fingerprint: bytes, listens: bool, uplink: SteeringUplink,
+                 is_local: Callable[[bytes], bool]) -> None:
+        self.fingerprint = fingerprint
+        self.listens = listens
+        self.uplink = uplink
+        self.is_local = is_local
+        self.ports: dict[bytes, DirectPort] = {}  # by the peer's fingerprint digest
+        self.intros = 0  # INTRO records taken
+
+    def introduce(self, peers: Iterable[DirectPeer], now: float) -> IntroChange:
+        """The hub's whole current set: new peers get a port, peers missing from it lose
+        theirs (the shell closes their sessions now), the others take the new bindings."""
+        self.intros += 1
+        fresh: dict[bytes, DirectPeer] = {}
+        for peer in peers:
+            digest = parse_fingerprint(peer.fingerprint)
+            if digest != self.fingerprint:  # never ourselves
+                fresh[digest] = peer
+        removed = [port for digest, port in self.ports.items() if digest not in fresh]
+        for port in removed:
+            port.life.close()
+            del self.ports[port.digest]
+        added = []
+        for digest, peer in fresh.items():
+            port = self.ports.get(digest)
+            role = dials(self.fingerprint, self.listens, digest, bool(peer.addresses))
+            if port is not None and port.life.role == role:
+                port.reintroduce(peer, self.is_local)
+                continue
+            if port is not None:  # it started or stopped listening: a new life
+                port.life.close()
+                removed.append(port)
+            port = DirectPort(peer, digest, PeerLife(role, now), self.is_local)
+            self.ports[digest] = port
+            added.append(port)
+        self.update_routes()
+        return IntroChange(added, removed)
+
+    def update_routes(self) -> None:
+        """The uplink's routes: every MAC of every peer whose session is up (and whose
+        session takes every offload the hub's does, so steering never needs the switch's
+        software offloads); called whenever a session or an introduction changes."""
+        routes: dict[bytes, DirectPort] = {}
+        needed = self.uplink.accepts
+        for port in self.ports.values():
+            if port.active is None or (needed & ~port.accepts) != Offload.NONE:
+                continue
+            for mac in port.peer.macs:
+                routes.setdefault(mac, port)
+        self.uplink.routes = routes
+
+    def authorised(self) -> Peers:
+        """Who may dial us: the currently introduced peers, by their hub names."""
+        return Peers((port.peer.name, digest) for digest, port in self.ports.items())
+
+    def port_of(self, digest: bytes) -> DirectPort | None:
+        return self.ports.get(digest)
+
+    def due(self, now: float) -> list[DirectPort]:
+        return [port for port in self.ports.values() if port.life.due(now)]
+
+    def next_due(self) -> float | None:
+        """When the next dial falls due, if one will."""
+        times = [port.life.next_dial for port in self.ports.values()
+                 if port.life.role is True and port.life.state == "backoff"]
+        return min(times, default=None)
+
+    def status(self) -> list[dict[str, object]]:
+        return [port.direct_status() for port in self.ports.values()]
+

@@ -1,0 +1,425 @@
+"""Direct paths, the endpoint's Trio shell: the listener for direct sessions (`--listen`), the
+dialer, and the supervisor that dials the peers due (tunnel/direct.py decides who and when).
+
+A direct session is the hub protocol between two endpoints (HELLO, AUTH, FRAMES, PING/PONG,
+CLOSE; never INTRO or ADVERTISE) over TLS 1.3:
+* the dialer connects to the peer's introduced addresses in turn, checks the peer's
+  certificate against the introduced fingerprint (keys.check_server) before it sends a
+  byte, signs the listener's challenge and fingerprint (as an endpoint does to the hub),
+  and sends a PING behind its AUTH: the listener's codec holds it until AUTH is accepted,
+  so its PONG is the "yes", a CLOSE AUTH_FAILED the "no";
+* the listener presents the endpoint's own identity and verifies AUTH against the peers
+  it is introduced to NOW (anyone else: CLOSE AUTH_FAILED, counted `auth_unknown_key`),
+  behind the hub listener's admission guards (tunnel/listener.py: a token bucket per source,
+  caps on concurrent handshakes, per source and in all, eviction of the oldest untrusted
+  one, FIRST_BYTES_SECONDS for the first bytes and HANDSHAKE_SECONDS for the rest, and
+  MAX_DIRECT_SESSIONS).
+Each session is a Link (tunnel/session.py) on the peer's DirectPort, which pings every
+DIRECT_KEEPALIVE_SECONDS and is dead after DIRECT_DEAD_SECONDS of silence; what it receives
+goes through the peer's ReceiveFilter, then into the switch as if from the uplink.  When a
+session ends the uplink's routes lose the peer at once (frames take the hub) and the dialer
+redials with backoff (DIAL_BACKOFF, capped at 1 s).
+
+Containment: every connection, dialled or accepted, runs under its own guard; whatever it
+raises closes it only (counted in `refused` or the peer's `last_error`, unexpected ones
+logged with their traceback once).  The accept loop never ends on a party's input.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections.abc import Callable
+
+import trio
+
+from netstack.frame import ALL_OFFLOADS, Frame
+from tunnel.control import AcceptFailures
+from tunnel.direct import (
+    DIRECT_DEAD_SECONDS,
+    DIRECT_KEEPALIVE_SECONDS,
+    DirectPeers,
+    DirectPort,
+)
+from tunnel.introductions import DirectPeer
+from tunnel.keys import (
+    AuthError,
+    Identity,
+    check_server,
+    client_ssl_context,
+    server_ssl_context,
+    sign_client_auth,
+    verify_client_auth,
+)
+from tunnel.listener import (
+    FIRST_BYTES_SECONDS,
+    HANDSHAKE_SECONDS,
+    HandshakeSlots,
+    SourceLimiter,
+    source_of,
+)
+from tunnel.session import Link, SessionPort, tune_tcp
+from tunnel.startup import StartupError, explain_bind
+from tunnel.tls import TLSStream
+from tunnel.wire import (
+    Auth,
+    CloseCode,
+    Closed,
+    Eof,
+    Frames,
+    Hello,
+    Ping,
+    Pong,
+    WireConnection,
+    WireError,
+)
+
+log = logging.getLogger(__name__)
+
+# A dial (TCP, TLS, HELLO, AUTH and its verdict) to one address gets this long.
+DIAL_SECONDS = 2.0
+# Direct sessions at once: one per introduced peer at most (MAX_INTRO_PEERS).
+MAX_DIRECT_SESSIONS = 256
+# Concurrent handshakes on --listen, in all and per source.
+MAX_DIRECT_HANDSHAKES = 32
+MAX_DIRECT_HANDSHAKES_PER_SOURCE = 4
+HANDSHAKE_READ = 16 * 1024
+# The nonce of the PING behind AUTH: its PONG is the listener's "yes".
+VERDICT_NONCE = 0xD1_EC_70
+# How often the supervisor looks at least (dials fall due, routes follow the uplink).
+SUPERVISE_SECONDS = 0.25
+
+
+class DialError(Exception):
+    pass
+
+
+class DirectLinks:
+    """The direct sessions of one endpoint: accepted on `listen` (if given) and dialled."""
+
+    def __init__(self, identity: Identity, peers: DirectPeers,
+                 forward: Callable[[list[Frame]], None], *,
+                 listen: tuple[str | None, int] | None, mtu: int) -> None:
+        self.identity = identity
+        self.peers = peers
+        self.forward = forward  # into the switch, as from the uplink
+        self.listen = listen
+        self.mtu = mtu
+        self.server_context = server_ssl_context(identity)
+        self.client_context = client_ssl_context()
+        self.bound: list[tuple[str, int]] = []
+        self.limiter = SourceLimiter()
+        self.slots = HandshakeSlots(MAX_DIRECT_HANDSHAKES, MAX_DIRECT_HANDSHAKES_PER_SOURCE)
+        self.refused: dict[str, int] = {}
+        self._nursery: trio.Nursery | None = None
+        self._wake = trio.Event()
+
+    # -- introductions ---------------------------------------------------------------------
+
+    def introduce(self, peers: tuple[DirectPeer, ...]) -> None:
+        """The hub's latest set: sessions of peers gone from it are closed now."""
+        change = self.peers.introduce(peers, trio.current_time())
+        for port in change.removed:
+            for link in list(port.links):
+                link.abort("no longer introduced by the hub")
+            log.info("%s: no longer introduced: direct session closed", port.name)
+        for port in change.added:
+            log.info("%s: introduced (%s, key %s)", port.name,
+                     {True: "we dial", False: "it dials", None: "neither listens"}[
+                         port.life.role], port.peer.fingerprint)
+        self._wake.set()
+
+    # -- running --------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if self.listen is not None:
+                host, port = self.listen
+                try:
+                    listeners = await trio.open_tcp_listeners(port, host=host)
+                except OSError as exc:
+                    raise StartupError(f"--listen {host or ''}:{port}",
+                                       explain_bind(exc, host, port)) from None
+                self.bound = [lst.socket.getsockname()[:2] for lst in listeners]
+                log.info("direct sessions: listening on %s",
+                         ", ".join(f"{h}:{p}" for h, p in self.bound))
+                for listener in listeners:
+                    nursery.start_soon(self._accept_loop, listener)
+            nursery.start_soon(self._supervise)
+            task_status.started()
+
+    async def _supervise(self) -> None:
+        """Dial the peers whose turn it is; keep the uplink's routes current."""
+        while True:
+            now = trio.current_time()
+            assert self._nursery is not None
+            for port in self.peers.due(now):
+                port.life.dialing()
+                self._nursery.start_soon(self._dial_guarded, port)
+            self.peers.update_routes()
+            wake_at = now + SUPERVISE_SECONDS
+            due = self.peers.next_due()
+            if due is not None:
+                wake_at = min(wake_at, due)
+            self._wake = trio.Event()
+            with trio.move_on_at(wake_at):
+                await self._wake.wait()
+
+    def _session_ended(self, port: DirectPort, reason: str) -> None:
+        port.life.down(trio.current_time(), reason)
+        self.peers.update_routes()
+        self._wake.set()
+
+    # -- dialling -------------------------------------------------------------------------
+
+    async def _dial_guarded(self, port: DirectPort) -> None:
+        try:
+            link = await self._dial(port)
+        except (OSError, trio.BrokenResourceError, trio.TooSlowError, DialError, AuthError,
+                WireError) as exc:
+            reason = str(exc) or type(exc).__name__
+            if port.life.failures % 20 == 0:  # a peer that stays away logs now and then
+                log.info("%s: direct dial failed: %s", port.name, reason)
+            self._session_ended(port, reason)
+            return
+        except Exception as exc:
+            log.error("%s: direct dial failed unexpectedly: %r", port.name, exc, exc_info=exc)
+            self._session_ended(port, f"internal error: {exc!r}")
+            return
+        await self._run_link(port, link)
+
+    async def _dial(self, port: DirectPort) -> Link:
+        errors = []
+        for host, number in port.peer.addresses:
+            if port.life.state == "closed":
+                raise DialError("no longer introduced")
+            try:
+                with trio.fail_after(DIAL_SECONDS):
+                    return await self._dial_one(port, host, number)
+            except (OSError, trio.BrokenResourceError, trio.TooSlowError, DialError,
+                    WireError) as exc:
+                errors.append(f"{host}:{number}: {exc or type(exc).__name__}")
+            except AuthError as exc:  # the wrong key answers there: say so, try the next
+                log.warning("%s: %s:%d: %s", port.name, host, number, exc)
+                errors.append(f"{host}:{number}: {exc}")
+        raise DialError("; ".join(errors) or "no address")
+
+    async def _dial_one(self, port: DirectPort, host: str, number: int) -> Link:
+        stream = await trio.open_tcp_stream(host, number)
+        try:
+            tune_tcp(stream.socket)
+            tls = TLSStream(stream, self.client_context, server_side=False)
+            await tls.do_handshake()
+            check_server(tls, port.digest)  # nothing is sent to a key not introduced
+            wire = WireConnection("client", name="", offloads=int(ALL_OFFLOADS), mtu=self.mtu)
+            await tls.send_all(wire.send_hello())
+            hello = await _await_hello(tls, wire)
+            certificate, signature = sign_client_auth(self.identity, hello.challenge,
+                                                      port.digest)
+            await tls.send_all(wire.send_auth(certificate, signature)
+                               + wire.send_ping(VERDICT_NONCE, time.monotonic_ns()))
+            pending = await self._await_verdict(tls, wire, port)
+        except BaseException:
+            with trio.move_on_after(1) as cleanup:
+                cleanup.shield = True
+                await stream.aclose()
+            raise
+        if port.life.state == "closed":
+            await stream.aclose()
+            raise DialError("no longer introduced")
+        port.peer_address = f"{host}:{number}"
+        link = self._link(port, tls, wire)
+        if pending:
+            self.forward_from(port, pending)
+        return link
+
+    async def _await_verdict(self, tls: TLSStream, wire: WireConnection,
+                             port: DirectPort) -> list[Frame]:
+        """Until the PONG to the PING behind AUTH; the frames that came with it."""
+        frames: list[Frame] = []
+        while True:
+            wire.receive_data(await tls.receive_some(HANDSHAKE_READ))
+            for event in wire.next_events():
+                if isinstance(event, Pong) and event.nonce == VERDICT_NONCE:
+                    port.rtt_ms = (time.monotonic_ns() - event.timestamp_ns) / 1e6
+                    return frames
+                if isinstance(event, Frames):
+                    frames.extend(event.frames)
+                elif isinstance(event, Ping):
+                    await tls.send_all(wire.send_pong(event.nonce, event.timestamp_ns))
+                elif isinstance(event, Closed):
+                    raise DialError(f"refused: {event.reason}"
+                                    if event.code == CloseCode.AUTH_FAILED
+                                    else f"closed: {event.reason}")
+                elif isinstance(event, Eof):
+                    raise DialError("closed during the handshake")
+
+    # -- accepting ------------------------------------------------------------------------
+
+    def _refuse(self, reason: str) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+
+    async def _accept_loop(self, listener: trio.SocketListener) -> None:
+        failures = AcceptFailures("direct")
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except trio.ClosedResourceError:
+                    return
+                except OSError as exc:
+                    self._refuse(f"accept_{errno.errorcode.get(exc.errno, 'error').lower()}")
+                    await failures.wait(exc)
+                    continue
+                try:
+                    self._admit(stream)
+                except Exception as exc:  # admission's own guard: never the loop's end
+                    self._refuse("internal_error")
+                    log.error("direct: internal error admitting a connection: %r", exc,
+                              exc_info=exc)
+                    stream.socket.close()
+
+    def _admit(self, stream: trio.SocketStream) -> None:
+        try:
+            address = stream.socket.getpeername()[0]
+            tune_tcp(stream.socket)
+        except OSError:
+            self._refuse("gone_before_admission")
+            stream.socket.close()
+            return
+        source = source_of(address)
+        if not self.limiter.allow(source):
+            admitted: object = "rate_limited"
+        elif sum(1 for p in self.peers.ports.values() if p.active) >= MAX_DIRECT_SESSIONS:
+            admitted = "too_many_sessions"
+        else:
+            admitted = self.slots.admit(source)
+        if isinstance(admitted, str):
+            self._refuse(admitted)
+            stream.socket.close()
+            return
+        handshake, evicted = admitted
+        if evicted is not None:
+            self._refuse("evicted")
+        assert self._nursery is not None
+        self._nursery.start_soon(self._serve, stream, address, handshake)
+
+    async def _serve(self, stream: trio.SocketStream, address: str, handshake) -> None:
+        try:
+            tls = TLSStream(stream, self.server_context, server_side=True)
+            accepted = None
+            try:
+                with handshake.cancel_scope:
+                    accepted = await self._handshake_phase(tls, address)
+            finally:
+                self.slots.release(handshake)
+            if accepted is not None:
+                self.slots.trust(handshake.source)
+                port, link = accepted
+                await self._run_link(port, link)
+        except Exception as exc:
+            self._refuse("internal_error")
+            log.error("direct: %s: internal error, connection closed: %r", address, exc,
+                      exc_info=exc)
+        finally:
+            with trio.move_on_after(1) as cleanup:
+                cleanup.shield = True
+                try:
+                    await stream.aclose()
+                except Exception:  # a half-open stream may fail to close cleanly
+                    pass
+
+    async def _handshake_phase(self, tls: TLSStream, address: str
+                               ) -> tuple[DirectPort, Link] | None:
+        try:
+            with trio.move_on_after(HANDSHAKE_SECONDS) as timeout:
+                with trio.move_on_after(FIRST_BYTES_SECONDS) as silent:
+                    await tls.receive_first_bytes()
+                if silent.cancelled_caught:
+                    self._refuse("silent")
+                    return None
+                return await self._handshake(tls, address)
+            if timeout.cancelled_caught:
+                self._refuse("handshake_timeout")
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._refuse("handshake_failed")
+            log.info("direct: %s: handshake failed: %s", address, exc)
+        except WireError as exc:
+            self._refuse(f"protocol_{exc.reason}")
+            log.warning("direct: %s: %s", address, exc)
+        except AuthError as exc:
+            self._refuse(f"auth_{exc.reason}")
+            log.warning("direct: %s: refused: %s", address, exc)
+        return None
+
+    async def _handshake(self, tls: TLSStream, address: str) -> tuple[DirectPort, Link]:
+        await tls.do_handshake()
+        wire = WireConnection("server", name="", offloads=int(ALL_OFFLOADS), mtu=self.mtu)
+        await tls.send_all(wire.send_hello())
+        hello: Hello | None = None
+        while True:
+            wire.receive_data(await tls.receive_some(HANDSHAKE_READ))
+            for event in wire.next_events():
+                if isinstance(event, Hello):
+                    hello = event
+                elif isinstance(event, Auth):
+                    assert hello is not None  # the codec orders HELLO before AUTH
+                    try:
+                        name = verify_client_auth(self.peers.authorised(), event.certificate,
+                                                  event.signature, wire.challenge,
+                                                  self.identity.fingerprint_bytes, hello.name)
+                    except AuthError as exc:
+                        await tls.send_all(wire.send_close(CloseCode.AUTH_FAILED, exc.reason))
+                        raise
+                    port = next(p for p in self.peers.ports.values() if p.peer.name == name)
+                    wire.accept_auth()
+                    port.peer_address = address
+                    log.info("%s: direct session accepted from %s", port.name, address)
+                    return port, self._link(port, tls, wire)
+                elif isinstance(event, Closed | Eof):
+                    raise trio.BrokenResourceError(f"peer left during the handshake ({event})")
+
+    # -- a session ------------------------------------------------------------------------
+
+    def _link(self, port: DirectPort, tls: TLSStream, wire: WireConnection) -> Link:
+        link = Link(port, tls, wire, self.forward_from,
+                    keepalive_seconds=DIRECT_KEEPALIVE_SECONDS,
+                    dead_seconds=DIRECT_DEAD_SECONDS)
+        link.activate()  # a session of this peer already up is superseded
+        port.life.up()
+        self.peers.update_routes()
+        return link
+
+    async def _run_link(self, port: DirectPort, link: Link) -> None:
+        log.info("%s: direct session up (%s)", port.name, port.peer_address)
+        result = await link.run()
+        log.info("%s: direct session ended: %s", port.name, result.reason)
+        if port.active is None:  # not superseded by a newer session of the same peer
+            self._session_ended(port, result.reason)
+
+    def forward_from(self, port: SessionPort, frames: list[Frame]) -> None:
+        """Frames from a direct peer: policed with its introduced bindings, then switched."""
+        assert isinstance(port, DirectPort)
+        admitted = port.filter.admit(frames, port, time.monotonic())
+        if admitted:
+            self.forward(admitted)
+
+    def status(self) -> dict[str, object]:
+        return {"listen": [f"{h}:{p}" for h, p in self.bound], "intros": self.peers.intros,
+                "handshakes": len(self.slots), "refused": dict(self.refused),
+                "peers": self.peers.status()}
+
+
+async def _await_hello(tls: TLSStream, wire: WireConnection) -> Hello:
+    while True:
+        wire.receive_data(await tls.receive_some(HANDSHAKE_READ))
+        for event in wire.next_events():
+            if isinstance(event, Hello):
+                return event
+            if isinstance(event, Closed):
+                raise DialError(f"closed: {event.reason}")
+            if isinstance(event, Eof):
+                raise DialError("closed during the handshake")
