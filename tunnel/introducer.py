@@ -13,14 +13,17 @@ the bindings the hub holds for its SessionPort now: the MACs learned on it (the 
 table) and the IPv4/IPv6 addresses its policy's AddressBook gives it (claimed or leased).
 
 Work per tick, for C advertising sessions: O(C) to see whether anything may have changed
-(each port's MAC and address counts, the advertised sets, the peers file); only then one pass
-over the MAC table and the address book (O(entries), at most 256 MACs and 1024 addresses per
-session), a peer's entry encoded once for all its recipients, and O(C x MAX_INTRO_PEERS) to
-assemble the sets.  A full rescan also runs every RESCAN_SECONDS, for what the counts miss (a
-MAC or claim replaced by another between two ticks, entries aging).  A recipient gets at most
-one INTRO per INTRO_MIN_INTERVAL (the changes of that time coalesce), and only when its set
-changed.  A peer whose bindings pass the INTRO limits, or that does not fit in the record,
-is left out (it stays relayed through the hub: counted `omitted`, logged once per peer).
+(each port's MAC and address counts, the advertised sets, the peers file); only then a scan
+of the MAC table and the address book (at most 256 MACs and 1024 addresses per session), read
+from a snapshot SCAN_ENTRIES_PER_TICK entries a tick; a peer's entry encoded once for all its
+recipients (again only when it changed), and O(C) to assemble each set due, as many as
+INTRO_BYTES_PER_TICK holds.  A rescan also runs every RESCAN_SECONDS, for what the counts
+miss (a MAC or claim replaced by another between two ticks); no INTRO is made
+while a scan is under way (a new member is introduced with its bindings read, not before).
+A recipient gets at most one INTRO per INTRO_MIN_INTERVAL (the changes of that time
+coalesce), and only when its set changed.  A peer whose bindings pass the INTRO limits, or
+that does not fit in the record, is left out (it stays relayed through the hub: counted
+`omitted`, logged once per peer).
 """
 
 from __future__ import annotations
@@ -28,22 +31,30 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 
 from netstack.policy import PERMANENT
 from netstack.switch import Switch
-from tunnel.introductions import MAX_INTRO_IPS, MAX_INTRO_MACS, MAX_INTRO_PEERS, DirectPeer
-from tunnel.keys import format_fingerprint
+from tunnel.introductions import MAX_INTRO_IPS, MAX_INTRO_MACS, MAX_INTRO_PEERS
 from tunnel.session import Link, SessionPort
-from tunnel.wire import MAX_INTRO_PAYLOAD, U16, encode_intro_peer
+from tunnel.wire import MAX_INTRO_PAYLOAD, U16, encode_intro_entry
 
 log = logging.getLogger(__name__)
 
 # At most one INTRO per endpoint this often: the changes in between go in the next one.
 INTRO_MIN_INTERVAL = 0.25
-# Bindings are rescanned at least this often even when no count moved.
-RESCAN_SECONDS = 2.0
+# Bindings are rescanned at least this often even when no count moved (what the counts miss:
+# a MAC or claim replaced by another on the same port between two ticks).
+RESCAN_SECONDS = 10.0
+# The INTRO bytes one tick may make (4 ticks a second); past it, the endpoints that waited
+# least wait for the next tick.  One peer's change is a new set for every other endpoint:
+# 256 endpoints of 256 peers, 40 KB each, are 10 MB.
+INTRO_BYTES_PER_TICK = 4 << 20
+# Table entries (MACs, addresses) a tick reads of a binding scan, ~0.5 us each: 256 sessions
+# at their limits hold 327,680, read over 20 ticks (5 s).
+SCAN_ENTRIES_PER_TICK = 16384
 
 
 @dataclass
@@ -66,10 +77,12 @@ def resolve(addresses: tuple[tuple[str, int], ...],
     loopback addresses stay only if `observed` is loopback too (an endpoint elsewhere must
     not point its peers at their own machine's services); duplicates go."""
     seen = None
-    if observed is not None:
-        seen = ipaddress.ip_address(observed.partition("%")[0])
-        if isinstance(seen, ipaddress.IPv6Address) and seen.ipv4_mapped is not None:
-            seen = seen.ipv4_mapped
+    try:
+        seen = ipaddress.ip_address((observed or "").partition("%")[0])
+    except ValueError:  # no IP address (a test's memory stream): wildcards resolve to nothing
+        pass
+    if isinstance(seen, ipaddress.IPv6Address) and seen.ipv4_mapped is not None:
+        seen = seen.ipv4_mapped
     resolved: list[tuple[str, int]] = []
     for host, port in addresses:
         ip = ipaddress.ip_address(host)
@@ -88,11 +101,32 @@ def resolve(addresses: tuple[tuple[str, int], ...],
 
 @dataclass
 class _Sent:
-    """The last INTRO a recipient's link got, and when."""
+    """The last INTRO a recipient's link got, when, and of which generation of the sets."""
 
     link: Link
     entries: list[bytes]
     when: float
+    generation: int
+
+
+@dataclass
+class _Scan:
+    """A walk over the keys of the switch's MAC table and address book, under way."""
+
+    now: float  # the switch's clock when it started: what is alive
+    macs: dict[object, set[bytes]]  # by member port
+    ipv4: dict[object, set[bytes]]
+    ipv6: dict[object, set[bytes]]
+    mac_keys: Iterator[bytes]
+    ip_keys: Iterator[bytes]
+
+
+@dataclass
+class _Entry:
+    """One member's encoded INTRO entry and what it was made from."""
+
+    key: tuple
+    data: bytes | None  # None: past the INTRO limits, left out
 
 
 class Introducer:
@@ -108,30 +142,38 @@ class Introducer:
         self.advertised: dict[SessionPort, Advertised] = {}
         self.sent: dict[SessionPort, _Sent] = {}
         self.intros = 0  # INTRO records made
+        self.intro_bytes = 0  # their entries' bytes
         self.omitted = 0  # peers left out of a set (past a limit)
         self.scans = 0  # binding rescans
         self._signature: object = None
         self._scanned_at = float("-inf")
-        self._bindings: dict[SessionPort, tuple[frozenset, frozenset, frozenset]] = {}
-        self._encoded: dict[SessionPort, tuple[DirectPeer, bytes]] = {}
-        self._too_big_logged: set[str] = set()
-        self._dirty = True  # the sets may have changed since the last assembly
+        self._scanning: _Scan | None = None
+        self._bindings: dict[object, tuple[set[bytes], set[bytes], set[bytes]]] = {}
+        self._bindings_version = 0  # moves when a scan ends
+        self._entry_list: list[tuple[SessionPort, bool, bytes]] = []
+        self._entries_stamp: tuple[int, int] | None = None  # (generation, bindings version)
+        self._entries: dict[SessionPort, _Entry] = {}
+        self._members: tuple[SessionPort, ...] = ()
+        self._generation = 0  # moves whenever any member's entry or the members change
+        self._logged: set[str] = set()
 
     # -- what the listener tells it ---------------------------------------------------------
 
     def advertise(self, link: Link, addresses: tuple[tuple[str, int], ...]) -> None:
-        """`link`'s endpoint sent ADVERTISE (again: the latest wins)."""
+        """`link`'s endpoint sent ADVERTISE (again: the latest wins; a link's first is
+        logged, its changes only at debug level: a flood of them must not flood the log)."""
         port = link.port
         previous = self.advertised.get(port)
         if previous is not None and previous.link is link and previous.sent == addresses:
             return  # a repeat changes nothing
         resolved = resolve(addresses, port.peer_address)
         self.advertised[port] = Advertised(link, addresses, resolved)
-        self._dirty = True
-        log.info("%s: advertised %s%s", port.name,
-                 ", ".join(_text(a) for a in resolved) or "no address (dials only)",
-                 f" (sent {', '.join(_text(a) for a in addresses)})"
-                 if addresses and resolved != addresses else "")
+        self._generation += 1
+        log.log(logging.DEBUG if previous is not None and previous.link is link else logging.INFO,
+                "%s: advertised %s%s", port.name,
+                ", ".join(_text(a) for a in resolved) or "no address (dials only)",
+                f" (sent {', '.join(_text(a) for a in addresses)})"
+                if addresses and resolved != addresses else "")
 
     def link_ended(self, link: Link) -> None:
         """`link` is over: its advertisement goes with it (a new link advertises anew)."""
@@ -139,56 +181,78 @@ class Introducer:
         advertised = self.advertised.get(port)
         if advertised is not None and advertised.link is link:
             del self.advertised[port]
-            self._encoded.pop(port, None)
+            self._entries.pop(port, None)
             self._bindings.pop(port, None)
-            self._dirty = True
+            self._generation += 1
         sent = self.sent.get(port)
         if sent is not None and sent.link is link:
             del self.sent[port]
 
     def peers_changed(self) -> None:
-        """The peers file was reloaded: who may be introduced may have changed."""
-        self._dirty = True
+        """The peers file was reloaded: who may be introduced, and with which key, may have
+        changed."""
+        self._generation += 1
 
     # -- the tick ---------------------------------------------------------------------------
 
     def tick(self) -> list[tuple[Link, list[bytes]]]:
         """The INTROs to send now: (link, entries) for each endpoint whose set changed and
-        whose last INTRO is at least INTRO_MIN_INTERVAL old."""
+        whose last INTRO is at least INTRO_MIN_INTERVAL old, the longest waiting first, as
+        many as INTRO_BYTES_PER_TICK holds (always one)."""
         if not self.enabled or not self.advertised:
             return []
         now = self.clock()
-        members = self._members()
-        signature = tuple((port, self.switch.mac_counts.get(port),
-                           self.switch.addresses.counts.get(port)) for port, _ in members)
-        if signature != self._signature or now - self._scanned_at >= RESCAN_SECONDS:
-            self._dirty |= signature != self._signature  # also: who is a member changed
+        members = self._current_members()
+        ports = tuple(port for port, _ in members)
+        if ports != self._members:
+            self._members = ports
+            self._generation += 1
+        signature = tuple((self.switch.mac_counts.get(port), self.switch.addresses.counts.get(
+            port)) for port in ports)
+        if self._scanning is None and (signature != self._signature
+                                       or now - self._scanned_at >= RESCAN_SECONDS):
             self._signature = signature
             self._scanned_at = now
-            self._dirty |= self._scan(members, self.switch.clock())
-        pending = any(sent.link is not port.active for port, sent in self.sent.items())
-        if not self._dirty and not pending and all(p in self.sent for p, _ in members):
-            return []
-        entries = self._entries(members)
-        out = []
-        waiting = False
+            self._scan(members)
+        if self._scanning is not None:
+            self._continue_scan()
+            if self._scanning is not None:
+                return []  # introduce once the bindings are read
+        if self._entries_stamp != (self._generation, self._bindings_version):
+            self._entry_list = self._encoded(members)  # moves the generation if one changed
+            self._entries_stamp = (self._generation, self._bindings_version)
+        entries = self._entry_list
+        due = []
         for port, advertised in members:
-            wanted = [entry for other, other_ad, entry in entries if other is not port
-                      and (advertised.listens or other_ad.listens)]
-            wanted = self._fit(port, wanted)
+            sent = self.sent.get(port)
+            if sent is None or sent.link is not advertised.link:
+                due.append((float("-inf"), port.name, port, advertised))
+            elif sent.generation != self._generation and now - sent.when >= INTRO_MIN_INTERVAL:
+                due.append((sent.when, port.name, port, advertised))
+        if not due:
+            return []
+        due.sort(key=lambda item: item[:2])
+        out: list[tuple[Link, list[bytes]]] = []
+        budget = INTRO_BYTES_PER_TICK
+        for _, _, port, advertised in due:
+            wanted = self._fit(port, [data for other, listens, data in entries
+                                      if other is not port
+                                      and (listens or advertised.listens)])
             sent = self.sent.get(port)
             if sent is not None and sent.link is advertised.link and sent.entries == wanted:
+                sent.generation = self._generation  # its set did not change
                 continue
-            if sent is not None and now - sent.when < INTRO_MIN_INTERVAL:
-                waiting = True  # coalesced into a later tick
-                continue
-            self.sent[port] = _Sent(advertised.link, wanted, now)
+            size = sum(map(len, wanted))
+            if out and size > budget:
+                break  # the rest wait for the next tick
+            budget -= size
+            self.sent[port] = _Sent(advertised.link, wanted, now, self._generation)
             self.intros += 1
+            self.intro_bytes += size
             out.append((advertised.link, wanted))
-        self._dirty = waiting
         return out
 
-    def _members(self) -> list[tuple[SessionPort, Advertised]]:
+    def _current_members(self) -> list[tuple[SessionPort, Advertised]]:
         """The sessions that may be introduced: advertised on their active link and still in
         the peers file; by name."""
         members = [(port, advertised) for port, advertised in self.advertised.items()
@@ -197,49 +261,74 @@ class Introducer:
         members.sort(key=lambda member: member[0].name)
         return members
 
-    def _scan(self, members: list[tuple[SessionPort, Advertised]], now: float) -> bool:
-        """Read every member's bindings from the switch; True if any changed."""
+    def _scan(self, members: list[tuple[SessionPort, Advertised]]) -> None:
+        """Start reading every member's bindings from the switch: a snapshot of its tables'
+        keys (a copy at C speed that makes no new object), walked SCAN_ENTRIES_PER_TICK a tick
+        by `_continue_scan`, each entry as it is then."""
         self.scans += 1
-        aging = self.switch.aging
-        macs: dict[SessionPort, set[bytes]] = {port: set() for port, _ in members}
-        for mac, (owner, seen) in self.switch.mac_table.items():
-            held = macs.get(owner)  # type: ignore[call-overload]
-            if held is not None and (seen == PERMANENT or now - seen <= aging):
-                held.add(mac)
-        ipv4: dict[SessionPort, set[bytes]] = {port: set() for port, _ in members}
-        ipv6: dict[SessionPort, set[bytes]] = {port: set() for port, _ in members}
-        for ip, (owner, seen, leased) in self.switch.addresses.owners.items():
-            if owner not in macs or not (leased or now - seen <= aging):
-                continue
-            (ipv4 if len(ip) == 4 else ipv6)[owner].add(ip)  # type: ignore[index]
-        bindings = {port: (frozenset(macs[port]), frozenset(ipv4[port]), frozenset(ipv6[port]))
-                    for port, _ in members}
-        changed = bindings != self._bindings
-        self._bindings = bindings
-        return changed
+        ports = [port for port, _ in members]
+        self._scanning = _Scan(
+            now=self.switch.clock(),
+            macs={port: set() for port in ports},
+            ipv4={port: set() for port in ports},
+            ipv6={port: set() for port in ports},
+            mac_keys=iter(list(self.switch.mac_table)),
+            ip_keys=iter(list(self.switch.addresses.owners)))
 
-    def _entries(self, members: list[tuple[SessionPort, Advertised]]
-                 ) -> list[tuple[SessionPort, Advertised, bytes]]:
-        """Each member's INTRO entry, encoded once (again only when it changed)."""
+    def _continue_scan(self) -> None:
+        """Walk the next SCAN_ENTRIES_PER_TICK entries of the scan under way; at its end the
+        bindings it read become the ones introduced."""
+        scan = self._scanning
+        assert scan is not None
+        aging = self.switch.aging
+        now = scan.now
+        macs, ipv4, ipv6 = scan.macs, scan.ipv4, scan.ipv6
+        budget = SCAN_ENTRIES_PER_TICK
+        mac_table = self.switch.mac_table
+        for mac in islice(scan.mac_keys, budget):
+            budget -= 1
+            entry = mac_table.get(mac)
+            if entry is None:
+                continue  # gone since the snapshot
+            held = macs.get(entry[0])
+            if held is not None and (entry[1] == PERMANENT or now - entry[1] <= aging):
+                held.add(mac)
+        owners = self.switch.addresses.owners
+        for ip in islice(scan.ip_keys, budget):
+            budget -= 1
+            owned = owners.get(ip)
+            if owned is not None and owned[0] in macs and (owned[2] or now - owned[1] <= aging):
+                (ipv4 if len(ip) == 4 else ipv6)[owned[0]].add(ip)
+        if budget:  # both walks ended inside this tick's share
+            self._bindings = {port: (macs[port], ipv4[port], ipv6[port]) for port in macs}
+            self._bindings_version += 1
+            self._scanning = None
+
+    def _encoded(self, members: list[tuple[SessionPort, Advertised]]
+                 ) -> list[tuple[SessionPort, bool, bytes]]:
+        """Each member's INTRO entry (port, listens, bytes), encoded again only when what it
+        is made of changed; a member past the INTRO limits is left out."""
         entries = []
         for port, advertised in members:
             digest = self.fingerprint_of(port.name)
-            macs, ipv4, ipv6 = self._bindings.get(port, (frozenset(),) * 3)
-            if (len(macs) > MAX_INTRO_MACS or len(ipv4) > MAX_INTRO_IPS
-                    or len(ipv6) > MAX_INTRO_IPS):
-                self._left_out(port.name, f"{len(macs)} MACs, {len(ipv4)} IPv4 and "
-                               f"{len(ipv6)} IPv6 addresses: past the INTRO limits")
-                continue
-            assert digest is not None  # _members checked it
-            peer = DirectPeer(
-                port.name, format_fingerprint(digest), advertised.addresses, macs,
-                frozenset(ipaddress.IPv4Address(ip) for ip in ipv4),
-                frozenset(ipaddress.IPv6Address(ip) for ip in ipv6))
-            cached = self._encoded.get(port)
-            if cached is None or cached[0] != peer:
-                cached = self._encoded[port] = (peer, encode_intro_peer(peer))
-            entries.append((port, advertised, cached[1]))
+            assert digest is not None  # _current_members checked it
+            bindings = self._bindings.get(port, (set(), set(), set()))
+            key = (digest, advertised.addresses, bindings)
+            entry = self._entries.get(port)
+            if entry is None or entry.key != key:
+                entry = self._entries[port] = _Entry(key, self._encode(port.name, key))
+                self._generation += 1
+            if entry.data is not None:
+                entries.append((port, advertised.listens, entry.data))
         return entries
+
+    def _encode(self, name: str, key: tuple) -> bytes | None:
+        digest, addresses, (macs, ipv4, ipv6) = key
+        if len(macs) > MAX_INTRO_MACS or len(ipv4) > MAX_INTRO_IPS or len(ipv6) > MAX_INTRO_IPS:
+            self._left_out(name, f"{len(macs)} MACs, {len(ipv4)} IPv4 and {len(ipv6)} IPv6 "
+                           f"addresses: past the INTRO limits")
+            return None
+        return encode_intro_entry(name, digest, addresses, macs, ipv4, ipv6)
 
     def _fit(self, port: SessionPort, wanted: list[bytes]) -> list[bytes]:
         """`wanted` as far as one INTRO holds it (peers and bytes); the rest left out."""
@@ -257,8 +346,8 @@ class Introducer:
 
     def _left_out(self, name: str, why: str) -> None:
         self.omitted += 1
-        if name not in self._too_big_logged:
-            self._too_big_logged.add(name)
+        if name not in self._logged:
+            self._logged.add(name)
             log.warning("%s: introductions: %s; those stay relayed through the hub", name, why)
 
     # -- status -----------------------------------------------------------------------------
@@ -269,11 +358,11 @@ class Introducer:
         if advertised is None:
             return None
         sent = self.sent.get(port)
-        mine = self._encoded.get(port)
+        mine = self._entries.get(port)
         introduced_to = 0
-        if mine is not None:
+        if mine is not None and mine.data is not None:
             introduced_to = sum(1 for other, s in self.sent.items()
-                                if other is not port and mine[1] in s.entries)
+                                if other is not port and mine.data in s.entries)
         return {"advertised": [_text(a) for a in advertised.addresses],
                 "sent": [_text(a) for a in advertised.sent],
                 "listens": advertised.listens,
@@ -282,7 +371,8 @@ class Introducer:
 
     def status(self) -> dict[str, object]:
         return {"enabled": self.enabled, "advertising": len(self.advertised),
-                "intros": self.intros, "omitted": self.omitted, "scans": self.scans}
+                "intros": self.intros, "intro_bytes": self.intro_bytes,
+                "omitted": self.omitted, "scans": self.scans}
 
 
 def _text(address: tuple[str, int]) -> str:

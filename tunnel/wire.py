@@ -64,7 +64,7 @@ import enum
 import ipaddress
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -875,25 +875,39 @@ def _decode_advertise(payload: bytes) -> tuple[tuple[str, int], ...]:
 
 def encode_intro_peer(peer: DirectPeer) -> bytes:
     """One peer's entry in an INTRO record; ValueError if it passes a limit."""
-    name = peer.name.encode()
-    if not 0 < len(name) <= MAX_NAME_BYTES:
-        raise ValueError(f"peer name of {len(name)} bytes, want 1..{MAX_NAME_BYTES}")
-    digest = parse_fingerprint(peer.fingerprint)
-    for what, items, limit in (("addresses", peer.addresses, MAX_INTRO_ADDRESSES),
-                               ("MACs", peer.macs, MAX_INTRO_MACS),
-                               ("IPv4 addresses", peer.ipv4, MAX_INTRO_IPS),
-                               ("IPv6 addresses", peer.ipv6, MAX_INTRO_IPS)):
+    return encode_intro_entry(peer.name, parse_fingerprint(peer.fingerprint), peer.addresses,
+                              peer.macs, [ip.packed for ip in peer.ipv4],
+                              [ip.packed for ip in peer.ipv6])
+
+
+def encode_intro_entry(name: str, digest: bytes, addresses: Sequence[tuple[str, int]],
+                       macs: Collection[bytes], ipv4: Collection[bytes],
+                       ipv6: Collection[bytes]) -> bytes:
+    """`encode_intro_peer` from the packed forms the hub's tables hold (no address objects:
+    the hub encodes up to 256 MACs and 2048 addresses per peer); items sorted, so equal sets
+    encode equal.  ValueError if a field passes a limit."""
+    name_bytes = name.encode()
+    if not 0 < len(name_bytes) <= MAX_NAME_BYTES:
+        raise ValueError(f"peer name of {len(name_bytes)} bytes, want 1..{MAX_NAME_BYTES}")
+    if len(digest) != FINGERPRINT_BYTES:
+        raise ValueError(f"fingerprint of {len(digest)} bytes, want {FINGERPRINT_BYTES}")
+    for what, items, limit in (("addresses", addresses, MAX_INTRO_ADDRESSES),
+                               ("MACs", macs, MAX_INTRO_MACS),
+                               ("IPv4 addresses", ipv4, MAX_INTRO_IPS),
+                               ("IPv6 addresses", ipv6, MAX_INTRO_IPS)):
         if len(items) > limit:
-            raise ValueError(f"peer {peer.name}: {len(items)} {what}, at most {limit}")
-    if any(len(mac) != 6 or mac[0] & 1 for mac in peer.macs):
-        raise ValueError(f"peer {peer.name}: a MAC that is not 6 bytes of unicast")
+            raise ValueError(f"peer {name}: {len(items)} {what}, at most {limit}")
+    if any(len(mac) != 6 or mac[0] & 1 for mac in macs):
+        raise ValueError(f"peer {name}: a MAC that is not 6 bytes of unicast")
+    if any(len(ip) != 4 for ip in ipv4) or any(len(ip) != 16 for ip in ipv6):
+        raise ValueError(f"peer {name}: an address of the wrong length")
     return b"".join([
-        U8.pack(len(name)), name, digest,
-        U8.pack(len(peer.addresses)),
-        *(_encode_address(host, port, wildcard=False) for host, port in peer.addresses),
-        U16.pack(len(peer.macs)), *sorted(peer.macs),
-        U16.pack(len(peer.ipv4)), *(ip.packed for ip in sorted(peer.ipv4)),
-        U16.pack(len(peer.ipv6)), *(ip.packed for ip in sorted(peer.ipv6)),
+        U8.pack(len(name_bytes)), name_bytes, digest,
+        U8.pack(len(addresses)),
+        *(_encode_address(host, port, wildcard=False) for host, port in addresses),
+        U16.pack(len(macs)), *sorted(macs),
+        U16.pack(len(ipv4)), *sorted(ipv4),
+        U16.pack(len(ipv6)), *sorted(ipv6),
     ])
 
 
