@@ -212,3 +212,20 @@ async def test_the_dialer_rekeys_with_a_fresh_session_that_supersedes_the_old_on
             await trio.sleep(0.05 if n % 5 else 0.3)
         await wait_for(lambda: len(a.local.got) == 20)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_listen_address_in_use_is_a_startup_error_naming_the_flag(tmp_path):
+    import socket
+
+    import pytest
+
+    from tunnel.startup import StartupError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        node = Node(tmp_path, "a", listens=True)
+        node.links.listen = ("127.0.0.1", port)
+        with pytest.raises(StartupError, match=f"--listen 127.0.0.1:{port}.*in use"):
+            await node.links.run()

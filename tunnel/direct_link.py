@@ -145,20 +145,21 @@ class DirectLinks:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
+        listeners: list[trio.SocketListener] = []
+        if self.listen is not None:
+            host, port = self.listen
+            try:
+                listeners = await trio.open_tcp_listeners(port, host=host)
+            except OSError as exc:
+                raise StartupError(f"--listen {host or ''}:{port}",
+                                   explain_bind(exc, host, port)) from None
+            self.bound = [lst.socket.getsockname()[:2] for lst in listeners]
+            log.info("direct sessions: listening on %s",
+                     ", ".join(f"{h}:{p}" for h, p in self.bound))
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            if self.listen is not None:
-                host, port = self.listen
-                try:
-                    listeners = await trio.open_tcp_listeners(port, host=host)
-                except OSError as exc:
-                    raise StartupError(f"--listen {host or ''}:{port}",
-                                       explain_bind(exc, host, port)) from None
-                self.bound = [lst.socket.getsockname()[:2] for lst in listeners]
-                log.info("direct sessions: listening on %s",
-                         ", ".join(f"{h}:{p}" for h, p in self.bound))
-                for listener in listeners:
-                    nursery.start_soon(self._accept_loop, listener)
+            for listener in listeners:
+                nursery.start_soon(self._accept_loop, listener)
             nursery.start_soon(self._supervise)
             task_status.started()
 
