@@ -20,6 +20,7 @@ from netstack.policy import PortPolicy
 from netstack.port import Port
 from netstack.switch import Switch
 from tunnel import session as session_module
+from tunnel.introducer import Introducer
 from tunnel.keys import client_ssl_context, generate_identity, server_ssl_context
 from tunnel.session import SESSION_MAC_LIMIT, Link, LinkResult, SessionPort
 from tunnel.tls import TLSStream
@@ -140,8 +141,9 @@ def server_context(tmp_path_factory):
     return server_ssl_context(generate_identity(tmp_path_factory.mktemp("fuzz-hub")))
 
 
-async def authenticated_link(server_context, switch: Switch) -> tuple[Link, TLSStream,
-                                                                     WireConnection]:
+async def authenticated_link(server_context, switch: Switch,
+                             introducer: Introducer | None = None) -> tuple[
+                                 Link, TLSStream, WireConnection]:
     """A hub-side Link and the peer's TLS stream and codec, past AUTH, on a socket pair."""
     left, right = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     server = TLSStream(trio.SocketStream(left), server_context, server_side=True)
@@ -165,6 +167,8 @@ async def authenticated_link(server_context, switch: Switch) -> tuple[Link, TLSS
         switch.attach(port)
     link = Link(port, server, hub, switch.forward)
     link.activate()
+    if introducer is not None:  # its ADVERTISEs reach the hub's introductions
+        link.on_introduction = lambda link, event: introducer.advertise(link, event.addresses)
     return link, client, peer
 
 
@@ -175,9 +179,10 @@ async def test_random_records_after_auth_only_ever_close_the_link(server_context
     switch = Switch()
     switch.attach(SessionPort("peer", policy=PortPolicy(mac_limit=SESSION_MAC_LIMIT)))
     switch.attach(Sink())
+    introducer = Introducer(switch, lambda name: bytes(32), clock=trio.current_time)
     ends: dict[str, int] = {}
     for case in range(CASES):
-        link, attacker, _ = await authenticated_link(server_context, switch)
+        link, attacker, _ = await authenticated_link(server_context, switch, introducer)
         data = case_bytes(rng)
         result: list[LinkResult] = []
 
@@ -196,6 +201,8 @@ async def test_random_records_after_auth_only_ever_close_the_link(server_context
                 nursery.start_soon(run_link)
                 nursery.start_soon(attack)
                 while not result:
+                    for introduced, entries in introducer.tick():
+                        introduced.introduce(entries)
                     assert len(link._control) <= session_module.MAX_PENDING_CONTROL
                     assert link.wire.buffered <= MAX_BUFFERED
                     assert len(link.port.queue) <= link.port.limit
