@@ -229,3 +229,20 @@ async def test_a_listen_address_in_use_is_a_startup_error_naming_the_flag(tmp_pa
         node.links.listen = ("127.0.0.1", port)
         with pytest.raises(StartupError, match=f"--listen 127.0.0.1:{port}.*in use"):
             await node.links.run()
+
+
+async def test_after_a_new_hub_session_every_source_crosses_the_hub_again(tmp_path,
+                                                                           autojump_clock):
+    """A restarted hub knows nothing of what it saw before: a source vouched for by the old
+    one would go direct and be dropped by peers introduced by the new one."""
+    from tests.support.memlink import MemoryNet
+
+    async with MemoryNet(tmp_path) as net:
+        endpoint = await net.endpoint("alice")
+        endpoint.uplink.vouched[(MACS["a"], ip_address(IPS["a"]).packed)] = 0.0
+        net.stop_hub()
+        await trio.sleep(1)
+        await net.start_hub()
+        await trio.sleep(3)
+        assert endpoint.uplink.active is not None and endpoint.uplink.connections == 2
+        assert not endpoint.uplink.vouched

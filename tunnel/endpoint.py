@@ -320,6 +320,9 @@ class Endpoint:
                 log.exception("%s: connecting failed unexpectedly", where)
             else:
                 self.last_error = None
+                # The hub may have restarted and forgotten what it saw from us: every
+                # source crosses it once again before it goes direct (tunnel/direct.py).
+                self.uplink.vouched.clear()
                 await self._session(link)
                 if self.uplink.connections > 1:
                     self.reconnects += 1
