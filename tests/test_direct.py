@@ -306,3 +306,11 @@ def test_status_text_shows_each_peer_direct_or_relayed_with_address_rtt_traffic_
     assert "b: direct via 10.9.0.2:7000 (up, dials), rtt 0.25 ms" in text
     assert "drops mac_spoof=1" in text
     assert "c: relayed (backoff, dials)" in text and "connection refused" in text
+
+
+def test_status_text_says_nothing_of_direct_paths_without_listen_or_introductions():
+    from tunnel.cli.status import format_status
+
+    text = format_status({"role": "endpoint", "pid": 1, "direct": {
+        "listen": [], "refused": {}, "peers": []}})
+    assert "direct" not in text

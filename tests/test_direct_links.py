@@ -46,7 +46,8 @@ class Local(Port):
 class Node:
     """One endpoint's direct half: a switch with a local port and a steering uplink."""
 
-    def __init__(self, tmp_path, name: str, *, listens: bool) -> None:
+    def __init__(self, tmp_path, name: str, *, listens: bool, rekey_seconds: float = 3600.0
+                 ) -> None:
         keygen(tmp_path / name)
         self.name = name
         self.identity = load_identity(tmp_path / name)
@@ -69,7 +70,8 @@ class Node:
             self.identity,
             DirectPeers(self.identity.fingerprint_bytes, listens, self.uplink, is_local),
             lambda frames: self.switch.forward(self.uplink, frames),
-            listen=("127.0.0.1", 0) if listens else None, mtu=1500)
+            listen=("127.0.0.1", 0) if listens else None, mtu=1500,
+            rekey_due=lambda link: trio.current_time() - link.started >= rekey_seconds)
 
     def as_peer(self, fingerprint: str | None = None) -> DirectPeer:
         return DirectPeer(name=self.name, fingerprint=fingerprint or self.identity.fingerprint,
@@ -92,9 +94,10 @@ async def wait_for(condition, seconds: float = 5.0) -> None:
             await trio.sleep(0.02)
 
 
-async def pair(nursery, tmp_path) -> tuple[Node, Node]:
+async def pair(nursery, tmp_path, rekey_seconds: float = 3600.0) -> tuple[Node, Node]:
     """a listens, b does not: b dials a; both introduced to each other; session up."""
-    a, b = Node(tmp_path, "a", listens=True), Node(tmp_path, "b", listens=False)
+    a = Node(tmp_path, "a", listens=True)
+    b = Node(tmp_path, "b", listens=False, rekey_seconds=rekey_seconds)
     await nursery.start(a.links.run)
     await nursery.start(b.links.run)
     a.links.introduce((b.as_peer(),))
@@ -195,3 +198,51 @@ async def test_a_peer_missing_from_a_new_introduction_loses_its_session_at_once(
         await wait_for(lambda: a.links.refused.get("auth_unknown_key", 0) >= 1, 3.0)
         assert b.port(a).active is None
         nursery.cancel_scope.cancel()
+
+
+async def test_the_dialer_rekeys_with_a_fresh_session_that_supersedes_the_old_one(tmp_path):
+    async with trio.open_nursery() as nursery:
+        a, b = await pair(nursery, tmp_path, rekey_seconds=0.5)
+        first = b.port(a).active
+        await wait_for(lambda: b.port(a).connections >= 3 and a.port(b).connections >= 3)
+        assert b.port(a).active is not first and first not in b.port(a).links
+        assert b.port(a).life.failures == 0  # no session was lost on the way
+        for n in range(20):
+            b.send(ipv4_frame("a", "b"))
+            await trio.sleep(0.05 if n % 5 else 0.3)
+        await wait_for(lambda: len(a.local.got) == 20)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_listen_address_in_use_is_a_startup_error_naming_the_flag(tmp_path):
+    import socket
+
+    import pytest
+
+    from tunnel.startup import StartupError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        node = Node(tmp_path, "a", listens=True)
+        node.links.listen = ("127.0.0.1", port)
+        with pytest.raises(StartupError, match=f"--listen 127.0.0.1:{port}.*in use"):
+            await node.links.run()
+
+
+async def test_after_a_new_hub_session_every_source_crosses_the_hub_again(tmp_path,
+                                                                           autojump_clock):
+    """A restarted hub knows nothing of what it saw before: a source vouched for by the old
+    one would go direct and be dropped by peers introduced by the new one."""
+    from tests.support.memlink import MemoryNet
+
+    async with MemoryNet(tmp_path) as net:
+        endpoint = await net.endpoint("alice")
+        endpoint.uplink.vouched[(MACS["a"], ip_address(IPS["a"]).packed)] = 0.0
+        net.stop_hub()
+        await trio.sleep(1)
+        await net.start_hub()
+        await trio.sleep(3)
+        assert endpoint.uplink.active is not None and endpoint.uplink.connections == 2
+        assert not endpoint.uplink.vouched

@@ -50,6 +50,7 @@ class Lab:
         self.hosts = {n: VhostvpnProcess(
             tmp_path, "host", [], self.keys.vm_args(
                 f"h{n}", "--name", f"h{n}", "--tap", "vv0", "--address", f"{TAP_IP[n]}/24",
+                "--address", f"fd77::1{n}/64",
                 "--listen", f"{LAN_IP[n]}:{DIRECT_PORT}", hub=f"10.201.{n}.1"),
             f"h{n}", prefix=["ip", "netns", "exec", names[f"h{n}"]]) for n in (1, 2)}
 
@@ -147,6 +148,14 @@ async def iperf3(lab: Lab, seconds: int = 2) -> int:
 async def test_pings_and_a_stream_go_direct_fall_back_within_a_second_and_come_back(lab):
     await lab.wait_path("direct")
     await run_in(lab.ns(1), "ping", "-c", "3", "-W", "2", TAP_IP[2])
+    with trio.fail_after(10):  # IPv6 too, once the kernel's DAD is over
+        while "tentative" in await run_in(lab.ns(1), "ip", "-6", "addr", "show", "dev", "vv0"):
+            await trio.sleep(0.2)
+    await run_in(lab.ns(1), "ping", "-6", "-c", "3", "-i", "0.5", "-W", "2", "fd77::12")
+    sent_direct = (await lab.peer(1))["out_frames"]
+    await run_in(lab.ns(1), "ping", "-6", "-c", "3", "-i", "0.5", "-W", "2", "fd77::12")
+    assert (await lab.peer(1))["out_frames"] >= sent_direct + 3
+    assert not (await lab.peer(2))["drops"]
     before = await lab.hub_bytes()
     moved = await iperf3(lab)
     crossed = await lab.hub_bytes() - before

@@ -18,7 +18,10 @@ Each session is a Link (tunnel/session.py) on the peer's DirectPort, which pings
 DIRECT_KEEPALIVE_SECONDS and is dead after DIRECT_DEAD_SECONDS of silence; what it receives
 goes through the peer's ReceiveFilter, then into the switch as if from the uplink.  When a
 session ends the uplink's routes lose the peer at once (frames take the hub) and the dialer
-redials with backoff (DIAL_BACKOFF, capped at 1 s).
+redials with backoff (DIAL_BACKOFF, capped at 1 s).  Rekeying is the hub link's, make before
+break: when `rekey_due` says a session's key is old or has protected nearly its limit of
+records, the dialer makes a new session, which supersedes the old one on both sides (a
+failed try keeps the old one and is tried again after REKEY_RETRY_SECONDS).
 
 Containment: every connection, dialled or accepted, runs under its own guard; whatever it
 raises closes it only (counted in `refused` or the peer's `last_error`, unexpected ones
@@ -89,6 +92,8 @@ HANDSHAKE_READ = 16 * 1024
 VERDICT_NONCE = 0xD1_EC_70
 # How often the supervisor looks at least (dials fall due, routes follow the uplink).
 SUPERVISE_SECONDS = 0.25
+# A rekey that failed is tried again after this long (the old session carries on).
+REKEY_RETRY_SECONDS = 30.0
 
 
 class DialError(Exception):
@@ -100,8 +105,13 @@ class DirectLinks:
 
     def __init__(self, identity: Identity, peers: DirectPeers,
                  forward: Callable[[list[Frame]], None], *,
-                 listen: tuple[str | None, int] | None, mtu: int) -> None:
+                 listen: tuple[str | None, int] | None, mtu: int,
+                 rekey_due: Callable[[Link], bool] = lambda link: False) -> None:
+        """`rekey_due(link)`: time for a fresh session in place of `link`'s (the endpoint
+        passes tunnel/endpoint.py rekey_due with its --rekey-seconds)."""
         self.identity = identity
+        self.rekey_due = rekey_due
+        self._rekeys: dict[DirectPort, float] = {}  # port -> when its rekey may start
         self.peers = peers
         self.forward = forward  # into the switch, as from the uplink
         self.listen = listen
@@ -121,6 +131,7 @@ class DirectLinks:
         """The hub's latest set: sessions of peers gone from it are closed now."""
         change = self.peers.introduce(peers, trio.current_time())
         for port in change.removed:
+            self._rekeys.pop(port, None)
             for link in list(port.links):
                 link.abort("no longer introduced by the hub")
             log.info("%s: no longer introduced: direct session closed", port.name)
@@ -134,20 +145,21 @@ class DirectLinks:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
+        listeners: list[trio.SocketListener] = []
+        if self.listen is not None:
+            host, port = self.listen
+            try:
+                listeners = await trio.open_tcp_listeners(port, host=host)
+            except OSError as exc:
+                raise StartupError(f"--listen {host or ''}:{port}",
+                                   explain_bind(exc, host, port)) from None
+            self.bound = [lst.socket.getsockname()[:2] for lst in listeners]
+            log.info("direct sessions: listening on %s",
+                     ", ".join(f"{h}:{p}" for h, p in self.bound))
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            if self.listen is not None:
-                host, port = self.listen
-                try:
-                    listeners = await trio.open_tcp_listeners(port, host=host)
-                except OSError as exc:
-                    raise StartupError(f"--listen {host or ''}:{port}",
-                                       explain_bind(exc, host, port)) from None
-                self.bound = [lst.socket.getsockname()[:2] for lst in listeners]
-                log.info("direct sessions: listening on %s",
-                         ", ".join(f"{h}:{p}" for h, p in self.bound))
-                for listener in listeners:
-                    nursery.start_soon(self._accept_loop, listener)
+            for listener in listeners:
+                nursery.start_soon(self._accept_loop, listener)
             nursery.start_soon(self._supervise)
             task_status.started()
 
@@ -159,6 +171,12 @@ class DirectLinks:
             for port in self.peers.due(now):
                 port.life.dialing()
                 self._nursery.start_soon(self._dial_guarded, port)
+            for port in self.peers.ports.values():
+                link = port.active
+                if (port.life.role is True and link is not None
+                        and now >= self._rekeys.get(port, now) and self.rekey_due(link)):
+                    self._rekeys[port] = float("inf")  # one rekey at a time
+                    self._nursery.start_soon(self._rekey, port)
             self.peers.update_routes()
             wake_at = now + SUPERVISE_SECONDS
             due = self.peers.next_due()
@@ -189,6 +207,24 @@ class DirectLinks:
             log.error("%s: direct dial failed unexpectedly: %r", port.name, exc, exc_info=exc)
             self._session_ended(port, f"internal error: {exc!r}")
             return
+        await self._run_link(port, link)
+
+    async def _rekey(self, port: DirectPort) -> None:
+        """A fresh session for `port` that supersedes the current one."""
+        try:
+            link = await self._dial(port)
+        except (OSError, trio.BrokenResourceError, trio.TooSlowError, DialError, AuthError,
+                WireError) as exc:
+            log.warning("%s: direct rekey failed, keeping the current session: %s",
+                        port.name, exc)
+            self._rekeys[port] = trio.current_time() + REKEY_RETRY_SECONDS
+            return
+        except Exception as exc:
+            log.error("%s: direct rekey failed unexpectedly: %r", port.name, exc, exc_info=exc)
+            self._rekeys[port] = trio.current_time() + REKEY_RETRY_SECONDS
+            return
+        self._rekeys.pop(port, None)
+        log.info("%s: direct session rekeyed", port.name)
         await self._run_link(port, link)
 
     async def _dial(self, port: DirectPort) -> Link:

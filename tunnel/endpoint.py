@@ -180,7 +180,8 @@ class Endpoint:
             self.identity,
             DirectPeers(self.identity.fingerprint_bytes, config.listen is not None,
                         self.uplink, self._is_local),
-            self._forward_direct, listen=config.listen, mtu=config.mtu)
+            self._forward_direct, listen=config.listen, mtu=config.mtu,
+            rekey_due=partial(rekey_due, rekey_seconds=config.rekey_seconds))
         self.device: TunTapDevice | None = None
         self.device_port: TapPort | None = None
         self.tun_port: TunPort | None = None
@@ -319,6 +320,9 @@ class Endpoint:
                 log.exception("%s: connecting failed unexpectedly", where)
             else:
                 self.last_error = None
+                # The hub may have restarted and forgotten what it saw from us: every
+                # source crosses it once again before it goes direct (tunnel/direct.py).
+                self.uplink.vouched.clear()
                 await self._session(link)
                 if self.uplink.connections > 1:
                     self.reconnects += 1

@@ -149,6 +149,8 @@ def format_status(state: dict) -> str:
 def _format_direct(direct: dict) -> list[str]:
     """An endpoint's direct paths: where it listens, then each introduced peer, direct or
     relayed through the hub, with its address, rtt, traffic and drops."""
+    if not direct.get("listen") and not direct.get("peers"):
+        return []  # no --listen, nobody introduced: nothing to say
     refused = ", ".join(f"{k}={v}" for k, v in sorted(direct.get("refused", {}).items()))
     listen = ", ".join(direct.get("listen", [])) or "not listening"
     lines = [f"  direct paths: {listen}, {len(direct.get('peers', []))} peers introduced"
