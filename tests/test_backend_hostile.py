@@ -191,6 +191,26 @@ async def test_a_ring_retired_while_its_task_wakes_does_not_break_the_device(tmp
         assert await receive(fe, 1) == [eth(99)]
 
 
+async def test_a_retired_ring_is_released_only_once_its_task_has_stopped(tmp_path):
+    """The root of the bug above: the device retires a ring (SET_VRING_ENABLE(0), as at
+    testpmd's exit) under an RX task that frames already woke; the queue's views into guest
+    memory stay valid until that task has run and ended, and are released then."""
+    async with served(tmp_path) as server, connected(server) as fe:
+        device = server.port.device
+        await trio.testing.wait_all_tasks_blocked()
+        queue = device.vrings[0].queue
+        server.port.deliver([Frame(eth(1))])  # the RX task is woken, has not run yet
+        device.handle(Message(Request.SET_VRING_ENABLE, FLAG_VERSION, struct.pack("<II", 0, 0)))
+        server._apply(device)
+        assert device.vrings[0].queue is None
+        assert queue.avail_count() == 0  # still mapped: the woken task may look at it
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(ValueError, match="released"):
+            queue.avail_count()
+        assert device.broken is None
+        assert fe.queues[0].size  # the front-end is still connected
+
+
 async def test_the_socket_file_is_owner_only_whatever_the_umask(tmp_path):
     umask = os.umask(0)
     try:
