@@ -3,7 +3,8 @@
 Rules of this file: everything that changes the device's protocol state happens here, in
 `VhostUserDevice.handle()`; it never touches a socket or awaits, and it never closes an fd a
 task may be waiting on -- such fds are handed to the shell (`take_closing()`), which wakes the
-waiters first.  One message in, at most one reply out.
+waiters first.  Likewise it never releases a queue or unmaps memory a task may still hold:
+they go to the shell too (`take_retired()`).  One message in, at most one reply out.
 
 Theory of operation (vhost-user spec "Ring states", and what QEMU 7.2 and DPDK really send,
 ../shared/research/vhost-user.md 1.3).  Each ring keeps the facts the front-end told us --
