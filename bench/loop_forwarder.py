@@ -100,6 +100,8 @@ class Side:
                     os.close(fd)
             self.device.take_changed()  # queues are looked up afresh on every pass
             self.release_retired()
+            for queue in self.device.live_queues():
+                queue.mute_kicks()  # we poll: the front-end need not kick
             if reply is not None:
                 self.conn.sendall(reply)
 
