@@ -83,6 +83,9 @@ class Run:
     mpps: float = 0.0
     gbps: float = 0.0
     backend_cpu_percent: float = 0.0
+    # Frames per CPU-second the back-end got: what it does per core when it is not starved
+    # (a busy poller counts its idle polling too).
+    mpps_per_core: float = 0.0
     foreign_cpu_percent: float = 0.0
     load_before: float = 0.0
     tracebacks: int = 0
@@ -177,6 +180,8 @@ async def measure(name: str, size: int, round_: int, args: argparse.Namespace,
         run.gbps = run.frames * size * 8 / run.seconds / 1e9
         run.backend_cpu_percent = 100.0 * (ticks1 - ticks0) / CLK_TCK / (wall1 - wall0)
         run.foreign_cpu_percent = 100.0 * (foreign1 - foreign0) / CLK_TCK / (wall1 - wall0)
+        if run.backend_cpu_percent > 0:
+            run.mpps_per_core = run.mpps * 100.0 / run.backend_cpu_percent
         if run.frames == 0:
             run.error = "no frames circulated"
     except Exception as error:  # one failed run must not hide the others
@@ -222,6 +227,7 @@ def medians(runs: Sequence[Run], names: Sequence[str], sizes: Sequence[int]) -> 
                 "mpps_all": [round(r.mpps, 3) for r in ok],
                 "backend_cpu_percent": statistics.median(r.backend_cpu_percent for r in ok)
                 if ok else None,
+                "mpps_per_core": statistics.median(r.mpps_per_core for r in ok) if ok else None,
                 "foreign_cpu_percent": statistics.median(r.foreign_cpu_percent for r in ok)
                 if ok else None,
                 "tracebacks": sum(r.tracebacks for r in runs
@@ -232,11 +238,11 @@ def medians(runs: Sequence[Run], names: Sequence[str], sizes: Sequence[int]) -> 
 def markdown_table(rows: Sequence[dict]) -> str:
     ref = {(r["backend"], r["frame_bytes"]): r["mpps"] for r in rows}
     lines = ["| back-end | frame B | Mpps (median) | Gbit/s | rounds (Mpps) | CPU % "
-             "| vs forwarder | vs DPDK | others' CPU % | tracebacks |",
-             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+             "| Mpps per core | vs forwarder | vs DPDK | others' CPU % | tracebacks |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r["mpps"] is None:
-            lines.append(f"| {r['backend']} | {r['frame_bytes']} | failed | | | | | | | |")
+            lines.append(f"| {r['backend']} | {r['frame_bytes']} | failed | | | | | | | | |")
             continue
         cells = []
         for other in ("forwarder", "dpdk"):
@@ -245,8 +251,8 @@ def markdown_table(rows: Sequence[dict]) -> str:
         rounds = " ".join(f"{m:.3f}" for m in r["mpps_all"])
         lines.append(f"| {r['backend']} | {r['frame_bytes']} | {r['mpps']:.3f} | "
                      f"{r['gbps']:.2f} | {rounds} | {r['backend_cpu_percent']:.0f} | "
-                     f"{cells[0]} | {cells[1]} | {r['foreign_cpu_percent']:.0f} | "
-                     f"{r['tracebacks']} |")
+                     f"{r['mpps_per_core']:.3f} | {cells[0]} | {cells[1]} | "
+                     f"{r['foreign_cpu_percent']:.0f} | {r['tracebacks']} |")
     return "\n".join(lines)
 
 
