@@ -145,8 +145,10 @@ class VhostUserServer:
         # The current connection's task tree: ring tasks by TX ring index (-1: the RX task).
         self._nursery: trio.Nursery | None = None
         self._ring_scopes: dict[int, trio.CancelScope] = {}
-        # Queues a ring task runs on, and what the device retired but is not released yet.
-        self._held: set[SplitQueue] = set()
+        # The queue of each running ring task (twice while a cancelled task still runs on a
+        # queue its replacement already took over), and what the device retired but is not
+        # released yet.
+        self._held: list[SplitQueue] = []
         self._retired: list[SplitQueue | GuestMemory] = []
         self._forward_error_logged = False
 
@@ -359,7 +361,7 @@ class VhostUserServer:
 
         The guard of one ring: no exception leaves this task (cancellation aside).
         """
-        self._held.add(queue)  # not released while this task runs, whatever wakes it
+        self._held.append(queue)  # not released while this task runs, whatever wakes it
         try:
             with scope:
                 try:
@@ -383,7 +385,7 @@ class VhostUserServer:
                                   "connection", self.port.name, queue.index)
                     self._close_connection()
         finally:
-            self._held.discard(queue)
+            self._held.remove(queue)
             self._release_retired()
 
     async def _tx_loop(self, device: VhostUserDevice, queue: SplitQueue) -> None:
