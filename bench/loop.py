@@ -7,10 +7,11 @@ Starts and stops only processes it spawned itself (by PID); writes bench/results
 
 Topology (see docs/benchmarks.md, "The loop harness"):
 1. the back-end under test listens on a.sock and b.sock, pinned to --backend-cpu:
-   hub        `vhostvpn hub --socket a.sock --socket b.sock --no-port-policy` (this tree),
-              VHOSTVPN_RING set from --ring (one variant per value);
+   hub        `vhostvpn hub --socket a.sock --socket b.sock --no-port-policy` (this tree);
    forwarder  bench/loop_forwarder.py: busy-polling Python, A's TX -> B's RX and back, no
               switch (the same-run reference);
+   (--ring python,native: one hub and one forwarder variant per value, VHOSTVPN_RING set;
+   without it they inherit VHOSTVPN_RING from the environment, if any)
    dpdk       testpmd's vhost PMD, io forwarding (the native ceiling);
 2. testpmd, its forwarding lcore on --testpmd-cpu, ports 0 (a.sock) and 1 (b.sock), mac
    forwarding: what port 0 receives goes out of port 1 addressed to port 0's MAC, and back;
@@ -128,6 +129,8 @@ async def backend(name: str, workdir: Path, cpu: int, testpmd_cpu: int
     sock_a, sock_b = workdir / "a.sock", workdir / "b.sock"
     log_path = workdir / "backend.log"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if "[ring=" in name:
+        env["VHOSTVPN_RING"] = name.split("[ring=")[1].rstrip("]")
     if name == "dpdk":
         config = vhost_switch_config(sock_a, sock_b, lcores=f"0@{testpmd_cpu},1@{cpu}")
         async with run_testpmd(config, log_path=log_path) as pmd:
@@ -135,11 +138,9 @@ async def backend(name: str, workdir: Path, cpu: int, testpmd_cpu: int
             await wait_for_path(sock_b, BACKEND_START_TIMEOUT)
             yield pmd.pid
         return
-    if name == "forwarder":
+    if name.startswith("forwarder"):
         argv = [sys.executable, str(FORWARDER), str(sock_a), str(sock_b)]
     else:  # hub, hub[ring=X]
-        if "[ring=" in name:
-            env["VHOSTVPN_RING"] = name.split("[ring=")[1].rstrip("]")
         argv = [sys.executable, "-m", "tunnel.cli", "hub", "--socket", str(sock_a),
                 "--socket", str(sock_b), "--no-port-policy", "--control",
                 str(workdir / "hub.control")]
@@ -245,7 +246,8 @@ def markdown_table(rows: Sequence[dict]) -> str:
             lines.append(f"| {r['backend']} | {r['frame_bytes']} | failed | | | | | | | | |")
             continue
         cells = []
-        for other in ("forwarder", "dpdk"):
+        ring = r["backend"][r["backend"].find("[") :] if "[" in r["backend"] else ""
+        for other in (f"forwarder{ring}", "dpdk"):  # the forwarder over the same ring walk
             base = ref.get((other, r["frame_bytes"]))
             cells.append(f"{r['mpps'] / base:.2f}" if base else "-")
         rounds = " ".join(f"{m:.3f}" for m in r["mpps_all"])
@@ -266,8 +268,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backends", default=",".join(BACKENDS),
                         help=f"comma list of {', '.join(BACKENDS)} (default: all)")
     parser.add_argument("--ring", default="",
-                        help="comma list of VHOSTVPN_RING values for the hub (python, native): "
-                             "one hub variant each; default: the hub's own default")
+                        help="comma list of VHOSTVPN_RING values (python, native): one hub "
+                             "and one forwarder variant each; default: the environment's")
     parser.add_argument("--burst", type=int, default=512,
                         help="frames injected per port by --tx-first (testpmd's max, 512)")
     parser.add_argument("--queue-size", type=int, default=1024,
@@ -289,8 +291,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--queue-size must hold every frame in flight (2 x --burst)")
     args.names = []
     for name in backends:
-        if name == "hub" and rings:
-            args.names += [f"hub[ring={ring}]" for ring in rings]
+        if name in ("hub", "forwarder") and rings:
+            args.names += [f"{name}[ring={ring}]" for ring in rings]
         else:
             args.names.append(name)
     return args

@@ -11,9 +11,10 @@ import pytest
 from bench import loop
 
 
-def test_ring_values_make_one_hub_variant_each_and_leave_the_other_back_ends_alone():
+def test_ring_values_make_one_hub_and_one_forwarder_variant_each_and_leave_dpdk_alone():
     args = loop.parse_args(["--ring", "python,native", "--backends", "hub,forwarder,dpdk"])
-    assert args.names == ["hub[ring=python]", "hub[ring=native]", "forwarder", "dpdk"]
+    assert args.names == ["hub[ring=python]", "hub[ring=native]", "forwarder[ring=python]",
+                          "forwarder[ring=native]", "dpdk"]
     assert loop.parse_args([]).names == ["hub", "forwarder", "dpdk"]
 
 
@@ -38,11 +39,16 @@ def test_medians_skip_failed_rounds_and_ratios_use_the_same_frame_size():
     table = loop.markdown_table(rows)
     assert "| hub | 64 | 0.500 |" in table and "| 0.50 |" in table  # 0.5 / 1.0
     assert "| hub | 1500 | failed |" in table
+    rows = loop.medians([loop.Run("hub[ring=native]", 64, 1, seconds=1, mpps=0.8),
+                         loop.Run("forwarder[ring=native]", 64, 1, seconds=1, mpps=1.0),
+                         loop.Run("forwarder", 64, 1, seconds=1, mpps=2.0)],
+                        ["hub[ring=native]", "forwarder[ring=native]", "forwarder"], [64])
+    assert "| 0.80 |" in loop.markdown_table(rows)  # against the forwarder on the same walk
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("dpdk-testpmd") is None, reason="dpdk-testpmd missing")
-@pytest.mark.parametrize("name", ["forwarder", "hub[ring=python]"])
+@pytest.mark.parametrize("name", ["forwarder[ring=python]", "hub[ring=python]"])
 async def test_frames_circulate_through_each_python_back_end(tmp_path, name):
     args = loop.parse_args(["--seconds", "1", "--warmup", "0.5"])
     run = await loop.measure(name, 64, 1, args, tmp_path)
