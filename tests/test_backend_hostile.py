@@ -194,6 +194,38 @@ async def test_a_ring_retired_while_its_task_wakes_does_not_break_the_device(tmp
         assert await receive(fe, 1) == [eth(99)]
 
 
+async def test_a_retired_ring_is_released_only_once_its_task_has_stopped(tmp_path):
+    """The root of the bug above: the device retires a ring (SET_VRING_ENABLE(0), as at
+    testpmd's exit) under an RX task that frames already woke; the queue's views into guest
+    memory stay valid until that task has run and ended, and are released then -- also when
+    the task was just restarted on the same queue (a new call fd), so that the cancelled task
+    and its replacement held the queue together and either ended first."""
+    async with served(tmp_path) as server, connected(server) as fe:
+        device = server.port.device
+
+        def control(request: Request, payload: bytes, fds: list[int] | None = None) -> None:
+            device.handle(Message(request, FLAG_VERSION, payload, fds or []))
+            server._apply(device)
+
+        for _ in range(8):  # Trio runs a batch in either order: each round is a new draw
+            queue = device.vrings[0].queue
+            control(Request.SET_VRING_CALL, struct.pack("<Q", 0),
+                    [os.eventfd(0, os.EFD_NONBLOCK)])
+            await trio.testing.wait_all_tasks_blocked()
+            assert device.vrings[0].queue is queue
+            server.port.deliver([Frame(eth(1))])  # the RX task is woken, has not run yet
+            control(Request.SET_VRING_ENABLE, struct.pack("<II", 0, 0))
+            assert device.vrings[0].queue is None
+            assert queue.avail_count() == 0  # still mapped: the woken task may look at it
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(ValueError, match="released"):
+                queue.avail_count()
+            assert device.broken is None
+            control(Request.SET_VRING_ENABLE, struct.pack("<II", 0, 1))
+            await trio.testing.wait_all_tasks_blocked()
+        assert fe.queues[0].size  # the front-end is still connected
+
+
 async def test_the_socket_file_is_owner_only_whatever_the_umask(tmp_path):
     umask = os.umask(0)
     try:

@@ -16,6 +16,13 @@ Tasks of one connection:
     (re)start: it tries the ring first.
 Because Trio is cooperative and ring work never awaits mid-batch, a control message is applied
 between batches, never during one: SET_MEM_TABLE or GET_VRING_BASE cannot race ring work.
+
+Who releases guest memory: not the device.  A message that retires a ring (GET_VRING_BASE,
+SET_VRING_ENABLE(0), SET_MEM_TABLE, the connection's end, a broken ring) only cancels the
+ring's task, and a task may already be woken and run once more before it sees that; so the
+device hands retired queues and memory tables to this shell (`take_retired`), which releases
+a queue once no ring task holds it and a memory table once no queue uses it.  A task also
+stops at its next batch when its ring is no longer the vring's current one.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from netstack.frame import Frame, Offload
 from netstack.policy import PortPolicy
 from netstack.port import QueuedPort
 from netstack.switch import Switch
+from virtio.memory import GuestMemory
 from virtio.protocol import Message, ProtocolError, VhostUserDevice, parse_header, request_name
 from virtio.spec import HEADER_SIZE, MAX_FDS
 from virtio.unixsock import OWNER_ONLY, SocketAccess, bind_listener, claim
@@ -137,6 +145,11 @@ class VhostUserServer:
         # The current connection's task tree: ring tasks by TX ring index (-1: the RX task).
         self._nursery: trio.Nursery | None = None
         self._ring_scopes: dict[int, trio.CancelScope] = {}
+        # The queue of each running ring task (twice while a cancelled task still runs on a
+        # queue its replacement already took over), and what the device retired but is not
+        # released yet.
+        self._held: list[SplitQueue] = []
+        self._retired: list[SplitQueue | GuestMemory] = []
         self._forward_error_logged = False
 
     # -- connections -------------------------------------------------------------------------
@@ -278,6 +291,8 @@ class VhostUserServer:
         for fd in device.take_closing():
             trio.lowlevel.notify_closing(fd)
             os.close(fd)
+        self._retired += device.take_retired()
+        self._release_retired()
         rx_queue = self._rx_queue(device)
         self.port.link_up = rx_queue is not None
         self.port.accepts = device.net.rx_offloads if device.net is not None else Offload.NONE
@@ -296,6 +311,22 @@ class VhostUserServer:
             _signal(device.vrings[rx_queue.index].call_fd)
             nursery.start_soon(self._run_ring, self._rx_loop, device, rx_queue, scope)
             self._frames_ready.set()
+
+    def _release_retired(self) -> None:
+        """Release the retired queues no ring task holds, then the retired memory tables no
+        queue left uses (the order the device retired them in)."""
+        kept: list[SplitQueue | GuestMemory] = []
+        for item in self._retired:
+            if isinstance(item, SplitQueue):
+                if item in self._held:
+                    kept.append(item)
+                else:
+                    item.release()
+            elif any(isinstance(q, SplitQueue) and q.memory is item for q in kept):
+                kept.append(item)
+            else:
+                item.close()
+        self._retired = kept
 
     @staticmethod
     def _rx_queue(device: VhostUserDevice) -> SplitQueue | None:
@@ -330,26 +361,32 @@ class VhostUserServer:
 
         The guard of one ring: no exception leaves this task (cancellation aside).
         """
-        with scope:
-            try:
-                # The ring may have been retired before this task first ran.
-                await trio.lowlevel.checkpoint_if_cancelled()
-                await loop(device, queue)
-            except trio.ClosedResourceError:
-                return  # its kick fd was retired: the ring changed, a new task takes over
-            except RingError as exc:
-                device.latch_broken(str(exc))
-            except Exception:
-                log.exception("%s: internal error on queue %d", self.port.name, queue.index)
-                device.latch_broken(f"internal error on queue {queue.index}")
-            try:
-                # Stop the device's other ring tasks before they touch released rings.
-                self._apply(device)
-                self.port.queue.clear()
-            except Exception:
-                log.exception("%s: internal error stopping queue %d; closing the connection",
-                              self.port.name, queue.index)
-                self._close_connection()
+        self._held.append(queue)  # not released while this task runs, whatever wakes it
+        try:
+            with scope:
+                try:
+                    # The ring may have been retired before this task first ran.
+                    await trio.lowlevel.checkpoint_if_cancelled()
+                    await loop(device, queue)
+                    return  # its ring was retired: the task that replaces it takes over
+                except trio.ClosedResourceError:
+                    return  # its kick fd was retired: the ring changed, a new task takes over
+                except RingError as exc:
+                    device.latch_broken(str(exc))
+                except Exception:
+                    log.exception("%s: internal error on queue %d", self.port.name, queue.index)
+                    device.latch_broken(f"internal error on queue {queue.index}")
+                try:
+                    # Stop the device's other ring tasks now that their rings are retired.
+                    self._apply(device)
+                    self.port.queue.clear()
+                except Exception:
+                    log.exception("%s: internal error stopping queue %d; closing the "
+                                  "connection", self.port.name, queue.index)
+                    self._close_connection()
+        finally:
+            self._held.remove(queue)
+            self._release_retired()
 
     async def _tx_loop(self, device: VhostUserDevice, queue: SplitQueue) -> None:
         """Guest TX ring -> switch."""
@@ -358,7 +395,7 @@ class VhostUserServer:
         assert net is not None
         port = self.port
         forward = self.forward
-        while True:
+        while vring.queue is queue:  # until the device retires the ring
             before = queue.last_avail_idx
             frames = net.pop_tx(queue, BATCH)
             popped = (queue.last_avail_idx - before) & 0xFFFF
@@ -397,7 +434,7 @@ class VhostUserServer:
         port = self.port
         pending = port.queue
         counters = port.counters
-        while True:
+        while vring.queue is queue:  # until the device retires the ring
             if not pending:
                 self._frames_ready = trio.Event()
                 port.on_ready = self._frames_ready.set

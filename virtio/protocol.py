@@ -3,7 +3,8 @@
 Rules of this file: everything that changes the device's protocol state happens here, in
 `VhostUserDevice.handle()`; it never touches a socket or awaits, and it never closes an fd a
 task may be waiting on -- such fds are handed to the shell (`take_closing()`), which wakes the
-waiters first.  One message in, at most one reply out.
+waiters first.  Likewise it never releases a queue or unmaps memory a task may still hold:
+they go to the shell too (`take_retired()`).  One message in, at most one reply out.
 
 Theory of operation (vhost-user spec "Ring states", and what QEMU 7.2 and DPDK really send,
 ../shared/research/vhost-user.md 1.3).  Each ring keeps the facts the front-end told us --
@@ -188,6 +189,7 @@ class VhostUserDevice:
         self.owner = False
         self._closing: list[int] = []
         self._changed: set[int] = set()
+        self._retired: list[SplitQueue | GuestMemory] = []
 
     # -- what the shell reads --------------------------------------------------------------
 
@@ -195,6 +197,13 @@ class VhostUserDevice:
         """Fds to close now, after waking any task waiting on them."""
         fds, self._closing = self._closing, []
         return fds
+
+    def take_retired(self) -> list[SplitQueue | GuestMemory]:
+        """Queues and memory tables no longer in use, oldest first.  The device never
+        releases them itself: a ring task may still hold one, so the shell releases each queue
+        once no task runs on it, then closes each memory table once no queue uses it."""
+        retired, self._retired = self._retired, []
+        return retired
 
     def take_changed(self) -> set[int]:
         """Ring indices whose queue, kick fd or call fd changed since the last call."""
@@ -213,7 +222,8 @@ class VhostUserDevice:
             self._refresh(vring)
 
     def close(self) -> None:
-        """The connection is gone: forget every ring, unmap memory, hand back every fd."""
+        """The connection is gone and no ring task runs any more: forget every ring, release
+        every queue and unmap every memory table not taken yet, hand back every fd."""
         for vring in self.vrings:
             vring.started = False
             self._drop_queue(vring)
@@ -222,6 +232,11 @@ class VhostUserDevice:
                     self._closing.append(fd)
             vring.kick_fd = vring.call_fd = vring.err_fd = None
         self._unmap()
+        for item in self.take_retired():
+            if isinstance(item, SplitQueue):
+                item.release()
+            else:
+                item.close()
 
     # -- the one entry point ---------------------------------------------------------------
 
@@ -502,11 +517,11 @@ class VhostUserDevice:
     def _drop_queue(self, vring: Vring) -> None:
         if vring.queue is not None:
             vring.base = vring.queue.last_avail_idx
-            vring.queue.release()
+            self._retired.append(vring.queue)
             vring.queue = None
             self._changed.add(vring.index)
 
     def _unmap(self) -> None:
         if self.memory is not None:
-            self.memory.close()
+            self._retired.append(self.memory)
             self.memory = None
