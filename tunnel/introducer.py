@@ -73,7 +73,8 @@ class Advertised:
 def resolve(addresses: tuple[tuple[str, int], ...],
             observed: str | None) -> tuple[tuple[str, int], ...]:
     """`addresses` as another endpoint may dial them: 0.0.0.0 and :: become `observed` (the
-    address the hub sees the endpoint's connection come from; IPv4-mapped IPv6 as IPv4);
+    address the hub sees the endpoint's connection come from; IPv4-mapped IPv6, seen or
+    sent, as IPv4);
     loopback addresses stay only if `observed` is loopback too (an endpoint elsewhere must
     not point its peers at their own machine's services); duplicates go."""
     seen = None
@@ -86,6 +87,8 @@ def resolve(addresses: tuple[tuple[str, int], ...],
     resolved: list[tuple[str, int]] = []
     for host, port in addresses:
         ip = ipaddress.ip_address(host)
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # what a dialer reaches: ::ffff:127.0.0.1 is its loopback
         if ip.is_unspecified:
             if seen is None or seen.is_unspecified:
                 continue
