@@ -6,9 +6,17 @@ tests/test_direct_netns.py and tests/test_hub_direct.py."""
 
 from __future__ import annotations
 
-import pytest
+from functools import partial
 
+import pytest
+import trio
+
+from netstack.frame import ALL_OFFLOADS
+from tests.test_direct_links import IPS, MACS, Node, ipv4_frame, wait_for
 from tunnel.introducer import resolve
+from tunnel.keys import server_ssl_context
+from tunnel.tls import TLSStream
+from tunnel.wire import Auth, WireConnection
 
 
 @pytest.mark.parametrize("sent", [
@@ -26,4 +34,44 @@ def test_a_mapped_wildcard_is_a_wildcard_not_the_dialers_own_machine():
 
 def test_an_ipv4_mapped_advertise_is_introduced_as_the_ipv4_address():
     assert resolve((("::ffff:198.51.100.7", 9),), "192.0.2.1") == (("198.51.100.7", 9),)
+
+
+async def test_frames_a_listener_sends_before_its_verdict_are_policed_at_once_not_held(
+        tmp_path):
+    """A listener with the introduced key that never answers the PING behind AUTH, but
+    streams FRAMES meanwhile: the dialer must not hold them (for up to DIAL_SECONDS, at the
+    link's speed); they go through the peer's filter into the switch as they come."""
+    a = Node(tmp_path, "a", listens=True)  # only for its key and the peer it makes
+    b = Node(tmp_path, "b", listens=False)
+    got_auth = trio.Event()
+
+    async def hostile_listener(stream: trio.SocketStream) -> None:
+        tls = TLSStream(stream, server_ssl_context(a.identity), server_side=True)
+        await tls.do_handshake()
+        wire = WireConnection("server", name="", offloads=int(ALL_OFFLOADS), mtu=1500)
+        await tls.send_all(wire.send_hello())
+        while not got_auth.is_set():
+            wire.receive_data(await tls.receive_some(65536))
+            if any(isinstance(event, Auth) for event in wire.next_events()):
+                wire.accept_auth()
+                got_auth.set()
+        wire.next_events()  # the PING behind AUTH: never answered
+        for _ in range(50):
+            await tls.send_all(wire.send_frames([ipv4_frame("b", "a"),
+                                                 ipv4_frame("b", "c", src_ip=IPS["a"])]))
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, hostile_listener, 0,
+                                                   host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        await nursery.start(b.links.run)
+        peer = a.as_peer()
+        b.links.introduce((type(peer)(peer.name, peer.fingerprint, (("127.0.0.1", port),),
+                                      peer.macs, peer.ipv4, peer.ipv6),))
+        await got_auth.wait()
+        await wait_for(lambda: len(b.local.got) == 50, 1.5)  # before the 2 s dial timeout
+        assert b.port(a).counters.drops == {"mac_spoof": 50}
+        assert all(frame.data[6:12] == MACS["a"] for frame in b.local.got)
+        nursery.cancel_scope.cancel()
 

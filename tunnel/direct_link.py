@@ -257,7 +257,7 @@ class DirectLinks:
                                                       port.digest)
             await tls.send_all(wire.send_auth(certificate, signature)
                                + wire.send_ping(VERDICT_NONCE, time.monotonic_ns()))
-            pending = await self._await_verdict(tls, wire, port)
+            await self._await_verdict(tls, wire, port)
         except BaseException:
             with trio.move_on_after(1) as cleanup:
                 cleanup.shield = True
@@ -267,23 +267,21 @@ class DirectLinks:
             await stream.aclose()
             raise DialError("no longer introduced")
         port.peer_address = f"{host}:{number}"
-        link = self._link(port, tls, wire)
-        if pending:
-            self.forward_from(port, pending)
-        return link
+        return self._link(port, tls, wire)
 
     async def _await_verdict(self, tls: TLSStream, wire: WireConnection,
-                             port: DirectPort) -> list[Frame]:
-        """Until the PONG to the PING behind AUTH; the frames that came with it."""
-        frames: list[Frame] = []
+                             port: DirectPort) -> None:
+        """Until the PONG to the PING behind AUTH.  Frames that come before it are the pinned
+        peer's: policed and switched as they come (held, a listener could make us hold
+        whatever it sends in DIAL_SECONDS)."""
         while True:
             wire.receive_data(await tls.receive_some(HANDSHAKE_READ))
             for event in wire.next_events():
                 if isinstance(event, Pong) and event.nonce == VERDICT_NONCE:
                     port.rtt_ms = (time.monotonic_ns() - event.timestamp_ns) / 1e6
-                    return frames
+                    return
                 if isinstance(event, Frames):
-                    frames.extend(event.frames)
+                    self.forward_from(port, event.frames)
                 elif isinstance(event, Ping):
                     await tls.send_all(wire.send_pong(event.nonce, event.timestamp_ns))
                 elif isinstance(event, Closed):
