@@ -75,3 +75,24 @@ async def test_frames_a_listener_sends_before_its_verdict_are_policed_at_once_no
         assert all(frame.data[6:12] == MACS["a"] for frame in b.local.got)
         nursery.cancel_scope.cancel()
 
+
+
+async def test_a_wrong_key_at_an_introduced_address_is_logged_now_and_then_not_every_dial(
+        tmp_path, caplog):
+    """A peer may advertise any TLS server (the hub, another endpoint's --listen): every
+    endpoint dialing it meets the wrong key there about once a second, for as long as the
+    hub introduces it.  That is worth a warning, not one a second."""
+    a = Node(tmp_path, "a", listens=True)
+    b = Node(tmp_path, "b", listens=False)
+    impostor = Node(tmp_path, "c", listens=False)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.links.run)
+        await nursery.start(b.links.run)
+        # c "advertises" a's --listen: whoever dials c meets a's key there
+        b.links.introduce((a.as_peer(fingerprint=impostor.identity.fingerprint),))
+        port = b.links.peers.port_of(impostor.identity.fingerprint_bytes)
+        await wait_for(lambda: port.life.failures >= 4)
+        nursery.cancel_scope.cancel()
+    warnings = [r.getMessage() for r in caplog.records
+                if r.name == "tunnel.direct_link" and r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "server_mismatch" in warnings[0], warnings

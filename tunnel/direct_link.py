@@ -239,7 +239,8 @@ class DirectLinks:
                     WireError) as exc:
                 errors.append(f"{host}:{number}: {exc or type(exc).__name__}")
             except AuthError as exc:  # the wrong key answers there: say so, try the next
-                log.warning("%s: %s:%d: %s", port.name, host, number, exc)
+                if port.life.failures % 20 == 0:  # now and then: it may answer for hours
+                    log.warning("%s: %s:%d: %s", port.name, host, number, exc)
                 errors.append(f"{host}:{number}: {exc}")
         raise DialError("; ".join(errors) or "no address")
 
