@@ -96,3 +96,30 @@ async def test_a_wrong_key_at_an_introduced_address_is_logged_now_and_then_not_e
     warnings = [r.getMessage() for r in caplog.records
                 if r.name == "tunnel.direct_link" and r.levelname == "WARNING"]
     assert len(warnings) == 1 and "server_mismatch" in warnings[0], warnings
+
+
+async def test_an_endpoint_drops_its_old_introductions_when_the_hub_returns_with_no_direct(
+        tmp_path, autojump_clock):
+    """The last INTRO survives a hub restart (direct sessions outlive the hub), so a hub that
+    comes back with --no-direct must say "nobody": sending no INTRO at all left the old set,
+    its bindings and the keys it admits on --listen, in force for good (a peer removed from
+    the peers file meanwhile, or bindings that moved, accepted forever)."""
+    from tests.support.memlink import MemoryNet
+    from tunnel.introductions import DirectPeer
+    from tunnel.keys import identity_fingerprint
+
+    async with MemoryNet(tmp_path) as net:
+        bob = net.add_peer("bob")
+        endpoint = await net.endpoint("alice")
+        endpoint.direct.introduce((DirectPeer("bob", identity_fingerprint(bob), (),
+                                              frozenset({MACS["b"]}), frozenset(),
+                                              frozenset()),))  # as the old hub said
+        assert endpoint.direct.peers.ports
+        net.stop_hub()
+        net.direct = False
+        await trio.sleep(1)
+        await net.start_hub()
+        await trio.sleep(5)
+        assert endpoint.uplink.active is not None and endpoint.uplink.connections == 2
+        assert not endpoint.direct.peers.ports
+        assert not endpoint.direct.peers.authorised().names

@@ -134,7 +134,8 @@ class _Entry:
 
 class Introducer:
     """The introductions of one hub.  `enabled` False (`hub --no-direct`): ADVERTISEs are
-    still recorded (and shown), no INTRO is ever made."""
+    still recorded (and shown), no INTRO is ever made (the listener answers each ADVERTISE
+    with an empty one: an endpoint drops what an earlier hub introduced)."""
 
     def __init__(self, switch: Switch, fingerprint_of: Callable[[str], bytes | None], *,
                  enabled: bool = True, clock: Callable[[], float] = time.monotonic) -> None:
