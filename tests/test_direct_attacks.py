@@ -123,3 +123,31 @@ async def test_an_endpoint_drops_its_old_introductions_when_the_hub_returns_with
         assert endpoint.uplink.active is not None and endpoint.uplink.connections == 2
         assert not endpoint.direct.peers.ports
         assert not endpoint.direct.peers.authorised().names
+
+
+async def test_an_endpoint_drops_its_old_introductions_when_the_hub_returns_as_version_1(
+        tmp_path, autojump_clock, monkeypatch):
+    """A hub rolled back to a release without direct paths never sends an INTRO: the set the
+    newer hub gave must not stay in force under it."""
+    from functools import partial as bind
+
+    import tunnel.listener
+    from tests.support.memlink import MemoryNet
+    from tunnel.introductions import DirectPeer
+    from tunnel.keys import identity_fingerprint
+
+    async with MemoryNet(tmp_path) as net:
+        bob = net.add_peer("bob")
+        endpoint = await net.endpoint("alice")
+        endpoint.direct.introduce((DirectPeer("bob", identity_fingerprint(bob), (),
+                                              frozenset({MACS["b"]}), frozenset(),
+                                              frozenset()),))
+        net.stop_hub()
+        monkeypatch.setattr(tunnel.listener, "WireConnection",
+                            bind(WireConnection, max_version=1))  # the older release
+        await trio.sleep(1)
+        await net.start_hub()
+        await trio.sleep(5)
+        assert endpoint.uplink.active is not None and endpoint.uplink.connections == 2
+        assert endpoint.uplink.active.wire.version == 1
+        assert not endpoint.direct.peers.ports

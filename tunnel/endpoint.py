@@ -323,6 +323,8 @@ class Endpoint:
                 # The hub may have restarted and forgotten what it saw from us: every
                 # source crosses it once again before it goes direct (tunnel/direct.py).
                 self.uplink.vouched.clear()
+                if not link.wire.introducing and self.direct.peers.ports:  # it vouches for none
+                    self.direct.introduce(())
                 await self._session(link)
                 if self.uplink.connections > 1:
                     self.reconnects += 1
