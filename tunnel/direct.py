@@ -315,7 +315,8 @@ class DirectPeers:
             port = self.ports.get(digest)
             role = dials(self.fingerprint, self.listens, digest, bool(peer.addresses))
             if port is not None and port.life.role == role:
-                port.reintroduce(peer, self.is_local)
+                if peer is not port.peer:  # an unchanged entry is the same DirectPeer (wire)
+                    port.reintroduce(peer, self.is_local)
                 continue
             if port is not None:  # it started or stopped listening: a new life
                 port.life.close()
