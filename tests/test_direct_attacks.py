@@ -186,3 +186,28 @@ def test_an_intro_that_changes_one_peer_decodes_and_rebuilds_only_that_peer():
     assert received[1][1] == peer(2, "10.0.0.9")
     kept = [d for d, p in peers.ports.items() if p.filter is filters[d]]
     assert sorted(kept) == [bytes([1]) * 32, bytes([3]) * 32]
+
+
+async def test_an_address_where_another_key_answers_is_not_dialled_again_at_once(tmp_path):
+    """A peer may advertise any TLS server: the hub (whose per-source handshake budget, 5 a
+    second, every such dial spends for the dialer's own reconnects), another endpoint's
+    --listen.  Where another key answered once, the dialer does not go back for a while,
+    also when the peer's INTROs flip it between listening and not (a new life each)."""
+    a = Node(tmp_path, "a", listens=True)
+    b = Node(tmp_path, "b", listens=False)
+    impostor = Node(tmp_path, "c", listens=False)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.links.run)
+        await nursery.start(b.links.run)
+        lying = a.as_peer(fingerprint=impostor.identity.fingerprint)
+        b.links.introduce((lying,))
+        port = b.links.peers.port_of(impostor.identity.fingerprint_bytes)
+        await wait_for(lambda: port.life.failures >= 4)
+        silent = type(lying)(lying.name, lying.fingerprint, (), lying.macs, lying.ipv4,
+                             lying.ipv6)
+        b.links.introduce((silent,))  # stops listening ...
+        b.links.introduce((lying,))  # ... and listens again: a new life, dialling at once
+        port = b.links.peers.port_of(impostor.identity.fingerprint_bytes)
+        await wait_for(lambda: port.life.failures >= 2)
+        nursery.cancel_scope.cancel()
+    assert a.links.refused.get("handshake_failed") == 1

@@ -42,6 +42,7 @@ from tunnel.control import AcceptFailures
 from tunnel.direct import (
     DIRECT_DEAD_SECONDS,
     DIRECT_KEEPALIVE_SECONDS,
+    WRONG_KEY_SECONDS,
     DirectPeers,
     DirectPort,
 )
@@ -229,7 +230,11 @@ class DirectLinks:
 
     async def _dial(self, port: DirectPort) -> Link:
         errors = []
-        for host, number in port.peer.addresses:
+        addresses = self.peers.dialable(port, trio.current_time())
+        if not addresses and port.peer.addresses:
+            raise DialError(f"another key answered at every address in the last "
+                            f"{WRONG_KEY_SECONDS:.0f} s")
+        for host, number in addresses:
             if port.life.state == "closed":
                 raise DialError("no longer introduced")
             try:
@@ -239,6 +244,7 @@ class DirectLinks:
                     WireError) as exc:
                 errors.append(f"{host}:{number}: {exc or type(exc).__name__}")
             except AuthError as exc:  # the wrong key answers there: say so, try the next
+                self.peers.answered_by_another_key(port, (host, number), trio.current_time())
                 if port.life.failures % 20 == 0:  # now and then: it may answer for hours
                     log.warning("%s: %s:%d: %s", port.name, host, number, exc)
                 errors.append(f"{host}:{number}: {exc}")
