@@ -211,3 +211,34 @@ async def test_an_address_where_another_key_answers_is_not_dialled_again_at_once
         await wait_for(lambda: port.life.failures >= 2)
         nursery.cancel_scope.cancel()
     assert a.links.refused.get("handshake_failed") == 1
+
+
+async def test_a_peer_flipping_between_listening_and_not_does_not_reset_the_dial_backoff(
+        tmp_path):
+    """A peer may advertise a third party's address (no TLS there: every dial fails); the
+    backoff bounds how often each of its peers connects there, and an INTRO that flips it
+    between listening and not (a new life, dialling at once) must not start it over."""
+    b = Node(tmp_path, "b", listens=False)
+    impostor = Node(tmp_path, "c", listens=False)
+    connections = 0
+
+    async def third_party(stream: trio.SocketStream) -> None:
+        nonlocal connections
+        connections += 1
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, third_party, 0,
+                                                host="127.0.0.1"))
+        victim = ("127.0.0.1", listeners[0].socket.getsockname()[1])
+        lying = impostor.as_peer()
+        listening = type(lying)(lying.name, lying.fingerprint, (victim,), lying.macs,
+                                lying.ipv4, lying.ipv6)
+        await nursery.start(b.links.run)
+        for _ in range(10):  # 0.5 s of flips, as fast as the hub's INTROs may come
+            b.links.introduce((listening,))
+            await trio.sleep(0.025)
+            b.links.introduce((lying,))
+            await trio.sleep(0.025)
+        nursery.cancel_scope.cancel()
+    assert 1 <= connections <= 4  # backoff 0.1, 0.2, 0.4 s: dials at 0, 0.1, 0.3 s

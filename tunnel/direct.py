@@ -330,10 +330,13 @@ class DirectPeers:
                 if peer is not port.peer:  # an unchanged entry is the same DirectPeer (wire)
                     port.reintroduce(peer, self.is_local)
                 continue
+            life = PeerLife(role, now)
             if port is not None:  # it started or stopped listening: a new life
                 port.life.close()
                 removed.append(port)
-            port = DirectPort(peer, digest, PeerLife(role, now), self.is_local)
+                # ... with the old one's backoff: flipping must not make us dial at once
+                life.delay, life.next_dial = port.life.delay, max(now, port.life.next_dial)
+            port = DirectPort(peer, digest, life, self.is_local)
             self.ports[digest] = port
             added.append(port)
         self.update_routes()
