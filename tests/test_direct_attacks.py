@@ -242,3 +242,23 @@ async def test_a_peer_flipping_between_listening_and_not_does_not_reset_the_dial
             await trio.sleep(0.025)
         nursery.cancel_scope.cancel()
     assert 1 <= connections <= 4  # backoff 0.1, 0.2, 0.4 s: dials at 0, 0.1, 0.3 s
+
+
+@pytest.mark.parametrize(("listen", "observed", "introduced"), [
+    (("::", 7000), "192.0.2.1", ()),  # an IPv6-only socket (V6ONLY): IPv4 dials fail
+    (("::", 7000), "2001:db8::1", (("2001:db8::1", 7000),)),
+    (("0.0.0.0", 7000), "2001:db8::1", ()),  # IPv4 only: IPv6 dials fail
+    (("0.0.0.0", 7000), "::ffff:192.0.2.1", (("192.0.2.1", 7000),)),
+    ((None, 7000), "2001:db8::1", (("2001:db8::1", 7000),)),  # ':PORT': both families
+    ((None, 7000), "192.0.2.1", (("192.0.2.1", 7000),)),
+])
+def test_a_wildcard_listen_is_introduced_only_at_an_address_of_a_family_it_accepts(
+        tmp_path, listen, observed, introduced):
+    from tunnel.endpoint import Endpoint, EndpointConfig
+    from tunnel.keys import keygen
+
+    keygen(tmp_path / "id")
+    endpoint = Endpoint(EndpointConfig(hub_host="hub.test", hub_port=1,
+                                       identity_dir=tmp_path / "id",
+                                       hub_fingerprint=bytes(32), listen=listen))
+    assert resolve(tuple(endpoint.advertised()), observed) == introduced

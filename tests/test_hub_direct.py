@@ -297,7 +297,8 @@ async def test_an_advertise_before_auth_is_refused(tmp_path, autojump_clock):
 
 @pytest.mark.parametrize(("sent", "observed", "introduced"), [
     ((("0.0.0.0", 1),), "192.0.2.1", (("192.0.2.1", 1),)),
-    ((("::", 1),), "::ffff:192.0.2.1", (("192.0.2.1", 1),)),
+    ((("::", 1),), "::ffff:192.0.2.1", ()),  # an IPv6 wildcard: no IPv4 dials
+    ((("0.0.0.0", 1), ("::", 1)), "::ffff:192.0.2.1", (("192.0.2.1", 1),)),
     ((("::", 1),), "2001:db8::1", (("2001:db8::1", 1),)),
     ((("127.0.0.1", 1),), "192.0.2.1", ()),  # not its peers' own loopback
     ((("127.0.0.1", 1),), "127.0.0.1", (("127.0.0.1", 1),)),  # one machine: fine
