@@ -1,7 +1,11 @@
 """Direct paths under attack (the red team's findings, each a test that failed before its
-fix): an ADVERTISE that points remote peers at their own loopback through an IPv4-mapped
-IPv6 address, and a listener that pushes frames at its dialer before its verdict (held in
-memory, unbounded, until the PONG).  The attacks that held are in tests/test_direct_links.py,
+fix): an ADVERTISE pointing remote peers at their own loopback through IPv4-mapped IPv6; a
+listener pushing frames at its dialer before its verdict (held, unbounded, until the PONG);
+a wrong key at an introduced address (the hub, another endpoint) warned about and redialled
+every second, more when the peer flips between listening and not; old introductions kept
+for good under a hub back with --no-direct or as version 1; every INTRO decoded and every
+filter rebuilt when one peer changed; a wildcard --listen introduced at an address of a
+family it does not take.  The attacks that held are in tests/test_direct_links.py,
 tests/test_direct_netns.py and tests/test_hub_direct.py."""
 
 from __future__ import annotations
