@@ -50,6 +50,12 @@ DIAL_BACKOFF = (0.1, 1.0)
 DIRECT_KEEPALIVE_SECONDS = 0.2
 DIRECT_DEAD_SECONDS = 1.0
 
+# An address where another key answered (the pin failed) is not dialled again for this long,
+# whatever the peer's INTROs do meanwhile: a peer may advertise any TLS server (the hub,
+# whose per-source handshake budget each such dial spends, another endpoint's --listen).
+WRONG_KEY_SECONDS = 60.0
+MAX_WRONG_KEYS = 4096
+
 # A source goes direct this long after its first frame through the hub (the hub claims it
 # and re-introduces us within ~0.5 s), and one of its frames takes the hub this often (the
 # hub ages what it does not see after 300 s).  At most MAX_VOUCHED sources are remembered.
@@ -296,6 +302,9 @@ class DirectPeers:
         self.is_local = is_local
         self.ports: dict[bytes, DirectPort] = {}  # by the peer's fingerprint digest
         self.intros = 0  # INTRO records taken
+        # (digest, address) -> until when not to dial it: another key answered there; for
+        # introduced digests, at most MAX_WRONG_KEYS (also while a peer's addresses churn)
+        self.wrong_key: dict[tuple[bytes, tuple[str, int]], float] = {}
 
     def introduce(self, peers: Iterable[DirectPeer], now: float) -> IntroChange:
         """The hub's whole current set: new peers get a port, peers missing from it lose
@@ -306,6 +315,9 @@ class DirectPeers:
             digest = parse_fingerprint(peer.fingerprint)
             if digest != self.fingerprint:  # never ourselves
                 fresh[digest] = peer
+        wrong_key = [(key, until) for key, until in self.wrong_key.items()
+                     if key[0] in fresh and until > now]
+        self.wrong_key = dict(wrong_key[-MAX_WRONG_KEYS:])  # the latest, if too many
         removed = [port for digest, port in self.ports.items() if digest not in fresh]
         for port in removed:
             port.life.close()
@@ -315,12 +327,16 @@ class DirectPeers:
             port = self.ports.get(digest)
             role = dials(self.fingerprint, self.listens, digest, bool(peer.addresses))
             if port is not None and port.life.role == role:
-                port.reintroduce(peer, self.is_local)
+                if peer is not port.peer:  # an unchanged entry is the same DirectPeer (wire)
+                    port.reintroduce(peer, self.is_local)
                 continue
+            life = PeerLife(role, now)
             if port is not None:  # it started or stopped listening: a new life
                 port.life.close()
                 removed.append(port)
-            port = DirectPort(peer, digest, PeerLife(role, now), self.is_local)
+                # ... with the old one's backoff: flipping must not make us dial at once
+                life.delay, life.next_dial = port.life.delay, max(now, port.life.next_dial)
+            port = DirectPort(peer, digest, life, self.is_local)
             self.ports[digest] = port
             added.append(port)
         self.update_routes()
@@ -338,6 +354,15 @@ class DirectPeers:
             for mac in port.peer.macs:
                 routes.setdefault(mac, port)
         self.uplink.routes = routes
+
+    def dialable(self, port: DirectPort, now: float) -> list[tuple[str, int]]:
+        """`port`'s introduced addresses but those where another key answered lately."""
+        return [address for address in port.peer.addresses
+                if self.wrong_key.get((port.digest, address), now) <= now]
+
+    def answered_by_another_key(self, port: DirectPort, address: tuple[str, int],
+                                now: float) -> None:
+        self.wrong_key[(port.digest, address)] = now + WRONG_KEY_SECONDS
 
     def authorised(self) -> Peers:
         """Who may dial us: the currently introduced peers, by their hub names."""

@@ -42,6 +42,7 @@ from tunnel.control import AcceptFailures
 from tunnel.direct import (
     DIRECT_DEAD_SECONDS,
     DIRECT_KEEPALIVE_SECONDS,
+    WRONG_KEY_SECONDS,
     DirectPeers,
     DirectPort,
 )
@@ -229,7 +230,11 @@ class DirectLinks:
 
     async def _dial(self, port: DirectPort) -> Link:
         errors = []
-        for host, number in port.peer.addresses:
+        addresses = self.peers.dialable(port, trio.current_time())
+        if not addresses and port.peer.addresses:
+            raise DialError(f"another key answered at every address in the last "
+                            f"{WRONG_KEY_SECONDS:.0f} s")
+        for host, number in addresses:
             if port.life.state == "closed":
                 raise DialError("no longer introduced")
             try:
@@ -239,7 +244,9 @@ class DirectLinks:
                     WireError) as exc:
                 errors.append(f"{host}:{number}: {exc or type(exc).__name__}")
             except AuthError as exc:  # the wrong key answers there: say so, try the next
-                log.warning("%s: %s:%d: %s", port.name, host, number, exc)
+                self.peers.answered_by_another_key(port, (host, number), trio.current_time())
+                if port.life.failures % 20 == 0:  # now and then: it may answer for hours
+                    log.warning("%s: %s:%d: %s", port.name, host, number, exc)
                 errors.append(f"{host}:{number}: {exc}")
         raise DialError("; ".join(errors) or "no address")
 
@@ -257,7 +264,7 @@ class DirectLinks:
                                                       port.digest)
             await tls.send_all(wire.send_auth(certificate, signature)
                                + wire.send_ping(VERDICT_NONCE, time.monotonic_ns()))
-            pending = await self._await_verdict(tls, wire, port)
+            await self._await_verdict(tls, wire, port)
         except BaseException:
             with trio.move_on_after(1) as cleanup:
                 cleanup.shield = True
@@ -267,23 +274,21 @@ class DirectLinks:
             await stream.aclose()
             raise DialError("no longer introduced")
         port.peer_address = f"{host}:{number}"
-        link = self._link(port, tls, wire)
-        if pending:
-            self.forward_from(port, pending)
-        return link
+        return self._link(port, tls, wire)
 
     async def _await_verdict(self, tls: TLSStream, wire: WireConnection,
-                             port: DirectPort) -> list[Frame]:
-        """Until the PONG to the PING behind AUTH; the frames that came with it."""
-        frames: list[Frame] = []
+                             port: DirectPort) -> None:
+        """Until the PONG to the PING behind AUTH.  Frames that come before it are the pinned
+        peer's: policed and switched as they come (held, a listener could make us hold
+        whatever it sends in DIAL_SECONDS)."""
         while True:
             wire.receive_data(await tls.receive_some(HANDSHAKE_READ))
             for event in wire.next_events():
                 if isinstance(event, Pong) and event.nonce == VERDICT_NONCE:
                     port.rtt_ms = (time.monotonic_ns() - event.timestamp_ns) / 1e6
-                    return frames
+                    return
                 if isinstance(event, Frames):
-                    frames.extend(event.frames)
+                    self.forward_from(port, event.frames)
                 elif isinstance(event, Ping):
                     await tls.send_all(wire.send_pong(event.nonce, event.timestamp_ns))
                 elif isinstance(event, Closed):

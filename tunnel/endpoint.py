@@ -323,6 +323,8 @@ class Endpoint:
                 # The hub may have restarted and forgotten what it saw from us: every
                 # source crosses it once again before it goes direct (tunnel/direct.py).
                 self.uplink.vouched.clear()
+                if not link.wire.introducing and self.direct.peers.ports:  # it vouches for none
+                    self.direct.introduce(())
                 await self._session(link)
                 if self.uplink.connections > 1:
                     self.reconnects += 1
@@ -517,8 +519,12 @@ class Endpoint:
         host, _ = self.config.listen
         bound = [(h, p) for h, p in self.direct.bound]
         if host is None or host in ("", "0.0.0.0", "::"):
+            # each wildcard socket stands for its own family only (an IPv6 one is V6ONLY);
+            # ':PORT' binds one of each where the host has both
             port = bound[0][1] if bound else self.config.listen[1]
-            return [("0.0.0.0", port)]
+            wildcards = [h for h, _ in bound if h in ("0.0.0.0", "::")] or (
+                [host] if host else ["0.0.0.0", "::"])
+            return [(h, port) for h in dict.fromkeys(wildcards)]
         return bound[:MAX_INTRO_ADDRESSES]
 
     def _hub_event(self, link: Link, event: object) -> None:

@@ -73,9 +73,10 @@ class Advertised:
 def resolve(addresses: tuple[tuple[str, int], ...],
             observed: str | None) -> tuple[tuple[str, int], ...]:
     """`addresses` as another endpoint may dial them: 0.0.0.0 and :: become `observed` (the
-    address the hub sees the endpoint's connection come from; IPv4-mapped IPv6 as IPv4);
-    loopback addresses stay only if `observed` is loopback too (an endpoint elsewhere must
-    not point its peers at their own machine's services); duplicates go."""
+    address the hub sees the endpoint's connection come from; IPv4-mapped IPv6, seen or
+    sent, as IPv4) if it is of their family (a wildcard socket takes no other); loopback
+    addresses stay only if `observed` is loopback too (an endpoint elsewhere must not point
+    its peers at their own machine's services); duplicates go."""
     seen = None
     try:
         seen = ipaddress.ip_address((observed or "").partition("%")[0])
@@ -86,8 +87,10 @@ def resolve(addresses: tuple[tuple[str, int], ...],
     resolved: list[tuple[str, int]] = []
     for host, port in addresses:
         ip = ipaddress.ip_address(host)
-        if ip.is_unspecified:
-            if seen is None or seen.is_unspecified:
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # what a dialer reaches: ::ffff:127.0.0.1 is its loopback
+        if ip.is_unspecified:  # of its family only: a wildcard socket takes no other
+            if seen is None or seen.is_unspecified or seen.version != ip.version:
                 continue
             ip = seen
         if ip.is_loopback and not (seen is not None and seen.is_loopback):
@@ -131,7 +134,8 @@ class _Entry:
 
 class Introducer:
     """The introductions of one hub.  `enabled` False (`hub --no-direct`): ADVERTISEs are
-    still recorded (and shown), no INTRO is ever made."""
+    still recorded (and shown), no INTRO is ever made (the listener answers each ADVERTISE
+    with an empty one: an endpoint drops what an earlier hub introduced)."""
 
     def __init__(self, switch: Switch, fingerprint_of: Callable[[str], bytes | None], *,
                  enabled: bool = True, clock: Callable[[], float] = time.monotonic) -> None:

@@ -483,6 +483,10 @@ class TunnelListener:
         """An endpoint's ADVERTISE (its codec refuses INTRO: only a hub sends that)."""
         if isinstance(event, Advertise):
             self.introducer.advertise(link, event.addresses)
+            if not self.introducer.enabled:
+                # `--no-direct`: an empty INTRO, or the endpoint keeps the set an earlier
+                # hub gave it (its bindings and the keys it admits) for good
+                link.introduce([])
             self._advertised.set()
 
     async def run_introductions(self) -> None:

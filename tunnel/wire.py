@@ -366,6 +366,10 @@ class WireConnection:
         self._accepts = _ACCEPTS[self._state]
         self._open_accepts = _ACCEPTS[_Receive.OPEN]  # set once the version is known
         self._advertises = 0  # ADVERTISE records received
+        # The last INTRO's peers by their entries' bytes: an entry that did not change is
+        # the same DirectPeer, not decoded again (the hub re-sends the whole set on every
+        # change, up to 4 MiB, four times a second).  At most one INTRO's entries.
+        self._intro_peers: dict[bytes, DirectPeer] = {}
         self._error: WireError | None = None
         self._eof = False
         self._eof_reported = False
@@ -688,7 +692,7 @@ class WireConnection:
                                f"records on one connection")
                 events.append(Advertise(_decode_advertise(buf[start:end])))
             elif rtype == INTRO:
-                events.append(Intro(_decode_intro(buf[start:end])))
+                events.append(Intro(_decode_intro(buf[start:end], self._intro_peers)))
             else:  # CLOSE
                 events.append(self._on_close(buf[start:end]))
         if self._pos == len(self._buf) and not self._chunks:
@@ -935,12 +939,17 @@ def _take_count(payload: bytes, at: int, layout: struct.Struct, what: str, limit
     return count, at
 
 
-def _decode_intro(payload: bytes) -> tuple[DirectPeer, ...]:
+def _decode_intro(payload: bytes, known: dict[bytes, DirectPeer] | None = None
+                  ) -> tuple[DirectPeer, ...]:
+    """The peers of an INTRO; an entry whose bytes are a key of `known` is that peer (then
+    `known` holds this INTRO's entries instead)."""
     count, at = _take_count(payload, 0, U16, "peers", MAX_INTRO_PEERS, 0)
     peers = []
     names: set[str] = set()
     fingerprints: set[str] = set()
+    entries: dict[bytes, DirectPeer] = {}
     for index in range(count):
+        begin = at
         name_len, at = _take_count(payload, at, U8, "name bytes", MAX_NAME_BYTES, 1)
         if not name_len:
             raise WireError("bad_intro", f"peer {index} has an empty name")
@@ -959,6 +968,14 @@ def _decode_intro(payload: bytes) -> tuple[DirectPeer, ...]:
         fingerprints.add(fingerprint)
         n, at = _take_count(payload, at, U8, "addresses", MAX_INTRO_ADDRESSES, 0)
         addresses, at = _decode_addresses(payload, at, n, wildcard=False, reason="bad_intro")
+        if known is not None:
+            end = _intro_entry_end(payload, at)
+            peer = known.get(payload[begin:end])
+            if peer is not None:
+                entries[payload[begin:end]] = peer
+                peers.append(peer)
+                at = end
+                continue
         n, at = _take_count(payload, at, U16, "MACs", MAX_INTRO_MACS, 6)
         macs = frozenset(payload[i:i + 6] for i in range(at, at + 6 * n, 6))
         if any(mac[0] & 1 for mac in macs):
@@ -972,7 +989,22 @@ def _decode_intro(payload: bytes) -> tuple[DirectPeer, ...]:
         ipv6 = frozenset(ipaddress.IPv6Address(payload[i:i + 16])
                          for i in range(at, at + 16 * n, 16))
         at += 16 * n
-        peers.append(DirectPeer(name, fingerprint, addresses, macs, ipv4, ipv6))
+        peer = DirectPeer(name, fingerprint, addresses, macs, ipv4, ipv6)
+        entries[payload[begin:at]] = peer
+        peers.append(peer)
     if at != len(payload):
         raise WireError("bad_intro", f"{len(payload) - at} bytes after the last peer")
+    if known is not None:
+        known.clear()
+        known.update(entries)
     return tuple(peers)
+
+
+def _intro_entry_end(payload: bytes, at: int) -> int:
+    """Where the entry whose MAC count is at `at` ends (its counts checked)."""
+    for layout, what, limit, item in ((U16, "MACs", MAX_INTRO_MACS, 6),
+                                      (U16, "IPv4 addresses", MAX_INTRO_IPS, 4),
+                                      (U16, "IPv6 addresses", MAX_INTRO_IPS, 16)):
+        n, at = _take_count(payload, at, layout, what, limit, item)
+        at += n * item
+    return at

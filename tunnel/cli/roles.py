@@ -146,8 +146,9 @@ def _add_endpoint(parser: argparse.ArgumentParser) -> None:
     direct = parser.add_argument_group("direct paths: peers the hub introduces exchange "
                                        "frames over their own TLS session")
     direct.add_argument("--listen", type=host_port, metavar="HOST:PORT",
-                        help="accept direct sessions here (':PORT' or 0.0.0.0: every "
-                             "address; the hub tells peers the address it sees us from)")
+                        help="accept direct sessions here (':PORT': every address, "
+                             "0.0.0.0 or [::]: every one of that family; the hub tells "
+                             "peers the address it sees us from)")
     direct.add_argument("--advertise", type=advertised_address, action="append", default=[],
                         metavar="ADDRESS:PORT",
                         help="where peers reach --listen, when that differs (NAT, port "
