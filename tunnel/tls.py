@@ -154,6 +154,9 @@ class TLSStream(trio.abc.Stream):
         # None while the transport has every byte.
         self.waiting_since: float | None = None
         self._eof = False
+        # receive_some read every record and the transport gave nothing since: OpenSSL holds
+        # nothing to read (the next read would only raise SSLWantReadError).
+        self._exhausted = False
 
     # -- what tunnel/keys.check_server reads ----------------------------------------------
 
@@ -187,25 +190,30 @@ class TLSStream(trio.abc.Stream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """Every plaintext byte the records received so far hold; b"" at the end."""
         chunks: list[bytes] = []
+        incoming, tls = self._incoming, self._ssl
         while True:
-            try:
-                while True:
-                    chunk = self._ssl.read(READ_CHUNK)
-                    if not chunk:
+            # The last call read every record and nothing came since (the common wake-up):
+            # a read could only raise SSLWantReadError, so fill first.
+            if not self._exhausted:
+                try:
+                    while True:
+                        chunk = tls.read(READ_CHUNK)
+                        if not chunk:
+                            return b"".join(chunks)
+                        chunks.append(chunk)
+                        if not incoming.pending and not tls.pending():
+                            # Every record read: the next read could only say WantRead.
+                            self._exhausted = True
+                            return b"".join(chunks)
+                except ssl.SSLWantReadError:
+                    if chunks:
                         return b"".join(chunks)
-                    chunks.append(chunk)
-                    if not self._incoming.pending and not self._ssl.pending():
-                        # Every record read: the next read could only say SSLWantReadError.
+                except ssl.SSLZeroReturnError:  # the peer's close_notify
+                    return b"".join(chunks)
+                except ssl.SSLError as exc:
+                    if chunks:
                         return b"".join(chunks)
-            except ssl.SSLWantReadError:
-                if chunks:
-                    return b"".join(chunks)
-            except ssl.SSLZeroReturnError:  # the peer's close_notify
-                return b"".join(chunks)
-            except ssl.SSLError as exc:
-                if chunks:
-                    return b"".join(chunks)
-                raise trio.BrokenResourceError(f"TLS: {exc}") from exc
+                    raise trio.BrokenResourceError(f"TLS: {exc}") from exc
             if self._outgoing.pending:
                 await self._flush()
             if self._eof:
@@ -300,6 +308,7 @@ class TLSStream(trio.abc.Stream):
 
     async def _fill(self) -> None:
         """One read of whatever the transport holds into OpenSSL's incoming BIO."""
+        self._exhausted = False
         if not await self._pipe.fill(self._incoming):
             self._eof = True
             self._incoming.write_eof()
