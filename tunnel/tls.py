@@ -55,6 +55,7 @@ class SocketTransport:
         # The last read left the socket empty (it returned less than the buffer holds): the
         # next one waits for data first instead of making a read that would say EAGAIN.
         self._emptied = False
+        self._buffer: bytearray | None = None  # the run's read buffer, once looked up
 
     def _fileno(self) -> int:
         fd = self.socket.fileno()
@@ -79,7 +80,9 @@ class SocketTransport:
     async def fill(self, incoming: ssl.MemoryBIO) -> bool:
         """One read of whatever the socket holds into `incoming`; False at its end.  Waits
         for data only when there is none (and otherwise yields once, for fairness)."""
-        buffer = _read_buffer()
+        buffer = self._buffer
+        if buffer is None:
+            buffer = self._buffer = _read_buffer()
         waited = self._emptied
         if waited:
             await trio.lowlevel.wait_readable(self._fileno())
@@ -218,7 +221,10 @@ class TLSStream(trio.abc.Stream):
                 await self._flush()
             if self._eof:
                 raise trio.BrokenResourceError("connection closed without a TLS close_notify")
-            await self._fill()
+            self._exhausted = False  # what _fill does, one coroutine frame less per wake-up
+            if not await self._pipe.fill(incoming):
+                self._eof = True
+                incoming.write_eof()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
