@@ -198,11 +198,7 @@ class QueuedPort(Port):
     def deliver(self, frames: list[Frame]) -> None:
         queue = self.queue
         was_empty = not queue
-        if was_empty:  # the shell took everything: what _account_taken would find, inline
-            if self._held_frames:
-                self._batches.clear()
-                self._held_frames = self._held_bytes = 0
-        elif len(queue) != self._held_frames:
+        if len(queue) != self._held_frames:
             self._account_taken()
         nbytes = (len(frames[0].data) if len(frames) == 1
                   else sum([len(frame.data) for frame in frames]))

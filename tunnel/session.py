@@ -103,7 +103,7 @@ class SessionPort(QueuedPort):
         if self.active is None:
             self.counters.drop("link_down", len(frames))
             return
-        QueuedPort.deliver(self, frames)  # super() without making a super object per batch
+        super().deliver(frames)
 
     def status(self) -> dict[str, object]:
         status = super().status()
