@@ -137,9 +137,6 @@ class Link:
         self.stream = stream
         self.wire = wire
         self.forward = forward
-        # The run's clock: its current_time() is trio.current_time() without the wrapper
-        # that trio puts around every call (read once per batch in).
-        self._clock = trio.lowlevel.current_clock()
         self.started = trio.current_time()  # when it was made: its key's age
         self._control: list[bytes] = []
         self._wake = trio.Event()
@@ -292,11 +289,10 @@ class Link:
 
     async def _reader(self) -> None:
         result = self._dispatch()  # what the codec buffered during the handshake
-        clock = self._clock
         while result is None:
             data = await self.stream.receive_some(RECEIVE_SIZE)
             if data:
-                self._last_heard = clock.current_time()
+                self._last_heard = trio.current_time()
             self.wire.receive_data(data)  # b"" is the end of the stream
             result = self._dispatch()
         self._end(result)
