@@ -10,8 +10,7 @@ kernel refused (it is counted and dropped).
 
 The path of a frame through this module:
   device -> switch: `_read_loop` waits until the fd is readable, `TunTapDevice.read_batch`
-    reads up to BATCH packets (one `readv` each into one preallocated buffer, until EAGAIN;
-    a lone packet is followed by a `poll` instead, which raises nothing),
+    reads up to BATCH packets (one `readv` each into one preallocated buffer, until EAGAIN),
     splits each into header and packet (one copy, the packet's), and the loop
     hands the whole batch to `forward(port, frames)` once.
   switch -> device: the switch queues frames on the port (`QueuedPort.deliver`, bounded);
@@ -39,7 +38,6 @@ import errno
 import fcntl
 import logging
 import os
-import select
 import socket
 import struct
 from collections import Counter, deque
@@ -188,10 +186,6 @@ class TunTapDevice:
         self.counters = DeviceCounters()
         self._buffer = bytearray(READ_BUFFER_BYTES)
         self._view = memoryview(self._buffer)
-        # Asked once a read found one packet: is another waiting?  An idle host's packets come
-        # one at a time, and a readv that says EAGAIN raises an exception on each.
-        self._poll = select.poll()
-        self._poll.register(fd, select.POLLIN)
 
     @classmethod
     def open(
@@ -291,8 +285,6 @@ class TunTapDevice:
                 append(Frame(data))
             else:
                 append(Frame(data, VIRTIO_NET_HDR.unpack_from(buffer, 0)[:6]))
-            if len(frames) == 1 and not self._poll.poll(0):
-                break  # nothing more: no readv saying EAGAIN (a burst still reads to EAGAIN)
         counters.read_frames += len(frames)
         counters.read_bytes += nbytes
         return frames
@@ -340,7 +332,6 @@ class TunTapDevice:
         fd, self.fd = self.fd, -1
         if fd < 0:
             return
-        self._poll.unregister(fd)
         try:
             trio.lowlevel.notify_closing(fd)
         except RuntimeError:
