@@ -200,7 +200,8 @@ class QueuedPort(Port):
         was_empty = not queue
         if len(queue) != self._held_frames:
             self._account_taken()
-        nbytes = sum([len(frame.data) for frame in frames])
+        nbytes = (len(frames[0].data) if len(frames) == 1
+                  else sum([len(frame.data) for frame in frames]))
         if len(queue) + len(frames) > self.limit or self._held_bytes + nbytes > self.limit_bytes:
             frames, nbytes = self._fit(frames)
         if frames:

@@ -223,7 +223,6 @@ class Switch:
         aging = self.aging
         owners = self.addresses.owners
         counters = ingress.counters
-        debug = log.isEnabledFor(logging.DEBUG)
         by_port: dict[Port, list[Frame]] = {}
         flood: list[Frame] = []
         unknown = 0  # how many frames of `flood` are unknown unicast
@@ -283,7 +282,7 @@ class Switch:
                                 counters.drop("mac_spoof")
                                 continue
                             counts[entry[0]] -= 1
-                            if debug:
+                            if log.isEnabledFor(logging.DEBUG):
                                 log.debug("mac %s moved from %s to %s",
                                           format_mac(bytes(src)), entry[0].name, ingress.name)
                         counts[ingress] += 1

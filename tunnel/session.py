@@ -236,7 +236,8 @@ class Link:
             port.queue.clear()
             counters = port.counters
             counters.out_frames += len(frames)
-            counters.out_bytes += sum(len(f.data) for f in frames)
+            counters.out_bytes += (len(frames[0].data) if len(frames) == 1
+                                   else sum([len(f.data) for f in frames]))
             # This link's failure, never the caller's (another session's task).
             try:
                 if stream.send_now(self.wire.send_frames(frames)):

@@ -55,6 +55,7 @@ class SocketTransport:
         # The last read left the socket empty (it returned less than the buffer holds): the
         # next one waits for data first instead of making a read that would say EAGAIN.
         self._emptied = False
+        self._buffer: bytearray | None = None  # the run's read buffer, once looked up
 
     def _fileno(self) -> int:
         fd = self.socket.fileno()
@@ -79,7 +80,9 @@ class SocketTransport:
     async def fill(self, incoming: ssl.MemoryBIO) -> bool:
         """One read of whatever the socket holds into `incoming`; False at its end.  Waits
         for data only when there is none (and otherwise yields once, for fairness)."""
-        buffer = _read_buffer()
+        buffer = self._buffer
+        if buffer is None:
+            buffer = self._buffer = _read_buffer()
         waited = self._emptied
         if waited:
             await trio.lowlevel.wait_readable(self._fileno())
@@ -154,6 +157,9 @@ class TLSStream(trio.abc.Stream):
         # None while the transport has every byte.
         self.waiting_since: float | None = None
         self._eof = False
+        # receive_some read every record and the transport gave nothing since: OpenSSL holds
+        # nothing to read (the next read would only raise SSLWantReadError).
+        self._exhausted = False
 
     # -- what tunnel/keys.check_server reads ----------------------------------------------
 
@@ -187,30 +193,38 @@ class TLSStream(trio.abc.Stream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """Every plaintext byte the records received so far hold; b"" at the end."""
         chunks: list[bytes] = []
+        incoming, tls = self._incoming, self._ssl
         while True:
-            try:
-                while True:
-                    chunk = self._ssl.read(READ_CHUNK)
-                    if not chunk:
+            # The last call read every record and nothing came since (the common wake-up):
+            # a read could only raise SSLWantReadError, so fill first.
+            if not self._exhausted:
+                try:
+                    while True:
+                        chunk = tls.read(READ_CHUNK)
+                        if not chunk:
+                            return b"".join(chunks)
+                        chunks.append(chunk)
+                        if not incoming.pending and not tls.pending():
+                            # Every record read: the next read could only say WantRead.
+                            self._exhausted = True
+                            return b"".join(chunks)
+                except ssl.SSLWantReadError:
+                    if chunks:
                         return b"".join(chunks)
-                    chunks.append(chunk)
-                    if not self._incoming.pending and not self._ssl.pending():
-                        # Every record read: the next read could only say SSLWantReadError.
+                except ssl.SSLZeroReturnError:  # the peer's close_notify
+                    return b"".join(chunks)
+                except ssl.SSLError as exc:
+                    if chunks:
                         return b"".join(chunks)
-            except ssl.SSLWantReadError:
-                if chunks:
-                    return b"".join(chunks)
-            except ssl.SSLZeroReturnError:  # the peer's close_notify
-                return b"".join(chunks)
-            except ssl.SSLError as exc:
-                if chunks:
-                    return b"".join(chunks)
-                raise trio.BrokenResourceError(f"TLS: {exc}") from exc
+                    raise trio.BrokenResourceError(f"TLS: {exc}") from exc
             if self._outgoing.pending:
                 await self._flush()
             if self._eof:
                 raise trio.BrokenResourceError("connection closed without a TLS close_notify")
-            await self._fill()
+            self._exhausted = False  # what _fill does, one coroutine frame less per wake-up
+            if not await self._pipe.fill(incoming):
+                self._eof = True
+                incoming.write_eof()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -300,6 +314,7 @@ class TLSStream(trio.abc.Stream):
 
     async def _fill(self) -> None:
         """One read of whatever the transport holds into OpenSSL's incoming BIO."""
+        self._exhausted = False
         if not await self._pipe.fill(self._incoming):
             self._eof = True
             self._incoming.write_eof()
