@@ -267,7 +267,11 @@ class HostPair:
 
 HOSTS_PATH = "host -> host, one TCP stream"
 WIREGUARD = "wireguard-go, direct (reference)"
-VPN_PAIRS = {"vhostvpn host --tap via hub": ("a", "b"), "vhostvpn host --tun via hub": ("c", "d")}
+# name -> (client, server, whether a <-> b's own veth is up: bench/hosts.py starts the TAP pair
+# with --listen, so with it up their stream goes direct, with it down through the hub).
+VPN_PAIRS = {"vhostvpn host --tap via hub": ("a", "b", False),
+             "vhostvpn host --tap direct": ("a", "b", True),
+             "vhostvpn host --tun via hub": ("c", "d", False)}
 
 
 def hosts_path(settings: Settings) -> list[Metrics]:
@@ -294,10 +298,12 @@ def hosts_path(settings: Settings) -> list[Metrics]:
         vpn_workdir = Path(tempfile.mkdtemp(prefix=f"metrics-{settings.tag}-hosts-",
                                             dir=settings.workdir))
         with hosts.Vhostvpn(ns, vpn_workdir) as vpn:
-            for name, (x, y) in VPN_PAIRS.items():
+            for name, (x, y, _) in VPN_PAIRS.items():
                 subjects[name] = _vpn_pair(vpn, x, y)
-            idle = {name: baselines.idle_ping(p.client, p.address)
-                    for name, p in subjects.items()}
+            idle = {}
+            for name, p in subjects.items():
+                _direct_for(vpn, name)
+                idle[name] = baselines.idle_ping(p.client, p.address)
             for round_ in range(settings.rounds):
                 for name, p in subjects.items():
                     print(f"-- hosts {name} round {round_ + 1}", file=sys.stderr, flush=True)
@@ -305,6 +311,7 @@ def hosts_path(settings: Settings) -> list[Metrics]:
                                   reference="reference" in name, round=round_,
                                   load=load_average(), latency_ms=idle[name])
                     try:
+                        _direct_for(vpn, name)
                         _hosts_timed(settings, p, row)
                         if p.pids and settings.syscalls_missing is None:
                             _hosts_syscalls(settings, p, row)
@@ -314,6 +321,13 @@ def hosts_path(settings: Settings) -> list[Metrics]:
         if settings.counter_site is not None:
             _hosts_allocations(settings, ns, rows)
     return rows
+
+
+def _direct_for(vpn: hosts.Vhostvpn, name: str) -> None:
+    """Before a window of a vhostvpn subject: a <-> b's own veth up for the direct subject,
+    down for the others (their frames through the hub), waiting until the endpoints agree."""
+    if name in VPN_PAIRS:
+        vpn.direct(VPN_PAIRS[name][2])
 
 
 def _vpn_pair(vpn: hosts.Vhostvpn, x: str, y: str) -> HostPair:
@@ -332,8 +346,9 @@ def _hosts_allocations(settings: Settings, ns: hosts.Namespaces, rows: list[Metr
     prefix = workdir / "alloc"
     counts = {}
     with environ(alloc_env(settings, prefix)), hosts.Vhostvpn(ns, workdir) as vpn:
-        for name, (x, y) in VPN_PAIRS.items():
+        for name, (x, y, _) in VPN_PAIRS.items():
             pair = _vpn_pair(vpn, x, y)
+            _direct_for(vpn, name)
             before = read_allocations(prefix, pair.pids)
             packets0, _ = device_packets(pair.client, pair.device)
             baselines.measure_direction(pair.client, pair.server, pair.address,
