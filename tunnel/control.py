@@ -68,6 +68,39 @@ class AcceptFailures:
         await trio.sleep(ACCEPT_RETRY_SECONDS)
 
 
+async def accept_tunnel_connections(
+    listener: trio.SocketListener,
+    admit: Callable[[trio.SocketStream], None],
+    refuse: Callable[[str], None],
+    *,
+    what: str,
+) -> None:
+    """Accept TCP connections until the listener closes, handing each to `admit` (which starts
+    serving it or closes it).  Nothing a connecting party does ends this loop: a failing
+    accept() is counted `accept_<errno>` and waited out (AcceptFailures), and whatever
+    `admit` raises is counted `internal_error`, logged with its traceback, and closes that
+    connection only.  The accept loop of the hub's tunnel listener and of an endpoint's
+    direct listener."""
+    failures = AcceptFailures(what)
+    async with listener:
+        while True:
+            try:
+                stream = await listener.accept()
+            except trio.ClosedResourceError:
+                return
+            except OSError as exc:
+                refuse(f"accept_{errno.errorcode.get(exc.errno, 'error').lower()}")
+                await failures.wait(exc)
+                continue
+            try:
+                admit(stream)
+            except Exception as exc:  # admission's own guard: never the loop's end
+                refuse("internal_error")
+                log.error("%s: internal error admitting a connection: %r", what, exc,
+                          exc_info=exc)
+                stream.socket.close()
+
+
 async def serve_clients(
     listener: trio.socket.SocketType,
     serve: Callable[[trio.socket.SocketType], Awaitable[None]],

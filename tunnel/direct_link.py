@@ -30,7 +30,6 @@ logged with their traceback once).  The accept loop never ends on a party's inpu
 
 from __future__ import annotations
 
-import errno
 import logging
 import time
 from collections.abc import Callable
@@ -38,7 +37,7 @@ from collections.abc import Callable
 import trio
 
 from netstack.frame import ALL_OFFLOADS, Frame
-from tunnel.control import AcceptFailures
+from tunnel.control import accept_tunnel_connections
 from tunnel.direct import (
     DIRECT_DEAD_SECONDS,
     DIRECT_KEEPALIVE_SECONDS,
@@ -304,24 +303,7 @@ class DirectLinks:
         self.refused[reason] = self.refused.get(reason, 0) + 1
 
     async def _accept_loop(self, listener: trio.SocketListener) -> None:
-        failures = AcceptFailures("direct")
-        async with listener:
-            while True:
-                try:
-                    stream = await listener.accept()
-                except trio.ClosedResourceError:
-                    return
-                except OSError as exc:
-                    self._refuse(f"accept_{errno.errorcode.get(exc.errno, 'error').lower()}")
-                    await failures.wait(exc)
-                    continue
-                try:
-                    self._admit(stream)
-                except Exception as exc:  # admission's own guard: never the loop's end
-                    self._refuse("internal_error")
-                    log.error("direct: internal error admitting a connection: %r", exc,
-                              exc_info=exc)
-                    stream.socket.close()
+        await accept_tunnel_connections(listener, self._admit, self._refuse, what="direct")
 
     def _admit(self, stream: trio.SocketStream) -> None:
         try:

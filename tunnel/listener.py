@@ -38,7 +38,8 @@ task goes on.
 
 Containment: the accept loop never dies (a connection reset before we look at it is counted
 `gone_before_admission`; accept() failing, e.g. out of file descriptors, is counted
-`accept_emfile` etc., logged once per burst and waited out: tunnel/control.AcceptFailures).
+`accept_emfile` etc., logged once per burst and waited out:
+tunnel/control.accept_tunnel_connections).
 Each accepted connection runs under one guard (`_serve`): whatever it raises, expected or
 not, closes that connection only and is counted (`refused` for a handshake, `links_ended` by
 kind for a session's link; `internal_error` for the unexpected, logged with its traceback
@@ -47,7 +48,6 @@ once).  The Link has its own guard inside (tunnel/session.py).
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import logging
 import time
@@ -62,7 +62,7 @@ from netstack.frame import ALL_OFFLOADS, Frame
 from netstack.policy import PortPolicy
 from netstack.ratelimit import TokenBucket
 from netstack.switch import Switch
-from tunnel.control import AcceptFailures
+from tunnel.control import accept_tunnel_connections
 from tunnel.introducer import INTRO_MIN_INTERVAL, Introducer
 from tunnel.keys import (
     AuthError,
@@ -286,24 +286,7 @@ class TunnelListener:
 
     async def _accept_loop(self, listener: trio.SocketListener) -> None:
         """Accept until cancelled; nothing a connecting party does ends this loop."""
-        failures = AcceptFailures("tunnel")
-        async with listener:
-            while True:
-                try:
-                    stream = await listener.accept()
-                except trio.ClosedResourceError:
-                    return
-                except OSError as exc:
-                    self._refuse(f"accept_{errno.errorcode.get(exc.errno, 'error').lower()}")
-                    await failures.wait(exc)
-                    continue
-                try:
-                    self._admit(stream)
-                except Exception as exc:  # admission's own guard: never the loop's end
-                    self._refuse("internal_error")
-                    log.error("tunnel: internal error admitting a connection: %r", exc,
-                              exc_info=exc)
-                    stream.socket.close()
+        await accept_tunnel_connections(listener, self._admit, self._refuse, what="tunnel")
 
     def _admit(self, stream: trio.SocketStream) -> None:
         """Start serving an accepted TCP connection, or close it (counted)."""
