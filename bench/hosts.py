@@ -148,11 +148,27 @@ class Vhostvpn:
         while True:
             paths = [[p["path"] for p in self.status(side).get("direct", {}).get("peers", [])
                       if p["name"] in DIRECT_ADDRESSES] for side in DIRECT_ADDRESSES]
-            if all(path == [want] for path in paths):
+            if all(path == [want] for path in paths) and (not up or self._settled_direct()):
                 return round(time.monotonic() - started, 2)
             if time.monotonic() - started > DIRECT_SWITCH_TIMEOUT:
                 raise RuntimeError(f"a <-> b did not go {want}: {paths}")
             time.sleep(0.05)
+
+    def _settled_direct(self) -> bool:
+        """Do a few pings a -> b all take the direct session now?  A session is up before
+        frames take it: each source goes direct VOUCH_DELAY_SECONDS after it crossed the
+        hub, and an expired ARP entry sends a broadcast through the hub, so timing right
+        after the status said "direct" measured a mix of both paths."""
+        def sent_direct() -> int:
+            peers = self.status("a").get("direct", {}).get("peers", [])
+            return sum(p["out_frames"] for p in peers if p["name"] == "b")
+
+        before = sent_direct()
+        count = 5
+        subprocess.run(["ip", "netns", "exec", self.ns.names["a"], "ping", "-q", "-c",
+                        str(count), "-i", "0.05", MEMBERS["b"][1]], capture_output=True,
+                       timeout=20)
+        return sent_direct() - before >= count
 
     def hub_frames(self, *members: str) -> dict[str, int]:
         """The hub's switch counters for `members`' sessions, both ways, summed."""
