@@ -9,12 +9,15 @@ import ipaddress
 import socket
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import trio
+from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.hub import TunnelKeys, endpoint_process, free_tcp_port, hub_process
+from tests.test_direct_links import ipv4_frame, pair, wait_for
 from tests.test_hub import GUEST_MAC, dhcp_discover, exchange, hub_with_guests
 from tunnel import metrics
 from tunnel.hub import HubConfig
@@ -274,3 +277,35 @@ async def test_a_hub_and_its_endpoints_serve_their_status_as_metrics(tmp_path):
     assert value(ep_scraped, "vhostvpn_port_link_up", port="a.sock", kind="vhost-user") == 0
     assert value(ep_scraped, "vhostvpn_info", role="endpoint",
                  fingerprint=ep_state["fingerprint"]) == 1
+
+
+async def test_a_scrape_says_what_status_says_about_direct_peers(tmp_path):
+    """An endpoint's direct paths as metrics: the listener's counts and, per introduced
+    peer, its path, frames, bytes, rtt and sessions (two real DirectLinks over TLS)."""
+    async with trio.open_nursery() as nursery:
+        a, b = await pair(nursery, tmp_path)
+        b.send(ipv4_frame("a", "b"))
+        await wait_for(lambda: len(a.local.got) == 1)
+        await wait_for(lambda: b.links.status()["peers"][0]["rtt_ms"] is not None)
+        state = {"role": "endpoint", "direct": b.links.status()}
+        listener = {"role": "endpoint", "direct": a.links.status()}
+        nursery.cancel_scope.cancel()
+    scraped = samples(b"HTTP/1.1 200 OK\r\n\r\n"
+                      + generate_latest(metrics.make_registry(lambda: state, Counter())))
+    [peer] = state["direct"]["peers"]
+    name = peer["name"]
+    assert value(scraped, "vhostvpn_direct_peer_direct", peer=name) == 1
+    for direction in ("in", "out"):
+        assert value(scraped, "vhostvpn_direct_peer_frames_total", peer=name,
+                     direction=direction) == peer[f"{direction}_frames"]
+        assert value(scraped, "vhostvpn_direct_peer_bytes_total", peer=name,
+                     direction=direction) == peer[f"{direction}_bytes"]
+    assert value(scraped, "vhostvpn_direct_peer_frames_total", peer=name, direction="out") == 1
+    assert value(scraped, "vhostvpn_direct_peer_rtt_seconds", peer=name) == peer["rtt_ms"] / 1000
+    assert value(scraped, "vhostvpn_direct_peer_sessions_total", peer=name) == 1
+    assert value(scraped, "vhostvpn_direct_intros_total") == state["direct"]["intros"]
+    scraped = samples(b"HTTP/1.1 200 OK\r\n\r\n"
+                      + generate_latest(metrics.make_registry(lambda: listener, Counter())))
+    assert value(scraped, "vhostvpn_direct_handshakes_in_progress") == 0
+    assert value(scraped, "vhostvpn_direct_peer_direct",
+                 peer=listener["direct"]["peers"][0]["name"]) == 1

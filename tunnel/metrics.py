@@ -76,6 +76,9 @@ def state_families(state: dict) -> Iterator[Metric]:
     session = state.get("session")
     if session is not None:
         yield from _uplink_families(session)
+    direct = state.get("direct")
+    if direct is not None:
+        yield from _direct_families(direct)
 
 
 def _port_families(ports: list[dict]) -> Iterator[Metric]:
@@ -194,6 +197,52 @@ def _uplink_families(session: dict) -> Iterator[Metric]:
                      "that took over a live session", [])
     rekeys.add_metric([], session.get("rekeys", 0))
     yield from (reconnects, rekeys)
+
+
+def _direct_families(direct: dict) -> Iterator[Metric]:
+    """An endpoint's direct paths (tunnel/direct_link.py): its listener, and each peer the
+    hub introduced, labelled by the peer's name in the hub's peers file."""
+    intros = _family(CounterMetricFamily, "direct_intros", "Introductions (INTRO records) "
+                     "the hub sent", [])
+    intros.add_metric([], direct.get("intros", 0))
+    handshakes = _family(GaugeMetricFamily, "direct_handshakes_in_progress", "Connections "
+                         "to --listen between accept and an authenticated direct session", [])
+    handshakes.add_metric([], direct.get("handshakes", 0))
+    refused = _family(CounterMetricFamily, "direct_refused", "Connections to --listen "
+                      "refused or failed before a direct session, by reason", ["reason"])
+    for reason, count in sorted(direct.get("refused", {}).items()):
+        refused.add_metric([reason], count)
+    labels = ["peer"]
+    path = _family(GaugeMetricFamily, "direct_peer_direct", "1 while frames to an "
+                   "introduced peer go over its direct session, 0 while they take the hub",
+                   labels)
+    frames = _family(CounterMetricFamily, "direct_peer_frames", "Frames over a peer's "
+                     "direct sessions (those received also count as the uplink port's in)",
+                     [*labels, "direction"])
+    nbytes = _family(CounterMetricFamily, "direct_peer_bytes", "Bytes over a peer's direct "
+                     "sessions", [*labels, "direction"])
+    drops = _family(CounterMetricFamily, "direct_peer_drops", "Frames from or to a peer's "
+                    "direct sessions that were dropped, by reason", [*labels, "reason"])
+    rtt = _family(GaugeMetricFamily, "direct_peer_rtt_seconds", "A direct session's last "
+                  "measured round-trip time", labels)
+    sessions = _family(CounterMetricFamily, "direct_peer_sessions", "Direct sessions a peer "
+                       "has had", labels)
+    failures = _family(CounterMetricFamily, "direct_peer_failures", "Dials or direct "
+                       "sessions to a peer that failed", labels)
+    for peer in direct.get("peers", []):
+        ident = [str(peer.get("name"))]
+        path.add_metric(ident, 1 if peer.get("path") == "direct" else 0)
+        for direction in ("in", "out"):
+            frames.add_metric([*ident, direction], peer.get(f"{direction}_frames", 0))
+            nbytes.add_metric([*ident, direction], peer.get(f"{direction}_bytes", 0))
+        for reason, count in sorted((peer.get("drops") or {}).items()):
+            drops.add_metric([*ident, reason], count)
+        if peer.get("rtt_ms") is not None:
+            rtt.add_metric(ident, peer["rtt_ms"] / 1000)
+        sessions.add_metric(ident, peer.get("sessions", 0))
+        failures.add_metric(ident, peer.get("failures", 0))
+    yield from (intros, handshakes, refused, path, frames, nbytes, drops, rtt, sessions,
+                failures)
 
 
 class StatusCollector:
