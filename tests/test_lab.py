@@ -63,8 +63,8 @@ def test_hub_settings_default_to_what_vhostvpn_hub_defaults_to(tmp_path):
     spec = parse_lab(HUB + '[[guest]]\nname = "a"\n', "lab.toml")
     hub = spec.hub
     assert (str(hub.gateway), hub.ipv6_prefix, hub.dhcp, hub.mtu, hub.dns, hub.pcap,
-            hub.port_policy, hub.log_level) == ("10.77.0.1", None, True, 1500, (), None,
-                                                True, None)
+            hub.port_policy, hub.log_level, hub.direct) == ("10.77.0.1", None, True, 1500, (),
+                                                            None, True, None, False)
     flags = hub_flags(hub, tmp_path, "info")
     assert flags[flags.index("--gateway") + 1] == "10.77.0.1"
     assert flags[flags.index("--mtu") + 1] == "1500"
@@ -211,6 +211,11 @@ HUB = '[hub]\nsubnet = "10.77.0.0/24"\n'
         (HUB + 'gateway = "10.77.0.255"\n[[guest]]\nname = "a"\n',
          "[hub]: gateway 10.77.0.255 is not a host address"),
         (HUB + 'gateway = "gw"\n[[guest]]\nname = "a"\n', "[hub]: gateway 'gw'"),
+        ('[hub]\nsubnet = "10.198.7.0/24"\ndirect = true\n[[guest]]\nname = "a"\n',
+         "[hub]: direct = true puts the members' --listen addresses on 10.198.0.0/16, which "
+         "the subnet 10.198.7.0/24 overlaps"),
+        (HUB + 'direct = "yes"\n[[guest]]\nname = "a"\n',
+         "[hub]: direct must be true or false, got 'yes'"),
         (HUB + 'gateway = 1\n[[guest]]\nname = "a"\n', "[hub]: gateway must be a string, got 1"),
         (HUB + 'gateway = "10.77.0.9"\n[[host]]\nname = "h"\naddress = "10.77.0.9/24"\n',
          "(other than the gateway 10.77.0.9)"),
@@ -424,6 +429,23 @@ def test_example_lab_guests_tap_and_dhcp_tun_host_ping_over_ipv4_and_ipv6_then_n
             ping_all(lab_file, member, [a for name in ("vm1", "vm2", "h1", "t1")
                                         if name != member
                                         for a in (address[name], ipv6[name])])
+
+        # direct = true: each endpoint listens on the lab's LAN, every pair of members is
+        # direct, and the pings above took the direct sessions (after their first frames)
+        for name, member in members.items():
+            assert member["listen"].startswith("10.198.0."), member
+            deadline = time.monotonic() + 15
+            while True:
+                peers = query(member["control"])["direct"]["peers"]
+                if len(peers) == 3 and all(p["path"] == "direct" for p in peers):
+                    break
+                assert time.monotonic() < deadline, (name, peers)
+                time.sleep(0.2)
+        ping_all(lab_file, "vm1", [address[name] for name in ("vm2", "h1", "t1")])
+        vm1_peers = {p["name"]: p for p in query(members["vm1"]["control"])["direct"]["peers"]}
+        assert all(p["out_frames"] > 0 and p["in_frames"] > 0
+                   for p in vm1_peers.values()), vm1_peers
+        assert "direct paths: members listen on 10.198.0.0/16" in up.stdout
 
         failing = lab("run", str(lab_file), "vm1", "--", "sh", "-c", "echo oops; exit 7")
         assert failing.returncode == 7 and failing.stdout.strip() == "oops"

@@ -22,6 +22,10 @@ from tunnel.lab import LabError
 # Every lab's veth networks lie in it (10.199.N.0/24, N = member number from 1); a NAT lab's
 # hub gets `--nat-deny` for all of it, so guests never reach a lab's tunnel port through it.
 VETH_NETWORKS = ipaddress.IPv4Network("10.199.0.0/16")
+# A `direct = true` lab's LAN: member N's endpoint listens on 10.198.0.N (a veth into a bridge
+# in the lab's namespace vvlab-<tag>-lan), so members reach each other without the hub.
+DIRECT_NETWORK = ipaddress.IPv4Network("10.198.0.0/16")
+DIRECT_PORT = 7100
 
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -103,6 +107,42 @@ def join_commands(plan: Plan, veth: Veth) -> list[list[str]]:
              veth.member_end],
             [*hub, "link", "set", veth.hub_end, "up"],
             ["-n", veth.netns, "link", "set", veth.member_end, "up"]]
+
+
+def lan_netns(tag: str) -> str:
+    """The namespace of lab `tag`'s LAN bridge (a `direct = true` lab's)."""
+    return f"vvlab-{tag}-lan"
+
+
+def direct_address(index: int) -> str:
+    """Member number `index`'s address on the lab's LAN, where its endpoint listens."""
+    return str(DIRECT_NETWORK[index])
+
+
+def lan_commands(tag: str, veth: Veth) -> list[list[str]]:
+    """The `ip` argument lists that join `veth`'s member to the LAN bridge of lab `tag`
+    (made by `make_lan`): a veth pair vd<tag>NN (the member's, direct_address(index)/16)
+    and vb<tag>NN (the bridge's port)."""
+    lan, member_end = lan_netns(tag), f"vd{tag}{veth.index:02d}"
+    bridge_end = f"vb{tag}{veth.index:02d}"
+    return [["link", "add", member_end, "netns", veth.netns, "type", "veth",
+             "peer", "name", bridge_end, "netns", lan],
+            ["-n", lan, "link", "set", bridge_end, "master", "br0", "up"],
+            ["-n", veth.netns, "addr", "add",
+             f"{direct_address(veth.index)}/{DIRECT_NETWORK.prefixlen}", "dev", member_end],
+            ["-n", veth.netns, "link", "set", member_end, "up"]]
+
+
+def make_lan(tag: str) -> None:
+    """The LAN's namespace (exists, made by `add`) gets its bridge br0, up."""
+    lan = lan_netns(tag)
+    ip("-n", lan, "link", "add", "br0", "type", "bridge")
+    ip("-n", lan, "link", "set", "br0", "up")
+
+
+def join_lan(tag: str, veth: Veth) -> None:
+    for args in lan_commands(tag, veth):
+        ip(*args)
 
 
 def add(netns: str) -> None:

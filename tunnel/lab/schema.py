@@ -22,6 +22,7 @@ from netstack.frame import QEMU_OUI, format_mac, stable_mac
 from netstack.gateway.dhcp_config import MAX_LEASE_SECONDS, MIN_LEASE_SECONDS
 from netstack.nat.forward import ForwardSpec, parse_forward
 from tunnel.lab import LabError
+from tunnel.lab.netns import DIRECT_NETWORK
 from tunnel.lab.state import lab_state_dir, lab_tag
 from tunnel.settings import HUB_MIN_MTU, LOG_LEVELS, MAX_MTU, address_range, is_host_address
 
@@ -66,6 +67,7 @@ class HubSpec:
     nat: bool = False  # --nat; the hub then runs in the caller's namespace (netns.plan)
     map_host_loopback: bool = False  # --map-host-loopback (needs nat)
     forwards: tuple[ForwardSpec, ...] = ()  # --forward each; member names resolved
+    direct: bool = False  # members --listen on the lab's LAN (netns.DIRECT_NETWORK)
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,7 @@ def guest_mac(tag: str, name: str) -> str:
 
 _HUB_KEYS = {"subnet", "gateway", "ipv6_prefix", "dhcp", "dhcp_range", "lease_time", "domain",
              "mtu", "dns", "pcap", "port_policy",
-             "log_level", "nat", "map_host_loopback", "forward"}
+             "log_level", "nat", "map_host_loopback", "forward", "direct"}
 _GUEST_KEYS = {"name", "count", "memory", "smp", "qemu_args", "command", "address"}
 _HOST_KEYS = {"name", "mode", "address", "dhcp"}
 
@@ -368,8 +370,13 @@ def _parse_hub(hub: dict, path: Path) -> HubSpec:
     if map_host_loopback and not nat:
         raise LabError("[hub]: map_host_loopback needs nat = true (it maps the gateway's "
                        "address through the NAT)")
+    direct = _typed("[hub]", hub, "direct", bool, False)
+    if direct and subnet.overlaps(DIRECT_NETWORK):
+        raise LabError(f"[hub]: direct = true puts the members' --listen addresses on "
+                       f"{DIRECT_NETWORK}, which the subnet {subnet} overlaps: choose another "
+                       "subnet")
     return HubSpec(subnet, gateway, prefix, dhcp, mtu, tuple(dns), pcap, port_policy, log_level,
-                   dhcp_range, lease_time, domain, nat, map_host_loopback)
+                   dhcp_range, lease_time, domain, nat, map_host_loopback, direct=direct)
 
 
 def _guest_addresses(where: str, table: dict, count: int,

@@ -48,6 +48,7 @@ class Member:
     processes: dict[str, Proc] = field(default_factory=dict)  # endpoint, qemu
     address: str | None = None
     address6: str | None = None
+    listen: str = ""  # its endpoint's --listen (a `direct = true` lab's LAN address)
 
 
 @dataclass

@@ -216,6 +216,12 @@ def _make_namespaces(spec: LabSpec, state: State, plumbing: netns.Plan, port: in
             state.namespaces.append(plumbing.hub_netns)
             state.save()
             netns.add(plumbing.hub_netns)
+        if spec.hub.direct:
+            lan = netns.lan_netns(spec.tag)
+            state.namespaces.append(lan)
+            state.save()
+            netns.add(lan)
+            netns.make_lan(spec.tag)
         for veth in plumbing.veths:
             spec_member = specs[veth.member]
             kind = "guest" if isinstance(spec_member, GuestSpec) else spec_member.mode
@@ -231,6 +237,12 @@ def _make_namespaces(spec: LabSpec, state: State, plumbing: netns.Plan, port: in
             state.save()
             netns.add(member.netns)
             netns.join(plumbing, veth)
+            if spec.hub.direct:
+                netns.join_lan(spec.tag, veth)
+                member.listen = f"{netns.direct_address(veth.index)}:{netns.DIRECT_PORT}"
+    if spec.hub.direct:
+        say(f"direct paths: members listen on {netns.DIRECT_NETWORK} (the bridge in "
+            f"{netns.lan_netns(spec.tag)}), port {netns.DIRECT_PORT}")
     say(f"namespaces: {plumbing.hub_netns} and {len(state.members)} member namespaces"
         if plumbing.hub_netns else
         f"namespaces: {len(state.members)} member namespaces, their veths' hub ends "
@@ -275,6 +287,8 @@ def _start_endpoints(spec: LabSpec, state: State, directory: Path, log_level: st
         else:
             assert isinstance(s, HostSpec)
             argv += host_flags(spec.hub, s)
+        if member.listen:
+            argv += ["--listen", member.listen]
         member.processes["endpoint"] = spawn(argv, Path(member.log))
         state.save()
     for member in state.members:
