@@ -57,10 +57,15 @@ async def test_two_guests_ping_and_stream_through_the_hub(tmp_path):
 
 async def test_guest_reboot_and_hub_crash_both_recover(tmp_path):
     async with hub_with_two_guests(tmp_path) as (hub, ga, gb):
-        # the guest reboots: QEMU stops the rings and replays the start block
+        # the guest reboots: QEMU stops the rings and replays the start block; it is a new
+        # boot (the root fs lives in RAM) with its address again, and talks both ways
+        await gb.check("echo before > /tmp/marker")
         boot = await gb.reboot()
-        assert boot.number == 2
+        assert boot.number == 2 and boot.ip == "10.77.0.2/24"
+        assert await gb.run("cat /tmp/marker") == (1, "cat: can't open '/tmp/marker': "
+                                                      "No such file or directory")
         await ping(ga, "10.77.0.2")
+        await ping(gb, "10.77.0.1", count=1)
         # the hub dies (kill -9) and comes back: QEMU reconnects (reconnect=1), no reboot
         await hub.kill()
         await hub.start()

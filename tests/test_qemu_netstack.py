@@ -127,6 +127,12 @@ async def test_guest_without_offloads_exchanges_a_stream_and_a_file_with_one_wit
                 guest("gb", hub, tmp_path, device_opts=NO_OFFLOADS) as gb:
             boots = await wait_all_booted([ga, gb])
             ip_a, ip_b = (b.ip.split("/")[0] for b in boots)
+            # The harness's device options reach the guest's driver: feature bit 0 is
+            # VIRTIO_NET_F_CSUM, bit 1 GUEST_CSUM, bit 11 HOST_TSO4 (QEMU's defaults: all on).
+            features_a = await ga.check("cat /sys/class/net/eth0/device/features")
+            features_b = await gb.check("cat /sys/class/net/eth0/device/features")
+            assert features_b[0] == features_b[1] == features_b[11] == "0", features_b
+            assert features_a[0] == "1", features_a
             for server, client, address in ((gb, ga, ip_b), (ga, gb, ip_a)):
                 assert await iperf3_mbits(client, server, address) > 0
             sent, received = await send_file(ga, gb, ip_b, 4096)
