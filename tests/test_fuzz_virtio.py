@@ -389,8 +389,13 @@ def exercise_rings(device: VhostUserDevice) -> None:
             device.latch_broken(str(exc))
 
 
+# The messages are handled the same whichever walk serves the rings they set up: half the
+# examples under each walk still give the protocol layer as many as the other fuzzers get.
+FRONT_END = settings(FUZZ, max_examples=max(FUZZ_EXAMPLES // 2, 1))
+
+
 @BOTH_WALKS
-@bounded_given(FUZZ, seed=st.integers(0, 1 << 32), sane_start=st.booleans(),
+@bounded_given(FRONT_END, seed=st.integers(0, 1 << 32), sane_start=st.booleans(),
                script=st.lists(messages(), min_size=1, max_size=25))
 def test_hostile_front_end_messages_raise_only_protocol_errors_and_leak_nothing(
         seed, sane_start, script):
