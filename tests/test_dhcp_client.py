@@ -10,7 +10,6 @@ import random
 from ipaddress import IPv4Address, IPv4Interface
 
 import pytest
-from hypothesis import given
 from hypothesis import strategies as st
 from scapy.layers.dhcp import BOOTP, DHCP
 from scapy.layers.inet import ICMP, IP, UDP
@@ -35,6 +34,7 @@ from netstack.host.dhcp_client import (
 )
 from netstack.host.l3host import L3Host
 from tests.support.clock import Clock
+from tests.support.fuzzing import bounded_given
 from tests.support.hostile_frames import fuzz_settings, garbled
 
 CLIENT_MAC = bytes.fromhex("02686f737401")
@@ -357,8 +357,7 @@ def test_a_nak_outside_requesting_renewing_rebinding_is_ignored(state):
     assert wire.client.state == state
 
 
-@fuzz_settings(300)
-@given(st.data())
+@bounded_given(fuzz_settings(300), st.data())
 def test_garbage_and_mutated_replies_never_raise(data):
     wire = Wire()
     offer = bytes(offer_for(wire).data)

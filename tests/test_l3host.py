@@ -9,7 +9,6 @@ from __future__ import annotations
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface, IPv6Network
 
 import pytest
-from hypothesis import given
 from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import (
@@ -35,6 +34,7 @@ from netstack.host.neighbour_cache import (
 )
 from netstack.neighbour import link_local_from_mac
 from tests.support.clock import Clock
+from tests.support.fuzzing import bounded_given
 from tests.support.hostile_frames import fuzz_settings, garbled
 
 HOST_MAC = bytes.fromhex("02686f737401")
@@ -471,8 +471,7 @@ def seeds() -> list[bytes]:
     ]
 
 
-@fuzz_settings(500)
-@given(st.data())
+@bounded_given(fuzz_settings(500), st.data())
 def test_garbage_from_the_segment_never_raises(data):
     host = make_host(ipv6=IPv6Interface("fd77::2/64"))
     host.from_host(udp6("fd77::5"))
@@ -486,8 +485,7 @@ def test_garbage_from_the_segment_never_raises(data):
     host.tick(host.clock() + data.draw(st.floats(0, 10000)))
 
 
-@fuzz_settings(300)
-@given(st.binary(max_size=80), st.tuples(*[st.integers(0, 0xFFFF)] * 6))
+@bounded_given(fuzz_settings(300), st.binary(max_size=80), st.tuples(*[st.integers(0, 0xFFFF)] * 6))
 def test_garbage_from_the_host_never_raises(packet, offload):
     host = make_host(ipv6=IPv6Interface("fd77::2/64"), gateway6=IPv6Address("fd77::1"))
     for frame in host.from_host(packet, OffloadInfo(*offload)):

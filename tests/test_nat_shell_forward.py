@@ -11,6 +11,8 @@ import resource
 import socket
 import struct
 import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -119,6 +121,26 @@ async def echo_server(listener) -> None:
             nursery.start_soon(echo, conn)
 
 
+@asynccontextmanager
+async def serving(netns: str, family: int, address: str, port: int,
+                  server: Callable[[trio.socket.SocketType], Awaitable[None]] = echo_server,
+                  ) -> AsyncIterator[None]:
+    """`server` on a TCP listener in `netns` for as long as the block runs."""
+    with listening(netns, family, address, port) as listener:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server, listener)
+            yield
+            nursery.cancel_scope.cancel()
+
+
+async def echoed(client: trio.socket.SocketType, data: bytes) -> None:
+    """`client` connects to the hub's IPv4 forward and gets `data` back (within 5 s)."""
+    await client.connect((HUB[4], HOST_PORT))
+    await client.send(data)
+    with trio.fail_after(5):
+        assert await client.recv(100) == data
+
+
 def family_of(version: int) -> int:
     return socket.AF_INET if version == 4 else socket.AF_INET6
 
@@ -132,21 +154,17 @@ def test_an_outside_client_moves_8_mb_each_way_through_a_tcp_forward_to_a_kernel
     status: dict = {}
 
     async def test(shell, names, ns) -> None:
-        listener = listening(ns, family_of(version), GUEST[version], GUEST_PORT)
-        with listener:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(echo_server, listener)
-                done = await trio.run_process(
-                    ["ip", "netns", "exec", names["outside"], sys.executable, "-c", CLIENT,
-                     HUB[version], str(HOST_PORT), str(EIGHT_MB), str(version), "0", "0"],
-                    capture_stdout=True, capture_stderr=True, check=False)
-                assert done.returncode == 0, done.stderr.decode()
-                output.extend(done.stdout.decode().split())
-                with trio.fail_after(5):
-                    while shell.tcp.flows:  # the guest's FIN closes the flow
-                        await trio.sleep(0.01)
-                status.update(shell.status())
-                nursery.cancel_scope.cancel()
+        async with serving(ns, family_of(version), GUEST[version], GUEST_PORT):
+            done = await trio.run_process(
+                ["ip", "netns", "exec", names["outside"], sys.executable, "-c", CLIENT,
+                 HUB[version], str(HOST_PORT), str(EIGHT_MB), str(version), "0", "0"],
+                capture_stdout=True, capture_stderr=True, check=False)
+            assert done.returncode == 0, done.stderr.decode()
+            output.extend(done.stdout.decode().split())
+            with trio.fail_after(5):
+                while shell.tcp.flows:  # the guest's FIN closes the flow
+                    await trio.sleep(0.01)
+            status.update(shell.status())
 
     with_kernel_guest(test, forwards=[tcp_forward(version)], resolve=known_guest)
     sent, echoed, count = output
@@ -177,32 +195,24 @@ def test_connections_past_a_forwards_cap_are_reset_and_counted_and_a_place_frees
     status: dict = {}
 
     async def test(shell, names, ns) -> None:
-        listener = listening(ns, socket.AF_INET, KERNEL_IP, GUEST_PORT)
-        with listener:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(echo_server, listener)
-                clients = [client_socket(names["outside"], socket.AF_INET) for _ in range(3)]
-                try:
-                    for client in clients[:2]:
-                        await client.connect((HUB[4], HOST_PORT))
-                        await client.send(b"ping")
-                        assert await client.recv(100) == b"ping"  # relayed: it holds a place
-                    with trio.fail_after(5), pytest.raises(ConnectionResetError):
-                        await clients[2].connect((HUB[4], HOST_PORT))  # the reset may come
-                        await clients[2].recv(100)  # before connect() returns, or after
-                    clients[0].close()
-                    with trio.fail_after(5):
-                        while shell.forwards[0].active > 1:
-                            await trio.sleep(0.01)
-                    with client_socket(names["outside"], socket.AF_INET) as late:
-                        await late.connect((HUB[4], HOST_PORT))
-                        await late.send(b"again")
-                        assert await late.recv(100) == b"again"
-                finally:
-                    for client in clients:
-                        client.close()
-                status.update(shell.status())
-                nursery.cancel_scope.cancel()
+        async with serving(ns, socket.AF_INET, KERNEL_IP, GUEST_PORT):
+            clients = [client_socket(names["outside"], socket.AF_INET) for _ in range(3)]
+            try:
+                for client in clients[:2]:
+                    await echoed(client, b"ping")  # relayed: it holds a place
+                with trio.fail_after(5), pytest.raises(ConnectionResetError):
+                    await clients[2].connect((HUB[4], HOST_PORT))  # the reset may come
+                    await clients[2].recv(100)  # before connect() returns, or after
+                clients[0].close()
+                with trio.fail_after(5):
+                    while shell.forwards[0].active > 1:
+                        await trio.sleep(0.01)
+                with client_socket(names["outside"], socket.AF_INET) as late:
+                    await echoed(late, b"again")
+            finally:
+                for client in clients:
+                    client.close()
+            status.update(shell.status())
 
     with_kernel_guest(test, forwards=[tcp_forward(4)], resolve=known_guest, forward_cap=2)
     [forward] = status["forwards"]
@@ -239,16 +249,9 @@ def test_a_guest_learnt_while_the_client_waits_is_connected():
         return known_guest(address) if trio.current_time() >= learnt_at[0] else None
 
     async def test(shell, names, ns) -> None:
-        listener = listening(ns, socket.AF_INET, KERNEL_IP, GUEST_PORT)
-        with listener:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(echo_server, listener)
-                with client_socket(names["outside"], socket.AF_INET) as client:
-                    await client.connect((HUB[4], HOST_PORT))
-                    await client.send(b"late hello")
-                    with trio.fail_after(5):
-                        assert await client.recv(100) == b"late hello"
-                nursery.cancel_scope.cancel()
+        async with serving(ns, socket.AF_INET, KERNEL_IP, GUEST_PORT):
+            with client_socket(names["outside"], socket.AF_INET) as client:
+                await echoed(client, b"late hello")
 
     with_kernel_guest(test, forwards=[tcp_forward(4)], resolve=slow)
 
@@ -279,17 +282,10 @@ def test_a_forward_that_cannot_listen_is_counted_and_the_others_serve():
     status: dict = {}
 
     async def test(shell, names, ns) -> None:
-        listener = listening(ns, socket.AF_INET, KERNEL_IP, GUEST_PORT)
-        with listener:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(echo_server, listener)
-                with client_socket(names["outside"], socket.AF_INET) as client:
-                    await client.connect((HUB[4], HOST_PORT))
-                    await client.send(b"x")
-                    with trio.fail_after(5):
-                        assert await client.recv(100) == b"x"
-                status.update(shell.status())
-                nursery.cancel_scope.cancel()
+        async with serving(ns, socket.AF_INET, KERNEL_IP, GUEST_PORT):
+            with client_socket(names["outside"], socket.AF_INET) as client:
+                await echoed(client, b"x")
+            status.update(shell.status())
 
     taken = ForwardSpec("tcp", ipaddress.ip_address("192.0.2.1"), HOST_PORT + 1,
                         ipaddress.ip_address(KERNEL_IP), GUEST_PORT)  # not the hub's address
@@ -303,10 +299,8 @@ def test_accept_out_of_file_descriptors_is_counted_and_the_connection_served_onc
     status: dict = {}
 
     async def test(shell, names, ns) -> None:
-        listener = listening(ns, socket.AF_INET, KERNEL_IP, GUEST_PORT)
-        with listener, client_socket(names["outside"], socket.AF_INET) as client:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(echo_server, listener)
+        with client_socket(names["outside"], socket.AF_INET) as client:
+            async with serving(ns, socket.AF_INET, KERNEL_IP, GUEST_PORT):
                 await trio.testing.wait_all_tasks_blocked()  # the server waits in accept
                 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
                 lowest_free = os.dup(0)  # a new fd takes the lowest free number
@@ -323,7 +317,6 @@ def test_accept_out_of_file_descriptors_is_counted_and_the_connection_served_onc
                 with trio.fail_after(5):
                     assert await client.recv(100) == b"patience"
                 status.update(shell.status())
-                nursery.cancel_scope.cancel()
 
     with_kernel_guest(test, forwards=[tcp_forward(4)], resolve=known_guest)
     [forward] = status["forwards"]
@@ -410,13 +403,9 @@ def test_dns_over_tcp_to_the_gateway_reaches_the_upstream_resolver(version):
     answers: list[DNS] = []
 
     async def test(shell, names, ns) -> None:
-        listener = listening(names["outside"], socket.AF_INET, OUT4, 53)
-        with listener:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(tcp_dns_server, listener)
-                with trio.fail_after(10):
-                    answers.append(await ask_over_tcp(ns, version, 0x4242))
-                nursery.cancel_scope.cancel()
+        async with serving(names["outside"], socket.AF_INET, OUT4, 53, tcp_dns_server):
+            with trio.fail_after(10):
+                answers.append(await ask_over_tcp(ns, version, 0x4242))
 
     with_kernel_guest(test)  # the upstream is IPv4: a v6 guest's query crosses families
     [answer] = answers
@@ -428,13 +417,9 @@ def test_dns_over_tcp_moves_past_a_dead_upstream_to_the_next():
 
     async def test(shell, names, ns) -> None:
         shell.dns.upstreams.insert(0, ipaddress.ip_address(OUT6))  # nothing listens there
-        listener = listening(names["outside"], socket.AF_INET, OUT4, 53)
-        with listener:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(tcp_dns_server, listener)
-                with trio.fail_after(10):
-                    answers.append(await ask_over_tcp(ns, 4, 7))
-                nursery.cancel_scope.cancel()
+        async with serving(names["outside"], socket.AF_INET, OUT4, 53, tcp_dns_server):
+            with trio.fail_after(10):
+                answers.append(await ask_over_tcp(ns, 4, 7))
 
     with_kernel_guest(test)
     assert answers[0].id == 7

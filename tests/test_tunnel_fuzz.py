@@ -19,6 +19,7 @@ from netstack.frame import ALL_OFFLOADS, Frame
 from netstack.policy import PortPolicy
 from netstack.port import Port
 from netstack.switch import Switch
+from tests.support import fuzzing
 from tunnel import session as session_module
 from tunnel.introducer import Introducer
 from tunnel.keys import client_ssl_context, generate_identity, server_ssl_context
@@ -42,9 +43,10 @@ from tunnel.wire import (
     WireConnection,
 )
 
-# A few seconds by default; VHOSTVPN_FUZZ_EXAMPLES=N (and VHOSTVPN_FUZZ_SEED) for a long run.
+# A few seconds by default; VHOSTVPN_FUZZ_EXAMPLES=N (and VHOSTVPN_FUZZ_SEED) for a long run,
+# bounded by VHOSTVPN_FUZZ_SECONDS.
 SEED = int(os.environ.get("VHOSTVPN_FUZZ_SEED", "20240901"))
-CASES = int(os.environ.get("VHOSTVPN_FUZZ_EXAMPLES", "1000"))
+CASES = fuzzing.examples(1000)
 CLEAN_ENDS = {"peer_closed", "protocol_error", "connection_lost"}
 # Offload metadata worth trying: PLAIN, checksum-needed, TSO/UFO with sane and absurd values.
 OFFLOADS = [(0, 0, 0, 0, 0, 0), (1, 0, 0, 0, 34, 16), (1, 1, 54, 1448, 34, 16),
@@ -181,7 +183,12 @@ async def test_random_records_after_auth_only_ever_close_the_link(server_context
     switch.attach(Sink())
     introducer = Introducer(switch, lambda name: bytes(32), clock=trio.current_time)
     ends: dict[str, int] = {}
+    budget = fuzzing.Budget()
+    cases = 0
     for case in range(CASES):
+        if budget.spent():
+            break
+        cases += 1
         link, attacker, _ = await authenticated_link(server_context, switch, introducer)
         data = case_bytes(rng)
         result: list[LinkResult] = []
@@ -211,4 +218,5 @@ async def test_random_records_after_auth_only_ever_close_the_link(server_context
         assert kind in CLEAN_ENDS, f"case {case}: {result[0]} for {data[:64].hex()}"
         ends[kind] = ends.get(kind, 0) + 1
     # The generator reaches both kinds of clean end, often.
-    assert ends.get("protocol_error", 0) > CASES // 5 and ends.get("peer_closed", 0) > CASES // 5
+    assert cases == CASES or fuzzing.SECONDS is not None
+    assert ends.get("protocol_error", 0) > cases // 5 and ends.get("peer_closed", 0) > cases // 5

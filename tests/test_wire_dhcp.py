@@ -9,7 +9,6 @@ import struct
 from ipaddress import IPv4Address
 
 import pytest
-from hypothesis import given
 from hypothesis import strategies as st
 from scapy.layers.dhcp import BOOTP, DHCP
 from scapy.layers.inet import IP, UDP
@@ -35,6 +34,7 @@ from netstack.wire.dhcp import (
     DhcpMessage,
     build_frame,
 )
+from tests.support.fuzzing import bounded_given
 from tests.support.hostile_frames import fuzz_settings
 
 CLIENT_MAC = bytes.fromhex("525400123401")
@@ -302,15 +302,14 @@ def parse_or_malformed(frame: bytes, op: int, verify: bool) -> None:
     read_all(view)
 
 
-@fuzz_settings(400)
-@given(st.binary(max_size=700), st.sampled_from([BOOTREQUEST, BOOTREPLY]), st.booleans())
+@bounded_given(fuzz_settings(400), st.binary(max_size=700),
+               st.sampled_from([BOOTREQUEST, BOOTREPLY]), st.booleans())
 def test_arbitrary_bytes_give_a_view_or_malformed_only(data, op, verify):
     parse_or_malformed(data, op, verify)
 
 
-@fuzz_settings(400)
-@given(st.binary(max_size=600), st.integers(0, 3), st.binary(max_size=64),
-       st.binary(max_size=128))
+@bounded_given(fuzz_settings(400), st.binary(max_size=600), st.integers(0, 3),
+               st.binary(max_size=64), st.binary(max_size=128))
 def test_arbitrary_options_in_a_valid_frame_give_a_view_or_malformed_only(options, overload,
                                                                           sname, file):
     """Past the IP and UDP checks, into the option scanner and its overload areas."""

@@ -8,7 +8,6 @@ import ipaddress
 
 import dpkt
 import pytest
-from hypothesis import given
 from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import (
@@ -51,6 +50,7 @@ from netstack.wire.ipv4 import Ipv4
 from netstack.wire.ipv6 import Ipv6, walk_chain
 from netstack.wire.tcp import Tcp
 from netstack.wire.udp import Udp
+from tests.support.fuzzing import bounded_given
 from tests.support.hostile_frames import fuzz_settings
 
 MAC_A, MAC_B = "02:00:00:00:00:0a", "02:00:00:00:00:0b"
@@ -289,15 +289,14 @@ _ALL_REASONS = (ethernet.REASONS | arp.REASONS | ipv4.REASONS | ipv6.REASONS | i
                 | icmpv6.REASONS | udp.REASONS | tcp.REASONS)
 
 
-@fuzz_settings(100)
-@given(st.binary(max_size=200))
+@bounded_given(fuzz_settings(100), st.binary(max_size=200))
 def test_arbitrary_bytes_give_a_view_or_malformed(data):
     _read_everything(data)
     _read_everything(bytes(memoryview(data)))
 
 
-@fuzz_settings(100)
-@given(st.sampled_from([0x45, 0x46, 0x60, 0x4F]), st.binary(max_size=120))
+@bounded_given(fuzz_settings(100), st.sampled_from([0x45, 0x46, 0x60, 0x4F]),
+               st.binary(max_size=120))
 def test_arbitrary_ip_like_bytes_give_a_view_or_malformed(first, rest):
     _read_everything(bytes([first]) + rest)
 

@@ -556,7 +556,7 @@ async def dhcp_guests(log_dir: Path, **sockets: str) -> AsyncIterator[tuple[list
         yield guests, addresses
 
 
-async def iperf3_mbits(client: Guest, server: Guest, address: str, seconds: int = 2, *,
+async def iperf3_mbits(client: Guest, server: Guest, address: str, seconds: int = 1, *,
                        once: bool = True) -> float:
     """Mbit/s the receiver counted in a `seconds`-long iperf3 TCP stream from `client` to
     `server` (listening at `address`); TCP also proves the bytes crossed intact."""
@@ -575,10 +575,13 @@ async def send_file(sender: Guest, receiver: Guest, address: str, kib: int, *,
     with busybox nc; the sha256 of what was sent and of what arrived, for the test to compare.
     The listener keeps its stdin open for `listen_seconds` (it quits at stdin EOF)."""
     await receiver.check(f"sleep {listen_seconds} | nc -l -p 5000 > /tmp/got 2>/dev/null &")
-    await trio.sleep(0.5)
     sent = await sender.check(f"dd if=/dev/urandom of=/tmp/f bs=1k count={kib} 2>/dev/null;"
                               " sha256sum /tmp/f | cut -c1-64")
-    await sender.check(f"nc {address} 5000 < /tmp/f", timeout=timeout)
-    await trio.sleep(1)
-    received = await receiver.check("sha256sum /tmp/got | cut -c1-64")
+    # Until the listener is up (a refused connect sends nothing), then until all has landed
+    # (at most 10 s; a short file then fails the comparison).
+    await sender.check(f"for i in $(seq 40); do nc {address} 5000 < /tmp/f && exit 0;"
+                       " sleep 0.25; done; exit 1", timeout=timeout)
+    received = await receiver.check(f"for i in $(seq 100); do [ $(wc -c < /tmp/got) = "
+                                    f"{kib * 1024} ] && break; sleep 0.1; done;"
+                                    " sha256sum /tmp/got | cut -c1-64", timeout=30)
     return sent.strip(), received.strip()

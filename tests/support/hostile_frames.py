@@ -4,7 +4,7 @@ port that accepts none, and an L3 host (netstack.host.l3host, what a TUN host ru
 
 `HostileFrames(rng).frame()` builds one frame: every ethertype the code looks at, VLAN and
 QinQ tags, IPv6 extension-header chains, ND/ARP/DHCP option soups, random offload metadata,
-then maybe truncated, bit-flipped or made giant.  `fuzz(examples, seed, state_dir)` runs
+then maybe truncated, bit-flipped or made giant.  `fuzz(count, seed, state_dir)` runs
 them through a `Segment` and checks, after every frame: nothing raised out of forward() or
 deliver() and no unexpected-error traceback was logged by a containment guard; the replies
 of the gateway and the L3 host are well-formed; tables and queues stay within their bounds.
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import random
 import sys
 import traceback
@@ -39,6 +38,7 @@ from netstack.port import QueuedPort, SpeakingPort
 from netstack.switch import Switch
 from netstack.wire.icmpv6 import icmpv6_checksum_ok
 from tests.support.clock import Clock
+from tests.support.fuzzing import Budget, examples
 
 SUBNET = ipaddress.IPv4Network("10.77.0.0/24")
 PREFIX = ipaddress.IPv6Network("fd77::/64")
@@ -81,11 +81,11 @@ def _checksum(data: bytes) -> int:
     return 0xFFFF - _ones_sum(data)
 
 
-def fuzz_settings(examples: int) -> settings:
-    """Hypothesis settings for a parser fuzz test: `examples` in the default run, and
-    VHOSTVPN_FUZZ_EXAMPLES of them in `make fuzz`'s long run."""
-    return settings(max_examples=int(os.environ.get("VHOSTVPN_FUZZ_EXAMPLES", examples)),
-                    deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def fuzz_settings(count: int) -> settings:
+    """Hypothesis settings for a parser fuzz test: `count` examples in the default run, and
+    VHOSTVPN_FUZZ_EXAMPLES of them in `make fuzz`'s long run (with `bounded_given`)."""
+    return settings(max_examples=examples(count), deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite
@@ -428,8 +428,9 @@ def _where(exc_info) -> str:
     return f"{kind.__name__}: {value} at {Path(last.filename).name}:{last.lineno}"
 
 
-def fuzz(examples: int, seed: int, state_dir: Path) -> Report:
-    """Send `examples` hostile frames from guest port `a`; what went wrong is in `findings`."""
+def fuzz(count: int, seed: int, state_dir: Path, budget: Budget | None = None) -> Report:
+    """Send `count` hostile frames from guest port `a` (fewer if `budget` is spent first);
+    what went wrong is in `findings`."""
     rng = random.Random(seed)
     frames = HostileFrames(rng)
     segment = Segment(state_dir)
@@ -441,7 +442,9 @@ def fuzz(examples: int, seed: int, state_dir: Path) -> Report:
     logger.propagate = False
     logger.addHandler(errors)
     try:
-        for case in range(examples):
+        for case in range(count):
+            if budget is not None and budget.spent():
+                break
             frame = frames.frame()
             segment.clock.now += FRAME_INTERVAL
             _one(segment, frame, rng, report, errors)
