@@ -27,6 +27,11 @@ Path of a batch through `forward(ingress, frames)`:
    one are dropped (`offload_budget`, on the ingress port).  A service port gets no GSO
    frame it does not accept (`offload_ignored`): cutting one up costs the most, and the
    gateway takes TSO frames whole (its NAT reads a 64 KiB segment as one) but no UDP GSO.
+A frame with the same destination and source as the frame just queued for a known unicast
+destination (a run: one flow's frames in a row) meets the same table, so it skips the MAC part
+of steps 1-3 and joins that frame's egress queue; its own checks (0, the network layer, the
+service token) still run.  tests/test_switch_runs.py holds a batch to the same results as its
+frames one by one.
 Every drop is counted on a port, by reason.  Containment: an exception while switching one
 frame drops that frame (`malformed` on the ingress port); one raised by an egress port's
 `deliver` drops that batch (`internal_error` on the egress port) and the other ports still
@@ -227,6 +232,14 @@ class Switch:
         flood: list[Frame] = []
         unknown = 0  # how many frames of `flood` are unknown unicast
         nbytes = 0
+        # The run: the addresses (destination and source, 12 bytes) of the frame just queued
+        # for a known unicast destination, and that queue.  A frame with the same addresses
+        # right after it meets the same table, so its steps 1 (MAC), 2 and 3 give the same
+        # answer: only its own checks (size, offload, the network layer, the service token)
+        # are left.  Any frame that takes the long way ends the run first.
+        run_key = None
+        run_batch: list[Frame] = []
+        run_service = False
         for frame in frames:
             try:
                 data = frame.data
@@ -241,6 +254,21 @@ class Switch:
                     if reason is not None:
                         counters.drop(f"offload_{reason}")
                         continue
+                if run_key is not None:
+                    if data[0:12] == run_key:
+                        if policy is not None:
+                            if not _l3_fast(data, size, owners, ingress, now):
+                                reason = check_l3(data, ingress, self.addresses, now,
+                                                  policy.claim_limit)
+                                if reason is not None:
+                                    counters.drop(reason)
+                                    continue
+                            if run_service and not policy.take_service_token(now):
+                                counters.drop("service_rate")
+                                continue
+                        run_batch.append(frame)
+                        continue
+                    run_key = None
                 # Slices of bytes are bytes; slices of a memoryview hash and compare like
                 # bytes, so lookups need no copy.  Only a newly learned key is made bytes.
                 src = data[6:12]
@@ -260,16 +288,7 @@ class Switch:
                     if data[0] & 1 and not policy.take_flood_token(now, _cost(offload, size)):
                         counters.drop("flood_rate")
                         continue
-                    # Fast path: plain IPv4 (no options, not a DHCP server's port) from an
-                    # address this port owns and was seen with just now; it was checked when
-                    # claimed.
-                    owner = None
-                    if size >= 38 and data[12:14] == ETHERTYPE_IP and data[14] == 0x45 \
-                            and not (data[23] == IPPROTO_UDP and data[34:36] == DHCPV4_SERVER_PORT):
-                        owner = owners.get(data[26:30])
-                    if owner is None or owner[0] is not ingress or (
-                        not owner[2] and now - owner[1] > _REFRESH_SECONDS
-                    ):
+                    if not _l3_fast(data, size, owners, ingress, now):
                         reason = check_l3(data, ingress, self.addresses, now, policy.claim_limit)
                         if reason is not None:
                             counters.drop(reason)
@@ -310,9 +329,12 @@ class Switch:
                     continue
                 batch = by_port.get(egress)
                 if batch is None:
-                    by_port[egress] = [frame]
+                    batch = by_port[egress] = [frame]
                 else:
                     batch.append(frame)
+                run_key = data[0:12]
+                run_batch = batch
+                run_service = egress.service
             except Exception:  # one frame's trouble is that frame's
                 ingress.drop_unexpected("malformed", 1, "switching a frame")
         counters.in_frames += len(frames)
@@ -358,6 +380,18 @@ class Switch:
                 if now - seen <= self.aging
             ],
         }
+
+
+def _l3_fast(data: bytes, size: int, owners: dict, ingress: Port, now: float) -> bool:
+    """The network layer's fast path: plain IPv4 (no options, not from a DHCP server's port)
+    from an address `ingress` owns and was seen with just now; it was checked when claimed.
+    False: `check_l3` decides."""
+    if size >= 38 and data[12:14] == ETHERTYPE_IP and data[14] == 0x45 \
+            and not (data[23] == IPPROTO_UDP and data[34:36] == DHCPV4_SERVER_PORT):
+        owner = owners.get(data[26:30])
+        return owner is not None and owner[0] is ingress and (
+            owner[2] or now - owner[1] <= _REFRESH_SECONDS)
+    return False
 
 
 def _cost(offload: tuple, size: int) -> int:

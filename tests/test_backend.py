@@ -11,6 +11,7 @@ import pytest
 import trio
 import trio.testing
 
+from netstack.frame import Frame
 from tests.support.virtio_driver import (
     VIRTQ_DESC_F_NEXT,
     BringUpOrder,
@@ -225,6 +226,30 @@ async def test_hostile_ring_latches_only_its_device_broken(tmp_path):
             post_rx(a)
             await send(b, [eth(BROADCAST, MAC_B, 2)])
             assert len(await receive(a, 1)) == 1
+
+
+async def test_frames_for_a_waiting_guest_are_placed_by_the_task_that_switched_them(tmp_path):
+    async with running_hub(tmp_path) as hub:
+        async with guest(tmp_path / "a.sock") as a, guest(tmp_path / "b.sock") as b:
+            await learn(a, b)
+            await trio.testing.wait_all_tasks_blocked()  # a's RX task waits for frames
+            port_a, port_b = (next(p for p in hub.switch.ports if p.name == f"{n}.sock")
+                              for n in "ab")
+            sent = port_a.counters.out_frames
+            frames = [eth(MAC_A, MAC_B, i) for i in range(3)]
+            # No await: the frames are in a's RX ring when forward returns.
+            hub.switch.forward(port_b, [Frame(frame) for frame in frames])
+            assert [frame for _, frame in a.net.receive()] == frames
+            assert port_a.counters.out_frames == sent + 3
+            assert not port_a.queue
+            # The RX task still serves what the guest has no room for yet.
+            a.net.receive()
+            more = [eth(MAC_A, MAC_B, i) for i in range(200)]
+            await send(b, more)
+            got = await receive(a, 124)  # 128 posted, 4 taken
+            post_rx(a, 128)
+            got += await receive(a, 76)
+            assert got == more
 
 
 async def test_unexpected_fds_are_closed(tmp_path):

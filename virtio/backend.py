@@ -40,7 +40,15 @@ from netstack.policy import PortPolicy
 from netstack.port import QueuedPort
 from netstack.switch import Switch
 from virtio.memory import GuestMemory
-from virtio.protocol import Message, ProtocolError, VhostUserDevice, parse_header, request_name
+from virtio.net import NetQueues
+from virtio.protocol import (
+    Message,
+    ProtocolError,
+    VhostUserDevice,
+    Vring,
+    parse_header,
+    request_name,
+)
 from virtio.spec import HEADER_SIZE, MAX_FDS
 from virtio.unixsock import OWNER_ONLY, SocketAccess, bind_listener, claim
 from virtio.vring import RingError, SplitQueue
@@ -426,6 +434,16 @@ class VhostUserServer:
             log.exception("%s: the switch failed on a batch of %d frames; dropped (traceback "
                           "logged once, then counted as malformed)", port.name, count)
 
+    def _push(self, net: NetQueues, queue: SplitQueue, vring: Vring) -> None:
+        """Up to BATCH queued frames into the guest's RX ring; call the guest if it asks."""
+        counters = self.port.counters
+        used_before = queue.used_idx
+        delivered, nbytes = net.push_rx(queue, self.port.queue, BATCH)
+        counters.out_frames += delivered
+        counters.out_bytes += nbytes
+        if queue.used_idx != used_before and queue.should_notify():
+            _signal(vring.call_fd)
+
     async def _rx_loop(self, device: VhostUserDevice, queue: SplitQueue) -> None:
         """Frames the switch queued for this port -> the guest's RX ring."""
         net = device.net
@@ -433,21 +451,36 @@ class VhostUserServer:
         assert net is not None
         port = self.port
         pending = port.queue
-        counters = port.counters
+        failed: list[BaseException] = []  # what push_now met, for this task to raise
+
+        def push_now() -> None:
+            """Frames arrived in the empty queue while this task waits for them (called from
+            the task that switched them): place them from there, without a trip through
+            Trio's scheduler to this loop.  What the guest has no room for, and any error,
+            is left to the loop, which raises the error in this task: the ring's guard in
+            _run_ring handles it as if the loop had met it."""
+            try:
+                if vring.queue is queue and not failed:
+                    self._push(net, queue, vring)
+                    if not pending:
+                        return
+            except Exception as exc:
+                failed.append(exc)
+            ready.set()
+
         while vring.queue is queue:  # until the device retires the ring
+            if failed:
+                raise failed[0]
             if not pending:
-                self._frames_ready = trio.Event()
-                port.on_ready = self._frames_ready.set
-                await self._frames_ready.wait()
+                ready = self._frames_ready = trio.Event()
+                port.on_ready = push_now
+                await ready.wait()
+                if port.on_ready is push_now:
+                    port.on_ready = ready.set
                 await trio.lowlevel.checkpoint_if_cancelled()  # woken, then the ring went
                 continue
             queued = len(pending)
-            used_before = queue.used_idx
-            delivered, nbytes = net.push_rx(queue, pending, BATCH)
-            counters.out_frames += delivered
-            counters.out_bytes += nbytes
-            if queue.used_idx != used_before and queue.should_notify():
-                _signal(vring.call_fd)
+            self._push(net, queue, vring)
             if not pending:
                 continue
             if len(pending) < queued:  # delivered or dropped some: more may follow
