@@ -16,6 +16,8 @@ from netstack.switch import Switch
 from tests.support.clock import Clock
 from tunnel.direct import (
     DIAL_BACKOFF,
+    FALLBACK_BACKOFF_MAX,
+    FALLBACK_DIAL_SECONDS,
     VOUCH_DELAY_SECONDS,
     VOUCH_REFRESH_SECONDS,
     DirectPeers,
@@ -23,6 +25,7 @@ from tunnel.direct import (
     PeerLife,
     SteeringUplink,
     dials,
+    supersedes,
 )
 from tunnel.introductions import DirectPeer
 from tunnel.keys import format_fingerprint
@@ -57,7 +60,10 @@ class Recorder(Port):
 
 
 class UpLink:
-    """Stands for a live Link in `port.active`: steering only asks whether there is one."""
+    """Stands for a live Link in `port.active`: steering only asks whether there is one,
+    status who dialled it (the codec's role: "client" dialled)."""
+
+    wire = type("Wire", (), {"role": "client"})
 
 
 def bring_up(port: DirectPort | SteeringUplink) -> None:
@@ -93,7 +99,7 @@ def test_a_dialer_backs_off_doubling_to_a_one_second_cap_and_resets_once_up():
     now = 0.0
     for _ in range(6):
         life.dialing()
-        life.down(now, "refused")
+        life.failed(now, "refused")
         waits.append(life.next_dial - now)
         assert not life.due(now)
         now = life.next_dial
@@ -101,7 +107,7 @@ def test_a_dialer_backs_off_doubling_to_a_one_second_cap_and_resets_once_up():
     assert waits == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.0, 1.0])
     assert max(waits) == DIAL_BACKOFF[1]
     life.dialing()
-    life.up()
+    life.up(ours=True)
     assert life.state == "up" and not life.due(now + 10)
     life.down(now, "connection lost")
     assert life.next_dial == now + DIAL_BACKOFF[0]
@@ -114,6 +120,67 @@ def test_the_accepting_side_and_a_peer_nobody_can_dial_never_dial():
         assert not life.due(100.0)
     assert PeerLife(None, 0.0).state == "relayed"
     assert PeerLife(False, 0.0).state == "waiting"
+
+
+def test_when_both_listen_the_higher_side_dials_too_once_no_session_came_up_for_a_while():
+    peers, _ = manager()
+    life = peers.introduce([peer("a", bytes(32))], now=0.0).added[0].life  # it sorts lower
+    assert life.role is False and life.fallback and life.state == "backoff"
+    assert not life.due(FALLBACK_DIAL_SECONDS - 0.01) and life.due(FALLBACK_DIAL_SECONDS)
+    now, waits = FALLBACK_DIAL_SECONDS, []
+    for _ in range(5):  # neither direction works: bounded, doubling to the cap
+        life.dialing()
+        life.failed(now, "unreachable")
+        waits.append(life.next_dial - now)
+        now = life.next_dial
+    assert waits == pytest.approx([2.0, 4.0, 8.0, 8.0, 8.0])
+    assert max(waits) == FALLBACK_BACKOFF_MAX
+    # the lower side dials first: nothing extra when the peer does not listen, or we do not
+    assert not peers.introduce([peer("a", bytes(32), listens=False)], 1.0).added[0].life.dials
+    peers, _ = manager(listens=False)
+    life = peers.introduce([peer("a", bytes(32))], now=0.0).added[0].life
+    assert life.role is True and not life.fallback and life.due(0.0)
+
+
+def test_the_fallback_side_redials_at_once_after_its_own_session_and_waits_after_the_peers():
+    life = PeerLife(False, 0.0, fallback=True)
+    life.dialing()
+    life.up(ours=True)
+    life.down(10.0, "connection lost")  # its direction is the one that works
+    assert life.next_dial == 10.0 + DIAL_BACKOFF[0]
+    life.dialing()
+    life.up(ours=False)
+    life.down(20.0, "connection lost")  # the peer dialled that one: the peer redials first
+    assert life.next_dial == 20.0 + FALLBACK_DIAL_SECONDS and life.delay == FALLBACK_DIAL_SECONDS
+
+
+def test_a_dial_that_fails_while_the_peers_session_is_up_is_only_counted():
+    life = PeerLife(False, 0.0, fallback=True)
+    life.dialing()
+    life.up(ours=False)  # the peer's dial came first
+    life.failed(1.0, "refused: duplicate")
+    assert life.state == "up" and life.failures == 1 and not life.due(100.0)
+
+
+@pytest.mark.parametrize("low_first", ["mine", "theirs"])
+@pytest.mark.parametrize("high_first", ["mine", "theirs"])
+def test_when_both_sides_dial_at_once_both_keep_the_session_the_lower_side_dialled(
+        low_first, high_first):
+    """Each side sees the two sessions come up in either order; both end on the same one."""
+    def kept(own: bytes, other: bytes, first: str) -> str:
+        order = ["mine", "theirs"] if first == "mine" else ["theirs", "mine"]
+        active = order[0]
+        if supersedes(own, other, order[1] == "mine", active == "mine"):
+            active = order[1]
+        return active
+    assert kept(LOW, HIGH, low_first) == "mine"  # the lower side keeps the one it dialled
+    assert kept(HIGH, LOW, high_first) == "theirs"  # ... and so does the higher side
+
+
+def test_a_newer_session_of_the_same_direction_always_takes_over():
+    for own, other in ((LOW, HIGH), (HIGH, LOW)):
+        for ours in (True, False):
+            assert supersedes(own, other, ours, ours)
 
 
 def test_a_closed_peer_stays_closed():
@@ -295,7 +362,7 @@ def test_status_text_shows_each_peer_direct_or_relayed_with_address_rtt_traffic_
     peers, _ = manager()
     up, down = (peers.introduce([peer("b", HIGH), peer("c", THIRD)], now=0.0).added)
     bring_up(up)
-    up.life.up()
+    up.life.up(ours=True)
     up.peer_address, up.rtt_ms = "10.9.0.2:7000", 0.25
     up.counters.drop("mac_spoof")
     down.life.down(0.0, "connection refused")

@@ -9,6 +9,7 @@ tests/test_direct_netns.py."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from ipaddress import ip_address
 
 import trio
@@ -246,3 +247,74 @@ async def test_after_a_new_hub_session_every_source_crosses_the_hub_again(tmp_pa
         await trio.sleep(3)
         assert endpoint.uplink.active is not None and endpoint.uplink.connections == 2
         assert not endpoint.uplink.vouched
+
+
+def lower_first(x: Node, y: Node) -> tuple[Node, Node]:
+    return (x, y) if x.identity.fingerprint_bytes < y.identity.fingerprint_bytes else (y, x)
+
+
+def closed_port() -> tuple[str, int]:
+    """An address where nobody listens (connections to it are refused)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()
+
+
+async def test_when_the_side_that_dials_first_cannot_reach_the_other_the_other_dials(tmp_path):
+    """Both listen; the lower side (which dials first) is told an address of the higher one
+    it cannot reach, the higher one reaches it: the higher dials after FALLBACK_DIAL_SECONDS,
+    the pair goes direct, and after that session dies it is back at once."""
+    from tunnel.direct import FALLBACK_DIAL_SECONDS
+
+    async with trio.open_nursery() as nursery:
+        low, high = lower_first(Node(tmp_path, "a", listens=True),
+                                Node(tmp_path, "b", listens=True))
+        await nursery.start(low.links.run)
+        await nursery.start(high.links.run)
+        unreachable = replace(high.as_peer(), addresses=(closed_port(),))
+        low.links.introduce((unreachable,))
+        high.links.introduce((low.as_peer(),))
+        started = trio.current_time()
+        await wait_for(lambda: low.port(high).active is not None
+                       and high.port(low).active is not None, FALLBACK_DIAL_SECONDS + 3)
+        assert trio.current_time() - started >= FALLBACK_DIAL_SECONDS - 0.1
+        assert high.port(low).active.wire.role == "client"  # the higher side dialled
+        assert low.port(high).life.failures >= 1  # the lower side's dials fail
+        high.send(ipv4_frame(low.name, high.name))
+        await wait_for(lambda: len(low.local.got) == 1)
+        for link in list(low.port(high).links):
+            link.abort("test: the path broke")
+        await wait_for(lambda: high.port(low).active is None, 2.0)
+        died = trio.current_time()
+        await wait_for(lambda: high.port(low).active is not None
+                       and low.port(high).active is not None, 5.0)
+        assert trio.current_time() - died < 1.5  # its own direction: redialled at once
+        assert len(low.port(high).links) == len(high.port(low).links) == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_when_both_sides_dial_at_once_one_session_is_left_the_lower_sides(tmp_path):
+    async with trio.open_nursery() as nursery:
+        low, high = lower_first(Node(tmp_path, "a", listens=True),
+                                Node(tmp_path, "b", listens=True))
+        await nursery.start(low.links.run)
+        await nursery.start(high.links.run)
+        high.links.introduce((low.as_peer(),))
+        high.port(low).life.next_dial = 0.0  # the fallback dials at once, as the first side
+        low.links.introduce((high.as_peer(),))
+        await wait_for(lambda: low.port(high).active is not None
+                       and high.port(low).active is not None)
+        await trio.sleep(1.0)  # both dials have ended one way or the other
+        for node, other, ours in ((low, high, True), (high, low, False)):
+            port = node.port(other)
+            assert port.active is not None and len(port.links) == 1, node.name
+            assert (port.active.wire.role == "client") is ours
+        # both dials got through: the loser was closed by its dialer or refused `duplicate`
+        assert (low.port(high).connections + high.port(low).connections
+                + low.links.refused.get("duplicate", 0)
+                + high.links.refused.get("duplicate", 0)) >= 3
+        low.send(ipv4_frame(high.name, low.name))
+        await wait_for(lambda: len(high.local.got) == 1)
+        nursery.cancel_scope.cancel()

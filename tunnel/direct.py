@@ -4,7 +4,11 @@ life (dial, up, down, backoff, closed).  The Trio shell is tunnel/direct_link.py
 
 The hub introduces peers (INTRO, tunnel/introductions.py: the whole current set each time);
 `DirectPeers.introduce` turns the set into one `DirectPort` per peer, keyed by its key's
-fingerprint.  Exactly one side of a pair dials (`dials`).  A direct port is a SessionPort the
+fingerprint.  Who dials: one side first (`dials`); when both listen, the other dials too
+once no session came up for FALLBACK_DIAL_SECONDS (the first may not reach the second's
+address: a NAT, a filter, an address the hub dropped, while the second reaches the first),
+and when both sessions come up one is kept, the same on both sides (`supersedes`).  A direct
+port is a SessionPort the
 switch never sees: the endpoint's uplink is a `SteeringUplink`, which hands each unicast frame
 whose destination MAC an introduced peer holds to that peer's port while its session is up,
 and everything else (broadcast, multicast, unknown unicast, frames for peers without a live
@@ -45,6 +49,13 @@ from tunnel.session import SessionPort
 # Redial after a session ended or a dial failed: the first wait, doubling up to the cap, so a
 # peer that comes back is direct again within about a second.
 DIAL_BACKOFF = (0.1, 1.0)
+# The side that waits to be dialled although the peer listens too (its fingerprint sorts
+# higher) dials the peer itself once no session came up this long after the introduction or
+# after a session the peer had dialled ended; its own failed dials then back off doubling up
+# to FALLBACK_BACKOFF_MAX.  After a session it dialled itself ended (its direction is the
+# one that works) it redials as the first side does (DIAL_BACKOFF).
+FALLBACK_DIAL_SECONDS = 2.0
+FALLBACK_BACKOFF_MAX = 8.0
 # A direct session pings this often and is dead after this much silence (the hub's link
 # waits 15 s; a direct session has the hub to fall back on, so it gives up fast).
 DIRECT_KEEPALIVE_SECONDS = 0.2
@@ -81,51 +92,93 @@ def dials(own: bytes, own_listens: bool, peer: bytes, peer_listens: bool) -> boo
     return own < peer
 
 
+def supersedes(own: bytes, peer: bytes, new_ours: bool, active_ours: bool) -> bool:
+    """A second session of one pair came up while one is active: does the new one take over
+    (True), or is it closed (False)?  `*_ours`: we dialled it.  Of one direction the newer
+    always (a rekey, a redial while the old session's death went unnoticed); of the two
+    directions (both sides dialled at once) the one dialled by the side whose fingerprint
+    digest sorts lower.  Both sides decide alike, so exactly one session is left."""
+    if new_ours == active_ours:
+        return True
+    return own < peer if new_ours else peer < own
+
+
 class PeerLife:
     """One introduced peer's direct session over time.
 
-    dialing -> up -> backoff -> dialing ... for the side that dials; waiting -> up -> waiting
-    for the side that accepts; relayed when neither listens; closed when the hub stops
-    introducing it.  `delay` doubles from DIAL_BACKOFF[0] to DIAL_BACKOFF[1] on every
-    failure, and starts again after a session that came up."""
+    backoff -> dialing -> up -> backoff ... for the side that dials first (`role` True);
+    waiting -> up -> waiting for the side that only accepts (`role` False); the same as the
+    first side's for one that accepts first and dials as a fallback (`fallback`: both
+    listen), but its first dial comes FALLBACK_DIAL_SECONDS after the introduction or after
+    a session the peer dialled ended; relayed when neither listens; closed when the hub stops
+    introducing it.  `delay` doubles on every failed dial up to the cap (DIAL_BACKOFF[1],
+    FALLBACK_BACKOFF_MAX), and starts again from DIAL_BACKOFF[0] after a session that came
+    up."""
 
-    def __init__(self, role: bool | None, now: float) -> None:
+    def __init__(self, role: bool | None, now: float, *, fallback: bool = False) -> None:
         self.role = role  # True: we dial; False: we accept; None: relayed only
-        self.state = "relayed" if role is None else ("backoff" if role else "waiting")
-        self.delay = DIAL_BACKOFF[0]
-        self.next_dial = now
+        self.fallback = fallback and role is False  # we also dial when the peer's dials fail
+        self.dials = role is True or self.fallback
+        self.state = "relayed" if role is None else ("backoff" if self.dials else "waiting")
+        self.delay = FALLBACK_DIAL_SECONDS if self.fallback else DIAL_BACKOFF[0]
+        self.next_dial = now + FALLBACK_DIAL_SECONDS if self.fallback else now
+        self.ours = False  # the session up (or the last one) is one we dialled
         self.ups = 0  # sessions that came up
         self.failures = 0  # dials that failed and sessions that ended
         self.last_error: str | None = None
 
     def due(self, now: float) -> bool:
-        """Time to dial: we are the dialer, idle, and the backoff has run out."""
-        return self.role is True and self.state == "backoff" and now >= self.next_dial
+        """Time to dial: we dial, idle, and the backoff has run out."""
+        return self.dials and self.state == "backoff" and now >= self.next_dial
 
     def dialing(self) -> None:
         self.state = "dialing"
 
-    def up(self) -> None:
+    def up(self, *, ours: bool) -> None:
+        """A session came up (`ours`: we dialled it)."""
         self.state = "up"
+        self.ours = ours
         self.ups += 1
         self.delay = DIAL_BACKOFF[0]
         self.last_error = None
 
+    def failed(self, now: float, reason: str) -> None:
+        """A dial of ours failed: wait, then dial again.  If a session came up meanwhile
+        (the peer dialled us) it is only counted."""
+        self.failures += 1
+        self.last_error = reason
+        if self.state != "dialing":
+            return
+        self.state = "backoff"
+        self.next_dial = now + self.delay
+        self.delay = min(self.delay * 2,
+                         FALLBACK_BACKOFF_MAX if self.fallback else DIAL_BACKOFF[1])
+
     def down(self, now: float, reason: str) -> None:
-        """A dial failed or a session ended: wait, then dial again (if we are the dialer)."""
+        """The session ended: dial again after the backoff (if we dial)."""
         if self.state == "closed":
             return
         self.failures += 1
         self.last_error = reason
-        if self.role is not True:
+        if not self.dials:
             self.state = "relayed" if self.role is None else "waiting"
             return
         self.state = "backoff"
+        if self.fallback and not self.ours:  # the peer dialled it: its turn first
+            self.delay = FALLBACK_DIAL_SECONDS
+            self.next_dial = now + FALLBACK_DIAL_SECONDS
+            return
         self.next_dial = now + self.delay
-        self.delay = min(self.delay * 2, DIAL_BACKOFF[1])
+        self.delay = min(self.delay * 2,
+                         FALLBACK_BACKOFF_MAX if self.fallback else DIAL_BACKOFF[1])
 
     def close(self) -> None:
         self.state = "closed"
+
+    def describe(self) -> str:
+        if self.fallback:
+            return "accepts, dials if not dialled"
+        return {True: "dials", False: "accepts", None: "neither listens"}[self.role]
 
 
 class ReceiveFilter:
@@ -203,8 +256,10 @@ class DirectPort(SessionPort):
         return {
             "name": self.peer.name, "fingerprint": self.peer.fingerprint,
             "path": "direct" if self.active is not None else "relayed",
+            "dialled_by": None if self.active is None else (
+                "us" if self.active.wire.role == "client" else "peer"),
             "state": life.state,
-            "role": {True: "dials", False: "accepts", None: "neither listens"}[life.role],
+            "role": life.describe(),
             "address": self.peer_address,
             "advertised": [f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
                            for h, p in self.peer.addresses],
@@ -326,16 +381,18 @@ class DirectPeers:
         for digest, peer in fresh.items():
             port = self.ports.get(digest)
             role = dials(self.fingerprint, self.listens, digest, bool(peer.addresses))
-            if port is not None and port.life.role == role:
+            fallback = role is False and self.listens and bool(peer.addresses)
+            if port is not None and (port.life.role, port.life.fallback) == (role, fallback):
                 if peer is not port.peer:  # an unchanged entry is the same DirectPeer (wire)
                     port.reintroduce(peer, self.is_local)
                 continue
-            life = PeerLife(role, now)
+            life = PeerLife(role, now, fallback=fallback)
             if port is not None:  # it started or stopped listening: a new life
                 port.life.close()
                 removed.append(port)
                 # ... with the old one's backoff: flipping must not make us dial at once
-                life.delay, life.next_dial = port.life.delay, max(now, port.life.next_dial)
+                life.delay = max(life.delay, port.life.delay)
+                life.next_dial = max(life.next_dial, port.life.next_dial)
             port = DirectPort(peer, digest, life, self.is_local)
             self.ports[digest] = port
             added.append(port)
@@ -377,7 +434,7 @@ class DirectPeers:
     def next_due(self) -> float | None:
         """When the next dial falls due, if one will."""
         times = [port.life.next_dial for port in self.ports.values()
-                 if port.life.role is True and port.life.state == "backoff"]
+                 if port.life.dials and port.life.state == "backoff"]
         return min(times, default=None)
 
     def status(self) -> list[dict[str, object]]:
