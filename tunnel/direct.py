@@ -4,19 +4,25 @@ life (dial, up, down, backoff, closed).  The Trio shell is tunnel/direct_link.py
 
 The hub introduces peers (INTRO, tunnel/introductions.py: the whole current set each time);
 `DirectPeers.introduce` turns the set into one `DirectPort` per peer, keyed by its key's
-fingerprint.  Who dials: one side first (`dials`); when both listen, the other dials too
-once no session came up for FALLBACK_DIAL_SECONDS (the first may not reach the second's
-address: a NAT, a filter, an address the hub dropped, while the second reaches the first),
-and when both sessions come up one is kept, the same on both sides (`supersedes`).  A direct
-port is a SessionPort the
-switch never sees: the endpoint's uplink is a `SteeringUplink`, which hands each unicast frame
-whose destination MAC an introduced peer holds to that peer's port while its session is up,
-and everything else (broadcast, multicast, unknown unicast, frames for peers without a live
-session) to the hub.  So nothing is ever flooded to a direct port, and when a session ends
-the next frame takes the hub (fallback is immediate, frames queued on the dead session are
-lost and counted `link_down`).  What a direct peer sends is policed by its `ReceiveFilter`
-with the bindings the hub holds for it, then switched as if it came from the uplink: the
-switch learns remote MACs on the uplink either way, so nothing flaps between paths.
+fingerprint: peers gone from the set lose theirs at once, new and changed peers are read
+into their filters INTRO_WORK_PER_STEP bindings at a time (`apply`, once per loop turn of the
+shell), so a maximal INTRO (4 MiB, ~190 peers of 2,304 bindings) never holds the endpoint's
+loop for more than one slice; until a changed peer's turn its old bindings hold.
+
+Who dials: one side first (`dials`); when both listen, the other dials too once no session
+came up for FALLBACK_DIAL_SECONDS (the first may not reach the second's address: a NAT, a
+filter, an address the hub dropped, while the second reaches the first), and when both
+sessions come up one is kept, the same on both sides (`supersedes`).
+
+A direct port is a SessionPort the switch never sees: the endpoint's uplink is a
+`SteeringUplink`, which hands each unicast frame whose destination MAC an introduced peer
+holds to that peer's port while its session is up, and everything else (broadcast,
+multicast, unknown unicast, frames for peers without a live session) to the hub.  So nothing
+is ever flooded to a direct port, and when a session ends the next frame takes the hub
+(fallback is immediate, frames queued on the dead session are lost and counted
+`link_down`).  What a direct peer sends is policed by its `ReceiveFilter` with the bindings
+the hub holds for it, then switched as if it came from the uplink: the switch learns remote
+MACs on the uplink either way, so nothing flaps between paths.
 
 Vouching: a peer accepts only sources the hub has seen from us (its INTRO), so a source (MAC
 and IPv4/IPv6 source or ARP sender) goes direct only once it was sent through the hub: its
@@ -41,10 +47,11 @@ from netstack.frame import (
     Frame,
     Offload,
 )
-from netstack.policy import DHCPV4_SERVER_PORT, IPPROTO_UDP, AddressBook, check_l3
+from netstack.policy import DHCPV4_SERVER_PORT, IPPROTO_UDP, check_l3
 from tunnel.introductions import DirectPeer
 from tunnel.keys import Peers, parse_fingerprint
 from tunnel.session import SessionPort
+from tunnel.wire import IntroEntry
 
 # Redial after a session ended or a dial failed: the first wait, doubling up to the cap, so a
 # peer that comes back is direct again within about a second.
@@ -79,6 +86,14 @@ NOT_UNICAST = "not_unicast"  # broadcast/multicast: those go through the hub
 MAC_NOT_INTRODUCED = "mac_spoof"  # a source MAC the hub does not bind to this peer
 NOT_LOCAL = "not_local"  # a destination that is not one of our local ports: no relaying
 IP_NOT_INTRODUCED = "ip_spoof"  # a source address the hub does not bind to this peer
+
+# Bindings (MACs, addresses) read into peers' filters per step of `DirectPeers.apply` (about
+# 1 us each); a peer is read whole, and one holds at most 2,304 (introductions.py limits).
+INTRO_WORK_PER_STEP = 4096
+
+# An introduced peer as received (wire.IntroEntry) or given (DirectPeer): both have name,
+# fingerprint, addresses, size, bindings().
+Introduced = DirectPeer | IntroEntry
 
 
 def dials(own: bytes, own_listens: bool, peer: bytes, peer_listens: bool) -> bool | None:
@@ -181,6 +196,24 @@ class PeerLife:
         return {True: "dials", False: "accepts", None: "neither listens"}[self.role]
 
 
+class IntroducedAddresses:
+    """What check_l3 asks of an AddressBook (`claim`, `owned_elsewhere`), for one direct
+    peer's filter: the introduced addresses are the peer's, for good, and no other address
+    may be claimed, as with a book holding only them and a claim limit of 0 (built at C
+    speed: a book's `bind` per address took ~1.5 ms per peer at the INTRO limits)."""
+
+    __slots__ = ("ips",)
+
+    def __init__(self, ips: frozenset[bytes]) -> None:
+        self.ips = ips
+
+    def claim(self, ip: bytes, port: object, now: float, limit: int) -> str | None:
+        return None if ip in self.ips else "claim_limit"
+
+    def owned_elsewhere(self, ip: bytes, port: object, now: float) -> bool:
+        return False  # only this peer sends here; the hub polices the others
+
+
 class ReceiveFilter:
     """What a direct peer may send us, from the bindings the hub holds for it: a unicast
     frame from one of its MACs, to one of our local ports (`is_local`: never through us to
@@ -188,15 +221,10 @@ class ReceiveFilter:
     is one of its addresses, past the hub's own network-layer checks (netstack.policy
     check_l3: ARP/ND link-layer addresses, DHCP and RA guards, stacked VLANs, LLC)."""
 
-    def __init__(self, peer: DirectPeer, is_local: Callable[[bytes], bool]) -> None:
-        self.macs = peer.macs
+    def __init__(self, peer: Introduced, is_local: Callable[[bytes], bool]) -> None:
+        self.macs, self.ipv4, ipv6 = peer.bindings()
         self.is_local = is_local
-        self.ipv4 = frozenset(ip.packed for ip in peer.ipv4)
-        # check_l3 asks an AddressBook: these are the peer's, for good, and no new claim
-        # fits (limit 0), so an address the hub did not introduce is refused.
-        self.book = AddressBook(float("inf"))
-        for ip in (*peer.ipv4, *peer.ipv6):
-            self.book.bind(ip.packed, self, 0.0)
+        self.book = IntroducedAddresses(self.ipv4 | ipv6)
 
     def admit(self, frames: list[Frame], port: SessionPort, now: float) -> list[Frame]:
         """The frames of `frames` the peer may send; the others counted on `port` by
@@ -224,7 +252,7 @@ class ReceiveFilter:
             if not (len(data) >= 38 and data[12:14] == ETHERTYPE_IP and data[14] == 0x45
                     and data[26:30] in ipv4
                     and not (data[23] == IPPROTO_UDP and data[34:36] == DHCPV4_SERVER_PORT)):
-                reason = check_l3(data, self, self.book, now, 0)
+                reason = check_l3(data, self, self.book, now, 0)  # type: ignore[arg-type]
                 if reason is not None:
                     counters.drop(IP_NOT_INTRODUCED if reason == "claim_limit" else reason)
                     continue
@@ -236,7 +264,7 @@ class DirectPort(SessionPort):
     """An introduced peer as a port of the endpoint (not attached to its switch): its direct
     session's links, its life, and the filter on what it sends."""
 
-    def __init__(self, peer: DirectPeer, digest: bytes, life: PeerLife,
+    def __init__(self, peer: Introduced, digest: bytes, life: PeerLife,
                  is_local: Callable[[bytes], bool]) -> None:
         super().__init__(f"direct:{peer.name}", policy=None)
         self.peer = peer
@@ -244,7 +272,7 @@ class DirectPort(SessionPort):
         self.life = life
         self.filter = ReceiveFilter(peer, is_local)
 
-    def reintroduce(self, peer: DirectPeer, is_local: Callable[[bytes], bool]) -> None:
+    def reintroduce(self, peer: Introduced, is_local: Callable[[bytes], bool]) -> None:
         """The hub sent new bindings or addresses for the same key."""
         self.peer = peer
         self.name = f"direct:{peer.name}"
@@ -357,15 +385,19 @@ class DirectPeers:
         self.is_local = is_local
         self.ports: dict[bytes, DirectPort] = {}  # by the peer's fingerprint digest
         self.intros = 0  # INTRO records taken
+        # introduced peers not read into a port yet (`apply`), and the last step's work
+        self.pending: dict[bytes, Introduced] = {}
+        self.step_work = 0
         # (digest, address) -> until when not to dial it: another key answered there; for
         # introduced digests, at most MAX_WRONG_KEYS (also while a peer's addresses churn)
         self.wrong_key: dict[tuple[bytes, tuple[str, int]], float] = {}
 
-    def introduce(self, peers: Iterable[DirectPeer], now: float) -> IntroChange:
-        """The hub's whole current set: new peers get a port, peers missing from it lose
-        theirs (the shell closes their sessions now), the others take the new bindings."""
+    def introduce(self, peers: Iterable[Introduced], now: float) -> IntroChange:
+        """The hub's whole current set: peers missing from it lose their ports now (the
+        shell closes their sessions now); new peers, and peers whose entry changed, wait in
+        `pending` for `apply`, whose first step runs here (a small set is applied whole)."""
         self.intros += 1
-        fresh: dict[bytes, DirectPeer] = {}
+        fresh: dict[bytes, Introduced] = {}
         for peer in peers:
             digest = parse_fingerprint(peer.fingerprint)
             if digest != self.fingerprint:  # never ourselves
@@ -377,14 +409,36 @@ class DirectPeers:
         for port in removed:
             port.life.close()
             del self.ports[port.digest]
-        added = []
+        self.pending = {}
         for digest, peer in fresh.items():
+            port = self.ports.get(digest)
+            if port is None or peer != port.peer:
+                self.pending[digest] = peer
+        change = self.apply(now)
+        change.removed[:0] = removed
+        return change
+
+    def apply(self, now: float) -> IntroChange:
+        """One step of reading `pending` peers into ports: whole peers, as many as
+        INTRO_WORK_PER_STEP bindings hold (one at least); `step_work` says how many."""
+        added: list[DirectPort] = []
+        removed: list[DirectPort] = []
+        budget = INTRO_WORK_PER_STEP
+        pending = self.pending
+        self.step_work = 0
+        while pending:
+            digest, peer = next(iter(pending.items()))
+            cost = peer.size + 1
+            if cost > budget and self.step_work:
+                break
+            del pending[digest]
+            budget -= cost
+            self.step_work += cost
             port = self.ports.get(digest)
             role = dials(self.fingerprint, self.listens, digest, bool(peer.addresses))
             fallback = role is False and self.listens and bool(peer.addresses)
             if port is not None and (port.life.role, port.life.fallback) == (role, fallback):
-                if peer is not port.peer:  # an unchanged entry is the same DirectPeer (wire)
-                    port.reintroduce(peer, self.is_local)
+                port.reintroduce(peer, self.is_local)
                 continue
             life = PeerLife(role, now, fallback=fallback)
             if port is not None:  # it started or stopped listening: a new life
@@ -396,7 +450,8 @@ class DirectPeers:
             port = DirectPort(peer, digest, life, self.is_local)
             self.ports[digest] = port
             added.append(port)
-        self.update_routes()
+        if added or removed or self.step_work:
+            self.update_routes()
         return IntroChange(added, removed)
 
     def update_routes(self) -> None:
@@ -408,7 +463,7 @@ class DirectPeers:
         for port in self.ports.values():
             if port.active is None or (needed & ~port.accepts) != Offload.NONE:
                 continue
-            for mac in port.peer.macs:
+            for mac in port.filter.macs:
                 routes.setdefault(mac, port)
         self.uplink.routes = routes
 

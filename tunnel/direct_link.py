@@ -48,9 +48,10 @@ from tunnel.direct import (
     WRONG_KEY_SECONDS,
     DirectPeers,
     DirectPort,
+    IntroChange,
+    Introduced,
     supersedes,
 )
-from tunnel.introductions import DirectPeer
 from tunnel.keys import (
     AuthError,
     Identity,
@@ -132,9 +133,13 @@ class DirectLinks:
 
     # -- introductions ---------------------------------------------------------------------
 
-    def introduce(self, peers: tuple[DirectPeer, ...]) -> None:
-        """The hub's latest set: sessions of peers gone from it are closed now."""
-        change = self.peers.introduce(peers, trio.current_time())
+    def introduce(self, peers: tuple[Introduced, ...]) -> None:
+        """The hub's latest set: sessions of peers gone from it are closed now; new and
+        changed peers are read a slice per loop turn (DirectPeers.apply: the first slice
+        now, the rest in `_supervise`)."""
+        self._changed(self.peers.introduce(peers, trio.current_time()))
+
+    def _changed(self, change: IntroChange) -> None:
         for port in change.removed:
             self._rekeys.pop(port, None)
             for link in list(port.links):
@@ -168,10 +173,13 @@ class DirectLinks:
             task_status.started()
 
     async def _supervise(self) -> None:
-        """Dial the peers whose turn it is; keep the uplink's routes current."""
+        """Dial the peers whose turn it is; keep the uplink's routes current; read what is
+        left of the latest introductions, a slice per loop turn."""
         while True:
             now = trio.current_time()
             assert self._nursery is not None
+            if self.peers.pending:
+                self._changed(self.peers.apply(now))
             for port in self.peers.due(now):
                 port.life.dialing()
                 self._nursery.start_soon(self._dial_guarded, port)
@@ -186,6 +194,9 @@ class DirectLinks:
             due = self.peers.next_due()
             if due is not None:
                 wake_at = min(wake_at, due)
+            if self.peers.pending:  # the rest next turn: the loop's other tasks run first
+                await trio.sleep(0)
+                continue
             self._wake = trio.Event()
             with trio.move_on_at(wake_at):
                 await self._wake.wait()
