@@ -16,6 +16,8 @@ from netstack.switch import Switch
 from tests.support.clock import Clock
 from tunnel.direct import (
     DIAL_BACKOFF,
+    DIRECT_IDLE_SECONDS,
+    EAGER_DIAL_PEERS,
     FALLBACK_BACKOFF_MAX,
     FALLBACK_DIAL_SECONDS,
     VOUCH_DELAY_SECONDS,
@@ -181,6 +183,48 @@ def test_a_newer_session_of_the_same_direction_always_takes_over():
     for own, other in ((LOW, HIGH), (HIGH, LOW)):
         for ours in (True, False):
             assert supersedes(own, other, ours, ours)
+
+
+def numbered(n: int) -> DirectPeer:
+    return peer(f"p{n}", bytes([9, n]) + bytes(30), macs=(f"02:00:00:00:01:{n:02x}",),
+                ips=(f"10.0.1.{n}",))
+
+
+def test_a_small_set_is_dialled_at_once_a_larger_one_only_where_frames_go():
+    peers, uplink = manager(listens=False)
+    bring_up(uplink)
+    peers.introduce([numbered(n) for n in range(EAGER_DIAL_PEERS)], now=0.0)
+    assert len(peers.due(0.0)) == EAGER_DIAL_PEERS and not uplink.demand
+    peers.introduce([numbered(n) for n in range(EAGER_DIAL_PEERS + 1)], now=1.0)
+    assert not peers.due(1.0) and peers.next_due(1.0) is None  # nothing wanted: no wake-ups
+    uplink.deliver([frame(Ether(src=LOCAL_MAC, dst="02:00:00:00:01:05") / IP() / ICMP())])
+    assert len(uplink.queue) == 1  # it takes the hub, and marks its peer wanted
+    peers.sample_demand(2.0)
+    assert [port.peer.name for port in peers.due(2.0)] == ["p5"]
+    assert not peers.due(2.0 + DIRECT_IDLE_SECONDS)  # wanted no more
+    peers.introduce([numbered(n) for n in range(3)], now=3.0)  # small again: all at once
+    assert len(peers.due(3.0)) == 3 and not uplink.demand
+
+
+def test_an_on_demand_session_that_carried_nothing_for_a_while_is_closed_a_busy_one_kept():
+    peers, uplink = manager(listens=False)
+    ports = peers.introduce([numbered(n) for n in range(EAGER_DIAL_PEERS + 1)], 0.0).added
+    quiet, busy = ports[0], ports[1]
+    for port in (quiet, busy):
+        bring_up(port)
+        port.life.dialing()
+        port.life.up(ours=True)
+    now = 0.0
+    while now < DIRECT_IDLE_SECONDS:
+        assert not peers.idle(now)
+        busy.counters.out_frames += 1
+        now += 1.0
+    assert peers.idle(now + 1.0) == [quiet]
+    quiet.life.idle(now)
+    quiet.life.down(now, "aborted: idle")  # its link ends: no failure, no backoff
+    assert quiet.life.failures == 0 and quiet.life.state == "backoff"
+    quiet.life.wanted = now + 5.0
+    assert quiet.life.due(now + 5.0)  # the next frame for it dials at once
 
 
 def test_a_closed_peer_stays_closed():
@@ -365,7 +409,8 @@ def test_status_text_shows_each_peer_direct_or_relayed_with_address_rtt_traffic_
     up.life.up(ours=True)
     up.peer_address, up.rtt_ms = "10.9.0.2:7000", 0.25
     up.counters.drop("mac_spoof")
-    down.life.down(0.0, "connection refused")
+    down.life.dialing()
+    down.life.failed(0.0, "connection refused")
     text = format_status({"role": "endpoint", "pid": 1, "direct": {
         "listen": ["0.0.0.0:7000"], "refused": {"auth_unknown_key": 2},
         "peers": peers.status()}})

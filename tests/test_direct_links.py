@@ -320,3 +320,33 @@ async def test_when_both_sides_dial_at_once_one_session_is_left_the_lower_sides(
         low.send(ipv4_frame(high.name, low.name))
         await wait_for(lambda: len(high.local.got) == 1)
         nursery.cancel_scope.cancel()
+
+
+async def test_on_demand_a_peer_is_dialled_by_its_first_frame_and_an_idle_session_closed(
+        tmp_path, monkeypatch):
+    """Past EAGER_DIAL_PEERS (0 here) nothing is dialled until a frame for the peer crosses
+    the hub; the session then carries the next ones, is closed once idle (1 s here) without
+    counting a failure, and the next frame brings it back."""
+    import tunnel.direct
+
+    monkeypatch.setattr(tunnel.direct, "EAGER_DIAL_PEERS", 0)
+    monkeypatch.setattr(tunnel.direct, "DIRECT_IDLE_SECONDS", 1.0)
+    async with trio.open_nursery() as nursery:
+        a = Node(tmp_path, "a", listens=True)
+        b = Node(tmp_path, "b", listens=False)
+        await nursery.start(a.links.run)
+        await nursery.start(b.links.run)
+        a.links.introduce((b.as_peer(),))
+        b.links.introduce((a.as_peer(),))
+        await trio.sleep(0.5)
+        assert b.port(a).life.ups == 0 and "on demand" in b.port(a).life.describe()
+        for round_ in (1, 2):
+            b.send(ipv4_frame("a", "b"))  # the hub's (no hub here: counted link_down)
+            await wait_for(lambda: b.port(a).active is not None, 2.0)
+            b.send(ipv4_frame("a", "b"))
+            await wait_for(lambda n=round_: len(a.local.got) == n)  # direct
+            await wait_for(lambda: b.port(a).active is None and a.port(b).active is None, 3.0)
+            await trio.sleep(0.3)  # and it stays closed: nothing wants it
+            assert b.port(a).active is None and b.port(a).life.ups == round_
+            assert b.port(a).life.failures == 0
+        nursery.cancel_scope.cancel()

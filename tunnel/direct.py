@@ -12,7 +12,12 @@ loop for more than one slice; until a changed peer's turn its old bindings hold.
 Who dials: one side first (`dials`); when both listen, the other dials too once no session
 came up for FALLBACK_DIAL_SECONDS (the first may not reach the second's address: a NAT, a
 filter, an address the hub dropped, while the second reaches the first), and when both
-sessions come up one is kept, the same on both sides (`supersedes`).
+sessions come up one is kept, the same on both sides (`supersedes`).  When: with at most
+EAGER_DIAL_PEERS introduced peers, at once, and sessions are kept (a path ready before the
+first frame); with more, on demand: a peer is dialled once a unicast frame for one of its
+MACs went through the hub lately (`SteeringUplink.demand`), and a session that carried
+nothing either way for DIRECT_IDLE_SECONDS is closed, so the sessions (each pinging
+5 times a second, for fallback within a second) follow the traffic.
 
 A direct port is a SessionPort the switch never sees: the endpoint's uplink is a
 `SteeringUplink`, which hands each unicast frame whose destination MAC an introduced peer
@@ -63,6 +68,11 @@ DIAL_BACKOFF = (0.1, 1.0)
 # one that works) it redials as the first side does (DIAL_BACKOFF).
 FALLBACK_DIAL_SECONDS = 2.0
 FALLBACK_BACKOFF_MAX = 8.0
+# With at most this many introduced peers every one is dialled at once and its session kept;
+# with more, a peer is dialled on demand (a unicast frame for it crossed the hub in the last
+# DIRECT_IDLE_SECONDS) and a session idle (no frame either way) that long is closed.
+EAGER_DIAL_PEERS = 16
+DIRECT_IDLE_SECONDS = 60.0
 # A direct session pings this often and is dead after this much silence (the hub's link
 # waits 15 s; a direct session has the hub to fall back on, so it gives up fast).
 DIRECT_KEEPALIVE_SECONDS = 0.2
@@ -138,13 +148,17 @@ class PeerLife:
         self.delay = FALLBACK_DIAL_SECONDS if self.fallback else DIAL_BACKOFF[0]
         self.next_dial = now + FALLBACK_DIAL_SECONDS if self.fallback else now
         self.ours = False  # the session up (or the last one) is one we dialled
+        self.on_demand = False  # dial only while wanted (more than EAGER_DIAL_PEERS peers)
+        self.wanted = float("-inf")  # when a frame for the peer last crossed the hub
         self.ups = 0  # sessions that came up
         self.failures = 0  # dials that failed and sessions that ended
         self.last_error: str | None = None
 
     def due(self, now: float) -> bool:
-        """Time to dial: we dial, idle, and the backoff has run out."""
-        return self.dials and self.state == "backoff" and now >= self.next_dial
+        """Time to dial: we dial, idle, the backoff has run out, and (on demand) frames
+        for the peer crossed the hub lately."""
+        return (self.dials and self.state == "backoff" and now >= self.next_dial
+                and (not self.on_demand or now - self.wanted < DIRECT_IDLE_SECONDS))
 
     def dialing(self) -> None:
         self.state = "dialing"
@@ -170,8 +184,9 @@ class PeerLife:
                          FALLBACK_BACKOFF_MAX if self.fallback else DIAL_BACKOFF[1])
 
     def down(self, now: float, reason: str) -> None:
-        """The session ended: dial again after the backoff (if we dial)."""
-        if self.state == "closed":
+        """The session ended: dial again after the backoff (if we dial).  Nothing if it was
+        not up (closed for idleness: `idle`; no longer introduced)."""
+        if self.state != "up":
             return
         self.failures += 1
         self.last_error = reason
@@ -187,13 +202,23 @@ class PeerLife:
         self.delay = min(self.delay * 2,
                          FALLBACK_BACKOFF_MAX if self.fallback else DIAL_BACKOFF[1])
 
+    def idle(self, now: float) -> None:
+        """We close the session for idleness (on demand): no failure; the next demand dials
+        at once (the fallback side after FALLBACK_DIAL_SECONDS, the first side first)."""
+        if self.state != "up":
+            return
+        self.state = "backoff" if self.dials else ("relayed" if self.role is None
+                                                   else "waiting")
+        self.delay = FALLBACK_DIAL_SECONDS if self.fallback else DIAL_BACKOFF[0]
+        self.next_dial = now + FALLBACK_DIAL_SECONDS if self.fallback else now
+
     def close(self) -> None:
         self.state = "closed"
 
     def describe(self) -> str:
-        if self.fallback:
-            return "accepts, dials if not dialled"
-        return {True: "dials", False: "accepts", None: "neither listens"}[self.role]
+        text = ("accepts, dials if not dialled" if self.fallback else
+                {True: "dials", False: "accepts", None: "neither listens"}[self.role])
+        return f"{text} on demand" if self.on_demand and self.dials else text
 
 
 class IntroducedAddresses:
@@ -271,6 +296,17 @@ class DirectPort(SessionPort):
         self.digest = digest
         self.life = life
         self.filter = ReceiveFilter(peer, is_local)
+        self.wanted = False  # a frame for it crossed the hub (set by SteeringUplink)
+        self._seen: tuple = ()  # (active link, frames moved) when last sampled ...
+        self._busy_at = 0.0  # ... and when that changed
+
+    def idle_for(self, now: float) -> float:
+        """How long its session has carried no frame either way (sampled: a new session or
+        any frame since the last call starts the count again)."""
+        seen = (self.active, self.counters.in_frames + self.counters.out_frames)
+        if seen != self._seen:
+            self._seen, self._busy_at = seen, now
+        return now - self._busy_at
 
     def reintroduce(self, peer: Introduced, is_local: Callable[[bytes], bool]) -> None:
         """The hub sent new bindings or addresses for the same key."""
@@ -316,11 +352,13 @@ class SteeringUplink(SessionPort):
     """The endpoint's port to the hub, which also steers: a unicast frame to a MAC in
     `routes` goes to that peer's direct port while its session is up and its source is
     vouched for (see the module's docstring); everything else, and every frame when
-    `routes` is empty, to the hub."""
+    `routes` is empty, to the hub.  A frame to a MAC in `demand` (peers dialled on demand)
+    that takes the hub marks its peer `wanted`."""
 
     def __init__(self, name: str = "hub", clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(name, policy=None)
         self.routes: dict[bytes, DirectPort] = {}
+        self.demand: dict[bytes, DirectPort] = {}  # MAC -> its peer, when dialled on demand
         self.clock = clock
         # source (source_of) -> when its frames may go direct from; refreshed through the
         # hub VOUCH_REFRESH_SECONDS after that
@@ -342,17 +380,22 @@ class SteeringUplink(SessionPort):
         return False
 
     def deliver(self, frames: list[Frame]) -> None:
-        routes = self.routes
-        if not routes:
+        routes, demand = self.routes, self.demand
+        if not routes and not demand:
             super().deliver(frames)
             return
         relayed: list[Frame] = []
         direct: dict[DirectPort, list[Frame]] = {}
         now = self.clock()
         for frame in frames:
-            port = routes.get(frame.data[0:6])
+            destination = frame.data[0:6]
+            port = routes.get(destination)
             if port is None or not self._vouched(frame.data, now):
                 relayed.append(frame)
+                if demand:
+                    wanted = demand.get(destination)
+                    if wanted is not None:
+                        wanted.wanted = True
                 continue
             batch = direct.get(port)
             if batch is None:
@@ -388,6 +431,7 @@ class DirectPeers:
         # introduced peers not read into a port yet (`apply`), and the last step's work
         self.pending: dict[bytes, Introduced] = {}
         self.step_work = 0
+        self.on_demand = False  # more than EAGER_DIAL_PEERS introduced: dial on demand
         # (digest, address) -> until when not to dial it: another key answered there; for
         # introduced digests, at most MAX_WRONG_KEYS (also while a peer's addresses churn)
         self.wrong_key: dict[tuple[bytes, tuple[str, int]], float] = {}
@@ -408,7 +452,15 @@ class DirectPeers:
         removed = [port for digest, port in self.ports.items() if digest not in fresh]
         for port in removed:
             port.life.close()
+            self._unindex(port)
             del self.ports[port.digest]
+        on_demand = len(fresh) > EAGER_DIAL_PEERS
+        if on_demand != self.on_demand:  # all of them at once, both ways
+            self.on_demand = on_demand
+            self.uplink.demand = {}
+            for port in self.ports.values():
+                port.life.on_demand = on_demand
+                self._index(port)
         self.pending = {}
         for digest, peer in fresh.items():
             port = self.ports.get(digest)
@@ -438,21 +490,56 @@ class DirectPeers:
             role = dials(self.fingerprint, self.listens, digest, bool(peer.addresses))
             fallback = role is False and self.listens and bool(peer.addresses)
             if port is not None and (port.life.role, port.life.fallback) == (role, fallback):
+                self._unindex(port)
                 port.reintroduce(peer, self.is_local)
+                self._index(port)
                 continue
             life = PeerLife(role, now, fallback=fallback)
+            life.on_demand = self.on_demand
             if port is not None:  # it started or stopped listening: a new life
                 port.life.close()
+                self._unindex(port)
                 removed.append(port)
                 # ... with the old one's backoff: flipping must not make us dial at once
                 life.delay = max(life.delay, port.life.delay)
                 life.next_dial = max(life.next_dial, port.life.next_dial)
             port = DirectPort(peer, digest, life, self.is_local)
             self.ports[digest] = port
+            self._index(port)
             added.append(port)
         if added or removed or self.step_work:
             self.update_routes()
         return IntroChange(added, removed)
+
+    def _index(self, port: DirectPort) -> None:
+        """`port`'s MACs in the uplink's `demand` (on demand only)."""
+        if self.on_demand:
+            demand = self.uplink.demand
+            for mac in port.filter.macs:
+                demand[mac] = port
+
+    def _unindex(self, port: DirectPort) -> None:
+        demand = self.uplink.demand
+        if demand:
+            for mac in port.filter.macs:
+                if demand.get(mac) is port:
+                    del demand[mac]
+
+    def sample_demand(self, now: float) -> None:
+        """Peers whose frames crossed the hub since the last call are wanted as of `now`
+        (the uplink only flags them: it runs on another clock, per batch)."""
+        if self.on_demand:
+            for port in self.ports.values():
+                if port.wanted:
+                    port.wanted = False
+                    port.life.wanted = now
+
+    def idle(self, now: float) -> list[DirectPort]:
+        """On demand: the peers whose session carried nothing for DIRECT_IDLE_SECONDS."""
+        if not self.on_demand:
+            return []
+        return [port for port in self.ports.values()
+                if port.active is not None and port.idle_for(now) >= DIRECT_IDLE_SECONDS]
 
     def update_routes(self) -> None:
         """The uplink's routes: every MAC of every peer whose session is up (and whose
@@ -486,10 +573,12 @@ class DirectPeers:
     def due(self, now: float) -> list[DirectPort]:
         return [port for port in self.ports.values() if port.life.due(now)]
 
-    def next_due(self) -> float | None:
-        """When the next dial falls due, if one will."""
+    def next_due(self, now: float) -> float | None:
+        """When the next dial falls due, if one will (of the peers wanted now)."""
         times = [port.life.next_dial for port in self.ports.values()
-                 if port.life.dials and port.life.state == "backoff"]
+                 if port.life.dials and port.life.state == "backoff"
+                 and (not port.life.on_demand
+                      or now - port.life.wanted < DIRECT_IDLE_SECONDS)]
         return min(times, default=None)
 
     def status(self) -> list[dict[str, object]]:

@@ -44,6 +44,7 @@ from netstack.frame import ALL_OFFLOADS, Frame
 from tunnel.control import accept_tunnel_connections
 from tunnel.direct import (
     DIRECT_DEAD_SECONDS,
+    DIRECT_IDLE_SECONDS,
     DIRECT_KEEPALIVE_SECONDS,
     WRONG_KEY_SECONDS,
     DirectPeers,
@@ -180,6 +181,13 @@ class DirectLinks:
             assert self._nursery is not None
             if self.peers.pending:
                 self._changed(self.peers.apply(now))
+            self.peers.sample_demand(now)
+            for port in self.peers.idle(now):  # on demand: a session nothing crossed lately
+                port.life.idle(now)
+                for link in list(port.links):
+                    link.abort(f"idle for {DIRECT_IDLE_SECONDS:.0f} s")
+                log.info("%s: direct session closed: idle for %.0f s", port.name,
+                         DIRECT_IDLE_SECONDS)
             for port in self.peers.due(now):
                 port.life.dialing()
                 self._nursery.start_soon(self._dial_guarded, port)
@@ -191,7 +199,7 @@ class DirectLinks:
                     self._nursery.start_soon(self._rekey, port)
             self.peers.update_routes()
             wake_at = now + SUPERVISE_SECONDS
-            due = self.peers.next_due()
+            due = self.peers.next_due(now)
             if due is not None:
                 wake_at = min(wake_at, due)
             if self.peers.pending:  # the rest next turn: the loop's other tasks run first
