@@ -263,6 +263,26 @@ def test_new_bindings_for_the_same_key_keep_its_port_and_session():
     assert set(uplink.routes) == {mac(PEER_MAC), mac(OTHER_MAC)}
 
 
+def test_routes_are_rebuilt_only_when_the_sessions_change_and_new_bindings_rerouted_alone():
+    """The shell calls update_routes every turn: with 256 peers of 256 MACs up a rebuild is
+    65,536 entries, so it happens only when the routed sessions change."""
+    peers, uplink = manager()
+    b, c = peers.introduce([peer("b", HIGH), peer("c", THIRD, macs=(OTHER_MAC,))], 0.0).added
+    bring_up(b)
+    peers.update_routes()
+    routes = uplink.routes
+    peers.update_routes()
+    assert uplink.routes is routes  # nothing changed: not rebuilt
+    peers.introduce([peer("b", HIGH, macs=("02:00:00:00:00:09",)),
+                     peer("c", THIRD, macs=(OTHER_MAC,))], 1.0)
+    assert uplink.routes is routes and set(routes) == {mac("02:00:00:00:00:09")}
+    bring_up(c)
+    peers.update_routes()
+    assert set(uplink.routes) == {mac("02:00:00:00:00:09"), mac(OTHER_MAC)}
+    peers.introduce([peer("c", THIRD, macs=(OTHER_MAC,))], 2.0)  # b is gone: at once
+    assert set(uplink.routes) == {mac(OTHER_MAC)}
+
+
 def test_a_peer_that_stops_listening_gets_a_new_life_with_the_other_role():
     peers, _ = manager(listens=False)
     first = peers.introduce([peer("b", HIGH, listens=True)], now=0.0).added[0]

@@ -432,6 +432,7 @@ class DirectPeers:
         self.pending: dict[bytes, Introduced] = {}
         self.step_work = 0
         self.on_demand = False  # more than EAGER_DIAL_PEERS introduced: dial on demand
+        self._routed: tuple = ()  # what the routes were last built from (update_routes)
         # (digest, address) -> until when not to dial it: another key answered there; for
         # introduced digests, at most MAX_WRONG_KEYS (also while a peer's addresses churn)
         self.wrong_key: dict[tuple[bytes, tuple[str, int]], float] = {}
@@ -453,6 +454,7 @@ class DirectPeers:
         for port in removed:
             port.life.close()
             self._unindex(port)
+            self._unroute(port)
             del self.ports[port.digest]
         on_demand = len(fresh) > EAGER_DIAL_PEERS
         if on_demand != self.on_demand:  # all of them at once, both ways
@@ -491,14 +493,17 @@ class DirectPeers:
             fallback = role is False and self.listens and bool(peer.addresses)
             if port is not None and (port.life.role, port.life.fallback) == (role, fallback):
                 self._unindex(port)
+                self._unroute(port)
                 port.reintroduce(peer, self.is_local)
                 self._index(port)
+                self._route(port)
                 continue
             life = PeerLife(role, now, fallback=fallback)
             life.on_demand = self.on_demand
             if port is not None:  # it started or stopped listening: a new life
                 port.life.close()
                 self._unindex(port)
+                self._unroute(port)
                 removed.append(port)
                 # ... with the old one's backoff: flipping must not make us dial at once
                 life.delay = max(life.delay, port.life.delay)
@@ -507,8 +512,6 @@ class DirectPeers:
             self.ports[digest] = port
             self._index(port)
             added.append(port)
-        if added or removed or self.step_work:
-            self.update_routes()
         return IntroChange(added, removed)
 
     def _index(self, port: DirectPort) -> None:
@@ -541,15 +544,36 @@ class DirectPeers:
         return [port for port in self.ports.values()
                 if port.active is not None and port.idle_for(now) >= DIRECT_IDLE_SECONDS]
 
+    def _routable(self, port: DirectPort) -> bool:
+        return port.active is not None and (self.uplink.accepts & ~port.accepts) == Offload.NONE
+
+    def _route(self, port: DirectPort) -> None:
+        """`port`'s (new) MACs in the routes, if its session is up: O(its MACs)."""
+        if self._routable(port):
+            routes = self.uplink.routes
+            for mac in port.filter.macs:
+                routes.setdefault(mac, port)
+
+    def _unroute(self, port: DirectPort) -> None:
+        routes = self.uplink.routes
+        if routes:
+            for mac in port.filter.macs:
+                if routes.get(mac) is port:
+                    del routes[mac]
+
     def update_routes(self) -> None:
         """The uplink's routes: every MAC of every peer whose session is up (and whose
         session takes every offload the hub's does, so steering never needs the switch's
-        software offloads); called whenever a session or an introduction changes."""
+        software offloads); called whenever a session changes, and by the shell's every
+        turn.  Rebuilt (O(MACs), 65,536 at 256 peers) only when the sessions routed changed
+        (O(peers) to see); a peer's new bindings are rerouted alone (`apply`)."""
+        routed = tuple(port for port in self.ports.values() if self._routable(port))
+        signature = (self.uplink.accepts, routed, tuple(port.active for port in routed))
+        if signature == self._routed:
+            return
+        self._routed = signature
         routes: dict[bytes, DirectPort] = {}
-        needed = self.uplink.accepts
-        for port in self.ports.values():
-            if port.active is None or (needed & ~port.accepts) != Offload.NONE:
-                continue
+        for port in routed:
             for mac in port.filter.macs:
                 routes.setdefault(mac, port)
         self.uplink.routes = routes
