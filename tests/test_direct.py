@@ -16,6 +16,10 @@ from netstack.switch import Switch
 from tests.support.clock import Clock
 from tunnel.direct import (
     DIAL_BACKOFF,
+    DIRECT_IDLE_SECONDS,
+    EAGER_DIAL_PEERS,
+    FALLBACK_BACKOFF_MAX,
+    FALLBACK_DIAL_SECONDS,
     VOUCH_DELAY_SECONDS,
     VOUCH_REFRESH_SECONDS,
     DirectPeers,
@@ -23,6 +27,7 @@ from tunnel.direct import (
     PeerLife,
     SteeringUplink,
     dials,
+    supersedes,
 )
 from tunnel.introductions import DirectPeer
 from tunnel.keys import format_fingerprint
@@ -57,7 +62,10 @@ class Recorder(Port):
 
 
 class UpLink:
-    """Stands for a live Link in `port.active`: steering only asks whether there is one."""
+    """Stands for a live Link in `port.active`: steering only asks whether there is one,
+    status who dialled it (the codec's role: "client" dialled)."""
+
+    wire = type("Wire", (), {"role": "client"})
 
 
 def bring_up(port: DirectPort | SteeringUplink) -> None:
@@ -93,7 +101,7 @@ def test_a_dialer_backs_off_doubling_to_a_one_second_cap_and_resets_once_up():
     now = 0.0
     for _ in range(6):
         life.dialing()
-        life.down(now, "refused")
+        life.failed(now, "refused")
         waits.append(life.next_dial - now)
         assert not life.due(now)
         now = life.next_dial
@@ -101,7 +109,7 @@ def test_a_dialer_backs_off_doubling_to_a_one_second_cap_and_resets_once_up():
     assert waits == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.0, 1.0])
     assert max(waits) == DIAL_BACKOFF[1]
     life.dialing()
-    life.up()
+    life.up(ours=True)
     assert life.state == "up" and not life.due(now + 10)
     life.down(now, "connection lost")
     assert life.next_dial == now + DIAL_BACKOFF[0]
@@ -114,6 +122,109 @@ def test_the_accepting_side_and_a_peer_nobody_can_dial_never_dial():
         assert not life.due(100.0)
     assert PeerLife(None, 0.0).state == "relayed"
     assert PeerLife(False, 0.0).state == "waiting"
+
+
+def test_when_both_listen_the_higher_side_dials_too_once_no_session_came_up_for_a_while():
+    peers, _ = manager()
+    life = peers.introduce([peer("a", bytes(32))], now=0.0).added[0].life  # it sorts lower
+    assert life.role is False and life.fallback and life.state == "backoff"
+    assert not life.due(FALLBACK_DIAL_SECONDS - 0.01) and life.due(FALLBACK_DIAL_SECONDS)
+    now, waits = FALLBACK_DIAL_SECONDS, []
+    for _ in range(5):  # neither direction works: bounded, doubling to the cap
+        life.dialing()
+        life.failed(now, "unreachable")
+        waits.append(life.next_dial - now)
+        now = life.next_dial
+    assert waits == pytest.approx([2.0, 4.0, 8.0, 8.0, 8.0])
+    assert max(waits) == FALLBACK_BACKOFF_MAX
+    # the lower side dials first: nothing extra when the peer does not listen, or we do not
+    assert not peers.introduce([peer("a", bytes(32), listens=False)], 1.0).added[0].life.dials
+    peers, _ = manager(listens=False)
+    life = peers.introduce([peer("a", bytes(32))], now=0.0).added[0].life
+    assert life.role is True and not life.fallback and life.due(0.0)
+
+
+def test_the_fallback_side_redials_at_once_after_its_own_session_and_waits_after_the_peers():
+    life = PeerLife(False, 0.0, fallback=True)
+    life.dialing()
+    life.up(ours=True)
+    life.down(10.0, "connection lost")  # its direction is the one that works
+    assert life.next_dial == 10.0 + DIAL_BACKOFF[0]
+    life.dialing()
+    life.up(ours=False)
+    life.down(20.0, "connection lost")  # the peer dialled that one: the peer redials first
+    assert life.next_dial == 20.0 + FALLBACK_DIAL_SECONDS and life.delay == FALLBACK_DIAL_SECONDS
+
+
+def test_a_dial_that_fails_while_the_peers_session_is_up_is_only_counted():
+    life = PeerLife(False, 0.0, fallback=True)
+    life.dialing()
+    life.up(ours=False)  # the peer's dial came first
+    life.failed(1.0, "refused: duplicate")
+    assert life.state == "up" and life.failures == 1 and not life.due(100.0)
+
+
+@pytest.mark.parametrize("low_first", ["mine", "theirs"])
+@pytest.mark.parametrize("high_first", ["mine", "theirs"])
+def test_when_both_sides_dial_at_once_both_keep_the_session_the_lower_side_dialled(
+        low_first, high_first):
+    """Each side sees the two sessions come up in either order; both end on the same one."""
+    def kept(own: bytes, other: bytes, first: str) -> str:
+        order = ["mine", "theirs"] if first == "mine" else ["theirs", "mine"]
+        active = order[0]
+        if supersedes(own, other, order[1] == "mine", active == "mine"):
+            active = order[1]
+        return active
+    assert kept(LOW, HIGH, low_first) == "mine"  # the lower side keeps the one it dialled
+    assert kept(HIGH, LOW, high_first) == "theirs"  # ... and so does the higher side
+
+
+def test_a_newer_session_of_the_same_direction_always_takes_over():
+    for own, other in ((LOW, HIGH), (HIGH, LOW)):
+        for ours in (True, False):
+            assert supersedes(own, other, ours, ours)
+
+
+def numbered(n: int) -> DirectPeer:
+    return peer(f"p{n}", bytes([9, n]) + bytes(30), macs=(f"02:00:00:00:01:{n:02x}",),
+                ips=(f"10.0.1.{n}",))
+
+
+def test_a_small_set_is_dialled_at_once_a_larger_one_only_where_frames_go():
+    peers, uplink = manager(listens=False)
+    bring_up(uplink)
+    peers.introduce([numbered(n) for n in range(EAGER_DIAL_PEERS)], now=0.0)
+    assert len(peers.due(0.0)) == EAGER_DIAL_PEERS and not uplink.demand
+    peers.introduce([numbered(n) for n in range(EAGER_DIAL_PEERS + 1)], now=1.0)
+    assert not peers.due(1.0) and peers.next_due(1.0) is None  # nothing wanted: no wake-ups
+    uplink.deliver([frame(Ether(src=LOCAL_MAC, dst="02:00:00:00:01:05") / IP() / ICMP())])
+    assert len(uplink.queue) == 1  # it takes the hub, and marks its peer wanted
+    peers.sample_demand(2.0)
+    assert [port.peer.name for port in peers.due(2.0)] == ["p5"]
+    assert not peers.due(2.0 + DIRECT_IDLE_SECONDS)  # wanted no more
+    peers.introduce([numbered(n) for n in range(3)], now=3.0)  # small again: all at once
+    assert len(peers.due(3.0)) == 3 and not uplink.demand
+
+
+def test_an_on_demand_session_that_carried_nothing_for_a_while_is_closed_a_busy_one_kept():
+    peers, uplink = manager(listens=False)
+    ports = peers.introduce([numbered(n) for n in range(EAGER_DIAL_PEERS + 1)], 0.0).added
+    quiet, busy = ports[0], ports[1]
+    for port in (quiet, busy):
+        bring_up(port)
+        port.life.dialing()
+        port.life.up(ours=True)
+    now = 0.0
+    while now < DIRECT_IDLE_SECONDS:
+        assert not peers.idle(now)
+        busy.counters.out_frames += 1
+        now += 1.0
+    assert peers.idle(now + 1.0) == [quiet]
+    quiet.life.idle(now)
+    quiet.life.down(now, "aborted: idle")  # its link ends: no failure, no backoff
+    assert quiet.life.failures == 0 and quiet.life.state == "backoff"
+    quiet.life.wanted = now + 5.0
+    assert quiet.life.due(now + 5.0)  # the next frame for it dials at once
 
 
 def test_a_closed_peer_stays_closed():
@@ -150,6 +261,26 @@ def test_new_bindings_for_the_same_key_keep_its_port_and_session():
     assert not change.added and not change.removed
     assert peers.port_of(HIGH) is port
     assert set(uplink.routes) == {mac(PEER_MAC), mac(OTHER_MAC)}
+
+
+def test_routes_are_rebuilt_only_when_the_sessions_change_and_new_bindings_rerouted_alone():
+    """The shell calls update_routes every turn: with 256 peers of 256 MACs up a rebuild is
+    65,536 entries, so it happens only when the routed sessions change."""
+    peers, uplink = manager()
+    b, c = peers.introduce([peer("b", HIGH), peer("c", THIRD, macs=(OTHER_MAC,))], 0.0).added
+    bring_up(b)
+    peers.update_routes()
+    routes = uplink.routes
+    peers.update_routes()
+    assert uplink.routes is routes  # nothing changed: not rebuilt
+    peers.introduce([peer("b", HIGH, macs=("02:00:00:00:00:09",)),
+                     peer("c", THIRD, macs=(OTHER_MAC,))], 1.0)
+    assert uplink.routes is routes and set(routes) == {mac("02:00:00:00:00:09")}
+    bring_up(c)
+    peers.update_routes()
+    assert set(uplink.routes) == {mac("02:00:00:00:00:09"), mac(OTHER_MAC)}
+    peers.introduce([peer("c", THIRD, macs=(OTHER_MAC,))], 2.0)  # b is gone: at once
+    assert set(uplink.routes) == {mac(OTHER_MAC)}
 
 
 def test_a_peer_that_stops_listening_gets_a_new_life_with_the_other_role():
@@ -295,10 +426,11 @@ def test_status_text_shows_each_peer_direct_or_relayed_with_address_rtt_traffic_
     peers, _ = manager()
     up, down = (peers.introduce([peer("b", HIGH), peer("c", THIRD)], now=0.0).added)
     bring_up(up)
-    up.life.up()
+    up.life.up(ours=True)
     up.peer_address, up.rtt_ms = "10.9.0.2:7000", 0.25
     up.counters.drop("mac_spoof")
-    down.life.down(0.0, "connection refused")
+    down.life.dialing()
+    down.life.failed(0.0, "connection refused")
     text = format_status({"role": "endpoint", "pid": 1, "direct": {
         "listen": ["0.0.0.0:7000"], "refused": {"auth_unknown_key": 2},
         "peers": peers.status()}})

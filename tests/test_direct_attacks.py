@@ -4,8 +4,9 @@ listener pushing frames at its dialer before its verdict (held, unbounded, until
 a wrong key at an introduced address (the hub, another endpoint) warned about and redialled
 every second, more when the peer flips between listening and not; old introductions kept
 for good under a hub back with --no-direct or as version 1; every INTRO decoded and every
-filter rebuilt when one peer changed; a wildcard --listen introduced at an address of a
-family it does not take.  The attacks that held are in tests/test_direct_links.py,
+filter rebuilt when one peer changed; the first INTRO of a hub link at the limits decoded and
+applied in one go (~2.5 s of the endpoint's loop); a wildcard --listen introduced at an
+address of a family it does not take.  The attacks that held are in tests/test_direct_links.py,
 tests/test_direct_netns.py and tests/test_hub_direct.py."""
 
 from __future__ import annotations
@@ -185,11 +186,101 @@ def test_an_intro_that_changes_one_peer_decodes_and_rebuilds_only_that_peer():
         if len(received) == 1:
             peers.introduce(intro.peers, 0.0)
             filters = {d: p.filter for d, p in peers.ports.items()}
-    peers.introduce(received[1], 1.0)
-    assert received[1][0] is received[0][0] and received[1][2] is received[0][2]
-    assert received[1][1] == peer(2, "10.0.0.9")
+    change = peers.introduce(received[1], 1.0)
+    assert received[1][0] == received[0][0] and received[1][2] == received[0][2]
+    assert received[1][1].decoded() == peer(2, "10.0.0.9")
+    assert peers.step_work == 3 and not change.added and not change.removed  # p2: 2 + 1
     kept = [d for d, p in peers.ports.items() if p.filter is filters[d]]
     assert sorted(kept) == [bytes([1]) * 32, bytes([3]) * 32]
+
+
+def maximal_intro() -> tuple:
+    """The entries of an INTRO at the limits, as an endpoint's codec hands them up: as many
+    peers of 256 MACs and 2 x 1,024 addresses as 4 MiB hold (190)."""
+    from tests.test_wire_intro import pair
+    from tunnel.wire import MAX_INTRO_PAYLOAD, Intro, encode_intro_entry
+
+    entries, size = [], 2
+    while True:
+        n = len(entries)
+        entry = encode_intro_entry(
+            f"p{n}", bytes([1, n]) + bytes(30), (("192.0.2.9", 7000 + n),),
+            [bytes([2, 0, 0, 0, n, m]) for m in range(256)],
+            [bytes([10, n, i >> 8, i & 255]) for i in range(1024)],
+            [bytes([0xFD] + [0] * 11 + [n, 0, i >> 8, i & 255]) for i in range(1024)])
+        if size + len(entry) > MAX_INTRO_PAYLOAD:
+            break
+        entries.append(entry)
+        size += len(entry)
+    client, server = pair()
+    client.receive_data(server.send_intro_encoded(entries))
+    (intro,) = [e for e in client.next_events() if isinstance(e, Intro)]
+    return intro.peers
+
+
+def test_a_maximal_intro_is_read_a_bounded_slice_per_step_and_removals_are_at_once():
+    """The first INTRO of a hub link at the limits held the endpoint's loop ~2.5 s (every
+    address decoded into an object, every filter built, in one call).  The codec now checks
+    the entries and leaves their bindings as bytes; the endpoint reads them into filters
+    INTRO_WORK_PER_STEP bindings a step, one step per loop turn; a peer missing from a newer
+    INTRO loses its port at once, whatever is still pending."""
+    from tunnel.direct import INTRO_WORK_PER_STEP, DirectPeers, SteeringUplink
+    from tunnel.wire import IntroEntry
+
+    intro = maximal_intro()
+    assert len(intro) == 190 and all(isinstance(e, IntroEntry) for e in intro)
+    total = sum(entry.size + 1 for entry in intro)
+    peers = DirectPeers(b"\0" * 32, True, SteeringUplink(), lambda mac: True)
+    change = peers.introduce(intro, 0.0)
+    work = [peers.step_work]
+    assert change.added and peers.pending  # one slice now, the rest later
+    for _ in range(10):
+        peers.apply(0.0)
+        work.append(peers.step_work)
+    first = peers.port_of(bytes([1, 0]) + bytes(30))
+    assert first is not None and first.life.state != "closed"
+    # a newer INTRO without p0 (read already) and p189 (still pending)
+    change = peers.introduce(intro[1:189], 1.0)
+    work.append(peers.step_work)
+    assert change.removed == [first] and first.life.state == "closed"
+    while peers.pending:
+        peers.apply(1.0)
+        work.append(peers.step_work)
+    assert max(work) <= INTRO_WORK_PER_STEP
+    assert sum(work) == total - (intro[189].size + 1)  # nobody read twice, p189 never
+    assert len(work) >= total // INTRO_WORK_PER_STEP
+    assert len(peers.ports) == 188 and peers.port_of(bytes([1, 189]) + bytes(30)) is None
+    port = peers.port_of(bytes([1, 188]) + bytes(30))
+    assert port.filter.macs == {bytes([2, 0, 0, 0, 188, m]) for m in range(256)}
+    assert port.filter.book.claim(bytes([10, 188, 3, 255]), port, 0.0, 0) is None
+    assert port.filter.book.claim(bytes([10, 187, 3, 255]), port, 0.0, 0) == "claim_limit"
+
+
+async def test_a_maximal_intro_lets_the_endpoints_other_tasks_run_between_its_slices(tmp_path):
+    """In the shell: after `introduce` returns, the rest is read by the supervisor a slice
+    per loop turn, and another task runs between every two slices."""
+    node = Node(tmp_path, "a", listens=True)
+    intro = maximal_intro()
+    seen: list[int] = []  # what is pending each time the other task runs
+
+    async def other_traffic() -> None:
+        while True:
+            seen.append(len(node.links.peers.pending))
+            await trio.sleep(0)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.links.run)
+        nursery.start_soon(other_traffic)
+        await trio.sleep(0)
+        node.links.introduce(intro)
+        assert node.links.peers.pending
+        await wait_for(lambda: not node.links.peers.pending, 30.0)
+        nursery.cancel_scope.cancel()
+    during = [n for n in seen if n]
+    # one peer a slice (2 x 2,305 > INTRO_WORK_PER_STEP): the first in `introduce`, 189 in
+    # the supervisor, and the other task ran between every two of those
+    assert len(during) >= len(intro) - 2
+    assert len(node.links.peers.ports) == len(intro)
 
 
 async def test_an_address_where_another_key_answers_is_not_dialled_again_at_once(tmp_path):

@@ -6,7 +6,8 @@ sends the pings through the hub within about a second, and the direct path comes
 `hub --no-direct` keeps everything relayed; strangers on --listen (an unknown key, a reset
 handshake, silence, a giant record) are refused and the session stays up; an introduced
 peer spoofing over its direct session is dropped and counted; a peer removed from the hub's
-peers file (SIGHUP) loses its direct sessions."""
+peers file (SIGHUP) loses its direct sessions; when the side that dials first cannot reach
+the other (a firewall in its namespace), the other dials and the pair still goes direct."""
 
 from __future__ import annotations
 
@@ -146,6 +147,8 @@ async def iperf3(lab: Lab, seconds: int = 2) -> int:
 
 
 async def test_pings_and_a_stream_go_direct_fall_back_within_a_second_and_come_back(lab):
+    """(A killed session falling back and coming back: the next test, where the side that
+    dials is the other one.)"""
     await lab.wait_path("direct")
     await run_in(lab.ns(1), "ping", "-c", "3", "-W", "2", TAP_IP[2])
     with trio.fail_after(10):  # IPv6 too, once the kernel's DAD is over
@@ -164,14 +167,7 @@ async def test_pings_and_a_stream_go_direct_fall_back_within_a_second_and_come_b
     view = await lab.peer(1)
     assert view["out_bytes"] + view["in_bytes"] >= moved // 2 and view["rtt_ms"] is not None
 
-    # the session killed under both hosts' feet: pings go through the hub at once
-    async def kill_session() -> None:
-        await run_in(lab.ns(1), "ss", "-K", "dst", LAN_IP[2])
-    answered = await lab.pings_during(kill_session)
-    assert answered >= 38
-    await lab.wait_path("direct", 5.0)  # and the direct path is back
-    assert (await lab.peer(2))["sessions"] >= 2
-
+    # (the session killed under both hosts' feet: in the test after this one)
     # the listen address taken away: silence, noticed within about a second
     async def take_address() -> None:
         for n in (1, 2):
@@ -184,6 +180,38 @@ async def test_pings_and_a_stream_go_direct_fall_back_within_a_second_and_come_b
     for n in (1, 2):
         await run_in(lab.ns(n), "ip", "addr", "add", f"{LAN_IP[n]}/24", "dev", lab.lan[n])
     assert await lab.wait_path("direct", 10.0) < 5.0
+
+
+async def test_when_the_side_that_dials_first_cannot_reach_the_other_the_other_dials(
+        tmp_path, names):
+    """Both hosts listen, so the one whose key sorts lower dials first; a firewall in its
+    namespace drops its connection attempts to the other's --listen (as a NAT would), while
+    the other reaches it.  The pair still goes direct (the other side dialled), falls back to
+    the hub when that session is killed, and is direct again."""
+    from tunnel.keys import parse_fingerprint
+
+    lab = Lab(tmp_path, *names)
+    digests = dict(line.split() for line in lab.keys.peers.read_text().splitlines())
+    low, high = sorted((1, 2), key=lambda n: parse_fingerprint(digests[f"h{n}"]))
+    await run_in(lab.ns(low), "iptables", "-A", "OUTPUT", "-p", "tcp", "--syn", "-d",
+                 LAN_IP[high], "--dport", str(DIRECT_PORT), "-j", "DROP")
+    await lab.start()
+    try:
+        await lab.wait_path("direct", 15.0)
+        high_view, low_view = await lab.peer(high), await lab.peer(low)
+        assert high_view["dialled_by"] == "us" and low_view["dialled_by"] == "peer"
+        assert low_view["failures"] >= 1  # its own dials go nowhere
+        await run_in(lab.ns(1), "ping", "-c", "2", "-W", "2", TAP_IP[2])
+
+        # the session killed under both hosts' feet: pings go through the hub at once
+        async def kill_session() -> None:
+            await run_in(lab.ns(high), "ss", "-K", "dst", LAN_IP[low])
+        assert await lab.pings_during(kill_session) >= 38
+        assert await lab.wait_path("direct", 10.0) < 5.0  # and the direct path is back
+        assert (await lab.peer(high))["sessions"] >= 2
+        assert (await lab.peer(high))["dialled_by"] == "us"
+    finally:
+        await lab.stop()
 
 
 async def test_hub_no_direct_keeps_everything_relayed(tmp_path, names):

@@ -93,12 +93,12 @@ async def test_each_endpoint_is_introduced_to_the_other_with_key_address_and_bin
         await bob.tls.send_all(bob.wire.send_frames([udp_frame(MAC_B, "", "fd00::b")]))
         [to_alice] = intros(await listen(alice, 1.0))[-1:]
         [to_bob] = intros(await listen(bob, 0.1))[-1:]
-        [bob_seen] = to_alice.peers
+        [bob_seen] = [entry.decoded() for entry in to_alice.peers]
         assert bob_seen.name == "bob" and bob_seen.fingerprint == fingerprint(net, "bob")
         assert bob_seen.addresses == ()  # bob only dials
         assert bob_seen.macs == {MAC_B} and bob_seen.ipv6 == {ipaddress.ip_address("fd00::b")}
         assert bob_seen.ipv4 == set()
-        [alice_seen] = to_bob.peers
+        [alice_seen] = [entry.decoded() for entry in to_bob.peers]
         assert alice_seen.fingerprint == fingerprint(net, "alice")
         assert alice_seen.addresses == (("192.0.2.1", 4000),)  # the wildcard: where it is seen
         assert alice_seen.macs == {MAC_A}
@@ -112,10 +112,10 @@ async def test_bindings_learned_later_reach_the_peer_in_a_new_intro(tmp_path, au
         alice = await peer(net, "alice", "192.0.2.1", [("198.51.100.1", 4000)])
         bob = await peer(net, "bob", "192.0.2.2", [])
         first = intros(await listen(bob, 1.0))
-        assert first[-1].peers[0].macs == frozenset()
+        assert first[-1].peers[0].decoded().macs == frozenset()
         await alice.tls.send_all(alice.wire.send_frames([udp_frame(MAC_A, "10.0.0.5")]))
         later = intros(await listen(bob, 1.0))
-        assert later[-1].peers[0].macs == {MAC_A}
+        assert later[-1].peers[0].decoded().macs == {MAC_A}
         assert later[-1].peers[0].addresses == (("198.51.100.1", 4000),)
 
 
@@ -135,7 +135,7 @@ async def test_a_peer_is_never_introduced_before_its_bindings_are_read(tmp_path,
         assert net.listener.introducer._scanning is not None
         await alice.tls.send_all(alice.wire.send_advertise([("198.51.100.1", 4000)]))
         naming_alice = [i.peers for i in intros(await listen(bob, 5.0)) if i.peers]
-        assert naming_alice and all(p.macs == {MAC_A} for [p] in naming_alice)
+        assert naming_alice and all(p.decoded().macs == {MAC_A} for [p] in naming_alice)
 
 
 async def test_two_endpoints_that_only_dial_are_not_introduced(tmp_path, autojump_clock):

@@ -136,7 +136,7 @@ def test_intro_round_trips_every_field_of_every_peer():
     peers = (peer(1), peer(2, addresses=(("2001:db8::2", 1), ("192.0.2.2", 65535))),
              peer(3, addresses=(), macs=set(), ipv4=set(), ipv6=set()))
     [event] = feed(client, server.send_intro(peers))
-    assert event == Intro(peers)
+    assert tuple(entry.decoded() for entry in event.peers) == peers
 
 
 def test_an_empty_intro_round_trips():
@@ -153,7 +153,7 @@ def test_intro_at_every_limit_round_trips():
         frozenset(ipaddress.IPv4Address(0x0A000000 + i) for i in range(MAX_INTRO_IPS)),
         frozenset(ipaddress.IPv6Address((0xFD << 120) + i) for i in range(MAX_INTRO_IPS)))
     [event] = feed(client, server.send_intro([big]))
-    assert event.peers == (big,)
+    assert [entry.decoded() for entry in event.peers] == [big]
 
 
 def test_encoded_entries_are_what_send_intro_sends():
@@ -180,7 +180,7 @@ def test_any_valid_intro_round_trips(specs):
         peers.append(DirectPeer(f"p{n}", fingerprint(n), dialable, frozenset(macs),
                                 frozenset(ipv4), frozenset(ipv6)))
     [event] = feed(client, server.send_intro(peers))
-    assert event.peers == tuple(peers)
+    assert [entry.decoded() for entry in event.peers] == peers
 
 
 # --- where they may flow ---------------------------------------------------------------------

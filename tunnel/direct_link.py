@@ -14,14 +14,18 @@ CLOSE; never INTRO or ADVERTISE) over TLS 1.3:
   caps on concurrent handshakes, per source and in all, eviction of the oldest untrusted
   one, FIRST_BYTES_SECONDS for the first bytes and HANDSHAKE_SECONDS for the rest, and
   MAX_DIRECT_SESSIONS).
-Each session is a Link (tunnel/session.py) on the peer's DirectPort, which pings every
-DIRECT_KEEPALIVE_SECONDS and is dead after DIRECT_DEAD_SECONDS of silence; what it receives
-goes through the peer's ReceiveFilter, then into the switch as if from the uplink.  When a
-session ends the uplink's routes lose the peer at once (frames take the hub) and the dialer
-redials with backoff (DIAL_BACKOFF, capped at 1 s).  Rekeying is the hub link's, make before
-break: when `rekey_due` says a session's key is old or has protected nearly its limit of
-records, the dialer makes a new session, which supersedes the old one on both sides (a
-failed try keeps the old one and is tried again after REKEY_RETRY_SECONDS).
+Both sides may dial (tunnel/direct.py: the fallback dialer); when a session comes up while
+another of the same peer is active, `supersedes` decides which one stays, on the dialer's
+side before it is used and on the listener's before AUTH is accepted (the loser is closed,
+counted `duplicate`).  Each session is a Link (tunnel/session.py) on the peer's DirectPort,
+which pings every DIRECT_KEEPALIVE_SECONDS and is dead after DIRECT_DEAD_SECONDS of silence;
+what it receives goes through the peer's ReceiveFilter, then into the switch as if from the
+uplink.  When a session ends the uplink's routes lose the peer at once (frames take the hub)
+and the dialer redials with backoff (DIAL_BACKOFF, capped at 1 s).  Rekeying is the hub
+link's, make before break: when `rekey_due` says a session's key is old or has protected
+nearly its limit of records, the side that dialled it makes a new session, which supersedes
+the old one on both sides (a failed try keeps the old one and is tried again after
+REKEY_RETRY_SECONDS).
 
 Containment: every connection, dialled or accepted, runs under its own guard; whatever it
 raises closes it only (counted in `refused` or the peer's `last_error`, unexpected ones
@@ -40,12 +44,15 @@ from netstack.frame import ALL_OFFLOADS, Frame
 from tunnel.control import accept_tunnel_connections
 from tunnel.direct import (
     DIRECT_DEAD_SECONDS,
+    DIRECT_IDLE_SECONDS,
     DIRECT_KEEPALIVE_SECONDS,
     WRONG_KEY_SECONDS,
     DirectPeers,
     DirectPort,
+    IntroChange,
+    Introduced,
+    supersedes,
 )
-from tunnel.introductions import DirectPeer
 from tunnel.keys import (
     AuthError,
     Identity,
@@ -127,18 +134,21 @@ class DirectLinks:
 
     # -- introductions ---------------------------------------------------------------------
 
-    def introduce(self, peers: tuple[DirectPeer, ...]) -> None:
-        """The hub's latest set: sessions of peers gone from it are closed now."""
-        change = self.peers.introduce(peers, trio.current_time())
+    def introduce(self, peers: tuple[Introduced, ...]) -> None:
+        """The hub's latest set: sessions of peers gone from it are closed now; new and
+        changed peers are read a slice per loop turn (DirectPeers.apply: the first slice
+        now, the rest in `_supervise`)."""
+        self._changed(self.peers.introduce(peers, trio.current_time()))
+
+    def _changed(self, change: IntroChange) -> None:
         for port in change.removed:
             self._rekeys.pop(port, None)
             for link in list(port.links):
                 link.abort("no longer introduced by the hub")
             log.info("%s: no longer introduced: direct session closed", port.name)
         for port in change.added:
-            log.info("%s: introduced (%s, key %s)", port.name,
-                     {True: "we dial", False: "it dials", None: "neither listens"}[
-                         port.life.role], port.peer.fingerprint)
+            log.info("%s: introduced (%s, key %s)", port.name, port.life.describe(),
+                     port.peer.fingerprint)
         self._wake.set()
 
     # -- running --------------------------------------------------------------------------
@@ -164,24 +174,37 @@ class DirectLinks:
             task_status.started()
 
     async def _supervise(self) -> None:
-        """Dial the peers whose turn it is; keep the uplink's routes current."""
+        """Dial the peers whose turn it is; keep the uplink's routes current; read what is
+        left of the latest introductions, a slice per loop turn."""
         while True:
             now = trio.current_time()
             assert self._nursery is not None
+            if self.peers.pending:
+                self._changed(self.peers.apply(now))
+            self.peers.sample_demand(now)
+            for port in self.peers.idle(now):  # on demand: a session nothing crossed lately
+                port.life.idle(now)
+                for link in list(port.links):
+                    link.abort(f"idle for {DIRECT_IDLE_SECONDS:.0f} s")
+                log.info("%s: direct session closed: idle for %.0f s", port.name,
+                         DIRECT_IDLE_SECONDS)
             for port in self.peers.due(now):
                 port.life.dialing()
                 self._nursery.start_soon(self._dial_guarded, port)
             for port in self.peers.ports.values():
                 link = port.active
-                if (port.life.role is True and link is not None
+                if (link is not None and link.wire.role == "client"  # we dialled it
                         and now >= self._rekeys.get(port, now) and self.rekey_due(link)):
                     self._rekeys[port] = float("inf")  # one rekey at a time
                     self._nursery.start_soon(self._rekey, port)
             self.peers.update_routes()
             wake_at = now + SUPERVISE_SECONDS
-            due = self.peers.next_due()
+            due = self.peers.next_due(now)
             if due is not None:
                 wake_at = min(wake_at, due)
+            if self.peers.pending:  # the rest next turn: the loop's other tasks run first
+                await trio.sleep(0)
+                continue
             self._wake = trio.Event()
             with trio.move_on_at(wake_at):
                 await self._wake.wait()
@@ -189,6 +212,10 @@ class DirectLinks:
     def _session_ended(self, port: DirectPort, reason: str) -> None:
         port.life.down(trio.current_time(), reason)
         self.peers.update_routes()
+        self._wake.set()
+
+    def _dial_failed(self, port: DirectPort, reason: str) -> None:
+        port.life.failed(trio.current_time(), reason)
         self._wake.set()
 
     # -- dialling -------------------------------------------------------------------------
@@ -201,13 +228,14 @@ class DirectLinks:
             reason = str(exc) or type(exc).__name__
             if port.life.failures % 20 == 0:  # a peer that stays away logs now and then
                 log.info("%s: direct dial failed: %s", port.name, reason)
-            self._session_ended(port, reason)
+            self._dial_failed(port, reason)
             return
         except Exception as exc:
             log.error("%s: direct dial failed unexpectedly: %r", port.name, exc, exc_info=exc)
-            self._session_ended(port, f"internal error: {exc!r}")
+            self._dial_failed(port, f"internal error: {exc!r}")
             return
-        await self._run_link(port, link)
+        if link is not None:
+            await self._run_link(port, link)
 
     async def _rekey(self, port: DirectPort) -> None:
         """A fresh session for `port` that supersedes the current one."""
@@ -224,10 +252,12 @@ class DirectLinks:
             self._rekeys[port] = trio.current_time() + REKEY_RETRY_SECONDS
             return
         self._rekeys.pop(port, None)
-        log.info("%s: direct session rekeyed", port.name)
-        await self._run_link(port, link)
+        if link is not None:
+            log.info("%s: direct session rekeyed", port.name)
+            await self._run_link(port, link)
 
-    async def _dial(self, port: DirectPort) -> Link:
+    async def _dial(self, port: DirectPort) -> Link | None:
+        """A session to `port` (None: one the peer dialled came up meanwhile and stays)."""
         errors = []
         addresses = self.peers.dialable(port, trio.current_time())
         if not addresses and port.peer.addresses:
@@ -249,7 +279,7 @@ class DirectLinks:
                 errors.append(f"{host}:{number}: {exc}")
         raise DialError("; ".join(errors) or "no address")
 
-    async def _dial_one(self, port: DirectPort, host: str, number: int) -> Link:
+    async def _dial_one(self, port: DirectPort, host: str, number: int) -> Link | None:
         stream = await trio.open_tcp_stream(host, number)
         try:
             tune_tcp(stream.socket)
@@ -272,6 +302,19 @@ class DirectLinks:
         if port.life.state == "closed":
             await stream.aclose()
             raise DialError("no longer introduced")
+        active = port.active
+        if active is not None and not supersedes(self.identity.fingerprint_bytes, port.digest,
+                                                 True, active.wire.role == "client"):
+            log.info("%s: direct session to %s:%d closed: the one %s dialled stays", port.name,
+                     host, number, port.name)
+            with trio.move_on_after(1) as cleanup:
+                cleanup.shield = True
+                try:
+                    await tls.send_all(wire.send_close(CloseCode.NORMAL, "duplicate"))
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+                await stream.aclose()
+            return None
         port.peer_address = f"{host}:{number}"
         return self._link(port, tls, wire)
 
@@ -378,7 +421,8 @@ class DirectLinks:
             log.warning("direct: %s: refused: %s", address, exc)
         return None
 
-    async def _handshake(self, tls: TLSStream, address: str) -> tuple[DirectPort, Link]:
+    async def _handshake(self, tls: TLSStream, address: str
+                         ) -> tuple[DirectPort, Link] | None:
         await tls.do_handshake()
         wire = WireConnection("server", name="", offloads=int(ALL_OFFLOADS), mtu=self.mtu)
         await tls.send_all(wire.send_hello())
@@ -398,6 +442,14 @@ class DirectLinks:
                         await tls.send_all(wire.send_close(CloseCode.AUTH_FAILED, exc.reason))
                         raise
                     port = next(p for p in self.peers.ports.values() if p.peer.name == name)
+                    active = port.active
+                    if active is not None and not supersedes(
+                            self.identity.fingerprint_bytes, port.digest, False,
+                            active.wire.role == "client"):
+                        # both dialled at once: ours stays (the same on its side)
+                        self._refuse("duplicate")
+                        await tls.send_all(wire.send_close(CloseCode.NORMAL, "duplicate"))
+                        return None
                     wire.accept_auth()
                     port.peer_address = address
                     log.info("%s: direct session accepted from %s", port.name, address)
@@ -412,7 +464,7 @@ class DirectLinks:
                     keepalive_seconds=DIRECT_KEEPALIVE_SECONDS,
                     dead_seconds=DIRECT_DEAD_SECONDS)
         link.activate()  # a session of this peer already up is superseded
-        port.life.up()
+        port.life.up(ours=wire.role == "client")
         self.peers.update_routes()
         return link
 

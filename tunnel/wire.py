@@ -32,7 +32,7 @@ Version 2 adds the direct-path records, on a hub link only (a connection made wi
 `introductions=True` on both sides, and version 2 negotiated): the endpoint (client) may send
 ADVERTISE (where it accepts direct sessions) once authenticated -- right behind AUTH, where the
 server's codec holds it like FRAMES -- and the hub (server) sends INTRO (the peers the endpoint
-may reach directly: tunnel/introductions.py DirectPeer).  Anywhere else they are `unexpected`,
+may reach directly: `IntroEntry`, read lazily).  Anywhere else they are `unexpected`,
 so a direct session (endpoint to endpoint, `introductions=False`) refuses both, and a
 version-1 peer never gets one (`send_advertise`/`send_intro` refuse to make it).
 
@@ -225,11 +225,44 @@ class Advertise:
 
 
 @dataclass(frozen=True, slots=True)
+class IntroEntry:
+    """One peer of an INTRO as the codec hands it up: its name, key and addresses decoded,
+    its bindings (up to 256 MACs and 2 x 1,024 addresses) checked (counts, lengths, unicast
+    MACs) but left as the record's bytes.  Reading them is the endpoint's work, spread over
+    its loop turns (tunnel/direct.py DirectPeers.apply): a whole INTRO at the limits took
+    ~2 s to decode into address objects at once.  Equal `data`, equal peer."""
+
+    name: str
+    fingerprint: str  # "SHA256:..."
+    addresses: tuple[tuple[str, int], ...]
+    data: bytes  # the whole entry, as encode_intro_entry made it
+    at: int  # where its MAC count starts in `data`
+    size: int  # MACs and addresses: the work of reading them
+
+    def bindings(self) -> tuple[frozenset[bytes], frozenset[bytes], frozenset[bytes]]:
+        """Its MACs, IPv4 and IPv6 addresses, packed (6, 4 and 16 bytes each)."""
+        data, at, sets = self.data, self.at, []
+        for item in (6, 4, 16):
+            (count,) = U16.unpack_from(data, at)
+            at += U16.size
+            sets.append(frozenset([data[i:i + item] for i in range(at, at + item * count, item)]))
+            at += item * count
+        return sets[0], sets[1], sets[2]
+
+    def decoded(self) -> DirectPeer:
+        """The entry as a DirectPeer, addresses as ipaddress objects (status, tests)."""
+        macs, ipv4, ipv6 = self.bindings()
+        return DirectPeer(self.name, self.fingerprint, self.addresses, macs,
+                          frozenset(map(ipaddress.IPv4Address, ipv4)),
+                          frozenset(map(ipaddress.IPv6Address, ipv6)))
+
+
+@dataclass(frozen=True, slots=True)
 class Intro:
     """The hub's INTRO (endpoint side): the whole current set of peers it may reach
     directly; it replaces the previous one."""
 
-    peers: tuple[DirectPeer, ...]
+    peers: tuple[IntroEntry, ...]
 
 
 Event = Hello | Auth | Frames | Ping | Pong | Closed | Eof | Advertise | Intro
@@ -366,10 +399,6 @@ class WireConnection:
         self._accepts = _ACCEPTS[self._state]
         self._open_accepts = _ACCEPTS[_Receive.OPEN]  # set once the version is known
         self._advertises = 0  # ADVERTISE records received
-        # The last INTRO's peers by their entries' bytes: an entry that did not change is
-        # the same DirectPeer, not decoded again (the hub re-sends the whole set on every
-        # change, up to 4 MiB, four times a second).  At most one INTRO's entries.
-        self._intro_peers: dict[bytes, DirectPeer] = {}
         self._error: WireError | None = None
         self._eof = False
         self._eof_reported = False
@@ -692,7 +721,7 @@ class WireConnection:
                                f"records on one connection")
                 events.append(Advertise(_decode_advertise(buf[start:end])))
             elif rtype == INTRO:
-                events.append(Intro(_decode_intro(buf[start:end], self._intro_peers)))
+                events.append(Intro(_decode_intro(buf[start:end])))
             else:  # CLOSE
                 events.append(self._on_close(buf[start:end]))
         if self._pos == len(self._buf) and not self._chunks:
@@ -939,15 +968,12 @@ def _take_count(payload: bytes, at: int, layout: struct.Struct, what: str, limit
     return count, at
 
 
-def _decode_intro(payload: bytes, known: dict[bytes, DirectPeer] | None = None
-                  ) -> tuple[DirectPeer, ...]:
-    """The peers of an INTRO; an entry whose bytes are a key of `known` is that peer (then
-    `known` holds this INTRO's entries instead)."""
+def _decode_intro(payload: bytes) -> tuple[IntroEntry, ...]:
+    """The peers of an INTRO, their bindings checked but not read (IntroEntry): O(peers)."""
     count, at = _take_count(payload, 0, U16, "peers", MAX_INTRO_PEERS, 0)
     peers = []
     names: set[str] = set()
     fingerprints: set[str] = set()
-    entries: dict[bytes, DirectPeer] = {}
     for index in range(count):
         begin = at
         name_len, at = _take_count(payload, at, U8, "name bytes", MAX_NAME_BYTES, 1)
@@ -968,43 +994,27 @@ def _decode_intro(payload: bytes, known: dict[bytes, DirectPeer] | None = None
         fingerprints.add(fingerprint)
         n, at = _take_count(payload, at, U8, "addresses", MAX_INTRO_ADDRESSES, 0)
         addresses, at = _decode_addresses(payload, at, n, wildcard=False, reason="bad_intro")
-        if known is not None:
-            end = _intro_entry_end(payload, at)
-            peer = known.get(payload[begin:end])
-            if peer is not None:
-                entries[payload[begin:end]] = peer
-                peers.append(peer)
-                at = end
-                continue
-        n, at = _take_count(payload, at, U16, "MACs", MAX_INTRO_MACS, 6)
-        macs = frozenset(payload[i:i + 6] for i in range(at, at + 6 * n, 6))
-        if any(mac[0] & 1 for mac in macs):
+        bindings = at
+        macs, at = _take_count(payload, at, U16, "MACs", MAX_INTRO_MACS, 6)
+        if any(first & 1 for first in payload[at:at + 6 * macs:6]):  # each MAC's first byte
             raise WireError("bad_intro", f"peer {name}: a multicast MAC in its bindings")
-        at += 6 * n
-        n, at = _take_count(payload, at, U16, "IPv4 addresses", MAX_INTRO_IPS, 4)
-        ipv4 = frozenset(ipaddress.IPv4Address(payload[i:i + 4])
-                         for i in range(at, at + 4 * n, 4))
-        at += 4 * n
-        n, at = _take_count(payload, at, U16, "IPv6 addresses", MAX_INTRO_IPS, 16)
-        ipv6 = frozenset(ipaddress.IPv6Address(payload[i:i + 16])
-                         for i in range(at, at + 16 * n, 16))
-        at += 16 * n
-        peer = DirectPeer(name, fingerprint, addresses, macs, ipv4, ipv6)
-        entries[payload[begin:at]] = peer
-        peers.append(peer)
+        end, items = _intro_entry_end(payload, bindings)
+        peers.append(IntroEntry(name, fingerprint, addresses, payload[begin:end],
+                                bindings - begin, items))
+        at = end
     if at != len(payload):
         raise WireError("bad_intro", f"{len(payload) - at} bytes after the last peer")
-    if known is not None:
-        known.clear()
-        known.update(entries)
     return tuple(peers)
 
 
-def _intro_entry_end(payload: bytes, at: int) -> int:
-    """Where the entry whose MAC count is at `at` ends (its counts checked)."""
+def _intro_entry_end(payload: bytes, at: int) -> tuple[int, int]:
+    """Where the entry whose MAC count is at `at` ends (its counts checked), and how many
+    MACs and addresses it holds."""
+    items = 0
     for layout, what, limit, item in ((U16, "MACs", MAX_INTRO_MACS, 6),
                                       (U16, "IPv4 addresses", MAX_INTRO_IPS, 4),
                                       (U16, "IPv6 addresses", MAX_INTRO_IPS, 16)):
         n, at = _take_count(payload, at, layout, what, limit, item)
         at += n * item
-    return at
+        items += n
+    return at, items

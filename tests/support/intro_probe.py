@@ -27,7 +27,8 @@ def as_json(intro: Intro) -> str:
         "addresses": [f"{host}:{port}" for host, port in peer.addresses],
         "macs": sorted(mac.hex(":") for mac in peer.macs),
         "ipv4": sorted(str(ip) for ip in peer.ipv4),
-        "ipv6": sorted(str(ip) for ip in peer.ipv6)} for peer in intro.peers])
+        "ipv6": sorted(str(ip) for ip in peer.ipv6)}
+        for peer in (entry.decoded() for entry in intro.peers)])
 
 
 async def main(host: str, port: int, identity: str, fingerprint: str, name: str, out: str,
