@@ -29,13 +29,16 @@ import ssl
 
 import trio
 
-# Plaintext to take out of OpenSSL per call; several TLS records fit.
-READ_CHUNK = 1 << 20
 # Ciphertext to read from the transport per call, and to hand a non-socket stream per write.
 SOCKET_READ = 256 * 1024
-# One read buffer per Trio run, shared by every stream: a read is copied into its stream's
-# BIO before anything awaits, so a hub with many sessions holds one buffer, not one each.
+# Plaintext `receive_some` returns at most per call: what one read's records hold, and the
+# records OpenSSL held before it.  More waits in OpenSSL for the next call.
+PLAINTEXT_READ = SOCKET_READ + 64 * 1024
+# One read buffer per Trio run for ciphertext, one for plaintext, shared by every stream:
+# each is copied out (into the stream's BIO; into the bytes returned) before anything
+# awaits, so a hub with many sessions holds two buffers, not two each.
 _READ_BUFFER: trio.lowlevel.RunVar[bytearray] = trio.lowlevel.RunVar("tls_read_buffer")
+_PLAINTEXT_BUFFER: trio.lowlevel.RunVar[memoryview] = trio.lowlevel.RunVar("tls_plaintext")
 
 
 def _read_buffer() -> bytearray:
@@ -45,6 +48,15 @@ def _read_buffer() -> bytearray:
         buffer = bytearray(SOCKET_READ)
         _READ_BUFFER.set(buffer)
         return buffer
+
+
+def _plaintext_buffer() -> memoryview:
+    try:
+        return _PLAINTEXT_BUFFER.get()
+    except LookupError:
+        view = memoryview(bytearray(PLAINTEXT_READ))
+        _PLAINTEXT_BUFFER.set(view)
+        return view
 
 
 class SocketTransport:
@@ -160,6 +172,7 @@ class TLSStream(trio.abc.Stream):
         # receive_some read every record and the transport gave nothing since: OpenSSL holds
         # nothing to read (the next read would only raise SSLWantReadError).
         self._exhausted = False
+        self._plaintext: memoryview | None = None  # the run's plaintext buffer, once looked up
 
     # -- what tunnel/keys.check_server reads ----------------------------------------------
 
@@ -191,31 +204,38 @@ class TLSStream(trio.abc.Stream):
         await self._fill()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        """Every plaintext byte the records received so far hold; b"" at the end."""
-        chunks: list[bytes] = []
+        """The plaintext of the records received so far (at most PLAINTEXT_READ bytes; the
+        rest comes with the next call); b"" at the end.  Each record is decrypted into the
+        run's plaintext buffer and the whole is copied out once: no object per record."""
         incoming, tls = self._incoming, self._ssl
         while True:
             # The last call read every record and nothing came since (the common wake-up):
             # a read could only raise SSLWantReadError, so fill first.
             if not self._exhausted:
+                view = self._plaintext
+                if view is None:
+                    view = self._plaintext = _plaintext_buffer()
+                size = len(view)
+                got = 0
                 try:
-                    while True:
-                        chunk = tls.read(READ_CHUNK)
-                        if not chunk:
-                            return b"".join(chunks)
-                        chunks.append(chunk)
+                    while got < size:
+                        count = tls.read(size - got, view[got:])
+                        if not count:
+                            break
+                        got += count
                         if not incoming.pending and not tls.pending():
                             # Every record read: the next read could only say WantRead.
                             self._exhausted = True
-                            return b"".join(chunks)
+                            break
+                    return bytes(view[:got])
                 except ssl.SSLWantReadError:
-                    if chunks:
-                        return b"".join(chunks)
+                    if got:
+                        return bytes(view[:got])
                 except ssl.SSLZeroReturnError:  # the peer's close_notify
-                    return b"".join(chunks)
+                    return bytes(view[:got])
                 except ssl.SSLError as exc:
-                    if chunks:
-                        return b"".join(chunks)
+                    if got:
+                        return bytes(view[:got])
                     raise trio.BrokenResourceError(f"TLS: {exc}") from exc
             if self._outgoing.pending:
                 await self._flush()
