@@ -29,8 +29,11 @@ import ssl
 
 import trio
 
-# Ciphertext to read from the transport per call, and to hand a non-socket stream per write.
-SOCKET_READ = 256 * 1024
+# Ciphertext to read from a socket per call: all it holds, as a rule (a sender's batch of
+# 64 KiB TSO frames is one record of 256 KiB and more: a smaller read splits most of them).
+SOCKET_READ = 1 << 20
+# Ciphertext to read from a non-socket stream per call, and to hand it per write.
+STREAM_CHUNK = 256 * 1024
 # Plaintext `receive_some` returns at most per call: what one read's records hold, and the
 # records OpenSSL held before it.  More waits in OpenSSL for the next call.
 PLAINTEXT_READ = SOCKET_READ + 64 * 1024
@@ -119,7 +122,7 @@ class SocketTransport:
 
 class StreamTransport:
     """Ciphertext to and from any other trio Stream.  Nothing is taken without waiting; a
-    write hands the stream at most SOCKET_READ bytes, so the stall clock sees progress at
+    write hands the stream at most STREAM_CHUNK bytes, so the stall clock sees progress at
     that grain.  A cancellation seen before the stream is touched loses nothing (what waits
     in `_unsent` goes out with the next write or the close); one that interrupts the
     stream's `send_all` leaves it in an unknown state (trio's rule): every later write is
@@ -138,7 +141,7 @@ class StreamTransport:
         if self._interrupted:
             raise trio.BrokenResourceError("an earlier write was interrupted")
         await trio.lowlevel.checkpoint_if_cancelled()
-        chunk = data[:SOCKET_READ]  # a copy: `data` grows while we wait
+        chunk = data[:STREAM_CHUNK]  # a copy: `data` grows while we wait
         try:
             await self.stream.send_all(chunk)
         except BaseException:
@@ -147,7 +150,7 @@ class StreamTransport:
         return len(chunk)
 
     async def fill(self, incoming: ssl.MemoryBIO) -> bool:
-        data = await self.stream.receive_some(SOCKET_READ)
+        data = await self.stream.receive_some(STREAM_CHUNK)
         if data:
             incoming.write(data)
         return bool(data)
