@@ -64,6 +64,7 @@ import enum
 import ipaddress
 import os
 import struct
+from collections import deque
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -376,10 +377,13 @@ class WireConnection:
         self._sent_hello = False
         self._sent_auth = False
         self._sent_close = False
-        # Receive buffer: `_buf[_pos:]` is contiguous and unparsed; `_chunks` came after it.
+        # Receive buffer: `_buf[_pos:]` is contiguous and unparsed; `_chunks` came after it,
+        # the first from `_chunk_at` on (the rest of a chunk a gathered record began in);
+        # `_chunks_len` counts their unparsed bytes.
         self._buf = b""
         self._pos = 0
-        self._chunks: list[bytes] = []
+        self._chunks: deque[bytes] = deque()
+        self._chunk_at = 0
         self._chunks_len = 0
 
     # --- sending: the path of a frame out ---------------------------------------------------
@@ -622,7 +626,7 @@ class WireConnection:
             self._error = error
             self._buf = b""
             self._chunks.clear()
-            self._chunks_len = self._pos = 0
+            self._chunks_len = self._pos = self._chunk_at = 0
             if not events:
                 raise
         return events
@@ -653,7 +657,7 @@ class WireConnection:
             if available < RECORD_HEADER_LEN:
                 if not self._gather(RECORD_HEADER_LEN):
                     break
-                buf, pos, available = self._buf, 0, len(self._buf)
+                buf, pos = self._buf, self._pos
             rtype, flags, reserved, length = header(buf, pos)
             limit = self._accepts.get(rtype)
             if limit is None:
@@ -668,7 +672,8 @@ class WireConnection:
             if end > len(buf):
                 if not self._gather(RECORD_HEADER_LEN + length):
                     break
-                buf, pos, end = self._buf, 0, RECORD_HEADER_LEN + length
+                buf, pos = self._buf, self._pos
+                end = pos + RECORD_HEADER_LEN + length
             start = pos + RECORD_HEADER_LEN
             self._pos = end
             received.records += 1
@@ -705,14 +710,37 @@ class WireConnection:
             self._fail("truncated", f"EOF with {self.buffered} bytes of an incomplete record")
 
     def _gather(self, need: int) -> bool:
-        """Make `need` bytes contiguous at `_buf[0:]`, if that many have arrived."""
+        """Make `need` bytes contiguous at `_buf[_pos:]`, if that many have arrived.  Copies
+        at most the `need` bytes (a record that spans reads), never the chunks after them:
+        a chunk whose turn comes with nothing before it becomes `_buf` as it is."""
         available = len(self._buf) - self._pos
         if available + self._chunks_len < need:
             return False
-        self._buf = b"".join([memoryview(self._buf)[self._pos:], *self._chunks])
+        chunks = self._chunks
+        if not available:
+            chunk = self._buf = chunks.popleft()
+            self._pos, self._chunk_at = self._chunk_at, 0
+            available = len(chunk) - self._pos
+            self._chunks_len -= available
+            if available >= need:
+                return True
+        parts: list[bytes | memoryview] = [memoryview(self._buf)[self._pos:]]
+        missing = need - available
+        while missing:
+            chunk, at = chunks[0], self._chunk_at
+            left = len(chunk) - at
+            if left <= missing:
+                parts.append(memoryview(chunk)[at:])
+                chunks.popleft()
+                self._chunk_at = 0
+            else:
+                left = missing
+                parts.append(memoryview(chunk)[at:at + left])
+                self._chunk_at = at + left
+            missing -= left
+            self._chunks_len -= left
+        self._buf = b"".join(parts)
         self._pos = 0
-        self._chunks.clear()
-        self._chunks_len = 0
         return True
 
     def _refuse_type(self, rtype: int) -> None:
