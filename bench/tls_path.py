@@ -1,8 +1,9 @@
 """The endpoint's per-byte cost between the switch and the socket, in process: batches of 64 KiB
 TSO frames -> WireConnection.send_frames -> TLSStream.send_all -> TCP over loopback ->
-TLSStream.receive_some -> WireConnection.receive_data/next_events -> frames, both ends in one
-Trio run; CPU seconds (user + system, the process's) per GB of frame bytes.  Interleaved A/B
-between source trees, each run in a child process with that tree first on sys.path.
+TLSStream.receive_view -> WireConnection.receive_events -> frames (Link._reader's path),
+both ends in one Trio run; CPU seconds (user + system, the process's) per GB of frame
+bytes.  Interleaved A/B between source trees, each run in a child process with that tree
+first on sys.path.
 
 Why: on the shared 2-vCPU machine a whole direct TAP pair (bench/direct_ab.py) moves ±10 %
 between runs with the other load; one process's CPU time per GB of the same work moves
@@ -63,12 +64,19 @@ async def _child_run(gbytes: float) -> dict[str, float]:
             await sender.send_all(client.send_frames(batch))
             sent += FRAME_BYTES * FRAMES_PER_BATCH
 
+    # What Link._reader does in the tree under test (older trees: receive_some and
+    # receive_data + next_events).
+    view = getattr(receiver, "receive_view", None)
     cpu0, wall0 = time.process_time(), time.monotonic()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(send)
         while received < total:
-            server.receive_data(await receiver.receive_some())
-            for event in server.next_events():
+            if view is not None:
+                events = server.receive_events(await view())
+            else:
+                server.receive_data(await receiver.receive_some())
+                events = server.next_events()
+            for event in events:
                 received += sum(len(frame.data) for frame in event.frames)
     cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
     return {"cpu_s_per_gb": round(cpu / (received / 1e9), 3),

@@ -280,6 +280,30 @@ def test_several_chunks_fed_before_decoding_give_the_same_frames(sizes, cuts, de
     assert server.buffered == 0
 
 
+def test_records_decoded_from_a_reused_buffer_keep_their_frames_and_the_incomplete_rest():
+    client, _ = handshake()
+    sent = [frame(60, 1), frame(3000, 2, TSO), frame(14, 3)]
+    data = client.send_frames(sent) * 3 + client.send_ping(7, 8)
+    for cut in range(1, len(data), 7):
+        _, server = handshake()
+        reused = bytearray(len(data))
+        got = []
+        for a, b in ((0, cut), (cut, len(data))):
+            reused[: b - a] = data[a:b]
+            with memoryview(reused) as view:
+                got += server.receive_events(view[: b - a])
+            reused[:] = bytes(len(reused))  # the caller's next read overwrites it
+        assert [type(e) for e in got] == [Frames, Frames, Frames, Ping]
+        for event in got[:3]:
+            same_frames(event.frames, sent)
+        assert server.buffered == 0
+
+
+def test_receive_events_of_nothing_is_the_end_of_the_stream():
+    _, server = handshake()
+    assert [type(e) for e in server.receive_events(memoryview(b""))] == [Eof]
+
+
 # --- version negotiation ---------------------------------------------------------------------
 
 

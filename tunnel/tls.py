@@ -208,8 +208,13 @@ class TLSStream(trio.abc.Stream):
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """The plaintext of the records received so far (at most PLAINTEXT_READ bytes; the
-        rest comes with the next call); b"" at the end.  Each record is decrypted into the
-        run's plaintext buffer and the whole is copied out once: no object per record."""
+        rest comes with the next call); b"" at the end."""
+        return bytes(await self.receive_view())
+
+    async def receive_view(self) -> memoryview:
+        """`receive_some` without the copy: a view of the run's plaintext buffer, valid
+        until the caller next awaits (any stream's next read reuses the buffer).  Each
+        record is decrypted into that buffer: no object per record."""
         incoming, tls = self._incoming, self._ssl
         while True:
             # The last call read every record and nothing came since (the common wake-up):
@@ -230,15 +235,15 @@ class TLSStream(trio.abc.Stream):
                             # Every record read: the next read could only say WantRead.
                             self._exhausted = True
                             break
-                    return bytes(view[:got])
+                    return view[:got]
                 except ssl.SSLWantReadError:
                     if got:
-                        return bytes(view[:got])
+                        return view[:got]
                 except ssl.SSLZeroReturnError:  # the peer's close_notify
-                    return bytes(view[:got])
+                    return view[:got]
                 except ssl.SSLError as exc:
                     if got:
-                        return bytes(view[:got])
+                        return view[:got]
                     raise trio.BrokenResourceError(f"TLS: {exc}") from exc
             if self._outgoing.pending:
                 await self._flush()

@@ -380,7 +380,7 @@ class WireConnection:
         # Receive buffer: `_buf[_pos:]` is contiguous and unparsed; `_chunks` came after it,
         # the first from `_chunk_at` on (the rest of a chunk a gathered record began in);
         # `_chunks_len` counts their unparsed bytes.
-        self._buf = b""
+        self._buf: bytes | memoryview = b""
         self._pos = 0
         self._chunks: deque[bytes] = deque()
         self._chunk_at = 0
@@ -601,6 +601,23 @@ class WireConnection:
                 self._fail("too_large", f"{self.buffered} bytes buffered unparsed, "
                            f"more than {MAX_BUFFERED} + one read")
 
+    def receive_events(self, data: bytes | memoryview) -> list[Event]:
+        """`receive_data(data)` then `next_events()`, for `data` valid only during this call
+        (a view of a buffer its caller reuses, tunnel/tls.py's plaintext): with nothing
+        buffered, the records are decoded where they lie, and only the bytes of an
+        incomplete one at the end are kept (copied); frames are copied out as always."""
+        if self._error is not None or self._eof or not data or self.buffered:
+            self.receive_data(bytes(data))
+            return self.next_events()
+        self._buf = data
+        self._pos = 0
+        try:
+            return self.next_events()
+        finally:
+            if self._buf is data:  # an incomplete record, or decoding paused: keep the rest
+                self._buf = bytes(data[self._pos:])
+                self._pos = 0
+
     @property
     def failed(self) -> bool:
         """The peer broke the protocol: only `send_close` is allowed now (events decoded
@@ -687,19 +704,19 @@ class WireConnection:
             elif rtype == PONG:
                 events.append(Pong(*self._fixed(PING_PAYLOAD, buf, start, length, "PONG")))
             elif rtype == HELLO:
-                events.append(self._on_hello(buf[start:end]))
+                events.append(self._on_hello(bytes(buf[start:end])))
             elif rtype == AUTH:
-                events.append(self._on_auth(buf[start:end]))
+                events.append(self._on_auth(bytes(buf[start:end])))
             elif rtype == ADVERTISE:
                 self._advertises += 1
                 if self._advertises > MAX_ADVERTISES:
                     self._fail("advertise_flood", f"more than {MAX_ADVERTISES} ADVERTISE "
                                f"records on one connection")
-                events.append(Advertise(_decode_advertise(buf[start:end])))
+                events.append(Advertise(_decode_advertise(bytes(buf[start:end]))))
             elif rtype == INTRO:
-                events.append(Intro(_decode_intro(buf[start:end], self._intro_peers)))
+                events.append(Intro(_decode_intro(bytes(buf[start:end]), self._intro_peers)))
             else:  # CLOSE
-                events.append(self._on_close(buf[start:end]))
+                events.append(self._on_close(bytes(buf[start:end])))
         if self._pos == len(self._buf) and not self._chunks:
             self._buf = b""  # let go of the last chunk
             self._pos = 0
@@ -827,8 +844,9 @@ class WireConnection:
         raise WireError(reason, f"{self.role} receiving: {detail}")
 
 
-def _decode_frames(buf: bytes, start: int, end: int) -> list[Frame]:
-    """The frames of one FRAMES record, `buf[start:end]`: each checked, each copied once."""
+def _decode_frames(buf: bytes | memoryview, start: int, end: int) -> list[Frame]:
+    """The frames of one FRAMES record, `buf[start:end]`: each checked, each copied once
+    (bytes() of a slice of bytes is that slice)."""
     frames: list[Frame] = []
     append = frames.append
     fast = _FRAME_HEADER_FAST.unpack_from
@@ -850,9 +868,9 @@ def _decode_frames(buf: bytes, start: int, end: int) -> list[Frame]:
                             f"{data_at - FRAME_HEADER_LEN - start} of a {end - start}-byte "
                             f"record, want {MIN_FRAME}..{MAX_FRAME} inside the record")
         if meta_high or meta_low:
-            append(make(buf[data_at:at], offload_at(buf, data_at - 10)))
+            append(make(bytes(buf[data_at:at]), offload_at(buf, data_at - 10)))
         else:
-            append(make(buf[data_at:at], plain))
+            append(make(bytes(buf[data_at:at]), plain))
     if at != end:
         if len(frames) == MAX_FRAMES_PER_RECORD:
             raise WireError("bad_frame", f"more than {MAX_FRAMES_PER_RECORD} frames in a record")
