@@ -46,8 +46,12 @@ async def _child_run(gbytes: float) -> dict[str, float]:
     server_stream = await listener.accept()
     for stream in (client_stream, server_stream):
         tune_tcp(stream.socket)
-    sender = TLSStream(client_stream, client_ssl_context(), server_side=False)
-    receiver = TLSStream(server_stream, server_context, server_side=True)
+    # An endpoint's read size where the tree has one (older trees: their only one).
+    import tunnel.tls
+    read_size = getattr(tunnel.tls, "MAX_SOCKET_READ", None)
+    sizing = {} if read_size is None else {"read_size": read_size}
+    sender = TLSStream(client_stream, client_ssl_context(), server_side=False, **sizing)
+    receiver = TLSStream(server_stream, server_context, server_side=True, **sizing)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(sender.do_handshake)
         nursery.start_soon(receiver.do_handshake)

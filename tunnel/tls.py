@@ -29,14 +29,18 @@ import ssl
 
 import trio
 
-# Ciphertext to read from a socket per call: all it holds, as a rule (a sender's batch of
-# 64 KiB TSO frames is one record of 256 KiB and more: a smaller read splits most of them).
-SOCKET_READ = 1 << 20
+# Ciphertext to read from a socket per call, by default: what one session's incoming BIO
+# holds at most (OpenSSL keeps that memory for the session's life: the hub's many sessions).
+SOCKET_READ = 256 * 1024
+# The most a stream may ask for (`read_size`): an endpoint's few sessions take all the
+# socket holds, as a rule (a sender's batch of 64 KiB TSO frames is one wire record of
+# 256 KiB and more: a 256 KiB read splits most of them).
+MAX_SOCKET_READ = 1 << 20
 # Ciphertext to read from a non-socket stream per call, and to hand it per write.
 STREAM_CHUNK = 256 * 1024
 # Plaintext `receive_some` returns at most per call: what one read's records hold, and the
 # records OpenSSL held before it.  More waits in OpenSSL for the next call.
-PLAINTEXT_READ = SOCKET_READ + 64 * 1024
+PLAINTEXT_READ = MAX_SOCKET_READ + 64 * 1024
 # One read buffer per Trio run for ciphertext, one for plaintext, shared by every stream:
 # each is copied out (into the stream's BIO; into the bytes returned) before anything
 # awaits, so a hub with many sessions holds two buffers, not two each.
@@ -48,7 +52,7 @@ def _read_buffer() -> bytearray:
     try:
         return _READ_BUFFER.get()
     except LookupError:
-        buffer = bytearray(SOCKET_READ)
+        buffer = bytearray(MAX_SOCKET_READ)
         _READ_BUFFER.set(buffer)
         return buffer
 
@@ -65,12 +69,16 @@ def _plaintext_buffer() -> memoryview:
 class SocketTransport:
     """Ciphertext to and from a socket's fd, without Trio's SocketStream in the way."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.SocketStream, read_size: int = SOCKET_READ) -> None:
+        if not 0 < read_size <= MAX_SOCKET_READ:
+            raise ValueError(f"read_size {read_size}: want 1..{MAX_SOCKET_READ}")
         self.socket = stream.socket
-        # The last read left the socket empty (it returned less than the buffer holds): the
+        self.read_size = read_size
+        # The last read left the socket empty (it returned less than it asked for): the
         # next one waits for data first instead of making a read that would say EAGAIN.
         self._emptied = False
-        self._buffer: bytearray | None = None  # the run's read buffer, once looked up
+        # The run's read buffer, once looked up: its first `read_size` bytes.
+        self._buffers: list[memoryview] | None = None
 
     def _fileno(self) -> int:
         fd = self.socket.fileno()
@@ -95,26 +103,25 @@ class SocketTransport:
     async def fill(self, incoming: ssl.MemoryBIO) -> bool:
         """One read of whatever the socket holds into `incoming`; False at its end.  Waits
         for data only when there is none (and otherwise yields once, for fairness)."""
-        buffer = self._buffer
-        if buffer is None:
-            buffer = self._buffer = _read_buffer()
+        buffers = self._buffers
+        if buffers is None:
+            buffers = self._buffers = [memoryview(_read_buffer())[:self.read_size]]
         waited = self._emptied
         if waited:
             await trio.lowlevel.wait_readable(self._fileno())
         while True:
             fd = self._fileno()
             try:
-                count = os.readv(fd, [buffer])
+                count = os.readv(fd, buffers)
                 break
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(fd)
                 waited = True
             except OSError as exc:
                 raise trio.BrokenResourceError(f"connection lost: {exc}") from exc
-        self._emptied = 0 < count < len(buffer)
+        self._emptied = 0 < count < self.read_size
         if count:
-            with memoryview(buffer) as view:
-                incoming.write(view[:count])
+            incoming.write(buffers[0][:count])
         if not waited:
             await trio.lowlevel.checkpoint()
         return count > 0
@@ -158,10 +165,11 @@ class StreamTransport:
 
 class TLSStream(trio.abc.Stream):
     def __init__(self, transport: trio.abc.Stream, context: ssl.SSLContext, *,
-                 server_side: bool) -> None:
+                 server_side: bool, read_size: int = SOCKET_READ) -> None:
+        """`read_size`: ciphertext read from a socket per call (at most MAX_SOCKET_READ)."""
         self.transport = transport
         self._pipe: SocketTransport | StreamTransport = (
-            SocketTransport(transport) if isinstance(transport, trio.SocketStream)
+            SocketTransport(transport, read_size) if isinstance(transport, trio.SocketStream)
             else StreamTransport(transport))
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
