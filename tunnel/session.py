@@ -47,6 +47,7 @@ from tunnel.wire import (
     CloseCode,
     Closed,
     Eof,
+    Event,
     Frames,
     Intro,
     Ping,
@@ -317,7 +318,7 @@ class Link:
             result = self._dispatch(wire.receive_events(data))  # empty: the end of the stream
         self._end(result)
 
-    def _dispatch(self, events: list) -> LinkResult | None:
+    def _dispatch(self, events: list[Event]) -> LinkResult | None:
         """Act on `events` (the codec's); a result when the link is over."""
         wire = self.wire
         port = self.port
