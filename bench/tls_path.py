@@ -91,6 +91,12 @@ def child(tree: str, gbytes: float) -> None:
     sys.path.insert(0, tree)
     import trio
 
+    # What `vhostvpn host` does before it runs (tunnel/cli/launch.run_role), as far as the
+    # tree under test does it.
+    from tunnel.cli import launch
+    launch.tune_gc()
+    getattr(launch, "tune_malloc", lambda: None)()
+
     print(json.dumps(trio.run(_child_run, gbytes)))
 
 
