@@ -13,7 +13,7 @@ import trio
 import trio.testing
 
 from tunnel.keys import client_ssl_context, generate_identity, server_ssl_context
-from tunnel.tls import TLSStream
+from tunnel.tls import MAX_SOCKET_READ, TLSStream
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +94,52 @@ async def test_a_large_send_and_the_reverse_direction_at_once(server_context):
                        "backward": hashlib.sha256(backward).digest()}
     await client.aclose()
     await server.aclose()
+
+
+async def test_megabyte_reads_and_the_shared_buffers_keep_two_streams_apart(server_context):
+    # The endpoint's streams read up to MAX_SOCKET_READ per call into the run's one buffer
+    # and decrypt into its one plaintext buffer: two streams read in turn, with kernel
+    # buffers big enough to hold more than a read, each gets its own bytes, whole.
+    pairs = []
+    for _ in range(2):
+        left, right = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for sock in (left, right):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        server = TLSStream(trio.SocketStream(left), server_context, server_side=True,
+                           read_size=MAX_SOCKET_READ)
+        client = TLSStream(trio.SocketStream(right), client_ssl_context(), server_side=False)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.do_handshake)
+            nursery.start_soon(client.do_handshake)
+        pairs.append((server, client))
+    sent = [os.urandom(3 << 20), os.urandom(3 << 20)]
+    received = [bytearray(), bytearray()]
+
+    async def send(index: int) -> None:
+        await pairs[index][1].send_all(sent[index])
+
+    async with trio.open_nursery() as nursery:
+        for index in range(2):
+            nursery.start_soon(send, index)
+        with trio.fail_after(20):
+            while any(len(r) < len(s) for r, s in zip(received, sent, strict=True)):
+                for index, (server, _) in enumerate(pairs):
+                    if len(received[index]) < len(sent[index]):
+                        view = await server.receive_view()
+                        assert view, "stream ended early"
+                        received[index] += view
+    assert [bytes(r) for r in received] == sent
+    for server, client in pairs:
+        await client.aclose()
+        await server.aclose()
+
+
+def test_a_read_size_past_the_shared_buffer_is_refused():
+    left, right = socket.socketpair()
+    with left, right, pytest.raises(ValueError, match="read_size"):
+        TLSStream(trio.SocketStream(trio.socket.from_stdlib_socket(left)),
+                  client_ssl_context(), server_side=False, read_size=MAX_SOCKET_READ + 1)
 
 
 async def test_a_closed_stream_refuses_to_send(server_context):

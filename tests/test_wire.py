@@ -256,6 +256,54 @@ def test_random_chunking_decodes_the_same_frames(sizes, offloaded, cuts):
     assert server.buffered == 0
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    sizes=st.lists(st.integers(14, 3000), min_size=1, max_size=200),
+    cuts=st.lists(st.integers(0, 1 << 20), max_size=40),
+    decode_after=st.lists(st.booleans(), min_size=41, max_size=41),
+)
+def test_several_chunks_fed_before_decoding_give_the_same_frames(sizes, cuts, decode_after):
+    # Records spanning chunks are gathered alone; the chunks' other records stay where
+    # they arrived, so decoding resumes inside a chunk, past a gathered record.
+    client, server = handshake()
+    sent = [frame(size, i % 256, TSO if i % 3 else PLAIN) for i, size in enumerate(sizes)]
+    data = b"".join(client.send_frames(sent[i:i + 7]) for i in range(0, len(sent), 7))
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    got = []
+    for index, (a, b) in enumerate(itertools.pairwise(points)):
+        if a < b:
+            server.receive_data(data[a:b])
+        if decode_after[index]:
+            got += server.next_events()
+    got += server.next_events()
+    same_frames([f for e in got for f in e.frames], sent)
+    assert server.buffered == 0
+
+
+def test_records_decoded_from_a_reused_buffer_keep_their_frames_and_the_incomplete_rest():
+    client, _ = handshake()
+    sent = [frame(60, 1), frame(3000, 2, TSO), frame(14, 3)]
+    data = client.send_frames(sent) * 3 + client.send_ping(7, 8)
+    for cut in range(1, len(data), 7):
+        _, server = handshake()
+        reused = bytearray(len(data))
+        got = []
+        for a, b in ((0, cut), (cut, len(data))):
+            reused[: b - a] = data[a:b]
+            with memoryview(reused) as view:
+                got += server.receive_events(view[: b - a])
+            reused[:] = bytes(len(reused))  # the caller's next read overwrites it
+        assert [type(e) for e in got] == [Frames, Frames, Frames, Ping]
+        for event in got[:3]:
+            same_frames(event.frames, sent)
+        assert server.buffered == 0
+
+
+def test_receive_events_of_nothing_is_the_end_of_the_stream():
+    _, server = handshake()
+    assert [type(e) for e in server.receive_events(memoryview(b""))] == [Eof]
+
+
 # --- version negotiation ---------------------------------------------------------------------
 
 

@@ -71,7 +71,7 @@ from tunnel.listener import (
 )
 from tunnel.session import Link, SessionPort, tune_tcp
 from tunnel.startup import StartupError, explain_bind
-from tunnel.tls import TLSStream
+from tunnel.tls import MAX_SOCKET_READ, TLSStream
 from tunnel.wire import (
     Auth,
     CloseCode,
@@ -283,7 +283,8 @@ class DirectLinks:
         stream = await trio.open_tcp_stream(host, number)
         try:
             tune_tcp(stream.socket)
-            tls = TLSStream(stream, self.client_context, server_side=False)
+            tls = TLSStream(stream, self.client_context, server_side=False,
+                            read_size=MAX_SOCKET_READ)
             await tls.do_handshake()
             check_server(tls, port.digest)  # nothing is sent to a key not introduced
             wire = WireConnection("client", name="", offloads=int(ALL_OFFLOADS), mtu=self.mtu)
@@ -375,7 +376,8 @@ class DirectLinks:
 
     async def _serve(self, stream: trio.SocketStream, address: str, handshake) -> None:
         try:
-            tls = TLSStream(stream, self.server_context, server_side=True)
+            tls = TLSStream(stream, self.server_context, server_side=True,
+                            read_size=MAX_SOCKET_READ)
             accepted = None
             try:
                 with handshake.cancel_scope:

@@ -60,7 +60,7 @@ from tunnel.keys import (
 )
 from tunnel.session import Link, SessionPort, tune_tcp
 from tunnel.startup import StartupError
-from tunnel.tls import TLSStream
+from tunnel.tls import MAX_SOCKET_READ, TLSStream
 from tunnel.wire import (
     CloseCode,
     Closed,
@@ -390,7 +390,8 @@ class Endpoint:
         with trio.fail_after(CONNECT_SECONDS):
             stream = await self.open_stream()
             try:
-                tls = TLSStream(stream, self.ssl_context, server_side=False)
+                tls = TLSStream(stream, self.ssl_context, server_side=False,
+                                read_size=MAX_SOCKET_READ)
                 await tls.do_handshake()
                 server_fp = config.hub_fingerprint
                 try:

@@ -47,6 +47,7 @@ from tunnel.wire import (
     CloseCode,
     Closed,
     Eof,
+    Event,
     Frames,
     Intro,
     Ping,
@@ -57,7 +58,6 @@ from tunnel.wire import (
 
 log = logging.getLogger(__name__)
 
-RECEIVE_SIZE = 256 * 1024
 KEEPALIVE_SECONDS = 5.0
 DEAD_SECONDS = 15.0
 # Frames a session queues toward a slow peer before dropping (about 3 MB of full frames), and
@@ -308,20 +308,21 @@ class Link:
     # -- the three tasks ------------------------------------------------------------------
 
     async def _reader(self) -> None:
-        result = self._dispatch()  # what the codec buffered during the handshake
+        wire = self.wire
+        result = self._dispatch(wire.next_events())  # what the codec buffered in the handshake
         while result is None:
-            data = await self.stream.receive_some(RECEIVE_SIZE)
+            # A view of TLS's reused plaintext buffer: decoded before anything awaits.
+            data = await self.stream.receive_view()
             if data:
                 self._last_heard = trio.current_time()
-            self.wire.receive_data(data)  # b"" is the end of the stream
-            result = self._dispatch()
+            result = self._dispatch(wire.receive_events(data))  # empty: the end of the stream
         self._end(result)
 
-    def _dispatch(self) -> LinkResult | None:
-        """Act on every event the codec has; a result when the link is over."""
+    def _dispatch(self, events: list[Event]) -> LinkResult | None:
+        """Act on `events` (the codec's); a result when the link is over."""
         wire = self.wire
         port = self.port
-        for event in wire.next_events():
+        for event in events:
             kind = type(event)
             if kind is Frames:
                 self.forward(port, event.frames)

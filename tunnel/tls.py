@@ -29,33 +29,56 @@ import ssl
 
 import trio
 
-# Plaintext to take out of OpenSSL per call; several TLS records fit.
-READ_CHUNK = 1 << 20
-# Ciphertext to read from the transport per call, and to hand a non-socket stream per write.
+# Ciphertext to read from a socket per call, by default: what one session's incoming BIO
+# holds at most (OpenSSL keeps that memory for the session's life: the hub's many sessions).
 SOCKET_READ = 256 * 1024
-# One read buffer per Trio run, shared by every stream: a read is copied into its stream's
-# BIO before anything awaits, so a hub with many sessions holds one buffer, not one each.
+# The most a stream may ask for (`read_size`): an endpoint's few sessions take all the
+# socket holds, as a rule (a sender's batch of 64 KiB TSO frames is one wire record of
+# 256 KiB and more: a 256 KiB read splits most of them).
+MAX_SOCKET_READ = 1 << 20
+# Ciphertext to read from a non-socket stream per call, and to hand it per write.
+STREAM_CHUNK = 256 * 1024
+# Plaintext `receive_some` returns at most per call: what one read's records hold, and the
+# records OpenSSL held before it.  More waits in OpenSSL for the next call.
+PLAINTEXT_READ = MAX_SOCKET_READ + 64 * 1024
+# One read buffer per Trio run for ciphertext, one for plaintext, shared by every stream:
+# each is copied out (into the stream's BIO; into the bytes returned) before anything
+# awaits, so a hub with many sessions holds two buffers, not two each.
 _READ_BUFFER: trio.lowlevel.RunVar[bytearray] = trio.lowlevel.RunVar("tls_read_buffer")
+_PLAINTEXT_BUFFER: trio.lowlevel.RunVar[memoryview] = trio.lowlevel.RunVar("tls_plaintext")
 
 
 def _read_buffer() -> bytearray:
     try:
         return _READ_BUFFER.get()
     except LookupError:
-        buffer = bytearray(SOCKET_READ)
+        buffer = bytearray(MAX_SOCKET_READ)
         _READ_BUFFER.set(buffer)
         return buffer
+
+
+def _plaintext_buffer() -> memoryview:
+    try:
+        return _PLAINTEXT_BUFFER.get()
+    except LookupError:
+        view = memoryview(bytearray(PLAINTEXT_READ))
+        _PLAINTEXT_BUFFER.set(view)
+        return view
 
 
 class SocketTransport:
     """Ciphertext to and from a socket's fd, without Trio's SocketStream in the way."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.SocketStream, read_size: int = SOCKET_READ) -> None:
+        if not 0 < read_size <= MAX_SOCKET_READ:
+            raise ValueError(f"read_size {read_size}: want 1..{MAX_SOCKET_READ}")
         self.socket = stream.socket
-        # The last read left the socket empty (it returned less than the buffer holds): the
+        self.read_size = read_size
+        # The last read left the socket empty (it returned less than it asked for): the
         # next one waits for data first instead of making a read that would say EAGAIN.
         self._emptied = False
-        self._buffer: bytearray | None = None  # the run's read buffer, once looked up
+        # The run's read buffer, once looked up: its first `read_size` bytes.
+        self._buffers: list[memoryview] | None = None
 
     def _fileno(self) -> int:
         fd = self.socket.fileno()
@@ -80,26 +103,25 @@ class SocketTransport:
     async def fill(self, incoming: ssl.MemoryBIO) -> bool:
         """One read of whatever the socket holds into `incoming`; False at its end.  Waits
         for data only when there is none (and otherwise yields once, for fairness)."""
-        buffer = self._buffer
-        if buffer is None:
-            buffer = self._buffer = _read_buffer()
+        buffers = self._buffers
+        if buffers is None:
+            buffers = self._buffers = [memoryview(_read_buffer())[:self.read_size]]
         waited = self._emptied
         if waited:
             await trio.lowlevel.wait_readable(self._fileno())
         while True:
             fd = self._fileno()
             try:
-                count = os.readv(fd, [buffer])
+                count = os.readv(fd, buffers)
                 break
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(fd)
                 waited = True
             except OSError as exc:
                 raise trio.BrokenResourceError(f"connection lost: {exc}") from exc
-        self._emptied = 0 < count < len(buffer)
+        self._emptied = 0 < count < self.read_size
         if count:
-            with memoryview(buffer) as view:
-                incoming.write(view[:count])
+            incoming.write(buffers[0][:count])
         if not waited:
             await trio.lowlevel.checkpoint()
         return count > 0
@@ -107,7 +129,7 @@ class SocketTransport:
 
 class StreamTransport:
     """Ciphertext to and from any other trio Stream.  Nothing is taken without waiting; a
-    write hands the stream at most SOCKET_READ bytes, so the stall clock sees progress at
+    write hands the stream at most STREAM_CHUNK bytes, so the stall clock sees progress at
     that grain.  A cancellation seen before the stream is touched loses nothing (what waits
     in `_unsent` goes out with the next write or the close); one that interrupts the
     stream's `send_all` leaves it in an unknown state (trio's rule): every later write is
@@ -126,7 +148,7 @@ class StreamTransport:
         if self._interrupted:
             raise trio.BrokenResourceError("an earlier write was interrupted")
         await trio.lowlevel.checkpoint_if_cancelled()
-        chunk = data[:SOCKET_READ]  # a copy: `data` grows while we wait
+        chunk = data[:STREAM_CHUNK]  # a copy: `data` grows while we wait
         try:
             await self.stream.send_all(chunk)
         except BaseException:
@@ -135,7 +157,7 @@ class StreamTransport:
         return len(chunk)
 
     async def fill(self, incoming: ssl.MemoryBIO) -> bool:
-        data = await self.stream.receive_some(SOCKET_READ)
+        data = await self.stream.receive_some(STREAM_CHUNK)
         if data:
             incoming.write(data)
         return bool(data)
@@ -143,10 +165,11 @@ class StreamTransport:
 
 class TLSStream(trio.abc.Stream):
     def __init__(self, transport: trio.abc.Stream, context: ssl.SSLContext, *,
-                 server_side: bool) -> None:
+                 server_side: bool, read_size: int = SOCKET_READ) -> None:
+        """`read_size`: ciphertext read from a socket per call (at most MAX_SOCKET_READ)."""
         self.transport = transport
         self._pipe: SocketTransport | StreamTransport = (
-            SocketTransport(transport) if isinstance(transport, trio.SocketStream)
+            SocketTransport(transport, read_size) if isinstance(transport, trio.SocketStream)
             else StreamTransport(transport))
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
@@ -160,6 +183,7 @@ class TLSStream(trio.abc.Stream):
         # receive_some read every record and the transport gave nothing since: OpenSSL holds
         # nothing to read (the next read would only raise SSLWantReadError).
         self._exhausted = False
+        self._plaintext: memoryview | None = None  # the run's plaintext buffer, once looked up
 
     # -- what tunnel/keys.check_server reads ----------------------------------------------
 
@@ -191,31 +215,43 @@ class TLSStream(trio.abc.Stream):
         await self._fill()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        """Every plaintext byte the records received so far hold; b"" at the end."""
-        chunks: list[bytes] = []
+        """The plaintext of the records received so far (at most PLAINTEXT_READ bytes; the
+        rest comes with the next call); b"" at the end."""
+        return bytes(await self.receive_view())
+
+    async def receive_view(self) -> memoryview:
+        """`receive_some` without the copy: a view of the run's plaintext buffer, valid
+        until the caller next awaits (any stream's next read reuses the buffer).  Each
+        record is decrypted into that buffer: no object per record."""
         incoming, tls = self._incoming, self._ssl
         while True:
             # The last call read every record and nothing came since (the common wake-up):
             # a read could only raise SSLWantReadError, so fill first.
             if not self._exhausted:
+                view = self._plaintext
+                if view is None:
+                    view = self._plaintext = _plaintext_buffer()
+                size = len(view)
+                got = 0
                 try:
-                    while True:
-                        chunk = tls.read(READ_CHUNK)
-                        if not chunk:
-                            return b"".join(chunks)
-                        chunks.append(chunk)
+                    while got < size:
+                        count = tls.read(size - got, view[got:])
+                        if not count:
+                            break
+                        got += count
                         if not incoming.pending and not tls.pending():
                             # Every record read: the next read could only say WantRead.
                             self._exhausted = True
-                            return b"".join(chunks)
+                            break
+                    return view[:got]
                 except ssl.SSLWantReadError:
-                    if chunks:
-                        return b"".join(chunks)
+                    if got:
+                        return view[:got]
                 except ssl.SSLZeroReturnError:  # the peer's close_notify
-                    return b"".join(chunks)
+                    return view[:got]
                 except ssl.SSLError as exc:
-                    if chunks:
-                        return b"".join(chunks)
+                    if got:
+                        return view[:got]
                     raise trio.BrokenResourceError(f"TLS: {exc}") from exc
             if self._outgoing.pending:
                 await self._flush()

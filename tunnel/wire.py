@@ -64,6 +64,7 @@ import enum
 import ipaddress
 import os
 import struct
+from collections import deque
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -405,10 +406,13 @@ class WireConnection:
         self._sent_hello = False
         self._sent_auth = False
         self._sent_close = False
-        # Receive buffer: `_buf[_pos:]` is contiguous and unparsed; `_chunks` came after it.
-        self._buf = b""
+        # Receive buffer: `_buf[_pos:]` is contiguous and unparsed; `_chunks` came after it,
+        # the first from `_chunk_at` on (the rest of a chunk a gathered record began in);
+        # `_chunks_len` counts their unparsed bytes.
+        self._buf: bytes | memoryview = b""
         self._pos = 0
-        self._chunks: list[bytes] = []
+        self._chunks: deque[bytes] = deque()
+        self._chunk_at = 0
         self._chunks_len = 0
 
     # --- sending: the path of a frame out ---------------------------------------------------
@@ -626,6 +630,23 @@ class WireConnection:
                 self._fail("too_large", f"{self.buffered} bytes buffered unparsed, "
                            f"more than {MAX_BUFFERED} + one read")
 
+    def receive_events(self, data: bytes | memoryview) -> list[Event]:
+        """`receive_data(data)` then `next_events()`, for `data` valid only during this call
+        (a view of a buffer its caller reuses, tunnel/tls.py's plaintext): with nothing
+        buffered, the records are decoded where they lie, and only the bytes of an
+        incomplete one at the end are kept (copied); frames are copied out as always."""
+        if self._error is not None or self._eof or not data or self.buffered:
+            self.receive_data(bytes(data))
+            return self.next_events()
+        self._buf = data
+        self._pos = 0
+        try:
+            return self.next_events()
+        finally:
+            if self._buf is data:  # an incomplete record, or decoding paused: keep the rest
+                self._buf = bytes(data[self._pos:])
+                self._pos = 0
+
     @property
     def failed(self) -> bool:
         """The peer broke the protocol: only `send_close` is allowed now (events decoded
@@ -651,7 +672,7 @@ class WireConnection:
             self._error = error
             self._buf = b""
             self._chunks.clear()
-            self._chunks_len = self._pos = 0
+            self._chunks_len = self._pos = self._chunk_at = 0
             if not events:
                 raise
         return events
@@ -682,7 +703,7 @@ class WireConnection:
             if available < RECORD_HEADER_LEN:
                 if not self._gather(RECORD_HEADER_LEN):
                     break
-                buf, pos, available = self._buf, 0, len(self._buf)
+                buf, pos = self._buf, self._pos
             rtype, flags, reserved, length = header(buf, pos)
             limit = self._accepts.get(rtype)
             if limit is None:
@@ -697,7 +718,8 @@ class WireConnection:
             if end > len(buf):
                 if not self._gather(RECORD_HEADER_LEN + length):
                     break
-                buf, pos, end = self._buf, 0, RECORD_HEADER_LEN + length
+                buf, pos = self._buf, self._pos
+                end = pos + RECORD_HEADER_LEN + length
             start = pos + RECORD_HEADER_LEN
             self._pos = end
             received.records += 1
@@ -711,19 +733,19 @@ class WireConnection:
             elif rtype == PONG:
                 events.append(Pong(*self._fixed(PING_PAYLOAD, buf, start, length, "PONG")))
             elif rtype == HELLO:
-                events.append(self._on_hello(buf[start:end]))
+                events.append(self._on_hello(bytes(buf[start:end])))
             elif rtype == AUTH:
-                events.append(self._on_auth(buf[start:end]))
+                events.append(self._on_auth(bytes(buf[start:end])))
             elif rtype == ADVERTISE:
                 self._advertises += 1
                 if self._advertises > MAX_ADVERTISES:
                     self._fail("advertise_flood", f"more than {MAX_ADVERTISES} ADVERTISE "
                                f"records on one connection")
-                events.append(Advertise(_decode_advertise(buf[start:end])))
+                events.append(Advertise(_decode_advertise(bytes(buf[start:end]))))
             elif rtype == INTRO:
-                events.append(Intro(_decode_intro(buf[start:end])))
+                events.append(Intro(_decode_intro(bytes(buf[start:end]))))
             else:  # CLOSE
-                events.append(self._on_close(buf[start:end]))
+                events.append(self._on_close(bytes(buf[start:end])))
         if self._pos == len(self._buf) and not self._chunks:
             self._buf = b""  # let go of the last chunk
             self._pos = 0
@@ -734,14 +756,37 @@ class WireConnection:
             self._fail("truncated", f"EOF with {self.buffered} bytes of an incomplete record")
 
     def _gather(self, need: int) -> bool:
-        """Make `need` bytes contiguous at `_buf[0:]`, if that many have arrived."""
+        """Make `need` bytes contiguous at `_buf[_pos:]`, if that many have arrived.  Copies
+        at most the `need` bytes (a record that spans reads), never the chunks after them:
+        a chunk whose turn comes with nothing before it becomes `_buf` as it is."""
         available = len(self._buf) - self._pos
         if available + self._chunks_len < need:
             return False
-        self._buf = b"".join([memoryview(self._buf)[self._pos:], *self._chunks])
+        chunks = self._chunks
+        if not available:
+            chunk = self._buf = chunks.popleft()
+            self._pos, self._chunk_at = self._chunk_at, 0
+            available = len(chunk) - self._pos
+            self._chunks_len -= available
+            if available >= need:
+                return True
+        parts: list[bytes | memoryview] = [memoryview(self._buf)[self._pos:]]
+        missing = need - available
+        while missing:
+            chunk, at = chunks[0], self._chunk_at
+            left = len(chunk) - at
+            if left <= missing:
+                parts.append(memoryview(chunk)[at:])
+                chunks.popleft()
+                self._chunk_at = 0
+            else:
+                left = missing
+                parts.append(memoryview(chunk)[at:at + left])
+                self._chunk_at = at + left
+            missing -= left
+            self._chunks_len -= left
+        self._buf = b"".join(parts)
         self._pos = 0
-        self._chunks.clear()
-        self._chunks_len = 0
         return True
 
     def _refuse_type(self, rtype: int) -> None:
@@ -828,8 +873,9 @@ class WireConnection:
         raise WireError(reason, f"{self.role} receiving: {detail}")
 
 
-def _decode_frames(buf: bytes, start: int, end: int) -> list[Frame]:
-    """The frames of one FRAMES record, `buf[start:end]`: each checked, each copied once."""
+def _decode_frames(buf: bytes | memoryview, start: int, end: int) -> list[Frame]:
+    """The frames of one FRAMES record, `buf[start:end]`: each checked, each copied once
+    (bytes() of a slice of bytes is that slice)."""
     frames: list[Frame] = []
     append = frames.append
     fast = _FRAME_HEADER_FAST.unpack_from
@@ -851,9 +897,9 @@ def _decode_frames(buf: bytes, start: int, end: int) -> list[Frame]:
                             f"{data_at - FRAME_HEADER_LEN - start} of a {end - start}-byte "
                             f"record, want {MIN_FRAME}..{MAX_FRAME} inside the record")
         if meta_high or meta_low:
-            append(make(buf[data_at:at], offload_at(buf, data_at - 10)))
+            append(make(bytes(buf[data_at:at]), offload_at(buf, data_at - 10)))
         else:
-            append(make(buf[data_at:at], plain))
+            append(make(bytes(buf[data_at:at]), plain))
     if at != end:
         if len(frames) == MAX_FRAMES_PER_RECORD:
             raise WireError("bad_frame", f"more than {MAX_FRAMES_PER_RECORD} frames in a record")
