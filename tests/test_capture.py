@@ -151,6 +151,38 @@ async def test_the_switch_touches_no_file_until_the_capture_task_writes(tmp_path
     await files.close()
 
 
+async def test_a_shutdown_during_a_write_waits_for_it_and_writes_everything_queued(tmp_path):
+    """The hub stopping while the capture task's worker thread is writing (the task is
+    cancelled, the thread goes on): close waits for that write, then writes what came after
+    it, and closes the files: nothing forwarded before the stop is missing from them."""
+    switch, a, b, files = captured_pair(tmp_path)
+    writer = files.captures[a][1]
+    in_write, finish = threading.Event(), threading.Event()
+    write_blocks = writer.write_blocks
+
+    def slow_write(data: bytes) -> None:
+        in_write.set()
+        finish.wait(5)
+        write_blocks(data)
+
+    writer.write_blocks = slow_write
+    first, second = [broadcast(1)], [broadcast(2), broadcast(3)]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(files.run)
+        switch.forward(a, [Frame(data) for data in first])
+        with trio.fail_after(5):
+            while not in_write.is_set():  # the task's thread is inside the first write
+                await trio.sleep(0.01)
+        switch.forward(a, [Frame(data) for data in second])  # queued behind it
+        nursery.cancel_scope.cancel()  # the hub stops: the thread is abandoned, not stopped
+    threading.Timer(0.2, finish.set).start()  # the write takes a while longer
+    with trio.fail_after(capture.CLOSE_SECONDS):
+        await files.close()
+    assert [f.data for f in read_pcapng(tmp_path / "a.pcapng")] == first + second
+    assert writer.frames_written == 3
+    _drain(b)
+
+
 async def test_a_stalled_capture_writer_loses_capture_frames_but_never_stalls_forwarding(
         tmp_path):
     switch, a, b, files = captured_pair(tmp_path)

@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 MAX_CAPTURES = 4  # live captures served at once, per process
 # How long a shutdown gives the capture files to take what is queued and close.
 CLOSE_SECONDS = 5.0
+# How often a shutdown looks whether an abandoned write has finished.
+CLOSE_POLL_SECONDS = 0.01
 # The sender looks this often whether its port is still attached when no frames come.
 PORT_CHECK_SECONDS = 1.0
 RECEIVE_CHUNK = 65536
@@ -126,14 +128,19 @@ class FileCaptures:
         for port, (buffer, _) in self.captures.items():
             remove_capture(port, buffer)
             buffer.close()
+        deadline = trio.current_time() + CLOSE_SECONDS
+        while self._writing and trio.current_time() < deadline:
+            # the write `run` was waiting for when it was cancelled goes on in its thread:
+            # let it finish (as a rule in a few ms) before the files are closed
+            await trio.sleep(CLOSE_POLL_SECONDS)
         if self._writing:
             log.warning("capture files left open: a write to them is stalled")
             return
         self._writing = True
         work = [(writer, buffer.take()) for buffer, writer in self.captures.values()]
-        with trio.move_on_after(CLOSE_SECONDS) as deadline:
+        with trio.move_on_at(deadline) as closing:
             await trio.to_thread.run_sync(self._write_all, work, True, abandon_on_cancel=True)
-        if deadline.cancelled_caught:
+        if closing.cancelled_caught:
             log.warning("capture files left open: closing them took over %.0f s", CLOSE_SECONDS)
         for port, (buffer, writer) in self.captures.items():
             log.info("capture of port %s ended: %d frames, %d bytes in %s (%d rotations), "
