@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 from scapy.layers.l2 import ARP, Ether
 
 from netstack.frame import Frame
@@ -180,6 +181,31 @@ async def test_a_shutdown_during_a_write_waits_for_it_and_writes_everything_queu
         await files.close()
     assert [f.data for f in read_pcapng(tmp_path / "a.pcapng")] == first + second
     assert writer.frames_written == 3
+    _drain(b)
+
+
+async def test_a_shutdown_before_the_write_thread_started_writes_that_work_itself(tmp_path):
+    """The hub stopping while the capture task waits for a worker thread (all taken): that
+    write never happens, so close writes its frames, with what came after, in order."""
+    switch, a, b, files = captured_pair(tmp_path)
+    limiter = trio.to_thread.current_default_thread_limiter()
+    holders = [object() for _ in range(int(limiter.total_tokens))]
+    for holder in holders:
+        limiter.acquire_on_behalf_of_nowait(holder)
+    try:
+        first, second = [broadcast(1)], [broadcast(2)]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(files.run)
+            switch.forward(a, [Frame(data) for data in first])
+            await trio.testing.wait_all_tasks_blocked()  # handed over, waiting for a thread
+            switch.forward(a, [Frame(data) for data in second])
+            nursery.cancel_scope.cancel()
+    finally:
+        for holder in holders:
+            limiter.release_on_behalf_of(holder)
+    with trio.fail_after(capture.CLOSE_SECONDS):
+        await files.close()
+    assert [f.data for f in read_pcapng(tmp_path / "a.pcapng")] == first + second
     _drain(b)
 
 

@@ -25,6 +25,7 @@ import json
 import logging
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -96,7 +97,12 @@ class FileCaptures:
         self.directory = directory
         self.captures: dict[Port, tuple[CaptureBuffer, PcapWriter]] = {}
         self._wake: trio.Event | None = None
-        self._writing = False  # a worker thread has the writers (cleared by that thread)
+        # Who has the writers: "idle" (nobody), "handed" (work given to a worker thread
+        # that has not started yet: `run` may be cancelled before it ever does), "writing"
+        # (a worker thread), "revoked" (`close` took handed work back).  Under `_lock`.
+        self._lock = threading.Lock()
+        self._state = "idle"
+        self._handed: list[tuple[PcapWriter, bytes]] = []
 
     def add(self, port: Port) -> None:
         """Record what `port` sends and receives from now on (once per port; the port's live
@@ -113,8 +119,9 @@ class FileCaptures:
         while True:
             work = self._take()
             if work:
-                self._writing = True
-                await trio.to_thread.run_sync(self._write_all, work, abandon_on_cancel=True)
+                with self._lock:
+                    self._state, self._handed = "handed", work
+                await trio.to_thread.run_sync(self._write_handed, abandon_on_cancel=True)
                 self._stop_failed()
                 continue
             self._wake = trio.Event()
@@ -128,18 +135,28 @@ class FileCaptures:
         for port, (buffer, _) in self.captures.items():
             remove_capture(port, buffer)
             buffer.close()
+        with self._lock:
+            handed: list[tuple[PcapWriter, bytes]] = []
+            if self._state == "handed":  # `run` was cancelled before its thread started
+                self._state, handed, self._handed = "revoked", self._handed, []
         deadline = trio.current_time() + CLOSE_SECONDS
-        while self._writing and trio.current_time() < deadline:
+        while self._state == "writing" and trio.current_time() < deadline:
             # the write `run` was waiting for when it was cancelled goes on in its thread:
             # let it finish (as a rule in a few ms) before the files are closed
             await trio.sleep(CLOSE_POLL_SECONDS)
-        if self._writing:
-            log.warning("capture files left open: a write to them is stalled")
-            return
-        self._writing = True
-        work = [(writer, buffer.take()) for buffer, writer in self.captures.values()]
+        with self._lock:
+            if self._state == "writing":
+                log.warning("capture files left open: a write to them is stalled")
+                return
+            self._state = "writing"
+        queued = dict.fromkeys((writer for _, writer in self.captures.values()), b"")
+        for writer, data in handed:
+            queued[writer] += data
+        for buffer, writer in self.captures.values():
+            queued[writer] += buffer.take()
         with trio.move_on_at(deadline) as closing:
-            await trio.to_thread.run_sync(self._write_all, work, True, abandon_on_cancel=True)
+            await trio.to_thread.run_sync(self._write_all, list(queued.items()), True,
+                                          abandon_on_cancel=True)
         if closing.cancelled_caught:
             log.warning("capture files left open: closing them took over %.0f s", CLOSE_SECONDS)
         for port, (buffer, writer) in self.captures.items():
@@ -157,16 +174,25 @@ class FileCaptures:
         return [(writer, data) for buffer, writer in self.captures.values()
                 if (data := buffer.take()) or not writer.opened]
 
+    def _write_handed(self) -> None:
+        """In a worker thread: the work `run` handed over, unless `close` took it back."""
+        with self._lock:
+            if self._state != "handed":
+                return
+            self._state, work, self._handed = "writing", self._handed, []
+        self._write_all(work)
+
     def _write_all(self, work: list[tuple[PcapWriter, bytes]], close: bool = False) -> None:
-        """In a worker thread: hand each writer its blocks (a writer never raises for I/O),
-        and with `close` close it."""
+        """In a worker thread that has the writers ("writing"): hand each writer its blocks
+        (a writer never raises for I/O), and with `close` close it."""
         try:
             for writer, data in work:
                 writer.write_blocks(data)
                 if close:
                     writer.close()
         finally:
-            self._writing = False
+            with self._lock:
+                self._state = "idle"
 
     def _stop_failed(self) -> None:
         """A writer turned off by an I/O error: its buffer stops encoding (frames counted as
