@@ -4,16 +4,18 @@ drain), and a closed stream stops.  Over memory streams, in virtual time: tests/
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
+import ssl
 
 import pytest
 import trio
 import trio.testing
 
 from tunnel.keys import client_ssl_context, generate_identity, server_ssl_context
-from tunnel.tls import MAX_SOCKET_READ, TLSStream
+from tunnel.tls import MAX_SOCKET_READ, SOCKET_READ, TLSStream
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +142,35 @@ def test_a_read_size_past_the_shared_buffer_is_refused():
     with left, right, pytest.raises(ValueError, match="read_size"):
         TLSStream(trio.SocketStream(trio.socket.from_stdlib_socket(left)),
                   client_ssl_context(), server_side=False, read_size=MAX_SOCKET_READ + 1)
+
+
+async def test_resize_reads_bounds_what_one_read_hands_openssl():
+    """A listener reads a stranger's bytes SOCKET_READ at a time and an authenticated
+    peer's MAX_SOCKET_READ (tunnel/direct_link.py): each read takes at most the size."""
+    left, right = trio.socket.socketpair()
+    with left, right:
+        tls = TLSStream(trio.SocketStream(left), client_ssl_context(), server_side=False)
+        pipe = tls._pipe
+        sender = socket.socket(fileno=os.dup(right.fileno()))
+        sender.setblocking(False)
+        with sender:
+            sent = 0
+            with contextlib.suppress(BlockingIOError):
+                while sent < 3 * 1024 * 1024:
+                    sent += sender.send(bytes(65536))
+            incoming = ssl.MemoryBIO()
+            await pipe.fill(incoming)
+            assert 0 < incoming.pending <= SOCKET_READ == pipe.read_size
+            tls.resize_reads(MAX_SOCKET_READ)
+            reads = 0
+            while incoming.pending < sent and reads < 64:
+                before = incoming.pending
+                await pipe.fill(incoming)
+                assert incoming.pending - before <= MAX_SOCKET_READ
+                reads += 1
+            assert incoming.pending == sent
+    with pytest.raises(ValueError, match="read_size"):
+        tls.resize_reads(MAX_SOCKET_READ + 1)
 
 
 async def test_a_closed_stream_refuses_to_send(server_context):

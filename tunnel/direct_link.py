@@ -376,8 +376,9 @@ class DirectLinks:
 
     async def _serve(self, stream: trio.SocketStream, address: str, handshake) -> None:
         try:
-            tls = TLSStream(stream, self.server_context, server_side=True,
-                            read_size=MAX_SOCKET_READ)
+            # a stranger's bytes are read a hub's socket read at a time (what each handshake
+            # slot can make OpenSSL hold); an authenticated peer's an endpoint's
+            tls = TLSStream(stream, self.server_context, server_side=True)
             accepted = None
             try:
                 with handshake.cancel_scope:
@@ -385,6 +386,7 @@ class DirectLinks:
             finally:
                 self.slots.release(handshake)
             if accepted is not None:
+                tls.resize_reads(MAX_SOCKET_READ)
                 self.slots.trust(handshake.source)
                 port, link = accepted
                 await self._run_link(port, link)

@@ -100,6 +100,13 @@ class SocketTransport:
         await trio.lowlevel.wait_writable(self._fileno())
         return self.write_nowait(data)
 
+    def resize_reads(self, read_size: int) -> None:
+        """Read up to `read_size` bytes per call from now on (at most MAX_SOCKET_READ)."""
+        if not 0 < read_size <= MAX_SOCKET_READ:
+            raise ValueError(f"read_size {read_size}: want 1..{MAX_SOCKET_READ}")
+        self.read_size = read_size
+        self._buffers = None
+
     async def fill(self, incoming: ssl.MemoryBIO) -> bool:
         """One read of whatever the socket holds into `incoming`; False at its end.  Waits
         for data only when there is none (and otherwise yields once, for fairness)."""
@@ -184,6 +191,12 @@ class TLSStream(trio.abc.Stream):
         # nothing to read (the next read would only raise SSLWantReadError).
         self._exhausted = False
         self._plaintext: memoryview | None = None  # the run's plaintext buffer, once looked up
+
+    def resize_reads(self, read_size: int) -> None:
+        """Ciphertext read from the socket per call from now on: a listener reads little
+        from a stranger and more once the peer has authenticated."""
+        if isinstance(self._pipe, SocketTransport):
+            self._pipe.resize_reads(read_size)
 
     # -- what tunnel/keys.check_server reads ----------------------------------------------
 
