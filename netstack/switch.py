@@ -245,6 +245,7 @@ class Switch:
         run_batch: list[Frame] = []
         run_kind = _UNICAST
         run_service = False
+        offloaded = False  # does any frame carry offload metadata (then _fit may apply)?
         for frame in frames:
             try:
                 data = frame.data
@@ -255,6 +256,7 @@ class Switch:
                     continue
                 offload = frame.offload
                 if offload is not PLAIN:
+                    offloaded = True
                     reason = check_offload(offload, size)
                     if reason is not None:
                         counters.drop(f"offload_{reason}")
@@ -373,17 +375,19 @@ class Switch:
         budget = [self.segment_budget]
         for egress, batch in by_port.items():
             try:
-                self._deliver(ingress, egress, batch, budget)
+                self._deliver(ingress, egress, batch, budget, offloaded)
             except Exception:  # one port's trouble is that port's
                 egress.drop_unexpected("internal_error", len(batch),
                                        f"delivering frames from {ingress.name}")
 
     @staticmethod
-    def _deliver(ingress: Port, egress: Port, batch: list[Frame], budget: list[int]) -> None:
-        for frame in batch:
-            if frame.offload is not PLAIN:
-                batch = _fit(ingress, egress, batch, budget)
-                break
+    def _deliver(ingress: Port, egress: Port, batch: list[Frame], budget: list[int],
+                 offloaded: bool) -> None:
+        if offloaded:
+            for frame in batch:
+                if frame.offload is not PLAIN:
+                    batch = _fit(ingress, egress, batch, budget)
+                    break
         if batch:
             if egress.capture is not None:
                 egress.capture.write([frame.data for frame in batch], "out")
