@@ -213,8 +213,10 @@ async def combined_generator(sock_a: Path, sock_b: Path, size: int, cpu: int,
                              log_dir: Path) -> AsyncIterator[Generator]:
     """One testpmd, ports A and B, flowgen on one lcore: sends and receives on both ports.
 
-    Each port's frames are addressed to the other port's MAC, so a learning switch learns
-    both MACs from the first frames; nothing is flooded after that."""
+    The ports' MACs and --eth-peer are set, but flowgen ignores them: on both ports every
+    frame goes from 00:01:02:03:04:00 to 00:01:02:03:04:01, which no port owns, so a learning
+    switch floods each frame (to the one other port) and moves the source MAC between the
+    ports each batch.  bench/loop.py measures learned unicast."""
     config = TestpmdConfig(
         ports=[VirtioUserPort(sock_a, mac=MAC_A), VirtioUserPort(sock_b, mac=MAC_B)],
         forward_mode="flowgen", flowgen_flows=1, lcores=f"(0,1)@{cpu}", txpkts=size,

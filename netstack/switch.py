@@ -27,10 +27,10 @@ Path of a batch through `forward(ingress, frames)`:
    one are dropped (`offload_budget`, on the ingress port).  A service port gets no GSO
    frame it does not accept (`offload_ignored`): cutting one up costs the most, and the
    gateway takes TSO frames whole (its NAT reads a 64 KiB segment as one) but no UDP GSO.
-A frame with the same destination and source as the frame just queued for a known unicast
-destination (a run: one flow's frames in a row) meets the same table, so it skips the MAC part
-of steps 1-3 and joins that frame's egress queue; its own checks (0, the network layer, the
-service token) still run.  tests/test_switch_runs.py holds a batch to the same results as its
+A frame with the same destination and source as the frame just queued (a run: one flow's
+frames in a row) meets the same table, so it skips the MAC part of steps 1-3 and joins the
+same queue (an egress port's, or the flood); its own checks (0, the network layer, its flood
+or service token) still run.  tests/test_switch_runs.py holds a batch to the same results as its
 frames one by one.
 Every drop is counted on a port, by reason.  Containment: an exception while switching one
 frame drops that frame (`malformed` on the ingress port); one raised by an egress port's
@@ -75,6 +75,9 @@ _REFRESH_SECONDS = 1.0
 # full TX batch (256 chains) of 64 KiB TSO frames at MSS 1448 is 11.6k segments for one
 # port that takes no TSO; at ~3 us a segment the bound is ~50 ms of work per call.
 SEGMENT_BUDGET = 16384
+# How the frame that started a run was queued: to a known port, or flooded as a group
+# (broadcast, multicast) or as unknown unicast.
+_UNICAST, _GROUP, _UNKNOWN = "unicast", "group", "unknown"
 
 
 class Switch:
@@ -232,14 +235,17 @@ class Switch:
         flood: list[Frame] = []
         unknown = 0  # how many frames of `flood` are unknown unicast
         nbytes = 0
-        # The run: the addresses (destination and source, 12 bytes) of the frame just queued
-        # for a known unicast destination, and that queue.  A frame with the same addresses
-        # right after it meets the same table, so its steps 1 (MAC), 2 and 3 give the same
-        # answer: only its own checks (size, offload, the network layer, the service token)
-        # are left.  Any frame that takes the long way ends the run first.
+        # The run: the addresses (destination and source, 12 bytes) of the frame just queued,
+        # the queue it joined (an egress port's, or `flood`) and how (_UNICAST, _GROUP,
+        # _UNKNOWN).  A frame with the same addresses right after it meets the same table,
+        # so its steps 1 (MAC), 2 and 3 give the same answer: only its own checks are left
+        # (size, offload, the network layer, its flood or service token).  Any frame that
+        # takes the long way ends the run first.
         run_key = None
         run_batch: list[Frame] = []
+        run_kind = _UNICAST
         run_service = False
+        offloaded = False  # does any frame carry offload metadata (then _fit may apply)?
         for frame in frames:
             try:
                 data = frame.data
@@ -250,6 +256,7 @@ class Switch:
                     continue
                 offload = frame.offload
                 if offload is not PLAIN:
+                    offloaded = True
                     reason = check_offload(offload, size)
                     if reason is not None:
                         counters.drop(f"offload_{reason}")
@@ -257,16 +264,26 @@ class Switch:
                 if run_key is not None:
                     if data[0:12] == run_key:
                         if policy is not None:
+                            if run_kind is _GROUP and not policy.take_flood_token(
+                                    now, _cost(offload, size)):
+                                counters.drop("flood_rate")
+                                continue
                             if not _l3_fast(data, size, owners, ingress, now):
                                 reason = check_l3(data, ingress, self.addresses, now,
                                                   policy.claim_limit)
                                 if reason is not None:
                                     counters.drop(reason)
                                     continue
+                            if run_kind is _UNKNOWN and not policy.take_flood_token(
+                                    now, _cost(offload, size)):
+                                counters.drop("flood_rate")
+                                continue
                             if run_service and not policy.take_service_token(now):
                                 counters.drop("service_rate")
                                 continue
                         run_batch.append(frame)
+                        if run_kind is _UNKNOWN:
+                            unknown += 1
                         continue
                     run_key = None
                 # Slices of bytes are bytes; slices of a memoryview hash and compare like
@@ -310,6 +327,7 @@ class Switch:
                 dst = data[0:6]
                 if dst[0] & 1:
                     flood.append(frame)
+                    run_key, run_batch, run_kind, run_service = data[0:12], flood, _GROUP, False
                     continue
                 entry = table.get(dst)
                 if entry is None or now - entry[1] > aging:
@@ -319,6 +337,7 @@ class Switch:
                         continue
                     flood.append(frame)
                     unknown += 1
+                    run_key, run_batch, run_kind, run_service = data[0:12], flood, _UNKNOWN, False
                     continue
                 egress = entry[0]
                 if egress is ingress:
@@ -332,20 +351,22 @@ class Switch:
                     batch = by_port[egress] = [frame]
                 else:
                     batch.append(frame)
-                run_key = data[0:12]
-                run_batch = batch
-                run_service = egress.service
+                run_key, run_batch, run_kind, run_service = data[0:12], batch, _UNICAST, \
+                    egress.service
             except Exception:  # one frame's trouble is that frame's
                 ingress.drop_unexpected("malformed", 1, "switching a frame")
         counters.in_frames += len(frames)
         counters.in_bytes += nbytes
         if flood:
-            group = flood
-            if unknown:  # a service port reads no unicast but its own
-                group = [frame for frame in flood if frame.data[0] & 1]
+            group = None
             for port in self.ports:
                 if port is not ingress:
-                    extra = group if port.service else flood
+                    extra = flood
+                    if port.service:
+                        if group is None:  # a service port reads no unicast but its own
+                            group = ([frame for frame in flood if frame.data[0] & 1]
+                                     if unknown else flood)
+                        extra = group
                     if not extra:
                         continue
                     batch = by_port.get(port)
@@ -354,17 +375,19 @@ class Switch:
         budget = [self.segment_budget]
         for egress, batch in by_port.items():
             try:
-                self._deliver(ingress, egress, batch, budget)
+                self._deliver(ingress, egress, batch, budget, offloaded)
             except Exception:  # one port's trouble is that port's
                 egress.drop_unexpected("internal_error", len(batch),
                                        f"delivering frames from {ingress.name}")
 
     @staticmethod
-    def _deliver(ingress: Port, egress: Port, batch: list[Frame], budget: list[int]) -> None:
-        for frame in batch:
-            if frame.offload is not PLAIN:
-                batch = _fit(ingress, egress, batch, budget)
-                break
+    def _deliver(ingress: Port, egress: Port, batch: list[Frame], budget: list[int],
+                 offloaded: bool) -> None:
+        if offloaded:
+            for frame in batch:
+                if frame.offload is not PLAIN:
+                    batch = _fit(ingress, egress, batch, budget)
+                    break
         if batch:
             if egress.capture is not None:
                 egress.capture.write([frame.data for frame in batch], "out")

@@ -468,30 +468,34 @@ class VhostUserServer:
                 failed.append(exc)
             ready.set()
 
-        while vring.queue is queue:  # until the device retires the ring
-            if failed:
-                raise failed[0]
-            if not pending:
-                ready = self._frames_ready = trio.Event()
-                port.on_ready = push_now
-                await ready.wait()
-                if port.on_ready is push_now:
-                    port.on_ready = ready.set
-                await trio.lowlevel.checkpoint_if_cancelled()  # woken, then the ring went
-                continue
-            queued = len(pending)
-            self._push(net, queue, vring)
-            if not pending:
-                continue
-            if len(pending) < queued:  # delivered or dropped some: more may follow
-                await trio.lowlevel.checkpoint()
-                continue
-            # The guest has no room for the next frame: wait until it posts more buffers.
-            if queue.arm_kicks_for_more():
-                await trio.lowlevel.checkpoint()
-                continue
-            await self._wait_kick(device, queue)
-            queue.mute_kicks()
+        try:
+            while vring.queue is queue:  # until the device retires the ring
+                if failed:
+                    raise failed[0]
+                if not pending:
+                    ready = self._frames_ready = trio.Event()
+                    port.on_ready = push_now
+                    await ready.wait()
+                    if port.on_ready is push_now:
+                        port.on_ready = ready.set
+                    await trio.lowlevel.checkpoint_if_cancelled()  # woken, then the ring went
+                    continue
+                queued = len(pending)
+                self._push(net, queue, vring)
+                if not pending:
+                    continue
+                if len(pending) < queued:  # delivered or dropped some: more may follow
+                    await trio.lowlevel.checkpoint()
+                    continue
+                # The guest has no room for the next frame: wait until it posts more buffers.
+                if queue.arm_kicks_for_more():
+                    await trio.lowlevel.checkpoint()
+                    continue
+                await self._wait_kick(device, queue)
+                queue.mute_kicks()
+        finally:  # a task that stopped places nothing, even on a ring not retired yet
+            if port.on_ready is push_now:
+                port.on_ready = None
 
 
 def attach_sockets(
