@@ -283,6 +283,24 @@ def test_routes_are_rebuilt_only_when_the_sessions_change_and_new_bindings_rerou
     assert set(uplink.routes) == {mac(OTHER_MAC)}
 
 
+def test_a_name_moving_to_another_key_while_slices_are_pending_never_names_two_keys():
+    """The hub gives a key's name to another key (and the first key a new name): while the
+    rest of that INTRO waits to be read, who may dial us is already the newest INTRO's
+    names (two ports of one name made every direct handshake an internal error)."""
+    many = [f"10.1.{i >> 8}.{i & 255}" for i in range(1024)]
+    many += [f"fd00::1:{i:x}" for i in range(1024)]
+    peers, _ = manager()
+    peers.introduce([peer("x", HIGH)], now=0.0)
+    peers.introduce([peer("x", THIRD, ips=tuple(many)), peer("y", HIGH, ips=tuple(many))],
+                    now=1.0)
+    assert peers.pending  # "y" (HIGH) is still read as "x"
+    authorised = peers.authorised()
+    assert authorised.lookup(THIRD) == "x" and authorised.lookup(HIGH) == "y"
+    while peers.pending:
+        peers.apply(1.0)
+    assert peers.authorised().names == frozenset({"x", "y"})
+
+
 def test_a_peer_that_stops_listening_gets_a_new_life_with_the_other_role():
     peers, _ = manager(listens=False)
     first = peers.introduce([peer("b", HIGH, listens=True)], now=0.0).added[0]

@@ -588,8 +588,11 @@ class DirectPeers:
         self.wrong_key[(port.digest, address)] = now + WRONG_KEY_SECONDS
 
     def authorised(self) -> Peers:
-        """Who may dial us: the currently introduced peers, by their hub names."""
-        return Peers((port.peer.name, digest) for digest, port in self.ports.items())
+        """Who may dial us: the currently introduced peers, by their names in the newest
+        INTRO (a port still pending a rename holds an older one, maybe another key's now)."""
+        pending = self.pending
+        return Peers((pending.get(digest, port.peer).name, digest)
+                     for digest, port in self.ports.items())
 
     def port_of(self, digest: bytes) -> DirectPort | None:
         return self.ports.get(digest)

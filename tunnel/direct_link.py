@@ -438,14 +438,17 @@ class DirectLinks:
                     hello = event
                 elif isinstance(event, Auth):
                     assert hello is not None  # the codec orders HELLO before AUTH
+                    authorised = self.peers.authorised()
                     try:
-                        name = verify_client_auth(self.peers.authorised(), event.certificate,
+                        name = verify_client_auth(authorised, event.certificate,
                                                   event.signature, wire.challenge,
                                                   self.identity.fingerprint_bytes, hello.name)
                     except AuthError as exc:
                         await tls.send_all(wire.send_close(CloseCode.AUTH_FAILED, exc.reason))
                         raise
-                    port = next(p for p in self.peers.ports.values() if p.peer.name == name)
+                    digest = authorised.fingerprint_of(name)  # the key just verified
+                    assert digest is not None
+                    port = self.peers.ports[digest]
                     active = port.active
                     if active is not None and not supersedes(
                             self.identity.fingerprint_bytes, port.digest, False,
