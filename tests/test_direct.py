@@ -301,6 +301,20 @@ def test_a_name_moving_to_another_key_while_slices_are_pending_never_names_two_k
     assert peers.authorised().names == frozenset({"x", "y"})
 
 
+def test_a_mac_the_hub_moves_to_another_up_peer_is_routed_to_it_whichever_is_read_first():
+    peers, uplink = manager()
+    x, y = peers.introduce([peer("x", HIGH, macs=(OTHER_MAC,)),
+                            peer("y", THIRD, macs=(PEER_MAC,))], 0.0).added
+    bring_up(x)
+    bring_up(y)
+    peers.update_routes()
+    # y (read first) takes x's MAC; x gets another
+    peers.introduce([peer("y", THIRD, macs=(PEER_MAC, OTHER_MAC)),
+                     peer("x", HIGH, macs=("02:00:00:00:00:09",))], 1.0)
+    peers.update_routes()
+    assert uplink.routes == {mac(PEER_MAC): y, mac(OTHER_MAC): y, mac("02:00:00:00:00:09"): x}
+
+
 def test_a_peer_that_stops_listening_gets_a_new_life_with_the_other_role():
     peers, _ = manager(listens=False)
     first = peers.introduce([peer("b", HIGH, listens=True)], now=0.0).added[0]

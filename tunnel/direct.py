@@ -548,11 +548,13 @@ class DirectPeers:
         return port.active is not None and (self.uplink.accepts & ~port.accepts) == Offload.NONE
 
     def _route(self, port: DirectPort) -> None:
-        """`port`'s (new) MACs in the routes, if its session is up: O(its MACs)."""
+        """`port`'s (new) MACs in the routes, if its session is up: O(its MACs).  They are
+        its from now on: a MAC the hub moved here from a peer not read again yet stays ours
+        when that peer's turn comes (`_unroute` drops only its own)."""
         if self._routable(port):
             routes = self.uplink.routes
             for mac in port.filter.macs:
-                routes.setdefault(mac, port)
+                routes[mac] = port
 
     def _unroute(self, port: DirectPort) -> None:
         routes = self.uplink.routes
