@@ -16,6 +16,7 @@ from netstack.switch import Switch
 from tests.support.clock import Clock
 from tunnel.direct import (
     DIAL_BACKOFF,
+    DIAL_STABLE_SECONDS,
     DIRECT_IDLE_SECONDS,
     EAGER_DIAL_PEERS,
     FALLBACK_BACKOFF_MAX,
@@ -109,10 +110,23 @@ def test_a_dialer_backs_off_doubling_to_a_one_second_cap_and_resets_once_up():
     assert waits == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.0, 1.0])
     assert max(waits) == DIAL_BACKOFF[1]
     life.dialing()
-    life.up(ours=True)
+    life.up(now, ours=True)
     assert life.state == "up" and not life.due(now + 10)
+    now += DIAL_STABLE_SECONDS
     life.down(now, "connection lost")
     assert life.next_dial == now + DIAL_BACKOFF[0]
+
+
+def test_a_peer_that_accepts_and_closes_at_once_is_redialled_at_the_backoff_cap():
+    life = PeerLife(True, now=0.0)
+    now, waits = 0.0, []
+    for _ in range(6):
+        life.dialing()
+        life.up(now, ours=True)
+        life.down(now + 0.01, "closed by the peer")
+        waits.append(life.next_dial - (now + 0.01))
+        now = life.next_dial
+    assert waits == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.0, 1.0])
 
 
 def test_the_accepting_side_and_a_peer_nobody_can_dial_never_dial():
@@ -147,11 +161,11 @@ def test_when_both_listen_the_higher_side_dials_too_once_no_session_came_up_for_
 def test_the_fallback_side_redials_at_once_after_its_own_session_and_waits_after_the_peers():
     life = PeerLife(False, 0.0, fallback=True)
     life.dialing()
-    life.up(ours=True)
+    life.up(0.0, ours=True)
     life.down(10.0, "connection lost")  # its direction is the one that works
     assert life.next_dial == 10.0 + DIAL_BACKOFF[0]
     life.dialing()
-    life.up(ours=False)
+    life.up(11.0, ours=False)
     life.down(20.0, "connection lost")  # the peer dialled that one: the peer redials first
     assert life.next_dial == 20.0 + FALLBACK_DIAL_SECONDS and life.delay == FALLBACK_DIAL_SECONDS
 
@@ -159,7 +173,7 @@ def test_the_fallback_side_redials_at_once_after_its_own_session_and_waits_after
 def test_a_dial_that_fails_while_the_peers_session_is_up_is_only_counted():
     life = PeerLife(False, 0.0, fallback=True)
     life.dialing()
-    life.up(ours=False)  # the peer's dial came first
+    life.up(0.5, ours=False)  # the peer's dial came first
     life.failed(1.0, "refused: duplicate")
     assert life.state == "up" and life.failures == 1 and not life.due(100.0)
 
@@ -213,7 +227,7 @@ def test_an_on_demand_session_that_carried_nothing_for_a_while_is_closed_a_busy_
     for port in (quiet, busy):
         bring_up(port)
         port.life.dialing()
-        port.life.up(ours=True)
+        port.life.up(0.0, ours=True)
     now = 0.0
     while now < DIRECT_IDLE_SECONDS:
         assert not peers.idle(now)
@@ -458,7 +472,7 @@ def test_status_text_shows_each_peer_direct_or_relayed_with_address_rtt_traffic_
     peers, _ = manager()
     up, down = (peers.introduce([peer("b", HIGH), peer("c", THIRD)], now=0.0).added)
     bring_up(up)
-    up.life.up(ours=True)
+    up.life.up(0.0, ours=True)
     up.peer_address, up.rtt_ms = "10.9.0.2:7000", 0.25
     up.counters.drop("mac_spoof")
     down.life.dialing()

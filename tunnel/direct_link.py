@@ -471,7 +471,7 @@ class DirectLinks:
                     keepalive_seconds=DIRECT_KEEPALIVE_SECONDS,
                     dead_seconds=DIRECT_DEAD_SECONDS)
         link.activate()  # a session of this peer already up is superseded
-        port.life.up(ours=wire.role == "client")
+        port.life.up(trio.current_time(), ours=wire.role == "client")
         self.peers.update_routes()
         return link
 
