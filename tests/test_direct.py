@@ -310,6 +310,8 @@ def test_a_name_moving_to_another_key_while_slices_are_pending_never_names_two_k
     assert peers.pending  # "y" (HIGH) is still read as "x"
     authorised = peers.authorised()
     assert authorised.lookup(THIRD) == "x" and authorised.lookup(HIGH) == "y"
+    # status (and the metrics labelled by it) too: two series of one name fail a scrape
+    assert sorted(entry["name"] for entry in peers.status()) == ["x", "y"]
     while peers.pending:
         peers.apply(1.0)
     assert peers.authorised().names == frozenset({"x", "y"})

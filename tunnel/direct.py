@@ -619,5 +619,8 @@ class DirectPeers:
         return min(times, default=None)
 
     def status(self) -> list[dict[str, object]]:
-        return [port.direct_status() for port in self.ports.values()]
+        """Each port's, named as in the newest INTRO (see `authorised`)."""
+        pending = self.pending
+        return [{**port.direct_status(), "name": pending.get(digest, port.peer).name}
+                for digest, port in self.ports.items()]
 
