@@ -331,6 +331,25 @@ def test_a_mac_the_hub_moves_to_another_up_peer_is_routed_to_it_whichever_is_rea
     assert uplink.routes == {mac(PEER_MAC): y, mac(OTHER_MAC): y, mac("02:00:00:00:00:09"): x}
 
 
+def test_a_mac_moved_to_a_peer_read_already_stays_its_own_through_a_rebuild_of_the_routes():
+    many = tuple(f"fd00::1:{i:x}" for i in range(2048))
+    peers, uplink = manager()
+    x, y = peers.introduce([peer("x", HIGH, macs=(OTHER_MAC,)),
+                            peer("y", THIRD, macs=(PEER_MAC,))], 0.0).added
+    bring_up(x)
+    bring_up(y)
+    peers.update_routes()
+    peers.introduce([peer("y", THIRD, macs=(PEER_MAC, OTHER_MAC), ips=many),
+                     peer("x", HIGH, macs=("02:00:00:00:00:09",), ips=many)], 1.0)
+    assert list(peers.pending) == [HIGH]  # x still holds its old MAC
+    bring_up(x)  # a new session of x: the routes are rebuilt
+    peers.update_routes()
+    assert uplink.routes[mac(OTHER_MAC)] is y
+    peers.apply(1.0)
+    peers.update_routes()
+    assert uplink.routes == {mac(PEER_MAC): y, mac(OTHER_MAC): y, mac("02:00:00:00:00:09"): x}
+
+
 def test_a_peer_that_stops_listening_gets_a_new_life_with_the_other_role():
     peers, _ = manager(listens=False)
     first = peers.introduce([peer("b", HIGH, listens=True)], now=0.0).added[0]

@@ -583,7 +583,10 @@ class DirectPeers:
             return
         self._routed = signature
         routes: dict[bytes, DirectPort] = {}
-        for port in routed:
+        pending = self.pending
+        # peers read from the newest INTRO first: a MAC the hub moved away from a peer still
+        # pending is the new holder's (that peer's turn drops only what is its own)
+        for port in sorted(routed, key=lambda port: port.digest in pending):
             for mac in port.filter.macs:
                 routes.setdefault(mac, port)
         self.uplink.routes = routes
