@@ -16,6 +16,7 @@ from netstack.switch import Switch
 from tests.support.clock import Clock
 from tunnel.direct import (
     DIAL_BACKOFF,
+    DIAL_STABLE_SECONDS,
     DIRECT_IDLE_SECONDS,
     EAGER_DIAL_PEERS,
     FALLBACK_BACKOFF_MAX,
@@ -109,10 +110,23 @@ def test_a_dialer_backs_off_doubling_to_a_one_second_cap_and_resets_once_up():
     assert waits == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.0, 1.0])
     assert max(waits) == DIAL_BACKOFF[1]
     life.dialing()
-    life.up(ours=True)
+    life.up(now, ours=True)
     assert life.state == "up" and not life.due(now + 10)
+    now += DIAL_STABLE_SECONDS
     life.down(now, "connection lost")
     assert life.next_dial == now + DIAL_BACKOFF[0]
+
+
+def test_a_peer_that_accepts_and_closes_at_once_is_redialled_at_the_backoff_cap():
+    life = PeerLife(True, now=0.0)
+    now, waits = 0.0, []
+    for _ in range(6):
+        life.dialing()
+        life.up(now, ours=True)
+        life.down(now + 0.01, "closed by the peer")
+        waits.append(life.next_dial - (now + 0.01))
+        now = life.next_dial
+    assert waits == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.0, 1.0])
 
 
 def test_the_accepting_side_and_a_peer_nobody_can_dial_never_dial():
@@ -147,11 +161,11 @@ def test_when_both_listen_the_higher_side_dials_too_once_no_session_came_up_for_
 def test_the_fallback_side_redials_at_once_after_its_own_session_and_waits_after_the_peers():
     life = PeerLife(False, 0.0, fallback=True)
     life.dialing()
-    life.up(ours=True)
+    life.up(0.0, ours=True)
     life.down(10.0, "connection lost")  # its direction is the one that works
     assert life.next_dial == 10.0 + DIAL_BACKOFF[0]
     life.dialing()
-    life.up(ours=False)
+    life.up(11.0, ours=False)
     life.down(20.0, "connection lost")  # the peer dialled that one: the peer redials first
     assert life.next_dial == 20.0 + FALLBACK_DIAL_SECONDS and life.delay == FALLBACK_DIAL_SECONDS
 
@@ -159,7 +173,7 @@ def test_the_fallback_side_redials_at_once_after_its_own_session_and_waits_after
 def test_a_dial_that_fails_while_the_peers_session_is_up_is_only_counted():
     life = PeerLife(False, 0.0, fallback=True)
     life.dialing()
-    life.up(ours=False)  # the peer's dial came first
+    life.up(0.5, ours=False)  # the peer's dial came first
     life.failed(1.0, "refused: duplicate")
     assert life.state == "up" and life.failures == 1 and not life.due(100.0)
 
@@ -213,7 +227,7 @@ def test_an_on_demand_session_that_carried_nothing_for_a_while_is_closed_a_busy_
     for port in (quiet, busy):
         bring_up(port)
         port.life.dialing()
-        port.life.up(ours=True)
+        port.life.up(0.0, ours=True)
     now = 0.0
     while now < DIRECT_IDLE_SECONDS:
         assert not peers.idle(now)
@@ -281,6 +295,59 @@ def test_routes_are_rebuilt_only_when_the_sessions_change_and_new_bindings_rerou
     assert set(uplink.routes) == {mac("02:00:00:00:00:09"), mac(OTHER_MAC)}
     peers.introduce([peer("c", THIRD, macs=(OTHER_MAC,))], 2.0)  # b is gone: at once
     assert set(uplink.routes) == {mac(OTHER_MAC)}
+
+
+def test_a_name_moving_to_another_key_while_slices_are_pending_never_names_two_keys():
+    """The hub gives a key's name to another key (and the first key a new name): while the
+    rest of that INTRO waits to be read, who may dial us is already the newest INTRO's
+    names (two ports of one name made every direct handshake an internal error)."""
+    many = [f"10.1.{i >> 8}.{i & 255}" for i in range(1024)]
+    many += [f"fd00::1:{i:x}" for i in range(1024)]
+    peers, _ = manager()
+    peers.introduce([peer("x", HIGH)], now=0.0)
+    peers.introduce([peer("x", THIRD, ips=tuple(many)), peer("y", HIGH, ips=tuple(many))],
+                    now=1.0)
+    assert peers.pending  # "y" (HIGH) is still read as "x"
+    authorised = peers.authorised()
+    assert authorised.lookup(THIRD) == "x" and authorised.lookup(HIGH) == "y"
+    # status (and the metrics labelled by it) too: two series of one name fail a scrape
+    assert sorted(entry["name"] for entry in peers.status()) == ["x", "y"]
+    while peers.pending:
+        peers.apply(1.0)
+    assert peers.authorised().names == frozenset({"x", "y"})
+
+
+def test_a_mac_the_hub_moves_to_another_up_peer_is_routed_to_it_whichever_is_read_first():
+    peers, uplink = manager()
+    x, y = peers.introduce([peer("x", HIGH, macs=(OTHER_MAC,)),
+                            peer("y", THIRD, macs=(PEER_MAC,))], 0.0).added
+    bring_up(x)
+    bring_up(y)
+    peers.update_routes()
+    # y (read first) takes x's MAC; x gets another
+    peers.introduce([peer("y", THIRD, macs=(PEER_MAC, OTHER_MAC)),
+                     peer("x", HIGH, macs=("02:00:00:00:00:09",))], 1.0)
+    peers.update_routes()
+    assert uplink.routes == {mac(PEER_MAC): y, mac(OTHER_MAC): y, mac("02:00:00:00:00:09"): x}
+
+
+def test_a_mac_moved_to_a_peer_read_already_stays_its_own_through_a_rebuild_of_the_routes():
+    many = tuple(f"fd00::1:{i:x}" for i in range(2048))
+    peers, uplink = manager()
+    x, y = peers.introduce([peer("x", HIGH, macs=(OTHER_MAC,)),
+                            peer("y", THIRD, macs=(PEER_MAC,))], 0.0).added
+    bring_up(x)
+    bring_up(y)
+    peers.update_routes()
+    peers.introduce([peer("y", THIRD, macs=(PEER_MAC, OTHER_MAC), ips=many),
+                     peer("x", HIGH, macs=("02:00:00:00:00:09",), ips=many)], 1.0)
+    assert list(peers.pending) == [HIGH]  # x still holds its old MAC
+    bring_up(x)  # a new session of x: the routes are rebuilt
+    peers.update_routes()
+    assert uplink.routes[mac(OTHER_MAC)] is y
+    peers.apply(1.0)
+    peers.update_routes()
+    assert uplink.routes == {mac(PEER_MAC): y, mac(OTHER_MAC): y, mac("02:00:00:00:00:09"): x}
 
 
 def test_a_peer_that_stops_listening_gets_a_new_life_with_the_other_role():
@@ -426,7 +493,7 @@ def test_status_text_shows_each_peer_direct_or_relayed_with_address_rtt_traffic_
     peers, _ = manager()
     up, down = (peers.introduce([peer("b", HIGH), peer("c", THIRD)], now=0.0).added)
     bring_up(up)
-    up.life.up(ours=True)
+    up.life.up(0.0, ours=True)
     up.peer_address, up.rtt_ms = "10.9.0.2:7000", 0.25
     up.counters.drop("mac_spoof")
     down.life.dialing()

@@ -217,6 +217,37 @@ async def test_the_dialer_rekeys_with_a_fresh_session_that_supersedes_the_old_on
         nursery.cancel_scope.cancel()
 
 
+async def test_a_peer_that_dials_again_and_again_leaving_its_sessions_open_holds_a_few(
+        tmp_path):
+    """Each new session of a peer supersedes the last; the superseded one waits for the
+    peer to close it (DRAIN_SECONDS).  A peer that never does, dialling as fast as the
+    listener admits it, holds at most MAX_PEER_SESSIONS sessions, not all of them."""
+    from tunnel.direct_link import MAX_PEER_SESSIONS
+
+    async with trio.open_nursery() as nursery:
+        a, b = await pair(nursery, tmp_path)
+        port = b.port(a)
+        host, number = a.links.bound[0]
+        held = []
+
+        async def keep_alive() -> None:  # pings on every session, reads none, closes none
+            while True:
+                for link in list(held):
+                    try:
+                        await link.stream.send_all(link.wire.send_ping(1, 2))
+                    except trio.BrokenResourceError:  # a closed it
+                        held.remove(link)
+                await trio.sleep(0.1)
+
+        nursery.start_soon(keep_alive)
+        for _ in range(MAX_PEER_SESSIONS + 3):
+            held.append(await b.links._dial_one(port, host, number))
+        await trio.sleep(0.3)
+        assert len(a.port(b).links) <= MAX_PEER_SESSIONS
+        assert a.port(b).active is not None
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_listen_address_in_use_is_a_startup_error_naming_the_flag(tmp_path):
     import socket
 

@@ -61,6 +61,10 @@ from tunnel.wire import IntroEntry
 # Redial after a session ended or a dial failed: the first wait, doubling up to the cap, so a
 # peer that comes back is direct again within about a second.
 DIAL_BACKOFF = (0.1, 1.0)
+# A session that lasted this long starts the backoff again from DIAL_BACKOFF[0] when it ends;
+# a shorter one does not (a peer that accepts and closes at once is redialled at the cap,
+# not ten times a second).
+DIAL_STABLE_SECONDS = 2.0
 # The side that waits to be dialled although the peer listens too (its fingerprint sorts
 # higher) dials the peer itself once no session came up this long after the introduction or
 # after a session the peer had dialled ended; its own failed dials then back off doubling up
@@ -136,9 +140,9 @@ class PeerLife:
     first side's for one that accepts first and dials as a fallback (`fallback`: both
     listen), but its first dial comes FALLBACK_DIAL_SECONDS after the introduction or after
     a session the peer dialled ended; relayed when neither listens; closed when the hub stops
-    introducing it.  `delay` doubles on every failed dial up to the cap (DIAL_BACKOFF[1],
-    FALLBACK_BACKOFF_MAX), and starts again from DIAL_BACKOFF[0] after a session that came
-    up."""
+    introducing it.  `delay` doubles on every failed dial and every short session up to the
+    cap (DIAL_BACKOFF[1], FALLBACK_BACKOFF_MAX), and starts again from DIAL_BACKOFF[0] after
+    a session that lasted DIAL_STABLE_SECONDS."""
 
     def __init__(self, role: bool | None, now: float, *, fallback: bool = False) -> None:
         self.role = role  # True: we dial; False: we accept; None: relayed only
@@ -151,6 +155,7 @@ class PeerLife:
         self.on_demand = False  # dial only while wanted (more than EAGER_DIAL_PEERS peers)
         self.wanted = float("-inf")  # when a frame for the peer last crossed the hub
         self.ups = 0  # sessions that came up
+        self.up_at = now  # when the last one did
         self.failures = 0  # dials that failed and sessions that ended
         self.last_error: str | None = None
 
@@ -163,12 +168,13 @@ class PeerLife:
     def dialing(self) -> None:
         self.state = "dialing"
 
-    def up(self, *, ours: bool) -> None:
-        """A session came up (`ours`: we dialled it)."""
+    def up(self, now: float, *, ours: bool) -> None:
+        """A session came up (`ours`: we dialled it); the backoff starts again once it has
+        lasted DIAL_STABLE_SECONDS (`down`)."""
         self.state = "up"
         self.ours = ours
         self.ups += 1
-        self.delay = DIAL_BACKOFF[0]
+        self.up_at = now
         self.last_error = None
 
     def failed(self, now: float, reason: str) -> None:
@@ -190,6 +196,8 @@ class PeerLife:
             return
         self.failures += 1
         self.last_error = reason
+        if now - self.up_at >= DIAL_STABLE_SECONDS:
+            self.delay = DIAL_BACKOFF[0]
         if not self.dials:
             self.state = "relayed" if self.role is None else "waiting"
             return
@@ -548,11 +556,13 @@ class DirectPeers:
         return port.active is not None and (self.uplink.accepts & ~port.accepts) == Offload.NONE
 
     def _route(self, port: DirectPort) -> None:
-        """`port`'s (new) MACs in the routes, if its session is up: O(its MACs)."""
+        """`port`'s (new) MACs in the routes, if its session is up: O(its MACs).  They are
+        its from now on: a MAC the hub moved here from a peer not read again yet stays ours
+        when that peer's turn comes (`_unroute` drops only its own)."""
         if self._routable(port):
             routes = self.uplink.routes
             for mac in port.filter.macs:
-                routes.setdefault(mac, port)
+                routes[mac] = port
 
     def _unroute(self, port: DirectPort) -> None:
         routes = self.uplink.routes
@@ -573,7 +583,10 @@ class DirectPeers:
             return
         self._routed = signature
         routes: dict[bytes, DirectPort] = {}
-        for port in routed:
+        pending = self.pending
+        # peers read from the newest INTRO first: a MAC the hub moved away from a peer still
+        # pending is the new holder's (that peer's turn drops only what is its own)
+        for port in sorted(routed, key=lambda port: port.digest in pending):
             for mac in port.filter.macs:
                 routes.setdefault(mac, port)
         self.uplink.routes = routes
@@ -588,8 +601,11 @@ class DirectPeers:
         self.wrong_key[(port.digest, address)] = now + WRONG_KEY_SECONDS
 
     def authorised(self) -> Peers:
-        """Who may dial us: the currently introduced peers, by their hub names."""
-        return Peers((port.peer.name, digest) for digest, port in self.ports.items())
+        """Who may dial us: the currently introduced peers, by their names in the newest
+        INTRO (a port still pending a rename holds an older one, maybe another key's now)."""
+        pending = self.pending
+        return Peers((pending.get(digest, port.peer).name, digest)
+                     for digest, port in self.ports.items())
 
     def port_of(self, digest: bytes) -> DirectPort | None:
         return self.ports.get(digest)
@@ -606,5 +622,8 @@ class DirectPeers:
         return min(times, default=None)
 
     def status(self) -> list[dict[str, object]]:
-        return [port.direct_status() for port in self.ports.values()]
+        """Each port's, named as in the newest INTRO (see `authorised`)."""
+        pending = self.pending
+        return [{**port.direct_status(), "name": pending.get(digest, port.peer).name}
+                for digest, port in self.ports.items()]
 

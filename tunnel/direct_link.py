@@ -13,7 +13,7 @@ CLOSE; never INTRO or ADVERTISE) over TLS 1.3:
   behind the hub listener's admission guards (tunnel/listener.py: a token bucket per source,
   caps on concurrent handshakes, per source and in all, eviction of the oldest untrusted
   one, FIRST_BYTES_SECONDS for the first bytes and HANDSHAKE_SECONDS for the rest, and
-  MAX_DIRECT_SESSIONS).
+  MAX_DIRECT_SESSIONS; MAX_PEER_SESSIONS of one peer, the oldest aborted past that).
 Both sides may dial (tunnel/direct.py: the fallback dialer); when a session comes up while
 another of the same peer is active, `supersedes` decides which one stays, on the dialer's
 side before it is used and on the listener's before AUTH is accepted (the loser is closed,
@@ -91,6 +91,9 @@ log = logging.getLogger(__name__)
 DIAL_SECONDS = 2.0
 # Direct sessions at once: one per introduced peer at most (MAX_INTRO_PEERS).
 MAX_DIRECT_SESSIONS = 256
+# Sessions of one peer at once: the active one, the one it superseded (draining until the
+# peer closes it, DRAIN_SECONDS) and one crossing it; a newer one aborts the oldest past that.
+MAX_PEER_SESSIONS = 3
 # Concurrent handshakes on --listen, in all and per source.
 MAX_DIRECT_HANDSHAKES = 32
 MAX_DIRECT_HANDSHAKES_PER_SOURCE = 4
@@ -438,14 +441,17 @@ class DirectLinks:
                     hello = event
                 elif isinstance(event, Auth):
                     assert hello is not None  # the codec orders HELLO before AUTH
+                    authorised = self.peers.authorised()
                     try:
-                        name = verify_client_auth(self.peers.authorised(), event.certificate,
+                        name = verify_client_auth(authorised, event.certificate,
                                                   event.signature, wire.challenge,
                                                   self.identity.fingerprint_bytes, hello.name)
                     except AuthError as exc:
                         await tls.send_all(wire.send_close(CloseCode.AUTH_FAILED, exc.reason))
                         raise
-                    port = next(p for p in self.peers.ports.values() if p.peer.name == name)
+                    digest = authorised.fingerprint_of(name)  # the key just verified
+                    assert digest is not None
+                    port = self.peers.ports[digest]
                     active = port.active
                     if active is not None and not supersedes(
                             self.identity.fingerprint_bytes, port.digest, False,
@@ -467,8 +473,10 @@ class DirectLinks:
         link = Link(port, tls, wire, self.forward_from,
                     keepalive_seconds=DIRECT_KEEPALIVE_SECONDS,
                     dead_seconds=DIRECT_DEAD_SECONDS)
+        for stale in port.links[:len(port.links) - (MAX_PEER_SESSIONS - 1)]:
+            stale.abort("superseded, not closed by the peer")
         link.activate()  # a session of this peer already up is superseded
-        port.life.up(ours=wire.role == "client")
+        port.life.up(trio.current_time(), ours=wire.role == "client")
         self.peers.update_routes()
         return link
 
