@@ -396,9 +396,8 @@ def test_fifty_linux_connections_at_once_each_carry_their_own_bytes_through_the_
     results = [output[i:i + 3] for i in range(0, len(output), 3)]
     assert len(results) == clients
     assert all(sent == echoed and int(count) == size for sent, echoed, count in results)
-    # A duplicated or reordered segment may arrive after its connection closed and is
-    # dropped as no_flow (the injected dup/reorder make that likelier the slower the run);
-    # anything else dropped is a bug.
+    # A duplicate or a held-back segment of a flow that has ended can reach the shell after
+    # it (released by another flow's packet): a RST for no flow is dropped, and only that.
     assert set(status["tcp"]["drops"]) <= {"no_flow"} and not status["socket_errors"]
     assert status["guest_buffered"] == 0
 
