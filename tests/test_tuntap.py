@@ -19,7 +19,6 @@ from collections.abc import Iterator
 
 import pytest
 import trio
-import trio.testing
 
 from netstack.frame import (
     GSO_NONE,
@@ -235,44 +234,6 @@ async def test_ping_from_the_namespace_is_answered_through_the_moved_tap_fd(
     assert port.counters.out_frames >= 2  # an ARP reply and an echo reply
     assert tap.counters.read_frames == len(seen) >= 2
     assert not tap.counters.errors
-
-
-@needs_root
-async def test_what_the_kernel_answers_during_a_write_is_switched_by_the_writing_task(
-    netns: str, plain_tap: TunTapDevice
-) -> None:
-    """The host's stack answers an echo request before the TAP write returns: the task that
-    delivered the request switches the reply at once (no wake-up of the read loop), and
-    what that forwarding writes back does not recurse into another read."""
-    _ip("-n", netns, "neigh", "add", PEER_IP, "lladdr", PEER_MAC, "dev", plain_tap.name,
-        "nud", "permanent")
-    tap_mac = json.loads(_ip("-n", netns, "-j", "link", "show", plain_tap.name))[0]["address"]
-    port = TapPort("tap", plain_tap)
-    replies: list[int] = []  # the seq of each echo reply, as it was switched
-
-    def request(seq: int) -> Frame:
-        return Frame(bytes(Ether(dst=tap_mac, src=PEER_MAC) / IP(src=PEER_IP, dst=KERNEL_IP)
-                           / ICMP(type=8, id=0x77, seq=seq) / Raw(b"read after write")))
-
-    def forward(ingress: QueuedPort, frames: list[Frame]) -> None:
-        for frame in frames:  # (the kernel's IPv6 chatter is not counted)
-            packet = Ether(bytes(frame.data))
-            if ICMP in packet and packet[ICMP].type == 0 and packet[ICMP].id == 0x77:
-                replies.append(packet[ICMP].seq)
-                if packet[ICMP].seq == 1:  # written while forwarding the first answer:
-                    ingress.deliver([request(2)])  # its answer is left to the read loop
-
-    with trio.fail_after(TIMEOUT):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(run_device, plain_tap, port, forward)
-            await trio.testing.wait_all_tasks_blocked()
-            port.deliver([request(1)])  # no checkpoint until the assert
-            assert replies == [1], "the reply was not switched by the writing task"
-            while len(replies) < 2:  # the second answer: the read loop's, once it wakes
-                await trio.sleep(0.01)
-            nursery.cancel_scope.cancel()
-    assert replies == [1, 2]
-    assert port.counters.out_frames == 2
 
 
 TCP_CLIENT = """

@@ -93,8 +93,6 @@ READ_BUFFER_BYTES = VIRTIO_NET_HDR_LEN + MAX_PACKET + 1
 
 # Packets read (or frames written) per wake-up before yielding to other tasks.
 BATCH = 64
-# A lone frame this small written to the device is read after (see run_device's writer).
-ANSWERED_FRAME_BYTES = 512
 # The device refused writes (EAGAIN) for this long: drop what is queued rather than hold it.
 WRITE_STALL_SECONDS = 1.0
 
@@ -403,7 +401,7 @@ async def run_device(
     and `forward` are the caller's L3 adapter: both directions carry IP packets."""
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_read_loop, device, port, forward)
-        nursery.start_soon(_write_loop, device, port, forward)
+        nursery.start_soon(_write_loop, device, port)
 
 
 async def _read_loop(
@@ -444,47 +442,18 @@ def write_queued(device: TunTapDevice, queue: deque[Frame], counters: PortCounte
     return False
 
 
-async def _write_loop(
-    device: TunTapDevice,
-    port: QueuedPort,
-    forward: Callable[[QueuedPort, list[Frame]], None],
-) -> None:
+async def _write_loop(device: TunTapDevice, port: QueuedPort) -> None:
     """Frames the switch queued on `port` -> device."""
     pending = port.queue
     port_counters = port.counters
     ready = trio.Event()
-    answering = False
-
-    def read_answers() -> None:
-        """What the host's kernel sent back while `writev` ran (an echo reply, a DNS or
-        TCP answer: its stack answers before the write returns) is switched from here, in
-        the task that wrote, instead of waking the read loop for it: one wake-up of this
-        process fewer per request.  Only after a lone small frame (a request; a bulk
-        stream's segments keep their ACKs for the read loop's batches).  Not nested: what
-        its own forwarding writes is left to the read loop; a read error is too (it raises
-        there)."""
-        nonlocal answering
-        if answering:
-            return
-        answering = True
-        try:
-            frames = device.read_batch(BATCH)
-            if frames:
-                forward(port, frames)
-        except TunTapError:
-            pass
-        finally:
-            answering = False
 
     def write_now() -> None:
         """Frames arrived in the empty queue (called from the task that switched them):
         write them from here, without a trip through Trio's scheduler to this loop; what the
         device does not take, and any error, is left to the loop."""
         try:
-            lone = len(pending) == 1 and len(pending[0].data) <= ANSWERED_FRAME_BYTES
             if write_queued(device, pending, port_counters) and not pending:
-                if lone:
-                    read_answers()
                 return
         except TunTapError:
             pass  # the loop meets it again, in its own task
