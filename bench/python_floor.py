@@ -126,6 +126,20 @@ def receive(conn: ssl.SSLSocket) -> bytes | None:
         chunks.append(data)
 
 
+def write_frames(tap: int, pending: bytearray) -> None:
+    """Every whole length-prefixed frame at the head of `pending` to the TAP (a frame the
+    device refuses is dropped, as a VPN would), leaving only an incomplete one."""
+    at = 0
+    while len(pending) - at >= 2:
+        size = int.from_bytes(pending[at:at + 2], "big")
+        if len(pending) - at - 2 < size:
+            break
+        with contextlib.suppress(BlockingIOError):
+            os.write(tap, pending[at + 2:at + 2 + size])
+        at += 2 + size
+    del pending[:at]
+
+
 def relay(tap: int, conn: ssl.SSLSocket) -> None:
     poll = select.epoll()
     poll.register(tap, select.EPOLLIN)
@@ -148,15 +162,7 @@ def relay(tap: int, conn: ssl.SSLSocket) -> None:
             if data is None:
                 return
             pending += data
-            at = 0
-            while len(pending) - at >= 2:
-                size = int.from_bytes(pending[at:at + 2], "big")
-                if len(pending) - at - 2 < size:
-                    break
-                with contextlib.suppress(BlockingIOError):
-                    os.write(tap, pending[at + 2:at + 2 + size])
-                at += 2 + size
-            del pending[:at]
+            write_frames(tap, pending)
 
 
 def hub(conns: list[ssl.SSLSocket]) -> None:
@@ -206,15 +212,7 @@ async def _trio_pump_conn(tap: int, conn: ssl.SSLSocket) -> None:
         if data is None:
             return
         pending += data
-        at = 0
-        while len(pending) - at >= 2:
-            size = int.from_bytes(pending[at:at + 2], "big")
-            if len(pending) - at - 2 < size:
-                break
-            with contextlib.suppress(BlockingIOError):
-                os.write(tap, pending[at + 2:at + 2 + size])
-            at += 2 + size
-        del pending[:at]
+        write_frames(tap, pending)
 
 
 async def trio_relay(tap: int, conn: ssl.SSLSocket) -> None:
