@@ -502,7 +502,7 @@ def test_status_text_shows_each_peer_direct_or_relayed_with_address_rtt_traffic_
         "listen": ["0.0.0.0:7000"], "refused": {"auth_unknown_key": 2},
         "peers": peers.status()}})
     assert "direct paths: 0.0.0.0:7000, 2 peers introduced, refused auth_unknown_key=2" in text
-    assert "b: direct via 10.9.0.2:7000 (up, dials), rtt 0.25 ms" in text
+    assert "b: direct via 10.9.0.2:7000 (up, dials, dialled by us), rtt 0.25 ms" in text
     assert "drops mac_spoof=1" in text
     assert "c: relayed (backoff, dials)" in text and "connection refused" in text
 

@@ -161,7 +161,9 @@ def _format_direct(direct: dict) -> list[str]:
         where = peer.get("address") if peer.get("path") == "direct" else None
         lines.append(
             f"    {peer['name']}: {peer['path']}" + (f" via {where}" if where else "")
-            + f" ({peer['state']}, {peer['role']})"
+            + f" ({peer['state']}, {peer['role']}"
+            + {"us": ", dialled by us", "peer": ", dialled by the peer"}.get(
+                peer.get("dialled_by") or "", "") + ")"
             + (f", rtt {rtt:.2f} ms" if rtt is not None and where else "")
             + f", in {peer['in_frames']} frames/{peer['in_bytes']} B, "
               f"out {peer['out_frames']} frames/{peer['out_bytes']} B"
