@@ -126,6 +126,18 @@ def receive(conn: ssl.SSLSocket) -> bytes | None:
         chunks.append(data)
 
 
+def read_burst(tap: int) -> bytes:
+    """Up to READS_PER_WAKE frames waiting in the TAP, each behind its 2-byte length."""
+    out = []
+    for _ in range(READS_PER_WAKE):
+        try:
+            frame = os.read(tap, 65536)
+        except BlockingIOError:
+            break
+        out += (len(frame).to_bytes(2, "big"), frame)
+    return b"".join(out)
+
+
 def write_frames(tap: int, pending: bytearray) -> None:
     """Every whole length-prefixed frame at the head of `pending` to the TAP (a frame the
     device refuses is dropped, as a VPN would), leaving only an incomplete one."""
@@ -148,15 +160,9 @@ def relay(tap: int, conn: ssl.SSLSocket) -> None:
     while True:
         for fd, _events in poll.poll():
             if fd == tap:
-                out = []
-                for _ in range(READS_PER_WAKE):
-                    try:
-                        frame = os.read(tap, 65536)
-                    except BlockingIOError:
-                        break
-                    out += (len(frame).to_bytes(2, "big"), frame)
-                if out:
-                    send_all(conn, b"".join(out))
+                burst = read_burst(tap)
+                if burst:
+                    send_all(conn, burst)
                 continue
             data = receive(conn)
             if data is None:
@@ -184,15 +190,9 @@ def hub(conns: list[ssl.SSLSocket]) -> None:
 async def _trio_pump_tap(tap: int, conn: ssl.SSLSocket) -> None:
     while True:
         await trio.lowlevel.wait_readable(tap)
-        out = []
-        for _ in range(READS_PER_WAKE):
-            try:
-                frame = os.read(tap, 65536)
-            except BlockingIOError:
-                break
-            out += (len(frame).to_bytes(2, "big"), frame)
-        if out:
-            await trio_send_all(conn, b"".join(out))
+        burst = read_burst(tap)
+        if burst:
+            await trio_send_all(conn, burst)
 
 
 async def trio_send_all(conn: ssl.SSLSocket, data: bytes) -> None:

@@ -69,7 +69,7 @@ from tunnel.listener import (
     SourceLimiter,
     source_of,
 )
-from tunnel.session import Link, SessionPort, tune_tcp
+from tunnel.session import HANDSHAKE_READ, Link, SessionPort, await_hello, tune_tcp
 from tunnel.startup import StartupError, explain_bind
 from tunnel.tls import MAX_SOCKET_READ, TLSStream
 from tunnel.wire import (
@@ -97,7 +97,6 @@ MAX_PEER_SESSIONS = 3
 # Concurrent handshakes on --listen, in all and per source.
 MAX_DIRECT_HANDSHAKES = 32
 MAX_DIRECT_HANDSHAKES_PER_SOURCE = 4
-HANDSHAKE_READ = 16 * 1024
 # The nonce of the PING behind AUTH: its PONG is the listener's "yes".
 VERDICT_NONCE = 0xD1_EC_70
 # How often the supervisor looks at least (dials fall due, routes follow the uplink).
@@ -292,7 +291,8 @@ class DirectLinks:
             check_server(tls, port.digest)  # nothing is sent to a key not introduced
             wire = WireConnection("client", name="", offloads=int(ALL_OFFLOADS), mtu=self.mtu)
             await tls.send_all(wire.send_hello())
-            hello = await _await_hello(tls, wire)
+            hello = await await_hello(tls, wire, DialError, "closed: ",
+                                      "closed during the handshake")
             certificate, signature = sign_client_auth(self.identity, hello.challenge,
                                                       port.digest)
             await tls.send_all(wire.send_auth(certificate, signature)
@@ -498,15 +498,3 @@ class DirectLinks:
         return {"listen": [f"{h}:{p}" for h, p in self.bound], "intros": self.peers.intros,
                 "handshakes": len(self.slots), "refused": dict(self.refused),
                 "peers": self.peers.status()}
-
-
-async def _await_hello(tls: TLSStream, wire: WireConnection) -> Hello:
-    while True:
-        wire.receive_data(await tls.receive_some(HANDSHAKE_READ))
-        for event in wire.next_events():
-            if isinstance(event, Hello):
-                return event
-            if isinstance(event, Closed):
-                raise DialError(f"closed: {event.reason}")
-            if isinstance(event, Eof):
-                raise DialError("closed during the handshake")

@@ -58,7 +58,7 @@ from tunnel.keys import (
     load_identity,
     sign_client_auth,
 )
-from tunnel.session import Link, SessionPort, tune_tcp
+from tunnel.session import HANDSHAKE_READ, Link, SessionPort, await_hello, tune_tcp
 from tunnel.startup import StartupError
 from tunnel.tls import MAX_SOCKET_READ, TLSStream
 from tunnel.wire import (
@@ -66,7 +66,6 @@ from tunnel.wire import (
     Closed,
     Eof,
     Frames,
-    Hello,
     Intro,
     Ping,
     Pong,
@@ -85,7 +84,6 @@ REKEY_SECONDS = 3600.0
 # TLS records on one key before we rekey: well under the 2^24.5 AES-GCM limit (RFC 8446 5.5).
 REKEY_RECORDS = 1 << 24
 TLS_RECORD_PLAINTEXT = 16384
-HANDSHAKE_READ = 16 * 1024
 
 
 def records_on_key(wire: WireConnection) -> int:
@@ -401,7 +399,9 @@ class Endpoint:
                 wire = WireConnection("client", name=self.name, offloads=int(ALL_OFFLOADS),
                                       mtu=config.mtu, introductions=True)
                 await tls.send_all(wire.send_hello())
-                hello = await self._await_hello(tls, wire)
+                hello = await await_hello(tls, wire, HandshakeError,
+                                          "hub closed the connection: ",
+                                          "hub closed the connection during the handshake")
                 certificate, signature = sign_client_auth(self.identity, hello.challenge,
                                                           server_fp, self.name)
                 auth = wire.send_auth(certificate, signature)
@@ -492,18 +492,6 @@ class Endpoint:
                                      f"changed, pin the new one (`vhostvpn fingerprint DIR` on "
                                      f"the hub prints it); if not, something else answers at "
                                      f"this address")
-
-    @staticmethod
-    async def _await_hello(tls: TLSStream, wire: WireConnection) -> Hello:
-        while True:
-            wire.receive_data(await tls.receive_some(HANDSHAKE_READ))
-            for event in wire.next_events():
-                if isinstance(event, Hello):
-                    return event
-                if isinstance(event, Closed):
-                    raise HandshakeError(f"hub closed the connection: {event.reason}")
-                if isinstance(event, Eof):
-                    raise HandshakeError("hub closed the connection during the handshake")
 
     def _forward(self, port: SessionPort, frames: list[Frame]) -> None:
         self.switch.forward(port, frames)

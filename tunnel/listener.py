@@ -73,7 +73,7 @@ from tunnel.keys import (
     server_ssl_context,
     verify_client_auth,
 )
-from tunnel.session import SESSION_MAC_LIMIT, Link, SessionPort, tune_tcp
+from tunnel.session import HANDSHAKE_READ, SESSION_MAC_LIMIT, Link, SessionPort, tune_tcp
 from tunnel.startup import StartupError, explain_bind
 from tunnel.tls import TLSStream
 from tunnel.wire import (
@@ -105,7 +105,6 @@ MAX_TRACKED_SOURCES = 4096
 # Sources whose endpoints authenticated lately (least recently authenticated forgotten first):
 # their handshakes are not evicted to make room for strangers'.
 MAX_TRUSTED_SOURCES = 4096
-HANDSHAKE_READ = 16 * 1024
 # A key connected from two places: warn about it at most this often per peer.
 TWO_PLACES_LOG_SECONDS = 60.0
 

@@ -49,6 +49,7 @@ from tunnel.wire import (
     Eof,
     Event,
     Frames,
+    Hello,
     Intro,
     Ping,
     Pong,
@@ -74,8 +75,25 @@ SESSION_MAC_LIMIT = 256
 MAX_PENDING_CONTROL = 64
 # Ciphertext that waits this long for the kernel with no byte taken: the peer is not reading.
 WRITE_STALL_SECONDS = 20.0
+# What a handshake asks of the TLS stream per read (HELLO, AUTH and a verdict are small).
+HANDSHAKE_READ = 16 * 1024
 
 TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+
+
+async def await_hello(tls: TLSStream, wire: WireConnection,
+                      error: Callable[[str], Exception], closed: str, eof: str) -> Hello:
+    """A dialler's wait for the listener's HELLO: the HELLO, or `error(closed + reason)` if
+    the listener sent CLOSE first, `error(eof)` if the connection ended without one."""
+    while True:
+        wire.receive_data(await tls.receive_some(HANDSHAKE_READ))
+        for event in wire.next_events():
+            if isinstance(event, Hello):
+                return event
+            if isinstance(event, Closed):
+                raise error(closed + event.reason)
+            if isinstance(event, Eof):
+                raise error(eof)
 
 
 def tune_tcp(sock: trio.socket.SocketType) -> None:
