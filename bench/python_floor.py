@@ -20,6 +20,7 @@ namespaces; the TLS is unauthenticated (a throwaway self-signed certificate): a 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import fcntl
 import json
@@ -238,6 +239,73 @@ async def trio_hub(conns: list[ssl.SSLSocket]) -> None:
         nursery.start_soon(pump, conns[1], conns[0])
 
 
+class HostLoop:
+    """A raw epoll loop serving the data fds itself, with Trio run as its guest
+    (`trio.lowlevel.start_guest_run`) for everything else: Trio's I/O waits happen in its
+    own thread, and its task batches run here, between data events, in this thread."""
+
+    def __init__(self) -> None:
+        self.poll = select.epoll()
+        self.handlers: dict[int, object] = {}
+        self.calls: collections.deque = collections.deque()
+        self.wake = os.eventfd(0, os.EFD_NONBLOCK)
+        self.poll.register(self.wake, select.EPOLLIN)
+        self.done = False
+
+    def watch(self, fd: int, handler) -> None:
+        self.poll.register(fd, select.EPOLLIN)
+        self.handlers[fd] = handler
+
+    def call_soon_threadsafe(self, fn) -> None:
+        self.calls.append(fn)
+        os.eventfd_write(self.wake, 1)
+
+    def run(self, async_fn, *args) -> None:
+        def finished(outcome) -> None:
+            self.done = True
+        trio.lowlevel.start_guest_run(async_fn, *args,
+                                      run_sync_soon_threadsafe=self.call_soon_threadsafe,
+                                      run_sync_soon_not_threadsafe=self.calls.append,
+                                      done_callback=finished)
+        calls, handlers, wake = self.calls, self.handlers, self.wake
+        while not self.done:
+            for fd, _events in self.poll.poll(0 if calls else -1):
+                if fd == wake:
+                    with contextlib.suppress(BlockingIOError):
+                        os.eventfd_read(wake)
+                else:
+                    handlers[fd]()
+            while calls:
+                calls.popleft()()
+
+
+async def control_ticks() -> None:
+    """What Trio still does under the guest loop: timers (keepalives, in a VPN)."""
+    while True:
+        await trio.sleep(1.0)
+
+
+def guest_relay(tap: int, conn: ssl.SSLSocket) -> None:
+    loop = HostLoop()
+    pending = bytearray()
+
+    def from_tap() -> None:
+        burst = read_burst(tap)
+        if burst:
+            send_all(conn, burst)
+
+    def from_conn() -> None:
+        data = receive(conn)
+        if data is None:
+            sys.exit(0)
+        pending.extend(data)
+        write_frames(tap, pending)
+
+    loop.watch(tap, from_tap)
+    loop.watch(conn.fileno(), from_conn)
+    loop.run(control_ticks)
+
+
 def role_main(args: argparse.Namespace) -> int:
     server, client = tls_contexts(args.cert, args.key)
     host, _, port = args.endpoint.rpartition(":")
@@ -251,7 +319,9 @@ def role_main(args: argparse.Namespace) -> int:
         return 0
     tap = open_tap(RELAY_TAP, args.address)
     conn = tls_accept(server, address, 1)[0] if args.listen else tls_connect(client, address)
-    if args.trio:
+    if args.guest:
+        guest_relay(tap, conn)
+    elif args.trio:
         trio.run(trio_relay, tap, conn)
     else:
         relay(tap, conn)
@@ -265,8 +335,9 @@ class PythonRelay:
     """The minimal relay between namespaces a and b, direct or through a minimal hub."""
 
     def __init__(self, ns: hosts.Namespaces, workdir: Path, via_hub: bool,
-                 use_trio: bool) -> None:
+                 use_trio: bool, use_guest: bool = False) -> None:
         self.ns, self.workdir, self.via_hub, self.use_trio = ns, workdir, via_hub, use_trio
+        self.use_guest = use_guest
         self.processes: dict[str, subprocess.Popen] = {}
 
     def _start(self, name: str, ns: str, *argv: str) -> None:
@@ -274,7 +345,8 @@ class PythonRelay:
         self.processes[name] = subprocess.Popen(
             ["ip", "netns", "exec", self.ns.names[ns], sys.executable, __file__, *argv,
              "--cert", str(self.workdir / "relay.crt"), "--key", str(self.workdir / "relay.key"),
-             *(["--trio"] if self.use_trio else [])],
+             *(["--trio"] if self.use_trio else []),
+             *(["--guest"] if self.use_guest and name != "hub" else [])],
             stdout=log, stderr=subprocess.STDOUT)
 
     def __enter__(self) -> PythonRelay:
@@ -337,7 +409,11 @@ def run_main(args: argparse.Namespace) -> int:
         sys.exit("needs root (network namespaces)")
     rows: dict[str, list[dict]] = {name: [] for name in (
         "python relay direct", "python trio relay direct", "vhostvpn direct", "wireguard-go",
-        "python relay via hub", "python trio relay via hub", "vhostvpn tap (via hub)")}
+        "python relay via hub", "python trio relay via hub", "vhostvpn tap (via hub)",
+        "python guest relay direct")}
+    if args.rows:
+        rows = {name: runs for name, runs in rows.items()
+                if name == "wireguard-go" or any(part in name for part in args.rows.split(","))}
     with tempfile.TemporaryDirectory(prefix="vhostvpn-floor-") as tmp, \
             hosts.Namespaces() as ns, contextlib.ExitStack() as stack:
         w = Path(tmp)
@@ -350,7 +426,8 @@ def run_main(args: argparse.Namespace) -> int:
                     # the tap row took the pair's own veth down (vhostvpn falls back to the hub)
                     baselines.ip("-n", a, "link", "set", ns.direct_link, "up")
                     with PythonRelay(ns, w, via_hub=name.endswith("hub"),
-                                     use_trio="trio" in name) as relay:
+                                     use_trio="trio" in name,
+                                     use_guest="guest" in name) as relay:
                         row = measure(a, RELAY_ADDRESSES["b"], args.count,
                                       [p.pid for p in relay.processes.values()])
                 elif name == "wireguard-go":
@@ -374,7 +451,10 @@ def run_main(args: argparse.Namespace) -> int:
         cpu[name] = median([r["cpu_us_per_ping"] for r in runs])
         print(f"  {name:26} {medians[name]:6.3f} ms  {cpu[name]:6.0f} us CPU   idle rounds "
               f"{sorted(r['idle']['p50'] for r in runs if r.get('idle'))}")
-    for name in ("python relay direct", "python trio relay direct", "vhostvpn direct"):
+    for name in ("python relay direct", "python trio relay direct", "python guest relay direct",
+                 "vhostvpn direct"):
+        if name not in medians:
+            continue
         print(f"  {name} / wireguard-go: idle p50 {medians[name] / medians['wireguard-go']:.2f}"
               f"x, CPU per ping {cpu[name] / cpu['wireguard-go']:.2f}x")
     out = ROOT / "bench" / "results" / f"python-floor-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -391,12 +471,16 @@ def main() -> int:
     run = sub.add_parser("run", help="the probe (the default)")
     run.add_argument("--rounds", type=int, default=3)
     run.add_argument("--count", type=int, default=30, help="pings per row and round")
+    run.add_argument("--rows", help="only the rows whose names contain one of these "
+                     "comma-separated words (and wireguard-go's)")
     for role in ("relay", "hub"):
         p = sub.add_parser(role)
         p.add_argument("endpoint", help="HOST:PORT to listen on or connect to")
         p.add_argument("--cert", type=Path, required=True)
         p.add_argument("--key", type=Path, required=True)
         p.add_argument("--trio", action="store_true", help="a Trio loop, not a raw epoll one")
+        p.add_argument("--guest", action="store_true",
+                       help="a raw epoll loop hosting Trio in guest mode")
         if role == "relay":
             p.add_argument("--address", required=True, help="the TAP's address/prefix")
             p.add_argument("--listen", action="store_true")

@@ -41,6 +41,7 @@ import trio
 from netstack.frame import Frame, Offload
 from netstack.policy import PortPolicy
 from netstack.port import QueuedPort
+from tunnel.dataloop import serve_readable
 from tunnel.tls import TLSStream
 from tunnel.wire import (
     Advertise,
@@ -77,6 +78,9 @@ MAX_PENDING_CONTROL = 64
 WRITE_STALL_SECONDS = 20.0
 # What a handshake asks of the TLS stream per read (HELLO, AUTH and a verdict are small).
 HANDSHAKE_READ = 16 * 1024
+# Plaintext views a link's reader decodes per turn of the data loop: a second one saves an
+# epoll_wait under load; more would let one busy peer hold the others' turn for longer.
+READS_PER_WAKE = 2
 
 TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 
@@ -178,6 +182,7 @@ class Link:
         # the writer (entries of tunnel/wire.encode_intro_peer; a newer set replaces it).
         self.on_introduction: Callable[[Link, Advertise | Intro], None] | None = None
         self._intro: list[bytes] | None = None
+        self._read_result: LinkResult | None = None  # why the reader's handler stopped
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -328,13 +333,37 @@ class Link:
     async def _reader(self) -> None:
         wire = self.wire
         result = self._dispatch(wire.next_events())  # what the codec buffered in the handshake
-        while result is None:
+        fd = self.stream.fileno()
+        if result is None and fd is not None:
+            # A socket: served by the data loop (tunnel/dataloop.py) without waking a task.
+            await serve_readable(fd, self._on_readable)
+            result = self._read_result
+        while result is None:  # any other transport (the tests' memory streams)
             # A view of TLS's reused plaintext buffer: decoded before anything awaits.
             data = await self.stream.receive_view()
             if data:
                 self._last_heard = trio.current_time()
             result = self._dispatch(wire.receive_events(data))  # empty: the end of the stream
         self._end(result)
+
+    def _on_readable(self) -> bool:
+        """The socket is readable (a data-loop handler): decode and act on what came, up to
+        READS_PER_WAKE socket reads; True once the link is over (`_read_result`)."""
+        stream, wire = self.stream, self.wire
+        for _ in range(READS_PER_WAKE):
+            # A view of TLS's reused plaintext buffer: decoded before anything else reads.
+            data = stream.receive_view_nowait()
+            if data is None:
+                break
+            if data:
+                self._last_heard = trio.current_time()
+            result = self._dispatch(wire.receive_events(data))  # empty: the end of the stream
+            if result is not None:
+                self._read_result = result
+                return True
+        if stream.sending:  # an answer OpenSSL made while reading waits for the writer
+            self._wake.set()
+        return False
 
     def _dispatch(self, events: list[Event]) -> LinkResult | None:
         """Act on `events` (the codec's); a result when the link is over."""

@@ -107,6 +107,27 @@ class SocketTransport:
         self.read_size = read_size
         self._buffers = None
 
+    def fileno(self) -> int:
+        return self._fileno()
+
+    def fill_nowait(self, incoming: ssl.MemoryBIO) -> bool | None:
+        """One read of whatever the socket holds into `incoming`, without waiting: True if
+        bytes came, False at its end, None if it holds nothing now."""
+        buffers = self._buffers
+        if buffers is None:
+            buffers = self._buffers = [memoryview(_read_buffer())[:self.read_size]]
+        try:
+            count = os.readv(self._fileno(), buffers)
+        except BlockingIOError:
+            self._emptied = True
+            return None
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"connection lost: {exc}") from exc
+        self._emptied = 0 < count < self.read_size
+        if count:
+            incoming.write(buffers[0][:count])
+        return count > 0
+
     async def fill(self, incoming: ssl.MemoryBIO) -> bool:
         """One read of whatever the socket holds into `incoming`; False at its end.  Waits
         for data only when there is none (and otherwise yields once, for fairness)."""
@@ -236,44 +257,79 @@ class TLSStream(trio.abc.Stream):
         """`receive_some` without the copy: a view of the run's plaintext buffer, valid
         until the caller next awaits (any stream's next read reuses the buffer).  Each
         record is decrypted into that buffer: no object per record."""
-        incoming, tls = self._incoming, self._ssl
         while True:
-            # The last call read every record and nothing came since (the common wake-up):
-            # a read could only raise SSLWantReadError, so fill first.
-            if not self._exhausted:
-                view = self._plaintext
-                if view is None:
-                    view = self._plaintext = _plaintext_buffer()
-                size = len(view)
-                got = 0
-                try:
-                    while got < size:
-                        count = tls.read(size - got, view[got:])
-                        if not count:
-                            break
-                        got += count
-                        if not incoming.pending and not tls.pending():
-                            # Every record read: the next read could only say WantRead.
-                            self._exhausted = True
-                            break
-                    return view[:got]
-                except ssl.SSLWantReadError:
-                    if got:
-                        return view[:got]
-                except ssl.SSLZeroReturnError:  # the peer's close_notify
-                    return view[:got]
-                except ssl.SSLError as exc:
-                    if got:
-                        return view[:got]
-                    raise trio.BrokenResourceError(f"TLS: {exc}") from exc
+            view = self._decrypt()
+            if view is not None:
+                return view
             if self._outgoing.pending:
                 await self._flush()
             if self._eof:
                 raise trio.BrokenResourceError("connection closed without a TLS close_notify")
             self._exhausted = False  # what _fill does, one coroutine frame less per wake-up
-            if not await self._pipe.fill(incoming):
+            if not await self._pipe.fill(self._incoming):
                 self._eof = True
-                incoming.write_eof()
+                self._incoming.write_eof()
+
+    def fileno(self) -> int | None:
+        """The socket's fd, for `receive_view_nowait`'s callers to wait on; None when the
+        transport is not a socket (then only `receive_view` reads)."""
+        return self._pipe.fileno() if isinstance(self._pipe, SocketTransport) else None
+
+    def receive_view_nowait(self) -> memoryview | None:
+        """`receive_view` without waiting, for handlers that cannot await
+        (tunnel/dataloop.py; only when `fileno()` is not None): None when no whole record
+        is waiting.  At most one socket read per call.  What OpenSSL wants to send while
+        reading (a KeyUpdate's answer) goes out now or waits in order: the caller must see
+        that someone flushes while `sending`."""
+        view = self._decrypt()
+        if view is not None:
+            return view
+        if self._outgoing.pending:
+            self._flush_nowait()
+        if self._eof:
+            raise trio.BrokenResourceError("connection closed without a TLS close_notify")
+        self._exhausted = False
+        assert isinstance(self._pipe, SocketTransport)
+        filled = self._pipe.fill_nowait(self._incoming)
+        if filled is None:
+            return None
+        if not filled:
+            self._eof = True
+            self._incoming.write_eof()
+        return self._decrypt()
+
+    def _decrypt(self) -> memoryview | None:
+        """The records OpenSSL can decrypt now, into the plaintext buffer (empty at the
+        peer's close_notify); None when it needs more ciphertext first."""
+        if self._exhausted:
+            # The last call read every record and nothing came since (the common wake-up):
+            # a read could only raise SSLWantReadError.
+            return None
+        incoming, tls = self._incoming, self._ssl
+        view = self._plaintext
+        if view is None:
+            view = self._plaintext = _plaintext_buffer()
+        size = len(view)
+        got = 0
+        try:
+            while got < size:
+                count = tls.read(size - got, view[got:])
+                if not count:
+                    break
+                got += count
+                if not incoming.pending and not tls.pending():
+                    # Every record read: the next read could only say WantRead.
+                    self._exhausted = True
+                    break
+            return view[:got]
+        except ssl.SSLWantReadError:
+            return view[:got] if got else None
+        except ssl.SSLZeroReturnError:  # the peer's close_notify
+            return view[:got]
+        except ssl.SSLError as exc:
+            if got:
+                return view[:got]
+            raise trio.BrokenResourceError(f"TLS: {exc}") from exc
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -354,6 +410,19 @@ class TLSStream(trio.abc.Stream):
         finally:
             self._drained.set()
             self._drained = None
+
+    def _flush_nowait(self) -> None:
+        """What OpenSSL wrote, to the transport now if nothing waits before it; else (and
+        whatever the kernel does not take) queued in order for the next flush."""
+        data = self._outgoing.read()
+        if not self._unsent and self._drained is None:
+            sent = self._pipe.write_nowait(data)
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]
+        if not self._unsent:
+            self.waiting_since = trio.current_time()
+        self._unsent += data
 
     async def _flush_quietly(self) -> None:
         try:

@@ -19,6 +19,8 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from tunnel import dataloop
+
 log = logging.getLogger("vhostvpn")
 
 
@@ -112,7 +114,7 @@ def run_role(command: str, run: Callable[[], Awaitable[object]],
     tune_gc()
     tune_malloc()
     try:
-        trio.run(serve, run, on_sighup)
+        dataloop.run(serve, run, on_sighup)
     except Exception as exc:
         failure = find_failure(exc, (OSError, HostNetworkError))
         if failure is None:

@@ -28,6 +28,7 @@ from netstack.frame import Frame, stable_mac
 from netstack.host.dhcp_client import DhcpClient, DhcpLease, is_dhcp_reply
 from netstack.host.l3host import L3Host
 from netstack.port import Port, SpeakingPort
+from tunnel.dataloop import serve_readable
 from tunnel.host.hostnet import HostNetwork, HostNetworkError
 from tunnel.host.tuntap import BATCH, TunTapDevice, TunTapError, describe, write_queued
 
@@ -163,20 +164,19 @@ class TunPort(SpeakingPort):
             nursery.start_soon(self._outbox_loop, forward)
 
     async def _read_loop(self, forward: Callable[[Port, list[Frame]], None]) -> None:
-        """TUN -> L3Host -> switch."""
+        """TUN -> L3Host -> switch: a data-loop handler (tunnel/dataloop.py)."""
         device = self.device
-        while True:
+
+        def on_readable() -> bool:
             packets = device.read_batch(BATCH)
-            if packets:
-                frames: list[Frame] = []
-                for packet in packets:
-                    frames += self.l3.from_host(bytes(packet.data), packet.offload)
-                if frames:
-                    forward(self, frames)
-                if len(packets) == BATCH:
-                    await trio.lowlevel.checkpoint()
-                    continue
-            await device.wait_readable()
+            frames: list[Frame] = []
+            for packet in packets:
+                frames += self.l3.from_host(bytes(packet.data), packet.offload)
+            if frames:
+                forward(self, frames)
+            return False
+
+        await serve_readable(device.fd, on_readable)
 
     async def _write_loop(self) -> None:
         """L3Host's packets -> TUN."""

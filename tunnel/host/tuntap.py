@@ -55,6 +55,7 @@ from netstack.frame import (
 )
 from netstack.policy import PortPolicy
 from netstack.port import PortCounters, QueuedPort
+from tunnel.dataloop import serve_readable
 
 log = logging.getLogger(__name__)
 
@@ -409,16 +410,16 @@ async def _read_loop(
     port: QueuedPort,
     forward: Callable[[QueuedPort, list[Frame]], None],
 ) -> None:
-    """Device -> switch."""
+    """Device -> switch: a data-loop handler (tunnel/dataloop.py), a batch per turn."""
     read_batch = device.read_batch
-    while True:
+
+    def on_readable() -> bool:
         frames = read_batch(BATCH)
         if frames:
             forward(port, frames)
-            if len(frames) == BATCH:
-                await trio.lowlevel.checkpoint()
-                continue
-        await device.wait_readable()
+        return False
+
+    await serve_readable(device.fd, on_readable)
 
 
 def write_queued(device: TunTapDevice, queue: deque[Frame], counters: PortCounters) -> bool:
