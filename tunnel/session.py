@@ -41,7 +41,6 @@ import trio
 from netstack.frame import Frame, Offload
 from netstack.policy import PortPolicy
 from netstack.port import QueuedPort
-from tunnel.dataloop import serve_readable
 from tunnel.tls import TLSStream
 from tunnel.wire import (
     Advertise,
@@ -57,6 +56,7 @@ from tunnel.wire import (
     WireConnection,
     WireError,
 )
+from virtio.dataloop import serve_readable
 
 log = logging.getLogger(__name__)
 
@@ -335,7 +335,7 @@ class Link:
         result = self._dispatch(wire.next_events())  # what the codec buffered in the handshake
         fd = self.stream.fileno()
         if result is None and fd is not None:
-            # A socket: served by the data loop (tunnel/dataloop.py) without waking a task.
+            # A socket: served by the data loop (virtio/dataloop.py) without waking a task.
             await serve_readable(fd, self._on_readable)
             result = self._read_result
         while result is None:  # any other transport (the tests' memory streams)

@@ -277,7 +277,7 @@ class TLSStream(trio.abc.Stream):
 
     def receive_view_nowait(self) -> memoryview | None:
         """`receive_view` without waiting, for handlers that cannot await
-        (tunnel/dataloop.py; only when `fileno()` is not None): None when no whole record
+        (virtio/dataloop.py; only when `fileno()` is not None): None when no whole record
         is waiting.  At most one socket read per call.  What OpenSSL wants to send while
         reading (a KeyUpdate's answer) goes out now or waits in order: the caller must see
         that someone flushes while `sending`."""

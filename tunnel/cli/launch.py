@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from tunnel import dataloop
+from virtio import dataloop
 
 log = logging.getLogger("vhostvpn")
 

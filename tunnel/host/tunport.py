@@ -28,9 +28,9 @@ from netstack.frame import Frame, stable_mac
 from netstack.host.dhcp_client import DhcpClient, DhcpLease, is_dhcp_reply
 from netstack.host.l3host import L3Host
 from netstack.port import Port, SpeakingPort
-from tunnel.dataloop import serve_readable
 from tunnel.host.hostnet import HostNetwork, HostNetworkError
 from tunnel.host.tuntap import BATCH, TunTapDevice, TunTapError, describe, write_queued
+from virtio.dataloop import serve_readable
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class TunPort(SpeakingPort):
             nursery.start_soon(self._outbox_loop, forward)
 
     async def _read_loop(self, forward: Callable[[Port, list[Frame]], None]) -> None:
-        """TUN -> L3Host -> switch: a data-loop handler (tunnel/dataloop.py)."""
+        """TUN -> L3Host -> switch: a data-loop handler (virtio/dataloop.py)."""
         device = self.device
 
         def on_readable() -> bool:

@@ -55,7 +55,7 @@ from netstack.frame import (
 )
 from netstack.policy import PortPolicy
 from netstack.port import PortCounters, QueuedPort
-from tunnel.dataloop import serve_readable
+from virtio.dataloop import serve_readable
 
 log = logging.getLogger(__name__)
 
@@ -410,7 +410,7 @@ async def _read_loop(
     port: QueuedPort,
     forward: Callable[[QueuedPort, list[Frame]], None],
 ) -> None:
-    """Device -> switch: a data-loop handler (tunnel/dataloop.py), a batch per turn."""
+    """Device -> switch: a data-loop handler (virtio/dataloop.py), a batch per turn."""
     read_batch = device.read_batch
 
     def on_readable() -> bool:
