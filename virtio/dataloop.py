@@ -22,8 +22,10 @@ Rules for a handler (`on_readable`), which runs outside any Trio task:
 * it does a bounded amount of work per call (the fd stays readable, so the loop calls again
   after the other ready fds and Trio's pending batch had their turn), and tolerates a call
   that finds nothing (EAGAIN);
-* the fd stays open while it is served: the task that serves it is the one that closes it,
-  after `serve_readable` returned or was cancelled (which unregisters it first).
+* the fd stays open while it is served: the task that serves it closes it after
+  `serve_readable` returned or was cancelled (which unregisters it first), and anyone else
+  calls `notify_closing(fd)` first (the serving task then raises ClosedResourceError, as a
+  Trio waiter does after `trio.lowlevel.notify_closing`).
 """
 
 from __future__ import annotations
@@ -53,14 +55,14 @@ class DataLoop:
         self._epoll = select.epoll()
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # Trio's thread wakes us
         self._epoll.register(self._wake, select.EPOLLIN)
-        self._handlers: dict[int, Callable[[], None]] = {}
+        self._served: dict[int, _Served] = {}
         self._calls: deque[Callable[[], object]] = deque()  # Trio's callbacks, in order
         self._outcome: Any = None  # Trio's outcome.Outcome of the main task, once done
 
     @property
     def served(self) -> int:
         """How many fds the loop serves now."""
-        return len(self._handlers)
+        return len(self._served)
 
     def run(self, async_fn: Callable[..., Awaitable[T]], *args: object) -> T:
         """Run `async_fn(*args)` as Trio's main task, serving fds until it returns; its
@@ -70,13 +72,13 @@ class DataLoop:
             run_sync_soon_threadsafe=self._call_soon_threadsafe,
             run_sync_soon_not_threadsafe=self._calls.append,
             done_callback=self._done)
-        poll, handlers, calls, wake = self._epoll.poll, self._handlers, self._calls, self._wake
+        poll, served, calls, wake = self._epoll.poll, self._served, self._calls, self._wake
         try:
             while self._outcome is None:
                 for fd, _events in poll(0 if calls else -1, MAX_EVENTS):
-                    handler = handlers.get(fd)
-                    if handler is not None:
-                        handler()
+                    entry = served.get(fd)
+                    if entry is not None:
+                        entry.fire()
                     elif fd == wake:
                         with contextlib.suppress(BlockingIOError):
                             os.eventfd_read(wake)
@@ -102,35 +104,59 @@ class DataLoop:
 
     async def serve(self, fd: int, on_readable: Callable[[], bool]) -> None:
         """`serve_readable` on this loop."""
-        done = trio.Event()
-        failure: list[BaseException] = []
-
-        def handler() -> None:
-            try:
-                finished = on_readable()
-            except BaseException as exc:  # the serving task raises it, where it belongs
-                failure.append(exc)
-                finished = True
-            if finished:
-                self._unwatch(fd, handler)
-                done.set()
-
-        if fd in self._handlers:
+        if fd in self._served:
             raise trio.BusyResourceError(f"fd {fd} is already served")
+        served = _Served(self, fd, on_readable)
         self._epoll.register(fd, select.EPOLLIN)
-        self._handlers[fd] = handler
+        self._served[fd] = served
         try:
-            await done.wait()
+            await served.done.wait()
         finally:
-            self._unwatch(fd, handler)
-        if failure:
-            raise failure[0]
+            self._forget(served)
+        if served.failure is not None:
+            raise served.failure
 
-    def _unwatch(self, fd: int, handler: Callable[[], None]) -> None:
-        if self._handlers.get(fd) is handler:
-            del self._handlers[fd]
+    def closing(self, fd: int) -> None:
+        """`notify_closing` on this loop."""
+        served = self._served.get(fd)
+        if served is not None:
+            served.finish(trio.ClosedResourceError(f"fd {fd} was closed while served"))
+
+    def _forget(self, served: _Served) -> None:
+        if self._served.get(served.fd) is served:
+            del self._served[served.fd]
             with contextlib.suppress(OSError):  # closed early: epoll dropped it already
-                self._epoll.unregister(fd)
+                self._epoll.unregister(served.fd)
+
+
+class _Served:
+    """One fd a task serves on the loop: its handler, and how the serving ended."""
+
+    __slots__ = ("done", "failure", "fd", "loop", "on_readable")
+
+    def __init__(self, loop: DataLoop, fd: int, on_readable: Callable[[], bool]) -> None:
+        self.loop = loop
+        self.fd = fd
+        self.on_readable = on_readable
+        self.done = trio.Event()
+        self.failure: BaseException | None = None
+
+    def fire(self) -> None:
+        """The fd is readable: call the handler (from the loop)."""
+        try:
+            if not self.on_readable():
+                return
+        except BaseException as exc:  # the serving task raises it, where it belongs
+            self.finish(exc)
+            return
+        self.finish(None)
+
+    def finish(self, failure: BaseException | None) -> None:
+        if self.done.is_set():
+            return
+        self.failure = failure
+        self.loop._forget(self)
+        self.done.set()
 
 
 def run(async_fn: Callable[..., Awaitable[T]], *args: object) -> T:
@@ -152,3 +178,13 @@ async def serve_readable(fd: int, on_readable: Callable[[], bool]) -> None:
         await trio.lowlevel.wait_readable(fd)
         if on_readable():
             return
+
+
+def notify_closing(fd: int) -> None:
+    """`fd` is about to be closed by someone other than the task serving it: that task (on
+    the loop, or waiting in Trio) raises ClosedResourceError, and the loop forgets the fd
+    before its number can be handed out again.  Call from Trio code or a handler."""
+    loop = _CURRENT.get()
+    if loop is not None:
+        loop.closing(fd)
+    trio.lowlevel.notify_closing(fd)
