@@ -436,6 +436,17 @@ class Link:
                 await self._wake.wait()
 
     def _send_control(self, data: bytes) -> None:
+        """A PING or PONG: sent at once when nothing waits before it (a PONG from the reader's
+        handler, a PING from the keepalive task: no trip to the writer task), else queued
+        for the writer."""
+        stream = self.stream
+        if not self._control and not stream.sending and self._error is None:
+            try:
+                if not stream.send_now(data):
+                    self._wake.set()  # the kernel took part: the writer flushes the rest
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._end(_lost(exc))
+            return
         if len(self._control) >= MAX_PENDING_CONTROL:
             self.port.control_dropped += 1  # the peer sends PINGs faster than it reads
             return
