@@ -7,6 +7,9 @@ no codec beyond a 2-byte length), and a minimal hub that decrypts one connection
 re-encrypts them onto the other's. Rows, idle ping p50/p99 (every 0.2 s), interleaved by round:
   python relay direct   A <-TLS-> B over their own veth
   python relay via hub  A <-TLS-> hub <-TLS-> B
+  python trio relay     the same relay with each fd waited on by a Trio task
+  python guest relay    the same relay on a raw epoll loop that hosts Trio in guest mode
+                        (what virtio/dataloop.py does for the daemons), direct
   vhostvpn direct / vhostvpn tap (via the hub)  as in bench/hosts.py (same namespaces)
   wireguard-go          as in bench/baselines.py
 so "vhostvpn / python relay" says what our layers cost above the floor, and "python relay /
