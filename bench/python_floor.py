@@ -23,7 +23,6 @@ namespaces; the TLS is unauthenticated (a throwaway self-signed certificate): a 
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import fcntl
 import json
@@ -46,6 +45,7 @@ import trio  # noqa: E402
 
 from bench import baselines, hosts  # noqa: E402
 from bench.baselines import idle_ping  # noqa: E402
+from virtio import dataloop  # noqa: E402
 
 TUNSETIFF = 0x400454CA
 IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
@@ -242,71 +242,34 @@ async def trio_hub(conns: list[ssl.SSLSocket]) -> None:
         nursery.start_soon(pump, conns[1], conns[0])
 
 
-class HostLoop:
-    """A raw epoll loop serving the data fds itself, with Trio run as its guest
-    (`trio.lowlevel.start_guest_run`) for everything else: Trio's I/O waits happen in its
-    own thread, and its task batches run here, between data events, in this thread."""
-
-    def __init__(self) -> None:
-        self.poll = select.epoll()
-        self.handlers: dict[int, object] = {}
-        self.calls: collections.deque = collections.deque()
-        self.wake = os.eventfd(0, os.EFD_NONBLOCK)
-        self.poll.register(self.wake, select.EPOLLIN)
-        self.done = False
-
-    def watch(self, fd: int, handler) -> None:
-        self.poll.register(fd, select.EPOLLIN)
-        self.handlers[fd] = handler
-
-    def call_soon_threadsafe(self, fn) -> None:
-        self.calls.append(fn)
-        os.eventfd_write(self.wake, 1)
-
-    def run(self, async_fn, *args) -> None:
-        def finished(outcome) -> None:
-            self.done = True
-        trio.lowlevel.start_guest_run(async_fn, *args,
-                                      run_sync_soon_threadsafe=self.call_soon_threadsafe,
-                                      run_sync_soon_not_threadsafe=self.calls.append,
-                                      done_callback=finished)
-        calls, handlers, wake = self.calls, self.handlers, self.wake
-        while not self.done:
-            for fd, _events in self.poll.poll(0 if calls else -1):
-                if fd == wake:
-                    with contextlib.suppress(BlockingIOError):
-                        os.eventfd_read(wake)
-                else:
-                    handlers[fd]()
-            while calls:
-                calls.popleft()()
-
-
-async def control_ticks() -> None:
-    """What Trio still does under the guest loop: timers (keepalives, in a VPN)."""
-    while True:
-        await trio.sleep(1.0)
-
-
-def guest_relay(tap: int, conn: ssl.SSLSocket) -> None:
-    loop = HostLoop()
+async def guest_relay(tap: int, conn: ssl.SSLSocket) -> None:
+    """The relay's two fds served by virtio/dataloop.py (the daemons' loop), with a Trio
+    timer ticking alongside as a daemon's keepalives do."""
     pending = bytearray()
 
-    def from_tap() -> None:
+    def from_tap() -> bool:
         burst = read_burst(tap)
         if burst:
             send_all(conn, burst)
+        return False
 
-    def from_conn() -> None:
+    def from_conn() -> bool:
         data = receive(conn)
         if data is None:
-            sys.exit(0)
+            return True
         pending.extend(data)
         write_frames(tap, pending)
+        return False
 
-    loop.watch(tap, from_tap)
-    loop.watch(conn.fileno(), from_conn)
-    loop.run(control_ticks)
+    async def ticks() -> None:
+        while True:
+            await trio.sleep(1.0)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ticks)
+        nursery.start_soon(dataloop.serve_readable, tap, from_tap)
+        await dataloop.serve_readable(conn.fileno(), from_conn)
+        nursery.cancel_scope.cancel()
 
 
 def role_main(args: argparse.Namespace) -> int:
@@ -323,7 +286,7 @@ def role_main(args: argparse.Namespace) -> int:
     tap = open_tap(RELAY_TAP, args.address)
     conn = tls_accept(server, address, 1)[0] if args.listen else tls_connect(client, address)
     if args.guest:
-        guest_relay(tap, conn)
+        dataloop.run(guest_relay, tap, conn)
     elif args.trio:
         trio.run(trio_relay, tap, conn)
     else:
