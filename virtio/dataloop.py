@@ -34,6 +34,7 @@ import contextlib
 import logging
 import os
 import select
+import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -180,11 +181,13 @@ async def serve_readable(fd: int, on_readable: Callable[[], bool]) -> None:
             return
 
 
-def notify_closing(fd: int) -> None:
-    """`fd` is about to be closed by someone other than the task serving it: that task (on
-    the loop, or waiting in Trio) raises ClosedResourceError, and the loop forgets the fd
-    before its number can be handed out again.  Call from Trio code or a handler."""
+def notify_closing(fd: int | socket.socket) -> None:
+    """`fd` (or a socket's) is about to be closed by someone other than the task serving
+    it: that task (on the loop, or waiting in Trio) raises ClosedResourceError, and the loop
+    forgets the fd before its number can be handed out again.  Call from Trio code or a
+    handler."""
+    number = fd if isinstance(fd, int) else fd.fileno()
     loop = _CURRENT.get()
-    if loop is not None:
-        loop.closing(fd)
+    if loop is not None and number >= 0:
+        loop.closing(number)
     trio.lowlevel.notify_closing(fd)
