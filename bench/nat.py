@@ -11,6 +11,7 @@ whole and lets the kernel send us its own 64 KiB segments (TUN TSO4/TSO6 + CSUM)
 Run (root): .venv/bin/python bench/nat.py [--seconds 5] [--rounds 3]
             [--guest-offload none,tso] [--direction up,down] [--variants all]
             [--gateway-accepts none,tso] [--loss 0.01] [--profile FILE]
+            [--loops dataloop,trio]
 `--variants` switches the shell's speed-ups off for A/B runs: `batch` hands the TUN's batch
 to `from_guests` (one write per socket, one ACK per connection per batch; without it each
 frame goes to `from_guest` alone), `tso` lets the NAT build TSO frames toward the guest
@@ -46,6 +47,7 @@ from netstack.offload import adapt  # noqa: E402
 from tests.support.nat_netns import hub_and_outside, inside  # noqa: E402
 from tests.support.tun_kernel import Impairment, kernel_behind_tun, run  # noqa: E402
 from tunnel.nat import NatShell  # noqa: E402
+from virtio import dataloop  # noqa: E402
 
 GW_MAC = bytes.fromhex("02000000aa01")
 GUEST_MAC = bytes.fromhex("02000000bb01")
@@ -73,7 +75,7 @@ VARIANTS = {"plain": (False, False), "batch": (True, False), "tso": (False, True
 
 def one_run(direction: str, offload: str, variant: str, seconds: float,
             profile: cProfile.Profile | None, loss: float = 0.0,
-            gateway: str = "tso") -> dict[str, object]:
+            gateway: str = "tso", loop: str = "dataloop") -> dict[str, object]:
     """One iperf3 stream through a fresh NatShell; its Gbit/s and our CPU per GB."""
     accepts = OFFLOADS[offload]
     with hub_and_outside(n=9) as names, kernel_behind_tun(accepts) as (dev, ns):
@@ -85,9 +87,11 @@ def one_run(direction: str, offload: str, variant: str, seconds: float,
         try:
             time.sleep(0.3)
             with inside(names["hub"]):
-                trio.run(_pump, dev, ns, accepts, VARIANTS[variant], direction, seconds,
-                         profile, result, loss, OFFLOADS[gateway])
+                (dataloop.run if loop == "dataloop" else trio.run)(
+                    _pump, dev, ns, accepts, VARIANTS[variant], direction, seconds, profile,
+                    result, loss, OFFLOADS[gateway])
                 result["variant"] = variant
+                result["loop"] = loop
                 result["gateway_accepts"] = gateway
         finally:
             server.kill()
@@ -102,37 +106,48 @@ async def _pump(dev, ns: str, accepts: Offload, variant: tuple[bool, bool], dire
     config = NatConfig(GW_MAC, frozenset({ipaddress.ip_address(GATEWAY4).packed}),
                        mtu=1500, tso=tso)
     queue: list[Frame] = []
+    unwritten: list[Frame] = []  # what the TUN did not take at once, in order
     ready = trio.Event()
     rng = random.Random(1)
     to_guest, from_guest = Impairment(rng, loss, 0, 0), Impairment(rng, loss, 0, 0)
 
     def deliver(frames: list[Frame]) -> None:
+        """To the guest's TUN at once, as a TAP port's `on_ready` does; what the device
+        does not take waits for to_kernel."""
+        was_empty = not queue
         for frame in frames:
             queue.extend(f for f in adapt(frame, accepts) if not loss or to_guest(b""))
-        ready.set()
+        if was_empty and queue and not unwritten:
+            batch = [Frame(memoryview(f.data)[14:], f.offload) for f in queue]
+            queue.clear()
+            del batch[:dev.write_batch(batch)]
+            if batch:
+                unwritten.extend(batch)
+                ready.set()
 
     shell = NatShell(config, deliver, upstreams=[ipaddress.ip_address("127.0.0.1")])
 
-    async def from_kernel() -> None:
-        while True:
-            await dev.wait_readable()
-            frames = [piece for f in dev.read_batch() if not loss or from_guest(b"")
-                      for piece in adapt(Frame(ETHER[f.data[0] >> 4] + bytes(f.data),
-                                               _behind_ethernet(f.offload)), gateway)]
-            if batched:
-                shell.from_guests(frames)
-            else:
-                for frame in frames:
-                    shell.from_guest(frame)
+    def from_kernel() -> bool:
+        frames = [piece for f in dev.read_batch() if not loss or from_guest(b"")
+                  for piece in adapt(Frame(ETHER[f.data[0] >> 4] + bytes(f.data),
+                                           _behind_ethernet(f.offload)), gateway)]
+        if batched:
+            shell.from_guests(frames)
+        else:
+            for frame in frames:
+                shell.from_guest(frame)
+        return False
 
     async def to_kernel() -> None:
         nonlocal ready
         while True:
             await ready.wait()
             ready = trio.Event()
-            while queue:
-                batch = [Frame(memoryview(f.data)[14:], f.offload) for f in queue]
+            while queue or unwritten:
+                batch = [*unwritten, *(Frame(memoryview(f.data)[14:], f.offload)
+                                       for f in queue)]
                 queue.clear()
+                unwritten.clear()
                 while batch:
                     del batch[:dev.write_batch(batch)]
                     if batch:
@@ -140,7 +155,7 @@ async def _pump(dev, ns: str, accepts: Offload, variant: tuple[bool, bool], dire
 
     async with trio.open_nursery() as nursery:
         await nursery.start(shell.run)
-        nursery.start_soon(from_kernel)
+        nursery.start_soon(dataloop.serve_readable, dev.fd, from_kernel)
         nursery.start_soon(to_kernel)
         args = ["ip", "netns", "exec", ns, "iperf3", "-c", OUT4, "-p", str(IPERF_PORT),
                 "-t", str(seconds), "-J", *(["-R"] if direction == "down" else [])]
@@ -185,31 +200,36 @@ def main() -> None:
     parser.add_argument("--variants", default="all")
     parser.add_argument("--loss", type=float, default=0.0)
     parser.add_argument("--gateway-accepts", default="tso")
+    parser.add_argument("--loops", default="dataloop",
+                        help="dataloop (the daemons' loop, virtio/dataloop.py), trio (every "
+                        "fd waited on by a Trio task), or both for an A/B")
     parser.add_argument("--profile", help="write cProfile stats of the transfers here")
     args = parser.parse_args()
     profile = cProfile.Profile() if args.profile else None
-    configs = [(d, o, v, g) for v in args.variants.split(",")
+    configs = [(d, o, v, g, lp) for lp in args.loops.split(",")
+               for v in args.variants.split(",")
                for g in args.gateway_accepts.split(",") for o in args.guest_offload.split(",")
                for d in args.direction.split(",")]
-    samples: dict[tuple[str, str, str, str], list[dict]] = {c: [] for c in configs}
+    samples: dict[tuple[str, str, str, str, str], list[dict]] = {c: [] for c in configs}
     for _ in range(args.rounds):
-        for direction, offload, variant, gateway in configs:
+        for direction, offload, variant, gateway, loop in configs:
             sample = one_run(direction, offload, variant, args.seconds, profile, args.loss,
-                             gateway)
-            samples[(direction, offload, variant, gateway)].append(sample)
-            print(f"{direction:4} guest-offload={offload:4} {variant:5} gw={gateway:4} "
+                             gateway, loop)
+            samples[(direction, offload, variant, gateway, loop)].append(sample)
+            print(f"{direction:4} guest-offload={offload:4} {variant:5} gw={gateway:4} {loop:8} "
                   f"{sample['gbit']:.3f} "
                   f"Gbit/s cpu {sample['cpu_s_per_gb'] or 0:.2f} s/GB "
                   f"{sample.get('error') or ''}", file=sys.stderr, flush=True)
     summary = []
-    for (direction, offload, variant, gateway), runs in samples.items():
+    for (direction, offload, variant, gateway, loop), runs in samples.items():
         summary.append({"direction": direction, "guest_offload": offload, "variant": variant,
-                        "gateway_accepts": gateway,
+                        "gateway_accepts": gateway, "loop": loop,
                         "gbit_median": statistics.median(r["gbit"] for r in runs),
                         "cpu_s_per_gb_median": statistics.median(
                             r["cpu_s_per_gb"] or 0 for r in runs),
                         "runs": runs})
         print(f"median {direction:4} guest-offload={offload:4} {variant:5} gw={gateway:4} "
+              f"{loop:8} "
               f"{summary[-1]['gbit_median']:.3f} Gbit/s "
               f"{summary[-1]['cpu_s_per_gb_median']:.2f} CPU s/GB", file=sys.stderr)
     if profile is not None:

@@ -106,6 +106,7 @@ from netstack.nat.udp import UDP_IDLE_SECONDS, CloseSocket, OpenSocket, SendData
 from netstack.nat.udp_forward import SendToClient, UdpForwards
 from netstack.port import Port
 from netstack.wire import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Malformed
+from virtio.dataloop import notify_closing, serve_readable, serve_writable
 
 log = logging.getLogger(__name__)
 
@@ -743,32 +744,28 @@ class NatShell:
             await self._tcp_reader(entry)  # the writer ends when the socket closes
 
     async def _tcp_reader(self, entry: TcpSocket) -> None:
+        """Server -> guest: the socket is served by the data loop (virtio/dataloop.py)
+        while the guest has room; with none, this task waits until bytes are given back."""
         key, sock = entry.key, entry.sock
-        while self.tcp_sockets.get(key) is entry:
-            budget = self.tcp.read_budget(key)
-            try:
-                if budget == 0:
-                    entry.budget = trio.Event()
-                    if self.tcp.guest_limited(key):
-                        self._hold(entry)
-                    await entry.budget.wait()
-                    continue
-                await trio.lowlevel.wait_readable(sock)
-            except trio.ClosedResourceError:
-                return
+        ended = False  # the server's EOF, or the socket failed
+
+        def on_readable() -> bool:
+            """One read within the guest's room; True when serving must stop (no room,
+            the flow gone, EOF)."""
+            nonlocal ended
             if self.tcp_sockets.get(key) is not entry:
-                return
+                return True
             # The guest's other flows may have used its buffer cap while this one waited:
             # recv(0) would return b"" and look like the server's EOF.
             budget = self.tcp.read_budget(key)
             if budget == 0:
-                continue
+                return True
             frames: list = []
             now = trio.current_time()
             try:
                 data = sock.recv(self.tcp.read_size(key, min(budget, TCP_READ_CHUNK)))
             except BlockingIOError:
-                continue
+                return False
             except OSError as error:
                 self._tcp_fail(entry, error, frames, now)
                 data = None
@@ -780,23 +777,49 @@ class NatShell:
             if frames:
                 self.deliver(frames)
             if not data:
-                return  # EOF: nothing more to read (writing goes on in the writer)
+                ended = True  # EOF: nothing more to read (writing goes on in the writer)
+            return ended
+
+        while self.tcp_sockets.get(key) is entry and not ended:
+            if self.tcp.read_budget(key) == 0:
+                entry.budget = trio.Event()
+                if self.tcp.guest_limited(key):
+                    self._hold(entry)
+                await entry.budget.wait()
+                continue
+            fd = sock.fileno()
+            if fd < 0:
+                return
+            try:
+                await serve_readable(fd, on_readable)
+            except trio.ClosedResourceError:
+                return
 
     async def _tcp_writer(self, entry: TcpSocket) -> None:
+        """Guest -> server, for what the socket did not take at once (`_tcp_write` writes
+        inline): written from the data loop as room comes, this task waking when all is out."""
         key = entry.key
+
+        def on_writable() -> bool:
+            if self.tcp_sockets.get(key) is not entry:
+                return True
+            frames: list = []
+            self._tcp_write(entry, frames, trio.current_time())
+            if frames:
+                self.deliver(frames)
+            return not entry.pending
+
         try:
             with trio.CancelScope() as entry.write_scope:  # a lingering socket's deadline
                 while self.tcp_sockets.get(key) is entry:
                     if entry.pending:
-                        await trio.lowlevel.wait_writable(entry.sock)
+                        fd = entry.sock.fileno()
+                        if fd < 0:
+                            return
+                        await serve_writable(fd, on_writable)
                     else:
                         entry.writable = trio.Event()
                         await entry.writable.wait()
-                        continue
-                    frames: list = []
-                    self._tcp_write(entry, frames, trio.current_time())
-                    if frames:
-                        self.deliver(frames)
                 if entry.lingering:
                     await self._tcp_linger_out(entry)
         except trio.ClosedResourceError:
@@ -1047,15 +1070,12 @@ class NatShell:
         return guest_mac
 
     async def _udp_forward_read(self, number: int, forward: Forward) -> None:
-        """A UDP forward's socket: each client's datagrams to the guest through
-        UdpForwards; a bad datagram or a bug costs that datagram only."""
+        """A UDP forward's socket, served by the data loop: each client's datagrams to the
+        guest through UdpForwards; a bad datagram or a bug costs that datagram only."""
         sock = forward.sock
         guest_ip = forward.spec.guest.packed
-        while True:
-            try:
-                await trio.lowlevel.wait_readable(sock)
-            except trio.ClosedResourceError:
-                return
+
+        def on_readable() -> bool:
             frames: list[Frame] = []
             now = trio.current_time()
             try:
@@ -1081,6 +1101,12 @@ class NatShell:
                 self.deliver(frames)
                 if self._next_deadline() < self._sleeping_until:
                     self._wake.set()
+            return False
+
+        try:
+            await serve_readable(sock.fileno(), on_readable)
+        except trio.ClosedResourceError:
+            return
 
     def _send_to_client(self, answer: SendToClient) -> None:
         """The guest's answer on a UDP forward's flow, back to the outside client."""
@@ -1143,7 +1169,7 @@ class NatShell:
         self._nursery.start_soon(self._read, entry)
 
     def _close(self, entry: HostSocket | TcpSocket) -> None:
-        trio.lowlevel.notify_closing(entry.sock)
+        notify_closing(entry.sock)
         entry.sock.close()
 
     def _fail(self, entry: HostSocket, error: BaseException) -> None:
@@ -1192,12 +1218,10 @@ class NatShell:
             self._read_errors(entry, frames, now)  # what the error queue says about it
 
     async def _read(self, entry: HostSocket) -> None:
+        """A flow's (or an upstream's) datagrams, served by the data loop."""
         sock = entry.sock
-        while True:
-            try:
-                await trio.lowlevel.wait_readable(sock)
-            except trio.ClosedResourceError:
-                return
+
+        def on_readable() -> bool:
             frames: list[Frame] = []
             try:
                 self._drain(entry, frames, trio.current_time())
@@ -1205,8 +1229,15 @@ class NatShell:
                 self._fail(entry, error)
             if frames:
                 self.deliver(frames)
-            if sock.fileno() < 0:
-                return
+            return sock.fileno() < 0
+
+        fd = sock.fileno()
+        if fd < 0:
+            return
+        try:
+            await serve_readable(fd, on_readable)
+        except trio.ClosedResourceError:
+            return
 
     def _drain(self, entry: HostSocket, frames: list[Frame], now: float) -> None:
         """The errors queued on `entry`'s socket, then up to READS_PER_WAKE datagrams."""

@@ -9,7 +9,7 @@ on a raw epoll loop 1.0-1.2x, and the same relay on this loop 1.1x).
 How: `run(async_fn, *args)` starts Trio with `trio.lowlevel.start_guest_run`.  Trio's waits
 for its own fds and timers happen in its I/O thread; its task batches run here, on this
 thread, between data events, so no object is ever touched by two threads.  A task hands an
-fd to the loop with `await serve_readable(fd, on_readable)`: the loop calls `on_readable()`
+fd to the loop with `await serve_readable(fd, on_readable)` (or `serve_writable`): the loop calls `on_readable()`
 straight from `epoll_wait` whenever the fd is readable (level-triggered), until it returns
 True or raises; then the task resumes (raising what the handler raised).  Under a plain
 `trio.run` (the unit tests, a library caller) the same call loops on
@@ -24,10 +24,11 @@ Rules for a handler (`on_readable`), which runs outside any Trio task:
   that finds nothing (EAGAIN);
 * it should finish its hop (read, switch, write) itself: a task it wakes is woken through
   Trio's I/O thread, which costs more than under plain Trio (a handler waking a task per
-  event: 32 µs a round against 18 in a socketpair ping-pong here).  So only fds whose events
-  complete in handlers belong on the loop: the NAT's host sockets, whose reads mostly wake
-  a writer task, moved 13 % fewer bytes per CPU second on it (bench/nat.py) and stay on
-  Trio;
+  event: 32 µs a round against 18 in a socketpair ping-pong here).  A send the kernel
+  pushed back finishes from `serve_writable`'s handler for the same reason, the task
+  waking once when all is out.  (bench/nat.py --loops dataloop,trio: the NAT's sockets on
+  the loop moved 15-20 % more per CPU second than on Trio when the harness wrote the TUN
+  inline, as a port's `on_ready` does, and 20-30 % less when it woke a task per batch.)
 * the fd stays open while it is served: the task that serves it closes it after
   `serve_readable` returned or was cancelled (which unregisters it first), and anyone else
   calls `notify_closing(fd)` first (the serving task then raises ClosedResourceError, as a
@@ -62,14 +63,16 @@ class DataLoop:
         self._epoll = select.epoll()
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # Trio's thread wakes us
         self._epoll.register(self._wake, select.EPOLLIN)
-        self._served: dict[int, _Served] = {}
+        # What each served fd's handlers are, per direction (one fd may have both).
+        self._readers: dict[int, _Served] = {}
+        self._writers: dict[int, _Served] = {}
         self._calls: deque[Callable[[], object]] = deque()  # Trio's callbacks, in order
         self._outcome: Any = None  # Trio's outcome.Outcome of the main task, once done
 
     @property
     def served(self) -> int:
         """How many fds the loop serves now."""
-        return len(self._served)
+        return len(self._readers.keys() | self._writers.keys())
 
     def run(self, async_fn: Callable[..., Awaitable[T]], *args: object) -> T:
         """Run `async_fn(*args)` as Trio's main task, serving fds until it returns; its
@@ -79,16 +82,23 @@ class DataLoop:
             run_sync_soon_threadsafe=self._call_soon_threadsafe,
             run_sync_soon_not_threadsafe=self._calls.append,
             done_callback=self._done)
-        poll, served, calls, wake = self._epoll.poll, self._served, self._calls, self._wake
+        poll, readers, writers = self._epoll.poll, self._readers, self._writers
+        calls, wake = self._calls, self._wake
         try:
             while self._outcome is None:
-                for fd, _events in poll(0 if calls else -1, MAX_EVENTS):
-                    entry = served.get(fd)
-                    if entry is not None:
-                        entry.fire()
-                    elif fd == wake:
-                        with contextlib.suppress(BlockingIOError):
-                            os.eventfd_read(wake)
+                for fd, events in poll(0 if calls else -1, MAX_EVENTS):
+                    # An error or hang-up wakes both directions: each handler meets it.
+                    if events & _READ_EVENTS:
+                        entry = readers.get(fd)
+                        if entry is not None:
+                            entry.fire()
+                        elif fd == wake:
+                            with contextlib.suppress(BlockingIOError):
+                                os.eventfd_read(wake)
+                    if events & _WRITE_EVENTS:
+                        entry = writers.get(fd)
+                        if entry is not None:
+                            entry.fire()
                 # Only the callbacks queued so far: a guest tick with more work queues the
                 # next tick, which must wait for the fds' turn.
                 for _ in range(len(calls)):
@@ -109,13 +119,19 @@ class DataLoop:
         self._calls.append(fn)
         os.eventfd_write(self._wake, 1)
 
-    async def serve(self, fd: int, on_readable: Callable[[], bool]) -> None:
-        """`serve_readable` on this loop."""
-        if fd in self._served:
-            raise trio.BusyResourceError(f"fd {fd} is already served")
-        served = _Served(self, fd, on_readable)
-        self._epoll.register(fd, select.EPOLLIN)
-        self._served[fd] = served
+    async def serve(self, fd: int, handler: Callable[[], bool], writable: bool) -> None:
+        """`serve_readable` (or `serve_writable`) on this loop."""
+        table = self._writers if writable else self._readers
+        if fd in table:
+            raise trio.BusyResourceError(
+                f"fd {fd} is already served for {'writing' if writable else 'reading'}")
+        served = _Served(self, fd, handler, table)
+        table[fd] = served
+        try:
+            self._register(fd)
+        except BaseException:
+            del table[fd]
+            raise
         try:
             await served.done.wait()
         finally:
@@ -125,33 +141,58 @@ class DataLoop:
 
     def closing(self, fd: int) -> None:
         """`notify_closing` on this loop."""
-        served = self._served.get(fd)
-        if served is not None:
-            served.finish(trio.ClosedResourceError(f"fd {fd} was closed while served"))
+        for table in (self._readers, self._writers):
+            served = table.get(fd)
+            if served is not None:
+                served.finish(trio.ClosedResourceError(f"fd {fd} was closed while served"))
+
+    def _register(self, fd: int) -> None:
+        """Ask epoll for what `fd`'s handlers want (a newly served fd, or one more
+        direction); raises if the fd is not open."""
+        mask = (select.EPOLLIN if fd in self._readers else 0) | (
+            select.EPOLLOUT if fd in self._writers else 0)
+        try:
+            self._epoll.modify(fd, mask)
+        except FileNotFoundError:  # not registered yet
+            self._epoll.register(fd, mask)
 
     def _forget(self, served: _Served) -> None:
-        if self._served.get(served.fd) is served:
-            del self._served[served.fd]
-            with contextlib.suppress(OSError):  # closed early: epoll dropped it already
-                self._epoll.unregister(served.fd)
+        fd, table = served.fd, served.table
+        if table.get(fd) is not served:
+            return
+        del table[fd]
+        mask = (select.EPOLLIN if fd in self._readers else 0) | (
+            select.EPOLLOUT if fd in self._writers else 0)
+        with contextlib.suppress(OSError):  # closed early: epoll dropped it already
+            if mask:
+                self._epoll.modify(fd, mask)
+            else:
+                self._epoll.unregister(fd)
+
+
+_READ_EVENTS = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
+_WRITE_EVENTS = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
 
 
 class _Served:
-    """One fd a task serves on the loop: its handler, and how the serving ended."""
+    """One fd a task serves on the loop in one direction: its handler, and how the serving
+    ended."""
 
-    __slots__ = ("done", "failure", "fd", "loop", "on_readable")
+    __slots__ = ("done", "failure", "fd", "handler", "loop", "table")
 
-    def __init__(self, loop: DataLoop, fd: int, on_readable: Callable[[], bool]) -> None:
+    def __init__(self, loop: DataLoop, fd: int, handler: Callable[[], bool],
+                 table: dict[int, _Served]) -> None:
         self.loop = loop
         self.fd = fd
-        self.on_readable = on_readable
+        self.handler = handler
+        self.table = table
         self.done = trio.Event()
         self.failure: BaseException | None = None
 
     def fire(self) -> None:
-        """The fd is readable: call the handler (from the loop)."""
+        """The fd is ready: call the handler (from the loop)."""
         try:
-            if not self.on_readable():
+            if not self.handler():
                 return
         except BaseException as exc:  # the serving task raises it, where it belongs
             self.finish(exc)
@@ -175,15 +216,27 @@ async def serve_readable(fd: int, on_readable: Callable[[], bool]) -> None:
     """Call `on_readable()` now and then whenever `fd` is readable, until it returns True
     (or raises: raised here).  On a DataLoop straight from its epoll_wait, without waking
     this task; under plain Trio from this task.  Cancelling the caller stops the serving."""
-    if on_readable():
+    await _serve(fd, on_readable, writable=False)
+
+
+async def serve_writable(fd: int, on_writable: Callable[[], bool]) -> None:
+    """`serve_readable` for room to write: `on_writable()` now and then whenever `fd` is
+    writable, until it returns True (the rest of a send goes out from the loop, and the
+    task wakes once, when it is all out)."""
+    await _serve(fd, on_writable, writable=True)
+
+
+async def _serve(fd: int, handler: Callable[[], bool], *, writable: bool) -> None:
+    if handler():
         return
     loop = _CURRENT.get()
     if loop is not None:
-        await loop.serve(fd, on_readable)
+        await loop.serve(fd, handler, writable)
         return
+    wait = trio.lowlevel.wait_writable if writable else trio.lowlevel.wait_readable
     while True:
-        await trio.lowlevel.wait_readable(fd)
-        if on_readable():
+        await wait(fd)
+        if handler():
             return
 
 
