@@ -6,13 +6,13 @@ pass runs cold: about 140 µs a visit on the development machine, 0.4-0.6 ms a p
 (bench/python_floor.py: a relay under Trio 1.5-2.1x wireguard-go's idle ping, the same relay
 on a raw epoll loop 1.0-1.2x, and the same relay on this loop 1.1x).
 
-How: `run(async_fn, *args)` starts Trio with `trio.lowlevel.start_guest_run`.  Trio's waits
+How: `run(async_fn, *args)` starts Trio with `trio.lowlevel.start_guest_run`. Trio's waits
 for its own fds and timers happen in its I/O thread; its task batches run here, on this
-thread, between data events, so no object is ever touched by two threads.  A task hands an
-fd to the loop with `await serve_readable(fd, on_readable)` (or `serve_writable`): the loop calls `on_readable()`
-straight from `epoll_wait` whenever the fd is readable (level-triggered), until it returns
-True or raises; then the task resumes (raising what the handler raised).  Under a plain
-`trio.run` (the unit tests, a library caller) the same call loops on
+thread, between data events, so no object is ever touched by two threads. A task hands an fd
+to the loop with `await serve_readable(fd, on_readable)` (or `serve_writable`): the loop
+calls `on_readable()` straight from `epoll_wait` whenever the fd is readable (level-
+triggered), until it returns True or raises; then the task resumes (raising what the handler
+raised). Under a plain `trio.run` (the unit tests, a library caller) the same call loops on
 `trio.lowlevel.wait_readable`, so the handlers are the same code either way.
 
 Rules for a handler (`on_readable`), which runs outside any Trio task:
@@ -38,7 +38,6 @@ Rules for a handler (`on_readable`), which runs outside any Trio task:
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import select
 import socket
@@ -47,8 +46,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import trio
-
-log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
