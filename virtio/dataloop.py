@@ -10,10 +10,10 @@ How: `run(async_fn, *args)` starts Trio with `trio.lowlevel.start_guest_run`. Tr
 for its own fds and timers happen in its I/O thread; its task batches run here, on this
 thread, between data events, so no object is ever touched by two threads. A task hands an fd
 to the loop with `await serve_readable(fd, on_readable)` (or `serve_writable`): the loop
-calls `on_readable()` straight from `epoll_wait` whenever the fd is readable (level-
-triggered), until it returns True or raises; then the task resumes (raising what the handler
-raised). Under a plain `trio.run` (the unit tests, a library caller) the same call loops on
-`trio.lowlevel.wait_readable`, so the handlers are the same code either way.
+calls `on_readable()` straight from `epoll_wait` whenever the fd is readable
+(level-triggered), until it returns True or raises; then the task resumes (raising what the
+handler raised). Under a plain `trio.run` (the unit tests, a library caller) the same call
+loops on `trio.lowlevel.wait_readable`, so the handlers are the same code either way.
 
 Rules for a handler (`on_readable`), which runs outside any Trio task:
 * it never awaits and opens no cancel scope; Trio's synchronous calls that need no current
