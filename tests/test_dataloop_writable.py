@@ -1,6 +1,6 @@
-"""virtio/dataloop.py's `serve_writable`: a send the kernel did not take finishes from the
+"""virtio/dataloop.py's `serve_writable` (a send the kernel did not take finishes from the
 loop's handler, alone or beside a reader of the same fd, on a real DataLoop and under plain
-Trio (the same handler either way)."""
+Trio: the same handler either way), and VHOSTVPN_LOOP's choice of loop."""
 
 from __future__ import annotations
 
@@ -141,3 +141,39 @@ async def _two_writers() -> None:
 
 def test_a_second_writer_of_one_fd_is_refused():
     dataloop.run(_two_writers)
+
+
+async def _handler_runs_in_a_task() -> bool:
+    """Whether a handler ran inside the serving task (plain Trio) or straight from the
+    loop's epoll_wait, outside any task (the data loop)."""
+    left, right = _pair()
+    in_task: list[bool] = []
+
+    def on_readable() -> bool:
+        try:
+            trio.lowlevel.current_task()
+            in_task.append(True)
+        except RuntimeError:
+            in_task.append(False)
+        try:
+            return left.recv(10) == b"x"
+        except BlockingIOError:
+            return False
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(dataloop.serve_readable, left.fileno(), on_readable)
+        await trio.sleep(0.01)
+        right.send(b"x")
+    left.close()
+    right.close()
+    return in_task[-1]
+
+
+def test_vhostvpn_loop_trio_runs_plain_trio_and_anything_else_the_data_loop(monkeypatch, caplog):
+    monkeypatch.setenv("VHOSTVPN_LOOP", "trio")
+    assert dataloop.run(_handler_runs_in_a_task)
+    monkeypatch.setenv("VHOSTVPN_LOOP", "dataloop")
+    assert not dataloop.run(_handler_runs_in_a_task)
+    monkeypatch.setenv("VHOSTVPN_LOOP", "uvloop")
+    assert not dataloop.run(_handler_runs_in_a_task)
+    assert "VHOSTVPN_LOOP='uvloop' is none of dataloop|trio" in caplog.text

@@ -38,6 +38,7 @@ Rules for a handler (`on_readable`), which runs outside any Trio task:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import select
 import socket
@@ -47,9 +48,14 @@ from typing import Any, TypeVar
 
 import trio
 
+log = logging.getLogger(__name__)
+
 T = TypeVar("T")
 
 MAX_EVENTS = 256  # fds served per epoll_wait
+# Which loop `run` starts: VHOSTVPN_LOOP=dataloop|trio, the data loop by default.
+LOOP_ENV = "VHOSTVPN_LOOP"
+LOOP_CHOICES = ("dataloop", "trio")
 _CURRENT: trio.lowlevel.RunVar[DataLoop | None] = trio.lowlevel.RunVar("dataloop", default=None)
 
 
@@ -205,7 +211,16 @@ class _Served:
 
 
 def run(async_fn: Callable[..., Awaitable[T]], *args: object) -> T:
-    """Run `async_fn(*args)` under a new DataLoop (what every daemon's main does)."""
+    """Run `async_fn(*args)` under a new DataLoop (what every daemon's main does), or under
+    plain `trio.run` when VHOSTVPN_LOOP=trio says so (the escape hatch, and an A/B)."""
+    wanted = os.environ.get(LOOP_ENV, "dataloop")
+    if wanted not in LOOP_CHOICES:
+        log.warning("%s=%r is none of %s; using the data loop", LOOP_ENV, wanted,
+                    "|".join(LOOP_CHOICES))
+        wanted = "dataloop"
+    log.debug("event loop: %s", wanted)
+    if wanted == "trio":
+        return trio.run(async_fn, *args)
     return DataLoop().run(async_fn, *args)
 
 
