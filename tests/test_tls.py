@@ -16,6 +16,7 @@ import trio.testing
 
 from tunnel.keys import client_ssl_context, generate_identity, server_ssl_context
 from tunnel.tls import MAX_SOCKET_READ, SOCKET_READ, TLSStream
+from virtio import dataloop
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +196,39 @@ async def test_send_now_leaves_what_the_kernel_refused_for_flush_in_order(server
     assert data == small + big and not client.sending and client.waiting_since is None
     await client.aclose()
     await server.aclose()
+
+
+async def _refilled_drain(server_context) -> tuple[bytes, bytes, list[bool]]:
+    """A send the kernel pushes back, then what `refill` gives while the drain runs: all of
+    it arrives in order, and refill is asked from where the drain runs."""
+    server, client = await connected_pair(server_context)
+    first = b"first" + os.urandom(300_000)
+    more = [bytes([n]) * 50_000 for n in range(1, 6)]
+    pending = list(more)
+    asked_in_a_task: list[bool] = []
+
+    def refill() -> bytes | None:
+        try:
+            trio.lowlevel.current_task()
+            asked_in_a_task.append(True)
+        except RuntimeError:
+            asked_in_a_task.append(False)
+        return pending.pop(0) if pending else None
+
+    client.refill = refill
+    expected = first + b"".join(more)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.send_all, first)
+        received = await receive_exactly(server, len(expected))
+    return received, expected, asked_in_a_task
+
+
+@pytest.mark.parametrize("on_the_loop", [True, False], ids=["dataloop", "plain-trio"])
+def test_a_drain_sends_what_refill_gives_once_the_unsent_bytes_are_out(server_context,
+                                                                      on_the_loop):
+    received, expected, asked_in_a_task = (dataloop.run if on_the_loop else trio.run)(
+        _refilled_drain, server_context)
+    assert received == expected
+    # On the data loop refill is asked from its writable handler, outside any task (after
+    # the drain's first, synchronous call); under plain Trio from the draining task.
+    assert asked_in_a_task[-1] is not on_the_loop

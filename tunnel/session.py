@@ -251,8 +251,11 @@ class Link:
         """Frames arrived in the port's empty queue (called by the switch, from the task
         that forwarded them).  With nothing else in flight, encode and send them right here:
         no trip through Trio's scheduler to the writer, which is most of what an idle hop
-        costs.  Otherwise, or when the kernel does not take it all, the writer does it."""
+        costs.  While a drain refills from the queue (`_refill`) they follow from there.
+        Otherwise, or when the kernel does not take it all, the writer does it."""
         port, stream = self.port, self.stream
+        if stream.refilling:
+            return
         if (port.active is self and not self._control and not self._retiring
                 and self._error is None and not stream.sending):
             frames = list(port.queue)
@@ -392,12 +395,29 @@ class Link:
             wire.next_events()  # raises the peer's WireError now, not at its next bytes
         return None
 
+    def _refill(self) -> bytes | None:
+        """The queued frames, encoded, for a drain of this link's stream to send once its
+        unsent bytes are out (tunnel/tls.py `refill`, called from the data loop's handler);
+        None when the writer has something else to do first (or nothing is queued)."""
+        port = self.port
+        queue = port.queue
+        if (not queue or port.active is not self or self._control or self._intro is not None
+                or self._retiring or self._muted_at is not None or self._error is not None):
+            return None
+        frames = list(queue)
+        queue.clear()
+        counters = port.counters
+        counters.out_frames += len(frames)
+        counters.out_bytes += sum([len(f.data) for f in frames])
+        return self.wire.send_frames(frames)
+
     async def _writer(self) -> None:
         wire = self.wire
         port = self.port
         queue = port.queue
         stream = self.stream
         counters = port.counters
+        stream.refill = self._refill
         while True:
             if stream.sending:  # what _on_ready left for the kernel
                 await stream.flush()

@@ -26,8 +26,11 @@ from __future__ import annotations
 
 import os
 import ssl
+from collections.abc import Callable
 
 import trio
+
+from virtio.dataloop import serve_writable
 
 # Ciphertext to read from a socket per call, by default: what one session's incoming BIO
 # holds at most (OpenSSL keeps that memory for the session's life: the hub's many sessions).
@@ -212,6 +215,9 @@ class TLSStream(trio.abc.Stream):
         # nothing to read (the next read would only raise SSLWantReadError).
         self._exhausted = False
         self._plaintext: memoryview | None = None  # the run's plaintext buffer, once looked up
+        # What a drain sends once the unsent bytes are out (the owner's next frames, encoded),
+        # or None: lets a busy link's frames follow each other from the data loop's handler.
+        self.refill: Callable[[], bytes | None] | None = None
 
     def resize_reads(self, read_size: int) -> None:
         """Ciphertext read from the socket per call from now on: a listener reads little
@@ -402,6 +408,10 @@ class TLSStream(trio.abc.Stream):
             self._unsent += data
         self._drained = trio.Event()
         try:
+            if isinstance(self._pipe, SocketTransport):
+                # From the data loop's handler as room comes, and with `refill`'s frames
+                # after it: the task wakes once, when all is out.
+                await serve_writable(self._pipe.fileno(), self._on_writable)
             while self._unsent:
                 sent = await self._pipe.write(self._unsent)
                 if sent:
@@ -410,6 +420,39 @@ class TLSStream(trio.abc.Stream):
         finally:
             self._drained.set()
             self._drained = None
+
+    def _on_writable(self) -> bool:
+        """Room on the socket (a data-loop handler while a flush drains): write what waits,
+        then what `refill` gives, until the kernel pushes back (False: call again) or both
+        are out (True)."""
+        while True:
+            unsent = self._unsent
+            if unsent:
+                sent = self._pipe.write_nowait(unsent)
+                if sent:
+                    del unsent[:sent]
+                    self.waiting_since = trio.current_time() if unsent else None
+                if unsent:
+                    return False
+            data = self.refill() if self.refill is not None else None
+            if not data:
+                return True
+            try:
+                self._ssl.write(data)
+            except ssl.SSLError as exc:
+                raise trio.BrokenResourceError(f"TLS: {exc}") from exc
+            out = self._outgoing.read()
+            sent = self._pipe.write_nowait(out)
+            if sent < len(out):
+                unsent += memoryview(out)[sent:]
+                self.waiting_since = trio.current_time()
+                return False
+
+    @property
+    def refilling(self) -> bool:
+        """A drain is under way that takes `refill`'s data when the rest is out: what its
+        owner queues now goes out without a word to its writer."""
+        return self._drained is not None and self.refill is not None
 
     def _flush_nowait(self) -> None:
         """What OpenSSL wrote, to the transport now if nothing waits before it; else (and
