@@ -1,28 +1,36 @@
 """The Trio shell around the vhost-user device: one socket, one task tree per connection.
 
 Who calls it: `vhostvpn hub` and `vhostvpn vm` run one VhostUserServer per --socket.  What it
-does: waits on fds and moves bytes.  Every decision is made by the sans-I/O cores
-(virtio.protocol.VhostUserDevice for messages, virtio.net.NetQueues and virtio.vring for ring
-work).  What it must never do: await between popping descriptors and publishing them, or close
-an fd without first waking whoever waits on it (trio.lowlevel.notify_closing).
+does: waits on fds and moves bytes; the rings' kick fds are served by the data loop
+(tunnel/dataloop.py: a handler called straight from epoll, no task woken per kick).  Every
+decision is made by the sans-I/O cores (virtio.protocol.VhostUserDevice for messages,
+virtio.net.NetQueues and virtio.vring for ring work).  What it must never do: await between
+popping descriptors and publishing them, or close an fd without first waking whoever waits on
+it (trio.lowlevel.notify_closing) or while the data loop serves it.
 
 Tasks of one connection:
   * the control loop reads a message, lets the device handle it, sends the reply, then
     reconciles ring tasks with the device's rings (`_apply`);
-  * one TX task per live TX ring: pop a batch -> switch -> notify; when empty, arm kicks,
-    re-check, wait for a kick (with a slow re-poll as a lost-kick safety net);
-  * one RX task: frames the switch queued on this port -> the first live RX ring; when the
-    guest has no buffers, arm kicks on that ring and wait.  It never waits for a kick after
-    (re)start: it tries the ring first.
-Because Trio is cooperative and ring work never awaits mid-batch, a control message is applied
-between batches, never during one: SET_MEM_TABLE or GET_VRING_BASE cannot race ring work.
+  * one TX task per live TX ring, parked while the data loop serves the ring's kick fd: its
+    handler pops a batch -> switch -> notify per call; when the ring is empty it arms kicks
+    and re-checks (a slow re-poll by the task is the lost-kick safety net);
+  * one RX task, parked likewise: frames the switch queued on this port -> the first live RX
+    ring, placed by `push_now` from whoever switched them; when the guest has no buffers,
+    kicks are armed on that ring and its kick handler places the rest.  Each (re)start tries
+    the ring first.
+Handlers and tasks run on one thread and ring work never waits mid-batch, so a control
+message is applied between batches, never during one: SET_MEM_TABLE or GET_VRING_BASE cannot
+race ring work.  A handler may still run between a ring's retirement and its task's end: it
+checks first that its ring is current and its task not cancelled, and touches nothing if not.
 
 Who releases guest memory: not the device.  A message that retires a ring (GET_VRING_BASE,
 SET_VRING_ENABLE(0), SET_MEM_TABLE, the connection's end, a broken ring) only cancels the
 ring's task, and a task may already be woken and run once more before it sees that; so the
 device hands retired queues and memory tables to this shell (`take_retired`), which releases
 a queue once no ring task holds it and a memory table once no queue uses it.  A task also
-stops at its next batch when its ring is no longer the vring's current one.
+stops at its next batch when its ring is no longer the vring's current one.  Likewise a kick
+fd the device retires while the loop still serves it is closed by the task serving it, once
+that stopped (`_serve_kicks`): closed while served, the loop would keep polling a stale entry.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from netstack.frame import Frame, Offload
 from netstack.policy import PortPolicy
 from netstack.port import QueuedPort
 from netstack.switch import Switch
+from tunnel.dataloop import serve_readable
 from virtio.memory import GuestMemory
 from virtio.net import NetQueues
 from virtio.protocol import (
@@ -55,9 +64,10 @@ from virtio.vring import RingError, SplitQueue
 
 log = logging.getLogger(__name__)
 
-# Chains handled per wake-up before yielding to other tasks.
+# Chains handled per handler call before the loop serves the others.
 BATCH = 256
-# Re-check rings this often even without a kick: a safety net, not the data path.
+# Re-check rings this often even without a kick: a safety net, not the data path (the one
+# Trio wake-up of a busy ring's task).
 REPOLL_SECONDS = 0.25
 # A kick fd the front-end said it would not provide (NOFD): poll this often.
 NOFD_POLL_SECONDS = 0.001
@@ -125,6 +135,30 @@ def _signal(fd: int | None) -> None:
         pass  # the counter is full: the guest has not consumed its interrupts; nothing to do
 
 
+class _Kicks:
+    """The kick fd of one ring task, as its data-loop handler uses it; None: the front-end
+    gave none (NOFD) and the task polls the ring instead."""
+
+    __slots__ = ("again", "fd")
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+        self.again = False  # NOFD: the handler has more to do, poll again at once
+
+    def drain(self) -> None:
+        if self.fd is not None:
+            _drain_eventfd(self.fd)
+
+    def again_soon(self) -> None:
+        """The handler has more to do: have it called again after the other fds' turn.  A
+        readable fd is the data loop's one way to call it, so kick the ring ourselves (a
+        spurious kick costs a call that finds the ring as it is)."""
+        if self.fd is None:
+            self.again = True
+        else:
+            _signal(self.fd)
+
+
 class VhostUserServer:
     """Serves one vhost-user socket path.  `forward(port, frames)` is where guest frames go."""
 
@@ -146,8 +180,6 @@ class VhostUserServer:
         self.client = client
         self.queue_pairs = queue_pairs
         self.port = port or VirtioNetPort(os.path.basename(path))
-        self._frames_ready = trio.Event()
-        self.port.on_ready = self._frames_ready.set
         self._idle = trio.Event()  # set while no front-end is connected
         self._idle.set()
         # The current connection's task tree: ring tasks by TX ring index (-1: the RX task).
@@ -158,6 +190,10 @@ class VhostUserServer:
         # released yet.
         self._held: list[SplitQueue] = []
         self._retired: list[SplitQueue | GuestMemory] = []
+        # Kick fds the data loop serves now (set once it stopped), and those among them the
+        # device retired: their serving task closes them.
+        self._kick_served: dict[int, trio.Event] = {}
+        self._close_later: list[int] = []
         self._forward_error_logged = False
 
     # -- connections -------------------------------------------------------------------------
@@ -297,8 +333,11 @@ class VhostUserServer:
             if scope is not None:
                 scope.cancel()
         for fd in device.take_closing():
-            trio.lowlevel.notify_closing(fd)
-            os.close(fd)
+            if fd in self._kick_served:
+                self._close_later.append(fd)  # the loop still serves it: see _serve_kicks
+            else:
+                trio.lowlevel.notify_closing(fd)
+                os.close(fd)
         self._retired += device.take_retired()
         self._release_retired()
         rx_queue = self._rx_queue(device)
@@ -318,7 +357,6 @@ class VhostUserServer:
             ring_scopes[-1] = scope
             _signal(device.vrings[rx_queue.index].call_fd)
             nursery.start_soon(self._run_ring, self._rx_loop, device, rx_queue, scope)
-            self._frames_ready.set()
 
     def _release_retired(self) -> None:
         """Release the retired queues no ring task holds, then the retired memory tables no
@@ -343,24 +381,37 @@ class VhostUserServer:
                 return vring.queue
         return None
 
-    async def _wait_kick(self, device: VhostUserDevice, queue: SplitQueue) -> None:
-        """Sleep until the ring's kick fd fires (or the safety-net re-poll)."""
-        vring = device.vrings[queue.index]
-        fd = vring.kick_fd
+    async def _serve_kicks(self, kicks: _Kicks, on_kick: Callable[[], bool]) -> None:
+        """Call `on_kick()` now and whenever the ring is kicked, from the data loop, until it
+        returns True (raising what it raised); re-polled every REPOLL_SECONDS, or polled every
+        NOFD_POLL_SECONDS without a kick fd."""
+        fd = kicks.fd
         if fd is None:
-            await trio.sleep(NOFD_POLL_SECONDS)
-        else:
-            with trio.move_on_after(REPOLL_SECONDS):
-                await trio.lowlevel.wait_readable(fd)
-                # A task woken just before its ring was retired is not cancelled by that
-                # wake-up: check before touching the fd or the ring (released by then).
-                await trio.lowlevel.checkpoint_if_cancelled()
-                _drain_eventfd(fd)
-        await trio.lowlevel.checkpoint_if_cancelled()
+            while True:
+                kicks.again = False
+                if on_kick():
+                    return
+                await trio.sleep(0 if kicks.again else NOFD_POLL_SECONDS)
+        # The task this one replaces (a new call fd, a restart) may still be serving the fd:
+        # one server per fd, so wait until it unwound.
+        while (other := self._kick_served.get(fd)) is not None:
+            await other.wait()
+        served = self._kick_served[fd] = trio.Event()
+        try:
+            while True:
+                with trio.move_on_after(REPOLL_SECONDS):
+                    await serve_readable(fd, on_kick)
+                    return
+        finally:  # no longer served: a retired fd can be closed now
+            del self._kick_served[fd]
+            served.set()
+            if fd in self._close_later:
+                self._close_later.remove(fd)
+                os.close(fd)
 
     async def _run_ring(
         self,
-        loop: Callable[[VhostUserDevice, SplitQueue], Awaitable[None]],
+        loop: Callable[[VhostUserDevice, SplitQueue, trio.CancelScope], Awaitable[None]],
         device: VhostUserDevice,
         queue: SplitQueue,
         scope: trio.CancelScope,
@@ -375,10 +426,8 @@ class VhostUserServer:
                 try:
                     # The ring may have been retired before this task first ran.
                     await trio.lowlevel.checkpoint_if_cancelled()
-                    await loop(device, queue)
+                    await loop(device, queue, scope)
                     return  # its ring was retired: the task that replaces it takes over
-                except trio.ClosedResourceError:
-                    return  # its kick fd was retired: the ring changed, a new task takes over
                 except RingError as exc:
                     device.latch_broken(str(exc))
                 except Exception:
@@ -396,14 +445,21 @@ class VhostUserServer:
             self._held.remove(queue)
             self._release_retired()
 
-    async def _tx_loop(self, device: VhostUserDevice, queue: SplitQueue) -> None:
-        """Guest TX ring -> switch."""
+    async def _tx_loop(
+        self, device: VhostUserDevice, queue: SplitQueue, scope: trio.CancelScope
+    ) -> None:
+        """Guest TX ring -> switch, a batch per call of the kick handler."""
         net = device.net
         vring = device.vrings[queue.index]
         assert net is not None
         port = self.port
         forward = self.forward
-        while vring.queue is queue:  # until the device retires the ring
+        kicks = _Kicks(vring.kick_fd)
+
+        def on_kick() -> bool:
+            if scope.cancel_called or vring.queue is not queue:
+                return True  # retired while the loop still served it: touch nothing
+            queue.mute_kicks()
             before = queue.last_avail_idx
             frames = net.pop_tx(queue, BATCH)
             popped = (queue.last_avail_idx - before) & 0xFFFF
@@ -415,14 +471,14 @@ class VhostUserServer:
                         forward(port, frames)
                     except Exception:  # one frame must not break the port
                         self._forward_failed(len(frames))
-                if popped == BATCH:
-                    await trio.lowlevel.checkpoint()
-                    continue
-            if queue.arm_kicks():  # more came, or the batch ended on WALK_BUDGET
-                await trio.lowlevel.checkpoint()
-                continue
-            await self._wait_kick(device, queue)
-            queue.mute_kicks()
+            if popped < BATCH:
+                kicks.drain()
+                if not queue.arm_kicks():
+                    return False  # empty: until the next kick
+            kicks.again_soon()  # more is there, or the batch ended on WALK_BUDGET
+            return False
+
+        await self._serve_kicks(kicks, on_kick)
 
     def _forward_failed(self, count: int) -> None:
         """The switch raised on a batch of this guest's frames: the frame that made it raise
@@ -444,55 +500,52 @@ class VhostUserServer:
         if queue.used_idx != used_before and queue.should_notify():
             _signal(vring.call_fd)
 
-    async def _rx_loop(self, device: VhostUserDevice, queue: SplitQueue) -> None:
-        """Frames the switch queued for this port -> the guest's RX ring."""
+    async def _rx_loop(
+        self, device: VhostUserDevice, queue: SplitQueue, scope: trio.CancelScope
+    ) -> None:
+        """Frames the switch queued for this port -> the guest's RX ring: placed by
+        `push_now` as they arrive, by the kick handler once the guest posts buffers."""
         net = device.net
         vring = device.vrings[queue.index]
         assert net is not None
         port = self.port
         pending = port.queue
-        failed: list[BaseException] = []  # what push_now met, for this task to raise
+        kicks = _Kicks(vring.kick_fd)
+        failed: list[Exception] = []  # what push_now met, for this task to raise
+
+        def place() -> None:
+            queued = len(pending)
+            self._push(net, queue, vring)
+            # What is left waits for buffers: kicks armed, or more already there.
+            if pending and (len(pending) < queued or queue.arm_kicks_for_more()):
+                kicks.again_soon()
 
         def push_now() -> None:
-            """Frames arrived in the empty queue while this task waits for them (called from
-            the task that switched them): place them from there, without a trip through
-            Trio's scheduler to this loop.  What the guest has no room for, and any error,
-            is left to the loop, which raises the error in this task: the ring's guard in
-            _run_ring handles it as if the loop had met it."""
+            """Frames arrived in the empty queue (called by the handler or task that switched
+            them): place them from there.  An error goes to the kick handler, which ends this
+            task with it: the ring's guard in _run_ring handles it as if the task had met it."""
+            if failed or scope.cancel_called or vring.queue is not queue:
+                return
             try:
-                if vring.queue is queue and not failed:
-                    self._push(net, queue, vring)
-                    if not pending:
-                        return
+                place()
             except Exception as exc:
                 failed.append(exc)
-            ready.set()
+                kicks.again_soon()
 
+        def on_kick() -> bool:
+            if failed or scope.cancel_called or vring.queue is not queue:
+                return True  # failed, or retired while the loop still served it
+            kicks.drain()
+            queue.mute_kicks()  # kicks are armed only while frames wait for buffers
+            if pending:
+                place()
+            return False
+
+        port.on_ready = push_now
         try:
-            while vring.queue is queue:  # until the device retires the ring
-                if failed:
-                    raise failed[0]
-                if not pending:
-                    ready = self._frames_ready = trio.Event()
-                    port.on_ready = push_now
-                    await ready.wait()
-                    if port.on_ready is push_now:
-                        port.on_ready = ready.set
-                    await trio.lowlevel.checkpoint_if_cancelled()  # woken, then the ring went
-                    continue
-                queued = len(pending)
-                self._push(net, queue, vring)
-                if not pending:
-                    continue
-                if len(pending) < queued:  # delivered or dropped some: more may follow
-                    await trio.lowlevel.checkpoint()
-                    continue
-                # The guest has no room for the next frame: wait until it posts more buffers.
-                if queue.arm_kicks_for_more():
-                    await trio.lowlevel.checkpoint()
-                    continue
-                await self._wait_kick(device, queue)
-                queue.mute_kicks()
+            await self._serve_kicks(kicks, on_kick)
+            if failed:
+                raise failed[0]
         finally:  # a task that stopped places nothing, even on a ring not retired yet
             if port.on_ready is push_now:
                 port.on_ready = None

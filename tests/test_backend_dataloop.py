@@ -1,0 +1,229 @@
+"""The vhost-user rings on the data loop (tunnel/dataloop.py), as the daemons run them: kicks
+served straight from epoll without waking the ring tasks, and the guards that keep a handler
+off a ring retired, restarted or given a new kick fd while the loop serves it.  Plain test
+functions, each running a real DataLoop: pytest-trio's tests take serve_readable's fallback."""
+
+import os
+import struct
+
+import pytest
+import trio
+import trio.testing
+
+from netstack.frame import Frame
+from tests.test_backend_hostile import Collector, connected, eth, receive, served
+from tunnel.dataloop import DataLoop
+from virtio import backend
+from virtio.protocol import Message
+from virtio.spec import FLAG_VERSION, Request
+
+# Each test runs over both ring walks, the Python reference and the native one.
+pytestmark = pytest.mark.usefixtures("ring_walk")
+
+
+@pytest.fixture(autouse=True)
+def no_repoll(monkeypatch) -> None:
+    """Only kicks and frames move the rings: the lost-kick re-poll would hide a lost kick."""
+    monkeypatch.setattr(backend, "REPOLL_SECONDS", 3600.0)
+
+
+class RingSteps(trio.abc.Instrument):
+    """Counts the steps Trio runs of the ring tasks (VhostUserServer._run_ring)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith("._run_ring"):
+            self.steps += 1
+
+
+def on_loop(main) -> DataLoop:
+    """Run `main()` as a daemon does, on a DataLoop of its own; that loop, once done."""
+    loop = DataLoop()
+
+    async def bounded() -> None:
+        with trio.fail_after(20):
+            await main(loop)
+
+    loop.run(bounded)
+    return loop
+
+
+def epoll_targets(loop: DataLoop) -> list[int]:
+    """The fd numbers the loop's epoll set holds an entry for (/proc's view, not the loop's)."""
+    with open(f"/proc/self/fdinfo/{loop._epoll.fileno()}") as info:
+        return [int(line.split()[1]) for line in info if line.startswith("tfd:")]
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def control(server, request: Request, payload: bytes, fds: list[int] | None = None) -> None:
+    """What the control loop does with one message: handle it, then reconcile the ring
+    tasks; no await in between, so the tasks it stops have not unwound yet."""
+    device = server.port.device
+    device.handle(Message(request, FLAG_VERSION, payload, fds or []))
+    server._apply(device)
+
+
+def test_tx_kicks_are_served_from_the_loop_without_waking_the_ring_task(tmp_path):
+    async def main(loop: DataLoop) -> None:
+        collector = Collector()
+        async with served(tmp_path, collector) as server, connected(server) as fe:
+            steps = RingSteps()
+            trio.lowlevel.add_instrument(steps)
+            for n in range(20):
+                fe.net.send([eth(n)])
+                fe.kick(1)
+                await collector.wait_for(n + 1)
+            trio.lowlevel.remove_instrument(steps)
+            assert collector.frames == [eth(n) for n in range(20)]
+            assert steps.steps == 0
+
+    on_loop(main)
+
+
+def test_rx_frames_waiting_for_buffers_are_placed_by_the_kick_handler(tmp_path):
+    async def main(loop: DataLoop) -> None:
+        async with served(tmp_path) as server, connected(server) as fe:
+            steps = RingSteps()
+            trio.lowlevel.add_instrument(steps)
+            server.port.deliver([Frame(eth(n)) for n in range(3)])  # no buffers yet
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(server.port.queue) == 3
+            fe.net.post_rx(2)
+            fe.kick(0)
+            assert await receive(fe, 2) == [eth(0), eth(1)]
+            fe.net.post_rx(8)
+            fe.kick(0)
+            assert await receive(fe, 1) == [eth(2)]
+            server.port.deliver([Frame(eth(3))])  # buffers are there: placed at once
+            assert [frame for _, frame in fe.net.receive()] == [eth(3)]
+            trio.lowlevel.remove_instrument(steps)
+            assert steps.steps == 0
+
+    on_loop(main)
+
+
+@pytest.mark.parametrize("ring", [0, 1])
+def test_a_kick_fd_replaced_while_served_is_closed_only_once_the_loop_let_it_go(
+        tmp_path, ring):
+    """SET_VRING_KICK hands the device a new kick fd while the loop serves the old one.  The
+    front-end keeps its copy of the old eventfd (QEMU does), so closing ours while it is
+    served would leave a stale epoll entry that no unregister can reach, polled forever."""
+    async def main(loop: DataLoop) -> None:
+        collector = Collector()
+        async with served(tmp_path, collector) as server, connected(server) as fe:
+            device = server.port.device
+            if ring == 0:  # the RX task serves ring 0's kicks while frames wait for buffers
+                server.port.deliver([Frame(eth(0))])
+            for _ in range(4):
+                await trio.testing.wait_all_tasks_blocked()
+                fds = open_fds()
+                old = device.vrings[ring].kick_fd
+                new = fe._new_eventfd(fe._kick_fds, ring)  # the front-end's copy
+                control(server, Request.SET_VRING_KICK, struct.pack("<Q", ring), [os.dup(new)])
+                assert device.vrings[ring].kick_fd not in (None, old)
+                fe.kick(ring)  # the old ring task's handler may run before the task unwinds
+                await trio.testing.wait_all_tasks_blocked()
+                # The loop's epoll set holds its wake-up fd and the kick fds served now.
+                assert sorted(epoll_targets(loop)) == sorted([loop._wake, *server._kick_served])
+                assert loop.served == len(server._kick_served)
+                assert open_fds() == fds + 1  # ours: new in, old out; the front-end's new one
+                assert device.broken is None
+            if ring == 0:
+                fe.net.post_rx(4)
+                fe.kick(0)
+                assert await receive(fe, 1) == [eth(0)]
+            else:
+                fe.net.send([eth(1)])
+                fe.kick(1)
+                assert await collector.wait_for(1) == [eth(1)]
+
+    on_loop(main)
+
+
+def test_a_ring_restarted_on_the_same_kick_fd_is_served_by_one_task_at_a_time(tmp_path):
+    """A new call fd restarts the ring's task on the same queue and kick fd; the stopped task
+    still serves the fd until it unwinds, and the loop serves an fd once: the new task waits
+    for it (it raised BusyResourceError, and the device latched broken)."""
+    async def main(loop: DataLoop) -> None:
+        collector = Collector()
+        async with served(tmp_path, collector) as server, connected(server) as fe:
+            device = server.port.device
+            for round_ in range(8):  # Trio runs a batch in either order: each round a draw
+                await trio.testing.wait_all_tasks_blocked()
+                control(server, Request.SET_VRING_CALL, struct.pack("<Q", 1),
+                        [os.dup(fe._new_eventfd(fe._call_fds, 1))])
+                await trio.testing.wait_all_tasks_blocked()
+                assert device.broken is None
+                fe.net.send([eth(round_)])
+                fe.kick(1)
+                await collector.wait_for(round_ + 1)
+            assert collector.frames == [eth(n) for n in range(8)]
+
+    on_loop(main)
+
+
+@pytest.mark.parametrize("ring", [0, 1])
+def test_a_ring_retired_with_a_kick_pending_is_not_touched_by_its_handler(tmp_path, ring):
+    """The guest kicks, and SET_VRING_ENABLE(0) retires the ring before the loop's next
+    epoll_wait: the handler that kick reaches must leave the retired ring alone.  Had it
+    popped, the frames would cross twice (again from the ring's base when re-enabled); had
+    it placed, frames would land in a ring the device had already handed back."""
+    async def main(loop: DataLoop) -> None:
+        collector = Collector()
+        async with served(tmp_path, collector) as server, connected(server) as fe:
+            device = server.port.device
+            if ring == 0:
+                server.port.deliver([Frame(eth(0))])  # waits for buffers
+                await trio.testing.wait_all_tasks_blocked()
+            for round_ in range(4):
+                queue = device.vrings[ring].queue
+                if ring == 0:
+                    fe.net.post_rx(1)
+                else:
+                    fe.net.send([eth(round_)])
+                fe.kick(ring)
+                control(server, Request.SET_VRING_ENABLE, struct.pack("<II", ring, 0))
+                assert device.vrings[ring].queue is None
+                await trio.testing.wait_all_tasks_blocked()
+                assert device.broken is None
+                if ring == 0:
+                    assert len(server.port.queue) == 1
+                    assert fe.net.receive() == []
+                else:
+                    assert len(collector.frames) == round_
+                    assert queue.last_avail_idx == device.vrings[ring].base
+                control(server, Request.SET_VRING_ENABLE, struct.pack("<II", ring, 1))
+                if ring == 0:
+                    assert await receive(fe, 1) == [eth(round_)]
+                    server.port.deliver([Frame(eth(round_ + 1))])  # waits for the next round
+                else:
+                    await collector.wait_for(round_ + 1)
+                    assert collector.frames == [eth(n) for n in range(round_ + 1)]
+                await trio.testing.wait_all_tasks_blocked()
+
+    on_loop(main)
+
+
+def test_a_hostile_rx_ring_met_by_push_now_latches_its_device_at_once(tmp_path):
+    """push_now meets the bad descriptor in whoever switched the frames; the RX task is
+    parked on the loop, and the error must reach it (and the ring's guard) without a kick
+    from the guest or the re-poll."""
+    async def main(loop: DataLoop) -> None:
+        async with served(tmp_path) as server, connected(server) as fe:
+            device = server.port.device
+            rx = fe.queues[0]
+            (head,) = fe.net.post_rx(1)
+            rx.write_desc(head, fe.ram.size + 4096, 2048, 2, 0)  # outside guest memory
+            server.port.deliver([Frame(eth(1))])
+            while device.broken is None:
+                await trio.sleep(0.001)
+            assert "outside guest memory" in device.broken
+            await trio.testing.wait_all_tasks_blocked()
+            assert not server.port.link_up and loop.served == 0
+
+    on_loop(main)
