@@ -227,3 +227,31 @@ def test_a_hostile_rx_ring_met_by_push_now_latches_its_device_at_once(tmp_path):
             assert not server.port.link_up and loop.served == 0
 
     on_loop(main)
+
+
+@pytest.mark.parametrize("ring", [0, 1])
+def test_a_ring_restarted_with_more_than_a_batch_waiting_gets_it_all_without_a_kick(
+        tmp_path, monkeypatch, ring):
+    """A (re)started ring task tries the ring at once, a batch per call: the calls after the
+    first come from the loop only if the kick fd is readable, which no guest kick makes it
+    here (the frames or buffers were posted while the ring was stopped)."""
+    monkeypatch.setattr(backend, "BATCH", 4)
+
+    async def main(loop: DataLoop) -> None:
+        collector = Collector()
+        async with served(tmp_path, collector) as server, connected(server) as fe:
+            frames = [eth(n) for n in range(10)]
+            if ring == 0:
+                server.port.deliver([Frame(frame) for frame in frames])  # no buffers yet
+                await trio.testing.wait_all_tasks_blocked()
+                fe.net.post_rx(16)  # no kick: the guest sees kicks muted
+                control(server, Request.SET_VRING_CALL, struct.pack("<Q", 0),
+                        [os.dup(fe._new_eventfd(fe._call_fds, 0))])  # restarts the RX task
+                assert await receive(fe, 10) == frames
+            else:
+                control(server, Request.SET_VRING_ENABLE, struct.pack("<II", 1, 0))
+                fe.net.send(frames)
+                control(server, Request.SET_VRING_ENABLE, struct.pack("<II", 1, 1))
+                assert await collector.wait_for(10) == frames
+
+    on_loop(main)

@@ -137,7 +137,12 @@ def _signal(fd: int | None) -> None:
 
 class _Kicks:
     """The kick fd of one ring task, as its data-loop handler uses it; None: the front-end
-    gave none (NOFD) and the task polls the ring instead."""
+    gave none (NOFD) and the task polls the ring instead.
+
+    A readable fd is the data loop's one way to call the handler again, so the fd is kept
+    readable while the handler has more to do: it is readable whenever the handler is called
+    (the task kicks it before it serves it), and the handler drains it only once the ring is
+    idle, before it re-checks.  A spurious kick costs one call that finds the ring as it is."""
 
     __slots__ = ("again", "fd")
 
@@ -145,14 +150,18 @@ class _Kicks:
         self.fd = fd
         self.again = False  # NOFD: the handler has more to do, poll again at once
 
+    def busy(self) -> None:
+        """The handler has more to do and did not drain: it is called again after the
+        others' turn."""
+        if self.fd is None:
+            self.again = True
+
     def drain(self) -> None:
         if self.fd is not None:
             _drain_eventfd(self.fd)
 
-    def again_soon(self) -> None:
-        """The handler has more to do: have it called again after the other fds' turn.  A
-        readable fd is the data loop's one way to call it, so kick the ring ourselves (a
-        spurious kick costs a call that finds the ring as it is)."""
+    def kick(self) -> None:
+        """More to do after a drain, or from outside the handler: have the handler called."""
         if self.fd is None:
             self.again = True
         else:
@@ -399,6 +408,7 @@ class VhostUserServer:
         served = self._kick_served[fd] = trio.Event()
         try:
             while True:
+                kicks.kick()  # readable at the first call too (see _Kicks)
                 with trio.move_on_after(REPOLL_SECONDS):
                     await serve_readable(fd, on_kick)
                     return
@@ -471,11 +481,12 @@ class VhostUserServer:
                         forward(port, frames)
                     except Exception:  # one frame must not break the port
                         self._forward_failed(len(frames))
-            if popped < BATCH:
-                kicks.drain()
-                if not queue.arm_kicks():
-                    return False  # empty: until the next kick
-            kicks.again_soon()  # more is there, or the batch ended on WALK_BUDGET
+            if popped == BATCH or queue.arm_kicks():
+                kicks.busy()  # more is there, or the batch ended on WALK_BUDGET
+                return False
+            kicks.drain()  # empty, kicks armed: until the next kick
+            if queue.arm_kicks():  # unless it came while we drained
+                kicks.kick()
             return False
 
         await self._serve_kicks(kicks, on_kick)
@@ -513,12 +524,11 @@ class VhostUserServer:
         kicks = _Kicks(vring.kick_fd)
         failed: list[Exception] = []  # what push_now met, for this task to raise
 
-        def place() -> None:
+        def place() -> bool:
+            """Up to BATCH frames; True if it placed some and more are left."""
             queued = len(pending)
             self._push(net, queue, vring)
-            # What is left waits for buffers: kicks armed, or more already there.
-            if pending and (len(pending) < queued or queue.arm_kicks_for_more()):
-                kicks.again_soon()
+            return bool(pending) and len(pending) < queued
 
         def push_now() -> None:
             """Frames arrived in the empty queue (called by the handler or task that switched
@@ -527,18 +537,23 @@ class VhostUserServer:
             if failed or scope.cancel_called or vring.queue is not queue:
                 return
             try:
-                place()
+                # What is left waits for buffers: kicks armed, or more already there.
+                if place() or (pending and queue.arm_kicks_for_more()):
+                    kicks.kick()
             except Exception as exc:
                 failed.append(exc)
-                kicks.again_soon()
+                kicks.kick()
 
         def on_kick() -> bool:
             if failed or scope.cancel_called or vring.queue is not queue:
                 return True  # failed, or retired while the loop still served it
-            kicks.drain()
             queue.mute_kicks()  # kicks are armed only while frames wait for buffers
-            if pending:
-                place()
+            if pending and place():
+                kicks.busy()
+                return False
+            kicks.drain()
+            if pending and queue.arm_kicks_for_more():  # the guest has no room: armed
+                kicks.kick()  # unless more came meanwhile
             return False
 
         port.on_ready = push_now
