@@ -1,4 +1,4 @@
-"""The vhost-user rings on the data loop (tunnel/dataloop.py), as the daemons run them: kicks
+"""The vhost-user rings on the data loop (virtio/dataloop.py), as the daemons run them: kicks
 served straight from epoll without waking the ring tasks, and the guards that keep a handler
 off a ring retired, restarted or given a new kick fd while the loop serves it.  Plain test
 functions, each running a real DataLoop: pytest-trio's tests take serve_readable's fallback."""
@@ -12,8 +12,8 @@ import trio.testing
 
 from netstack.frame import Frame
 from tests.test_backend_hostile import Collector, connected, eth, receive, served
-from tunnel.dataloop import DataLoop
 from virtio import backend
+from virtio.dataloop import DataLoop
 from virtio.protocol import Message
 from virtio.spec import FLAG_VERSION, Request
 
@@ -108,11 +108,12 @@ def test_rx_frames_waiting_for_buffers_are_placed_by_the_kick_handler(tmp_path):
 
 
 @pytest.mark.parametrize("ring", [0, 1])
-def test_a_kick_fd_replaced_while_served_is_closed_only_once_the_loop_let_it_go(
+def test_a_kick_fd_replaced_while_served_is_forgotten_by_the_loop_before_it_is_closed(
         tmp_path, ring):
-    """SET_VRING_KICK hands the device a new kick fd while the loop serves the old one.  The
-    front-end keeps its copy of the old eventfd (QEMU does), so closing ours while it is
-    served would leave a stale epoll entry that no unregister can reach, polled forever."""
+    """SET_VRING_KICK hands the device a new kick fd while a ring task, stopped but not yet
+    unwound, serves the old one.  The front-end keeps its copy of the old eventfd (QEMU
+    does), so closing ours while the loop serves it would leave a stale epoll entry that no
+    unregister can reach, polled forever."""
     async def main(loop: DataLoop) -> None:
         collector = Collector()
         async with served(tmp_path, collector) as server, connected(server) as fe:

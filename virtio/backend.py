@@ -2,11 +2,11 @@
 
 Who calls it: `vhostvpn hub` and `vhostvpn vm` run one VhostUserServer per --socket.  What it
 does: waits on fds and moves bytes; the rings' kick fds are served by the data loop
-(tunnel/dataloop.py: a handler called straight from epoll, no task woken per kick).  Every
+(virtio/dataloop.py: a handler called straight from epoll, no task woken per kick).  Every
 decision is made by the sans-I/O cores (virtio.protocol.VhostUserDevice for messages,
 virtio.net.NetQueues and virtio.vring for ring work).  What it must never do: await between
 popping descriptors and publishing them, or close an fd without first waking whoever waits on
-it (trio.lowlevel.notify_closing) or while the data loop serves it.
+it or serves it (dataloop.notify_closing).
 
 Tasks of one connection:
   * the control loop reads a message, lets the device handle it, sends the reply, then
@@ -28,9 +28,7 @@ SET_VRING_ENABLE(0), SET_MEM_TABLE, the connection's end, a broken ring) only ca
 ring's task, and a task may already be woken and run once more before it sees that; so the
 device hands retired queues and memory tables to this shell (`take_retired`), which releases
 a queue once no ring task holds it and a memory table once no queue uses it.  A task also
-stops at its next batch when its ring is no longer the vring's current one.  Likewise a kick
-fd the device retires while the loop still serves it is closed by the task serving it, once
-that stopped (`_serve_kicks`): closed while served, the loop would keep polling a stale entry.
+stops at its next batch when its ring is no longer the vring's current one.
 """
 
 from __future__ import annotations
@@ -47,7 +45,7 @@ from netstack.frame import Frame, Offload
 from netstack.policy import PortPolicy
 from netstack.port import QueuedPort
 from netstack.switch import Switch
-from tunnel.dataloop import serve_readable
+from virtio.dataloop import notify_closing, serve_readable
 from virtio.memory import GuestMemory
 from virtio.net import NetQueues
 from virtio.protocol import (
@@ -199,10 +197,8 @@ class VhostUserServer:
         # released yet.
         self._held: list[SplitQueue] = []
         self._retired: list[SplitQueue | GuestMemory] = []
-        # Kick fds the data loop serves now (set once it stopped), and those among them the
-        # device retired: their serving task closes them.
+        # Kick fds a ring task serves now (set once it stopped serving).
         self._kick_served: dict[int, trio.Event] = {}
-        self._close_later: list[int] = []
         self._forward_error_logged = False
 
     # -- connections -------------------------------------------------------------------------
@@ -342,11 +338,10 @@ class VhostUserServer:
             if scope is not None:
                 scope.cancel()
         for fd in device.take_closing():
-            if fd in self._kick_served:
-                self._close_later.append(fd)  # the loop still serves it: see _serve_kicks
-            else:
-                trio.lowlevel.notify_closing(fd)
-                os.close(fd)
+            # A kick fd a stopped task still serves: the loop forgets it first (the front-end
+            # keeps its copy of the eventfd, so epoll would keep an entry no one can remove).
+            notify_closing(fd)
+            os.close(fd)
         self._retired += device.take_retired()
         self._release_retired()
         rx_queue = self._rx_queue(device)
@@ -412,12 +407,9 @@ class VhostUserServer:
                 with trio.move_on_after(REPOLL_SECONDS):
                     await serve_readable(fd, on_kick)
                     return
-        finally:  # no longer served: a retired fd can be closed now
+        finally:
             del self._kick_served[fd]
             served.set()
-            if fd in self._close_later:
-                self._close_later.remove(fd)
-                os.close(fd)
 
     async def _run_ring(
         self,
@@ -438,6 +430,8 @@ class VhostUserServer:
                     await trio.lowlevel.checkpoint_if_cancelled()
                     await loop(device, queue, scope)
                     return  # its ring was retired: the task that replaces it takes over
+                except trio.ClosedResourceError:
+                    return  # its kick fd was retired: the ring changed, a new task takes over
                 except RingError as exc:
                     device.latch_broken(str(exc))
                 except Exception:
