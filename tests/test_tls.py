@@ -232,3 +232,29 @@ def test_a_drain_sends_what_refill_gives_once_the_unsent_bytes_are_out(server_co
     # On the data loop refill is asked from its writable handler, outside any task (after
     # the drain's first, synchronous call); under plain Trio from the draining task.
     assert asked_in_a_task[-1] is not on_the_loop
+
+
+async def test_drained_only_once_the_socket_and_openssl_hold_nothing(server_context):
+    """A data-loop handler stops reading when `drained`: after a read that came short with
+    every record decrypted, never while the socket or OpenSSL may hold more."""
+    server, client = await connected_pair(server_context)
+    assert client.send_now(b"ping")
+    await trio.lowlevel.wait_readable(server.fileno())
+    assert bytes(server.receive_view_nowait()) == b"ping"
+    assert server.drained
+    assert server.receive_view_nowait() is None  # what one more read would have found
+    server.resize_reads(1024)  # a record of 5000 bytes takes five reads
+    message = os.urandom(5000)
+    assert client.send_now(message)
+    await trio.lowlevel.wait_readable(server.fileno())
+    received = bytearray()
+    with trio.fail_after(5):
+        while len(received) < len(message):
+            view = server.receive_view_nowait()
+            if view:
+                received += view
+            else:
+                assert not server.drained  # the socket holds the rest of the record
+    assert received == message and server.drained
+    await client.aclose()
+    await server.aclose()

@@ -364,6 +364,8 @@ class Link:
             if result is not None:
                 self._read_result = result
                 return True
+            if stream.drained:  # the socket is empty: no read that finds nothing
+                break
         if stream.sending:  # an answer OpenSSL made while reading waits for the writer
             self._wake.set()
         return False

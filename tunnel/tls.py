@@ -169,6 +169,7 @@ class StreamTransport:
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self._interrupted = False
+        self._emptied = False  # no read without waiting here: never `drained`
 
     def write_nowait(self, data: bytes | bytearray | memoryview) -> int:
         if self._interrupted:
@@ -303,6 +304,13 @@ class TLSStream(trio.abc.Stream):
             self._eof = True
             self._incoming.write_eof()
         return self._decrypt()
+
+    @property
+    def drained(self) -> bool:
+        """The last read took every byte the socket held (it came short) and OpenSSL holds
+        no record: until the socket is readable again, `receive_view_nowait` would only make
+        a read that finds nothing."""
+        return self._exhausted and self._pipe._emptied
 
     def _decrypt(self) -> memoryview | None:
         """The records OpenSSL can decrypt now, into the plaintext buffer (empty at the
