@@ -446,10 +446,18 @@ def main() -> int:
             os.environ["PYTHONPATH"] = str(tree.resolve())
             rows[tree].append(json.loads(in_netns(flags)))
             print(round_, tree, json.dumps(rows[tree][-1]), flush=True)
+    # The steady number: a visit's p50 less the minimal relay's in the same round (both
+    # move together with the machine's load).
     for tree, tree_rows in rows.items():
-        print(f"{tree}: " + " | ".join(
-            f"{kind} {statistics.median(r[kind]['p50_us'] for r in tree_rows):.1f}"
-            for kind in KINDS + FLOOR_KINDS) + " (us, medians of the rounds' p50s)")
+        def med(kind: str, rows: list[dict] = tree_rows) -> float:
+            return statistics.median(r[kind]["p50_us"] for r in rows)
+
+        def above(kind: str, rows: list[dict] = tree_rows) -> float:
+            return statistics.median(r[kind]["p50_us"] - r[f"floor {kind}"]["p50_us"]
+                                     for r in rows)
+        print(f"{tree}: " + " | ".join(f"{kind} {med(kind):.1f} (+{above(kind):.1f})"
+                                       for kind in KINDS)
+              + " us: medians of the rounds' p50s (+ above the floor's)")
     return 0
 
 

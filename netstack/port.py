@@ -199,7 +199,11 @@ class QueuedPort(Port):
         queue = self.queue
         was_empty = not queue
         if len(queue) != self._held_frames:
-            self._account_taken()
+            if was_empty:  # the shell took everything (_account_taken's first case)
+                self._batches.clear()
+                self._held_frames = self._held_bytes = 0
+            else:
+                self._account_taken()
         nbytes = (len(frames[0].data) if len(frames) == 1
                   else sum([len(frame.data) for frame in frames]))
         if len(queue) + len(frames) > self.limit or self._held_bytes + nbytes > self.limit_bytes:

@@ -375,7 +375,10 @@ class Switch:
         budget = [self.segment_budget]
         for egress, batch in by_port.items():
             try:
-                self._deliver(ingress, egress, batch, budget, offloaded)
+                if offloaded or egress.capture is not None:
+                    self._deliver(ingress, egress, batch, budget, offloaded)
+                else:  # (the common batch: nothing to fit or capture)
+                    egress.deliver(batch)
             except Exception:  # one port's trouble is that port's
                 egress.drop_unexpected("internal_error", len(batch),
                                        f"delivering frames from {ingress.name}")

@@ -178,6 +178,8 @@ class Link:
         self._ended: LinkResult | None = None  # the first reason the link ends
         self._scope: trio.CancelScope | None = None
         self._last_heard = trio.current_time()
+        # The run's clock (what trio.current_time() reads, three calls deep), for the reader.
+        self._clock = trio.lowlevel.current_clock()
         # Direct paths (hub links): who hears ADVERTISE / INTRO, and the INTRO waiting for
         # the writer (entries of tunnel/wire.encode_intro_peer; a newer set replaces it).
         self.on_introduction: Callable[[Link, Advertise | Intro], None] | None = None
@@ -359,7 +361,7 @@ class Link:
             if data is None:
                 break
             if data:
-                self._last_heard = trio.current_time()
+                self._last_heard = self._clock.current_time()
             result = self._dispatch(wire.receive_events(data))  # empty: the end of the stream
             if result is not None:
                 self._read_result = result

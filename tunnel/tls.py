@@ -288,9 +288,10 @@ class TLSStream(trio.abc.Stream):
         is waiting.  At most one socket read per call.  What OpenSSL wants to send while
         reading (a KeyUpdate's answer) goes out now or waits in order: the caller must see
         that someone flushes while `sending`."""
-        view = self._decrypt()
-        if view is not None:
-            return view
+        if not self._exhausted:  # (the common wake-up is exhausted: one call fewer)
+            view = self._decrypt()
+            if view is not None:
+                return view
         if self._outgoing.pending:
             self._flush_nowait()
         if self._eof:

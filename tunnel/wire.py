@@ -635,7 +635,8 @@ class WireConnection:
         (a view of a buffer its caller reuses, tunnel/tls.py's plaintext): with nothing
         buffered, the records are decoded where they lie, and only the bytes of an
         incomplete one at the end are kept (copied); frames are copied out as always."""
-        if self._error is not None or self._eof or not data or self.buffered:
+        if (self._error is not None or self._eof or not data
+                or len(self._buf) - self._pos + self._chunks_len):  # (self.buffered)
             self.receive_data(bytes(data))
             return self.next_events()
         self._buf = data
@@ -701,7 +702,7 @@ class WireConnection:
             if self._state is _Receive.CLOSED and self.buffered:
                 self._fail("after_close", f"{self.buffered} bytes after the peer's CLOSE")
             if available < RECORD_HEADER_LEN:
-                if not self._gather(RECORD_HEADER_LEN):
+                if not self._chunks_len or not self._gather(RECORD_HEADER_LEN):
                     break
                 buf, pos = self._buf, self._pos
             rtype, flags, reserved, length = header(buf, pos)
