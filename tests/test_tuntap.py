@@ -464,6 +464,29 @@ def test_read_batch_returns_nothing_when_the_device_is_idle(tap: TunTapDevice) -
     assert tap.read_batch() == []
 
 
+@needs_root
+def test_read_batch_takes_a_burst_whole_and_a_lone_packet_alone(netns: str,
+                                                                 tap: TunTapDevice) -> None:
+    """After the first packet, read_batch asks the device (poll) whether more wait instead
+    of reading until EAGAIN: a burst still comes in one batch, a lone packet alone."""
+    _ip("-n", netns, "neigh", "replace", PEER_IP, "lladdr", PEER_MAC, "dev", tap.name,
+        "nud", "permanent")
+    subprocess.run(["ip", "netns", "exec", netns, "sysctl", "-qw",  # no IPv6 chatter
+                    f"net.ipv6.conf.{tap.name}.disable_ipv6=1"], check=True)
+    while tap.read_batch():  # whatever the kernel said when the link came up
+        pass
+    send = ("import socket, sys\n"
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "for i in range(int(sys.argv[1])): s.sendto(bytes([i]) * 20, (sys.argv[2], 9))\n")
+    for count in (5, 1):
+        subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", send, str(count),
+                        PEER_IP], check=True)
+        batch = tap.read_batch()
+        # IPv4 (no options), UDP, to port 9
+        assert [(f.data[23], bytes(f.data[36:38])) for f in batch] == [(17, b"\0\x09")] * count
+        assert tap.read_batch() == []
+
+
 # -- host network configuration -------------------------------------------------------------
 
 

@@ -10,7 +10,8 @@ kernel refused (it is counted and dropped).
 
 The path of a frame through this module:
   device -> switch: `_read_loop` waits until the fd is readable, `TunTapDevice.read_batch`
-    reads up to BATCH packets (one `readv` each into one preallocated buffer, until EAGAIN),
+    reads up to BATCH packets (one `readv` each into one preallocated buffer, until EAGAIN;
+    after the first, `poll` says whether another waits: no raised EAGAIN for a lone packet),
     splits each into header and packet (one copy, the packet's), and the loop
     hands the whole batch to `forward(port, frames)` once.
   switch -> device: the switch queues frames on the port (`QueuedPort.deliver`, bounded);
@@ -38,6 +39,7 @@ import errno
 import fcntl
 import logging
 import os
+import select
 import socket
 import struct
 from collections import Counter, deque
@@ -187,6 +189,9 @@ class TunTapDevice:
         self.counters = DeviceCounters()
         self._buffer = bytearray(READ_BUFFER_BYTES)
         self._view = memoryview(self._buffer)
+        poll = select.poll()
+        poll.register(fd, select.POLLIN)
+        self._poll = poll.poll
 
     @classmethod
     def open(
@@ -267,6 +272,8 @@ class TunTapDevice:
         readv = os.readv
         nbytes = 0
         while len(frames) < limit:
+            if len(frames) == 1 and not self._poll(0):
+                break  # a lone packet (an idle ping's): no read that raises EAGAIN
             try:
                 size = readv(fd, buffers)
             except (BlockingIOError, InterruptedError):
