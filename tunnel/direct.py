@@ -390,7 +390,7 @@ class SteeringUplink(SessionPort):
     def deliver(self, frames: list[Frame]) -> None:
         routes, demand = self.routes, self.demand
         if not routes and not demand:
-            super().deliver(frames)
+            SessionPort.deliver(self, frames)  # (not super(): a lookup fewer per visit)
             return
         relayed: list[Frame] = []
         direct: dict[DirectPort, list[Frame]] = {}

@@ -127,7 +127,7 @@ class SessionPort(QueuedPort):
         if self.active is None:
             self.counters.drop("link_down", len(frames))
             return
-        super().deliver(frames)
+        QueuedPort.deliver(self, frames)  # (not super(): a lookup fewer per visit)
 
     def status(self) -> dict[str, object]:
         status = super().status()

@@ -693,13 +693,15 @@ class WireConnection:
     def _decode(self, events: list[Event]) -> None:
         header = RECORD_HEADER.unpack_from
         received = self.received
+        # (an Enum class's member lookup is several times a local's: once per call)
+        paused, closed = _Receive.AUTH_PENDING, _Receive.CLOSED
         while True:
-            if self._state is _Receive.AUTH_PENDING:
+            if self._state is paused:
                 return
             buf = self._buf
             pos = self._pos
             available = len(buf) - pos
-            if self._state is _Receive.CLOSED and self.buffered:
+            if self._state is closed and self.buffered:
                 self._fail("after_close", f"{self.buffered} bytes after the peer's CLOSE")
             if available < RECORD_HEADER_LEN:
                 if not self._chunks_len or not self._gather(RECORD_HEADER_LEN):
