@@ -91,8 +91,11 @@ class SocketTransport:
 
     def write_nowait(self, data: bytes | bytearray | memoryview) -> int:
         """Bytes of `data` the kernel took now (0 when its send buffer is full)."""
+        fd = self.socket.fileno()
+        if fd < 0:  # `_fileno`'s guard, a call fewer on the hot path
+            raise trio.ClosedResourceError("the TLS stream's socket is closed")
         try:
-            return os.write(self._fileno(), data)
+            return os.write(fd, data)
         except BlockingIOError:
             return 0
         except OSError as exc:
@@ -119,8 +122,11 @@ class SocketTransport:
         buffers = self._buffers
         if buffers is None:
             buffers = self._buffers = [memoryview(_read_buffer())[:self.read_size]]
+        fd = self.socket.fileno()
+        if fd < 0:  # `_fileno`'s guard, a call fewer on the hot path
+            raise trio.ClosedResourceError("the TLS stream's socket is closed")
         try:
-            count = os.readv(self._fileno(), buffers)
+            count = os.readv(fd, buffers)
         except BlockingIOError:
             self._emptied = True
             return None
