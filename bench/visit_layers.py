@@ -125,9 +125,10 @@ def measure(count: int, cold: bool, mode: str) -> dict[str, object]:
 
         handlers: dict[int, Callable[[], bool]] = {}
 
-        async def serve(self, fd: int, on_readable: Callable[[], bool]) -> None:
-            self.handlers[fd] = on_readable
-            await super().serve(fd, on_readable)
+        async def serve(self, fd: int, handler: Callable[[], bool], writable: bool) -> None:
+            if not writable:
+                self.handlers[fd] = handler
+            await super().serve(fd, handler, writable)
 
     async def session(server_ctx, name: str, *, hub_side: bool):
         """A handshaken TLS + codec pair over a socket pair: (ours, theirs) as
