@@ -339,10 +339,12 @@ class Link:
         wire = self.wire
         result = self._dispatch(wire.next_events())  # what the codec buffered in the handshake
         fd = self.stream.fileno()
-        if result is None and fd is not None:
+        while result is None and fd is not None:
             # A socket: served by the data loop (virtio/dataloop.py) without waking a task.
             await serve_readable(fd, self._on_readable)
             result = self._read_result
+            if result is None:  # paused: what OpenSSL answered waits for the kernel
+                await self.stream.flush()
         while result is None:  # any other transport (the tests' memory streams)
             # A view of TLS's reused plaintext buffer: decoded before anything awaits.
             data = await self.stream.receive_view()
@@ -353,7 +355,10 @@ class Link:
 
     def _on_readable(self) -> bool:
         """The socket is readable (a data-loop handler): decode and act on what came, up to
-        READS_PER_WAKE socket reads; True once the link is over (`_read_result`)."""
+        READS_PER_WAKE socket reads; True once the link is over (`_read_result`), or to
+        pause while an answer OpenSSL made in reading waits for the kernel (`_reader`
+        flushes, then serves again: a peer that sends KeyUpdates and never reads makes us
+        hold one read's answers, not all it sends)."""
         stream, wire = self.stream, self.wire
         for _ in range(READS_PER_WAKE):
             # A view of TLS's reused plaintext buffer: decoded before anything else reads.
@@ -366,10 +371,12 @@ class Link:
             if result is not None:
                 self._read_result = result
                 return True
-            if stream.drained:  # the socket is empty: no read that finds nothing
+            # The socket is empty (a read would find nothing), or an answer waits for a flush.
+            if stream.drained or stream.answer_waiting:
                 break
-        if stream.sending:  # an answer OpenSSL made while reading waits for the writer
+        if stream.sending:  # what _on_ready or OpenSSL's answer left waits for a flush
             self._wake.set()
+            return stream.answer_waiting
         return False
 
     def _dispatch(self, events: list[Event]) -> LinkResult | None:

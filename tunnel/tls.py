@@ -217,6 +217,10 @@ class TLSStream(trio.abc.Stream):
         # trio.current_time() when `_unsent` last stopped being empty or last shrank;
         # None while the transport has every byte.
         self.waiting_since: float | None = None
+        # What OpenSSL answered while `receive_view_nowait` read waits in `_unsent`: its
+        # caller reads no more until a flush has drained it (the data loop's handler cannot
+        # wait for the drain, so this is what bounds a peer that sends and never reads).
+        self.answer_waiting = False
         self._eof = False
         # receive_some read every record and the transport gave nothing since: OpenSSL holds
         # nothing to read (the next read would only raise SSLWantReadError).
@@ -293,24 +297,24 @@ class TLSStream(trio.abc.Stream):
         (virtio/dataloop.py; only when `fileno()` is not None): None when no whole record
         is waiting.  At most one socket read per call.  What OpenSSL wants to send while
         reading (a KeyUpdate's answer) goes out now or waits in order: the caller must see
-        that someone flushes while `sending`."""
+        that someone flushes while `sending`, and read no more while `answer_waiting`."""
+        view = None
         if not self._exhausted:  # (the common wake-up is exhausted: one call fewer)
             view = self._decrypt()
-            if view is not None:
-                return view
-        if self._outgoing.pending:
+        if view is None:
+            if self._eof:
+                raise trio.BrokenResourceError("connection closed without a TLS close_notify")
+            self._exhausted = False
+            assert isinstance(self._pipe, SocketTransport)
+            filled = self._pipe.fill_nowait(self._incoming)
+            if filled is not None:
+                if not filled:
+                    self._eof = True
+                    self._incoming.write_eof()
+                view = self._decrypt()
+        if self._outgoing.pending:  # made while reading, with or without plaintext after it
             self._flush_nowait()
-        if self._eof:
-            raise trio.BrokenResourceError("connection closed without a TLS close_notify")
-        self._exhausted = False
-        assert isinstance(self._pipe, SocketTransport)
-        filled = self._pipe.fill_nowait(self._incoming)
-        if filled is None:
-            return None
-        if not filled:
-            self._eof = True
-            self._incoming.write_eof()
-        return self._decrypt()
+        return view
 
     @property
     def drained(self) -> bool:
@@ -432,6 +436,7 @@ class TLSStream(trio.abc.Stream):
                 if sent:
                     del self._unsent[:sent]
                     self.waiting_since = trio.current_time() if self._unsent else None
+            self.answer_waiting = False
         finally:
             self._drained.set()
             self._drained = None
@@ -481,6 +486,7 @@ class TLSStream(trio.abc.Stream):
         if not self._unsent:
             self.waiting_since = trio.current_time()
         self._unsent += data
+        self.answer_waiting = True
 
     async def _flush_quietly(self) -> None:
         try:

@@ -1,0 +1,420 @@
+"""The data loop (virtio/dataloop.py) for real: a DataLoop runs each test's main task, and
+socketpairs are its served fds.  A handler runs straight from epoll_wait without waking its
+task; returning True or raising ends the serving (the task returns or raises); a cancel
+unregisters the fd at once; a double serve is refused; an fd closed while served does not
+hold its number; Trio's timers, events, threads and signals work; the main task's result
+comes out of `run`; a flooded fd starves neither Trio nor the other fds.  And TLS on the
+loop: what OpenSSL answers while reading (a KeyUpdate) goes out from the handler, in order
+behind ciphertext that waits for a stalled kernel buffer."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import traceback
+from collections.abc import Callable
+
+import pytest
+import trio
+
+from tests.support.tls_peer import request_key_update
+from virtio import dataloop
+from virtio.dataloop import DataLoop, serve_readable
+from tunnel.keys import client_ssl_context, generate_identity, load_identity, server_ssl_context
+from tunnel.tls import TLSStream
+
+
+def socketpair() -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    return a, b
+
+
+def reader(sock: socket.socket, got: list[bytes], *, until: bytes | None = None,
+           ) -> Callable[[], bool]:
+    """A handler that reads what `sock` holds into `got`; True once `until` came."""
+    def on_readable() -> bool:
+        try:
+            data = sock.recv(65536)
+        except BlockingIOError:
+            return False
+        got.append(data)
+        return until is not None and data.endswith(until)
+    return on_readable
+
+
+class TaskSteps(trio.abc.Instrument):
+    """How many times Trio ran each task (a wake-up is a step)."""
+
+    def __init__(self) -> None:
+        self.steps: dict[trio.lowlevel.Task, int] = {}
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps[task] = self.steps.get(task, 0) + 1
+
+
+def test_a_handler_runs_from_the_loop_while_its_task_stays_parked():
+    a, b = socketpair()
+    got: list[bytes] = []
+    instrument = TaskSteps()
+
+    async def main() -> int:
+        trio.lowlevel.add_instrument(instrument)
+        serving: list[trio.lowlevel.Task] = []
+
+        async def serve() -> None:
+            serving.append(trio.lowlevel.current_task())
+            await serve_readable(a.fileno(), reader(a, got, until=b"end"))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            for n in range(50):
+                await trio.sleep(0.001)
+                b.send(b"%d," % n)
+            b.send(b"end")
+        return instrument.steps[serving[0]]
+
+    with a, b:
+        steps = dataloop.run(main)
+    assert b"".join(got).decode() == "".join(f"{n}," for n in range(50)) + "end"
+    assert len(got) > 40  # each send met the handler on its own
+    assert steps <= 3  # started, parked, ended: never woken for a read
+
+
+def test_a_handler_that_returns_true_ends_the_serving_and_unregisters_the_fd():
+    a, b = socketpair()
+    loop = DataLoop()
+    got: list[bytes] = []
+
+    async def main() -> int:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(serve_readable, a.fileno(), reader(a, got, until=b"stop"))
+                await trio.sleep(0.01)
+                assert loop.served == 1
+                b.send(b"stop")
+        return loop.served
+
+    with a, b:
+        assert loop.run(main) == 0
+        b.send(b"later")  # nobody reads it now
+    assert got == [b"stop"]
+
+
+def test_a_handler_exception_is_raised_in_the_serving_task_with_its_traceback():
+    a, b = socketpair()
+    loop = DataLoop()
+
+    def on_readable() -> bool:
+        try:
+            data = a.recv(100)
+        except BlockingIOError:  # the first call, before anything came
+            return False
+        if data == b"boom":
+            raise ValueError("the handler met bad input")
+        return False
+
+    async def main() -> tuple[ValueError, int]:
+        async def send_later() -> None:
+            await trio.sleep(0.01)
+            b.send(b"boom")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_later)
+            with pytest.raises(ValueError, match="bad input") as raised:
+                await serve_readable(a.fileno(), on_readable)
+        return raised.value, loop.served
+
+    with a, b:
+        exc, served = loop.run(main)
+    frames = [frame.name for frame in traceback.extract_tb(exc.__traceback__)]
+    assert "on_readable" in frames and frames[-1] == "on_readable"
+    assert served == 0
+
+
+def test_a_cancel_unregisters_the_fd_at_once_and_the_fd_can_be_served_again():
+    a, b = socketpair()
+    loop = DataLoop()
+    first: list[bytes] = []
+    second: list[bytes] = []
+
+    async def main() -> None:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(serve_readable, a.fileno(), reader(a, first))
+                await trio.sleep(0.01)
+                b.send(b"x")  # readable now, while the serving task is being cancelled:
+                scope.cancel()  # its handler must not run again
+        assert loop.served == 0
+        await trio.sleep(0.01)
+        with trio.fail_after(5):
+            await serve_readable(a.fileno(), reader(a, second, until=b"x"))
+
+    with a, b:
+        loop.run(main)
+    assert first == [] and second == [b"x"]
+
+
+def test_a_second_serve_of_a_served_fd_is_refused_before_its_handler_reads():
+    a, b = socketpair()
+    first: list[bytes] = []
+    second: list[bytes] = []
+
+    async def main() -> None:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(serve_readable, a.fileno(), reader(a, first, until=b"end"))
+                await trio.sleep(0.01)
+                b.send(b"for the first")
+                with pytest.raises(trio.BusyResourceError):
+                    await serve_readable(a.fileno(), reader(a, second))
+                b.send(b" end")
+
+    with a, b:
+        dataloop.run(main)
+    assert b"".join(first) == b"for the first end" and second == []
+
+
+def test_an_fd_closed_while_served_frees_its_number_and_its_task_hears_of_it():
+    a, b = socketpair()
+    old: list[bytes] = []
+    new: list[bytes] = []
+
+    async def main() -> None:
+        outcome: list[BaseException] = []
+
+        async def serve_old() -> None:
+            try:
+                await serve_readable(number, reader(a, old))
+            except trio.ClosedResourceError as exc:
+                outcome.append(exc)
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(serve_old)
+                await trio.sleep(0.01)
+                a.close()  # the rule broken: closed while served
+                c, d = socketpair()
+                with c, d:
+                    assert c.fileno() == number  # the kernel hands the number out again
+                    nursery.start_soon(serve_readable, c.fileno(),
+                                       reader(c, new, until=b"new one"))
+                    await trio.sleep(0.01)
+                    d.send(b"for the new one")
+                    while not new:
+                        await trio.sleep(0.01)  # a timer still fires: the loop goes on
+        assert len(outcome) == 1 and f"fd {number}" in str(outcome[0])
+
+    number = a.fileno()
+    with b:
+        dataloop.run(main)
+    assert old == [] and new == [b"for the new one"]
+
+
+def test_trio_timers_events_threads_and_signals_work_under_the_loop():
+    a, b = socketpair()
+    woken = trio.Event()
+
+    def on_readable() -> bool:
+        try:
+            a.recv(100)
+        except BlockingIOError:
+            return False
+        woken.set()  # from the handler, outside any task
+        return False
+
+    async def main() -> tuple[float, object, int]:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_readable, a.fileno(), on_readable)
+            started = trio.current_time()
+            await trio.sleep(0.05)
+            slept = trio.current_time() - started
+            b.send(b"wake")
+            with trio.fail_after(5):
+                await woken.wait()
+                answer = await trio.to_thread.run_sync(
+                    lambda: (threading.current_thread() is not threading.main_thread(), 7))
+                with trio.open_signal_receiver(signal.SIGHUP) as signals:
+                    os.kill(os.getpid(), signal.SIGHUP)
+                    signum = await signals.__anext__()
+            nursery.cancel_scope.cancel()
+        return slept, answer, signum
+
+    with a, b:
+        slept, answer, signum = dataloop.run(main)
+    assert slept >= 0.05 and answer == (True, 7) and signum == signal.SIGHUP
+
+
+def test_the_main_tasks_result_and_exception_come_out_of_run():
+    async def answer(x: int) -> int:
+        await trio.sleep(0)
+        return x * 6
+
+    async def fail() -> None:
+        await trio.sleep(0)
+        raise LookupError("from the main task")
+
+    assert dataloop.run(answer, 7) == 42
+    with pytest.raises(LookupError, match="from the main task"):
+        dataloop.run(fail)
+
+
+def test_sigint_ends_the_run_with_keyboard_interrupt_as_under_trio_run():
+    async def main() -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        await trio.sleep(5)
+
+    with pytest.raises(KeyboardInterrupt):
+        dataloop.run(main)
+
+
+def test_a_flooded_fd_starves_neither_trios_timers_and_tasks_nor_another_fd():
+    flood_a, flood_b = socketpair()
+    quiet_a, quiet_b = socketpair()
+    flood_b.send(b"x" * 4096)
+    quiet: list[bytes] = []
+    flood_calls = 0
+
+    def on_flood() -> bool:  # never drains its fd: it is readable at every turn
+        nonlocal flood_calls
+        flood_calls += 1
+        flood_a.recv(1, socket.MSG_PEEK)
+        return False
+
+    async def main() -> tuple[int, int]:
+        ticks = checkpoints = 0
+
+        async def timer() -> None:
+            nonlocal ticks
+            while True:
+                await trio.sleep(0.005)
+                ticks += 1
+
+        async def spinner() -> None:
+            nonlocal checkpoints
+            while True:
+                await trio.sleep(0)
+                checkpoints += 1
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_readable, flood_a.fileno(), on_flood)
+            nursery.start_soon(serve_readable, quiet_a.fileno(),
+                               reader(quiet_a, quiet, until=b"19."))
+            nursery.start_soon(timer)
+            nursery.start_soon(spinner)
+            with trio.fail_after(10):
+                for n in range(20):
+                    await trio.sleep(0.01)
+                    quiet_b.send(b"%d." % n)
+                while not b"".join(quiet).endswith(b"19."):
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        return ticks, checkpoints
+
+    with flood_a, flood_b, quiet_a, quiet_b:
+        ticks, checkpoints = dataloop.run(main)
+    assert b"".join(quiet) == b"".join(b"%d." % n for n in range(20))
+    assert ticks >= 10 and checkpoints >= 100 and flood_calls >= 100
+
+
+# -- TLS on the loop ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server_context(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("hub")
+    generate_identity(directory)
+    return server_ssl_context(load_identity(directory))
+
+
+async def tls_socket_pair(server_context, *, send_buffer: int | None = None,
+                          ) -> tuple[TLSStream, TLSStream, socket.socket, socket.socket]:
+    """Our side (the server) and the peer, TLS over a socketpair, after the handshake; and
+    their sockets.  `send_buffer` shrinks our side's SO_SNDBUF (it stalls sooner)."""
+    ours, theirs = socket.socketpair()
+    if send_buffer is not None:
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, send_buffer)
+    server = TLSStream(trio.SocketStream(trio.socket.from_stdlib_socket(ours)),
+                       server_context, server_side=True)
+    peer = TLSStream(trio.SocketStream(trio.socket.from_stdlib_socket(theirs)),
+                     client_ssl_context(), server_side=False)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.do_handshake)
+        nursery.start_soon(peer.do_handshake)
+    return server, peer, ours, theirs
+
+
+def plaintext_reader(stream: TLSStream, got: list[bytes], until: bytes) -> Callable[[], bool]:
+    """A handler like the link's: receive_view_nowait until `until` came."""
+    def on_readable() -> bool:
+        view = stream.receive_view_nowait()
+        if view is None:
+            return False
+        got.append(bytes(view))
+        return b"".join(got).endswith(until)
+    return on_readable
+
+
+async def key_updates_answered_while_reading(server: TLSStream, peer: TLSStream,
+                                             fd: int, got: list[bytes]) -> None:
+    """Make OpenSSL answer while our side reads: OpenSSL 3.0 keeps the answer to a peer's
+    KeyUpdate for our next write, and writes it out as it reads the peer's next one."""
+    for n in (1, 2):
+        request_key_update(peer)
+        await peer.send_all(b"after key update %d" % n)  # one write: a KeyUpdate, then data
+        with trio.fail_after(5):
+            await serve_readable(fd, plaintext_reader(server, got, b"key update %d" % n))
+
+
+def test_what_openssl_answers_while_reading_goes_out_from_the_handler(server_context):
+    async def main() -> tuple[list[bytes], int]:
+        server, peer, ours, theirs = await tls_socket_pair(server_context)
+        got: list[bytes] = []
+        await key_updates_answered_while_reading(server, peer, ours.fileno(), got)
+        with trio.fail_after(5):
+            # We wrote nothing: what reaches the peer is OpenSSL's answer, sent by the handler.
+            await trio.lowlevel.wait_readable(theirs)
+        answered = len(theirs.recv(4096, socket.MSG_PEEK))
+        await server.send_all(b"with the new keys")
+        with trio.fail_after(5):
+            assert await peer.receive_some() == b"with the new keys"
+        await server.aclose()
+        await peer.aclose()
+        return got, answered
+
+    got, answered = dataloop.run(main)
+    assert b"".join(got) == b"after key update 1after key update 2"
+    assert answered > 0 and not answered % 27  # KeyUpdate records: nothing else was sent
+
+
+def test_an_answer_made_while_reading_waits_in_order_behind_a_stalled_send(server_context):
+    big = os.urandom(1 << 20)
+
+    async def main() -> bytes:
+        server, peer, ours, theirs = await tls_socket_pair(server_context, send_buffer=4096)
+        assert not server.send_now(big)  # the kernel took part: the rest waits, in order
+        assert server.sending and not server.answer_waiting
+        got: list[bytes] = []
+        await key_updates_answered_while_reading(server, peer, ours.fileno(), got)
+        assert server.answer_waiting  # the caller reads no more until it has flushed
+        received = bytearray()
+
+        async def read_everything() -> None:
+            while not received.endswith(b"tail"):
+                received.extend(await peer.receive_some())
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_everything)
+                await server.flush()  # what waited, then the answer, then what follows
+                assert not server.answer_waiting and server.waiting_since is None
+                await server.send_all(b"tail")
+        await server.aclose()
+        await peer.aclose()
+        return bytes(received)
+
+    assert dataloop.run(main) == big + b"tail"
