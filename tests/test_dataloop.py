@@ -20,10 +20,10 @@ import pytest
 import trio
 
 from tests.support.tls_peer import request_key_update
-from virtio import dataloop
-from virtio.dataloop import DataLoop, serve_readable
 from tunnel.keys import client_ssl_context, generate_identity, load_identity, server_ssl_context
 from tunnel.tls import TLSStream
+from virtio import dataloop
+from virtio.dataloop import DataLoop, serve_readable
 
 
 def socketpair() -> tuple[socket.socket, socket.socket]:
@@ -260,6 +260,17 @@ def test_the_main_tasks_result_and_exception_come_out_of_run():
     assert dataloop.run(answer, 7) == 42
     with pytest.raises(LookupError, match="from the main task"):
         dataloop.run(fail)
+
+
+def test_a_run_inside_a_run_is_refused_and_leaves_no_fd_open():
+    async def main() -> tuple[int, int]:
+        before = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(RuntimeError, match="inside a run"):
+            dataloop.run(trio.sleep, 0)
+        return before, len(os.listdir("/proc/self/fd"))
+
+    before, after = dataloop.run(main)
+    assert after == before
 
 
 def test_sigint_ends_the_run_with_keyboard_interrupt_as_under_trio_run():

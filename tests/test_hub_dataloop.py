@@ -1,5 +1,5 @@
 """The hub's tunnel listener on the data loop, in this process: a real TunnelListener on a
-loopback TCP port, run by `tunnel.dataloop.run` as `vhostvpn hub` runs it, with raw peers
+loopback TCP port, run by `virtio.dataloop.run` as `vhostvpn hub` runs it, with raw peers
 (tests/support/tunnel_client.py) doing what a hostile peer does where the loop changed the
 path: a peer that never reads while others' frames are forwarded to it (its writer is woken
 from another link's handler; the stall clock runs while everyone else is served), and a peer
@@ -18,11 +18,11 @@ from tests.support.attacks import PING_RECORD
 from tests.support.memlink import BROADCAST, MAC_E, eth
 from tests.support.tls_peer import request_key_update
 from tests.support.tunnel_client import RawPeer, connect_peer
-from tunnel import dataloop
 from tunnel.keys import keygen, load_identity, parse_fingerprint
 from tunnel.listener import TunnelListener
 from tunnel.session import Link
 from tunnel.wire import Pong
+from virtio import dataloop
 
 # What a link may hold of OpenSSL's answers to a peer that never reads: one read's worth
 # (a 256 KiB read of KeyUpdates with a byte of data after each: about 150 KB), with room.

@@ -1,5 +1,5 @@
 """A real `vhostvpn hub` process, which serves its links on the data loop
-(tunnel/dataloop.py), attacked where the loop changed the path, while alice (a raw peer)
+(virtio/dataloop.py), attacked where the loop changed the path, while alice (a raw peer)
 pings the hub's gateway: a peer that floods records (alice's echoes still get through), a
 peer that sends TLS KeyUpdates (answered; its traffic flows under the new keys), a reset in
 the middle of a TLS record (only that link ends); and the signals: SIGHUP rereads the peers

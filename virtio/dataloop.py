@@ -32,7 +32,8 @@ Rules for a handler (`on_readable`), which runs outside any Trio task:
 * the fd stays open while it is served: the task that serves it closes it after
   `serve_readable` returned or was cancelled (which unregisters it first), and anyone else
   calls `notify_closing(fd)` first (the serving task then raises ClosedResourceError, as a
-  Trio waiter does after `trio.lowlevel.notify_closing`).
+  Trio waiter does after `trio.lowlevel.notify_closing`; if nobody did, the loop finds out
+  when the fd's number is served again, and ends the old serving the same way).
 """
 
 from __future__ import annotations
@@ -80,14 +81,14 @@ class DataLoop:
     def run(self, async_fn: Callable[..., Awaitable[T]], *args: object) -> T:
         """Run `async_fn(*args)` as Trio's main task, serving fds until it returns; its
         result, or its exception raised here."""
-        trio.lowlevel.start_guest_run(
-            self._main, async_fn, args,
-            run_sync_soon_threadsafe=self._call_soon_threadsafe,
-            run_sync_soon_not_threadsafe=self._calls.append,
-            done_callback=self._done)
         poll, readers, writers = self._epoll.poll, self._readers, self._writers
         calls, wake = self._calls, self._wake
         try:
+            trio.lowlevel.start_guest_run(  # refused inside a run: our fds are closed below
+                self._main, async_fn, args,
+                run_sync_soon_threadsafe=self._call_soon_threadsafe,
+                run_sync_soon_not_threadsafe=self._calls.append,
+                done_callback=self._done)
             while self._outcome is None:
                 for fd, events in poll(0 if calls else -1, MAX_EVENTS):
                     # An error or hang-up wakes both directions: each handler meets it.
@@ -125,20 +126,23 @@ class DataLoop:
     async def serve(self, fd: int, handler: Callable[[], bool], writable: bool) -> None:
         """`serve_readable` (or `serve_writable`) on this loop."""
         table = self._writers if writable else self._readers
-        if fd in table:
+        if fd in table and not self._closed_early(fd):
+            # Refused before the handler's first call: it would read what is not its own.
             raise trio.BusyResourceError(
                 f"fd {fd} is already served for {'writing' if writable else 'reading'}")
         served = _Served(self, fd, handler, table)
         table[fd] = served
         try:
             self._register(fd)
+            finished = handler()
         except BaseException:
-            del table[fd]
-            raise
-        try:
-            await served.done.wait()
-        finally:
             self._forget(served)
+            raise
+        if finished:
+            self._forget(served)
+            return
+        served.task = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(served.abort)
         if served.failure is not None:
             raise served.failure
 
@@ -148,6 +152,19 @@ class DataLoop:
             served = table.get(fd)
             if served is not None:
                 served.finish(trio.ClosedResourceError(f"fd {fd} was closed while served"))
+
+    def _closed_early(self, fd: int) -> bool:
+        """Whether `fd`, which we serve, was closed without `notify_closing` (epoll dropped
+        it, so its number may be another file's now); if so, its serving ends as
+        `notify_closing` would have ended it."""
+        mask = (select.EPOLLIN if fd in self._readers else 0) | (
+            select.EPOLLOUT if fd in self._writers else 0)
+        try:
+            self._epoll.modify(fd, mask)
+        except OSError:  # ENOENT: a new file has the number; EBADF: none has
+            self.closing(fd)
+            return True
+        return False
 
     def _register(self, fd: int) -> None:
         """Ask epoll for what `fd`'s handlers want (a newly served fd, or one more
@@ -159,10 +176,11 @@ class DataLoop:
         except FileNotFoundError:  # not registered yet
             self._epoll.register(fd, mask)
 
-    def _forget(self, served: _Served) -> None:
+    def _forget(self, served: _Served) -> bool:
+        """Stop serving `served` (False if it was not served any more)."""
         fd, table = served.fd, served.table
         if table.get(fd) is not served:
-            return
+            return False
         del table[fd]
         mask = (select.EPOLLIN if fd in self._readers else 0) | (
             select.EPOLLOUT if fd in self._writers else 0)
@@ -171,6 +189,7 @@ class DataLoop:
                 self._epoll.modify(fd, mask)
             else:
                 self._epoll.unregister(fd)
+        return True
 
 
 _READ_EVENTS = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
@@ -178,10 +197,10 @@ _WRITE_EVENTS = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
 
 
 class _Served:
-    """One fd a task serves on the loop in one direction: its handler, and how the serving
-    ended."""
+    """One fd a task serves on the loop in one direction: its handler, its task (parked
+    until the serving ends), and how the serving ended."""
 
-    __slots__ = ("done", "failure", "fd", "handler", "loop", "table")
+    __slots__ = ("failure", "fd", "handler", "loop", "table", "task")
 
     def __init__(self, loop: DataLoop, fd: int, handler: Callable[[], bool],
                  table: dict[int, _Served]) -> None:
@@ -189,7 +208,7 @@ class _Served:
         self.fd = fd
         self.handler = handler
         self.table = table
-        self.done = trio.Event()
+        self.task: trio.lowlevel.Task | None = None
         self.failure: BaseException | None = None
 
     def fire(self) -> None:
@@ -203,11 +222,18 @@ class _Served:
         self.finish(None)
 
     def finish(self, failure: BaseException | None) -> None:
-        if self.done.is_set():
-            return
-        self.failure = failure
+        """The serving is over (the handler said so or raised, or the fd is closing): the
+        task resumes, once (not if it was cancelled first)."""
+        if self.loop._forget(self):
+            self.failure = failure
+            if self.task is not None:
+                trio.lowlevel.reschedule(self.task)
+
+    def abort(self, _raise_cancel: object) -> trio.lowlevel.Abort:
+        """The serving task is cancelled: the loop forgets the fd now, not at the task's
+        next step, so the handler is not called again after the cancel."""
         self.loop._forget(self)
-        self.done.set()
+        return trio.lowlevel.Abort.SUCCEEDED
 
 
 def run(async_fn: Callable[..., Awaitable[T]], *args: object) -> T:
@@ -239,11 +265,11 @@ async def serve_writable(fd: int, on_writable: Callable[[], bool]) -> None:
 
 
 async def _serve(fd: int, handler: Callable[[], bool], *, writable: bool) -> None:
-    if handler():
-        return
     loop = _CURRENT.get()
     if loop is not None:
         await loop.serve(fd, handler, writable)
+        return
+    if handler():
         return
     wait = trio.lowlevel.wait_writable if writable else trio.lowlevel.wait_readable
     while True:
