@@ -3,7 +3,8 @@ loopback TCP port, run by `virtio.dataloop.run` as `vhostvpn hub` runs it, with 
 (tests/support/tunnel_client.py) doing what a hostile peer does where the loop changed the
 path: a peer that never reads while others' frames are forwarded to it (its writer is woken
 from another link's handler; the stall clock runs while everyone else is served), and a peer
-that sends KeyUpdates and never reads (what OpenSSL answers must not pile up)."""
+that sends KeyUpdates and never reads (what OpenSSL answers must not pile up), and a link
+aborted while its frames wait in its socket (none of them is forwarded)."""
 
 from __future__ import annotations
 
@@ -131,3 +132,20 @@ def test_key_updates_from_a_peer_that_never_reads_hold_one_reads_answers(tmp_pat
 
     held, sent = run_hub(tmp_path, scenario)
     assert held < ANSWERS_HELD_LIMIT, (held, sent)
+
+
+def test_a_link_aborted_with_frames_already_readable_forwards_none_of_them(tmp_path):
+    async def scenario(hub: Hub) -> tuple[int, int]:
+        await hub.peer("alice")
+        mallory = await hub.peer("mallory")
+        port = hub.listener.sessions["mallory"]
+        await trio.sleep(0.05)
+        before = port.counters.in_frames
+        record = mallory.wire.send_frames([Frame(eth(BROADCAST, MAC_E, n)) for n in range(8)])
+        assert mallory.tls.send_now(record)  # in the hub's socket now (loopback)
+        hub.link("mallory").abort("no longer allowed")  # as a SIGHUP that drops its key
+        await trio.sleep(0.1)
+        return before, port.counters.in_frames
+
+    before, after = run_hub(tmp_path, scenario)
+    assert after == before
