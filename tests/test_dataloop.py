@@ -214,6 +214,22 @@ def test_an_fd_closed_while_served_frees_its_number_and_its_task_hears_of_it():
     assert old == [] and new == [b"for the new one"]
 
 
+def test_a_handler_that_closes_its_fd_at_its_first_call_ends_the_serving():
+    a, b = socketpair()
+
+    def on_readable() -> bool:
+        dataloop.notify_closing(a)
+        a.close()
+        return False
+
+    async def main() -> None:
+        with trio.fail_after(5), pytest.raises(trio.ClosedResourceError):
+            await serve_readable(a.fileno(), on_readable)
+
+    with b:
+        dataloop.run(main)
+
+
 def test_trio_timers_events_threads_and_signals_work_under_the_loop():
     a, b = socketpair()
     woken = trio.Event()

@@ -140,9 +140,9 @@ class DataLoop:
             raise
         if finished:
             self._forget(served)
-            return
-        served.task = trio.lowlevel.current_task()
-        await trio.lowlevel.wait_task_rescheduled(served.abort)
+        if table.get(fd) is served:  # not over at its first call (nor closed by it)
+            served.task = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(served.abort)
         if served.failure is not None:
             raise served.failure
 
