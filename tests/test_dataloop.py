@@ -214,6 +214,44 @@ def test_an_fd_closed_while_served_frees_its_number_and_its_task_hears_of_it():
     assert old == [] and new == [b"for the new one"]
 
 
+def test_an_fd_closed_while_served_for_reading_ends_that_serving_when_served_for_writing():
+    a, b = socketpair()
+    old: list[bytes] = []
+    writable_calls = 0
+
+    def on_writable() -> bool:
+        nonlocal writable_calls
+        writable_calls += 1
+        return writable_calls > 1
+
+    async def main() -> list[BaseException]:
+        outcome: list[BaseException] = []
+
+        async def serve_old() -> None:
+            try:
+                await serve_readable(number, reader(a, old))
+            except trio.ClosedResourceError as exc:
+                outcome.append(exc)
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(serve_old)
+                await trio.sleep(0.01)
+                c, d = socketpair()
+                a.close()  # the rule broken: closed while served
+                os.dup2(c.fileno(), number)
+                with c, d, socket.socket(fileno=number):
+                    d.send(b"readable, but not for the old handler")
+                    await dataloop.serve_writable(number, on_writable)
+                    await trio.sleep(0.01)
+        return outcome
+
+    number = a.fileno()
+    with b:
+        outcome = dataloop.run(main)
+    assert len(outcome) == 1 and old == [] and writable_calls == 2
+
+
 def test_a_handler_that_closes_its_fd_at_its_first_call_ends_the_serving():
     a, b = socketpair()
 

@@ -126,8 +126,9 @@ class DataLoop:
     async def serve(self, fd: int, handler: Callable[[], bool], writable: bool) -> None:
         """`serve_readable` (or `serve_writable`) on this loop."""
         table = self._writers if writable else self._readers
-        if fd in table and not self._closed_early(fd):
-            # Refused before the handler's first call: it would read what is not its own.
+        if fd in self._readers or fd in self._writers:
+            self._end_if_closed(fd)
+        if fd in table:  # refused before the handler's first call: what it reads is not its own
             raise trio.BusyResourceError(
                 f"fd {fd} is already served for {'writing' if writable else 'reading'}")
         served = _Served(self, fd, handler, table)
@@ -153,18 +154,16 @@ class DataLoop:
             if served is not None:
                 served.finish(trio.ClosedResourceError(f"fd {fd} was closed while served"))
 
-    def _closed_early(self, fd: int) -> bool:
-        """Whether `fd`, which we serve, was closed without `notify_closing` (epoll dropped
-        it, so its number may be another file's now); if so, its serving ends as
-        `notify_closing` would have ended it."""
+    def _end_if_closed(self, fd: int) -> None:
+        """`fd`, which we serve, may have been closed without `notify_closing` (then epoll
+        dropped it, and its number may be another file's now): if so, its servings end as
+        `notify_closing` would have ended them."""
         mask = (select.EPOLLIN if fd in self._readers else 0) | (
             select.EPOLLOUT if fd in self._writers else 0)
         try:
             self._epoll.modify(fd, mask)
         except OSError:  # ENOENT: a new file has the number; EBADF: none has
             self.closing(fd)
-            return True
-        return False
 
     def _register(self, fd: int) -> None:
         """Ask epoll for what `fd`'s handlers want (a newly served fd, or one more
