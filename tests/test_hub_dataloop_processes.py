@@ -3,7 +3,8 @@
 pings the hub's gateway: a peer that floods records (alice's echoes still get through), a
 peer that sends TLS KeyUpdates (answered; its traffic flows under the new keys), a reset in
 the middle of a TLS record (only that link ends); and the signals: SIGHUP rereads the peers
-file, SIGTERM and SIGINT end the hub and the endpoint cleanly (exit status 0)."""
+file (an endpoint ignores it), SIGTERM and SIGINT end the hub and the endpoint cleanly
+(exit status 0)."""
 
 from __future__ import annotations
 
@@ -138,6 +139,10 @@ async def test_sighup_rereads_the_peers_file_and_sigterm_and_sigint_end_cleanly(
             assert await mallory.read_until_closed(5), "the removed peer is still served"
             await the_lab.alice_echoes()
             assert (await the_lab.links_ended()).get("aborted") == 1
+            ep1.process.send_signal(signal.SIGHUP)  # an endpoint has nothing to reread
+            await trio.sleep(0.2)
+            await ep1.session_up(1)
+            assert (await ep1.status())["session"]["connections"] == 1
             ep1.process.send_signal(signal.SIGTERM)
             with trio.fail_after(10):
                 assert await ep1.process.wait() == 0
