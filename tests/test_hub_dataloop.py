@@ -22,7 +22,7 @@ from tests.support.tunnel_client import RawPeer, connect_peer
 from tunnel.keys import keygen, load_identity, parse_fingerprint
 from tunnel.listener import TunnelListener
 from tunnel.session import Link
-from tunnel.wire import Pong
+from tunnel.wire import RECORD_HEADER, Pong
 from virtio import dataloop
 
 # What a link may hold of OpenSSL's answers to a peer that never reads: one read's worth
@@ -149,3 +149,21 @@ def test_a_link_aborted_with_frames_already_readable_forwards_none_of_them(tmp_p
 
     before, after = run_hub(tmp_path, scenario)
     assert after == before
+
+
+def test_frames_forwarded_to_a_link_whose_peer_just_broke_the_protocol_end_it_as_such(
+        tmp_path, caplog):
+    async def scenario(hub: Hub) -> dict[str, int]:
+        alice = await hub.peer("alice")
+        mallory = await hub.peer("mallory")
+        await trio.sleep(0.05)
+        # In one turn of the loop: mallory's bad record, then alice's broadcast (to mallory).
+        assert mallory.tls.send_now(RECORD_HEADER.pack(0x7F, 0, 0, 0))
+        assert alice.tls.send_now(alice.wire.send_frames([Frame(eth(BROADCAST, MAC_E, 1))]))
+        with trio.fail_after(5):
+            while hub.link("mallory") is not None:
+                await trio.sleep(0.01)
+        return hub.listener.links_ended
+
+    assert run_hub(tmp_path, scenario) == {"protocol_error": 1}
+    assert not [r for r in caplog.records if "internal error" in r.getMessage()]

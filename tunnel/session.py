@@ -259,7 +259,7 @@ class Link:
         if stream.refilling:
             return
         if (port.active is self and not self._control and not self._retiring
-                and self._error is None and not stream.sending):
+                and not self.wire.failed and not stream.sending):
             frames = list(port.queue)
             port.queue.clear()
             counters = port.counters
@@ -413,7 +413,7 @@ class Link:
         port = self.port
         queue = port.queue
         if (not queue or port.active is not self or self._control or self._intro is not None
-                or self._retiring or self._muted_at is not None or self._error is not None):
+                or self._retiring or self._muted_at is not None or self.wire.failed):
             return None
         frames = list(queue)
         queue.clear()
@@ -430,6 +430,10 @@ class Link:
         counters = port.counters
         stream.refill = self._refill
         while True:
+            if wire.failed:
+                # The peer broke the protocol (the codec refuses to send more): the reader
+                # ends the link, maybe only after other handlers ran, and run() says CLOSE.
+                await trio.sleep_forever()
             if stream.sending:  # what _on_ready left for the kernel
                 await stream.flush()
                 continue
@@ -471,12 +475,12 @@ class Link:
         handler, a PING from the keepalive task: no trip to the writer task), else queued
         for the writer."""
         stream = self.stream
-        if not self._control and not stream.sending and self._error is None:
+        if not self._control and not stream.sending and not self.wire.failed:
             try:
                 if not stream.send_now(data):
                     self._wake.set()  # the kernel took part: the writer flushes the rest
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self._end(_lost(exc))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the reader meets it too, after what the peer sent before (its CLOSE)
             return
         if len(self._control) >= MAX_PENDING_CONTROL:
             self.port.control_dropped += 1  # the peer sends PINGs faster than it reads
@@ -503,7 +507,8 @@ class Link:
                                      f"{WRITE_STALL_SECONDS:.0f} s)",
                                      kind="peer_not_reading"))
                 return
-            if not self.wire.closed:  # a retiring link that said CLOSE only drains
+            # A retiring link that said CLOSE only drains; a failed one is ending.
+            if not self.wire.closed and not self.wire.failed:
                 nonce += 1
                 self._send_control(self.wire.send_ping(nonce, time.monotonic_ns()))
 
