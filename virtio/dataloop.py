@@ -26,9 +26,9 @@ Rules for a handler (`on_readable`), which runs outside any Trio task:
   Trio's I/O thread, which costs more than under plain Trio (a handler waking a task per
   event: 32 µs a round against 18 in a socketpair ping-pong here).  A send the kernel
   pushed back finishes from `serve_writable`'s handler for the same reason, the task
-  waking once when all is out.  (bench/nat.py --loops dataloop,trio: the NAT's sockets on
-  the loop moved 15-20 % more per CPU second than on Trio when the harness wrote the TUN
-  inline, as a port's `on_ready` does, and 20-30 % less when it woke a task per batch.)
+  waking once when all is out.  (bench/nat.py --loops dataloop,trio: with its TUN written
+  inline, as a port's `on_ready` does, the NAT's sockets on the loop move as much as on
+  Trio or more; with a task woken per batch to write the TUN, 20-30 % less.)
 * the fd stays open while it is served: the task that serves it closes it after
   `serve_readable` returned or was cancelled (which unregisters it first), and anyone else
   calls `notify_closing(fd)` first (the serving task then raises ClosedResourceError, as a
