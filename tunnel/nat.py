@@ -192,6 +192,19 @@ def _tcp_key(packet: GuestPacket) -> FlowKey:
                    int.from_bytes(ports[2:], "big"))
 
 
+async def _serve_socket(sock: socket.socket, on_readable: Callable[[], bool]) -> bool:
+    """Serve `sock`'s reads on the data loop until `on_readable` says stop (True) or the
+    socket is closed (False: then, or already closed, nothing more to read)."""
+    fd = sock.fileno()
+    if fd < 0:
+        return False
+    try:
+        await serve_readable(fd, on_readable)
+    except trio.ClosedResourceError:
+        return False
+    return True
+
+
 def _flow_name(key: FlowKey) -> str:
     return (f"{ipaddress.ip_address(key.guest_ip)}:{key.guest_port} -> "
             f"{ipaddress.ip_address(key.remote_ip)}:{key.remote_port} (proto {key.proto})")
@@ -787,12 +800,7 @@ class NatShell:
                     self._hold(entry)
                 await entry.budget.wait()
                 continue
-            fd = sock.fileno()
-            if fd < 0:
-                return
-            try:
-                await serve_readable(fd, on_readable)
-            except trio.ClosedResourceError:
+            if not await _serve_socket(sock, on_readable):
                 return
 
     async def _tcp_writer(self, entry: TcpSocket) -> None:
@@ -1231,13 +1239,7 @@ class NatShell:
                 self.deliver(frames)
             return sock.fileno() < 0
 
-        fd = sock.fileno()
-        if fd < 0:
-            return
-        try:
-            await serve_readable(fd, on_readable)
-        except trio.ClosedResourceError:
-            return
+        await _serve_socket(sock, on_readable)
 
     def _drain(self, entry: HostSocket, frames: list[Frame], now: float) -> None:
         """The errors queued on `entry`'s socket, then up to READS_PER_WAKE datagrams."""

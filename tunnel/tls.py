@@ -373,6 +373,11 @@ class TLSStream(trio.abc.Stream):
         """`send_all` without waiting, for callers that cannot await (only when not
         `sending`): True if the transport took every byte; False if the rest waits in order
         for the next `send_all` or `flush`, which the caller must see to."""
+        return self._write_encrypted(data)
+
+    def _write_encrypted(self, data: bytes | bytearray | memoryview) -> bool:
+        """Encrypt `data` and give the kernel what it takes now (only with nothing unsent
+        before it): True if it took every byte, else the rest waits in `_unsent`."""
         try:
             self._ssl.write(data)
         except ssl.SSLError as exc:
@@ -457,15 +462,7 @@ class TLSStream(trio.abc.Stream):
             data = self.refill() if self.refill is not None else None
             if not data:
                 return True
-            try:
-                self._ssl.write(data)
-            except ssl.SSLError as exc:
-                raise trio.BrokenResourceError(f"TLS: {exc}") from exc
-            out = self._outgoing.read()
-            sent = self._pipe.write_nowait(out)
-            if sent < len(out):
-                unsent += memoryview(out)[sent:]
-                self.waiting_since = trio.current_time()
+            if not self._write_encrypted(data):
                 return False
 
     @property
