@@ -178,6 +178,18 @@ def test_a_second_serve_of_a_served_fd_is_refused_before_its_handler_reads():
     assert b"".join(first) == b"for the first end" and second == []
 
 
+def _serving_until_closed(fd: int, handler, outcome: list[BaseException]):
+    """A task serving `fd` that keeps the ClosedResourceError it ends with in `outcome`."""
+
+    async def serve() -> None:
+        try:
+            await serve_readable(fd, handler)
+        except trio.ClosedResourceError as exc:
+            outcome.append(exc)
+
+    return serve
+
+
 def test_an_fd_closed_while_served_frees_its_number_and_its_task_hears_of_it():
     a, b = socketpair()
     old: list[bytes] = []
@@ -185,12 +197,7 @@ def test_an_fd_closed_while_served_frees_its_number_and_its_task_hears_of_it():
 
     async def main() -> None:
         outcome: list[BaseException] = []
-
-        async def serve_old() -> None:
-            try:
-                await serve_readable(number, reader(a, old))
-            except trio.ClosedResourceError as exc:
-                outcome.append(exc)
+        serve_old = _serving_until_closed(number, reader(a, old), outcome)
 
         with trio.fail_after(5):
             async with trio.open_nursery() as nursery:
@@ -226,12 +233,7 @@ def test_an_fd_closed_while_served_for_reading_ends_that_serving_when_served_for
 
     async def main() -> list[BaseException]:
         outcome: list[BaseException] = []
-
-        async def serve_old() -> None:
-            try:
-                await serve_readable(number, reader(a, old))
-            except trio.ClosedResourceError as exc:
-                outcome.append(exc)
+        serve_old = _serving_until_closed(number, reader(a, old), outcome)
 
         with trio.fail_after(5):
             async with trio.open_nursery() as nursery:

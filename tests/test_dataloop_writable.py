@@ -5,6 +5,7 @@ Trio: the same handler either way), and VHOSTVPN_LOOP's choice of loop."""
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -21,20 +22,30 @@ def _pair() -> tuple[socket.socket, socket.socket]:
     return left, right
 
 
+def _sending(sock: socket.socket, payload: bytes) -> Callable[[], bool]:
+    """A writable handler sending `payload` on `sock`: True once all of it is out."""
+    pending = memoryview(payload)
+
+    def on_writable() -> bool:
+        nonlocal pending
+        try:
+            pending = pending[sock.send(pending):]
+        except BlockingIOError:
+            pass
+        return not pending
+
+    return on_writable
+
+
 async def _send_and_drain(served_calls: list[str]) -> bytes:
     """Send PAYLOAD on one end with serve_writable while a task reads the other end slowly;
     what arrived."""
     sender, receiver = _pair()
-    pending = memoryview(PAYLOAD)
+    send_rest = _sending(sender, PAYLOAD)
 
     def on_writable() -> bool:
-        nonlocal pending
         served_calls.append("write")
-        try:
-            pending = pending[sender.send(pending):]
-        except BlockingIOError:
-            pass
-        return not pending
+        return send_rest()
 
     received = bytearray()
 
@@ -69,8 +80,6 @@ async def _reader_and_writer_on_one_fd() -> tuple[bytes, bytes]:
     runs, for writing a large send; after the writer is done the reader still works."""
     near, far = _pair()
     heard = bytearray()
-    pending = memoryview(PAYLOAD)
-
     def on_readable() -> bool:
         try:
             data = near.recv(65536)
@@ -79,13 +88,7 @@ async def _reader_and_writer_on_one_fd() -> tuple[bytes, bytes]:
         heard.extend(data)
         return data.endswith(b"end")
 
-    def on_writable() -> bool:
-        nonlocal pending
-        try:
-            pending = pending[near.send(pending):]
-        except BlockingIOError:
-            pass
-        return not pending
+    on_writable = _sending(near, PAYLOAD)
 
     got = bytearray()
     with trio.fail_after(10):
