@@ -1,5 +1,5 @@
-"""OpenVPN (TCP, TLS, AES-256-GCM, dev tun, userspace) and wireguard-go (UDP, userspace) as
-host-to-host baselines, measured like SoftEther in bench/hosts.py: namespace A talks to
+"""OpenVPN (TCP, TLS, AES-256-GCM, dev tun, userspace), wireguard-go (UDP, userspace) and
+SoftEther (bench/softether.py's set-up) as host-to-host baselines: namespace A talks to
 namespace B through the VPN, one iperf3 TCP stream per direction, ping p50/p99 idle and every
 0.2 s under load, CPU % of the VPN processes and "other CPU %" (machine busy ticks minus our
 processes: includes the kernel's softirq work for this traffic and anything else running).
@@ -8,6 +8,8 @@ Topologies:
   OpenVPN:     client A  <-veth->  server (middle namespace, client-to-client)  <-veth->  client B
   wireguard-go: peer A <-veth-> peer B, directly (WireGuard has no hub; a relay would be a third
                peer routing between two tunnels, not measured here).
+  SoftEther:   vpnclient's NIC in A  <-TLS->  vpnserver's virtual hub  <-TLS->  its NIC in B
+               (one vpnclient process, two accounts; bench/softether.py).
 
 Run (root): .venv/bin/python bench/baselines.py [--rounds 3] [--seconds 5] [--only openvpn]
 bench/hosts.py runs both in its interleaved rounds.  Everything lives in namespaces created
@@ -32,6 +34,7 @@ from typing import Self
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import softether
 from bench.softether import apt_install, cpu_ticks, system_busy_ticks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,10 +86,13 @@ def stop(processes: dict[str, subprocess.Popen]) -> None:
 def measure_direction(client_ns: str, server_ns: str, address: str, seconds: float,
                       pids: dict[str, int]) -> dict[str, object]:
     """iperf3 -c address from client_ns (data client -> server), ping every 0.2 s alongside;
-    CPU % over the stream's wall time for each PID and for everything else ("other")."""
+    CPU % over the stream's wall time for each PID and for everything else ("other").  Every
+    process started here is gone when it returns or raises (a stalled path: TimeoutExpired
+    `seconds` + 30 s after the start)."""
     server = subprocess.Popen(["ip", "netns", "exec", server_ns, "iperf3", "-s", "-1"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               stdin=subprocess.DEVNULL)
+    started_here = [server]
     try:
         time.sleep(0.5)
         ping = subprocess.Popen(["ip", "netns", "exec", client_ns, "ping", "-i", "0.2", "-c",
@@ -95,6 +101,7 @@ def measure_direction(client_ns: str, server_ns: str, address: str, seconds: flo
         client = subprocess.Popen(["ip", "netns", "exec", client_ns, "iperf3", "-c", address,
                                    "-t", str(seconds), "-J"], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+        started_here += [ping, client]
         own = [*pids.values(), server.pid, client.pid, ping.pid, os.getpid()]
         before = {n: cpu_ticks(p) for n, p in pids.items()}
         machine0 = system_busy_ticks()
@@ -108,7 +115,7 @@ def measure_direction(client_ns: str, server_ns: str, address: str, seconds: flo
         ping_out = ping.communicate(timeout=seconds + 30)[0]
         server.wait(10)
     finally:
-        for p in (server,):
+        for p in started_here:
             if p.poll() is None:
                 p.kill()
                 p.wait(5)
@@ -331,6 +338,42 @@ class WireGuardGo(Baseline):
                 raise RuntimeError("wireguard-go: A cannot ping B")
 
 
+# --------------------------------------------------------------------------- SoftEther
+
+
+class SoftEther(Baseline):
+    """bench/softether.py's server and client, kept up across rounds like the others and
+    measured the same way (iputils ping: p50/p99, where bench/softether.py's own run reports
+    busybox ping's average)."""
+
+    name = "softether"
+    addr_a, addr_b = softether.ADDR_A, softether.ADDR_B
+
+    def __init__(self, workdir: Path) -> None:
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.version = ""
+        (workdir / "softether").mkdir(parents=True, exist_ok=True)
+        self.se = softether.SoftEther(workdir / "softether")
+
+    def _start(self) -> None:
+        apt_install(softether.PACKAGES)
+        self.version = subprocess.run(
+            ["dpkg-query", "-W", "-f=${Version}", "softether-vpnserver"], capture_output=True,
+            text=True, check=False).stdout.strip()
+        self.se.start()
+
+    def pids(self) -> dict[str, int]:
+        """The worker processes (each watchdog, their parent, only waits for it)."""
+        return {"vpnserver": self.se.worker_pid("server"),
+                "vpnclient": self.se.worker_pid("client")}
+
+    def endpoints(self) -> tuple[str, str]:
+        return self.se.nsa, self.se.nsb
+
+    def __exit__(self, *exc: object) -> None:
+        self.se.stop()
+
+
 
 # --------------------------------------------------------------------------- running
 
@@ -349,7 +392,6 @@ def summarize(rows: list[dict]) -> dict[str, object]:
     if not gbits:
         return {"runs": 0}
     loaded = [r["ping_loaded_ms"] for r in rows if r.get("ping_loaded_ms")]
-    loaded_avg = [r["ping_loaded_avg_ms"] for r in rows if r.get("ping_loaded_avg_ms")]
     cpu: dict[str, list[int]] = {}
     for r in rows:
         for n, v in r["cpu_percent"].items():
@@ -365,7 +407,6 @@ def summarize(rows: list[dict]) -> dict[str, object]:
             if loaded else None,
             "ping_loaded_p99_ms": [min(p["p99"] for p in loaded), max(p["p99"] for p in loaded)]
             if loaded else None,
-            "ping_loaded_avg_ms": [min(loaded_avg), max(loaded_avg)] if loaded_avg else None,
             "cpu_percent_range": {n: [min(v), max(v)] for n, v in cpu.items()},
             "other_cpu_percent_range": [min(r["other_cpu_percent"] for r in rows),
                                         max(r["other_cpu_percent"] for r in rows)]}
@@ -379,11 +420,9 @@ def table(summary: dict[str, dict], idle: dict[str, object]) -> str:
             lines.append(f"| {name} | failed | | | | | |")
             continue
         i = idle.get(name) or {}
-        idle_text = f"{i['avg']} (avg)" if "avg" in i else f"{i.get('p50')} / {i.get('p99')}"
+        idle_text = f"{i.get('p50')} / {i.get('p99')}"
         lp50, lp99 = s.get("ping_loaded_p50_ms"), s.get("ping_loaded_p99_ms")
-        lavg = s.get("ping_loaded_avg_ms")
-        loaded = (f"{lp50[0]}-{lp50[1]} / {lp99[0]}-{lp99[1]}" if lp50
-                  else f"{lavg[0]}-{lavg[1]} (avg)" if lavg else "-")
+        loaded = f"{lp50[0]}-{lp50[1]} / {lp99[0]}-{lp99[1]}" if lp50 else "-"
         cpu = ", ".join(f"{n} {lo}-{hi}" for n, (lo, hi) in s.get("cpu_percent_range",
                                                                   {}).items())
         other = s.get("other_cpu_percent_range")

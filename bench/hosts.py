@@ -4,10 +4,9 @@ namespaces joined by `vhostvpn host --tun`, and the TAP pair again over a direct
 both endpoints `--listen` on a veth of their own between them; "vhostvpn tap" is measured with
 that veth down, so its frames fall back to the hub, "vhostvpn direct" with it up, the hub's
 switch counters recorded around each direct run to show the stream did not cross it), next
-to a raw veth pair
-and SoftEther (bench/softether.py), OpenVPN over TCP and wireguard-go (bench/baselines.py)
+to a raw veth pair and SoftEther, OpenVPN over TCP and wireguard-go (bench/baselines.py)
 measured in the same run, interleaved, median of N rounds.
-Also ping p50/p99 idle and under load, and CPU per VPN process.
+Also ping p50/p99 idle and under load (iputils ping for every row), and CPU per VPN process.
 
 Run (root): .venv/bin/python bench/hosts.py [--rounds 3] [--seconds 5] [--no-softether]
             [--no-openvpn] [--no-wireguard]
@@ -31,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import baselines, softether  # noqa: E402
+from bench import baselines  # noqa: E402
 from bench.baselines import idle_ping, ip, measure_direction  # noqa: E402
 from tunnel.keys import keygen  # noqa: E402
 
@@ -198,19 +197,6 @@ class Vhostvpn:
                 process.kill()
 
 
-def softether_rows(result: softether.SoftEtherResult, round_: int) -> list[dict]:
-    """SoftEther's per-direction results in the row shape of baselines.measure_direction
-    (its ping under load is busybox's average, kept apart from the p50/p99 of the others)."""
-    return [{"round": round_, "direction": run.direction, "gbits": round(run.gbps_receiver, 3),
-             "retransmits": run.retransmits, "ping_loaded_avg_ms": run.ping_under_load_ms,
-             "cpu_percent": {k: round(v) for k, v in run.cpu_percent.items()
-                             if not k.startswith("iperf3")},
-             "other_cpu_percent": round(run.foreign_cpu_percent),
-             "machine_cpu_percent": round(sum(run.cpu_percent.values())
-                                          + run.foreign_cpu_percent)}
-            for run in result.runs if not run.error]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -221,13 +207,13 @@ def main() -> int:
     args = parser.parse_args()
     if os.geteuid() != 0:
         parser.error("needs root (network namespaces)")
-    kinds = [k for k, off in ((baselines.OpenVPN, args.no_openvpn),
+    kinds = [k for k, off in ((baselines.SoftEther, args.no_softether),
+                              (baselines.OpenVPN, args.no_openvpn),
                               (baselines.WireGuardGo, args.no_wireguard)) if not off]
     if kinds:
-        softether.apt_install(baselines.PACKAGES)
+        baselines.apt_install(baselines.PACKAGES)
     rows: dict[str, list[dict]] = {"veth": [], "vhostvpn tap": [], "vhostvpn direct": [],
-                                   "vhostvpn tun": [],
-                                   "softether": [], **{k.name: [] for k in kinds}}
+                                   "vhostvpn tun": [], **{k.name: [] for k in kinds}}
     idle: dict[str, object] = {}
     errors: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="vhostvpn-hosts-") as tmp, Namespaces() as ns, \
@@ -268,13 +254,6 @@ def main() -> int:
                     rows["veth"].append({"round": round_, "direction": direction,
                                          **measure_direction(n["r1"], n["r2"], "10.202.0.2",
                                                             args.seconds, {})})
-                if not args.no_softether:
-                    result = softether.measure(args.seconds)
-                    rows["softether"] += softether_rows(result, round_)
-                    if result.ping_idle_ms is not None:
-                        idle["softether"] = {"avg": result.ping_idle_ms}
-                    if result.error:
-                        errors[f"softether round {round_}"] = result.error
                 for other in others:
                     rows[other.name] += baselines.measure_round(other, round_, args.seconds)
     summary = {name: baselines.summarize(runs) for name, runs in rows.items() if runs}

@@ -1,7 +1,7 @@
 """The speed-race plot for docs/benchmarks.md: host-to-host throughput (median bar, min-max
-whisker), ping under load (p50; busybox's average for SoftEther) and the machine's CPU
-seconds per gigabyte, per VPN, from one bench/hosts.py result file.  Needs matplotlib
-(`pip install -e .[bench]`); nothing else does.
+whisker), ping under load (p50; busybox's average for SoftEther in result files older than
+2026-12-05 18:30) and the machine's CPU seconds per gigabyte, per VPN, from one
+bench/hosts.py result file.  Needs matplotlib (`pip install -e .[bench]`); nothing else does.
 
 Run: .venv/bin/python bench/plot_hosts.py bench/results/hosts-*.json -o docs/img/hosts.png
 """
@@ -89,7 +89,7 @@ def plot(result: dict, title: str, out: Path) -> None:
 
     draw_bars(latency, [(n, r) for n, r in rows if n != "veth"], loaded_ping, "{:.1f}")
     latency.set_ylabel("ms")
-    latency.set_title("Ping during the stream (p50; SoftEther: average)", fontsize=10)
+    latency.set_title("Ping during the stream (p50)", fontsize=10)
 
     draw_bars(cost, rows, lambda r: r.get("cpu_seconds_per_gb"), "{:.1f}")
     cost.set_ylabel("CPU seconds per GB, whole machine")
