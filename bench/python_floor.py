@@ -1,5 +1,6 @@
 """How low can a Python VPN's ping go on this machine? The floor under issue 13's latency
-targets: the smallest possible Python relay, next to vhostvpn and wireguard-go, same run.
+targets: the smallest possible Python relay, next to vhostvpn, wireguard-go and SoftEther,
+same run.
 
 The minimal relay is what no real VPN can undercut in Python: one process per host moving
 frames TAP <-> one TLS 1.3 connection with a raw epoll loop (no Trio, no switch, no policy,
@@ -11,11 +12,17 @@ re-encrypts them onto the other's. Rows, idle ping p50/p99 (every 0.2 s), interl
   python guest relay    the same relay on a raw epoll loop that hosts Trio in guest mode
                         (what virtio/dataloop.py does for the daemons), direct
   vhostvpn direct / vhostvpn tap (via the hub)  as in bench/hosts.py (same namespaces)
-  wireguard-go          as in bench/baselines.py
-so "vhostvpn / python relay" says what our layers cost above the floor, and "python relay /
-wireguard-go" what the language and one-process-per-visit design cost, on this machine.
+  wireguard-go, softether   as in bench/baselines.py (SoftEther: vpnserver's virtual hub
+                        between one vpnclient's two NICs, the hub rows' reference)
+and, for every row, CPU per ping of its processes over FAST_COUNT pings every 10 ms; for the
+rows in LOADED, ping p50/p99 every 0.2 s during one iperf3 stream a -> b (--load-seconds).
+So "vhostvpn / python relay" says what our layers cost above the floor, "python relay /
+wireguard-go" what the language and one-process-per-visit design cost, and "python relay via
+hub / softether" what issue 13's hub targets (idle p50 <= 1.5x SoftEther, under load <=
+SoftEther) ask against what a Python hub can do, on this machine.
 
 Run (root): .venv/bin/python bench/python_floor.py [--rounds 3] [--count 30]
+            [--load-seconds 4] [--rows hub,direct]     (the default: about 7 minutes)
 The relay roles (`relay`, `hub`) are this file's subcommands, started by the run inside the
 namespaces; the TLS is unauthenticated (a throwaway self-signed certificate): a probe, not a VPN.
 """
@@ -55,6 +62,11 @@ DIRECT_PORT, HUB_PORT = 7201, 7202
 READS_PER_WAKE = 64
 START_TIMEOUT = 15.0
 FAST_COUNT = 300
+# The rows measured under load too (each adds --load-seconds + ~1.5 s a round).
+LOADED = ("softether", "python relay via hub", "python trio relay via hub",
+          "vhostvpn tap (via hub)")
+# Always run: the references the ratios divide by.
+REFERENCES = ("wireguard-go", "softether")
 
 
 # --------------------------------------------------------------------------- the roles
@@ -360,14 +372,29 @@ def cpu_ns(pids: list[int]) -> int:
     return total
 
 
-def measure(ns: str, address: str, count: int, pids: list[int]) -> dict[str, object]:
-    """Idle ping (every 0.2 s), then FAST_COUNT pings every 10 ms with the CPU time the
-    VPN's processes spent per ping."""
+def measure(ns: str, peer_ns: str, address: str, count: int, pids: dict[str, int],
+            load_seconds: float) -> dict[str, object]:
+    """Idle ping (every 0.2 s) from `ns` to `address`, then FAST_COUNT pings every 10 ms with
+    the CPU time the VPN's processes spent per ping; with `load_seconds`, the ping every
+    0.2 s during one iperf3 stream to `address` in `peer_ns` (baselines.measure_direction:
+    p50/p99, Gbit/s, CPU %)."""
     idle = idle_ping(ns, address, count)
-    before = cpu_ns(pids)
+    before = cpu_ns(list(pids.values()))
     subprocess.run(["ip", "netns", "exec", ns, "ping", "-q", "-i", "0.01", "-c",
                     str(FAST_COUNT), address], capture_output=True, timeout=FAST_COUNT + 20)
-    return {"idle": idle, "cpu_us_per_ping": round((cpu_ns(pids) - before) / FAST_COUNT / 1e3)}
+    row: dict[str, object] = {
+        "idle": idle,
+        "cpu_us_per_ping": round((cpu_ns(list(pids.values())) - before) / FAST_COUNT / 1e3)}
+    if load_seconds:
+        try:
+            row["loaded"] = baselines.measure_direction(ns, peer_ns, address, load_seconds, pids)
+        except subprocess.TimeoutExpired as error:  # a stalled stream: this row, this round
+            row["loaded"] = {"error": str(error)}
+    return row
+
+
+def loaded_p50(row: dict) -> float | None:
+    return ((row.get("loaded") or {}).get("ping_loaded_ms") or {}).get("p50")
 
 
 def run_main(args: argparse.Namespace) -> int:
@@ -376,46 +403,54 @@ def run_main(args: argparse.Namespace) -> int:
     rows: dict[str, list[dict]] = {name: [] for name in (
         "python relay direct", "python trio relay direct", "vhostvpn direct", "wireguard-go",
         "python relay via hub", "python trio relay via hub", "vhostvpn tap (via hub)",
-        "python guest relay direct")}
+        "python guest relay direct", "softether")}
     if args.rows:
         rows = {name: runs for name, runs in rows.items()
-                if name == "wireguard-go" or any(part in name for part in args.rows.split(","))}
+                if name in REFERENCES or any(part in name for part in args.rows.split(","))}
+    started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="vhostvpn-floor-") as tmp, \
             hosts.Namespaces() as ns, contextlib.ExitStack() as stack:
         w = Path(tmp)
         wg = stack.enter_context(baselines.WireGuardGo(w))
+        se = stack.enter_context(baselines.SoftEther(w))
         vpn = stack.enter_context(hosts.Vhostvpn(ns, w))
         a, b = ns.names["a"], hosts.MEMBERS["b"][1]
         for round_ in range(args.rounds):
             for name in rows:
+                load = args.load_seconds if name in LOADED else 0
                 if name.startswith("python"):
                     # the tap row took the pair's own veth down (vhostvpn falls back to the hub)
                     baselines.ip("-n", a, "link", "set", ns.direct_link, "up")
                     with PythonRelay(ns, w, via_hub=name.endswith("hub"),
                                      use_trio="trio" in name,
                                      use_guest="guest" in name) as relay:
-                        row = measure(a, RELAY_ADDRESSES["b"], args.count,
-                                      [p.pid for p in relay.processes.values()])
-                elif name == "wireguard-go":
-                    row = measure(wg.endpoints()[0], wg.addr_b, args.count,
-                                  list(wg.pids().values()))
+                        row = measure(a, ns.names["b"], RELAY_ADDRESSES["b"], args.count,
+                                      {n: p.pid for n, p in relay.processes.items()}, load)
+                elif name in REFERENCES:
+                    other = wg if name == "wireguard-go" else se
+                    row = measure(*other.endpoints(), other.addr_b, args.count, other.pids(),
+                                  load)
                 else:
                     direct = name == "vhostvpn direct"
                     vpn.direct(direct)
                     pids = vpn.pids("a", "b")
                     if direct:
                         del pids["hub"]
-                    row = measure(a, b, args.count, list(pids.values()))
+                    row = measure(a, ns.names["b"], b, args.count, pids, load)
                 row = {"round": round_, **row,
                        "load": Path("/proc/loadavg").read_text().split()[0]}
                 rows[name].append(row)
                 print(name, json.dumps(row), flush=True)
-    print("\nidle ping p50 ms, and CPU us per fast ping (medians of rounds):")
-    medians, cpu = {}, {}
+    minutes = (time.monotonic() - started) / 60
+    print(f"\n{minutes:.1f} min; idle ping p50 ms, CPU us per fast ping, ping p50 ms under "
+          "load (medians of rounds):")
+    medians, cpu, loaded = {}, {}, {}
     for name, runs in rows.items():
         medians[name] = median([r["idle"]["p50"] for r in runs if r.get("idle")])
         cpu[name] = median([r["cpu_us_per_ping"] for r in runs])
-        print(f"  {name:26} {medians[name]:6.3f} ms  {cpu[name]:6.0f} us CPU   idle rounds "
+        loaded[name] = median([p for p in map(loaded_p50, runs) if p is not None])
+        print(f"  {name:26} {medians[name]:6.3f} ms  {cpu[name]:6.0f} us CPU  "
+              f"{loaded[name]:6.2f} ms loaded   idle rounds "
               f"{sorted(r['idle']['p50'] for r in runs if r.get('idle'))}")
     for name in ("python relay direct", "python trio relay direct", "python guest relay direct",
                  "vhostvpn direct"):
@@ -423,10 +458,18 @@ def run_main(args: argparse.Namespace) -> int:
             continue
         print(f"  {name} / wireguard-go: idle p50 {medians[name] / medians['wireguard-go']:.2f}"
               f"x, CPU per ping {cpu[name] / cpu['wireguard-go']:.2f}x")
+    print(f"  1.5x softether idle p50: {1.5 * medians['softether']:.3f} ms")
+    for name in ("python relay via hub", "python trio relay via hub", "vhostvpn tap (via hub)"):
+        if name not in medians:
+            continue
+        print(f"  {name} / softether: idle p50 {medians[name] / medians['softether']:.2f}x, "
+              f"under load {loaded[name] / loaded['softether']:.2f}x, CPU per ping "
+              f"{cpu[name] / cpu['softether']:.2f}x")
     out = ROOT / "bench" / "results" / f"python-floor-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"rows": rows, "idle_p50_medians": medians,
-                               "cpu_us_per_ping_medians": cpu}, indent=1))
+                               "cpu_us_per_ping_medians": cpu, "loaded_p50_medians": loaded,
+                               "minutes": round(minutes, 1)}, indent=1))
     print(f"JSON: {out}")
     return 0
 
@@ -437,8 +480,10 @@ def main() -> int:
     run = sub.add_parser("run", help="the probe (the default)")
     run.add_argument("--rounds", type=int, default=3)
     run.add_argument("--count", type=int, default=30, help="pings per row and round")
+    run.add_argument("--load-seconds", type=float, default=4.0,
+                     help="iperf3 stream per loaded row and round (0: no load)")
     run.add_argument("--rows", help="only the rows whose names contain one of these "
-                     "comma-separated words (and wireguard-go's)")
+                     "comma-separated words (and wireguard-go's and softether's)")
     for role in ("relay", "hub"):
         p = sub.add_parser(role)
         p.add_argument("endpoint", help="HOST:PORT to listen on or connect to")
