@@ -29,6 +29,9 @@ VPNCMD_BINARY = LIBEXEC / "vpncmd" / "vpncmd"
 PACKAGES = ["softether-vpnserver", "softether-vpnclient", "softether-vpncmd", "iperf3",
             "busybox"]
 # The Debian build has these compiled in (strings of the binary): config, logs, pid files.
+# Made (empty) if missing and left in place: removing one while another run's SoftEther has
+# its bind mount on it detaches that mount, and that SoftEther then writes its config and
+# logs into the real directory (seen 2026-12-05 with two helpers' runs overlapping).
 STATE_DIRS = [Path("/var/lib/softether"), Path("/var/log/softether"), Path("/run/softether")]
 
 PORT = 5555  # inside the private namespace NS0, which has nothing but loopback
@@ -149,7 +152,6 @@ class SoftEther:
         self.log_dir = log_dir
         self.wrapper = self.tmp / "wrap.sh"
         self.processes: dict[str, subprocess.Popen] = {}
-        self.created_dirs: list[Path] = []
         self.namespaces: list[str] = []
         self.vpncmd_log = (log_dir / "vpncmd.log").open("a")
 
@@ -160,10 +162,8 @@ class SoftEther:
         self.wrapper.chmod(0o755)
         for sub in ("lib", "log", "run"):  # vpncmd's own state dirs
             (self.tmp / "vpncmd" / sub).mkdir(parents=True)
-        for path in STATE_DIRS:  # mount points for the bind mounts; removed again at the end
-            if not path.exists():
-                path.mkdir(parents=True)
-                self.created_dirs.append(path)
+        for path in STATE_DIRS:  # mount points for the bind mounts
+            path.mkdir(parents=True, exist_ok=True)
         for ns in (self.ns0, self.nsa, self.nsb):
             run(["ip", "netns", "add", ns])
             self.namespaces.append(ns)
@@ -231,9 +231,6 @@ class SoftEther:
                 process.wait(timeout=1)
         for ns in reversed(self.namespaces):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
-        for path in reversed(self.created_dirs):
-            with contextlib.suppress(OSError):
-                path.rmdir()
         for sub in ("server", "client"):
             config = self.tmp / sub / "lib"
             for name in ("vpn_server.config", "vpn_client.config"):
