@@ -9,7 +9,9 @@ measured in the same run, interleaved, median of N rounds.
 Also ping p50/p99 idle and under load (iputils ping for every row), and CPU per VPN process.
 
 Run (root): .venv/bin/python bench/hosts.py [--rounds 3] [--seconds 5] [--no-softether]
-            [--no-openvpn] [--no-wireguard]
+            [--no-openvpn] [--no-wireguard] [--nice N]
+--nice N starts every vhostvpn daemon with `--nice N`: SoftEther runs its server and clients at
+nice -20 (it raises its own priority at start), the others at the nice value they started with.
 Everything lives in namespaces it creates and removes; results in bench/results/hosts-*.json.
 """
 
@@ -99,9 +101,10 @@ class Vhostvpn:
     """A hub, two `vhostvpn host --tap` endpoints (a, b) and two `vhostvpn host --tun`
     endpoints (c, d) in the namespaces, all on one VPN segment."""
 
-    def __init__(self, ns: Namespaces, workdir: Path) -> None:
+    def __init__(self, ns: Namespaces, workdir: Path, nice: int | None = None) -> None:
         self.ns = ns
         self.workdir = workdir
+        self.nice = [] if nice is None else ["--nice", str(nice)]
         self.processes: dict[str, subprocess.Popen] = {}
 
     def __enter__(self) -> Vhostvpn:
@@ -111,7 +114,7 @@ class Vhostvpn:
         python = [sys.executable, "-m", "tunnel.cli"]
         self._start("hub", [*python, "hub", "--listen", f"0.0.0.0:{HUB_PORT}", "--identity",
                             str(w / "hub-id"), "--peers", str(w / "peers"),
-                            "--control", str(w / "hub.ctl")])
+                            "--control", str(w / "hub.ctl"), *self.nice])
         for n, (side, (mode, address)) in enumerate(MEMBERS.items(), 1):
             listen = (["--listen", f"{DIRECT_ADDRESSES[side]}:{DIRECT_PORT}"]
                       if side in DIRECT_ADDRESSES else [])
@@ -119,7 +122,7 @@ class Vhostvpn:
                                f"{address}/24", "--hub", f"10.201.{n}.1:{HUB_PORT}",
                                "--identity", str(w / f"{side}-id"), "--hub-fingerprint",
                                hub_fp, "--name", side, "--control", str(w / f"{side}.ctl"),
-                               *listen])
+                               *listen, *self.nice])
         deadline = time.monotonic() + START_TIMEOUT
         for side in MEMBERS:
             while True:
@@ -204,6 +207,7 @@ def main() -> int:
     parser.add_argument("--no-softether", action="store_true")
     parser.add_argument("--no-openvpn", action="store_true")
     parser.add_argument("--no-wireguard", action="store_true")
+    parser.add_argument("--nice", type=int, help="start the vhostvpn daemons with --nice N")
     args = parser.parse_args()
     if os.geteuid() != 0:
         parser.error("needs root (network namespaces)")
@@ -228,7 +232,7 @@ def main() -> int:
                 continue
             others.append(other)
             idle[other.name] = baselines.idle_ping(other.endpoints()[0], other.addr_b)
-        with Vhostvpn(ns, Path(tmp)) as vpn:
+        with Vhostvpn(ns, Path(tmp), args.nice) as vpn:
             pairs = {"vhostvpn tap": ("a", "b"), "vhostvpn direct": ("a", "b"),
                      "vhostvpn tun": ("c", "d")}
             switched: list[float] = []  # seconds each path change took
@@ -258,7 +262,7 @@ def main() -> int:
                     rows[other.name] += baselines.measure_round(other, round_, args.seconds)
     summary = {name: baselines.summarize(runs) for name, runs in rows.items() if runs}
     report = {"rows": rows, "summary": summary, "idle_ping_ms": idle, "errors": errors,
-              "direct_switch_seconds": switched}
+              "direct_switch_seconds": switched, "vhostvpn_nice": args.nice}
     out = ROOT / "bench" / "results" / f"hosts-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))

@@ -121,6 +121,41 @@ def test_a_privileged_port_without_the_right_to_bind_it_is_one_line(hub_files):
         "CAP_NET_BIND_SERVICE (choose a port such as 7777, or grant the capability)")
 
 
+def nice_of_every_thread(pid: int) -> set[int]:
+    """The nice values of a process's threads (/proc/PID/task/TID/stat, field 19)."""
+    values = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        stat = (task / "stat").read_text()
+        values.add(int(stat.rpartition(")")[2].split()[16]))
+    return values
+
+
+def test_nice_sets_the_priority_of_every_thread_of_the_daemon(tmp_path, hub_files):
+    port = free_tcp_port()
+    hub = start(["hub", "--listen", f"127.0.0.1:{port}", "--nice", "7", *hub_files],
+                tmp_path / "hub.ctl")
+    try:
+        threads = list(Path(f"/proc/{hub.pid}/task").iterdir())
+        assert len(threads) > 1  # Trio's I/O thread is there too, and inherited it
+        assert nice_of_every_thread(hub.pid) == {7}
+        assert accepts_tcp(port)
+    finally:
+        stop(hub)
+
+
+def test_a_nice_value_this_user_may_not_take_is_one_line(tmp_path, hub_files):
+    prefix = (("setpriv", "--bounding-set=-sys_nice", "--inh-caps=-sys_nice")
+              if os.geteuid() == 0 else ())
+    if prefix and shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv to drop CAP_SYS_NICE")
+    result = vhostvpn("hub", "--listen", f"127.0.0.1:{free_tcp_port()}", "--nice", "-5",
+                      *hub_files, "--control", str(tmp_path / "hub.ctl"), prefix=prefix)
+    assert one_line(result) == (
+        "vhostvpn hub: --nice -5: not permitted below the current value (0) without root or "
+        "CAP_SYS_NICE (under systemd, set Nice= in the unit instead)")
+    assert not (tmp_path / "hub.ctl").exists()
+
+
 # -- files and flags ----------------------------------------------------------------------------
 
 def test_a_peers_folder_instead_of_a_file_is_named(tmp_path, hub_files):
@@ -177,6 +212,9 @@ HUB = ["hub", "--socket", "/tmp/wipcli-never.sock"]
     (["qemu-args", "--socket", "/tmp/a.sock", "--mem", "lots"], 2,
      "argument --mem: 'lots': want a size as QEMU's -m takes it"),
     (["status", "--control", "/nonexistent/x.ctl"], 1, "cannot reach /nonexistent/x.ctl"),
+    (["hub", "--nice", "20"], 2, "argument --nice: 20: want -20 to 19"),
+    (["host", "--tap", "vv0", "--nice", "-21"], 2, "argument --nice: -21: want -20 to 19"),
+    (["vm", "--nice", "high"], 2, "argument --nice: 'high' is not a whole number"),
 ])
 def test_unclear_or_silently_wrong_flags_are_refused_in_one_line(args, status, message):
     assert message in one_line(vhostvpn(*args), status)

@@ -104,13 +104,16 @@ def setup_failure(exc: Exception) -> str:
 
 
 def run_role(command: str, run: Callable[[], Awaitable[object]],
-             on_sighup: Callable[[], object] | None = None) -> int:
+             on_sighup: Callable[[], object] | None = None, *, nice: int | None = None) -> int:
     """Run a hub or endpoint (`run`: tunnel/daemon.py's wrapper around it) until it is told
-    to stop; a failure to start (a port in use, a device that cannot be had:
-    tunnel/startup.py) is one line naming the flag, exit status 1."""
+    to stop, at the nice value `nice` (--nice) if given; a failure to start (a port in use,
+    a device that cannot be had: tunnel/startup.py) is one line naming the flag, exit
+    status 1."""
     from tunnel.host.hostnet import HostNetworkError
     from tunnel.startup import find_failure
 
+    if nice is not None:
+        set_nice(command, nice)
     tune_gc()
     tune_malloc()
     try:
@@ -122,6 +125,20 @@ def run_role(command: str, run: Callable[[], Awaitable[object]],
         log.debug("%s: stopped by %r", command, failure, exc_info=exc)
         raise SystemExit(f"vhostvpn {command}: {failure}") from None
     return 0
+
+
+def set_nice(command: str, nice: int) -> None:
+    """--nice: this process's nice value.  Linux keeps one per thread and a new thread
+    inherits its creator's, so this runs before the daemon starts any (Trio's I/O thread,
+    its worker threads); refused (one line, exit status 1) when this user may not."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+    except PermissionError:
+        raise SystemExit(
+            f"vhostvpn {command}: --nice {nice}: not permitted below the current value "
+            f"({os.getpriority(os.PRIO_PROCESS, 0)}) without root or CAP_SYS_NICE (under "
+            f"systemd, set Nice= in the unit instead)") from None
+    log.info("%s: nice %d", command, nice)
 
 
 async def serve(run: Callable[[], Awaitable[object]],

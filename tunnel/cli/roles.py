@@ -18,7 +18,13 @@ from pathlib import Path
 from netstack.frame import format_mac, parse_mac
 from netstack.gateway.dhcp_config import MAX_LEASE_SECONDS, MIN_LEASE_SECONDS
 from netstack.nat.forward import ForwardSpec, parse_forward
-from tunnel.cli.flags import add_common, add_config, check_queue_pairs, check_socket_path_syntax
+from tunnel.cli.flags import (
+    add_common,
+    add_config,
+    add_nice,
+    check_queue_pairs,
+    check_socket_path_syntax,
+)
 from tunnel.cli.launch import claim_socket_paths, open_metrics, run_role, setup_failure
 from tunnel.introductions import MAX_INTRO_ADDRESSES as MAX_ADVERTISED
 from tunnel.settings import HUB_MIN_MTU, MAX_MTU, address_range, is_host_address
@@ -154,6 +160,7 @@ def _add_endpoint(parser: argparse.ArgumentParser) -> None:
                         help="where peers reach --listen, when that differs (NAT, port "
                              f"forward); repeatable, at most {MAX_ADVERTISED}")
     _add_metrics(parser)
+    add_nice(parser)
     add_config(parser)
     add_common(parser)
 
@@ -266,6 +273,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     _add_metrics(hub)
     hub.add_argument("--pcap", type=Path, metavar="DIR",
                      help="write what every port sends and receives to DIR/<port>.pcapng")
+    add_nice(hub)
     add_common(hub)
 
     add_config(hub)
@@ -362,7 +370,7 @@ def cmd_hub(args: argparse.Namespace) -> int:
     from tunnel.daemon import run_daemon
 
     return run_role("hub", functools.partial(run_daemon, hub.run, hub.status, metrics),
-                    hub.tunnel.reload if hub.tunnel is not None else None)
+                    hub.tunnel.reload if hub.tunnel is not None else None, nice=args.nice)
 
 
 def _check_dhcp_addresses(args: argparse.Namespace) -> None:
@@ -445,7 +453,8 @@ def _endpoint_config(args: argparse.Namespace, command: str, **local: object):
         **local)
 
 
-def _run_endpoint(config, command: str, metrics_address: tuple[str | None, int] | None) -> int:
+def _run_endpoint(config, command: str, metrics_address: tuple[str | None, int] | None,
+                  nice: int | None) -> int:
     from tunnel.endpoint import Endpoint
 
     metrics = open_metrics(command, metrics_address)
@@ -456,7 +465,7 @@ def _run_endpoint(config, command: str, metrics_address: tuple[str | None, int] 
     from tunnel.daemon import run_daemon
 
     return run_role(command, functools.partial(run_daemon, endpoint.run, endpoint.status,
-                                               metrics))
+                                               metrics), nice=nice)
 
 
 def cmd_vm(args: argparse.Namespace) -> int:
@@ -470,7 +479,7 @@ def cmd_vm(args: argparse.Namespace) -> int:
                               port_policy=not args.no_port_policy,
                               socket_access=socket_access_of(args, "vm"))
     config.control = claim_socket_paths("vm", args.socket, args.control)
-    return _run_endpoint(config, "vm", args.metrics)
+    return _run_endpoint(config, "vm", args.metrics, args.nice)
 
 
 def cmd_host(args: argparse.Namespace) -> int:
@@ -488,4 +497,4 @@ def cmd_host(args: argparse.Namespace) -> int:
     config = _endpoint_config(args, "host", tap=args.tap, tun=args.tun, dhcp=args.dhcp,
                               addresses=args.address, mtu=args.mtu)
     config.control = claim_socket_paths("host", [], args.control)
-    return _run_endpoint(config, "host", args.metrics)
+    return _run_endpoint(config, "host", args.metrics, args.nice)
