@@ -413,7 +413,7 @@ def run_main(args: argparse.Namespace) -> int:
         w = Path(tmp)
         wg = stack.enter_context(baselines.WireGuardGo(w))
         se = stack.enter_context(baselines.SoftEther(w))
-        vpn = stack.enter_context(hosts.Vhostvpn(ns, w))
+        vpn = stack.enter_context(hosts.Vhostvpn(ns, w, args.nice))
         a, b = ns.names["a"], hosts.MEMBERS["b"][1]
         for round_ in range(args.rounds):
             for name in rows:
@@ -482,6 +482,8 @@ def main() -> int:
     run.add_argument("--count", type=int, default=30, help="pings per row and round")
     run.add_argument("--load-seconds", type=float, default=4.0,
                      help="iperf3 stream per loaded row and round (0: no load)")
+    run.add_argument("--nice", type=int,
+                     help="start the vhostvpn daemons with --nice N (SoftEther runs at -20)")
     run.add_argument("--rows", help="only the rows whose names contain one of these "
                      "comma-separated words (and wireguard-go's and softether's)")
     for role in ("relay", "hub"):
