@@ -11,6 +11,12 @@ import trio
 import trio.testing
 
 from netstack.frame import Frame
+from tests.support.virtio_driver import (
+    DEFAULT_NET_FEATURES,
+    GuestRam,
+    VhostUserFrontend,
+    VirtioFeature,
+)
 from tests.test_backend_hostile import Collector, connected, eth, receive, served
 from virtio import backend
 from virtio.dataloop import DataLoop
@@ -254,5 +260,116 @@ def test_a_ring_restarted_with_more_than_a_batch_waiting_gets_it_all_without_a_k
                 fe.net.send(frames)
                 control(server, Request.SET_VRING_ENABLE, struct.pack("<II", 1, 1))
                 assert await collector.wait_for(10) == frames
+
+    on_loop(main)
+
+
+def guest_posts_in_the_window(monkeypatch, queue, at_call: int, post) -> None:
+    """Run `post()` (the guest adding RX buffers) in the RX handler's window, on its
+    `at_call`th arming: after its placement read avail.idx and found no room for the frames
+    left, before it asks the guest to kick (avail_event, or clearing NO_NOTIFY)."""
+    arm = queue.arm_kicks_for_more
+    calls = 0
+
+    def arm_once_the_guest_posted(*args):
+        nonlocal calls
+        calls += 1
+        if calls == at_call:
+            post()
+        return arm(*args)
+
+    monkeypatch.setattr(queue, "arm_kicks_for_more", arm_once_the_guest_posted)
+
+
+@pytest.mark.parametrize("event_idx", [True, False], ids=["event_idx", "no_event_idx"])
+@pytest.mark.parametrize("placer", ["push_now", "kick_handler", "mergeable_gather"])
+def test_rx_buffers_posted_while_the_handler_arms_kicks_get_the_waiting_frames_at_once(
+        tmp_path, monkeypatch, placer, event_idx):
+    """The guest posts buffers after the placement looked at the ring and before kicks are
+    armed: it sees kicks muted and does not kick, as a virtio driver would not.  The
+    handler must find them by re-checking against what the placement saw, not against
+    avail.idx re-read when it arms (that arms beyond the new buffers, and the frames waited
+    for the 0.25 s re-poll, unreachable here).  The placement that found no room: push_now
+    (frames arrive, no buffers), the kick handler (buffers for some of the frames), the
+    mergeable gather (buffers too small for the frame, the ring not full)."""
+    features = DEFAULT_NET_FEATURES
+    if not event_idx:
+        features &= ~VirtioFeature.EVENT_IDX
+
+    async def main(loop: DataLoop) -> None:
+        async with served(tmp_path) as server:
+            with GuestRam(1 << 22) as ram:
+                async with VhostUserFrontend.connect(server.path, ram, features=features) as fe:
+                    await trio.testing.wait_all_tasks_blocked()
+                    queue = server.port.device.vrings[0].queue
+                    assert queue.event_idx == event_idx
+                    # Traffic before: buffers posted and used up; kicks not armed since.
+                    fe.net.post_rx(2)
+                    fe.kick(0)
+                    await trio.testing.wait_all_tasks_blocked()
+                    server.port.deliver([Frame(eth(0)), Frame(eth(1))])
+                    assert await receive(fe, 2) == [eth(0), eth(1)]
+                    kicked: list[bool] = []
+
+                    def post() -> None:
+                        fe.net.post_rx(2)
+                        kicked.append(fe.kick_if_needed(0))
+
+                    if placer == "push_now":
+                        frames = [eth(2)]
+                        guest_posts_in_the_window(monkeypatch, queue, 1, post)
+                        server.port.deliver([Frame(frame) for frame in frames])
+                    elif placer == "kick_handler":
+                        frames = [eth(n) for n in range(2, 5)]
+                        guest_posts_in_the_window(monkeypatch, queue, 2, post)
+                        server.port.deliver([Frame(frame) for frame in frames])  # 1st arming
+                        fe.net.post_rx(2)
+                        assert fe.kick_if_needed(0)  # kicks armed: the guest kicks
+                    else:
+                        frames = [eth(2, 5000)]  # three 2 KiB buffers
+                        fe.net.post_rx(2)
+                        fe.kick_if_needed(0)
+                        guest_posts_in_the_window(monkeypatch, queue, 1, post)
+                        server.port.deliver([Frame(frame) for frame in frames])
+                    assert await receive(fe, len(frames)) == frames
+                    assert kicked == [False]  # the race: the guest did not kick
+                    assert server.port.device.broken is None
+
+    on_loop(main)
+
+
+@pytest.mark.parametrize("placer", ["push_now", "kick_handler", "mergeable_gather"])
+def test_rx_frames_waiting_for_a_guest_that_posts_nothing_arm_kicks_once_and_sleep(
+        tmp_path, monkeypatch, placer):
+    """The other side of re-checking against what the placement saw: with nothing added
+    since, the handler arms once and is not called again (buffers given back by a gather
+    that failed must not look like new ones)."""
+    async def main(loop: DataLoop) -> None:
+        async with served(tmp_path) as server, connected(server) as fe:
+            queue = server.port.device.vrings[0].queue
+            armed = []
+            arm = queue.arm_kicks_for_more
+
+            def counted(*args):
+                armed.append(arm(*args))
+                return armed[-1]
+
+            monkeypatch.setattr(queue, "arm_kicks_for_more", counted)
+            if placer == "push_now":
+                server.port.deliver([Frame(eth(0))])
+            elif placer == "kick_handler":
+                server.port.deliver([Frame(eth(n)) for n in range(3)])
+                await trio.testing.wait_all_tasks_blocked()
+                fe.net.post_rx(2)
+                fe.kick(0)
+            else:
+                fe.net.post_rx(2)
+                fe.kick(0)
+                await trio.testing.wait_all_tasks_blocked()
+                server.port.deliver([Frame(eth(0, 5000))])  # three 2 KiB buffers
+            for _ in range(50):
+                await trio.sleep(0)  # the loop polls its fds between Trio's ticks
+            assert armed == ([False, False] if placer == "kick_handler" else [False])
+            assert len(server.port.queue) == 1
 
     on_loop(main)

@@ -397,6 +397,22 @@ def test_arm_kicks_writes_avail_event_and_sees_raced_work(pair):
     assert pair.tx_q.avail_event() == pair.tx.last_avail_idx
 
 
+@pytest.mark.parametrize("event_idx", [True, False])
+def test_arm_kicks_for_more_arms_beyond_the_index_seen_and_sees_chains_added_since(event_idx):
+    with Pair(event_idx=event_idx) as p:
+        p.driver.post_rx(2)
+        p.rx.mute_kicks()
+        seen = p.rx.avail_idx()  # a placement looked: two buffers, too small, say
+        p.driver.post_rx(1)  # before kicks are armed: the driver does not kick
+        assert not p.rx_q.needs_kick()
+        assert p.rx.arm_kicks_for_more(seen)  # place again
+        assert not p.rx.arm_kicks_for_more(p.rx.avail_idx())  # nothing since: armed
+        if event_idx:
+            assert p.rx_q.avail_event() == p.rx.avail_idx() == 3
+        p.driver.post_rx(1)
+        assert p.rx_q.needs_kick()
+
+
 def test_without_event_idx_no_notify_flag_suppresses_kicks():
     p = Pair(event_idx=False)
     try:

@@ -531,8 +531,10 @@ class VhostUserServer:
             if failed or scope.cancel_called or vring.queue is not queue:
                 return
             try:
-                # What is left waits for buffers: kicks armed, or more already there.
-                if place() or (pending and queue.arm_kicks_for_more()):
+                # What is left waits for buffers: kicks armed beyond those the placement saw,
+                # or more already there (the guest may have added them unkicked meanwhile).
+                seen = queue.avail_idx()
+                if place() or (pending and queue.arm_kicks_for_more(seen)):
                     kicks.kick()
             except Exception as exc:
                 failed.append(exc)
@@ -542,12 +544,13 @@ class VhostUserServer:
             if failed or scope.cancel_called or vring.queue is not queue:
                 return True  # failed, or retired while the loop still served it
             queue.mute_kicks()  # kicks are armed only while frames wait for buffers
+            seen = queue.avail_idx()
             if pending and place():
                 kicks.busy()
                 return False
             kicks.drain()
-            if pending and queue.arm_kicks_for_more():  # the guest has no room: armed
-                kicks.kick()  # unless more came meanwhile
+            if pending and queue.arm_kicks_for_more(seen):  # the guest has no room: armed
+                kicks.kick()  # unless more came since the placement looked
             return False
 
         port.on_ready = push_now

@@ -6,8 +6,11 @@ its head, translating every buffer through GuestMemory into bounds-checked spans
 `push_used()` writes used elements and publishes them with ONE used.idx store per batch;
 `should_notify()` then decides whether the driver wants an interrupt (EVENT_IDX or the
 NO_INTERRUPT flag).  `arm_kicks()` asks the driver to kick on its next addition and re-checks
-for work that raced in; `arm_kicks_for_more()` does the same beyond what is available now (RX
-buffers too small for the next frame).
+for work that raced in; `arm_kicks_for_more(seen)` does the same beyond the avail index the
+caller's placement saw (RX buffers too few or too small for the next frame).  Both follow
+vhost's rule: arm at the index the last look at the ring saw, then re-read avail.idx against
+it -- never at an avail.idx read afresh, which would arm beyond buffers the driver added
+unkicked in between, and they would wait for the shell's re-poll.
 
 Work per batch is bounded: `pop()` counts its work in `walked` -- one per descriptor walked,
 one per chain taken by the one-descriptor fast path -- and stops once that reaches WALK_BUDGET,
@@ -508,10 +511,12 @@ class SplitQueue:
         """Ask the driver to kick when it adds work.  Returns True if work is already there."""
         return self._arm_kicks(self.last_avail_idx)
 
-    def arm_kicks_for_more(self) -> bool:
-        """Ask the driver to kick when it adds chains beyond those available now (RX: they
-        cannot hold the next frame).  Returns True if more arrived meanwhile."""
-        return self._arm_kicks(self._avail[1])
+    def arm_kicks_for_more(self, seen: int) -> bool:
+        """Ask the driver to kick when it adds chains beyond avail index `seen` (RX: read
+        before a placement that found the chains up to it too few or too small for the next
+        frame).  Returns True if the driver added some since then: it may have done so
+        before kicks were armed, without kicking, and the caller must place again."""
+        return self._arm_kicks(seen)
 
     def _arm_kicks(self, avail_idx: int) -> bool:
         if self.event_idx:
