@@ -5,6 +5,7 @@ functions, each running a real DataLoop: pytest-trio's tests take serve_readable
 
 import os
 import struct
+from collections import Counter
 
 import pytest
 import trio
@@ -34,14 +35,17 @@ def no_repoll(monkeypatch) -> None:
 
 
 class RingSteps(trio.abc.Instrument):
-    """Counts the steps Trio runs of the ring tasks (VhostUserServer._run_ring)."""
+    """Counts the steps Trio runs of the ring tasks (VhostUserServer._run_ring), in all and
+    by the ring loop they run (`by_loop["_rx_loop"]`, `by_loop["_tx_loop"]`)."""
 
     def __init__(self) -> None:
         self.steps = 0
+        self.by_loop: Counter[str] = Counter()
 
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
         if task.name.endswith("._run_ring"):
             self.steps += 1
+            self.by_loop[task.coro.cr_frame.f_locals["loop"].__name__] += 1
 
 
 def on_loop(main) -> DataLoop:
@@ -371,5 +375,51 @@ def test_rx_frames_waiting_for_a_guest_that_posts_nothing_arm_kicks_once_and_sle
                 await trio.sleep(0)  # the loop polls its fds between Trio's ticks
             assert armed == ([False, False] if placer == "kick_handler" else [False])
             assert len(server.port.queue) == 1
+
+    on_loop(main)
+
+
+@pytest.mark.parametrize("kick", ["fd", "nofd"])
+def test_an_idle_rx_ring_is_not_polled_and_frames_waiting_for_buffers_are(
+        tmp_path, monkeypatch, kick):
+    """The rings' safety nets cost wake-ups: the RX task (re-)polls only while frames wait
+    for buffers (an idle RX ring waits for nothing: push_now reads the ring itself), the TX
+    task always.  A lost kick (here the guest posts without one; NOFD: it has none) still
+    only delays frames that wait."""
+    monkeypatch.setattr(backend, "REPOLL_SECONDS", 0.01)
+
+    async def main(loop: DataLoop) -> None:
+        async with served(tmp_path) as server, connected(server) as fe:
+            if kick == "nofd":
+                await fe.set_vring_kick(0, None)
+            await trio.testing.wait_all_tasks_blocked()
+            steps = RingSteps()
+            trio.lowlevel.add_instrument(steps)
+            await trio.sleep(0.2)  # 20 re-polls, 200 NOFD polls
+            assert steps.by_loop["_rx_loop"] == 0
+            assert steps.by_loop["_tx_loop"] >= 5
+            server.port.deliver([Frame(eth(n)) for n in range(3)])  # no buffers
+            await trio.sleep(0.05)
+            fe.net.post_rx(4)  # and no kick
+            assert await receive(fe, 3) == [eth(n) for n in range(3)]
+            assert steps.by_loop["_rx_loop"] > 0
+            trio.lowlevel.remove_instrument(steps)
+            server.port.deliver([Frame(eth(3))])  # buffers are there: placed at once
+            assert [frame for _, frame in fe.net.receive()] == [eth(3)]
+
+    on_loop(main)
+
+
+def test_a_tx_ring_without_a_kick_fd_is_polled(tmp_path):
+    async def main(loop: DataLoop) -> None:
+        collector = Collector()
+        async with served(tmp_path, collector) as server, connected(server) as fe:
+            await fe.set_vring_kick(1, None)
+            await trio.testing.wait_all_tasks_blocked()
+            for n in range(3):
+                fe.net.send([eth(n)])  # no kick: there is no fd
+                await collector.wait_for(n + 1)
+            assert collector.frames == [eth(n) for n in range(3)]
+            assert server.port.device.broken is None
 
     on_loop(main)

@@ -16,8 +16,8 @@ Tasks of one connection:
     and re-checks (a slow re-poll by the task is the lost-kick safety net);
   * one RX task, parked likewise: frames the switch queued on this port -> the first live RX
     ring, placed by `push_now` from whoever switched them; when the guest has no buffers,
-    kicks are armed on that ring and its kick handler places the rest.  Each (re)start tries
-    the ring first.
+    kicks are armed on that ring and its kick handler places the rest (re-polled only while
+    frames wait: an idle RX ring costs no wake-up).  Each (re)start tries the ring first.
 Handlers and tasks run on one thread and ring work never waits mid-batch, so a control
 message is applied between batches, never during one: SET_MEM_TABLE or GET_VRING_BASE cannot
 race ring work.  A handler may still run between a ring's retirement and its task's end: it
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import socket
 from collections.abc import Awaitable, Callable
@@ -64,10 +65,12 @@ log = logging.getLogger(__name__)
 
 # Chains handled per handler call before the loop serves the others.
 BATCH = 256
-# Re-check rings this often even without a kick: a safety net, not the data path (the one
-# Trio wake-up of a busy ring's task).
+# Re-check a ring this often even without a kick while it waits for the guest (TX always; RX
+# while frames wait for buffers): a safety net, not the data path (the one Trio wake-up of a
+# busy ring's task).
 REPOLL_SECONDS = 0.25
-# A kick fd the front-end said it would not provide (NOFD): poll this often.
+# A kick fd the front-end said it would not provide (NOFD): poll this often while the ring
+# waits for the guest.
 NOFD_POLL_SECONDS = 0.001
 # A front-end arriving while the previous one is being torn down waits this long before it
 # is refused (one guest per socket).
@@ -140,13 +143,28 @@ class _Kicks:
     A readable fd is the data loop's one way to call the handler again, so the fd is kept
     readable while the handler has more to do: it is readable whenever the handler is called
     (the task kicks it before it serves it), and the handler drains it only once the ring is
-    idle, before it re-checks.  A spurious kick costs one call that finds the ring as it is."""
+    idle, before it re-checks.  A spurious kick costs one call that finds the ring as it is.
 
-    __slots__ = ("again", "fd")
+    The task re-polls the ring (NOFD: polls it) only while the ring waits for the guest; an
+    RX ring with no frames queued waits for nothing (push_now reads the ring itself), and its
+    task sleeps until `watch` (frames left waiting) or `kick`."""
+
+    __slots__ = ("again", "fd", "wait")
 
     def __init__(self, fd: int | None) -> None:
         self.fd = fd
         self.again = False  # NOFD: the handler has more to do, poll again at once
+        # The task's wait for its next (re-)poll, while it waits; its deadline is inf while
+        # the ring waits for nothing.
+        self.wait: trio.CancelScope | None = None
+
+    def watch(self) -> None:
+        """The ring waits for the guest (kicks armed): have the task (re-)poll it within a
+        period, if it was not going to."""
+        wait = self.wait
+        if wait is not None and wait.deadline == math.inf:
+            wait.deadline = trio.current_time() + (
+                NOFD_POLL_SECONDS if self.fd is None else REPOLL_SECONDS)
 
     def busy(self) -> None:
         """The handler has more to do and did not drain: it is called again after the
@@ -162,6 +180,8 @@ class _Kicks:
         """More to do after a drain, or from outside the handler: have the handler called."""
         if self.fd is None:
             self.again = True
+            if self.wait is not None:
+                self.wait.cancel()  # the task polls now
         else:
             _signal(self.fd)
 
@@ -385,17 +405,29 @@ class VhostUserServer:
                 return vring.queue
         return None
 
-    async def _serve_kicks(self, kicks: _Kicks, on_kick: Callable[[], bool]) -> None:
+    async def _serve_kicks(
+        self, kicks: _Kicks, on_kick: Callable[[], bool], waiting: Callable[[], bool]
+    ) -> None:
         """Call `on_kick()` now and whenever the ring is kicked, from the data loop, until it
         returns True (raising what it raised); re-polled every REPOLL_SECONDS, or polled every
-        NOFD_POLL_SECONDS without a kick fd."""
+        NOFD_POLL_SECONDS without a kick fd, while `waiting()` (the ring waits for the guest)
+        or after `kicks.watch()`."""
         fd = kicks.fd
         if fd is None:
-            while True:
-                kicks.again = False
-                if on_kick():
-                    return
-                await trio.sleep(0 if kicks.again else NOFD_POLL_SECONDS)
+            try:
+                while True:
+                    kicks.again = False
+                    if on_kick():
+                        return
+                    if kicks.again:
+                        await trio.sleep(0)
+                        continue
+                    with trio.CancelScope() as kicks.wait:
+                        if waiting():
+                            kicks.wait.deadline = trio.current_time() + NOFD_POLL_SECONDS
+                        await trio.sleep_forever()
+            finally:
+                kicks.wait = None
         # The task this one replaces (a new call fd, a restart) may still be serving the fd:
         # one server per fd, so wait until it unwound.
         while (other := self._kick_served.get(fd)) is not None:
@@ -404,10 +436,13 @@ class VhostUserServer:
         try:
             while True:
                 kicks.kick()  # readable at the first call too (see _Kicks)
-                with trio.move_on_after(REPOLL_SECONDS):
+                with trio.CancelScope() as kicks.wait:
+                    if waiting():
+                        kicks.wait.deadline = trio.current_time() + REPOLL_SECONDS
                     await serve_readable(fd, on_kick)
                     return
         finally:
+            kicks.wait = None
             del self._kick_served[fd]
             served.set()
 
@@ -483,7 +518,7 @@ class VhostUserServer:
                 kicks.kick()
             return False
 
-        await self._serve_kicks(kicks, on_kick)
+        await self._serve_kicks(kicks, on_kick, lambda: True)
 
     def _forward_failed(self, count: int) -> None:
         """The switch raised on a batch of this guest's frames: the frame that made it raise
@@ -536,6 +571,8 @@ class VhostUserServer:
                 seen = queue.avail_idx()
                 if place() or (pending and queue.arm_kicks_for_more(seen)):
                     kicks.kick()
+                elif pending:
+                    kicks.watch()
             except Exception as exc:
                 failed.append(exc)
                 kicks.kick()
@@ -549,13 +586,16 @@ class VhostUserServer:
                 kicks.busy()
                 return False
             kicks.drain()
-            if pending and queue.arm_kicks_for_more(seen):  # the guest has no room: armed
-                kicks.kick()  # unless more came since the placement looked
+            if pending:  # the guest has no room: armed
+                if queue.arm_kicks_for_more(seen):
+                    kicks.kick()  # unless more came since the placement looked
+                else:
+                    kicks.watch()
             return False
 
         port.on_ready = push_now
         try:
-            await self._serve_kicks(kicks, on_kick)
+            await self._serve_kicks(kicks, on_kick, lambda: bool(pending))
             if failed:
                 raise failed[0]
         finally:  # a task that stopped places nothing, even on a ring not retired yet
