@@ -126,14 +126,16 @@ class SpeakingPort(Port):
     """A port that also sends frames of its own (the gateway's replies, a TUN host's ARP and
     DHCP): they wait in `outbox` (at most OUTBOX_FRAMES) until its shell takes them
     (`take_outbox`) and forwards them; `on_ready` is called when the outbox stops being
-    empty."""
+    empty.  The shells hand the port to `Switch.send` there, so a reply leaves from the
+    handler that delivered its request (after that batch), and a timer's frames from the
+    timer's task; their own task forwards only what `send` leaves (it says False)."""
 
     def __init__(
         self, name: str, accepts: Offload = Offload.NONE, policy: PortPolicy | None = None
     ) -> None:
         super().__init__(name, accepts, policy)
         self.outbox: list[Frame] = []
-        self.on_ready: Callable[[], None] | None = None  # wakes the shell's outbox task
+        self.on_ready: Callable[[], None] | None = None  # the shell: Switch.send, or a wake-up
 
     def _send(self, frames: list[Frame]) -> None:
         if not frames:

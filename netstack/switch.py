@@ -32,6 +32,12 @@ frames in a row) meets the same table, so it skips the MAC part of steps 1-3 and
 same queue (an egress port's, or the flood); its own checks (0, the network layer, its flood
 or service token) still run.  tests/test_switch_runs.py holds a batch to the same results as its
 frames one by one.
+Frames a port makes itself (netstack.port.SpeakingPort: the gateway's replies, a TUN host's
+ARP) enter through `send(port)`, from the handler that made them: at once, or, when the port
+answered a frame this switch was delivering, right after that batch's delivery, in the same
+`forward` call (the switch is never re-entered from inside a port's `deliver`, and what the
+ingress sent is delivered before the answers).  Ports that keep answering each other get
+SEND_ROUNDS rounds per batch; `send` then says False and the port's shell forwards the rest.
 Every drop is counted on a port, by reason.  Containment: an exception while switching one
 frame drops that frame (`malformed` on the ingress port); one raised by an egress port's
 `deliver` drops that batch (`internal_error` on the egress port) and the other ports still
@@ -63,7 +69,7 @@ from netstack.policy import (
     AddressBook,
     check_l3,
 )
-from netstack.port import Port
+from netstack.port import Port, SpeakingPort
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +81,9 @@ _REFRESH_SECONDS = 1.0
 # full TX batch (256 chains) of 64 KiB TSO frames at MSS 1448 is 11.6k segments for one
 # port that takes no TSO; at ~3 us a segment the bound is ~50 ms of work per call.
 SEGMENT_BUDGET = 16384
+# Rounds of ports' own frames one forward() sends after its batch (a reply, the answer a
+# reply drew from another speaking port, ...); beyond, they wait for their ports' shells.
+SEND_ROUNDS = 4
 # How the frame that started a run was queued: to a known port, or flooded as a group
 # (broadcast, multicast) or as unknown unicast.
 _UNICAST, _GROUP, _UNKNOWN = "unicast", "group", "unknown"
@@ -107,6 +116,11 @@ class Switch:
         self._pins: dict[bytes, int] = {}
         # Called with each port as it is attached (the hub opens its capture there).
         self.on_attach: Callable[[Port], None] | None = None
+        # `send`'s state: is a batch being delivered, whose outboxes wait for its end, and
+        # how many more rounds of them this forward() sends.
+        self._delivering = False
+        self._speakers: list[SpeakingPort] = []
+        self._rounds_left = SEND_ROUNDS
 
     def attach(self, port: Port) -> None:
         if port in self.ports:
@@ -218,6 +232,40 @@ class Switch:
             return False
         learned = self.mac_table.get(mac)
         return learned is None or learned[0] is not owner
+
+    def send(self, port: SpeakingPort) -> bool:
+        """Forward the frames `port` made itself (its outbox), from the caller: now, or, when
+        called while a batch is delivered (the port answered a frame of it), once that
+        batch's delivery is over, in the same `forward` call.  False when the ports' answers
+        to each other ran SEND_ROUNDS rounds in this call: the frames stay in the outbox,
+        for the port's shell."""
+        if self._delivering:
+            if self._rounds_left <= 0:
+                return False
+            if port not in self._speakers:
+                self._speakers.append(port)
+            return True
+        frames = port.take_outbox()
+        if frames:
+            self.forward(port, frames)
+        return True
+
+    def _send_waiting(self) -> None:
+        """The outboxes filled while a batch was delivered (forward's tail): forwarded, the
+        answers they draw in their turn too, up to SEND_ROUNDS rounds."""
+        try:
+            for rounds_left in range(SEND_ROUNDS - 1, -1, -1):
+                self._rounds_left = rounds_left
+                speakers, self._speakers = self._speakers, []
+                for port in speakers:
+                    frames = port.take_outbox()
+                    if frames:
+                        self.forward(port, frames)
+                if not self._speakers:
+                    break
+        finally:
+            self._rounds_left = SEND_ROUNDS
+            self._speakers.clear()
 
     def forward(self, ingress: Port, frames: list[Frame]) -> None:
         """Switch a batch of frames that arrived on `ingress`.  Never raises because of what
@@ -373,15 +421,22 @@ class Switch:
                     by_port[port] = extra if batch is None else batch + extra
         # 4. delivery
         budget = [self.segment_budget]
-        for egress, batch in by_port.items():
-            try:
-                if offloaded or egress.capture is not None:
-                    self._deliver(ingress, egress, batch, budget, offloaded)
-                else:  # (the common batch: nothing to fit or capture)
-                    egress.deliver(batch)
-            except Exception:  # one port's trouble is that port's
-                egress.drop_unexpected("internal_error", len(batch),
-                                       f"delivering frames from {ingress.name}")
+        delivering, self._delivering = self._delivering, True
+        try:
+            for egress, batch in by_port.items():
+                try:
+                    if offloaded or egress.capture is not None:
+                        self._deliver(ingress, egress, batch, budget, offloaded)
+                    else:  # (the common batch: nothing to fit or capture)
+                        egress.deliver(batch)
+                except Exception:  # one port's trouble is that port's
+                    egress.drop_unexpected("internal_error", len(batch),
+                                           f"delivering frames from {ingress.name}")
+        finally:
+            self._delivering = delivering
+        # What ports answered meanwhile (`send`), unless an outer forward's tail sends it.
+        if self._speakers and self._rounds_left == SEND_ROUNDS:
+            self._send_waiting()
 
     @staticmethod
     def _deliver(ingress: Port, egress: Port, batch: list[Frame], budget: list[int],

@@ -11,9 +11,12 @@ import pytest
 import trio
 import trio.testing
 from scapy.layers.dhcp import BOOTP, DHCP
-from scapy.layers.inet import IP, UDP
+from scapy.layers.inet import ICMP, IP, UDP
 from scapy.layers.l2 import ARP, Ether
 
+from netstack.frame import Frame
+from netstack.policy import PortPolicy
+from netstack.port import QueuedPort
 from tests.support.pcapng import read_pcapng
 from tests.support.virtio_driver import GuestRam, VhostUserFrontend
 from tunnel.control import query
@@ -163,3 +166,47 @@ def test_bad_network_flags_are_refused(tmp_path, args, message):
                              str(tmp_path / "a.sock"), *args], capture_output=True, text=True,
                             timeout=30)
     assert result.returncode != 0 and message in result.stderr
+
+
+class Recorder(QueuedPort):
+    """A guest's port that notes, in a log shared with others, each batch it is given."""
+
+    def __init__(self, name: str, log: list) -> None:
+        super().__init__(name, policy=PortPolicy())
+        self.log = log
+
+    def deliver(self, frames: list[Frame]) -> None:
+        self.log.append((self.name, [Ether(bytes(f.data)) for f in frames]))
+        super().deliver(frames)
+
+
+async def test_the_gateways_replies_leave_within_the_switch_call_that_delivered_the_requests(
+        tmp_path):
+    """No task runs between the request's forward and its reply's (on the data loop the
+    handler that read the request sends the reply), and the reply follows the whole batch."""
+    config = HubConfig(subnet=ipaddress.IPv4Network("10.77.0.0/24"), state_dir=tmp_path)
+    log: list = []
+    async with trio.open_nursery() as nursery:
+        hub = Hub(config)
+        await nursery.start(hub.run)
+        await trio.testing.wait_all_tasks_blocked()
+        guest, other = Recorder("guest", log), Recorder("other", log)
+        hub.switch.attach(guest)
+        hub.switch.attach(other)
+        arp = Ether(src=GUEST_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(
+            op=1, hwsrc=GUEST_MAC, psrc="10.77.0.5", pdst="10.77.0.1")
+        echo = Ether(src=GUEST_MAC, dst=hub.gateway.mac) / IP(src="10.77.0.5",
+                                                                dst="10.77.0.1") / ICMP()
+        hub.switch.forward(guest, [Frame(bytes(arp)), Frame(bytes(echo))])
+        assert [name for name, _ in log] == ["other", "guest"]
+        (arp_reply,) = [f for f in log[1][1] if ARP in f]
+        (echo_reply,) = [f for f in log[1][1] if ICMP in f]
+        assert arp_reply[ARP].op == 2 and arp_reply[ARP].psrc == "10.77.0.1"
+        assert echo_reply[ICMP].type == 0 and echo_reply[IP].src == "10.77.0.1"
+        # Frames the gateway makes outside any delivery (the NAT's, from its sockets'
+        # handlers) leave at once too.
+        log.clear()
+        hub.gateway.to_guests([Frame(bytes(Ether(src=hub.gateway.mac, dst=GUEST_MAC)
+                                           / IP(src="192.0.2.1", dst="10.77.0.5") / ICMP()))])
+        assert [name for name, _ in log] == ["guest"] and hub.gateway.outbox == []
+        nursery.cancel_scope.cancel()

@@ -6,8 +6,9 @@ With `nat`, the gateway routes: what guests send it for elsewhere goes to the NA
 as default router and (unless `dns` names servers) as DNS server; without, they name no
 default route (a host joining through TAP keeps its own).
 
-The Trio side is thin: each vhost-user socket has its server (virtio.backend), the gateway
-has a task that moves its replies into the switch and wakes it for timed work, the DHCP
+The Trio side is thin: each vhost-user socket has its server (virtio.backend), the gateway's
+frames enter the switch from whatever made them (`Switch.send`: a reply from the handler
+that delivered the request) and a task does its timed work, the DHCP
 server's lease file is read once at start-up and written by a task of its own (in a worker
 thread, batched), so are the --pcap capture files (tunnel/capture.py FileCaptures), and a
 housekeeping task ages the switch's tables.  The hub also answers `vhostvpn status`.
@@ -264,7 +265,18 @@ class Hub:
                     await self.captures.close()
 
     async def _run_gateway(self, gateway: GatewayPort) -> None:
-        """Move the gateway's replies into the switch; wake it when timed work is due."""
+        """The gateway's timed work (router advertisements, lease expiry) when it is due.
+        Its frames leave from whatever made them, through `Switch.send`: a reply from the
+        switch's call that delivered its request (the handler that read it: no task wakes),
+        the NAT's frames from its sockets' handlers, a timer's from here.  This task
+        forwards only what `send` left (answers drawing answers for too long)."""
+        left = trio.Event()
+
+        def on_ready() -> None:
+            if not self.switch.send(gateway):
+                left.set()
+
+        gateway.on_ready = on_ready
         while True:
             gateway.tick(gateway.clock())
             frames = gateway.take_outbox()
@@ -272,10 +284,9 @@ class Hub:
                 self.switch.forward(gateway, frames)
                 await trio.lowlevel.checkpoint()
                 continue
-            ready = trio.Event()
-            gateway.on_ready = ready.set
+            left = trio.Event()
             with trio.move_on_after(max(0.0, gateway.next_deadline() - gateway.clock())):
-                await ready.wait()
+                await left.wait()
 
     async def _persist_leases(self, dhcp: DhcpServer) -> None:
         """Write the lease table whenever it changed, at most every PERSIST_INTERVAL_SECONDS
