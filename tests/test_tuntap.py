@@ -19,6 +19,7 @@ from collections.abc import Iterator
 
 import pytest
 import trio
+import trio.testing
 
 from netstack.frame import (
     GSO_NONE,
@@ -29,7 +30,9 @@ from netstack.frame import (
     OffloadInfo,
 )
 from netstack.port import QueuedPort
+from netstack.switch import Switch
 from tunnel.host.hostnet import HostNetwork, HostNetworkError
+from tunnel.host.tunport import TunPort
 from tunnel.host.tuntap import (
     TUN_F_CSUM,
     TUN_F_TSO4,
@@ -553,3 +556,37 @@ def test_host_network_undo_after_the_device_is_gone_is_quiet(netns: str) -> None
 def test_host_network_refuses_an_unknown_link_by_name(netns: str) -> None:
     with HostNetwork(netns) as net, pytest.raises(HostNetworkError, match="no-such-link"):
         net.set_up("no-such-link")
+
+
+# -- the TUN host's own frames --------------------------------------------------------------
+
+
+@needs_root
+async def test_a_tun_hosts_arp_reply_leaves_within_the_switch_call_that_delivered_the_request(
+        netns: str) -> None:
+    """The L3 host's answer goes through `Switch.send` from the handler that delivered the
+    request (its own task woke for it: a cross-thread wake-up on the data loop)."""
+    device = TunTapDevice.open("vvtun%d", "tun", Offload.NONE)
+    net = HostNetwork(netns)
+    try:
+        _ip("link", "set", device.name, "netns", netns)
+        net.set_up(device.name, MTU)
+        port = TunPort(device, net, ipv4=ipaddress.IPv4Interface(f"{KERNEL_IP}/24"))
+        asker = QueuedPort("asker")
+        switch = Switch()
+        switch.attach(port)
+        switch.attach(asker)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(port.run, switch)
+            await trio.testing.wait_all_tasks_blocked()
+            asker.queue.clear()  # what the host said on its own
+            request = Ether(src=PEER_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(
+                op=1, hwsrc=PEER_MAC, psrc=PEER_IP, pdst=KERNEL_IP)
+            switch.forward(asker, [Frame(bytes(request))])
+            (reply,) = [Ether(bytes(f.data)) for f in asker.queue]
+            assert reply[ARP].op == 2 and reply[ARP].psrc == KERNEL_IP
+            assert reply[ARP].hwsrc == port.mac.hex(":") and port.outbox == []
+            nursery.cancel_scope.cancel()
+    finally:
+        net.undo()
+        device.close()

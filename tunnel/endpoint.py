@@ -279,7 +279,7 @@ class Endpoint:
                 nursery.start_soon(run_device, self.device, self.device_port,
                                    self.switch.forward)
             if self.tun_port is not None:
-                nursery.start_soon(self.tun_port.run, self.switch.forward)
+                nursery.start_soon(self.tun_port.run, self.switch)
             if self.config.control:
                 ports = partial(list, self.switch.ports)  # `vhostvpn capture PORT`
                 await nursery.start(partial(serve_control, ports=ports),

@@ -8,9 +8,11 @@ The port's two directions:
     back IP packets, queued for the TUN writer;
   host -> segment (the reader task): packets read from the TUN in batches become frames
     through L3Host (or wait for their neighbour) and enter the switch.
-Frames the port itself originates (ARP, NDP, DHCP, released packets) wait in `outbox`; the
-shell's task forwards them, as the hub does for its gateway, so the switch is never
-re-entered from inside `deliver`.  Addresses (static, leased, SLAAC) are put on the device
+Frames the port itself originates (ARP, NDP, DHCP, released packets) go through its `outbox`
+into `Switch.send`, as the hub's gateway's do: an answer leaves from the handler that
+delivered what it answers (after that batch: the switch is never re-entered from inside
+`deliver`), a timer's frames from the shell's task, which also forwards what `send` left.
+Addresses (static, leased, SLAAC) are put on the device
 through netlink (tunnel/host/hostnet.py) and removed on exit.
 """
 
@@ -27,7 +29,8 @@ import trio
 from netstack.frame import Frame, stable_mac
 from netstack.host.dhcp_client import DhcpClient, DhcpLease, is_dhcp_reply
 from netstack.host.l3host import L3Host
-from netstack.port import Port, SpeakingPort
+from netstack.port import SpeakingPort
+from netstack.switch import Switch
 from tunnel.host.hostnet import HostNetwork, HostNetworkError
 from tunnel.host.tuntap import BATCH, TunTapDevice, TunTapError, describe, write_queued
 from virtio.dataloop import serve_readable
@@ -155,17 +158,18 @@ class TunPort(SpeakingPort):
 
     # -- the shell ------------------------------------------------------------------------------
 
-    async def run(self, forward: Callable[[Port, list[Frame]], None]) -> None:
-        """Move packets between the TUN and the switch, and the port's own frames, until
+    async def run(self, switch: Switch) -> None:
+        """Move packets between the TUN and `switch`, and the port's own frames, until
         cancelled."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._read_loop, forward)
+            nursery.start_soon(self._read_loop, switch)
             nursery.start_soon(self._write_loop)
-            nursery.start_soon(self._outbox_loop, forward)
+            nursery.start_soon(self._outbox_loop, switch)
 
-    async def _read_loop(self, forward: Callable[[Port, list[Frame]], None]) -> None:
+    async def _read_loop(self, switch: Switch) -> None:
         """TUN -> L3Host -> switch: a data-loop handler (virtio/dataloop.py)."""
         device = self.device
+        forward = switch.forward
 
         def on_readable() -> bool:
             packets = device.read_batch(BATCH)
@@ -191,8 +195,17 @@ class TunPort(SpeakingPort):
             elif packets:  # more to write: let the other tasks run first
                 await trio.lowlevel.checkpoint()
 
-    async def _outbox_loop(self, forward: Callable[[Port, list[Frame]], None]) -> None:
-        """The port's own frames (ARP, NDP, DHCP, released packets) -> switch; timers."""
+    async def _outbox_loop(self, switch: Switch) -> None:
+        """The timers (neighbour discovery, DHCP) and what `Switch.send` left of the port's
+        own frames (ARP, NDP, DHCP, released packets), which leave from the call that made
+        them (`on_ready`)."""
+        left = trio.Event()
+
+        def on_ready() -> None:
+            if not switch.send(self):
+                left.set()
+
+        self.on_ready = on_ready
         if self.dhcp is not None:
             self._send(self.dhcp.start(self.clock()))
         while True:
@@ -202,13 +215,12 @@ class TunPort(SpeakingPort):
                 self._send(self.dhcp.tick(now))
             frames = self.take_outbox()
             if frames:
-                forward(self, frames)
+                switch.forward(self, frames)
                 await trio.lowlevel.checkpoint()
                 continue
             deadlines = [d for d in (self.l3.next_deadline(),
                                      self.dhcp.next_deadline() if self.dhcp else None)
                          if d is not None]
-            ready = trio.Event()
-            self.on_ready = ready.set
+            left = trio.Event()
             with trio.move_on_after(max(0.0, min(deadlines, default=now + 1.0) - now)):
-                await ready.wait()
+                await left.wait()
