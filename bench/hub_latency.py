@@ -10,6 +10,8 @@ the next round does the same with the next tree, so every tree sees the same mac
          machine CPU s per GB received (both vCPUs' busy time from /proc/stat)
 plus, once, the raw veth's CPU s/GB and `openssl speed`'s AES-256-GCM rate: the floor of the
 hub topology (3 x veth + 4 AES passes) the issue measures CPU per GB against.
+`--target gateway`: the hub gets a subnet and A's idle and fast pings go to its gateway
+address (answered by the hub's own services: A's endpoint and the hub, no B).
 
 Run (root): .venv/bin/python bench/hub_latency.py --tree OLD --tree NEW [--rounds 4]
 (a tree given as PATH@PYTHON runs under that interpreter, with this one's packages).
@@ -39,6 +41,7 @@ from tunnel.keys import identity_fingerprint, keygen  # noqa: E402
 HUB_PORT = 7777
 START_TIMEOUT = 20.0
 A, B = "10.78.0.1", "10.78.0.2"
+SUBNET, GATEWAY = "10.78.0.0/24", "10.78.0.254"  # --target gateway
 FAST_COUNT = 400
 
 
@@ -107,8 +110,9 @@ class Topology:
 class Vpn:
     """hub + two TAP endpoints, run from `tree`."""
 
-    def __init__(self, topo: Topology, tree: Path, workdir: Path) -> None:
+    def __init__(self, topo: Topology, tree: Path, workdir: Path, gateway: bool = False) -> None:
         self.names = topo.ns.names
+        self.gateway = gateway  # the hub answers at GATEWAY
         # TREE@PYTHON: that tree's code run by another interpreter (this one's packages).
         tree_text, _, interpreter = str(tree).partition("@")
         self.tree = Path(tree_text).resolve()
@@ -127,7 +131,9 @@ class Vpn:
         python = [self.python, "-m", "tunnel.cli"]
         self._start("hub", [*python, "hub", "--listen", f"0.0.0.0:{HUB_PORT}", "--identity",
                             str(w / "hub-id"), "--peers", str(w / "peers"),
-                            "--control", str(w / "hub.ctl")])
+                            "--control", str(w / "hub.ctl"),
+                            *(["--subnet", SUBNET, "--gateway", GATEWAY] if self.gateway
+                              else [])])
         for n, (side, address) in enumerate((("a", A), ("b", B)), 1):
             self._start(side, [*python, "host", "--tap", "vv0", "--address", f"{address}/24",
                                "--hub", f"10.203.{n}.1:{HUB_PORT}", "--identity",
@@ -146,6 +152,8 @@ class Vpn:
                 time.sleep(0.2)
         # Both MACs learned and ARP resolved before anything is timed.
         in_ns(self.names["a"], "ping", "-c", "3", "-i", "0.2", B, timeout=20)
+        if self.gateway:
+            in_ns(self.names["a"], "ping", "-c", "3", "-i", "0.2", GATEWAY, timeout=20)
         return self
 
     def _start(self, name: str, argv: list[str]) -> None:
@@ -172,13 +180,14 @@ def cpu_ns(pids: list[int]) -> int:
     return sum(int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) for pid in pids)
 
 
-def measure(vpn: Vpn, seconds: float, idle_count: int) -> dict[str, object]:
-    """Idle and fast pings, then (unless `seconds` is 0) the stream with pings."""
+def measure(vpn: Vpn, seconds: float, idle_count: int, target: str = B) -> dict[str, object]:
+    """Idle and fast pings to `target`, then (unless `seconds` is 0) the stream A -> B with
+    pings."""
     a, b = vpn.names["a"], vpn.names["b"]
     pids = [p.pid for p in vpn.processes.values()]
-    idle = ping(a, B, 0.2, idle_count)
+    idle = ping(a, target, 0.2, idle_count)
     before = cpu_ns(pids)
-    fast = ping(a, B, 0.01, FAST_COUNT)
+    fast = ping(a, target, 0.01, FAST_COUNT)
     cpu_per_ping = (cpu_ns(pids) - before) / FAST_COUNT / 1e3
     return {"idle": idle, "fast": fast, "vpn_cpu_us_per_ping": round(cpu_per_ping),
             "load": stream(a, b, B, seconds) if seconds else {}}
@@ -200,14 +209,18 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=4.0,
                         help="of the stream under load; 0: pings only")
     parser.add_argument("--idle-count", type=int, default=20)
+    parser.add_argument("--target", choices=("host", "gateway"), default="host",
+                        help="what A pings idle and fast: B, or the hub's gateway address")
     args = parser.parse_args()
     results: dict[str, list] = {str(t): [] for t in args.tree}
     with tempfile.TemporaryDirectory(prefix="lty-") as tmp, Topology() as topo:
         for round_ in range(args.rounds):
             trees = args.tree if round_ % 2 == 0 else list(reversed(args.tree))
             for tree in trees:
-                with Vpn(topo, tree, Path(tmp)) as vpn:
-                    row = measure(vpn, args.seconds, args.idle_count)
+                gateway = args.target == "gateway"
+                with Vpn(topo, tree, Path(tmp), gateway) as vpn:
+                    row = measure(vpn, args.seconds, args.idle_count,
+                                  GATEWAY if gateway else B)
                 row["load_avg"] = Path("/proc/loadavg").read_text().split()[0]
                 results[str(tree)].append(row)
                 print(round_, tree, json.dumps(row), flush=True)
