@@ -37,7 +37,7 @@ def hub_configs(monkeypatch) -> list:
             return {}
 
     monkeypatch.setattr(tunnel.hub, "Hub", Recorder)
-    monkeypatch.setattr(tunnel.cli.roles, "run_role", lambda *args: 0)
+    monkeypatch.setattr(tunnel.cli.roles, "run_role", lambda *args, **kwargs: 0)
     return configs
 
 
