@@ -28,10 +28,10 @@ assert RETRANSMIT_WAIT < CONNECT_TIMEOUT / 2 < IDLE_TIMEOUT
 GUEST_PORT = 41000
 
 
-def segment(flags: str, seq: int, port: int, ack: int = 0):
+def segment(flags: str, seq: int, port: int, ack: int = 0, window: int = 65535):
     return guest_frame(IP(src=GUEST4, dst=GW4) / TCP(sport=GUEST_PORT, dport=port,
                                                      flags=flags, seq=seq, ack=ack,
-                                                     window=65535))
+                                                     window=window))
 
 
 def run_shell(loop: str, test) -> None:
@@ -89,5 +89,24 @@ def test_a_syn_ack_the_guest_lost_is_sent_again_within_the_rto(loop):
         assert again[TCP].flags == "SA" and again[TCP].seq == first[TCP].seq
         conn, _ = await listener.accept()
         conn.close()
+
+    run_shell(loop, test)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_guest_with_a_closed_window_is_probed_within_the_rto_once_the_host_sends(loop):
+    async def test(shell, guest, listener):
+        port = listener.getsockname()[1]
+        shell.from_guest(segment("S", 1000, port))
+        synack = await guest.next()
+        ours = synack[TCP].seq + 1
+        shell.from_guest(segment("A", 1001, port, ours, window=0))  # no room, for now
+        conn, _ = await listener.accept()
+        with conn:
+            await conn.send(b"x" * 1000)  # read, held for the guest: nothing may go yet
+            # The guest's window update got lost: only our probe asks for it again.
+            probe = await guest.next(RETRANSMIT_WAIT)
+        assert probe[TCP].flags == "A" and not probe[TCP].payload
+        assert probe[TCP].seq == ours - 1  # below SND.UNA: no byte past the closed window
 
     run_shell(loop, test)

@@ -366,8 +366,8 @@ class NatShell:
         self._nursery: trio.Nursery | None = None
         self._lingering = 0  # closed flows' sockets still writing their last bytes
         self._lingering_by_owner: Counter[Owner] = Counter()
-        self._wake = trio.Event()
-        self._sleeping_until = math.inf
+        # The timer task's sleep, whose deadline `_arm` lowers in place (unentered: none yet).
+        self._sleep = trio.CancelScope()
         self._batch: list[Frame] | None = None  # frames of the from_guests call under way
         self._unwritten: dict[TcpSocket, None] = {}  # sockets it gave bytes, in order
 
@@ -432,13 +432,21 @@ class NatShell:
                            error.strerror)
 
     async def _timer(self) -> None:
+        """Tick the cores at their earliest deadline.  Whoever moves a deadline earlier than
+        this sleep's end lowers it with `_arm`."""
         while True:
-            deadline = self._next_deadline()
-            self._sleeping_until = deadline
-            with trio.move_on_at(deadline):
-                await self._wake.wait()
-            self._wake = trio.Event()
+            with trio.CancelScope(deadline=self._next_deadline()) as self._sleep:
+                await trio.sleep_forever()
             self.tick(trio.current_time())
+
+    def _arm(self, deadline: float | None) -> None:
+        """The timer's sleep ends by `deadline` (None: nothing timed).  Only a deadline
+        earlier than the sleep's costs anything, and no task wakes for it: Trio's I/O thread
+        is told the sooner timeout (on the data loop one cross-thread wake-up, as a task's
+        would be, but no task runs until the deadline).  Every call that hands a core
+        something (a guest's frames, a host socket's bytes, EOF or connect) arms it after."""
+        if deadline is not None and deadline < self._sleep.deadline:
+            self._sleep.deadline = deadline
 
     def _next_deadline(self) -> float:
         deadlines = [d for d in (self.udp.next_deadline(), self.echo.next_deadline(),
@@ -490,8 +498,7 @@ class NatShell:
             self._unwritten.clear()
         if out:
             self.deliver(out)
-        if self._next_deadline() < self._sleeping_until:
-            self._wake.set()
+        self._arm(self._next_deadline())
 
     def _from_guest(self, frame: Frame, now: float) -> None:
         try:
@@ -728,6 +735,7 @@ class NatShell:
             self._tcp_event(key, Connected(), frames, trio.current_time())
         if frames:
             self.deliver(frames)
+        self._arm(self.tcp.next_deadline())  # the SYN-ACK's retransmission
         if self.tcp_sockets.get(key) is not entry:
             return
         await self._tcp_relay(entry)
@@ -789,6 +797,8 @@ class NatShell:
                 self._tcp_event(key, Received(data) if data else Eof(), frames, now)
             if frames:
                 self.deliver(frames)
+            # Their retransmission; with no window for them, the persist timer.
+            self._arm(self.tcp.next_deadline())
             if not data:
                 ended = True  # EOF: nothing more to read (writing goes on in the writer)
             return ended
@@ -1054,8 +1064,7 @@ class NatShell:
             self.tcp_sockets[key] = TcpSocket(conn, key, self.tcp.owner(key), forward)
             owned = False
             self._perform(out, now)
-            if self._next_deadline() < self._sleeping_until:
-                self._wake.set()
+            self._arm(self._next_deadline())
         except Exception as error:  # one connection's bug ends that connection only
             forward.counters["exception"] += 1
             if "forward_exception" not in self._logged:
@@ -1107,8 +1116,7 @@ class NatShell:
                               forward.spec, exc_info=error)
             if frames:
                 self.deliver(frames)
-                if self._next_deadline() < self._sleeping_until:
-                    self._wake.set()
+                self._arm(self._next_deadline())
             return False
 
         try:
