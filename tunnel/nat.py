@@ -13,7 +13,12 @@ A host socket's path: one task per socket waits for it to be readable, then read
 queue (MSG_ERRQUEUE: ICMP errors about what the guest sent, mapped back by ErrorReporter) and
 up to READS_PER_WAKE datagrams (to the guest through the core); the cores' caps bound the
 sockets, so they bound the tasks.  One task sleeps until the cores' next deadline and runs
-their `tick`: idle flows closed, DNS retries and SERVFAILs.
+their `tick`: idle flows closed, DNS retries and SERVFAILs, TCP retransmissions and probes.
+Whoever hands a core something (`from_guests`, a TCP socket's reader handler, a connection's
+task after its connect, a forward) lowers that sleep's deadline in place when the cores'
+earliest moved earlier (`_arm`: no task woken), so a guest that lost what the server sent
+and says nothing gets it again within the RTO.  (UDP and echo reads only push deadlines
+later, an idle flow's, or drop a DNS query's: their handlers leave the sleep alone.)
 
 TCP: a guest segment goes to TcpTable (netstack.nat.tcp_flows: caps, deny list, one sans-I/O
 TcpConnection per flow); a connection's Connect opens a non-blocking socket connected in a
