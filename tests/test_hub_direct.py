@@ -386,7 +386,7 @@ def test_no_direct_reaches_the_hub_config_from_the_command_line_and_a_config_fil
             return {}
 
     monkeypatch.setattr(tunnel.hub, "Hub", Recorder)
-    monkeypatch.setattr(tunnel.cli.roles, "run_role", lambda *args: 0)
+    monkeypatch.setattr(tunnel.cli.roles, "run_role", lambda *args, **kwargs: 0)
     hub = ["hub", "--socket", str(tmp_path / "a.sock"), "--state-dir", str(tmp_path)]
     config_file = tmp_path / "hub.toml"
     config_file.write_text("no-direct = true\n")
