@@ -485,3 +485,74 @@ def test_an_answer_made_while_reading_waits_in_order_behind_a_stalled_send(serve
         return bytes(received)
 
     assert dataloop.run(main) == big + b"tail"
+
+
+# -- a handler whose own work ends its serving ---------------------------------------------------
+
+
+def _own_task_ender(sock: socket.socket, end, then: str) -> Callable[[], bool]:
+    """A handler that, once data came, calls `end()` (which cancels or closes its own serving,
+    as a link's abort does from inside its reader's handler) and then raises, returns True
+    or returns False, as `then` says."""
+    calls: list[int] = []
+
+    def on_readable() -> bool:
+        calls.append(1)
+        try:
+            sock.recv(100)
+        except BlockingIOError:
+            return False
+        if len(calls) > 2:
+            raise AssertionError("called again after its serving ended")
+        end()
+        if then == "raise":
+            raise ValueError("raised after ending its own serving")
+        return then == "true"
+
+    return on_readable
+
+
+def _serve_and_end_itself(how: str, then: str) -> tuple[str, int]:
+    """Serve a socketpair's end with `_own_task_ender` on a DataLoop, in a cancel scope that
+    `how` = "cancel" cancels (or with `how` = "close", notify_closing of the fd); what the
+    serving task met (its exception's type, or "returned"), and how many fds the loop serves
+    after."""
+    a, b = socketpair()
+    loop = DataLoop()
+
+    async def main() -> tuple[str, int]:
+        met = "Cancelled"  # unless the task met something else before its scope ended
+        with trio.CancelScope() as scope:
+            def end() -> None:
+                if how == "cancel":
+                    scope.cancel()
+                else:
+                    dataloop.notify_closing(a.fileno())
+
+            async def send_later() -> None:
+                await trio.sleep(0.01)
+                b.send(b"go")
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_later)
+                try:
+                    with trio.fail_after(5):
+                        await serve_readable(a.fileno(), _own_task_ender(a, end, then))
+                    met = "returned"
+                except (ValueError, trio.ClosedResourceError) as exc:
+                    met = type(exc).__name__
+        return met, loop.served
+
+    with a, b:
+        return loop.run(main)
+
+
+@pytest.mark.parametrize("how", ["cancel", "close"])
+def test_a_handler_that_ends_its_own_serving_and_then_raises_still_raises_in_its_task(how):
+    assert _serve_and_end_itself(how, "raise") == ("ValueError", 0)
+
+
+def test_a_handler_that_cancels_its_own_task_and_returns_leaves_it_cancelled_or_finished():
+    assert _serve_and_end_itself("cancel", "false") == ("Cancelled", 0)
+    assert _serve_and_end_itself("cancel", "true") == ("returned", 0)
+    assert _serve_and_end_itself("close", "false") == ("ClosedResourceError", 0)

@@ -45,7 +45,7 @@ import select
 import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import trio
 
@@ -199,7 +199,7 @@ class _Served:
     """One fd a task serves on the loop in one direction: its handler, its task (parked
     until the serving ends), and how the serving ended."""
 
-    __slots__ = ("failure", "fd", "handler", "loop", "table", "task")
+    __slots__ = ("calling", "cancel", "failure", "fd", "handler", "loop", "over", "table", "task")
 
     def __init__(self, loop: DataLoop, fd: int, handler: Callable[[], bool],
                  table: dict[int, _Served]) -> None:
@@ -209,29 +209,50 @@ class _Served:
         self.table = table
         self.task: trio.lowlevel.Task | None = None
         self.failure: BaseException | None = None
+        self.calling = False  # the loop is in the handler now
+        self.over = False  # the serving ended during that call: the task resumes after it
+        self.cancel: Callable[[], NoReturn] | None = None  # Trio's, if that was a cancel
 
     def fire(self) -> None:
-        """The fd is ready: call the handler (from the loop)."""
+        """The fd is ready: call the handler (from the loop).  What the handler's own work
+        does to its serving (a close, a cancel of its task's scope) takes effect at once (it
+        is not called again) but the task resumes when the call is over, so that what the
+        call raised is raised in the task whatever else happened."""
+        self.calling = True
         try:
-            if not self.handler():
-                return
+            finished = self.handler()
         except BaseException as exc:  # the serving task raises it, where it belongs
-            self.finish(exc)
-            return
-        self.finish(None)
+            self.failure = exc
+            finished = True
+        self.calling = False
+        if finished or self.over:
+            self.loop._forget(self)
+            if self.cancel is not None and not finished:
+                try:
+                    self.cancel()  # Trio's Cancelled (or KeyboardInterrupt), for the task
+                except BaseException as exc:  # raised in the task
+                    self.failure = exc
+            trio.lowlevel.reschedule(self.task)
 
     def finish(self, failure: BaseException | None) -> None:
         """The serving is over (the handler said so or raised, or the fd is closing): the
         task resumes, once (not if it was cancelled first)."""
         if self.loop._forget(self):
             self.failure = failure
-            if self.task is not None:
+            if self.calling:
+                self.over = True
+            elif self.task is not None:
                 trio.lowlevel.reschedule(self.task)
 
-    def abort(self, _raise_cancel: object) -> trio.lowlevel.Abort:
+    def abort(self, raise_cancel: Callable[[], NoReturn]) -> trio.lowlevel.Abort:
         """The serving task is cancelled: the loop forgets the fd now, not at the task's
-        next step, so the handler is not called again after the cancel."""
+        next step, so the handler is not called again after the cancel (if the handler's own
+        work cancelled it, the task resumes when the handler returns: `fire`)."""
         self.loop._forget(self)
+        if self.calling:
+            self.over = True
+            self.cancel = raise_cancel
+            return trio.lowlevel.Abort.FAILED
         return trio.lowlevel.Abort.SUCCEEDED
 
 
