@@ -71,6 +71,7 @@ class DataLoop:
         self._readers: dict[int, _Served] = {}
         self._writers: dict[int, _Served] = {}
         self._calls: deque[Callable[[], object]] = deque()  # Trio's callbacks, in order
+        self._stale: set[int] = set()  # served fds found closed: `_renew` is queued
         self._outcome: Any = None  # Trio's outcome.Outcome of the main task, once done
 
     @property
@@ -81,8 +82,7 @@ class DataLoop:
     def run(self, async_fn: Callable[..., Awaitable[T]], *args: object) -> T:
         """Run `async_fn(*args)` as Trio's main task, serving fds until it returns; its
         result, or its exception raised here."""
-        poll, readers, writers = self._epoll.poll, self._readers, self._writers
-        calls, wake = self._calls, self._wake
+        readers, writers, calls, wake = self._readers, self._writers, self._calls, self._wake
         try:
             trio.lowlevel.start_guest_run(  # refused inside a run: our fds are closed below
                 self._main, async_fn, args,
@@ -90,7 +90,7 @@ class DataLoop:
                 run_sync_soon_not_threadsafe=self._calls.append,
                 done_callback=self._done)
             while self._outcome is None:
-                for fd, events in poll(0 if calls else -1, MAX_EVENTS):
+                for fd, events in self._epoll.poll(0 if calls else -1, MAX_EVENTS):
                     # An error or hang-up wakes both directions: each handler meets it.
                     if events & _READ_EVENTS:
                         entry = readers.get(fd)
@@ -125,16 +125,23 @@ class DataLoop:
 
     async def serve(self, fd: int, handler: Callable[[], bool], writable: bool) -> None:
         """`serve_readable` (or `serve_writable`) on this loop."""
-        table = self._writers if writable else self._readers
-        if fd in self._readers or fd in self._writers:
+        table, other = (self._writers, self._readers) if writable else (
+            self._readers, self._writers)
+        if fd in table:
             self._end_if_closed(fd)
-        if fd in table:  # refused before the handler's first call: what it reads is not its own
-            raise trio.BusyResourceError(
-                f"fd {fd} is already served for {'writing' if writable else 'reading'}")
+            if fd in table:  # refused before the handler's first call: what it reads is not
+                raise trio.BusyResourceError(  # its own
+                    f"fd {fd} is already served for {'writing' if writable else 'reading'}")
+        if fd in other:  # served the other way already: one epoll_ctl asks for both
+            try:
+                self._epoll.modify(fd, select.EPOLLIN | select.EPOLLOUT)
+            except OSError:  # ENOENT: closed while served, a new file has the number
+                self.closing(fd)
+        if fd not in other:
+            self._epoll.register(fd, select.EPOLLOUT if writable else select.EPOLLIN)
         served = _Served(self, fd, handler, table)
         table[fd] = served
         try:
-            self._register(fd)
             finished = handler()
         except BaseException:
             self._forget(served)
@@ -154,26 +161,20 @@ class DataLoop:
             if served is not None:
                 served.finish(trio.ClosedResourceError(f"fd {fd} was closed while served"))
 
-    def _end_if_closed(self, fd: int) -> None:
-        """`fd`, which we serve, may have been closed without `notify_closing` (then epoll
-        dropped it, and its number may be another file's now): if so, its servings end as
-        `notify_closing` would have ended them."""
-        mask = (select.EPOLLIN if fd in self._readers else 0) | (
+    def _mask(self, fd: int) -> int:
+        """What `fd`'s handlers ask epoll for."""
+        return (select.EPOLLIN if fd in self._readers else 0) | (
             select.EPOLLOUT if fd in self._writers else 0)
+
+    def _end_if_closed(self, fd: int) -> None:
+        """`fd`, which we serve, may have been closed without `notify_closing` (its number
+        may be another file's now): if so, its servings end as `notify_closing` would have
+        ended them.  epoll_ctl looks the number up: MOD fails unless the number still names
+        the file we registered."""
         try:
-            self._epoll.modify(fd, mask)
+            self._epoll.modify(fd, self._mask(fd))
         except OSError:  # ENOENT: a new file has the number; EBADF: none has
             self.closing(fd)
-
-    def _register(self, fd: int) -> None:
-        """Ask epoll for what `fd`'s handlers want (a newly served fd, or one more
-        direction); raises if the fd is not open."""
-        mask = (select.EPOLLIN if fd in self._readers else 0) | (
-            select.EPOLLOUT if fd in self._writers else 0)
-        try:
-            self._epoll.modify(fd, mask)
-        except FileNotFoundError:  # not registered yet
-            self._epoll.register(fd, mask)
 
     def _forget(self, served: _Served) -> bool:
         """Stop serving `served` (False if it was not served any more)."""
@@ -181,14 +182,39 @@ class DataLoop:
         if table.get(fd) is not served:
             return False
         del table[fd]
-        mask = (select.EPOLLIN if fd in self._readers else 0) | (
-            select.EPOLLOUT if fd in self._writers else 0)
-        with contextlib.suppress(OSError):  # closed early: epoll dropped it already
+        mask = self._mask(fd)
+        try:
             if mask:
                 self._epoll.modify(fd, mask)
             else:
                 self._epoll.unregister(fd)
+        except OSError:  # closed while served: its registration may outlive it
+            if not self._stale:
+                self._calls.append(self._renew)
+            self._stale.add(fd)
         return True
+
+    def _renew(self) -> None:
+        """Served fds were closed while served (the loop could not unregister them).  If
+        another descriptor still holds such an fd's file open (a dup, a child, a kick eventfd
+        QEMU holds too), epoll keeps its registration under the old number, where epoll_ctl
+        cannot reach it (it looks the number up: a new file, or none), and reports that
+        file's events as the number's: to a new serving of the number, or to nobody, level-
+        triggered, so that epoll_wait never sleeps again.  A new epoll set drops it: the fds
+        still served move over, once MOD on the old set proved each one's number still
+        names the file we registered (those whose number does not end as closed)."""
+        for fd in self._readers.keys() | self._writers.keys():
+            self._end_if_closed(fd)
+        renewed = select.epoll()
+        renewed.register(self._wake, select.EPOLLIN)
+        for fd in self._readers.keys() | self._writers.keys():
+            renewed.register(fd, self._mask(fd))
+        self._epoll.close()
+        self._epoll = renewed
+        log.warning("fd %s closed while served (no notify_closing first): a new epoll set "
+                    "drops any registration its file kept",
+                    ", ".join(map(str, sorted(self._stale))))
+        self._stale.clear()
 
 
 _READ_EVENTS = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
