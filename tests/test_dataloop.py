@@ -556,3 +556,43 @@ def test_a_handler_that_cancels_its_own_task_and_returns_leaves_it_cancelled_or_
     assert _serve_and_end_itself("cancel", "false") == ("Cancelled", 0)
     assert _serve_and_end_itself("cancel", "true") == ("returned", 0)
     assert _serve_and_end_itself("close", "false") == ("ClosedResourceError", 0)
+
+
+@pytest.mark.parametrize("on_the_loop", [True, False], ids=["dataloop", "plain-trio"])
+def test_a_serving_started_in_a_cancelled_scope_raises_cancelled_before_its_handler_reads(
+        on_the_loop):
+    a, b = socketpair()
+    got: list[bytes] = []
+
+    async def main() -> bool:
+        b.send(b"not to be read")
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await serve_readable(a.fileno(), reader(a, got))
+        return scope.cancelled_caught
+
+    with a, b:
+        caught = (dataloop.run if on_the_loop else trio.run)(main)
+    assert caught and got == []
+
+
+def test_a_handler_that_raises_at_its_first_call_leaves_the_fd_unserved():
+    a, b = socketpair()
+    loop = DataLoop()
+    got: list[bytes] = []
+
+    def broken() -> bool:
+        raise ValueError("broken at once")
+
+    async def main() -> int:
+        with pytest.raises(ValueError, match="broken at once"):
+            await serve_readable(a.fileno(), broken)
+        served = loop.served
+        b.send(b"x")
+        with trio.fail_after(5):
+            await serve_readable(a.fileno(), reader(a, got, until=b"x"))
+        return served
+
+    with a, b:
+        assert loop.run(main) == 0
+    assert got == [b"x"]

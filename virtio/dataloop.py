@@ -311,7 +311,8 @@ def run(async_fn: Callable[..., Awaitable[T]], *args: object) -> T:
 async def serve_readable(fd: int, on_readable: Callable[[], bool]) -> None:
     """Call `on_readable()` now and then whenever `fd` is readable, until it returns True
     (or raises: raised here).  On a DataLoop straight from its epoll_wait, without waking
-    this task; under plain Trio from this task.  Cancelling the caller stops the serving."""
+    this task; under plain Trio from this task.  Cancelling the caller stops the serving (a
+    caller cancelled already raises Cancelled before the handler's first call)."""
     await _serve(fd, on_readable, writable=False)
 
 
@@ -323,6 +324,7 @@ async def serve_writable(fd: int, on_writable: Callable[[], bool]) -> None:
 
 
 async def _serve(fd: int, handler: Callable[[], bool], *, writable: bool) -> None:
+    await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled caller's handler reads nothing
     loop = _CURRENT.get()
     if loop is not None:
         await loop.serve(fd, handler, writable)
