@@ -190,3 +190,46 @@ def test_a_stale_registration_nobody_serves_is_dropped_and_does_not_keep_the_loo
     finally:
         os.close(held)
     assert number not in registered
+
+
+def test_a_renewal_without_a_free_fd_is_logged_and_the_loop_goes_on(caplog):
+    kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    held = os.dup(kick)
+    number = kick
+    fillers: list[int] = []
+    loop = DataLoop()
+
+    async def main() -> str:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(serve_readable, number, eventfd_reader(number))
+                await trio.sleep(0.01)
+                os.close(kick)  # the rule broken
+                while True:  # no fd left for a new epoll set (a peer could do that to us)
+                    try:
+                        fillers.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+                    except OSError:
+                        break
+                nursery.cancel_scope.cancel()
+            await trio.sleep(0.01)
+            while fillers:
+                os.close(fillers.pop())
+            a, b = socketpair()  # the loop still serves
+            with a, b:
+                b.send(b"still")
+                got: list[bytes] = []
+
+                def on_readable() -> bool:
+                    got.append(a.recv(100))
+                    return True
+
+                await serve_readable(a.fileno(), on_readable)
+            return got[0].decode()
+
+    try:
+        assert loop.run(main) == "still"
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        os.close(held)
+    assert "could not renew its epoll set" in caplog.text

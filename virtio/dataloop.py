@@ -216,17 +216,26 @@ class DataLoop:
         still served move over, once MOD on the old set proved each one's number still
         names the file we registered (those whose number does not end as closed)."""
         for fd in self._readers.keys() | self._writers.keys():
-            self._end_if_closed(fd)
-        renewed = select.epoll()
-        renewed.register(self._wake, select.EPOLLIN)
-        for fd in self._readers.keys() | self._writers.keys():
-            renewed.register(fd, self._mask(fd))
+            self._end_if_closed(fd)  # (what ends here joins _stale: no second _renew queued)
+        stale = ", ".join(map(str, sorted(self._stale)))
+        self._stale.clear()
+        renewed = None
+        try:
+            renewed = select.epoll()
+            renewed.register(self._wake, select.EPOLLIN)
+            for fd in self._readers.keys() | self._writers.keys():
+                renewed.register(fd, self._mask(fd))
+        except OSError as exc:  # EMFILE, ENOMEM: the old set stays (the next failure retries)
+            if renewed is not None:
+                renewed.close()
+            log.error("fd %s closed while served (no notify_closing first): the loop could "
+                      "not renew its epoll set (%s): events of its file may still come", stale,
+                      exc)
+            return
         self._epoll.close()
         self._epoll = renewed
         log.warning("fd %s closed while served (no notify_closing first): a new epoll set "
-                    "drops any registration its file kept",
-                    ", ".join(map(str, sorted(self._stale))))
-        self._stale.clear()
+                    "drops any registration its file kept", stale)
 
 
 _READ_EVENTS = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
