@@ -512,11 +512,11 @@ def _own_task_ender(sock: socket.socket, end, then: str) -> Callable[[], bool]:
     return on_readable
 
 
-def _serve_and_end_itself(how: str, then: str) -> tuple[str, int]:
+def _serve_and_end_itself(how: str, then: str, *, early: bool = False) -> tuple[str, int]:
     """Serve a socketpair's end with `_own_task_ender` on a DataLoop, in a cancel scope that
     `how` = "cancel" cancels (or with `how` = "close", notify_closing of the fd); what the
     serving task met (its exception's type, or "returned"), and how many fds the loop serves
-    after."""
+    after.  `early`: the data is there at the handler's first call (made from the task)."""
     a, b = socketpair()
     loop = DataLoop()
 
@@ -530,7 +530,11 @@ def _serve_and_end_itself(how: str, then: str) -> tuple[str, int]:
                     dataloop.notify_closing(a.fileno())
 
             async def send_later() -> None:
-                await trio.sleep(0.01)
+                if not early:
+                    await trio.sleep(0.01)
+                    b.send(b"go")
+
+            if early:
                 b.send(b"go")
 
             async with trio.open_nursery() as nursery:
@@ -547,15 +551,19 @@ def _serve_and_end_itself(how: str, then: str) -> tuple[str, int]:
         return loop.run(main)
 
 
+@pytest.mark.parametrize("early", [False, True], ids=["from-the-loop", "first-call"])
 @pytest.mark.parametrize("how", ["cancel", "close"])
-def test_a_handler_that_ends_its_own_serving_and_then_raises_still_raises_in_its_task(how):
-    assert _serve_and_end_itself(how, "raise") == ("ValueError", 0)
+def test_a_handler_that_ends_its_own_serving_and_then_raises_still_raises_in_its_task(
+        how, early):
+    assert _serve_and_end_itself(how, "raise", early=early) == ("ValueError", 0)
 
 
-def test_a_handler_that_cancels_its_own_task_and_returns_leaves_it_cancelled_or_finished():
-    assert _serve_and_end_itself("cancel", "false") == ("Cancelled", 0)
-    assert _serve_and_end_itself("cancel", "true") == ("returned", 0)
-    assert _serve_and_end_itself("close", "false") == ("ClosedResourceError", 0)
+@pytest.mark.parametrize("early", [False, True], ids=["from-the-loop", "first-call"])
+def test_a_handler_that_cancels_its_own_task_and_returns_leaves_it_cancelled_or_finished(
+        early):
+    assert _serve_and_end_itself("cancel", "false", early=early) == ("Cancelled", 0)
+    assert _serve_and_end_itself("cancel", "true", early=early) == ("returned", 0)
+    assert _serve_and_end_itself("close", "false", early=early) == ("ClosedResourceError", 0)
 
 
 @pytest.mark.parametrize("on_the_loop", [True, False], ids=["dataloop", "plain-trio"])
@@ -596,3 +604,43 @@ def test_a_handler_that_raises_at_its_first_call_leaves_the_fd_unserved():
     with a, b:
         assert loop.run(main) == 0
     assert got == [b"x"]
+
+
+def test_more_ready_fds_than_one_epoll_wait_returns_are_all_served_and_trio_still_ticks():
+    pairs = [socketpair() for _ in range(dataloop.MAX_EVENTS + 44)]
+    got: list[list[bytes]] = [[] for _ in pairs]
+
+    async def main() -> int:
+        ticks = 0
+
+        async def timer() -> None:
+            nonlocal ticks
+            while True:
+                await trio.sleep(0.001)
+                ticks += 1
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(timer)
+                async with trio.open_nursery() as servings:
+                    for (a, _), into in zip(pairs, got, strict=True):
+                        servings.start_soon(serve_readable, a.fileno(),
+                                            reader(a, into, until=b"end"))
+                    await trio.sleep(0.01)
+                    for round_ in range(5):  # every fd readable at once, five times
+                        for _, b in pairs:
+                            b.send(b"%d," % round_)
+                        await trio.sleep(0.002)
+                    for _, b in pairs:
+                        b.send(b"end")
+                nursery.cancel_scope.cancel()
+        return ticks
+
+    try:
+        ticks = dataloop.run(main)
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+    assert all(b"".join(each) == b"0,1,2,3,4,end" for each in got)
+    assert ticks > 0

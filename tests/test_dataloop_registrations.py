@@ -233,3 +233,51 @@ def test_a_renewal_without_a_free_fd_is_logged_and_the_loop_goes_on(caplog):
             os.close(fd)
         os.close(held)
     assert "could not renew its epoll set" in caplog.text
+
+
+def test_a_renewal_ends_a_serving_whose_number_now_names_a_file_it_did_not_register():
+    kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    held = os.dup(kick)
+    other = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    loop = DataLoop()
+    reads: list[int] = []
+
+    def on_other() -> bool:  # it would read whatever file its number names
+        try:
+            reads.append(os.eventfd_read(other))
+        except BlockingIOError:
+            pass
+        return False
+
+    async def main() -> list[str]:
+        ended: list[str] = []
+
+        async def serve_other() -> None:
+            try:
+                await serve_readable(other, on_other)
+            except trio.ClosedResourceError:
+                ended.append("other")
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(serve_other)
+                async with trio.open_nursery() as kicks:
+                    kicks.start_soon(serve_readable, kick, eventfd_reader(kick))
+                    await trio.sleep(0.01)
+                    c, d = socketpair()
+                    with c, d:
+                        os.dup2(c.fileno(), other)  # `other` replaced under its serving
+                        os.close(kick)  # and the kick fd closed under its own:
+                        kicks.cancel_scope.cancel()  # that serving's end renews the set
+                        await trio.sleep(0.01)
+                        os.eventfd_write(held, 1)
+                        d.send(b"for whoever reads the number")
+                        await trio.sleep(0.01)
+                        os.close(other)
+        return ended
+
+    try:
+        ended = loop.run(main)
+    finally:
+        os.close(held)
+    assert ended == ["other"] and reads == []
