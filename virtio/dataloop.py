@@ -12,8 +12,10 @@ thread, between data events, so no object is ever touched by two threads. A task
 to the loop with `await serve_readable(fd, on_readable)` (or `serve_writable`): the loop
 calls `on_readable()` straight from `epoll_wait` whenever the fd is readable
 (level-triggered), until it returns True or raises; then the task resumes (raising what the
-handler raised). Under a plain `trio.run` (the unit tests, a library caller) the same call
-loops on `trio.lowlevel.wait_readable`, so the handlers are the same code either way.
+handler raised, even when the handler's own work cancelled that task or closed the fd before
+it raised: the task resumes after the call). Under a plain `trio.run` (the unit tests, a
+library caller) the same call loops on `trio.lowlevel.wait_readable`, so the handlers are the
+same code either way.
 
 Rules for a handler (`on_readable`), which runs outside any Trio task:
 * it never awaits and opens no cancel scope; Trio's synchronous calls that need no current
@@ -33,7 +35,8 @@ Rules for a handler (`on_readable`), which runs outside any Trio task:
   `serve_readable` returned or was cancelled (which unregisters it first), and anyone else
   calls `notify_closing(fd)` first (the serving task then raises ClosedResourceError, as a
   Trio waiter does after `trio.lowlevel.notify_closing`; if nobody did, the loop finds out
-  when the fd's number is served again, and ends the old serving the same way).
+  when the fd's number is served again or it cannot unregister the fd, ends the old serving
+  the same way, and renews its epoll set, which may hold the closed fd's file: `_renew`).
 """
 
 from __future__ import annotations
