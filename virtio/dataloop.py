@@ -64,7 +64,7 @@ MAX_EVENTS = 256  # fds served per epoll_wait
 # the kernel to switch, a time slice (bench/dataloop_flood.py --hog: a 10 ms trio.sleep
 # beside a flooded socketpair, 81 ticks/s, 2.0 ms late at p50; with the yield 89, 0.16 ms).
 TRIO_TURN = 0.001
-TURN_CHECK = 64  # handler calls between two looks at the clock (a clock read costs 0.17 µs here)
+TURN_CHECK = 64  # ready fds between two looks at the clock (a clock read costs 0.17 µs here)
 # Which loop `run` starts: VHOSTVPN_LOOP=dataloop|trio, the data loop by default.
 LOOP_ENV = "VHOSTVPN_LOOP"
 LOOP_CHOICES = ("dataloop", "trio")
