@@ -19,8 +19,9 @@ same code either way.
 
 Rules for a handler (`on_readable`), which runs outside any Trio task:
 * it never awaits and opens no cancel scope; Trio's synchronous calls that need no current
-  task are fine (`Event.set`, `CancelScope.cancel`, `trio.current_time`, `Nursery.start_soon`):
-  a task they wake makes Trio's guest tick run soon (`Runner.reschedule` forces the wake-up);
+  task are fine (`Event.set`, `CancelScope.cancel`, setting a `CancelScope.deadline` (the
+  rings' re-poll, the NAT's timer), `trio.current_time`, `Nursery.start_soon`): a task they
+  wake makes Trio's guest tick run soon (`Runner.reschedule` forces the wake-up);
 * it does a bounded amount of work per call (the fd stays readable, so the loop calls again
   after the other ready fds and Trio's pending batch had their turn), and tolerates a call
   that finds nothing (EAGAIN);
