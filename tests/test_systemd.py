@@ -120,6 +120,7 @@ def test_each_unit_is_a_notify_service_of_an_unprivileged_user_with_its_capabili
     assert settings["CapabilityBoundingSet"] == [capabilities]
     assert settings["AmbientCapabilities"] == [capabilities]
     assert settings["ProtectSystem"] == ["strict"]
+    assert settings["Nice"] == ["-10"]  # what --nice would need CAP_SYS_NICE for
     argv = exec_start(name)
     assert argv[0] == INSTALLED_BINARY
     # Every flag the unit passes exists (a host's device is in its config file).
