@@ -143,7 +143,7 @@ def test_vm_no_port_policy_reaches_the_endpoint_config(tmp_path, monkeypatch, fl
 
     configs = []
     monkeypatch.setattr(tunnel.cli.roles, "_run_endpoint",
-                        lambda config, command, metrics: configs.append(config) or 0)
+                        lambda config, command, metrics, nice: configs.append(config) or 0)
     config = tmp_path / "vm.toml"
     config.write_text(config_text)
     fingerprint = "SHA256:" + "A" * 43
