@@ -299,6 +299,80 @@ def test_records_decoded_from_a_reused_buffer_keep_their_frames_and_the_incomple
         assert server.buffered == 0
 
 
+def _one_record_inputs() -> list[tuple[str, bytes]]:
+    ok = frames_payload((60, PLAIN, bytes(60)), (80, TSO, bytes(80)))
+    return [
+        ("frames", record(FRAMES, ok)),
+        ("one frame", record(FRAMES, frames_payload((98, PLAIN, bytes(range(98)))))),
+        ("flags", record(FRAMES, ok, flags=1)),
+        ("reserved", record(FRAMES, ok, reserved=2)),
+        ("frame too short", record(FRAMES, frames_payload((13, PLAIN, bytes(13))))),
+        ("frame past the record", record(FRAMES, frames_payload((60, PLAIN, bytes(60))))[:-1]),
+        ("bytes after the frame", record(FRAMES, ok + bytes(3))),
+        ("no frames", record(FRAMES, b"")),
+        ("header only", RECORD_HEADER.pack(FRAMES, 0, 0, 0)[:7]),
+        ("record and more", record(FRAMES, ok) + record(PING, bytes(16))),
+    ]
+
+
+@pytest.mark.parametrize("state", ["open", "awaiting auth", "auth pending", "closed"])
+@pytest.mark.parametrize(("name", "data"), _one_record_inputs())
+def test_a_view_of_one_record_decodes_as_the_bytes_fed_whole_would(state, name, data):
+    # receive_events takes a view holding one whole FRAMES record in one step: its verdict,
+    # events, counters and state after are those of receive_data + next_events.
+    def connection() -> WireConnection:
+        client, server = handshake()
+        if state == "awaiting auth":
+            server = new("server")
+            server.receive_data(new("client").send_hello())
+            server.next_events()
+        elif state == "auth pending":
+            server = new("server")
+            fresh = new("client")
+            server.receive_data(fresh.send_hello())
+            fresh.receive_data(server.send_hello())
+            server.next_events()
+            [hello] = fresh.next_events()
+            server.receive_data(fresh.send_auth(b"cert", b"sig" + hello.challenge))
+            server.next_events()
+        elif state == "closed":
+            server.receive_data(client.send_close(CloseCode.NORMAL))
+            server.next_events()
+        return server
+
+    def outcome(decode) -> tuple:
+        server = connection()
+        try:
+            events = decode(server)
+            got = [(type(e), [(f.data, f.offload) for f in getattr(e, "frames", [])])
+                   for e in events]
+        except WireError as error:
+            got = error.reason
+        return (got, server.failed, server.buffered, server.received.records,
+                server.received.frames, server.received.bytes)
+
+    def whole(server: WireConnection) -> list:
+        server.receive_data(data)
+        return server.next_events()
+
+    def view(server: WireConnection) -> list:
+        reused = bytearray(data)
+        with memoryview(reused) as data_view:
+            events = server.receive_events(data_view)
+        reused[:] = bytes(len(reused))  # the caller's next read overwrites it
+        return events
+
+    expected = outcome(whole)
+    assert outcome(view) == expected
+    if expected[1]:  # failed: every later call raises the same error
+        server = connection()
+        with pytest.raises(WireError):
+            view(server)
+        with pytest.raises(WireError):
+            server.receive_events(memoryview(record(FRAMES, frames_payload(
+                (60, PLAIN, bytes(60))))))
+
+
 def test_receive_events_of_nothing_is_the_end_of_the_stream():
     _, server = handshake()
     assert [type(e) for e in server.receive_events(memoryview(b""))] == [Eof]
