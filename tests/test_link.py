@@ -30,6 +30,7 @@ from tunnel.session import (
     KEEPALIVE_SECONDS,
     MAX_PENDING_CONTROL,
     SESSION_QUEUE_BYTES,
+    SESSION_QUEUE_FRAMES,
     WRITE_STALL_SECONDS,
 )
 from tunnel.tls import TLSStream
@@ -318,6 +319,25 @@ async def test_a_peer_that_never_reads_blocks_the_writer_fills_the_queue_to_its_
         assert port.active is None and net.listener.links_ended == {"peer_not_reading": 1}
         assert port.counters.drops["link_down"] == queued  # what it held is counted lost
         assert any(r.getMessage().startswith("alice: peer not reading") for r in caplog.records)
+
+
+async def test_an_idle_link_sends_a_batch_at_once_and_one_past_the_queues_bound_is_cut_to_it(
+        tmp_path, autojump_clock):
+    async with MemoryNet(tmp_path) as net:
+        await net.raw_peer("alice")
+        port = net.listener.sessions["alice"]
+        link = port.active
+        local = net.local_port(net.switch, "h")
+        await trio.testing.wait_all_tasks_blocked()
+        assert not port.queue and not link.stream.sending
+        net.switch.forward(local, [Frame(eth(BROADCAST, MAC_H, n, 100)) for n in range(3)])
+        assert not port.queue and port.counters.out_frames == 3  # encoded, in the stream
+        await trio.testing.wait_all_tasks_blocked()
+        assert not link.stream.sending  # the writer flushed it
+        too_many = SESSION_QUEUE_FRAMES + 5
+        net.switch.forward(local, [Frame(eth(BROADCAST, MAC_H, n, 100)) for n in range(too_many)])
+        assert port.counters.drops["queue_full"] == 5  # as a busy link's queue would
+        assert port.counters.out_frames == 3 + SESSION_QUEUE_FRAMES
 
 
 async def test_a_peer_that_floods_pings_and_never_reads_is_bounded_and_closed(tmp_path,

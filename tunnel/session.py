@@ -6,7 +6,9 @@ rekeys, the new connection takes over the same port, so the MAC table and counte
 
 Path of a batch out (Link._writer): the switch delivers frames into the port's bounded queue
 (a slow peer loses its own frames, counted `queue_full`) -> the active link's writer takes
-everything queued -> WireConnection.send_frames makes one record -> one send_all.  It flushes
+everything queued -> WireConnection.send_frames makes one record -> one send_all.  An idle
+link (nothing queued, nothing unsent) takes a batch within the queue's bounds straight from
+`deliver` instead, and encodes and sends it there (`Link.send_at_once`).  It flushes
 as soon as the queue is empty; it never waits on a timer to fill a batch.  TCP_NODELAY and
 TCP_NOTSENT_LOWAT keep the kernel from queueing more than a little unsent data, so frames
 wait in our bounded queue (where they can be dropped and counted) instead of bloating TCP.
@@ -124,10 +126,14 @@ class SessionPort(QueuedPort):
         self.control_dropped = 0  # PONGs/PINGs not sent: the peer sent PINGs faster than it read
 
     def deliver(self, frames: list[Frame]) -> None:
-        if self.active is None:
+        link = self.active
+        if link is None:
             self.counters.drop("link_down", len(frames))
             return
-        QueuedPort.deliver(self, frames)  # (not super(): a lookup fewer per visit)
+        # To an empty queue, with the link free to send: sent from here, as the queue's
+        # `on_ready` would do at once, without the trip through the queue.
+        if self.queue or not link.send_at_once(frames):
+            QueuedPort.deliver(self, frames)  # (not super(): a lookup fewer per visit)
 
     def status(self) -> dict[str, object]:
         status = super().status()
@@ -251,32 +257,41 @@ class Link:
 
     def _on_ready(self) -> None:
         """Frames arrived in the port's empty queue (called by the switch, from the task
-        that forwarded them).  With nothing else in flight, encode and send them right here:
-        no trip through Trio's scheduler to the writer, which is most of what an idle hop
-        costs.  While a drain refills from the queue (`_refill`) they follow from there.
-        Otherwise, or when the kernel does not take it all, the writer does it."""
+        that forwarded them).  With nothing else in flight, encode and send them right here
+        (`send_at_once`): no trip through Trio's scheduler to the writer, which is most of
+        what an idle hop costs.  While a drain refills from the queue (`_refill`) they
+        follow from there.  Otherwise the writer does it."""
+        queue = self.port.queue
+        if self.send_at_once(list(queue)):
+            queue.clear()
+        elif not self.stream.refilling:
+            self._wake.set()
+
+    def send_at_once(self, frames: list[Frame]) -> bool:
+        """Encode and send `frames` now, if nothing has to go before them (control records,
+        ciphertext waiting, a drain) and the port's queue could hold them: True when they
+        were taken (what the kernel did not take waits in the stream, and the writer is
+        woken to flush it; a link that breaks here ends), False to queue them."""
         port, stream = self.port, self.stream
-        if stream.refilling:
-            return
-        if (port.active is self and not self._control and not self._retiring
-                and not self.wire.failed and not stream.sending):
-            frames = list(port.queue)
-            port.queue.clear()
-            counters = port.counters
-            counters.out_frames += len(frames)
-            counters.out_bytes += (len(frames[0].data) if len(frames) == 1
-                                   else sum([len(f.data) for f in frames]))
-            # This link's failure, never the caller's (another session's task).
-            try:
-                if stream.send_now(self.wire.send_frames(frames)):
-                    return
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self._end(_lost(exc))
-                return
-            except Exception as exc:
-                self._internal_error(exc)
-                return
-        self._wake.set()
+        count = len(frames)
+        if (port.active is not self or self._control or self._retiring or self.wire.failed
+                or stream.sending or not 0 < count <= port.limit):
+            return False
+        nbytes = len(frames[0].data) if count == 1 else sum([len(f.data) for f in frames])
+        if nbytes > port.limit_bytes:
+            return False
+        counters = port.counters
+        counters.out_frames += count
+        counters.out_bytes += nbytes
+        # This link's failure, never the caller's (another session's task).
+        try:
+            if not stream.send_now(self.wire.send_frames(frames)):
+                self._wake.set()  # the kernel took part: the writer flushes the rest
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._end(_lost(exc))
+        except Exception as exc:
+            self._internal_error(exc)
+        return True
 
     async def run(self) -> LinkResult:
         """Carry frames until the link ends, and say why it ended; never raises (each task
