@@ -16,10 +16,11 @@ The path of a frame through this module:
     hands the whole batch to `forward(port, frames)` once.
   switch -> device: the switch queues frames on the port (`QueuedPort.deliver`, bounded);
     `_write_loop` wakes on `on_ready`, and `TunTapDevice.write_batch` writes each frame with
-    one `writev([virtio_net_hdr, frame.data])`.  EAGAIN leaves the rest queued and the
-    loop waits until the fd is writable (at most WRITE_STALL_SECONDS, then the queue is
-    dropped and counted); any other refusal (EINVAL: a malformed frame or header) drops
-    that one frame and counts it under its errno name.
+    one `writev([virtio_net_hdr, frame.data])` (a TapPort with nothing queued has its batch
+    written from `deliver`, through the loop's `write_at_once`).  EAGAIN leaves the rest
+    queued and the loop waits until the fd is writable (at most WRITE_STALL_SECONDS, then
+    the queue is dropped and counted); any other refusal (EINVAL: a malformed frame or
+    header) drops that one frame and counts it under its errno name.
 
 TAP (IFF_TAP) carries Ethernet frames and fits the switch as it is.  TUN (IFF_TUN) carries IP
 packets: the `Frame`s it reads and writes hold an IP packet (csum_start counts from the IP
@@ -388,6 +389,20 @@ class TapPort(QueuedPort):
             raise ValueError(f"{device.name} is a {device.mode} device; a TapPort needs a TAP")
         super().__init__(name, device.offloads, policy=policy)
         self.device = device
+        # Set by run_device's writer while it runs: writes a batch to the device now and
+        # says how many frames it consumed (`deliver` uses it when nothing is queued).
+        self.write_at_once: Callable[[list[Frame]], int] | None = None
+
+    def deliver(self, frames: list[Frame]) -> None:
+        # Nothing queued: written from here, as the queue's `on_ready` would do at once,
+        # without the trip through the queue; what the device does not take is queued.
+        write = self.write_at_once
+        if write is not None and not self.queue and len(frames) <= BATCH:
+            consumed = write(frames)
+            if consumed == len(frames):
+                return
+            frames = frames[consumed:]
+        QueuedPort.deliver(self, frames)
 
     def status(self) -> dict[str, object]:
         status = super().status()
@@ -468,25 +483,47 @@ async def _write_loop(device: TunTapDevice, port: QueuedPort) -> None:
             pass  # the loop meets it again, in its own task
         ready.set()
 
-    while True:
-        if not pending:
-            ready = trio.Event()
-            port.on_ready = write_now
-            await ready.wait()
-            continue
-        if write_queued(device, pending, port_counters):
-            if pending:  # more to write: let the other tasks run first (an empty queue
-                await trio.lowlevel.checkpoint()  # waits on the event above, which yields)
-            continue
-        # The kernel pushed back (the rest is queued, in order): wait, bounded, for room.
-        with trio.move_on_after(WRITE_STALL_SECONDS) as stall:
-            await device.wait_writable()
-        if stall.cancelled_caught:
-            log.warning(
-                "%s: device refused writes for %.1f s, dropping %d frames",
-                device.name,
-                WRITE_STALL_SECONDS,
-                len(pending),
-            )
-            port_counters.drop("device_stalled", len(pending))
-            pending.clear()
+    def write_at_once(frames: list[Frame]) -> int:
+        """A TapPort's batch for an empty queue, written now: how many frames the device
+        consumed (counted as the port's `out_*`); 0 on an error, left to the loop (the
+        frames are queued, and `write_now` meets it again)."""
+        device_counters = device.counters
+        frames_before = device_counters.written_frames
+        bytes_before = device_counters.written_bytes
+        try:
+            consumed = device.write_batch(frames)
+        except TunTapError:
+            return 0
+        port_counters.out_frames += device_counters.written_frames - frames_before
+        port_counters.out_bytes += device_counters.written_bytes - bytes_before
+        return consumed
+
+    tap = port if isinstance(port, TapPort) else None
+    if tap is not None:
+        tap.write_at_once = write_at_once
+    try:
+        while True:
+            if not pending:
+                ready = trio.Event()
+                port.on_ready = write_now
+                await ready.wait()
+                continue
+            if write_queued(device, pending, port_counters):
+                if pending:  # more to write: let the other tasks run first (an empty queue
+                    await trio.lowlevel.checkpoint()  # waits on the event above, which yields)
+                continue
+            # The kernel pushed back (the rest is queued, in order): wait, bounded, for room.
+            with trio.move_on_after(WRITE_STALL_SECONDS) as stall:
+                await device.wait_writable()
+            if stall.cancelled_caught:
+                log.warning(
+                    "%s: device refused writes for %.1f s, dropping %d frames",
+                    device.name,
+                    WRITE_STALL_SECONDS,
+                    len(pending),
+                )
+                port_counters.drop("device_stalled", len(pending))
+                pending.clear()
+    finally:
+        if tap is not None:
+            tap.write_at_once = None
