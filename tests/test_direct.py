@@ -64,9 +64,13 @@ class Recorder(Port):
 
 class UpLink:
     """Stands for a live Link in `port.active`: steering only asks whether there is one,
-    status who dialled it (the codec's role: "client" dialled)."""
+    status who dialled it (the codec's role: "client" dialled); it never sends at once, so
+    what a port delivers waits in its queue, where these tests read it."""
 
     wire = type("Wire", (), {"role": "client"})
+
+    def send_at_once(self, frames: list[Frame]) -> bool:
+        return False
 
 
 def bring_up(port: DirectPort | SteeringUplink) -> None:

@@ -56,6 +56,8 @@ Path of a frame in (`receive_data`, `next_events`):
    zero integers, and then the frame gets the shared PLAIN object, so `offload is PLAIN`
    holds downstream);
 5. the frame bytes are sliced out of the buffer: `bytes[a:b]`, the one copy.
+`receive_events` (a view, nothing buffered) takes a view holding exactly one FRAMES record
+the state accepts in one step: steps 2, 4 and 5 with `_decode`'s checks, no trip through it.
 """
 
 from __future__ import annotations
