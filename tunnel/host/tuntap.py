@@ -444,22 +444,29 @@ async def _read_loop(
     await serve_readable(device.fd, on_readable)
 
 
+def write_counted(device: TunTapDevice, frames: list[Frame], counters: PortCounters) -> int:
+    """`frames` to the device, what it wrote counted as the port's `out_*` (`counters`): how
+    many it consumed; TunTapError as `write_batch` raises it."""
+    device_counters = device.counters
+    frames_before = device_counters.written_frames
+    bytes_before = device_counters.written_bytes
+    consumed = device.write_batch(frames)
+    counters.out_frames += device_counters.written_frames - frames_before
+    counters.out_bytes += device_counters.written_bytes - bytes_before
+    return consumed
+
+
 def write_queued(device: TunTapDevice, queue: deque[Frame], counters: PortCounters) -> bool:
     """One batch from the head of `queue` to the device, counted as the port's `out_*`
     (`counters`); False if the kernel pushed back (the rest is back at the head of the
     queue, in order).  Shared by the TAP writer here and the TUN port's (tunnel/host/tunport.py)."""
     batch = ([queue.popleft()] if len(queue) == 1  # (a comprehension is a call)
              else [queue.popleft() for _ in range(min(BATCH, len(queue)))])
-    device_counters = device.counters
-    frames_before = device_counters.written_frames
-    bytes_before = device_counters.written_bytes
     try:
-        consumed = device.write_batch(batch)
+        consumed = write_counted(device, batch, counters)
     except TunTapError:
         queue.extendleft(reversed(batch))
         raise
-    counters.out_frames += device_counters.written_frames - frames_before
-    counters.out_bytes += device_counters.written_bytes - bytes_before
     if consumed == len(batch):
         return True
     queue.extendleft(reversed(batch[consumed:]))
@@ -487,16 +494,10 @@ async def _write_loop(device: TunTapDevice, port: QueuedPort) -> None:
         """A TapPort's batch for an empty queue, written now: how many frames the device
         consumed (counted as the port's `out_*`); 0 on an error, left to the loop (the
         frames are queued, and `write_now` meets it again)."""
-        device_counters = device.counters
-        frames_before = device_counters.written_frames
-        bytes_before = device_counters.written_bytes
         try:
-            consumed = device.write_batch(frames)
+            return write_counted(device, frames, port_counters)
         except TunTapError:
             return 0
-        port_counters.out_frames += device_counters.written_frames - frames_before
-        port_counters.out_bytes += device_counters.written_bytes - bytes_before
-        return consumed
 
     tap = port if isinstance(port, TapPort) else None
     if tap is not None:
