@@ -281,3 +281,42 @@ def test_a_renewal_ends_a_serving_whose_number_now_names_a_file_it_did_not_regis
     finally:
         os.close(held)
     assert ended == ["other"] and reads == []
+
+
+def test_a_renewal_that_failed_is_retried_once_fds_are_free_and_the_stale_number_dropped(
+        caplog):
+    kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    held = os.dup(kick)
+    number = kick
+    fillers: list[int] = []
+    loop = DataLoop()
+
+    async def main() -> set[int]:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(serve_readable, number, eventfd_reader(number))
+                await trio.sleep(0.01)
+                os.close(kick)  # the rule broken
+                while True:  # no fd left for a new epoll set: the renewal fails
+                    try:
+                        fillers.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+                    except OSError:
+                        break
+                nursery.cancel_scope.cancel()
+            await trio.sleep(0.01)
+            while fillers:
+                os.close(fillers.pop())
+            # The stale registration fires at every epoll_wait from now on: a loop that
+            # never renews again spins for good.
+            os.eventfd_write(held, 1)
+            await trio.sleep(0.3)
+            return registered_numbers(loop)
+
+    try:
+        registered = loop.run(main)
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        os.close(held)
+    assert "could not renew its epoll set" in caplog.text
+    assert number not in registered

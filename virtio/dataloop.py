@@ -66,6 +66,9 @@ MAX_EVENTS = 256  # fds served per epoll_wait
 # beside a flooded socketpair, 81 ticks/s, 2.0 ms late at p50; with the yield 89, 0.16 ms).
 TRIO_TURN = 0.001
 TURN_CHECK = 64  # ready fds between two looks at the clock (a clock read costs 0.17 µs here)
+# A renewal of the epoll set that failed (EMFILE, ENOMEM) is tried again this long after, at
+# the loop's next look at the clock: the stale registration may keep it busy until then.
+RENEW_RETRY_SECONDS = 0.1
 # Which loop `run` starts: VHOSTVPN_LOOP=dataloop|trio, the data loop by default.
 LOOP_ENV = "VHOSTVPN_LOOP"
 LOOP_CHOICES = ("dataloop", "trio")
@@ -84,6 +87,7 @@ class DataLoop:
         self._writers: dict[int, _Served] = {}
         self._calls: deque[Callable[[], object]] = deque()  # Trio's callbacks, in order
         self._stale: set[int] = set()  # served fds found closed: `_renew` is queued
+        self._renew_failed_at: float | None = None  # the last renewal failed: retried then
         self._outcome: Any = None  # Trio's outcome.Outcome of the main task, once done
 
     @property
@@ -128,6 +132,9 @@ class DataLoop:
                     if clock() > yield_at:
                         os.sched_yield()
                         yield_at = clock() + turn
+                    if self._renew_failed_at is not None and (
+                            clock() > self._renew_failed_at + RENEW_RETRY_SECONDS):
+                        self._renew()
         finally:
             self._epoll.close()
             os.close(self._wake)
@@ -227,22 +234,27 @@ class DataLoop:
         for fd in self._readers.keys() | self._writers.keys():
             self._end_if_closed(fd)  # (what ends here joins _stale: no second _renew queued)
         stale = ", ".join(map(str, sorted(self._stale)))
-        self._stale.clear()
         renewed = None
         try:
             renewed = select.epoll()
             renewed.register(self._wake, select.EPOLLIN)
             for fd in self._readers.keys() | self._writers.keys():
                 renewed.register(fd, self._mask(fd))
-        except OSError as exc:  # EMFILE, ENOMEM: the old set stays (the next failure retries)
+        except OSError as exc:  # EMFILE, ENOMEM: the old set stays; retried (_stale kept)
             if renewed is not None:
                 renewed.close()
+            retry = self._renew_failed_at is not None
+            self._renew_failed_at = time.monotonic()
+            if retry:
+                return
             log.error("fd %s closed while served (no notify_closing first): the loop could "
                       "not renew its epoll set (%s): events of its file may still come", stale,
                       exc)
             return
         self._epoll.close()
         self._epoll = renewed
+        self._stale.clear()
+        self._renew_failed_at = None
         log.warning("fd %s closed while served (no notify_closing first): a new epoll set "
                     "drops any registration its file kept", stale)
 
