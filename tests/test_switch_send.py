@@ -134,3 +134,35 @@ def test_a_speaking_ports_answers_are_bounded_by_its_outbox_when_the_shell_is_sl
     switch.forward(a, [eth(S1, A)] * (OUTBOX_FRAMES + 5))
     assert len(speaker.outbox) == OUTBOX_FRAMES
     assert speaker.counters.drops == {"outbox_full": 5}
+
+
+class RaisingSpeaker(Speaker):
+    """Answers, then raises: a port's bug in the middle of the answers' rounds."""
+
+    def deliver(self, frames: list[Frame]) -> None:
+        super().deliver(frames)
+        raise RuntimeError("a bug in the middle of a send")
+
+
+def test_a_port_raising_while_answers_are_sent_leaves_the_switch_sending_at_once_after():
+    log: list = []
+    switch = Switch()
+    a = Recorder("a", log)
+    s1 = Speaker("s1", S1, switch, log, answer_to=S2)
+    s2 = RaisingSpeaker("s2", S2, switch, log, answer_to=A)
+    for port in (a, s1, s2):
+        switch.attach(port)
+    switch.reserve(s1, S1, [])
+    switch.reserve(s2, S2, [])
+    switch.forward(a, [eth(C, A)])  # learns A (flooded: both answer, s2 raises twice)
+    log.clear()
+    raised = s2.counters.drops["internal_error"]
+    for _ in range(2):  # s1 answers s2, which answers a and raises: the same both times
+        switch.forward(a, [eth(S1, A)])
+        assert [name for name, _ in log] == ["s1", "s2", "a"]
+        log.clear()
+    assert s2.counters.drops["internal_error"] == raised + 2
+    assert s1.outbox == s2.outbox == [] and s1.left == s2.left == 0
+    # No delivery under way any more: a timer's frame leaves at once.
+    s1._send([eth(A, S1, b"timer" * 8)])
+    assert log == [("a", [eth(A, S1, b"timer" * 8).data])]
