@@ -312,6 +312,9 @@ def _one_record_inputs() -> list[tuple[str, bytes]]:
         ("no frames", record(FRAMES, b"")),
         ("header only", RECORD_HEADER.pack(FRAMES, 0, 0, 0)[:7]),
         ("record and more", record(FRAMES, ok) + record(PING, bytes(16))),
+        ("past the largest record, whole", record(FRAMES, bytes(MAX_RECORD_PAYLOAD + 1))),
+        ("unknown type, FRAMES-sized", record(0xEE, ok)),
+        ("a PING, alone", record(PING, bytes(16))),
     ]
 
 
