@@ -423,3 +423,32 @@ def test_a_tx_ring_without_a_kick_fd_is_polled(tmp_path):
             assert server.port.device.broken is None
 
     on_loop(main)
+
+
+@pytest.mark.parametrize("placer", ["push_now", "kick_handler", "repoll"])
+def test_an_rx_avail_index_past_the_ring_while_frames_wait_latches_only_that_device(
+        tmp_path, monkeypatch, placer):
+    """A hostile guest's RX avail.idx, more chains ahead than its ring holds, met by whatever
+    places the frames that wait for buffers (push_now, the kick handler, the re-poll): the
+    device is latched broken, the loop goes on."""
+    monkeypatch.setattr(backend, "REPOLL_SECONDS", 0.01)
+
+    async def main(loop: DataLoop) -> None:
+        async with served(tmp_path) as server, connected(server) as fe:
+            server.port.deliver([Frame(eth(n)) for n in range(3)])  # no buffers: they wait
+            await trio.testing.wait_all_tasks_blocked()
+            rx = fe.net.rx
+            rx.set_avail_idx((rx.avail_idx + rx.size + 1) & 0xFFFF)
+            if placer == "push_now":
+                server.port.queue.clear()  # an empty queue again: deliver places at once
+                server.port.deliver([Frame(eth(9))])
+            elif placer == "kick_handler":
+                fe.kick(0)
+            device = server.port.device
+            while not device.broken:
+                await trio.sleep(0.005)
+            assert "avail" in device.broken
+            assert not server.port.link_up
+            await trio.sleep(0.05)  # the loop still serves (Trio's timers too)
+
+    on_loop(main)
