@@ -309,7 +309,8 @@ def test_a_renewal_that_failed_is_retried_once_fds_are_free_and_the_stale_number
             # The stale registration fires at every epoll_wait from now on: a loop that
             # never renews again spins for good.
             os.eventfd_write(held, 1)
-            await trio.sleep(0.3)
+            while number in registered_numbers(loop):  # (trio.fail_after bounds the wait)
+                await trio.sleep(0.01)
             return registered_numbers(loop)
 
     try:
