@@ -34,7 +34,7 @@ from tunnel.session import (
     WRITE_STALL_SECONDS,
 )
 from tunnel.tls import TLSStream
-from tunnel.wire import PING, PING_PAYLOAD, RECORD_HEADER, Ping
+from tunnel.wire import PING, PING_PAYLOAD, RECORD_HEADER, Frames, Ping, Pong
 
 PING_RECORD = RECORD_HEADER.pack(PING, 0, 0, PING_PAYLOAD.size) + PING_PAYLOAD.pack(1, 2)
 
@@ -407,3 +407,33 @@ async def test_a_ping_right_before_a_protocol_error_closes_only_that_link(tmp_pa
         assert net.listener.links_ended == {"protocol_error": 1}
         assert endpoint.uplink.active is not None
         assert net.listener.sessions["alice"].active is not None
+
+
+async def test_a_batch_delivered_while_a_pong_waits_is_queued_and_sent_after_it(
+        tmp_path, autojump_clock):
+    # An idle-looking link is not idle when a control record waits (here a PONG the kernel
+    # had no room for): deliver queues the batch, the writer sends the PONG first.
+    async with MemoryNet(tmp_path) as net:
+        peer = await net.raw_peer("alice", capacity=4096)
+        port = net.listener.sessions["alice"]
+        link = port.active
+        local = net.local_port(net.switch, "h")
+        await trio.testing.wait_all_tasks_blocked()
+        # Sent at once, more than the pipe holds: the rest waits in the stream.
+        net.switch.forward(local, [Frame(eth(BROADCAST, MAC_H, n, 1400)) for n in range(8)])
+        assert link.stream.sending and port.counters.out_frames == 8
+        await peer.tls.send_all(PING_RECORD)  # its PONG waits behind those bytes
+        await trio.testing.wait_all_tasks_blocked()
+        assert link._control
+        net.switch.forward(local, [Frame(eth(BROADCAST, MAC_H, 99, 100))])
+        assert len(port.queue) == 1 and port.counters.out_frames == 8  # not at once
+        order: list[object] = []
+        with trio.fail_after(10):
+            while 99 not in order:
+                peer.wire.receive_data(await peer.tls.receive_some(1 << 16))
+                for event in peer.wire.next_events():
+                    if isinstance(event, Frames):
+                        order += [int.from_bytes(f.data[14:18], "big") for f in event.frames]
+                    elif isinstance(event, Pong):
+                        order.append("pong")
+        assert order == [*range(8), "pong", 99]
