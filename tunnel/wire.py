@@ -636,11 +636,22 @@ class WireConnection:
         """`receive_data(data)` then `next_events()`, for `data` valid only during this call
         (a view of a buffer its caller reuses, tunnel/tls.py's plaintext): with nothing
         buffered, the records are decoded where they lie, and only the bytes of an
-        incomplete one at the end are kept (copied); frames are copied out as always."""
-        if (self._error is not None or self._eof or not data
-                or len(self._buf) - self._pos + self._chunks_len):  # (self.buffered)
+        incomplete one at the end are kept (copied); frames are copied out as always.  The
+        incomplete record the last call kept is completed from the head of `data` (its
+        bytes copied once more), and the rest decoded where it lies."""
+        if self._error is not None or self._eof or not data or self._chunks_len:
             self.receive_data(bytes(data))
             return self.next_events()
+        events: list[Event] = []
+        if self._pos != len(self._buf):  # the incomplete record the last call kept
+            used = self._complete_record(data)
+            if used is None:  # `data` does not hold its rest: buffered whole, as before
+                self.receive_data(bytes(data))
+                return self.next_events()
+            events = self.next_events()  # that record alone, through `_decode`'s checks
+            if self._error is not None or used == len(data):
+                return events
+            data = memoryview(data)[used:]
         # The idle link's visit: `data` is one whole FRAMES record the state takes.  The
         # same checks as `_decode`'s, in one call; anything else takes `_decode`, whole.
         size = len(data)
@@ -655,17 +666,47 @@ class WireConnection:
                     frames = _decode_frames(data, RECORD_HEADER_LEN, size)
                 except WireError as error:  # as next_events: the connection is dead
                     self._error = error
+                    if events:  # the completed record's stand; the next call raises
+                        return events
                     raise
                 received.frames += len(frames)
-                return [Frames(frames)]
+                events.append(Frames(frames))
+                return events
         self._buf = data
         self._pos = 0
         try:
-            return self.next_events()
+            if not events:
+                return self.next_events()
+            try:
+                return events + self.next_events()
+            except WireError:  # as next_events: the events before it stand; the next raises
+                return events
         finally:
             if self._buf is data:  # an incomplete record, or decoding paused: keep the rest
                 self._buf = bytes(data[self._pos:])
                 self._pos = 0
+
+    def _complete_record(self, data: bytes | memoryview) -> int | None:
+        """The incomplete record at `_buf[_pos:]` completed from the head of `data`: `_buf`
+        becomes that record alone (copied, with at most its own bytes of `data`), and the
+        count of `data`'s bytes it took; None (nothing changed) if `data` holds less than
+        its rest.  Its header is checked when `_decode` meets it."""
+        buf, pos = self._buf, self._pos
+        have = len(buf) - pos
+        if have < RECORD_HEADER_LEN:
+            take = RECORD_HEADER_LEN - have
+            if len(data) < take:
+                return None
+            header = bytes(buf[pos:]) + bytes(data[:take])
+            length = RECORD_HEADER.unpack(header)[3]
+        else:
+            length = RECORD_HEADER.unpack_from(buf, pos)[3]
+        used = RECORD_HEADER_LEN + length - have
+        if used > len(data):
+            return None
+        self._buf = b"".join((memoryview(buf)[pos:], memoryview(data)[:used]))
+        self._pos = 0
+        return used
 
     @property
     def failed(self) -> bool:
