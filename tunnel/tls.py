@@ -186,7 +186,7 @@ class StreamTransport:
         if self._interrupted:
             raise trio.BrokenResourceError("an earlier write was interrupted")
         await trio.lowlevel.checkpoint_if_cancelled()
-        chunk = data[:STREAM_CHUNK]  # a copy: `data` grows while we wait
+        chunk = data[:STREAM_CHUNK]  # a copy, or a view of bytes: `data` grows while we wait
         try:
             await self.stream.send_all(chunk)
         except BaseException:
@@ -212,7 +212,9 @@ class TLSStream(trio.abc.Stream):
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._ssl = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side)
-        self._unsent = bytearray()  # ciphertext the transport has not taken yet, in order
+        # Ciphertext the transport has not taken yet, in order: the rest of one write's
+        # bytes as a view of them (no copy), a bytearray once more is added behind it.
+        self._unsent: bytearray | memoryview = bytearray()
         self._drained: trio.Event | None = None  # set while one task drains `_unsent`
         # trio.current_time() when `_unsent` last stopped being empty or last shrank;
         # None while the transport has every byte.
@@ -386,9 +388,29 @@ class TLSStream(trio.abc.Stream):
         sent = self._pipe.write_nowait(out)
         if sent == len(out):
             return True
-        self._unsent += memoryview(out)[sent:]
+        self._unsent = memoryview(out)[sent:]  # (nothing waited before it)
         self.waiting_since = trio.current_time()
         return False
+
+    def _keep(self, data: bytes | memoryview) -> None:
+        """`data` (a view of bytes, which never change) waits behind what `_unsent` holds:
+        as it is when nothing waits, else appended (a bytearray from then on)."""
+        unsent = self._unsent
+        if not unsent:
+            self._unsent = data
+        elif isinstance(unsent, bytearray):
+            unsent += data
+        else:
+            self._unsent = bytearray(unsent) + data
+
+    def _taken(self, count: int) -> None:
+        """The transport took the first `count` bytes of `_unsent`."""
+        unsent = self._unsent
+        if isinstance(unsent, bytearray):
+            del unsent[:count]
+        else:
+            self._unsent = unsent[count:]
+        self.waiting_since = trio.current_time() if self._unsent else None
 
     async def flush(self) -> None:
         """Return once the transport has every byte made so far."""
@@ -417,7 +439,7 @@ class TLSStream(trio.abc.Stream):
         transport has it (or, if another task is draining, when that task is done)."""
         data = self._outgoing.read()
         if self._drained is not None:  # another task is draining: queue behind it and wait
-            self._unsent += data
+            self._keep(data)
             await self._drained.wait()
             return
         if not self._unsent:
@@ -426,10 +448,10 @@ class TLSStream(trio.abc.Stream):
             sent = self._pipe.write_nowait(data)
             if sent == len(data):
                 return  # the common case: no wait, no trip through the scheduler
-            self._unsent += memoryview(data)[sent:]
+            self._unsent = memoryview(data)[sent:]
             self.waiting_since = trio.current_time()
         else:
-            self._unsent += data
+            self._keep(data)
         self._drained = trio.Event()
         try:
             if isinstance(self._pipe, SocketTransport):
@@ -439,8 +461,7 @@ class TLSStream(trio.abc.Stream):
             while self._unsent:
                 sent = await self._pipe.write(self._unsent)
                 if sent:
-                    del self._unsent[:sent]
-                    self.waiting_since = trio.current_time() if self._unsent else None
+                    self._taken(sent)
             self.answer_waiting = False
         finally:
             self._drained.set()
@@ -455,9 +476,8 @@ class TLSStream(trio.abc.Stream):
             if unsent:
                 sent = self._pipe.write_nowait(unsent)
                 if sent:
-                    del unsent[:sent]
-                    self.waiting_since = trio.current_time() if unsent else None
-                if unsent:
+                    self._taken(sent)
+                if self._unsent:
                     return False
             data = self.refill() if self.refill is not None else None
             if not data:
@@ -482,7 +502,7 @@ class TLSStream(trio.abc.Stream):
             data = memoryview(data)[sent:]
         if not self._unsent:
             self.waiting_since = trio.current_time()
-        self._unsent += data
+        self._keep(data)
         self.answer_waiting = True
 
     async def _flush_quietly(self) -> None:
