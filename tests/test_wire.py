@@ -348,6 +348,45 @@ def test_views_cut_anywhere_decode_as_the_bytes_fed_whole_would(sizes, cuts, tai
     assert run(fed_as_views) == expected
 
 
+def test_views_that_arrive_while_auth_is_pending_wait_whole_until_it_is_accepted():
+    # The AUTH pauses decoding with records after it kept: views cut anywhere in them are
+    # buffered behind those (never completed over them), and accept_auth gives every frame.
+    def fresh() -> tuple[WireConnection, WireConnection, bytes]:
+        client, server = new("client"), new("server")
+        server.receive_data(client.send_hello())
+        client.receive_data(server.send_hello())
+        server.next_events()
+        [hello] = client.next_events()
+        return client, server, client.send_auth(b"cert", b"sig" + hello.challenge)
+
+    sent = [frame(60, 1), frame(3000, 2, TSO), frame(14, 3)]
+    client, server, auth = fresh()
+    data = auth + client.send_frames(sent) + client.send_frames(sent[:2]) + client.send_ping(7, 8)
+    server.receive_data(data)
+    expected = [type(e) for e in server.next_events()]
+    server.accept_auth()
+    expected += [type(e) for e in server.next_events()]
+    assert expected == [Auth, Frames, Frames, Ping]
+    for first in range(1, len(data), 97):
+        for second in range(first, len(data), 89):
+            _, server, _ = fresh()
+            reused = bytearray(len(data))
+            got = []
+            for a, b in ((0, first), (first, second), (second, len(data))):
+                if a < b:
+                    reused[: b - a] = data[a:b]
+                    with memoryview(reused) as view:
+                        got += server.receive_events(view[: b - a])
+                    reused[:] = bytes(len(reused))
+            assert [type(e) for e in got] == [Auth]
+            server.accept_auth()
+            got += server.next_events()
+            assert [type(e) for e in got] == expected
+            same_frames(got[1].frames, sent)
+            same_frames(got[2].frames, sent[:2])
+            assert server.buffered == 0
+
+
 def _one_record_inputs() -> list[tuple[str, bytes]]:
     ok = frames_payload((60, PLAIN, bytes(60)), (80, TSO, bytes(80)))
     return [

@@ -652,6 +652,9 @@ class WireConnection:
             if self._error is not None or used == len(data):
                 return events
             data = memoryview(data)[used:]
+            if self._pos != len(self._buf):  # decoding paused: the rest waits behind it
+                self.receive_data(bytes(data))
+                return events
         # The idle link's visit: `data` is one whole FRAMES record the state takes.  The
         # same checks as `_decode`'s, in one call; anything else takes `_decode`, whole.
         size = len(data)
@@ -690,7 +693,10 @@ class WireConnection:
         """The incomplete record at `_buf[_pos:]` completed from the head of `data`: `_buf`
         becomes that record alone (copied, with at most its own bytes of `data`), and the
         count of `data`'s bytes it took; None (nothing changed) if `data` holds less than
-        its rest.  Its header is checked when `_decode` meets it."""
+        its rest, or if `_buf[_pos:]` is not one incomplete record (decoding paused with
+        more kept).  Its header is checked when `_decode` meets it."""
+        if self._state is _Receive.AUTH_PENDING:
+            return None
         buf, pos = self._buf, self._pos
         have = len(buf) - pos
         if have < RECORD_HEADER_LEN:
@@ -702,7 +708,7 @@ class WireConnection:
         else:
             length = RECORD_HEADER.unpack_from(buf, pos)[3]
         used = RECORD_HEADER_LEN + length - have
-        if used > len(data):
+        if not 0 < used <= len(data):
             return None
         self._buf = b"".join((memoryview(buf)[pos:], memoryview(data)[:used]))
         self._pos = 0
