@@ -255,7 +255,13 @@ def test_linux_tcp_as_the_guest_moves_8_mb_each_way_through_the_shell_to_a_real_
         EIGHT_MB, loss=loss, dup=dup, reorder=reorder, seed=seed, remote=remote)
     assert sent == echoed and int(count) == EIGHT_MB
     assert (status["impaired"] > 0) == bool(loss)
-    assert not status["tcp"]["drops"] and not status["socket_errors"]
+    drops = dict(status["tcp"]["drops"])
+    if dup or reorder:
+        # A duplicated or late segment of ours that reaches the guest after its socket is gone
+        # is answered with an RST, and an RST for a flow already forgotten is dropped
+        # (RFC 9293 3.10.7.1; `no_flow` counts exactly those): seen under load.
+        drops.pop("no_flow", None)
+    assert not drops and not status["socket_errors"]
     assert status["guest_buffered"] == 0  # every byte charged was given back
 
 
