@@ -192,6 +192,25 @@ def test_a_stale_registration_nobody_serves_is_dropped_and_does_not_keep_the_loo
     assert number not in registered
 
 
+async def close_served_with_no_fd_left(number: int, kick: int, fillers: list[int]) -> None:
+    """Serve `number`, close `kick` while it is served (its file lives on as `number`: the
+    rule broken) and end the serving with every fd used up (in `fillers`), so that the loop
+    cannot renew its epoll set (a peer could do that to us); then free those fds."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_readable, number, eventfd_reader(number))
+        await trio.sleep(0.01)
+        os.close(kick)
+        while True:
+            try:
+                fillers.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+            except OSError:
+                break
+        nursery.cancel_scope.cancel()
+    await trio.sleep(0.01)
+    while fillers:
+        os.close(fillers.pop())
+
+
 def test_a_renewal_without_a_free_fd_is_logged_and_the_loop_goes_on(caplog):
     kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     held = os.dup(kick)
@@ -201,19 +220,7 @@ def test_a_renewal_without_a_free_fd_is_logged_and_the_loop_goes_on(caplog):
 
     async def main() -> str:
         with trio.fail_after(5):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(serve_readable, number, eventfd_reader(number))
-                await trio.sleep(0.01)
-                os.close(kick)  # the rule broken
-                while True:  # no fd left for a new epoll set (a peer could do that to us)
-                    try:
-                        fillers.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
-                    except OSError:
-                        break
-                nursery.cancel_scope.cancel()
-            await trio.sleep(0.01)
-            while fillers:
-                os.close(fillers.pop())
+            await close_served_with_no_fd_left(number, kick, fillers)
             a, b = socketpair()  # the loop still serves
             with a, b:
                 b.send(b"still")
@@ -293,19 +300,7 @@ def test_a_renewal_that_failed_is_retried_once_fds_are_free_and_the_stale_number
 
     async def main() -> set[int]:
         with trio.fail_after(5):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(serve_readable, number, eventfd_reader(number))
-                await trio.sleep(0.01)
-                os.close(kick)  # the rule broken
-                while True:  # no fd left for a new epoll set: the renewal fails
-                    try:
-                        fillers.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
-                    except OSError:
-                        break
-                nursery.cancel_scope.cancel()
-            await trio.sleep(0.01)
-            while fillers:
-                os.close(fillers.pop())
+            await close_served_with_no_fd_left(number, kick, fillers)
             # The stale registration fires at every epoll_wait from now on: a loop that
             # never renews again spins for good.
             os.eventfd_write(held, 1)
